@@ -1,0 +1,64 @@
+# Every target creates (or reuses) a local .venv with torch and the package, so a fresh machine
+# needs nothing installed by hand. TORCH_SPEC picks the torch build (a GPU user gets the CUDA one).
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+BUILD_DIR  ?= build/cmake
+NVCC       ?= $(shell command -v nvcc 2>/dev/null)
+CUDA_ARCHS ?= 80 90
+
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+
+.PHONY: all install test test-python test-cpp check-cuda bench clean
+
+all: install
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23" "setuptools>=64" wheel
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" pybind11 ninja numpy
+	touch $@
+
+# --no-build-isolation: build against the torch installed above, never a downloaded one.
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: test-python test-cpp check-cuda
+
+test-python: install
+	$(PY) -m pytest -q tests
+
+# The same C++ sources as a libtorch library, and a C++ program calling an op through the
+# dispatcher, run by ctest.
+test-cpp: install
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	  -DCMAKE_MAKE_PROGRAM="$$($(PY) -c 'import ninja, os; print(os.path.join(ninja.BIN_DIR, "ninja"))')"
+	cmake --build $(BUILD_DIR) --parallel 2
+	cd $(BUILD_DIR) && ctest --output-on-failure
+
+# Compile check of every CUDA source where nvcc exists (no GPU needed).
+check-cuda:
+ifeq ($(NVCC),)
+	@echo "check-cuda: nvcc not on PATH, skipping the CUDA compile check"
+else
+	@set -e; files="$(wildcard csrc/cuda/*.cu)"; \
+	if [ -z "$$files" ]; then echo "check-cuda: no csrc/cuda/*.cu files yet"; fi; \
+	for f in $$files; do \
+	  for arch in $(CUDA_ARCHS); do \
+	    echo "nvcc sm_$$arch $$f"; \
+	    $(NVCC) -std=c++17 -O3 -fmad=false -gencode arch=compute_$$arch,code=sm_$$arch \
+	      -c $$f -o /dev/null; \
+	  done; \
+	done
+endif
+
+bench: install
+	$(PY) bench/bench_ops.py
+
+clean:
+	rm -rf build $(BUILD_DIR) finepurify_ext/*.so *.egg-info

@@ -1,0 +1,140 @@
+#include "checks.h"
+
+#include <cmath>
+#include <sstream>
+
+namespace finepurify {
+namespace {
+
+bool is_weight_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_same_device(const char* op, const char* list, int64_t i, const at::Tensor& t,
+                       const at::Tensor& first) {
+  TORCH_CHECK(t.device() == first.device(), "finepurify.", op, ": ", list, "[", i, "] is on ",
+              t.device(), " but the first tensor is on ", first.device(),
+              "; move all tensors to one device");
+}
+
+}  // namespace
+
+void check_weight_lists(const char* op, at::TensorList finetuned, at::TensorList pretrained,
+                        at::TensorList hessians) {
+  TORCH_CHECK(finetuned.size() == pretrained.size() && finetuned.size() == hessians.size(),
+              "finepurify.", op, ": got ", finetuned.size(), " finetuned, ", pretrained.size(),
+              " pretrained and ", hessians.size(),
+              " hessians tensors; the three lists must have the same length");
+  for (size_t i = 0; i < finetuned.size(); ++i) {
+    const at::Tensor& ft = finetuned[i];
+    const at::Tensor& pre = pretrained[i];
+    const at::Tensor& h = hessians[i];
+    TORCH_CHECK(is_weight_dtype(ft.scalar_type()), "finepurify.", op, ": finetuned[", i,
+                "] has dtype ", ft.scalar_type(), "; expected float32, bfloat16 or float16");
+    TORCH_CHECK(pre.scalar_type() == ft.scalar_type(), "finepurify.", op, ": pretrained[", i,
+                "] has dtype ", pre.scalar_type(), " but finetuned[", i, "] has dtype ",
+                ft.scalar_type(), "; each pair must share one dtype");
+    TORCH_CHECK(h.scalar_type() == at::kFloat, "finepurify.", op, ": hessians[", i,
+                "] has dtype ", h.scalar_type(), "; hessians must be float32");
+    TORCH_CHECK(pre.sizes() == ft.sizes(), "finepurify.", op, ": pretrained[", i,
+                "] has shape ", pre.sizes(), " but finetuned[", i, "] has shape ", ft.sizes());
+    TORCH_CHECK(h.sizes() == ft.sizes(), "finepurify.", op, ": hessians[", i, "] has shape ",
+                h.sizes(), " but finetuned[", i, "] has shape ", ft.sizes());
+    check_same_device(op, "finetuned", i, ft, finetuned[0]);
+    check_same_device(op, "pretrained", i, pre, finetuned[0]);
+    check_same_device(op, "hessians", i, h, finetuned[0]);
+  }
+}
+
+void check_grad_lists(const char* op, at::TensorList hessians, at::TensorList grads) {
+  TORCH_CHECK(hessians.size() == grads.size(), "finepurify.", op, ": got ", hessians.size(),
+              " hessians and ", grads.size(), " grads; the lists must have the same length");
+  for (size_t i = 0; i < hessians.size(); ++i) {
+    const at::Tensor& h = hessians[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(h.scalar_type() == at::kFloat, "finepurify.", op, ": hessians[", i,
+                "] has dtype ", h.scalar_type(), "; hessians must be float32");
+    TORCH_CHECK(is_weight_dtype(g.scalar_type()), "finepurify.", op, ": grads[", i,
+                "] has dtype ", g.scalar_type(), "; expected float32, bfloat16 or float16");
+    TORCH_CHECK(g.sizes() == h.sizes(), "finepurify.", op, ": grads[", i, "] has shape ",
+                g.sizes(), " but hessians[", i, "] has shape ", h.sizes());
+    check_same_device(op, "hessians", i, h, hessians[0]);
+    check_same_device(op, "grads", i, g, hessians[0]);
+  }
+}
+
+void check_eps(const char* op, double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, "finepurify.", op, ": eps must be a ",
+                    "positive finite number (it guards hessian == 0), got ", eps);
+}
+
+int64_t total_numel(at::TensorList tensors) {
+  int64_t total = 0;
+  for (const auto& t : tensors) total += t.numel();
+  return total;
+}
+
+void raise_unrankable(const char* op, at::TensorList finetuned, at::TensorList pretrained,
+                      at::TensorList hessians, int64_t num_unrankable) {
+  for (size_t i = 0; i < finetuned.size(); ++i) {
+    TORCH_CHECK(at::isfinite(finetuned[i]).all().item<bool>(), "finepurify.", op,
+                ": finetuned[", i, "] contains NaN or Inf; scores of non-finite weights ",
+                "cannot be ranked (fix or drop this tensor)");
+    TORCH_CHECK(at::isfinite(pretrained[i]).all().item<bool>(), "finepurify.", op,
+                ": pretrained[", i, "] contains NaN or Inf; scores of non-finite weights ",
+                "cannot be ranked (fix or drop this tensor)");
+    TORCH_CHECK(at::isfinite(hessians[i]).all().item<bool>(), "finepurify.", op, ": hessians[",
+                i, "] contains NaN or Inf; re-estimate the hessian (a diverged loss?)");
+    TORCH_CHECK(!(hessians[i] < 0).any().item<bool>(), "finepurify.", op, ": hessians[", i,
+                "] contains negative values; a squared-gradient hessian is >= 0");
+  }
+  TORCH_CHECK(false, "finepurify.", op, ": ", num_unrankable,
+              " scores are NaN (hessian + eps overflowed); use a smaller eps");
+}
+
+TensorArg tensor_arg(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous());
+  DType dtype = DType::kFloat32;
+  switch (t.scalar_type()) {
+    case at::kFloat: dtype = DType::kFloat32; break;
+    case at::kBFloat16: dtype = DType::kBFloat16; break;
+    case at::kHalf: dtype = DType::kFloat16; break;
+    default: TORCH_INTERNAL_ASSERT(false, "unchecked dtype ", t.scalar_type());
+  }
+  return {t.data_ptr(), t.numel(), dtype};
+}
+
+ContiguousList::ContiguousList(at::TensorList tensors) {
+  originals_.reserve(tensors.size());
+  contiguous_.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    originals_.push_back(t);
+    contiguous_.push_back(t.contiguous());
+  }
+}
+
+std::vector<TensorArg> ContiguousList::args() const {
+  std::vector<TensorArg> out;
+  out.reserve(contiguous_.size());
+  for (const auto& t : contiguous_) out.push_back(tensor_arg(t));
+  return out;
+}
+
+void ContiguousList::write_back() const {
+  for (size_t i = 0; i < originals_.size(); ++i) {
+    if (!originals_[i].is_same(contiguous_[i])) originals_[i].copy_(contiguous_[i]);
+  }
+}
+
+}  // namespace finepurify
+
+namespace finepurify {
+
+float threshold_as_float(const char* op, double threshold) {
+  TORCH_CHECK_VALUE(!std::isnan(threshold), "finepurify.", op, ": threshold is NaN");
+  float t = static_cast<float>(threshold);
+  if (static_cast<double>(t) < threshold) t = std::nextafter(t, INFINITY);
+  return t;
+}
+
+}  // namespace finepurify

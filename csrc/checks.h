@@ -1,0 +1,54 @@
+// Argument checks shared by every backend and the composite ops, and the conversion of tensor
+// lists into the kernels' plain TensorArgs. Messages name the op, the list and index, what was
+// received and what was expected.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "kernels/tensor_arg.h"
+
+namespace finepurify {
+
+// finetuned/pretrained: same length, shapes, dtypes (float32, bfloat16 or float16);
+// hessians: float32 of the same shapes; everything on the device of the first tensor.
+void check_weight_lists(const char* op, at::TensorList finetuned, at::TensorList pretrained,
+                        at::TensorList hessians);
+
+// hessians float32; grads float32, bfloat16 or float16; same shapes, one device.
+void check_grad_lists(const char* op, at::TensorList hessians, at::TensorList grads);
+
+void check_eps(const char* op, double eps);
+
+int64_t total_numel(at::TensorList tensors);
+
+// Raises naming the first tensor whose inputs cannot be ranked (NaN/Inf, negative hessian).
+[[noreturn]] void raise_unrankable(const char* op, at::TensorList finetuned,
+                                   at::TensorList pretrained, at::TensorList hessians,
+                                   int64_t num_unrankable);
+
+// Contiguous versions of a tensor list, for the kernels. For in-place outputs, write_back() copies
+// the results into those originals that were not contiguous, so strided inputs are handled, not
+// refused.
+class ContiguousList {
+ public:
+  explicit ContiguousList(at::TensorList tensors);
+  std::vector<TensorArg> args() const;
+  void write_back() const;
+
+ private:
+  std::vector<at::Tensor> originals_;
+  std::vector<at::Tensor> contiguous_;
+};
+
+TensorArg tensor_arg(const at::Tensor& t);
+
+}  // namespace finepurify
+
+namespace finepurify {
+
+// The smallest float32 t with t >= threshold, so that for float32 scores `score >= t` means
+// exactly `score >= threshold` even when the threshold is a double between two floats.
+float threshold_as_float(const char* op, double threshold);
+
+}  // namespace finepurify

@@ -1,0 +1,81 @@
+// CPU binding: checks arguments, turns tensor lists into TensorArgs and calls the kernels.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../kernels/score_math.h"
+#include "kernels.h"
+
+namespace finepurify {
+namespace {
+
+void accumulate_sq_grads_cpu(at::TensorList hessians, at::TensorList grads, double scale,
+                             bool zero_grads) {
+  check_grad_lists("accumulate_sq_grads_", hessians, grads);
+  const ContiguousList h(hessians), g(grads);
+  const auto h_args = h.args(), g_args = g.args();
+  cpu::accumulate_sq_grads(h_args.data(), g_args.data(), static_cast<int64_t>(h_args.size()),
+                           static_cast<float>(scale), zero_grads);
+  h.write_back();
+  if (zero_grads) g.write_back();
+}
+
+at::Tensor drift_score_cpu(const at::Tensor& finetuned, const at::Tensor& pretrained,
+                           const at::Tensor& hessian, double eps) {
+  check_weight_lists("drift_score", {finetuned}, {pretrained}, {hessian});
+  check_eps("drift_score", eps);
+  const ContiguousList inputs({finetuned, pretrained, hessian});
+  at::Tensor scores = at::empty(finetuned.sizes(), finetuned.options().dtype(at::kFloat));
+  const auto args = inputs.args();
+  const TensorArg out = tensor_arg(scores);
+  cpu::drift_score(&args[0], &args[1], &args[2], &out, 1, static_cast<float>(eps));
+  return scores;
+}
+
+at::Tensor score_histogram_cpu(at::TensorList finetuned, at::TensorList pretrained,
+                               at::TensorList hessians, double eps, int64_t level,
+                               int64_t prefix) {
+  check_weight_lists("score_histogram", finetuned, pretrained, hessians);
+  check_eps("score_histogram", eps);
+  TORCH_CHECK_VALUE(level >= 0 && level < kNumLevels, "finepurify.score_histogram: level must ",
+                    "be in [0, ", kNumLevels, "), got ", level);
+  const int64_t prefix_bits = 31 - level_shift(level) - level_bits(level);
+  TORCH_CHECK_VALUE(prefix >= 0 && prefix < (int64_t{1} << prefix_bits),
+                    "finepurify.score_histogram: prefix ", prefix, " has more than ",
+                    prefix_bits, " bits for level ", level);
+  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
+  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  at::Tensor counts = at::empty({level_bins(level) + 1}, at::TensorOptions().dtype(at::kLong));
+  cpu::score_histogram(ft_args.data(), pre_args.data(), h_args.data(),
+                       static_cast<int64_t>(ft_args.size()), static_cast<float>(eps),
+                       static_cast<int>(level), static_cast<uint32_t>(prefix),
+                       counts.data_ptr<int64_t>());
+  return counts;
+}
+
+at::Tensor masked_reset_cpu(at::TensorList finetuned, at::TensorList pretrained,
+                            at::TensorList hessians, double threshold, double eps) {
+  check_weight_lists("masked_reset_", finetuned, pretrained, hessians);
+  check_eps("masked_reset_", eps);
+  const float threshold_f = threshold_as_float("masked_reset_", threshold);
+  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
+  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  at::Tensor counts =
+      at::empty({static_cast<int64_t>(finetuned.size())}, at::TensorOptions().dtype(at::kLong));
+  cpu::masked_reset(ft_args.data(), pre_args.data(), h_args.data(),
+                    static_cast<int64_t>(ft_args.size()), static_cast<float>(eps), threshold_f,
+                    counts.data_ptr<int64_t>());
+  ft.write_back();
+  return counts;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(finepurify, CPU, m) {
+  m.impl("accumulate_sq_grads_", &accumulate_sq_grads_cpu);
+  m.impl("drift_score", &drift_score_cpu);
+  m.impl("score_histogram", &score_histogram_cpu);
+  m.impl("masked_reset_", &masked_reset_cpu);
+}
+
+}  // namespace finepurify

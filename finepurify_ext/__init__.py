@@ -1,0 +1,19 @@
+"""Fine-purifying: detect and remove backdoors and injected bias from fine-tuned language models.
+
+The per-element work runs in fused kernels registered as torch ops (``torch.ops.finepurify``);
+``finepurify_ext.ops`` holds their public wrappers and ``finepurify_ext.reference`` their
+pure-PyTorch counterparts.
+"""
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+except ImportError as error:  # fail loudly: nothing here works without the kernels
+    raise ImportError(
+        "finepurify_ext._C, the compiled kernels, could not be loaded "
+        f"({error}). Build it against the installed torch with "
+        "`pip install --no-build-isolation -e .` from the source tree (or `make install`)."
+    ) from error
+
+from . import ops, reference  # noqa: E402
+
+__all__ = ["ops", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""Builds finepurify_ext._C with torch.utils.cpp_extension.
+
+CUDA sources (csrc/cuda/) are compiled only when the installed torch has CUDA and nvcc is found, or
+when FINEPURIFY_CUDA=1 forces it (FINEPURIFY_CUDA=0 forces a CPU-only build). The choice is printed.
+Install with `pip install --no-build-isolation -e .` so the build uses the installed torch.
+"""
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_choice():
+    forced = os.environ.get("FINEPURIFY_CUDA")
+    if forced in ("0", "1"):
+        return forced == "1", f"FINEPURIFY_CUDA={forced}"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} has no CUDA"
+    if CUDA_HOME is None and shutil.which("nvcc") is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, f"torch {torch.__version__} with CUDA {torch.version.cuda} and nvcc found"
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+with_cuda, reason = cuda_choice()
+cuda_sources = sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
+with_cuda = with_cuda and bool(cuda_sources)
+print(f"finepurify_ext: building {'CPU + CUDA' if with_cuda else 'CPU-only'} kernels ({reason})")
+
+cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+ext_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+if with_cuda:
+    ext = CUDAExtension(
+        "finepurify_ext._C",
+        ext_sources + cuda_sources,
+        extra_compile_args={
+            "cxx": cxx_flags + ["-DFINEPURIFY_WITH_CUDA"],
+            "nvcc": ["-O3", "-fmad=false", "-DFINEPURIFY_WITH_CUDA"],
+        },
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    ext = CppExtension(
+        "finepurify_ext._C",
+        ext_sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+setup(
+    packages=find_packages(include=["finepurify_ext", "finepurify_ext.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+)

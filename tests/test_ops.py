@@ -1,0 +1,272 @@
+"""Every op against the pure-PyTorch reference (finepurify_ext.reference) on fresh random inputs."""
+import math
+
+import pytest
+import torch
+
+from finepurify_ext import ops
+from finepurify_ext import reference as ref
+
+from conftest import DTYPES, SIZES, make_weights, many_shapes
+
+EPS = 1e-8
+
+
+def clones(tensors):
+    return [t.clone() for t in tensors]
+
+
+def assert_bitwise(actual, expected):
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape, i
+        assert torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a, e.view(-1).view(torch.uint8) if e.numel() else e), f"tensor {i} differs"
+
+
+# ----------------------------------------------------------------------- accumulate_sq_grads_
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("zero_grads", [False, True])
+def test_accumulate_sq_grads_matches_reference(dtype, size, zero_grads):
+    gen = torch.Generator().manual_seed(size)
+    hessians = [torch.rand(size, generator=gen), torch.rand(3, 5, generator=gen)]
+    grads = [torch.randn(size, generator=gen).to(dtype), torch.randn(3, 5, generator=gen).to(dtype)]
+    h_ref, g_ref = clones(hessians), clones(grads)
+    ops.accumulate_sq_grads_(hessians, grads, scale=0.37, zero_grads=zero_grads)
+    ref.accumulate_sq_grads_(h_ref, g_ref, scale=0.37, zero_grads=zero_grads)
+    assert_bitwise(hessians, h_ref)
+    assert_bitwise(grads, g_ref)
+    if not zero_grads:
+        assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_accumulate_sq_grads_many_tensors_mixed_dtypes():
+    shapes = many_shapes(1, 333)
+    gen = torch.Generator().manual_seed(2)
+    hessians = [torch.rand(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(DTYPES[i % 3]) for i, s in enumerate(shapes)]
+    h_ref = clones(hessians)
+    ops.accumulate_sq_grads_(hessians, grads, scale=2.0)
+    ref.accumulate_sq_grads_(h_ref, grads, scale=2.0)
+    assert_bitwise(hessians, h_ref)
+
+
+def test_accumulate_sq_grads_repeated_equals_sum():
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(1000, generator=gen) for _ in range(4)]
+    hessian = torch.zeros(1000)
+    for g in grads:
+        ops.accumulate_sq_grads_([hessian], [g], scale=0.25)
+    expected = torch.zeros(1000)
+    for g in grads:
+        expected += 0.25 * g * g
+    torch.testing.assert_close(hessian, expected, rtol=1e-6, atol=0)
+
+
+def test_accumulate_sq_grads_non_contiguous_written_back(dtype):
+    gen = torch.Generator().manual_seed(4)
+    hessian = torch.rand(33, 64, generator=gen).t()  # transposed view
+    grad_strided = torch.randn(64, 66, generator=gen).to(dtype)[:, ::2]
+    h_ref = hessian.clone()
+    g_ref = grad_strided.clone()
+    ops.accumulate_sq_grads_([hessian], [grad_strided], zero_grads=True)
+    ref.accumulate_sq_grads_([h_ref], [g_ref], zero_grads=True)
+    assert torch.equal(hessian, h_ref)
+    assert not hessian.is_contiguous() and not grad_strided.is_contiguous()
+    assert torch.equal(grad_strided, torch.zeros_like(grad_strided))
+
+
+# ------------------------------------------------------------------------------ drift_score
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_drift_score_matches_reference(dtype, size):
+    (ft,), (pre,), (h,) = make_weights(size, [(size,)], dtype)
+    out = ops.drift_score(ft, pre, h, EPS)
+    expected = ref.drift_score(ft, pre, h, EPS)
+    assert out.dtype == torch.float32 and out.shape == ft.shape
+    assert torch.equal(out, expected)
+    if size > 10:
+        assert (out > 0).any()
+
+
+def test_drift_score_non_contiguous():
+    (ft,), (pre,), (h,) = make_weights(5, [(40, 70)], torch.float32)
+    out = ops.drift_score(ft.t(), pre.t(), h.t(), 1e-3)
+    assert torch.equal(out, ref.drift_score(ft.t(), pre.t(), h.t(), 1e-3))
+
+
+# -------------------------------------------------------------------------- score_threshold
+
+
+def sorted_scores_desc(ft, pre, h, eps=EPS):
+    return torch.sort(ref.all_scores(ft, pre, h, eps), descending=True).values
+
+
+@pytest.mark.parametrize("size", [1, 7, 1023, 65537, 100_003])
+def test_score_threshold_exact(dtype, size):
+    ft, pre, h = make_weights(10 + size, [(size,), (13, 17), (0,)], dtype)
+    scores = sorted_scores_desc(ft, pre, h)
+    total = scores.numel()
+    gen = torch.Generator().manual_seed(size)
+    ks = {1, total, max(1, total // 2), int(torch.randint(1, total + 1, (1,), generator=gen))}
+    for k in ks:
+        assert ops.score_threshold(ft, pre, h, k, EPS) == scores[k - 1].item(), k
+
+
+def test_score_threshold_many_tensors_mixed_dtypes():
+    shapes = many_shapes(7, 320)
+    ft, pre, h = make_weights(8, shapes, [DTYPES[i % 3] for i in range(len(shapes))])
+    scores = sorted_scores_desc(ft, pre, h)
+    for k in (1, 17, scores.numel() // 3, scores.numel()):
+        assert ops.score_threshold(ft, pre, h, k, EPS) == scores[k - 1].item()
+
+
+def test_score_threshold_ties():
+    # Only four distinct scores, each shared by many elements (and across tensors).
+    gen = torch.Generator().manual_seed(9)
+    ft, pre, h = [], [], []
+    for n in (1000, 777, 65536 + 3):
+        p = torch.randn(n, generator=gen)
+        level = torch.randint(0, 4, (n,), generator=gen).float()
+        ft.append(p + 0.5 * level.sqrt() * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0))
+        pre.append(p)
+        h.append(torch.full((n,), 0.25))
+    scores = sorted_scores_desc(ft, pre, h)
+    assert scores.unique().numel() < 50  # ties dominate
+    for k in range(1, scores.numel() + 1, 4099):
+        t = ops.score_threshold(ft, pre, h, k, EPS)
+        assert t == scores[k - 1].item()
+        # the reset at that threshold takes every tie
+        work = clones(ft)
+        counts = ops.masked_reset_(work, pre, h, t, EPS)
+        assert int(counts.sum()) == int((scores >= t).sum()) >= k
+
+
+def test_score_threshold_extreme_scores():
+    # Zero drift (score 0), denormal scores, and drifts large enough to overflow to +Inf rank too.
+    ft = [torch.tensor([1.0, 2.0, 1e-30, 3e19, -3e19, 5.0])]
+    pre = [torch.tensor([1.0, 2.5, 0.0, 0.0, 0.0, 5.0])]
+    h = [torch.tensor([0.0, 1.0, 1.0, 1.0, 0.5, 2.0])]
+    scores = sorted_scores_desc(ft, pre, h, 1e-3)
+    assert math.isinf(scores[0].item())
+    for k in range(1, 7):
+        assert ops.score_threshold(ft, pre, h, k, 1e-3) == scores[k - 1].item()
+
+
+# ---------------------------------------------------------------------------- masked_reset_
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_masked_reset_bitwise(dtype, size):
+    ft, pre, h = make_weights(20 + size, [(size,), (5, 9)], dtype)
+    scores = sorted_scores_desc(ft, pre, h)
+    threshold = scores[scores.numel() // 3].item()
+    pre_before = clones(pre)
+    got, expected = clones(ft), clones(ft)
+    counts = ops.masked_reset_(got, pre, h, threshold, EPS)
+    expected_counts = ref.masked_reset_(expected, pre, h, threshold, EPS)
+    assert_bitwise(got, expected)
+    assert torch.equal(counts, expected_counts)
+    assert_bitwise(pre, pre_before)
+    assert int(counts.sum()) == int((scores >= threshold).sum())
+
+
+def test_masked_reset_threshold_between_floats():
+    # A double threshold between two floats: score >= threshold compares exactly.
+    ft, pre, h = make_weights(30, [(5000,)], torch.float32)
+    score = sorted_scores_desc(ft, pre, h)[100].item()
+    above = score + abs(score) * 1e-9  # rounds back to `score` as a float32
+    assert torch.tensor(above, dtype=torch.float32).item() == score
+    work = clones(ft)
+    count_above = ops.masked_reset_(work, pre, h, above, EPS)
+    work = clones(ft)
+    count_at = ops.masked_reset_(work, pre, h, score, EPS)
+    assert int(count_at) == int(count_above) + 1
+
+
+def test_masked_reset_non_contiguous_written_back(dtype):
+    ft, pre, h = make_weights(31, [(50, 70)], dtype)
+    ft_t, pre_t, h_t = ft[0].t(), pre[0].t().contiguous(), h[0].t()
+    expected = ft_t.clone()
+    threshold = sorted_scores_desc([ft_t], [pre_t], [h_t])[500].item()
+    ref.masked_reset_([expected], [pre_t], [h_t], threshold, EPS)
+    counts = ops.masked_reset_([ft_t], [pre_t], [h_t], threshold, EPS)
+    assert not ft_t.is_contiguous()
+    assert torch.equal(ft_t, expected) and int(counts[0]) == 501
+    assert torch.equal(ft[0], expected.t())  # the written-back storage is the caller's
+
+
+# --------------------------------------------------------------------- reset_most_abnormal_
+
+
+@pytest.mark.parametrize("reserve_ratio", [0.0, 0.3, 0.5, 0.9, 0.999, 1.0])
+def test_reset_most_abnormal_matches_reference(dtype, reserve_ratio):
+    ft, pre, h = make_weights(40, [(1000,), (17, 33), (65537,), (1,)], dtype)
+    got, expected = clones(ft), clones(ft)
+    counts = ops.reset_most_abnormal_(got, pre, h, reserve_ratio, EPS)
+    expected_counts = ref.reset_most_abnormal_(expected, pre, h, reserve_ratio, EPS)
+    assert_bitwise(got, expected)
+    assert torch.equal(counts, expected_counts)
+    total = sum(f.numel() for f in ft)
+    assert int(counts.sum()) >= ops.num_reset_for(total, reserve_ratio)
+    if reserve_ratio == 1.0:
+        assert int(counts.sum()) == 0
+    if reserve_ratio == 0.0:
+        assert all(torch.equal(g, p) for g, p in zip(got, pre))
+
+
+def test_reset_most_abnormal_many_tensors():
+    shapes = many_shapes(41, 305)
+    ft, pre, h = make_weights(42, shapes, [DTYPES[i % 3] for i in range(len(shapes))])
+    got, expected = clones(ft), clones(ft)
+    counts = ops.reset_most_abnormal_(got, pre, h, 0.6, EPS)
+    assert torch.equal(counts, ref.reset_most_abnormal_(expected, pre, h, 0.6, EPS))
+    assert_bitwise(got, expected)
+
+
+def test_reset_most_abnormal_num_reset():
+    ft, pre, h = make_weights(43, [(3000,), (7, 7)], torch.bfloat16)
+    got, expected = clones(ft), clones(ft)
+    counts = ops.reset_most_abnormal_(got, pre, h, None, EPS, num_reset=1234)
+    t = ref.score_threshold(ft, pre, h, 1234, EPS)
+    assert torch.equal(counts, ref.masked_reset_(expected, pre, h, t, EPS))
+    assert int(counts.sum()) == 1234  # continuous random scores: no ties
+    assert_bitwise(got, expected)
+
+
+def test_fast_baseline_agrees_with_reference():
+    """The benchmark baseline must compute the same thing, or its timings mean nothing."""
+    ft, pre, h = make_weights(44, [(1000,), (65537,), (9, 9)], torch.bfloat16)
+    got, expected = clones(ft), clones(ft)
+    counts = ref.fast_reset_most_abnormal_(got, pre, h, 0.7, EPS)
+    assert torch.equal(counts, ref.reset_most_abnormal_(expected, pre, h, 0.7, EPS))
+    assert_bitwise(got, expected)
+    hs, hs_ref = [torch.rand(100), torch.rand(5, 5)], None
+    hs_ref = clones(hs)
+    grads = [torch.randn(100).bfloat16(), torch.randn(5, 5).bfloat16()]
+    ref.fast_accumulate_sq_grads_(hs, grads, 0.5)
+    ref.accumulate_sq_grads_(hs_ref, grads, 0.5)
+    for a, b in zip(hs, hs_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------------------- empty inputs
+
+
+def test_empty_lists():
+    assert ops.accumulate_sq_grads_([], []) is None
+    assert ops.masked_reset_([], [], [], 0.5, EPS).numel() == 0
+    assert ops.reset_most_abnormal_([], [], [], 0.5, EPS).numel() == 0
+    with pytest.raises(ValueError, match=r"k=1 is out of range: the tensors hold 0 elements"):
+        ops.score_threshold([], [], [], 1, EPS)
+
+
+def test_empty_tensors_only(dtype):
+    ft, pre, h = make_weights(50, [(0,), (0, 3)], dtype)
+    hessians, grads = [torch.zeros(0)], [torch.zeros(0, dtype=dtype)]
+    ops.accumulate_sq_grads_(hessians, grads)
+    assert ops.drift_score(ft[0], pre[0], h[0], EPS).shape == (0,)
+    assert torch.equal(ops.masked_reset_(ft, pre, h, 0.0, EPS), torch.zeros(2, dtype=torch.int64))
+    assert torch.equal(ops.reset_most_abnormal_(ft, pre, h, 0.5, EPS), torch.zeros(2, dtype=torch.int64))

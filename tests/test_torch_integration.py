@@ -1,0 +1,73 @@
+"""torch.library.opcheck on every op, and torch.compile tracing through them."""
+import pytest
+import torch
+
+import finepurify_ext  # noqa: F401
+from finepurify_ext import ops
+from finepurify_ext import reference as ref
+
+from conftest import make_weights
+
+EPS = 1e-6
+OPS = torch.ops.finepurify
+
+
+def weight_samples():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        yield make_weights(70, [(37,), (5, 11), (1,)], dtype)
+    # strided inputs
+    ft, pre, h = make_weights(71, [(12, 20)], torch.float32)
+    yield [ft[0].t()], [pre[0].t()], [h[0].t()]
+
+
+@pytest.mark.parametrize("sample", list(weight_samples()), ids=["f32", "bf16", "f16", "strided"])
+def test_opcheck_weight_ops(sample):
+    ft, pre, h = sample
+    total = sum(t.numel() for t in ft)
+    threshold = ref.score_threshold(ft, pre, h, total // 2, EPS)
+    torch.library.opcheck(OPS.drift_score.default, (ft[0], pre[0], h[0], EPS))
+    torch.library.opcheck(OPS.score_histogram.default, (ft, pre, h, EPS, 0, 0))
+    torch.library.opcheck(OPS.score_threshold.default, (ft, pre, h, total // 2, EPS))
+    torch.library.opcheck(OPS.masked_reset_.default, ([t.clone() for t in ft], pre, h, threshold, EPS))
+    torch.library.opcheck(OPS.reset_most_abnormal_.default, ([t.clone() for t in ft], pre, h, 0.4, EPS))
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("zero_grads", [False, True])
+def test_opcheck_accumulate_sq_grads(grad_dtype, zero_grads):
+    gen = torch.Generator().manual_seed(72)
+    hessians = [torch.rand(33, generator=gen), torch.rand(4, 9, generator=gen)]
+    grads = [torch.randn(33, generator=gen).to(grad_dtype), torch.randn(4, 9, generator=gen).to(grad_dtype)]
+    torch.library.opcheck(OPS.accumulate_sq_grads_.default, (hessians, grads, 0.5, zero_grads))
+
+
+def test_compiled_function_matches_eager():
+    gen = torch.Generator().manual_seed(73)
+    pre = torch.randn(257, 31, generator=gen)
+    ft = pre + 0.01 * torch.randn(257, 31, generator=gen)
+    grad = torch.randn(257, 31, generator=gen).bfloat16()
+
+    def step(hessian, grad, ft, pre):
+        ops.accumulate_sq_grads_([hessian], [grad], scale=0.5)
+        return ops.drift_score(ft, pre, hessian, EPS).sum(dim=0) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    h_eager, h_compiled = torch.rand(257, 31, generator=gen), None
+    h_compiled = h_eager.clone()
+    expected = step(h_eager, grad, ft, pre)
+    got = compiled(h_compiled, grad, ft, pre)
+    assert torch.equal(h_compiled, h_eager)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+def test_compiled_reset_matches_eager():
+    ft, pre, h = make_weights(74, [(300,), (7, 9)], torch.bfloat16)
+    eager, compiled_ft = [t.clone() for t in ft], [t.clone() for t in ft]
+
+    def purify(ft, pre, h):
+        return torch.ops.finepurify.reset_most_abnormal_.default(ft, pre, h, 0.5, EPS)
+
+    expected = purify(eager, pre, h)
+    got = torch.compile(purify, fullgraph=True)(compiled_ft, pre, h)
+    assert torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip(compiled_ft, eager))
