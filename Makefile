@@ -29,8 +29,10 @@ install: $(VENV)/.installed
 
 test: test-python test-cpp check-cuda
 
+# The CPU kernels exist in an AVX2 and a portable build; the op tests run against both.
 test-python: install
 	$(PY) -m pytest -q tests
+	FINEPURIFY_CPU_CAPABILITY=baseline $(PY) -m pytest -q tests/test_ops.py tests/test_errors.py
 
 # The same C++ sources as a libtorch library, and a C++ program calling an op through the
 # dispatcher, run by ctest.

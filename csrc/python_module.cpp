@@ -1,8 +1,23 @@
-// finepurify_ext._C is a Python module only so that `import` loads the library, whose static
+// finepurify_ext._C is a Python module mainly so that `import` loads the library, whose static
 // TORCH_LIBRARY blocks register the ops; the ops are reached through torch.ops.finepurify.
 #include <Python.h>
 
+#include "cpu/kernels.h"
+
+namespace {
+
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(finepurify::cpu::capability());
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The CPU kernels in use: 'avx2' or 'baseline' (FINEPURIFY_CPU_CAPABILITY=baseline forces it)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

@@ -4,6 +4,8 @@ The per-element work runs in fused kernels registered as torch ops (``torch.ops.
 ``finepurify_ext.ops`` holds their public wrappers and ``finepurify_ext.reference`` their
 pure-PyTorch counterparts.
 """
+import torch  # noqa: F401  (the extension links against torch's libraries)
+
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
 except ImportError as error:  # fail loudly: nothing here works without the kernels
@@ -15,5 +17,7 @@ except ImportError as error:  # fail loudly: nothing here works without the kern
 
 from . import ops, reference  # noqa: E402
 
-__all__ = ["ops", "reference"]
+cpu_capability = _C.cpu_capability  # "avx2" or "baseline": which CPU kernels run
+
+__all__ = ["ops", "reference", "cpu_capability"]
 __version__ = "0.1.0"

@@ -17,10 +17,14 @@ def clones(tensors):
 
 
 def assert_bitwise(actual, expected):
+    """Same dtype, shape and bits (NaN-safe, -0.0 != +0.0)."""
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected)):
-        assert a.dtype == e.dtype and a.shape == e.shape, i
-        assert torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a, e.view(-1).view(torch.uint8) if e.numel() else e), f"tensor {i} differs"
+        assert a.dtype == e.dtype and a.shape == e.shape, f"tensor {i}: {a.dtype}{list(a.shape)} vs {e.dtype}{list(e.shape)}"
+        a_bits, e_bits = a.reshape(-1).view(torch.uint8), e.reshape(-1).view(torch.uint8)
+        if not torch.equal(a_bits, e_bits):
+            first = int((a_bits != e_bits).nonzero()[0]) // a.element_size()
+            raise AssertionError(f"tensor {i} differs first at flat index {first}: {a.reshape(-1)[first]} vs {e.reshape(-1)[first]}")
 
 
 # ----------------------------------------------------------------------- accumulate_sq_grads_

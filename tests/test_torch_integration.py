@@ -71,3 +71,14 @@ def test_compiled_reset_matches_eager():
     got = torch.compile(purify, fullgraph=True)(compiled_ft, pre, h)
     assert torch.equal(got, expected)
     assert all(torch.equal(a, b) for a, b in zip(compiled_ft, eager))
+
+
+def test_cpu_capability_can_be_forced():
+    import subprocess
+    import sys
+
+    code = "import finepurify_ext; print(finepurify_ext.cpu_capability())"
+    env_forced = dict(__import__("os").environ, FINEPURIFY_CPU_CAPABILITY="baseline")
+    forced = subprocess.run([sys.executable, "-c", code], env=env_forced, capture_output=True, text=True, check=True)
+    assert forced.stdout.strip() == "baseline"
+    assert finepurify_ext.cpu_capability() in ("avx2", "baseline")

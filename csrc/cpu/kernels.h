@@ -1,5 +1,7 @@
 // CPU kernels over lists of tensors described by plain TensorArgs. Multi-threaded with
 // at::parallel_for and vectorised with at::vec; no at::Tensor here (see cpu/binding.cpp).
+// Each kernel exists once per CPU capability (capability.h); the unqualified functions in
+// finepurify::cpu (dispatch.cpp) pick the best one the running CPU supports.
 #pragma once
 #include <cstdint>
 
@@ -7,25 +9,36 @@
 
 namespace finepurify::cpu {
 
-// hessians[i] += scale * grads[i]^2; grads[i] zeroed in the same pass when zero_grads.
-void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads, int64_t num_tensors,
-                         float scale, bool zero_grads);
+#define FP_DECLARE_CPU_KERNELS                                                                  \
+  /* hessians[i] += scale * grads[i]^2; grads[i] zeroed in the same pass when zero_grads. */    \
+  void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads,                   \
+                           int64_t num_tensors, float scale, bool zero_grads);                  \
+  /* scores[i] = element_score(finetuned[i], pretrained[i], hessians[i]) (scores float32). */   \
+  void drift_score(const TensorArg* finetuned, const TensorArg* pretrained,                     \
+                   const TensorArg* hessians, const TensorArg* scores, int64_t num_tensors,     \
+                   float eps);                                                                  \
+  /* counts[0, level_bins(level)): histogram of digit `level` of the scores whose higher */     \
+  /* digits equal `prefix`; counts[level_bins(level)]: elements that cannot be ranked */        \
+  /* (NaN/Inf input, negative hessian, NaN score). `counts` is overwritten. */                  \
+  void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,                 \
+                       const TensorArg* hessians, int64_t num_tensors, float eps, int level,    \
+                       uint32_t prefix, int64_t* counts);                                       \
+  /* finetuned[i] = pretrained[i] where score >= threshold; counts[i] = elements reset. */      \
+  void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,                    \
+                    const TensorArg* hessians, int64_t num_tensors, float eps, float threshold, \
+                    int64_t* counts);
 
-// scores[i] = drift_score(finetuned[i], pretrained[i], hessians[i]) (scores float32).
-void drift_score(const TensorArg* finetuned, const TensorArg* pretrained,
-                 const TensorArg* hessians, const TensorArg* scores, int64_t num_tensors,
-                 float eps);
+FP_DECLARE_CPU_KERNELS
 
-// counts[0, level_bins(level)): histogram of digit `level` of the scores whose higher digits equal
-// `prefix`; counts[level_bins(level)]: elements that cannot be ranked (NaN/Inf input, negative
-// hessian, NaN score). `counts` is overwritten.
-void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
-                     const TensorArg* hessians, int64_t num_tensors, float eps, int level,
-                     uint32_t prefix, int64_t* counts);
+namespace baseline {
+FP_DECLARE_CPU_KERNELS
+}
+namespace avx2 {
+FP_DECLARE_CPU_KERNELS
+}
 
-// finetuned[i] = pretrained[i] where score >= threshold; counts[i] = elements reset in tensor i.
-void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
-                  const TensorArg* hessians, int64_t num_tensors, float eps, float threshold,
-                  int64_t* counts);
+// "avx2" or "baseline": the kernels in use. FINEPURIFY_CPU_CAPABILITY=baseline forces the
+// portable ones (tests run both).
+const char* capability();
 
 }  // namespace finepurify::cpu

@@ -1,5 +1,8 @@
 // The CPU multi-tensor launcher: every op splits its tensor list into fixed-size chunks and runs
 // them with at::parallel_for, so small and large tensors share the same threads.
+//
+// Included by the kernel files, which are compiled once per CPU capability (see capability.h):
+// everything here lives in that capability's namespace, so the copies never collide.
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -10,8 +13,9 @@
 #include <vector>
 
 #include "../kernels/tensor_arg.h"
+#include "capability.h"
 
-namespace finepurify::cpu {
+namespace finepurify::cpu::FP_CPU_NS {
 
 using Vec = at::vec::Vectorized<float>;
 
@@ -72,4 +76,4 @@ inline int true_lanes(const Vec& cmp) {
   return ~cmp.zero_mask() & ((1 << Vec::size()) - 1);
 }
 
-}  // namespace finepurify::cpu
+}  // namespace finepurify::cpu::FP_CPU_NS

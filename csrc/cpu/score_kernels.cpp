@@ -3,6 +3,7 @@
 // registers, so no score vector is ever materialised.
 #include <algorithm>
 #include <cfloat>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -10,7 +11,7 @@
 #include "kernels.h"
 #include "multi_tensor.h"
 
-namespace finepurify::cpu {
+namespace finepurify::cpu::FP_CPU_NS {
 namespace {
 
 inline Vec drift_score_vec(const Vec& finetuned, const Vec& pretrained, const Vec& hessian,
@@ -184,4 +185,4 @@ void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
   for (size_t i = 0; i < chunks.size(); ++i) counts[chunks[i].tensor] += per_chunk[i];
 }
 
-}  // namespace finepurify::cpu
+}  // namespace finepurify::cpu::FP_CPU_NS

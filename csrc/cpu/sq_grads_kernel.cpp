@@ -4,7 +4,7 @@
 #include "kernels.h"
 #include "multi_tensor.h"
 
-namespace finepurify::cpu {
+namespace finepurify::cpu::FP_CPU_NS {
 namespace {
 
 template <typename G>
@@ -41,4 +41,4 @@ void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads, int6
   });
 }
 
-}  // namespace finepurify::cpu
+}  // namespace finepurify::cpu::FP_CPU_NS

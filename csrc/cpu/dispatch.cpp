@@ -1,0 +1,60 @@
+// Picks the CPU kernels once per process: AVX2 where the CPU has AVX2, FMA and F16C (and
+// FINEPURIFY_CPU_CAPABILITY does not ask for the baseline), the portable build otherwise.
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace finepurify::cpu {
+namespace {
+
+bool use_avx2() {
+  static const bool use = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const char* forced = std::getenv("FINEPURIFY_CPU_CAPABILITY");
+    if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+  }();
+  return use;
+}
+
+}  // namespace
+
+const char* capability() { return use_avx2() ? "avx2" : "baseline"; }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FP_CPU_CALL(fn, ...) (use_avx2() ? avx2::fn(__VA_ARGS__) : baseline::fn(__VA_ARGS__))
+#else
+#define FP_CPU_CALL(fn, ...) baseline::fn(__VA_ARGS__)
+#endif
+
+void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads, int64_t num_tensors,
+                         float scale, bool zero_grads) {
+  FP_CPU_CALL(accumulate_sq_grads, hessians, grads, num_tensors, scale, zero_grads);
+}
+
+void drift_score(const TensorArg* finetuned, const TensorArg* pretrained,
+                 const TensorArg* hessians, const TensorArg* scores, int64_t num_tensors,
+                 float eps) {
+  FP_CPU_CALL(drift_score, finetuned, pretrained, hessians, scores, num_tensors, eps);
+}
+
+void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
+                     const TensorArg* hessians, int64_t num_tensors, float eps, int level,
+                     uint32_t prefix, int64_t* counts) {
+  FP_CPU_CALL(score_histogram, finetuned, pretrained, hessians, num_tensors, eps, level, prefix,
+              counts);
+}
+
+void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
+                  const TensorArg* hessians, int64_t num_tensors, float eps, float threshold,
+                  int64_t* counts) {
+  FP_CPU_CALL(masked_reset, finetuned, pretrained, hessians, num_tensors, eps, threshold, counts);
+}
+
+}  // namespace finepurify::cpu
