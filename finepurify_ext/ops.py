@@ -10,12 +10,12 @@ that all tensors share a device.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.finepurify)
+from .reference import num_reset_for  # noqa: F401  (the counting rule, shared with the oracle)
 
 _ops = torch.ops.finepurify
 
@@ -112,12 +112,6 @@ def reset_most_abnormal_(
             return torch.zeros(len(finetuned), dtype=torch.int64, device=device)
         threshold = score_threshold(finetuned, pretrained, hessians, num_reset, eps)
         return masked_reset_(finetuned, pretrained, hessians, threshold, eps)
-
-
-def num_reset_for(total: int, reserve_ratio: float) -> int:
-    """How many of ``total`` scores reset_most_abnormal_ resets: total - round(ratio * total),
-    halves rounded up (the same arithmetic as the C++ op)."""
-    return total - int(math.floor(reserve_ratio * total + 0.5))
 
 
 # ----------------------------------------------------------------------------- fake kernels

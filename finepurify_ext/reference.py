@@ -53,6 +53,8 @@ def masked_reset_(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, th
 
 
 def num_reset_for(total: int, reserve_ratio: float) -> int:
+    """How many of ``total`` scores are reset at ``reserve_ratio``: total - round(ratio * total),
+    halves rounded up (the same arithmetic as the C++ op)."""
     return total - int(math.floor(reserve_ratio * total + 0.5))
 
 
@@ -77,8 +79,9 @@ def fast_accumulate_sq_grads_(hessians: Tensors, grads: Tensors, scale=1.0) -> N
     torch._foreach_addcmul_(list(hessians), grads, grads, value=scale)
 
 
-def fast_scores(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, eps) -> torch.Tensor:
-    """All scores in one flat float32 vector, written through per-tensor views with foreach ops."""
+def fast_scores(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, eps):
+    """All scores in one flat float32 vector (returned with its per-tensor views), written through
+    the views with foreach ops."""
     total = sum(f.numel() for f in finetuned)
     flat = torch.empty(total, dtype=torch.float32, device=finetuned[0].device)
     views, offset = [], 0

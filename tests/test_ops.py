@@ -247,7 +247,7 @@ def test_fast_baseline_agrees_with_reference():
     counts = ref.fast_reset_most_abnormal_(got, pre, h, 0.7, EPS)
     assert torch.equal(counts, ref.reset_most_abnormal_(expected, pre, h, 0.7, EPS))
     assert_bitwise(got, expected)
-    hs, hs_ref = [torch.rand(100), torch.rand(5, 5)], None
+    hs = [torch.rand(100), torch.rand(5, 5)]
     hs_ref = clones(hs)
     grads = [torch.randn(100).bfloat16(), torch.randn(5, 5).bfloat16()]
     ref.fast_accumulate_sq_grads_(hs, grads, 0.5)

@@ -52,7 +52,7 @@ def test_compiled_function_matches_eager():
         return ops.drift_score(ft, pre, hessian, EPS).sum(dim=0) * 2.0
 
     compiled = torch.compile(step, fullgraph=True)
-    h_eager, h_compiled = torch.rand(257, 31, generator=gen), None
+    h_eager = torch.rand(257, 31, generator=gen)
     h_compiled = h_eager.clone()
     expected = step(h_eager, grad, ft, pre)
     got = compiled(h_compiled, grad, ft, pre)
