@@ -3,6 +3,8 @@
 #include <cmath>
 #include <sstream>
 
+#include "kernels/score_math.h"
+
 namespace finepurify {
 namespace {
 
@@ -66,6 +68,15 @@ void check_grad_lists(const char* op, at::TensorList hessians, at::TensorList gr
 void check_eps(const char* op, double eps) {
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, "finepurify.", op, ": eps must be a ",
                     "positive finite number (it guards hessian == 0), got ", eps);
+}
+
+void check_histogram_level(const char* op, int64_t level, int64_t prefix) {
+  TORCH_CHECK_VALUE(level >= 0 && level < kNumLevels, "finepurify.", op, ": level must be in [0, ",
+                    kNumLevels, "), got ", level);
+  const int64_t prefix_bits = 31 - level_shift(level) - level_bits(level);
+  TORCH_CHECK_VALUE(prefix >= 0 && prefix < (int64_t{1} << prefix_bits), "finepurify.", op,
+                    ": prefix ", prefix, " has more than ", prefix_bits, " bits for level ",
+                    level);
 }
 
 int64_t total_numel(at::TensorList tensors) {

@@ -20,6 +20,9 @@ void check_grad_lists(const char* op, at::TensorList hessians, at::TensorList gr
 
 void check_eps(const char* op, double eps);
 
+// level in [0, kNumLevels); prefix holds only the digits above that level.
+void check_histogram_level(const char* op, int64_t level, int64_t prefix);
+
 int64_t total_numel(at::TensorList tensors);
 
 // Raises naming the first tensor whose inputs cannot be ranked (NaN/Inf, negative hessian).

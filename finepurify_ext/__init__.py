@@ -18,6 +18,7 @@ except ImportError as error:  # fail loudly: nothing here works without the kern
 from . import ops, reference  # noqa: E402
 
 cpu_capability = _C.cpu_capability  # "avx2" or "baseline": which CPU kernels run
+built_with_cuda = _C.built_with_cuda  # whether this build holds the CUDA kernels
 
-__all__ = ["ops", "reference", "cpu_capability"]
+__all__ = ["ops", "reference", "cpu_capability", "built_with_cuda"]
 __version__ = "0.1.0"

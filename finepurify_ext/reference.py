@@ -79,19 +79,28 @@ def fast_accumulate_sq_grads_(hessians: Tensors, grads: Tensors, scale=1.0) -> N
     torch._foreach_addcmul_(list(hessians), grads, grads, value=scale)
 
 
-def fast_scores(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, eps):
+def fast_scores(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, eps, group_bytes=1 << 28):
     """All scores in one flat float32 vector (returned with its per-tensor views), written through
-    the views with foreach ops."""
+    the views with foreach ops, a group of tensors (about ``group_bytes`` of scores) at a time so
+    the temporaries stay small beside the score vector itself."""
     total = sum(f.numel() for f in finetuned)
     flat = torch.empty(total, dtype=torch.float32, device=finetuned[0].device)
     views, offset = [], 0
     for f in finetuned:
         views.append(flat[offset : offset + f.numel()].view(f.shape))
         offset += f.numel()
-    torch._foreach_copy_(views, list(finetuned))  # upcasts reduced precision
-    torch._foreach_sub_(views, [p.float() if p.dtype != torch.float32 else p for p in pretrained])
-    torch._foreach_mul_(views, views)
-    torch._foreach_div_(views, torch._foreach_add(list(hessians), eps))
+    start = 0
+    while start < len(views):
+        end, size = start, 0
+        while end < len(views) and (end == start or size + 4 * views[end].numel() <= group_bytes):
+            size += 4 * views[end].numel()
+            end += 1
+        v = views[start:end]
+        torch._foreach_copy_(v, list(finetuned[start:end]))  # upcasts reduced precision
+        torch._foreach_sub_(v, list(pretrained[start:end]))  # promotes, no float32 copy of pre
+        torch._foreach_mul_(v, v)
+        torch._foreach_div_(v, torch._foreach_add(list(hessians[start:end]), eps))
+        start = end
     return flat, views
 
 

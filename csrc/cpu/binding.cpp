@@ -37,12 +37,7 @@ at::Tensor score_histogram_cpu(at::TensorList finetuned, at::TensorList pretrain
                                int64_t prefix) {
   check_weight_lists("score_histogram", finetuned, pretrained, hessians);
   check_eps("score_histogram", eps);
-  TORCH_CHECK_VALUE(level >= 0 && level < kNumLevels, "finepurify.score_histogram: level must ",
-                    "be in [0, ", kNumLevels, "), got ", level);
-  const int64_t prefix_bits = 31 - level_shift(level) - level_bits(level);
-  TORCH_CHECK_VALUE(prefix >= 0 && prefix < (int64_t{1} << prefix_bits),
-                    "finepurify.score_histogram: prefix ", prefix, " has more than ",
-                    prefix_bits, " bits for level ", level);
+  check_histogram_level("score_histogram", level, prefix);
   const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
   const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
   at::Tensor counts = at::empty({level_bins(level) + 1}, at::TensorOptions().dtype(at::kLong));

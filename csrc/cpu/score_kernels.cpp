@@ -28,11 +28,6 @@ inline int invalid_lanes(const Vec& finetuned, const Vec& pretrained, const Vec&
   return ok.zero_mask();
 }
 
-inline bool valid_inputs(float finetuned, float pretrained, float hessian) {
-  return std::abs(finetuned) <= FLT_MAX && std::abs(pretrained) <= FLT_MAX && hessian >= 0.0f &&
-         hessian <= FLT_MAX;
-}
-
 template <typename T>
 void score_range(const T* ft, const T* pre, const float* h, float* out, int64_t n, float eps) {
   const Vec eps_vec(eps);
@@ -46,28 +41,12 @@ void score_range(const T* ft, const T* pre, const float* h, float* out, int64_t 
   }
 }
 
-struct DigitSelector {
-  int shift;          // position of this level's digit
-  int prefix_shift;   // position of the higher digits
-  uint32_t prefix;    // required value of the higher digits
-  uint32_t bin_mask;
-
-  DigitSelector(int level, uint32_t prefix_value)
-      : shift(level_shift(level)),
-        prefix_shift(level_shift(level) + level_bits(level)),
-        prefix(prefix_value),
-        bin_mask(static_cast<uint32_t>(level_bins(level) - 1)) {}
-
-  // Adds one score; `bins` has the invalid counter at index bin_mask + 1.
-  inline void add(float score, bool valid_input, int64_t* bins) const {
-    const uint32_t key = float_bits(score);
-    if (!valid_input || key > kInfBits) {
-      ++bins[bin_mask + 1];
-    } else if ((key >> prefix_shift) == prefix) {
-      ++bins[(key >> shift) & bin_mask];
-    }
-  }
-};
+// Adds one score to `bins` (level_bins + 1 counters, the last for unrankable inputs).
+inline void add_to_histogram(const DigitSelector& digit, float score, bool rankable,
+                             int64_t* bins) {
+  const int bin = digit.bin(score, rankable);
+  if (bin != DigitSelector::kNotCounted) ++bins[bin];
+}
 
 template <typename T>
 void histogram_range(const T* ft, const T* pre, const float* h, int64_t n, float eps,
@@ -80,12 +59,12 @@ void histogram_range(const T* ft, const T* pre, const float* h, int64_t n, float
     drift_score_vec(f, p, hv, eps_vec).store(scores);
     const int invalid = invalid_lanes(f, p, hv);
     for (int lane = 0; lane < Vec::size(); ++lane) {
-      digit.add(scores[lane], ((invalid >> lane) & 1) == 0, bins);
+      add_to_histogram(digit, scores[lane], ((invalid >> lane) & 1) == 0, bins);
     }
   }
   for (; i < n; ++i) {
     const float f = static_cast<float>(ft[i]), p = static_cast<float>(pre[i]);
-    digit.add(element_score(f, p, h[i], eps), valid_inputs(f, p, h[i]), bins);
+    add_to_histogram(digit, element_score(f, p, h[i], eps), rankable_inputs(f, p, h[i]), bins);
   }
 }
 

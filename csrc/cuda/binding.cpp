@@ -1,0 +1,88 @@
+// CUDA binding: checks arguments, turns tensor lists into TensorArgs and launches the kernels on
+// the current stream of the tensors' device. Compiled only in CUDA builds (setup.py).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../kernels/score_math.h"
+#include "kernels.h"
+
+namespace finepurify {
+namespace {
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void accumulate_sq_grads_cuda(at::TensorList hessians, at::TensorList grads, double scale,
+                              bool zero_grads) {
+  check_grad_lists("accumulate_sq_grads_", hessians, grads);
+  if (hessians.empty()) return;
+  const c10::cuda::CUDAGuard device_guard(hessians[0].device());
+  const ContiguousList h(hessians), g(grads);
+  const auto h_args = h.args(), g_args = g.args();
+  cuda::accumulate_sq_grads(h_args.data(), g_args.data(), static_cast<int64_t>(h_args.size()),
+                            static_cast<float>(scale), zero_grads, current_stream());
+  h.write_back();
+  if (zero_grads) g.write_back();
+}
+
+at::Tensor drift_score_cuda(const at::Tensor& finetuned, const at::Tensor& pretrained,
+                            const at::Tensor& hessian, double eps) {
+  check_weight_lists("drift_score", {finetuned}, {pretrained}, {hessian});
+  check_eps("drift_score", eps);
+  const c10::cuda::CUDAGuard device_guard(finetuned.device());
+  const ContiguousList inputs({finetuned, pretrained, hessian});
+  at::Tensor scores = at::empty(finetuned.sizes(), finetuned.options().dtype(at::kFloat));
+  const auto args = inputs.args();
+  const TensorArg out = tensor_arg(scores);
+  cuda::drift_score(&args[0], &args[1], &args[2], &out, 1, static_cast<float>(eps),
+                    current_stream());
+  return scores;
+}
+
+at::Tensor score_histogram_cuda(at::TensorList finetuned, at::TensorList pretrained,
+                                at::TensorList hessians, double eps, int64_t level,
+                                int64_t prefix) {
+  check_weight_lists("score_histogram", finetuned, pretrained, hessians);
+  check_eps("score_histogram", eps);
+  check_histogram_level("score_histogram", level, prefix);
+  const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
+  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
+  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  at::Tensor counts = at::zeros({level_bins(static_cast<int>(level)) + 1},
+                                finetuned[0].options().dtype(at::kLong));
+  cuda::score_histogram(ft_args.data(), pre_args.data(), h_args.data(),
+                        static_cast<int64_t>(ft_args.size()), static_cast<float>(eps),
+                        static_cast<int>(level), static_cast<uint32_t>(prefix),
+                        counts.data_ptr<int64_t>(), current_stream());
+  return counts;
+}
+
+at::Tensor masked_reset_cuda(at::TensorList finetuned, at::TensorList pretrained,
+                             at::TensorList hessians, double threshold, double eps) {
+  check_weight_lists("masked_reset_", finetuned, pretrained, hessians);
+  check_eps("masked_reset_", eps);
+  const float threshold_f = threshold_as_float("masked_reset_", threshold);
+  const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
+  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
+  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  at::Tensor counts = at::zeros({static_cast<int64_t>(finetuned.size())},
+                                finetuned[0].options().dtype(at::kLong));
+  cuda::masked_reset(ft_args.data(), pre_args.data(), h_args.data(),
+                     static_cast<int64_t>(ft_args.size()), static_cast<float>(eps), threshold_f,
+                     counts.data_ptr<int64_t>(), current_stream());
+  ft.write_back();
+  return counts;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(finepurify, CUDA, m) {
+  m.impl("accumulate_sq_grads_", &accumulate_sq_grads_cuda);
+  m.impl("drift_score", &drift_score_cuda);
+  m.impl("score_histogram", &score_histogram_cuda);
+  m.impl("masked_reset_", &masked_reset_cuda);
+}
+
+}  // namespace finepurify

@@ -1,0 +1,35 @@
+// CUDA kernels over lists of tensors described by plain TensorArgs, launched on `stream`.
+// No torch headers (see cuda/binding.cpp). Every function returns without synchronising; counts
+// stay on the device.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "../kernels/tensor_arg.h"
+
+namespace finepurify::cuda {
+
+// hessians[i] += scale * grads[i]^2; grads[i] zeroed in the same pass when zero_grads.
+void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads, int64_t num_tensors,
+                         float scale, bool zero_grads, cudaStream_t stream);
+
+// scores[i] = element_score(finetuned[i], pretrained[i], hessians[i], eps); scores float32.
+void drift_score(const TensorArg* finetuned, const TensorArg* pretrained,
+                 const TensorArg* hessians, const TensorArg* scores, int64_t num_tensors,
+                 float eps, cudaStream_t stream);
+
+// Adds to counts[0, level_bins(level)] (device memory, zeroed by the caller) the histogram of
+// digit `level` of the scores whose higher digits equal `prefix`, and at counts[level_bins]
+// the elements that cannot be ranked.
+void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
+                     const TensorArg* hessians, int64_t num_tensors, float eps, int level,
+                     uint32_t prefix, int64_t* counts, cudaStream_t stream);
+
+// finetuned[i] = pretrained[i] where score >= threshold; adds the number reset to counts[i]
+// (device memory, zeroed by the caller).
+void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
+                  const TensorArg* hessians, int64_t num_tensors, float eps, float threshold,
+                  int64_t* counts, cudaStream_t stream);
+
+}  // namespace finepurify::cuda

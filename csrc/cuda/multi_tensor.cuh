@@ -1,0 +1,244 @@
+// The CUDA multi-tensor launcher shared by every op, and the element loads the kernels use.
+//
+// Host side: the op's tensor lists are packed, one storage dtype at a time, into launch tables
+// of up to kMaxTensorsPerLaunch tensors, passed by value as a kernel parameter (no host-to-device
+// copy, no synchronisation). Each tensor is cut into chunks of kChunkElems elements; the table
+// keeps the prefix sum of chunk counts. Device side: a persistent grid walks the chunk indices
+// and each block processes whole chunks, so many small tensors and a few huge ones (64-bit
+// sizes) share one launch.
+//
+// No torch headers: plain pointers, sizes and a stream (see kernels.h).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "../kernels/tensor_arg.h"
+
+namespace finepurify::cuda {
+
+// Throws with the CUDA error string and the place; the binding turns it into a Python error.
+inline void check_cuda(cudaError_t status, const char* what, const char* file, int line) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("finepurify CUDA error: ") + what + ": " +
+                             cudaGetErrorString(status) + " (" + file + ":" +
+                             std::to_string(line) + ")");
+  }
+}
+#define FP_CUDA_CHECK(expr) ::finepurify::cuda::check_cuda((expr), #expr, __FILE__, __LINE__)
+// After every launch: reports bad configurations at once, not at the next synchronisation.
+#define FP_LAUNCH_CHECK() FP_CUDA_CHECK(cudaGetLastError())
+
+constexpr int kThreads = 256;
+// Each thread handles kPack consecutive elements per step: one 16-byte load of 16-bit weights,
+// two of float32 ones and of the float32 hessian.
+constexpr int kPack = 8;
+// 64K elements per chunk: 32 block steps, enough to hide the chunk lookup.
+constexpr int64_t kChunkElems = int64_t{1} << 16;
+constexpr int kMaxTensorsPerLaunch = 48;
+
+// Up to kMaxTensorsPerLaunch tensors of NumLists parallel lists (e.g. finetuned, pretrained,
+// hessian), all of one storage dtype. Must fit the 4 KB kernel parameter limit.
+template <int NumLists>
+struct LaunchTable {
+  void* data[NumLists][kMaxTensorsPerLaunch];
+  int64_t numel[kMaxTensorsPerLaunch];
+  int64_t first_chunk[kMaxTensorsPerLaunch + 1];  // chunk prefix sums; the last is the total
+  int32_t list_index[kMaxTensorsPerLaunch];       // position in the op's lists (for counts)
+  uint64_t aligned_mask;  // bit t: every pointer of tensor t is 16-byte aligned
+  int32_t num_tensors;
+};
+static_assert(sizeof(LaunchTable<4>) <= 4096, "launch table exceeds the kernel parameter limit");
+
+// Calls fn(tensor, begin, end) for every chunk of the table that this block owns, in order;
+// `tensor` indexes the table. The chunk lookup walks forward from the previous chunk's tensor,
+// since a block's chunk indices only grow.
+template <int NumLists, typename Fn>
+__device__ __forceinline__ void for_each_chunk(const LaunchTable<NumLists>& table, Fn&& fn) {
+  const int64_t num_chunks = table.first_chunk[table.num_tensors];
+  int tensor = 0;
+  for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
+    while (table.first_chunk[tensor + 1] <= chunk) ++tensor;
+    const int64_t begin = (chunk - table.first_chunk[tensor]) * kChunkElems;
+    const int64_t end = min(begin + kChunkElems, table.numel[tensor]);
+    fn(tensor, begin, end);
+  }
+}
+
+// ------------------------------------------------------------------ element loads, as float32
+
+template <typename T>
+struct Storage;  // the raw 16-bit types: bit-exact conversions, no cuda_bf16.h needed
+template <>
+struct Storage<float> {
+  __device__ __forceinline__ static float to_float(float v) { return v; }
+};
+struct BFloat16Bits {
+  uint16_t bits;
+};
+struct Float16Bits {
+  uint16_t bits;
+};
+template <>
+struct Storage<BFloat16Bits> {
+  __device__ __forceinline__ static float to_float(BFloat16Bits v) {
+    return __uint_as_float(static_cast<uint32_t>(v.bits) << 16);
+  }
+};
+template <>
+struct Storage<Float16Bits> {
+  __device__ __forceinline__ static float to_float(Float16Bits v) {
+    float out;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(out) : "h"(v.bits));
+    return out;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ float load_as_float(const T* p) {
+  return Storage<T>::to_float(*p);
+}
+
+// Sum over the warp, in lane 0 (every lane must call it).
+__device__ __forceinline__ unsigned long long warp_sum(unsigned long long value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xFFFFFFFFu, value, offset);
+  return value;
+}
+
+// kPack consecutive elements as raw 16-byte words (p must be 16-byte aligned).
+template <typename T>
+struct Pack {
+  static constexpr int kWords = kPack * sizeof(T) / 16;
+  uint4 words[kWords];
+
+  __device__ __forceinline__ void load(const T* p) {
+    const uint4* src = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) words[w] = src[w];
+  }
+  // Streamed once: bypass L1, evict first from L2.
+  __device__ __forceinline__ void load_stream(const T* p) {
+    const uint4* src = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) words[w] = __ldcs(src + w);
+  }
+  __device__ __forceinline__ void store(T* p) const {
+    uint4* dst = reinterpret_cast<uint4*>(p);
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) dst[w] = words[w];
+  }
+  // Element i as float32 (i a compile-time constant after unrolling: registers are selected,
+  // never spilled to local memory by a run-time index).
+  __device__ __forceinline__ float as_float(int i) const {
+    if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(word(i));
+    } else {
+      const uint32_t w = word(i / 2);
+      T value;
+      value.bits = static_cast<uint16_t>(i % 2 == 0 ? (w & 0xFFFFu) : (w >> 16));
+      return Storage<T>::to_float(value);
+    }
+  }
+  __device__ __forceinline__ void set_float(int i, float v) {
+    static_assert(sizeof(T) == 4, "set_float writes float32 packs");
+    uint4& w = words[i / 4];
+    const uint32_t bits = __float_as_uint(v);
+    switch (i % 4) {
+      case 0: w.x = bits; break;
+      case 1: w.y = bits; break;
+      case 2: w.z = bits; break;
+      default: w.w = bits; break;
+    }
+  }
+  __device__ __forceinline__ uint32_t word(int j) const {
+    const uint4& w = words[j / 4];
+    switch (j % 4) {
+      case 0: return w.x;
+      case 1: return w.y;
+      case 2: return w.z;
+      default: return w.w;
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------ host side
+
+// SMs of the current device (cached per device): sizes the persistent grid.
+inline int multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {};  // 0: not read yet (a benign race: same value)
+  int device = 0;
+  FP_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < kMaxDevices && cached[device] != 0) return cached[device];
+  int count = 0;
+  FP_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device < kMaxDevices) cached[device] = count;
+  return count;
+}
+
+// The persistent grid for `kernel`: as many blocks as fit on the device at once.
+template <typename Kernel>
+int64_t resident_grid(Kernel kernel) {
+  int blocks_per_sm = 0;
+  FP_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, 0));
+  return static_cast<int64_t>(blocks_per_sm > 0 ? blocks_per_sm : 1) * multiprocessor_count();
+}
+
+// Launches kernel<<<grid, kThreads, 0, stream>>>(table, args...) over launch tables packing the
+// tensors of `lists` (NumLists parallel arrays of num_tensors TensorArgs) whose
+// lists[key_list][i].dtype == dtype; the grid is at most the kernel's resident grid. Empty
+// tensors are skipped.
+template <int NumLists, typename... KernelArgs, typename... Args>
+void launch_multi_tensor(void (*kernel)(LaunchTable<NumLists>, KernelArgs...),
+                         const TensorArg* const (&lists)[NumLists], int64_t num_tensors,
+                         int key_list, DType dtype, cudaStream_t stream, Args... args) {
+  LaunchTable<NumLists> table{};
+  int64_t max_grid = 0;  // read from the device at the first launch only
+  auto flush = [&]() {
+    if (table.num_tensors == 0) return;
+    if (max_grid == 0) max_grid = resident_grid(kernel);
+    const int64_t num_chunks = table.first_chunk[table.num_tensors];
+    const int grid = static_cast<int>(num_chunks < max_grid ? num_chunks : max_grid);
+    // Kernels may count per block in 32 bits (the histograms' shared counters).
+    if ((num_chunks + grid - 1) / grid * kChunkElems > int64_t{0xFFFFFFFF}) {
+      throw std::runtime_error("finepurify: more than 2^32 elements per block; split the tensor");
+    }
+    kernel<<<grid, kThreads, 0, stream>>>(table, args...);
+    FP_LAUNCH_CHECK();
+    table = LaunchTable<NumLists>{};
+  };
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    if (lists[key_list][i].dtype != dtype || lists[key_list][i].numel == 0) continue;
+    const int t = table.num_tensors;
+    bool aligned = true;
+    for (int l = 0; l < NumLists; ++l) {
+      table.data[l][t] = lists[l][i].data;
+      aligned = aligned && reinterpret_cast<uintptr_t>(lists[l][i].data) % 16 == 0;
+    }
+    table.numel[t] = lists[key_list][i].numel;
+    table.list_index[t] = static_cast<int32_t>(i);
+    if (aligned) table.aligned_mask |= uint64_t{1} << t;
+    table.first_chunk[t + 1] =
+        table.first_chunk[t] + (table.numel[t] + kChunkElems - 1) / kChunkElems;
+    table.num_tensors = t + 1;
+    if (table.num_tensors == kMaxTensorsPerLaunch) flush();
+  }
+  flush();
+}
+
+// Calls fn(T*) with a null pointer of the storage type of `dtype`.
+template <typename Fn>
+void dispatch_storage(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn(static_cast<float*>(nullptr)); break;
+    case DType::kBFloat16: fn(static_cast<BFloat16Bits*>(nullptr)); break;
+    case DType::kFloat16: fn(static_cast<Float16Bits*>(nullptr)); break;
+  }
+}
+
+constexpr DType kAllDTypes[] = {DType::kFloat32, DType::kBFloat16, DType::kFloat16};
+
+}  // namespace finepurify::cuda

@@ -1,0 +1,185 @@
+// The drift-score family on CUDA: scores, the histogram passes of the exact threshold search,
+// and the masked reset. Each reads finetuned, pretrained and hessian once per pass and
+// recomputes the score in registers; no score vector is materialised.
+#include <type_traits>
+
+#include "../kernels/score_math.h"
+#include "kernels.h"
+#include "multi_tensor.cuh"
+
+namespace finepurify::cuda {
+namespace {
+
+// Lists of a score launch table.
+constexpr int kFinetuned = 0, kPretrained = 1, kHessian = 2;
+
+template <int N>
+using Count = std::integral_constant<int, N>;
+
+// Calls fn(i, Count<n>, f, p, h) over this block's share of [begin, end) of tensor t: f, p, h
+// hold the float32 values of elements i .. i+n-1 (n == kPack on the vector path, 1 otherwise;
+// a compile-time count, so callers unroll over registers).
+template <typename T, int NumLists, typename Fn>
+__device__ __forceinline__ void visit_scores(const LaunchTable<NumLists>& table, int t,
+                                             int64_t begin, int64_t end, Fn&& fn) {
+  const T* ft = static_cast<const T*>(table.data[kFinetuned][t]);
+  const T* pre = static_cast<const T*>(table.data[kPretrained][t]);
+  const float* h = static_cast<const float*>(table.data[kHessian][t]);
+  float f[kPack], p[kPack], hv[kPack];
+  auto visit_one = [&](int64_t j) {
+    f[0] = load_as_float(ft + j);
+    p[0] = load_as_float(pre + j);
+    hv[0] = h[j];
+    fn(j, Count<1>{}, f, p, hv);
+  };
+  if ((table.aligned_mask >> t) & 1) {
+    int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kPack;
+    for (; i + kPack <= end; i += kThreads * kPack) {
+      Pack<T> f_pack, p_pack;
+      Pack<float> h_pack;
+      f_pack.load(ft + i);  // all loads issued before the first use
+      p_pack.load(pre + i);
+      h_pack.load(h + i);
+#pragma unroll
+      for (int j = 0; j < kPack; ++j) {
+        f[j] = f_pack.as_float(j);
+        p[j] = p_pack.as_float(j);
+        hv[j] = h_pack.as_float(j);
+      }
+      fn(i, Count<kPack>{}, f, p, hv);
+    }
+    // Scalar tail: only the thread whose pack straddles `end` has work here.
+    for (int64_t j = i; j < end && j < i + kPack; ++j) visit_one(j);
+  } else {
+    for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) visit_one(j);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) drift_score_kernel(LaunchTable<4> table, float eps) {
+  for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
+    float* out = static_cast<float*>(table.data[3][t]);
+    visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
+                                              const float* p, const float* h) {
+      constexpr int n = decltype(count)::value;
+      if constexpr (n == kPack) {
+        Pack<float> scores;
+#pragma unroll
+        for (int j = 0; j < kPack; ++j) scores.set_float(j, element_score(f[j], p[j], h[j], eps));
+        scores.store(out + i);
+      } else {
+        out[i] = element_score(f[0], p[0], h[0], eps);
+      }
+    });
+  });
+}
+
+// One block-private histogram in shared memory (32-bit counters), added to the global int64
+// counts once per block. Each thread merges runs of equal bins before its shared atomic: real
+// models hold long runs of identical scores (weights that never moved score 0), which would
+// otherwise send a whole warp to one bank.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    score_histogram_kernel(LaunchTable<3> table, float eps, DigitSelector digit,
+                           unsigned long long* counts) {
+  __shared__ unsigned int bins[kMaxBins + 1];
+  const int num_bins = digit.unrankable_bin() + 1;
+  for (int b = threadIdx.x; b < num_bins; b += kThreads) bins[b] = 0;
+  __syncthreads();
+  int run_bin = 0;
+  unsigned int run_length = 0;
+  for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
+    visit_scores<T>(table, t, begin, end, [&](int64_t, auto count, const float* f,
+                                              const float* p, const float* h) {
+#pragma unroll
+      for (int j = 0; j < decltype(count)::value; ++j) {
+        const int bin = digit.bin(element_score(f[j], p[j], h[j], eps),
+                                  rankable_inputs(f[j], p[j], h[j]));
+        if (bin == DigitSelector::kNotCounted) continue;
+        if (bin == run_bin) {
+          ++run_length;
+        } else {
+          if (run_length != 0) atomicAdd(&bins[run_bin], run_length);
+          run_bin = bin;
+          run_length = 1;
+        }
+      }
+    });
+  });
+  if (run_length != 0) atomicAdd(&bins[run_bin], run_length);
+  __syncthreads();
+  for (int b = threadIdx.x; b < num_bins; b += kThreads) {
+    if (bins[b] != 0) atomicAdd(counts + b, static_cast<unsigned long long>(bins[b]));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    masked_reset_kernel(LaunchTable<3> table, float eps, float threshold,
+                        unsigned long long* counts) {
+  for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
+    T* ft = static_cast<T*>(table.data[kFinetuned][t]);
+    const T* pre = static_cast<const T*>(table.data[kPretrained][t]);
+    unsigned long long num_reset = 0;
+    visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
+                                              const float* p, const float* h) {
+#pragma unroll
+      for (int j = 0; j < decltype(count)::value; ++j) {
+        // Resets are sparse: the pre-trained value is re-read (an L1/L2 hit) only where needed.
+        if (element_score(f[j], p[j], h[j], eps) >= threshold) {
+          ft[i + j] = pre[i + j];
+          ++num_reset;
+        }
+      }
+    });
+    // The chunk lies in one tensor: one atomic per warp and chunk.
+    num_reset = warp_sum(num_reset);
+    if (threadIdx.x % 32 == 0 && num_reset != 0) atomicAdd(counts + table.list_index[t], num_reset);
+  });
+}
+
+}  // namespace
+
+void drift_score(const TensorArg* finetuned, const TensorArg* pretrained,
+                 const TensorArg* hessians, const TensorArg* scores, int64_t num_tensors,
+                 float eps, cudaStream_t stream) {
+  const TensorArg* const lists[4] = {finetuned, pretrained, hessians, scores};
+  for (DType dtype : kAllDTypes) {
+    dispatch_storage(dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      launch_multi_tensor(drift_score_kernel<T>, lists, num_tensors, kFinetuned, dtype, stream,
+                          eps);
+    });
+  }
+}
+
+void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
+                     const TensorArg* hessians, int64_t num_tensors, float eps, int level,
+                     uint32_t prefix, int64_t* counts, cudaStream_t stream) {
+  const TensorArg* const lists[3] = {finetuned, pretrained, hessians};
+  const DigitSelector digit(level, prefix);
+  auto* out = reinterpret_cast<unsigned long long*>(counts);
+  for (DType dtype : kAllDTypes) {
+    dispatch_storage(dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      launch_multi_tensor(score_histogram_kernel<T>, lists, num_tensors, kFinetuned, dtype,
+                          stream, eps, digit, out);
+    });
+  }
+}
+
+void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
+                  const TensorArg* hessians, int64_t num_tensors, float eps, float threshold,
+                  int64_t* counts, cudaStream_t stream) {
+  const TensorArg* const lists[3] = {finetuned, pretrained, hessians};
+  auto* out = reinterpret_cast<unsigned long long*>(counts);
+  for (DType dtype : kAllDTypes) {
+    dispatch_storage(dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      launch_multi_tensor(masked_reset_kernel<T>, lists, num_tensors, kFinetuned, dtype, stream,
+                          eps, threshold, out);
+    });
+  }
+}
+
+}  // namespace finepurify::cuda

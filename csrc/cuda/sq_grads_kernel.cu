@@ -1,0 +1,63 @@
+// hessian += scale * grad^2 over many tensors in one launch per grad dtype.
+#include "kernels.h"
+#include "multi_tensor.cuh"
+
+namespace finepurify::cuda {
+namespace {
+
+template <typename G>
+__global__ void __launch_bounds__(kThreads)
+    accumulate_sq_grads_kernel(LaunchTable<2> table, float scale, bool zero_grads) {
+  for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
+    float* hessian = static_cast<float*>(table.data[0][t]);
+    G* grad = static_cast<G*>(table.data[1][t]);
+    if ((table.aligned_mask >> t) & 1) {
+      int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kPack;
+      for (; i + kPack <= end; i += kThreads * kPack) {
+        Pack<G> g;
+        Pack<float> h;
+        g.load(grad + i);
+        h.load(hessian + i);
+#pragma unroll
+        for (int j = 0; j < kPack; ++j) {
+          const float gj = g.as_float(j);
+          // (scale * g) * g, the order of the CPU kernel and the PyTorch reference.
+          h.set_float(j, h.as_float(j) + (scale * gj) * gj);
+        }
+        h.store(hessian + i);
+        if (zero_grads) {
+          Pack<G> zero{};
+          zero.store(grad + i);
+        }
+      }
+      // Scalar tail: only the thread whose pack straddles `end` has work here.
+      for (int64_t j = i; j < end && j < i + kPack; ++j) {
+        const float gj = load_as_float(grad + j);
+        hessian[j] = hessian[j] + (scale * gj) * gj;
+        if (zero_grads) grad[j] = G{};
+      }
+    } else {
+      for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+        const float gj = load_as_float(grad + j);
+        hessian[j] = hessian[j] + (scale * gj) * gj;
+        if (zero_grads) grad[j] = G{};
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads, int64_t num_tensors,
+                         float scale, bool zero_grads, cudaStream_t stream) {
+  const TensorArg* const lists[2] = {hessians, grads};
+  for (DType dtype : kAllDTypes) {
+    dispatch_storage(dtype, [&](auto* tag) {
+      using G = std::remove_pointer_t<decltype(tag)>;
+      launch_multi_tensor(accumulate_sq_grads_kernel<G>, lists, num_tensors, /*key_list=*/1,
+                          dtype, stream, scale, zero_grads);
+    });
+  }
+}
+
+}  // namespace finepurify::cuda

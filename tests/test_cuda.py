@@ -1,0 +1,336 @@
+"""The CUDA kernels: every op against the CPU op (bitwise) and the pure-PyTorch reference, on CUDA
+tensors. Skipped, with the reason, where there is no GPU or the build holds no CUDA kernels."""
+import pytest
+import torch
+
+import finepurify_ext
+from finepurify_ext import ops
+from finepurify_ext import reference as ref
+
+from conftest import DTYPES, SIZES, make_weights, many_shapes
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
+if not finepurify_ext.built_with_cuda():
+    pytest.skip(
+        "finepurify_ext was built without its CUDA kernels (see the choice setup.py prints; "
+        "FINEPURIFY_CUDA=1 forces them)",
+        allow_module_level=True,
+    )
+
+EPS = 1e-8
+CUDA = torch.device("cuda")
+OPS = torch.ops.finepurify
+# Around the CUDA chunk (65536 elements) and the 8-element pack, and more tensors than one launch.
+CUDA_SIZES = SIZES + [8, 9, 2 * 65536 + 5]
+
+
+def to_cuda(tensors):
+    return [t.to(CUDA) for t in tensors]
+
+
+def to_cpu(tensors):
+    return [t.cpu() for t in tensors]
+
+
+def clones(tensors):
+    return [t.clone() for t in tensors]
+
+
+def assert_bitwise(actual, expected):
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        a, e = a.cpu(), e.cpu()
+        assert a.dtype == e.dtype and a.shape == e.shape, f"tensor {i}"
+        a_bits, e_bits = a.reshape(-1).view(torch.uint8), e.reshape(-1).view(torch.uint8)
+        if not torch.equal(a_bits, e_bits):
+            first = int((a_bits != e_bits).nonzero()[0]) // a.element_size()
+            raise AssertionError(
+                f"tensor {i} differs first at flat index {first}: "
+                f"{a.reshape(-1)[first]} vs {e.reshape(-1)[first]}"
+            )
+
+
+def sorted_scores_desc(ft, pre, h, eps=EPS):
+    return torch.sort(ref.all_scores(ft, pre, h, eps), descending=True).values
+
+
+# ----------------------------------------------------------------------- accumulate_sq_grads_
+
+
+@pytest.mark.parametrize("size", CUDA_SIZES)
+@pytest.mark.parametrize("zero_grads", [False, True])
+def test_accumulate_sq_grads_matches_cpu(dtype, size, zero_grads):
+    gen = torch.Generator().manual_seed(size)
+    hessians = [torch.rand(size, generator=gen), torch.rand(3, 5, generator=gen)]
+    grads = [torch.randn(size, generator=gen).to(dtype), torch.randn(3, 5, generator=gen).to(dtype)]
+    h_gpu, g_gpu = to_cuda(hessians), to_cuda(grads)
+    ops.accumulate_sq_grads_(h_gpu, g_gpu, scale=0.37, zero_grads=zero_grads)
+    ops.accumulate_sq_grads_(hessians, grads, scale=0.37, zero_grads=zero_grads)
+    assert_bitwise(h_gpu, hessians)
+    assert_bitwise(g_gpu, grads)
+
+
+def test_accumulate_sq_grads_many_tensors_mixed_dtypes():
+    shapes = many_shapes(1, 333)
+    gen = torch.Generator().manual_seed(2)
+    hessians = [torch.rand(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(DTYPES[i % 3]) for i, s in enumerate(shapes)]
+    h_gpu = to_cuda(hessians)
+    ops.accumulate_sq_grads_(h_gpu, to_cuda(grads), scale=2.0)
+    ref.accumulate_sq_grads_(hessians, grads, scale=2.0)
+    assert_bitwise(h_gpu, hessians)
+
+
+def test_accumulate_sq_grads_misaligned_and_strided(dtype):
+    # Views at an odd element offset (not 16-byte aligned: the scalar path) and transposed views.
+    gen = torch.Generator().manual_seed(3)
+    h_base, g_base = torch.rand(70_001, generator=gen), torch.randn(70_001, generator=gen).to(dtype)
+    h_t, g_t = torch.rand(33, 64, generator=gen), torch.randn(64, 33, generator=gen).to(dtype)
+    h_gpu = [h_base.to(CUDA)[1:], h_t.to(CUDA).t()]
+    g_gpu = [g_base.to(CUDA)[1:], g_t.to(CUDA)]
+    h_cpu = [h_base[1:].clone(), h_t.t().clone()]
+    ops.accumulate_sq_grads_(h_gpu, g_gpu, zero_grads=True)
+    ref.accumulate_sq_grads_(h_cpu, [g_base[1:].clone(), g_t.clone()])
+    assert_bitwise(h_gpu, h_cpu)
+    assert all(int(g.count_nonzero()) == 0 for g in g_gpu)
+
+
+# ------------------------------------------------------------------------------ drift_score
+
+
+@pytest.mark.parametrize("size", CUDA_SIZES)
+def test_drift_score_matches_cpu(dtype, size):
+    (ft,), (pre,), (h,) = make_weights(size, [(size,)], dtype)
+    out = ops.drift_score(ft.to(CUDA), pre.to(CUDA), h.to(CUDA), EPS)
+    assert out.device.type == "cuda" and out.dtype == torch.float32
+    assert_bitwise([out], [ops.drift_score(ft, pre, h, EPS)])
+    assert_bitwise([out], [ref.drift_score(ft.to(CUDA), pre.to(CUDA), h.to(CUDA), EPS)])
+
+
+def test_drift_score_misaligned():
+    (ft,), (pre,), (h,) = make_weights(4, [(10_001,)], torch.bfloat16)
+    out = ops.drift_score(ft.to(CUDA)[3:], pre.to(CUDA)[3:], h.to(CUDA)[3:], EPS)
+    assert_bitwise([out], [ops.drift_score(ft[3:], pre[3:], h[3:], EPS)])
+
+
+# -------------------------------------------------------------------------- score_threshold
+
+
+@pytest.mark.parametrize("size", [1, 7, 1023, 65536, 65537, 2 * 65536 + 5])
+def test_score_threshold_matches_cpu_and_sort(dtype, size):
+    ft, pre, h = make_weights(10 + size, [(size,), (13, 17), (0,)], dtype)
+    scores = sorted_scores_desc(ft, pre, h)
+    total = scores.numel()
+    gen = torch.Generator().manual_seed(size)
+    ks = {1, total, max(1, total // 2), int(torch.randint(1, total + 1, (1,), generator=gen))}
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    for k in ks:
+        got = ops.score_threshold(ft_g, pre_g, h_g, k, EPS)
+        assert got == scores[k - 1].item() == ops.score_threshold(ft, pre, h, k, EPS), k
+
+
+def test_score_threshold_many_tensors_mixed_dtypes():
+    shapes = many_shapes(7, 320)
+    ft, pre, h = make_weights(8, shapes, [DTYPES[i % 3] for i in range(len(shapes))])
+    scores = sorted_scores_desc(ft, pre, h)
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    for k in (1, 17, scores.numel() // 3, scores.numel()):
+        assert ops.score_threshold(ft_g, pre_g, h_g, k, EPS) == scores[k - 1].item()
+
+
+def test_score_histogram_matches_cpu():
+    ft, pre, h = make_weights(9, [(100_003,), (65536,), (31, 7)], torch.bfloat16)
+    cpu = OPS.score_histogram(ft, pre, h, EPS, 0, 0)
+    gpu = OPS.score_histogram(to_cuda(ft), to_cuda(pre), to_cuda(h), EPS, 0, 0)
+    assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
+    top = int(cpu[:-1].nonzero().max())
+    for level, prefix in ((1, top), (2, (top << 10) | 3)):
+        cpu = OPS.score_histogram(ft, pre, h, EPS, level, prefix)
+        gpu = OPS.score_histogram(to_cuda(ft), to_cuda(pre), to_cuda(h), EPS, level, prefix)
+        assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_score_threshold_ties_and_zero_drift():
+    # Few distinct scores, long runs of identical ones (zero drift), shared across tensors.
+    gen = torch.Generator().manual_seed(9)
+    ft, pre, h = [], [], []
+    for n in (1000, 777, 65536 + 3, 300_000):
+        p = torch.randn(n, generator=gen)
+        level = torch.randint(0, 4, (n,), generator=gen).float()
+        level[: n // 2] = 0.0  # a run of weights that never moved
+        ft.append(p + 0.5 * level.sqrt())
+        pre.append(p)
+        h.append(torch.full((n,), 0.25))
+    scores = sorted_scores_desc(ft, pre, h)
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    for k in range(1, scores.numel() + 1, 40_009):
+        t = ops.score_threshold(ft_g, pre_g, h_g, k, EPS)
+        assert t == scores[k - 1].item()
+        work = clones(ft_g)
+        counts = ops.masked_reset_(work, pre_g, h_g, t, EPS)
+        assert int(counts.sum()) == int((scores >= t).sum()) >= k
+
+
+def test_non_finite_input_is_named():
+    ft, pre, h = make_weights(11, [(100,), (70_000,)], torch.float16)
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    ft_g[1][12345] = float("nan")
+    with pytest.raises(RuntimeError, match=r"finetuned\[1\] contains NaN or Inf"):
+        ops.score_threshold(ft_g, pre_g, h_g, 10, EPS)
+
+
+# ---------------------------------------------------------------------------- masked_reset_
+
+
+@pytest.mark.parametrize("size", CUDA_SIZES)
+def test_masked_reset_matches_cpu(dtype, size):
+    ft, pre, h = make_weights(20 + size, [(size,), (5, 9)], dtype)
+    scores = sorted_scores_desc(ft, pre, h)
+    threshold = scores[scores.numel() // 3].item()
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    pre_before = clones(pre_g)
+    counts_g = ops.masked_reset_(ft_g, pre_g, h_g, threshold, EPS)
+    counts = ops.masked_reset_(ft, pre, h, threshold, EPS)
+    assert counts_g.device.type == "cuda"
+    assert torch.equal(counts_g.cpu(), counts)
+    assert_bitwise(ft_g, ft)
+    assert_bitwise(pre_g, pre_before)
+
+
+def test_masked_reset_misaligned_and_strided(dtype):
+    ft, pre, h = make_weights(31, [(50, 70), (70_001,)], dtype)
+    cpu_views = lambda ts: [ts[0].t(), ts[1][1:]]  # noqa: E731
+    scores = sorted_scores_desc(cpu_views(ft), cpu_views(pre), cpu_views(h))
+    threshold = scores[5000].item()
+    ft_g = to_cuda(ft)
+    views_g = cpu_views(ft_g)
+    counts_g = ops.masked_reset_(views_g, cpu_views(to_cuda(pre)), cpu_views(to_cuda(h)), threshold, EPS)
+    views = cpu_views(ft)
+    counts = ops.masked_reset_(views, cpu_views(pre), cpu_views(h), threshold, EPS)
+    assert torch.equal(counts_g.cpu(), counts)
+    assert int(counts.sum()) == int((scores >= threshold).sum()) >= 5001
+    assert_bitwise(ft_g, ft)  # written back into the caller's (strided) storage
+
+
+@pytest.mark.parametrize("reserve_ratio", [0.0, 0.3, 0.9, 1.0])
+def test_reset_most_abnormal_many_tensors(reserve_ratio):
+    shapes = many_shapes(41, 305)
+    ft, pre, h = make_weights(42, shapes, [DTYPES[i % 3] for i in range(len(shapes))])
+    ft_g = to_cuda(ft)
+    counts_g = ops.reset_most_abnormal_(ft_g, to_cuda(pre), to_cuda(h), reserve_ratio, EPS)
+    counts = ops.reset_most_abnormal_(ft, pre, h, reserve_ratio, EPS)
+    assert torch.equal(counts_g.cpu(), counts)
+    assert_bitwise(ft_g, ft)
+
+
+def test_ops_follow_the_current_stream():
+    ft, pre, h = make_weights(50, [(300_001,), (77,)], torch.bfloat16)
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        counts_g = ops.reset_most_abnormal_(ft_g, pre_g, h_g, 0.5, EPS)
+    stream.synchronize()
+    counts = ops.reset_most_abnormal_(ft, pre, h, 0.5, EPS)
+    assert torch.equal(counts_g.cpu(), counts)
+    assert_bitwise(ft_g, ft)
+
+
+def test_mixed_devices_refused():
+    ft, pre, h = make_weights(51, [(10,), (10,)], torch.float32)
+    with pytest.raises(RuntimeError, match=r"pretrained\[1\] is on cpu but the first tensor is on cuda"):
+        ops.masked_reset_(to_cuda(ft), [pre[0].to(CUDA), pre[1]], to_cuda(h), 0.5, EPS)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_second_device():
+    dev = torch.device("cuda", 1)
+    ft, pre, h = make_weights(52, [(100_000,)], torch.bfloat16)
+    ft_g = [t.to(dev) for t in ft]
+    counts_g = ops.reset_most_abnormal_(ft_g, [t.to(dev) for t in pre], [t.to(dev) for t in h], 0.5, EPS)
+    counts = ops.reset_most_abnormal_(ft, pre, h, 0.5, EPS)
+    assert counts_g.device == dev and torch.equal(counts_g.cpu(), counts)
+    assert_bitwise(ft_g, ft)
+
+
+def test_opcheck_on_cuda():
+    for dtype in DTYPES:
+        ft, pre, h = (to_cuda(ts) for ts in make_weights(70, [(37,), (5, 11), (1,)], dtype))
+        total = sum(t.numel() for t in ft)
+        threshold = ref.score_threshold(ft, pre, h, total // 2, EPS)
+        torch.library.opcheck(OPS.drift_score.default, (ft[0], pre[0], h[0], EPS))
+        torch.library.opcheck(OPS.score_histogram.default, (ft, pre, h, EPS, 0, 0))
+        torch.library.opcheck(OPS.score_threshold.default, (ft, pre, h, total // 2, EPS))
+        torch.library.opcheck(OPS.masked_reset_.default, (clones(ft), pre, h, threshold, EPS))
+        torch.library.opcheck(OPS.reset_most_abnormal_.default, (clones(ft), pre, h, 0.4, EPS))
+        grads = [torch.randn_like(t, dtype=torch.float32).to(dtype) for t in h]
+        torch.library.opcheck(OPS.accumulate_sq_grads_.default, (clones(h), grads, 0.5, True))
+
+
+# ------------------------------------------------------- more than 2^31 elements in the list
+
+
+LARGE = 2**31 + 11  # one tensor alone beyond 32-bit indexing
+SLICE = 2**27
+
+
+def _free_gpu_bytes():
+    free, _ = torch.cuda.mem_get_info()
+    return free
+
+
+@pytest.mark.skipif(
+    _free_gpu_bytes() < 48 * 2**30,
+    reason="needs 48 GB of free GPU memory for tensors beyond 2^31 elements",
+)
+def test_beyond_2_pow_31_elements():
+    gen = torch.Generator(device=CUDA).manual_seed(60)
+    big_ft = torch.empty(LARGE, dtype=torch.bfloat16, device=CUDA)
+    big_pre = torch.empty_like(big_ft)
+    big_h = torch.empty(LARGE, dtype=torch.float32, device=CUDA)
+    for s in range(0, LARGE, SLICE):
+        e = min(s + SLICE, LARGE)
+        p = torch.randn(e - s, generator=gen, device=CUDA)
+        big_pre[s:e] = p
+        big_ft[s:e] = p + torch.randn(e - s, generator=gen, device=CUDA) * 0.01
+        big_h[s:e] = torch.rand(e - s, generator=gen, device=CUDA) * 10.0 ** torch.randint(
+            -6, 2, (e - s,), generator=gen, device=CUDA
+        )
+    small = make_weights(61, [(1000,), (33, 3)], torch.float32)
+    ft = [big_ft] + to_cuda(small[0])
+    pre = [big_pre] + to_cuda(small[1])
+    h = [big_h] + to_cuda(small[2])
+    total = sum(t.numel() for t in ft)
+    assert total > 2**31
+
+    def score_slices(i):
+        for s in range(0, ft[i].numel(), SLICE):
+            e = min(s + SLICE, ft[i].numel())
+            yield s, e, ref.drift_score(ft[i][s:e], pre[i][s:e], h[i][s:e], EPS)
+
+    # The exact k-th largest t: fewer than k scores above it, at least k at or above it.
+    k = total // 3
+    t = ops.score_threshold(ft, pre, h, k, EPS)
+    above = sum(int((sc > t).sum()) for i in range(len(ft)) for _, _, sc in score_slices(i))
+    at_or_above = [sum(int((sc >= t).sum()) for _, _, sc in score_slices(i)) for i in range(len(ft))]
+    assert above < k <= sum(at_or_above)
+
+    # The reset takes exactly those, bit for bit.
+    original = big_ft.clone()
+    counts = ops.masked_reset_(ft, pre, h, t, EPS)
+    assert counts.cpu().tolist() == at_or_above
+    for s in range(0, LARGE, SLICE):
+        e = min(s + SLICE, LARGE)
+        sc = ref.drift_score(original[s:e], big_pre[s:e], big_h[s:e], EPS)
+        expected = torch.where(sc >= t, big_pre[s:e], original[s:e])
+        assert torch.equal(big_ft[s:e].view(torch.int16), expected.view(torch.int16)), s
+    del original
+
+    # accumulate_sq_grads_ over the same 64-bit range.
+    hessian = torch.zeros(LARGE, dtype=torch.float32, device=CUDA)
+    ops.accumulate_sq_grads_([hessian], [big_ft])
+    for s in range(0, LARGE, SLICE):
+        e = min(s + SLICE, LARGE)
+        g = big_ft[s:e].float()
+        assert torch.equal(hessian[s:e], g * g), s
