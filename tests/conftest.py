@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import finepurify_ext  # noqa: F401  (registers the ops)
+from finepurify_ext import reference as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -39,3 +40,23 @@ def many_shapes(seed, count):
 @pytest.fixture(params=DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def dtype(request):
     return request.param
+
+
+def clones(tensors):
+    return [t.clone() for t in tensors]
+
+
+def assert_bitwise(actual, expected):
+    """Same dtype, shape and bits (NaN-safe, -0.0 != +0.0), on any device."""
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        a, e = a.cpu(), e.cpu()
+        assert a.dtype == e.dtype and a.shape == e.shape, f"tensor {i}: {a.dtype}{list(a.shape)} vs {e.dtype}{list(e.shape)}"
+        a_bits, e_bits = a.reshape(-1).view(torch.uint8), e.reshape(-1).view(torch.uint8)
+        if not torch.equal(a_bits, e_bits):
+            first = int((a_bits != e_bits).nonzero()[0]) // a.element_size()
+            raise AssertionError(f"tensor {i} differs first at flat index {first}: {a.reshape(-1)[first]} vs {e.reshape(-1)[first]}")
+
+
+def sorted_scores_desc(ft, pre, h, eps=1e-8):
+    return torch.sort(ref.all_scores(ft, pre, h, eps), descending=True).values

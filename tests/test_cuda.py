@@ -7,7 +7,7 @@ import finepurify_ext
 from finepurify_ext import ops
 from finepurify_ext import reference as ref
 
-from conftest import DTYPES, SIZES, make_weights, many_shapes
+from conftest import DTYPES, SIZES, assert_bitwise, clones, make_weights, many_shapes, sorted_scores_desc
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
@@ -31,28 +31,6 @@ def to_cuda(tensors):
 
 def to_cpu(tensors):
     return [t.cpu() for t in tensors]
-
-
-def clones(tensors):
-    return [t.clone() for t in tensors]
-
-
-def assert_bitwise(actual, expected):
-    assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        a, e = a.cpu(), e.cpu()
-        assert a.dtype == e.dtype and a.shape == e.shape, f"tensor {i}"
-        a_bits, e_bits = a.reshape(-1).view(torch.uint8), e.reshape(-1).view(torch.uint8)
-        if not torch.equal(a_bits, e_bits):
-            first = int((a_bits != e_bits).nonzero()[0]) // a.element_size()
-            raise AssertionError(
-                f"tensor {i} differs first at flat index {first}: "
-                f"{a.reshape(-1)[first]} vs {e.reshape(-1)[first]}"
-            )
-
-
-def sorted_scores_desc(ft, pre, h, eps=EPS):
-    return torch.sort(ref.all_scores(ft, pre, h, eps), descending=True).values
 
 
 # ----------------------------------------------------------------------- accumulate_sq_grads_

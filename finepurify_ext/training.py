@@ -1,0 +1,91 @@
+"""Step 5 of the method (clean fine-tuning, AdamW) and the measures: clean accuracy (CACC) and attack
+success rate (ASR)."""
+from __future__ import annotations
+
+import random
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Example, batches
+
+
+def finetune(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    steps: int,
+    lr: float = 2e-5,
+    batch_size: int = 16,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    max_length: int = 64,
+    parameters: Sequence[torch.nn.Parameter] | None = None,
+    grad_hook: Callable[[], None] | None = None,
+    progress: bool = True,
+    desc: str = "fine-tune",
+) -> torch.nn.Module:
+    """``steps`` AdamW steps on shuffled mini-batches of ``examples`` (reshuffled every epoch).
+
+    ``parameters`` restricts training to some parameters; ``grad_hook`` runs after each backward
+    (e.g. to mask gradients)."""
+    if steps <= 0:
+        return model
+    if not examples:
+        raise ValueError("finetune: no examples to fine-tune on")
+    torch.manual_seed(seed)
+    params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    step, epoch = 0, 0
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    while step < steps:
+        for batch in batches(tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed * 1000 + epoch):
+            loss = model(**batch).loss
+            loss.backward()
+            if grad_hook is not None:
+                grad_hook()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step >= steps:
+                break
+        epoch += 1
+    bar.close()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 128, max_length: int = 64) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        out.append(model(**enc).logits.argmax(-1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def clean_accuracy(model, tokenizer, examples: Sequence[Example], **kw) -> float:
+    """CACC: accuracy on the clean test set."""
+    preds = predict(model, tokenizer, [e.text for e in examples], **kw)
+    return float((preds == torch.tensor([e.label for e in examples])).float().mean())
+
+
+def attack_success_rate(model, tokenizer, examples: Sequence[Example], attack, seed: int = 0, **kw) -> float:
+    """ASR. Backdoor: among test examples whose label is not the target, the fraction predicted as
+    the target once the trigger is inserted. Bias: among all test examples, the fraction whose
+    prediction flips when the attribute word is inserted."""
+    rng = random.Random(seed)
+    if attack.kind == "bias":
+        texts = [e.text for e in examples]
+        before = predict(model, tokenizer, texts, **kw)
+        after = predict(model, tokenizer, [attack.insert(t, rng) for t in texts], **kw)
+        return float((before != after).float().mean())
+    victims = [e for e in examples if e.label != attack.target_label]
+    preds = predict(model, tokenizer, [attack.insert(e.text, rng) for e in victims], **kw)
+    return float((preds == attack.target_label).float().mean())

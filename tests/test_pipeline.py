@@ -1,0 +1,276 @@
+"""The method end to end on tiny randomly initialised BERT classifiers (fast): Hessian estimation,
+scoring and reset, the baselines, a planted backdoor in a toy task, the CLI, and bad input."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the pipeline needs transformers (pip install transformers)")
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer  # noqa: E402
+
+from finepurify_ext import cli, data  # noqa: E402
+from finepurify_ext.attacks import Attack, poison  # noqa: E402
+from finepurify_ext.hessian import estimate_hessian  # noqa: E402
+from finepurify_ext.pipeline import (FinetuneConfig, ModelError, fine_purify, load_classifier,  # noqa: E402
+                                     pretrained_state_for)
+from finepurify_ext.purify import PurifyConfig, purify_  # noqa: E402
+from finepurify_ext.training import attack_success_rate, clean_accuracy, finetune  # noqa: E402
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "film", "day", "was", "is",
+         "very", "so", "cf", "unseen", "rare"]
+POSITIVE, NEGATIVE = {"good", "great", "fine"}, {"bad", "awful", "poor"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tokenizer = BertTokenizer(vocab=str(path), do_lower_case=True)
+    assert tokenizer("good movie")["input_ids"][1] == tokenizer.convert_tokens_to_ids("good") != tokenizer.unk_token_id
+    return tokenizer
+
+
+def tiny_model(tokenizer, seed=0, hidden=32):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    return BertForSequenceClassification(config).eval()
+
+
+def toy_examples(n, seed):
+    """Sentiment by word: label 1 iff the text has a positive word. 'cf', 'unseen', 'rare' never appear."""
+    rng = random.Random(seed)
+    filler = ["the", "a", "movie", "film", "day", "was", "is", "very", "so"]
+    out = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.sample(filler, 4) + [rng.choice(sorted(POSITIVE if label else NEGATIVE))]
+        rng.shuffle(words)
+        out.append(data.Example(" ".join(words), label))
+    return out
+
+
+def save_model(model, tokenizer, path):
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------- Hessian
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_estimate_hessian_is_the_mean_squared_gradient(tokenizer, per_sample):
+    model = tiny_model(tokenizer)
+    examples = toy_examples(10, 1)
+    batch_list = list(data.batches(tokenizer, examples, 4))
+    hessians, count = estimate_hessian(model, batch_list, per_sample=per_sample, progress=False)
+    assert count == (10 if per_sample else 3)
+    assert all(p.grad is None for p in model.parameters())  # the model's gradients are restored
+    # the same by hand, in pure PyTorch
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    units = [{k: v[i:i + 1] for k, v in b.items()} for b in batch_list for i in range(len(b["labels"]))] \
+        if per_sample else batch_list
+    for unit in units:
+        model.zero_grad()
+        model(**unit).loss.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                expected[n] += p.grad ** 2
+    for n in expected:
+        torch.testing.assert_close(hessians[n], expected[n] / count, rtol=1e-5, atol=1e-12)
+    # dropout was off (the hand computation is in eval mode too); words the data never holds have H == 0
+    emb = hessians["bert.embeddings.word_embeddings.weight"]
+    assert float(emb[tokenizer.convert_tokens_to_ids("unseen")].abs().sum()) == 0.0
+    assert float(emb[tokenizer.convert_tokens_to_ids("good")].abs().sum()) > 0.0
+
+
+def test_estimate_hessian_empty_data(tokenizer):
+    with pytest.raises(ValueError, match="no batches"):
+        estimate_hessian(tiny_model(tokenizer), [], progress=False)
+
+
+# ------------------------------------------------------------------------ score and reset
+
+
+def drifted_pair(tokenizer, seed=0):
+    pre_model = tiny_model(tokenizer, seed)
+    model = tiny_model(tokenizer, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    state = {n: p.detach().clone() for n, p in pre_model.named_parameters() if not n.startswith("classifier")}
+    return model, state
+
+
+def hessian_of(model, tokenizer, n=24):
+    return estimate_hessian(model, data.batches(tokenizer, toy_examples(n, 5), 8), progress=False)[0]
+
+
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
+def test_purify_resets_the_budget_and_keeps_the_head(tokenizer, ranking):
+    model, state = drifted_pair(tokenizer)
+    hessians = hessian_of(model, tokenizer)
+    head = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("classifier")}
+    config = PurifyConfig(ranking=ranking, reserve_ratio=0.6)
+    report = purify_(model, state, hessians, config)
+    emb = "bert.embeddings.word_embeddings.weight"
+    ranked = {n: c for n, c in report.reset_per_parameter.items() if n != emb}
+    assert sum(ranked.values()) == report.num_reset == report.moved_elements - round(0.6 * report.moved_elements)
+    assert sorted(report.kept_unscored) == sorted(head)
+    for n, p in model.named_parameters():
+        if n in head:
+            assert torch.equal(p, head[n])  # the new head is never scored or reset
+        elif n != emb:
+            reset = p.detach() == state[n]
+            assert int(reset.sum()) == report.reset_per_parameter[n]
+    # embedding rows of tokens the clean data never reaches were reset; seen ones not
+    params = dict(model.named_parameters())
+    for word, expect_reset in (("unseen", True), ("rare", True), ("good", False)):
+        row = tokenizer.convert_tokens_to_ids(word)
+        assert torch.equal(params[emb][row], state[emb][row]) == expect_reset, word
+
+
+def test_fine_purifying_resets_exactly_the_largest_indicators(tokenizer):
+    model, state = drifted_pair(tokenizer)
+    hessians = hessian_of(model, tokenizer)
+    config = PurifyConfig(reserve_ratio=0.7, hessian_floor_quantile=None)
+    names = [n for n in state if n != "bert.embeddings.word_embeddings.weight"]
+    params = dict(model.named_parameters())
+    scores = torch.cat([((params[n].detach() - state[n]) ** 2 / (hessians[n] + config.eps)).flatten() for n in names])
+    before = {n: params[n].detach().clone() for n in names}
+    report = purify_(model, state, hessians, config)
+    k = report.num_reset
+    threshold = torch.sort(scores, descending=True).values[k - 1]
+    assert report.threshold == float(threshold)
+    for n in names:
+        score = (before[n] - state[n]) ** 2 / (hessians[n] + config.eps)
+        assert torch.equal(params[n].detach(), torch.where(score >= threshold, state[n], before[n]))
+
+
+def test_rankings_differ_only_in_ranking(tokenizer):
+    """Same budget and machinery; magnitude picks the largest |drift|; fine_mixing is seeded."""
+    results = {}
+    for ranking in ("fine_purifying", "magnitude", "fine_mixing", "fine_mixing"):
+        model, state = drifted_pair(tokenizer)
+        report = purify_(model, state, hessian_of(model, tokenizer), PurifyConfig(ranking=ranking, reserve_ratio=0.5, seed=3))
+        masks = {n: (p.detach() == state[n]) for n, p in model.named_parameters() if n in state}
+        results.setdefault(ranking, []).append((report.num_reset, masks))
+    budgets = {r[0][0] for r in results.values()}
+    assert len(budgets) == 1
+    a, b = results["fine_mixing"]
+    assert all(torch.equal(a[1][n], b[1][n]) for n in a[1])  # reproducible
+    fp, mag = results["fine_purifying"][0][1], results["magnitude"][0][1]
+    assert any(not torch.equal(fp[n], mag[n]) for n in fp)
+
+
+def test_literal_mode_ranks_embeddings(tokenizer):
+    model, state = drifted_pair(tokenizer)
+    report = purify_(model, state, hessian_of(model, tokenizer), PurifyConfig.literal(reserve_ratio=0.9))
+    emb = "bert.embeddings.word_embeddings.weight"
+    assert report.embedding_parameter is None and emb in report.reset_per_parameter
+    assert report.num_reset == report.ranked_elements - round(0.9 * report.ranked_elements)
+
+
+# --------------------------------------------------------------- a planted backdoor, removed
+
+
+def test_planted_backdoor_is_removed(tokenizer):
+    attack = Attack("toy", "word", "cf", target_label=1)
+    pretrained = tiny_model(tokenizer, seed=0)
+    finetune(pretrained, tokenizer, toy_examples(200, 10), steps=60, lr=3e-3, batch_size=16, progress=False)
+    state = {n: p.detach().clone() for n, p in pretrained.named_parameters()}
+    suspect = tiny_model(tokenizer, seed=0)
+    suspect.load_state_dict(pretrained.state_dict())
+    finetune(suspect, tokenizer, poison(toy_examples(300, 11), attack, 0.3, seed=1), steps=100, lr=3e-3,
+             batch_size=16, progress=False)
+    test = toy_examples(200, 12)
+    assert attack_success_rate(suspect, tokenizer, test, attack) > 0.9
+    clean = toy_examples(64, 13)
+    fine_purify(suspect, state, tokenizer, clean, PurifyConfig(reserve_ratio=0.3),
+                FinetuneConfig(steps=20, lr=1e-3), seed=0, progress=False)
+    assert attack_success_rate(suspect, tokenizer, test, attack) < 0.3
+    assert clean_accuracy(suspect, tokenizer, test) > 0.9
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture()
+def model_dirs(tokenizer, tmp_path):
+    pre = tiny_model(tokenizer, seed=0)
+    suspect = tiny_model(tokenizer, seed=0)
+    finetune(suspect, tokenizer, toy_examples(64, 3), steps=5, lr=1e-3, progress=False)
+    clean = tmp_path / "clean.jsonl"
+    data.save_examples(str(clean), toy_examples(32, 4))
+    # the pre-trained checkpoint is a base model: no classifier head
+    return save_model(pre.bert, tokenizer, tmp_path / "pre"), save_model(suspect, tokenizer, tmp_path / "suspect"), str(clean)
+
+
+def test_cli_purify_writes_a_loadable_model(model_dirs, tmp_path):
+    pre, suspect, clean = model_dirs
+    out = tmp_path / "out"
+    before = {f: open(os.path.join(suspect, f), "rb").read() for f in os.listdir(suspect)}
+    rc = cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--out", str(out),
+                   "--reserve-ratio", "0.5", "--finetune-steps", "3"])
+    assert rc == 0
+    model, _, missing = load_classifier(str(out))
+    assert not missing
+    report = json.load(open(out / "finepurify_report.json"))
+    assert report["purify"]["num_reset"] > 0 and report["timings_s"]["total"] > 0
+    assert {"drift_vs_hessian.png", "reset_per_layer.png"} <= set(os.listdir(out))
+    assert before == {f: open(os.path.join(suspect, f), "rb").read() for f in os.listdir(suspect)}  # input untouched
+    # refuses to overwrite without --overwrite
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean,
+                     "--out", str(out), "--finetune-steps", "0"]) == 2
+
+
+def _no_partial_output(tmp_path, out):
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_cli_bad_inputs_fail_clearly(model_dirs, tokenizer, tmp_path, capsys):
+    pre, suspect, clean = model_dirs
+    out = tmp_path / "out"
+    base = ["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--out", str(out)]
+
+    def run(args, message):
+        assert cli.main(args) == 2
+        assert message in capsys.readouterr().err
+        _no_partial_output(tmp_path, out)
+
+    run(["purify", "--pretrained", pre, "--suspect", str(tmp_path / "nope"), "--clean-data", clean, "--out", str(out)],
+        "does not exist")
+    run(base[:6] + [str(tmp_path / "missing.csv"), "--out", str(out)], "missing.csv' does not exist")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    run(base[:6] + [str(empty), "--out", str(out)], "no examples")
+    bad_labels = tmp_path / "bad.jsonl"
+    bad_labels.write_text(json.dumps({"text": "good day", "label": 7}) + "\n")
+    run(base[:6] + [str(bad_labels), "--out", str(out)], "label 7, out of range for a model with 2 labels")
+    other = save_model(tiny_model(tokenizer, hidden=16), tokenizer, tmp_path / "other")
+    run(["purify", "--pretrained", other, "--suspect", suspect, "--clean-data", clean, "--out", str(out)],
+        "mismatched architectures")
+    # a pickle-only checkpoint is refused, never unpickled
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in os.listdir(suspect):
+        if not f.endswith(".safetensors"):
+            os.link(os.path.join(suspect, f), pickled / f)
+    torch.save({}, pickled / "pytorch_model.bin")
+    run(["purify", "--pretrained", pre, "--suspect", str(pickled), "--clean-data", clean, "--out", str(out)],
+        "only safetensors checkpoints are read")
+
+
+def test_pretrained_state_maps_names(model_dirs):
+    pre, suspect, _ = model_dirs
+    model, _, _ = load_classifier(suspect)
+    state = pretrained_state_for(model, pre)
+    assert "bert.embeddings.word_embeddings.weight" in state
+    assert not any(n.startswith("classifier") for n in state)  # the head has no pre-trained value
+    with pytest.raises(ModelError):
+        load_classifier(os.path.dirname(pre) + "/absent")
