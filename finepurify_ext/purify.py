@@ -108,9 +108,9 @@ def _quantile(tensors, q: float, max_samples: int = 1 << 20) -> float:
     return float(torch.quantile(sample[:16_000_000], q))  # torch.quantile's size limit
 
 
-def _ranking_hessians(config: PurifyConfig, hessians, ft, pre):
+def _ranking_hessians(config: PurifyConfig, hessians):
     """The (hessian-like tensors, eps) for which the op's score drift^2 / (h + eps) ranks as the
-    configured ranking; fine_mixing returns random scores instead (see purify_)."""
+    configured ranking, and the Hessian floor applied (fine_mixing is ranked in purify_)."""
     if config.ranking == "magnitude":
         # drift^2 / 1 ranks like |drift|
         return [torch.zeros_like(h) for h in hessians], 1.0, None
@@ -174,7 +174,7 @@ def purify_(
                 counts.append(int(reset.sum()))
             report.threshold = threshold
         else:
-            hs_rank, eps, floor = _ranking_hessians(config, hs, ft, pre)
+            hs_rank, eps, floor = _ranking_hessians(config, hs)
             report.hessian_floor = floor
             threshold = ops.score_threshold(ft, pre, hs_rank, num_reset, eps)
             counts = ops.masked_reset_(ft, pre, hs_rank, threshold, eps).tolist()
