@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="backdoor all-MiniLM-L6-v2 on tweets and compare the defences")
     d.add_argument("--out", default="demo_output")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quick", action="store_true", help="a smaller, faster setting")
+    d.add_argument("--quick", action="store_true", help="a tiny smoke-run setting (too small for the backdoor to take hold)")
     d.set_defaults(fn=cmd_demo)
 
     args = parser.parse_args(argv)
