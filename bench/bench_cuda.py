@@ -128,7 +128,6 @@ class Device:
         src = torch.ones(nbytes // 4, device=self.device)
         dst = torch.empty_like(src)
         t = self.time(lambda: dst.copy_(src), repeats)
-        del src, dst
         return 2 * nbytes / t["min_s"] / 1e9  # read + write
 
 
