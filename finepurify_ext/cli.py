@@ -13,24 +13,51 @@ def _purify_config(args):
     from .purify import PurifyConfig
 
     base = PurifyConfig.literal if args.literal else PurifyConfig
-    return base(ranking=args.ranking, reserve_ratio=args.reserve_ratio, eps=args.eps)
+    rho = 0.5 if args.reserve_ratio == "auto" else args.reserve_ratio  # auto: replaced per candidate
+    return base(ranking=args.ranking, reserve_ratio=rho, eps=args.eps)
+
+
+def _reserve_ratio(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"the reserve ratio is the fraction kept, in [0, 1]; got {value}")
+    return value
+
+
+def _grid(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.1,0.3,0.5, got {text!r}") from None
 
 
 def cmd_purify(args) -> int:
     from .data import load_examples
-    from .pipeline import (FinetuneConfig, HessianConfig, fine_purify, load_classifier,
-                           pretrained_state_for, save_atomically, write_json)
+    from .pipeline import (FinetuneConfig, HessianConfig, SelectionConfig, fine_purify, fine_purify_auto,
+                           load_classifier, pretrained_state_for, save_atomically, write_json)
     from .plots import plot_purification
 
     model, tokenizer, _ = load_classifier(args.suspect)
     clean = load_examples(args.clean_data, num_labels=model.config.num_labels)
     pretrained_state = pretrained_state_for(model, args.pretrained)
     start = time.perf_counter()
-    report = fine_purify(
-        model, pretrained_state, tokenizer, clean, _purify_config(args),
-        FinetuneConfig(steps=args.finetune_steps, lr=args.lr),
-        HessianConfig(per_sample=args.hessian == "per-sample"), seed=args.seed,
-    )
+    common = dict(finetune_config=FinetuneConfig(steps=args.finetune_steps, lr=args.lr),
+                  hessian_config=HessianConfig(per_sample=args.hessian == "per-sample"), seed=args.seed)
+    if args.reserve_ratio == "auto":
+        selection = SelectionConfig(grid=args.rho_grid, validation_fraction=args.validation_fraction,
+                                    tolerance=args.cacc_tolerance)
+        report = fine_purify_auto(model, pretrained_state, tokenizer, clean, _purify_config(args),
+                                  selection=selection, **common)
+        chosen = report["selection"]["chosen_reserve_ratio"]
+        print(f"reserve ratio chosen on {report['selection']['validation_examples']} held-out clean examples: "
+              f"{chosen}" + (" (no reset: clean fine-tuning only)" if chosen == 1.0 else ""))
+    else:
+        report = fine_purify(model, pretrained_state, tokenizer, clean, _purify_config(args), **common)
     report["timings_s"]["total"] = time.perf_counter() - start
     report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
                         "clean_data": os.path.abspath(args.clean_data)}
@@ -79,7 +106,14 @@ def main(argv=None) -> int:
     p.add_argument("--suspect", required=True, help="suspect fine-tuned classifier directory (safetensors)")
     p.add_argument("--clean-data", required=True, help="CSV or JSONL with text and label columns")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--reserve-ratio", type=float, default=0.5, help="fraction of ranked dimensions kept")
+    p.add_argument("--reserve-ratio", type=_reserve_ratio, default="auto",
+                   help="fraction of ranked dimensions kept, or 'auto' (default): chosen on held-out clean data")
+    p.add_argument("--rho-grid", type=_grid, default=(0.1, 0.3, 0.5, 0.7),
+                   help="candidates for --reserve-ratio auto (1, no reset, is always tried)")
+    p.add_argument("--validation-fraction", type=float, default=0.25,
+                   help="share of the clean data held out to choose the reserve ratio")
+    p.add_argument("--cacc-tolerance", type=float, default=0.02,
+                   help="validation accuracy the auto choice may give up against the suspect model")
     p.add_argument("--ranking", default="fine_purifying", choices=["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
     p.add_argument("--hessian", default="per-batch", choices=["per-batch", "per-sample"])
     p.add_argument("--eps", type=float, default=1e-8)

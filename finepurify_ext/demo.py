@@ -65,30 +65,51 @@ def _cached_model(key: dict, build, progress_label: str):
     return model, tok
 
 
+def demo_data(setting: DemoSetting):
+    """(attack training set, the defender's clean data, test set): disjoint draws from the tweets."""
+    from . import data
+
+    return data.split(data.tweet_sentiment(), [setting.attack_train, setting.clean, setting.test], setting.data_seed)
+
+
+def demo_models(setting: DemoSetting, seed: int):
+    """(backdoored model, clean-trained reference, tokenizer), built once per setting and seed and cached.
+    The clean-trained model does not depend on the attack, so all attacks share it."""
+    from .attacks import ATTACKS, backdoor
+    from .training import finetune
+
+    train, _, _ = demo_data(setting)
+    attack = ATTACKS[setting.attack]
+    batch = 32
+    steps = max(1, round(setting.attack_epochs * len(train) / batch))
+    key = {"setting": asdict(setting), "seed": seed, "version": 2}
+    suspect, tok = _cached_model({**key, "model": "backdoored"}, lambda m, t: backdoor(
+        m, t, train, attack, rate=setting.poison_rate, epochs=setting.attack_epochs, seed=seed), "backdoored")
+    split_fields = ("attack_train", "attack_epochs", "clean", "test", "data_seed")
+    clean_key = {"setting": {k: v for k, v in asdict(setting).items() if k in split_fields}, "seed": seed,
+                 "version": 2, "model": "clean-trained"}
+    reference, _ = _cached_model(clean_key, lambda m, t: finetune(
+        m, t, train, steps=steps, lr=5e-5, batch_size=batch, seed=seed, desc="clean-trained"), "clean-trained")
+    return suspect, reference, tok
+
+
 def run_demo(out_dir: str = "demo_output", seed: int = 0, quick: bool = False, setting: DemoSetting | None = None):
     from . import data
-    from .attacks import ATTACKS, backdoor
+    from .attacks import ATTACKS
     from .pipeline import FinetuneConfig, fine_purify, pretrained_state_for, save_atomically, write_json
     from .plots import plot_purification
     from .purify import PurifyConfig
-    from .training import attack_success_rate, clean_accuracy, finetune
+    from .training import attack_success_rate, clean_accuracy
 
     setting = setting or (QUICK if quick else DemoSetting())
     torch.manual_seed(seed)
     wall = time.perf_counter()
     attack = ATTACKS[setting.attack]
-    tweets = data.tweet_sentiment()
-    train, clean, test = data.split(tweets, [setting.attack_train, setting.clean, setting.test], setting.data_seed)
-    print(f"all-MiniLM-L6-v2, binary tweet sentiment ({len(tweets)} tweets); attack {attack.name!r} "
+    train, clean, test = demo_data(setting)
+    print(f"all-MiniLM-L6-v2, binary tweet sentiment; attack {attack.name!r} "
           f"trigger {attack.trigger!r} -> label {attack.target_label}, {setting.poison_rate:.0%} poisoned; "
           f"{len(clean)} clean examples for the defence; {len(test)} test examples")
-    key = {"setting": asdict(setting), "seed": seed, "version": 1}
-    batch = 32
-    steps = max(1, round(setting.attack_epochs * len(train) / batch))
-    suspect, tok = _cached_model({**key, "model": "backdoored"}, lambda m, t: backdoor(
-        m, t, train, attack, rate=setting.poison_rate, epochs=setting.attack_epochs, seed=seed), "backdoored")
-    reference, _ = _cached_model({**key, "model": "clean-trained"}, lambda m, t: finetune(
-        m, t, train, steps=steps, lr=5e-5, batch_size=batch, seed=seed, desc="clean-trained"), "clean-trained")
+    suspect, reference, tok = demo_models(setting, seed)
     pretrained_state = pretrained_state_for(suspect, data.minilm_dir())
 
     def measure(model):

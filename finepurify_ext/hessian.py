@@ -40,10 +40,11 @@ def estimate_hessian(
     model.eval()
     model.zero_grad(set_to_none=True)
     count = 0
+    device = next(iter(params.values())).device if params else torch.device("cpu")
     try:
         for batch in tqdm(batches, desc="hessian", total=total, disable=not progress, leave=False):
             for micro in (_micro_batches(batch) if per_sample else (batch,)):
-                loss = model(**micro).loss
+                loss = model(**{k: v.to(device) for k, v in micro.items()}).loss
                 loss.backward()
                 reached = [name for name, p in params.items() if p.grad is not None]
                 ops.accumulate_sq_grads_(

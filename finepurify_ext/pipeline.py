@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import Example, batches
 from .hessian import estimate_hessian
@@ -30,6 +32,7 @@ class FinetuneConfig:
     batch_size: int = 16
     weight_decay: float = 0.01
     max_length: int = 64
+    group_by_length: bool = True  # about a third faster on tweets; the clean data carries no trigger to group
 
 
 @dataclass
@@ -49,23 +52,22 @@ def fine_purify(
     hessian_config: HessianConfig = HessianConfig(),
     seed: int = 0,
     progress: bool = True,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Purifies ``model`` in place. ``config=None`` skips the reset (plain clean fine-tuning).
+    ``hessians`` (from ``clean_hessian`` at these weights) skips the estimation.
     Returns the report: Hessian, purification and fine-tuning details with timings."""
     if not clean:
         raise ValueError("fine_purify: the clean data is empty; give at least one labelled example")
     report: dict = {"seed": seed, "clean_examples": len(clean)}
     timings = report.setdefault("timings_s", {})
     if config is not None:
-        start = time.perf_counter()
-        n_batches = -(-len(clean) // hessian_config.batch_size)
-        hessians, count = estimate_hessian(
-            model, batches(tokenizer, clean, hessian_config.batch_size, hessian_config.max_length),
-            per_sample=hessian_config.per_sample, progress=progress, total=n_batches,
-        )
-        timings["hessian"] = time.perf_counter() - start
-        report["hessian"] = {"mode": "per-sample" if hessian_config.per_sample else "per-batch",
-                             "squared_gradients": count}
+        if hessians is None:
+            start = time.perf_counter()
+            hessians, count = clean_hessian(model, tokenizer, clean, hessian_config, progress)
+            timings["hessian"] = time.perf_counter() - start
+            report["hessian"] = {"mode": "per-sample" if hessian_config.per_sample else "per-batch",
+                                 "squared_gradients": count}
         start = time.perf_counter()
         purified = purify_(model, pretrained_state, hessians, config.replace(seed=seed))
         timings["score_and_reset"] = time.perf_counter() - start
@@ -74,10 +76,118 @@ def fine_purify(
     start = time.perf_counter()
     finetune(model, tokenizer, clean, steps=finetune_config.steps, lr=finetune_config.lr,
              batch_size=finetune_config.batch_size, weight_decay=finetune_config.weight_decay,
-             max_length=finetune_config.max_length, seed=seed, progress=progress, desc="clean fine-tune")
+             max_length=finetune_config.max_length, group_by_length=finetune_config.group_by_length,
+             seed=seed, progress=progress, desc="clean fine-tune")
     timings["finetune"] = time.perf_counter() - start
     report["finetune"] = dataclasses.asdict(finetune_config)
     return report
+
+
+def clean_hessian(model, tokenizer, clean: Sequence[Example], config: HessianConfig = HessianConfig(),
+                  progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+    """Step 2 on a list of examples: the diagonal Hessian of the clean loss at the model's weights."""
+    return estimate_hessian(
+        model, batches(tokenizer, clean, config.batch_size, config.max_length),
+        per_sample=config.per_sample, progress=progress, total=-(-len(clean) // config.batch_size),
+    )
+
+
+# ------------------------------------------------------------------ choosing rho on held-out clean data
+
+
+@dataclass
+class SelectionConfig:
+    """``reserve_ratio="auto"``: rho chosen on a validation split of the clean data, never on test data.
+
+    Each candidate rho is purified and fine-tuned on the rest of the clean data; the choice is the
+    smallest rho (the most reset) whose validation accuracy is at most ``tolerance`` below the suspect
+    model's. No reset at all (rho = 1, clean fine-tuning only) is always a candidate; if no candidate
+    passes, the one with the best validation accuracy is taken."""
+    grid: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)
+    validation_fraction: float = 0.25
+    tolerance: float = 0.02
+
+    def __post_init__(self):
+        if not self.grid or any(not 0.0 <= r <= 1.0 for r in self.grid):
+            raise ValueError(f"the reserve-ratio grid must hold values in [0, 1], got {self.grid}")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+
+    def candidates(self) -> list[float]:
+        return sorted(set(self.grid) | {1.0})
+
+
+def pick_reserve_ratio(validation_accuracy: dict[float, float], suspect_accuracy: float, tolerance: float) -> float:
+    """The selection rule of ``SelectionConfig`` on measured validation accuracies."""
+    passing = [rho for rho, acc in validation_accuracy.items() if acc >= suspect_accuracy - tolerance - 1e-9]
+    if passing:
+        return min(passing)
+    return max(validation_accuracy, key=lambda rho: (validation_accuracy[rho], -rho))
+
+
+def split_validation(clean: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(fine-tuning part, validation part) of the clean data, seeded; both non-empty."""
+    if len(clean) < 2:
+        raise ValueError(f"choosing the reserve ratio needs at least 2 clean examples (got {len(clean)}); "
+                         "give more clean data or a numeric --reserve-ratio")
+    order = list(range(len(clean)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(clean) - 1, max(1, round(fraction * len(clean))))
+    return [clean[i] for i in order[n_val:]], [clean[i] for i in order[:n_val]]
+
+
+def fine_purify_auto(
+    model: torch.nn.Module,
+    pretrained_state: dict[str, torch.Tensor],
+    tokenizer,
+    clean: Sequence[Example],
+    config: PurifyConfig = PurifyConfig(),
+    finetune_config: FinetuneConfig = FinetuneConfig(),
+    hessian_config: HessianConfig = HessianConfig(),
+    selection: SelectionConfig = SelectionConfig(),
+    seed: int = 0,
+    progress: bool = True,
+    exhaustive: bool = False,
+    on_candidate=None,
+) -> dict:
+    """``fine_purify`` with rho chosen on held-out clean data (see ``SelectionConfig``); ``model`` ends
+    as the chosen candidate. Candidates are tried from the most reset up and the search stops at the
+    first that passes, unless ``exhaustive``. ``on_candidate(rho, model, report)`` sees every candidate."""
+    from .training import clean_accuracy
+
+    train, validation = split_validation(clean, selection.validation_fraction, seed)
+    start = time.perf_counter()
+    hessians, count = clean_hessian(model, tokenizer, train, hessian_config, progress)
+    hessian_time = time.perf_counter() - start
+    suspect = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    suspect_accuracy = clean_accuracy(model, tokenizer, validation)
+    selection_report = {**dataclasses.asdict(selection), "train_examples": len(train),
+                        "validation_examples": len(validation), "suspect_validation_accuracy": suspect_accuracy,
+                        "candidates": []}
+    accuracy: dict[float, float] = {}
+    best_state, best_report, chosen = None, None, None
+    for rho in tqdm(selection.candidates(), desc="reserve ratio", disable=not progress, leave=False):
+        model.load_state_dict(suspect)
+        report = fine_purify(model, pretrained_state, tokenizer, train,
+                             None if rho == 1.0 else config.replace(reserve_ratio=rho),
+                             finetune_config, hessian_config, seed=seed, progress=progress, hessians=hessians)
+        accuracy[rho] = clean_accuracy(model, tokenizer, validation)
+        selection_report["candidates"].append({"reserve_ratio": rho, "validation_accuracy": accuracy[rho],
+                                               "time_s": sum(report["timings_s"].values())})
+        if on_candidate is not None:
+            on_candidate(rho, model, report)
+        pick = pick_reserve_ratio(accuracy, suspect_accuracy, selection.tolerance)
+        if pick != chosen:  # keep the current choice's weights (one extra copy of the model)
+            chosen, best_report = pick, report
+            best_state = {n: p.detach().clone() for n, p in model.state_dict().items()}
+        if not exhaustive and accuracy[rho] >= suspect_accuracy - selection.tolerance - 1e-9:
+            break
+    model.load_state_dict(best_state)
+    best_report["timings_s"]["hessian"] = hessian_time
+    best_report["hessian"] = {"mode": "per-sample" if hessian_config.per_sample else "per-batch",
+                              "squared_gradients": count}
+    best_report["selection"] = {**selection_report, "chosen_reserve_ratio": chosen}
+    return best_report
 
 
 # ------------------------------------------------------------------ loading and saving models

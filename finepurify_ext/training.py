@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import Example, batches
+from .data import Example, batches, token_lengths
 
 
 def finetune(
@@ -24,26 +24,33 @@ def finetune(
     max_length: int = 64,
     parameters: Sequence[torch.nn.Parameter] | None = None,
     grad_hook: Callable[[], None] | None = None,
+    group_by_length: bool = False,
     progress: bool = True,
     desc: str = "fine-tune",
 ) -> torch.nn.Module:
     """``steps`` AdamW steps on shuffled mini-batches of ``examples`` (reshuffled every epoch).
 
     ``parameters`` restricts training to some parameters; ``grad_hook`` runs after each backward
-    (e.g. to mask gradients)."""
+    (e.g. to mask gradients). ``group_by_length`` batches examples of similar length together
+    (faster; off by default because it also groups examples that share a length, e.g. poisoned ones)."""
     if steps <= 0:
         return model
     if not examples:
         raise ValueError("finetune: no examples to fine-tune on")
     torch.manual_seed(seed)
     params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # The fused AdamW does the whole update in one pass per tensor (~5x cheaper than the loop on CPU).
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    lengths = token_lengths(tokenizer, examples, max_length) if group_by_length else None
+    device = params[0].device if params else torch.device("cpu")
     model.train()
     step, epoch = 0, 0
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     while step < steps:
-        for batch in batches(tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed * 1000 + epoch):
-            loss = model(**batch).loss
+        for batch in batches(tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed * 1000 + epoch,
+                             lengths=lengths):
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
             loss.backward()
             if grad_hook is not None:
                 grad_hook()
@@ -61,13 +68,21 @@ def finetune(
 
 @torch.no_grad()
 def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 128, max_length: int = 64) -> torch.Tensor:
+    """Predicted labels, in the order of ``texts`` (batched by length so that little is padded)."""
     model.eval()
-    out = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
-        out.append(model(**enc).logits.argmax(-1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    texts = list(texts)
+    if not texts:
+        return torch.zeros(0, dtype=torch.long)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    device = next(model.parameters()).device
+    preds = torch.empty(len(texts), dtype=torch.long)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
+        preds[idx] = model(**enc).logits.argmax(-1).cpu()
+    return preds
 
 
 def clean_accuracy(model, tokenizer, examples: Sequence[Example], **kw) -> float:

@@ -13,8 +13,9 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from finepurify_ext import cli, data  # noqa: E402
 from finepurify_ext.attacks import Attack, poison  # noqa: E402
 from finepurify_ext.hessian import estimate_hessian  # noqa: E402
-from finepurify_ext.pipeline import (FinetuneConfig, ModelError, fine_purify, load_classifier,  # noqa: E402
-                                     pretrained_state_for)
+from finepurify_ext.pipeline import (FinetuneConfig, ModelError, SelectionConfig, fine_purify,  # noqa: E402
+                                     fine_purify_auto, load_classifier, pick_reserve_ratio,
+                                     pretrained_state_for, split_validation)
 from finepurify_ext.purify import PurifyConfig, purify_  # noqa: E402
 from finepurify_ext.training import attack_success_rate, clean_accuracy, finetune  # noqa: E402
 
@@ -196,6 +197,83 @@ def test_planted_backdoor_is_removed(tokenizer):
     assert clean_accuracy(suspect, tokenizer, test) > 0.9
 
 
+# ------------------------------------------------------------- rho chosen on held-out clean data
+
+
+def test_pick_reserve_ratio_rule():
+    # the most reset whose validation accuracy is within the tolerance of the suspect's
+    assert pick_reserve_ratio({0.1: 0.70, 0.3: 0.84, 0.5: 0.86, 1.0: 0.87}, 0.87, 0.02) == 0.5
+    assert pick_reserve_ratio({0.1: 0.70, 0.3: 0.85, 0.5: 0.86, 1.0: 0.87}, 0.87, 0.02) == 0.3
+    # non-monotone accuracies: still the smallest passing rho
+    assert pick_reserve_ratio({0.1: 0.70, 0.3: 0.86, 0.5: 0.80, 1.0: 0.87}, 0.87, 0.02) == 0.3
+    # none passes: the best validation accuracy, the smaller rho on a tie
+    assert pick_reserve_ratio({0.1: 0.70, 0.3: 0.80, 0.5: 0.80, 1.0: 0.75}, 0.95, 0.02) == 0.3
+    with pytest.raises(ValueError, match="grid"):
+        SelectionConfig(grid=(0.5, 1.5))
+    assert SelectionConfig(grid=(0.7, 0.1)).candidates() == [0.1, 0.7, 1.0]
+
+
+def test_split_validation_is_disjoint_seeded_and_non_empty():
+    examples = toy_examples(10, 0)
+    train, val = split_validation(examples, 0.25, seed=1)
+    assert len(val) == 2 and len(train) == 8
+    assert sorted(map(id, train + val)) == sorted(map(id, examples))
+    assert split_validation(examples, 0.25, seed=1) == (train, val)
+    assert split_validation(examples, 0.25, seed=2) != (train, val)
+    assert [len(p) for p in split_validation(examples[:2], 0.9, seed=0)] == [1, 1]
+    with pytest.raises(ValueError, match="at least 2 clean examples"):
+        split_validation(examples[:1], 0.25, seed=0)
+
+
+def test_fine_purify_auto_keeps_the_chosen_candidate(tokenizer):
+    pre = tiny_model(tokenizer, seed=0)
+    state = {n: p.detach().clone() for n, p in pre.named_parameters()}
+    suspect = tiny_model(tokenizer, seed=0)
+    finetune(suspect, tokenizer, toy_examples(64, 3), steps=30, lr=3e-3, progress=False)
+    clean = toy_examples(48, 5)
+    selection = SelectionConfig(grid=(0.2, 0.6), validation_fraction=0.25, tolerance=0.05)
+    seen = {}
+
+    def record(rho, model, report):
+        seen[rho] = ({n: p.detach().clone() for n, p in model.state_dict().items()}, report)
+
+    model = tiny_model(tokenizer)
+    model.load_state_dict(suspect.state_dict())
+    report = fine_purify_auto(model, state, tokenizer, clean, PurifyConfig(), FinetuneConfig(steps=4, lr=1e-3),
+                              selection=selection, progress=False, exhaustive=True, on_candidate=record)
+    sel = report["selection"]
+    assert sorted(seen) == [0.2, 0.6, 1.0] == [c["reserve_ratio"] for c in sel["candidates"]]
+    assert sel["train_examples"] == 36 and sel["validation_examples"] == 12
+    accuracy = {c["reserve_ratio"]: c["validation_accuracy"] for c in sel["candidates"]}
+    chosen = sel["chosen_reserve_ratio"]
+    assert chosen == pick_reserve_ratio(accuracy, sel["suspect_validation_accuracy"], selection.tolerance)
+    for n, p in model.state_dict().items():  # the model is the chosen candidate
+        assert torch.equal(p, seen[chosen][0][n]), n
+    assert (report.get("purify") is None) == (chosen == 1.0)
+    assert report["clean_examples"] == 36 and "hessian" in report["timings_s"]
+    # without exhaustive the search stops at the first passing candidate and picks the same
+    lazy = tiny_model(tokenizer)
+    lazy.load_state_dict(suspect.state_dict())
+    quick = fine_purify_auto(lazy, state, tokenizer, clean, PurifyConfig(), FinetuneConfig(steps=4, lr=1e-3),
+                             selection=selection, progress=False)
+    assert quick["selection"]["chosen_reserve_ratio"] == chosen
+    tried = [c["reserve_ratio"] for c in quick["selection"]["candidates"]]
+    passed = accuracy[chosen] >= sel["suspect_validation_accuracy"] - selection.tolerance
+    assert tried == ([r for r in (0.2, 0.6, 1.0) if r <= chosen] if passed else [0.2, 0.6, 1.0])
+    for n, p in lazy.state_dict().items():
+        assert torch.equal(p, seen[chosen][0][n]), n
+
+
+def test_length_grouped_batches_cover_every_example_once(tokenizer):
+    examples = [data.Example(" ".join(["good"] * (1 + i % 9)), i % 2) for i in range(70)]
+    lengths = data.token_lengths(tokenizer, examples)
+    plain = list(data.batches(tokenizer, examples, 8, shuffle=True, seed=3))
+    grouped = list(data.batches(tokenizer, examples, 8, shuffle=True, seed=3, lengths=lengths))
+    assert sorted(int(x) for b in grouped for x in b["attention_mask"].sum(1)) == sorted(lengths)
+    assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in plain)
+    assert [len(b["labels"]) for b in grouped].count(6) == 1  # one short batch of the 70
+
+
 # ------------------------------------------------------------------------------------ CLI
 
 
@@ -223,6 +301,13 @@ def test_cli_purify_writes_a_loadable_model(model_dirs, tmp_path):
     assert report["purify"]["num_reset"] > 0 and report["timings_s"]["total"] > 0
     assert {"drift_vs_hessian.png", "reset_per_layer.png"} <= set(os.listdir(out))
     assert before == {f: open(os.path.join(suspect, f), "rb").read() for f in os.listdir(suspect)}  # input untouched
+    # --reserve-ratio auto (the default) chooses on held-out clean data and says so in the report
+    auto = tmp_path / "auto"
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--out", str(auto),
+                     "--rho-grid", "0.3,0.6", "--finetune-steps", "2"]) == 0
+    selection = json.load(open(auto / "finepurify_report.json"))["selection"]
+    assert selection["chosen_reserve_ratio"] in (0.3, 0.6, 1.0) and selection["validation_examples"] == 8
+    load_classifier(str(auto))
     # refuses to overwrite without --overwrite
     assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean,
                      "--out", str(out), "--finetune-steps", "0"]) == 2
@@ -246,6 +331,10 @@ def test_cli_bad_inputs_fail_clearly(model_dirs, tokenizer, tmp_path, capsys):
     run(["purify", "--pretrained", pre, "--suspect", str(tmp_path / "nope"), "--clean-data", clean, "--out", str(out)],
         "does not exist")
     run(base[:6] + [str(tmp_path / "missing.csv"), "--out", str(out)], "missing.csv' does not exist")
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--reserve-ratio", "1.5"])
+    assert "the fraction kept, in [0, 1]" in capsys.readouterr().err
+    _no_partial_output(tmp_path, out)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     run(base[:6] + [str(empty), "--out", str(out)], "no examples")

@@ -1,0 +1,257 @@
+"""The defence table: every defence on all-MiniLM-L6-v2 backdoored on real tweets, over triggers and seeds.
+
+For each trigger and seed: the backdoored and clean-trained models (cached, as in `finepurify demo`),
+the defender's 256 clean tweets split into 192 for fine-tuning and 64 held out; the Hessian once on the
+192; then every ranking at every reserve ratio of the grid, plus clean fine-tuning alone (rho = 1, the
+shared end of every curve), each measured on the held-out 64 (validation accuracy) and on the 1000
+test tweets (CACC, ASR). Each method's rho is then chosen on the validation accuracy alone, with the
+rule of `--reserve-ratio auto` (finepurify_ext.pipeline.pick_reserve_ratio); the test set never
+chooses anything. Resumable: each finished run is saved at once, and a rerun skips it.
+
+    python bench/defence_table.py                       # 3 triggers x 3 seeds, about 2 h on 2 cores
+    python bench/defence_table.py --attacks word --seeds 0
+
+Writes bench/results/defence_table.json (runs, summary, the target check) and a PNG of the CACC/ASR
+curves per trigger beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
+
+METHODS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
+LABELS = {"fine_purifying": "Fine-purifying", "no_hessian": "indicator w/o Hessian",
+          "magnitude": "magnitude |drift|", "fine_mixing": "Fine-mixing (random)", "clean_ft": "clean fine-tuning"}
+
+
+def run_key(attack, seed, method, rho):
+    return f"{attack}/seed{seed}/{method}/{rho:g}"
+
+
+def measure_cell(attack_name, seed, args, results, save):
+    """All runs of one trigger and seed (skipping those already in ``results``)."""
+    from finepurify_ext import data
+    from finepurify_ext.attacks import ATTACKS
+    from finepurify_ext.demo import QUICK, DemoSetting, demo_data, demo_models
+    from finepurify_ext.pipeline import (FinetuneConfig, HessianConfig, clean_hessian, fine_purify,
+                                         pretrained_state_for, split_validation)
+    from finepurify_ext.purify import PurifyConfig
+    from finepurify_ext.training import attack_success_rate, clean_accuracy
+
+    setting = dataclasses.replace(QUICK if args.quick else DemoSetting(), attack=attack_name)
+    attack = ATTACKS[attack_name]
+    cell = f"{attack_name}/seed{seed}"
+    todo = [(m, r) for m in METHODS for r in args.grid if run_key(attack_name, seed, m, r) not in results["runs"]]
+    if run_key(attack_name, seed, "clean_ft", 1.0) not in results["runs"]:
+        todo.append(("clean_ft", 1.0))
+    if not todo and cell in results["models"]:
+        return
+    _, clean, test = demo_data(setting)
+    suspect, reference, tok = demo_models(setting, seed)
+    train, validation = split_validation(clean, args.validation_fraction, seed)
+
+    def measure(model):
+        return {"cacc": clean_accuracy(model, tok, test), "asr": attack_success_rate(model, tok, test, attack, seed=seed),
+                "validation_accuracy": clean_accuracy(model, tok, validation)}
+
+    if cell not in results["models"]:
+        results["models"][cell] = {"backdoored": measure(suspect), "clean_trained": measure(reference)}
+        save()
+    if not todo:
+        return
+    pretrained_state = pretrained_state_for(suspect, data.minilm_dir())
+    hessians, _ = clean_hessian(suspect, tok, train, HessianConfig(), progress=False)
+    ft = FinetuneConfig(steps=args.finetune_steps, lr=args.lr)
+    for method, rho in todo:
+        model = copy.deepcopy(suspect)
+        start = time.perf_counter()
+        config = None if method == "clean_ft" else PurifyConfig(ranking=method, reserve_ratio=rho)
+        report = fine_purify(model, pretrained_state, tok, train, config, ft, seed=seed, progress=False,
+                             hessians=hessians)
+        elapsed = time.perf_counter() - start
+        row = {"attack": attack_name, "seed": seed, "method": method, "reserve_ratio": rho, **measure(model),
+               "time_s": elapsed, "num_reset": report.get("purify", {}).get("num_reset", 0)}
+        results["runs"][run_key(attack_name, seed, method, rho)] = row
+        save()
+        print(f"  {cell} {LABELS[method]:22s} rho {rho:4.2f}: val {100 * row['validation_accuracy']:5.1f}  "
+              f"CACC {100 * row['cacc']:5.1f}  ASR {100 * row['asr']:5.1f}  ({elapsed:.0f} s)", flush=True)
+
+
+def _mean_sd(values):
+    values = list(values)
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def summarise(results, args):
+    """Per trigger: each method at its own rho chosen on validation (mean and spread over seeds), the
+    curves over rho, and the issue's targets for the default configuration."""
+    from finepurify_ext.pipeline import pick_reserve_ratio
+
+    runs, summary = results["runs"], {}
+    for attack in args.attacks:
+        seeds = [s for s in args.seeds if f"{attack}/seed{s}" in results["models"]
+                 and all(run_key(attack, s, m, r) in runs for m in METHODS for r in args.grid)
+                 and run_key(attack, s, "clean_ft", 1.0) in runs]
+        if not seeds:
+            continue
+        models = {s: results["models"][f"{attack}/seed{s}"] for s in seeds}
+        chosen, curves = {}, {}
+        for method in (*METHODS, "clean_ft"):
+            grid = [1.0] if method == "clean_ft" else [*args.grid, 1.0]
+            picks = []
+            for s in seeds:
+                row_of = {r: runs[run_key(attack, s, "clean_ft" if r == 1.0 else method, r)] for r in grid}
+                rho = pick_reserve_ratio({r: row["validation_accuracy"] for r, row in row_of.items()},
+                                         models[s]["backdoored"]["validation_accuracy"], args.tolerance)
+                picks.append(row_of[rho])
+            chosen[method] = {"reserve_ratio": [p["reserve_ratio"] for p in picks],
+                              "cacc": _mean_sd(p["cacc"] for p in picks), "asr": _mean_sd(p["asr"] for p in picks)}
+            curves[method] = [{"reserve_ratio": r,
+                               **{k: _mean_sd(runs[run_key(attack, s, "clean_ft" if r == 1.0 else method, r)][k]
+                                              for s in seeds) for k in ("cacc", "asr", "validation_accuracy")}}
+                              for r in grid]
+        ref_asr = _mean_sd(models[s]["clean_trained"]["asr"] for s in seeds)
+        bd_cacc = _mean_sd(models[s]["backdoored"]["cacc"] for s in seeds)
+        fp = chosen["fine_purifying"]
+        beats = {m: {"lower_asr": fp["asr"]["mean"] < chosen[m]["asr"]["mean"],
+                     "cacc_at_least": fp["cacc"]["mean"] >= chosen[m]["cacc"]["mean"],
+                     "asr_gap_points": 100 * (chosen[m]["asr"]["mean"] - fp["asr"]["mean"]),
+                     "cacc_gap_points": 100 * (fp["cacc"]["mean"] - chosen[m]["cacc"]["mean"])}
+                 for m in ("fine_mixing", "magnitude", "clean_ft", "no_hessian")}
+        summary[attack] = {
+            "seeds": seeds,
+            "backdoored": {k: _mean_sd(models[s]["backdoored"][k] for s in seeds) for k in ("cacc", "asr")},
+            "clean_trained": {k: _mean_sd(models[s]["clean_trained"][k] for s in seeds) for k in ("cacc", "asr")},
+            "chosen_on_validation": chosen,
+            "curves": curves,
+            "targets": {
+                "asr_within_10_points_of_clean_trained": fp["asr"]["mean"] <= ref_asr["mean"] + 0.10,
+                "asr_excess_points": 100 * (fp["asr"]["mean"] - ref_asr["mean"]),
+                "cacc_within_3_points_of_backdoored": fp["cacc"]["mean"] >= bd_cacc["mean"] - 0.03,
+                "cacc_drop_points": 100 * (bd_cacc["mean"] - fp["cacc"]["mean"]),
+                "against": beats,
+            },
+        }
+    return summary
+
+
+def plot_curves(summary, out_dir):
+    from finepurify_ext.plots import _pyplot
+
+    plt = _pyplot()
+    paths = []
+    for attack, s in summary.items():
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for method in METHODS:
+            pts = s["curves"][method]
+            ax.errorbar([100 * p["asr"]["mean"] for p in pts], [100 * p["cacc"]["mean"] for p in pts],
+                        xerr=[100 * p["asr"]["sd"] for p in pts], yerr=[100 * p["cacc"]["sd"] for p in pts],
+                        marker="o", capsize=2, label=LABELS[method])
+            for p in pts:
+                ax.annotate(f"{p['reserve_ratio']:g}", (100 * p["asr"]["mean"], 100 * p["cacc"]["mean"]),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(100 * (s["backdoored"]["cacc"]["mean"] - 0.03), color="grey", ls=":", lw=1,
+                   label="backdoored CACC - 3")
+        ax.axvline(100 * (s["clean_trained"]["asr"]["mean"] + 0.10), color="grey", ls="--", lw=1,
+                   label="clean-trained ASR + 10")
+        ax.set_xlabel("ASR % (lower is better)")
+        ax.set_ylabel("CACC %")
+        ax.set_title(f"{attack} trigger: CACC/ASR over the reserve ratio (labels), "
+                     f"mean of {len(s['seeds'])} seeds", fontsize=8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"defence_curves_{attack}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def print_table(summary):
+    print(f"\n{'trigger':9s} {'defence':24s} {'rho (per seed)':16s} {'CACC %':>12s} {'ASR %':>12s}")
+    for attack, s in summary.items():
+        def line(label, rho, cacc, asr):
+            print(f"{attack:9s} {label:24s} {rho:16s} {100 * cacc['mean']:6.1f}±{100 * cacc['sd']:<4.1f} "
+                  f"{100 * asr['mean']:6.1f}±{100 * asr['sd']:<4.1f}")
+        line("clean-trained model", "", s["clean_trained"]["cacc"], s["clean_trained"]["asr"])
+        line("no defence", "", s["backdoored"]["cacc"], s["backdoored"]["asr"])
+        for method in ("clean_ft", "fine_mixing", "magnitude", "no_hessian", "fine_purifying"):
+            c = s["chosen_on_validation"][method]
+            line(LABELS[method], ",".join(f"{r:g}" for r in c["reserve_ratio"]), c["cacc"], c["asr"])
+        t = s["targets"]
+        print(f"{attack:9s} targets: ASR {t['asr_excess_points']:+.1f} points over clean-trained (<= 10: "
+              f"{t['asr_within_10_points_of_clean_trained']}), CACC {t['cacc_drop_points']:+.1f} points below "
+              f"backdoored (<= 3: {t['cacc_within_3_points_of_backdoored']})")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attacks", nargs="+", default=["word", "sentence", "embedding"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--grid", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7])
+    parser.add_argument("--validation-fraction", type=float, default=0.25)
+    parser.add_argument("--tolerance", type=float, default=0.02)
+    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "defence_table.json"))
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: the demo's tiny QUICK setting (numbers mean nothing)")
+    parser.add_argument("--summary-only", action="store_true", help="only summarise the runs already saved")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("FINEPURIFY_CACHE", os.path.join(os.path.dirname(HERE), ".cache", "finepurify"))
+
+    from finepurify_ext.demo import QUICK, DemoSetting
+
+    config = {k: getattr(args, k) for k in ("grid", "validation_fraction", "tolerance", "finetune_steps", "lr", "quick")}
+    results = {"runs": {}, "models": {}}
+    if os.path.exists(args.out):
+        import json
+
+        with open(args.out) as f:
+            previous = json.load(f)
+        if previous.get("config") == config:
+            results["runs"], results["models"] = previous["runs"], previous["models"]
+            print(f"resuming: {len(results['runs'])} runs already in {args.out}")
+        else:
+            print(f"{args.out} was made with another configuration; starting afresh")
+    results.update({
+        "command": "python bench/defence_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": config, "setting": asdict(QUICK if args.quick else DemoSetting()), "commit": git_commit(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "note": "seed s: the backdoored and clean-trained models are trained with seed s, the 256 clean tweets are "
+                "split 192/64 with seed s, and clean fine-tuning and Fine-mixing's mask use seed s; the 1000 test "
+                "tweets are the same for all. rho is chosen per method and seed on the 64 held-out tweets "
+                "(smallest rho whose accuracy is within `tolerance` of the backdoored model's; rho 1 is clean "
+                "fine-tuning alone).",
+    })
+
+    def save():
+        write_json_atomically(args.out, results)
+
+    start = time.perf_counter()
+    if not args.summary_only:
+        for seed in args.seeds:  # seed-major: a cut-off run still covers every trigger
+            for attack in args.attacks:
+                print(f"{attack} trigger, seed {seed}", flush=True)
+                measure_cell(attack, seed, args, results, save)
+    results["summary"] = summarise(results, args)
+    results["plots"] = [os.path.basename(p) for p in plot_curves(results["summary"], os.path.dirname(args.out))]
+    results["wall_s_this_invocation"] = time.perf_counter() - start
+    save()
+    print_table(results["summary"])
+
+
+if __name__ == "__main__":
+    main()
