@@ -1,0 +1,192 @@
+"""Out-of-core purification of a generated sharded checkpoint: peak memory and read throughput,
+against loading both models (and the Hessian) fully into memory and doing the same in pure PyTorch.
+
+    python bench/bench_checkpoint.py                 # a 4.2 GB float32 model in 500 MB shards
+    python bench/bench_checkpoint.py --size small    # 0.5 GB, a quick look
+
+The checkpoint has LLaMA-like shapes (hidden 2048, MLP 5632, vocabulary 32000; largest tensor
+262 MB). Each mode runs in a fresh subprocess so that its peak RSS (VmHWM) is its own; the memory
+target is peak RSS <= 3 x the largest tensor + 200 MB. The in-memory pure-PyTorch mode is skipped,
+and says so, when the machine has too little free memory for it. Writes
+bench/results/checkpoint_ooc.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
+
+SIZES = {"full": {"layers": 18, "hidden": 2048, "mlp": 5632, "vocab": 32000},
+         "small": {"layers": 2, "hidden": 1024, "mlp": 2816, "vocab": 32000}}
+SHARD_BYTES = 500 << 20
+RESERVE_RATIO = 0.9
+
+
+def shapes(size):
+    s = SIZES[size]
+    h, m = s["hidden"], s["mlp"]
+    out = {"model.embed_tokens.weight": (s["vocab"], h)}
+    for i in range(s["layers"]):
+        p = f"model.layers.{i}."
+        out.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (h, h),
+                    p + "self_attn.v_proj.weight": (h, h), p + "self_attn.o_proj.weight": (h, h),
+                    p + "mlp.gate_proj.weight": (m, h), p + "mlp.up_proj.weight": (m, h),
+                    p + "mlp.down_proj.weight": (h, m), p + "input_layernorm.weight": (h,),
+                    p + "post_attention_layernorm.weight": (h,)})
+    out.update({"model.norm.weight": (h,), "lm_head.weight": (s["vocab"], h)})
+    return out
+
+
+def generate(directory, size):
+    """pre-trained, suspect (a sparse-ish drift) and hessian directories, sharded with indexes."""
+    import torch
+    from finepurify_ext.checkpoint import INDEX, ShardWriter
+
+    def write(name, tensor_of):
+        d = os.path.join(directory, name)
+        os.makedirs(d, exist_ok=True)
+        groups, current, used = [], [], 0
+        for n, s in shapes(size).items():
+            nbytes = 4 * (s[0] * (s[1] if len(s) > 1 else 1))
+            if current and used + nbytes > SHARD_BYTES:
+                groups.append(current)
+                current, used = [], 0
+            current.append((n, torch.float32, s))
+            used += nbytes
+        groups.append(current)
+        weight_map = {}
+        for i, layout in enumerate(groups):
+            file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            writer = ShardWriter(os.path.join(d, file), layout, {"format": "pt"})
+            for n, _, s in layout:
+                writer.write(n, tensor_of(n, s))
+                weight_map[n] = file
+            writer.close()
+        with open(os.path.join(d, INDEX), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+    def seeded(n, salt):
+        return torch.Generator().manual_seed(zlib.crc32(f"{n}:{salt}".encode()))
+
+    write("pretrained", lambda n, s: torch.randn(s, generator=seeded(n, 0)) * 0.02)
+    write("suspect", lambda n, s: torch.randn(s, generator=seeded(n, 0)) * 0.02
+          + torch.randn(s, generator=seeded(n, 1)) * 1e-3 * (torch.rand(s, generator=seeded(n, 2)) < 0.5))
+    write("hessian", lambda n, s: torch.rand(s, generator=seeded(n, 3)) ** 4 * 1e-4)
+
+
+def rss_mb(field="VmHWM"):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(mode, directory, out):
+    """One measured run; prints a JSON line."""
+    import torch
+    from finepurify_ext import reference
+    from finepurify_ext.checkpoint import Checkpoint, purify_checkpoint
+    from finepurify_ext.purify import PurifyConfig
+
+    base_rss = rss_mb("VmRSS")
+    paths = [os.path.join(directory, n) for n in ("pretrained", "suspect", "hessian")]
+    read_bytes = sum(Checkpoint(p).nbytes for p in paths)
+    start = time.perf_counter()
+    if mode == "out_of_core":
+        report = purify_checkpoint(*paths, out, PurifyConfig.literal(reserve_ratio=RESERVE_RATIO), overwrite=True,
+                                   progress=False)
+        bytes_read, num_reset = report.bytes_read, sum(report.reset_per_tensor.values())
+    else:
+        from safetensors.torch import load_file, save_file
+
+        def load_all(p):
+            return {k: v for f in Checkpoint(p).files for k, v in load_file(f).items()}
+
+        pre, suspect, hessian = (load_all(p) for p in paths)
+        names = list(suspect)
+        counts = reference.fast_reset_most_abnormal_([suspect[n] for n in names], [pre[n] for n in names],
+                                                     [hessian[n] for n in names], RESERVE_RATIO, 1e-8)
+        num_reset, bytes_read = int(sum(int(c) for c in counts)), read_bytes
+        os.makedirs(out, exist_ok=True)
+        save_file(suspect, os.path.join(out, "model.safetensors"))
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"mode": mode, "time_s": elapsed, "peak_rss_mb": rss_mb(), "rss_after_imports_mb": base_rss,
+                      "checkpoint_bytes_read": bytes_read, "input_bytes": read_bytes, "num_reset": num_reset,
+                      "read_gb_per_s": bytes_read / elapsed / 1e9, "input_gb_per_s": read_bytes / elapsed / 1e9,
+                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+
+
+def mem_available_mb():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--dir", default=None, help="where to generate the checkpoints (default: a temporary dir)")
+    parser.add_argument("--modes", nargs="+", default=["out_of_core", "in_memory_pytorch"])
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "checkpoint_ooc.json"))
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "DIR", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(*args.child)
+
+    sh = shapes(args.size)
+    largest = max(4 * s[0] * (s[1] if len(s) > 1 else 1) for s in sh.values())
+    model_bytes = sum(4 * s[0] * (s[1] if len(s) > 1 else 1) for s in sh.values())
+    target_mb = 3 * largest / 2**20 + 200
+    work = args.dir or tempfile.mkdtemp(prefix="fp_ckpt_")
+    if not os.path.isdir(os.path.join(work, "hessian")):
+        start = time.perf_counter()
+        generate(work, args.size)
+        print(f"generated 3 x {model_bytes / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s under {work}")
+    results = {"command": "python bench/bench_checkpoint.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "commit": git_commit(), "size": args.size, "model_bytes": model_bytes, "largest_tensor_bytes": largest,
+               "tensors": len(sh), "shard_bytes": SHARD_BYTES, "reserve_ratio": RESERVE_RATIO,
+               "memory_target_mb": target_mb, "runs": {}}
+    for mode in args.modes:
+        need_mb = (3 * model_bytes + 2 * model_bytes) / 2**20 * 1.1  # inputs + scores + kthvalue's copy
+        if mode == "in_memory_pytorch" and mem_available_mb() < need_mb:
+            results["runs"][mode] = {"skipped": f"needs about {need_mb / 1024:.1f} GiB free, "
+                                                f"{mem_available_mb() / 1024:.1f} GiB available"}
+            print(f"{mode}: skipped ({results['runs'][mode]['skipped']})")
+            continue
+        out = os.path.join(work, f"out_{mode}")
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, work, out], capture_output=True, text=True)
+        if proc.returncode != 0:
+            results["runs"][mode] = {"failed": proc.stderr[-2000:], "returncode": proc.returncode}
+            print(f"{mode}: failed (rc {proc.returncode})\n{proc.stderr[-2000:]}")
+            continue
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        results["runs"][mode] = run
+        print(f"{mode}: {run['time_s']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB, "
+              f"{run['input_gb_per_s']:.2f} GB/s of checkpoint input ({run['read_gb_per_s']:.2f} GB/s read in all)")
+    ooc, mem = results["runs"].get("out_of_core", {}), results["runs"].get("in_memory_pytorch", {})
+    if "peak_rss_mb" in ooc:
+        results["memory_target_met"] = ooc["peak_rss_mb"] <= target_mb
+        print(f"memory target (<= 3 x {largest / 2**20:.0f} MB + 200 MB = {target_mb:.0f} MB): "
+              f"{'met' if results['memory_target_met'] else 'MISSED'} at {ooc['peak_rss_mb']:.0f} MB")
+    if "time_s" in ooc and "time_s" in mem:
+        results["out_of_core_speed_ratio"] = mem["time_s"] / ooc["time_s"]
+        results["out_of_core_memory_ratio"] = ooc["peak_rss_mb"] / mem["peak_rss_mb"]
+        if ooc["num_reset"] != mem["num_reset"]:
+            results["mismatch"] = "the two modes reset different numbers of weights"
+    write_json_atomically(args.out, results)
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""Out-of-core purification of safetensors checkpoints, tensor by tensor.
+
+The pre-trained and suspect checkpoints (a directory with ``model.safetensors.index.json``, a
+directory of ``*.safetensors`` shards, or one file) and the Hessian (safetensors) are matched by
+tensor name, never by shard. Passes: the threshold search reads every scored tensor once per
+histogram level (summing the histograms, ``threshold.threshold_from_histograms``), then the reset
+pass writes the suspect's shards anew, tensor by tensor. Peak memory is a few tensors, not the model:
+tensors are read with plain file reads into fresh buffers (no memory map, whose touched pages would
+count against the process) and shards are written streaming, header first.
+
+The output directory is written under a temporary name and renamed at the end; a crash leaves no
+directory that looks complete. The inputs are opened read-only. Headers are JSON; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import ops
+from .pipeline import save_atomically
+from .purify import PurifyConfig
+from .threshold import LEVEL_BINS, threshold_from_histograms
+
+INDEX = "model.safetensors.index.json"
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+CODES = {v: k for k, v in DTYPES.items()}
+SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEADER = 100 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def _read_header(path: str) -> tuple[dict, int, dict]:
+    """(tensor entries by name, data start offset, metadata) of one safetensors file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: not a safetensors file (header length {n} is impossible)")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: cannot read the safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    start = 8 + n
+    entries = {}
+    for name, info in header.items():
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has an unreadable header entry {info!r}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        if end - begin != nbytes or begin < 0 or start + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file or has the wrong size; "
+                                  "the file is truncated or corrupt")
+        entries[name] = TensorEntry(path, dtype, shape, start + begin, nbytes)
+    return entries, start, meta
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint by name, read one at a time on demand."""
+
+    def __init__(self, path: str, role: str = "checkpoint"):
+        self.path = path
+        if os.path.isfile(path):
+            files = [path]
+        elif os.path.isdir(path):
+            index = os.path.join(path, INDEX)
+            if os.path.isfile(index):
+                try:
+                    with open(index) as f:
+                        weight_map = json.load(f)["weight_map"]
+                except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+                    raise CheckpointError(f"{index}: not a safetensors index ({error})") from None
+                files = sorted({os.path.join(path, f) for f in weight_map.values()})
+                missing = [f for f in files if not os.path.isfile(f)]
+                if missing:
+                    raise CheckpointError(f"{index} names shards that are missing: {missing[:3]}")
+            else:
+                files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(f"{role} {path!r} holds no .safetensors file; only safetensors checkpoints "
+                                      "are read (convert a pickle checkpoint yourself, from a source you trust)")
+        else:
+            raise CheckpointError(f"{role} {path!r} does not exist")
+        self.files = files
+        self.entries: dict[str, TensorEntry] = {}
+        self.file_order: dict[str, list[str]] = {}
+        self.metadata: dict[str, dict] = {}
+        for file in files:
+            entries, _, meta = _read_header(file)
+            for name in entries:
+                if name in self.entries:
+                    raise CheckpointError(f"tensor {name!r} is in both {self.entries[name].file} and {file}")
+            self.entries.update(entries)
+            self.file_order[file] = sorted(entries, key=lambda n: entries[n].begin)
+            self.metadata[file] = meta
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """The tensor, or with ``count`` the flat elements [start, start + count), into a fresh buffer."""
+        e = self.entries[name]
+        item = e.dtype.itemsize
+        nbytes = e.nbytes if count is None else count * item
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        with open(e.file, "rb") as f:
+            f.seek(e.begin + start * item)
+            if nbytes and f.readinto(memoryview(buffer.numpy())) != nbytes:
+                raise CheckpointError(f"{e.file}: tensor {name!r} is truncated")
+        flat = buffer.view(e.dtype)
+        return flat.reshape(e.shape) if count is None else flat
+
+    def numel(self, name: str) -> int:
+        e = self.entries[name]
+        return e.nbytes // e.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+
+def _numel(shape) -> int:
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel
+
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor, in a fixed order: the header first (all shapes
+    and dtypes are known in advance), then each tensor's bytes as it comes."""
+
+    def __init__(self, path: str, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict):
+        header, offset = {}, 0
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        for name, dtype, shape in layout:
+            numel = 1
+            for d in shape:
+                numel *= d
+            header[name] = {"dtype": CODES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + numel * dtype.itemsize]}
+            offset += numel * dtype.itemsize
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.f = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+        self.layout = list(layout)
+        self.index, self.written = 0, 0  # the tensor being written and its elements written so far
+        self._advance()  # empty tensors have no bytes
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.write_part(name, tensor.reshape(-1))
+
+    def write_part(self, name: str, flat: torch.Tensor) -> None:
+        """The next elements of tensor ``name``, in layout order; it is done when all have come."""
+        if flat.numel() == 0:
+            return
+        expected, dtype, shape = self.layout[self.index] if self.index < len(self.layout) else (None, None, ())
+        if name != expected or flat.dtype != dtype:
+            raise AssertionError(f"shard written out of order: {name} ({flat.dtype}) where {expected} ({dtype}) was due")
+        self.f.write(memoryview(flat.contiguous().view(torch.uint8).numpy()))
+        self.written += flat.numel()
+        if self.written > _numel(shape):
+            raise AssertionError(f"{name}: more elements written than it holds")
+        self._advance()
+
+    def _advance(self) -> None:
+        while self.index < len(self.layout) and self.written == _numel(self.layout[self.index][2]):
+            self.index, self.written = self.index + 1, 0
+
+    def close(self) -> None:
+        if self.index < len(self.layout):
+            raise AssertionError(f"{len(self.layout) - self.index} tensors were never written completely")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+# ------------------------------------------------------------------------------- purification
+
+
+@dataclass
+class CheckpointReport:
+    reserve_ratio: float | None
+    num_reset: int
+    threshold: float | None
+    ranked_elements: int
+    moved_elements: int
+    reset_per_tensor: dict[str, int] = field(default_factory=dict)
+    copied_unscored: list[str] = field(default_factory=list)
+    hessian_floor: float | None = None
+    bytes_read: int = 0
+    bytes_written: int = 0
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def purify_checkpoint(
+    pretrained: str,
+    suspect: str,
+    hessian: str,
+    out_dir: str,
+    config: PurifyConfig = PurifyConfig(embeddings="ranked"),
+    num_reset: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    chunk_bytes: int = 32 << 20,
+) -> CheckpointReport:
+    """Purifies the suspect checkpoint against the pre-trained one with the Hessian, tensor by tensor,
+    and writes the result (same shards and index as the suspect, plus a report) to ``out_dir``.
+
+    Scored: every floating tensor of the suspect that the pre-trained checkpoint holds with the same
+    shape (the others, e.g. a new head, are copied unchanged); each needs a Hessian of its shape.
+    ``config``: the rankings fine_purifying, no_hessian and magnitude, the reserve ratio (or
+    ``num_reset``), eps, the Hessian floor and counting the ratio over moved weights, as in
+    ``purify.purify_``; the word-embedding matrix is ranked with the rest (``embeddings="ranked"``).
+    Tensors are streamed in pieces of ``chunk_bytes`` (float32): peak memory is about three pieces,
+    whatever the size of the largest tensor."""
+    if config.ranking == "fine_mixing":
+        raise ValueError("purify_checkpoint: the fine_mixing baseline (a random mask) is in-memory only")
+    if config.embeddings != "ranked":
+        raise ValueError("purify_checkpoint ranks the word-embedding matrix with the rest; "
+                         "pass PurifyConfig(embeddings='ranked', ...)")
+    times = {}
+    start_all = time.perf_counter()
+    pre_ckpt, sus_ckpt, h_ckpt = Checkpoint(pretrained, "pre-trained checkpoint"), \
+        Checkpoint(suspect, "suspect checkpoint"), Checkpoint(hessian, "hessian")
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:  # fail before the long passes
+        raise FileExistsError(f"{out_dir} exists and is not empty; choose another output or pass overwrite")
+    scored, unscored = [], []
+    for name, e in sus_ckpt.entries.items():
+        p = pre_ckpt.entries.get(name)
+        if p is not None and p.shape == e.shape and e.dtype in SCORED_DTYPES:
+            if p.dtype != e.dtype:
+                raise CheckpointError(f"tensor {name!r} is {e.dtype} in {e.file} but {p.dtype} in {p.file}; "
+                                      "the pre-trained and suspect checkpoints must share dtypes")
+            h = h_ckpt.entries.get(name)
+            if h is None or h.shape != e.shape:
+                raise CheckpointError(f"the hessian {hessian!r} has no tensor {name!r} of shape {list(e.shape)}; "
+                                      "estimate it on this model (finepurify_ext.hessian) and save it")
+            scored.append(name)
+        else:
+            unscored.append(name)
+    if not scored:
+        raise CheckpointError(f"no tensor of {suspect!r} matches {pretrained!r} by name and shape: "
+                              "mismatched architectures")
+    bytes_read = 0
+    chunk = max(1, chunk_bytes // 4)
+
+    def chunks(name):
+        """(start, finetuned, pretrained, float32 hessian) over flat pieces of ``chunk`` elements: at most
+        three pieces are alive at once (each loop drops its references before the next read)."""
+        nonlocal bytes_read
+        numel = sus_ckpt.numel(name)
+        for start in range(0, numel, chunk):
+            count = min(chunk, numel - start)
+            ft, pre, h = sus_ckpt.read(name, start, count), pre_ckpt.read(name, start, count), \
+                h_ckpt.read(name, start, count).float()
+            bytes_read += count * (ft.element_size() + pre.element_size() + h_ckpt.entries[name].dtype.itemsize)
+            yield start, ft, pre, h
+            del ft, pre, h
+
+    # Pre-pass: moved counts, mean Hessians, and the floor's sample; only what the config needs.
+    ranked_elements = sum(sus_ckpt.numel(n) for n in scored)
+    moved, h_mean, floor = ranked_elements, {}, None
+    wants_floor = config.hessian_floor_quantile is not None and config.ranking != "magnitude"
+    if config.count_moved_only or config.ranking == "no_hessian" or wants_floor:
+        moved, samples = 0, []
+        stride = max(1, ranked_elements // (1 << 20))  # the sample purify_ takes: every stride-th element
+        for name in tqdm(scored, desc="pre-pass", disable=not progress, leave=False):
+            h_sum = 0.0
+            for start, ft, pre, h in chunks(name):
+                moved += int((ft != pre).sum())
+                h_sum += float(h.sum(dtype=torch.float64))
+                if wants_floor:
+                    samples.append(h[(-start) % stride :: stride].clone())
+                del ft, pre, h
+            h_mean[name] = h_sum / max(sus_ckpt.numel(name), 1)
+        if wants_floor:
+            floor = float(torch.quantile(torch.cat(samples)[:16_000_000], config.hessian_floor_quantile))
+        del samples
+    times["pre_pass"] = time.perf_counter() - start_all
+
+    def ranking_inputs(name, h):
+        """(hessian-like tensor, eps) that make the op's score rank as the configured ranking; in place on
+        ``h``, a fresh buffer, so that no fourth piece is allocated."""
+        if config.ranking == "magnitude":
+            return h.zero_(), 1.0
+        if config.ranking == "no_hessian":
+            return h.fill_(max(h_mean[name], floor or 0.0)), config.eps
+        return (h if floor is None else h.clamp_min_(floor)), config.eps
+
+    counted = moved if config.count_moved_only else ranked_elements
+    reserve_from_config = num_reset is None
+    if num_reset is None:
+        num_reset = ops.num_reset_for(counted, config.reserve_ratio)
+    elif not 0 <= num_reset <= ranked_elements:
+        raise ValueError(f"num_reset={num_reset} is out of range [0, {ranked_elements}]")
+    threshold = None
+    if num_reset > 0:
+        start_threshold = time.perf_counter()
+
+        def histogram_of(level, prefix):
+            counts = torch.zeros(LEVEL_BINS[level] + 1, dtype=torch.int64)
+            for name in tqdm(scored, desc=f"histogram pass {level + 1}/3", disable=not progress, leave=False):
+                for _, ft, pre, h in chunks(name):
+                    hs, eps = ranking_inputs(name, h)
+                    counts += torch.ops.finepurify.score_histogram.default([ft], [pre], [hs], eps, level, prefix)
+                    del ft, pre, h, hs
+            return counts
+
+        try:
+            threshold = threshold_from_histograms(histogram_of, num_reset, ranked_elements)
+        except ValueError as error:
+            raise CheckpointError(f"cannot rank {suspect!r}: {error}") from None
+        times["threshold"] = time.perf_counter() - start_threshold
+
+    # Reset pass: the suspect's shards written anew, with the same names and order.
+    report = CheckpointReport(config.reserve_ratio if reserve_from_config else None, num_reset, threshold,
+                              ranked_elements, moved, copied_unscored=unscored, hessian_floor=floor)
+    scored_set = set(scored)
+
+    def write(tmp):
+        nonlocal bytes_read
+        start = time.perf_counter()
+        bar = tqdm(total=sus_ckpt.nbytes, desc="reset pass", unit="B", unit_scale=True, disable=not progress,
+                   leave=False)
+        for file, names in sus_ckpt.file_order.items():
+            layout = [(n, sus_ckpt.entries[n].dtype, sus_ckpt.entries[n].shape) for n in names]
+            writer = ShardWriter(os.path.join(tmp, os.path.basename(file)), layout, sus_ckpt.metadata[file])
+            for name in names:
+                if name in scored_set:
+                    resets = 0
+                    for _, ft, pre, h in chunks(name):
+                        if threshold is not None:
+                            hs, eps = ranking_inputs(name, h)
+                            resets += int(ops.masked_reset_([ft], [pre], [hs], threshold, eps)[0])
+                            del hs
+                        writer.write_part(name, ft)
+                        del ft, pre, h
+                    report.reset_per_tensor[name] = resets
+                else:
+                    numel = sus_ckpt.numel(name)
+                    for offset in range(0, numel, chunk):
+                        piece = sus_ckpt.read(name, offset, min(chunk, numel - offset))
+                        writer.write_part(name, piece)
+                        del piece
+                    bytes_read += sus_ckpt.entries[name].nbytes
+                report.bytes_written += sus_ckpt.entries[name].nbytes
+                bar.update(sus_ckpt.entries[name].nbytes)
+            writer.close()
+        bar.close()
+        if os.path.isdir(suspect):  # the index, config and tokenizer files, as they are (never pickles)
+            for extra in os.listdir(suspect):
+                src = os.path.join(suspect, extra)
+                if os.path.isfile(src) and not extra.endswith((".safetensors", ".bin", ".pt", ".pth", ".pkl")):
+                    shutil.copyfile(src, os.path.join(tmp, extra))
+        times["reset_pass"] = time.perf_counter() - start
+        report.timings_s = times
+        report.bytes_read = bytes_read
+        with open(os.path.join(tmp, "finepurify_report.json"), "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+
+    save_atomically(out_dir, write, overwrite=overwrite)
+    return report

@@ -1,0 +1,199 @@
+"""Out-of-core purification of sharded safetensors checkpoints: the result equals the in-memory
+method exactly, shards need not line up, inputs stay untouched, bad input fails clearly, and
+nothing half-written is left behind."""
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from finepurify_ext import ops
+from finepurify_ext.checkpoint import Checkpoint, CheckpointError, ShardWriter, purify_checkpoint
+from finepurify_ext.purify import PurifyConfig, purify_
+
+SHAPES = {"embed.weight": (50, 16), "layer0.weight": (16, 16), "layer0.bias": (16,), "layer1.weight": (33, 16),
+          "layer1.bias": (33,), "norm.weight": (33,), "empty.weight": (0, 4)}
+
+
+def make_states(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pre = {n: torch.randn(s, generator=g).to(dtype) for n, s in SHAPES.items()}
+    suspect = {}
+    for n, t in pre.items():
+        drift = torch.randn(t.shape, generator=g) * torch.rand(t.shape, generator=g)
+        moved = torch.rand(t.shape, generator=g) < 0.7  # some weights never move
+        suspect[n] = torch.where(moved, (t.float() + 0.1 * drift).to(dtype), t)
+    suspect["head.weight"] = torch.randn(2, 33, generator=g).to(dtype)  # no pre-trained value
+    suspect["position_ids"] = torch.arange(7)  # an integer buffer
+    hessian = {n: torch.rand(s, generator=g) ** 3 for n, s in SHAPES.items()}
+    hessian["layer0.bias"][:5] = 0  # zero curvature
+    return pre, suspect, hessian
+
+
+def save_sharded(state, directory, groups):
+    """``groups``: lists of names, one shard each, with an index."""
+    os.makedirs(directory, exist_ok=True)
+    weight_map = {}
+    for i, names in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: state[n].contiguous() for n in names}, os.path.join(directory, file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in names})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        f.write("{}")
+    return str(directory)
+
+
+@pytest.fixture()
+def checkpoints(tmp_path):
+    pre, suspect, hessian = make_states()
+    names = list(suspect)
+    # the two checkpoints are sharded differently: tensors are matched by name
+    sus_dir = save_sharded(suspect, tmp_path / "suspect", [names[:3], names[3:6], names[6:]])
+    pre_dir = save_sharded(pre, tmp_path / "pre", [list(pre)[4:], list(pre)[:4]])
+    h_file = str(tmp_path / "hessian.safetensors")
+    save_file(hessian, h_file)
+    return pre, suspect, hessian, pre_dir, sus_dir, h_file
+
+
+def digest(directory):
+    return {f: hashlib.sha256(open(os.path.join(directory, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(directory))}
+
+
+def read_dir(directory):
+    out = {}
+    for f in os.listdir(directory):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, f)))
+    return out
+
+
+@pytest.mark.parametrize("chunk_bytes", [32 << 20, 64, 100])  # whole tensors; pieces of 16 and 25 elements
+def test_literal_equals_the_in_memory_op(checkpoints, tmp_path, chunk_bytes):
+    pre, suspect, hessian, pre_dir, sus_dir, h_file = checkpoints
+    before = digest(sus_dir), digest(pre_dir)
+    config = PurifyConfig.literal(reserve_ratio=0.6, eps=1e-6)
+    report = purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), config, progress=False,
+                               chunk_bytes=chunk_bytes)
+    names = list(SHAPES)
+    expected = {n: t.clone() for n, t in suspect.items()}
+    counts = ops.reset_most_abnormal_([expected[n] for n in names], [pre[n] for n in names],
+                                      [hessian[n] for n in names], 0.6, 1e-6)
+    got = read_dir(tmp_path / "out")
+    assert set(got) == set(suspect)
+    for n in suspect:
+        assert torch.equal(got[n], expected[n]), n
+    assert report.reset_per_tensor == {n: int(c) for n, c in zip(names, counts)}
+    assert set(report.copied_unscored) == {"head.weight", "position_ids"}
+    # same shard names and index as the suspect; the inputs untouched
+    assert sorted(f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")) == \
+        sorted(f for f in os.listdir(sus_dir) if f.endswith(".safetensors"))
+    assert json.load(open(tmp_path / "out" / "model.safetensors.index.json")) == \
+        json.load(open(os.path.join(sus_dir, "model.safetensors.index.json")))
+    assert (digest(sus_dir), digest(pre_dir)) == before
+    assert json.load(open(tmp_path / "out" / "finepurify_report.json"))["num_reset"] == report.num_reset
+
+
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_configs_equal_purify_in_memory(tmp_path, ranking, dtype):
+    pre, suspect, hessian = make_states(dtype, seed=1)
+    names = list(suspect)
+    sus_dir = save_sharded(suspect, tmp_path / "suspect", [names[::2], names[1::2]])
+    pre_dir = save_sharded(pre, tmp_path / "pre", [list(pre)])
+    h_file = str(tmp_path / "h.safetensors")
+    save_file(hessian, h_file)
+    config = PurifyConfig(ranking=ranking, reserve_ratio=0.3, embeddings="ranked")  # moved-only, median floor
+    purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), config, progress=False, chunk_bytes=100)
+
+    module = torch.nn.Module()
+    for n, t in suspect.items():
+        if t.is_floating_point():
+            module.register_parameter(n.replace(".", "_"), torch.nn.Parameter(t.clone()))
+    rename = {n.replace(".", "_"): n for n in suspect}
+    state = {k: pre[rename[k]] for k in rename if rename[k] in pre}
+    purify_(module, state, {k: hessian[rename[k]] for k in state}, config)
+    got = read_dir(tmp_path / "out")
+    for k, p in module.named_parameters():
+        assert torch.equal(got[rename[k]], p.data), k
+
+
+def test_explicit_reset_count(checkpoints, tmp_path):
+    _, _, _, pre_dir, sus_dir, h_file = checkpoints
+    report = purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), PurifyConfig.literal(),
+                               num_reset=17, progress=False)
+    assert sum(report.reset_per_tensor.values()) >= 17 and report.num_reset == 17 and report.reserve_ratio is None
+
+
+def test_streaming_writer_matches_the_safetensors_format(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(4, dtype=torch.int64), "c": torch.randn(7).bfloat16(),
+               "d": torch.zeros(0, 2)}
+    path = str(tmp_path / "x.safetensors")
+    writer = ShardWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], {"format": "pt"})
+    for n, t in tensors.items():
+        writer.write(n, t)
+    writer.close()
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    ckpt = Checkpoint(path)
+    assert all(torch.equal(ckpt.read(n), t) for n, t in tensors.items())
+    assert torch.equal(ckpt.read("a", 4, 7), tensors["a"].reshape(-1)[4:11])
+    # written in pieces, the same file
+    pieces = str(tmp_path / "y.safetensors")
+    writer = ShardWriter(pieces, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], {"format": "pt"})
+    for n, t in tensors.items():
+        for piece in t.reshape(-1).split(4):
+            writer.write_part(n, piece)
+    writer.close()
+    assert open(pieces, "rb").read() == open(path, "rb").read()
+    writer = ShardWriter(str(tmp_path / "z.safetensors"), [("a", torch.float32, (3, 5))], {})
+    with pytest.raises(AssertionError, match="out of order"):
+        writer.write_part("b", torch.zeros(3))
+    with pytest.raises(AssertionError, match="never written completely"):
+        writer.close()
+
+
+def test_bad_checkpoints_fail_clearly_and_leave_nothing(checkpoints, tmp_path):
+    pre, suspect, hessian, pre_dir, sus_dir, h_file = checkpoints
+    out = tmp_path / "out"
+
+    def fails(message, *args, **kw):
+        with pytest.raises((CheckpointError, ValueError, FileExistsError), match=message):
+            purify_checkpoint(*args, str(out), progress=False, **kw)
+        assert not out.exists() and not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+    fails("does not exist", str(tmp_path / "nope"), sus_dir, h_file)
+    partial_h = str(tmp_path / "partial_h.safetensors")
+    save_file({n: h for n, h in hessian.items() if n != "layer1.weight"}, partial_h)
+    fails("has no tensor 'layer1.weight'", pre_dir, sus_dir, partial_h)
+    truncated = str(tmp_path / "truncated.safetensors")
+    with open(h_file, "rb") as f:
+        raw = f.read()
+    with open(truncated, "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    fails("truncated or corrupt", pre_dir, sus_dir, truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x80\x04\x95not safetensors at all")
+    fails("not a safetensors file", pre_dir, sus_dir, str(garbage))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({}, pickled / "pytorch_model.bin")
+    fails("holds no .safetensors file", pre_dir, str(pickled), h_file)
+    other = save_sharded({n: t.double() for n, t in pre.items()}, tmp_path / "other", [list(pre)])
+    fails("must share dtypes", other, sus_dir, h_file)
+    renamed = save_sharded({"model." + n: t for n, t in pre.items()}, tmp_path / "renamed", [["model." + n for n in pre]])
+    fails("mismatched architectures", renamed, sus_dir, h_file)  # no name matches
+    nan_h = str(tmp_path / "nan.safetensors")
+    save_file({**hessian, "norm.weight": torch.full((33,), float("nan"))}, nan_h)
+    fails("NaN or Inf", pre_dir, sus_dir, nan_h)
+    with pytest.raises(ValueError, match="in-memory only"):
+        purify_checkpoint(pre_dir, sus_dir, h_file, str(out), PurifyConfig(ranking="fine_mixing", embeddings="ranked"))
+    os.makedirs(out)
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        purify_checkpoint(pre_dir, sus_dir, h_file, str(out), PurifyConfig.literal(), progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
