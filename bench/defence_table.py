@@ -47,7 +47,7 @@ def measure_cell(attack_name, seed, args, results, save):
     from finepurify_ext.pipeline import (FinetuneConfig, HessianConfig, clean_hessian, fine_purify,
                                          pretrained_state_for, split_validation)
     from finepurify_ext.purify import PurifyConfig
-    from finepurify_ext.training import attack_success_rate, clean_accuracy
+    from finepurify_ext.training import attack_success_rate, clean_accuracy, mean_loss
 
     setting = dataclasses.replace(QUICK if args.quick else DemoSetting(), attack=attack_name)
     attack = ATTACKS[attack_name]
@@ -63,7 +63,8 @@ def measure_cell(attack_name, seed, args, results, save):
 
     def measure(model):
         return {"cacc": clean_accuracy(model, tok, test), "asr": attack_success_rate(model, tok, test, attack, seed=seed),
-                "validation_accuracy": clean_accuracy(model, tok, validation)}
+                "validation_accuracy": clean_accuracy(model, tok, validation),
+                "validation_loss": mean_loss(model, tok, validation)}
 
     if cell not in results["models"]:
         results["models"][cell] = {"backdoored": measure(suspect), "clean_trained": measure(reference)}

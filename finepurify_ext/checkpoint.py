@@ -262,9 +262,13 @@ def purify_checkpoint(
         Checkpoint(suspect, "suspect checkpoint"), Checkpoint(hessian, "hessian")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:  # fail before the long passes
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another output or pass overwrite")
-    scored, unscored = [], []
+    scored, unscored, pre_name = [], [], {}
     for name, e in sus_ckpt.entries.items():
-        p = pre_ckpt.entries.get(name)
+        # A task model's names may carry its base model's prefix ("bert.", "model.") that a base
+        # checkpoint lacks; the exact name wins.
+        base = name if name in pre_ckpt else name.split(".", 1)[-1]
+        p = pre_ckpt.entries.get(base)
+        pre_name[name] = base
         if p is not None and p.shape == e.shape and e.dtype in SCORED_DTYPES:
             if p.dtype != e.dtype:
                 raise CheckpointError(f"tensor {name!r} is {e.dtype} in {e.file} but {p.dtype} in {p.file}; "
@@ -289,7 +293,7 @@ def purify_checkpoint(
         numel = sus_ckpt.numel(name)
         for start in range(0, numel, chunk):
             count = min(chunk, numel - start)
-            ft, pre, h = sus_ckpt.read(name, start, count), pre_ckpt.read(name, start, count), \
+            ft, pre, h = sus_ckpt.read(name, start, count), pre_ckpt.read(pre_name[name], start, count), \
                 h_ckpt.read(name, start, count).float()
             bytes_read += count * (ft.element_size() + pre.element_size() + h_ckpt.entries[name].dtype.itemsize)
             yield start, ft, pre, h

@@ -36,7 +36,45 @@ def _grid(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.1,0.3,0.5, got {text!r}") from None
 
 
+def cmd_purify_checkpoint(args) -> int:
+    from .checkpoint import purify_checkpoint
+
+    if args.reserve_ratio == "auto" and args.num_reset is None:
+        raise ValueError("with --hessian-file (out-of-core, no clean fine-tuning) give a numeric --reserve-ratio "
+                         "or --num-reset; 'auto' needs the clean data and fine-tuning")
+    config = _purify_config(args)
+    if not args.literal:
+        config = config.replace(embeddings="ranked")
+    report = purify_checkpoint(args.pretrained, args.suspect, args.hessian_file, args.out, config,
+                               num_reset=args.num_reset, overwrite=args.overwrite)
+    print(f"purified checkpoint written to {args.out}: reset {sum(report.reset_per_tensor.values())} of "
+          f"{report.ranked_elements} ranked weights, read {report.bytes_read / 1e9:.2f} GB in "
+          f"{sum(report.timings_s.values()):.1f} s (report finepurify_report.json). Fine-tune it on clean "
+          "data in your training stack.")
+    return 0
+
+
+def cmd_hessian(args) -> int:
+    from .data import load_examples
+    from .hessian import save_hessian
+    from .pipeline import HessianConfig, clean_hessian, load_classifier
+
+    model, tokenizer, _ = load_classifier(args.model)
+    clean = load_examples(args.clean_data, num_labels=model.config.num_labels)
+    resume = args.out + ".accumulator.safetensors"
+    config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size)
+    hessians, count = clean_hessian(model, tokenizer, clean, config, resume_file=resume, save_every=args.save_every)
+    save_hessian(args.out, hessians, count)
+    os.remove(resume)
+    print(f"Hessian of {len(hessians)} tensors from {count} squared gradients written to {args.out}")
+    return 0
+
+
 def cmd_purify(args) -> int:
+    if args.hessian_file:
+        return cmd_purify_checkpoint(args)
+    if not args.clean_data:
+        raise ValueError("give --clean-data (or --hessian-file for out-of-core purification of a checkpoint)")
     from .data import load_examples
     from .pipeline import (FinetuneConfig, HessianConfig, SelectionConfig, fine_purify, fine_purify_auto,
                            load_classifier, pretrained_state_for, save_atomically, write_json)
@@ -104,7 +142,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("purify", help="purify a suspect fine-tuned model")
     p.add_argument("--pretrained", required=True, help="clean pre-trained transformers directory (safetensors)")
     p.add_argument("--suspect", required=True, help="suspect fine-tuned classifier directory (safetensors)")
-    p.add_argument("--clean-data", required=True, help="CSV or JSONL with text and label columns")
+    p.add_argument("--clean-data", help="CSV or JSONL with text and label columns")
+    p.add_argument("--hessian-file", help="a saved Hessian (finepurify hessian): purify the checkpoints out of core, "
+                   "shard by shard, without clean fine-tuning; --pretrained and --suspect may then be any "
+                   "safetensors checkpoints (sharded with an index, or single files)")
+    p.add_argument("--num-reset", type=int, help="with --hessian-file: reset exactly this many weights")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--reserve-ratio", type=_reserve_ratio, default="auto",
                    help="fraction of ranked dimensions kept, or 'auto' (default): chosen on held-out clean data")
@@ -123,6 +165,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_purify)
+
+    h = sub.add_parser("hessian", help="estimate the clean Hessian of a model and save it (resumable)")
+    h.add_argument("--model", required=True, help="the suspect classifier directory (safetensors)")
+    h.add_argument("--clean-data", required=True)
+    h.add_argument("--out", required=True, help="the .safetensors file to write")
+    h.add_argument("--per-sample", action="store_true")
+    h.add_argument("--batch-size", type=int, default=32)
+    h.add_argument("--save-every", type=int, default=50, help="batches between saves of the running sums; "
+                   "an interrupted run started again resumes from the last save")
+    h.set_defaults(fn=cmd_hessian)
 
     e = sub.add_parser("evaluate", help="clean accuracy (and attack success rate) of a model")
     e.add_argument("--model", required=True)

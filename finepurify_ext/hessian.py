@@ -3,6 +3,7 @@ the mean of squared gradients (the diagonal empirical Fisher), accumulated with 
 ``accumulate_sq_grads_`` op after each backward pass."""
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import torch
@@ -18,6 +19,10 @@ def _micro_batches(batch: dict[str, torch.Tensor]):
         yield {name: value[i : i + 1] for name, value in batch.items()}
 
 
+ACCUMULATOR_FORMAT = "finepurify-hessian-accumulator-v1"
+HESSIAN_FORMAT = "finepurify-hessian-v1"
+
+
 def estimate_hessian(
     model: torch.nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -25,6 +30,8 @@ def estimate_hessian(
     per_sample: bool = False,
     progress: bool = True,
     total: int | None = None,
+    resume_file: str | None = None,
+    save_every: int = 50,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Returns ({parameter name: float32 diagonal Hessian}, number of squared gradients averaged).
 
@@ -32,30 +39,105 @@ def estimate_hessian(
     squares each example's gradient instead (costlier, nearly the same ranking). Dropout is off
     (eval mode) while estimating; the model's mode and its gradients are restored afterwards.
     Parameters the loss never reaches keep a Hessian of exactly zero.
+
+    With ``resume_file`` the running sums and counts are saved there (safetensors, atomically) every
+    ``save_every`` batches and at the end; a later call with the same file and the same batches skips
+    the batches already done and gives exactly the uninterrupted result.
+
+    Under DDP each rank squares the all-reduced gradient (the Fisher of the global batch; every rank
+    holds the same result); under FSDP2 each rank accumulates the squared gradient of its own shard
+    (the Hessians are DTensors sharded like the parameters).
     """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     hessians = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    local = {name: _local(h) for name, h in hessians.items()}
+    done, count = 0, 0
+    if resume_file is not None and os.path.exists(resume_file):
+        done, count = _load_accumulator(resume_file, local, per_sample)
     was_training = model.training
     saved_grads = {name: p.grad for name, p in params.items()}
     model.eval()
     model.zero_grad(set_to_none=True)
-    count = 0
     device = next(iter(params.values())).device if params else torch.device("cpu")
     try:
-        for batch in tqdm(batches, desc="hessian", total=total, disable=not progress, leave=False):
+        bar = tqdm(batches, desc="hessian", total=total, initial=0, disable=not progress, leave=False)
+        for index, batch in enumerate(bar):
+            if index < done:  # done before the interruption
+                continue
             for micro in (_micro_batches(batch) if per_sample else (batch,)):
                 loss = model(**{k: v.to(device) for k, v in micro.items()}).loss
                 loss.backward()
                 reached = [name for name, p in params.items() if p.grad is not None]
                 ops.accumulate_sq_grads_(
-                    [hessians[n] for n in reached], [params[n].grad for n in reached], zero_grads=True
+                    [local[n] for n in reached], [_local(params[n].grad) for n in reached], zero_grads=True
                 )
                 count += 1
+            done = index + 1
+            if resume_file is not None and done % save_every == 0:
+                _save_accumulator(resume_file, local, done, count, per_sample)
     finally:
         for name, p in params.items():
             p.grad = saved_grads[name]
         model.train(was_training)
+    if resume_file is not None:
+        _save_accumulator(resume_file, local, done, count, per_sample)
     if count == 0:
         raise ValueError("estimate_hessian: the clean data gave no batches; it must hold at least one example")
-    torch._foreach_mul_(list(hessians.values()), 1.0 / count)
+    torch._foreach_mul_(list(local.values()), 1.0 / count)
     return hessians, count
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") and type(t).__name__ == "DTensor" else t
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _save_accumulator(path, sums, done, count, per_sample) -> None:
+    _atomic_save_file(sums, path, {"format": ACCUMULATOR_FORMAT, "batches_done": str(done),
+                                   "squared_gradients": str(count), "per_sample": str(bool(per_sample))})
+
+
+def _load_accumulator(path, sums, per_sample) -> tuple[int, int]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != ACCUMULATOR_FORMAT:
+                raise ValueError(f"{path} is not a Hessian accumulator saved by estimate_hessian; "
+                                 "give a new file or delete this one")
+            if meta.get("per_sample") != str(bool(per_sample)):
+                raise ValueError(f"{path} was saved with per_sample={meta.get('per_sample')}; resume with the "
+                                 "same setting or give a new file")
+            names = set(f.keys())
+            if names != set(sums):
+                raise ValueError(f"{path} holds other parameters than this model ({len(names ^ set(sums))} names "
+                                 "differ); it belongs to another model: give a new file")
+            for name, t in sums.items():
+                saved = f.get_tensor(name)
+                if saved.shape != t.shape:
+                    raise ValueError(f"{path}: {name!r} has shape {list(saved.shape)}, the model's is "
+                                     f"{list(t.shape)}; it belongs to another model: give a new file")
+                t.copy_(saved)
+            return int(meta["batches_done"]), int(meta["squared_gradients"])
+    except (OSError, KeyError, SafetensorError) as error:
+        raise ValueError(f"cannot resume from {path}: {error}; delete it to start afresh") from None
+
+
+def save_hessian(path: str, hessians: dict[str, torch.Tensor], count: int) -> None:
+    """The estimated Hessian as safetensors (the input of out-of-core purification), atomically."""
+    full = {n: (h.full_tensor() if type(h).__name__ == "DTensor" else h) for n, h in hessians.items()}
+    _atomic_save_file(full, path, {"format": HESSIAN_FORMAT, "squared_gradients": str(count)})

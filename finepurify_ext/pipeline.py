@@ -84,11 +84,12 @@ def fine_purify(
 
 
 def clean_hessian(model, tokenizer, clean: Sequence[Example], config: HessianConfig = HessianConfig(),
-                  progress: bool = True) -> tuple[dict[str, torch.Tensor], int]:
-    """Step 2 on a list of examples: the diagonal Hessian of the clean loss at the model's weights."""
+                  progress: bool = True, **resume) -> tuple[dict[str, torch.Tensor], int]:
+    """Step 2 on a list of examples: the diagonal Hessian of the clean loss at the model's weights
+    (``resume``: ``resume_file`` and ``save_every`` of ``estimate_hessian``)."""
     return estimate_hessian(
         model, batches(tokenizer, clean, config.batch_size, config.max_length),
-        per_sample=config.per_sample, progress=progress, total=-(-len(clean) // config.batch_size),
+        per_sample=config.per_sample, progress=progress, total=-(-len(clean) // config.batch_size), **resume,
     )
 
 

@@ -85,6 +85,19 @@ def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 128, max_l
     return preds
 
 
+@torch.no_grad()
+def mean_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 128, max_length: int = 64) -> float:
+    """Mean cross-entropy on labelled examples (a smoother validation signal than accuracy)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    for batch in batches(tokenizer, examples, batch_size, max_length):
+        logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
+        total += float(torch.nn.functional.cross_entropy(logits, batch["labels"].to(device), reduction="sum"))
+        n += len(batch["labels"])
+    return total / max(n, 1)
+
+
 def clean_accuracy(model, tokenizer, examples: Sequence[Example], **kw) -> float:
     """CACC: accuracy on the clean test set."""
     preds = predict(model, tokenizer, [e.text for e in examples], **kw)

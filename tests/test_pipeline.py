@@ -111,6 +111,63 @@ def hessian_of(model, tokenizer, n=24):
     return estimate_hessian(model, data.batches(tokenizer, toy_examples(n, 5), 8), progress=False)[0]
 
 
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_after(batches, n):
+    for i, batch in enumerate(batches):
+        if i == n:
+            raise Interrupted()
+        yield batch
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_hessian_resumes_exactly(tokenizer, tmp_path, per_sample):
+    model = tiny_model(tokenizer, seed=4)
+    examples = toy_examples(40, 6)
+    expected, expected_count = estimate_hessian(model, data.batches(tokenizer, examples, 4), per_sample=per_sample,
+                                                progress=False)
+    resume = str(tmp_path / "acc.safetensors")
+    with pytest.raises(Interrupted):  # killed after 7 batches; saved after 3 and 6
+        estimate_hessian(model, interrupted_after(data.batches(tokenizer, examples, 4), 7), per_sample=per_sample,
+                         progress=False, resume_file=resume, save_every=3)
+    from safetensors import safe_open
+    with safe_open(resume, framework="pt") as f:
+        assert f.metadata()["batches_done"] == "6"
+    got, count = estimate_hessian(model, data.batches(tokenizer, examples, 4), per_sample=per_sample,
+                                  progress=False, resume_file=resume, save_every=3)
+    assert count == expected_count
+    for n in expected:
+        assert torch.equal(got[n], expected[n]), n
+    # a finished file gives the same result again without recomputing
+    again, _ = estimate_hessian(model, interrupted_after(data.batches(tokenizer, examples, 4), 10), per_sample=per_sample,
+                                progress=False, resume_file=resume)
+    assert all(torch.equal(again[n], expected[n]) for n in expected)
+    # the file of another model or setting is refused, with the fix
+    with pytest.raises(ValueError, match="per_sample"):
+        estimate_hessian(model, data.batches(tokenizer, examples, 4), per_sample=not per_sample,
+                         progress=False, resume_file=resume)
+    with pytest.raises(ValueError, match="another model"):
+        estimate_hessian(tiny_model(tokenizer, hidden=16), data.batches(tokenizer, examples, 4),
+                         per_sample=per_sample, progress=False, resume_file=resume)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="delete it to start afresh"):
+        estimate_hessian(model, data.batches(tokenizer, examples, 4), progress=False, resume_file=str(garbage))
+
+
+def test_saved_hessian_reads_back(tokenizer, tmp_path):
+    from finepurify_ext.checkpoint import Checkpoint
+    from finepurify_ext.hessian import save_hessian
+
+    hessians, count = estimate_hessian(tiny_model(tokenizer), data.batches(tokenizer, toy_examples(8, 1), 4),
+                                       progress=False)
+    save_hessian(str(tmp_path / "h.safetensors"), hessians, count)
+    ckpt = Checkpoint(str(tmp_path / "h.safetensors"))
+    assert all(torch.equal(ckpt.read(n), h) for n, h in hessians.items())
+
+
 @pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
 def test_purify_resets_the_budget_and_keeps_the_head(tokenizer, ranking):
     model, state = drifted_pair(tokenizer)
@@ -311,6 +368,24 @@ def test_cli_purify_writes_a_loadable_model(model_dirs, tmp_path):
     # refuses to overwrite without --overwrite
     assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean,
                      "--out", str(out), "--finetune-steps", "0"]) == 2
+
+
+def test_cli_hessian_then_out_of_core_purify(model_dirs, tmp_path):
+    pre, suspect, clean = model_dirs
+    h = tmp_path / "h.safetensors"
+    assert cli.main(["hessian", "--model", suspect, "--clean-data", clean, "--out", str(h), "--batch-size", "4",
+                     "--save-every", "2"]) == 0
+    assert h.exists() and not os.path.exists(str(h) + ".accumulator.safetensors")
+    out = tmp_path / "ooc"
+    # the pre-trained checkpoint is a base model: "embeddings.*" matches the suspect's "bert.embeddings.*"
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--hessian-file", str(h),
+                     "--out", str(out), "--reserve-ratio", "0.5"]) == 0
+    model, _, missing = load_classifier(str(out))
+    assert not missing
+    report = json.load(open(out / "finepurify_report.json"))
+    assert report["num_reset"] > 0 and report["copied_unscored"] == ["classifier.bias", "classifier.weight"]
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--hessian-file", str(h),
+                     "--out", str(tmp_path / "ooc2")]) == 2  # auto needs clean data
 
 
 def _no_partial_output(tmp_path, out):
