@@ -54,12 +54,23 @@ def score_threshold(
     hessians: Sequence[torch.Tensor],
     k: int,
     eps: float,
+    *,
+    group=None,
+    replicated: bool = False,
 ) -> float:
     """The exact k-th largest score (k from 1) over all elements of all tensors.
 
     Found with three histogram passes over the float bits of the scores; no score vector is
     materialised. Raises if any input holds NaN or Inf (or a hessian is negative), naming it.
+    With a process ``group`` the elements of all its ranks count, their histograms summed with one
+    ``all_reduce`` per pass (see ``threshold.distributed_score_threshold``; DTensors are read by
+    their placements, plain tensors are each rank's shard unless ``replicated``).
     """
+    if group is not None:
+        from .threshold import distributed_score_threshold
+
+        return distributed_score_threshold(finetuned, pretrained, hessians, k, eps, group=group,
+                                           replicated=replicated)
     threshold = _ops.score_threshold.default(
         list(finetuned), list(pretrained), list(hessians), int(k), float(eps)
     )

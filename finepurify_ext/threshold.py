@@ -72,10 +72,12 @@ def distributed_score_threshold(
     k: int,
     eps: float,
     group=None,
+    replicated: bool = False,
 ) -> float:
     """``ops.score_threshold`` over the elements of every rank of ``group`` (default: the world).
 
-    Plain tensors: each rank passes different elements (its shard of the model). DTensors (FSDP2,
+    Plain tensors: each rank passes different elements (its shard of the model), or, with
+    ``replicated=True``, every rank passes the same ones (DDP) and they are counted once. DTensors (FSDP2,
     tensor parallel) are read by their placements: a sharded dimension counts each rank's shard, a
     replicated one counts once, so replicated parameters are never counted twice. ``k`` counts over
     all ranks. Every rank gets the same threshold, the one a single process gets over all elements.
@@ -83,7 +85,9 @@ def distributed_score_threshold(
     import torch.distributed as dist
 
     lists = [list(finetuned), list(pretrained), list(hessians)]
-    keep = [i for i, t in enumerate(lists[0]) if _counts_here(t)]
+    first_rank = dist.get_rank(group) == 0
+    keep = [i for i, t in enumerate(lists[0])
+            if (_counts_here(t) if _is_dtensor(t) else (first_rank or not replicated))]
     ft, pre, hs = ([_local(ts[i]) for i in keep] for ts in lists)
     device = ft[0].device if ft else torch.device("cpu")
     if dist.get_backend(group) == "nccl" and device.type != "cuda":  # nccl reduces CUDA tensors only

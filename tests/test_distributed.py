@@ -1,0 +1,168 @@
+"""torch.distributed: two processes on the gloo backend (CPU) agree with one process exactly.
+
+The threshold over sharded plain tensors, over DTensors (sharded and replicated: no double counting)
+and over replicated plain tensors; the reset of the local parts; and the Hessian under DDP and FSDP2.
+"""
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from finepurify_ext import ops
+from finepurify_ext.threshold import distributed_masked_reset_, distributed_score_threshold
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="this torch build has no torch.distributed gloo backend")
+WORLD = 2
+SHAPES = [(37, 11), (64,), (10, 3), (129, 5), (1,), (0, 4), (50, 50)]
+
+
+def full_state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ft = [torch.randn(s, generator=g) for s in SHAPES]
+    pre = [(t + 0.1 * torch.randn(t.shape, generator=g)) for t in ft]
+    hs = [torch.rand(s, generator=g) ** 2 for s in SHAPES]
+    hs[1][:7] = 0
+    ft[3][:2] = pre[3][:2]  # ties at zero drift
+    return ft, pre, hs
+
+
+def run(tmp_path, fn, *args):
+    mp.start_processes(_entry, args=(str(tmp_path / "rendezvous"), fn, args), nprocs=WORLD, start_method="spawn")
+
+
+def _entry(rank, rendezvous, fn, args):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        fn(rank, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------- threshold
+
+
+def _plain_sharded(rank, k, eps):
+    ft, pre, hs = full_state()
+    expected = ops.score_threshold(ft, pre, hs, k, eps)
+    ref = [t.clone() for t in ft]
+    ops.masked_reset_(ref, pre, hs, expected, eps)
+    # Rank r holds every other tensor and one half of the rows of the largest: elements differ per rank.
+    mine = [i for i in range(len(ft)) if i % WORLD == rank and i != 6]
+    rows = slice(0, 25) if rank == 0 else slice(25, 50)
+    local = [[t[i].clone() for i in mine] + [t[6][rows].clone()] for t in (ft, pre, hs)]
+    got = distributed_score_threshold(*local, k, eps)
+    assert got == expected, (got, expected)
+    distributed_masked_reset_(*local, got, eps)
+    for j, i in enumerate(mine):
+        assert torch.equal(local[0][j], ref[i]), i
+    assert torch.equal(local[0][-1], ref[6][rows])
+
+
+@pytest.mark.parametrize("k", [1, 100, 2000, 3647])
+def test_sharded_plain_tensors_match_one_process(tmp_path, k):
+    assert sum(torch.Size(s).numel() for s in SHAPES) == 3647
+    run(tmp_path, _plain_sharded, k, 1e-6)
+
+
+def _dtensors(rank, k, eps):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    ft, pre, hs = full_state(1)
+    expected = ops.score_threshold(ft, pre, hs, k, eps)
+    ref = [t.clone() for t in ft]
+    ops.masked_reset_(ref, pre, hs, expected, eps)
+    # FSDP-style sharded tensors and replicated ones (counted once, not twice)
+    placements = [[Shard(0)] if i % 2 == 0 else [Replicate()] for i in range(len(ft))]
+    dts = [[distribute_tensor(t.clone(), mesh, p) for t, p in zip(ts, placements)] for ts in (ft, pre, hs)]
+    got = distributed_score_threshold(*dts, k, eps)
+    assert got == expected, (got, expected)
+    distributed_masked_reset_(*dts, got, eps)
+    for i, t in enumerate(dts[0]):
+        assert torch.equal(t.full_tensor(), ref[i]), i
+
+
+@pytest.mark.parametrize("k", [1, 777, 3647])
+def test_dtensors_sharded_and_replicated_match_one_process(tmp_path, k):
+    run(tmp_path, _dtensors, k, 1e-6)
+
+
+def _replicated_plain(rank, k, eps):
+    ft, pre, hs = full_state(2)
+    expected = ops.score_threshold(ft, pre, hs, k, eps)
+    assert distributed_score_threshold(ft, pre, hs, k, eps, replicated=True) == expected
+    assert ops.score_threshold(ft, pre, hs, k, eps, group=dist.group.WORLD, replicated=True) == expected
+    with pytest.raises(ValueError, match="out of range"):  # counted twice without replicated=True
+        distributed_score_threshold(ft, pre, hs, 2 * 3647 + 1, eps)
+
+
+def test_replicated_plain_tensors_are_not_counted_twice(tmp_path):
+    run(tmp_path, _replicated_plain, 999, 1e-6)
+
+
+# ------------------------------------------------------------------------------------- Hessian
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor
+
+
+class TinyClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(6, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x, labels):
+        return Output(torch.nn.functional.cross_entropy(self.head(torch.tanh(self.body(x))), labels))
+
+
+def global_batches():
+    g = torch.Generator().manual_seed(3)
+    return [{"x": torch.randn(8, 6, generator=g), "labels": torch.randint(0, 3, (8,), generator=g)} for _ in range(5)]
+
+
+def single_process_hessian():
+    from finepurify_ext.hessian import estimate_hessian
+
+    return estimate_hessian(TinyClassifier(), global_batches(), progress=False)[0]
+
+
+def _ddp_hessian(rank, wrap):
+    from finepurify_ext.hessian import estimate_hessian
+
+    expected = single_process_hessian()
+    model = TinyClassifier()
+    if wrap == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        prefix = "module."
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+        prefix = ""
+    # each rank sees its half of every global batch; the gradients are averaged across ranks
+    local = [{k: v[rank::WORLD] for k, v in b.items()} for b in global_batches()]
+    hessians, count = estimate_hessian(model, local, progress=False)
+    assert count == 5
+    for name, h in expected.items():
+        got = hessians[prefix + name]
+        if wrap == "fsdp2":
+            assert type(got).__name__ == "DTensor"
+            got = got.full_tensor()
+        torch.testing.assert_close(got, h, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_hessian_under_ddp_and_fsdp2(tmp_path, wrap):
+    run(tmp_path, _ddp_hessian, wrap)
