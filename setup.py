@@ -45,6 +45,7 @@ if with_cuda:
             "cxx": cxx_flags + ["-DFINEPURIFY_WITH_CUDA"],
             "nvcc": ["-O3", "-fmad=false", "-DFINEPURIFY_WITH_CUDA"],
         },
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],
         extra_link_args=["-fopenmp"],
     )
 else:
@@ -52,6 +53,7 @@ else:
         "finepurify_ext._C",
         ext_sources,
         extra_compile_args={"cxx": cxx_flags},
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],
         extra_link_args=["-fopenmp"],
     )
 

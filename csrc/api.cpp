@@ -1,0 +1,55 @@
+// The C++ API of include/finepurify/finepurify.h: thin calls through the dispatcher.
+#include "finepurify/finepurify.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace finepurify {
+namespace {
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+}  // namespace
+
+void accumulate_sq_grads_(at::TensorList hessians, at::TensorList grads, double scale,
+                          bool zero_grads) {
+  static auto handle =
+      op<void(at::TensorList, at::TensorList, double, bool)>("finepurify::accumulate_sq_grads_");
+  handle.call(hessians, grads, scale, zero_grads);
+}
+
+at::Tensor drift_score(const at::Tensor& finetuned, const at::Tensor& pretrained,
+                       const at::Tensor& hessian, double eps) {
+  static auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
+          "finepurify::drift_score");
+  return handle.call(finetuned, pretrained, hessian, eps);
+}
+
+double score_threshold(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
+                       int64_t k, double eps) {
+  static auto handle =
+      op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t, double)>(
+          "finepurify::score_threshold");
+  return handle.call(finetuned, pretrained, hessians, k, eps).item<double>();
+}
+
+at::Tensor masked_reset_(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
+                         double threshold, double eps) {
+  static auto handle =
+      op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, double)>(
+          "finepurify::masked_reset_");
+  return handle.call(finetuned, pretrained, hessians, threshold, eps);
+}
+
+at::Tensor reset_most_abnormal_(at::TensorList finetuned, at::TensorList pretrained,
+                                at::TensorList hessians, double reserve_ratio, double eps) {
+  static auto handle =
+      op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, double)>(
+          "finepurify::reset_most_abnormal_");
+  return handle.call(finetuned, pretrained, hessians, reserve_ratio, eps);
+}
+
+}  // namespace finepurify

@@ -1,0 +1,15 @@
+# ctest driver: configure, build and run the consumer project against the installed package.
+foreach(step configure build run)
+  if(step STREQUAL configure)
+    set(cmd ${CMAKE_COMMAND} -S ${SOURCE} -B ${BINARY} -G ${GENERATOR} -DCMAKE_MAKE_PROGRAM=${MAKE_PROGRAM}
+        -DCMAKE_BUILD_TYPE=Release "-DCMAKE_PREFIX_PATH=${PREFIX}" -DTorch_DIR=${Torch_DIR})
+  elseif(step STREQUAL build)
+    set(cmd ${CMAKE_COMMAND} --build ${BINARY})
+  else()
+    set(cmd ${BINARY}/consumer)
+  endif()
+  execute_process(COMMAND ${cmd} RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "consumer ${step} failed (${rc})")
+  endif()
+endforeach()
