@@ -2,13 +2,14 @@
 against loading both models (and the Hessian) fully into memory and doing the same in pure PyTorch.
 
     python bench/bench_checkpoint.py                 # a 4.2 GB float32 model in 500 MB shards
-    python bench/bench_checkpoint.py --size small    # 0.5 GB, a quick look
+    python bench/bench_checkpoint.py --size medium   # 1.3 GB: small enough for the in-memory baseline here
+    python bench/bench_checkpoint.py --size small    # 0.4 GB, a quick look
 
 The checkpoint has LLaMA-like shapes (hidden 2048, MLP 5632, vocabulary 32000; largest tensor
 262 MB). Each mode runs in a fresh subprocess so that its peak RSS (VmHWM) is its own; the memory
 target is peak RSS <= 3 x the largest tensor + 200 MB. The in-memory pure-PyTorch mode is skipped,
 and says so, when the machine has too little free memory for it. Writes
-bench/results/checkpoint_ooc.json.
+bench/results/checkpoint_ooc_<size>.json.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
 
 SIZES = {"full": {"layers": 18, "hidden": 2048, "mlp": 5632, "vocab": 32000},
+         "medium": {"layers": 4, "hidden": 2048, "mlp": 5632, "vocab": 32000},
          "small": {"layers": 2, "hidden": 1024, "mlp": 2816, "vocab": 32000}}
 SHARD_BYTES = 500 << 20
 RESERVE_RATIO = 0.9
@@ -138,11 +140,12 @@ def main(argv=None):
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--dir", default=None, help="where to generate the checkpoints (default: a temporary dir)")
     parser.add_argument("--modes", nargs="+", default=["out_of_core", "in_memory_pytorch"])
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "checkpoint_ooc.json"))
+    parser.add_argument("--out", default=None, help="default: bench/results/checkpoint_ooc_<size>.json")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "DIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(*args.child)
+    args.out = args.out or os.path.join(HERE, "results", f"checkpoint_ooc_{args.size}.json")
 
     sh = shapes(args.size)
     largest = max(4 * s[0] * (s[1] if len(s) > 1 else 1) for s in sh.values())
