@@ -215,6 +215,39 @@ def test_ops_follow_the_current_stream():
     assert_bitwise(ft_g, ft)
 
 
+def test_cuda_graph_capture_and_replay():
+    """The per-step ops (accumulation after backward, the reset at a known threshold) launch no host
+    sync, so they can be captured in a CUDA graph and replayed (score_threshold reads its histogram
+    on the host between passes and cannot be captured)."""
+    gen = torch.Generator().manual_seed(53)
+    grads = [torch.randn(s, generator=gen).to(CUDA) for s in [(4097,), (33, 5)]]
+    hessians = [torch.zeros_like(g) for g in grads]
+    ft, pre, h = make_weights(54, [(70_001,)], torch.bfloat16)
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    threshold = ops.score_threshold(ft, pre, h, 1000, EPS)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
+        ops.accumulate_sq_grads_(hessians, grads, scale=0.5)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for t in hessians:
+        t.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.accumulate_sq_grads_(hessians, grads, scale=0.5)
+        counts_g = ops.masked_reset_(ft_g, pre_g, h_g, threshold, EPS)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    for hh, g in zip(hessians, grads):
+        torch.testing.assert_close(hh, 3 * 0.5 * g * g, rtol=1e-6, atol=0)
+    counts = ops.masked_reset_(ft, pre, h, threshold, EPS)
+    assert int(counts.sum()) >= 1000
+    assert int(counts_g.sum()) == 0  # the last replay finds every abnormal weight reset by the first
+    assert_bitwise(ft_g, ft)
+
+
 def test_mixed_devices_refused():
     ft, pre, h = make_weights(51, [(10,), (10,)], torch.float32)
     with pytest.raises(RuntimeError, match=r"pretrained\[1\] is on cpu but the first tensor is on cuda"):
