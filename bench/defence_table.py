@@ -108,7 +108,7 @@ def summarise(results, args):
         if not seeds:
             continue
         models = {s: results["models"][f"{attack}/seed{s}"] for s in seeds}
-        chosen, curves = {}, {}
+        chosen, curves, secondary = {}, {}, {}
         for method in (*METHODS, "clean_ft"):
             grid = [1.0] if method == "clean_ft" else [*args.grid, 1.0]
             picks = []
@@ -119,6 +119,15 @@ def summarise(results, args):
                 picks.append(row_of[rho])
             chosen[method] = {"reserve_ratio": [p["reserve_ratio"] for p in picks],
                               "cacc": _mean_sd(p["cacc"] for p in picks), "asr": _mean_sd(p["asr"] for p in picks)}
+            # Secondary (not the pre-registered rule): the reference is rho = 1, fine-tuned the same way.
+            alt = []
+            for s in seeds:
+                row_of = {r: runs[run_key(attack, s, "clean_ft" if r == 1.0 else method, r)] for r in grid}
+                rho = pick_reserve_ratio({r: row["validation_accuracy"] for r, row in row_of.items()},
+                                         row_of[1.0]["validation_accuracy"], args.tolerance)
+                alt.append(row_of[rho])
+            secondary[method] = {"reserve_ratio": [p["reserve_ratio"] for p in alt],
+                                 "cacc": _mean_sd(p["cacc"] for p in alt), "asr": _mean_sd(p["asr"] for p in alt)}
             curves[method] = [{"reserve_ratio": r,
                                **{k: _mean_sd(runs[run_key(attack, s, "clean_ft" if r == 1.0 else method, r)][k]
                                               for s in seeds) for k in ("cacc", "asr", "validation_accuracy")}}
@@ -136,7 +145,13 @@ def summarise(results, args):
             "backdoored": {k: _mean_sd(models[s]["backdoored"][k] for s in seeds) for k in ("cacc", "asr")},
             "clean_trained": {k: _mean_sd(models[s]["clean_trained"][k] for s in seeds) for k in ("cacc", "asr")},
             "chosen_on_validation": chosen,
+            "chosen_on_validation_against_clean_finetuning": secondary,
             "curves": curves,
+            # Context only, never a choice: which rho of each curve meets both targets on the test set.
+            "test_oracle_rhos_meeting_both_targets": {
+                m: [p["reserve_ratio"] for p in curves[m]
+                    if p["asr"]["mean"] <= ref_asr["mean"] + 0.10 and p["cacc"]["mean"] >= bd_cacc["mean"] - 0.03]
+                for m in curves},
             "targets": {
                 "asr_within_10_points_of_clean_trained": fp["asr"]["mean"] <= ref_asr["mean"] + 0.10,
                 "asr_excess_points": 100 * (fp["asr"]["mean"] - ref_asr["mean"]),
@@ -191,6 +206,12 @@ def print_table(summary):
         for method in ("clean_ft", "fine_mixing", "magnitude", "no_hessian", "fine_purifying"):
             c = s["chosen_on_validation"][method]
             line(LABELS[method], ",".join(f"{r:g}" for r in c["reserve_ratio"]), c["cacc"], c["asr"])
+        for method in ("fine_mixing", "magnitude", "no_hessian", "fine_purifying"):
+            c = s["chosen_on_validation_against_clean_finetuning"][method]
+            line(LABELS[method][:15] + " (vs clean FT)", ",".join(f"{r:g}" for r in c["reserve_ratio"]),
+                 c["cacc"], c["asr"])
+        print(f"{attack:9s} rhos meeting both targets on the test set (context, not a choice): "
+              + "; ".join(f"{LABELS[m]} {v}" for m, v in s["test_oracle_rhos_meeting_both_targets"].items()))
         t = s["targets"]
         print(f"{attack:9s} targets: ASR {t['asr_excess_points']:+.1f} points over clean-trained (<= 10: "
               f"{t['asr_within_10_points_of_clean_trained']}), CACC {t['cacc_drop_points']:+.1f} points below "
