@@ -4,6 +4,7 @@ The threshold over sharded plain tensors, over DTensors (sharded and replicated:
 and over replicated plain tensors; the reset of the local parts; and the Hessian under DDP and FSDP2.
 """
 import os
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -36,12 +37,13 @@ def run(tmp_path, fn, *args):
 
 def _entry(rank, rendezvous, fn, args):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        fn(rank, *args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    torch.set_num_threads(1)
+    fn(rank, *args)  # an assertion error here reaches the parent through torch.multiprocessing
+    dist.barrier()
+    sys.stdout.flush()
+    # Leave at once: tearing down gloo's threads can abort the interpreter's exit ("terminate called
+    # without an active exception") after the test has passed.
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------- threshold
