@@ -50,6 +50,13 @@ class TensorEntry:
     nbytes: int
 
 
+def _numel(shape) -> int:
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel
+
+
 def _read_header(path: str) -> tuple[dict, int, dict]:
     """(tensor entries by name, data start offset, metadata) of one safetensors file."""
     try:
@@ -76,10 +83,7 @@ def _read_header(path: str) -> tuple[dict, int, dict]:
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has an unreadable header entry {info!r}") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * dtype.itemsize
+        nbytes = _numel(shape) * dtype.itemsize
         if end - begin != nbytes or begin < 0 or start + end > size:
             raise CheckpointError(f"{path}: tensor {name!r} lies outside the file or has the wrong size; "
                                   "the file is truncated or corrupt")
@@ -151,13 +155,6 @@ class Checkpoint:
         return sum(e.nbytes for e in self.entries.values())
 
 
-def _numel(shape) -> int:
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel
-
-
 class ShardWriter:
     """Writes one safetensors file tensor by tensor, in a fixed order: the header first (all shapes
     and dtypes are known in advance), then each tensor's bytes as it comes."""
@@ -167,12 +164,9 @@ class ShardWriter:
         if metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         for name, dtype, shape in layout:
-            numel = 1
-            for d in shape:
-                numel *= d
-            header[name] = {"dtype": CODES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + numel * dtype.itemsize]}
-            offset += numel * dtype.itemsize
+            nbytes = _numel(shape) * dtype.itemsize
+            header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
         self.f = open(path, "wb")

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
+from .threshold import _is_dtensor, _local
 
 
 def _micro_batches(batch: dict[str, torch.Tensor]):
@@ -87,11 +88,6 @@ def estimate_hessian(
     return hessians, count
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (FSDP2), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") and type(t).__name__ == "DTensor" else t
-
-
 def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -139,5 +135,5 @@ def _load_accumulator(path, sums, per_sample) -> tuple[int, int]:
 
 def save_hessian(path: str, hessians: dict[str, torch.Tensor], count: int) -> None:
     """The estimated Hessian as safetensors (the input of out-of-core purification), atomically."""
-    full = {n: (h.full_tensor() if type(h).__name__ == "DTensor" else h) for n, h in hessians.items()}
+    full = {n: (h.full_tensor() if _is_dtensor(h) else h) for n, h in hessians.items()}
     _atomic_save_file(full, path, {"format": HESSIAN_FORMAT, "squared_gradients": str(count)})
