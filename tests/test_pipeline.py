@@ -358,10 +358,10 @@ def test_cli_purify_writes_a_loadable_model(model_dirs, tmp_path):
     assert report["purify"]["num_reset"] > 0 and report["timings_s"]["total"] > 0
     assert {"drift_vs_hessian.png", "reset_per_layer.png"} <= set(os.listdir(out))
     assert before == {f: open(os.path.join(suspect, f), "rb").read() for f in os.listdir(suspect)}  # input untouched
-    # --reserve-ratio auto (the default) chooses on held-out clean data and says so in the report
+    # --reserve-ratio auto chooses on held-out clean data and says so in the report
     auto = tmp_path / "auto"
     assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--out", str(auto),
-                     "--rho-grid", "0.3,0.6", "--finetune-steps", "2"]) == 0
+                     "--reserve-ratio", "auto", "--rho-grid", "0.3,0.6", "--finetune-steps", "2"]) == 0
     selection = json.load(open(auto / "finepurify_report.json"))["selection"]
     assert selection["chosen_reserve_ratio"] in (0.3, 0.6, 1.0) and selection["validation_examples"] == 8
     load_classifier(str(auto))
@@ -385,7 +385,7 @@ def test_cli_hessian_then_out_of_core_purify(model_dirs, tmp_path):
     report = json.load(open(out / "finepurify_report.json"))
     assert report["num_reset"] > 0 and report["copied_unscored"] == ["classifier.bias", "classifier.weight"]
     assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--hessian-file", str(h),
-                     "--out", str(tmp_path / "ooc2")]) == 2  # auto needs clean data
+                     "--out", str(tmp_path / "ooc2"), "--reserve-ratio", "auto"]) == 2  # auto needs clean data
 
 
 def _no_partial_output(tmp_path, out):
