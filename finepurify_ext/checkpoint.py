@@ -362,17 +362,17 @@ def purify_checkpoint(
             layout = [(n, sus_ckpt.entries[n].dtype, sus_ckpt.entries[n].shape) for n in names]
             writer = ShardWriter(os.path.join(tmp, os.path.basename(file)), layout, sus_ckpt.metadata[file])
             for name in names:
-                if name in scored_set:
+                if name in scored_set and threshold is not None:
                     resets = 0
                     for _, ft, pre, h in chunks(name):
-                        if threshold is not None:
-                            hs, eps = ranking_inputs(name, h)
-                            resets += int(ops.masked_reset_([ft], [pre], [hs], threshold, eps)[0])
-                            del hs
+                        hs, eps = ranking_inputs(name, h)
+                        resets += int(ops.masked_reset_([ft], [pre], [hs], threshold, eps)[0])
                         writer.write_part(name, ft)
-                        del ft, pre, h
+                        del ft, pre, h, hs
                     report.reset_per_tensor[name] = resets
-                else:
+                else:  # copied as it is (nothing to reset: no need to read pre-trained values and Hessian)
+                    if name in scored_set:
+                        report.reset_per_tensor[name] = 0
                     numel = sus_ckpt.numel(name)
                     for offset in range(0, numel, chunk):
                         piece = sus_ckpt.read(name, offset, min(chunk, numel - offset))

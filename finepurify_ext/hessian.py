@@ -61,7 +61,7 @@ def estimate_hessian(
     model.zero_grad(set_to_none=True)
     device = next(iter(params.values())).device if params else torch.device("cpu")
     try:
-        bar = tqdm(batches, desc="hessian", total=total, initial=0, disable=not progress, leave=False)
+        bar = tqdm(batches, desc="hessian", total=total, disable=not progress, leave=False)
         for index, batch in enumerate(bar):
             if index < done:  # done before the interruption
                 continue

@@ -66,8 +66,7 @@ def fine_purify(
             start = time.perf_counter()
             hessians, count = clean_hessian(model, tokenizer, clean, hessian_config, progress)
             timings["hessian"] = time.perf_counter() - start
-            report["hessian"] = {"mode": "per-sample" if hessian_config.per_sample else "per-batch",
-                                 "squared_gradients": count}
+            report["hessian"] = _hessian_report(hessian_config, count)
         start = time.perf_counter()
         purified = purify_(model, pretrained_state, hessians, config.replace(seed=seed))
         timings["score_and_reset"] = time.perf_counter() - start
@@ -81,6 +80,10 @@ def fine_purify(
     timings["finetune"] = time.perf_counter() - start
     report["finetune"] = dataclasses.asdict(finetune_config)
     return report
+
+
+def _hessian_report(config: HessianConfig, count: int) -> dict:
+    return {"mode": "per-sample" if config.per_sample else "per-batch", "squared_gradients": count}
 
 
 def clean_hessian(model, tokenizer, clean: Sequence[Example], config: HessianConfig = HessianConfig(),
@@ -118,9 +121,13 @@ class SelectionConfig:
         return sorted(set(self.grid) | {1.0})
 
 
+def _within(accuracy: float, suspect_accuracy: float, tolerance: float) -> bool:
+    return accuracy >= suspect_accuracy - tolerance - 1e-9  # 1e-9: accuracies are float32 ratios
+
+
 def pick_reserve_ratio(validation_accuracy: dict[float, float], suspect_accuracy: float, tolerance: float) -> float:
     """The selection rule of ``SelectionConfig`` on measured validation accuracies."""
-    passing = [rho for rho, acc in validation_accuracy.items() if acc >= suspect_accuracy - tolerance - 1e-9]
+    passing = [rho for rho, acc in validation_accuracy.items() if _within(acc, suspect_accuracy, tolerance)]
     if passing:
         return min(passing)
     return max(validation_accuracy, key=lambda rho: (validation_accuracy[rho], -rho))
@@ -178,15 +185,14 @@ def fine_purify_auto(
         if on_candidate is not None:
             on_candidate(rho, model, report)
         pick = pick_reserve_ratio(accuracy, suspect_accuracy, selection.tolerance)
-        if pick != chosen:  # keep the current choice's weights (one extra copy of the model)
+        if pick != chosen:  # keep the current choice's weights (with the suspect's: two extra copies)
             chosen, best_report = pick, report
             best_state = {n: p.detach().clone() for n, p in model.state_dict().items()}
-        if not exhaustive and accuracy[rho] >= suspect_accuracy - selection.tolerance - 1e-9:
+        if not exhaustive and _within(accuracy[rho], suspect_accuracy, selection.tolerance):
             break
     model.load_state_dict(best_state)
     best_report["timings_s"]["hessian"] = hessian_time
-    best_report["hessian"] = {"mode": "per-sample" if hessian_config.per_sample else "per-batch",
-                              "squared_gradients": count}
+    best_report["hessian"] = _hessian_report(hessian_config, count)
     best_report["selection"] = {**selection_report, "chosen_reserve_ratio": chosen}
     return best_report
 

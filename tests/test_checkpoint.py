@@ -127,6 +127,13 @@ def test_explicit_reset_count(checkpoints, tmp_path):
     report = purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), PurifyConfig.literal(),
                                num_reset=17, progress=False)
     assert sum(report.reset_per_tensor.values()) >= 17 and report.num_reset == 17 and report.reserve_ratio is None
+    # nothing to reset: the suspect comes out unchanged
+    none = purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "none"), PurifyConfig.literal(), num_reset=0,
+                             progress=False)
+    assert none.threshold is None and set(none.reset_per_tensor.values()) == {0}
+    assert set(none.reset_per_tensor) == set(SHAPES)
+    got, suspect = read_dir(tmp_path / "none"), read_dir(sus_dir)
+    assert all(torch.equal(got[n], suspect[n]) for n in suspect)
 
 
 def test_streaming_writer_matches_the_safetensors_format(tmp_path):
