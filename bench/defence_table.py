@@ -3,13 +3,16 @@
 For each trigger and seed: the backdoored and clean-trained models (cached, as in `finepurify demo`),
 the defender's 256 clean tweets split into 192 for fine-tuning and 64 held out; the Hessian once on the
 192; then every ranking at every reserve ratio of the grid, plus clean fine-tuning alone (rho = 1, the
-shared end of every curve), each measured on the held-out 64 (validation accuracy) and on the 1000
-test tweets (CACC, ASR). Each method's rho is then chosen on the validation accuracy alone, with the
-rule of `--reserve-ratio auto` (finepurify_ext.pipeline.pick_reserve_ratio); the test set never
-chooses anything. Resumable: each finished run is saved at once, and a rerun skips it.
+shared end of every curve). Clean fine-tuning stops early on the held-out loss. Each run is measured on
+the held-out 64 (validation accuracy) and on the 1000 test tweets (CACC, ASR). Each method's rho is
+chosen on the validation accuracy alone, by two rules fixed before the runs (see `summarise`); the test
+set never chooses anything. Resumable: each finished run is saved at once, and a rerun skips it.
 
-    python bench/defence_table.py                       # 3 triggers x 3 seeds, about 2 h on 2 cores
+    python bench/defence_table.py                       # 3 triggers x 3 seeds, about 80 min on 2 cores
     python bench/defence_table.py --attacks word --seeds 0
+    # one process per seed (1 thread each), then merged:
+    for s in 0 1 2; do OMP_NUM_THREADS=1 python bench/defence_table.py --seeds $s --out /tmp/s$s.json & done; wait
+    python bench/defence_table.py --summary-only --merge /tmp/s0.json /tmp/s1.json /tmp/s2.json
 
 Writes bench/results/defence_table.json (runs, summary, the target check) and a PNG of the CACC/ASR
 curves per trigger beside it.
@@ -73,20 +76,23 @@ def measure_cell(attack_name, seed, args, results, save):
         return
     pretrained_state = pretrained_state_for(suspect, data.minilm_dir())
     hessians, _ = clean_hessian(suspect, tok, train, HessianConfig(), progress=False)
-    ft = FinetuneConfig(steps=args.finetune_steps, lr=args.lr)
+    ft = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, eval_every=args.eval_every, patience=args.patience)
     for method, rho in todo:
         model = copy.deepcopy(suspect)
         start = time.perf_counter()
         config = None if method == "clean_ft" else PurifyConfig(ranking=method, reserve_ratio=rho)
         report = fine_purify(model, pretrained_state, tok, train, config, ft, seed=seed, progress=False,
-                             hessians=hessians)
+                             hessians=hessians, validation=validation)
         elapsed = time.perf_counter() - start
+        stopped = report["finetune"]["early_stopping"]
         row = {"attack": attack_name, "seed": seed, "method": method, "reserve_ratio": rho, **measure(model),
-               "time_s": elapsed, "num_reset": report.get("purify", {}).get("num_reset", 0)}
+               "time_s": elapsed, "num_reset": report.get("purify", {}).get("num_reset", 0),
+               "finetune_step_chosen": stopped["chosen_step"], "finetune_steps_run": stopped["steps_run"]}
         results["runs"][run_key(attack_name, seed, method, rho)] = row
         save()
         print(f"  {cell} {LABELS[method]:22s} rho {rho:4.2f}: val {100 * row['validation_accuracy']:5.1f}  "
-              f"CACC {100 * row['cacc']:5.1f}  ASR {100 * row['asr']:5.1f}  ({elapsed:.0f} s)", flush=True)
+              f"CACC {100 * row['cacc']:5.1f}  ASR {100 * row['asr']:5.1f}  step {stopped['chosen_step']:3d}/"
+              f"{stopped['steps_run']:3d} ({elapsed:.0f} s)", flush=True)
 
 
 def _mean_sd(values):
@@ -95,70 +101,100 @@ def _mean_sd(values):
             "n": len(values), "values": values}
 
 
+def _complete_seeds(results, args, attack):
+    runs = results["runs"]
+    return [s for s in args.seeds if f"{attack}/seed{s}" in results["models"]
+            and all(run_key(attack, s, m, r) in runs for m in METHODS for r in args.grid)
+            and run_key(attack, s, "clean_ft", 1.0) in runs]
+
+
+def _row(runs, attack, seed, method, rho):
+    return runs[run_key(attack, seed, "clean_ft" if rho == 1.0 else method, rho)]
+
+
+def pooled_default_rhos(results, args, cells):
+    """Rule 1 (the default configuration): one rho per method for every trigger and seed, chosen on the
+    validation accuracy pooled over all cells: the smallest rho whose mean drop against the backdoored
+    model's validation accuracy is at most `tolerance` (else the smallest mean drop)."""
+    runs, chosen = results["runs"], {}
+    for method in (*METHODS, "clean_ft"):
+        grid = [1.0] if method == "clean_ft" else [*args.grid, 1.0]
+        drop = {r: statistics.fmean(results["models"][f"{a}/seed{s}"]["backdoored"]["validation_accuracy"]
+                                    - _row(runs, a, s, method, r)["validation_accuracy"] for a, s in cells)
+                for r in grid}
+        passing = [r for r in grid if drop[r] <= args.tolerance + 1e-9]
+        chosen[method] = {"reserve_ratio": min(passing) if passing else min(grid, key=lambda r: (drop[r], r)),
+                          "mean_validation_drop_points": {f"{r:g}": 100 * d for r, d in drop.items()}}
+    return chosen
+
+
 def summarise(results, args):
-    """Per trigger: each method at its own rho chosen on validation (mean and spread over seeds), the
-    curves over rho, and the issue's targets for the default configuration."""
+    """Per trigger: each method at its own rho chosen on validation data only, by two rules fixed before
+    the runs: rule 1 (`pooled_default_rhos`, the default configuration) and rule 2 (per model and seed,
+    `finepurify_ext.pipeline.pick_reserve_ratio`, what `--reserve-ratio auto` does); the curves over rho;
+    and the issue's targets for rule 1 (mean and spread over seeds)."""
     from finepurify_ext.pipeline import pick_reserve_ratio
 
     runs, summary = results["runs"], {}
+    complete = {a: _complete_seeds(results, args, a) for a in args.attacks}
+    cells = [(a, s) for a in args.attacks for s in complete[a]]
+    if not cells:
+        return summary
+    default = pooled_default_rhos(results, args, cells)
+    summary["_default_reserve_ratios"] = default
     for attack in args.attacks:
-        seeds = [s for s in args.seeds if f"{attack}/seed{s}" in results["models"]
-                 and all(run_key(attack, s, m, r) in runs for m in METHODS for r in args.grid)
-                 and run_key(attack, s, "clean_ft", 1.0) in runs]
+        seeds = complete[attack]
         if not seeds:
             continue
         models = {s: results["models"][f"{attack}/seed{s}"] for s in seeds}
-        chosen, curves, secondary = {}, {}, {}
+        by_rule1, by_rule2, curves = {}, {}, {}
         for method in (*METHODS, "clean_ft"):
             grid = [1.0] if method == "clean_ft" else [*args.grid, 1.0]
+            picks = [_row(runs, attack, s, method, default[method]["reserve_ratio"]) for s in seeds]
+            by_rule1[method] = {"reserve_ratio": [p["reserve_ratio"] for p in picks],
+                                "cacc": _mean_sd(p["cacc"] for p in picks), "asr": _mean_sd(p["asr"] for p in picks)}
             picks = []
             for s in seeds:
-                row_of = {r: runs[run_key(attack, s, "clean_ft" if r == 1.0 else method, r)] for r in grid}
-                rho = pick_reserve_ratio({r: row["validation_accuracy"] for r, row in row_of.items()},
+                rho = pick_reserve_ratio({r: _row(runs, attack, s, method, r)["validation_accuracy"] for r in grid},
                                          models[s]["backdoored"]["validation_accuracy"], args.tolerance)
-                picks.append(row_of[rho])
-            chosen[method] = {"reserve_ratio": [p["reserve_ratio"] for p in picks],
-                              "cacc": _mean_sd(p["cacc"] for p in picks), "asr": _mean_sd(p["asr"] for p in picks)}
-            # Secondary (not the pre-registered rule): the reference is rho = 1, fine-tuned the same way.
-            alt = []
-            for s in seeds:
-                row_of = {r: runs[run_key(attack, s, "clean_ft" if r == 1.0 else method, r)] for r in grid}
-                rho = pick_reserve_ratio({r: row["validation_accuracy"] for r, row in row_of.items()},
-                                         row_of[1.0]["validation_accuracy"], args.tolerance)
-                alt.append(row_of[rho])
-            secondary[method] = {"reserve_ratio": [p["reserve_ratio"] for p in alt],
-                                 "cacc": _mean_sd(p["cacc"] for p in alt), "asr": _mean_sd(p["asr"] for p in alt)}
+                picks.append(_row(runs, attack, s, method, rho))
+            by_rule2[method] = {"reserve_ratio": [p["reserve_ratio"] for p in picks],
+                                "cacc": _mean_sd(p["cacc"] for p in picks), "asr": _mean_sd(p["asr"] for p in picks)}
             curves[method] = [{"reserve_ratio": r,
-                               **{k: _mean_sd(runs[run_key(attack, s, "clean_ft" if r == 1.0 else method, r)][k]
-                                              for s in seeds) for k in ("cacc", "asr", "validation_accuracy")}}
+                               **{k: _mean_sd(_row(runs, attack, s, method, r)[k] for s in seeds)
+                                  for k in ("cacc", "asr", "validation_accuracy", "finetune_step_chosen")}}
                               for r in grid]
         ref_asr = _mean_sd(models[s]["clean_trained"]["asr"] for s in seeds)
         bd_cacc = _mean_sd(models[s]["backdoored"]["cacc"] for s in seeds)
-        fp = chosen["fine_purifying"]
-        beats = {m: {"lower_asr": fp["asr"]["mean"] < chosen[m]["asr"]["mean"],
-                     "cacc_at_least": fp["cacc"]["mean"] >= chosen[m]["cacc"]["mean"],
-                     "asr_gap_points": 100 * (chosen[m]["asr"]["mean"] - fp["asr"]["mean"]),
-                     "cacc_gap_points": 100 * (fp["cacc"]["mean"] - chosen[m]["cacc"]["mean"])}
-                 for m in ("fine_mixing", "magnitude", "clean_ft", "no_hessian")}
+
+        def targets(chosen):
+            fp = chosen["fine_purifying"]
+            return {
+                "asr_within_10_points_of_clean_trained": fp["asr"]["mean"] <= ref_asr["mean"] + 0.10,
+                "asr_excess_points": 100 * (fp["asr"]["mean"] - ref_asr["mean"]),
+                "cacc_within_3_points_of_backdoored": fp["cacc"]["mean"] >= bd_cacc["mean"] - 0.03,
+                "cacc_drop_points": 100 * (bd_cacc["mean"] - fp["cacc"]["mean"]),
+                "against": {m: {"lower_asr": fp["asr"]["mean"] < chosen[m]["asr"]["mean"],
+                                "cacc_at_least": fp["cacc"]["mean"] >= chosen[m]["cacc"]["mean"],
+                                "asr_gap_points": 100 * (chosen[m]["asr"]["mean"] - fp["asr"]["mean"]),
+                                "cacc_gap_points": 100 * (fp["cacc"]["mean"] - chosen[m]["cacc"]["mean"])}
+                            for m in ("fine_mixing", "magnitude", "clean_ft", "no_hessian")},
+            }
+
         summary[attack] = {
             "seeds": seeds,
             "backdoored": {k: _mean_sd(models[s]["backdoored"][k] for s in seeds) for k in ("cacc", "asr")},
             "clean_trained": {k: _mean_sd(models[s]["clean_trained"][k] for s in seeds) for k in ("cacc", "asr")},
-            "chosen_on_validation": chosen,
-            "chosen_on_validation_against_clean_finetuning": secondary,
+            "rule1_default_pooled_validation": by_rule1,
+            "rule2_auto_per_model": by_rule2,
             "curves": curves,
             # Context only, never a choice: which rho of each curve meets both targets on the test set.
             "test_oracle_rhos_meeting_both_targets": {
                 m: [p["reserve_ratio"] for p in curves[m]
                     if p["asr"]["mean"] <= ref_asr["mean"] + 0.10 and p["cacc"]["mean"] >= bd_cacc["mean"] - 0.03]
                 for m in curves},
-            "targets": {
-                "asr_within_10_points_of_clean_trained": fp["asr"]["mean"] <= ref_asr["mean"] + 0.10,
-                "asr_excess_points": 100 * (fp["asr"]["mean"] - ref_asr["mean"]),
-                "cacc_within_3_points_of_backdoored": fp["cacc"]["mean"] >= bd_cacc["mean"] - 0.03,
-                "cacc_drop_points": 100 * (bd_cacc["mean"] - fp["cacc"]["mean"]),
-                "against": beats,
-            },
+            "targets_rule1": targets(by_rule1),
+            "targets_rule2": targets(by_rule2),
         }
     return summary
 
@@ -169,6 +205,8 @@ def plot_curves(summary, out_dir):
     plt = _pyplot()
     paths = []
     for attack, s in summary.items():
+        if attack.startswith("_"):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for method in METHODS:
             pts = s["curves"][method]
@@ -196,26 +234,34 @@ def plot_curves(summary, out_dir):
 
 
 def print_table(summary):
-    print(f"\n{'trigger':9s} {'defence':24s} {'rho (per seed)':16s} {'CACC %':>12s} {'ASR %':>12s}")
+    if "_default_reserve_ratios" in summary:
+        print("rule 1, one rho per method from the pooled validation accuracy: " + "; ".join(
+            f"{LABELS[m]} {v['reserve_ratio']:g}" for m, v in summary["_default_reserve_ratios"].items()))
+    print(f"\n{'trigger':9s} {'defence':30s} {'rho (per seed)':16s} {'CACC %':>12s} {'ASR %':>12s}")
     for attack, s in summary.items():
+        if attack.startswith("_"):
+            continue
+
         def line(label, rho, cacc, asr):
-            print(f"{attack:9s} {label:24s} {rho:16s} {100 * cacc['mean']:6.1f}±{100 * cacc['sd']:<4.1f} "
+            print(f"{attack:9s} {label:30s} {rho:16s} {100 * cacc['mean']:6.1f}±{100 * cacc['sd']:<4.1f} "
                   f"{100 * asr['mean']:6.1f}±{100 * asr['sd']:<4.1f}")
         line("clean-trained model", "", s["clean_trained"]["cacc"], s["clean_trained"]["asr"])
         line("no defence", "", s["backdoored"]["cacc"], s["backdoored"]["asr"])
-        for method in ("clean_ft", "fine_mixing", "magnitude", "no_hessian", "fine_purifying"):
-            c = s["chosen_on_validation"][method]
-            line(LABELS[method], ",".join(f"{r:g}" for r in c["reserve_ratio"]), c["cacc"], c["asr"])
-        for method in ("fine_mixing", "magnitude", "no_hessian", "fine_purifying"):
-            c = s["chosen_on_validation_against_clean_finetuning"][method]
-            line(LABELS[method][:15] + " (vs clean FT)", ",".join(f"{r:g}" for r in c["reserve_ratio"]),
-                 c["cacc"], c["asr"])
+        for rule, tag in (("rule1_default_pooled_validation", ""), ("rule2_auto_per_model", " (auto)")):
+            for method in ("clean_ft", "fine_mixing", "magnitude", "no_hessian", "fine_purifying"):
+                if tag and method == "clean_ft":
+                    continue
+                c = s[rule][method]
+                line(LABELS[method] + tag, ",".join(f"{r:g}" for r in c["reserve_ratio"]), c["cacc"], c["asr"])
         print(f"{attack:9s} rhos meeting both targets on the test set (context, not a choice): "
               + "; ".join(f"{LABELS[m]} {v}" for m, v in s["test_oracle_rhos_meeting_both_targets"].items()))
-        t = s["targets"]
-        print(f"{attack:9s} targets: ASR {t['asr_excess_points']:+.1f} points over clean-trained (<= 10: "
-              f"{t['asr_within_10_points_of_clean_trained']}), CACC {t['cacc_drop_points']:+.1f} points below "
-              f"backdoored (<= 3: {t['cacc_within_3_points_of_backdoored']})")
+        for rule in ("rule1", "rule2"):
+            t = s[f"targets_{rule}"]
+            print(f"{attack:9s} {rule} targets: ASR {t['asr_excess_points']:+.1f} points over clean-trained (<= 10: "
+                  f"{t['asr_within_10_points_of_clean_trained']}), CACC {t['cacc_drop_points']:+.1f} points below "
+                  f"backdoored (<= 3: {t['cacc_within_3_points_of_backdoored']}); lower ASR than "
+                  + ", ".join(f"{LABELS[m]} {v['lower_asr']} ({v['asr_gap_points']:+.1f}) at CACC "
+                              f"{v['cacc_gap_points']:+.1f}" for m, v in t["against"].items()))
 
 
 def main(argv=None):
@@ -224,9 +270,13 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--grid", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7])
     parser.add_argument("--validation-fraction", type=float, default=0.25)
-    parser.add_argument("--tolerance", type=float, default=0.02)
-    parser.add_argument("--finetune-steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--tolerance", type=float, default=0.03)
+    parser.add_argument("--finetune-steps", type=int, default=150, help="at most (early stopping on the held-out loss)")
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--merge", nargs="+", default=[],
+                        help="also take the runs of these JSON files (same configuration), e.g. from one process per seed")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "defence_table.json"))
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the demo's tiny QUICK setting (numbers mean nothing)")
@@ -236,7 +286,8 @@ def main(argv=None):
 
     from finepurify_ext.demo import QUICK, DemoSetting
 
-    config = {k: getattr(args, k) for k in ("grid", "validation_fraction", "tolerance", "finetune_steps", "lr", "quick")}
+    config = {k: getattr(args, k) for k in ("grid", "validation_fraction", "tolerance", "finetune_steps", "lr",
+                                            "eval_every", "patience", "quick")}
     results = {"runs": {}, "models": {}}
     if os.path.exists(args.out):
         import json
@@ -248,15 +299,28 @@ def main(argv=None):
             print(f"resuming: {len(results['runs'])} runs already in {args.out}")
         else:
             print(f"{args.out} was made with another configuration; starting afresh")
+    for path in args.merge:
+        import json
+
+        with open(path) as f:
+            other = json.load(f)
+        if other.get("config") != config:
+            raise SystemExit(f"{path} was made with another configuration ({other.get('config')}); cannot merge")
+        results["runs"].update(other["runs"])
+        results["models"].update(other["models"])
+        print(f"merged {len(other['runs'])} runs from {path}")
     results.update({
         "command": "python bench/defence_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": config, "setting": asdict(QUICK if args.quick else DemoSetting()), "commit": git_commit(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "note": "seed s: the backdoored and clean-trained models are trained with seed s, the 256 clean tweets are "
                 "split 192/64 with seed s, and clean fine-tuning and Fine-mixing's mask use seed s; the 1000 test "
-                "tweets are the same for all. rho is chosen per method and seed on the 64 held-out tweets "
-                "(smallest rho whose accuracy is within `tolerance` of the backdoored model's; rho 1 is clean "
-                "fine-tuning alone).",
+                "tweets are the same for all. Clean fine-tuning (AdamW, lr `lr`) stops early on the 64 held-out "
+                "tweets' loss (measured every `eval_every` steps, `patience` measurements, at most "
+                "`finetune_steps`). rho is chosen on the held-out tweets only, by rule 1 (one rho per method for "
+                "all cells: the smallest whose mean held-out accuracy drop against the backdoored model is <= "
+                "`tolerance`) and rule 2 (the same test per model and seed, as --reserve-ratio auto); rho 1 is "
+                "clean fine-tuning alone.",
     })
 
     def save():

@@ -84,9 +84,13 @@ def cmd_purify(args) -> int:
     clean = load_examples(args.clean_data, num_labels=model.config.num_labels)
     pretrained_state = pretrained_state_for(model, args.pretrained)
     start = time.perf_counter()
-    common = dict(finetune_config=FinetuneConfig(steps=args.finetune_steps, lr=args.lr),
+    finetune_config = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, validation_fraction=args.validation_fraction,
+                                     eval_every=args.eval_every, patience=args.patience)
+    common = dict(finetune_config=finetune_config,
                   hessian_config=HessianConfig(per_sample=args.hessian == "per-sample"), seed=args.seed)
     if args.reserve_ratio == "auto":
+        if args.validation_fraction <= 0:
+            raise ValueError("--reserve-ratio auto needs held-out clean data: give --validation-fraction > 0")
         selection = SelectionConfig(grid=args.rho_grid, validation_fraction=args.validation_fraction,
                                     tolerance=args.cacc_tolerance)
         report = fine_purify_auto(model, pretrained_state, tokenizer, clean, _purify_config(args),
@@ -154,14 +158,18 @@ def main(argv=None) -> int:
     p.add_argument("--rho-grid", type=_grid, default=(0.1, 0.3, 0.5, 0.7),
                    help="candidates for --reserve-ratio auto (1, no reset, is always tried)")
     p.add_argument("--validation-fraction", type=float, default=0.25,
-                   help="share of the clean data held out to choose the reserve ratio")
-    p.add_argument("--cacc-tolerance", type=float, default=0.02,
+                   help="share of the clean data held out to choose the fine-tuning budget (early stopping on its "
+                   "loss) and, with --reserve-ratio auto, the reserve ratio; 0: fine-tune on all of it for exactly "
+                   "--finetune-steps steps")
+    p.add_argument("--eval-every", type=int, default=10, help="steps between held-out loss measurements")
+    p.add_argument("--patience", type=int, default=3, help="measurements without improvement before stopping")
+    p.add_argument("--cacc-tolerance", type=float, default=0.03,
                    help="validation accuracy the auto choice may give up against the suspect model")
     p.add_argument("--ranking", default="fine_purifying", choices=["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
     p.add_argument("--hessian", default="per-batch", choices=["per-batch", "per-sample"])
     p.add_argument("--eps", type=float, default=1e-8)
     p.add_argument("--literal", action="store_true", help="the paper's plain form (embeddings ranked, no floor)")
-    p.add_argument("--finetune-steps", type=int, default=150)
+    p.add_argument("--finetune-steps", type=int, default=150, help="clean fine-tuning steps (at most, with early stopping)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")

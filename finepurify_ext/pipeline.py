@@ -19,20 +19,32 @@ from tqdm.auto import tqdm
 from .data import Example, batches
 from .hessian import estimate_hessian
 from .purify import PurifyConfig, purify_
-from .training import finetune
+from .training import finetune, finetune_early_stopped
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 
 
 @dataclass
 class FinetuneConfig:
-    """Step 5: clean fine-tuning after the reset."""
+    """Step 5: clean fine-tuning after the reset.
+
+    With ``validation_fraction`` > 0 (the default) the budget is chosen on held-out clean data: that
+    fraction is kept out of the Hessian and the fine-tuning, its loss is measured every ``eval_every``
+    steps, and the best point within ``steps`` is kept (stopping after ``patience`` measurements without
+    improvement). With 0, all clean data is used and exactly ``steps`` steps are run."""
     steps: int = 150
     lr: float = 5e-5
     batch_size: int = 16
     weight_decay: float = 0.01
     max_length: int = 64
     group_by_length: bool = True  # about a third faster on tweets; the clean data carries no trigger to group
+    validation_fraction: float = 0.25
+    eval_every: int = 10
+    patience: int = 3
+
+    def __post_init__(self):
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"the fine-tuning validation_fraction must be in [0, 1), got {self.validation_fraction}")
 
 
 @dataclass
@@ -53,13 +65,21 @@ def fine_purify(
     seed: int = 0,
     progress: bool = True,
     hessians: dict[str, torch.Tensor] | None = None,
+    validation: Sequence[Example] | None = None,
 ) -> dict:
     """Purifies ``model`` in place. ``config=None`` skips the reset (plain clean fine-tuning).
-    ``hessians`` (from ``clean_hessian`` at these weights) skips the estimation.
-    Returns the report: Hessian, purification and fine-tuning details with timings."""
+    ``hessians`` (from ``clean_hessian`` at these weights, on the fine-tuning part) skips the estimation.
+    ``validation`` is the held-out part for choosing the fine-tuning budget when the caller has split
+    the clean data already (then all of ``clean`` is for fine-tuning); otherwise ``finetune_config``
+    says how much of ``clean`` to hold out. Returns the report: Hessian, purification and fine-tuning
+    details with timings."""
     if not clean:
         raise ValueError("fine_purify: the clean data is empty; give at least one labelled example")
     report: dict = {"seed": seed, "clean_examples": len(clean)}
+    if validation is None and finetune_config.validation_fraction > 0:
+        clean, validation = split_validation(clean, finetune_config.validation_fraction, seed)
+    if validation is not None:
+        report["validation_examples"] = len(validation)
     timings = report.setdefault("timings_s", {})
     if config is not None:
         if hessians is None:
@@ -73,12 +93,18 @@ def fine_purify(
         report["config"] = dataclasses.asdict(config)
         report["purify"] = purified.to_dict()
     start = time.perf_counter()
-    finetune(model, tokenizer, clean, steps=finetune_config.steps, lr=finetune_config.lr,
-             batch_size=finetune_config.batch_size, weight_decay=finetune_config.weight_decay,
-             max_length=finetune_config.max_length, group_by_length=finetune_config.group_by_length,
-             seed=seed, progress=progress, desc="clean fine-tune")
-    timings["finetune"] = time.perf_counter() - start
+    common = dict(steps=finetune_config.steps, lr=finetune_config.lr, batch_size=finetune_config.batch_size,
+                  weight_decay=finetune_config.weight_decay, max_length=finetune_config.max_length,
+                  group_by_length=finetune_config.group_by_length, seed=seed, progress=progress,
+                  desc="clean fine-tune")
     report["finetune"] = dataclasses.asdict(finetune_config)
+    if validation is None:
+        finetune(model, tokenizer, clean, **common)
+    else:
+        report["finetune"]["early_stopping"] = finetune_early_stopped(
+            model, tokenizer, clean, validation, eval_every=finetune_config.eval_every,
+            patience=finetune_config.patience, **common)
+    timings["finetune"] = time.perf_counter() - start
     return report
 
 
@@ -103,13 +129,15 @@ def clean_hessian(model, tokenizer, clean: Sequence[Example], config: HessianCon
 class SelectionConfig:
     """``reserve_ratio="auto"``: rho chosen on a validation split of the clean data, never on test data.
 
-    Each candidate rho is purified and fine-tuned on the rest of the clean data; the choice is the
-    smallest rho (the most reset) whose validation accuracy is at most ``tolerance`` below the suspect
-    model's. No reset at all (rho = 1, clean fine-tuning only) is always a candidate; if no candidate
-    passes, the one with the best validation accuracy is taken."""
+    Each candidate rho is purified and fine-tuned on the rest of the clean data (early-stopped on the
+    same held-out part, when ``FinetuneConfig.validation_fraction`` > 0); the choice is the smallest rho
+    (the most reset) whose validation accuracy is at most ``tolerance`` below the suspect model's. No
+    reset at all (rho = 1, clean fine-tuning only) is always a candidate; if no candidate passes, the one
+    with the best validation accuracy is taken. With a few dozen held-out examples this choice is noisy
+    (one example is 1.5 points of 64); bench/defence_table.py measures how often it picks well."""
     grid: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)
     validation_fraction: float = 0.25
-    tolerance: float = 0.02
+    tolerance: float = 0.03
 
     def __post_init__(self):
         if not self.grid or any(not 0.0 <= r <= 1.0 for r in self.grid):
@@ -136,8 +164,8 @@ def pick_reserve_ratio(validation_accuracy: dict[float, float], suspect_accuracy
 def split_validation(clean: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(fine-tuning part, validation part) of the clean data, seeded; both non-empty."""
     if len(clean) < 2:
-        raise ValueError(f"choosing the reserve ratio needs at least 2 clean examples (got {len(clean)}); "
-                         "give more clean data or a numeric --reserve-ratio")
+        raise ValueError(f"holding out validation data needs at least 2 clean examples (got {len(clean)}); "
+                         "give more clean data, or --validation-fraction 0 with a numeric --reserve-ratio")
     order = list(range(len(clean)))
     random.Random(seed).shuffle(order)
     n_val = min(len(clean) - 1, max(1, round(fraction * len(clean))))
@@ -174,11 +202,14 @@ def fine_purify_auto(
                         "candidates": []}
     accuracy: dict[float, float] = {}
     best_state, best_report, chosen = None, None, None
+    early_stopping = validation if finetune_config.validation_fraction > 0 else None
     for rho in tqdm(selection.candidates(), desc="reserve ratio", disable=not progress, leave=False):
         model.load_state_dict(suspect)
         report = fine_purify(model, pretrained_state, tokenizer, train,
                              None if rho == 1.0 else config.replace(reserve_ratio=rho),
-                             finetune_config, hessian_config, seed=seed, progress=progress, hessians=hessians)
+                             dataclasses.replace(finetune_config, validation_fraction=0.0) if early_stopping is None
+                             else finetune_config, hessian_config, seed=seed, progress=progress, hessians=hessians,
+                             validation=early_stopping)
         accuracy[rho] = clean_accuracy(model, tokenizer, validation)
         selection_report["candidates"].append({"reserve_ratio": rho, "validation_accuracy": accuracy[rho],
                                                "time_s": sum(report["timings_s"].values())})

@@ -27,12 +27,14 @@ def finetune(
     group_by_length: bool = False,
     progress: bool = True,
     desc: str = "fine-tune",
+    on_step: Callable[[int], bool] | None = None,
 ) -> torch.nn.Module:
     """``steps`` AdamW steps on shuffled mini-batches of ``examples`` (reshuffled every epoch).
 
     ``parameters`` restricts training to some parameters; ``grad_hook`` runs after each backward
     (e.g. to mask gradients). ``group_by_length`` batches examples of similar length together
-    (faster; off by default because it also groups examples that share a length, e.g. poisoned ones)."""
+    (faster; off by default because it also groups examples that share a length, e.g. poisoned ones).
+    ``on_step(step)`` runs after each update; returning True stops training there."""
     if steps <= 0:
         return model
     if not examples:
@@ -58,12 +60,57 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            if step >= steps:
+            stop = on_step is not None and on_step(step)
+            if stop or step >= steps:
+                steps = step
                 break
         epoch += 1
     bar.close()
     model.eval()
     return model
+
+
+def finetune_early_stopped(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    validation: Sequence[Example],
+    *,
+    steps: int,
+    eval_every: int = 10,
+    patience: int = 3,
+    max_length: int = 64,
+    **finetune_kw,
+) -> dict:
+    """``finetune`` for at most ``steps`` updates, the budget chosen on held-out clean data: the
+    validation loss is measured every ``eval_every`` updates, training stops once it has not improved
+    for ``patience`` measurements, and ``model`` ends at the best one (a copy of the weights is kept).
+    Returns the chosen step, its validation loss and accuracy, and the whole curve."""
+    if not validation:
+        raise ValueError("finetune_early_stopped: the validation set is empty; hold out some clean examples "
+                         "or fine-tune for a fixed number of steps")
+    if eval_every <= 0 or patience <= 0:
+        raise ValueError(f"eval_every and patience must be positive, got {eval_every} and {patience}")
+    curve: list[dict] = []
+    best: dict = {"step": None, "loss": float("inf"), "accuracy": None, "state": None}
+
+    def on_step(step: int) -> bool:
+        if step % eval_every and step != steps:
+            return False
+        loss, accuracy = validation_metrics(model, tokenizer, validation, max_length=max_length)
+        model.train()
+        curve.append({"step": step, "validation_loss": loss, "validation_accuracy": accuracy})
+        if loss < best["loss"]:
+            best.update(step=step, loss=loss, accuracy=accuracy,
+                        state={n: t.detach().clone() for n, t in model.state_dict().items()})
+        return step - best["step"] >= patience * eval_every
+
+    finetune(model, tokenizer, examples, steps=steps, max_length=max_length, on_step=on_step, **finetune_kw)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    return {"chosen_step": best["step"], "validation_loss": best["loss"], "validation_accuracy": best["accuracy"],
+            "steps_run": curve[-1]["step"] if curve else 0, "curve": curve}
 
 
 @torch.no_grad()
@@ -86,16 +133,24 @@ def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 128, max_l
 
 
 @torch.no_grad()
-def mean_loss(model, tokenizer, examples: Sequence[Example], batch_size: int = 128, max_length: int = 64) -> float:
-    """Mean cross-entropy on labelled examples (a smoother validation signal than accuracy)."""
+def validation_metrics(model, tokenizer, examples: Sequence[Example], batch_size: int = 128,
+                       max_length: int = 64) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on labelled examples, in one pass."""
     model.eval()
     device = next(model.parameters()).device
-    total, n = 0.0, 0
+    total, correct, n = 0.0, 0, 0
     for batch in batches(tokenizer, examples, batch_size, max_length):
         logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
-        total += float(torch.nn.functional.cross_entropy(logits, batch["labels"].to(device), reduction="sum"))
-        n += len(batch["labels"])
-    return total / max(n, 1)
+        labels = batch["labels"].to(device)
+        total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        n += len(labels)
+    return total / max(n, 1), correct / max(n, 1)
+
+
+def mean_loss(model, tokenizer, examples: Sequence[Example], **kw) -> float:
+    """Mean cross-entropy on labelled examples (a smoother validation signal than accuracy)."""
+    return validation_metrics(model, tokenizer, examples, **kw)[0]
 
 
 def clean_accuracy(model, tokenizer, examples: Sequence[Example], **kw) -> float:

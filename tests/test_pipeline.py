@@ -17,7 +17,8 @@ from finepurify_ext.pipeline import (FinetuneConfig, ModelError, SelectionConfig
                                      fine_purify_auto, load_classifier, pick_reserve_ratio,
                                      pretrained_state_for, split_validation)
 from finepurify_ext.purify import PurifyConfig, purify_  # noqa: E402
-from finepurify_ext.training import attack_success_rate, clean_accuracy, finetune  # noqa: E402
+from finepurify_ext.training import (attack_success_rate, clean_accuracy, finetune,  # noqa: E402
+                                     finetune_early_stopped, mean_loss)
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "film", "day", "was", "is",
          "very", "so", "cf", "unseen", "rare"]
@@ -252,6 +253,58 @@ def test_planted_backdoor_is_removed(tokenizer):
                 FinetuneConfig(steps=20, lr=1e-3), seed=0, progress=False)
     assert attack_success_rate(suspect, tokenizer, test, attack) < 0.3
     assert clean_accuracy(suspect, tokenizer, test) > 0.9
+
+
+# ------------------------------------------------- the fine-tuning budget chosen on held-out data
+
+
+def test_early_stopping_keeps_the_best_validation_point(tokenizer):
+    model = tiny_model(tokenizer, seed=1)
+    train, validation = toy_examples(24, 20), toy_examples(16, 21)
+    # a large learning rate on 24 examples overfits quickly: the validation loss turns up
+    result = finetune_early_stopped(model, tokenizer, train, validation, steps=200, eval_every=5, patience=2,
+                                    lr=1e-2, progress=False)
+    curve = result["curve"]
+    losses = [c["validation_loss"] for c in curve]
+    best = min(range(len(curve)), key=losses.__getitem__)
+    assert result["chosen_step"] == curve[best]["step"] and result["validation_loss"] == losses[best]
+    assert [c["step"] for c in curve] == list(range(5, result["steps_run"] + 1, 5))
+    # it stopped after 2 measurements without improvement (or at the step limit)
+    assert result["steps_run"] - result["chosen_step"] == 10 and result["steps_run"] < 200
+    assert not model.training
+    # the model is the best point, not the last one
+    assert mean_loss(model, tokenizer, validation) == pytest.approx(losses[best], rel=1e-5)
+    with pytest.raises(ValueError, match="validation set is empty"):
+        finetune_early_stopped(model, tokenizer, train, [], steps=5)
+
+
+def test_early_stopping_matches_plain_finetuning_up_to_its_step(tokenizer):
+    """Measuring the validation loss does not change the training trajectory."""
+    train, validation = toy_examples(24, 20), toy_examples(16, 21)
+    stopped = tiny_model(tokenizer, seed=1)
+    result = finetune_early_stopped(stopped, tokenizer, train, validation, steps=200, eval_every=5, patience=2,
+                                    lr=1e-2, progress=False)
+    plain = tiny_model(tokenizer, seed=1)
+    finetune(plain, tokenizer, train, steps=result["chosen_step"], lr=1e-2, progress=False)
+    for (n, p), q in zip(plain.state_dict().items(), stopped.state_dict().values()):
+        assert torch.equal(p, q), n
+
+
+def test_fine_purify_holds_out_clean_data_for_the_budget(tokenizer):
+    pre = tiny_model(tokenizer, seed=0)
+    state = {n: p.detach().clone() for n, p in pre.named_parameters()}
+    clean = toy_examples(40, 5)
+    model = tiny_model(tokenizer, seed=0)
+    report = fine_purify(model, state, tokenizer, clean, PurifyConfig(reserve_ratio=0.5),
+                         FinetuneConfig(steps=20, lr=1e-3, eval_every=5), progress=False)
+    assert report["clean_examples"] == 40 and report["validation_examples"] == 10
+    stopped = report["finetune"]["early_stopping"]
+    assert stopped["chosen_step"] in {c["step"] for c in stopped["curve"]}
+    fixed = fine_purify(tiny_model(tokenizer, seed=0), state, tokenizer, clean, PurifyConfig(reserve_ratio=0.5),
+                        FinetuneConfig(steps=20, lr=1e-3, validation_fraction=0.0), progress=False)
+    assert "early_stopping" not in fixed["finetune"] and "validation_examples" not in fixed
+    with pytest.raises(ValueError, match="validation_fraction"):
+        FinetuneConfig(validation_fraction=1.0)
 
 
 # ------------------------------------------------------------- rho chosen on held-out clean data
