@@ -142,14 +142,23 @@ def summarise(results, args):
         return summary
     default = pooled_default_rhos(results, args, cells)
     summary["_default_reserve_ratios"] = default
+    # Fine-purifying against each baseline at the same rho, paired over every trigger and seed (the
+    # same model, Hessian, clean split and fine-tuning seed): is the Hessian worth its cost per budget?
+    summary["_paired_at_equal_rho"] = {
+        m: {f"{r:g}": {k: _mean_sd(100 * (_row(runs, a, s, "fine_purifying", r)[k] - _row(runs, a, s, m, r)[k])
+                                   for a, s in cells) for k in ("cacc", "asr")} for r in args.grid}
+        for m in ("no_hessian", "magnitude", "fine_mixing")}
     for attack in args.attacks:
         seeds = complete[attack]
         if not seeds:
             continue
         models = {s: results["models"][f"{attack}/seed{s}"] for s in seeds}
-        by_rule1, by_rule2, curves = {}, {}, {}
+        by_rule1, by_rule2, by_default, curves = {}, {}, {}, {}
         for method in (*METHODS, "clean_ft"):
             grid = [1.0] if method == "clean_ft" else [*args.grid, 1.0]
+            picks = [_row(runs, attack, s, method, 1.0 if method == "clean_ft" else args.default_rho) for s in seeds]
+            by_default[method] = {"reserve_ratio": [p["reserve_ratio"] for p in picks],
+                                  "cacc": _mean_sd(p["cacc"] for p in picks), "asr": _mean_sd(p["asr"] for p in picks)}
             picks = [_row(runs, attack, s, method, default[method]["reserve_ratio"]) for s in seeds]
             by_rule1[method] = {"reserve_ratio": [p["reserve_ratio"] for p in picks],
                                 "cacc": _mean_sd(p["cacc"] for p in picks), "asr": _mean_sd(p["asr"] for p in picks)}
@@ -185,6 +194,7 @@ def summarise(results, args):
             "seeds": seeds,
             "backdoored": {k: _mean_sd(models[s]["backdoored"][k] for s in seeds) for k in ("cacc", "asr")},
             "clean_trained": {k: _mean_sd(models[s]["clean_trained"][k] for s in seeds) for k in ("cacc", "asr")},
+            "default_configuration": by_default,
             "rule1_default_pooled_validation": by_rule1,
             "rule2_auto_per_model": by_rule2,
             "curves": curves,
@@ -193,6 +203,7 @@ def summarise(results, args):
                 m: [p["reserve_ratio"] for p in curves[m]
                     if p["asr"]["mean"] <= ref_asr["mean"] + 0.10 and p["cacc"]["mean"] >= bd_cacc["mean"] - 0.03]
                 for m in curves},
+            "targets_default_configuration": targets(by_default),
             "targets_rule1": targets(by_rule1),
             "targets_rule2": targets(by_rule2),
         }
@@ -237,6 +248,11 @@ def print_table(summary):
     if "_default_reserve_ratios" in summary:
         print("rule 1, one rho per method from the pooled validation accuracy: " + "; ".join(
             f"{LABELS[m]} {v['reserve_ratio']:g}" for m, v in summary["_default_reserve_ratios"].items()))
+        print("Fine-purifying minus each baseline at the same rho, points, mean±sd over all cells (CACC / ASR):")
+        for m, by_rho in summary["_paired_at_equal_rho"].items():
+            print(f"  {LABELS[m]:24s} " + "  ".join(
+                f"rho {r}: {d['cacc']['mean']:+.1f}±{d['cacc']['sd']:.1f} / {d['asr']['mean']:+.1f}±{d['asr']['sd']:.1f}"
+                for r, d in by_rho.items()))
     print(f"\n{'trigger':9s} {'defence':30s} {'rho (per seed)':16s} {'CACC %':>12s} {'ASR %':>12s}")
     for attack, s in summary.items():
         if attack.startswith("_"):
@@ -247,19 +263,20 @@ def print_table(summary):
                   f"{100 * asr['mean']:6.1f}±{100 * asr['sd']:<4.1f}")
         line("clean-trained model", "", s["clean_trained"]["cacc"], s["clean_trained"]["asr"])
         line("no defence", "", s["backdoored"]["cacc"], s["backdoored"]["asr"])
-        for rule, tag in (("rule1_default_pooled_validation", ""), ("rule2_auto_per_model", " (auto)")):
+        for rule, tag in (("default_configuration", " (default)"), ("rule1_default_pooled_validation", " (rule 1)"),
+                          ("rule2_auto_per_model", " (rule 2)")):
             for method in ("clean_ft", "fine_mixing", "magnitude", "no_hessian", "fine_purifying"):
-                if tag and method == "clean_ft":
+                if rule != "default_configuration" and method == "clean_ft":
                     continue
                 c = s[rule][method]
                 line(LABELS[method] + tag, ",".join(f"{r:g}" for r in c["reserve_ratio"]), c["cacc"], c["asr"])
         print(f"{attack:9s} rhos meeting both targets on the test set (context, not a choice): "
               + "; ".join(f"{LABELS[m]} {v}" for m, v in s["test_oracle_rhos_meeting_both_targets"].items()))
-        for rule in ("rule1", "rule2"):
+        for rule in ("default_configuration", "rule1", "rule2"):
             t = s[f"targets_{rule}"]
             print(f"{attack:9s} {rule} targets: ASR {t['asr_excess_points']:+.1f} points over clean-trained (<= 10: "
-                  f"{t['asr_within_10_points_of_clean_trained']}), CACC {t['cacc_drop_points']:+.1f} points below "
-                  f"backdoored (<= 3: {t['cacc_within_3_points_of_backdoored']}); lower ASR than "
+                  f"{t['asr_within_10_points_of_clean_trained']}), CACC drop against backdoored {t['cacc_drop_points']:+.1f} "
+                  f"points (<= 3: {t['cacc_within_3_points_of_backdoored']}); lower ASR than "
                   + ", ".join(f"{LABELS[m]} {v['lower_asr']} ({v['asr_gap_points']:+.1f}) at CACC "
                               f"{v['cacc_gap_points']:+.1f}" for m, v in t["against"].items()))
 
@@ -271,6 +288,8 @@ def main(argv=None):
     parser.add_argument("--grid", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7])
     parser.add_argument("--validation-fraction", type=float, default=0.25)
     parser.add_argument("--tolerance", type=float, default=0.03)
+    parser.add_argument("--default-rho", type=float, default=0.5,
+                        help="the CLI's default reserve ratio, reported as the default configuration (must be in --grid)")
     parser.add_argument("--finetune-steps", type=int, default=150, help="at most (early stopping on the held-out loss)")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--eval-every", type=int, default=10)

@@ -41,7 +41,9 @@ def main(argv=None):
     parser.add_argument("--attacks", nargs="+", default=["word", "sentence", "embedding"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--grid", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.8, 0.9])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", default=os.path.join(HERE, "results", "reset_only_curves.json"))
+    parser.add_argument("--summary-only", action="store_true", help="only summarise the runs already saved")
     args = parser.parse_args(argv)
     os.environ.setdefault("FINEPURIFY_CACHE", os.path.join(os.path.dirname(HERE), ".cache", "finepurify"))
 
@@ -54,9 +56,20 @@ def main(argv=None):
 
     results = {"command": "python bench/reset_only_curves.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "commit": git_commit(), "torch": torch.__version__, "grid": args.grid, "runs": {}}
+    if os.path.exists(args.out):  # resumable: runs already measured are kept
+        import json
+
+        with open(args.out) as f:
+            previous = json.load(f)
+        if previous.get("grid") == args.grid:
+            results["runs"] = previous["runs"]
     start = time.perf_counter()
     for attack_name in args.attacks:
         for seed in args.seeds:
+            todo = [(v, r) for v in args.variants for r in args.grid
+                    if f"{attack_name}/seed{seed}/{v}/{r:g}" not in results["runs"]]
+            if not todo or args.summary_only:
+                continue
             setting = DemoSetting(attack=attack_name)
             attack = ATTACKS[attack_name]
             _, clean, test = demo_data(setting)
@@ -64,28 +77,36 @@ def main(argv=None):
             train, _ = split_validation(clean, 0.25, seed)
             pretrained_state = pretrained_state_for(suspect, data.minilm_dir())
             hessians, _ = clean_hessian(suspect, tok, train, HessianConfig(), progress=False)
-            for variant, fields in VARIANTS.items():
-                for rho in args.grid:
-                    model = copy.deepcopy(suspect)
-                    purify_(model, pretrained_state, hessians, PurifyConfig(reserve_ratio=rho, seed=seed, **fields))
-                    row = {"cacc": clean_accuracy(model, tok, test),
-                           "asr": attack_success_rate(model, tok, test, attack, seed=seed)}
-                    results["runs"][f"{attack_name}/seed{seed}/{variant}/{rho:g}"] = row
-                    print(f"{attack_name}/seed{seed} {variant:26s} rho {rho:.1f}: CACC {100 * row['cacc']:5.1f} "
-                          f"ASR {100 * row['asr']:5.1f}", flush=True)
-                    write_json_atomically(args.out, results)
-    # Per trigger, the mean over seeds of each variant's curve; and the area under each curve's
-    # CACC - ASR (higher: more clean accuracy kept and more backdoor removed at the same budgets).
+            for variant, rho in todo:
+                fields = VARIANTS[variant]
+                model = copy.deepcopy(suspect)
+                purify_(model, pretrained_state, hessians, PurifyConfig(reserve_ratio=rho, seed=seed, **fields))
+                row = {"cacc": clean_accuracy(model, tok, test),
+                       "asr": attack_success_rate(model, tok, test, attack, seed=seed)}
+                results["runs"][f"{attack_name}/seed{seed}/{variant}/{rho:g}"] = row
+                print(f"{attack_name}/seed{seed} {variant:26s} rho {rho:.1f}: CACC {100 * row['cacc']:5.1f} "
+                      f"ASR {100 * row['asr']:5.1f}", flush=True)
+                write_json_atomically(args.out, results)
+    # Per trigger, the mean over seeds of each variant's curve; CACC - ASR averaged over the grid
+    # (higher: more clean accuracy kept and more backdoor removed at the same budgets) and at each
+    # variant's best rho (with that rho).
     summary = {}
     for attack_name in args.attacks:
         curves = {}
-        for variant in VARIANTS:
-            curves[variant] = [{"reserve_ratio": rho, **{k: statistics.fmean(
-                results["runs"][f"{attack_name}/seed{s}/{variant}/{rho:g}"][k] for s in args.seeds)
+        for variant in VARIANTS:  # over the seeds measured for this trigger and variant
+            seeds = [s for s in args.seeds
+                     if all(f"{attack_name}/seed{s}/{variant}/{r:g}" in results["runs"] for r in args.grid)]
+            if not seeds:
+                continue
+            curves[variant] = [{"reserve_ratio": rho, "seeds": seeds, **{k: statistics.fmean(
+                results["runs"][f"{attack_name}/seed{s}/{variant}/{rho:g}"][k] for s in seeds)
                 for k in ("cacc", "asr")}} for rho in args.grid]
         summary[attack_name] = {
             "curves": curves,
             "mean_cacc_minus_asr_points": {v: 100 * statistics.fmean(p["cacc"] - p["asr"] for p in c)
+                                           for v, c in curves.items()},
+            # each ranking at its own best budget: the frontier's best point
+            "best_cacc_minus_asr_points": {v: max((100 * (p["cacc"] - p["asr"]), p["reserve_ratio"]) for p in c)
                                            for v, c in curves.items()},
         }
     results["summary"] = summary
@@ -95,6 +116,8 @@ def main(argv=None):
     for attack_name, s in summary.items():
         print(attack_name, "mean CACC - ASR over the grid (points):",
               "; ".join(f"{v} {x:.1f}" for v, x in s["mean_cacc_minus_asr_points"].items()))
+        print(attack_name, "best CACC - ASR (points, at rho):",
+              "; ".join(f"{v} {x:.1f} ({r:g})" for v, (x, r) in s["best_cacc_minus_asr_points"].items()))
 
 
 def plot(summary, out_dir):

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--eps", type=float, default=1e-8)
     p.add_argument("--literal", action="store_true", help="the paper's plain form (embeddings ranked, no floor)")
     p.add_argument("--finetune-steps", type=int, default=150, help="clean fine-tuning steps (at most, with early stopping)")
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_purify)

@@ -33,7 +33,7 @@ class FinetuneConfig:
     steps, and the best point within ``steps`` is kept (stopping after ``patience`` measurements without
     improvement). With 0, all clean data is used and exactly ``steps`` steps are run."""
     steps: int = 150
-    lr: float = 5e-5
+    lr: float = 2e-5
     batch_size: int = 16
     weight_decay: float = 0.01
     max_length: int = 64
