@@ -55,8 +55,9 @@ def measure_cell(attack_name, seed, args, results, save):
     setting = dataclasses.replace(QUICK if args.quick else DemoSetting(), attack=attack_name)
     attack = ATTACKS[attack_name]
     cell = f"{attack_name}/seed{seed}"
-    todo = [(m, r) for m in METHODS for r in args.grid if run_key(attack_name, seed, m, r) not in results["runs"]]
-    if run_key(attack_name, seed, "clean_ft", 1.0) not in results["runs"]:
+    todo = [(m, r) for m in args.methods if m != "clean_ft" for r in args.grid
+            if run_key(attack_name, seed, m, r) not in results["runs"]]
+    if "clean_ft" in args.methods and run_key(attack_name, seed, "clean_ft", 1.0) not in results["runs"]:
         todo.append(("clean_ft", 1.0))
     if not todo and cell in results["models"]:
         return
@@ -286,6 +287,8 @@ def main(argv=None):
     parser.add_argument("--attacks", nargs="+", default=["word", "sentence", "embedding"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--grid", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7])
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, "clean_ft"], choices=[*METHODS, "clean_ft"],
+                        help="run only these (to share a cell between processes); the summary needs them all")
     parser.add_argument("--validation-fraction", type=float, default=0.25)
     parser.add_argument("--tolerance", type=float, default=0.03)
     parser.add_argument("--default-rho", type=float, default=0.5,

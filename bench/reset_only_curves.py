@@ -63,6 +63,7 @@ def main(argv=None):
             previous = json.load(f)
         if previous.get("grid") == args.grid:
             results["runs"] = previous["runs"]
+            results["earlier_commands"] = previous.get("earlier_commands", []) + [previous["command"]]
     start = time.perf_counter()
     for attack_name in args.attacks:
         for seed in args.seeds:
