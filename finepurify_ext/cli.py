@@ -152,7 +152,8 @@ def main(argv=None) -> int:
                    "safetensors checkpoints (sharded with an index, or single files)")
     p.add_argument("--num-reset", type=int, help="with --hessian-file: reset exactly this many weights")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    # 0.5 by default: the 'auto' rule is not yet reliable with small clean sets (bench/defence_table.py).
+    # 0.5 by default: with 256 clean examples, choosing rho on held-out data picks little or no reset
+    # (bench/defence_table.py).
     p.add_argument("--reserve-ratio", type=_reserve_ratio, default=0.5,
                    help="fraction of ranked dimensions kept (default 0.5), or 'auto': chosen on held-out clean data")
     p.add_argument("--rho-grid", type=_grid, default=(0.1, 0.3, 0.5, 0.7),

@@ -207,8 +207,7 @@ def fine_purify_auto(
         model.load_state_dict(suspect)
         report = fine_purify(model, pretrained_state, tokenizer, train,
                              None if rho == 1.0 else config.replace(reserve_ratio=rho),
-                             dataclasses.replace(finetune_config, validation_fraction=0.0) if early_stopping is None
-                             else finetune_config, hessian_config, seed=seed, progress=progress, hessians=hessians,
+                             finetune_config, hessian_config, seed=seed, progress=progress, hessians=hessians,
                              validation=early_stopping)
         accuracy[rho] = clean_accuracy(model, tokenizer, validation)
         selection_report["candidates"].append({"reserve_ratio": rho, "validation_accuracy": accuracy[rho],
