@@ -50,7 +50,7 @@ def measure_cell(attack_name, seed, args, results, save):
     from finepurify_ext.pipeline import (FinetuneConfig, HessianConfig, clean_hessian, fine_purify,
                                          pretrained_state_for, split_validation)
     from finepurify_ext.purify import PurifyConfig
-    from finepurify_ext.training import attack_success_rate, clean_accuracy, mean_loss
+    from finepurify_ext.training import attack_success_rate, clean_accuracy, validation_metrics
 
     setting = dataclasses.replace(QUICK if args.quick else DemoSetting(), attack=attack_name)
     attack = ATTACKS[attack_name]
@@ -66,9 +66,9 @@ def measure_cell(attack_name, seed, args, results, save):
     train, validation = split_validation(clean, args.validation_fraction, seed)
 
     def measure(model):
+        loss, accuracy = validation_metrics(model, tok, validation)
         return {"cacc": clean_accuracy(model, tok, test), "asr": attack_success_rate(model, tok, test, attack, seed=seed),
-                "validation_accuracy": clean_accuracy(model, tok, validation),
-                "validation_loss": mean_loss(model, tok, validation)}
+                "validation_accuracy": accuracy, "validation_loss": loss}
 
     if cell not in results["models"]:
         results["models"][cell] = {"backdoored": measure(suspect), "clean_trained": measure(reference)}
@@ -113,8 +113,14 @@ def _row(runs, attack, seed, method, rho):
     return runs[run_key(attack, seed, "clean_ft" if rho == 1.0 else method, rho)]
 
 
+def _picked(rows):
+    """The chosen run of each seed: their rhos, and CACC and ASR as mean and spread."""
+    return {"reserve_ratio": [r["reserve_ratio"] for r in rows],
+            "cacc": _mean_sd(r["cacc"] for r in rows), "asr": _mean_sd(r["asr"] for r in rows)}
+
+
 def pooled_default_rhos(results, args, cells):
-    """Rule 1 (the default configuration): one rho per method for every trigger and seed, chosen on the
+    """Rule 1: one rho per method for every trigger and seed, chosen on the
     validation accuracy pooled over all cells: the smallest rho whose mean drop against the backdoored
     model's validation accuracy is at most `tolerance` (else the smallest mean drop)."""
     runs, chosen = results["runs"], {}
@@ -130,10 +136,11 @@ def pooled_default_rhos(results, args, cells):
 
 
 def summarise(results, args):
-    """Per trigger: each method at its own rho chosen on validation data only, by two rules fixed before
-    the runs: rule 1 (`pooled_default_rhos`, the default configuration) and rule 2 (per model and seed,
-    `finepurify_ext.pipeline.pick_reserve_ratio`, what `--reserve-ratio auto` does); the curves over rho;
-    and the issue's targets for rule 1 (mean and spread over seeds)."""
+    """Per trigger: the default configuration (every method at `--default-rho`, the CLI default), and
+    each method at its own rho chosen on validation data only, by two rules fixed before the runs:
+    rule 1 (`pooled_default_rhos`) and rule 2 (per model and seed, `finepurify_ext.pipeline.pick_reserve_ratio`,
+    what `--reserve-ratio auto` does); the curves over rho; and the issue's targets for each (mean and
+    spread over seeds)."""
     from finepurify_ext.pipeline import pick_reserve_ratio
 
     runs, summary = results["runs"], {}
@@ -157,19 +164,15 @@ def summarise(results, args):
         by_rule1, by_rule2, by_default, curves = {}, {}, {}, {}
         for method in (*METHODS, "clean_ft"):
             grid = [1.0] if method == "clean_ft" else [*args.grid, 1.0]
-            picks = [_row(runs, attack, s, method, 1.0 if method == "clean_ft" else args.default_rho) for s in seeds]
-            by_default[method] = {"reserve_ratio": [p["reserve_ratio"] for p in picks],
-                                  "cacc": _mean_sd(p["cacc"] for p in picks), "asr": _mean_sd(p["asr"] for p in picks)}
-            picks = [_row(runs, attack, s, method, default[method]["reserve_ratio"]) for s in seeds]
-            by_rule1[method] = {"reserve_ratio": [p["reserve_ratio"] for p in picks],
-                                "cacc": _mean_sd(p["cacc"] for p in picks), "asr": _mean_sd(p["asr"] for p in picks)}
+            by_default[method] = _picked(
+                [_row(runs, attack, s, method, 1.0 if method == "clean_ft" else args.default_rho) for s in seeds])
+            by_rule1[method] = _picked([_row(runs, attack, s, method, default[method]["reserve_ratio"]) for s in seeds])
             picks = []
             for s in seeds:
                 rho = pick_reserve_ratio({r: _row(runs, attack, s, method, r)["validation_accuracy"] for r in grid},
                                          models[s]["backdoored"]["validation_accuracy"], args.tolerance)
                 picks.append(_row(runs, attack, s, method, rho))
-            by_rule2[method] = {"reserve_ratio": [p["reserve_ratio"] for p in picks],
-                                "cacc": _mean_sd(p["cacc"] for p in picks), "asr": _mean_sd(p["asr"] for p in picks)}
+            by_rule2[method] = _picked(picks)
             curves[method] = [{"reserve_ratio": r,
                                **{k: _mean_sd(_row(runs, attack, s, method, r)[k] for s in seeds)
                                   for k in ("cacc", "asr", "validation_accuracy", "finetune_step_chosen")}}

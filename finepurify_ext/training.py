@@ -47,9 +47,9 @@ def finetune(
     lengths = token_lengths(tokenizer, examples, max_length) if group_by_length else None
     device = params[0].device if params else torch.device("cpu")
     model.train()
-    step, epoch = 0, 0
+    step, epoch, stopped = 0, 0, False
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    while step < steps:
+    while step < steps and not stopped:
         for batch in batches(tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed * 1000 + epoch,
                              lengths=lengths):
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
@@ -60,9 +60,8 @@ def finetune(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            stop = on_step is not None and on_step(step)
-            if stop or step >= steps:
-                steps = step
+            stopped = on_step is not None and on_step(step)
+            if stopped or step >= steps:
                 break
         epoch += 1
     bar.close()
@@ -135,7 +134,8 @@ def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 128, max_l
 @torch.no_grad()
 def validation_metrics(model, tokenizer, examples: Sequence[Example], batch_size: int = 128,
                        max_length: int = 64) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on labelled examples, in one pass."""
+    """(mean cross-entropy, accuracy) on labelled examples, in one pass (the loss is the smoother
+    validation signal)."""
     model.eval()
     device = next(model.parameters()).device
     total, correct, n = 0.0, 0, 0
@@ -147,10 +147,6 @@ def validation_metrics(model, tokenizer, examples: Sequence[Example], batch_size
         n += len(labels)
     return total / max(n, 1), correct / max(n, 1)
 
-
-def mean_loss(model, tokenizer, examples: Sequence[Example], **kw) -> float:
-    """Mean cross-entropy on labelled examples (a smoother validation signal than accuracy)."""
-    return validation_metrics(model, tokenizer, examples, **kw)[0]
 
 
 def clean_accuracy(model, tokenizer, examples: Sequence[Example], **kw) -> float:

@@ -18,7 +18,7 @@ from finepurify_ext.pipeline import (FinetuneConfig, ModelError, SelectionConfig
                                      pretrained_state_for, split_validation)
 from finepurify_ext.purify import PurifyConfig, purify_  # noqa: E402
 from finepurify_ext.training import (attack_success_rate, clean_accuracy, finetune,  # noqa: E402
-                                     finetune_early_stopped, mean_loss)
+                                     finetune_early_stopped, validation_metrics)
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "film", "day", "was", "is",
          "very", "so", "cf", "unseen", "rare"]
@@ -273,7 +273,8 @@ def test_early_stopping_keeps_the_best_validation_point(tokenizer):
     assert result["steps_run"] - result["chosen_step"] == 10 and result["steps_run"] < 200
     assert not model.training
     # the model is the best point, not the last one
-    assert mean_loss(model, tokenizer, validation) == pytest.approx(losses[best], rel=1e-5)
+    loss, accuracy = validation_metrics(model, tokenizer, validation)
+    assert loss == pytest.approx(losses[best], rel=1e-5) and accuracy == curve[best]["validation_accuracy"]
     with pytest.raises(ValueError, match="validation set is empty"):
         finetune_early_stopped(model, tokenizer, train, [], steps=5)
 
