@@ -4,7 +4,17 @@ The per-element work runs in fused kernels registered as torch ops (``torch.ops.
 ``finepurify_ext.ops`` holds their public wrappers and ``finepurify_ext.reference`` their
 pure-PyTorch counterparts.
 """
+from importlib.util import find_spec
+
 import torch  # noqa: F401  (the extension links against torch's libraries)
+
+from .buildcheck import FIX, libstdcxx_problem
+
+# A library carrying its own libstdc++ loads, then crashes on the first error message: refuse it now.
+_library = find_spec(__name__ + "._C")
+if _library is not None and _library.origin and (_problem := libstdcxx_problem(_library.origin)):
+    raise ImportError(f"finepurify_ext._C ({_library.origin}) cannot be used: {_problem}, and torch uses the "
+                      f"shared libstdc++, so a second copy crashes on the first error message. Rebuild it with {FIX}")
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)

@@ -4,6 +4,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <iostream>
+#include <limits>
+#include <string>
 
 namespace {
 
@@ -48,6 +50,23 @@ int main() {
                    ft.masked_select(was_reset.logical_not())),
          "kept weights are untouched");
 
-  std::cout << (4 - failures) << " passed, " << failures << " failed" << std::endl;
+  // An op error reaches a C++ caller as a c10::Error with its whole message.
+  auto threshold = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("finepurify::score_threshold", "")
+                       .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t,
+                                         double)>();
+  at::Tensor bad = ft.clone();
+  bad[3][5] = std::numeric_limits<float>::quiet_NaN();
+  std::string message;
+  try {
+    threshold.call({pre, bad}, {pre, pre}, {h, h}, 10, eps);
+  } catch (const c10::Error& error) {
+    message = error.what_without_backtrace();
+  }
+  expect(message.find("finepurify.score_threshold: finetuned[1] contains NaN or Inf; scores of "
+                      "non-finite weights cannot be ranked") == 0,
+         "a NaN is reported with the whole message");
+
+  std::cout << (5 - failures) << " passed, " << failures << " failed" << std::endl;
   return failures == 0 ? 0 : 1;
 }
