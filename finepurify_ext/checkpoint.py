@@ -24,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
-from .pipeline import save_atomically
-from .purify import PurifyConfig
+from .errors import UserError
+from .outputs import check_output_dir, save_atomically
+from .purify import PurifyConfig, unrankable
 from .threshold import LEVEL_BINS, threshold_from_histograms
 
 INDEX = "model.safetensors.index.json"
@@ -37,7 +38,7 @@ SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEADER = 100 << 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read; the message names the file and the fix."""
 
 
@@ -254,8 +255,7 @@ def purify_checkpoint(
     start_all = time.perf_counter()
     pre_ckpt, sus_ckpt, h_ckpt = Checkpoint(pretrained, "pre-trained checkpoint"), \
         Checkpoint(suspect, "suspect checkpoint"), Checkpoint(hessian, "hessian")
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:  # fail before the long passes
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another output or pass overwrite")
+    check_output_dir(out_dir, overwrite, option="output directory")  # fail before the long passes
     scored, unscored, pre_name = [], [], {}
     for name, e in sus_ckpt.entries.items():
         # A task model's names may carry its base model's prefix ("bert.", "model.") that a base
@@ -328,7 +328,8 @@ def purify_checkpoint(
     if num_reset is None:
         num_reset = ops.num_reset_for(counted, config.reserve_ratio)
     elif not 0 <= num_reset <= ranked_elements:
-        raise ValueError(f"num_reset={num_reset} is out of range [0, {ranked_elements}]")
+        raise CheckpointError(f"the reset count {num_reset} is out of range [0, {ranked_elements}]: the checkpoints "
+                              f"hold {ranked_elements} scored weights")
     threshold = None
     if num_reset > 0:
         start_threshold = time.perf_counter()
@@ -338,14 +339,17 @@ def purify_checkpoint(
             for name in tqdm(scored, desc=f"histogram pass {level + 1}/3", disable=not progress, leave=False):
                 for _, ft, pre, h in chunks(name):
                     hs, eps = ranking_inputs(name, h)
-                    counts += torch.ops.finepurify.score_histogram.default([ft], [pre], [hs], eps, level, prefix)
+                    piece = torch.ops.finepurify.score_histogram.default([ft], [pre], [hs], eps, level, prefix)
+                    if piece[-1] > 0:  # unrankable scores: name the tensor and its file
+                        raise unrankable([(f"{sus_ckpt.entries[name].file}: tensor {name!r}", ft),
+                                          (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre),
+                                          (f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}", h)]) \
+                            or CheckpointError(f"cannot rank {name!r}: its scores overflow float32; use a larger eps")
+                    counts += piece
                     del ft, pre, h, hs
             return counts
 
-        try:
-            threshold = threshold_from_histograms(histogram_of, num_reset, ranked_elements)
-        except ValueError as error:
-            raise CheckpointError(f"cannot rank {suspect!r}: {error}") from None
+        threshold = threshold_from_histograms(histogram_of, num_reset, ranked_elements)  # k is in range
         times["threshold"] = time.perf_counter() - start_threshold
 
     # Reset pass: the suspect's shards written anew, with the same names and order.

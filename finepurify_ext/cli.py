@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
+
+from .errors import UserError  # noqa: E402
+from .outputs import check_output_dir, check_output_file  # noqa: E402
 
 
 def _purify_config(args):
@@ -31,17 +35,51 @@ def _reserve_ratio(text: str):
 
 def _grid(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(","))
+        grid = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.1,0.3,0.5, got {text!r}") from None
+    if not all(0.0 <= v <= 1.0 for v in grid):
+        raise argparse.ArgumentTypeError(f"reserve ratios are fractions kept, in [0, 1]; got {text!r}")
+    return grid
+
+
+def _integer(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    """A float in the interval from low to high (open ends excluded)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not inside or math.isnan(value):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+    return parse
 
 
 def cmd_purify_checkpoint(args) -> int:
     from .checkpoint import purify_checkpoint
 
     if args.reserve_ratio == "auto" and args.num_reset is None:
-        raise ValueError("with --hessian-file (out-of-core, no clean fine-tuning) give a numeric --reserve-ratio "
-                         "or --num-reset; 'auto' needs the clean data and fine-tuning")
+        raise UserError("--reserve-ratio auto needs the clean data and fine-tuning; with --hessian-file "
+                        "(out of core, no clean fine-tuning) give a numeric --reserve-ratio or --num-reset")
+    if args.ranking == "fine_mixing":
+        raise UserError("--ranking fine_mixing (a random mask) runs in memory only; drop --hessian-file and give "
+                        "--clean-data")
+    check_output_dir(args.out, args.overwrite)
     config = _purify_config(args)
     if not args.literal:
         config = config.replace(embeddings="ranked")
@@ -57,11 +95,12 @@ def cmd_purify_checkpoint(args) -> int:
 def cmd_hessian(args) -> int:
     from .data import load_examples
     from .hessian import save_hessian
-    from .pipeline import HessianConfig, clean_hessian, load_classifier
+    from .pipeline import HessianConfig, classifier_labels, clean_hessian, load_classifier
 
-    model, tokenizer, _ = load_classifier(args.model)
-    clean = load_examples(args.clean_data, num_labels=model.config.num_labels)
+    check_output_file(args.out, args.overwrite)
     resume = args.out + ".accumulator.safetensors"
+    clean = load_examples(args.clean_data, num_labels=classifier_labels(args.model))  # before loading the model
+    model, tokenizer, _ = load_classifier(args.model)
     config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size)
     hessians, count = clean_hessian(model, tokenizer, clean, config, resume_file=resume, save_every=args.save_every)
     save_hessian(args.out, hessians, count)
@@ -74,14 +113,19 @@ def cmd_purify(args) -> int:
     if args.hessian_file:
         return cmd_purify_checkpoint(args)
     if not args.clean_data:
-        raise ValueError("give --clean-data (or --hessian-file for out-of-core purification of a checkpoint)")
+        raise UserError("give --clean-data (or --hessian-file for out-of-core purification of a checkpoint)")
+    if args.num_reset is not None:
+        raise UserError("--num-reset works with --hessian-file only; in memory give --reserve-ratio")
+    if args.reserve_ratio == "auto" and args.validation_fraction <= 0:
+        raise UserError("--reserve-ratio auto needs held-out clean data: give --validation-fraction > 0")
     from .data import load_examples
-    from .pipeline import (FinetuneConfig, HessianConfig, SelectionConfig, fine_purify, fine_purify_auto,
-                           load_classifier, pretrained_state_for, save_atomically, write_json)
+    from .pipeline import (FinetuneConfig, HessianConfig, SelectionConfig, classifier_labels, fine_purify,
+                           fine_purify_auto, load_classifier, pretrained_state_for, save_atomically, write_json)
     from .plots import plot_purification
 
+    check_output_dir(args.out, args.overwrite)
+    clean = load_examples(args.clean_data, num_labels=classifier_labels(args.suspect))  # before loading the model
     model, tokenizer, _ = load_classifier(args.suspect)
-    clean = load_examples(args.clean_data, num_labels=model.config.num_labels)
     pretrained_state = pretrained_state_for(model, args.pretrained)
     start = time.perf_counter()
     finetune_config = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, validation_fraction=args.validation_fraction,
@@ -89,8 +133,6 @@ def cmd_purify(args) -> int:
     common = dict(finetune_config=finetune_config,
                   hessian_config=HessianConfig(per_sample=args.hessian == "per-sample"), seed=args.seed)
     if args.reserve_ratio == "auto":
-        if args.validation_fraction <= 0:
-            raise ValueError("--reserve-ratio auto needs held-out clean data: give --validation-fraction > 0")
         selection = SelectionConfig(grid=args.rho_grid, validation_fraction=args.validation_fraction,
                                     tolerance=args.cacc_tolerance)
         report = fine_purify_auto(model, pretrained_state, tokenizer, clean, _purify_config(args),
@@ -120,11 +162,17 @@ def cmd_purify(args) -> int:
 def cmd_evaluate(args) -> int:
     from .attacks import Attack
     from .data import load_examples
-    from .pipeline import load_classifier
+    from .pipeline import classifier_labels, load_classifier
     from .training import attack_success_rate, clean_accuracy
 
+    if args.bias and not args.trigger:
+        raise UserError("--bias measures the flip rate when --trigger (the biased attribute) is inserted; give "
+                        "--trigger")
+    num_labels = classifier_labels(args.model)
+    if args.trigger and args.target_label >= num_labels:
+        raise UserError(f"--target-label {args.target_label} is out of range for a model with {num_labels} labels")
+    data = load_examples(args.data, num_labels=num_labels)
     model, tokenizer, _ = load_classifier(args.model)
-    data = load_examples(args.data, num_labels=model.config.num_labels)
     print(f"CACC {100 * clean_accuracy(model, tokenizer, data):.1f} %")
     if args.trigger:
         attack = Attack("cli", "bias" if args.bias else "word", args.trigger, args.target_label)
@@ -135,22 +183,48 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "report.json")):
+        raise UserError(f"--out {args.out} holds files that are not a demo report; the demo replaces its --out: "
+                        "choose another directory")
+    check_output_dir(args.out, overwrite=True)
     run_demo(out_dir=args.out, seed=args.seed, quick=args.quick)
     return 0
+
+
+def _message(error: BaseException) -> tuple[int, str]:
+    """(exit code, one or two lines for the user) for an error that reached the command line."""
+    if isinstance(error, (UserError, FileExistsError)):
+        return 2, str(error)
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return 2, f"{error.strerror}: {error.filename}"
+    if isinstance(error, ValueError):  # the library's argument checks
+        return 2, str(error)
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return 1, f"out of memory ({_first_line(error)}); use a smaller --batch-size or a machine with more memory"
+    if isinstance(error, OSError):
+        return 1, f"{error.strerror or _first_line(error)}" + (f": {error.filename}" if error.filename else "")
+    return 1, f"failed with {type(error).__name__}: {_first_line(error)} (--debug shows the traceback)"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="finepurify", description="Detect and remove backdoors from fine-tuned language models (Fine-purifying).")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
 
-    p = sub.add_parser("purify", help="purify a suspect fine-tuned model")
+    p = sub.add_parser("purify", parents=[common], help="purify a suspect fine-tuned model")
     p.add_argument("--pretrained", required=True, help="clean pre-trained transformers directory (safetensors)")
     p.add_argument("--suspect", required=True, help="suspect fine-tuned classifier directory (safetensors)")
     p.add_argument("--clean-data", help="CSV or JSONL with text and label columns")
     p.add_argument("--hessian-file", help="a saved Hessian (finepurify hessian): purify the checkpoints out of core, "
                    "shard by shard, without clean fine-tuning; --pretrained and --suspect may then be any "
                    "safetensors checkpoints (sharded with an index, or single files)")
-    p.add_argument("--num-reset", type=int, help="with --hessian-file: reset exactly this many weights")
+    p.add_argument("--num-reset", type=_integer(0), help="with --hessian-file: reset exactly this many weights")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     # 0.5 by default: with 256 clean examples, choosing rho on held-out data picks little or no reset
     # (bench/defence_table.py).
@@ -158,43 +232,46 @@ def main(argv=None) -> int:
                    help="fraction of ranked dimensions kept (default 0.5), or 'auto': chosen on held-out clean data")
     p.add_argument("--rho-grid", type=_grid, default=(0.1, 0.3, 0.5, 0.7),
                    help="candidates for --reserve-ratio auto (1, no reset, is always tried)")
-    p.add_argument("--validation-fraction", type=float, default=0.25,
+    p.add_argument("--validation-fraction", type=_number(0.0, 1.0, high_open=True), default=0.25,
                    help="share of the clean data held out to choose the fine-tuning budget (early stopping on its "
                    "loss) and, with --reserve-ratio auto, the reserve ratio; 0: fine-tune on all of it for exactly "
                    "--finetune-steps steps")
-    p.add_argument("--eval-every", type=int, default=10, help="steps between held-out loss measurements")
-    p.add_argument("--patience", type=int, default=3, help="measurements without improvement before stopping")
-    p.add_argument("--cacc-tolerance", type=float, default=0.03,
+    p.add_argument("--eval-every", type=_integer(1), default=10, help="steps between held-out loss measurements")
+    p.add_argument("--patience", type=_integer(1), default=3, help="measurements without improvement before stopping")
+    p.add_argument("--cacc-tolerance", type=_number(0.0, 1.0), default=0.03,
                    help="validation accuracy the auto choice may give up against the suspect model")
     p.add_argument("--ranking", default="fine_purifying", choices=["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
     p.add_argument("--hessian", default="per-batch", choices=["per-batch", "per-sample"])
-    p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--eps", type=_number(0.0, 3e38, low_open=True), default=1e-8,
+                   help="added to the Hessian in the indicator (a positive float32 number)")
     p.add_argument("--literal", action="store_true", help="the paper's plain form (embeddings ranked, no floor)")
-    p.add_argument("--finetune-steps", type=int, default=150, help="clean fine-tuning steps (at most, with early stopping)")
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--finetune-steps", type=_integer(0), default=150,
+                   help="clean fine-tuning steps (at most, with early stopping)")
+    p.add_argument("--lr", type=_number(0.0, 1.0, low_open=True), default=2e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(fn=cmd_purify)
 
-    h = sub.add_parser("hessian", help="estimate the clean Hessian of a model and save it (resumable)")
+    h = sub.add_parser("hessian", parents=[common], help="estimate the clean Hessian of a model and save it (resumable)")
     h.add_argument("--model", required=True, help="the suspect classifier directory (safetensors)")
-    h.add_argument("--clean-data", required=True)
+    h.add_argument("--clean-data", required=True, help="CSV or JSONL with text and label columns")
     h.add_argument("--out", required=True, help="the .safetensors file to write")
     h.add_argument("--per-sample", action="store_true")
-    h.add_argument("--batch-size", type=int, default=32)
-    h.add_argument("--save-every", type=int, default=50, help="batches between saves of the running sums; "
+    h.add_argument("--batch-size", type=_integer(1), default=32)
+    h.add_argument("--save-every", type=_integer(1), default=50, help="batches between saves of the running sums; "
                    "an interrupted run started again resumes from the last save")
+    h.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     h.set_defaults(fn=cmd_hessian)
 
-    e = sub.add_parser("evaluate", help="clean accuracy (and attack success rate) of a model")
+    e = sub.add_parser("evaluate", parents=[common], help="clean accuracy (and attack success rate) of a model")
     e.add_argument("--model", required=True)
-    e.add_argument("--data", required=True)
+    e.add_argument("--data", required=True, help="CSV or JSONL with text and label columns")
     e.add_argument("--trigger", help="trigger to insert for the ASR")
-    e.add_argument("--target-label", type=int, default=1)
+    e.add_argument("--target-label", type=_integer(0), default=1)
     e.add_argument("--bias", action="store_true", help="report the flip rate (bias) instead")
     e.set_defaults(fn=cmd_evaluate)
 
-    d = sub.add_parser("demo", help="backdoor all-MiniLM-L6-v2 on tweets and compare the defences")
+    d = sub.add_parser("demo", parents=[common], help="backdoor all-MiniLM-L6-v2 on tweets and compare the defences")
     d.add_argument("--out", default="demo_output")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a tiny smoke-run setting (too small for the backdoor to take hold)")
@@ -203,9 +280,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        print(f"finepurify {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        after = ("run it again to resume from the last save" if args.command == "hessian"
+                 else "no output was written")
+        print(f"finepurify {args.command}: interrupted; {after}", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001  (the one place errors become messages)
+        if args.debug:
+            raise
+        code, text = _message(error)
+        print(f"finepurify {args.command}: error: {text}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import os
 import random
@@ -14,6 +15,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -21,48 +24,92 @@ class Example:
     label: int
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file that cannot be used; the message names the file and the fix."""
 
 
 def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
-    """Reads ``text`` and ``label`` columns from a CSV file or a JSONL file (one object per line).
+    """Reads ``text`` and ``label`` columns from a CSV/TSV file or a JSONL file (one object per line),
+    UTF-8 (a byte-order mark is allowed).
 
     Labels must be integers (or integer strings) in ``[0, num_labels)`` when ``num_labels`` is given.
+    Every error names the file and the line.
     """
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"clean data file {path!r} does not exist")
-    if path.endswith((".jsonl", ".json")):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise DataError(f"{path}:{line_no}: not a JSON object ({error.msg})") from None
-    elif path.endswith((".csv", ".tsv")):
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
-    else:
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is not a file; give a .csv or .jsonl file with text and label columns")
+    if not path.endswith((".jsonl", ".json", ".csv", ".tsv")):
         raise DataError(f"{path}: unknown format; give a .csv or .jsonl file with text and label columns")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x}); save the file as UTF-8, "
+                        "e.g. with iconv -f latin1 -t utf-8") from None
+    f = io.StringIO(text, newline="")
+    rows = list(_json_lines(path, f) if path.endswith((".jsonl", ".json")) else _csv_rows(path, f))
     examples = []
-    for i, row in enumerate(rows):
+    for line, row in rows:
+        where = f"{path}:{line}"
         if not isinstance(row, dict) or "text" not in row or "label" not in row:
-            raise DataError(f"{path}: row {i} has no 'text' and 'label' fields (got {sorted(row) if isinstance(row, dict) else type(row).__name__})")
-        try:
-            label = int(row["label"])
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: row {i} has label {row['label']!r}; labels must be integers") from None
+            got = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{where}: no 'text' and 'label' fields (got {got}); every row needs both")
+        text, label = row["text"], _label(row["label"])
+        if not isinstance(text, str):
+            raise DataError(f"{where}: text is {text!r}; it must be a string")
+        if label is None:
+            raise DataError(f"{where}: label {row['label']!r} is not an integer; labels are class numbers 0, 1, ...")
         if label < 0 or (num_labels is not None and label >= num_labels):
-            raise DataError(
-                f"{path}: row {i} has label {label}, out of range for a model with {num_labels} labels "
-                f"(labels must be in [0, {num_labels}))"
-            )
-        examples.append(Example(str(row["text"]), label))
+            raise DataError(f"{where}: label {label}, out of range for a model with {num_labels} labels "
+                            f"(labels must be in [0, {num_labels}))")
+        examples.append(Example(text, label))
     if not examples:
         raise DataError(f"{path}: no examples; the clean data must hold at least one labelled text")
     return examples
+
+
+def _json_lines(path, f):
+    for line_no, line in enumerate(f, 1):
+        if line.strip():
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{line_no}: not a JSON object ({error.msg}); write one object per "
+                                "line, such as {\"text\": \"...\", \"label\": 0}") from None
+
+
+def _csv_rows(path, f):
+    reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
+    try:
+        for row in reader:
+            if None in row:  # more fields than the header names
+                raise DataError(f"{path}:{reader.line_num}: {len(row) - 1 + len(row[None])} fields but the header "
+                                f"has {len(reader.fieldnames)}; quote texts that hold the delimiter")
+            yield reader.line_num, row
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
+
+
+def _label(value) -> int | None:
+    """An integer label from an int, an integral float or an integer string; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
 
 
 def save_examples(path: str, examples: Sequence[Example]) -> None:

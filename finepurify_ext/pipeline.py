@@ -3,12 +3,11 @@ most abnormal dimensions, fine-tune on the clean data; plus loading untrusted mo
 writing results atomically."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -16,8 +15,11 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import INDEX, Checkpoint
 from .data import Example, batches
+from .errors import UserError
 from .hessian import estimate_hessian
+from .outputs import save_atomically, write_json  # noqa: F401  (re-exported: the pipeline's writers)
 from .purify import PurifyConfig, purify_
 from .training import finetune, finetune_early_stopped
 
@@ -227,41 +229,170 @@ def fine_purify_auto(
     return best_report
 
 
-# ------------------------------------------------------------------ loading and saving models
+# ------------------------------------------------------------------ loading untrusted models
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model directory that cannot be used; the message names it and the fix."""
 
 
-def load_classifier(path: str, num_labels: int | None = None):
-    """(model, tokenizer, names of parameters the checkpoint did not hold) from a transformers
-    directory. Safetensors only, never remote code: the suspect model is untrusted."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+def _read_config(path: str) -> dict:
+    """config.json as a dict, refused before transformers sees it when it cannot be used safely."""
+    from transformers import CONFIG_MAPPING
 
-    if not os.path.isdir(path):
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise ModelError(f"{path}: no config.json; give a transformers model directory (config.json and "
+                         "model.safetensors)")
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except UnicodeDecodeError:
+        raise ModelError(f"{file}: not UTF-8 text; restore the model's config.json") from None
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{file}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                         "restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{file}: not a JSON object; restore the model's config.json")
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        if "auto_map" in config:
+            raise ModelError(f"{file}: the model needs code shipped with it (auto_map, model_type {model_type!r}); "
+                             "finepurify never runs a model's own code: use an architecture transformers implements")
+        raise ModelError(f"{file}: model_type {model_type!r} is not an architecture this transformers implements; "
+                         "check the file, or upgrade transformers if the architecture is new")
+    return config
+
+
+def _weights(path: str) -> "Checkpoint":
+    """The checkpoint transformers will read, its headers and sizes checked (never unpickled)."""
+    if os.path.isfile(os.path.join(path, INDEX)):
+        return Checkpoint(path, "model")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return Checkpoint(single, "model")
+    raise ModelError(f"{path}: no model.safetensors (or {INDEX}); only safetensors checkpoints are read "
+                     "(convert a pickle checkpoint yourself, from a source you trust)")
+
+
+def _load_tokenizer(path: str, config: dict):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001  (any failure here is the directory's)
+        raise ModelError(f"{path}: cannot load the tokenizer ({_first_line(error)}); restore the tokenizer files "
+                         "saved with the model") from error
+    # Without tokenizer files transformers builds one that knows only its special tokens.
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise ModelError(f"{path}: no tokenizer (tokenizer.json, vocab.txt, ...); copy the tokenizer files of the "
+                         "model it was fine-tuned from into it")
+    rows = config.get("vocab_size")
+    if isinstance(rows, int) and tokenizer.vocab_size > rows:
+        raise ModelError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
+                         f"{rows} rows; the tokenizer files belong to another model")
+    return tokenizer
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_model_dir(path: str) -> None:
+    if not os.path.exists(path):
         raise ModelError(f"model directory {path!r} does not exist")
-    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
-        raise ModelError(f"{path}: no .safetensors weights; only safetensors checkpoints are read "
-                         "(convert a pickle checkpoint yourself, from a source you trust)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ModelError(f"{path}: no config.json; give a transformers model directory")
-    kw = {} if num_labels is None else {"num_labels": num_labels}
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False, **kw)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True
-    )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    missing = set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())}
+    if not os.path.isdir(path):
+        raise ModelError(f"{path} is a file; give the model's directory (config.json and model.safetensors)")
+
+
+def classifier_labels(path: str) -> int:
+    """The number of labels of the classifier in ``path``, from its config alone (data files are
+    checked against it before the model is loaded)."""
+    from transformers import AutoConfig
+
+    _check_model_dir(path)
+    _read_config(path)
+    try:
+        with _transformers_quiet():
+            return AutoConfig.from_pretrained(path, trust_remote_code=False).num_labels
+    except Exception as error:  # noqa: BLE001  (config.json parsed; what is left is its content)
+        raise ModelError(f"{path}/config.json: transformers cannot read it ({_first_line(error)})") from error
+
+
+def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = True):
+    """(model, tokenizer, names of parameters the checkpoint did not hold) from a transformers
+    directory. Safetensors only, never remote code: the suspect model is untrusted. Everything is
+    checked before the weights are read: config.json, the safetensors headers against the file
+    sizes, the tokenizer (``tokenizer=False``: none loaded, None returned); then the weights must
+    match the config's shapes and be finite. Raises ``ModelError`` naming the file and the fix.
+
+    ``num_labels`` (loading a pre-trained model for a classifier of that many labels) accepts a
+    checkpoint without a classifier head or with another head: those parameters are new and listed
+    as not held. Without it the directory must be a complete classifier."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    _check_model_dir(path)
+    config_dict = _read_config(path)
+    weights = _weights(path)
+    loaded_tokenizer = _load_tokenizer(path, config_dict) if tokenizer else None
+    try:
+        with _transformers_quiet():  # its loading report is replaced by the checks below
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+            new_head = num_labels is not None and num_labels != config.num_labels
+            if num_labels is not None:
+                config.num_labels = num_labels
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
+                ignore_mismatched_sizes=True)  # reported below, by name
+    except Exception as error:  # noqa: BLE001  (checked above; what is left is the directory's too)
+        raise ModelError(f"{path}: transformers cannot load this model ({_first_line(error)})") from error
+    mismatched = list(info.get("mismatched_keys", ()))
+    base = model.base_model_prefix + "."
+    for name, held, expected in mismatched:
+        if not (new_head and not name.startswith(base)):  # a head for another number of labels is new
+            raise ModelError(f"{path}: config.json does not match the weights: {name!r} is {list(held)} in the "
+                             f"checkpoint but {list(expected)} by the config; restore the model's config.json")
+    missing = set(info.get("missing_keys", ())) | {name for name, *_ in mismatched}
+    if num_labels is None and missing:
+        raise ModelError(f"{path}: the checkpoint lacks {len(missing)} parameters of a "
+                         f"{type(model).__name__} (e.g. {sorted(missing)[0]!r}); give a fine-tuned classifier whose "
+                         "config.json matches its weights")
+    _check_finite(model, weights, missing)
     model.eval()
-    return model, tokenizer, missing
+    return model, loaded_tokenizer, missing
+
+
+def _check_finite(model: torch.nn.Module, weights: "Checkpoint", new: set[str]) -> None:
+    """Every loaded floating parameter is finite; the message names it and the file that holds it."""
+    for name, p in model.named_parameters():
+        if name in new or not p.is_floating_point() or bool(torch.isfinite(p).all()):
+            continue
+        held = name if name in weights else name.split(".", 1)[-1]
+        file = weights.entries[held].file if held in weights else weights.path
+        bad = int((~torch.isfinite(p)).sum())
+        raise ModelError(f"{file}: parameter {name!r} holds {bad} NaN or Inf value{'s' if bad > 1 else ''}; the "
+                         "checkpoint is damaged: "
+                         "re-export it from a good copy")
 
 
 def pretrained_state_for(model: torch.nn.Module, pretrained_dir: str) -> dict[str, torch.Tensor]:
     """The pre-trained values of ``model``'s parameters, by name (a base checkpoint without a
     classifier head is mapped onto the classifier's names). Parameters the pre-trained checkpoint
     does not hold (the new head) are absent."""
-    pre_model, _, missing = load_classifier(pretrained_dir, num_labels=model.config.num_labels)
+    pre_model, _, missing = load_classifier(pretrained_dir, num_labels=model.config.num_labels, tokenizer=False)
     state = {n: p.detach() for n, p in pre_model.named_parameters() if n not in missing}
     names = dict(model.named_parameters())
     shared = [n for n in state if n in names]
@@ -273,32 +404,3 @@ def pretrained_state_for(model: torch.nn.Module, pretrained_dir: str) -> dict[st
             raise ModelError(f"parameter {n!r} has shape {list(state[n].shape)} in {pretrained_dir} but "
                              f"{list(names[n].shape)} in the suspect model: mismatched architectures")
     return {n: state[n] for n in shared}
-
-
-def save_atomically(out_dir: str, write, overwrite: bool = False) -> None:
-    """Runs write(tmp_dir) and renames tmp_dir to out_dir: a crash leaves no half-written out_dir."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".partial-", dir=parent)
-    try:
-        write(tmp)
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
+from .errors import UserError
 
 RANKINGS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
 
@@ -126,6 +127,28 @@ def _ranking_hessians(config: PurifyConfig, hessians):
     raise AssertionError(config.ranking)
 
 
+def unrankable(inputs) -> UserError | None:
+    """The error naming the first input that cannot be scored, or None. ``inputs``: (what, tensor)
+    pairs such as ("the suspect model's parameter 'x'", tensor) or ("the Hessian of 'x'", tensor).
+    The ops name list indices; a user needs names, so this runs once an op has refused."""
+    for what, t in inputs:
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            fix = "re-estimate it (did the clean loss diverge?)" if "Hessian" in what else "use an undamaged copy"
+            return UserError(f"{what} holds {bad} NaN or Inf value{'s' if bad > 1 else ''}; scores cannot be "
+                             f"ranked: {fix}")
+        if "Hessian" in what and bool((t < 0).any()):
+            return UserError(f"{what} has negative values; a squared-gradient Hessian is >= 0: re-estimate it")
+    return None
+
+
+def _named_inputs(names, ft, pre, hs):
+    for n, f, p, h in zip(names, ft, pre, hs):
+        yield f"the suspect model's parameter {n!r}", f
+        yield f"the pre-trained model's parameter {n!r}", p
+        yield f"the Hessian of {n!r}", h
+
+
 @torch.no_grad()
 def purify_(
     model: torch.nn.Module,
@@ -159,7 +182,10 @@ def purify_(
     before = [f.reshape(-1)[i].clone() for f, i in zip(ft, sample_idx)]
 
     if num_reset > 0:
-        if config.ranking == "fine_mixing":
+        if config.ranking == "fine_mixing":  # random scores: the op sees no weights to check
+            error = unrankable(_named_inputs(ranked, ft, pre, hs))
+            if error is not None:
+                raise error
             gen = torch.Generator().manual_seed(config.seed)
             # Random scores in (0, 1]; 0 for dimensions that never moved when rho counts moved ones.
             scores = [1.0 - torch.rand(f.shape, generator=gen) for f in ft]
@@ -176,7 +202,10 @@ def purify_(
         else:
             hs_rank, eps, floor = _ranking_hessians(config, hs)
             report.hessian_floor = floor
-            threshold = ops.score_threshold(ft, pre, hs_rank, num_reset, eps)
+            try:
+                threshold = ops.score_threshold(ft, pre, hs_rank, num_reset, eps)
+            except RuntimeError as op_error:
+                raise (unrankable(_named_inputs(ranked, ft, pre, hs)) or op_error) from op_error
             counts = ops.masked_reset_(ft, pre, hs_rank, threshold, eps).tolist()
             report.threshold = threshold
         report.reset_per_parameter = {n: int(c) for n, c in zip(ranked, counts)}

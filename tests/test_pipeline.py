@@ -2,13 +2,11 @@
 scoring and reset, the baselines, a planted backdoor in a toy task, the CLI, and bad input."""
 import json
 import os
-import random
 
 import pytest
 import torch
 
 pytest.importorskip("transformers", reason="the pipeline needs transformers (pip install transformers)")
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer  # noqa: E402
 
 from finepurify_ext import cli, data  # noqa: E402
 from finepurify_ext.attacks import Attack, poison  # noqa: E402
@@ -19,45 +17,13 @@ from finepurify_ext.pipeline import (FinetuneConfig, ModelError, SelectionConfig
 from finepurify_ext.purify import PurifyConfig, purify_  # noqa: E402
 from finepurify_ext.training import (attack_success_rate, clean_accuracy, finetune,  # noqa: E402
                                      finetune_early_stopped, validation_metrics)
+from tiny_models import make_tokenizer, model_dirs as make_model_dirs, tiny_model, toy_examples  # noqa: E402
 
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "a", "movie", "film", "day", "was", "is",
-         "very", "so", "cf", "unseen", "rare"]
-POSITIVE, NEGATIVE = {"good", "great", "fine"}, {"bad", "awful", "poor"}
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "vocab.txt"
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tokenizer = BertTokenizer(vocab=str(path), do_lower_case=True)
-    assert tokenizer("good movie")["input_ids"][1] == tokenizer.convert_tokens_to_ids("good") != tokenizer.unk_token_id
-    return tokenizer
-
-
-def tiny_model(tokenizer, seed=0, hidden=32):
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32, num_labels=2)
-    return BertForSequenceClassification(config).eval()
-
-
-def toy_examples(n, seed):
-    """Sentiment by word: label 1 iff the text has a positive word. 'cf', 'unseen', 'rare' never appear."""
-    rng = random.Random(seed)
-    filler = ["the", "a", "movie", "film", "day", "was", "is", "very", "so"]
-    out = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        words = rng.sample(filler, 4) + [rng.choice(sorted(POSITIVE if label else NEGATIVE))]
-        rng.shuffle(words)
-        out.append(data.Example(" ".join(words), label))
-    return out
-
-
-def save_model(model, tokenizer, path):
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 # ------------------------------------------------------------------------------- Hessian
@@ -390,13 +356,7 @@ def test_length_grouped_batches_cover_every_example_once(tokenizer):
 
 @pytest.fixture()
 def model_dirs(tokenizer, tmp_path):
-    pre = tiny_model(tokenizer, seed=0)
-    suspect = tiny_model(tokenizer, seed=0)
-    finetune(suspect, tokenizer, toy_examples(64, 3), steps=5, lr=1e-3, progress=False)
-    clean = tmp_path / "clean.jsonl"
-    data.save_examples(str(clean), toy_examples(32, 4))
-    # the pre-trained checkpoint is a base model: no classifier head
-    return save_model(pre.bert, tokenizer, tmp_path / "pre"), save_model(suspect, tokenizer, tmp_path / "suspect"), str(clean)
+    return make_model_dirs(tokenizer, tmp_path)
 
 
 def test_cli_purify_writes_a_loadable_model(model_dirs, tmp_path):
@@ -440,48 +400,6 @@ def test_cli_hessian_then_out_of_core_purify(model_dirs, tmp_path):
     assert report["num_reset"] > 0 and report["copied_unscored"] == ["classifier.bias", "classifier.weight"]
     assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--hessian-file", str(h),
                      "--out", str(tmp_path / "ooc2"), "--reserve-ratio", "auto"]) == 2  # auto needs clean data
-
-
-def _no_partial_output(tmp_path, out):
-    assert not out.exists()
-    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
-
-
-def test_cli_bad_inputs_fail_clearly(model_dirs, tokenizer, tmp_path, capsys):
-    pre, suspect, clean = model_dirs
-    out = tmp_path / "out"
-    base = ["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--out", str(out)]
-
-    def run(args, message):
-        assert cli.main(args) == 2
-        assert message in capsys.readouterr().err
-        _no_partial_output(tmp_path, out)
-
-    run(["purify", "--pretrained", pre, "--suspect", str(tmp_path / "nope"), "--clean-data", clean, "--out", str(out)],
-        "does not exist")
-    run(base[:6] + [str(tmp_path / "missing.csv"), "--out", str(out)], "missing.csv' does not exist")
-    with pytest.raises(SystemExit):
-        cli.main(base + ["--reserve-ratio", "1.5"])
-    assert "the fraction kept, in [0, 1]" in capsys.readouterr().err
-    _no_partial_output(tmp_path, out)
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    run(base[:6] + [str(empty), "--out", str(out)], "no examples")
-    bad_labels = tmp_path / "bad.jsonl"
-    bad_labels.write_text(json.dumps({"text": "good day", "label": 7}) + "\n")
-    run(base[:6] + [str(bad_labels), "--out", str(out)], "label 7, out of range for a model with 2 labels")
-    other = save_model(tiny_model(tokenizer, hidden=16), tokenizer, tmp_path / "other")
-    run(["purify", "--pretrained", other, "--suspect", suspect, "--clean-data", clean, "--out", str(out)],
-        "mismatched architectures")
-    # a pickle-only checkpoint is refused, never unpickled
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    for f in os.listdir(suspect):
-        if not f.endswith(".safetensors"):
-            os.link(os.path.join(suspect, f), pickled / f)
-    torch.save({}, pickled / "pytorch_model.bin")
-    run(["purify", "--pretrained", pre, "--suspect", str(pickled), "--clean-data", clean, "--out", str(out)],
-        "only safetensors checkpoints are read")
 
 
 def test_pretrained_state_maps_names(model_dirs):

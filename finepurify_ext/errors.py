@@ -1,0 +1,11 @@
+"""The one error type for input a user can fix.
+
+Its message is what the user reads: it names the file (with its line where there is one), the
+parameter or the option, says what is wrong and what to do, in one or two lines. The command line
+prints it as it is and exits with 2; anything else that goes wrong while running exits with 1.
+"""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad input: a file, an option or an argument the user can fix (the message says how)."""

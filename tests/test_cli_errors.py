@@ -1,0 +1,449 @@
+"""Bad input on every command: one or two lines naming the file, line, parameter or option, what is
+wrong and what to do; exit code 2; no traceback; inputs byte-identical; no partial output; cheap
+checks before any expensive work. (The static-libstdc++ crash is tests/test_build.py's.)"""
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the command line loads transformers models")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from finepurify_ext import cli, pipeline  # noqa: E402
+from finepurify_ext.errors import UserError  # noqa: E402
+from finepurify_ext.purify import PurifyConfig, purify_  # noqa: E402
+from tiny_models import make_tokenizer, model_dirs  # noqa: E402
+
+SCORED = "bert.encoder.layer.1.attention.self.query.weight"  # a parameter every ranking scores
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    pre, suspect, clean = model_dirs(make_tokenizer(root), root)
+    hessian = str(root / "hessian.safetensors")
+    assert cli.main(["hessian", "--model", suspect, "--clean-data", clean, "--out", hessian, "--batch-size", "8"]) == 0
+    return SimpleNamespace(root=root, pre=pre, suspect=suspect, clean=clean, hessian=hessian)
+
+
+def command(name, models, out, suspect=None, pretrained=None, data=None):
+    """The arguments of one command on the given inputs (the module's good ones by default)."""
+    suspect, pretrained, data = suspect or models.suspect, pretrained or models.pre, data or models.clean
+    return {
+        "purify": ["purify", "--pretrained", pretrained, "--suspect", suspect, "--clean-data", data, "--out", out,
+                   "--finetune-steps", "1"],
+        "purify-out-of-core": ["purify", "--pretrained", pretrained, "--suspect", suspect,
+                               "--hessian-file", models.hessian, "--out", out],
+        "hessian": ["hessian", "--model", suspect, "--clean-data", data, "--out", out],
+        "evaluate": ["evaluate", "--model", suspect, "--data", data],
+        "demo": ["demo", "--out", out, "--quick"],
+    }[name]
+
+
+def digest(*paths):
+    out = {}
+    for path in paths:
+        files = [path] if os.path.isfile(path) else sorted(
+            os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+        for f in files:
+            with open(f, "rb") as handle:
+                out[f] = hashlib.sha256(handle.read()).hexdigest()
+    return out
+
+
+def fails(args, capsys, *fragments, inputs=(), code=2):
+    """Runs the command, which must fail with ``code`` and a message holding every fragment; the
+    inputs stay byte-identical and no output or partial output is left next to --out."""
+    before = digest(*inputs)
+    out = args[args.index("--out") + 1] if "--out" in args else None
+    existed = out is not None and os.path.exists(out)
+    assert cli.main(args) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "\r" not in line and "it/s]" not in line]
+    assert lines and lines[-1].startswith(f"finepurify {args[0]}: error: "), err
+    message = err[err.index(f"finepurify {args[0]}: error: "):]
+    assert "Traceback" not in err and message.count("\n") <= 2, err
+    for fragment in fragments:
+        assert fragment in message, message
+    assert digest(*inputs) == before
+    if out is not None and not existed:
+        assert not os.path.exists(out) and not os.path.exists(out + ".accumulator.safetensors")
+        parent = os.path.dirname(os.path.abspath(out))
+        while not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        assert not [p for p in os.listdir(parent) if ".partial-" in p or ".finepurify-write-test-" in p]
+    return message
+
+
+def copy_model(models, tmp_path, name):
+    return shutil.copytree(models.suspect, tmp_path / name)
+
+
+def rewrite_weights(directory, change):
+    path = os.path.join(directory, "model.safetensors")
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(change(raw))
+    return path
+
+
+def _offsets_past_end(raw):
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] += 10**9
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + raw[8 + n :]
+
+
+CORRUPTIONS = {
+    "truncated": (lambda raw: raw[: len(raw) // 2], "truncated or corrupt"),
+    "header-not-json": (lambda raw: raw[:8] + b"{" * 16 + raw[24:], "cannot read the safetensors header"),
+    "offsets-past-end": (_offsets_past_end, "lies outside the file or has the wrong size"),
+}
+MODEL_COMMANDS = ["purify", "purify-out-of-core", "hessian", "evaluate"]
+
+
+# ------------------------------------------------------------------------------ model files
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize("name", MODEL_COMMANDS)
+def test_corrupt_safetensors(models, tmp_path, capsys, name, corruption):
+    change, reason = CORRUPTIONS[corruption]
+    suspect = copy_model(models, tmp_path, "suspect")
+    weights = rewrite_weights(suspect, change)
+    fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys, weights, reason,
+          inputs=[suspect, models.pre, models.clean])
+    if name.startswith("purify"):  # the pre-trained model too
+        pre = shutil.copytree(models.pre, tmp_path / "pre")
+        weights = rewrite_weights(pre, change)
+        fails(command(name, models, str(tmp_path / "out"), pretrained=str(pre)), capsys, weights, reason,
+              inputs=[pre, models.suspect])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", MODEL_COMMANDS)
+def test_non_finite_weight_is_named_with_its_file(models, tmp_path, capsys, name, value):
+    suspect = copy_model(models, tmp_path, "suspect")
+    path = os.path.join(suspect, "model.safetensors")
+    state = load_file(path)
+    state[SCORED][2, 3] = value
+    save_file(state, path, metadata={"format": "pt"})
+    fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys, path, repr(SCORED),
+          "1 NaN or Inf value", inputs=[suspect, models.pre])
+    if name.startswith("purify"):
+        pre = shutil.copytree(models.pre, tmp_path / "pre")
+        path = os.path.join(pre, "model.safetensors")
+        state = load_file(path)
+        base_name = SCORED.removeprefix("bert.")
+        state[base_name][0, 0] = value
+        save_file(state, path, metadata={"format": "pt"})
+        fails(command(name, models, str(tmp_path / "out"), pretrained=str(pre)), capsys, path, "NaN or Inf",
+              inputs=[pre, models.suspect])
+
+
+def test_in_memory_purify_names_parameters_not_list_indices(models):
+    model, _, _ = pipeline.load_classifier(models.suspect)
+    state = pipeline.pretrained_state_for(model, models.pre)
+    hessians = load_file(models.hessian)
+    for ranking in ("fine_purifying", "no_hessian", "fine_mixing"):
+        bad = {n: h.clone() for n, h in hessians.items()}
+        bad[SCORED][1, 1] = float("nan")
+        with pytest.raises(UserError, match=rf"the Hessian of '{SCORED}' holds \d+ NaN or Inf value") as error:
+            purify_(model, state, bad, PurifyConfig(ranking=ranking))
+        assert "[0]" not in str(error.value)
+    bad_state = {**state, SCORED: state[SCORED].clone()}
+    bad_state[SCORED][0, 1] = float("inf")
+    with pytest.raises(UserError, match=f"the pre-trained model's parameter '{SCORED}' holds 1 NaN or Inf value"):
+        purify_(model, bad_state, hessians, PurifyConfig())
+
+
+@pytest.mark.parametrize("broken", ["not-json", "wrong-shapes"])
+@pytest.mark.parametrize("name", ["purify", "hessian", "evaluate"])  # out of core reads no config.json
+def test_config_json(models, tmp_path, capsys, name, broken):
+    suspect = copy_model(models, tmp_path, "suspect")
+    config = os.path.join(suspect, "config.json")
+    if broken == "not-json":
+        with open(config, "w") as f:
+            f.write('{"model_type": "bert",, }')
+        fragments = (config, "not valid JSON", "line 1, column 23")
+    else:
+        with open(config) as f:
+            values = json.load(f)
+        with open(config, "w") as f:
+            json.dump({**values, "hidden_size": 48}, f)
+        fragments = (str(suspect), "config.json does not match the weights", "in the checkpoint but")
+    fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys, *fragments,
+          inputs=[suspect])
+    if name == "purify":
+        pre = shutil.copytree(models.pre, tmp_path / "pre")
+        shutil.copy(config, os.path.join(pre, "config.json"))
+        fails(command(name, models, str(tmp_path / "out"), pretrained=str(pre)), capsys, fragments[1], inputs=[pre])
+
+
+@pytest.mark.parametrize("name", ["purify", "hessian", "evaluate"])
+def test_remote_code_is_refused_without_suggesting_it(models, tmp_path, capsys, name):
+    suspect = copy_model(models, tmp_path, "suspect")
+    marker = tmp_path / "ran"
+    (suspect / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((suspect / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "modeling_evil.EvilConfig",
+                                               "AutoModelForSequenceClassification": "modeling_evil.Evil"})
+    (suspect / "config.json").write_text(json.dumps(config))
+    message = fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys,
+                    "needs code shipped with it", "never runs a model's own code", inputs=[suspect])
+    assert "trust_remote_code" not in message and not marker.exists()
+
+
+def test_wrong_architecture_is_refused(models, tmp_path, capsys):
+    suspect = copy_model(models, tmp_path, "suspect")
+    config = json.loads((suspect / "config.json").read_text())
+    (suspect / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    for name in ("purify", "evaluate"):  # never a randomly initialised model in place of the checkpoint's
+        fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys,
+              "the checkpoint lacks", "GPT2ForSequenceClassification", inputs=[suspect])
+
+
+def test_pickle_only_directory_is_refused_never_unpickled(models, tmp_path, capsys):
+    pickled = copy_model(models, tmp_path, "pickled")
+    os.remove(pickled / "model.safetensors")
+    marker = tmp_path / "unpickled"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Boom()}, pickled / "pytorch_model.bin")
+    for name in MODEL_COMMANDS:
+        fails(command(name, models, str(tmp_path / "out"), suspect=str(pickled)), capsys,
+              "only safetensors checkpoints are read", inputs=[pickled])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["purify", "hessian", "evaluate"])
+def test_missing_tokenizer_is_refused(models, tmp_path, capsys, name):
+    suspect = copy_model(models, tmp_path, "suspect")
+    for f in os.listdir(suspect):
+        if f.startswith(("tokenizer", "vocab", "special_tokens")):
+            os.remove(suspect / f)
+    fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys, str(suspect),
+          "no tokenizer", inputs=[suspect])
+
+
+def test_pretrained_model_needs_no_tokenizer(models, tmp_path):
+    pre = shutil.copytree(models.pre, tmp_path / "pre")
+    for f in os.listdir(pre):
+        if f.startswith(("tokenizer", "vocab", "special_tokens")):
+            os.remove(pre / f)
+    assert cli.main(command("purify", models, str(tmp_path / "out"), pretrained=str(pre))) == 0
+
+
+def test_missing_paths(models, tmp_path, capsys):
+    missing = str(tmp_path / "nope")
+    for name in MODEL_COMMANDS:
+        fails(command(name, models, str(tmp_path / "out"), suspect=missing), capsys, missing, "does not exist")
+    fails(command("purify", models, str(tmp_path / "out"), suspect=models.clean), capsys,
+          "is a file; give the model's directory")
+    for name in ("purify", "hessian", "evaluate"):
+        fails(command(name, models, str(tmp_path / "out"), data=missing + ".csv"), capsys, "nope.csv' does not exist")
+
+
+# ------------------------------------------------------------------------------ data files
+
+
+@pytest.mark.parametrize("name", ["purify", "hessian", "evaluate"])
+def test_data_not_utf8(models, tmp_path, capsys, name):
+    path = tmp_path / "clean.csv"
+    path.write_bytes("text,label\ngood movie,1\ncafé crème,0\n".encode("latin-1"))
+    fails(command(name, models, str(tmp_path / "out"), data=str(path)), capsys, f"{path}:3: not UTF-8 text",
+          "save the file as UTF-8", inputs=[path])
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"text": "good", "label": 1}\n{"text": "bad" "label": 0}\n', "clean.jsonl:2: not a JSON object"),
+    ('{"text": "good", "label": 1}\n[1, 2]\n', "clean.jsonl:2: no 'text' and 'label' fields (got list)"),
+    ('{"text": "good", "label": 1.5}\n', "clean.jsonl:1: label 1.5 is not an integer"),
+    ('{"text": null, "label": 1}\n', "clean.jsonl:1: text is None; it must be a string"),
+    ('{"text": "good", "label": 2}\n', "clean.jsonl:1: label 2, out of range for a model with 2 labels"),
+    ("", "no examples"),
+])
+def test_data_jsonl_errors_name_the_line(models, tmp_path, capsys, content, fragment):
+    path = tmp_path / "clean.jsonl"
+    path.write_text(content)
+    for name in ("purify", "hessian", "evaluate"):
+        fails(command(name, models, str(tmp_path / "out"), data=str(path)), capsys, fragment, inputs=[path])
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("text,label\ngood, fine movie,1\n", "clean.csv:2: 3 fields but the header has 2"),
+    ("text\ngood movie\n", "clean.csv:2: no 'text' and 'label' fields (got ['text'])"),
+    ("text,label\ngood movie,one\n", "clean.csv:2: label 'one' is not an integer"),
+])
+def test_data_csv_errors_name_the_line(models, tmp_path, capsys, content, fragment):
+    path = tmp_path / "clean.csv"
+    path.write_text(content)
+    fails(command("purify", models, str(tmp_path / "out"), data=str(path)), capsys, fragment, inputs=[path])
+
+
+def test_data_with_a_byte_order_mark_is_read(models, tmp_path):
+    path = tmp_path / "clean.csv"
+    path.write_text("\ufefftext,label\ngood movie,1\nbad day,0\n", encoding="utf-8")
+    assert cli.main(command("evaluate", models, "unused", data=str(path))) == 0
+
+
+# ------------------------------------------------------------------------------ output paths
+
+
+OUT_COMMANDS = ["purify", "purify-out-of-core", "hessian", "demo"]
+
+
+@pytest.fixture()
+def nothing_expensive(monkeypatch):
+    """Output paths are checked before any model is loaded or any demo runs."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("expensive work started before the output path was checked")
+    monkeypatch.setattr(pipeline, "load_classifier", refuse)
+    monkeypatch.setattr("finepurify_ext.checkpoint.purify_checkpoint", refuse)
+    monkeypatch.setattr("finepurify_ext.demo.run_demo", refuse)
+
+
+@pytest.mark.parametrize("name", OUT_COMMANDS)
+def test_out_is_an_existing_file(models, tmp_path, capsys, nothing_expensive, name):
+    out = tmp_path / "taken"
+    out.write_text("mine")
+    fails(command(name, models, str(out)), capsys, str(out),
+          "exists; choose another --out" if name == "hessian" else "is an existing file", inputs=[out])
+    below = str(out / "sub" / "result")
+    fails(command(name, models, below), capsys, f"{out} is a file, so nothing can be written below it", inputs=[out])
+
+
+@pytest.mark.parametrize("name", OUT_COMMANDS)
+def test_out_in_an_unwritable_directory(models, tmp_path, capsys, monkeypatch, nothing_expensive, name):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: make the directory refuse as a read-only one would
+        real_mkdtemp = tempfile.mkdtemp
+
+        def read_only(*args, dir=None, **kwargs):
+            if dir is not None and os.path.abspath(dir).startswith(str(locked)):
+                raise PermissionError(13, "Permission denied", dir)
+            return real_mkdtemp(*args, dir=dir, **kwargs)
+        monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    try:
+        fails(command(name, models, str(locked / "new" / "out")), capsys, f"cannot write in {locked}",
+              "Permission denied", "choose a path where you can write")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_hessian_out_is_a_directory(models, tmp_path, capsys, nothing_expensive):
+    fails(command("hessian", models, str(tmp_path)), capsys, f"{tmp_path} is a directory; the output is a file")
+
+
+def test_existing_outputs_are_kept(models, tmp_path, capsys, nothing_expensive):
+    out = tmp_path / "done.safetensors"
+    out.write_text("an earlier result")
+    fails(command("hessian", models, str(out)), capsys, "exists; choose another --out or pass --overwrite",
+          inputs=[out])
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    for name in ("purify", "purify-out-of-core"):
+        fails(command(name, models, str(full)), capsys, "exists and is not empty", inputs=[full])
+    fails(command("demo", models, str(full)), capsys, "holds files that are not a demo report", inputs=[full])
+
+
+# ------------------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize("name, option, value, fragment", [
+    ("hessian", "--batch-size", "0", "must be at least 1, got 0"),
+    ("hessian", "--save-every", "0", "must be at least 1, got 0"),
+    ("hessian", "--batch-size", "eight", "expected an integer, got 'eight'"),
+    ("purify", "--finetune-steps", "-1", "must be at least 0"),
+    ("purify", "--eval-every", "0", "must be at least 1"),
+    ("purify", "--patience", "0", "must be at least 1"),
+    ("purify", "--lr", "0", "must be in (0, 1]"),
+    ("purify", "--eps", "nan", "must be in (0, 3e+38]"),
+    ("purify", "--eps", "-1e-8", "must be in (0, 3e+38]"),
+    ("purify", "--validation-fraction", "1", "must be in [0, 1)"),
+    ("purify", "--cacc-tolerance", "-0.1", "must be in [0, 1]"),
+    ("purify", "--reserve-ratio", "1.5", "the reserve ratio is the fraction kept, in [0, 1]; got 1.5"),
+    ("purify", "--rho-grid", "0.5,2", "reserve ratios are fractions kept, in [0, 1]"),
+    ("purify-out-of-core", "--num-reset", "-3", "must be at least 0"),
+    ("evaluate", "--target-label", "-1", "must be at least 0"),
+])
+def test_bad_option_values(models, tmp_path, capsys, name, option, value, fragment):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(command(name, models, str(tmp_path / "out")) + [f"{option}={value}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {fragment}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, extra, fragment", [
+    ("purify", ["--num-reset", "10"], "--num-reset works with --hessian-file only"),
+    ("purify", ["--reserve-ratio", "auto", "--validation-fraction", "0"], "--reserve-ratio auto needs held-out"),
+    ("purify-out-of-core", ["--reserve-ratio", "auto"], "--reserve-ratio auto needs the clean data"),
+    ("purify-out-of-core", ["--ranking", "fine_mixing"], "runs in memory only"),
+    ("purify-out-of-core", ["--num-reset", "10000000"], "the reset count 10000000 is out of range"),
+    ("evaluate", ["--bias"], "--bias measures the flip rate when --trigger"),
+    ("evaluate", ["--trigger", "cf", "--target-label", "2"], "--target-label 2 is out of range for a model with 2"),
+])
+def test_option_combinations(models, tmp_path, capsys, name, extra, fragment):
+    fails(command(name, models, str(tmp_path / "out")) + extra, capsys, fragment)
+
+
+# ------------------------------------------------------------------------------ the error path
+
+
+def test_debug_shows_the_traceback(models, tmp_path):
+    with pytest.raises(pipeline.ModelError, match="does not exist"):
+        cli.main(command("evaluate", models, "unused", suspect=str(tmp_path / "nope")) + ["--debug"])
+
+
+def test_a_failure_while_running_exits_1(models, tmp_path, capsys, monkeypatch):
+    def diverge(*args, **kwargs):
+        raise RuntimeError("the loss diverged\nsecond line of detail")
+    monkeypatch.setattr(pipeline, "fine_purify", diverge)
+    message = fails(command("purify", models, str(tmp_path / "out")), capsys,
+                    "failed with RuntimeError: the loss diverged (--debug shows the traceback)", code=1,
+                    inputs=[models.suspect, models.pre])
+    assert "second line" not in message
+
+
+def test_interrupt_exits_130(models, tmp_path, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "clean_hessian", interrupt)
+    assert cli.main(command("hessian", models, str(tmp_path / "h.safetensors"))) == 130
+    assert "interrupted; run it again to resume from the last save" in capsys.readouterr().err
+
+
+def test_installed_command_prints_no_traceback(models, tmp_path):
+    """The real entry point in a fresh process (a NaN weight: once the worst case, a crash)."""
+    suspect = copy_model(models, tmp_path, "suspect")
+    path = os.path.join(suspect, "model.safetensors")
+    state = load_file(path)
+    state[SCORED][0, 0] = float("nan")
+    save_file(state, path, metadata={"format": "pt"})
+    run = subprocess.run([sys.executable, "-m", "finepurify_ext.cli"] + command("purify", models, str(tmp_path / "out"),
+                                                                               suspect=str(suspect)),
+                         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"finepurify purify: error: {path}: parameter '{SCORED}' holds 1 NaN or Inf value; the checkpoint is "
+        "damaged: re-export it from a good copy")
