@@ -9,7 +9,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 
-from .errors import UserError  # noqa: E402
+from .errors import UserError, first_line  # noqa: E402
 from .outputs import check_output_dir, check_output_file  # noqa: E402
 
 
@@ -200,15 +200,10 @@ def _message(error: BaseException) -> tuple[int, str]:
     if isinstance(error, ValueError):  # the library's argument checks
         return 2, str(error)
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        return 1, f"out of memory ({_first_line(error)}); use a smaller --batch-size or a machine with more memory"
+        return 1, f"out of memory ({first_line(error)}); free memory, or run on a machine with more"
     if isinstance(error, OSError):
-        return 1, f"{error.strerror or _first_line(error)}" + (f": {error.filename}" if error.filename else "")
-    return 1, f"failed with {type(error).__name__}: {_first_line(error)} (--debug shows the traceback)"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        return 1, f"{error.strerror or first_line(error)}" + (f": {error.filename}" if error.filename else "")
+    return 1, f"failed with {type(error).__name__}: {first_line(error)} (--debug shows the traceback)"
 
 
 def main(argv=None) -> int:

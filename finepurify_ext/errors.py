@@ -9,3 +9,10 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input: a file, an option or an argument the user can fix (the message says how)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what a one-line report
+    of someone else's exception can carry."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import INDEX, Checkpoint
 from .data import Example, batches
-from .errors import UserError
+from .errors import UserError, first_line
 from .hessian import estimate_hessian
 from .outputs import save_atomically, write_json  # noqa: F401  (re-exported: the pipeline's writers)
 from .purify import PurifyConfig, purify_
@@ -281,7 +281,7 @@ def _load_tokenizer(path: str, config: dict):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001  (any failure here is the directory's)
-        raise ModelError(f"{path}: cannot load the tokenizer ({_first_line(error)}); restore the tokenizer files "
+        raise ModelError(f"{path}: cannot load the tokenizer ({first_line(error)}); restore the tokenizer files "
                          "saved with the model") from error
     # Without tokenizer files transformers builds one that knows only its special tokens.
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
@@ -306,11 +306,6 @@ def _transformers_quiet():
         transformers_logging.set_verbosity(verbosity)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _check_model_dir(path: str) -> None:
     if not os.path.exists(path):
         raise ModelError(f"model directory {path!r} does not exist")
@@ -329,7 +324,7 @@ def classifier_labels(path: str) -> int:
         with _transformers_quiet():
             return AutoConfig.from_pretrained(path, trust_remote_code=False).num_labels
     except Exception as error:  # noqa: BLE001  (config.json parsed; what is left is its content)
-        raise ModelError(f"{path}/config.json: transformers cannot read it ({_first_line(error)})") from error
+        raise ModelError(f"{path}/config.json: transformers cannot read it ({first_line(error)})") from error
 
 
 def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = True):
@@ -358,7 +353,7 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
                 path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
                 ignore_mismatched_sizes=True)  # reported below, by name
     except Exception as error:  # noqa: BLE001  (checked above; what is left is the directory's too)
-        raise ModelError(f"{path}: transformers cannot load this model ({_first_line(error)})") from error
+        raise ModelError(f"{path}: transformers cannot load this model ({first_line(error)})") from error
     mismatched = list(info.get("mismatched_keys", ()))
     base = model.base_model_prefix + "."
     for name, held, expected in mismatched:
@@ -376,16 +371,18 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
 
 
 def _check_finite(model: torch.nn.Module, weights: "Checkpoint", new: set[str]) -> None:
-    """Every loaded floating parameter is finite; the message names it and the file that holds it."""
+    """Every loaded floating parameter is finite; the message names it and the file that holds it.
+    Checked in pieces, so the extra memory stays small whatever the size of a parameter."""
     for name, p in model.named_parameters():
-        if name in new or not p.is_floating_point() or bool(torch.isfinite(p).all()):
+        if name in new or not p.is_floating_point():
             continue
-        held = name if name in weights else name.split(".", 1)[-1]
-        file = weights.entries[held].file if held in weights else weights.path
-        bad = int((~torch.isfinite(p)).sum())
-        raise ModelError(f"{file}: parameter {name!r} holds {bad} NaN or Inf value{'s' if bad > 1 else ''}; the "
-                         "checkpoint is damaged: "
-                         "re-export it from a good copy")
+        bad = sum(int((~torch.isfinite(piece)).sum()) for piece in p.detach().reshape(-1).split(1 << 24)
+                  if not bool(torch.isfinite(piece).all()))
+        if bad:
+            held = name if name in weights else name.split(".", 1)[-1]
+            file = weights.entries[held].file if held in weights else weights.path
+            raise ModelError(f"{file}: parameter {name!r} holds {bad} NaN or Inf value{'s' if bad > 1 else ''}; "
+                             "the checkpoint is damaged: re-export it from a good copy")
 
 
 def pretrained_state_for(model: torch.nn.Module, pretrained_dir: str) -> dict[str, torch.Tensor]:

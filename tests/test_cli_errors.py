@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -130,6 +131,12 @@ def test_corrupt_safetensors(models, tmp_path, capsys, name, corruption):
         weights = rewrite_weights(pre, change)
         fails(command(name, models, str(tmp_path / "out"), pretrained=str(pre)), capsys, weights, reason,
               inputs=[pre, models.suspect])
+    if name == "purify-out-of-core":  # and the saved Hessian
+        hessian = tmp_path / "hessian.safetensors"
+        hessian.write_bytes(change(Path(models.hessian).read_bytes()))
+        args = command(name, models, str(tmp_path / "out"))
+        args[args.index("--hessian-file") + 1] = str(hessian)
+        fails(args, capsys, str(hessian), reason, inputs=[hessian])
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
