@@ -166,8 +166,9 @@ def batches(
     shuffle: bool = False,
     seed: int = 0,
     lengths: Sequence[int] | None = None,
+    with_texts: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Tokenised mini-batches with a ``labels`` entry.
+    """Tokenised mini-batches with a ``labels`` entry (and ``texts``, the batch's texts, when asked).
 
     With ``shuffle`` and ``lengths`` (token counts), batches are grouped by length: the shuffled order
     is cut into mega-batches of 8 batches, each sorted by length, and the batches are shuffled again.
@@ -188,6 +189,8 @@ def batches(
         enc = tokenizer([e.text for e in chunk], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
         enc["labels"] = torch.tensor([e.label for e in chunk], dtype=torch.long)
+        if with_texts:
+            enc["texts"] = [e.text for e in chunk]
         yield dict(enc)
 
 

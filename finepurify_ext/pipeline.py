@@ -21,7 +21,7 @@ from .errors import UserError, first_line
 from .hessian import estimate_hessian
 from .outputs import save_atomically, write_json  # noqa: F401  (re-exported: the pipeline's writers)
 from .purify import PurifyConfig, purify_
-from .training import finetune, finetune_early_stopped
+from .training import finetune, finetune_early_stopped, make_teacher
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 
@@ -43,10 +43,17 @@ class FinetuneConfig:
     validation_fraction: float = 0.25
     eval_every: int = 10
     patience: int = 3
+    # The suspect as a teacher (training.Teacher): weight of its soft targets (0: labels only), the
+    # temperature, and the batch size of unlabelled texts (fine_purify's ``unlabelled``).
+    distill: float = 0.0
+    temperature: float = 2.0
+    unlabelled_batch_size: int = 16
 
     def __post_init__(self):
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"the fine-tuning validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill is the weight of the teacher's soft targets, in [0, 1]; got {self.distill}")
 
 
 @dataclass
@@ -68,13 +75,16 @@ def fine_purify(
     progress: bool = True,
     hessians: dict[str, torch.Tensor] | None = None,
     validation: Sequence[Example] | None = None,
+    unlabelled: Sequence[str] = (),
 ) -> dict:
     """Purifies ``model`` in place. ``config=None`` skips the reset (plain clean fine-tuning).
     ``hessians`` (from ``clean_hessian`` at these weights, on the fine-tuning part) skips the estimation.
     ``validation`` is the held-out part for choosing the fine-tuning budget when the caller has split
     the clean data already (then all of ``clean`` is for fine-tuning); otherwise ``finetune_config``
-    says how much of ``clean`` to hold out. Returns the report: Hessian, purification and fine-tuning
-    details with timings."""
+    says how much of ``clean`` to hold out. With ``finetune_config.distill`` > 0 the model's own
+    predictions before the reset, on the clean texts and on ``unlabelled`` in-domain texts, are soft
+    targets for the fine-tuning. Returns the report: Hessian, purification and fine-tuning details
+    with timings."""
     if not clean:
         raise ValueError("fine_purify: the clean data is empty; give at least one labelled example")
     report: dict = {"seed": seed, "clean_examples": len(clean)}
@@ -83,6 +93,15 @@ def fine_purify(
     if validation is not None:
         report["validation_examples"] = len(validation)
     timings = report.setdefault("timings_s", {})
+    teacher = None
+    if finetune_config.distill > 0:
+        start = time.perf_counter()
+        texts = [e.text for e in clean] + [e.text for e in validation or ()] + list(unlabelled)
+        teacher = make_teacher(model, tokenizer, texts, max_length=finetune_config.max_length,
+                               weight=finetune_config.distill, temperature=finetune_config.temperature,
+                               unlabelled=list(unlabelled), unlabelled_batch_size=finetune_config.unlabelled_batch_size)
+        timings["teacher"] = time.perf_counter() - start
+        report["unlabelled_texts"] = len(unlabelled)
     if config is not None:
         if hessians is None:
             start = time.perf_counter()
@@ -98,7 +117,7 @@ def fine_purify(
     common = dict(steps=finetune_config.steps, lr=finetune_config.lr, batch_size=finetune_config.batch_size,
                   weight_decay=finetune_config.weight_decay, max_length=finetune_config.max_length,
                   group_by_length=finetune_config.group_by_length, seed=seed, progress=progress,
-                  desc="clean fine-tune")
+                  desc="clean fine-tune", teacher=teacher)
     report["finetune"] = dataclasses.asdict(finetune_config)
     if validation is None:
         finetune(model, tokenizer, clean, **common)

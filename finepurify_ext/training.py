@@ -2,13 +2,60 @@
 success rate (ASR)."""
 from __future__ import annotations
 
+import itertools
 import random
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Example, batches, token_lengths
+
+
+@dataclass
+class Teacher:
+    """Soft targets for clean fine-tuning: the suspect model's logits, taken before the reset, on the
+    clean texts and on ``unlabelled`` in-domain texts. The suspect behaves well on clean inputs (only
+    triggered ones differ), so its output distribution is a richer target than the hard labels.
+
+    The loss of a step is ``(1 - weight) * CE(labels) + weight * KD``, KD being the KL divergence
+    from the teacher's to the student's distribution at ``temperature`` (times temperature^2), over
+    the labelled batch and, when there are unlabelled texts, a batch of ``unlabelled_batch_size`` of
+    them (the two KD terms averaged)."""
+    logits: dict[str, torch.Tensor]  # by text: float32 [num_labels]
+    weight: float = 0.5
+    temperature: float = 2.0
+    unlabelled: list[str] = field(default_factory=list)
+    unlabelled_batch_size: int = 16
+
+    def targets(self, texts: Sequence[str], device) -> torch.Tensor:
+        return torch.stack([self.logits[t] for t in texts]).to(device)
+
+    def kd(self, student_logits: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        t = self.temperature
+        teacher = self.targets(texts, student_logits.device)
+        return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                        reduction="batchmean") * (t * t)
+
+
+def make_teacher(model, tokenizer, texts: Sequence[str], max_length: int = 64, **kw) -> Teacher:
+    """A ``Teacher`` from ``model``'s current predictions on ``texts`` (call it before the reset)."""
+    unique = list(dict.fromkeys(texts))
+    logits = predict_logits(model, tokenizer, unique, max_length=max_length)
+    return Teacher({t: row for t, row in zip(unique, logits)}, **kw)
+
+
+def _unlabelled_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, seed: int):
+    """Endless tokenised batches of ``texts`` (reshuffled each pass), with the texts."""
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    for _ in itertools.count():
+        rng.shuffle(order)
+        for start in range(0, max(1, len(order) - batch_size + 1), batch_size):  # full batches only
+            chunk = [texts[i] for i in order[start : start + batch_size]]
+            yield chunk, tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
 
 def finetune(
@@ -28,13 +75,15 @@ def finetune(
     progress: bool = True,
     desc: str = "fine-tune",
     on_step: Callable[[int], bool] | None = None,
+    teacher: Teacher | None = None,
 ) -> torch.nn.Module:
     """``steps`` AdamW steps on shuffled mini-batches of ``examples`` (reshuffled every epoch).
 
     ``parameters`` restricts training to some parameters; ``grad_hook`` runs after each backward
     (e.g. to mask gradients). ``group_by_length`` batches examples of similar length together
     (faster; off by default because it also groups examples that share a length, e.g. poisoned ones).
-    ``on_step(step)`` runs after each update; returning True stops training there."""
+    ``on_step(step)`` runs after each update; returning True stops training there. ``teacher``
+    adds its soft targets to the loss (see ``Teacher``)."""
     if steps <= 0:
         return model
     if not examples:
@@ -46,13 +95,19 @@ def finetune(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     lengths = token_lengths(tokenizer, examples, max_length) if group_by_length else None
     device = params[0].device if params else torch.device("cpu")
+    unlabelled = (_unlabelled_batches(tokenizer, teacher.unlabelled, teacher.unlabelled_batch_size, max_length, seed)
+                  if teacher is not None and teacher.unlabelled else None)
     model.train()
     step, epoch, stopped = 0, 0, False
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     while step < steps and not stopped:
         for batch in batches(tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed * 1000 + epoch,
-                             lengths=lengths):
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                             lengths=lengths, with_texts=teacher is not None):
+            texts = batch.pop("texts", None)
+            if teacher is None:
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            else:
+                loss = teacher_loss(model, teacher, batch, texts, unlabelled, device)
             loss.backward()
             if grad_hook is not None:
                 grad_hook()
@@ -67,6 +122,17 @@ def finetune(
     bar.close()
     model.eval()
     return model
+
+
+def teacher_loss(model, teacher: Teacher, batch, texts, unlabelled, device) -> torch.Tensor:
+    """``(1 - weight) * CE + weight * KD`` on a labelled batch (and an unlabelled one, when given)."""
+    labels = batch["labels"].to(device)
+    logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
+    kd = teacher.kd(logits, texts)
+    if unlabelled is not None:
+        extra_texts, encoded = next(unlabelled)
+        kd = 0.5 * (kd + teacher.kd(model(**encoded.to(device)).logits, extra_texts))
+    return (1.0 - teacher.weight) * F.cross_entropy(logits, labels) + teacher.weight * kd
 
 
 def finetune_early_stopped(
@@ -96,7 +162,8 @@ def finetune_early_stopped(
     def on_step(step: int) -> bool:
         if step % eval_every and step != steps:
             return False
-        loss, accuracy = validation_metrics(model, tokenizer, validation, max_length=max_length)
+        loss, accuracy = validation_metrics(model, tokenizer, validation, max_length=max_length,
+                                            teacher=finetune_kw.get("teacher"))
         model.train()
         curve.append({"step": step, "validation_loss": loss, "validation_accuracy": accuracy})
         if loss < best["loss"]:
@@ -113,36 +180,49 @@ def finetune_early_stopped(
 
 
 @torch.no_grad()
-def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 128, max_length: int = 64) -> torch.Tensor:
-    """Predicted labels, in the order of ``texts`` (batched by length so that little is padded)."""
+def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 128, max_length: int = 64) -> torch.Tensor:
+    """float32 logits [len(texts), num_labels] on the CPU, in the order of ``texts`` (batched by length
+    so that little is padded)."""
     model.eval()
     texts = list(texts)
+    num_labels = model.config.num_labels
     if not texts:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, num_labels)
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     order = sorted(range(len(texts)), key=lengths.__getitem__)
     device = next(model.parameters()).device
-    preds = torch.empty(len(texts), dtype=torch.long)
+    out = torch.empty(len(texts), num_labels)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt").to(device)
-        preds[idx] = model(**enc).logits.argmax(-1).cpu()
-    return preds
+        out[idx] = model(**enc).logits.float().cpu()
+    return out
+
+
+def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 128, max_length: int = 64) -> torch.Tensor:
+    """Predicted labels, in the order of ``texts``."""
+    return predict_logits(model, tokenizer, texts, batch_size, max_length).argmax(-1)
 
 
 @torch.no_grad()
 def validation_metrics(model, tokenizer, examples: Sequence[Example], batch_size: int = 128,
-                       max_length: int = 64) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on labelled examples, in one pass (the loss is the smoother
-    validation signal)."""
+                       max_length: int = 64, teacher: Teacher | None = None) -> tuple[float, float]:
+    """(mean loss, accuracy) on labelled examples, in one pass (the loss is the smoother validation
+    signal): the cross-entropy, or with a ``teacher`` the training objective ``(1 - weight) * CE +
+    weight * KD`` (its logits must cover these examples)."""
     model.eval()
     device = next(model.parameters()).device
     total, correct, n = 0.0, 0, 0
-    for batch in batches(tokenizer, examples, batch_size, max_length):
+    for batch in batches(tokenizer, examples, batch_size, max_length, with_texts=teacher is not None):
+        texts = batch.pop("texts", None)
         logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
         labels = batch["labels"].to(device)
-        total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        if teacher is None:
+            total += float(F.cross_entropy(logits, labels, reduction="sum"))
+        else:
+            total += len(labels) * float((1.0 - teacher.weight) * F.cross_entropy(logits, labels)
+                                         + teacher.weight * teacher.kd(logits, texts))
         correct += int((logits.argmax(-1) == labels).sum())
         n += len(labels)
     return total / max(n, 1), correct / max(n, 1)

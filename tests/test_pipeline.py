@@ -410,3 +410,54 @@ def test_pretrained_state_maps_names(model_dirs):
     assert not any(n.startswith("classifier") for n in state)  # the head has no pre-trained value
     with pytest.raises(ModelError):
         load_classifier(os.path.dirname(pre) + "/absent")
+
+
+# ------------------------------------------------------------------ the suspect as a teacher
+
+
+def test_teacher_loss_is_ce_at_weight_0_and_kd_vanishes_on_its_own_logits(tokenizer):
+    from finepurify_ext.training import make_teacher, teacher_loss
+
+    model = tiny_model(tokenizer, seed=3)
+    examples = toy_examples(12, 5)
+    batch = next(data.batches(tokenizer, examples, 12, with_texts=True))
+    texts = batch.pop("texts")
+    teacher = make_teacher(model, tokenizer, texts, weight=0.0)
+    with torch.no_grad():
+        ce = model(**batch).loss
+        assert torch.allclose(teacher_loss(model, teacher, batch, texts, None, "cpu"), ce, atol=1e-6)
+        teacher.weight = 1.0
+        assert float(teacher_loss(model, teacher, batch, texts, None, "cpu")) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_pulls_the_student_toward_the_teacher_on_unlabelled_texts(tokenizer):
+    from finepurify_ext.training import make_teacher
+
+    teacher_model = tiny_model(tokenizer, seed=4)
+    finetune(teacher_model, tokenizer, toy_examples(128, 6), steps=40, lr=3e-3, progress=False)
+    unlabelled = [e.text for e in toy_examples(64, 7)]
+    labelled = toy_examples(4, 8)
+    teacher = make_teacher(teacher_model, tokenizer, [e.text for e in labelled] + unlabelled, weight=1.0,
+                           unlabelled=unlabelled, unlabelled_batch_size=16)
+    target = torch.stack([teacher.logits[t] for t in unlabelled]).argmax(-1)
+
+    def agreement(model):
+        from finepurify_ext.training import predict
+        return float((predict(model, tokenizer, unlabelled) == target).float().mean())
+
+    student = tiny_model(tokenizer, seed=5)
+    before = agreement(student)
+    finetune(student, tokenizer, labelled, steps=40, lr=3e-3, progress=False, teacher=teacher)
+    assert agreement(student) > max(before, 0.8)
+
+
+def test_fine_purify_with_a_teacher_reports_it(tokenizer):
+    suspect, pretrained_state = drifted_pair(tokenizer)
+    hessians = hessian_of(suspect, tokenizer)
+    report = fine_purify(suspect, pretrained_state, tokenizer, toy_examples(40, 12), PurifyConfig(),
+                         FinetuneConfig(steps=10, eval_every=5, distill=0.5), progress=False, hessians=hessians,
+                         unlabelled=[e.text for e in toy_examples(30, 13)])
+    assert report["unlabelled_texts"] == 30 and report["timings_s"]["teacher"] > 0
+    assert report["finetune"]["distill"] == 0.5 and report["finetune"]["early_stopping"]["chosen_step"] in (5, 10)
+    with pytest.raises(ValueError, match="distill is the weight"):
+        FinetuneConfig(distill=1.5)
