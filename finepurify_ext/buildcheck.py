@@ -85,10 +85,19 @@ def libstdcxx_problem(path: str) -> str | None:
     return None
 
 
-if __name__ == "__main__":  # python buildcheck.py LIBRARY...: the CMake build's check (a ctest)
+if __name__ == "__main__":  # python buildcheck.py [--remove] LIBRARY...: the CMake build's check
+    import os
     import sys
 
-    problems = [f"{path}: {problem}" for path in sys.argv[1:] if (problem := libstdcxx_problem(path))]
-    for line in problems:
-        print(f"{line}; rebuild it with {FIX}", file=sys.stderr)
-    sys.exit(1 if problems else 0)
+    remove = "--remove" in sys.argv[1:]
+    failed = False
+    for path in (a for a in sys.argv[1:] if a != "--remove"):
+        problem = libstdcxx_problem(path)
+        if problem:
+            failed = True
+            if remove:
+                os.remove(path)
+            print(f"{path}: {problem}{' (removed)' if remove else ''}; torch uses the shared libstdc++ and a "
+                  "second copy crashes on the first error message: configure with a compiler that links libstdc++ "
+                  "dynamically, e.g. -DCMAKE_CXX_COMPILER=g++", file=sys.stderr)
+    sys.exit(1 if failed else 0)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
+from .hessian import HESSIAN_FORMAT
 from .purify import PurifyConfig, unrankable
 from .threshold import LEVEL_BINS, threshold_from_histograms
 
@@ -92,6 +93,19 @@ def _read_header(path: str) -> tuple[dict, int, dict]:
     return entries, start, meta
 
 
+def _check_finite(piece: torch.Tensor, file: str, name: str) -> None:
+    """A floating piece of the suspect being written holds no NaN or Inf (the output would carry it)."""
+    if piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
+        raise CheckpointError(f"{file}: tensor {name!r} holds NaN or Inf values; the checkpoint is damaged: "
+                              "use an undamaged copy")
+
+
+def _check_hessian(h: torch.Tensor, what: str) -> None:
+    error = unrankable([(what, h)])
+    if error is not None:
+        raise CheckpointError(str(error))
+
+
 class Checkpoint:
     """The tensors of a safetensors checkpoint by name, read one at a time on demand."""
 
@@ -103,10 +117,15 @@ class Checkpoint:
             index = os.path.join(path, INDEX)
             if os.path.isfile(index):
                 try:
-                    with open(index) as f:
+                    with open(index, encoding="utf-8") as f:
                         weight_map = json.load(f)["weight_map"]
-                except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
-                    raise CheckpointError(f"{index}: not a safetensors index ({error})") from None
+                except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                    raise CheckpointError(f"{index}: not a safetensors index ({error}); restore it") from None
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) and v.endswith(".safetensors")
+                        and os.path.basename(v) == v for k, v in weight_map.items()):
+                    raise CheckpointError(f"{index}: its weight_map must map tensor names to .safetensors files "
+                                          "in the same directory; restore it")
                 files = sorted({os.path.join(path, f) for f in weight_map.values()})
                 missing = [f for f in files if not os.path.isfile(f)]
                 if missing:
@@ -255,6 +274,10 @@ def purify_checkpoint(
     start_all = time.perf_counter()
     pre_ckpt, sus_ckpt, h_ckpt = Checkpoint(pretrained, "pre-trained checkpoint"), \
         Checkpoint(suspect, "suspect checkpoint"), Checkpoint(hessian, "hessian")
+    formats = {meta.get("format") for meta in h_ckpt.metadata.values()} - {None}
+    if formats - {HESSIAN_FORMAT}:
+        raise CheckpointError(f"{hessian} is not a Hessian saved by `finepurify hessian` (its format is "
+                              f"{sorted(formats)[0]!r}); estimate one with `finepurify hessian`")
     check_output_dir(out_dir, overwrite, option="output directory")  # fail before the long passes
     scored, unscored, pre_name = [], [], {}
     for name, e in sus_ckpt.entries.items():
@@ -297,12 +320,14 @@ def purify_checkpoint(
     ranked_elements = sum(sus_ckpt.numel(n) for n in scored)
     moved, h_mean, floor = ranked_elements, {}, None
     wants_floor = config.hessian_floor_quantile is not None and config.ranking != "magnitude"
-    if config.count_moved_only or config.ranking == "no_hessian" or wants_floor:
+    pre_passed = config.count_moved_only or config.ranking == "no_hessian" or wants_floor
+    if pre_passed:
         moved, samples = 0, []
         stride = max(1, ranked_elements // (1 << 20))  # the sample purify_ takes: every stride-th element
         for name in tqdm(scored, desc="pre-pass", disable=not progress, leave=False):
             h_sum = 0.0
             for start, ft, pre, h in chunks(name):
+                _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")  # before its floor
                 moved += int((ft != pre).sum())
                 h_sum += float(h.sum(dtype=torch.float64))
                 if wants_floor:
@@ -338,12 +363,13 @@ def purify_checkpoint(
             counts = torch.zeros(LEVEL_BINS[level] + 1, dtype=torch.int64)
             for name in tqdm(scored, desc=f"histogram pass {level + 1}/3", disable=not progress, leave=False):
                 for _, ft, pre, h in chunks(name):
+                    if level == 0 and not pre_passed:  # the Hessian as read, before the ranking changes it
+                        _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
                     hs, eps = ranking_inputs(name, h)
                     piece = torch.ops.finepurify.score_histogram.default([ft], [pre], [hs], eps, level, prefix)
                     if piece[-1] > 0:  # unrankable scores: name the tensor and its file
                         raise unrankable([(f"{sus_ckpt.entries[name].file}: tensor {name!r}", ft),
-                                          (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre),
-                                          (f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}", h)]) \
+                                          (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre)]) \
                             or CheckpointError(f"cannot rank {name!r}: its scores overflow float32; use a larger eps")
                     counts += piece
                     del ft, pre, h, hs
@@ -371,6 +397,7 @@ def purify_checkpoint(
                     for _, ft, pre, h in chunks(name):
                         hs, eps = ranking_inputs(name, h)
                         resets += int(ops.masked_reset_([ft], [pre], [hs], threshold, eps)[0])
+                        _check_finite(ft, sus_ckpt.entries[name].file, name)
                         writer.write_part(name, ft)
                         del ft, pre, h, hs
                     report.reset_per_tensor[name] = resets
@@ -380,6 +407,7 @@ def purify_checkpoint(
                     numel = sus_ckpt.numel(name)
                     for offset in range(0, numel, chunk):
                         piece = sus_ckpt.read(name, offset, min(chunk, numel - offset))
+                        _check_finite(piece, sus_ckpt.entries[name].file, name)
                         writer.write_part(name, piece)
                         del piece
                     bytes_read += sus_ckpt.entries[name].nbytes

@@ -79,7 +79,7 @@ def cmd_purify_checkpoint(args) -> int:
     if args.ranking == "fine_mixing":
         raise UserError("--ranking fine_mixing (a random mask) runs in memory only; drop --hessian-file and give "
                         "--clean-data")
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.hessian_file))
     config = _purify_config(args)
     if not args.literal:
         config = config.replace(embeddings="ranked")
@@ -97,7 +97,7 @@ def cmd_hessian(args) -> int:
     from .hessian import save_hessian
     from .pipeline import HessianConfig, classifier_labels, clean_hessian, load_classifier
 
-    check_output_file(args.out, args.overwrite)
+    check_output_file(args.out, args.overwrite, inputs=(args.model, args.clean_data))
     resume = args.out + ".accumulator.safetensors"
     clean = load_examples(args.clean_data, num_labels=classifier_labels(args.model))  # before loading the model
     model, tokenizer, _ = load_classifier(args.model)
@@ -123,7 +123,7 @@ def cmd_purify(args) -> int:
                            fine_purify_auto, load_classifier, pretrained_state_for, save_atomically, write_json)
     from .plots import plot_purification
 
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.clean_data))
     clean = load_examples(args.clean_data, num_labels=classifier_labels(args.suspect))  # before loading the model
     model, tokenizer, _ = load_classifier(args.suspect)
     pretrained_state = pretrained_state_for(model, args.pretrained)
@@ -183,10 +183,10 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    check_output_dir(args.out, overwrite=True)
     if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "report.json")):
         raise UserError(f"--out {args.out} holds files that are not a demo report; the demo replaces its --out: "
                         "choose another directory")
-    check_output_dir(args.out, overwrite=True)
     run_demo(out_dir=args.out, seed=args.seed, quick=args.quick)
     return 0
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -39,7 +40,8 @@ def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
         raise DataError(f"clean data file {path!r} does not exist")
     if not os.path.isfile(path):
         raise DataError(f"{path} is not a file; give a .csv or .jsonl file with text and label columns")
-    if not path.endswith((".jsonl", ".json", ".csv", ".tsv")):
+    kind = os.path.splitext(path)[1].lower()
+    if kind not in (".jsonl", ".json", ".csv", ".tsv"):
         raise DataError(f"{path}: unknown format; give a .csv or .jsonl file with text and label columns")
     try:
         with open(path, "rb") as f:
@@ -53,7 +55,7 @@ def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
         raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x}); save the file as UTF-8, "
                         "e.g. with iconv -f latin1 -t utf-8") from None
     f = io.StringIO(text, newline="")
-    rows = list(_json_lines(path, f) if path.endswith((".jsonl", ".json")) else _csv_rows(path, f))
+    rows = list(_json_lines(path, f) if kind in (".jsonl", ".json") else _csv_rows(path, f, kind))
     examples = []
     for line, row in rows:
         where = f"{path}:{line}"
@@ -84,13 +86,16 @@ def _json_lines(path, f):
                                 "line, such as {\"text\": \"...\", \"label\": 0}") from None
 
 
-def _csv_rows(path, f):
-    reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
+def _csv_rows(path, f, kind):
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long texts are texts, not errors
+    reader = csv.DictReader(f, delimiter="\t" if kind == ".tsv" else ",")
     try:
         for row in reader:
-            if None in row:  # more fields than the header names
-                raise DataError(f"{path}:{reader.line_num}: {len(row) - 1 + len(row[None])} fields but the header "
-                                f"has {len(reader.fieldnames)}; quote texts that hold the delimiter")
+            extra = row.pop(None, [])  # fields beyond the header's names
+            fields = len(reader.fieldnames) + len(extra) - sum(v is None for v in row.values())
+            if fields != len(reader.fieldnames):
+                raise DataError(f"{path}:{reader.line_num}: {fields} fields but the header has "
+                                f"{len(reader.fieldnames)}; quote texts that hold the delimiter or a quote mark")
             yield reader.line_num, row
     except csv.Error as error:
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
@@ -104,11 +109,8 @@ def _label(value) -> int | None:
         return value
     if isinstance(value, float):
         return int(value) if value.is_integer() else None
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            return None
+    if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+        return int(value.strip())
     return None
 
 
@@ -158,6 +160,12 @@ def split(examples: Sequence[Example], sizes: Sequence[int], seed: int) -> list[
     return out
 
 
+def encode(tokenizer, texts: Sequence[str], max_length: int, **kw):
+    """The tokenizer on ``texts``, truncated to ``max_length`` tokens or the model's own limit (the
+    tokenizer's ``model_max_length``, which ``pipeline.load_classifier`` sets from the position table)."""
+    return tokenizer(list(texts), truncation=True, max_length=min(max_length, tokenizer.model_max_length), **kw)
+
+
 def batches(
     tokenizer,
     examples: Sequence[Example],
@@ -186,8 +194,7 @@ def batches(
         order = [i for s in starts for i in order[s : s + batch_size]]
     for start in range(0, len(order), batch_size):
         chunk = [examples[i] for i in order[start : start + batch_size]]
-        enc = tokenizer([e.text for e in chunk], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        enc = encode(tokenizer, [e.text for e in chunk], max_length, padding=True, return_tensors="pt")
         enc["labels"] = torch.tensor([e.label for e in chunk], dtype=torch.long)
         if with_texts:
             enc["texts"] = [e.text for e in chunk]
@@ -195,5 +202,4 @@ def batches(
 
 
 def token_lengths(tokenizer, examples: Sequence[Example], max_length: int = 64) -> list[int]:
-    return [len(ids) for ids in tokenizer([e.text for e in examples], truncation=True,
-                                          max_length=max_length)["input_ids"]]
+    return [len(ids) for ids in encode(tokenizer, [e.text for e in examples], max_length)["input_ids"]]

@@ -12,7 +12,9 @@ class UserError(ValueError):
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type's name when it has none): what a one-line report
-    of someone else's exception can carry."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The first line of an error's message (its type's name when it has none; two lines joined when
+    the first only announces the second): what a one-line report of someone else's exception carries."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

@@ -30,9 +30,25 @@ def _check_writable_parent(path: str, option: str) -> None:
                         "choose a path where you can write") from None
 
 
-def check_output_dir(path: str, overwrite: bool = False, option: str = "--out") -> None:
-    """Raises ``UserError`` unless ``path`` can become the output directory: not a file, empty or
-    absent (or ``overwrite``), and its parent writable."""
+def _check_not_an_input(path: str, option: str, inputs) -> None:
+    """The output replaces ``path`` as a whole: it must not be, or hold, an input or the working
+    directory."""
+    if not path:
+        raise UserError(f"{option} is empty; give the path of the output")
+    target = os.path.realpath(path)
+    for index, kept in enumerate([os.getcwd(), *(i for i in inputs if i)]):
+        kept_real = os.path.realpath(kept)
+        if kept_real == target or kept_real.startswith(target.rstrip(os.sep) + os.sep):
+            what = f"the input {kept}" if index else "the working directory"
+            raise UserError(f"{option} {path} is or holds {what}, which the output would replace; "
+                            "choose a new path")
+
+
+def check_output_dir(path: str, overwrite: bool = False, option: str = "--out", inputs=()) -> None:
+    """Raises ``UserError`` unless ``path`` can become the output directory: not empty, not one of
+    ``inputs`` nor above one (nor above the working directory), not a file, empty or absent (or
+    ``overwrite``), and its parent writable."""
+    _check_not_an_input(path, option, inputs)
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{option} {path} is an existing file; the output is a directory: give a new path")
@@ -41,11 +57,11 @@ def check_output_dir(path: str, overwrite: bool = False, option: str = "--out") 
     _check_writable_parent(path, option)
 
 
-def check_output_file(path: str, overwrite: bool = False, option: str = "--out") -> None:
-    """Raises ``UserError`` unless ``path`` can become the output file: not a directory, absent (or
-    ``overwrite``), and its directory writable."""
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
+def check_output_file(path: str, overwrite: bool = False, option: str = "--out", inputs=()) -> None:
+    """Raises ``UserError`` unless ``path`` can become the output file: not one of ``inputs``, not a
+    directory (nor a path ending in a separator), absent (or ``overwrite``), its directory writable."""
+    _check_not_an_input(path, option, inputs)
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
         raise UserError(f"{option} {path} is a directory; the output is a file: give a file path such as "
                         f"{os.path.join(path, 'hessian.safetensors')}")
     if os.path.exists(path) and not overwrite:

@@ -274,7 +274,7 @@ def _read_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise ModelError(f"{file}: not a JSON object; restore the model's config.json")
     model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         if "auto_map" in config:
             raise ModelError(f"{file}: the model needs code shipped with it (auto_map, model_type {model_type!r}); "
                              "finepurify never runs a model's own code: use an architecture transformers implements")
@@ -285,11 +285,11 @@ def _read_config(path: str) -> dict:
 
 def _weights(path: str) -> "Checkpoint":
     """The checkpoint transformers will read, its headers and sizes checked (never unpickled)."""
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):  # what transformers reads when both are there
+        return Checkpoint(single, "model")
     if os.path.isfile(os.path.join(path, INDEX)):
         return Checkpoint(path, "model")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return Checkpoint(single, "model")
     raise ModelError(f"{path}: no model.safetensors (or {INDEX}); only safetensors checkpoints are read "
                      "(convert a pickle checkpoint yourself, from a source you trust)")
 
@@ -306,6 +306,9 @@ def _load_tokenizer(path: str, config: dict):
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
         raise ModelError(f"{path}: no tokenizer (tokenizer.json, vocab.txt, ...); copy the tokenizer files of the "
                          "model it was fine-tuned from into it")
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and positions > 0:  # longer inputs than the position table cannot run
+        tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
     rows = config.get("vocab_size")
     if isinstance(rows, int) and tokenizer.vocab_size > rows:
         raise ModelError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
@@ -341,9 +344,13 @@ def classifier_labels(path: str) -> int:
     _read_config(path)
     try:
         with _transformers_quiet():
-            return AutoConfig.from_pretrained(path, trust_remote_code=False).num_labels
+            num_labels = AutoConfig.from_pretrained(path, trust_remote_code=False).num_labels
     except Exception as error:  # noqa: BLE001  (config.json parsed; what is left is its content)
         raise ModelError(f"{path}/config.json: transformers cannot read it ({first_line(error)})") from error
+    if num_labels < 2:
+        raise ModelError(f"{path}/config.json: num_labels is {num_labels}; a classifier has at least 2 labels: "
+                         "restore the model's config.json")
+    return num_labels
 
 
 def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = True):
@@ -379,6 +386,13 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
         if not (new_head and not name.startswith(base)):  # a head for another number of labels is new
             raise ModelError(f"{path}: config.json does not match the weights: {name!r} is {list(held)} in the "
                              f"checkpoint but {list(expected)} by the config; restore the model's config.json")
+    # Weights of the base model that the config has no place for (a config with fewer layers, say);
+    # other unused weights (a pre-training head) are not the classifier's.
+    parts = {n.split(".", 1)[0] for n, _ in model.base_model.named_parameters()}
+    unused = sorted(k for k in info.get("unexpected_keys", ()) if k.removeprefix(base).split(".", 1)[0] in parts)
+    if unused:
+        raise ModelError(f"{path}: config.json does not match the weights: the checkpoint holds {len(unused)} weights "
+                         f"the config's model has no place for (e.g. {unused[0]!r}); restore the model's config.json")
     missing = set(info.get("missing_keys", ())) | {name for name, *_ in mismatched}
     if num_labels is None and missing:
         raise ModelError(f"{path}: the checkpoint lacks {len(missing)} parameters of a "

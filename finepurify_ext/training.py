@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import Example, batches, token_lengths
+from .data import Example, batches, encode, token_lengths
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _unlabelled_batches(tokenizer, texts: Sequence[str], batch_size: int, max_le
         rng.shuffle(order)
         for start in range(0, max(1, len(order) - batch_size + 1), batch_size):  # full batches only
             chunk = [texts[i] for i in order[start : start + batch_size]]
-            yield chunk, tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            yield chunk, encode(tokenizer, chunk, max_length, padding=True, return_tensors="pt")
 
 
 def finetune(
@@ -188,14 +188,13 @@ def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 128
     num_labels = model.config.num_labels
     if not texts:
         return torch.zeros(0, num_labels)
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    lengths = [len(ids) for ids in encode(tokenizer, texts, max_length)["input_ids"]]
     order = sorted(range(len(texts)), key=lengths.__getitem__)
     device = next(model.parameters()).device
     out = torch.empty(len(texts), num_labels)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt").to(device)
+        enc = encode(tokenizer, [texts[i] for i in idx], max_length, padding=True, return_tensors="pt").to(device)
         out[idx] = model(**enc).logits.float().cpu()
     return out
 

@@ -4,6 +4,7 @@ checks before any expensive work. (The static-libstdc++ crash is tests/test_buil
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -65,17 +66,20 @@ def fails(args, capsys, *fragments, inputs=(), code=2):
     inputs stay byte-identical and no output or partial output is left next to --out."""
     before = digest(*inputs)
     out = args[args.index("--out") + 1] if "--out" in args else None
-    existed = out is not None and os.path.exists(out)
+    existed = out is not None and out != "" and os.path.exists(out)
+    kept = digest(out) if existed else None
     assert cli.main(args) == code
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "\r" not in line and "it/s]" not in line]
-    assert lines and lines[-1].startswith(f"finepurify {args[0]}: error: "), err
-    message = err[err.index(f"finepurify {args[0]}: error: "):]
+    prefix = f"finepurify {args[0]}: error: "
+    assert prefix in err, err
+    message = err[err.index(prefix):]  # a progress bar ends with a carriage return, not a newline
     assert "Traceback" not in err and message.count("\n") <= 2, err
     for fragment in fragments:
         assert fragment in message, message
     assert digest(*inputs) == before
-    if out is not None and not existed:
+    if existed:
+        assert digest(out) == kept  # an earlier output is kept as it was, --overwrite or not
+    if out and not existed:
         assert not os.path.exists(out) and not os.path.exists(out + ".accumulator.safetensors")
         parent = os.path.dirname(os.path.abspath(out))
         while not os.path.isdir(parent):
@@ -169,7 +173,7 @@ def test_in_memory_purify_names_parameters_not_list_indices(models):
         bad[SCORED][1, 1] = float("nan")
         with pytest.raises(UserError, match=rf"the Hessian of '{SCORED}' holds \d+ NaN or Inf value") as error:
             purify_(model, state, bad, PurifyConfig(ranking=ranking))
-        assert "[0]" not in str(error.value)
+        assert not re.search(r"\[\d+\]", str(error.value))
     bad_state = {**state, SCORED: state[SCORED].clone()}
     bad_state[SCORED][0, 1] = float("inf")
     with pytest.raises(UserError, match=f"the pre-trained model's parameter '{SCORED}' holds 1 NaN or Inf value"):
@@ -454,3 +458,139 @@ def test_installed_command_prints_no_traceback(models, tmp_path):
     assert run.stderr.strip().splitlines()[-1] == (
         f"finepurify purify: error: {path}: parameter '{SCORED}' holds 1 NaN or Inf value; the checkpoint is "
         "damaged: re-export it from a good copy")
+
+
+# ------------------------------------------------------------------------------ found in review
+
+
+@pytest.mark.parametrize("name", OUT_COMMANDS)
+def test_out_never_replaces_an_input_or_the_working_directory(models, tmp_path, capsys, monkeypatch, name):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    fails(command(name, models, "") + ["--overwrite"] * (name != "demo"), capsys, "--out is empty")
+    fails(command(name, models, ".") + ["--overwrite"] * (name != "demo"), capsys,
+          "is or holds the working directory, which the output would replace", inputs=[work])
+    if name != "demo":
+        inputs = {"purify": models.suspect, "purify-out-of-core": models.hessian, "hessian": models.clean}[name]
+        fails(command(name, models, inputs) + ["--overwrite"], capsys, f"is or holds the input {inputs}",
+              inputs=[models.suspect, models.pre, models.clean, models.hessian])
+        fails(command(name, models, os.path.dirname(inputs)) + ["--overwrite"], capsys, "is or holds the input",
+              inputs=[models.suspect, models.pre, models.clean, models.hessian])
+
+
+def test_hessian_out_ending_in_a_separator(models, tmp_path, capsys, nothing_expensive):
+    fails(command("hessian", models, str(tmp_path / "h.safetensors") + "/"), capsys, "is a directory")
+
+
+@pytest.mark.parametrize("name", ["purify", "hessian", "evaluate"])
+def test_config_with_fewer_layers_than_the_weights(models, tmp_path, capsys, name):
+    suspect = copy_model(models, tmp_path, "suspect")
+    config = json.loads((suspect / "config.json").read_text())
+    (suspect / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys,
+          "the checkpoint holds 16 weights the config's model has no place for", "bert.encoder.layer.1.",
+          inputs=[suspect])
+    if name == "purify":
+        pre = shutil.copytree(models.pre, tmp_path / "pre")
+        config = json.loads((pre / "config.json").read_text())
+        (pre / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+        fails(command(name, models, str(tmp_path / "out"), pretrained=str(pre)), capsys, "'encoder.layer.1.",
+              inputs=[pre])
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("model_type", ["bert"], "model_type ['bert'] is not an architecture"),
+    ("num_labels", 0, "num_labels is 0; a classifier has at least 2 labels"),
+    ("hidden_size", "big", "expected int, got str"),
+])
+def test_config_values_of_the_wrong_kind(models, tmp_path, capsys, field, value, fragment):
+    suspect = copy_model(models, tmp_path, "suspect")
+    config = json.loads((suspect / "config.json").read_text())
+    config.pop("id2label", None), config.pop("label2id", None)
+    (suspect / "config.json").write_text(json.dumps({**config, field: value}))
+    for name in ("purify", "hessian", "evaluate"):
+        fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys,
+              str(suspect / "config.json"), fragment, inputs=[suspect])
+
+
+def test_index_of_the_wrong_kind(models, tmp_path, capsys):
+    for weight_map in ([1], {"a": 5}, {"a": "../elsewhere.safetensors"}):
+        suspect = copy_model(models, tmp_path, f"suspect{len(os.listdir(tmp_path))}")
+        os.rename(suspect / "model.safetensors", suspect / "model-00001-of-00001.safetensors")
+        (suspect / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        for name in MODEL_COMMANDS:
+            fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys,
+                  "its weight_map must map tensor names to .safetensors files", inputs=[suspect])
+
+
+def test_the_file_transformers_reads_is_the_one_checked(models, tmp_path, capsys):
+    """With both model.safetensors and an index, transformers reads model.safetensors."""
+    suspect = copy_model(models, tmp_path, "suspect")
+    state = load_file(suspect / "model.safetensors")
+    save_file(state, suspect / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    (suspect / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: "model-00001-of-00001.safetensors" for n in state}}))
+    state[SCORED][0, 0] = float("nan")
+    save_file(state, suspect / "model.safetensors", metadata={"format": "pt"})
+    fails(command("evaluate", models, "unused", suspect=str(suspect)), capsys,
+          f"{suspect / 'model.safetensors'}: parameter '{SCORED}'")
+
+
+def _hessian_with(models, tmp_path, change):
+    state = load_file(models.hessian)
+    change(state)
+    path = tmp_path / "bad_hessian.safetensors"
+    save_file(state, path, metadata={"format": "finepurify-hessian-v1"})
+    return path
+
+
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude"])
+def test_out_of_core_hessian_is_checked_and_named(models, tmp_path, capsys, ranking):
+    args = command("purify-out-of-core", models, str(tmp_path / "out")) + ["--ranking", ranking]
+    where = args.index("--hessian-file") + 1
+
+    def nan(state):
+        state[SCORED][0, 0] = float("nan")
+
+    def negative(state):
+        state[SCORED][1, 2] = -1.0
+
+    for change, fragment in ((nan, "holds 1 NaN or Inf value"), (negative, "has negative values")):
+        args[where] = str(_hessian_with(models, tmp_path, change))
+        fails(args, capsys, f"the Hessian {args[where]}: tensor '{SCORED}' {fragment}", inputs=[args[where]])
+    args[where] = os.path.join(models.suspect, "model.safetensors")  # weights are not a Hessian
+    fails(args, capsys, "is not a Hessian saved by `finepurify hessian` (its format is 'pt')")
+
+
+@pytest.mark.parametrize("extra", [["--num-reset", "0"], ["--reserve-ratio", "1"], []])
+@pytest.mark.parametrize("tensor", [SCORED, "classifier.weight"])
+def test_out_of_core_never_writes_non_finite_weights(models, tmp_path, capsys, extra, tensor):
+    suspect = copy_model(models, tmp_path, "suspect")
+    path = os.path.join(suspect, "model.safetensors")
+    state = load_file(path)
+    state[tensor][0, 0] = float("inf")
+    save_file(state, path, metadata={"format": "pt"})
+    fails(command("purify-out-of-core", models, str(tmp_path / "out"), suspect=str(suspect)) + extra, capsys,
+          path, f"tensor '{tensor}'", "NaN or Inf", inputs=[suspect])
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("text,label\ngood movie\n", "clean.csv:2: 1 fields but the header has 2"),
+    ("text,label\ngood movie,1_0\n", "label '1_0' is not an integer"),
+    ("text,label\ngood movie,\n", "label '' is not an integer"),
+])
+def test_data_csv_fields_and_labels(models, tmp_path, capsys, content, fragment):
+    path = tmp_path / "clean.csv"
+    path.write_text(content)
+    fails(command("evaluate", models, "unused", data=str(path)), capsys, fragment, inputs=[path])
+
+
+def test_data_extensions_any_case_and_long_texts(models, tmp_path):
+    upper = tmp_path / "clean.JSONL"
+    shutil.copy(models.clean, upper)
+    assert cli.main(command("evaluate", models, "unused", data=str(upper))) == 0
+    long = tmp_path / "long.csv"
+    long.write_text("text,label\n" + "good " * 40000 + ",1\nbad day,0\n")
+    assert cli.main(command("evaluate", models, "unused", data=str(long))) == 0
