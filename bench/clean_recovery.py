@@ -137,8 +137,10 @@ def main():
             results = json.load(f)
         results.setdefault("runs", {}), results.setdefault("models", {})
 
+    commit = git_commit()  # the code this process runs, whatever is committed while it runs
+
     def save():
-        results["meta"] = {"command": "python " + " ".join(sys.argv), "commit": git_commit(),
+        results["meta"] = {"command": "python " + " ".join(sys.argv), "commit": commit,
                            "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs "
                            f"({platform.processor() or 'cpu'}), threads {torch.get_num_threads()}",
                            "variants": {v: {"distill": w, "unlabelled": n} for v, (w, n) in VARIANTS.items()}}
