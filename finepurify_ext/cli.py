@@ -118,20 +118,25 @@ def cmd_purify(args) -> int:
         raise UserError("--num-reset works with --hessian-file only; in memory give --reserve-ratio")
     if args.reserve_ratio == "auto" and args.validation_fraction <= 0:
         raise UserError("--reserve-ratio auto needs held-out clean data: give --validation-fraction > 0")
-    from .data import load_examples
+    if args.unlabelled_data and args.distill == 0:
+        raise UserError("--unlabelled-data is read only for the teacher's soft targets: give --distill > 0")
+    from .data import load_examples, load_texts
     from .pipeline import (FinetuneConfig, HessianConfig, SelectionConfig, classifier_labels, fine_purify,
                            fine_purify_auto, load_classifier, pretrained_state_for, save_atomically, write_json)
     from .plots import plot_purification
 
-    check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.clean_data))
+    check_output_dir(args.out, args.overwrite,
+                     inputs=(args.pretrained, args.suspect, args.clean_data, args.unlabelled_data))
     clean = load_examples(args.clean_data, num_labels=classifier_labels(args.suspect))  # before loading the model
+    unlabelled = load_texts(args.unlabelled_data) if args.unlabelled_data else []
     model, tokenizer, _ = load_classifier(args.suspect)
     pretrained_state = pretrained_state_for(model, args.pretrained)
     start = time.perf_counter()
     finetune_config = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, validation_fraction=args.validation_fraction,
-                                     eval_every=args.eval_every, patience=args.patience)
+                                     eval_every=args.eval_every, patience=args.patience, distill=args.distill)
     common = dict(finetune_config=finetune_config,
-                  hessian_config=HessianConfig(per_sample=args.hessian == "per-sample"), seed=args.seed)
+                  hessian_config=HessianConfig(per_sample=args.hessian == "per-sample"), seed=args.seed,
+                  unlabelled=unlabelled)
     if args.reserve_ratio == "auto":
         selection = SelectionConfig(grid=args.rho_grid, validation_fraction=args.validation_fraction,
                                     tolerance=args.cacc_tolerance)
@@ -144,7 +149,8 @@ def cmd_purify(args) -> int:
         report = fine_purify(model, pretrained_state, tokenizer, clean, _purify_config(args), **common)
     report["timings_s"]["total"] = time.perf_counter() - start
     report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
-                        "clean_data": os.path.abspath(args.clean_data)}
+                        "clean_data": os.path.abspath(args.clean_data),
+                        "unlabelled_data": args.unlabelled_data and os.path.abspath(args.unlabelled_data)}
 
     def write(tmp):
         model.save_pretrained(tmp, safe_serialization=True)
@@ -243,6 +249,11 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-steps", type=_integer(0), default=150,
                    help="clean fine-tuning steps (at most, with early stopping)")
     p.add_argument("--lr", type=_number(0.0, 1.0, low_open=True), default=2e-5)
+    p.add_argument("--distill", type=_number(0.0, 1.0), default=0.0,
+                   help="weight of the suspect's own predictions (before the reset) as soft targets in the clean "
+                   "fine-tuning, 0 to 1 (default 0: the labels alone); bench/results/clean_recovery.json measures it")
+    p.add_argument("--unlabelled-data", help="in-domain texts without labels (.txt, one per line, or CSV/JSONL with "
+                   "a text column) on which the fine-tuning also follows the suspect's predictions; with --distill")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(fn=cmd_purify)

@@ -29,20 +29,16 @@ class DataError(UserError):
     """A data file that cannot be used; the message names the file and the fix."""
 
 
-def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
-    """Reads ``text`` and ``label`` columns from a CSV/TSV file or a JSONL file (one object per line),
-    UTF-8 (a byte-order mark is allowed).
-
-    Labels must be integers (or integer strings) in ``[0, num_labels)`` when ``num_labels`` is given.
-    Every error names the file and the line.
-    """
+def _rows(path: str, what: str, formats=(".jsonl", ".json", ".csv", ".tsv")):
+    """(line number, row) of a UTF-8 CSV/TSV or JSONL file (or, where ``formats`` allows .txt, one
+    text per line), every error naming the file and the line."""
     if not os.path.exists(path):
-        raise DataError(f"clean data file {path!r} does not exist")
+        raise DataError(f"{what} file {path!r} does not exist")
     if not os.path.isfile(path):
-        raise DataError(f"{path} is not a file; give a .csv or .jsonl file with text and label columns")
+        raise DataError(f"{path} is not a file; give a {' or '.join(formats)} file")
     kind = os.path.splitext(path)[1].lower()
-    if kind not in (".jsonl", ".json", ".csv", ".tsv"):
-        raise DataError(f"{path}: unknown format; give a .csv or .jsonl file with text and label columns")
+    if kind not in formats:
+        raise DataError(f"{path}: unknown format; give a {' or '.join(formats)} file")
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -54,8 +50,20 @@ def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
         line = raw.count(b"\n", 0, error.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x}); save the file as UTF-8, "
                         "e.g. with iconv -f latin1 -t utf-8") from None
+    if kind == ".txt":
+        return [(n, {"text": line}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     f = io.StringIO(text, newline="")
-    rows = list(_json_lines(path, f) if kind in (".jsonl", ".json") else _csv_rows(path, f, kind))
+    return list(_json_lines(path, f) if kind in (".jsonl", ".json") else _csv_rows(path, f, kind))
+
+
+def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
+    """Reads ``text`` and ``label`` columns from a CSV/TSV file or a JSONL file (one object per line),
+    UTF-8 (a byte-order mark is allowed).
+
+    Labels must be integers (or integer strings) in ``[0, num_labels)`` when ``num_labels`` is given.
+    Every error names the file and the line.
+    """
+    rows = _rows(path, "clean data")
     examples = []
     for line, row in rows:
         where = f"{path}:{line}"
@@ -74,6 +82,19 @@ def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
     if not examples:
         raise DataError(f"{path}: no examples; the clean data must hold at least one labelled text")
     return examples
+
+
+def load_texts(path: str) -> list[str]:
+    """Unlabelled texts: the ``text`` column of a CSV/TSV or JSONL file, or the lines of a .txt file."""
+    texts = []
+    for line, row in _rows(path, "unlabelled data", (".txt", ".jsonl", ".json", ".csv", ".tsv")):
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{line}: no 'text' field holding a string; give one text per row")
+        texts.append(text)
+    if not texts:
+        raise DataError(f"{path}: no texts")
+    return texts
 
 
 def _json_lines(path, f):

@@ -206,6 +206,7 @@ def fine_purify_auto(
     progress: bool = True,
     exhaustive: bool = False,
     on_candidate=None,
+    unlabelled: Sequence[str] = (),
 ) -> dict:
     """``fine_purify`` with rho chosen on held-out clean data (see ``SelectionConfig``); ``model`` ends
     as the chosen candidate. Candidates are tried from the most reset up and the search stops at the
@@ -229,7 +230,7 @@ def fine_purify_auto(
         report = fine_purify(model, pretrained_state, tokenizer, train,
                              None if rho == 1.0 else config.replace(reserve_ratio=rho),
                              finetune_config, hessian_config, seed=seed, progress=progress, hessians=hessians,
-                             validation=early_stopping)
+                             validation=early_stopping, unlabelled=unlabelled)
         accuracy[rho] = clean_accuracy(model, tokenizer, validation)
         selection_report["candidates"].append({"reserve_ratio": rho, "validation_accuracy": accuracy[rho],
                                                "time_s": sum(report["timings_s"].values())})

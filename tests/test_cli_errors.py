@@ -406,6 +406,7 @@ def test_bad_option_values(models, tmp_path, capsys, name, option, value, fragme
 
 @pytest.mark.parametrize("name, extra, fragment", [
     ("purify", ["--num-reset", "10"], "--num-reset works with --hessian-file only"),
+    ("purify", ["--unlabelled-data", "texts.txt"], "--unlabelled-data is read only for the teacher's soft targets"),
     ("purify", ["--reserve-ratio", "auto", "--validation-fraction", "0"], "--reserve-ratio auto needs held-out"),
     ("purify-out-of-core", ["--reserve-ratio", "auto"], "--reserve-ratio auto needs the clean data"),
     ("purify-out-of-core", ["--ranking", "fine_mixing"], "runs in memory only"),
@@ -594,3 +595,14 @@ def test_data_extensions_any_case_and_long_texts(models, tmp_path):
     long = tmp_path / "long.csv"
     long.write_text("text,label\n" + "good " * 40000 + ",1\nbad day,0\n")
     assert cli.main(command("evaluate", models, "unused", data=str(long))) == 0
+
+
+def test_unlabelled_data_errors(models, tmp_path, capsys):
+    args = command("purify", models, str(tmp_path / "out")) + ["--distill", "0.5", "--unlabelled-data"]
+    fails(args + [str(tmp_path / "none.txt")], capsys, "unlabelled data file", "none.txt' does not exist")
+    latin = tmp_path / "texts.txt"
+    latin.write_bytes("good day\ncafé\n".encode("latin-1"))
+    fails(args + [str(latin)], capsys, f"{latin}:2: not UTF-8 text", inputs=[latin])
+    rows = tmp_path / "texts.jsonl"
+    rows.write_text('{"text": "good day"}\n{"label": 1}\n')
+    fails(args + [str(rows)], capsys, f"{rows}:2: no 'text' field holding a string", inputs=[rows])

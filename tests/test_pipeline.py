@@ -379,6 +379,14 @@ def test_cli_purify_writes_a_loadable_model(model_dirs, tmp_path):
     selection = json.load(open(auto / "finepurify_report.json"))["selection"]
     assert selection["chosen_reserve_ratio"] in (0.3, 0.6, 1.0) and selection["validation_examples"] == 8
     load_classifier(str(auto))
+    # the suspect as a teacher, on unlabelled texts too
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(e.text for e in toy_examples(20, 21)))
+    taught = tmp_path / "taught"
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--out", str(taught),
+                     "--finetune-steps", "2", "--distill", "0.5", "--unlabelled-data", str(texts)]) == 0
+    report = json.load(open(taught / "finepurify_report.json"))
+    assert report["unlabelled_texts"] == 20 and report["finetune"]["distill"] == 0.5
     # refuses to overwrite without --overwrite
     assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean,
                      "--out", str(out), "--finetune-steps", "0"]) == 2
