@@ -138,6 +138,9 @@ def main():
         results.setdefault("runs", {}), results.setdefault("models", {})
 
     commit = git_commit()  # the code this process runs, whatever is committed while it runs
+    # Every process that added runs, in order (the runs of one table may come from several).
+    results.setdefault("processes", []).append({"command": "python " + " ".join(sys.argv), "commit": commit,
+                                                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
 
     def save():
         results["meta"] = {"command": "python " + " ".join(sys.argv), "commit": commit,
