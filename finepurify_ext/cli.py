@@ -178,6 +178,9 @@ def cmd_evaluate(args) -> int:
     if args.trigger and args.target_label >= num_labels:
         raise UserError(f"--target-label {args.target_label} is out of range for a model with {num_labels} labels")
     data = load_examples(args.data, num_labels=num_labels)
+    if args.trigger and not args.bias and all(e.label == args.target_label for e in data):
+        raise UserError(f"{args.data}: every example has label {args.target_label}; the attack success rate is "
+                        "measured on examples of the other labels: add some, or choose another --target-label")
     model, tokenizer, _ = load_classifier(args.model)
     print(f"CACC {100 * clean_accuracy(model, tokenizer, data):.1f} %")
     if args.trigger:

@@ -606,3 +606,10 @@ def test_unlabelled_data_errors(models, tmp_path, capsys):
     rows = tmp_path / "texts.jsonl"
     rows.write_text('{"text": "good day"}\n{"label": 1}\n')
     fails(args + [str(rows)], capsys, f"{rows}:2: no 'text' field holding a string", inputs=[rows])
+
+
+def test_attack_success_rate_needs_examples_of_other_labels(models, tmp_path, capsys):
+    path = tmp_path / "positive.jsonl"
+    path.write_text('{"text": "good day", "label": 1}\n{"text": "great film", "label": 1}\n')
+    fails(command("evaluate", models, "unused", data=str(path)) + ["--trigger", "cf", "--target-label", "1"], capsys,
+          "every example has label 1", inputs=[path])
