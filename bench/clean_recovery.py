@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
-from bench.defence_table import _mean_sd  # noqa: E402
+from bench.defence_table import _mean_sd, measure_model  # noqa: E402
 
 UNLABELLED = 2000
 VARIANTS = {  # (weight of the teacher's soft targets, unlabelled tweets)
@@ -48,7 +48,6 @@ def measure_cell(attack_name, seed, args, results, save):
     from finepurify_ext.pipeline import (FinetuneConfig, HessianConfig, clean_hessian, fine_purify,
                                          pretrained_state_for, split_validation)
     from finepurify_ext.purify import PurifyConfig
-    from finepurify_ext.training import attack_success_rate, clean_accuracy, validation_metrics
 
     setting = dataclasses.replace(DemoSetting(), attack=attack_name)
     attack = ATTACKS[attack_name]
@@ -63,9 +62,7 @@ def measure_cell(attack_name, seed, args, results, save):
     train, validation = split_validation(clean, 0.25, seed)
 
     def measure(model):
-        loss, accuracy = validation_metrics(model, tok, validation)
-        return {"cacc": clean_accuracy(model, tok, test), "asr": attack_success_rate(model, tok, test, attack, seed=seed),
-                "validation_accuracy": accuracy, "validation_loss": loss}
+        return measure_model(model, tok, test, validation, attack, seed)
 
     if cell not in results["models"]:
         results["models"][cell] = {"backdoored": measure(suspect), "clean_trained": measure(reference)}

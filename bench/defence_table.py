@@ -42,6 +42,15 @@ def run_key(attack, seed, method, rho):
     return f"{attack}/seed{seed}/{method}/{rho:g}"
 
 
+def measure_model(model, tok, test, validation, attack, seed) -> dict:
+    """CACC and ASR on the test tweets, loss and accuracy on the held-out clean ones."""
+    from finepurify_ext.training import attack_success_rate, clean_accuracy, validation_metrics
+
+    loss, accuracy = validation_metrics(model, tok, validation)
+    return {"cacc": clean_accuracy(model, tok, test), "asr": attack_success_rate(model, tok, test, attack, seed=seed),
+            "validation_accuracy": accuracy, "validation_loss": loss}
+
+
 def measure_cell(attack_name, seed, args, results, save):
     """All runs of one trigger and seed (skipping those already in ``results``)."""
     from finepurify_ext import data
@@ -50,7 +59,6 @@ def measure_cell(attack_name, seed, args, results, save):
     from finepurify_ext.pipeline import (FinetuneConfig, HessianConfig, clean_hessian, fine_purify,
                                          pretrained_state_for, split_validation)
     from finepurify_ext.purify import PurifyConfig
-    from finepurify_ext.training import attack_success_rate, clean_accuracy, validation_metrics
 
     setting = dataclasses.replace(QUICK if args.quick else DemoSetting(), attack=attack_name)
     attack = ATTACKS[attack_name]
@@ -66,9 +74,7 @@ def measure_cell(attack_name, seed, args, results, save):
     train, validation = split_validation(clean, args.validation_fraction, seed)
 
     def measure(model):
-        loss, accuracy = validation_metrics(model, tok, validation)
-        return {"cacc": clean_accuracy(model, tok, test), "asr": attack_success_rate(model, tok, test, attack, seed=seed),
-                "validation_accuracy": accuracy, "validation_loss": loss}
+        return measure_model(model, tok, test, validation, attack, seed)
 
     if cell not in results["models"]:
         results["models"][cell] = {"backdoored": measure(suspect), "clean_trained": measure(reference)}

@@ -202,12 +202,10 @@ def cmd_demo(args) -> int:
 
 def _message(error: BaseException) -> tuple[int, str]:
     """(exit code, one or two lines for the user) for an error that reached the command line."""
-    if isinstance(error, (UserError, FileExistsError)):
+    if isinstance(error, (ValueError, FileExistsError)):  # UserError, and the library's argument checks
         return 2, str(error)
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return 2, f"{error.strerror}: {error.filename}"
-    if isinstance(error, ValueError):  # the library's argument checks
-        return 2, str(error)
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
         return 1, f"out of memory ({first_line(error)}); free memory, or run on a machine with more"
     if isinstance(error, OSError):

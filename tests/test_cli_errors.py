@@ -300,6 +300,9 @@ def test_data_jsonl_errors_name_the_line(models, tmp_path, capsys, content, frag
     ("text,label\ngood, fine movie,1\n", "clean.csv:2: 3 fields but the header has 2"),
     ("text\ngood movie\n", "clean.csv:2: no 'text' and 'label' fields (got ['text'])"),
     ("text,label\ngood movie,one\n", "clean.csv:2: label 'one' is not an integer"),
+    ("text,label\ngood movie\n", "clean.csv:2: 1 fields but the header has 2"),
+    ("text,label\ngood movie,1_0\n", "label '1_0' is not an integer"),
+    ("text,label\ngood movie,\n", "label '' is not an integer"),
 ])
 def test_data_csv_errors_name_the_line(models, tmp_path, capsys, content, fragment):
     path = tmp_path / "clean.csv"
@@ -575,17 +578,6 @@ def test_out_of_core_never_writes_non_finite_weights(models, tmp_path, capsys, e
     save_file(state, path, metadata={"format": "pt"})
     fails(command("purify-out-of-core", models, str(tmp_path / "out"), suspect=str(suspect)) + extra, capsys,
           path, f"tensor '{tensor}'", "NaN or Inf", inputs=[suspect])
-
-
-@pytest.mark.parametrize("content, fragment", [
-    ("text,label\ngood movie\n", "clean.csv:2: 1 fields but the header has 2"),
-    ("text,label\ngood movie,1_0\n", "label '1_0' is not an integer"),
-    ("text,label\ngood movie,\n", "label '' is not an integer"),
-])
-def test_data_csv_fields_and_labels(models, tmp_path, capsys, content, fragment):
-    path = tmp_path / "clean.csv"
-    path.write_text(content)
-    fails(command("evaluate", models, "unused", data=str(path)), capsys, fragment, inputs=[path])
 
 
 def test_data_extensions_any_case_and_long_texts(models, tmp_path):
