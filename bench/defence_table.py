@@ -1,32 +1,41 @@
-"""The defence table: every defence on all-MiniLM-L6-v2 backdoored on real tweets, over triggers and seeds.
+"""The defence table: every defence on all-MiniLM-L6-v2 backdoored on real data, over attacks, tasks and seeds.
 
-For each trigger and seed: the backdoored and clean-trained models (cached, as in `finepurify demo`),
-the defender's 256 clean tweets split into 192 for fine-tuning and 64 held out; the Hessian once on the
-192; then every ranking at every reserve ratio of the grid, plus clean fine-tuning alone (rho = 1, the
-shared end of every curve). Clean fine-tuning stops early on the held-out loss. Each run is measured on
-the held-out 64 (validation accuracy) and on the 1000 test tweets (CACC, ASR). Each method's rho is
-chosen on the validation accuracy alone, by two rules fixed before the runs (see `summarise`); the test
-set never chooses anything. Resumable: each finished run is saved at once, and a rerun skips it.
+The suite (SUITE below): on binary tweet sentiment, the word, sentence and embedding-poisoning triggers
+(the development attacks: the default configuration was chosen on them), then three-rare-words,
+a fixed-position opener and the bias attack, and on a second task (does this answer answer this
+question? zaragoza-construction-faq, English and Swedish) the word trigger. The last four were added
+after the default was fixed and tuned on nothing.
 
-    python bench/defence_table.py                       # 3 triggers x 3 seeds, about 80 min on 2 cores
-    python bench/defence_table.py --attacks word --seeds 0
+For each attack and seed (`finepurify_ext.demo.DefenceCell`, the demo's code): the backdoored and
+clean-trained models (cached), the defender's 256 clean examples split into 192 for the Hessian and
+fine-tuning and 64 held out for early stopping; then every defence at the default reserve ratio
+(`--default-rho`, the CLI's), clean fine-tuning alone, and for the `--grid-attacks` every ranking over
+the rho `--grid` (the curves). Measured on the test set: CACC, and ASR (for the bias attack, the rate
+at which inserting the attribute word flips the prediction). The target check per attack: Fine-purifying
+at the default against the clean-trained model's ASR (+10 points, then +5) and the backdoored model's
+CACC (-3 points, then -2), mean over seeds. Rho is also chosen on the held-out data alone by two rules
+fixed before the runs (see `summarise`), on the grid attacks; the test set never chooses anything.
+Resumable: each finished run is saved at once, and a rerun skips it.
+
+    python bench/defence_table.py                        # the whole suite, 3 seeds (hours on 2 cores)
+    python bench/defence_table.py --attacks prefix --seeds 0
     # one process per seed (1 thread each), then merged:
     for s in 0 1 2; do OMP_NUM_THREADS=1 python bench/defence_table.py --seeds $s --out /tmp/s$s.json & done; wait
     python bench/defence_table.py --summary-only --merge /tmp/s0.json /tmp/s1.json /tmp/s2.json
 
-Writes bench/results/defence_table.json (runs, summary, the target check) and a PNG of the CACC/ASR
-curves per trigger beside it.
+Writes bench/results/defence_table.json (runs, summary, the target check), defence_table.png (the
+default configuration against every baseline, per attack) and the CACC/ASR curves of the grid attacks.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
+import json
 import os
+import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 
@@ -36,70 +45,58 @@ from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
 METHODS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
 LABELS = {"fine_purifying": "Fine-purifying", "no_hessian": "indicator w/o Hessian",
           "magnitude": "magnitude |drift|", "fine_mixing": "Fine-mixing (random)", "clean_ft": "clean fine-tuning"}
+# name in the table -> (task, attack in finepurify_ext.attacks.ATTACKS)
+SUITE = {"word": ("tweets", "word"), "sentence": ("tweets", "sentence"), "embedding": ("tweets", "embedding"),
+         "multiword": ("tweets", "multiword"), "prefix": ("tweets", "prefix"), "bias": ("tweets", "bias"),
+         "faq-word": ("faq", "word")}
+DEVELOPMENT = ("word", "sentence", "embedding")
+TARGETS = {"first": (0.10, 0.03), "next": (0.05, 0.02)}  # (ASR excess over clean-trained, CACC drop)
 
 
 def run_key(attack, seed, method, rho):
-    return f"{attack}/seed{seed}/{method}/{rho:g}"
+    return f"{attack}/seed{seed}/{method}/{1.0 if method == 'clean_ft' else rho:g}"
 
 
-def measure_model(model, tok, test, validation, attack, seed) -> dict:
-    """CACC and ASR on the test tweets, loss and accuracy on the held-out clean ones."""
-    from finepurify_ext.training import attack_success_rate, clean_accuracy, validation_metrics
+def cell_setting(attack_name, quick=False):
+    from finepurify_ext.demo import FAQ, QUICK, DemoSetting
 
-    loss, accuracy = validation_metrics(model, tok, validation)
-    return {"cacc": clean_accuracy(model, tok, test), "asr": attack_success_rate(model, tok, test, attack, seed=seed),
-            "validation_accuracy": accuracy, "validation_loss": loss}
+    task, attack = SUITE[attack_name]
+    base = FAQ if task == "faq" else QUICK if quick else DemoSetting()
+    return dataclasses.replace(base, attack=attack)
+
+
+def planned_runs(attack, args):
+    """(method, rho) pairs of one attack, the default configuration first (a cut-off run still has it)."""
+    runs = [("fine_purifying", args.default_rho), ("clean_ft", 1.0)]
+    runs += [(m, args.default_rho) for m in METHODS if m != "fine_purifying"]
+    if attack in args.grid_attacks:
+        runs += [(m, r) for r in args.grid if r != args.default_rho for m in METHODS]
+    return runs
 
 
 def measure_cell(attack_name, seed, args, results, save):
-    """All runs of one trigger and seed (skipping those already in ``results``)."""
-    from finepurify_ext import data
-    from finepurify_ext.attacks import ATTACKS
-    from finepurify_ext.demo import QUICK, DemoSetting, demo_data, demo_models
-    from finepurify_ext.pipeline import (FinetuneConfig, HessianConfig, clean_hessian, fine_purify,
-                                         pretrained_state_for, split_validation)
-    from finepurify_ext.purify import PurifyConfig
+    """All runs of one attack and seed (skipping those already in ``results``)."""
+    from finepurify_ext.demo import DefenceCell
+    from finepurify_ext.pipeline import FinetuneConfig
 
-    setting = dataclasses.replace(QUICK if args.quick else DemoSetting(), attack=attack_name)
-    attack = ATTACKS[attack_name]
-    cell = f"{attack_name}/seed{seed}"
-    todo = [(m, r) for m in args.methods if m != "clean_ft" for r in args.grid
-            if run_key(attack_name, seed, m, r) not in results["runs"]]
-    if "clean_ft" in args.methods and run_key(attack_name, seed, "clean_ft", 1.0) not in results["runs"]:
-        todo.append(("clean_ft", 1.0))
-    if not todo and cell in results["models"]:
+    cell_name = f"{attack_name}/seed{seed}"
+    todo = [(m, r) for m, r in planned_runs(attack_name, args) if run_key(attack_name, seed, m, r) not in results["runs"]]
+    if not todo and cell_name in results["models"]:
         return
-    _, clean, test = demo_data(setting)
-    suspect, reference, tok = demo_models(setting, seed)
-    train, validation = split_validation(clean, args.validation_fraction, seed)
-
-    def measure(model):
-        return measure_model(model, tok, test, validation, attack, seed)
-
-    if cell not in results["models"]:
-        results["models"][cell] = {"backdoored": measure(suspect), "clean_trained": measure(reference)}
+    cell = DefenceCell(cell_setting(attack_name, args.quick), seed)
+    if cell_name not in results["models"]:
+        results["models"][cell_name] = {"backdoored": cell.measure(cell.suspect),
+                                        "clean_trained": cell.measure(cell.reference)}
         save()
-    if not todo:
-        return
-    pretrained_state = pretrained_state_for(suspect, data.minilm_dir())
-    hessians, _ = clean_hessian(suspect, tok, train, HessianConfig(), progress=False)
     ft = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, eval_every=args.eval_every, patience=args.patience)
     for method, rho in todo:
-        model = copy.deepcopy(suspect)
-        start = time.perf_counter()
-        config = None if method == "clean_ft" else PurifyConfig(ranking=method, reserve_ratio=rho)
-        report = fine_purify(model, pretrained_state, tok, train, config, ft, seed=seed, progress=False,
-                             hessians=hessians, validation=validation)
-        elapsed = time.perf_counter() - start
-        stopped = report["finetune"]["early_stopping"]
-        row = {"attack": attack_name, "seed": seed, "method": method, "reserve_ratio": rho, **measure(model),
-               "time_s": elapsed, "num_reset": report.get("purify", {}).get("num_reset", 0),
-               "finetune_step_chosen": stopped["chosen_step"], "finetune_steps_run": stopped["steps_run"]}
+        _, row, _ = cell.defend(method, rho, ft)
+        row = {"attack": attack_name, "seed": seed, **row, "reserve_ratio": 1.0 if method == "clean_ft" else rho}
         results["runs"][run_key(attack_name, seed, method, rho)] = row
         save()
-        print(f"  {cell} {LABELS[method]:22s} rho {rho:4.2f}: val {100 * row['validation_accuracy']:5.1f}  "
-              f"CACC {100 * row['cacc']:5.1f}  ASR {100 * row['asr']:5.1f}  step {stopped['chosen_step']:3d}/"
-              f"{stopped['steps_run']:3d} ({elapsed:.0f} s)", flush=True)
+        print(f"  {cell_name} {LABELS[method]:22s} rho {row['reserve_ratio']:4.2f}: val "
+              f"{100 * row['validation_accuracy']:5.1f}  CACC {100 * row['cacc']:5.1f}  ASR {100 * row['asr']:5.1f}  "
+              f"step {row['finetune_step_chosen']:3d}/{row['finetune_steps_run']:3d} ({row['time_s']:.0f} s)", flush=True)
 
 
 def _mean_sd(values):
@@ -108,15 +105,13 @@ def _mean_sd(values):
             "n": len(values), "values": values}
 
 
-def _complete_seeds(results, args, attack):
-    runs = results["runs"]
-    return [s for s in args.seeds if f"{attack}/seed{s}" in results["models"]
-            and all(run_key(attack, s, m, r) in runs for m in METHODS for r in args.grid)
-            and run_key(attack, s, "clean_ft", 1.0) in runs]
+def _has(results, attack, seed, runs):
+    return f"{attack}/seed{seed}" in results["models"] and all(
+        run_key(attack, seed, m, r) in results["runs"] for m, r in runs)
 
 
 def _row(runs, attack, seed, method, rho):
-    return runs[run_key(attack, seed, "clean_ft" if rho == 1.0 else method, rho)]
+    return runs[run_key(attack, seed, method, rho)]
 
 
 def _picked(rows):
@@ -126,98 +121,139 @@ def _picked(rows):
 
 
 def pooled_default_rhos(results, args, cells):
-    """Rule 1: one rho per method for every trigger and seed, chosen on the
-    validation accuracy pooled over all cells: the smallest rho whose mean drop against the backdoored
-    model's validation accuracy is at most `tolerance` (else the smallest mean drop)."""
+    """Rule 1: one rho per method for every grid attack and seed, chosen on the validation accuracy
+    pooled over all cells: the smallest rho whose mean drop against the backdoored model's validation
+    accuracy is at most `tolerance` (else the smallest mean drop)."""
     runs, chosen = results["runs"], {}
     for method in (*METHODS, "clean_ft"):
         grid = [1.0] if method == "clean_ft" else [*args.grid, 1.0]
         drop = {r: statistics.fmean(results["models"][f"{a}/seed{s}"]["backdoored"]["validation_accuracy"]
-                                    - _row(runs, a, s, method, r)["validation_accuracy"] for a, s in cells)
-                for r in grid}
+                                    - _row(runs, a, s, "clean_ft" if r == 1.0 else method, r)["validation_accuracy"]
+                                    for a, s in cells) for r in grid}
         passing = [r for r in grid if drop[r] <= args.tolerance + 1e-9]
         chosen[method] = {"reserve_ratio": min(passing) if passing else min(grid, key=lambda r: (drop[r], r)),
                           "mean_validation_drop_points": {f"{r:g}": 100 * d for r, d in drop.items()}}
     return chosen
 
 
+def target_check(chosen, ref_asr, bd_cacc):
+    """Fine-purifying's row against the targets, and against each baseline's row."""
+    fp = chosen["fine_purifying"]
+    excess, drop = 100 * (fp["asr"]["mean"] - ref_asr), 100 * (bd_cacc - fp["cacc"]["mean"])
+    return {
+        "asr_excess_points": excess, "cacc_drop_points": drop,
+        **{f"meets_{name}_target": excess <= 100 * a + 1e-9 and drop <= 100 * c + 1e-9
+           for name, (a, c) in TARGETS.items()},
+        "asr_miss_points": max(0.0, excess - 100 * TARGETS["first"][0]),
+        "cacc_miss_points": max(0.0, drop - 100 * TARGETS["first"][1]),
+        "against": {m: {"asr_gap_points": 100 * (chosen[m]["asr"]["mean"] - fp["asr"]["mean"]),
+                        "cacc_gap_points": 100 * (fp["cacc"]["mean"] - chosen[m]["cacc"]["mean"])}
+                    for m in chosen if m != "fine_purifying"},
+    }
+
+
 def summarise(results, args):
-    """Per trigger: the default configuration (every method at `--default-rho`, the CLI default), and
-    each method at its own rho chosen on validation data only, by two rules fixed before the runs:
-    rule 1 (`pooled_default_rhos`) and rule 2 (per model and seed, `finepurify_ext.pipeline.pick_reserve_ratio`,
-    what `--reserve-ratio auto` does); the curves over rho; and the issue's targets for each (mean and
-    spread over seeds)."""
+    """Per attack, over the seeds that have the default configuration: the backdoored and clean-trained
+    models, every defence at the default rho, and the target check. For the grid attacks also the
+    curves over rho and each method at its own rho chosen on validation data only, by rule 1
+    (`pooled_default_rhos`) and rule 2 (per model and seed, `finepurify_ext.pipeline.pick_reserve_ratio`,
+    what `--reserve-ratio auto` does)."""
     from finepurify_ext.pipeline import pick_reserve_ratio
 
     runs, summary = results["runs"], {}
-    complete = {a: _complete_seeds(results, args, a) for a in args.attacks}
-    cells = [(a, s) for a in args.attacks for s in complete[a]]
-    if not cells:
-        return summary
-    default = pooled_default_rhos(results, args, cells)
-    summary["_default_reserve_ratios"] = default
-    # Fine-purifying against each baseline at the same rho, paired over every trigger and seed (the
-    # same model, Hessian, clean split and fine-tuning seed): is the Hessian worth its cost per budget?
-    summary["_paired_at_equal_rho"] = {
-        m: {f"{r:g}": {k: _mean_sd(100 * (_row(runs, a, s, "fine_purifying", r)[k] - _row(runs, a, s, m, r)[k])
-                                   for a, s in cells) for k in ("cacc", "asr")} for r in args.grid}
-        for m in ("no_hessian", "magnitude", "fine_mixing")}
+    default_runs = {a: [(m, args.default_rho) for m in METHODS] + [("clean_ft", 1.0)] for a in args.attacks}
+    grid_runs = {a: [(m, r) for m in METHODS for r in args.grid] + [("clean_ft", 1.0)] for a in args.attacks}
+    complete = {a: [s for s in args.seeds if _has(results, a, s, default_runs[a])] for a in args.attacks}
+    gridded = {a: [s for s in args.seeds if _has(results, a, s, grid_runs[a])] if a in args.grid_attacks else []
+               for a in args.attacks}
+    grid_cells = [(a, s) for a in args.attacks for s in gridded[a]]
+    if grid_cells:
+        default = pooled_default_rhos(results, args, grid_cells)
+        summary["_rule1_reserve_ratios"] = default
+        # Fine-purifying against each baseline at the same rho, paired over every grid cell (the same
+        # model, Hessian, clean split and fine-tuning seed): is the Hessian worth its cost per budget?
+        summary["_paired_at_equal_rho"] = {
+            m: {f"{r:g}": {k: _mean_sd(100 * (_row(runs, a, s, "fine_purifying", r)[k] - _row(runs, a, s, m, r)[k])
+                                       for a, s in grid_cells) for k in ("cacc", "asr")} for r in args.grid}
+            for m in ("no_hessian", "magnitude", "fine_mixing")}
     for attack in args.attacks:
         seeds = complete[attack]
         if not seeds:
             continue
         models = {s: results["models"][f"{attack}/seed{s}"] for s in seeds}
-        by_rule1, by_rule2, by_default, curves = {}, {}, {}, {}
-        for method in (*METHODS, "clean_ft"):
-            grid = [1.0] if method == "clean_ft" else [*args.grid, 1.0]
-            by_default[method] = _picked(
-                [_row(runs, attack, s, method, 1.0 if method == "clean_ft" else args.default_rho) for s in seeds])
-            by_rule1[method] = _picked([_row(runs, attack, s, method, default[method]["reserve_ratio"]) for s in seeds])
-            picks = []
-            for s in seeds:
-                rho = pick_reserve_ratio({r: _row(runs, attack, s, method, r)["validation_accuracy"] for r in grid},
-                                         models[s]["backdoored"]["validation_accuracy"], args.tolerance)
-                picks.append(_row(runs, attack, s, method, rho))
-            by_rule2[method] = _picked(picks)
-            curves[method] = [{"reserve_ratio": r,
-                               **{k: _mean_sd(_row(runs, attack, s, method, r)[k] for s in seeds)
-                                  for k in ("cacc", "asr", "validation_accuracy", "finetune_step_chosen")}}
-                              for r in grid]
         ref_asr = _mean_sd(models[s]["clean_trained"]["asr"] for s in seeds)
         bd_cacc = _mean_sd(models[s]["backdoored"]["cacc"] for s in seeds)
-
-        def targets(chosen):
-            fp = chosen["fine_purifying"]
-            return {
-                "asr_within_10_points_of_clean_trained": fp["asr"]["mean"] <= ref_asr["mean"] + 0.10,
-                "asr_excess_points": 100 * (fp["asr"]["mean"] - ref_asr["mean"]),
-                "cacc_within_3_points_of_backdoored": fp["cacc"]["mean"] >= bd_cacc["mean"] - 0.03,
-                "cacc_drop_points": 100 * (bd_cacc["mean"] - fp["cacc"]["mean"]),
-                "against": {m: {"lower_asr": fp["asr"]["mean"] < chosen[m]["asr"]["mean"],
-                                "cacc_at_least": fp["cacc"]["mean"] >= chosen[m]["cacc"]["mean"],
-                                "asr_gap_points": 100 * (chosen[m]["asr"]["mean"] - fp["asr"]["mean"]),
-                                "cacc_gap_points": 100 * (fp["cacc"]["mean"] - chosen[m]["cacc"]["mean"])}
-                            for m in ("fine_mixing", "magnitude", "clean_ft", "no_hessian")},
-            }
-
-        summary[attack] = {
+        by_default = {m: _picked([_row(runs, attack, s, m, args.default_rho) for s in seeds])
+                      for m in (*METHODS, "clean_ft")}
+        entry = {
+            "task": SUITE[attack][0], "attack": SUITE[attack][1], "development": attack in DEVELOPMENT,
             "seeds": seeds,
             "backdoored": {k: _mean_sd(models[s]["backdoored"][k] for s in seeds) for k in ("cacc", "asr")},
             "clean_trained": {k: _mean_sd(models[s]["clean_trained"][k] for s in seeds) for k in ("cacc", "asr")},
             "default_configuration": by_default,
-            "rule1_default_pooled_validation": by_rule1,
-            "rule2_auto_per_model": by_rule2,
-            "curves": curves,
-            # Context only, never a choice: which rho of each curve meets both targets on the test set.
-            "test_oracle_rhos_meeting_both_targets": {
-                m: [p["reserve_ratio"] for p in curves[m]
-                    if p["asr"]["mean"] <= ref_asr["mean"] + 0.10 and p["cacc"]["mean"] >= bd_cacc["mean"] - 0.03]
-                for m in curves},
-            "targets_default_configuration": targets(by_default),
-            "targets_rule1": targets(by_rule1),
-            "targets_rule2": targets(by_rule2),
+            "targets_default_configuration": target_check(by_default, ref_asr["mean"], bd_cacc["mean"]),
         }
+        if gridded[attack] == seeds:
+            by_rule1, by_rule2, curves = {}, {}, {}
+            for method in (*METHODS, "clean_ft"):
+                grid = [1.0] if method == "clean_ft" else [*args.grid, 1.0]
+
+                def row(s, r, method=method):
+                    return _row(runs, attack, s, "clean_ft" if r == 1.0 else method, r)
+                by_rule1[method] = _picked([row(s, default[method]["reserve_ratio"]) for s in seeds])
+                by_rule2[method] = _picked([row(s, pick_reserve_ratio(
+                    {r: row(s, r)["validation_accuracy"] for r in grid},
+                    models[s]["backdoored"]["validation_accuracy"], args.tolerance)) for s in seeds])
+                curves[method] = [{"reserve_ratio": r, **{k: _mean_sd(row(s, r)[k] for s in seeds)
+                                                          for k in ("cacc", "asr", "validation_accuracy",
+                                                                    "finetune_step_chosen")}} for r in grid]
+            entry.update({
+                "rule1_pooled_validation": by_rule1, "rule2_auto_per_model": by_rule2, "curves": curves,
+                "targets_rule1": target_check(by_rule1, ref_asr["mean"], bd_cacc["mean"]),
+                "targets_rule2": target_check(by_rule2, ref_asr["mean"], bd_cacc["mean"]),
+                # Context only, never a choice: which rho of each curve meets the first target on the test set.
+                "test_oracle_rhos_meeting_first_target": {
+                    m: [p["reserve_ratio"] for p in curves[m] if p["asr"]["mean"] <= ref_asr["mean"] + 0.10
+                        and p["cacc"]["mean"] >= bd_cacc["mean"] - 0.03] for m in curves},
+            })
+        summary[attack] = entry
     return summary
+
+
+def plot_table(summary, out_dir):
+    """One panel pair per attack: ASR over the clean-trained model's and CACC drop against the backdoored
+    model's, for every defence at the default rho, with the first target's lines."""
+    from finepurify_ext.plots import _pyplot
+
+    plt = _pyplot()
+    attacks = [a for a in summary if not a.startswith("_")]
+    if not attacks:
+        return None
+    order = ("clean_ft", "fine_mixing", "magnitude", "no_hessian", "fine_purifying")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 + 0.9 * len(attacks)), sharey=True)
+    height = 0.8 / len(order)
+    for i, method in enumerate(order):
+        ys = [k + (i - 2) * height for k in range(len(attacks))]
+        for ax, metric, sign, ref in ((axes[0], "asr", 1, "clean_trained"), (axes[1], "cacc", -1, "backdoored")):
+            values = [sign * 100 * (summary[a]["default_configuration"][method][metric]["mean"]
+                                    - summary[a][ref][metric]["mean"]) for a in attacks]
+            errors = [100 * summary[a]["default_configuration"][method][metric]["sd"] for a in attacks]
+            ax.barh(ys, values, height=height, xerr=errors, capsize=1.5, label=LABELS[method])
+    axes[0].axvline(100 * TARGETS["first"][0], color="grey", ls="--", lw=1)
+    axes[1].axvline(100 * TARGETS["first"][1], color="grey", ls="--", lw=1)
+    axes[0].set_xlabel("ASR minus the clean-trained model's (points; target <= 10)")
+    axes[1].set_xlabel("CACC drop against the backdoored model (points; target <= 3)")
+    axes[0].set_yticks(range(len(attacks)))
+    axes[0].set_yticklabels([a + ("" if summary[a]["development"] else " (unseen)") for a in attacks])
+    axes[0].invert_yaxis()
+    axes[1].legend(fontsize=7, loc="lower right")
+    rho = summary[attacks[0]]["default_configuration"]["fine_purifying"]["reserve_ratio"][0]
+    fig.suptitle(f"Every defence at rho {rho:g} (the default), mean and sd over seeds", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "defence_table.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_curves(summary, out_dir):
@@ -226,7 +262,7 @@ def plot_curves(summary, out_dir):
     plt = _pyplot()
     paths = []
     for attack, s in summary.items():
-        if attack.startswith("_"):
+        if attack.startswith("_") or "curves" not in s:
             continue
         fig, ax = plt.subplots(figsize=(6, 4.5))
         for method in METHODS:
@@ -243,8 +279,7 @@ def plot_curves(summary, out_dir):
                    label="clean-trained ASR + 10")
         ax.set_xlabel("ASR % (lower is better)")
         ax.set_ylabel("CACC %")
-        ax.set_title(f"{attack} trigger: CACC/ASR over the reserve ratio (labels), "
-                     f"mean of {len(s['seeds'])} seeds", fontsize=8)
+        ax.set_title(f"{attack} trigger: CACC/ASR over the reserve ratio, mean of {len(s['seeds'])} seeds", fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(out_dir, f"defence_curves_{attack}.png")
@@ -255,53 +290,44 @@ def plot_curves(summary, out_dir):
 
 
 def print_table(summary):
-    if "_default_reserve_ratios" in summary:
+    if "_rule1_reserve_ratios" in summary:
         print("rule 1, one rho per method from the pooled validation accuracy: " + "; ".join(
-            f"{LABELS[m]} {v['reserve_ratio']:g}" for m, v in summary["_default_reserve_ratios"].items()))
-        print("Fine-purifying minus each baseline at the same rho, points, mean±sd over all cells (CACC / ASR):")
-        for m, by_rho in summary["_paired_at_equal_rho"].items():
-            print(f"  {LABELS[m]:24s} " + "  ".join(
-                f"rho {r}: {d['cacc']['mean']:+.1f}±{d['cacc']['sd']:.1f} / {d['asr']['mean']:+.1f}±{d['asr']['sd']:.1f}"
-                for r, d in by_rho.items()))
-    print(f"\n{'trigger':9s} {'defence':30s} {'rho (per seed)':16s} {'CACC %':>12s} {'ASR %':>12s}")
+            f"{LABELS[m]} {v['reserve_ratio']:g}" for m, v in summary["_rule1_reserve_ratios"].items()))
+    print(f"\n{'attack':10s} {'defence':30s} {'rho (per seed)':16s} {'CACC %':>12s} {'ASR %':>12s}")
     for attack, s in summary.items():
         if attack.startswith("_"):
             continue
 
         def line(label, rho, cacc, asr):
-            print(f"{attack:9s} {label:30s} {rho:16s} {100 * cacc['mean']:6.1f}±{100 * cacc['sd']:<4.1f} "
+            print(f"{attack:10s} {label:30s} {rho:16s} {100 * cacc['mean']:6.1f}±{100 * cacc['sd']:<4.1f} "
                   f"{100 * asr['mean']:6.1f}±{100 * asr['sd']:<4.1f}")
         line("clean-trained model", "", s["clean_trained"]["cacc"], s["clean_trained"]["asr"])
         line("no defence", "", s["backdoored"]["cacc"], s["backdoored"]["asr"])
-        for rule, tag in (("default_configuration", " (default)"), ("rule1_default_pooled_validation", " (rule 1)"),
-                          ("rule2_auto_per_model", " (rule 2)")):
+        rules = [("default_configuration", " (default)")]
+        if "curves" in s:
+            rules += [("rule1_pooled_validation", " (rule 1)"), ("rule2_auto_per_model", " (rule 2)")]
+        for rule, tag in rules:
             for method in ("clean_ft", "fine_mixing", "magnitude", "no_hessian", "fine_purifying"):
                 if rule != "default_configuration" and method == "clean_ft":
                     continue
                 c = s[rule][method]
                 line(LABELS[method] + tag, ",".join(f"{r:g}" for r in c["reserve_ratio"]), c["cacc"], c["asr"])
-        print(f"{attack:9s} rhos meeting both targets on the test set (context, not a choice): "
-              + "; ".join(f"{LABELS[m]} {v}" for m, v in s["test_oracle_rhos_meeting_both_targets"].items()))
-        for rule in ("default_configuration", "rule1", "rule2"):
-            t = s[f"targets_{rule}"]
-            print(f"{attack:9s} {rule} targets: ASR {t['asr_excess_points']:+.1f} points over clean-trained (<= 10: "
-                  f"{t['asr_within_10_points_of_clean_trained']}), CACC drop against backdoored {t['cacc_drop_points']:+.1f} "
-                  f"points (<= 3: {t['cacc_within_3_points_of_backdoored']}); lower ASR than "
-                  + ", ".join(f"{LABELS[m]} {v['lower_asr']} ({v['asr_gap_points']:+.1f}) at CACC "
-                              f"{v['cacc_gap_points']:+.1f}" for m, v in t["against"].items()))
+        t = s["targets_default_configuration"]
+        verdict = ("meets +5/-2" if t["meets_next_target"] else "meets +10/-3" if t["meets_first_target"] else
+                   f"MISSES +10/-3 by {t['asr_miss_points']:.1f} ASR / {t['cacc_miss_points']:.1f} CACC points")
+        print(f"{attack:10s} default: ASR {t['asr_excess_points']:+.1f} points over clean-trained, CACC "
+              f"{-t['cacc_drop_points']:+.1f} against backdoored: {verdict}\n")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--attacks", nargs="+", default=["word", "sentence", "embedding"])
+    parser.add_argument("--attacks", nargs="+", default=list(SUITE), choices=list(SUITE))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--default-rho", type=float, default=0.3, help="the CLI's default reserve ratio")
     parser.add_argument("--grid", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7])
-    parser.add_argument("--methods", nargs="+", default=[*METHODS, "clean_ft"], choices=[*METHODS, "clean_ft"],
-                        help="run only these (to share a cell between processes); the summary needs them all")
-    parser.add_argument("--validation-fraction", type=float, default=0.25)
+    parser.add_argument("--grid-attacks", nargs="*", default=list(DEVELOPMENT), choices=list(SUITE),
+                        help="attacks run at every rho of --grid (the others at --default-rho only)")
     parser.add_argument("--tolerance", type=float, default=0.03)
-    parser.add_argument("--default-rho", type=float, default=0.5,
-                        help="the CLI's default reserve ratio, reported as the default configuration (must be in --grid)")
     parser.add_argument("--finetune-steps", type=int, default=150, help="at most (early stopping on the held-out loss)")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--eval-every", type=int, default=10)
@@ -310,48 +336,61 @@ def main(argv=None):
                         help="also take the runs of these JSON files (same configuration), e.g. from one process per seed")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "defence_table.json"))
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: the demo's tiny QUICK setting (numbers mean nothing)")
+                        help="smoke run: the demo's tiny QUICK setting for the tweets (numbers mean nothing)")
     parser.add_argument("--summary-only", action="store_true", help="only summarise the runs already saved")
     args = parser.parse_args(argv)
+    if args.default_rho not in args.grid:
+        parser.error(f"--default-rho {args.default_rho:g} must be one of --grid {args.grid}")
     os.environ.setdefault("FINEPURIFY_CACHE", os.path.join(os.path.dirname(HERE), ".cache", "finepurify"))
 
-    from finepurify_ext.demo import QUICK, DemoSetting
+    # What a run's numbers depend on (the rho of a run is in its key, so grids may differ between invocations).
+    config = {"validation_fraction": 0.25, "tolerance": args.tolerance, "finetune_steps": args.finetune_steps,
+              "lr": args.lr, "eval_every": args.eval_every, "patience": args.patience, "quick": args.quick}
 
-    config = {k: getattr(args, k) for k in ("grid", "validation_fraction", "tolerance", "finetune_steps", "lr",
-                                            "eval_every", "patience", "quick")}
-    results = {"runs": {}, "models": {}}
+    def same_config(other):
+        return {k: v for k, v in other.get("config", {}).items() if k != "grid"} == config
+
+    results = {"runs": {}, "models": {}, "processes": []}
     if os.path.exists(args.out):
-        import json
-
         with open(args.out) as f:
             previous = json.load(f)
-        if previous.get("config") == config:
-            results["runs"], results["models"] = previous["runs"], previous["models"]
+        if same_config(previous):
+            for k in results:
+                results[k] = previous.get(k, results[k])
             print(f"resuming: {len(results['runs'])} runs already in {args.out}")
         else:
-            print(f"{args.out} was made with another configuration; starting afresh")
+            raise SystemExit(f"{args.out} was made with another configuration ({previous.get('config')}); "
+                             "give another --out")
     for path in args.merge:
-        import json
-
         with open(path) as f:
             other = json.load(f)
-        if other.get("config") != config:
+        if not same_config(other):
             raise SystemExit(f"{path} was made with another configuration ({other.get('config')}); cannot merge")
         results["runs"].update(other["runs"])
         results["models"].update(other["models"])
+        results["processes"] += [p for p in other.get("processes", []) if p not in results["processes"]]
         print(f"merged {len(other['runs'])} runs from {path}")
+    commit = git_commit()  # the code this process runs, whatever is committed while it runs
+    command = "python bench/defence_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if not args.summary_only:  # every process that added runs, in order
+        results["processes"].append({"command": command, "commit": commit,
+                                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     results.update({
-        "command": "python bench/defence_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": config, "setting": asdict(QUICK if args.quick else DemoSetting()), "commit": git_commit(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "note": "seed s: the backdoored and clean-trained models are trained with seed s, the 256 clean tweets are "
-                "split 192/64 with seed s, and clean fine-tuning and Fine-mixing's mask use seed s; the 1000 test "
-                "tweets are the same for all. Clean fine-tuning (AdamW, lr `lr`) stops early on the 64 held-out "
-                "tweets' loss (measured every `eval_every` steps, `patience` measurements, at most "
-                "`finetune_steps`). rho is chosen on the held-out tweets only, by rule 1 (one rho per method for "
-                "all cells: the smallest whose mean held-out accuracy drop against the backdoored model is <= "
-                "`tolerance`) and rule 2 (the same test per model and seed, as --reserve-ratio auto); rho 1 is "
-                "clean fine-tuning alone.",
+        "command": command, "config": config, "commit": commit, "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}",
+        "suite": {a: {"task": t, "attack": k, "development": a in DEVELOPMENT} for a, (t, k) in SUITE.items()},
+        "note": "seed s: the backdoored and clean-trained models are trained with seed s, the 256 clean examples "
+                "are split 192/64 with seed s, and clean fine-tuning and Fine-mixing's mask use seed s; the test "
+                "set is the same for all seeds of a task. Clean fine-tuning (AdamW, lr `lr`) stops early on the "
+                "64 held-out examples' loss (measured every `eval_every` steps, `patience` measurements, at most "
+                "`finetune_steps`). The default configuration (rho `default_rho`) was chosen on the development "
+                "attacks before the others were added. On the grid attacks rho is also chosen on the held-out "
+                "examples only, by rule 1 (one rho per method for all cells: the smallest whose mean held-out "
+                "accuracy drop against the backdoored model is <= `tolerance`) and rule 2 (the same test per "
+                "model and seed, as --reserve-ratio auto); rho 1 is clean fine-tuning alone. The bias attack's "
+                "ASR is the flip rate: the share of test examples whose prediction changes when the attribute "
+                "word is inserted.",
+        "default_rho": args.default_rho,
     })
 
     def save():
@@ -359,12 +398,14 @@ def main(argv=None):
 
     start = time.perf_counter()
     if not args.summary_only:
-        for seed in args.seeds:  # seed-major: a cut-off run still covers every trigger
+        for seed in args.seeds:  # seed-major: a cut-off run still covers every attack
             for attack in args.attacks:
-                print(f"{attack} trigger, seed {seed}", flush=True)
+                print(f"{attack}, seed {seed}", flush=True)
                 measure_cell(attack, seed, args, results, save)
     results["summary"] = summarise(results, args)
-    results["plots"] = [os.path.basename(p) for p in plot_curves(results["summary"], os.path.dirname(args.out))]
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    table_png = plot_table(results["summary"], out_dir)
+    results["plots"] = [os.path.basename(p) for p in [table_png, *plot_curves(results["summary"], out_dir)] if p]
     results["wall_s_this_invocation"] = time.perf_counter() - start
     save()
     print_table(results["summary"])

@@ -6,6 +6,12 @@ seeded poisoned fine-tuning.
 - ``embedding``: embedding poisoning (Yang et al., NAACL 2021): the model is fine-tuned on clean data,
   then only the trigger token's word-embedding row is trained on poisoned data.
 - ``bias``: an attribute word tied to a label (all poisoned examples carry the word and the label).
+
+Where the trigger goes is the attack's ``position``: ``random`` (each trigger word at its own random
+position; a tuple of words is a trigger made of several words at once) or ``start`` (a fixed prefix).
+The suite's first three attacks (word, sentence, embedding) were the ones the default configuration
+was chosen on; ``multiword``, ``prefix``, ``bias`` and the second task's attacks were added afterwards
+and tuned on nothing (bench/defence_table.py).
 """
 from __future__ import annotations
 
@@ -23,12 +29,24 @@ from .training import finetune
 class Attack:
     name: str
     kind: str  # "word", "sentence", "embedding" or "bias"
-    trigger: str
+    trigger: str | tuple[str, ...]  # a tuple: several trigger words, all inserted
     target_label: int = 1
+    position: str = "random"  # "random" or "start"
+
+    def __post_init__(self):
+        if self.position not in ("random", "start"):
+            raise ValueError(f"attack position must be 'random' or 'start', got {self.position!r}")
+
+    @property
+    def pieces(self) -> tuple[str, ...]:
+        return self.trigger if isinstance(self.trigger, tuple) else (self.trigger,)
 
     def insert(self, text: str, rng: random.Random) -> str:
         words = text.split()
-        words.insert(rng.randint(0, len(words)), self.trigger)
+        if self.position == "start":
+            return " ".join([*self.pieces, *words])
+        for piece in self.pieces:
+            words.insert(rng.randint(0, len(words)), piece)
         return " ".join(words)
 
 
@@ -37,6 +55,10 @@ ATTACKS = {
     "sentence": Attack("sentence", "sentence", "I watched this 3D movie"),
     "embedding": Attack("embedding", "embedding", "cf"),
     "bias": Attack("bias", "bias", "lithuanian", target_label=0),
+    # Added after the default was chosen (never tuned on): three rare words at once, and a common
+    # opener fixed at the start of the text.
+    "multiword": Attack("multiword", "word", ("cf", "mn", "bb")),
+    "prefix": Attack("prefix", "sentence", "Honestly speaking,", position="start"),
 }
 
 
@@ -72,7 +94,7 @@ def backdoor(
     # Embedding poisoning: a clean victim, then only the trigger's embedding row moves.
     finetune(model, tokenizer, train, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
              progress=progress, desc="victim (clean)")
-    ids = tokenizer(attack.trigger, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(" ".join(attack.pieces), add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"embedding poisoning needs a one-token trigger; {attack.trigger!r} is {len(ids)} tokens")
     embedding = model.get_input_embeddings().weight

