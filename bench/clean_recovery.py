@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
-from bench.defence_table import _mean_sd, cell_setting  # noqa: E402
+from bench.defence_table import _mean_sd  # noqa: E402
 
 UNLABELLED = 2000
 VARIANTS = {  # (weight of the teacher's soft targets, unlabelled tweets)
@@ -41,14 +41,14 @@ def key(attack, seed, variant, rho):
 
 def measure_cell(attack_name, seed, args, results, save):
     from finepurify_ext import data
-    from finepurify_ext.demo import DefenceCell
+    from finepurify_ext.demo import DefenceCell, suite_setting
     from finepurify_ext.pipeline import FinetuneConfig
 
     todo = [(v, r) for v in args.variants for r in args.rhos if key(attack_name, seed, v, r) not in results["runs"]]
     cell_name = f"{attack_name}/seed{seed}"
     if not todo and cell_name in results["models"]:
         return
-    cell = DefenceCell(cell_setting(attack_name), seed)
+    cell = DefenceCell(suite_setting(attack_name), seed)
     s = cell.setting
     sizes = [s.attack_train, s.clean, s.test, UNLABELLED]
     unlabelled = [e.text for e in data.split(data.tweet_sentiment(), sizes, s.data_seed)[3]]

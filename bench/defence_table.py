@@ -1,6 +1,6 @@
 """The defence table: every defence on all-MiniLM-L6-v2 backdoored on real data, over attacks, tasks and seeds.
 
-The suite (SUITE below): on binary tweet sentiment, the word, sentence and embedding-poisoning triggers
+The suite (`finepurify_ext.demo.SUITE`): on binary tweet sentiment, the word, sentence and embedding-poisoning triggers
 (the development attacks: the default configuration was chosen on them), then three-rare-words,
 a fixed-position opener and the bias attack, and on a second task (does this answer answer this
 question? zaragoza-construction-faq, English and Swedish) the word trigger. The last four were added
@@ -41,28 +41,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
+from finepurify_ext.demo import DEVELOPMENT, SUITE, suite_setting  # noqa: E402
 
 METHODS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
 LABELS = {"fine_purifying": "Fine-purifying", "no_hessian": "indicator w/o Hessian",
           "magnitude": "magnitude |drift|", "fine_mixing": "Fine-mixing (random)", "clean_ft": "clean fine-tuning"}
-# name in the table -> (task, attack in finepurify_ext.attacks.ATTACKS)
-SUITE = {"word": ("tweets", "word"), "sentence": ("tweets", "sentence"), "embedding": ("tweets", "embedding"),
-         "multiword": ("tweets", "multiword"), "prefix": ("tweets", "prefix"), "bias": ("tweets", "bias"),
-         "faq-word": ("faq", "word")}
-DEVELOPMENT = ("word", "sentence", "embedding")
 TARGETS = {"first": (0.10, 0.03), "next": (0.05, 0.02)}  # (ASR excess over clean-trained, CACC drop)
 
 
 def run_key(attack, seed, method, rho):
     return f"{attack}/seed{seed}/{method}/{1.0 if method == 'clean_ft' else rho:g}"
-
-
-def cell_setting(attack_name, quick=False):
-    from finepurify_ext.demo import FAQ, QUICK, DemoSetting
-
-    task, attack = SUITE[attack_name]
-    base = FAQ if task == "faq" else QUICK if quick else DemoSetting()
-    return dataclasses.replace(base, attack=attack)
 
 
 def planned_runs(attack, args):
@@ -83,7 +71,7 @@ def measure_cell(attack_name, seed, args, results, save):
     todo = [(m, r) for m, r in planned_runs(attack_name, args) if run_key(attack_name, seed, m, r) not in results["runs"]]
     if not todo and cell_name in results["models"]:
         return
-    cell = DefenceCell(cell_setting(attack_name, args.quick), seed)
+    cell = DefenceCell(suite_setting(attack_name, args.quick), seed)
     if cell_name not in results["models"]:
         results["models"][cell_name] = {"backdoored": cell.measure(cell.suspect),
                                         "clean_trained": cell.measure(cell.reference)}
@@ -319,6 +307,33 @@ def print_table(summary):
               f"{-t['cacc_drop_points']:+.1f} against backdoored: {verdict}\n")
 
 
+def markdown_table(summary) -> str:
+    """The default configuration per attack as a Markdown table (CACC / ASR %, mean over seeds), with
+    the target verdict: what the README shows."""
+    order = ("clean_ft", "fine_mixing", "magnitude", "no_hessian")
+    lines = ["| attack | clean-trained | backdoored | " + " | ".join(LABELS[m].replace("|", "\\|") for m in order)
+             + " | **Fine-purifying** (mean±sd) | target +10 / −3 |", "| --- " * 9 + "|"]
+    for attack, s in summary.items():
+        if attack.startswith("_"):
+            continue
+        d, t = s["default_configuration"], s["targets_default_configuration"]
+
+        def pair(c):
+            return f"{100 * c['cacc']['mean']:.1f} / {100 * c['asr']['mean']:.1f}"
+        fp = d["fine_purifying"]
+        verdict = ("meets (and +5 / −2)" if t["meets_next_target"] else "meets" if t["meets_first_target"] else
+                   "**misses**: " + ", ".join(x for x in (
+                       f"ASR by {t['asr_miss_points']:.1f}" if t["asr_miss_points"] > 0 else "",
+                       f"CACC by {t['cacc_miss_points']:.1f}" if t["cacc_miss_points"] > 0 else "") if x))
+        name = attack + ("" if s["development"] else " (unseen)")
+        lines.append(f"| {name} | {pair(s['clean_trained'])} | {pair(s['backdoored'])} | "
+                     + " | ".join(pair(d[m]) for m in order)
+                     + f" | **{100 * fp['cacc']['mean']:.1f}±{100 * fp['cacc']['sd']:.1f} / "
+                       f"{100 * fp['asr']['mean']:.1f}±{100 * fp['asr']['sd']:.1f}** | {verdict} "
+                       f"(ASR {t['asr_excess_points']:+.1f}, CACC {-t['cacc_drop_points']:+.1f}) |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attacks", nargs="+", default=list(SUITE), choices=list(SUITE))
@@ -338,6 +353,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the demo's tiny QUICK setting for the tweets (numbers mean nothing)")
     parser.add_argument("--summary-only", action="store_true", help="only summarise the runs already saved")
+    parser.add_argument("--markdown", action="store_true", help="also print the README's table")
     args = parser.parse_args(argv)
     if args.default_rho not in args.grid:
         parser.error(f"--default-rho {args.default_rho:g} must be one of --grid {args.grid}")
@@ -409,6 +425,8 @@ def main(argv=None):
     results["wall_s_this_invocation"] = time.perf_counter() - start
     save()
     print_table(results["summary"])
+    if args.markdown:
+        print(markdown_table(results["summary"]))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 
+from .demo import SUITE  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
 from .outputs import check_output_dir, check_output_file  # noqa: E402
 
@@ -196,7 +197,7 @@ def cmd_demo(args) -> int:
     if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "report.json")):
         raise UserError(f"--out {args.out} holds files that are not a demo report; the demo replaces its --out: "
                         "choose another directory")
-    run_demo(out_dir=args.out, seed=args.seed, quick=args.quick)
+    run_demo(out_dir=args.out, seed=args.seed, quick=args.quick, attack=args.attack)
     return 0
 
 
@@ -283,6 +284,8 @@ def main(argv=None) -> int:
     d.add_argument("--out", default="demo_output")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a tiny smoke-run setting (too small for the backdoor to take hold)")
+    d.add_argument("--attack", default="word", choices=list(SUITE),
+                   help="an attack of the defence suite (default word; faq-word is the second task)")
     d.set_defaults(fn=cmd_demo)
 
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ The backdoored and clean-trained models are cached (FINEPURIFY_CACHE, default ~/
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,6 +43,21 @@ QUICK = DemoSetting(attack_train=400, clean=64, test=200, finetune_steps=10)
 # The second task: 503 FAQ items, four examples each (data.faq_answer_matching): 319 for the attacker,
 # 64 for the defender (256 examples, as for the tweets), 120 for the test.
 FAQ = DemoSetting(task="faq", attack_train=4 * 319, test=4 * 120)
+
+
+# The defence suite (bench/defence_table.py, `finepurify demo --attack`): name -> (task, attack in
+# attacks.ATTACKS). The default configuration was chosen on DEVELOPMENT; the others were added after
+# it was fixed and tuned on nothing.
+SUITE = {"word": ("tweets", "word"), "sentence": ("tweets", "sentence"), "embedding": ("tweets", "embedding"),
+         "multiword": ("tweets", "multiword"), "prefix": ("tweets", "prefix"), "bias": ("tweets", "bias"),
+         "faq-word": ("faq", "word")}
+DEVELOPMENT = ("word", "sentence", "embedding")
+
+
+def suite_setting(name: str, quick: bool = False) -> DemoSetting:
+    task, attack = SUITE[name]
+    base = FAQ if task == "faq" else QUICK if quick else DemoSetting()
+    return dataclasses.replace(base, attack=attack)
 
 
 def cache_dir() -> str:
@@ -176,11 +192,14 @@ class DefenceCell:
         return model, row, report
 
 
-def run_demo(out_dir: str = "demo_output", seed: int = 0, quick: bool = False, setting: DemoSetting | None = None):
+def run_demo(out_dir: str = "demo_output", seed: int = 0, quick: bool = False, setting: DemoSetting | None = None,
+             attack: str = "word"):
+    """The defences on one attack of the suite (SUITE), or on ``setting``; a table on stdout, and the
+    report and plots in ``out_dir``."""
     from .pipeline import save_atomically, write_json
     from .plots import plot_purification
 
-    setting = setting or (QUICK if quick else DemoSetting())
+    setting = setting or suite_setting(attack, quick)
     torch.manual_seed(seed)
     wall = time.perf_counter()
     cell = DefenceCell(setting, seed)
@@ -214,7 +233,7 @@ def run_demo(out_dir: str = "demo_output", seed: int = 0, quick: bool = False, s
         write_json(os.path.join(tmp, "report.json"), {
             "setting": asdict(setting), "seed": seed, "attack": asdict(attack), "rows": rows,
             "total_time_s": total, "defence_reports": reports, "plots": [os.path.basename(p) for p in plots],
-            "command": "finepurify demo" + (" --quick" if quick else ""),
+            "command": "finepurify demo" + (" --quick" if quick else "") + (f" --attack {attack}" if attack != "word" else ""),
         })
 
     save_atomically(out_dir, write, overwrite=True)

@@ -152,8 +152,8 @@ def test_target_check_names_the_size_of_a_miss():
 
 
 def test_the_suite_names_real_attacks_and_tasks():
-    for name, (task, attack) in defence_table.SUITE.items():
-        setting = defence_table.cell_setting(name)
+    for name, (task, attack) in demo.SUITE.items():
+        setting = demo.suite_setting(name)
         assert setting.task == task and setting.attack == attack and attack in ATTACKS
         assert dataclasses.asdict(setting)["reserve_ratio"] == 0.3
-    assert set(defence_table.DEVELOPMENT) < set(defence_table.SUITE)
+    assert set(demo.DEVELOPMENT) < set(demo.SUITE)
