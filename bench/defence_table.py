@@ -29,7 +29,6 @@ default configuration against every baseline, per attack) and the CACC/ASR curve
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -42,6 +41,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
 from finepurify_ext.demo import DEVELOPMENT, SUITE, suite_setting  # noqa: E402
+from finepurify_ext.pipeline import FinetuneConfig  # noqa: E402
+from finepurify_ext.purify import PurifyConfig  # noqa: E402
 
 METHODS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
 LABELS = {"fine_purifying": "Fine-purifying", "no_hessian": "indicator w/o Hessian",
@@ -65,7 +66,6 @@ def planned_runs(attack, args):
 def measure_cell(attack_name, seed, args, results, save):
     """All runs of one attack and seed (skipping those already in ``results``)."""
     from finepurify_ext.demo import DefenceCell
-    from finepurify_ext.pipeline import FinetuneConfig
 
     cell_name = f"{attack_name}/seed{seed}"
     todo = [(m, r) for m, r in planned_runs(attack_name, args) if run_key(attack_name, seed, m, r) not in results["runs"]]
@@ -301,10 +301,19 @@ def print_table(summary):
                 c = s[rule][method]
                 line(LABELS[method] + tag, ",".join(f"{r:g}" for r in c["reserve_ratio"]), c["cacc"], c["asr"])
         t = s["targets_default_configuration"]
-        verdict = ("meets +5/-2" if t["meets_next_target"] else "meets +10/-3" if t["meets_first_target"] else
-                   f"MISSES +10/-3 by {t['asr_miss_points']:.1f} ASR / {t['cacc_miss_points']:.1f} CACC points")
         print(f"{attack:10s} default: ASR {t['asr_excess_points']:+.1f} points over clean-trained, CACC "
-              f"{-t['cacc_drop_points']:+.1f} against backdoored: {verdict}\n")
+              f"{-t['cacc_drop_points']:+.1f} against backdoored: {verdict(t)}\n")
+
+
+def verdict(t, markdown=False) -> str:
+    """The target check of one attack in words: which target it meets, or by how much it misses."""
+    if t["meets_next_target"]:
+        return "meets (and +5 / −2)" if markdown else "meets +5/-2"
+    if t["meets_first_target"]:
+        return "meets" if markdown else "meets +10/-3"
+    misses = ", ".join(f"{what} by {t[key]:.1f}" for what, key in (("ASR", "asr_miss_points"),
+                                                                    ("CACC", "cacc_miss_points")) if t[key] > 0)
+    return ("**misses**: " if markdown else "MISSES +10/-3: ") + misses
 
 
 def markdown_table(summary) -> str:
@@ -321,15 +330,11 @@ def markdown_table(summary) -> str:
         def pair(c):
             return f"{100 * c['cacc']['mean']:.1f} / {100 * c['asr']['mean']:.1f}"
         fp = d["fine_purifying"]
-        verdict = ("meets (and +5 / −2)" if t["meets_next_target"] else "meets" if t["meets_first_target"] else
-                   "**misses**: " + ", ".join(x for x in (
-                       f"ASR by {t['asr_miss_points']:.1f}" if t["asr_miss_points"] > 0 else "",
-                       f"CACC by {t['cacc_miss_points']:.1f}" if t["cacc_miss_points"] > 0 else "") if x))
         name = attack + ("" if s["development"] else " (unseen)")
         lines.append(f"| {name} | {pair(s['clean_trained'])} | {pair(s['backdoored'])} | "
                      + " | ".join(pair(d[m]) for m in order)
                      + f" | **{100 * fp['cacc']['mean']:.1f}±{100 * fp['cacc']['sd']:.1f} / "
-                       f"{100 * fp['asr']['mean']:.1f}±{100 * fp['asr']['sd']:.1f}** | {verdict} "
+                       f"{100 * fp['asr']['mean']:.1f}±{100 * fp['asr']['sd']:.1f}** | {verdict(t, markdown=True)} "
                        f"(ASR {t['asr_excess_points']:+.1f}, CACC {-t['cacc_drop_points']:+.1f}) |")
     return "\n".join(lines)
 
@@ -338,7 +343,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attacks", nargs="+", default=list(SUITE), choices=list(SUITE))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--default-rho", type=float, default=0.3, help="the CLI's default reserve ratio")
+    parser.add_argument("--default-rho", type=float, default=PurifyConfig.reserve_ratio,
+                        help="the default reserve ratio (PurifyConfig's and the CLI's)")
     parser.add_argument("--grid", nargs="+", type=float, default=[0.1, 0.3, 0.5, 0.7])
     parser.add_argument("--grid-attacks", nargs="*", default=list(DEVELOPMENT), choices=list(SUITE),
                         help="attacks run at every rho of --grid (the others at --default-rho only)")
@@ -360,7 +366,7 @@ def main(argv=None):
     os.environ.setdefault("FINEPURIFY_CACHE", os.path.join(os.path.dirname(HERE), ".cache", "finepurify"))
 
     # What a run's numbers depend on (the rho of a run is in its key, so grids may differ between invocations).
-    config = {"validation_fraction": 0.25, "tolerance": args.tolerance, "finetune_steps": args.finetune_steps,
+    config = {"validation_fraction": FinetuneConfig().validation_fraction, "tolerance": args.tolerance, "finetune_steps": args.finetune_steps,
               "lr": args.lr, "eval_every": args.eval_every, "patience": args.patience, "quick": args.quick}
 
     def same_config(other):

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .purify import PurifyConfig
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -28,7 +30,7 @@ class DemoSetting:
     attack_epochs: float = 2.0
     clean: int = 256  # the defender's clean data
     test: int = 1000
-    reserve_ratio: float = 0.3  # the CLI's default (README: choosing the default)
+    reserve_ratio: float = PurifyConfig.reserve_ratio  # the default (README: choosing the default)
     finetune_steps: int = 150  # at most: clean fine-tuning stops early on a held-out quarter of the clean data
     finetune_lr: float = 2e-5
     data_seed: int = 0
@@ -171,7 +173,6 @@ class DefenceCell:
         (``finetune_config.distill``)."""
         from . import data
         from .pipeline import FinetuneConfig, HessianConfig, clean_hessian, fine_purify, pretrained_state_for
-        from .purify import PurifyConfig
 
         finetune_config = finetune_config or FinetuneConfig(steps=self.setting.finetune_steps,
                                                             lr=self.setting.finetune_lr)

@@ -1,5 +1,6 @@
 """The defence suite: attack placements, the second task's data, the demo's defence cell (run on tiny
 models) and the defence table's target check and summary (on synthetic runs)."""
+import argparse
 import dataclasses
 import importlib.util
 import os
@@ -132,7 +133,7 @@ def test_target_check_names_the_size_of_a_miss():
     methods = (*defence_table.METHODS, "clean_ft")
     asr = {"backdoored": 1.0, "clean_trained": 0.08, "fine_purifying": 0.22, **{m: 0.5 for m in methods[1:]}}
     cacc = {"backdoored": 0.87, "clean_trained": 0.88, "fine_purifying": 0.85, **{m: 0.86 for m in methods[1:]}}
-    args = defence_table.main.__globals__["argparse"].Namespace(
+    args = argparse.Namespace(
         attacks=["prefix"], seeds=[0, 1], default_rho=0.3, grid=[0.1, 0.3], grid_attacks=[], tolerance=0.03)
     summary = defence_table.summarise(_synthetic_results([0, 1], asr, cacc), args)
     entry = summary["prefix"]
