@@ -4,8 +4,11 @@ Synthetic decoder-only models with real shapes: 125M (OPT-125m), 1.3B (OPT-1.3b)
 bfloat16 weights only), hessians float32, generated on the GPU. Timed with CUDA events after
 warm-up (median of --repeats). For every pass of every op and for the whole detect-and-reset
 pipeline: time, bytes moved, GB/s, the fraction of the device's copy bandwidth (measured in the same
-run), peak extra GPU memory, and the ratio against the pure-PyTorch baseline
-(finepurify_ext.reference.fast_*; where it fails, out of memory or a size limit, the error is kept).
+run), peak extra GPU memory, and the ratio against the best of the pure-PyTorch baselines
+(finepurify_ext.reference): for the threshold, a torch-only radix select over the float bits with
+torch.bincount, chunked torch.topk and torch.kthvalue on one flat score vector; for the
+accumulation, foreach and per-tensor addcmul_. Where a baseline fails (out of memory, a size limit)
+the error is kept; a baseline slower than --baseline-budget-s is timed once.
 
     python bench/bench_cuda.py                          # writes bench/results/cuda_ops.json
     python bench/bench_cuda.py --sizes 125m --repeats 3
@@ -30,6 +33,7 @@ from finepurify_ext import reference as ref
 
 EPS = 1e-8
 RESERVE_RATIO = 0.7
+SORT_BASELINE_MAX = 1 << 28  # elements
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPS = torch.ops.finepurify
 
@@ -111,6 +115,20 @@ class Device:
                 times.append(elapsed)
         return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
 
+    def time_bounded(self, fn, repeats, setup=None, budget_s=2.0):
+        """Like time(), for the pure-PyTorch baselines, whose slowest take seconds per call: one
+        warm-up call, measured for time and peak memory, then as many repeats as fit budget_s
+        (at least one). Keeps a GPU lease from being spent waiting on a baseline."""
+        first = self.time(fn, 1, setup, warmup=0)["median_s"]
+        mem = self.peak_extra_bytes(fn, setup) if first < budget_s else None
+        n = max(1, min(repeats, int(budget_s / max(first, 1e-9))))
+        if first >= budget_s:
+            return {"median_s": first, "min_s": first, "repeats": 1, "note": "one call: over the time budget",
+                    "peak_extra_bytes": mem}
+        timing = self.time(fn, n, setup, warmup=0)
+        timing["peak_extra_bytes"] = mem
+        return timing
+
     def peak_extra_bytes(self, fn, setup=None):
         """Peak allocated GPU memory during fn() above what was allocated before (None on CPU)."""
         if setup is not None:
@@ -184,10 +202,23 @@ def cases(ft, pre, hess, dtype):
     def threshold_ours():
         ops.score_threshold(ft, pre, hess, k, EPS)
 
-    def threshold_torch():
+    def threshold_kthvalue():
         ref.fast_score_threshold(ft, pre, hess, k, EPS)[0].item()
 
-    out.append(("score_threshold", threshold_ours, {"flat_kthvalue": threshold_torch}, None, 3 * triple))
+    def threshold_radix():
+        ref.radix_score_threshold(ft, pre, hess, k, EPS)
+
+    def threshold_topk():
+        ref.topk_score_threshold(ft, pre, hess, k, EPS)
+
+    # The sort-based selections cost seconds per call at 1B+ elements (torch.kthvalue: ~9.5 s at
+    # 1.3B on an H100) and would eat a GPU lease: run where they take well under a second.
+    m = min(k, n - k + 1)
+    topk = threshold_topk if m <= SORT_BASELINE_MAX else f"not run: {m} candidates (> {SORT_BASELINE_MAX})"
+    kth = threshold_kthvalue if n <= SORT_BASELINE_MAX else f"not run: {n} scores (> {SORT_BASELINE_MAX})"
+    out.append(("score_threshold", threshold_ours,
+                {"radix_bincount": threshold_radix, "chunked_topk": topk, "flat_kthvalue": kth},
+                None, 3 * triple))
 
     def reset_pass():
         ops.masked_reset_(ft, pre, hess, threshold, EPS)
@@ -200,7 +231,12 @@ def cases(ft, pre, hess, dtype):
     def detect_and_reset_torch():
         ref.fast_reset_most_abnormal_(ft, pre, hess, RESERVE_RATIO, EPS).sum().item()
 
-    out.append(("detect_and_reset", detect_and_reset, {"flat_kthvalue_where": detect_and_reset_torch},
+    def detect_and_reset_radix():
+        ref.radix_reset_most_abnormal_(ft, pre, hess, RESERVE_RATIO, EPS).sum().item()
+
+    out.append(("detect_and_reset", detect_and_reset,
+                {"radix_bincount_where": detect_and_reset_radix,
+                 "flat_kthvalue_where": detect_and_reset_torch if n <= SORT_BASELINE_MAX else kth},
                 "restore", 4 * triple + (n - k) * w))
     # Gradients in the weights' dtype: `pre` serves (not modified), so no extra memory. Runs
     # last, since it changes the hessians.
@@ -222,7 +258,7 @@ def cases(ft, pre, hess, dtype):
     return out, ensure_backup, restore
 
 
-def run_size(dev, size, dtype_name, repeats, bandwidth):
+def run_size(dev, size, dtype_name, repeats, bandwidth, baseline_budget_s):
     shapes = decoder_shapes(**MODELS[size])
     dtype = getattr(torch, dtype_name)
     ft, pre, hess = make_model(shapes, dtype, dev.device)
@@ -252,11 +288,12 @@ def run_size(dev, size, dtype_name, repeats, bandwidth):
             row["pure_pytorch"] = {}
             best = None
             for base_name, base in baselines.items():
-                timing, error = attempt(lambda: dev.time(base, repeats, setup))
-                mem, _ = attempt(lambda: dev.peak_extra_bytes(base, setup)) if error is None else (None, None)
+                if isinstance(base, str):
+                    row["pure_pytorch"][base_name] = {"not_run": base}
+                    continue
+                timing, error = attempt(lambda: dev.time_bounded(base, repeats, setup, baseline_budget_s))
                 row["pure_pytorch"][base_name] = timing if error is None else {"failed": error}
                 if error is None:
-                    row["pure_pytorch"][base_name]["peak_extra_bytes"] = mem
                     if best is None or timing["median_s"] < best[1]:
                         best = (base_name, timing["median_s"])
             if best is not None:
@@ -273,23 +310,24 @@ def run_size(dev, size, dtype_name, repeats, bandwidth):
 
 
 def check_targets(rows):
-    """The issue's targets, each with the measured figure."""
+    """The GPU-core issue's targets, each with the measured figure."""
     checks = []
     for r in rows:
-        big = r["model"] in ("1.3b", "7b")
+        big = r["parameters"] >= 1e9
         if big and r["case"] != "detect_and_reset":
-            checks.append({"target": f"{r['model']} {r['weight_dtype']} {r['case']}: >= 70 % of copy bandwidth",
-                           "measured": r["fraction_of_copy_bandwidth"], "met": r["fraction_of_copy_bandwidth"] >= 0.7})
-        if r["case"] == "detect_and_reset" and r["model"] == "1.3b":
-            checks.append({"target": f"1.3b {r['weight_dtype']} detect_and_reset >= 5x pure PyTorch",
-                           "measured": r.get("speedup"), "met": (r.get("speedup") or float("inf")) >= 5})
+            checks.append({"target": f"{r['model']} {r['weight_dtype']} {r['case']}: >= 80 % of copy bandwidth",
+                           "measured": r["fraction_of_copy_bandwidth"], "met": r["fraction_of_copy_bandwidth"] >= 0.8})
+        if r["case"] == "detect_and_reset" and big:
+            checks.append({"target": f"{r['model']} {r['weight_dtype']} detect_and_reset faster than the best pure "
+                                     "PyTorch", "measured": r.get("speedup"),
+                           "met": (r.get("speedup") or float("inf")) > 1})
         if r["case"] == "detect_and_reset" and r["model"] == "7b" and r["peak_extra_bytes_ours"] is not None:
             checks.append({"target": "7b bfloat16 detect_and_reset < 64 MB extra GPU memory",
                            "measured": r["peak_extra_bytes_ours"], "met": r["peak_extra_bytes_ours"] < 64 * 2**20})
-        if r["case"] == "accumulate_sq_grads_" and r.get("speedup") is not None:
+        if r["case"] == "accumulate_sq_grads_" and r.get("speedup") is not None and r["model"] != "tiny":
             need = 1.0 if r["weight_dtype"] == "float32" else 1.5
-            checks.append({"target": f"{r['model']} accumulate_sq_grads_ {r['weight_dtype']} grads >= {need}x",
-                           "measured": r["speedup"], "met": r["speedup"] >= need})
+            checks.append({"target": f"{r['model']} accumulate_sq_grads_ {r['weight_dtype']} grads >= {need}x the "
+                                     "best pure PyTorch", "measured": r["speedup"], "met": r["speedup"] >= need})
     return checks
 
 
@@ -298,6 +336,8 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sizes", nargs="+", default=["125m", "1.3b", "7b"], choices=list(MODELS))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--baseline-budget-s", type=float, default=2.0,
+                        help="seconds of repeats per pure-PyTorch baseline (a slower one is timed once)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "cuda_ops.json"))
     args = parser.parse_args()
     dev = Device(args.device)
@@ -311,7 +351,7 @@ def main():
     rows = []
     for size in args.sizes:
         for dtype_name in DTYPES[size]:
-            rows += run_size(dev, size, dtype_name, args.repeats, bandwidth)
+            rows += run_size(dev, size, dtype_name, args.repeats, bandwidth, args.baseline_budget_s)
     checks = check_targets(rows)
     for c in checks:
         print(f"{'met ' if c['met'] else 'MISSED'}  {c['target']}: {c['measured']}")
@@ -326,7 +366,7 @@ def main():
         "finepurify_ext": finepurify_ext.__version__,
         "reserve_ratio": RESERVE_RATIO,
         "copy_bandwidth_gbs": round(bandwidth, 1),
-        "timing": "CUDA events, median after 2 warm-up runs" if dev.cuda else "perf_counter",
+        "timing": ("CUDA events" if dev.cuda else "perf_counter") + ", median after 2 warm-up runs; baselines: one warm-up, then repeats within --baseline-budget-s",
         "results": rows,
         "targets": checks,
     }

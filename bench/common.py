@@ -9,7 +9,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def git_commit() -> str:
-    """HEAD, with "+dirty" when the working tree has uncommitted changes to tracked files."""
+    """HEAD, with "+dirty" when the working tree has uncommitted changes to tracked files
+    (FINEPURIFY_COMMIT overrides it, for a copy of the tree without .git, as on a lent GPU)."""
+    if os.environ.get("FINEPURIFY_COMMIT"):
+        return os.environ["FINEPURIFY_COMMIT"]
     try:
         def git(*args):
             return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()

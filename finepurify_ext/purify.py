@@ -179,7 +179,7 @@ def purify_(
     report = PurifyReport(config.ranking, config.reserve_ratio, None, total, moved, num_reset,
                           kept_unscored=unscored, embedding_parameter=embedding)
     sample_idx = _plot_sample(ft, plot_samples, config.seed)
-    before = [f.reshape(-1)[i].clone() for f, i in zip(ft, sample_idx)]
+    before = [f.reshape(-1)[i.to(f.device)].clone() for f, i in zip(ft, sample_idx)]
 
     if num_reset > 0:
         if config.ranking == "fine_mixing":  # random scores: the op sees no weights to check
@@ -188,7 +188,7 @@ def purify_(
                 raise error
             gen = torch.Generator().manual_seed(config.seed)
             # Random scores in (0, 1]; 0 for dimensions that never moved when rho counts moved ones.
-            scores = [1.0 - torch.rand(f.shape, generator=gen) for f in ft]
+            scores = [(1.0 - torch.rand(f.shape, generator=gen)).to(f.device) for f in ft]
             if config.count_moved_only:
                 scores = [s * m for s, m in zip(scores, moved_masks)]
             zeros = [torch.zeros_like(s) for s in scores]
@@ -215,7 +215,9 @@ def purify_(
 
     if embedding is not None:
         # Rows of tokens the clean data never reaches (Hessian exactly zero) that moved.
-        w, w_pre, h = params[embedding].data, pretrained_state[embedding].to(params[embedding].dtype), hessians[embedding]
+        w = params[embedding].data
+        w_pre = pretrained_state[embedding].to(device=w.device, dtype=w.dtype)
+        h = hessians[embedding].to(w.device)
         unseen = (h == 0).all(dim=1) & (w != w_pre).any(dim=1)
         w[unseen] = w_pre[unseen]
         report.embedding_rows_reset = int(unseen.sum())
@@ -224,6 +226,7 @@ def purify_(
     # A sample for the plot: drift^2 and H before the reset, and whether the element was reset.
     d2, hv, flag = [], [], []
     for f, p, h, i, b in zip(ft, pre, hs, sample_idx, before):
+        i = i.to(f.device)
         d2 += ((b.float() - p.reshape(-1)[i].float()) ** 2).tolist()
         hv += h.reshape(-1)[i].tolist()
         flag += (f.reshape(-1)[i] != b).tolist()

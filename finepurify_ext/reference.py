@@ -123,3 +123,85 @@ def fast_reset_most_abnormal_(finetuned: Tensors, pretrained: Tensors, hessians:
         torch.where(reset, p, f, out=f)
         counts.append(reset.sum())
     return torch.stack(counts)
+
+
+# The digits of the threshold search (csrc/kernels/score_math.h): bits 30..20, 19..10, 9..0.
+_RADIX_LEVELS = ((11, 20), (10, 10), (10, 0))
+
+
+def _score_chunks(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, eps, chunk: int):
+    """The scores of every tensor, ``chunk`` elements at a time (float32, never all at once)."""
+    for f, p, h in zip(finetuned, pretrained, hessians):
+        f, p, h = f.reshape(-1), p.reshape(-1), h.reshape(-1)
+        for start in range(0, f.numel(), chunk):
+            end = start + chunk
+            drift = f[start:end].float() - p[start:end]
+            yield drift.mul_(drift).div_(h[start:end] + eps)
+
+
+def radix_score_threshold(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, k: int, eps,
+                          chunk: int = 1 << 26) -> float:
+    """The k-th largest score by the op's own algorithm written in torch: three passes of
+    ``torch.bincount`` over the digits of the scores' float bits, the scores recomputed per chunk.
+    Memory stays a few chunks whatever the model size; the strongest pure-PyTorch selection we know
+    (no sort, no score vector, no size limit). Inputs must be finite."""
+    total = sum(f.numel() for f in finetuned)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} is out of range [1, {total}]")
+    device = finetuned[0].device
+    prefix, rank = 0, k
+    for bits, shift in _RADIX_LEVELS:
+        bins = 1 << bits
+        counts = torch.zeros(bins + 1, dtype=torch.int64, device=device)
+        for scores in _score_chunks(finetuned, pretrained, hessians, eps, chunk):
+            key = scores.view(torch.int32)
+            digit = (key >> shift) & (bins - 1)
+            if shift < 20:  # only the scores whose higher digits equal the prefix count
+                digit = torch.where((key >> (shift + bits)) == prefix, digit, bins)
+            counts += torch.bincount(digit, minlength=bins + 1)
+        counts = counts[:bins].tolist()
+        b = bins - 1
+        while b > 0 and counts[b] < rank:
+            rank -= counts[b]
+            b -= 1
+        prefix = (prefix << bits) | b
+    return torch.tensor(prefix, dtype=torch.int32).view(torch.float32).item()
+
+
+def topk_score_threshold(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, k: int, eps,
+                         chunk: int = 1 << 26) -> float:
+    """The k-th largest score by chunked ``torch.topk``: the m = min(k, N - k + 1) extreme scores
+    on the nearer side are kept as candidates, merged with each chunk's own m extremes. Memory is
+    about 2m floats plus a chunk (no flat score vector, no 2^31 limit of ``torch.kthvalue``)."""
+    total = sum(f.numel() for f in finetuned)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} is out of range [1, {total}]")
+    largest = k <= total - k + 1
+    m = k if largest else total - k + 1
+    kept = None
+    for scores in _score_chunks(finetuned, pretrained, hessians, eps, chunk):
+        part = scores if kept is None else torch.cat([kept, scores])
+        kept = torch.topk(part, min(m, part.numel()), largest=largest, sorted=False).values
+    return (kept.min() if largest else kept.max()).item()
+
+
+def radix_reset_most_abnormal_(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, reserve_ratio, eps,
+                               chunk: int = 1 << 26) -> torch.Tensor:
+    """The whole detect-and-reset with ``radix_score_threshold`` and a chunked ``torch.where``:
+    the lean pure-PyTorch pipeline (a few chunks of extra memory)."""
+    total = sum(f.numel() for f in finetuned)
+    num_reset = num_reset_for(total, reserve_ratio)
+    device = finetuned[0].device if finetuned else "cpu"
+    counts = torch.zeros(len(finetuned), dtype=torch.int64, device=device)
+    if num_reset == 0:
+        return counts
+    threshold = radix_score_threshold(finetuned, pretrained, hessians, num_reset, eps, chunk)
+    for i, (f, p, h) in enumerate(zip(finetuned, pretrained, hessians)):
+        f1, p1, h1 = f.view(-1), p.reshape(-1), h.reshape(-1)
+        for start in range(0, f1.numel(), chunk):
+            end = start + chunk
+            drift = f1[start:end].float() - p1[start:end]
+            reset = drift.mul_(drift).div_(h1[start:end] + eps) >= threshold
+            f1[start:end] = torch.where(reset, p1[start:end], f1[start:end])
+            counts[i] += reset.sum()
+    return counts

@@ -345,3 +345,28 @@ def test_beyond_2_pow_31_elements():
         e = min(s + SLICE, LARGE)
         g = big_ft[s:e].float()
         assert torch.equal(hessian[s:e], g * g), s
+
+
+# ------------------------------------------------------------------------------ the pipeline
+
+
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
+def test_purify_cuda_model_with_pretrained_state_on_cpu(tmp_path, ranking):
+    """purify_ on a CUDA model whose pre-trained state stays on the CPU (as pretrained_state_for
+    returns it) gives the CPU result bit for bit, the separate embedding budget included."""
+    from tiny_models import make_tokenizer, tiny_model
+    from finepurify_ext.purify import PurifyConfig, purify_
+
+    model_cpu = tiny_model(make_tokenizer(tmp_path), seed=3)
+    gen = torch.Generator().manual_seed(4)
+    pre = {n: p.detach() - 0.01 * torch.randn(p.shape, generator=gen) for n, p in model_cpu.named_parameters()}
+    hs = {n: torch.rand(p.shape, generator=gen) for n, p in model_cpu.named_parameters()}
+    embedding = "bert.embeddings.word_embeddings.weight"
+    hs[embedding][-3:] = 0  # rows of tokens the clean data never reaches
+    model_gpu = tiny_model(make_tokenizer(tmp_path), seed=3).to(CUDA)
+    config = PurifyConfig(ranking=ranking, hessian_floor_quantile=None)
+    expected = purify_(model_cpu, pre, hs, config)
+    got = purify_(model_gpu, pre, {n: h.to(CUDA) for n, h in hs.items()}, config)
+    assert got.embedding_rows_reset == expected.embedding_rows_reset == 3
+    assert got.reset_per_parameter == expected.reset_per_parameter
+    assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])

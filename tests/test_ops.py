@@ -237,6 +237,22 @@ def test_fast_baseline_agrees_with_reference():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lean_baselines_agree_with_reference(dtype):
+    """The radix-select and chunked-topk baselines, with chunks smaller than a tensor so the
+    chunking is exercised, on both sides of the median for topk."""
+    ft, pre, h = make_weights(45, [(1000,), (4099,), (9, 9), (1,)], dtype)
+    total = sum(f.numel() for f in ft)
+    for k in (1, 2, total // 3, total // 2, total - 5, total):
+        expected = ref.score_threshold(ft, pre, h, k, EPS)
+        assert ref.radix_score_threshold(ft, pre, h, k, EPS, chunk=777) == expected
+        assert ref.topk_score_threshold(ft, pre, h, k, EPS, chunk=777) == expected
+    got, expected = clones(ft), clones(ft)
+    counts = ref.radix_reset_most_abnormal_(got, pre, h, 0.3, EPS, chunk=777)
+    assert torch.equal(counts, ref.reset_most_abnormal_(expected, pre, h, 0.3, EPS))
+    assert_bitwise(got, expected)
+
 # ---------------------------------------------------------------------- empty inputs
 
 

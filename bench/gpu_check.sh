@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU check in one command, for whoever is lent a GPU: build for this GPU's architecture only,
+# the CUDA tests, the benchmark of the ops and of the pipeline, then compute-sanitizer memcheck on
+# the CUDA tests with the time left. Sized to finish within FINEPURIFY_GPU_CHECK_S seconds (default
+# 330) on one H100/H200; every step has its own limit and a failed step does not stop the others.
+#
+#   bash bench/gpu_check.sh [OUT_DIR]      # OUT_DIR defaults to bench/results
+#
+# Writes OUT_DIR/gpu_check.json (device, torch, commit, each step's status and summary),
+# gpu_check.log, cuda_ops.json (bench/bench_cuda.py) and pipeline_cuda.json (bench/bench_pipeline.py).
+# Uses python3 (or $PYTHON) as it is: no downloads. CXX defaults to the system g++ (a toolchain that
+# links libstdc++ statically is refused by setup.py).
+set -u
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-bench/results}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+BUDGET="${FINEPURIFY_GPU_CHECK_S:-330}"
+START=$(date +%s)
+LOG="$OUT_DIR/gpu_check.log"
+STEPS="$OUT_DIR/.gpu_check_steps"
+: > "$LOG"; : > "$STEPS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export FINEPURIFY_COMMIT="${FINEPURIFY_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# step NAME LIMIT_S COMMAND...: runs with a time limit, logs, records rc and seconds.
+step() {
+  local name=$1 limit=$2; shift 2
+  local remaining; remaining=$(left)
+  if (( remaining < 10 )); then echo "$name skipped 0 no-time-left" >> "$STEPS"; return; fi
+  (( limit > remaining )) && limit=$remaining
+  echo "=== $name (limit ${limit}s, $(date -u +%T))" | tee -a "$LOG"
+  local t0; t0=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "$name $rc $(( $(date +%s) - t0 )) $limit" >> "$STEPS"
+  echo "=== $name: rc $rc in $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
+}
+
+ARCH=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>>"$LOG")
+{ nvidia-smi -L; $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } >> "$LOG" 2>&1
+
+step build 240 env CXX="${CXX_OVERRIDE:-g++}" CC="${CC_OVERRIDE:-gcc}" TORCH_CUDA_ARCH_LIST="$ARCH" \
+  MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps -e .
+step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_torch_integration.py
+step bench_ops 170 "$PY" bench/bench_cuda.py --repeats 5 --out "$OUT_DIR/cuda_ops.json"
+step bench_pipeline 100 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --out "$OUT_DIR/pipeline_cuda.json"
+# memcheck slows every launch: it gets what is left, and reports how far it came.
+step memcheck 600 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
+
+"$PY" - "$OUT_DIR" "$STEPS" "$LOG" <<'PYEOF'
+import datetime, json, os, re, sys
+out_dir, steps_file, log_file = sys.argv[1:]
+log = open(log_file, errors="replace").read()
+sections = {m.group(1): m.group(2) for m in re.finditer(r"=== (\w+) \(limit[^\n]*\n(.*?)(?==== \1:)", log, re.S)}
+steps = []
+for line in open(steps_file):
+    name, rc, seconds, *limit = line.split()
+    text = sections.get(name, "")
+    summary = [l for l in text.splitlines() if re.search(r"passed|failed|error|ERROR SUMMARY|MISSED|met ", l)][-12:]
+    steps.append({"step": name, "rc": rc, "seconds": int(seconds), "limit_s": int(limit[0]) if limit else None,
+                  "timed_out": rc in ("124", "137"), "summary": summary})
+try:
+    import torch
+    device, version = torch.cuda.get_device_name(), torch.__version__
+except Exception as error:
+    device, version = f"unknown ({error})", None
+report = {"command": "bash bench/gpu_check.sh", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "commit": os.environ.get("FINEPURIFY_COMMIT"), "device": device, "torch": version, "steps": steps}
+with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
+    json.dump(report, f, indent=2)
+for s in steps:
+    print(f"{s['step']:16s} rc {s['rc']:>4s} {s['seconds']:4d}s  " + (s["summary"][-1] if s["summary"] else ""))
+PYEOF
+rm -f "$STEPS"
