@@ -4,12 +4,13 @@ ranking, against the fused op alone, on a randomly initialised decoder of a real
 - Hessian: tokens per second of ``estimate_hessian`` (forward, backward, fused accumulation that also
   zeroes the gradients) against a plain training step (forward, backward, ``zero_grad``): the
   accumulation's added cost.
-- purify_: time and peak extra device memory of ``purify_(model, pretrained_state, hessians,
+- purify_: time and peak extra memory (CUDA: the allocator's peak; CPU: the peak resident set) of ``purify_(model, pretrained_state, hessians,
   PurifyConfig(ranking=...))`` for each ranking, the pre-trained state on the device and (for the
   default ranking) on the CPU, beside ``ops.reset_most_abnormal_`` over the same tensors (the op's
   own cost; the issue's target: purify_ <= 1.3x its time and <= 64 MB beyond its inputs).
 
     python bench/bench_pipeline.py --device cuda --model opt-1.3b      # bench/results/pipeline_cuda.json
+    python bench/bench_pipeline.py --device cpu --model opt-125m --hessian-steps 1 --batch 1 --seq 128
     python bench/bench_pipeline.py --device cpu --model tiny --out /tmp/p.json   # smoke run
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from common import git_commit, write_json_atomically
 import finepurify_ext
 from finepurify_ext import ops
 from finepurify_ext.hessian import estimate_hessian
-from finepurify_ext.purify import RANKINGS, PurifyConfig, matched_parameters, purify_
+from finepurify_ext.purify import RANKINGS, PurifyConfig, matched_parameters, purify_, scoring_for, word_embedding_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {  # OPT shapes
@@ -51,12 +52,27 @@ def timed(device, fn):
     return time.perf_counter() - start, out
 
 
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
 def peak_extra(device, fn):
-    """(seconds, peak device memory allocated above what was allocated before, fn's result);
-    memory is None off CUDA."""
+    """(seconds, peak memory above what was in use before, fn's result): on CUDA the allocator's
+    peak; on the CPU the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
     if device.type != "cuda":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            before = _status_kib("VmRSS")
+        except OSError:
+            before = None
         seconds, out = timed(device, fn)
-        return seconds, None, out
+        peak = _status_kib("VmHWM") if before is not None else None
+        return seconds, None if peak is None else (peak - before) * 1024, out
     sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -75,29 +91,32 @@ def build_model(name, dtype, device):
 
 
 def hessian_steps(model, device, steps, batch, seq):
+    """Per-step seconds of a plain training step and of estimate_hessian, each taken as the
+    difference between runs over 2 * steps and steps batches (the Hessians' allocation, the final
+    scaling and first-touch costs cancel)."""
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     batches = [{"input_ids": (ids := torch.randint(0, vocab, (batch, seq), generator=gen)), "labels": ids}
-               for _ in range(steps)]
+               for _ in range(2 * steps)]
 
-    def plain():
-        for b in batches:
-            model(**{k: v.to(device) for k, v in b.items()}).loss.backward()
-            model.zero_grad(set_to_none=True)
+    def plain(some):
+        def run():
+            for b in some:
+                model(**{k: v.to(device) for k, v in b.items()}).loss.backward()
+                model.zero_grad(set_to_none=True)
+        return run
 
-    plain()  # warm-up
-    t_plain, _ = timed(device, plain)
-    model.zero_grad(set_to_none=True)
-    t_fused, (hessians, count) = timed(device, lambda: estimate_hessian(model, batches, progress=False))
-    # The first estimate_hessian step also allocates the Hessians and the persistent grads: timed
-    # twice, the second run is the steady state.
-    t_fused, (hessians, count) = timed(device, lambda: estimate_hessian(model, batches, progress=False))
-    tokens = steps * batch * seq
+    plain(batches[:1])()  # warm-up
+    t_plain = timed(device, plain(batches))[0] - timed(device, plain(batches[:steps]))[0]
+    estimate_hessian(model, batches[:1], progress=False)  # warm-up
+    t_short, _ = timed(device, lambda: estimate_hessian(model, batches[:steps], progress=False))
+    t_long, (hessians, _) = timed(device, lambda: estimate_hessian(model, batches, progress=False))
+    t_fused = t_long - t_short
     return hessians, {
         "steps": steps, "batch": batch, "sequence_length": seq,
         "plain_step_s": t_plain / steps, "hessian_step_s": t_fused / steps,
         "added_by_accumulation": round(t_fused / t_plain - 1, 4),
-        "tokens_per_s": round(tokens / t_fused, 1),
+        "tokens_per_s": round(steps * batch * seq / t_fused, 1),
     }
 
 
@@ -132,7 +151,7 @@ def main():
         for name, p in params.items():
             pre = p - (torch.randn(p.shape, generator=gen, device=device) * 1e-3).to(p.dtype)
             pre_dev[name] = pre
-            pre_cpu[name] = pre.cpu()
+            pre_cpu[name] = pre.cpu() if device.type != "cpu" else pre
     backup = {name: p.detach().clone() for name, p in params.items()}
 
     def restore():
@@ -141,11 +160,12 @@ def main():
                 p.copy_(backup[name])
 
     rows = []
+    # The op alone doing purify_'s selection, per ranking: the same ranked tensors (the word
+    # embedding has its own budget), the same scoring spec, the ratio counted over moved weights.
     scored, _ = matched_parameters(model, pre_dev)
-    op_inputs = ([params[s].data for s in scored], [pre_dev[s] for s in scored], [hessians[s] for s in scored])
-
-    def run_op():
-        return ops.reset_most_abnormal_(*op_inputs, 0.3, 1e-8).sum().item()
+    embedding = word_embedding_name(model)
+    ranked = [n for n in scored if n != embedding]
+    ft_ranked, pre_ranked = [params[n].data for n in ranked], [pre_dev[n] for n in ranked]
 
     def measure(label, fn):
         times, mem = [], None
@@ -155,21 +175,31 @@ def main():
             times.append(seconds)
             mem = m if mem is None else max(mem, m)
         row = {"case": label, "median_s": statistics.median(times), "min_s": min(times), "peak_extra_bytes": mem}
-        print(f"  {label:40s} {row['median_s'] * 1e3:9.1f} ms  extra "
+        print(f"  {label:48s} {row['median_s'] * 1e3:9.1f} ms  extra "
               f"{'-' if mem is None else f'{mem / 2**20:.1f} MiB'}", flush=True)
         rows.append(row)
         return row
 
-    restore()
-    run_op()  # warm-up
-    op = measure("op: reset_most_abnormal_ (inputs on device)", run_op)
     for ranking in RANKINGS:
         config = PurifyConfig(ranking=ranking)
+        scoring = scoring_for(config, ranked, [hessians[n] for n in ranked])
+
+        def run_op():
+            return ops.reset_most_abnormal_(ft_ranked, pre_ranked, scoring.hessians, config.reserve_ratio, scoring.eps,
+                                            ranking=scoring.ranking, count_moved_only=True).sum().item()
+
+        restore()
+        run_op()  # warm-up
+        op = measure(f"op reset_most_abnormal_ {ranking}", run_op)
+        op.update(ranking=ranking, what="op")
         row = measure(f"purify_ {ranking} (pre-trained on device)", lambda: purify_(model, pre_dev, hessians, config))
-        row.update(ranking=ranking, pretrained_on="device", ratio_to_op=round(row["median_s"] / op["median_s"], 2))
-    row = measure("purify_ fine_purifying (pre-trained on CPU)",
-                  lambda: purify_(model, pre_cpu, hessians, PurifyConfig()))
-    row.update(ranking="fine_purifying", pretrained_on="cpu", ratio_to_op=round(row["median_s"] / op["median_s"], 2))
+        row.update(ranking=ranking, what="purify_", pretrained_on="device",
+                   ratio_to_op=round(row["median_s"] / op["median_s"], 2))
+        if device.type != "cpu" and ranking == "fine_purifying":
+            row = measure("purify_ fine_purifying (pre-trained on CPU)",
+                          lambda: purify_(model, pre_cpu, hessians, config))
+            row.update(ranking=ranking, what="purify_", pretrained_on="cpu",
+                       ratio_to_op=round(row["median_s"] / op["median_s"], 2))
 
     targets = []
     for r in rows:

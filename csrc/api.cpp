@@ -21,35 +21,40 @@ void accumulate_sq_grads_(at::TensorList hessians, at::TensorList grads, double 
 }
 
 at::Tensor drift_score(const at::Tensor& finetuned, const at::Tensor& pretrained,
-                       const at::Tensor& hessian, double eps) {
-  static auto handle =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
-          "finepurify::drift_score");
-  return handle.call(finetuned, pretrained, hessian, eps);
+                       const at::Tensor& hessian, double eps, double hessian_floor,
+                       int64_t random_seed, int64_t random_key) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     double, double, int64_t, int64_t)>("finepurify::drift_score");
+  return handle.call(finetuned, pretrained, hessian, eps, hessian_floor, random_seed, random_key);
 }
 
 double score_threshold(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
-                       int64_t k, double eps) {
-  static auto handle =
-      op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t, double)>(
-          "finepurify::score_threshold");
-  return handle.call(finetuned, pretrained, hessians, k, eps).item<double>();
+                       int64_t k, double eps, const Ranking& r) {
+  static auto handle = op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t,
+                                     double, double, int64_t, at::IntArrayRef, at::IntArrayRef)>(
+      "finepurify::score_threshold");
+  return handle.call(finetuned, pretrained, hessians, k, eps, r.hessian_floor, r.random_seed,
+                     r.random_keys, r.random_offsets)
+      .item<double>();
 }
 
 at::Tensor masked_reset_(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
-                         double threshold, double eps) {
-  static auto handle =
-      op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, double)>(
-          "finepurify::masked_reset_");
-  return handle.call(finetuned, pretrained, hessians, threshold, eps);
+                         double threshold, double eps, const Ranking& r) {
+  static auto handle = op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, double,
+                                     double, int64_t, at::IntArrayRef, at::IntArrayRef)>(
+      "finepurify::masked_reset_");
+  return handle.call(finetuned, pretrained, hessians, threshold, eps, r.hessian_floor,
+                     r.random_seed, r.random_keys, r.random_offsets);
 }
 
 at::Tensor reset_most_abnormal_(at::TensorList finetuned, at::TensorList pretrained,
-                                at::TensorList hessians, double reserve_ratio, double eps) {
-  static auto handle =
-      op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, double)>(
-          "finepurify::reset_most_abnormal_");
-  return handle.call(finetuned, pretrained, hessians, reserve_ratio, eps);
+                                at::TensorList hessians, double reserve_ratio, double eps,
+                                const Ranking& r, bool count_moved_only) {
+  static auto handle = op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, double,
+                                     double, int64_t, at::IntArrayRef, at::IntArrayRef, bool)>(
+      "finepurify::reset_most_abnormal_");
+  return handle.call(finetuned, pretrained, hessians, reserve_ratio, eps, r.hessian_floor,
+                     r.random_seed, r.random_keys, r.random_offsets, count_moved_only);
 }
 
 }  // namespace finepurify

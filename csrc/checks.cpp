@@ -40,8 +40,10 @@ void check_weight_lists(const char* op, at::TensorList finetuned, at::TensorList
                 "] has dtype ", h.scalar_type(), "; hessians must be float32");
     TORCH_CHECK(pre.sizes() == ft.sizes(), "finepurify.", op, ": pretrained[", i,
                 "] has shape ", pre.sizes(), " but finetuned[", i, "] has shape ", ft.sizes());
-    TORCH_CHECK(h.sizes() == ft.sizes(), "finepurify.", op, ": hessians[", i, "] has shape ",
-                h.sizes(), " but finetuned[", i, "] has shape ", ft.sizes());
+    // A hessian of one element is that tensor's curvature for every element (per-tensor rankings).
+    TORCH_CHECK(h.sizes() == ft.sizes() || h.numel() == 1, "finepurify.", op, ": hessians[", i,
+                "] has shape ", h.sizes(), " but finetuned[", i, "] has shape ", ft.sizes(),
+                "; give a hessian of the same shape, or of one element for the whole tensor");
     check_same_device(op, "finetuned", i, ft, finetuned[0]);
     check_same_device(op, "pretrained", i, pre, finetuned[0]);
     check_same_device(op, "hessians", i, h, finetuned[0]);
@@ -79,6 +81,39 @@ void check_histogram_level(const char* op, int64_t level, int64_t prefix) {
   TORCH_CHECK_VALUE(prefix >= 0 && prefix < (int64_t{1} << prefix_bits), "finepurify.", op,
                     ": prefix ", prefix, " has more than ", prefix_bits, " bits for level ",
                     level);
+}
+
+ScoreSpec score_spec(const char* op, double eps, double hessian_floor, int64_t random_seed,
+                     at::IntArrayRef random_keys, at::IntArrayRef random_offsets,
+                     size_t num_tensors, std::vector<uint64_t>& streams) {
+  check_eps(op, eps);
+  const float floor_f = static_cast<float>(hessian_floor);
+  TORCH_CHECK_VALUE(std::isfinite(floor_f) && floor_f >= 0.0f, "finepurify.", op,
+                    ": hessian_floor must be a finite float32 number >= 0, got ", hessian_floor);
+  TORCH_CHECK_VALUE(random_seed >= -1, "finepurify.", op,
+                    ": random_seed must be >= 0 (the random ranking) or -1 (none), got ",
+                    random_seed);
+  const bool random = random_seed >= 0;
+  TORCH_CHECK_VALUE(random_keys.empty() || random_keys.size() == num_tensors, "finepurify.", op,
+                    ": got ", random_keys.size(), " random_keys for ", num_tensors,
+                    " tensors; give one key per tensor (or none: the list positions)");
+  TORCH_CHECK_VALUE(random_offsets.empty() || random_offsets.size() == num_tensors, "finepurify.",
+                    op, ": got ", random_offsets.size(), " random_offsets for ", num_tensors,
+                    " tensors; give one offset per tensor (or none: every tensor starts at 0)");
+  for (const int64_t offset : random_offsets) {
+    TORCH_CHECK_VALUE(offset >= 0, "finepurify.", op, ": random_offsets must be >= 0, got ", offset);
+  }
+  streams.clear();
+  if (random) {
+    streams.reserve(num_tensors);
+    for (size_t i = 0; i < num_tensors; ++i) {
+      const auto key = static_cast<uint64_t>(random_keys.empty() ? static_cast<int64_t>(i)
+                                                                 : random_keys[i]);
+      const auto offset = static_cast<uint64_t>(random_offsets.empty() ? 0 : random_offsets[i]);
+      streams.push_back(random_stream(static_cast<uint64_t>(random_seed), key, offset));
+    }
+  }
+  return ScoreSpec{static_cast<float>(eps), floor_f, random};
 }
 
 int64_t total_numel(at::TensorList tensors) {

@@ -6,12 +6,14 @@
 
 #include <vector>
 
+#include "kernels/score_math.h"
 #include "kernels/tensor_arg.h"
 
 namespace finepurify {
 
 // finetuned/pretrained: same length, shapes, dtypes (float32, bfloat16 or float16);
-// hessians: float32 of the same shapes; everything on the device of the first tensor.
+// hessians: float32 of the same shapes or of one element; everything on the device of the first
+// tensor.
 void check_weight_lists(const char* op, at::TensorList finetuned, at::TensorList pretrained,
                         at::TensorList hessians);
 
@@ -22,6 +24,12 @@ void check_eps(const char* op, double eps);
 
 // level in [0, kNumLevels); prefix holds only the digits above that level.
 void check_histogram_level(const char* op, int64_t level, int64_t prefix);
+
+// The scoring spec of the ops' ranking arguments (checked), and into `streams` each tensor's
+// random stream when the ranking is random (random_seed >= 0; keys default to list positions).
+ScoreSpec score_spec(const char* op, double eps, double hessian_floor, int64_t random_seed,
+                     at::IntArrayRef random_keys, at::IntArrayRef random_offsets,
+                     size_t num_tensors, std::vector<uint64_t>& streams);
 
 int64_t total_numel(at::TensorList tensors);
 

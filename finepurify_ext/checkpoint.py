@@ -27,8 +27,12 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT
-from .purify import PurifyConfig, unrankable
+from .purify import PurifyConfig, sample_quantile, unrankable
 from .threshold import LEVEL_BINS, threshold_from_histograms
+
+# Names of the word-embedding matrix in common architectures (embeddings="separate").
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight",
+                      "tok_embeddings.weight")
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -236,6 +240,8 @@ class CheckpointReport:
     reset_per_tensor: dict[str, int] = field(default_factory=dict)
     copied_unscored: list[str] = field(default_factory=list)
     hessian_floor: float | None = None
+    embedding_tensor: str | None = None
+    embedding_rows_reset: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -244,12 +250,18 @@ class CheckpointReport:
         return asdict(self)
 
 
+def embedding_tensor_of(names) -> str | None:
+    """The word-embedding matrix among a checkpoint's tensor names (by the usual suffixes), or None."""
+    found = [n for n in names if n.endswith(EMBEDDING_SUFFIXES)]
+    return min(found, key=len) if found else None
+
+
 def purify_checkpoint(
     pretrained: str,
     suspect: str,
     hessian: str,
     out_dir: str,
-    config: PurifyConfig = PurifyConfig(embeddings="ranked"),
+    config: PurifyConfig = PurifyConfig(),
     num_reset: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -260,16 +272,12 @@ def purify_checkpoint(
 
     Scored: every floating tensor of the suspect that the pre-trained checkpoint holds with the same
     shape (the others, e.g. a new head, are copied unchanged); each needs a Hessian of its shape.
-    ``config``: the rankings fine_purifying, no_hessian and magnitude, the reserve ratio (or
-    ``num_reset``), eps, the Hessian floor and counting the ratio over moved weights, as in
-    ``purify.purify_``; the word-embedding matrix is ranked with the rest (``embeddings="ranked"``).
-    Tensors are streamed in pieces of ``chunk_bytes`` (float32): peak memory is about three pieces,
-    whatever the size of the largest tensor."""
-    if config.ranking == "fine_mixing":
-        raise ValueError("purify_checkpoint: the fine_mixing baseline (a random mask) is in-memory only")
-    if config.embeddings != "ranked":
-        raise ValueError("purify_checkpoint ranks the word-embedding matrix with the rest; "
-                         "pass PurifyConfig(embeddings='ranked', ...)")
+    ``config`` as in ``purify.purify_``, with the same scoring spec (``purify.scoring_for``): every
+    ranking (Fine-mixing's random mask draws the values ``purify_`` draws), the reserve ratio (or
+    ``num_reset``), eps, the Hessian floor, counting the ratio over moved weights, and the separate
+    embedding budget (the word-embedding matrix, found by name, kept out of the ranking; its rows
+    with a Hessian of exactly zero that moved are reset). Tensors are streamed in pieces of
+    ``chunk_bytes`` (float32): peak memory is about three pieces, whatever the largest tensor."""
     times = {}
     start_all = time.perf_counter()
     pre_ckpt, sus_ckpt, h_ckpt = Checkpoint(pretrained, "pre-trained checkpoint"), \
@@ -300,55 +308,89 @@ def purify_checkpoint(
     if not scored:
         raise CheckpointError(f"no tensor of {suspect!r} matches {pretrained!r} by name and shape: "
                               "mismatched architectures")
+    embedding = None
+    if config.embeddings == "separate":
+        embedding = embedding_tensor_of(scored)
+        if embedding is not None and len(sus_ckpt.entries[embedding].shape) != 2:
+            embedding = None
+    ranked = [n for n in scored if n != embedding]
     bytes_read = 0
     chunk = max(1, chunk_bytes // 4)
+    # The rankings that read no Hessian value per element never read the Hessian's pieces.
+    reads_hessian = config.ranking == "fine_purifying"
 
-    def chunks(name):
-        """(start, finetuned, pretrained, float32 hessian) over flat pieces of ``chunk`` elements: at most
-        three pieces are alive at once (each loop drops its references before the next read)."""
+    def chunks(name, with_hessian=True):
+        """(start, finetuned, pretrained, float32 hessian or None) over flat pieces of ``chunk`` elements:
+        at most three pieces are alive at once (each loop drops its references before the next read)."""
         nonlocal bytes_read
         numel = sus_ckpt.numel(name)
         for start in range(0, numel, chunk):
             count = min(chunk, numel - start)
-            ft, pre, h = sus_ckpt.read(name, start, count), pre_ckpt.read(pre_name[name], start, count), \
-                h_ckpt.read(name, start, count).float()
-            bytes_read += count * (ft.element_size() + pre.element_size() + h_ckpt.entries[name].dtype.itemsize)
+            ft, pre = sus_ckpt.read(name, start, count), pre_ckpt.read(pre_name[name], start, count)
+            h = h_ckpt.read(name, start, count).float() if with_hessian else None
+            bytes_read += count * (ft.element_size() + pre.element_size() +
+                                   (h_ckpt.entries[name].dtype.itemsize if with_hessian else 0))
             yield start, ft, pre, h
             del ft, pre, h
 
-    # Pre-pass: moved counts, mean Hessians, and the floor's sample; only what the config needs.
-    ranked_elements = sum(sus_ckpt.numel(n) for n in scored)
-    moved, h_mean, floor = ranked_elements, {}, None
-    wants_floor = config.hessian_floor_quantile is not None and config.ranking != "magnitude"
-    pre_passed = config.count_moved_only or config.ranking == "no_hessian" or wants_floor
-    if pre_passed:
-        moved, samples = 0, []
-        stride = max(1, ranked_elements // (1 << 20))  # the sample purify_ takes: every stride-th element
-        for name in tqdm(scored, desc="pre-pass", disable=not progress, leave=False):
-            h_sum = 0.0
-            for start, ft, pre, h in chunks(name):
+    # Pre-pass over the Hessian alone: its check, the mean per tensor (no_hessian) and the floor's
+    # sample (the one purify_ takes: every stride-th element); only what the ranking needs.
+    ranked_elements = sum(sus_ckpt.numel(n) for n in ranked)
+    h_mean, floor = {}, None
+    wants_floor = config.hessian_floor_quantile is not None and config.ranking in ("fine_purifying", "no_hessian")
+    if wants_floor or config.ranking == "no_hessian":
+        samples = []
+        stride = max(1, ranked_elements // (1 << 20))
+        for name in tqdm(ranked, desc="pre-pass", disable=not progress, leave=False):
+            h_sum, numel = 0.0, h_ckpt.numel(name)
+            for start in range(0, numel, chunk):
+                h = h_ckpt.read(name, start, min(chunk, numel - start)).float()
+                bytes_read += h.numel() * h_ckpt.entries[name].dtype.itemsize
                 _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")  # before its floor
-                moved += int((ft != pre).sum())
                 h_sum += float(h.sum(dtype=torch.float64))
                 if wants_floor:
                     samples.append(h[(-start) % stride :: stride].clone())
-                del ft, pre, h
-            h_mean[name] = h_sum / max(sus_ckpt.numel(name), 1)
+                del h
+            h_mean[name] = h_sum / max(numel, 1)
         if wants_floor:
-            floor = float(torch.quantile(torch.cat(samples)[:16_000_000], config.hessian_floor_quantile))
+            floor = sample_quantile(torch.cat(samples), config.hessian_floor_quantile)
         del samples
     times["pre_pass"] = time.perf_counter() - start_all
 
-    def ranking_inputs(name, h):
-        """(hessian-like tensor, eps) that make the op's score rank as the configured ranking; in place on
-        ``h``, a fresh buffer, so that no fourth piece is allocated."""
-        if config.ranking == "magnitude":
-            return h.zero_(), 1.0
-        if config.ranking == "no_hessian":
-            return h.fill_(max(h_mean[name], floor or 0.0)), config.eps
-        return (h if floor is None else h.clamp_min_(floor)), config.eps
+    zero = torch.zeros(1)
+    eps = 1.0 if config.ranking == "magnitude" else config.eps
 
-    counted = moved if config.count_moved_only else ranked_elements
+    def piece_inputs(name, start, h):
+        """(hessian passed, ops.Ranking) of one piece: the scoring spec of purify.scoring_for."""
+        if config.ranking == "fine_purifying":
+            return h, ops.Ranking(hessian_floor=floor or 0.0)
+        if config.ranking == "no_hessian":
+            return torch.tensor([max(h_mean[name], floor or 0.0)], dtype=torch.float32), ops.PLAIN
+        if config.ranking == "fine_mixing":
+            return zero, ops.Ranking(random_seed=config.seed, random_keys=(ops.tensor_key(name),),
+                                     random_offsets=(start,))
+        return zero, ops.PLAIN  # magnitude
+
+    def histogram_of(level, prefix):
+        counts = torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
+        for name in tqdm(ranked, desc=f"histogram pass {level + 1}/3", disable=not progress, leave=False):
+            for start, ft, pre, h in chunks(name, reads_hessian):
+                if level == 0 and reads_hessian and not wants_floor:  # not checked by a pre-pass
+                    _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
+                hs, ranking = piece_inputs(name, start, h)
+                piece = ops.score_histogram([ft], [pre], [hs], eps, level, prefix, ranking)
+                if piece[LEVEL_BINS[level]] > 0:  # unrankable scores: name the tensor and its file
+                    raise unrankable([(f"{sus_ckpt.entries[name].file}: tensor {name!r}", ft),
+                                      (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre)]) \
+                        or CheckpointError(f"cannot rank {name!r}: its scores overflow float32; use a larger eps")
+                counts += piece
+                del ft, pre, h, hs
+        return counts
+
+    start_threshold = time.perf_counter()
+    level0 = histogram_of(0, 0) if ranked_elements else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
+    moved = ranked_elements - int(level0[-1])
+    counted = moved if config.count_moved_only or config.ranking == "fine_mixing" else ranked_elements
     reserve_from_config = num_reset is None
     if num_reset is None:
         num_reset = ops.num_reset_for(counted, config.reserve_ratio)
@@ -357,31 +399,36 @@ def purify_checkpoint(
                               f"hold {ranked_elements} scored weights")
     threshold = None
     if num_reset > 0:
-        start_threshold = time.perf_counter()
-
-        def histogram_of(level, prefix):
-            counts = torch.zeros(LEVEL_BINS[level] + 1, dtype=torch.int64)
-            for name in tqdm(scored, desc=f"histogram pass {level + 1}/3", disable=not progress, leave=False):
-                for _, ft, pre, h in chunks(name):
-                    if level == 0 and not pre_passed:  # the Hessian as read, before the ranking changes it
-                        _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
-                    hs, eps = ranking_inputs(name, h)
-                    piece = torch.ops.finepurify.score_histogram.default([ft], [pre], [hs], eps, level, prefix)
-                    if piece[-1] > 0:  # unrankable scores: name the tensor and its file
-                        raise unrankable([(f"{sus_ckpt.entries[name].file}: tensor {name!r}", ft),
-                                          (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre)]) \
-                            or CheckpointError(f"cannot rank {name!r}: its scores overflow float32; use a larger eps")
-                    counts += piece
-                    del ft, pre, h, hs
-            return counts
-
-        threshold = threshold_from_histograms(histogram_of, num_reset, ranked_elements)  # k is in range
-        times["threshold"] = time.perf_counter() - start_threshold
+        threshold = threshold_from_histograms(lambda level, prefix: level0 if level == 0 else histogram_of(level, prefix),
+                                              num_reset, ranked_elements)  # k is in range
+    times["threshold"] = time.perf_counter() - start_threshold
 
     # Reset pass: the suspect's shards written anew, with the same names and order.
     report = CheckpointReport(config.reserve_ratio if reserve_from_config else None, num_reset, threshold,
-                              ranked_elements, moved, copied_unscored=unscored, hessian_floor=floor)
-    scored_set = set(scored)
+                              ranked_elements, moved, copied_unscored=unscored, hessian_floor=floor,
+                              embedding_tensor=embedding)
+    ranked_set = set(ranked)
+
+    def reset_embedding_rows(name, writer):
+        """The embedding's rows of tokens the clean data never reaches (Hessian row exactly zero) that
+        moved take their pre-trained values; a block of rows at a time."""
+        nonlocal bytes_read
+        rows, width = sus_ckpt.entries[name].shape
+        block = max(1, chunk // max(width, 1))
+        reset = 0
+        for row in range(0, rows, block):
+            count = min(block, rows - row) * width
+            ft = sus_ckpt.read(name, row * width, count).view(-1, width)
+            pre = pre_ckpt.read(pre_name[name], row * width, count).view(-1, width)
+            h = h_ckpt.read(name, row * width, count).view(-1, width)
+            bytes_read += count * (2 * ft.element_size() + h.element_size())
+            _check_hessian(h.float(), f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
+            unseen = (h == 0).all(dim=1) & (ft != pre).any(dim=1)
+            ft[unseen] = pre[unseen]
+            reset += int(unseen.sum())
+            writer.write_part(name, ft.reshape(-1))
+            del ft, pre, h
+        return reset
 
     def write(tmp):
         nonlocal bytes_read
@@ -392,16 +439,19 @@ def purify_checkpoint(
             layout = [(n, sus_ckpt.entries[n].dtype, sus_ckpt.entries[n].shape) for n in names]
             writer = ShardWriter(os.path.join(tmp, os.path.basename(file)), layout, sus_ckpt.metadata[file])
             for name in names:
-                if name in scored_set and threshold is not None:
+                if name == embedding:
+                    report.embedding_rows_reset = reset_embedding_rows(name, writer)
+                    report.reset_per_tensor[name] = report.embedding_rows_reset * sus_ckpt.entries[name].shape[1]
+                elif name in ranked_set and threshold is not None:
                     resets = 0
-                    for _, ft, pre, h in chunks(name):
-                        hs, eps = ranking_inputs(name, h)
-                        resets += int(ops.masked_reset_([ft], [pre], [hs], threshold, eps)[0])
+                    for piece_start, ft, pre, h in chunks(name, reads_hessian):
+                        hs, ranking = piece_inputs(name, piece_start, h)
+                        resets += int(ops.masked_reset_([ft], [pre], [hs], threshold, eps, ranking=ranking)[0])
                         writer.write_part(name, ft)  # finite: the histogram passes refused NaN/Inf
                         del ft, pre, h, hs
                     report.reset_per_tensor[name] = resets
                 else:  # copied as it is (nothing to reset: no need to read pre-trained values and Hessian)
-                    if name in scored_set:
+                    if name in ranked_set:
                         report.reset_per_tensor[name] = 0
                     numel = sus_ckpt.numel(name)
                     for offset in range(0, numel, chunk):

@@ -76,13 +76,8 @@ def cmd_purify_checkpoint(args) -> int:
     if args.reserve_ratio == "auto" and args.num_reset is None:
         raise UserError("--reserve-ratio auto needs the clean data and fine-tuning; with --hessian-file "
                         "(out of core, no clean fine-tuning) give a numeric --reserve-ratio or --num-reset")
-    if args.ranking == "fine_mixing":
-        raise UserError("--ranking fine_mixing (a random mask) runs in memory only; drop --hessian-file and give "
-                        "--clean-data")
     check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.hessian_file))
     config = _purify_config(args)
-    if not args.literal:
-        config = config.replace(embeddings="ranked")
     report = purify_checkpoint(args.pretrained, args.suspect, args.hessian_file, args.out, config,
                                num_reset=args.num_reset, overwrite=args.overwrite)
     print(f"purified checkpoint written to {args.out}: reset {sum(report.reset_per_tensor.values())} of "

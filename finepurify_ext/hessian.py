@@ -69,9 +69,11 @@ def estimate_hessian(
                 loss = model(**{k: v.to(device) for k, v in micro.items()}).loss
                 loss.backward()
                 reached = [name for name, p in params.items() if p.grad is not None]
-                ops.accumulate_sq_grads_(
-                    [local[n] for n in reached], [_local(params[n].grad) for n in reached], zero_grads=True
-                )
+                ops.accumulate_sq_grads_([local[n] for n in reached], [_local(params[n].grad) for n in reached])
+                # Dropped rather than zeroed: the next backward then writes fresh gradients instead of
+                # adding into old ones (no extra pass over them, as a training step's zero_grad).
+                for n in reached:
+                    params[n].grad = None
                 count += 1
             done = index + 1
             if resume_file is not None and done % save_every == 0:

@@ -2,14 +2,20 @@
 
 Shapes and dtypes, for lists of same-shape triples:
   finetuned[i], pretrained[i]: float32, bfloat16 or float16 (a pair shares one dtype)
-  hessians[i]: float32
-  score = (float32(finetuned) - float32(pretrained))^2 / (hessian + eps), eps > 0.
+  hessians[i]: float32, of the same shape or of one element (one curvature for the whole tensor)
+  score = (float32(finetuned) - float32(pretrained))^2 / (max(hessian, floor) + eps), eps > 0,
+  or, for the random ranking (Fine-mixing), a counter-based random score per moved weight.
+
+How the ops rank is one ``Ranking`` (csrc/kernels/score_math.h, ScoreSpec): every ranking of
+``purify`` is a Ranking and a choice of hessian tensors, never a score tensor.
 
 The fakes let ``torch.compile`` trace the ops; they check what the output shapes depend on and
 that all tensors share a device.
 """
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -19,8 +25,42 @@ from .reference import num_reset_for  # noqa: F401  (the counting rule, shared w
 
 _ops = torch.ops.finepurify
 
-# Bins per level of the threshold search (csrc/kernels/score_math.h: 11, 10, 10 bits).
+# Bins per level of the threshold search (csrc/kernels/score_math.h: 11, 10, 10 bits). A histogram
+# holds these bins, then the unrankable count, then the count of weights that never moved.
 _LEVEL_BINS = (2048, 1024, 1024)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """How the score ops rank, beyond eps.
+
+    hessian_floor: the Hessian is taken as max(H, floor).
+    random_seed: >= 0 ranks by a random score per moved weight (Fine-mixing's random mask; weights
+      that never moved score 0), drawn from a counter-based generator: no score tensor, and the
+      same values on CPU, CUDA, out of core and across ranks.
+    random_keys: one stable key per tensor (``tensor_key(name)``), so a tensor draws the same
+      values whatever list it is passed in; default: list positions.
+    random_offsets: per tensor, the index of its first element in the whole tensor it is a piece of.
+    """
+    hessian_floor: float = 0.0
+    random_seed: int = -1
+    random_keys: tuple[int, ...] = ()
+    random_offsets: tuple[int, ...] = ()
+
+    def args(self) -> tuple:
+        return (float(self.hessian_floor), int(self.random_seed), list(self.random_keys), list(self.random_offsets))
+
+    def for_piece(self, key: int, offset: int) -> "Ranking":
+        """This ranking for one tensor (or a piece of it starting at ``offset``) passed alone."""
+        return Ranking(self.hessian_floor, self.random_seed, (key,), (offset,)) if self.random_seed >= 0 else self
+
+
+PLAIN = Ranking()
+
+
+def tensor_key(name: str) -> int:
+    """A stable 63-bit key of a parameter name (random_keys)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def accumulate_sq_grads_(
@@ -42,10 +82,22 @@ def accumulate_sq_grads_(
 
 
 def drift_score(
-    finetuned: torch.Tensor, pretrained: torch.Tensor, hessian: torch.Tensor, eps: float
+    finetuned: torch.Tensor, pretrained: torch.Tensor, hessian: torch.Tensor, eps: float,
+    *, hessian_floor: float = 0.0, random_seed: int = -1, random_key: int = 0,
 ) -> torch.Tensor:
-    """float32 ``(finetuned - pretrained)**2 / (hessian + eps)``, the drift taken in float32."""
-    return _ops.drift_score.default(finetuned, pretrained, hessian, float(eps))
+    """float32 scores of one tensor: ``(finetuned - pretrained)**2 / (max(hessian, floor) + eps)``,
+    the drift taken in float32, or the random ranking's scores (``Ranking``)."""
+    return _ops.drift_score.default(finetuned, pretrained, hessian, float(eps), float(hessian_floor),
+                                    int(random_seed), int(random_key))
+
+
+def score_histogram(finetuned, pretrained, hessians, eps: float, level: int, prefix: int,
+                    ranking: Ranking = PLAIN) -> torch.Tensor:
+    """int64 counts of one pass of the threshold search: ``_LEVEL_BINS[level]`` bins of the scores'
+    digit ``level`` among those whose higher digits equal ``prefix``, then the number of
+    unrankable scores, then the number of weights that never moved."""
+    return _ops.score_histogram.default(list(finetuned), list(pretrained), list(hessians), float(eps),
+                                        int(level), int(prefix), *ranking.args())
 
 
 def score_threshold(
@@ -55,6 +107,7 @@ def score_threshold(
     k: int,
     eps: float,
     *,
+    ranking: Ranking = PLAIN,
     group=None,
     replicated: bool = False,
 ) -> float:
@@ -70,9 +123,9 @@ def score_threshold(
         from .threshold import distributed_score_threshold
 
         return distributed_score_threshold(finetuned, pretrained, hessians, k, eps, group=group,
-                                           replicated=replicated)
+                                           replicated=replicated, ranking=ranking)
     threshold = _ops.score_threshold.default(
-        list(finetuned), list(pretrained), list(hessians), int(k), float(eps)
+        list(finetuned), list(pretrained), list(hessians), int(k), float(eps), *ranking.args()
     )
     return threshold.item()
 
@@ -83,6 +136,8 @@ def masked_reset_(
     hessians: Sequence[torch.Tensor],
     threshold: float | torch.Tensor,
     eps: float,
+    *,
+    ranking: Ranking = PLAIN,
 ) -> torch.Tensor:
     """In place: every element of ``finetuned`` whose score is ``>= threshold`` takes its
     pre-trained value. Returns the int64 count of reset elements per tensor."""
@@ -90,7 +145,8 @@ def masked_reset_(
     if not (finetuned or pretrained or hessians):
         return torch.zeros(0, dtype=torch.int64)
     with torch.no_grad():
-        return _ops.masked_reset_.default(finetuned, pretrained, hessians, float(threshold), float(eps))
+        return _ops.masked_reset_.default(finetuned, pretrained, hessians, float(threshold), float(eps),
+                                          *ranking.args())
 
 
 def reset_most_abnormal_(
@@ -101,17 +157,21 @@ def reset_most_abnormal_(
     eps: float,
     *,
     num_reset: int | None = None,
+    ranking: Ranking = PLAIN,
+    count_moved_only: bool = False,
 ) -> torch.Tensor:
     """Keeps the ``round(reserve_ratio * N)`` smallest scores at their fine-tuned values and
-    resets the rest to the pre-trained values (ties at the threshold are all reset). Alternatively
-    ``num_reset`` gives the number to reset. Returns int64 per-tensor counts of reset elements."""
+    resets the rest to the pre-trained values (ties at the threshold are all reset); N counts every
+    element or, with ``count_moved_only``, those that moved. Alternatively ``num_reset`` gives the
+    number to reset. Returns int64 per-tensor counts of reset elements."""
     finetuned, pretrained, hessians = list(finetuned), list(pretrained), list(hessians)
     if (reserve_ratio is None) == (num_reset is None):
         raise ValueError("reset_most_abnormal_: give exactly one of reserve_ratio and num_reset")
     with torch.no_grad():
         if num_reset is None:
             return _ops.reset_most_abnormal_.default(
-                finetuned, pretrained, hessians, float(reserve_ratio), float(eps)
+                finetuned, pretrained, hessians, float(reserve_ratio), float(eps), *ranking.args(),
+                bool(count_moved_only)
             )
         total = sum(t.numel() for t in finetuned)
         if not 0 <= num_reset <= total:
@@ -121,8 +181,8 @@ def reset_most_abnormal_(
         if num_reset == 0:
             device = finetuned[0].device if finetuned else "cpu"
             return torch.zeros(len(finetuned), dtype=torch.int64, device=device)
-        threshold = score_threshold(finetuned, pretrained, hessians, num_reset, eps)
-        return masked_reset_(finetuned, pretrained, hessians, threshold, eps)
+        threshold = score_threshold(finetuned, pretrained, hessians, num_reset, eps, ranking=ranking)
+        return masked_reset_(finetuned, pretrained, hessians, threshold, eps, ranking=ranking)
 
 
 # ----------------------------------------------------------------------------- fake kernels
@@ -140,7 +200,7 @@ def _fake_check_lists(op, **lists):
                     f"finepurify.{op}: {name}[{i}] is on {t.device} but the first tensor is on "
                     f"{first.device}; move all tensors to one device"
                 )
-            if t.shape != lists[next(iter(lists))][i].shape:
+            if t.shape != lists[next(iter(lists))][i].shape and not (name == "hessians" and t.numel() == 1):
                 raise RuntimeError(f"finepurify.{op}: {name}[{i}] has shape {list(t.shape)}")
     return first.device if first is not None else torch.device("cpu")
 
@@ -151,21 +211,22 @@ def _(hessians, grads, scale=1.0, zero_grads=False):
 
 
 @torch.library.register_fake("finepurify::drift_score")
-def _(finetuned, pretrained, hessian, eps):
+def _(finetuned, pretrained, hessian, eps, hessian_floor=0.0, random_seed=-1, random_key=0):
     _fake_check_lists("drift_score", finetuned=[finetuned], pretrained=[pretrained], hessians=[hessian])
     return finetuned.new_empty(finetuned.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("finepurify::score_histogram")
-def _(finetuned, pretrained, hessians, eps, level, prefix):
+def _(finetuned, pretrained, hessians, eps, level, prefix, hessian_floor=0.0, random_seed=-1, random_keys=(),
+      random_offsets=()):
     device = _fake_check_lists(
         "score_histogram", finetuned=finetuned, pretrained=pretrained, hessians=hessians
     )
-    return torch.empty(_LEVEL_BINS[level] + 1, dtype=torch.int64, device=device)
+    return torch.empty(_LEVEL_BINS[level] + 2, dtype=torch.int64, device=device)
 
 
 @torch.library.register_fake("finepurify::score_threshold")
-def _(finetuned, pretrained, hessians, k, eps):
+def _(finetuned, pretrained, hessians, k, eps, hessian_floor=0.0, random_seed=-1, random_keys=(), random_offsets=()):
     device = _fake_check_lists(
         "score_threshold", finetuned=finetuned, pretrained=pretrained, hessians=hessians
     )
@@ -173,7 +234,8 @@ def _(finetuned, pretrained, hessians, k, eps):
 
 
 @torch.library.register_fake("finepurify::masked_reset_")
-def _(finetuned, pretrained, hessians, threshold, eps):
+def _(finetuned, pretrained, hessians, threshold, eps, hessian_floor=0.0, random_seed=-1, random_keys=(),
+      random_offsets=()):
     device = _fake_check_lists(
         "masked_reset_", finetuned=finetuned, pretrained=pretrained, hessians=hessians
     )
@@ -181,7 +243,8 @@ def _(finetuned, pretrained, hessians, threshold, eps):
 
 
 @torch.library.register_fake("finepurify::reset_most_abnormal_")
-def _(finetuned, pretrained, hessians, reserve_ratio, eps):
+def _(finetuned, pretrained, hessians, reserve_ratio, eps, hessian_floor=0.0, random_seed=-1, random_keys=(),
+      random_offsets=(), count_moved_only=False):
     device = _fake_check_lists(
         "reset_most_abnormal_", finetuned=finetuned, pretrained=pretrained, hessians=hessians
     )

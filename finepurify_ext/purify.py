@@ -1,13 +1,16 @@
 """Steps 1, 3 and 4 of the method: drift, the indicator ``r = drift^2 / (H + eps)`` ranked globally, and
 the reset of the most abnormal fraction to the pre-trained values (../shared/DESIGN.md).
 
-The baselines share this machinery and differ only in their ranking:
+The baselines share this machinery and differ only in their ranking, each a scoring spec of the
+fused ops (``ops.Ranking`` and the hessians passed), never a score tensor:
 
 - ``fine_purifying``: ``drift^2 / (H + eps)``, the per-dimension clean Hessian (the method);
 - ``no_hessian``: ``drift^2 / (mean(H) + eps)`` with each tensor's mean Hessian: the per-dimension
   curvature removed, the layer's scale kept (a literal ``drift^2`` ranks exactly like ``magnitude``);
 - ``magnitude``: ``|drift|`` (TIES-style);
-- ``fine_mixing``: a random ranking (Fine-mixing's random mask), seeded.
+- ``fine_mixing``: a random ranking (Fine-mixing's random mask), seeded, drawn per element by the
+  ops' counter-based generator (the same mask on CPU, GPU and out of core); the budget counts the
+  weights that moved (a random mask over all weights resets the same share of them).
 
 Budget options (issue 4's findings): the word-embedding matrix may be kept out of the ranking
 (``embeddings="separate"``: its rows for tokens the clean data never reaches, which have a Hessian
@@ -18,14 +21,19 @@ quantile of its values. ``PurifyConfig.literal()`` is the paper's plain form.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from . import ops
 from .errors import UserError
+from .threshold import LEVEL_BINS, threshold_from_histograms
 
 RANKINGS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
+# Largest group of tensors moved to the model's device at once when the pre-trained state or the
+# Hessians live elsewhere (or in another dtype): the extra memory of purify_.
+GROUP_BYTES = 48 << 20
 
 
 @dataclass
@@ -101,30 +109,115 @@ def word_embedding_name(model: torch.nn.Module) -> str | None:
     return None
 
 
+def sample_quantile(sample: torch.Tensor, q: float) -> float:
+    """The q-quantile of a 1-D sample, linearly interpolated (torch.quantile's definition), by two
+    selections instead of a sort; shared by the in-memory and out-of-core paths."""
+    sample = sample.float().reshape(-1)
+    position = q * (sample.numel() - 1)
+    low, high = int(position // 1), min(int(position // 1) + 1, sample.numel() - 1)
+    a = float(torch.kthvalue(sample, low + 1).values)
+    b = float(torch.kthvalue(sample, high + 1).values) if high != low else a
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return math.nan
+    return a + (b - a) * (position - low)
+
+
 def _quantile(tensors, q: float, max_samples: int = 1 << 20) -> float:
-    """Approximate quantile over many tensors from an evenly strided sample."""
+    """Approximate quantile over many tensors from an evenly strided sample (a few MB at most)."""
     total = sum(t.numel() for t in tensors)
     stride = max(1, total // max_samples)
-    sample = torch.cat([t.reshape(-1)[::stride].float() for t in tensors])
-    return float(torch.quantile(sample[:16_000_000], q))  # torch.quantile's size limit
+    return sample_quantile(torch.cat([t.reshape(-1)[::stride].float().cpu() for t in tensors]), q)
 
 
-def _ranking_hessians(config: PurifyConfig, hessians):
-    """The (hessian-like tensors, eps) for which the op's score drift^2 / (h + eps) ranks as the
-    configured ranking, and the Hessian floor applied (fine_mixing is ranked in purify_)."""
-    if config.ranking == "magnitude":
-        # drift^2 / 1 ranks like |drift|
-        return [torch.zeros_like(h) for h in hessians], 1.0, None
+@dataclass
+class Scoring:
+    """A ranking as the fused ops take it: per tensor the hessian passed (the Hessian itself, or one
+    element standing for the whole tensor), eps and the ``ops.Ranking``. Tiny: it holds no
+    tensor of the model's size beyond the Hessians it was given."""
+    hessians: list
+    eps: float
+    ranking: ops.Ranking
+    floor: float | None = None
+
+    def subset(self, indices) -> "ops.Ranking":
+        r = self.ranking
+        if r.random_seed < 0:
+            return r
+        return ops.Ranking(r.hessian_floor, r.random_seed, tuple(r.random_keys[i] for i in indices))
+
+
+def scoring_for(config: PurifyConfig, names, hessians) -> Scoring:
+    """The scoring spec of ``config.ranking`` for the named tensors and their Hessians."""
+    def scalars(value_of):
+        return [torch.full((1,), value_of(h), dtype=torch.float32, device=h.device) for h in hessians]
+
+    if config.ranking == "magnitude":  # drift^2 / 1 ranks like |drift|
+        return Scoring(scalars(lambda h: 0.0), 1.0, ops.PLAIN)
+    if config.ranking == "fine_mixing":
+        ranking = ops.Ranking(random_seed=config.seed, random_keys=tuple(ops.tensor_key(n) for n in names))
+        return Scoring(scalars(lambda h: 0.0), config.eps, ranking)
     floor = None
     if config.hessian_floor_quantile is not None and hessians:
         floor = _quantile(hessians, config.hessian_floor_quantile)
     if config.ranking == "fine_purifying":
-        hs = hessians if floor is None else [h.clamp_min(floor) for h in hessians]
-        return hs, config.eps, floor
-    if config.ranking == "no_hessian":
-        hs = [torch.full_like(h, max(float(h.mean()) if h.numel() else 0.0, floor or 0.0)) for h in hessians]
-        return hs, config.eps, floor
+        return Scoring(list(hessians), config.eps, ops.Ranking(hessian_floor=floor or 0.0), floor)
+    if config.ranking == "no_hessian":  # each tensor's mean curvature, floored
+        def mean(h):  # summed in float64 a piece at a time (no float64 copy), as out of core
+            flat = h.reshape(-1)
+            total = sum(float(piece.sum(dtype=torch.float64)) for piece in flat.split(1 << 20))
+            return total / h.numel() if h.numel() else 0.0
+
+        return Scoring(scalars(lambda h: max(mean(h), floor or 0.0)), config.eps,
+                       ops.PLAIN, floor)
     raise AssertionError(config.ranking)
+
+
+class Feed:
+    """The ranked tensors as groups the ops can take at once, on the model's device.
+
+    Where the pre-trained values and Hessians already sit there in the model's dtype, one group holds
+    every tensor (one launch per pass). Otherwise (a pre-trained state on the CPU, in float32 for a
+    bfloat16 model) they are moved and converted a group of at most ``group_bytes`` at a time, so
+    the extra memory stays a group, never the model. Every pass walks the same groups."""
+
+    def __init__(self, ft, pre, scoring: Scoring, group_bytes: int | None = None):
+        self.ft, self.pre, self.scoring = ft, pre, scoring
+        group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
+        in_place = all(p.device == f.device and p.dtype == f.dtype and h.device == f.device
+                       for f, p, h in zip(ft, pre, scoring.hessians))
+        self.groups = [list(range(len(ft)))] if in_place or not ft else self._split(group_bytes)
+
+    def _split(self, group_bytes):
+        groups, current, size = [], [], 0
+        for i, (f, h) in enumerate(zip(self.ft, self.scoring.hessians)):
+            nbytes = f.numel() * f.element_size() + (h.numel() * 4 if h.device != f.device else 0)
+            if current and size + nbytes > group_bytes:
+                groups.append(current)
+                current, size = [], 0
+            current.append(i)
+            size += nbytes
+        return groups + ([current] if current else [])
+
+    def __iter__(self):
+        """(indices, finetuned, pretrained, hessians, ranking) per group, on the model's device."""
+        for idx in self.groups:
+            ft = [self.ft[i] for i in idx]
+            pre = [self.pre[i].to(device=f.device, dtype=f.dtype) for i, f in zip(idx, ft)]
+            hs = [self.scoring.hessians[i].to(f.device) for i, f in zip(idx, ft)]
+            yield idx, ft, pre, hs, self.scoring.subset(idx)
+
+    def histogram(self, level: int, prefix: int) -> torch.Tensor:
+        counts = torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
+        for _, ft, pre, hs, ranking in self:
+            counts += ops.score_histogram(ft, pre, hs, self.scoring.eps, level, prefix, ranking).cpu()
+        return counts
+
+    def masked_reset_(self, threshold: float) -> list[int]:
+        counts = [0] * len(self.ft)
+        for idx, ft, pre, hs, ranking in self:
+            for i, c in zip(idx, ops.masked_reset_(ft, pre, hs, threshold, self.scoring.eps, ranking=ranking).tolist()):
+                counts[i] = c
+        return counts
 
 
 def unrankable(inputs) -> UserError | None:
@@ -158,7 +251,11 @@ def purify_(
     plot_samples: int = 20_000,
 ) -> PurifyReport:
     """Resets, in place, the most abnormal fraction of the model's matched parameters to their
-    pre-trained values. Returns what was done."""
+    pre-trained values. Returns what was done.
+
+    The pre-trained state and the Hessians may live on another device than the model (the CPU):
+    they are moved a group of tensors at a time. Extra memory: a group and a histogram, whatever
+    the ranking and the model's size."""
     params = dict(model.named_parameters())
     scored, unscored = matched_parameters(model, pretrained_state)
     embedding = word_embedding_name(model) if config.embeddings == "separate" else None
@@ -167,71 +264,69 @@ def purify_(
         if n not in hessians:
             raise ValueError(f"purify: no Hessian for parameter {n!r}; estimate it on this model")
     ft = [params[n].data for n in ranked]
-    pre = [pretrained_state[n].to(device=params[n].device, dtype=params[n].dtype) for n in ranked]
-    hs = [hessians[n].to(params[n].device) for n in ranked]
+    pre = [pretrained_state[n] for n in ranked]
+    def named_error(op_error):
+        return unrankable(_named_inputs(ranked, ft, pre, [hessians[n] for n in ranked])) or op_error
 
-    moved_masks = [f != p for f, p in zip(ft, pre)]
-    moved = sum(int(m.sum()) for m in moved_masks)
+    scoring = scoring_for(config, ranked, [hessians[n] for n in ranked])
+    if scoring.floor is not None and not math.isfinite(scoring.floor):  # a NaN in some Hessian
+        raise named_error(UserError("the Hessian holds NaN or Inf values; re-estimate it"))
+    feed = Feed(ft, pre, scoring)
     total = sum(f.numel() for f in ft)
-    counted = moved if config.count_moved_only else total
-    num_reset = ops.num_reset_for(counted, config.reserve_ratio)
 
-    report = PurifyReport(config.ranking, config.reserve_ratio, None, total, moved, num_reset,
-                          kept_unscored=unscored, embedding_parameter=embedding)
     sample_idx = _plot_sample(ft, plot_samples, config.seed)
     before = [f.reshape(-1)[i.to(f.device)].clone() for f, i in zip(ft, sample_idx)]
 
+    try:
+        level0 = feed.histogram(0, 0) if total else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
+    except RuntimeError as op_error:
+        raise named_error(op_error) from op_error
+    if level0[LEVEL_BINS[0]] > 0:
+        raise named_error(UserError("the scores cannot be ranked: they overflow float32; use a larger eps"))
+    moved = total - int(level0[-1])
+    counted = moved if config.count_moved_only or config.ranking == "fine_mixing" else total
+    num_reset = ops.num_reset_for(counted, config.reserve_ratio)
+    report = PurifyReport(config.ranking, config.reserve_ratio, None, total, moved, num_reset,
+                          kept_unscored=unscored, embedding_parameter=embedding, hessian_floor=scoring.floor)
     if num_reset > 0:
-        if config.ranking == "fine_mixing":  # random scores: the op sees no weights to check
-            error = unrankable(_named_inputs(ranked, ft, pre, hs))
-            if error is not None:
-                raise error
-            gen = torch.Generator().manual_seed(config.seed)
-            # Random scores in (0, 1]; 0 for dimensions that never moved when rho counts moved ones.
-            scores = [(1.0 - torch.rand(f.shape, generator=gen)).to(f.device) for f in ft]
-            if config.count_moved_only:
-                scores = [s * m for s, m in zip(scores, moved_masks)]
-            zeros = [torch.zeros_like(s) for s in scores]
-            threshold = ops.score_threshold(scores, zeros, zeros, num_reset, 1.0)
-            counts = []
-            for f, p, s in zip(ft, pre, scores):
-                reset = s * s / 1.0 >= threshold
-                f.copy_(torch.where(reset, p, f))
-                counts.append(int(reset.sum()))
-            report.threshold = threshold
-        else:
-            hs_rank, eps, floor = _ranking_hessians(config, hs)
-            report.hessian_floor = floor
-            try:
-                threshold = ops.score_threshold(ft, pre, hs_rank, num_reset, eps)
-            except RuntimeError as op_error:
-                raise (unrankable(_named_inputs(ranked, ft, pre, hs)) or op_error) from op_error
-            counts = ops.masked_reset_(ft, pre, hs_rank, threshold, eps).tolist()
-            report.threshold = threshold
-        report.reset_per_parameter = {n: int(c) for n, c in zip(ranked, counts)}
+        threshold = threshold_from_histograms(lambda level, prefix: level0 if level == 0 else feed.histogram(level, prefix),
+                                              num_reset, total)
+        report.threshold = threshold
+        report.reset_per_parameter = dict(zip(ranked, feed.masked_reset_(threshold)))
     else:
         report.reset_per_parameter = {n: 0 for n in ranked}
     report.numel_per_parameter = {n: params[n].numel() for n in scored}
 
     if embedding is not None:
-        # Rows of tokens the clean data never reaches (Hessian exactly zero) that moved.
-        w = params[embedding].data
-        w_pre = pretrained_state[embedding].to(device=w.device, dtype=w.dtype)
-        h = hessians[embedding].to(w.device)
-        unseen = (h == 0).all(dim=1) & (w != w_pre).any(dim=1)
-        w[unseen] = w_pre[unseen]
-        report.embedding_rows_reset = int(unseen.sum())
-        report.reset_per_parameter[embedding] = int(unseen.sum()) * w.shape[1]
+        report.embedding_rows_reset = _reset_unseen_rows_(params[embedding].data, pretrained_state[embedding],
+                                                          hessians[embedding])
+        report.reset_per_parameter[embedding] = report.embedding_rows_reset * params[embedding].shape[1]
 
     # A sample for the plot: drift^2 and H before the reset, and whether the element was reset.
     d2, hv, flag = [], [], []
-    for f, p, h, i, b in zip(ft, pre, hs, sample_idx, before):
-        i = i.to(f.device)
-        d2 += ((b.float() - p.reshape(-1)[i].float()) ** 2).tolist()
-        hv += h.reshape(-1)[i].tolist()
-        flag += (f.reshape(-1)[i] != b).tolist()
+    for n, f, p, i, b in zip(ranked, ft, pre, sample_idx, before):
+        h = hessians[n]
+        d2 += ((b.float().cpu() - p.reshape(-1)[i.to(p.device)].float().cpu()) ** 2).tolist()
+        hv += h.reshape(-1)[i.to(h.device)].tolist()
+        flag += (f.reshape(-1)[i.to(f.device)] != b).tolist()
     report.sample = {"drift_sq": d2, "hessian": hv, "reset": flag}
     return report
+
+
+def _reset_unseen_rows_(w: torch.Tensor, w_pre: torch.Tensor, h: torch.Tensor, rows: int = 4096) -> int:
+    """Rows of the word embedding for tokens the clean data never reaches (Hessian exactly zero)
+    that moved, reset to the pre-trained rows; a block of rows at a time (small temporaries)."""
+    reset = 0
+    for start in range(0, w.shape[0], rows):
+        # Rows with a Hessian of exactly zero (H >= 0: its row maximum is 0); only those are compared.
+        candidates = torch.nonzero(h[start:start + rows].amax(dim=1) == 0).flatten().to(w.device) + start
+        if candidates.numel() == 0:
+            continue
+        block, block_pre = w[candidates], w_pre[candidates.to(w_pre.device)].to(device=w.device, dtype=w.dtype)
+        unseen = candidates[(block != block_pre).any(dim=1)]
+        w[unseen] = w_pre[unseen.to(w_pre.device)].to(device=w.device, dtype=w.dtype)
+        reset += unseen.numel()
+    return reset
 
 
 def _plot_sample(tensors, count: int, seed: int):

@@ -25,28 +25,85 @@ def accumulate_sq_grads_(hessians: Tensors, grads: Tensors, scale=1.0, zero_grad
             grad.zero_()
 
 
-def drift_score(finetuned, pretrained, hessian, eps) -> torch.Tensor:
+# The random ranking's counter-based generator (csrc/kernels/score_math.h), in Python integers for
+# the per-tensor stream and in int64 tensor arithmetic (wrapping, shifts made logical) per element.
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def _as_int64(v: int) -> int:
+    v &= _M64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _mix_int(z: int) -> int:
+    z &= _M64
+    z = ((z ^ (z >> 30)) * _MIX[0]) & _M64
+    z = ((z ^ (z >> 27)) * _MIX[1]) & _M64
+    return z ^ (z >> 31)
+
+
+def random_stream(seed: int, key: int, offset: int = 0) -> int:
+    return (_mix_int((seed & _M64) ^ _mix_int((key & _M64) + _GOLDEN)) + offset * _GOLDEN) & _M64
+
+
+def _srl(x: torch.Tensor, n: int) -> torch.Tensor:
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def random_scores(stream: int, numel: int) -> torch.Tensor:
+    """float32 random scores of elements 0 .. numel-1 of a stream: bits uniform over [1, 2^30]."""
+    z = torch.arange(numel, dtype=torch.int64) * _as_int64(_GOLDEN) + _as_int64(stream)
+    z = (z ^ _srl(z, 30)) * _as_int64(_MIX[0])
+    z = (z ^ _srl(z, 27)) * _as_int64(_MIX[1])
+    z = z ^ _srl(z, 31)
+    return (_srl(z, 34) + 1).to(torch.int32).view(torch.float32)
+
+
+def drift_score(finetuned, pretrained, hessian, eps, hessian_floor=0.0, random_seed=-1, random_key=0,
+                random_offset=0) -> torch.Tensor:
+    """The score of every element; a hessian of one element holds for the whole tensor."""
+    if random_seed >= 0:
+        stream = random_stream(random_seed, random_key, random_offset)
+        scores = random_scores(stream, finetuned.numel()).reshape(finetuned.shape).to(finetuned.device)
+        return torch.where(finetuned.float() != pretrained.float(), scores, 0.0)
     drift = finetuned.float() - pretrained.float()
-    return drift * drift / (hessian + eps)
+    h = hessian.expand(finetuned.shape) if hessian.numel() == 1 else hessian
+    h = torch.where(h > hessian_floor, h, torch.tensor(float(hessian_floor), dtype=torch.float32, device=h.device))
+    return drift * drift / (h + eps)
 
 
-def all_scores(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, eps) -> torch.Tensor:
+def _per_tensor(ranking, n: int):
+    """drift_score's ranking keywords for each of n tensors (ops.Ranking or None)."""
+    if ranking is None:
+        return [{}] * n
+    keys = list(ranking.random_keys) or list(range(n))
+    offsets = list(ranking.random_offsets) or [0] * n
+    return [dict(hessian_floor=ranking.hessian_floor, random_seed=ranking.random_seed, random_key=keys[i],
+                 random_offset=offsets[i]) for i in range(n)]
+
+
+def all_scores(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, eps, ranking=None) -> torch.Tensor:
     """Every score, flattened and concatenated in list order."""
     if not finetuned:
         return torch.zeros(0)
-    return torch.cat([drift_score(f, p, h, eps).flatten() for f, p, h in zip(finetuned, pretrained, hessians)])
+    kws = _per_tensor(ranking, len(finetuned))
+    return torch.cat([drift_score(f, p, h, eps, **kw).flatten()
+                      for f, p, h, kw in zip(finetuned, pretrained, hessians, kws)])
 
 
-def score_threshold(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, k: int, eps) -> float:
+def score_threshold(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, k: int, eps, ranking=None) -> float:
     """The k-th largest score (k from 1), by sorting all of them."""
-    scores = all_scores(finetuned, pretrained, hessians, eps)
+    scores = all_scores(finetuned, pretrained, hessians, eps, ranking)
     return torch.sort(scores, descending=True).values[k - 1].item()
 
 
-def masked_reset_(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, threshold, eps) -> torch.Tensor:
+def masked_reset_(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, threshold, eps,
+                  ranking=None) -> torch.Tensor:
     counts = []
-    for f, p, h in zip(finetuned, pretrained, hessians):
-        reset = drift_score(f, p, h, eps).double() >= threshold
+    for f, p, h, kw in zip(finetuned, pretrained, hessians, _per_tensor(ranking, len(finetuned))):
+        reset = drift_score(f, p, h, eps, **kw).double() >= threshold
         f.copy_(torch.where(reset, p, f))
         counts.append(int(reset.sum()))
     return torch.tensor(counts, dtype=torch.int64)
@@ -58,13 +115,17 @@ def num_reset_for(total: int, reserve_ratio: float) -> int:
     return total - int(math.floor(reserve_ratio * total + 0.5))
 
 
-def reset_most_abnormal_(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, reserve_ratio, eps) -> torch.Tensor:
-    total = sum(f.numel() for f in finetuned)
+def reset_most_abnormal_(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, reserve_ratio, eps,
+                         ranking=None, count_moved_only=False) -> torch.Tensor:
+    if count_moved_only:
+        total = sum(int((f.float() != p.float()).sum()) for f, p in zip(finetuned, pretrained))
+    else:
+        total = sum(f.numel() for f in finetuned)
     num_reset = num_reset_for(total, reserve_ratio)
     if num_reset == 0:
         return torch.zeros(len(finetuned), dtype=torch.int64)
-    threshold = score_threshold(finetuned, pretrained, hessians, num_reset, eps)
-    return masked_reset_(finetuned, pretrained, hessians, threshold, eps)
+    threshold = score_threshold(finetuned, pretrained, hessians, num_reset, eps, ranking)
+    return masked_reset_(finetuned, pretrained, hessians, threshold, eps, ranking)
 
 
 # ------------------------------------------------------------ fastest pure-PyTorch baseline

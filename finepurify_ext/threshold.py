@@ -13,7 +13,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import ops
+from . import _C  # noqa: F401  (registers torch.ops.finepurify; this module imports no other of ours)
+
+_ops = torch.ops.finepurify
 
 # csrc/kernels/score_math.h: the float bits of a score split into 11, 10 and 10-bit digits.
 LEVEL_BITS = (11, 10, 10)
@@ -22,7 +24,8 @@ LEVEL_BINS = tuple(1 << b for b in LEVEL_BITS)
 
 def threshold_from_histograms(histogram_of: Callable[[int, int], torch.Tensor], k: int, total: int) -> float:
     """The k-th largest score (k from 1) given ``histogram_of(level, prefix)``: int64 counts of
-    ``LEVEL_BINS[level] + 1`` bins over all elements (the last bin counts unrankable ones)."""
+    ``LEVEL_BINS[level] + 2`` bins over all elements (then the unrankable count, then the count of
+    weights that never moved; ``ops.score_histogram``)."""
     if not 1 <= k <= total:
         raise ValueError(f"k={k} is out of range: the tensors hold {total} elements, so k must be in [1, {total}]")
     prefix, rank = 0, k
@@ -73,6 +76,7 @@ def distributed_score_threshold(
     eps: float,
     group=None,
     replicated: bool = False,
+    ranking=None,
 ) -> float:
     """``ops.score_threshold`` over the elements of every rank of ``group`` (default: the world).
 
@@ -95,22 +99,34 @@ def distributed_score_threshold(
     total = torch.tensor([sum(t.numel() for t in ft)], dtype=torch.int64, device=device)
     dist.all_reduce(total, group=group)
 
+    if ranking is not None and ranking.random_keys:  # the keys of the tensors that count here
+        ranking = type(ranking)(ranking.hessian_floor, ranking.random_seed,
+                                tuple(ranking.random_keys[i] for i in keep),
+                                tuple(ranking.random_offsets[i] for i in keep) if ranking.random_offsets else ())
+    args = ranking.args() if ranking is not None else ()
+
     def histogram_of(level: int, prefix: int) -> torch.Tensor:
         if ft:
-            counts = torch.ops.finepurify.score_histogram.default(ft, pre, hs, float(eps), level, prefix)
+            counts = _ops.score_histogram.default(ft, pre, hs, float(eps), level, prefix, *args)
         else:
-            counts = torch.zeros(LEVEL_BINS[level] + 1, dtype=torch.int64)
+            counts = torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
         counts = counts.to(device)
         dist.all_reduce(counts, group=group)
-        if counts[-1] > 0 and ft:  # name the local culprit, if it is here
-            ops.score_threshold(ft, pre, hs, 1, eps)
+        if counts[LEVEL_BINS[level]] > 0 and ft:  # name the local culprit, if it is here
+            _ops.score_threshold.default(ft, pre, hs, 1, float(eps), *args)
         return counts.cpu()
 
     return threshold_from_histograms(histogram_of, int(k), int(total))
 
 
-def distributed_masked_reset_(finetuned, pretrained, hessians, threshold: float, eps: float) -> torch.Tensor:
+def distributed_masked_reset_(finetuned, pretrained, hessians, threshold: float, eps: float,
+                              ranking=None) -> torch.Tensor:
     """``ops.masked_reset_`` on each rank's local parts (DTensors through ``to_local``); returns this
     rank's per-tensor counts of reset elements."""
-    return ops.masked_reset_([_local(t) for t in finetuned], [_local(t) for t in pretrained],
-                             [_local(t) for t in hessians], threshold, eps)
+    ft = [_local(t) for t in finetuned]
+    if not ft:
+        return torch.zeros(0, dtype=torch.int64)
+    args = ranking.args() if ranking is not None else ()
+    with torch.no_grad():
+        return _ops.masked_reset_.default(ft, [_local(t) for t in pretrained], [_local(t) for t in hessians],
+                                          float(threshold), float(eps), *args)

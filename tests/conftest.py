@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import finepurify_ext  # noqa: F401  (registers the ops)
+from finepurify_ext import ops
 from finepurify_ext import reference as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -60,3 +61,25 @@ def assert_bitwise(actual, expected):
 
 def sorted_scores_desc(ft, pre, h, eps=1e-8):
     return torch.sort(ref.all_scores(ft, pre, h, eps), descending=True).values
+
+
+RANKINGS = {
+    "plain": ops.Ranking(),
+    "floor": ops.Ranking(hessian_floor=0.05),
+    "random": ops.Ranking(random_seed=11),
+    "random_keyed": ops.Ranking(random_seed=3, random_keys=(9, 2**62, 0, 77, 5, 123456789, 1, 2)),
+}
+
+
+def ranked_weights(dtype, seed=50):
+    """Fresh random weights over odd and chunk-straddling sizes, an empty tensor, per-tensor (one
+    element) hessians beside full ones, and a third of the weights that never moved."""
+    shapes = [(1000,), (65537,), (9, 9), (0,), (31,), (1,), (7, 13), (100_003,)]
+    ft, pre, h = make_weights(seed, shapes, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    for i, (f, p) in enumerate(zip(ft, pre)):
+        still = torch.rand(f.shape, generator=gen) < 0.33
+        f[still] = p[still]
+        if i in (2, 4):
+            h[i] = torch.rand(1, generator=gen)
+    return ft, pre, h

@@ -13,7 +13,7 @@ from finepurify_ext import ops
 from finepurify_ext.checkpoint import Checkpoint, CheckpointError, ShardWriter, purify_checkpoint
 from finepurify_ext.purify import PurifyConfig, purify_
 
-SHAPES = {"embed.weight": (50, 16), "layer0.weight": (16, 16), "layer0.bias": (16,), "layer1.weight": (33, 16),
+SHAPES = {"embed_tokens.weight": (50, 16), "layer0.weight": (16, 16), "layer0.bias": (16,), "layer1.weight": (33, 16),
           "layer1.bias": (33,), "norm.weight": (33,), "empty.weight": (0, 4)}
 
 
@@ -29,7 +29,29 @@ def make_states(dtype=torch.float32, seed=0):
     suspect["position_ids"] = torch.arange(7)  # an integer buffer
     hessian = {n: torch.rand(s, generator=g) ** 3 for n, s in SHAPES.items()}
     hessian["layer0.bias"][:5] = 0  # zero curvature
+    hessian["embed_tokens.weight"][3:9] = 0  # tokens the clean data never reaches
     return pre, suspect, hessian
+
+
+class StateModule(torch.nn.Module):
+    """The floating tensors of a state dict as parameters under the same dotted names, with
+    ``embed_tokens`` as the input embedding (what purify_ looks for)."""
+
+    def __init__(self, state):
+        super().__init__()
+        for name, t in state.items():
+            if not t.is_floating_point():
+                continue
+            *path, leaf = name.split(".")
+            module = self
+            for part in path:
+                if not hasattr(module, part):
+                    module.add_module(part, torch.nn.Module())
+                module = getattr(module, part)
+            module.register_parameter(leaf, torch.nn.Parameter(t.clone()))
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
 
 
 def save_sharded(state, directory, groups):
@@ -98,28 +120,31 @@ def test_literal_equals_the_in_memory_op(checkpoints, tmp_path, chunk_bytes):
     assert json.load(open(tmp_path / "out" / "finepurify_report.json"))["num_reset"] == report.num_reset
 
 
-@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude"])
+@pytest.mark.parametrize("embeddings", ["ranked", "separate"])
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_configs_equal_purify_in_memory(tmp_path, ranking, dtype):
+def test_configs_equal_purify_in_memory(tmp_path, ranking, dtype, embeddings):
+    """One scoring spec: every ranking and budget option out of core equals purify_ in memory,
+    Fine-mixing's random mask included (pieces of 25 elements draw the whole tensor's values)."""
     pre, suspect, hessian = make_states(dtype, seed=1)
     names = list(suspect)
     sus_dir = save_sharded(suspect, tmp_path / "suspect", [names[::2], names[1::2]])
     pre_dir = save_sharded(pre, tmp_path / "pre", [list(pre)])
     h_file = str(tmp_path / "h.safetensors")
     save_file(hessian, h_file)
-    config = PurifyConfig(ranking=ranking, reserve_ratio=0.3, embeddings="ranked")  # moved-only, median floor
-    purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), config, progress=False, chunk_bytes=100)
+    config = PurifyConfig(ranking=ranking, reserve_ratio=0.3, embeddings=embeddings)  # moved-only, median floor
+    report = purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), config, progress=False,
+                               chunk_bytes=100)
 
-    module = torch.nn.Module()
-    for n, t in suspect.items():
-        if t.is_floating_point():
-            module.register_parameter(n.replace(".", "_"), torch.nn.Parameter(t.clone()))
-    rename = {n.replace(".", "_"): n for n in suspect}
-    state = {k: pre[rename[k]] for k in rename if rename[k] in pre}
-    purify_(module, state, {k: hessian[rename[k]] for k in state}, config)
+    module = StateModule(suspect)
+    expected = purify_(module, {n: pre[n] for n in SHAPES}, {n: hessian[n] for n in SHAPES}, config)
     got = read_dir(tmp_path / "out")
-    for k, p in module.named_parameters():
-        assert torch.equal(got[rename[k]], p.data), k
+    for n, p in module.named_parameters():
+        assert torch.equal(got[n], p.data), n
+    assert report.moved_elements == expected.moved_elements and report.threshold == expected.threshold
+    if embeddings == "separate":
+        assert report.embedding_tensor == "embed_tokens.weight"
+        assert report.embedding_rows_reset == expected.embedding_rows_reset == 6
 
 
 def test_explicit_reset_count(checkpoints, tmp_path):
@@ -197,8 +222,6 @@ def test_bad_checkpoints_fail_clearly_and_leave_nothing(checkpoints, tmp_path):
     nan_h = str(tmp_path / "nan.safetensors")
     save_file({**hessian, "norm.weight": torch.full((33,), float("nan"))}, nan_h)
     fails("NaN or Inf", pre_dir, sus_dir, nan_h)
-    with pytest.raises(ValueError, match="in-memory only"):
-        purify_checkpoint(pre_dir, sus_dir, h_file, str(out), PurifyConfig(ranking="fine_mixing", embeddings="ranked"))
     os.makedirs(out)
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):

@@ -168,7 +168,7 @@ def test_in_memory_purify_names_parameters_not_list_indices(models):
     model, _, _ = pipeline.load_classifier(models.suspect)
     state = pipeline.pretrained_state_for(model, models.pre)
     hessians = load_file(models.hessian)
-    for ranking in ("fine_purifying", "no_hessian", "fine_mixing"):
+    for ranking in ("fine_purifying", "no_hessian"):  # the rankings that read the Hessian
         bad = {n: h.clone() for n, h in hessians.items()}
         bad[SCORED][1, 1] = float("nan")
         with pytest.raises(UserError, match=rf"the Hessian of '{SCORED}' holds \d+ NaN or Inf value") as error:
@@ -412,7 +412,6 @@ def test_bad_option_values(models, tmp_path, capsys, name, option, value, fragme
     ("purify", ["--unlabelled-data", "texts.txt"], "--unlabelled-data is read only for the teacher's soft targets"),
     ("purify", ["--reserve-ratio", "auto", "--validation-fraction", "0"], "--reserve-ratio auto needs held-out"),
     ("purify-out-of-core", ["--reserve-ratio", "auto"], "--reserve-ratio auto needs the clean data"),
-    ("purify-out-of-core", ["--ranking", "fine_mixing"], "runs in memory only"),
     ("purify-out-of-core", ["--num-reset", "10000000"], "the reset count 10000000 is out of range"),
     ("evaluate", ["--bias"], "--bias measures the flip rate when --trigger"),
     ("evaluate", ["--trigger", "cf", "--target-label", "2"], "--target-label 2 is out of range for a model with 2"),
@@ -550,7 +549,7 @@ def _hessian_with(models, tmp_path, change):
     return path
 
 
-@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude"])
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian"])  # magnitude and fine_mixing never read it
 def test_out_of_core_hessian_is_checked_and_named(models, tmp_path, capsys, ranking):
     args = command("purify-out-of-core", models, str(tmp_path / "out")) + ["--ranking", ranking]
     where = args.index("--hessian-file") + 1

@@ -7,7 +7,8 @@ import finepurify_ext
 from finepurify_ext import ops
 from finepurify_ext import reference as ref
 
-from conftest import DTYPES, SIZES, assert_bitwise, clones, make_weights, many_shapes, sorted_scores_desc
+from conftest import (DTYPES, RANKINGS, SIZES, assert_bitwise, clones, make_weights, many_shapes, ranked_weights,
+                      sorted_scores_desc)
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
@@ -370,3 +371,37 @@ def test_purify_cuda_model_with_pretrained_state_on_cpu(tmp_path, ranking):
     assert got.embedding_rows_reset == expected.embedding_rows_reset == 3
     assert got.reset_per_parameter == expected.reset_per_parameter
     assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])
+
+
+@pytest.mark.parametrize("name", RANKINGS)
+def test_rankings_match_cpu(dtype, name):
+    """Every ranking of the one scoring spec, bit for bit the CPU op's: per-tensor hessians, the
+    floor, the random generator (keys, offsets), moved-only counting."""
+    ranking = RANKINGS[name]
+    ft, pre, h = ranked_weights(dtype, seed=60)
+    ft_gpu, pre_gpu, h_gpu = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    for f, p, hh, fg, pg, hg in zip(ft, pre, h, ft_gpu, pre_gpu, h_gpu):
+        args = (EPS, ranking.hessian_floor, ranking.random_seed, 17)
+        assert_bitwise([OPS.drift_score.default(fg, pg, hg, *args)], [OPS.drift_score.default(f, p, hh, *args)])
+    for level, prefix in ((0, 0), (1, 1), (2, 2)):
+        assert torch.equal(ops.score_histogram(ft_gpu, pre_gpu, h_gpu, EPS, level, prefix, ranking).cpu(),
+                           ops.score_histogram(ft, pre, h, EPS, level, prefix, ranking))
+    total = sum(f.numel() for f in ft)
+    assert ops.score_threshold(ft_gpu, pre_gpu, h_gpu, total // 3, EPS, ranking=ranking) == \
+        ops.score_threshold(ft, pre, h, total // 3, EPS, ranking=ranking)
+    for moved_only in (False, True):
+        got, expected = clones(ft_gpu), clones(ft)
+        counts = ops.reset_most_abnormal_(got, pre_gpu, h_gpu, 0.3, EPS, ranking=ranking, count_moved_only=moved_only)
+        assert torch.equal(counts.cpu(), ops.reset_most_abnormal_(expected, pre, h, 0.3, EPS, ranking=ranking,
+                                                                  count_moved_only=moved_only))
+        assert_bitwise(got, expected)
+
+
+def test_random_ranking_offsets_on_cuda():
+    ft, pre, _ = make_weights(61, [(200_001,)], torch.float16)
+    ranking = ops.Ranking(random_seed=9, random_keys=(123,), random_offsets=(2**33 + 5,))
+    zeros = [torch.zeros(1)]
+    assert_bitwise([OPS.drift_score.default(ft[0].to(CUDA), pre[0].to(CUDA), zeros[0].to(CUDA), EPS, 0.0, 9, 123)],
+                   [OPS.drift_score.default(ft[0], pre[0], zeros[0], EPS, 0.0, 9, 123)])
+    assert ops.score_threshold(to_cuda(ft), to_cuda(pre), to_cuda(zeros), 777, EPS, ranking=ranking) == \
+        ops.score_threshold(ft, pre, zeros, 777, EPS, ranking=ranking)

@@ -7,7 +7,8 @@ import torch
 from finepurify_ext import ops
 from finepurify_ext import reference as ref
 
-from conftest import DTYPES, SIZES, assert_bitwise, clones, make_weights, many_shapes, sorted_scores_desc
+from conftest import (DTYPES, RANKINGS, SIZES, assert_bitwise, clones, make_weights, many_shapes, ranked_weights,
+                      sorted_scores_desc)
 
 EPS = 1e-8
 
@@ -271,3 +272,76 @@ def test_empty_tensors_only(dtype):
     assert ops.drift_score(ft[0], pre[0], h[0], EPS).shape == (0,)
     assert torch.equal(ops.masked_reset_(ft, pre, h, 0.0, EPS), torch.zeros(2, dtype=torch.int64))
     assert torch.equal(ops.reset_most_abnormal_(ft, pre, h, 0.5, EPS), torch.zeros(2, dtype=torch.int64))
+
+
+# ------------------------------------------------------------ rankings: one scoring spec, every op
+
+@pytest.mark.parametrize("name", RANKINGS)
+def test_rankings_match_reference(dtype, name):
+    ranking = RANKINGS[name]
+    ft, pre, h = ranked_weights(dtype)
+    for i, (f, p, hh) in enumerate(zip(ft, pre, h)):
+        kw = ref._per_tensor(ranking, len(ft))[i]
+        got = ops.drift_score(f, p, hh, EPS, hessian_floor=kw.get("hessian_floor", 0.0),
+                              random_seed=kw.get("random_seed", -1), random_key=kw.get("random_key", 0))
+        assert_bitwise([got], [ref.drift_score(f, p, hh, EPS, **kw)])
+    total = sum(f.numel() for f in ft)
+    for k in (1, 2, total // 3, total - 1):
+        assert ops.score_threshold(ft, pre, h, k, EPS, ranking=ranking) == ref.score_threshold(ft, pre, h, k, EPS, ranking)
+    for moved_only in (False, True):
+        got, expected = clones(ft), clones(ft)
+        counts = ops.reset_most_abnormal_(got, pre, h, 0.3, EPS, ranking=ranking, count_moved_only=moved_only)
+        assert torch.equal(counts, ref.reset_most_abnormal_(expected, pre, h, 0.3, EPS, ranking, moved_only))
+        assert_bitwise(got, expected)
+
+
+def test_histogram_counts_unrankable_then_unmoved(dtype):
+    ft, pre, h = ranked_weights(dtype, seed=51)
+    total = sum(f.numel() for f in ft)
+    unmoved = sum(int((f.float() == p.float()).sum()) for f, p in zip(ft, pre))
+    assert 0 < unmoved < total
+    for level, prefix in ((0, 0), (1, 3), (2, 5)):
+        counts = ops.score_histogram(ft, pre, h, EPS, level, prefix)
+        assert counts.numel() == (2048 if level == 0 else 1024) + 2
+        assert int(counts[-2]) == 0 and int(counts[-1]) == unmoved
+    assert int(ops.score_histogram(ft, pre, h, EPS, 0, 0)[:-2].sum()) == total
+
+
+def test_random_pieces_draw_the_whole_tensor():
+    """A tensor cut into pieces (as read out of core), each given its offset, ranks exactly as the
+    whole tensor: same threshold, same reset."""
+    ft, pre, h = make_weights(52, [(5000,), (333,)], torch.bfloat16)
+    ranking = ops.Ranking(random_seed=4, random_keys=(ops.tensor_key("a"), ops.tensor_key("b")))
+    cuts = [0, 1, 1234, 4096, 5000]
+    pieces = [(f0, p0, o) for f0, p0, o in
+              [(ft[0][a:b], pre[0][a:b], a) for a, b in zip(cuts, cuts[1:])]] + [(ft[1], pre[1], 0)]
+    keys = (ranking.random_keys[0],) * (len(cuts) - 1) + (ranking.random_keys[1],)
+    piece_ranking = ops.Ranking(random_seed=4, random_keys=keys, random_offsets=tuple(o for _, _, o in pieces))
+    zeros = [torch.zeros(1)] * len(pieces)
+    k = 1700
+    whole = ops.score_threshold(ft, pre, [torch.zeros(1)] * 2, k, EPS, ranking=ranking)
+    assert ops.score_threshold([f for f, _, _ in pieces], [p for _, p, _ in pieces], zeros, k, EPS,
+                               ranking=piece_ranking) == whole
+    got = clones(ft)
+    views = [got[0][a:b] for a, b in zip(cuts, cuts[1:])] + [got[1]]
+    ops.masked_reset_(views, [p for _, p, _ in pieces], zeros, whole, EPS, ranking=piece_ranking)
+    expected = clones(ft)
+    ops.masked_reset_(expected, pre, [torch.zeros(1)] * 2, whole, EPS, ranking=ranking)
+    assert_bitwise(got, expected)
+    # Another seed, another mask; the same seed and keys, the same mask in another list order.
+    other = ops.score_threshold(ft, pre, [torch.zeros(1)] * 2, k, EPS, ranking=ops.Ranking(random_seed=5))
+    assert other != whole
+    swapped = ops.Ranking(random_seed=4, random_keys=ranking.random_keys[::-1])
+    assert ops.score_threshold(ft[::-1], pre[::-1], [torch.zeros(1)] * 2, k, EPS, ranking=swapped) == whole
+
+
+def test_ranking_argument_errors():
+    ft, pre, h = make_weights(53, [(10,), (4, 4)], torch.float32)
+    with pytest.raises(ValueError, match="hessian_floor must be a finite float32 number >= 0"):
+        ops.score_threshold(ft, pre, h, 3, EPS, ranking=ops.Ranking(hessian_floor=-1.0))
+    with pytest.raises(ValueError, match="got 1 random_keys for 2 tensors"):
+        ops.score_threshold(ft, pre, h, 3, EPS, ranking=ops.Ranking(random_seed=0, random_keys=(1,)))
+    with pytest.raises(ValueError, match="random_offsets must be >= 0"):
+        ops.masked_reset_(ft, pre, h, 0.5, EPS, ranking=ops.Ranking(random_seed=0, random_offsets=(0, -2)))
+    with pytest.raises(RuntimeError, match=r"hessians\[1\] has shape \[2\] .* or of one element"):
+        ops.score_threshold(ft, pre, [h[0], torch.rand(2)], 3, EPS)

@@ -1,5 +1,6 @@
 """The method end to end on tiny randomly initialised BERT classifiers (fast): Hessian estimation,
 scoring and reset, the baselines, a planted backdoor in a toy task, the CLI, and bad input."""
+import copy
 import json
 import os
 
@@ -190,6 +191,37 @@ def test_rankings_differ_only_in_ranking(tokenizer):
     assert all(torch.equal(a[1][n], b[1][n]) for n in a[1])  # reproducible
     fp, mag = results["fine_purifying"][0][1], results["magnitude"][0][1]
     assert any(not torch.equal(fp[n], mag[n]) for n in fp)
+
+
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
+def test_purify_streams_a_pretrained_state_held_elsewhere(tokenizer, monkeypatch, ranking):
+    """A pre-trained state in another dtype than the model (as a float32 checkpoint beside a
+    bfloat16 model, or one on the CPU beside a GPU model) is moved a small group of tensors at a
+    time, with the same result as when it sits beside the model."""
+    from finepurify_ext import purify as purify_module
+
+    model, state = drifted_pair(tokenizer)
+    hessians = hessian_of(model, tokenizer)
+    model = model.to(torch.bfloat16)
+    config = PurifyConfig(ranking=ranking, reserve_ratio=0.4)
+    beside = {n: t.to(torch.bfloat16) for n, t in state.items()}
+    expected_model = copy.deepcopy(model)
+    expected = purify_(expected_model, beside, hessians, config)
+    groups = []
+    original_split = purify_module.Feed._split
+
+    def recording_split(self, group_bytes):
+        out = original_split(self, group_bytes)
+        groups.append(out)
+        return out
+
+    monkeypatch.setattr(purify_module, "GROUP_BYTES", 2048)  # a few tensors per group
+    monkeypatch.setattr(purify_module.Feed, "_split", recording_split)
+    got = purify_(model, {n: t.float() for n, t in state.items()}, hessians, config)
+    assert len(groups) == 1 and len(groups[0]) > 3  # streamed, in several groups
+    assert got.reset_per_parameter == expected.reset_per_parameter and got.threshold == expected.threshold
+    for (n, a), b in zip(model.named_parameters(), expected_model.parameters()):
+        assert torch.equal(a, b), n
 
 
 def test_literal_mode_ranks_embeddings(tokenizer):

@@ -122,3 +122,18 @@ def test_compiled_training_step_has_no_graph_break_from_the_op():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(accumulate)(compiled, grads)
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+@pytest.mark.parametrize("ranking", [ops.Ranking(hessian_floor=0.01), ops.Ranking(random_seed=2, random_keys=(5, 6),
+                                                                               random_offsets=(0, 10))])
+def test_opcheck_ranking_arguments(ranking):
+    ft, pre, h = make_weights(74, [(65, 3), (129,)], torch.bfloat16)
+    h[1] = torch.rand(1)  # a per-tensor hessian
+    args = ranking.args()
+    total = sum(t.numel() for t in ft)
+    threshold = ops.score_threshold(ft, pre, h, total // 2, EPS, ranking=ranking)
+    torch.library.opcheck(OPS.drift_score.default, (ft[0], pre[0], h[0], EPS, args[0], args[1], 5))
+    torch.library.opcheck(OPS.score_histogram.default, (ft, pre, h, EPS, 0, 0, *args))
+    torch.library.opcheck(OPS.score_threshold.default, (ft, pre, h, total // 2, EPS, *args))
+    torch.library.opcheck(OPS.masked_reset_.default, ([t.clone() for t in ft], pre, h, threshold, EPS, *args))
+    torch.library.opcheck(OPS.reset_most_abnormal_.default, ([t.clone() for t in ft], pre, h, 0.4, EPS, *args, True))

@@ -40,21 +40,22 @@ void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads, int6
 
 void drift_score(const TensorArg* finetuned, const TensorArg* pretrained,
                  const TensorArg* hessians, const TensorArg* scores, int64_t num_tensors,
-                 float eps) {
-  FP_CPU_CALL(drift_score, finetuned, pretrained, hessians, scores, num_tensors, eps);
+                 const ScoreSpec& spec, const uint64_t* streams) {
+  FP_CPU_CALL(drift_score, finetuned, pretrained, hessians, scores, num_tensors, spec, streams);
 }
 
 void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
-                     const TensorArg* hessians, int64_t num_tensors, float eps, int level,
-                     uint32_t prefix, int64_t* counts) {
-  FP_CPU_CALL(score_histogram, finetuned, pretrained, hessians, num_tensors, eps, level, prefix,
-              counts);
+                     const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                     const uint64_t* streams, int level, uint32_t prefix, int64_t* counts) {
+  FP_CPU_CALL(score_histogram, finetuned, pretrained, hessians, num_tensors, spec, streams, level,
+              prefix, counts);
 }
 
 void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
-                  const TensorArg* hessians, int64_t num_tensors, float eps, float threshold,
-                  int64_t* counts) {
-  FP_CPU_CALL(masked_reset, finetuned, pretrained, hessians, num_tensors, eps, threshold, counts);
+                  const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                  const uint64_t* streams, float threshold, int64_t* counts) {
+  FP_CPU_CALL(masked_reset, finetuned, pretrained, hessians, num_tensors, spec, streams, threshold,
+              counts);
 }
 
 }  // namespace finepurify::cpu

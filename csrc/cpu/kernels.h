@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 
+#include "../kernels/score_math.h"
 #include "../kernels/tensor_arg.h"
 
 namespace finepurify::cpu {
@@ -13,20 +14,23 @@ namespace finepurify::cpu {
   /* hessians[i] += scale * grads[i]^2; grads[i] zeroed in the same pass when zero_grads. */    \
   void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads,                   \
                            int64_t num_tensors, float scale, bool zero_grads);                  \
-  /* scores[i] = element_score(finetuned[i], pretrained[i], hessians[i]) (scores float32). */   \
+  /* Score-family kernels: scores by `spec` (score_math.h); streams[i]: tensor i's random */    \
+  /* stream (read only when spec.random); a hessian of one element holds for its tensor. */      \
+  /* scores[i] = the scores of tensor i (float32). */                                           \
   void drift_score(const TensorArg* finetuned, const TensorArg* pretrained,                     \
                    const TensorArg* hessians, const TensorArg* scores, int64_t num_tensors,     \
-                   float eps);                                                                  \
+                   const ScoreSpec& spec, const uint64_t* streams);                             \
   /* counts[0, level_bins(level)): histogram of digit `level` of the scores whose higher */     \
   /* digits equal `prefix`; counts[level_bins(level)]: elements that cannot be ranked */        \
-  /* (NaN/Inf input, negative hessian, NaN score). `counts` is overwritten. */                  \
+  /* (NaN/Inf input, negative hessian, NaN score); counts[level_bins(level) + 1]: elements */   \
+  /* that never moved (finetuned == pretrained). `counts` is overwritten. */                    \
   void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,                 \
-                       const TensorArg* hessians, int64_t num_tensors, float eps, int level,    \
-                       uint32_t prefix, int64_t* counts);                                       \
+                       const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,   \
+                       const uint64_t* streams, int level, uint32_t prefix, int64_t* counts);   \
   /* finetuned[i] = pretrained[i] where score >= threshold; counts[i] = elements reset. */      \
   void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,                    \
-                    const TensorArg* hessians, int64_t num_tensors, float eps, float threshold, \
-                    int64_t* counts);
+                    const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,      \
+                    const uint64_t* streams, float threshold, int64_t* counts);
 
 FP_DECLARE_CPU_KERNELS
 

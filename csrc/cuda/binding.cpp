@@ -28,41 +28,51 @@ void accumulate_sq_grads_cuda(at::TensorList hessians, at::TensorList grads, dou
 }
 
 at::Tensor drift_score_cuda(const at::Tensor& finetuned, const at::Tensor& pretrained,
-                            const at::Tensor& hessian, double eps) {
+                            const at::Tensor& hessian, double eps, double hessian_floor,
+                            int64_t random_seed, int64_t random_key) {
   check_weight_lists("drift_score", {finetuned}, {pretrained}, {hessian});
-  check_eps("drift_score", eps);
+  std::vector<uint64_t> streams;
+  const ScoreSpec spec =
+      score_spec("drift_score", eps, hessian_floor, random_seed, {random_key}, {}, 1, streams);
   const c10::cuda::CUDAGuard device_guard(finetuned.device());
   const ContiguousList inputs({finetuned, pretrained, hessian});
   at::Tensor scores = at::empty(finetuned.sizes(), finetuned.options().dtype(at::kFloat));
   const auto args = inputs.args();
   const TensorArg out = tensor_arg(scores);
-  cuda::drift_score(&args[0], &args[1], &args[2], &out, 1, static_cast<float>(eps),
+  cuda::drift_score(&args[0], &args[1], &args[2], &out, 1, spec, streams.data(),
                     current_stream());
   return scores;
 }
 
 at::Tensor score_histogram_cuda(at::TensorList finetuned, at::TensorList pretrained,
                                 at::TensorList hessians, double eps, int64_t level,
-                                int64_t prefix) {
+                                int64_t prefix, double hessian_floor, int64_t random_seed,
+                                at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
   check_weight_lists("score_histogram", finetuned, pretrained, hessians);
-  check_eps("score_histogram", eps);
+  std::vector<uint64_t> streams;
+  const ScoreSpec spec = score_spec("score_histogram", eps, hessian_floor, random_seed,
+                                    random_keys, random_offsets, finetuned.size(), streams);
   check_histogram_level("score_histogram", level, prefix);
   const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
   const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
   const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
-  at::Tensor counts = at::zeros({level_bins(static_cast<int>(level)) + 1},
+  at::Tensor counts = at::zeros({level_bins(static_cast<int>(level)) + 2},
                                 finetuned[0].options().dtype(at::kLong));
   cuda::score_histogram(ft_args.data(), pre_args.data(), h_args.data(),
-                        static_cast<int64_t>(ft_args.size()), static_cast<float>(eps),
+                        static_cast<int64_t>(ft_args.size()), spec, streams.data(),
                         static_cast<int>(level), static_cast<uint32_t>(prefix),
                         counts.data_ptr<int64_t>(), current_stream());
   return counts;
 }
 
 at::Tensor masked_reset_cuda(at::TensorList finetuned, at::TensorList pretrained,
-                             at::TensorList hessians, double threshold, double eps) {
+                             at::TensorList hessians, double threshold, double eps,
+                             double hessian_floor, int64_t random_seed,
+                             at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
   check_weight_lists("masked_reset_", finetuned, pretrained, hessians);
-  check_eps("masked_reset_", eps);
+  std::vector<uint64_t> streams;
+  const ScoreSpec spec = score_spec("masked_reset_", eps, hessian_floor, random_seed, random_keys,
+                                    random_offsets, finetuned.size(), streams);
   const float threshold_f = threshold_as_float("masked_reset_", threshold);
   const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
   const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
@@ -70,7 +80,7 @@ at::Tensor masked_reset_cuda(at::TensorList finetuned, at::TensorList pretrained
   at::Tensor counts = at::zeros({static_cast<int64_t>(finetuned.size())},
                                 finetuned[0].options().dtype(at::kLong));
   cuda::masked_reset(ft_args.data(), pre_args.data(), h_args.data(),
-                     static_cast<int64_t>(ft_args.size()), static_cast<float>(eps), threshold_f,
+                     static_cast<int64_t>(ft_args.size()), spec, streams.data(), threshold_f,
                      counts.data_ptr<int64_t>(), current_stream());
   ft.write_back();
   return counts;

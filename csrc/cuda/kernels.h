@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "../kernels/score_math.h"
 #include "../kernels/tensor_arg.h"
 
 namespace finepurify::cuda {
@@ -14,22 +15,26 @@ namespace finepurify::cuda {
 void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads, int64_t num_tensors,
                          float scale, bool zero_grads, cudaStream_t stream);
 
-// scores[i] = element_score(finetuned[i], pretrained[i], hessians[i], eps); scores float32.
+// The score family: scores by `spec` (score_math.h); streams[i] is tensor i's random stream
+// (host memory, read only when spec.random); a hessian of one element holds for its tensor.
+
+// scores[i] = the scores of tensor i (float32).
 void drift_score(const TensorArg* finetuned, const TensorArg* pretrained,
                  const TensorArg* hessians, const TensorArg* scores, int64_t num_tensors,
-                 float eps, cudaStream_t stream);
+                 const ScoreSpec& spec, const uint64_t* streams, cudaStream_t stream);
 
 // Adds to counts[0, level_bins(level)] (device memory, zeroed by the caller) the histogram of
-// digit `level` of the scores whose higher digits equal `prefix`, and at counts[level_bins]
-// the elements that cannot be ranked.
+// digit `level` of the scores whose higher digits equal `prefix`, at counts[level_bins] the
+// elements that cannot be ranked and at counts[level_bins + 1] those that never moved.
 void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
-                     const TensorArg* hessians, int64_t num_tensors, float eps, int level,
-                     uint32_t prefix, int64_t* counts, cudaStream_t stream);
+                     const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                     const uint64_t* streams, int level, uint32_t prefix, int64_t* counts,
+                     cudaStream_t stream);
 
 // finetuned[i] = pretrained[i] where score >= threshold; adds the number reset to counts[i]
 // (device memory, zeroed by the caller).
 void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
-                  const TensorArg* hessians, int64_t num_tensors, float eps, float threshold,
-                  int64_t* counts, cudaStream_t stream);
+                  const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                  const uint64_t* streams, float threshold, int64_t* counts, cudaStream_t stream);
 
 }  // namespace finepurify::cuda

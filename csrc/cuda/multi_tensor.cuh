@@ -48,9 +48,20 @@ struct LaunchTable {
   int64_t numel[kMaxTensorsPerLaunch];
   int64_t first_chunk[kMaxTensorsPerLaunch + 1];  // chunk prefix sums; the last is the total
   int32_t list_index[kMaxTensorsPerLaunch];       // position in the op's lists (for counts)
-  uint64_t aligned_mask;  // bit t: every pointer of tensor t is 16-byte aligned
+  uint64_t stream[kMaxTensorsPerLaunch];          // per-tensor random stream (score kernels)
+  uint64_t aligned_mask;    // bit t: every pointer of tensor t is 16-byte aligned
+  uint64_t broadcast_mask;  // bit t: tensor t of the broadcast list has one element, for all
   int32_t num_tensors;
 };
+
+// Per-launch options of launch_multi_tensor: a list whose tensors may hold one element that
+// stands for the whole tensor (the hessian of a per-tensor ranking), and per-tensor streams.
+struct LaunchExtras {
+  int broadcast_list = -1;
+  const uint64_t* streams = nullptr;  // host array, one per tensor of the op's lists
+};
+
+
 static_assert(sizeof(LaunchTable<4>) <= 4096, "launch table exceeds the kernel parameter limit");
 
 // Calls fn(tensor, begin, end) for every chunk of the table that this block owns, in order;
@@ -189,7 +200,8 @@ int64_t resident_grid(Kernel kernel) {
 template <int NumLists, typename... KernelArgs, typename... Args>
 void launch_multi_tensor(void (*kernel)(LaunchTable<NumLists>, KernelArgs...),
                          const TensorArg* const (&lists)[NumLists], int64_t num_tensors,
-                         int key_list, DType dtype, cudaStream_t stream, Args... args) {
+                         int key_list, DType dtype, const LaunchExtras& extras,
+                         cudaStream_t stream, Args... args) {
   LaunchTable<NumLists> table{};
   int64_t max_grid = 0;  // read from the device at the first launch only
   auto flush = [&]() {
@@ -209,10 +221,17 @@ void launch_multi_tensor(void (*kernel)(LaunchTable<NumLists>, KernelArgs...),
     if (lists[key_list][i].dtype != dtype || lists[key_list][i].numel == 0) continue;
     const int t = table.num_tensors;
     bool aligned = true;
+    const bool broadcast = extras.broadcast_list >= 0 &&
+                           lists[extras.broadcast_list][i].numel != lists[key_list][i].numel;
     for (int l = 0; l < NumLists; ++l) {
       table.data[l][t] = lists[l][i].data;
-      aligned = aligned && reinterpret_cast<uintptr_t>(lists[l][i].data) % 16 == 0;
+      // A broadcast element is read as a scalar, never as a vector.
+      if (!(broadcast && l == extras.broadcast_list)) {
+        aligned = aligned && reinterpret_cast<uintptr_t>(lists[l][i].data) % 16 == 0;
+      }
     }
+    if (broadcast) table.broadcast_mask |= uint64_t{1} << t;
+    table.stream[t] = extras.streams != nullptr ? extras.streams[i] : 0;
     table.numel[t] = lists[key_list][i].numel;
     table.list_index[t] = static_cast<int32_t>(i);
     if (aligned) table.aligned_mask |= uint64_t{1} << t;

@@ -18,18 +18,21 @@ using Count = std::integral_constant<int, N>;
 
 // Calls fn(i, Count<n>, f, p, h) over this block's share of [begin, end) of tensor t: f, p, h
 // hold the float32 values of elements i .. i+n-1 (n == kPack on the vector path, 1 otherwise;
-// a compile-time count, so callers unroll over registers).
+// a compile-time count, so callers unroll over registers). A broadcast hessian (one element for
+// the tensor) is read once.
 template <typename T, int NumLists, typename Fn>
 __device__ __forceinline__ void visit_scores(const LaunchTable<NumLists>& table, int t,
                                              int64_t begin, int64_t end, Fn&& fn) {
   const T* ft = static_cast<const T*>(table.data[kFinetuned][t]);
   const T* pre = static_cast<const T*>(table.data[kPretrained][t]);
   const float* h = static_cast<const float*>(table.data[kHessian][t]);
+  const bool broadcast = (table.broadcast_mask >> t) & 1;
+  const float h_all = broadcast ? h[0] : 0.0f;
   float f[kPack], p[kPack], hv[kPack];
   auto visit_one = [&](int64_t j) {
     f[0] = load_as_float(ft + j);
     p[0] = load_as_float(pre + j);
-    hv[0] = h[j];
+    hv[0] = broadcast ? h_all : h[j];
     fn(j, Count<1>{}, f, p, hv);
   };
   if ((table.aligned_mask >> t) & 1) {
@@ -39,12 +42,12 @@ __device__ __forceinline__ void visit_scores(const LaunchTable<NumLists>& table,
       Pack<float> h_pack;
       f_pack.load(ft + i);  // all loads issued before the first use
       p_pack.load(pre + i);
-      h_pack.load(h + i);
+      if (!broadcast) h_pack.load(h + i);
 #pragma unroll
       for (int j = 0; j < kPack; ++j) {
         f[j] = f_pack.as_float(j);
         p[j] = p_pack.as_float(j);
-        hv[j] = h_pack.as_float(j);
+        hv[j] = broadcast ? h_all : h_pack.as_float(j);
       }
       fn(i, Count<kPack>{}, f, p, hv);
     }
@@ -55,32 +58,41 @@ __device__ __forceinline__ void visit_scores(const LaunchTable<NumLists>& table,
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) drift_score_kernel(LaunchTable<4> table, float eps) {
+template <typename T, bool Random>
+__global__ void __launch_bounds__(kThreads)
+    drift_score_kernel(LaunchTable<4> table, ScoreSpec spec) {
   for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
     float* out = static_cast<float*>(table.data[3][t]);
+    const uint64_t stream = table.stream[t];
     visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
                                               const float* p, const float* h) {
       constexpr int n = decltype(count)::value;
       if constexpr (n == kPack) {
         Pack<float> scores;
 #pragma unroll
-        for (int j = 0; j < kPack; ++j) scores.set_float(j, element_score(f[j], p[j], h[j], eps));
+        for (int j = 0; j < kPack; ++j) scores.set_float(j, spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j));
         scores.store(out + i);
       } else {
-        out[i] = element_score(f[0], p[0], h[0], eps);
+        out[i] = spec.template score_as<Random>(f[0], p[0], h[0], stream, i);
       }
     });
   });
 }
 
+// Resident blocks per SM the histogram kernel is compiled for: it is bound by latency more than by
+// bandwidth, so occupancy is worth a register cap (no spills at this bound; see ptxas -v).
+#ifndef FP_HISTOGRAM_BLOCKS_PER_SM
+#define FP_HISTOGRAM_BLOCKS_PER_SM 4
+#endif
+constexpr int kHistogramBlocksPerSM = FP_HISTOGRAM_BLOCKS_PER_SM;
+
 // One block-private histogram in shared memory (32-bit counters), added to the global int64
 // counts once per block. Each thread merges runs of equal bins before its shared atomic: real
 // models hold long runs of identical scores (weights that never moved score 0), which would
-// otherwise send a whole warp to one bank.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    score_histogram_kernel(LaunchTable<3> table, float eps, DigitSelector digit,
+// otherwise send a whole warp to one bank. Weights that never moved are counted in a register.
+template <typename T, bool Random>
+__global__ void __launch_bounds__(kThreads, kHistogramBlocksPerSM)
+    score_histogram_kernel(LaunchTable<3> table, ScoreSpec spec, DigitSelector digit,
                            unsigned long long* counts) {
   __shared__ unsigned int bins[kMaxBins + 1];
   const int num_bins = digit.unrankable_bin() + 1;
@@ -88,12 +100,15 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   int run_bin = 0;
   unsigned int run_length = 0;
+  unsigned int unmoved = 0;  // a block counts fewer than 2^32 elements (launch_multi_tensor)
   for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
-    visit_scores<T>(table, t, begin, end, [&](int64_t, auto count, const float* f,
+    const uint64_t stream = table.stream[t];
+    visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
                                               const float* p, const float* h) {
 #pragma unroll
       for (int j = 0; j < decltype(count)::value; ++j) {
-        const int bin = digit.bin(element_score(f[j], p[j], h[j], eps),
+        unmoved += f[j] == p[j];
+        const int bin = digit.bin(spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j),
                                   rankable_inputs(f[j], p[j], h[j]));
         if (bin == DigitSelector::kNotCounted) continue;
         if (bin == run_bin) {
@@ -107,26 +122,29 @@ __global__ void __launch_bounds__(kThreads)
     });
   });
   if (run_length != 0) atomicAdd(&bins[run_bin], run_length);
+  const unsigned long long unmoved_in_warp = warp_sum(unmoved);
+  if (threadIdx.x % 32 == 0 && unmoved_in_warp != 0) atomicAdd(counts + num_bins, unmoved_in_warp);
   __syncthreads();
   for (int b = threadIdx.x; b < num_bins; b += kThreads) {
     if (bins[b] != 0) atomicAdd(counts + b, static_cast<unsigned long long>(bins[b]));
   }
 }
 
-template <typename T>
+template <typename T, bool Random>
 __global__ void __launch_bounds__(kThreads)
-    masked_reset_kernel(LaunchTable<3> table, float eps, float threshold,
+    masked_reset_kernel(LaunchTable<3> table, ScoreSpec spec, float threshold,
                         unsigned long long* counts) {
   for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
     T* ft = static_cast<T*>(table.data[kFinetuned][t]);
     const T* pre = static_cast<const T*>(table.data[kPretrained][t]);
+    const uint64_t stream = table.stream[t];
     unsigned long long num_reset = 0;
     visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
                                               const float* p, const float* h) {
 #pragma unroll
       for (int j = 0; j < decltype(count)::value; ++j) {
         // Resets are sparse: the pre-trained value is re-read (an L1/L2 hit) only where needed.
-        if (element_score(f[j], p[j], h[j], eps) >= threshold) {
+        if (spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j) >= threshold) {
           ft[i + j] = pre[i + j];
           ++num_reset;
         }
@@ -142,42 +160,46 @@ __global__ void __launch_bounds__(kThreads)
 
 void drift_score(const TensorArg* finetuned, const TensorArg* pretrained,
                  const TensorArg* hessians, const TensorArg* scores, int64_t num_tensors,
-                 float eps, cudaStream_t stream) {
+                 const ScoreSpec& spec, const uint64_t* streams, cudaStream_t stream) {
   const TensorArg* const lists[4] = {finetuned, pretrained, hessians, scores};
+  const LaunchExtras extras{kHessian, streams};
   for (DType dtype : kAllDTypes) {
     dispatch_storage(dtype, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      launch_multi_tensor(drift_score_kernel<T>, lists, num_tensors, kFinetuned, dtype, stream,
-                          eps);
+      launch_multi_tensor(spec.random ? drift_score_kernel<T, true> : drift_score_kernel<T, false>, lists, num_tensors, kFinetuned, dtype, extras,
+                          stream, spec);
     });
   }
 }
 
 void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
-                     const TensorArg* hessians, int64_t num_tensors, float eps, int level,
-                     uint32_t prefix, int64_t* counts, cudaStream_t stream) {
+                     const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                     const uint64_t* streams, int level, uint32_t prefix, int64_t* counts,
+                     cudaStream_t stream) {
   const TensorArg* const lists[3] = {finetuned, pretrained, hessians};
+  const LaunchExtras extras{kHessian, streams};
   const DigitSelector digit(level, prefix);
   auto* out = reinterpret_cast<unsigned long long*>(counts);
   for (DType dtype : kAllDTypes) {
     dispatch_storage(dtype, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      launch_multi_tensor(score_histogram_kernel<T>, lists, num_tensors, kFinetuned, dtype,
-                          stream, eps, digit, out);
+      launch_multi_tensor(spec.random ? score_histogram_kernel<T, true> : score_histogram_kernel<T, false>, lists, num_tensors, kFinetuned, dtype,
+                          extras, stream, spec, digit, out);
     });
   }
 }
 
 void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
-                  const TensorArg* hessians, int64_t num_tensors, float eps, float threshold,
-                  int64_t* counts, cudaStream_t stream) {
+                  const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                  const uint64_t* streams, float threshold, int64_t* counts, cudaStream_t stream) {
   const TensorArg* const lists[3] = {finetuned, pretrained, hessians};
+  const LaunchExtras extras{kHessian, streams};
   auto* out = reinterpret_cast<unsigned long long*>(counts);
   for (DType dtype : kAllDTypes) {
     dispatch_storage(dtype, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      launch_multi_tensor(masked_reset_kernel<T>, lists, num_tensors, kFinetuned, dtype, stream,
-                          eps, threshold, out);
+      launch_multi_tensor(spec.random ? masked_reset_kernel<T, true> : masked_reset_kernel<T, false>, lists, num_tensors, kFinetuned, dtype, extras,
+                          stream, spec, threshold, out);
     });
   }
 }

@@ -55,7 +55,7 @@ void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads, int6
     dispatch_storage(dtype, [&](auto* tag) {
       using G = std::remove_pointer_t<decltype(tag)>;
       launch_multi_tensor(accumulate_sq_grads_kernel<G>, lists, num_tensors, /*key_list=*/1,
-                          dtype, stream, scale, zero_grads);
+                          dtype, LaunchExtras{}, stream, scale, zero_grads);
     });
   }
 }

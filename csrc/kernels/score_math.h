@@ -19,6 +19,66 @@ FP_HOST_DEVICE float element_score(float finetuned, float pretrained, float hess
   return drift * drift / (hessian + eps);
 }
 
+FP_HOST_DEVICE uint32_t float_bits(float value);
+FP_HOST_DEVICE float float_from_bits(uint32_t bits);
+
+// The counter-based generator of the random ranking (Fine-mixing's random mask): a score that is a
+// pure function of (the tensor's stream, the element's index), so CPU, CUDA, pieces read out of
+// core and shards of a process group all draw the same value for one element, and no score tensor
+// exists. splitmix64: the element's state is stream + index * golden, so a piece that starts at
+// element `offset` of its tensor is the same sequence from stream + offset * golden.
+constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
+
+FP_HOST_DEVICE uint64_t splitmix64_mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// One tensor's (or piece's) stream, host side, once per tensor.
+inline uint64_t random_stream(uint64_t seed, uint64_t key, uint64_t offset) {
+  return splitmix64_mix(seed ^ splitmix64_mix(key + kGolden)) + offset * kGolden;
+}
+
+// A positive float whose bits are uniform over [1, 2^30]: random scores rank uniformly, ties are
+// rare (2^30 values), and none is 0, the score of a weight that never moved.
+FP_HOST_DEVICE float random_score(uint64_t stream, int64_t index) {
+  const uint64_t z = splitmix64_mix(stream + static_cast<uint64_t>(index) * kGolden);
+  return float_from_bits(static_cast<uint32_t>(z >> 34) + 1u);
+}
+
+// How a score is computed: the one scoring spec of every ranking and every backend.
+//   drift score: (ft - pre)^2 / (max(h, hessian_floor) + eps), h a tensor's element or, for a
+//     hessian of one element, that value for the whole tensor (a per-tensor curvature);
+//   random (Fine-mixing): random_score(stream, index) where ft != pre, 0 where the weight never
+//     moved (resetting it would change nothing).
+struct ScoreSpec {
+  float eps;
+  float hessian_floor;
+  bool random;
+
+  FP_HOST_DEVICE float score(float finetuned, float pretrained, float hessian, uint64_t stream,
+                             int64_t index) const {
+    return random ? score_as<true>(finetuned, pretrained, hessian, stream, index)
+                  : score_as<false>(finetuned, pretrained, hessian, stream, index);
+  }
+
+  // The score with `random` known at compile time: GPU kernels are instantiated per ranking kind,
+  // so the drift-score kernels carry none of the generator's registers.
+  template <bool Random>
+  FP_HOST_DEVICE float score_as(float finetuned, float pretrained, float hessian, uint64_t stream,
+                                int64_t index) const {
+    if constexpr (Random) {
+      return finetuned != pretrained ? random_score(stream, index) : 0.0f;
+    } else {
+      // max(h, floor) written so that a NaN hessian stays out of the score's way: it is refused
+      // by rankable_inputs, which sees the raw value.
+      const float h = hessian > hessian_floor ? hessian : hessian_floor;
+      return element_score(finetuned, pretrained, h, eps);
+    }
+  }
+};
+
 FP_HOST_DEVICE uint32_t float_bits(float value) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(value);

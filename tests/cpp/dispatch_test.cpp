@@ -28,17 +28,17 @@ int main() {
   auto drift_score = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("finepurify::drift_score", "")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           double)>();
+                                           double, double, int64_t, int64_t)>();
   const at::Tensor drift = ft - pre;
   const at::Tensor expected = drift * drift / (h + eps);
-  expect(at::equal(drift_score.call(ft, pre, h, eps), expected), "drift_score equals ATen");
+  expect(at::equal(drift_score.call(ft, pre, h, eps, 0.0, -1, 0), expected), "drift_score equals ATen");
 
   auto reset = c10::Dispatcher::singleton()
                    .findSchemaOrThrow("finepurify::reset_most_abnormal_", "")
                    .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double,
-                                     double)>();
+                                     double, double, int64_t, at::IntArrayRef, at::IntArrayRef, bool)>();
   at::Tensor purified = ft.clone();
-  const at::Tensor counts = reset.call({purified}, {pre}, {h}, 0.75, eps);
+  const at::Tensor counts = reset.call({purified}, {pre}, {h}, 0.75, eps, 0.0, -1, {}, {}, false);
   const int64_t num_reset = counts.sum().item<int64_t>();
   expect(num_reset == 37000 / 4, "reset_most_abnormal_ resets a quarter");
   const at::Tensor was_reset = purified.eq(pre);
@@ -54,12 +54,13 @@ int main() {
   auto threshold = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("finepurify::score_threshold", "")
                        .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t,
-                                         double)>();
+                                         double, double, int64_t, at::IntArrayRef,
+                                         at::IntArrayRef)>();
   at::Tensor bad = ft.clone();
   bad[3][5] = std::numeric_limits<float>::quiet_NaN();
   std::string message;
   try {
-    threshold.call({pre, bad}, {pre, pre}, {h, h}, 10, eps);
+    threshold.call({pre, bad}, {pre, pre}, {h, h}, 10, eps, 0.0, -1, {}, {});
   } catch (const c10::Error& error) {
     message = error.what_without_backtrace();
   }

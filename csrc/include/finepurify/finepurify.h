@@ -3,12 +3,15 @@
 // functions call them through it, so CPU and CUDA tensors both work.
 //
 // Shapes and dtypes as in the Python API: finetuned/pretrained float32, bfloat16 or float16 (a pair
-// shares one dtype); hessians float32; score = (finetuned - pretrained)^2 / (hessian + eps).
+// shares one dtype); hessians float32, each of its tensor's shape or of one element (one curvature
+// for the whole tensor); score = (finetuned - pretrained)^2 / (max(hessian, floor) + eps), or
+// Fine-mixing's random score (see Ranking).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace finepurify {
 
@@ -16,20 +19,33 @@ namespace finepurify {
 void accumulate_sq_grads_(at::TensorList hessians, at::TensorList grads, double scale = 1.0,
                           bool zero_grads = false);
 
-// float32 (finetuned - pretrained)^2 / (hessian + eps).
+// How the score ops rank: the Hessian floored at hessian_floor, or (random_seed >= 0) a random
+// score per moved weight from a counter-based generator, one stream per tensor keyed by
+// random_keys (default: list positions), the same on every device, piece and shard.
+struct Ranking {
+  double hessian_floor = 0.0;
+  int64_t random_seed = -1;
+  std::vector<int64_t> random_keys;
+  std::vector<int64_t> random_offsets;  // each tensor's first element in the whole tensor
+};
+
+// float32 scores of one tensor.
 at::Tensor drift_score(const at::Tensor& finetuned, const at::Tensor& pretrained,
-                       const at::Tensor& hessian, double eps);
+                       const at::Tensor& hessian, double eps, double hessian_floor = 0.0,
+                       int64_t random_seed = -1, int64_t random_key = 0);
 
 // The exact k-th largest score (k from 1) over every element of every tensor.
 double score_threshold(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
-                       int64_t k, double eps);
+                       int64_t k, double eps, const Ranking& ranking = {});
 
 // In place: elements whose score is >= threshold take their pre-trained value. Per-tensor counts.
 at::Tensor masked_reset_(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
-                         double threshold, double eps);
+                         double threshold, double eps, const Ranking& ranking = {});
 
-// Keeps the round(reserve_ratio * N) smallest scores, resets the rest. Per-tensor counts.
+// Keeps the round(reserve_ratio * N) smallest scores, resets the rest (N: every element, or with
+// count_moved_only the elements that moved). Per-tensor counts.
 at::Tensor reset_most_abnormal_(at::TensorList finetuned, at::TensorList pretrained,
-                                at::TensorList hessians, double reserve_ratio, double eps);
+                                at::TensorList hessians, double reserve_ratio, double eps,
+                                const Ranking& ranking = {}, bool count_moved_only = false);
 
 }  // namespace finepurify
