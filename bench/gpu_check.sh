@@ -2,12 +2,15 @@
 # The GPU check in one command, for whoever is lent a GPU: build for this GPU's architecture only,
 # the CUDA tests, the benchmark of the ops and of the pipeline, then compute-sanitizer memcheck on
 # the CUDA tests with the time left. Sized to finish within FINEPURIFY_GPU_CHECK_S seconds (default
-# 330) on one H100/H200; every step has its own limit and a failed step does not stop the others.
+# 460, under 8 minutes) on one H100/H200; every step has its own limit and a failed step does not stop
+# the others.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      # OUT_DIR defaults to bench/results
 #
 # Writes OUT_DIR/gpu_check.json (device, torch, commit, each step's status and summary),
-# gpu_check.log, cuda_ops.json (bench/bench_cuda.py) and pipeline_cuda.json (bench/bench_pipeline.py).
+# gpu_check.log, cuda_ops.json (bench/bench_cuda.py), pipeline_cuda.json (bench/bench_pipeline.py)
+# and gpu_e2e.json (bench/gpu_e2e.py: `finepurify purify|hessian --device cuda` on an OPT-1.3B-shaped
+# model, in memory and out of core).
 # Uses python3 (or $PYTHON) as it is: no downloads. CXX defaults to the system g++ (a toolchain that
 # links libstdc++ statically is refused by setup.py).
 set -u
@@ -15,7 +18,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${1:-bench/results}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
-BUDGET="${FINEPURIFY_GPU_CHECK_S:-330}"
+BUDGET="${FINEPURIFY_GPU_CHECK_S:-460}"
 START=$(date +%s)
 LOG="$OUT_DIR/gpu_check.log"
 STEPS="$OUT_DIR/.gpu_check_steps"
@@ -47,6 +50,7 @@ step build 240 env CXX="${CXX_OVERRIDE:-g++}" CC="${CC_OVERRIDE:-gcc}" TORCH_CUD
 step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_torch_integration.py
 step bench_ops 170 "$PY" bench/bench_cuda.py --repeats 5 --out "$OUT_DIR/cuda_ops.json"
 step bench_pipeline 100 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --out "$OUT_DIR/pipeline_cuda.json"
+step e2e 200 "$PY" bench/gpu_e2e.py --model "${FINEPURIFY_E2E_MODEL:-opt-1.3b}" --timeout 120 --out "$OUT_DIR/gpu_e2e.json"
 # memcheck slows every launch: it gets what is left, and reports how far it came.
 step memcheck 600 compute-sanitizer --tool memcheck --error-exitcode 99 \
   "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py

@@ -266,6 +266,7 @@ def purify_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     chunk_bytes: int = 32 << 20,
+    device: torch.device | str = "cpu",
 ) -> CheckpointReport:
     """Purifies the suspect checkpoint against the pre-trained one with the Hessian, tensor by tensor,
     and writes the result (same shards and index as the suspect, plus a report) to ``out_dir``.
@@ -277,7 +278,9 @@ def purify_checkpoint(
     ``num_reset``), eps, the Hessian floor, counting the ratio over moved weights, and the separate
     embedding budget (the word-embedding matrix, found by name, kept out of the ranking; its rows
     with a Hessian of exactly zero that moved are reset). Tensors are streamed in pieces of
-    ``chunk_bytes`` (float32): peak memory is about three pieces, whatever the largest tensor."""
+    ``chunk_bytes`` (float32): peak memory is about three pieces, whatever the largest tensor. On a
+    CUDA ``device`` the pieces are scored and reset there (the files are still read and written by
+    the CPU)."""
     times = {}
     start_all = time.perf_counter()
     pre_ckpt, sus_ckpt, h_ckpt = Checkpoint(pretrained, "pre-trained checkpoint"), \
@@ -326,8 +329,9 @@ def purify_checkpoint(
         numel = sus_ckpt.numel(name)
         for start in range(0, numel, chunk):
             count = min(chunk, numel - start)
-            ft, pre = sus_ckpt.read(name, start, count), pre_ckpt.read(pre_name[name], start, count)
-            h = h_ckpt.read(name, start, count).float() if with_hessian else None
+            ft = sus_ckpt.read(name, start, count).to(device)
+            pre = pre_ckpt.read(pre_name[name], start, count).to(device)
+            h = h_ckpt.read(name, start, count).to(device).float() if with_hessian else None
             bytes_read += count * (ft.element_size() + pre.element_size() +
                                    (h_ckpt.entries[name].dtype.itemsize if with_hessian else 0))
             yield start, ft, pre, h
@@ -357,7 +361,7 @@ def purify_checkpoint(
         del samples
     times["pre_pass"] = time.perf_counter() - start_all
 
-    zero = torch.zeros(1)
+    zero = torch.zeros(1, device=device)
     eps = 1.0 if config.ranking == "magnitude" else config.eps
 
     def piece_inputs(name, start, h):
@@ -365,7 +369,7 @@ def purify_checkpoint(
         if config.ranking == "fine_purifying":
             return h, ops.Ranking(hessian_floor=floor or 0.0)
         if config.ranking == "no_hessian":
-            return torch.tensor([max(h_mean[name], floor or 0.0)], dtype=torch.float32), ops.PLAIN
+            return torch.tensor([max(h_mean[name], floor or 0.0)], dtype=torch.float32, device=device), ops.PLAIN
         if config.ranking == "fine_mixing":
             return zero, ops.Ranking(random_seed=config.seed, random_keys=(ops.tensor_key(name),),
                                      random_offsets=(start,))
@@ -383,7 +387,7 @@ def purify_checkpoint(
                     raise unrankable([(f"{sus_ckpt.entries[name].file}: tensor {name!r}", ft),
                                       (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre)]) \
                         or CheckpointError(f"cannot rank {name!r}: its scores overflow float32; use a larger eps")
-                counts += piece
+                counts += piece.cpu()
                 del ft, pre, h, hs
         return counts
 
@@ -447,7 +451,7 @@ def purify_checkpoint(
                     for piece_start, ft, pre, h in chunks(name, reads_hessian):
                         hs, ranking = piece_inputs(name, piece_start, h)
                         resets += int(ops.masked_reset_([ft], [pre], [hs], threshold, eps, ranking=ranking)[0])
-                        writer.write_part(name, ft)  # finite: the histogram passes refused NaN/Inf
+                        writer.write_part(name, ft.cpu())  # finite: the histogram passes refused NaN/Inf
                         del ft, pre, h, hs
                     report.reset_per_tensor[name] = resets
                 else:  # copied as it is (nothing to reset: no need to read pre-trained values and Hessian)

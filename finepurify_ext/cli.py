@@ -9,7 +9,10 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 
+import torch  # noqa: E402
+
 from .demo import SUITE  # noqa: E402
+from .devices import DTYPES, compute_precision, default_device, resolve_device  # noqa: E402
 from .purify import PurifyConfig  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
 from .outputs import check_output_dir, check_output_file  # noqa: E402
@@ -79,9 +82,12 @@ def cmd_purify_checkpoint(args) -> int:
     check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.hessian_file))
     config = _purify_config(args)
     report = purify_checkpoint(args.pretrained, args.suspect, args.hessian_file, args.out, config,
-                               num_reset=args.num_reset, overwrite=args.overwrite)
-    print(f"purified checkpoint written to {args.out}: reset {sum(report.reset_per_tensor.values())} of "
-          f"{report.ranked_elements} ranked weights, read {report.bytes_read / 1e9:.2f} GB in "
+                               num_reset=args.num_reset, overwrite=args.overwrite, device=resolve_device(args.device))
+    ranked_reset = sum(c for n, c in report.reset_per_tensor.items() if n != report.embedding_tensor)
+    rows = (f" and {report.embedding_rows_reset} rows of {report.embedding_tensor} (tokens the clean data never "
+            "reaches)" if report.embedding_tensor else "")
+    print(f"purified checkpoint written to {args.out}: reset {ranked_reset} of "
+          f"{report.ranked_elements} ranked weights{rows}, read {report.bytes_read / 1e9:.2f} GB in "
           f"{sum(report.timings_s.values()):.1f} s (report finepurify_report.json). Fine-tune it on clean "
           "data in your training stack.")
     return 0
@@ -95,9 +101,13 @@ def cmd_hessian(args) -> int:
     check_output_file(args.out, args.overwrite, inputs=(args.model, args.clean_data))
     resume = args.out + ".accumulator.safetensors"
     clean = load_examples(args.clean_data, num_labels=classifier_labels(args.model))  # before loading the model
+    device = resolve_device(args.device)
     model, tokenizer, _ = load_classifier(args.model)
+    model.to(device)
     config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size)
-    hessians, count = clean_hessian(model, tokenizer, clean, config, resume_file=resume, save_every=args.save_every)
+    with compute_precision(device, args.dtype):
+        hessians, count = clean_hessian(model, tokenizer, clean, config, resume_file=resume,
+                                        save_every=args.save_every)
     save_hessian(args.out, hessians, count)
     os.remove(resume)
     print(f"Hessian of {len(hessians)} tensors from {count} squared gradients written to {args.out}")
@@ -124,24 +134,29 @@ def cmd_purify(args) -> int:
                      inputs=(args.pretrained, args.suspect, args.clean_data, args.unlabelled_data))
     clean = load_examples(args.clean_data, num_labels=classifier_labels(args.suspect))  # before loading the model
     unlabelled = load_texts(args.unlabelled_data) if args.unlabelled_data else []
+    device = resolve_device(args.device)
     model, tokenizer, _ = load_classifier(args.suspect)
-    pretrained_state = pretrained_state_for(model, args.pretrained)
+    pretrained_state = pretrained_state_for(model, args.pretrained)  # stays on the CPU: purify_ streams it
+    model.to(device)
     start = time.perf_counter()
     finetune_config = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, validation_fraction=args.validation_fraction,
                                      eval_every=args.eval_every, patience=args.patience, distill=args.distill)
     common = dict(finetune_config=finetune_config,
                   hessian_config=HessianConfig(per_sample=args.hessian == "per-sample"), seed=args.seed,
                   unlabelled=unlabelled)
-    if args.reserve_ratio == "auto":
-        selection = SelectionConfig(grid=args.rho_grid, validation_fraction=args.validation_fraction,
-                                    tolerance=args.cacc_tolerance)
-        report = fine_purify_auto(model, pretrained_state, tokenizer, clean, _purify_config(args),
-                                  selection=selection, **common)
-        chosen = report["selection"]["chosen_reserve_ratio"]
-        print(f"reserve ratio chosen on {report['selection']['validation_examples']} held-out clean examples: "
-              f"{chosen}" + (" (no reset: clean fine-tuning only)" if chosen == 1.0 else ""))
-    else:
-        report = fine_purify(model, pretrained_state, tokenizer, clean, _purify_config(args), **common)
+    with compute_precision(device, args.dtype):
+        if args.reserve_ratio == "auto":
+            selection = SelectionConfig(grid=args.rho_grid, validation_fraction=args.validation_fraction,
+                                        tolerance=args.cacc_tolerance)
+            report = fine_purify_auto(model, pretrained_state, tokenizer, clean, _purify_config(args),
+                                      selection=selection, **common)
+            chosen = report["selection"]["chosen_reserve_ratio"]
+            print(f"reserve ratio chosen on {report['selection']['validation_examples']} held-out clean examples: "
+                  f"{chosen}" + (" (no reset: clean fine-tuning only)" if chosen == 1.0 else ""))
+        else:
+            report = fine_purify(model, pretrained_state, tokenizer, clean, _purify_config(args), **common)
+    report["device"] = {"device": str(device), "dtype": args.dtype,
+                        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}
     report["timings_s"]["total"] = time.perf_counter() - start
     report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
                         "clean_data": os.path.abspath(args.clean_data),
@@ -155,8 +170,11 @@ def cmd_purify(args) -> int:
 
     save_atomically(args.out, write, overwrite=args.overwrite)
     p = report.get("purify", {})
-    print(f"purified model written to {args.out} (reset {sum(p.get('reset_per_parameter', {}).values())} "
-          f"of {p.get('ranked_elements', 0)} ranked weights; report finepurify_report.json)")
+    embedding = p.get("embedding_parameter")
+    ranked_reset = sum(c for n, c in p.get("reset_per_parameter", {}).items() if n != embedding)
+    rows = f" and {p.get('embedding_rows_reset', 0)} embedding rows of unseen tokens" if embedding else ""
+    print(f"purified model written to {args.out} (reset {ranked_reset} of {p.get('ranked_elements', 0)} ranked "
+          f"weights{rows}; report finepurify_report.json)")
     return 0
 
 
@@ -176,11 +194,14 @@ def cmd_evaluate(args) -> int:
     if args.trigger and not args.bias and all(e.label == args.target_label for e in data):
         raise UserError(f"{args.data}: every example has label {args.target_label}; the attack success rate is "
                         "measured on examples of the other labels: add some, or choose another --target-label")
+    device = resolve_device(args.device)
     model, tokenizer, _ = load_classifier(args.model)
-    print(f"CACC {100 * clean_accuracy(model, tokenizer, data):.1f} %")
-    if args.trigger:
-        attack = Attack("cli", "bias" if args.bias else "word", args.trigger, args.target_label)
-        print(f"ASR  {100 * attack_success_rate(model, tokenizer, data, attack):.1f} % (trigger {args.trigger!r})")
+    model.to(device)
+    with compute_precision(device, args.dtype):
+        print(f"CACC {100 * clean_accuracy(model, tokenizer, data):.1f} %")
+        if args.trigger:
+            attack = Attack("cli", "bias" if args.bias else "word", args.trigger, args.target_label)
+            print(f"ASR  {100 * attack_success_rate(model, tokenizer, data, attack):.1f} % (trigger {args.trigger!r})")
     return 0
 
 
@@ -191,7 +212,9 @@ def cmd_demo(args) -> int:
     if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "report.json")):
         raise UserError(f"--out {args.out} holds files that are not a demo report; the demo replaces its --out: "
                         "choose another directory")
-    run_demo(out_dir=args.out, seed=args.seed, quick=args.quick, attack=args.attack)
+    device = resolve_device(args.device)
+    with compute_precision(device, args.dtype):
+        run_demo(out_dir=args.out, seed=args.seed, quick=args.quick, attack=args.attack, device=device)
     return 0
 
 
@@ -213,8 +236,16 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+    placed = argparse.ArgumentParser(add_help=False)
+    placed.add_argument("--device", default=None,
+                        help=f"where the model, Hessians and batches live: cpu, cuda or cuda:N (default: cuda when "
+                        f"available, else cpu; here {default_device()}); the pre-trained state is moved a few tensors "
+                        "at a time")
+    placed.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="compute dtype of the forward and backward passes; bfloat16 is mixed precision "
+                        "(autocast; weights, optimizer and Hessian stay float32)")
 
-    p = sub.add_parser("purify", parents=[common], help="purify a suspect fine-tuned model")
+    p = sub.add_parser("purify", parents=[common, placed], help="purify a suspect fine-tuned model")
     p.add_argument("--pretrained", required=True, help="clean pre-trained transformers directory (safetensors)")
     p.add_argument("--suspect", required=True, help="suspect fine-tuned classifier directory (safetensors)")
     p.add_argument("--clean-data", help="CSV or JSONL with text and label columns")
@@ -256,7 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(fn=cmd_purify)
 
-    h = sub.add_parser("hessian", parents=[common], help="estimate the clean Hessian of a model and save it (resumable)")
+    h = sub.add_parser("hessian", parents=[common, placed], help="estimate the clean Hessian of a model and save it (resumable)")
     h.add_argument("--model", required=True, help="the suspect classifier directory (safetensors)")
     h.add_argument("--clean-data", required=True, help="CSV or JSONL with text and label columns")
     h.add_argument("--out", required=True, help="the .safetensors file to write")
@@ -267,7 +298,7 @@ def main(argv=None) -> int:
     h.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     h.set_defaults(fn=cmd_hessian)
 
-    e = sub.add_parser("evaluate", parents=[common], help="clean accuracy (and attack success rate) of a model")
+    e = sub.add_parser("evaluate", parents=[common, placed], help="clean accuracy (and attack success rate) of a model")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True, help="CSV or JSONL with text and label columns")
     e.add_argument("--trigger", help="trigger to insert for the ASR")
@@ -275,7 +306,7 @@ def main(argv=None) -> int:
     e.add_argument("--bias", action="store_true", help="report the flip rate (bias) instead")
     e.set_defaults(fn=cmd_evaluate)
 
-    d = sub.add_parser("demo", parents=[common], help="backdoor all-MiniLM-L6-v2 on tweets and compare the defences")
+    d = sub.add_parser("demo", parents=[common, placed], help="backdoor all-MiniLM-L6-v2 on tweets and compare the defences")
     d.add_argument("--out", default="demo_output")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a tiny smoke-run setting (too small for the backdoor to take hold)")

@@ -145,13 +145,15 @@ class DefenceCell:
     fine-tuning part, computed once. ``defend`` runs one defence on a copy of the backdoored model.
     The demo and the defence table both run their defences through it, so their numbers agree."""
 
-    def __init__(self, setting: DemoSetting, seed: int):
+    def __init__(self, setting: DemoSetting, seed: int, device: torch.device | str = "cpu"):
         from .attacks import ATTACKS
         from .pipeline import FinetuneConfig, split_validation
 
         self.setting, self.seed, self.attack = setting, seed, ATTACKS[setting.attack]
         _, clean, self.test = demo_data(setting)
         self.suspect, self.reference, self.tokenizer = demo_models(setting, seed)
+        self.suspect.to(device)
+        self.reference.to(device)
         self.train, self.validation = split_validation(clean, FinetuneConfig().validation_fraction, seed)
         self._pretrained_state = self._hessians = None
         self.hessian_time_s = 0.0  # the Hessian is estimated once and shared by every ranking
@@ -197,7 +199,7 @@ class DefenceCell:
 
 
 def run_demo(out_dir: str = "demo_output", seed: int = 0, quick: bool = False, setting: DemoSetting | None = None,
-             attack: str = "word"):
+             attack: str = "word", device: torch.device | str = "cpu"):
     """The defences on one attack of the suite (SUITE), or on ``setting``; a table on stdout, and the
     report and plots in ``out_dir``."""
     from .pipeline import save_atomically, write_json
@@ -206,7 +208,7 @@ def run_demo(out_dir: str = "demo_output", seed: int = 0, quick: bool = False, s
     setting = setting or suite_setting(attack, quick)
     torch.manual_seed(seed)
     wall = time.perf_counter()
-    cell = DefenceCell(setting, seed)
+    cell = DefenceCell(setting, seed, device)
     attack = cell.attack
     print(f"all-MiniLM-L6-v2, {setting.task}; attack {attack.name!r} trigger {attack.trigger!r} -> label "
           f"{attack.target_label}, {setting.poison_rate:.0%} poisoned; {len(cell.train) + len(cell.validation)} "

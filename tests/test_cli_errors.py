@@ -604,3 +604,29 @@ def test_attack_success_rate_needs_examples_of_other_labels(models, tmp_path, ca
     path.write_text('{"text": "good day", "label": 1}\n{"text": "great film", "label": 1}\n')
     fails(command("evaluate", models, "unused", data=str(path)) + ["--trigger", "cf", "--target-label", "1"], capsys,
           "every example has label 1", inputs=[path])
+
+
+@pytest.mark.parametrize("name", ["purify", "purify-out-of-core", "hessian", "evaluate", "demo"])
+def test_device_option_is_checked(models, tmp_path, capsys, name):
+    args = command(name, models, str(tmp_path / "out"))
+    fails(args + ["--device", "gpu0"], capsys, "--device 'gpu0' is not a device; give cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        fails(args + ["--device", "cuda"], capsys, "--device cuda: no CUDA device is visible", "give --device cpu")
+    fails(args + ["--device", "meta"], capsys, "--device meta: only cpu and cuda devices are supported")
+
+
+def test_bfloat16_mixed_precision_on_cpu(models, tmp_path, capsys):
+    """--dtype bfloat16 runs the passes under autocast; weights and Hessian stay float32."""
+    assert cli.main(command("evaluate", models, "") + ["--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert "CACC" in capsys.readouterr().out
+    out = tmp_path / "h.safetensors"
+    assert cli.main(command("hessian", models, str(out)) + ["--dtype", "bfloat16"]) == 0
+    hessian = load_file(out)
+    assert all(h.dtype == torch.float32 and bool(torch.isfinite(h).all()) for h in hessian.values())
+    assert any(bool((h > 0).any()) for h in hessian.values())
+    purified = tmp_path / "purified"
+    assert cli.main(command("purify", models, str(purified)) + ["--dtype", "bfloat16", "--device", "cpu"]) == 0
+    report = json.load(open(purified / "finepurify_report.json"))
+    assert report["device"] == {"device": "cpu", "dtype": "bfloat16", "name": "CPU"}
+    assert all(t.dtype == torch.float32 for t in load_file(purified / "model.safetensors").values()
+               if t.is_floating_point())

@@ -405,3 +405,32 @@ def test_random_ranking_offsets_on_cuda():
                    [OPS.drift_score.default(ft[0], pre[0], zeros[0], EPS, 0.0, 9, 123)])
     assert ops.score_threshold(to_cuda(ft), to_cuda(pre), to_cuda(zeros), 777, EPS, ranking=ranking) == \
         ops.score_threshold(ft, pre, zeros, 777, EPS, ranking=ranking)
+
+
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
+def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, ranking):
+    """Out of core with --device cuda: pieces scored and reset on the GPU, the same files as on the CPU."""
+    from safetensors.torch import load_file, save_file
+    from finepurify_ext.checkpoint import purify_checkpoint
+    from finepurify_ext.purify import PurifyConfig
+
+    gen = torch.Generator().manual_seed(62)
+    shapes = {"model.embed_tokens.weight": (40, 8), "layer.weight": (33, 8), "layer.bias": (33,)}
+    pre = {n: torch.randn(s, generator=gen).bfloat16() for n, s in shapes.items()}
+    sus = {n: (t.float() + 0.01 * torch.randn(t.shape, generator=gen)).bfloat16() for n, t in pre.items()}
+    hess = {n: torch.rand(s, generator=gen) for n, s in shapes.items()}
+    hess["model.embed_tokens.weight"][5:9] = 0
+    paths = {}
+    for role, state in (("pre", pre), ("sus", sus), ("h", hess)):
+        paths[role] = str(tmp_path / f"{role}.safetensors")
+        save_file(state, paths[role], metadata={"format": "finepurify-hessian-v1" if role == "h" else "pt"})
+    config = PurifyConfig(ranking=ranking)
+    reports = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        reports[device] = purify_checkpoint(paths["pre"], paths["sus"], paths["h"], str(out), config,
+                                            progress=False, chunk_bytes=64, device=device)
+    cpu, gpu = load_file(tmp_path / "cpu" / "sus.safetensors"), load_file(tmp_path / "cuda" / "sus.safetensors")
+    assert all(torch.equal(cpu[n], gpu[n]) for n in shapes)
+    assert reports["cpu"].reset_per_tensor == reports["cuda"].reset_per_tensor
+    assert reports["cuda"].embedding_rows_reset == 4
