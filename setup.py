@@ -78,7 +78,8 @@ if with_cuda:
         ext_sources + cuda_sources,
         extra_compile_args={
             "cxx": cxx_flags + ["-DFINEPURIFY_WITH_CUDA"],
-            "nvcc": ["-O3", "-fmad=false", "-DFINEPURIFY_WITH_CUDA"],
+            # FINEPURIFY_NVCC_FLAGS: extra flags for experiments (e.g. -DFP_PACKS_PER_STEP=2).
+            "nvcc": ["-O3", "-fmad=false", "-DFINEPURIFY_WITH_CUDA"] + os.environ.get("FINEPURIFY_NVCC_FLAGS", "").split(),
         },
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
         extra_link_args=link_flags,

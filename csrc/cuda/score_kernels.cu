@@ -16,6 +16,14 @@ constexpr int kFinetuned = 0, kPretrained = 1, kHessian = 2;
 template <int N>
 using Count = std::integral_constant<int, N>;
 
+// Packs each thread loads before computing on them (1: load, compute, load...; 2: two packs in
+// flight per thread, more memory-level parallelism for more registers). A build-time choice
+// (FINEPURIFY_NVCC_FLAGS=-DFP_PACKS_PER_STEP=2) so the GPU check can measure both.
+#ifndef FP_PACKS_PER_STEP
+#define FP_PACKS_PER_STEP 1
+#endif
+constexpr int kPacksPerStep = FP_PACKS_PER_STEP;
+
 // Calls fn(i, Count<n>, f, p, h) over this block's share of [begin, end) of tensor t: f, p, h
 // hold the float32 values of elements i .. i+n-1 (n == kPack on the vector path, 1 otherwise;
 // a compile-time count, so callers unroll over registers). A broadcast hessian (one element for
@@ -36,11 +44,33 @@ __device__ __forceinline__ void visit_scores(const LaunchTable<NumLists>& table,
     fn(j, Count<1>{}, f, p, hv);
   };
   if ((table.aligned_mask >> t) & 1) {
+    constexpr int64_t kStride = int64_t{kThreads} * kPack;  // one block step
     int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kPack;
-    for (; i + kPack <= end; i += kThreads * kPack) {
+    // kPacksPerStep packs per thread in flight: every load of the group issued before the first use.
+    for (; i + (kPacksPerStep - 1) * kStride + kPack <= end; i += kPacksPerStep * kStride) {
+      Pack<T> f_pack[kPacksPerStep], p_pack[kPacksPerStep];
+      Pack<float> h_pack[kPacksPerStep];
+#pragma unroll
+      for (int u = 0; u < kPacksPerStep; ++u) {
+        f_pack[u].load(ft + i + u * kStride);
+        p_pack[u].load(pre + i + u * kStride);
+        if (!broadcast) h_pack[u].load(h + i + u * kStride);
+      }
+#pragma unroll
+      for (int u = 0; u < kPacksPerStep; ++u) {
+#pragma unroll
+        for (int j = 0; j < kPack; ++j) {
+          f[j] = f_pack[u].as_float(j);
+          p[j] = p_pack[u].as_float(j);
+          hv[j] = broadcast ? h_all : h_pack[u].as_float(j);
+        }
+        fn(i + u * kStride, Count<kPack>{}, f, p, hv);
+      }
+    }
+    for (; kPacksPerStep > 1 && i + kPack <= end; i += kStride) {  // a chunk's last packs, one at a time
       Pack<T> f_pack, p_pack;
       Pack<float> h_pack;
-      f_pack.load(ft + i);  // all loads issued before the first use
+      f_pack.load(ft + i);
       p_pack.load(pre + i);
       if (!broadcast) h_pack.load(h + i);
 #pragma unroll
