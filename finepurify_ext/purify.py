@@ -123,10 +123,42 @@ def sample_quantile(sample: torch.Tensor, q: float) -> float:
 
 
 def _quantile(tensors, q: float, max_samples: int = 1 << 20) -> float:
-    """Approximate quantile over many tensors from an evenly strided sample (a few MB at most)."""
+    """Approximate quantile over many tensors from an evenly strided sample (a few MB at most),
+    taken where the tensors live: one concatenation, two selections, no per-tensor host copies."""
     total = sum(t.numel() for t in tensors)
     stride = max(1, total // max_samples)
-    return sample_quantile(torch.cat([t.reshape(-1)[::stride].float().cpu() for t in tensors]), q)
+    by_device = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t.reshape(-1)[::stride])
+    parts = [torch.cat(views).float() for views in by_device.values()]
+    sample = parts[0] if len(parts) == 1 else torch.cat([p.cpu() for p in parts])
+    return sample_quantile(sample, q)
+
+
+def _per_tensor_values(values, hessians) -> list:
+    """One-element float32 tensors (views of one allocation per device) beside each Hessian."""
+    out, by_device = [None] * len(hessians), {}
+    for i, h in enumerate(hessians):
+        by_device.setdefault(h.device, []).append(i)
+    for device, indices in by_device.items():
+        block = torch.tensor([values[i] for i in indices], dtype=torch.float32).to(device)
+        for i, view in zip(indices, block.split(1)):
+            out[i] = view
+    return out
+
+
+def _means(hessians) -> list[float]:
+    """Each Hessian's mean, summed in float64: on the GPU one reduction per tensor and one host
+    read; on the CPU a piece at a time (no float64 copy), as the out-of-core path sums it."""
+    sums = [None] * len(hessians)
+    on_gpu = [i for i, h in enumerate(hessians) if h.device.type != "cpu" and h.numel()]
+    if on_gpu:
+        for i, v in zip(on_gpu, torch.stack([hessians[i].sum(dtype=torch.float64) for i in on_gpu]).tolist()):
+            sums[i] = v
+    for i, h in enumerate(hessians):
+        if sums[i] is None:
+            sums[i] = sum(float(piece.sum(dtype=torch.float64)) for piece in h.reshape(-1).split(1 << 20))
+    return [total / h.numel() if h.numel() else 0.0 for total, h in zip(sums, hessians)]
 
 
 @dataclass
@@ -148,27 +180,20 @@ class Scoring:
 
 def scoring_for(config: PurifyConfig, names, hessians) -> Scoring:
     """The scoring spec of ``config.ranking`` for the named tensors and their Hessians."""
-    def scalars(value_of):
-        return [torch.full((1,), value_of(h), dtype=torch.float32, device=h.device) for h in hessians]
-
+    hessians = list(hessians)
     if config.ranking == "magnitude":  # drift^2 / 1 ranks like |drift|
-        return Scoring(scalars(lambda h: 0.0), 1.0, ops.PLAIN)
+        return Scoring(_per_tensor_values([0.0] * len(hessians), hessians), 1.0, ops.PLAIN)
     if config.ranking == "fine_mixing":
         ranking = ops.Ranking(random_seed=config.seed, random_keys=tuple(ops.tensor_key(n) for n in names))
-        return Scoring(scalars(lambda h: 0.0), config.eps, ranking)
+        return Scoring(_per_tensor_values([0.0] * len(hessians), hessians), config.eps, ranking)
     floor = None
     if config.hessian_floor_quantile is not None and hessians:
         floor = _quantile(hessians, config.hessian_floor_quantile)
     if config.ranking == "fine_purifying":
-        return Scoring(list(hessians), config.eps, ops.Ranking(hessian_floor=floor or 0.0), floor)
+        return Scoring(hessians, config.eps, ops.Ranking(hessian_floor=floor or 0.0), floor)
     if config.ranking == "no_hessian":  # each tensor's mean curvature, floored
-        def mean(h):  # summed in float64 a piece at a time (no float64 copy), as out of core
-            flat = h.reshape(-1)
-            total = sum(float(piece.sum(dtype=torch.float64)) for piece in flat.split(1 << 20))
-            return total / h.numel() if h.numel() else 0.0
-
-        return Scoring(scalars(lambda h: max(mean(h), floor or 0.0)), config.eps,
-                       ops.PLAIN, floor)
+        values = [max(m, floor or 0.0) for m in _means(hessians)]
+        return Scoring(_per_tensor_values(values, hessians), config.eps, ops.PLAIN, floor)
     raise AssertionError(config.ranking)
 
 
@@ -274,8 +299,8 @@ def purify_(
     feed = Feed(ft, pre, scoring)
     total = sum(f.numel() for f in ft)
 
-    sample_idx = _plot_sample(ft, plot_samples, config.seed)
-    before = [f.reshape(-1)[i.to(f.device)].clone() for f, i in zip(ft, sample_idx)]
+    sampled = _plot_sample(ft, plot_samples, config.seed)  # (tensor index, element indices there)
+    before = [ft[t].reshape(-1)[i].clone() for t, i in sampled]
 
     try:
         level0 = feed.histogram(0, 0) if total else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
@@ -304,36 +329,47 @@ def purify_(
 
     # A sample for the plot: drift^2 and H before the reset, and whether the element was reset.
     d2, hv, flag = [], [], []
-    for n, f, p, i, b in zip(ranked, ft, pre, sample_idx, before):
-        h = hessians[n]
-        d2 += ((b.float().cpu() - p.reshape(-1)[i.to(p.device)].float().cpu()) ** 2).tolist()
-        hv += h.reshape(-1)[i.to(h.device)].tolist()
-        flag += (f.reshape(-1)[i.to(f.device)] != b).tolist()
-    report.sample = {"drift_sq": d2, "hessian": hv, "reset": flag}
+    for (t, i), b in zip(sampled, before):
+        h, p = hessians[ranked[t]], pre[t]
+        d2.append((b.float() - p.reshape(-1)[i.to(p.device)].to(b.device).float()) ** 2)
+        hv.append(h.reshape(-1)[i.to(h.device)].to(b.device).float())
+        flag.append(ft[t].reshape(-1)[i] != b)
+    if sampled:  # one host read each
+        report.sample = {"drift_sq": torch.cat(d2).tolist(), "hessian": torch.cat(hv).tolist(),
+                         "reset": torch.cat(flag).tolist()}
+    else:
+        report.sample = {"drift_sq": [], "hessian": [], "reset": []}
     return report
 
 
 def _reset_unseen_rows_(w: torch.Tensor, w_pre: torch.Tensor, h: torch.Tensor, rows: int = 4096) -> int:
     """Rows of the word embedding for tokens the clean data never reaches (Hessian exactly zero)
-    that moved, reset to the pre-trained rows; a block of rows at a time (small temporaries)."""
+    that moved, reset to the pre-trained rows. The zero rows are found by one row-wise maximum
+    (H >= 0); only they are compared, a block of rows at a time (small temporaries)."""
+    candidates = torch.nonzero(h.amax(dim=1) == 0).flatten() if h.numel() else torch.zeros(0, dtype=torch.long)
     reset = 0
-    for start in range(0, w.shape[0], rows):
-        # Rows with a Hessian of exactly zero (H >= 0: its row maximum is 0); only those are compared.
-        candidates = torch.nonzero(h[start:start + rows].amax(dim=1) == 0).flatten().to(w.device) + start
-        if candidates.numel() == 0:
-            continue
-        block, block_pre = w[candidates], w_pre[candidates.to(w_pre.device)].to(device=w.device, dtype=w.dtype)
-        unseen = candidates[(block != block_pre).any(dim=1)]
-        w[unseen] = w_pre[unseen.to(w_pre.device)].to(device=w.device, dtype=w.dtype)
-        reset += unseen.numel()
+    for block in candidates.split(rows):
+        block_w = block.to(w.device)
+        mine, theirs = w[block_w], w_pre[block.to(w_pre.device)].to(device=w.device, dtype=w.dtype)
+        moved = (mine != theirs).any(dim=1)
+        w[block_w[moved]] = theirs[moved]
+        reset += int(moved.sum())
     return reset
 
 
-def _plot_sample(tensors, count: int, seed: int):
-    total = sum(t.numel() for t in tensors)
+def _plot_sample(tensors, count: int, seed: int, max_tensors: int = 32):
+    """About ``count`` random elements for the plot, from at most ``max_tensors`` tensors spread
+    evenly through the model (every depth is seen; a few gathers, not one per tensor): a list of
+    (tensor index, element indices on that tensor's device)."""
+    candidates = [i for i, t in enumerate(tensors) if t.numel()]
+    if not candidates or count <= 0:
+        return []
+    step = max(1, len(candidates) / max_tensors)
+    picked = sorted({candidates[int(k * step)] for k in range(min(max_tensors, len(candidates)))})
+    total = sum(tensors[i].numel() for i in picked)
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for t in tensors:
-        n = min(t.numel(), max(1, round(count * t.numel() / max(total, 1)))) if t.numel() else 0
-        out.append(torch.randint(0, t.numel(), (n,), generator=gen) if n else torch.zeros(0, dtype=torch.long))
+    for i in picked:
+        n = min(tensors[i].numel(), max(1, round(count * tensors[i].numel() / total)))
+        out.append((i, torch.randint(0, tensors[i].numel(), (n,), generator=gen).to(tensors[i].device)))
     return out
