@@ -10,7 +10,7 @@ CUDA_ARCHS ?= 80 90
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: all install demo test test-python test-cpp check-cuda bench bench-cuda clean
+.PHONY: all install demo test test-python test-cpp check-cuda bench bench-cuda gpu-check clean
 
 all: install
 
@@ -86,6 +86,11 @@ bench: install
 
 bench-cuda: install
 	$(PY) bench/bench_cuda.py
+
+# The whole GPU check on a lent GPU machine, with its own python3 (no .venv, no downloads there):
+# build for the local architecture, CUDA tests, memcheck, benchmarks, end to end -> bench/results/.
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf build $(BUILD_DIR) finepurify_ext/*.so *.egg-info demo_output
