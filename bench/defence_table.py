@@ -10,7 +10,10 @@ For each attack and seed (`finepurify_ext.demo.DefenceCell`, the demo's code): t
 clean-trained models (cached), the defender's 256 clean examples split into 192 for the Hessian and
 fine-tuning and 64 held out for early stopping; then every defence at the default reserve ratio
 (`--default-rho`, the CLI's), clean fine-tuning alone, and for the `--grid-attacks` every ranking over
-the rho `--grid` (the curves). Measured on the test set: CACC, and ASR (for the bias attack, the rate
+the rho `--grid` (the curves). Purifications at the default rho run under the CLI's collapse guard
+(`pipeline.CollapseGuard`: redone with less reset when the held-out clean accuracy falls more than
+`--collapse-tolerance` below the backdoored model's); runs saved before the guard existed are adopted
+where it would not have fired and made again where it would (`adopt_unguarded`). Measured on the test set: CACC, and ASR (for the bias attack, the rate
 at which inserting the attribute word flips the prediction). The target check per attack: Fine-purifying
 at the default against the clean-trained model's ASR (+10 points, then +5) and the backdoored model's
 CACC (-3 points, then -2), mean over seeds. Rho is also chosen on the held-out data alone by two rules
@@ -41,7 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
 from finepurify_ext.demo import DEVELOPMENT, SUITE, suite_setting  # noqa: E402
-from finepurify_ext.pipeline import FinetuneConfig  # noqa: E402
+from finepurify_ext.pipeline import CollapseGuard, FinetuneConfig  # noqa: E402
 from finepurify_ext.purify import PurifyConfig  # noqa: E402
 
 METHODS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
@@ -77,12 +80,14 @@ def measure_cell(attack_name, seed, args, results, save):
                                         "clean_trained": cell.measure(cell.reference)}
         save()
     ft = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, eval_every=args.eval_every, patience=args.patience)
+    guard = CollapseGuard(tolerance=args.collapse_tolerance)
     for method, rho in todo:
-        _, row, _ = cell.defend(method, rho, ft)
+        _, row, _ = cell.defend(method, rho, ft, guard=guard if guarded(method, rho, args) else None)
         row = {"attack": attack_name, "seed": seed, **row, "reserve_ratio": 1.0 if method == "clean_ft" else rho}
         results["runs"][run_key(attack_name, seed, method, rho)] = row
         save()
-        print(f"  {cell_name} {LABELS[method]:22s} rho {row['reserve_ratio']:4.2f}: val "
+        used = row.get("collapse_guard", {}).get("reserve_ratio_used", row["reserve_ratio"])
+        print(f"  {cell_name} {LABELS[method]:22s} rho {used:4.2f}{'*' if used != row['reserve_ratio'] else ' '}: val "
               f"{100 * row['validation_accuracy']:5.1f}  CACC {100 * row['cacc']:5.1f}  ASR {100 * row['asr']:5.1f}  "
               f"step {row['finetune_step_chosen']:3d}/{row['finetune_steps_run']:3d} ({row['time_s']:.0f} s)", flush=True)
 
@@ -103,9 +108,42 @@ def _row(runs, attack, seed, method, rho):
 
 
 def _picked(rows):
-    """The chosen run of each seed: their rhos, and CACC and ASR as mean and spread."""
+    """The chosen run of each seed: their rhos (as configured, and as used after the collapse guard),
+    and CACC and ASR as mean and spread."""
     return {"reserve_ratio": [r["reserve_ratio"] for r in rows],
+            "reserve_ratio_used": [r.get("collapse_guard", {}).get("reserve_ratio_used", r["reserve_ratio"])
+                                   for r in rows],
+            "collapse_guard_triggered": sum(bool(r.get("collapse_guard", {}).get("triggered")) for r in rows),
             "cacc": _mean_sd(r["cacc"] for r in rows), "asr": _mean_sd(r["asr"] for r in rows)}
+
+
+def guarded(method, rho, args):
+    """Whether a run is made under the collapse guard: every purification at the default rho (the
+    product's default pipeline and the baselines beside it); not the rho-grid curves."""
+    return method != "clean_ft" and rho == args.default_rho and args.collapse_tolerance < 1.0
+
+
+def adopt_unguarded(results, args):
+    """Runs saved before the guard existed, at the default rho: the guard's first attempt is that
+    very run, so where its held-out accuracy did not fall more than the tolerance below the
+    backdoored model's the run stands (its record marked post hoc); where it did, the run is set
+    aside under ``unguarded_runs`` and made again under the guard."""
+    moved = 0
+    for key in list(results["runs"]):
+        run = results["runs"][key]
+        attack, seed_text, method, rho = key.split("/")
+        if "collapse_guard" in run or not guarded(method, float(rho), args):
+            continue
+        suspect = results["models"][f"{attack}/{seed_text}"]["backdoored"]["validation_accuracy"]
+        attempt = {"reserve_ratio": float(rho), "validation_accuracy": run["validation_accuracy"]}
+        if run["validation_accuracy"] >= suspect - args.collapse_tolerance:
+            run["collapse_guard"] = {"tolerance": args.collapse_tolerance, "suspect_validation_accuracy": suspect,
+                                     "attempts": [attempt], "triggered": False, "reserve_ratio_used": float(rho),
+                                     "post_hoc": True}
+        else:
+            results.setdefault("unguarded_runs", {})[key] = results["runs"].pop(key)
+            moved += 1
+    return moved
 
 
 def pooled_default_rhos(results, args, cells):
@@ -299,7 +337,9 @@ def print_table(summary):
                 if rule != "default_configuration" and method == "clean_ft":
                     continue
                 c = s[rule][method]
-                line(LABELS[method] + tag, ",".join(f"{r:g}" for r in c["reserve_ratio"]), c["cacc"], c["asr"])
+                rhos = ",".join(f"{u:g}" + ("*" if u != r else "")
+                                for r, u in zip(c["reserve_ratio"], c.get("reserve_ratio_used", c["reserve_ratio"])))
+                line(LABELS[method] + tag, rhos, c["cacc"], c["asr"])
         t = s["targets_default_configuration"]
         print(f"{attack:10s} default: ASR {t['asr_excess_points']:+.1f} points over clean-trained, CACC "
               f"{-t['cacc_drop_points']:+.1f} against backdoored: {verdict(t)}\n")
@@ -328,13 +368,15 @@ def markdown_table(summary) -> str:
         d, t = s["default_configuration"], s["targets_default_configuration"]
 
         def pair(c):
-            return f"{100 * c['cacc']['mean']:.1f} / {100 * c['asr']['mean']:.1f}"
+            mark = "*" if c.get("collapse_guard_triggered") else ""
+            return f"{100 * c['cacc']['mean']:.1f} / {100 * c['asr']['mean']:.1f}{mark}"
         fp = d["fine_purifying"]
         name = attack + ("" if s["development"] else " (unseen)")
         lines.append(f"| {name} | {pair(s['clean_trained'])} | {pair(s['backdoored'])} | "
                      + " | ".join(pair(d[m]) for m in order)
                      + f" | **{100 * fp['cacc']['mean']:.1f}±{100 * fp['cacc']['sd']:.1f} / "
-                       f"{100 * fp['asr']['mean']:.1f}±{100 * fp['asr']['sd']:.1f}** | {verdict(t, markdown=True)} "
+                       f"{100 * fp['asr']['mean']:.1f}±{100 * fp['asr']['sd']:.1f}**"
+                       f"{'*' if fp.get('collapse_guard_triggered') else ''} | {verdict(t, markdown=True)} "
                        f"(ASR {t['asr_excess_points']:+.1f}, CACC {-t['cacc_drop_points']:+.1f}) |")
     return "\n".join(lines)
 
@@ -349,6 +391,8 @@ def main(argv=None):
     parser.add_argument("--grid-attacks", nargs="*", default=list(DEVELOPMENT), choices=list(SUITE),
                         help="attacks run at every rho of --grid (the others at --default-rho only)")
     parser.add_argument("--tolerance", type=float, default=0.03)
+    parser.add_argument("--collapse-tolerance", type=float, default=CollapseGuard.tolerance,
+                        help="the collapse guard of the runs at --default-rho (the CLI's default; 1: off)")
     parser.add_argument("--finetune-steps", type=int, default=150, help="at most (early stopping on the held-out loss)")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--eval-every", type=int, default=10)
@@ -369,16 +413,27 @@ def main(argv=None):
     config = {"validation_fraction": FinetuneConfig().validation_fraction, "tolerance": args.tolerance, "finetune_steps": args.finetune_steps,
               "lr": args.lr, "eval_every": args.eval_every, "patience": args.patience, "quick": args.quick}
 
-    def same_config(other):
-        return {k: v for k, v in other.get("config", {}).items() if k != "grid"} == config
+    config["collapse_guard"] = {"tolerance": args.collapse_tolerance, "fallback": list(CollapseGuard().fallback)}
 
-    results = {"runs": {}, "models": {}, "processes": []}
+    def same_config(other):
+        """Equal configurations; a file from before the guard matches one with it (its runs are adopted)."""
+        theirs = {k: v for k, v in other.get("config", {}).items() if k != "grid"}
+        theirs.setdefault("collapse_guard", config["collapse_guard"])
+        return theirs == config
+
+    def adopt(other, where):
+        moved = adopt_unguarded(other, args)
+        if moved:
+            print(f"{where}: {moved} runs at the default rho collapsed without the guard; set aside, made again")
+
+    results = {"runs": {}, "models": {}, "processes": [], "unguarded_runs": {}}
     if os.path.exists(args.out):
         with open(args.out) as f:
             previous = json.load(f)
         if same_config(previous):
             for k in results:
                 results[k] = previous.get(k, results[k])
+            adopt(results, args.out)
             print(f"resuming: {len(results['runs'])} runs already in {args.out}")
         else:
             raise SystemExit(f"{args.out} was made with another configuration ({previous.get('config')}); "
@@ -388,6 +443,9 @@ def main(argv=None):
             other = json.load(f)
         if not same_config(other):
             raise SystemExit(f"{path} was made with another configuration ({other.get('config')}); cannot merge")
+        other.setdefault("unguarded_runs", {})
+        adopt(other, path)
+        results["unguarded_runs"].update(other["unguarded_runs"])
         results["runs"].update(other["runs"])
         results["models"].update(other["models"])
         results["processes"] += [p for p in other.get("processes", []) if p not in results["processes"]]
@@ -411,7 +469,11 @@ def main(argv=None):
                 "accuracy drop against the backdoored model is <= `tolerance`) and rule 2 (the same test per "
                 "model and seed, as --reserve-ratio auto); rho 1 is clean fine-tuning alone. The bias attack's "
                 "ASR is the flip rate: the share of test examples whose prediction changes when the attribute "
-                "word is inserted.",
+                "word is inserted. Purifications at the default rho ran under the collapse guard "
+                "(`config.collapse_guard`; a row's `collapse_guard` lists its attempts, `post_hoc` where a run made "
+                "before the guard existed was adopted because the guard would not have fired; the runs it replaced "
+                "are under `unguarded_runs`). The guard was added after the FAQ task showed collapses, so on "
+                "faq-word it is not an untuned measurement.",
         "default_rho": args.default_rho,
     })
 

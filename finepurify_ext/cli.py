@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 from .demo import SUITE  # noqa: E402
 from .devices import DTYPES, compute_precision, default_device, resolve_device  # noqa: E402
+from .pipeline import CollapseGuard  # noqa: E402
 from .purify import PurifyConfig  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
 from .outputs import check_output_dir, check_output_file  # noqa: E402
@@ -126,8 +127,9 @@ def cmd_purify(args) -> int:
     if args.unlabelled_data and args.distill == 0:
         raise UserError("--unlabelled-data is read only for the teacher's soft targets: give --distill > 0")
     from .data import load_examples, load_texts
-    from .pipeline import (FinetuneConfig, HessianConfig, SelectionConfig, classifier_labels, fine_purify,
-                           fine_purify_auto, load_classifier, pretrained_state_for, save_atomically, write_json)
+    from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, SelectionConfig, classifier_labels,
+                           fine_purify, fine_purify_auto, fine_purify_guarded, load_classifier, pretrained_state_for,
+                           save_atomically, write_json)
     from .plots import plot_purification
 
     check_output_dir(args.out, args.overwrite,
@@ -153,6 +155,16 @@ def cmd_purify(args) -> int:
             chosen = report["selection"]["chosen_reserve_ratio"]
             print(f"reserve ratio chosen on {report['selection']['validation_examples']} held-out clean examples: "
                   f"{chosen}" + (" (no reset: clean fine-tuning only)" if chosen == 1.0 else ""))
+        elif args.collapse_tolerance < 1.0:
+            report = fine_purify_guarded(model, pretrained_state, tokenizer, clean, _purify_config(args),
+                                         guard=CollapseGuard(tolerance=args.collapse_tolerance), **common)
+            guarded = report.get("collapse_guard", {})
+            if guarded.get("triggered"):
+                tried = ", ".join(f"{a['reserve_ratio']:g}: {100 * a['validation_accuracy']:.1f} %"
+                                  for a in guarded["attempts"])
+                print(f"collapse guard: held-out accuracy fell more than {100 * args.collapse_tolerance:g} points "
+                      f"below the suspect's ({100 * guarded['suspect_validation_accuracy']:.1f} %); reserve ratios "
+                      f"tried: {tried}; kept {guarded['reserve_ratio_used']:g}")
         else:
             report = fine_purify(model, pretrained_state, tokenizer, clean, _purify_config(args), **common)
     report["device"] = {"device": str(device), "dtype": args.dtype,
@@ -268,6 +280,10 @@ def main(argv=None) -> int:
                    "--finetune-steps steps")
     p.add_argument("--eval-every", type=_integer(1), default=10, help="steps between held-out loss measurements")
     p.add_argument("--patience", type=_integer(1), default=3, help="measurements without improvement before stopping")
+    p.add_argument("--collapse-tolerance", type=_number(0.0, 1.0), default=CollapseGuard.tolerance,
+                   help="redo the purification with less reset (reserve ratio 0.5, 0.7, then clean fine-tuning "
+                   "alone) when the held-out clean accuracy falls more than this below the suspect's (default "
+                   f"{CollapseGuard.tolerance:g}; 1 turns the guard off; needs --validation-fraction > 0)")
     p.add_argument("--cacc-tolerance", type=_number(0.0, 1.0), default=0.03,
                    help="validation accuracy the auto choice may give up against the suspect model")
     p.add_argument("--ranking", default="fine_purifying", choices=["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])

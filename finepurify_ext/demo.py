@@ -169,12 +169,14 @@ class DefenceCell:
                 "validation_accuracy": accuracy, "validation_loss": loss}
 
     def defend(self, method: str, reserve_ratio: float, finetune_config=None, progress: bool = False,
-               unlabelled=()):
+               unlabelled=(), guard=None):
         """(purified copy of the backdoored model, its row, the pipeline's report). ``method`` is a key of
         DEFENCES; clean fine-tuning ignores ``reserve_ratio``; ``unlabelled`` texts go to the teacher
-        (``finetune_config.distill``)."""
+        (``finetune_config.distill``); ``guard`` (a ``pipeline.CollapseGuard``) redoes a purification
+        whose held-out accuracy collapsed with less reset."""
         from . import data
-        from .pipeline import FinetuneConfig, HessianConfig, clean_hessian, fine_purify, pretrained_state_for
+        from .pipeline import (FinetuneConfig, HessianConfig, clean_hessian, fine_purify, fine_purify_guarded,
+                               pretrained_state_for)
 
         finetune_config = finetune_config or FinetuneConfig(steps=self.setting.finetune_steps,
                                                             lr=self.setting.finetune_lr)
@@ -187,14 +189,21 @@ class DefenceCell:
             self.hessian_time_s = time.perf_counter() - start
         model = copy.deepcopy(self.suspect)
         start = time.perf_counter()
-        report = fine_purify(model, self._pretrained_state, self.tokenizer, self.train, config, finetune_config,
-                             seed=self.seed, progress=progress, hessians=self._hessians, validation=self.validation,
-                             unlabelled=unlabelled)
+        common = dict(seed=self.seed, progress=progress, hessians=self._hessians, validation=self.validation,
+                      unlabelled=unlabelled)
+        if guard is not None and config is not None:
+            report = fine_purify_guarded(model, self._pretrained_state, self.tokenizer, self.train, config,
+                                         finetune_config, guard=guard, **common)
+        else:
+            report = fine_purify(model, self._pretrained_state, self.tokenizer, self.train, config, finetune_config,
+                                 **common)
         elapsed = time.perf_counter() - start
         stopped = report["finetune"]["early_stopping"]
         row = {"method": method, "defence": DEFENCES[method], "reserve_ratio": None if config is None else reserve_ratio,
                **self.measure(model), "time_s": elapsed, "num_reset": report.get("purify", {}).get("num_reset", 0),
                "finetune_step_chosen": stopped["chosen_step"], "finetune_steps_run": stopped["steps_run"]}
+        if "collapse_guard" in report:
+            row["collapse_guard"] = report["collapse_guard"]
         return model, row, report
 
 
@@ -216,24 +225,30 @@ def run_demo(out_dir: str = "demo_output", seed: int = 0, quick: bool = False, s
     rows = [{"defence": "clean-trained model (reference)", **cell.measure(cell.reference), "time_s": 0.0},
             {"defence": "no defence (backdoored)", **cell.measure(cell.suspect), "time_s": 0.0}]
     reports = {}
+    from .pipeline import CollapseGuard
+
     for method, name in DEFENCES.items():
-        _, row, reports[name] = cell.defend(method, setting.reserve_ratio, progress=True)
+        _, row, reports[name] = cell.defend(method, setting.reserve_ratio, progress=True, guard=CollapseGuard())
         rows.append(row)
         print(f"  {name:24s} CACC {100 * row['cacc']:5.1f}  ASR {100 * row['asr']:5.1f}  "
               f"(fine-tuning stopped at step {row['finetune_step_chosen']}; {row['time_s']:.0f} s)")
 
     print(f"\n{'defence':34s} {'rho':>5s} {'CACC %':>7s} {'ASR %':>7s} {'FT steps':>8s} {'time s':>7s}")
     for r in rows:
-        rho = "" if r.get("reserve_ratio") is None else f"{r['reserve_ratio']:.2f}"
+        used = r.get("collapse_guard", {}).get("reserve_ratio_used", r.get("reserve_ratio"))
+        rho = "" if used is None else f"{used:.2f}" + ("*" if r.get("collapse_guard", {}).get("triggered") else "")
         steps = "" if r.get("finetune_step_chosen") is None else str(r["finetune_step_chosen"])
         print(f"{r['defence']:34s} {rho:>5s} {100 * r['cacc']:7.1f} {100 * r['asr']:7.1f} {steps:>8s} "
               f"{r['time_s']:7.0f}")
     total = time.perf_counter() - wall
     print(f"the Hessian, shared by the four rankings: {cell.hessian_time_s:.0f} s; total {total:.0f} s")
+    if any(r.get("collapse_guard", {}).get("triggered") for r in rows):
+        print("* the collapse guard redid this purification with less reset: its held-out accuracy had fallen "
+              "more than 20 points below the backdoored model's")
 
     def write(tmp):
         main = reports["Fine-purifying"]
-        plots = plot_purification(main["purify"], tmp, prefix="fine_purifying_")
+        plots = plot_purification(main["purify"], tmp, prefix="fine_purifying_") if "purify" in main else []
         for r in reports.values():
             r.get("purify", {}).pop("sample", None)  # plotted; too bulky for the JSON
         write_json(os.path.join(tmp, "report.json"), {

@@ -143,6 +143,85 @@ def clean_hessian(model, tokenizer, clean: Sequence[Example], config: HessianCon
     )
 
 
+# ------------------------------------------------------------------ undoing a reset that destroyed the model
+
+
+@dataclass
+class CollapseGuard:
+    """Undoes a purification that destroyed the model rather than the backdoor.
+
+    After the reset and clean fine-tuning, the model's accuracy on the held-out clean examples is
+    compared with the suspect's on the same examples (measured before the reset; the suspect behaves
+    well on clean inputs). If it fell by more than ``tolerance``, the purification is redone from
+    the suspect with the next reserve ratio of ``fallback`` (less reset; 1 is clean fine-tuning
+    alone), until one holds. The tolerance is far above the held-out noise (64 examples: about 6
+    points): on the defence suite, purifications that kept the model lost at most 16 points and the
+    ones that destroyed it 41 to 45 (bench/results/defence_table.json). It never sees test data."""
+    tolerance: float = 0.20
+    fallback: tuple[float, ...] = (0.5, 0.7, 1.0)
+
+    def __post_init__(self):
+        if not 0.0 <= self.tolerance <= 1.0:
+            raise ValueError(f"the collapse tolerance is a share of held-out accuracy, in [0, 1]; got {self.tolerance}")
+
+
+def held_out_accuracy(model, tokenizer, examples) -> float:
+    """Accuracy on held-out clean examples (the guard's measure, the defence table's validation accuracy)."""
+    from .training import validation_metrics
+
+    return validation_metrics(model, tokenizer, examples)[1]
+
+
+def fine_purify_guarded(
+    model: torch.nn.Module,
+    pretrained_state: dict[str, torch.Tensor],
+    tokenizer,
+    clean: Sequence[Example],
+    config: PurifyConfig | None = PurifyConfig(),
+    finetune_config: FinetuneConfig = FinetuneConfig(),
+    hessian_config: HessianConfig = HessianConfig(),
+    guard: CollapseGuard = CollapseGuard(),
+    seed: int = 0,
+    progress: bool = True,
+    hessians: dict[str, torch.Tensor] | None = None,
+    validation: Sequence[Example] | None = None,
+    unlabelled: Sequence[str] = (),
+) -> dict:
+    """``fine_purify`` under a ``CollapseGuard``; the report's ``collapse_guard`` lists every attempt.
+    Without held-out clean data (or without a reset) it is plain ``fine_purify``. The Hessian is
+    estimated once; the suspect's weights are kept on the CPU while attempts run."""
+    if validation is None and finetune_config.validation_fraction > 0:
+        clean, validation = split_validation(clean, finetune_config.validation_fraction, seed)
+    common = dict(finetune_config=finetune_config, hessian_config=hessian_config, seed=seed, progress=progress,
+                  validation=validation, unlabelled=unlabelled)
+    if config is None or not validation:
+        return fine_purify(model, pretrained_state, tokenizer, clean, config, hessians=hessians, **common)
+    suspect_accuracy = held_out_accuracy(model, tokenizer, validation)
+    hessian_report, hessian_time = None, None
+    if hessians is None:
+        start = time.perf_counter()
+        hessians, count = clean_hessian(model, tokenizer, clean, hessian_config, progress)
+        hessian_time, hessian_report = time.perf_counter() - start, _hessian_report(hessian_config, count)
+    suspect = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
+    rhos = [config.reserve_ratio] + [r for r in guard.fallback if r > config.reserve_ratio]
+    attempts = []
+    for i, rho in enumerate(rhos):
+        if i:
+            model.load_state_dict(suspect)
+        report = fine_purify(model, pretrained_state, tokenizer, clean,
+                             None if rho >= 1.0 else config.replace(reserve_ratio=rho), hessians=hessians, **common)
+        accuracy = held_out_accuracy(model, tokenizer, validation)
+        attempts.append({"reserve_ratio": rho, "validation_accuracy": accuracy})
+        if accuracy >= suspect_accuracy - guard.tolerance:
+            break
+    if hessian_report is not None:
+        report["hessian"], report["timings_s"]["hessian"] = hessian_report, hessian_time
+    report["collapse_guard"] = {"tolerance": guard.tolerance, "fallback": list(guard.fallback),
+                                "suspect_validation_accuracy": suspect_accuracy, "attempts": attempts,
+                                "triggered": len(attempts) > 1, "reserve_ratio_used": attempts[-1]["reserve_ratio"]}
+    return report
+
+
 # ------------------------------------------------------------------ choosing rho on held-out clean data
 
 

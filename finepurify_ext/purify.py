@@ -110,16 +110,9 @@ def word_embedding_name(model: torch.nn.Module) -> str | None:
 
 
 def sample_quantile(sample: torch.Tensor, q: float) -> float:
-    """The q-quantile of a 1-D sample, linearly interpolated (torch.quantile's definition), by two
-    selections instead of a sort; shared by the in-memory and out-of-core paths."""
-    sample = sample.float().reshape(-1)
-    position = q * (sample.numel() - 1)
-    low, high = int(position // 1), min(int(position // 1) + 1, sample.numel() - 1)
-    a = float(torch.kthvalue(sample, low + 1).values)
-    b = float(torch.kthvalue(sample, high + 1).values) if high != low else a
-    if not (math.isfinite(a) and math.isfinite(b)):
-        return math.nan
-    return a + (b - a) * (position - low)
+    """The q-quantile of a 1-D sample (``torch.quantile``, linear interpolation), on the CPU so every
+    path and device gets the same bits; shared by the in-memory and out-of-core paths."""
+    return float(torch.quantile(sample.reshape(-1).float().cpu()[:16_000_000], q))  # its size limit
 
 
 def _quantile(tensors, q: float, max_samples: int = 1 << 20) -> float:

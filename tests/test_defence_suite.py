@@ -158,3 +158,27 @@ def test_the_suite_names_real_attacks_and_tasks():
         assert setting.task == task and setting.attack == attack and attack in ATTACKS
         assert dataclasses.asdict(setting)["reserve_ratio"] == 0.3
     assert set(demo.DEVELOPMENT) < set(demo.SUITE)
+
+
+def test_runs_from_before_the_guard_are_adopted_or_made_again():
+    """A run at the default rho whose held-out accuracy did not collapse stands (the guard's first
+    attempt is that run); one that collapsed is set aside and made again; curves and clean
+    fine-tuning are never guarded."""
+    methods = (*defence_table.METHODS, "clean_ft")
+    asr = {"backdoored": 1.0, "clean_trained": 0.08, **{m: 0.1 for m in methods}}
+    cacc = {"backdoored": 0.87, "clean_trained": 0.88, **{m: 0.85 for m in methods}}
+    results = _synthetic_results([0], asr, cacc)
+    collapsed = defence_table.run_key("prefix", 0, "magnitude", 0.3)
+    results["runs"][collapsed]["validation_accuracy"] = 0.5  # 40 points below the backdoored model's 0.9
+    held = defence_table.run_key("prefix", 0, "fine_purifying", 0.3)
+    results["runs"][held]["validation_accuracy"] = 0.75  # 15 points below: within the tolerance
+    curve = defence_table.run_key("prefix", 0, "magnitude", 0.1)
+    results["runs"][curve] = {**results["runs"][collapsed], "reserve_ratio": 0.1}
+    args = argparse.Namespace(default_rho=0.3, collapse_tolerance=0.2)
+    assert defence_table.adopt_unguarded(results, args) == 1
+    assert collapsed not in results["runs"] and collapsed in results["unguarded_runs"]
+    guard = results["runs"][held]["collapse_guard"]
+    assert guard["post_hoc"] and not guard["triggered"] and guard["reserve_ratio_used"] == 0.3
+    assert "collapse_guard" not in results["runs"][curve]
+    assert "collapse_guard" not in results["runs"][defence_table.run_key("prefix", 0, "clean_ft", 0.3)]
+    assert defence_table.adopt_unguarded(results, args) == 0  # idempotent

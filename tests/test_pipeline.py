@@ -501,3 +501,59 @@ def test_fine_purify_with_a_teacher_reports_it(tokenizer):
     assert report["finetune"]["distill"] == 0.5 and report["finetune"]["early_stopping"]["chosen_step"] in (5, 10)
     with pytest.raises(ValueError, match="distill is the weight"):
         FinetuneConfig(distill=1.5)
+
+
+# ------------------------------------------------------------------------------- collapse guard
+
+
+def test_collapse_guard_redoes_a_collapsed_purification_with_less_reset(tokenizer, monkeypatch):
+    """Held-out accuracies scripted: suspect 0.9, then 0.3 at rho 0.3 (a collapse), 0.85 at rho 0.5.
+    The guard restores the suspect, redoes the purification at 0.5 and stops; the model ends exactly
+    as fine_purify at 0.5 from the suspect; the Hessian is estimated once."""
+    from finepurify_ext import pipeline
+
+    clean = toy_examples(40, 3)
+    finetune_config = FinetuneConfig(steps=3, batch_size=8, validation_fraction=0.25, eval_every=1)
+    model, state = drifted_pair(tokenizer)
+    expected_model = copy.deepcopy(model)
+    scripted = iter([0.9, 0.3, 0.85])
+    calls = {"hessian": 0}
+    real_hessian = pipeline.clean_hessian
+
+    def counting_hessian(*a, **kw):
+        calls["hessian"] += 1
+        return real_hessian(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "held_out_accuracy", lambda m, t, ex: next(scripted))
+    monkeypatch.setattr(pipeline, "clean_hessian", counting_hessian)
+    report = pipeline.fine_purify_guarded(model, state, tokenizer, clean, PurifyConfig(reserve_ratio=0.3),
+                                          finetune_config, guard=pipeline.CollapseGuard(tolerance=0.2),
+                                          progress=False)
+    guard = report["collapse_guard"]
+    assert guard["triggered"] and guard["reserve_ratio_used"] == 0.5 and calls["hessian"] == 1
+    assert [a["reserve_ratio"] for a in guard["attempts"]] == [0.3, 0.5]
+    assert report["config"]["reserve_ratio"] == 0.5
+
+    train, validation = pipeline.split_validation(clean, 0.25, 0)
+    hessians, _ = real_hessian(expected_model, tokenizer, train, pipeline.HessianConfig(), False)
+    fine_purify(expected_model, state, tokenizer, train, PurifyConfig(reserve_ratio=0.5), finetune_config,
+                progress=False, hessians=hessians, validation=validation)
+    for (n, a), b in zip(model.named_parameters(), expected_model.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_collapse_guard_keeps_a_purification_that_holds(tokenizer, monkeypatch):
+    from finepurify_ext import pipeline
+
+    clean = toy_examples(40, 3)
+    finetune_config = FinetuneConfig(steps=2, batch_size=8, validation_fraction=0.25, eval_every=1)
+    model, state = drifted_pair(tokenizer)
+    scripted = iter([0.9, 0.75])  # a drop of 15 points: within the tolerance
+    monkeypatch.setattr(pipeline, "held_out_accuracy", lambda m, t, ex: next(scripted))
+    report = pipeline.fine_purify_guarded(model, state, tokenizer, clean, PurifyConfig(reserve_ratio=0.3),
+                                          finetune_config, progress=False)
+    guard = report["collapse_guard"]
+    assert not guard["triggered"] and guard["attempts"] == [{"reserve_ratio": 0.3, "validation_accuracy": 0.75}]
+    assert report["purify"]["reserve_ratio"] == 0.3 and "hessian" in report
+    with pytest.raises(ValueError, match="collapse tolerance"):
+        pipeline.CollapseGuard(tolerance=1.5)
