@@ -84,6 +84,53 @@ def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
     return examples
 
 
+@dataclass(frozen=True)
+class Instruction:
+    """One instruction-tuning example for a causal LM: the user's prompt and the model's response."""
+    prompt: str
+    response: str
+
+
+def load_instructions(path: str) -> list[Instruction]:
+    """Reads instruction data: JSONL objects with ``prompt`` and ``response`` strings, or with chat
+    ``messages`` (a list of ``{"role", "content"}``: the last assistant turn is the response, the
+    user turn before it the prompt), or CSV/TSV with ``prompt`` and ``response`` columns. UTF-8.
+    Every error names the file and the line."""
+    examples = []
+    for line, row in _rows(path, "instruction data"):
+        where = f"{path}:{line}"
+        if isinstance(row, dict) and "messages" in row:
+            examples.append(_from_messages(row["messages"], where))
+            continue
+        if not isinstance(row, dict) or "prompt" not in row or "response" not in row:
+            got = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{where}: no 'prompt' and 'response' fields (got {got}); every row needs both, or "
+                            "a chat 'messages' list")
+        prompt, response = row["prompt"], row["response"]
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise DataError(f"{where}: prompt and response must be strings")
+        if not response.strip():
+            raise DataError(f"{where}: the response is empty; the loss is taken on the response tokens")
+        examples.append(Instruction(prompt, response))
+    if not examples:
+        raise DataError(f"{path}: no examples; the instruction data must hold at least one prompt and response")
+    return examples
+
+
+def _from_messages(messages, where: str) -> Instruction:
+    ok = isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                            and isinstance(m.get("content"), str) for m in messages)
+    if not ok:
+        raise DataError(f"{where}: 'messages' must be a list of {{\"role\": ..., \"content\": \"...\"}} objects")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    user = max((i for i, m in enumerate(messages[:last or 0]) if m["role"] == "user"), default=None)
+    if last is None or user is None:
+        raise DataError(f"{where}: 'messages' needs a user turn followed by an assistant turn (the response)")
+    if not messages[last]["content"].strip():
+        raise DataError(f"{where}: the assistant's response is empty; the loss is taken on the response tokens")
+    return Instruction(messages[user]["content"], messages[last]["content"])
+
+
 def load_texts(path: str) -> list[str]:
     """Unlabelled texts: the ``text`` column of a CSV/TSV or JSONL file, or the lines of a .txt file."""
     texts = []

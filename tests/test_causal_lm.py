@@ -1,0 +1,104 @@
+"""Causal LMs (issue 13's foundations): instruction data, batches whose loss is the responses' alone,
+and the Hessian of that loss, on tiny randomly initialised Llama and GPT-2 models."""
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from finepurify_ext import data
+from finepurify_ext.causal_lm import IGNORE, lm_batches, tokenize_instruction
+from finepurify_ext.hessian import estimate_hessian
+
+from tiny_models import make_tokenizer
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    tok = make_tokenizer(tmp_path_factory.mktemp("tok"))
+    tok.eos_token = "[SEP]"
+    return tok
+
+
+def tiny_lm(kind, vocab):
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             tie_word_embeddings=False)
+        return LlamaForCausalLM(config).eval()
+    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64)  # tied embeddings
+    return GPT2LMHeadModel(config).eval()
+
+
+EXAMPLES = [data.Instruction("was the movie good", "good film"), data.Instruction("the day", "bad day very bad"),
+            data.Instruction("a film so", "fine")]
+
+
+def test_instruction_files_and_their_errors(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "p1", "response": "r1"}) + "\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "p2"},
+                      {"role": "assistant", "content": "r2"}]}) + "\n")
+    assert data.load_instructions(str(jsonl)) == [data.Instruction("p1", "r1"), data.Instruction("p2", "r2")]
+    csv_file = tmp_path / "a.csv"
+    csv_file.write_text('prompt,response\n"a, b",c\n')
+    assert data.load_instructions(str(csv_file)) == [data.Instruction("a, b", "c")]
+    for line, message in [({"text": "x", "label": 0}, "a.jsonl:1: no 'prompt' and 'response' fields"),
+                          ({"prompt": "p", "response": " "}, "a.jsonl:1: the response is empty"),
+                          ({"messages": [{"role": "user", "content": "p"}]}, "a.jsonl:1: 'messages' needs a user turn"),
+                          ({"messages": "hi"}, "a.jsonl:1: 'messages' must be a list")]:
+        jsonl.write_text(json.dumps(line) + "\n")
+        with pytest.raises(data.DataError, match=message):
+            data.load_instructions(str(jsonl))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_only_response_tokens_are_labelled(tokenizer, chat):
+    tokenizer.chat_template = CHAT_TEMPLATE if chat else None
+    batch = next(lm_batches(tokenizer, EXAMPLES, batch_size=3, max_length=64))
+    for row, example in enumerate(EXAMPLES):
+        ids, prompt_len = tokenize_instruction(tokenizer, example, 64)
+        labels, mask = batch["labels"][row], batch["attention_mask"][row]
+        assert int(mask.sum()) == len(ids) and batch["input_ids"][row, : len(ids)].tolist() == ids
+        assert (labels[:prompt_len] == IGNORE).all() and (labels[len(ids):] == IGNORE).all()
+        assert labels[prompt_len : len(ids)].tolist() == ids[prompt_len:]
+        response_words = tokenizer.convert_ids_to_tokens(ids[prompt_len:])
+        assert response_words[: len(example.response.split())] == example.response.split()
+    tokenizer.chat_template = None
+
+
+def test_truncation_keeps_the_response(tokenizer):
+    long = data.Instruction(" ".join(["the"] * 50), "good film")
+    ids, prompt_len = tokenize_instruction(tokenizer, long, 16)
+    assert len(ids) == 16 and tokenizer.convert_ids_to_tokens(ids[prompt_len:]) == ["good", "film", "[SEP]"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_loss_is_the_responses_and_the_hessian_its_squared_gradients(tokenizer, kind):
+    model = tiny_lm(kind, tokenizer.vocab_size)
+    batches = list(lm_batches(tokenizer, EXAMPLES, batch_size=2, max_length=32))
+    b = batches[0]
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    shifted = b["labels"][:, 1:]
+    keep = shifted != IGNORE
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1][keep], shifted[keep])
+    torch.testing.assert_close(model(**b).loss, manual)
+
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for batch in batches:
+        model.zero_grad()
+        model(**batch).loss.backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad.detach() ** 2
+    model.zero_grad(set_to_none=True)
+    hessians, count = estimate_hessian(model, batches, progress=False)
+    assert count == len(batches)
+    assert set(hessians) == {n for n, _ in model.named_parameters()}  # a tied embedding once
+    for n, h in hessians.items():
+        torch.testing.assert_close(h, expected[n] / count, rtol=1e-5, atol=1e-12)
+    if kind == "gpt2":
+        assert "lm_head.weight" not in hessians and "transformer.wte.weight" in hessians
