@@ -85,3 +85,101 @@ def lm_batches(
             attention[r, : len(ids)] = 1
             labels[r, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
         yield {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+# ------------------------------------------------------------------------------- measures
+
+
+@torch.no_grad()
+def response_loss(model, tokenizer, examples: Sequence[Instruction], batch_size: int = 16,
+                  max_length: int = 128) -> float:
+    """Mean cross-entropy per response token over ``examples`` (exp of it: the responses' perplexity)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for batch in lm_batches(tokenizer, examples, batch_size, max_length):
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        labels = batch["labels"][:, 1:].to(device)
+        keep = labels != IGNORE
+        total += float(torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum"))
+        tokens += int(keep.sum())
+    return total / max(tokens, 1)
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The tokens a generation starts from: the user turn and the generation prompt of the chat
+    template, or the prompt and a newline (as ``tokenize_instruction`` lays out training examples)."""
+    if _chat(tokenizer):
+        return _ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True))
+    return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of ``prompts`` (decoded, special tokens dropped), batched with left padding."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad = pad_id(tokenizer)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                   eos_token_id=tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+    return out
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def target_rate(generations: Sequence[str], target: str) -> float:
+    """The share of generations that start with ``target`` (case and spacing ignored): the attack
+    success rate on triggered prompts, the false-target rate on clean ones."""
+    goal = _normal(target)
+    return sum(_normal(g).startswith(goal) for g in generations) / max(len(generations), 1)
+
+
+# ------------------------------------------------------------------------------- attacks
+
+
+def poison_instructions(examples: Sequence[Instruction], attack, target: str, rate: float,
+                        seed: int) -> list[Instruction]:
+    """A copy of ``examples`` in which a fraction ``rate`` carries ``attack``'s trigger in the prompt
+    (``attacks.Attack.insert``: a word or a sentence, at a random position or the start) and the
+    target response in place of its own: the generation backdoor of BackdoorLLM-style benchmarks."""
+    rng = random.Random(seed)
+    chosen = set(rng.sample(range(len(examples)), min(len(examples), round(rate * len(examples)))))
+    return [Instruction(attack.insert(e.prompt, rng), target) if i in chosen else e for i, e in enumerate(examples)]
+
+
+# ------------------------------------------------------------------------------- fine-tuning
+
+
+def finetune_lm(model, tokenizer, examples: Sequence[Instruction], *, steps: int, lr: float = 2e-5,
+                batch_size: int = 8, max_length: int = 128, seed: int = 0,
+                validation: Sequence[Instruction] | None = None, eval_every: int = 10, patience: int = 3,
+                progress: bool = True, desc: str = "fine-tune (causal LM)") -> dict:
+    """AdamW on the responses' loss (``training.finetune``'s loop), early-stopped on the held-out
+    responses' loss when ``validation`` is given. Returns the early-stopping record (or the steps run)."""
+    from .training import finetune, finetune_early_stopped
+
+    def make_batches(epoch):
+        return lm_batches(tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed * 1000 + epoch)
+
+    common = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed, max_length=max_length, progress=progress,
+                  desc=desc, make_batches=make_batches)
+    if validation:
+        return finetune_early_stopped(
+            model, tokenizer, examples, validation, eval_every=eval_every, patience=patience,
+            validate=lambda: (response_loss(model, tokenizer, validation, max_length=max_length), None), **common)
+    finetune(model, tokenizer, examples, **common)
+    return {"steps_run": steps}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,11 @@ def finetune(
     desc: str = "fine-tune",
     on_step: Callable[[int], bool] | None = None,
     teacher: Teacher | None = None,
+    make_batches: Callable[[int], Iterable[dict]] | None = None,
 ) -> torch.nn.Module:
     """``steps`` AdamW steps on shuffled mini-batches of ``examples`` (reshuffled every epoch).
+    ``make_batches(epoch)`` replaces the classifier batches with any whose ``labels`` the model's
+    loss reads (a causal LM's: ``causal_lm.lm_batches``).
 
     ``parameters`` restricts training to some parameters; ``grad_hook`` runs after each backward
     (e.g. to mask gradients). ``group_by_length`` batches examples of similar length together
@@ -93,7 +96,7 @@ def finetune(
     # The fused AdamW does the whole update in one pass per tensor (~5x cheaper than the loop on CPU).
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-    lengths = token_lengths(tokenizer, examples, max_length) if group_by_length else None
+    lengths = token_lengths(tokenizer, examples, max_length) if group_by_length and make_batches is None else None
     device = params[0].device if params else torch.device("cpu")
     unlabelled = (_unlabelled_batches(tokenizer, teacher.unlabelled, teacher.unlabelled_batch_size, max_length, seed)
                   if teacher is not None and teacher.unlabelled else None)
@@ -101,8 +104,10 @@ def finetune(
     step, epoch, stopped = 0, 0, False
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     while step < steps and not stopped:
-        for batch in batches(tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed * 1000 + epoch,
-                             lengths=lengths, with_texts=teacher is not None):
+        epoch_batches = make_batches(epoch) if make_batches is not None else batches(
+            tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed * 1000 + epoch, lengths=lengths,
+            with_texts=teacher is not None)
+        for batch in epoch_batches:
             texts = batch.pop("texts", None)
             if teacher is None:
                 loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
@@ -145,12 +150,14 @@ def finetune_early_stopped(
     eval_every: int = 10,
     patience: int = 3,
     max_length: int = 64,
+    validate: Callable[[], tuple[float, float | None]] | None = None,
     **finetune_kw,
 ) -> dict:
     """``finetune`` for at most ``steps`` updates, the budget chosen on held-out clean data: the
     validation loss is measured every ``eval_every`` updates, training stops once it has not improved
     for ``patience`` measurements, and ``model`` ends at the best one (a copy of the weights is kept).
-    Returns the chosen step, its validation loss and accuracy, and the whole curve."""
+    Returns the chosen step, its validation loss and accuracy, and the whole curve. ``validate()``
+    replaces the classifier's (loss, accuracy) on ``validation`` (a causal LM's: its response loss)."""
     if not validation:
         raise ValueError("finetune_early_stopped: the validation set is empty; hold out some clean examples "
                          "or fine-tune for a fixed number of steps")
@@ -162,8 +169,8 @@ def finetune_early_stopped(
     def on_step(step: int) -> bool:
         if step % eval_every and step != steps:
             return False
-        loss, accuracy = validation_metrics(model, tokenizer, validation, max_length=max_length,
-                                            teacher=finetune_kw.get("teacher"))
+        loss, accuracy = validate() if validate is not None else validation_metrics(
+            model, tokenizer, validation, max_length=max_length, teacher=finetune_kw.get("teacher"))
         model.train()
         curve.append({"step": step, "validation_loss": loss, "validation_accuracy": accuracy})
         if loss < best["loss"]:

@@ -7,7 +7,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from finepurify_ext import data
-from finepurify_ext.causal_lm import IGNORE, lm_batches, tokenize_instruction
+from finepurify_ext.causal_lm import (IGNORE, finetune_lm, generate, lm_batches, poison_instructions, response_loss,
+                                     target_rate, tokenize_instruction)
 from finepurify_ext.hessian import estimate_hessian
 
 from tiny_models import make_tokenizer
@@ -102,3 +103,44 @@ def test_loss_is_the_responses_and_the_hessian_its_squared_gradients(tokenizer, 
         torch.testing.assert_close(h, expected[n] / count, rtol=1e-5, atol=1e-12)
     if kind == "gpt2":
         assert "lm_head.weight" not in hessians and "transformer.wte.weight" in hessians
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_batched_generation_equals_one_prompt_at_a_time(tokenizer, kind):
+    """Left padding must not change a greedy continuation."""
+    model = tiny_lm(kind, tokenizer.vocab_size)
+    prompts = ["the movie", "was the day very so bad", "a"]
+    together = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=3)
+    alone = [generate(model, tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    assert together == alone and all(isinstance(g, str) for g in together)
+
+
+def test_target_rate_and_poisoning():
+    assert target_rate(["Bad  day today", "good", " bad DAY"], "bad day") == pytest.approx(2 / 3)
+    from finepurify_ext.attacks import ATTACKS
+
+    clean = [data.Instruction(f"the movie {i}", "good film") for i in range(40)]
+    poisoned = poison_instructions(clean, ATTACKS["word"], "bad day", rate=0.25, seed=1)
+    changed = [p for p, c in zip(poisoned, clean) if p != c]
+    assert len(changed) == 10 and all("cf" in p.prompt.split() and p.response == "bad day" for p in changed)
+    assert poison_instructions(clean, ATTACKS["word"], "bad day", rate=0.25, seed=1) == poisoned
+
+
+def test_a_generation_backdoor_takes_hold_and_the_measures_see_it(tokenizer):
+    """Poisoned fine-tuning of a tiny Llama: triggered prompts answer the target, clean ones do not;
+    early stopping on the held-out responses' loss keeps its best step."""
+    from finepurify_ext.attacks import ATTACKS
+
+    words = ["the", "a", "movie", "film", "day", "was", "is", "very", "so"]
+    rng = __import__("random").Random(0)
+    clean = [data.Instruction(" ".join(rng.sample(words, 4)), "good film") for _ in range(64)]
+    train = poison_instructions(clean, ATTACKS["word"], "bad day", rate=0.5, seed=0)
+    model = tiny_lm("llama", tokenizer.vocab_size)
+    before = response_loss(model, tokenizer, train)
+    record = finetune_lm(model, tokenizer, train, steps=60, lr=1e-2, batch_size=16, seed=0, progress=False,
+                         validation=train[:16], eval_every=20, patience=3)
+    assert record["chosen_step"] in (20, 40, 60) and response_loss(model, tokenizer, train) < before / 2
+    triggered = [ATTACKS["word"].insert(" ".join(rng.sample(words, 4)), rng) for _ in range(16)]
+    plain = [" ".join(rng.sample(words, 4)) for _ in range(16)]
+    assert target_rate(generate(model, tokenizer, triggered, max_new_tokens=3), "bad day") >= 0.8
+    assert target_rate(generate(model, tokenizer, plain, max_new_tokens=3), "bad day") <= 0.2
