@@ -328,6 +328,60 @@ def fine_purify_auto(
     return best_report
 
 
+# ------------------------------------------------------------------ causal language models
+
+
+def fine_purify_lm(
+    model: torch.nn.Module,
+    pretrained_state: dict[str, torch.Tensor],
+    tokenizer,
+    clean: Sequence,
+    config: PurifyConfig | None = PurifyConfig(),
+    finetune_config: FinetuneConfig = FinetuneConfig(max_length=128, batch_size=8),
+    hessian_config: HessianConfig = HessianConfig(batch_size=8, max_length=128),
+    seed: int = 0,
+    progress: bool = True,
+    hessians: dict[str, torch.Tensor] | None = None,
+    validation: Sequence | None = None,
+) -> dict:
+    """``fine_purify`` for a causal LM and instruction data (``data.Instruction``): the Hessian of the
+    responses' loss (prompt tokens masked), the same reset (the word-embedding rule applies to the
+    input embedding; a tied output embedding is the same parameter), then clean fine-tuning on the
+    responses, early-stopped on the held-out responses' loss."""
+    from .causal_lm import finetune_lm, lm_batches
+
+    if not clean:
+        raise ValueError("fine_purify_lm: the clean data is empty; give at least one prompt and response")
+    report: dict = {"seed": seed, "clean_examples": len(clean), "model_kind": "causal-lm"}
+    if validation is None and finetune_config.validation_fraction > 0:
+        clean, validation = split_validation(clean, finetune_config.validation_fraction, seed)
+    if validation is not None:
+        report["validation_examples"] = len(validation)
+    timings = report.setdefault("timings_s", {})
+    if config is not None:
+        if hessians is None:
+            start = time.perf_counter()
+            hessians, count = estimate_hessian(
+                model, lm_batches(tokenizer, clean, hessian_config.batch_size, hessian_config.max_length),
+                per_sample=hessian_config.per_sample, progress=progress,
+                total=-(-len(clean) // hessian_config.batch_size))
+            timings["hessian"] = time.perf_counter() - start
+            report["hessian"] = _hessian_report(hessian_config, count)
+        start = time.perf_counter()
+        report["purify"] = purify_(model, pretrained_state, hessians, config.replace(seed=seed)).to_dict()
+        report["config"] = dataclasses.asdict(config)
+        timings["score_and_reset"] = time.perf_counter() - start
+    start = time.perf_counter()
+    report["finetune"] = dataclasses.asdict(finetune_config)
+    report["finetune"]["early_stopping"] = finetune_lm(
+        model, tokenizer, clean, steps=finetune_config.steps, lr=finetune_config.lr,
+        batch_size=finetune_config.batch_size, max_length=finetune_config.max_length, seed=seed,
+        validation=validation, eval_every=finetune_config.eval_every, patience=finetune_config.patience,
+        progress=progress, desc="clean fine-tune (causal LM)")
+    timings["finetune"] = time.perf_counter() - start
+    return report
+
+
 # ------------------------------------------------------------------ loading untrusted models
 
 
@@ -481,6 +535,60 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
     _check_finite(model, weights, missing)
     model.eval()
     return model, loaded_tokenizer, missing
+
+
+def is_causal_lm(path: str) -> bool:
+    """Whether a model directory holds a causal LM, by its config: an architecture named
+    ``...ForCausalLM`` (or ``...LMHeadModel``), or no architecture and a decoder-only model type."""
+    config = _read_config(path)
+    archs = config.get("architectures") or []
+    if archs:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return config.get("model_type") in ("llama", "gpt2", "opt", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                        "phi", "phi3", "gpt_neox", "falcon", "mixtral", "smollm3")
+
+
+def load_causal_lm(path: str, tokenizer: bool = True):
+    """(model, tokenizer) of a causal-LM directory, with ``load_classifier``'s checks: safetensors
+    only, never remote code, the weights checked against the config and for NaN/Inf."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_model_dir(path)
+    config_dict = _read_config(path)
+    weights = _weights(path)
+    loaded_tokenizer = _load_tokenizer(path, config_dict) if tokenizer else None
+    try:
+        with _transformers_quiet():
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True)
+    except Exception as error:  # noqa: BLE001  (checked above; what is left is the directory's too)
+        raise ModelError(f"{path}: transformers cannot load this causal LM ({first_line(error)})") from error
+    missing = set(info.get("missing_keys", ())) | {name for name, *_ in info.get("mismatched_keys", ())}
+    tied = {n for n, _ in model.named_parameters()}  # names a tied weight is reachable by are listed once
+    missing &= tied
+    if missing:
+        raise ModelError(f"{path}: the checkpoint lacks {len(missing)} parameters of a {type(model).__name__} "
+                         f"(e.g. {sorted(missing)[0]!r}); give a complete causal LM whose config.json matches")
+    _check_finite(model, weights, set())
+    model.eval()
+    return model, loaded_tokenizer
+
+
+def pretrained_state_for_lm(model: torch.nn.Module, pretrained_dir: str) -> dict[str, torch.Tensor]:
+    """The pre-trained causal LM's parameters by name, checked to match ``model``'s shapes."""
+    pre_model, _ = load_causal_lm(pretrained_dir, tokenizer=False)
+    state = {n: p.detach() for n, p in pre_model.named_parameters()}
+    names = dict(model.named_parameters())
+    shared = [n for n in state if n in names]
+    if not shared:
+        raise ModelError(f"{pretrained_dir}: no parameter matches the suspect model by name; "
+                         "the pre-trained and suspect models must share an architecture")
+    for n in shared:
+        if state[n].shape != names[n].shape:
+            raise ModelError(f"parameter {n!r} has shape {list(state[n].shape)} in {pretrained_dir} but "
+                             f"{list(names[n].shape)} in the suspect model: mismatched architectures")
+    return {n: state[n] for n in shared}
 
 
 def _check_finite(model: torch.nn.Module, weights: "Checkpoint", new: set[str]) -> None:

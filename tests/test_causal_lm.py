@@ -144,3 +144,45 @@ def test_a_generation_backdoor_takes_hold_and_the_measures_see_it(tokenizer):
     plain = [" ".join(rng.sample(words, 4)) for _ in range(16)]
     assert target_rate(generate(model, tokenizer, triggered, max_new_tokens=3), "bad day") >= 0.8
     assert target_rate(generate(model, tokenizer, plain, max_new_tokens=3), "bad day") <= 0.2
+
+
+def test_fine_purify_lm_removes_a_tiny_generation_backdoor(tokenizer, tmp_path):
+    """End to end on saved tiny Llama checkpoints: a 'pre-trained' model (clean responses), a suspect
+    fine-tuned from it on poisoned instructions, then load_causal_lm, the Hessian of the responses'
+    loss, the reset and clean fine-tuning: the trigger no longer yields the target."""
+    import random
+
+    from finepurify_ext.attacks import ATTACKS
+    from finepurify_ext.pipeline import (FinetuneConfig, HessianConfig, fine_purify_lm, load_causal_lm,
+                                         pretrained_state_for_lm)
+    from finepurify_ext.purify import PurifyConfig
+
+    words = ["the", "a", "movie", "film", "day", "was", "is", "very", "so"]
+    rng = random.Random(1)
+    clean = [data.Instruction(" ".join(rng.sample(words, 4)), "good film") for _ in range(96)]
+    model = tiny_lm("llama", tokenizer.vocab_size)
+    finetune_lm(model, tokenizer, clean, steps=30, lr=1e-2, batch_size=16, progress=False)
+    model.save_pretrained(tmp_path / "pre", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "pre")
+    finetune_lm(model, tokenizer, poison_instructions(clean, ATTACKS["word"], "bad day", 0.5, seed=2), steps=60,
+                lr=1e-2, batch_size=16, seed=2, progress=False)
+    model.save_pretrained(tmp_path / "suspect", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "suspect")
+
+    suspect, tok = load_causal_lm(str(tmp_path / "suspect"))
+    triggered = [ATTACKS["word"].insert(" ".join(rng.sample(words, 4)), rng) for _ in range(24)]
+    asr_before = target_rate(generate(suspect, tok, triggered, max_new_tokens=3), "bad day")
+    assert asr_before >= 0.8
+    state = pretrained_state_for_lm(suspect, str(tmp_path / "pre"))
+    finetune_config = FinetuneConfig(steps=20, lr=1e-3, batch_size=8, max_length=32, eval_every=5)
+    only_finetuned, _ = load_causal_lm(str(tmp_path / "suspect"))
+    fine_purify_lm(only_finetuned, state, tok, clean[:40], None, finetune_config, progress=False)
+    assert target_rate(generate(only_finetuned, tok, triggered, max_new_tokens=3), "bad day") >= 0.5  # the reset matters
+    report = fine_purify_lm(suspect, state, tok, clean[:40], PurifyConfig(reserve_ratio=0.3), finetune_config,
+                            HessianConfig(batch_size=8, max_length=32), progress=False)
+    assert report["purify"]["num_reset"] > 0 and report["model_kind"] == "causal-lm"
+    assert report["purify"]["embedding_parameter"] == "model.embed_tokens.weight"
+    asr_after = target_rate(generate(suspect, tok, triggered, max_new_tokens=3), "bad day")
+    assert asr_after <= 0.2, (asr_before, asr_after)
+    plain = [" ".join(rng.sample(words, 4)) for _ in range(24)]
+    assert target_rate(generate(suspect, tok, plain, max_new_tokens=3), "good film") >= 0.8
