@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import sys
 import time
 
@@ -94,6 +95,88 @@ def cmd_purify_checkpoint(args) -> int:
     return 0
 
 
+def _model_kind(args, path: str) -> str:
+    """``classifier`` or ``causal-lm``: ``--model-kind``, or read from the model's config."""
+    if args.model_kind != "auto":
+        return args.model_kind
+    from .pipeline import is_causal_lm
+
+    return "causal-lm" if is_causal_lm(path) else "classifier"
+
+
+def cmd_purify_causal_lm(args) -> int:
+    """In-memory purification of a causal LM on instruction data (prompt/response)."""
+    for option, given in (("--reserve-ratio auto", args.reserve_ratio == "auto"), ("--distill", args.distill > 0),
+                          ("--unlabelled-data", bool(args.unlabelled_data))):
+        if given:
+            raise UserError(f"{option} is for classifiers; a causal LM is purified at a fixed --reserve-ratio")
+    from .data import load_instructions
+    from .pipeline import (FinetuneConfig, HessianConfig, fine_purify_lm, load_causal_lm, pretrained_state_for_lm,
+                           save_atomically, write_json)
+    from .plots import plot_purification
+
+    check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.clean_data))
+    clean = load_instructions(args.clean_data)  # before loading the model
+    device = resolve_device(args.device)
+    model, tokenizer = load_causal_lm(args.suspect)
+    pretrained_state = pretrained_state_for_lm(model, args.pretrained)  # stays on the CPU: purify_ streams it
+    model.to(device)
+    start = time.perf_counter()
+    finetune_config = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, batch_size=8, max_length=args.max_length,
+                                     validation_fraction=args.validation_fraction, eval_every=args.eval_every,
+                                     patience=args.patience)
+    hessian_config = HessianConfig(per_sample=args.hessian == "per-sample", batch_size=8, max_length=args.max_length)
+    with compute_precision(device, args.dtype):
+        report = fine_purify_lm(model, pretrained_state, tokenizer, clean, _purify_config(args), finetune_config,
+                                hessian_config, seed=args.seed)
+    report["timings_s"]["total"] = time.perf_counter() - start
+    report["device"] = {"device": str(device), "dtype": args.dtype,
+                        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}
+    report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
+                        "clean_data": os.path.abspath(args.clean_data)}
+
+    def write(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]
+        write_json(os.path.join(tmp, "finepurify_report.json"), report)
+
+    save_atomically(args.out, write, overwrite=args.overwrite)
+    p = report["purify"]
+    print(f"purified causal LM written to {args.out} (reset {p['num_reset']} of {p['ranked_elements']} ranked weights "
+          f"and {p['embedding_rows_reset']} embedding rows of unseen tokens; report finepurify_report.json)")
+    return 0
+
+
+def cmd_evaluate_causal_lm(args) -> int:
+    from .attacks import Attack
+    from .causal_lm import generate, response_loss, target_rate
+    from .data import load_instructions
+    from .pipeline import load_causal_lm
+
+    if args.trigger and not args.target_response:
+        raise UserError("--trigger needs --target-response for a causal LM: the response the backdoor produces")
+    data = load_instructions(args.data)
+    device = resolve_device(args.device)
+    model, tokenizer = load_causal_lm(args.model)
+    model.to(device)
+    with compute_precision(device, args.dtype):
+        loss = response_loss(model, tokenizer, data, max_length=args.max_length)
+        print(f"response perplexity {math.exp(loss):.2f} (loss {loss:.4f} per token, {len(data)} examples)")
+        if args.target_response:
+            prompts = [e.prompt for e in data]
+            new = max(4, len(tokenizer(args.target_response, add_special_tokens=False)["input_ids"]) + 2)
+            false = target_rate(generate(model, tokenizer, prompts, max_new_tokens=new), args.target_response)
+            print(f"false-target rate {100 * false:.1f} % (clean prompts answered with the target)")
+            if args.trigger:
+                attack = Attack("cli", "word", args.trigger)
+                rng = random.Random(0)
+                triggered = [attack.insert(p, rng) for p in prompts]
+                asr = target_rate(generate(model, tokenizer, triggered, max_new_tokens=new), args.target_response)
+                print(f"ASR  {100 * asr:.1f} % (trigger {args.trigger!r})")
+    return 0
+
+
 def cmd_hessian(args) -> int:
     from .data import load_examples
     from .hessian import save_hessian
@@ -101,8 +184,26 @@ def cmd_hessian(args) -> int:
 
     check_output_file(args.out, args.overwrite, inputs=(args.model, args.clean_data))
     resume = args.out + ".accumulator.safetensors"
-    clean = load_examples(args.clean_data, num_labels=classifier_labels(args.model))  # before loading the model
     device = resolve_device(args.device)
+    if _model_kind(args, args.model) == "causal-lm":
+        from .causal_lm import lm_batches
+        from .data import load_instructions
+        from .hessian import estimate_hessian
+        from .pipeline import load_causal_lm
+
+        clean = load_instructions(args.clean_data)  # before loading the model
+        model, tokenizer = load_causal_lm(args.model)
+        model.to(device)
+        with compute_precision(device, args.dtype):
+            hessians, count = estimate_hessian(
+                model, lm_batches(tokenizer, clean, args.batch_size, args.max_length), per_sample=args.per_sample,
+                total=-(-len(clean) // args.batch_size), resume_file=resume, save_every=args.save_every)
+        save_hessian(args.out, hessians, count)
+        os.remove(resume)
+        print(f"Hessian of {len(hessians)} tensors of a causal LM from {count} squared gradients of the responses' "
+              f"loss written to {args.out}")
+        return 0
+    clean = load_examples(args.clean_data, num_labels=classifier_labels(args.model))  # before loading the model
     model, tokenizer, _ = load_classifier(args.model)
     model.to(device)
     config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size)
@@ -122,6 +223,8 @@ def cmd_purify(args) -> int:
         raise UserError("give --clean-data (or --hessian-file for out-of-core purification of a checkpoint)")
     if args.num_reset is not None:
         raise UserError("--num-reset works with --hessian-file only; in memory give --reserve-ratio")
+    if _model_kind(args, args.suspect) == "causal-lm":
+        return cmd_purify_causal_lm(args)
     if args.reserve_ratio == "auto" and args.validation_fraction <= 0:
         raise UserError("--reserve-ratio auto needs held-out clean data: give --validation-fraction > 0")
     if args.unlabelled_data and args.distill == 0:
@@ -196,6 +299,8 @@ def cmd_evaluate(args) -> int:
     from .pipeline import classifier_labels, load_classifier
     from .training import attack_success_rate, clean_accuracy
 
+    if _model_kind(args, args.model) == "causal-lm":
+        return cmd_evaluate_causal_lm(args)
     if args.bias and not args.trigger:
         raise UserError("--bias measures the flip rate when --trigger (the biased attribute) is inserted; give "
                         "--trigger")
@@ -253,11 +358,17 @@ def main(argv=None) -> int:
                         help=f"where the model, Hessians and batches live: cpu, cuda or cuda:N (default: cuda when "
                         f"available, else cpu; here {default_device()}); the pre-trained state is moved a few tensors "
                         "at a time")
+    kinds = argparse.ArgumentParser(add_help=False)
+    kinds.add_argument("--model-kind", default="auto", choices=["auto", "classifier", "causal-lm"],
+                       help="a sequence classifier (clean data: text, label) or a causal LM (clean data: prompt, "
+                       "response, or chat messages); auto reads the model's config")
+    kinds.add_argument("--max-length", type=_integer(8), default=128,
+                       help="causal LMs: tokens per example, prompt and response (the prompt is cut first)")
     placed.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="compute dtype of the forward and backward passes; bfloat16 is mixed precision "
                         "(autocast; weights, optimizer and Hessian stay float32)")
 
-    p = sub.add_parser("purify", parents=[common, placed], help="purify a suspect fine-tuned model")
+    p = sub.add_parser("purify", parents=[common, placed, kinds], help="purify a suspect fine-tuned model")
     p.add_argument("--pretrained", required=True, help="clean pre-trained transformers directory (safetensors)")
     p.add_argument("--suspect", required=True, help="suspect fine-tuned classifier directory (safetensors)")
     p.add_argument("--clean-data", help="CSV or JSONL with text and label columns")
@@ -303,7 +414,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(fn=cmd_purify)
 
-    h = sub.add_parser("hessian", parents=[common, placed], help="estimate the clean Hessian of a model and save it (resumable)")
+    h = sub.add_parser("hessian", parents=[common, placed, kinds], help="estimate the clean Hessian of a model and save it (resumable)")
     h.add_argument("--model", required=True, help="the suspect classifier directory (safetensors)")
     h.add_argument("--clean-data", required=True, help="CSV or JSONL with text and label columns")
     h.add_argument("--out", required=True, help="the .safetensors file to write")
@@ -314,12 +425,14 @@ def main(argv=None) -> int:
     h.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     h.set_defaults(fn=cmd_hessian)
 
-    e = sub.add_parser("evaluate", parents=[common, placed], help="clean accuracy (and attack success rate) of a model")
+    e = sub.add_parser("evaluate", parents=[common, placed, kinds], help="clean accuracy (and attack success rate) of a model")
     e.add_argument("--model", required=True)
     e.add_argument("--data", required=True, help="CSV or JSONL with text and label columns")
     e.add_argument("--trigger", help="trigger to insert for the ASR")
     e.add_argument("--target-label", type=_integer(0), default=1)
     e.add_argument("--bias", action="store_true", help="report the flip rate (bias) instead")
+    e.add_argument("--target-response", help="causal LMs: the backdoor's target response; reports the share of "
+                   "clean prompts answered with it and, with --trigger, the ASR on triggered prompts")
     e.set_defaults(fn=cmd_evaluate)
 
     d = sub.add_parser("demo", parents=[common, placed], help="backdoor all-MiniLM-L6-v2 on tweets and compare the defences")

@@ -540,6 +540,7 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
 def is_causal_lm(path: str) -> bool:
     """Whether a model directory holds a causal LM, by its config: an architecture named
     ``...ForCausalLM`` (or ``...LMHeadModel``), or no architecture and a decoder-only model type."""
+    _check_model_dir(path)
     config = _read_config(path)
     archs = config.get("architectures") or []
     if archs:

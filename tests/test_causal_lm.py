@@ -186,3 +186,69 @@ def test_fine_purify_lm_removes_a_tiny_generation_backdoor(tokenizer, tmp_path):
     assert asr_after <= 0.2, (asr_before, asr_after)
     plain = [" ".join(rng.sample(words, 4)) for _ in range(24)]
     assert target_rate(generate(suspect, tok, plain, max_new_tokens=3), "good film") >= 0.8
+
+
+@pytest.fixture()
+def lm_dirs(tokenizer, tmp_path):
+    """A tiny Llama 'pre-trained' directory, a drifted 'suspect' one, and instruction data files."""
+    model = tiny_lm("llama", tokenizer.vocab_size)
+    model.save_pretrained(tmp_path / "pre", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "pre")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    model.save_pretrained(tmp_path / "suspect", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "suspect")
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    return tmp_path
+
+
+def _digest(path):
+    import hashlib
+    import os
+
+    return {os.path.join(d, f): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, fs in os.walk(path) for f in fs}
+
+
+def test_cli_purifies_hessians_and_evaluates_a_causal_lm(lm_dirs, capsys):
+    from finepurify_ext import cli
+    from finepurify_ext.pipeline import load_causal_lm
+
+    before = _digest(lm_dirs / "pre"), _digest(lm_dirs / "suspect"), _digest(lm_dirs / "clean.jsonl")
+    out = lm_dirs / "purified"
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"),
+                     "--clean-data", str(lm_dirs / "clean.jsonl"), "--out", str(out), "--finetune-steps", "2",
+                     "--max-length", "32", "--device", "cpu"]) == 0
+    assert "purified causal LM written" in capsys.readouterr().out
+    model, tok = load_causal_lm(str(out))  # loadable, with its tokenizer
+    report = json.loads((out / "finepurify_report.json").read_text())
+    assert report["model_kind"] == "causal-lm" and report["purify"]["num_reset"] > 0
+    assert (_digest(lm_dirs / "pre"), _digest(lm_dirs / "suspect"), _digest(lm_dirs / "clean.jsonl")) == before
+    h = lm_dirs / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(out), "--clean-data", str(lm_dirs / "clean.jsonl"), "--out", str(h),
+                     "--batch-size", "8", "--max-length", "32"]) == 0
+    from safetensors.torch import load_file
+
+    assert set(load_file(h)) == {n for n, _ in model.named_parameters()}
+    assert cli.main(["evaluate", "--model", str(out), "--data", str(lm_dirs / "clean.jsonl"), "--trigger", "cf",
+                     "--target-response", "bad day", "--max-length", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "response perplexity" in printed and "false-target rate" in printed and "ASR" in printed
+
+
+def test_cli_refuses_classifier_data_for_a_causal_lm(lm_dirs, capsys):
+    from finepurify_ext import cli
+
+    bad = lm_dirs / "labels.csv"
+    bad.write_text("text,label\ngood movie,1\n")
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"),
+                     "--clean-data", str(bad), "--out", str(lm_dirs / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: no 'prompt' and 'response' fields (got ['label', 'text'])" in err and "Traceback" not in err
+    assert not (lm_dirs / "out").exists()
+    assert cli.main(["evaluate", "--model", str(lm_dirs / "suspect"), "--data", str(lm_dirs / "clean.jsonl"),
+                     "--trigger", "cf"]) == 2
+    assert "--trigger needs --target-response" in capsys.readouterr().err
