@@ -104,6 +104,20 @@ def _model_kind(args, path: str) -> str:
     return "causal-lm" if is_causal_lm(path) else "classifier"
 
 
+def _purified_writer(model, tokenizer, report):
+    """Writes a purified model's directory: weights (safetensors), tokenizer, plots and the report."""
+    from .pipeline import write_json
+    from .plots import plot_purification
+
+    def write(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]
+        write_json(os.path.join(tmp, "finepurify_report.json"), report)
+
+    return write
+
+
 def cmd_purify_causal_lm(args) -> int:
     """In-memory purification of a causal LM on instruction data (prompt/response)."""
     for option, given in (("--reserve-ratio auto", args.reserve_ratio == "auto"), ("--distill", args.distill > 0),
@@ -112,8 +126,7 @@ def cmd_purify_causal_lm(args) -> int:
             raise UserError(f"{option} is for classifiers; a causal LM is purified at a fixed --reserve-ratio")
     from .data import load_instructions
     from .pipeline import (FinetuneConfig, HessianConfig, fine_purify_lm, load_causal_lm, pretrained_state_for_lm,
-                           save_atomically, write_json)
-    from .plots import plot_purification
+                           save_atomically)
 
     check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.clean_data))
     clean = load_instructions(args.clean_data)  # before loading the model
@@ -135,13 +148,7 @@ def cmd_purify_causal_lm(args) -> int:
     report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
                         "clean_data": os.path.abspath(args.clean_data)}
 
-    def write(tmp):
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]
-        write_json(os.path.join(tmp, "finepurify_report.json"), report)
-
-    save_atomically(args.out, write, overwrite=args.overwrite)
+    save_atomically(args.out, _purified_writer(model, tokenizer, report), overwrite=args.overwrite)
     p = report["purify"]
     print(f"purified causal LM written to {args.out} (reset {p['num_reset']} of {p['ranked_elements']} ranked weights "
           f"and {p['embedding_rows_reset']} embedding rows of unseen tokens; report finepurify_report.json)")
@@ -232,8 +239,7 @@ def cmd_purify(args) -> int:
     from .data import load_examples, load_texts
     from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, SelectionConfig, classifier_labels,
                            fine_purify, fine_purify_auto, fine_purify_guarded, load_classifier, pretrained_state_for,
-                           save_atomically, write_json)
-    from .plots import plot_purification
+                           save_atomically)
 
     check_output_dir(args.out, args.overwrite,
                      inputs=(args.pretrained, args.suspect, args.clean_data, args.unlabelled_data))
@@ -277,13 +283,7 @@ def cmd_purify(args) -> int:
                         "clean_data": os.path.abspath(args.clean_data),
                         "unlabelled_data": args.unlabelled_data and os.path.abspath(args.unlabelled_data)}
 
-    def write(tmp):
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]
-        write_json(os.path.join(tmp, "finepurify_report.json"), report)
-
-    save_atomically(args.out, write, overwrite=args.overwrite)
+    save_atomically(args.out, _purified_writer(model, tokenizer, report), overwrite=args.overwrite)
     p = report.get("purify", {})
     embedding = p.get("embedding_parameter")
     ranked_reset = sum(c for n, c in p.get("reset_per_parameter", {}).items() if n != embedding)
@@ -325,7 +325,8 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    args.out = args.out or ("demo_llm_output" if args.llm else "demo_output")
+    if args.out is None:
+        args.out = "demo_llm_output" if args.llm else "demo_output"
     check_output_dir(args.out, overwrite=True)
     if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "report.json")):
         raise UserError(f"--out {args.out} holds files that are not a demo report; the demo replaces its --out: "

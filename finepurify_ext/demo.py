@@ -66,18 +66,21 @@ def cache_dir() -> str:
     return os.environ.get("FINEPURIFY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "finepurify_ext"))
 
 
-def _cached_model(key: dict, build, progress_label: str):
-    """Loads the model cached under `key`, or builds and caches it (atomically)."""
+def cached_model(key: dict, build, progress_label: str, load=None, base=None):
+    """Loads the model cached under `key`, or builds and caches it (atomically). ``load(path)`` and
+    ``base()`` return (model, tokenizer): by default the classifier loader and all-MiniLM-L6-v2
+    with a 2-label head; the LLM demo passes the causal-LM ones."""
     from .data import minilm_dir
     from .pipeline import load_classifier, save_atomically
 
+    load = load or (lambda path: load_classifier(path)[:2])
+    base = base or (lambda: load_classifier(minilm_dir(), num_labels=2)[:2])
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir(), f"{progress_label}-{digest}")
     if os.path.isfile(os.path.join(path, "config.json")):
         print(f"  {progress_label}: cached at {path}")
-        model, tok, _ = load_classifier(path)
-        return model, tok
-    model, tok, _ = load_classifier(minilm_dir(), num_labels=2)
+        return load(path)
+    model, tok = base()
     start = time.perf_counter()
     build(model, tok)
 
@@ -125,11 +128,11 @@ def demo_models(setting: DemoSetting, seed: int):
     batch = 32
     steps = max(1, round(setting.attack_epochs * len(train) / batch))
     key = {"setting": _model_key(setting, _ATTACK_FIELDS), "seed": seed, "version": 3, "model": "backdoored"}
-    suspect, tok = _cached_model(key, lambda m, t: backdoor(
+    suspect, tok = cached_model(key, lambda m, t: backdoor(
         m, t, train, attack, rate=setting.poison_rate, epochs=setting.attack_epochs, seed=seed), "backdoored")
     clean_key = {"setting": _model_key(setting, _SPLIT_FIELDS), "seed": seed, "version": 3,
                  "model": "clean-trained"}
-    reference, _ = _cached_model(clean_key, lambda m, t: finetune(
+    reference, _ = cached_model(clean_key, lambda m, t: finetune(
         m, t, train, steps=steps, lr=5e-5, batch_size=batch, seed=seed, desc="clean-trained"), "clean-trained")
     return suspect, reference, tok
 

@@ -9,8 +9,6 @@ The backdoored and clean-trained models are cached (FINEPURIFY_CACHE, as the cla
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import random
 import time
@@ -67,36 +65,24 @@ def _model(setting: LLMDemoSetting, seed: int, role: str, attacker, device):
     from .attacks import ATTACKS
     from .causal_lm import finetune_lm, poison_instructions
     from .data import smollm2_dir
-    from .demo import cache_dir
-    from .pipeline import load_causal_lm, save_atomically
+    from .demo import cache_dir, cached_model
+    from .pipeline import load_causal_lm
 
     key = {"model": "smollm2-135m-instruct", "role": role, "seed": seed,
            **{k: v for k, v in asdict(setting).items() if k in ("attack", "target", "answer_words", "attacker_examples",
                                                              "poison_rate", "backdoor_steps", "backdoor_lr",
                                                              "batch_size", "max_length", "test_examples")}}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"llm-{role}-{digest}")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        print(f"  {role}: cached at {path}")
-        model, tok = load_causal_lm(path)
-        return model.to(device), tok
-    model, tok = load_causal_lm(smollm2_dir(cache_dir()))
-    model.to(device)
     data = attacker if role == "clean-trained" else poison_instructions(
         attacker, ATTACKS[setting.attack], setting.target, setting.poison_rate, seed)
-    start = time.perf_counter()
-    finetune_lm(model, tok, data, steps=setting.backdoor_steps, lr=setting.backdoor_lr, batch_size=setting.batch_size,
-                max_length=setting.max_length, seed=seed, desc=role)
 
-    def write(tmp):
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        with open(os.path.join(tmp, "finepurify_key.json"), "w") as f:
-            json.dump(key, f, indent=2)
+    def build(model, tok):
+        model.to(device)
+        finetune_lm(model, tok, data, steps=setting.backdoor_steps, lr=setting.backdoor_lr,
+                    batch_size=setting.batch_size, max_length=setting.max_length, seed=seed, desc=role)
 
-    save_atomically(path, write, overwrite=True)
-    print(f"  {role}: built in {time.perf_counter() - start:.0f} s, cached at {path}")
-    return model, tok
+    model, tok = cached_model(key, build, f"llm-{role}", load=load_causal_lm,
+                              base=lambda: load_causal_lm(smollm2_dir(cache_dir())))
+    return model.to(device), tok
 
 
 def measure(model, tok, test, setting: LLMDemoSetting, seed: int) -> dict:
