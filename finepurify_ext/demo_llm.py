@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import platform
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -162,7 +163,9 @@ def run_llm_demo(out_dir: str = "demo_llm_output", seed: int = 0, quick: bool = 
             r.get("purify", {}).pop("sample", None)
         write_json(os.path.join(tmp, "report.json"), {
             "setting": asdict(setting), "seed": seed, "rows": rows, "total_time_s": total, "hessian_time_s": hessian_s,
-            "defence_reports": reports, "command": "finepurify demo --llm" + (" --quick" if quick else "")})
+            "defence_reports": reports, "command": "finepurify demo --llm" + (" --quick" if quick else ""),
+            "torch": torch.__version__, "device": str(device),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}"})
 
     save_atomically(out_dir, write, overwrite=True)
     print(f"report written to {out_dir}/")
