@@ -29,17 +29,13 @@ import time
 
 import torch
 
+from bench_pipeline import MODELS  # the OPT shapes
 from common import git_commit, write_json_atomically
 
-MODELS = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4),
-    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
-    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32),
-}
 WORDS = [f"w{i}" for i in range(500)]
 
 
-def make_dirs(root, name, vocab_size=50272, seed=0):
+def make_dirs(root, name, seed=0):
     from transformers import BertTokenizer, OPTConfig, OPTForSequenceClassification
 
     vocab = os.path.join(root, "vocab.txt")
@@ -47,7 +43,7 @@ def make_dirs(root, name, vocab_size=50272, seed=0):
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
     tokenizer = BertTokenizer(vocab=vocab, model_input_names=["input_ids", "attention_mask"])
     shape = MODELS[name]
-    config = OPTConfig(**shape, vocab_size=vocab_size, max_position_embeddings=512,
+    config = OPTConfig(**shape, max_position_embeddings=512,
                        word_embed_proj_dim=shape["hidden_size"], num_labels=2, pad_token_id=0)
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):

@@ -363,13 +363,16 @@ def purify_checkpoint(
 
     zero = torch.zeros(1, device=device)
     eps = 1.0 if config.ranking == "magnitude" else config.eps
+    # no_hessian: each tensor's floored mean as its one-element Hessian, made once, not per piece.
+    scalar_h = {name: torch.tensor([max(m, floor or 0.0)], dtype=torch.float32, device=device)
+                for name, m in h_mean.items()}
 
     def piece_inputs(name, start, h):
         """(hessian passed, ops.Ranking) of one piece: the scoring spec of purify.scoring_for."""
         if config.ranking == "fine_purifying":
             return h, ops.Ranking(hessian_floor=floor or 0.0)
         if config.ranking == "no_hessian":
-            return torch.tensor([max(h_mean[name], floor or 0.0)], dtype=torch.float32, device=device), ops.PLAIN
+            return scalar_h[name], ops.PLAIN
         if config.ranking == "fine_mixing":
             return zero, ops.Ranking(random_seed=config.seed, random_keys=(ops.tensor_key(name),),
                                      random_offsets=(start,))
@@ -382,12 +385,12 @@ def purify_checkpoint(
                 if level == 0 and reads_hessian and not wants_floor:  # not checked by a pre-pass
                     _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
                 hs, ranking = piece_inputs(name, start, h)
-                piece = ops.score_histogram([ft], [pre], [hs], eps, level, prefix, ranking)
+                piece = ops.score_histogram([ft], [pre], [hs], eps, level, prefix, ranking).cpu()  # one read
                 if piece[LEVEL_BINS[level]] > 0:  # unrankable scores: name the tensor and its file
                     raise unrankable([(f"{sus_ckpt.entries[name].file}: tensor {name!r}", ft),
                                       (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre)]) \
                         or CheckpointError(f"cannot rank {name!r}: its scores overflow float32; use a larger eps")
-                counts += piece.cpu()
+                counts += piece
                 del ft, pre, h, hs
         return counts
 

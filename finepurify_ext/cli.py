@@ -10,10 +10,8 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 
-import torch  # noqa: E402
-
 from .demo import SUITE  # noqa: E402
-from .devices import DTYPES, compute_precision, default_device, resolve_device  # noqa: E402
+from .devices import DTYPES, compute_precision, default_device, describe, resolve_device  # noqa: E402
 from .pipeline import CollapseGuard  # noqa: E402
 from .purify import PurifyConfig  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
@@ -143,8 +141,7 @@ def cmd_purify_causal_lm(args) -> int:
         report = fine_purify_lm(model, pretrained_state, tokenizer, clean, _purify_config(args), finetune_config,
                                 hessian_config, seed=args.seed)
     report["timings_s"]["total"] = time.perf_counter() - start
-    report["device"] = {"device": str(device), "dtype": args.dtype,
-                        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}
+    report["device"] = describe(device, args.dtype)
     report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
                         "clean_data": os.path.abspath(args.clean_data)}
 
@@ -238,7 +235,7 @@ def cmd_purify(args) -> int:
         raise UserError("--unlabelled-data is read only for the teacher's soft targets: give --distill > 0")
     from .data import load_examples, load_texts
     from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, SelectionConfig, classifier_labels,
-                           fine_purify, fine_purify_auto, fine_purify_guarded, load_classifier, pretrained_state_for,
+                           fine_purify, fine_purify_auto, load_classifier, pretrained_state_for,
                            save_atomically)
 
     check_output_dir(args.out, args.overwrite,
@@ -264,9 +261,9 @@ def cmd_purify(args) -> int:
             chosen = report["selection"]["chosen_reserve_ratio"]
             print(f"reserve ratio chosen on {report['selection']['validation_examples']} held-out clean examples: "
                   f"{chosen}" + (" (no reset: clean fine-tuning only)" if chosen == 1.0 else ""))
-        elif args.collapse_tolerance < 1.0:
-            report = fine_purify_guarded(model, pretrained_state, tokenizer, clean, _purify_config(args),
-                                         guard=CollapseGuard(tolerance=args.collapse_tolerance), **common)
+        else:
+            guard = CollapseGuard(tolerance=args.collapse_tolerance) if args.collapse_tolerance < 1.0 else None
+            report = fine_purify(model, pretrained_state, tokenizer, clean, _purify_config(args), guard=guard, **common)
             guarded = report.get("collapse_guard", {})
             if guarded.get("triggered"):
                 tried = ", ".join(f"{a['reserve_ratio']:g}: {100 * a['validation_accuracy']:.1f} %"
@@ -274,10 +271,7 @@ def cmd_purify(args) -> int:
                 print(f"collapse guard: held-out accuracy fell more than {100 * args.collapse_tolerance:g} points "
                       f"below the suspect's ({100 * guarded['suspect_validation_accuracy']:.1f} %); reserve ratios "
                       f"tried: {tried}; kept {guarded['reserve_ratio_used']:g}")
-        else:
-            report = fine_purify(model, pretrained_state, tokenizer, clean, _purify_config(args), **common)
-    report["device"] = {"device": str(device), "dtype": args.dtype,
-                        "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}
+    report["device"] = describe(device, args.dtype)
     report["timings_s"]["total"] = time.perf_counter() - start
     report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
                         "clean_data": os.path.abspath(args.clean_data),
@@ -365,15 +359,15 @@ def main(argv=None) -> int:
                         help=f"where the model, Hessians and batches live: cpu, cuda or cuda:N (default: cuda when "
                         f"available, else cpu; here {default_device()}); the pre-trained state is moved a few tensors "
                         "at a time")
+    placed.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="compute dtype of the forward and backward passes; bfloat16 is mixed precision "
+                        "(autocast; weights, optimizer and Hessian stay float32)")
     kinds = argparse.ArgumentParser(add_help=False)
     kinds.add_argument("--model-kind", default="auto", choices=["auto", "classifier", "causal-lm"],
                        help="a sequence classifier (clean data: text, label) or a causal LM (clean data: prompt, "
                        "response, or chat messages); auto reads the model's config")
     kinds.add_argument("--max-length", type=_integer(8), default=128,
                        help="causal LMs: tokens per example, prompt and response (the prompt is cut first)")
-    placed.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="compute dtype of the forward and backward passes; bfloat16 is mixed precision "
-                        "(autocast; weights, optimizer and Hessian stay float32)")
 
     p = sub.add_parser("purify", parents=[common, placed, kinds], help="purify a suspect fine-tuned model")
     p.add_argument("--pretrained", required=True, help="clean pre-trained transformers directory (safetensors)")

@@ -178,8 +178,7 @@ class DefenceCell:
         (``finetune_config.distill``); ``guard`` (a ``pipeline.CollapseGuard``) redoes a purification
         whose held-out accuracy collapsed with less reset."""
         from . import data
-        from .pipeline import (FinetuneConfig, HessianConfig, clean_hessian, fine_purify, fine_purify_guarded,
-                               pretrained_state_for)
+        from .pipeline import FinetuneConfig, HessianConfig, clean_hessian, fine_purify, pretrained_state_for
 
         finetune_config = finetune_config or FinetuneConfig(steps=self.setting.finetune_steps,
                                                             lr=self.setting.finetune_lr)
@@ -192,14 +191,9 @@ class DefenceCell:
             self.hessian_time_s = time.perf_counter() - start
         model = copy.deepcopy(self.suspect)
         start = time.perf_counter()
-        common = dict(seed=self.seed, progress=progress, hessians=self._hessians, validation=self.validation,
-                      unlabelled=unlabelled)
-        if guard is not None and config is not None:
-            report = fine_purify_guarded(model, self._pretrained_state, self.tokenizer, self.train, config,
-                                         finetune_config, guard=guard, **common)
-        else:
-            report = fine_purify(model, self._pretrained_state, self.tokenizer, self.train, config, finetune_config,
-                                 **common)
+        report = fine_purify(model, self._pretrained_state, self.tokenizer, self.train, config, finetune_config,
+                             seed=self.seed, progress=progress, hessians=self._hessians, validation=self.validation,
+                             unlabelled=unlabelled, guard=guard)
         elapsed = time.perf_counter() - start
         stopped = report["finetune"]["early_stopping"]
         row = {"method": method, "defence": DEFENCES[method], "reserve_ratio": None if config is None else reserve_ratio,

@@ -106,7 +106,7 @@ def measure(model, tok, test, setting: LLMDemoSetting, seed: int) -> dict:
 def run_llm_demo(out_dir: str = "demo_llm_output", seed: int = 0, quick: bool = False,
                  device: torch.device | str = "cpu") -> list[dict]:
     from .pipeline import (FinetuneConfig, HessianConfig, fine_purify_lm, pretrained_state_for_lm, save_atomically,
-                           write_json)
+                           split_validation, write_json)
     from .causal_lm import lm_batches
     from .data import smollm2_dir
     from .demo import cache_dir
@@ -128,8 +128,6 @@ def run_llm_demo(out_dir: str = "demo_llm_output", seed: int = 0, quick: bool = 
     finetune = FinetuneConfig(steps=setting.finetune_steps, lr=setting.finetune_lr, batch_size=setting.batch_size,
                               max_length=setting.max_length, eval_every=setting.eval_every)
     hessian = HessianConfig(batch_size=setting.batch_size, max_length=setting.max_length)
-    from .pipeline import split_validation
-
     train, validation = split_validation(defender, finetune.validation_fraction, seed)
     start = time.perf_counter()
     hessians, _ = estimate_hessian(suspect, lm_batches(tok, train, setting.batch_size, setting.max_length),

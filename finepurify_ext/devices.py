@@ -47,3 +47,9 @@ def compute_precision(device: torch.device, dtype: str = "float32"):
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: give one of {', '.join(DTYPES)}")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def describe(device: torch.device, dtype: str) -> dict:
+    """Where a run ran, for its report."""
+    return {"device": str(device), "dtype": dtype,
+            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}

@@ -50,9 +50,13 @@ class Ranking:
     def args(self) -> tuple:
         return (float(self.hessian_floor), int(self.random_seed), list(self.random_keys), list(self.random_offsets))
 
-    def for_piece(self, key: int, offset: int) -> "Ranking":
-        """This ranking for one tensor (or a piece of it starting at ``offset``) passed alone."""
-        return Ranking(self.hessian_floor, self.random_seed, (key,), (offset,)) if self.random_seed >= 0 else self
+    def subset(self, indices) -> "Ranking":
+        """This ranking for the tensors at ``indices`` of its lists, passed alone (their keys and offsets)."""
+        if not (self.random_keys or self.random_offsets):
+            return self
+        return Ranking(self.hessian_floor, self.random_seed,
+                       tuple(self.random_keys[i] for i in indices) if self.random_keys else (),
+                       tuple(self.random_offsets[i] for i in indices) if self.random_offsets else ())
 
 
 PLAIN = Ranking()

@@ -76,6 +76,7 @@ def fine_purify(
     hessians: dict[str, torch.Tensor] | None = None,
     validation: Sequence[Example] | None = None,
     unlabelled: Sequence[str] = (),
+    guard: CollapseGuard | None = None,
 ) -> dict:
     """Purifies ``model`` in place. ``config=None`` skips the reset (plain clean fine-tuning).
     ``hessians`` (from ``clean_hessian`` at these weights, on the fine-tuning part) skips the estimation.
@@ -83,10 +84,15 @@ def fine_purify(
     the clean data already (then all of ``clean`` is for fine-tuning); otherwise ``finetune_config``
     says how much of ``clean`` to hold out. With ``finetune_config.distill`` > 0 the model's own
     predictions before the reset, on the clean texts and on ``unlabelled`` in-domain texts, are soft
-    targets for the fine-tuning. Returns the report: Hessian, purification and fine-tuning details
-    with timings."""
+    targets for the fine-tuning. Under a ``guard`` (``CollapseGuard``) a purification whose held-out
+    accuracy collapsed is redone with less reset. Returns the report: Hessian, purification and
+    fine-tuning details with timings."""
     if not clean:
         raise ValueError("fine_purify: the clean data is empty; give at least one labelled example")
+    if guard is not None and config is not None:
+        return _under_collapse_guard(guard, model, tokenizer, clean, config, dict(
+            pretrained_state=pretrained_state, finetune_config=finetune_config, hessian_config=hessian_config,
+            seed=seed, progress=progress, hessians=hessians, validation=validation, unlabelled=unlabelled))
     report: dict = {"seed": seed, "clean_examples": len(clean)}
     if validation is None and finetune_config.validation_fraction > 0:
         clean, validation = split_validation(clean, finetune_config.validation_fraction, seed)
@@ -172,44 +178,30 @@ def held_out_accuracy(model, tokenizer, examples) -> float:
     return validation_metrics(model, tokenizer, examples)[1]
 
 
-def fine_purify_guarded(
-    model: torch.nn.Module,
-    pretrained_state: dict[str, torch.Tensor],
-    tokenizer,
-    clean: Sequence[Example],
-    config: PurifyConfig | None = PurifyConfig(),
-    finetune_config: FinetuneConfig = FinetuneConfig(),
-    hessian_config: HessianConfig = HessianConfig(),
-    guard: CollapseGuard = CollapseGuard(),
-    seed: int = 0,
-    progress: bool = True,
-    hessians: dict[str, torch.Tensor] | None = None,
-    validation: Sequence[Example] | None = None,
-    unlabelled: Sequence[str] = (),
-) -> dict:
-    """``fine_purify`` under a ``CollapseGuard``; the report's ``collapse_guard`` lists every attempt.
-    Without held-out clean data (or without a reset) it is plain ``fine_purify``. The Hessian is
+def _under_collapse_guard(guard: CollapseGuard, model, tokenizer, clean, config: PurifyConfig, kw: dict) -> dict:
+    """``fine_purify`` (its other arguments in ``kw``) under ``guard``; the report's ``collapse_guard``
+    lists every attempt. Without held-out clean data it is plain ``fine_purify``. The Hessian is
     estimated once; the suspect's weights are kept on the CPU while attempts run."""
-    if validation is None and finetune_config.validation_fraction > 0:
-        clean, validation = split_validation(clean, finetune_config.validation_fraction, seed)
-    common = dict(finetune_config=finetune_config, hessian_config=hessian_config, seed=seed, progress=progress,
-                  validation=validation, unlabelled=unlabelled)
-    if config is None or not validation:
-        return fine_purify(model, pretrained_state, tokenizer, clean, config, hessians=hessians, **common)
+    finetune_config, seed = kw["finetune_config"], kw["seed"]
+    if kw["validation"] is None and finetune_config.validation_fraction > 0:
+        clean, kw["validation"] = split_validation(clean, finetune_config.validation_fraction, seed)
+    validation = kw["validation"]
+    if not validation:
+        return fine_purify(model, tokenizer=tokenizer, clean=clean, config=config, **kw)
     suspect_accuracy = held_out_accuracy(model, tokenizer, validation)
     hessian_report, hessian_time = None, None
-    if hessians is None:
+    if kw["hessians"] is None:
         start = time.perf_counter()
-        hessians, count = clean_hessian(model, tokenizer, clean, hessian_config, progress)
-        hessian_time, hessian_report = time.perf_counter() - start, _hessian_report(hessian_config, count)
+        kw["hessians"], count = clean_hessian(model, tokenizer, clean, kw["hessian_config"], kw["progress"])
+        hessian_time, hessian_report = time.perf_counter() - start, _hessian_report(kw["hessian_config"], count)
     suspect = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
     rhos = [config.reserve_ratio] + [r for r in guard.fallback if r > config.reserve_ratio]
     attempts = []
     for i, rho in enumerate(rhos):
         if i:
             model.load_state_dict(suspect)
-        report = fine_purify(model, pretrained_state, tokenizer, clean,
-                             None if rho >= 1.0 else config.replace(reserve_ratio=rho), hessians=hessians, **common)
+        report = fine_purify(model, tokenizer=tokenizer, clean=clean,
+                             config=None if rho >= 1.0 else config.replace(reserve_ratio=rho), **kw)
         accuracy = held_out_accuracy(model, tokenizer, validation)
         attempts.append({"reserve_ratio": rho, "validation_accuracy": accuracy})
         if accuracy >= suspect_accuracy - guard.tolerance:

@@ -117,7 +117,7 @@ def sample_quantile(sample: torch.Tensor, q: float) -> float:
 
 def _quantile(tensors, q: float, max_samples: int = 1 << 20) -> float:
     """Approximate quantile over many tensors from an evenly strided sample (a few MB at most),
-    taken where the tensors live: one concatenation, two selections, no per-tensor host copies."""
+    gathered where the tensors live by one concatenation per device, no per-tensor host copies."""
     total = sum(t.numel() for t in tensors)
     stride = max(1, total // max_samples)
     by_device = {}
@@ -163,12 +163,6 @@ class Scoring:
     eps: float
     ranking: ops.Ranking
     floor: float | None = None
-
-    def subset(self, indices) -> "ops.Ranking":
-        r = self.ranking
-        if r.random_seed < 0:
-            return r
-        return ops.Ranking(r.hessian_floor, r.random_seed, tuple(r.random_keys[i] for i in indices))
 
 
 def scoring_for(config: PurifyConfig, names, hessians) -> Scoring:
@@ -222,7 +216,7 @@ class Feed:
             ft = [self.ft[i] for i in idx]
             pre = [self.pre[i].to(device=f.device, dtype=f.dtype) for i, f in zip(idx, ft)]
             hs = [self.scoring.hessians[i].to(f.device) for i, f in zip(idx, ft)]
-            yield idx, ft, pre, hs, self.scoring.subset(idx)
+            yield idx, ft, pre, hs, self.scoring.ranking.subset(idx)
 
     def histogram(self, level: int, prefix: int) -> torch.Tensor:
         counts = torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
@@ -283,6 +277,7 @@ def purify_(
             raise ValueError(f"purify: no Hessian for parameter {n!r}; estimate it on this model")
     ft = [params[n].data for n in ranked]
     pre = [pretrained_state[n] for n in ranked]
+
     def named_error(op_error):
         return unrankable(_named_inputs(ranked, ft, pre, [hessians[n] for n in ranked])) or op_error
 

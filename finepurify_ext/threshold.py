@@ -99,11 +99,7 @@ def distributed_score_threshold(
     total = torch.tensor([sum(t.numel() for t in ft)], dtype=torch.int64, device=device)
     dist.all_reduce(total, group=group)
 
-    if ranking is not None and ranking.random_keys:  # the keys of the tensors that count here
-        ranking = type(ranking)(ranking.hessian_floor, ranking.random_seed,
-                                tuple(ranking.random_keys[i] for i in keep),
-                                tuple(ranking.random_offsets[i] for i in keep) if ranking.random_offsets else ())
-    args = ranking.args() if ranking is not None else ()
+    args = ranking.subset(keep).args() if ranking is not None else ()  # the tensors that count here
 
     def histogram_of(level: int, prefix: int) -> torch.Tensor:
         if ft:

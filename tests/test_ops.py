@@ -335,6 +335,13 @@ def test_random_pieces_draw_the_whole_tensor():
     assert ops.score_threshold(ft[::-1], pre[::-1], [torch.zeros(1)] * 2, k, EPS, ranking=swapped) == whole
 
 
+def test_ranking_subset_keeps_each_tensors_key_and_offset():
+    r = ops.Ranking(random_seed=1, random_keys=(5, 6, 7), random_offsets=(0, 10, 20))
+    assert r.subset([2, 0]) == ops.Ranking(random_seed=1, random_keys=(7, 5), random_offsets=(20, 0))
+    assert ops.Ranking(random_seed=1, random_keys=(5, 6)).subset([1]) == ops.Ranking(random_seed=1, random_keys=(6,))
+    assert ops.PLAIN.subset([3]) is ops.PLAIN
+
+
 def test_ranking_argument_errors():
     ft, pre, h = make_weights(53, [(10,), (4, 4)], torch.float32)
     with pytest.raises(ValueError, match="hessian_floor must be a finite float32 number >= 0"):

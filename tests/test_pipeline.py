@@ -526,9 +526,8 @@ def test_collapse_guard_redoes_a_collapsed_purification_with_less_reset(tokenize
 
     monkeypatch.setattr(pipeline, "held_out_accuracy", lambda m, t, ex: next(scripted))
     monkeypatch.setattr(pipeline, "clean_hessian", counting_hessian)
-    report = pipeline.fine_purify_guarded(model, state, tokenizer, clean, PurifyConfig(reserve_ratio=0.3),
-                                          finetune_config, guard=pipeline.CollapseGuard(tolerance=0.2),
-                                          progress=False)
+    report = fine_purify(model, state, tokenizer, clean, PurifyConfig(reserve_ratio=0.3), finetune_config,
+                         guard=pipeline.CollapseGuard(tolerance=0.2), progress=False)
     guard = report["collapse_guard"]
     assert guard["triggered"] and guard["reserve_ratio_used"] == 0.5 and calls["hessian"] == 1
     assert [a["reserve_ratio"] for a in guard["attempts"]] == [0.3, 0.5]
@@ -550,8 +549,8 @@ def test_collapse_guard_keeps_a_purification_that_holds(tokenizer, monkeypatch):
     model, state = drifted_pair(tokenizer)
     scripted = iter([0.9, 0.75])  # a drop of 15 points: within the tolerance
     monkeypatch.setattr(pipeline, "held_out_accuracy", lambda m, t, ex: next(scripted))
-    report = pipeline.fine_purify_guarded(model, state, tokenizer, clean, PurifyConfig(reserve_ratio=0.3),
-                                          finetune_config, progress=False)
+    report = fine_purify(model, state, tokenizer, clean, PurifyConfig(reserve_ratio=0.3), finetune_config,
+                         guard=pipeline.CollapseGuard(), progress=False)
     guard = report["collapse_guard"]
     assert not guard["triggered"] and guard["attempts"] == [{"reserve_ratio": 0.3, "validation_accuracy": 0.75}]
     assert report["purify"]["reserve_ratio"] == 0.3 and "hessian" in report
