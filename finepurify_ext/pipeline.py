@@ -572,6 +572,11 @@ def pretrained_state_for_lm(model: torch.nn.Module, pretrained_dir: str) -> dict
     """The pre-trained causal LM's parameters by name, checked to match ``model``'s shapes."""
     pre_model, _ = load_causal_lm(pretrained_dir, tokenizer=False)
     state = {n: p.detach() for n, p in pre_model.named_parameters()}
+    return _shared_with(model, state, pretrained_dir)
+
+
+def _shared_with(model: torch.nn.Module, state: dict[str, torch.Tensor], pretrained_dir: str):
+    """The entries of a pre-trained ``state`` that ``model`` has, checked to match its shapes."""
     names = dict(model.named_parameters())
     shared = [n for n in state if n in names]
     if not shared:
@@ -605,13 +610,4 @@ def pretrained_state_for(model: torch.nn.Module, pretrained_dir: str) -> dict[st
     does not hold (the new head) are absent."""
     pre_model, _, missing = load_classifier(pretrained_dir, num_labels=model.config.num_labels, tokenizer=False)
     state = {n: p.detach() for n, p in pre_model.named_parameters() if n not in missing}
-    names = dict(model.named_parameters())
-    shared = [n for n in state if n in names]
-    if not shared:
-        raise ModelError(f"{pretrained_dir}: no parameter matches the suspect model by name; "
-                         "the pre-trained and suspect models must share an architecture")
-    for n in shared:
-        if state[n].shape != names[n].shape:
-            raise ModelError(f"parameter {n!r} has shape {list(state[n].shape)} in {pretrained_dir} but "
-                             f"{list(names[n].shape)} in the suspect model: mismatched architectures")
-    return {n: state[n] for n in shared}
+    return _shared_with(model, state, pretrained_dir)
