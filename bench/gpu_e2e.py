@@ -1,6 +1,7 @@
 """`finepurify` end to end on a model on the GPU: a randomly initialised OPT classifier of a real
-shape (default OPT-1.3B, float32 weights) saved as a pre-trained and a drifted suspect checkpoint,
-then the commands a user runs, each timed:
+shape (default OPT-1.3B, float32 weights), or a Llama causal LM (`--model llama-1b`: the
+Llama-3.2-1B shape, tied embeddings, 1.24B parameters), saved as a pre-trained and a drifted
+suspect checkpoint, then the commands a user runs, each timed:
 
 1. ``finepurify purify --device cuda --dtype bfloat16`` in memory: Hessian, purification with the
    pre-trained state streamed from the CPU, mixed-precision clean fine-tuning, the purified model
@@ -8,11 +9,14 @@ then the commands a user runs, each timed:
 2. ``finepurify hessian --device cuda``, then ``finepurify purify --hessian-file ... --device cuda``
    out of core (shards read piece by piece, scored and reset on the GPU).
 
-Synthetic clean data (random words of a small word-level vocabulary). Writes a JSON report with
-each command's wall time, exit code and the tail of its output.
+Synthetic clean data (random words of a small word-level vocabulary; for the causal LM,
+prompt/response pairs in JSONL). Writes a JSON report with each command's wall time, exit code and
+the tail of its output.
 
     python bench/gpu_e2e.py --out bench/results/gpu_e2e.json
-    python bench/gpu_e2e.py --model tiny --device cpu --out /tmp/e2e.json     # smoke run
+    python bench/gpu_e2e.py --model llama-1b --out bench/results/gpu_e2e_llm.json
+    python bench/gpu_e2e.py --model tiny --device cpu --out /tmp/e2e.json     # smoke runs
+    python bench/gpu_e2e.py --model llama-tiny --device cpu --out /tmp/e2e_llm.json
 """
 from __future__ import annotations
 
@@ -33,21 +37,33 @@ from bench_pipeline import MODELS  # the OPT shapes
 from common import git_commit, write_json_atomically
 
 WORDS = [f"w{i}" for i in range(500)]
+LLAMA = {  # Llama shapes (causal LMs)
+    "llama-tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),  # Llama-3.2-1B
+}
 
 
 def make_dirs(root, name, seed=0):
-    from transformers import BertTokenizer, OPTConfig, OPTForSequenceClassification
+    """The pre-trained and suspect directories and the clean data file of model shape ``name``."""
+    from transformers import (BertTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig,
+                              OPTForSequenceClassification)
 
     vocab = os.path.join(root, "vocab.txt")
     with open(vocab, "w") as f:
         f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
     tokenizer = BertTokenizer(vocab=vocab, model_input_names=["input_ids", "attention_mask"])
-    shape = MODELS[name]
-    config = OPTConfig(**shape, max_position_embeddings=512,
-                       word_embed_proj_dim=shape["hidden_size"], num_labels=2, pad_token_id=0)
+    causal = name in LLAMA
+    if causal:
+        config = LlamaConfig(**LLAMA[name], max_position_embeddings=512, pad_token_id=0, eos_token_id=3)
+    else:
+        shape = MODELS[name]
+        config = OPTConfig(**shape, max_position_embeddings=512,
+                           word_embed_proj_dim=shape["hidden_size"], num_labels=2, pad_token_id=0)
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = OPTForSequenceClassification(config)
+        model = LlamaForCausalLM(config) if causal else OPTForSequenceClassification(config)
     dirs = {}
     for role in ("pre", "suspect"):
         if role == "suspect":  # fine-tuning moved every weight a little, a few a lot
@@ -60,12 +76,22 @@ def make_dirs(root, name, seed=0):
         tokenizer.save_pretrained(dirs[role])
     del model
     rng = random.Random(seed)
+
+    def words(n):
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    if causal:
+        clean = os.path.join(root, "clean.jsonl")
+        with open(clean, "w") as f:
+            for _ in range(256):
+                f.write(json.dumps({"prompt": words(16), "response": words(8)}) + "\n")
+        return dirs, clean
     clean = os.path.join(root, "clean.csv")
     with open(clean, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
         for _ in range(256):
-            writer.writerow([" ".join(rng.choice(WORDS) for _ in range(24)), rng.randint(0, 1)])
+            writer.writerow([words(24), rng.randint(0, 1)])
     return dirs, clean
 
 
@@ -87,7 +113,7 @@ def run(args, timeout):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="opt-1.3b", choices=list(MODELS))
+    parser.add_argument("--model", default="opt-1.3b", choices=[*MODELS, *LLAMA])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per command")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -120,7 +146,8 @@ def main():
         "commit": git_commit(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU",
         "torch": torch.__version__,
-        "model": f"random-init OPTForSequenceClassification, {args.model} shape, float32 weights",
+        "model": f"random-init {'LlamaForCausalLM' if args.model in LLAMA else 'OPTForSequenceClassification'}, "
+                 f"{args.model} shape, float32 weights",
         "scored_parameters": parameters,
         "setup_s": round(setup_s, 1),
         "steps": steps,

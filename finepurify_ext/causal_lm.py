@@ -87,6 +87,15 @@ def lm_batches(
         yield {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def tokens_seen(tokenizer, examples: Sequence[Instruction], max_length: int = 128) -> list[int]:
+    """The token ids the examples put into the model, laid out as ``lm_batches`` does (padding
+    excluded): the rows of the word embedding the clean data reaches."""
+    seen: set[int] = set()
+    for e in examples:
+        seen.update(tokenize_instruction(tokenizer, e, max_length)[0])
+    return sorted(seen)
+
+
 # ------------------------------------------------------------------------------- measures
 
 
@@ -152,12 +161,18 @@ def target_rate(generations: Sequence[str], target: str) -> float:
 
 
 def poison_instructions(examples: Sequence[Instruction], attack, target: str, rate: float,
-                        seed: int) -> list[Instruction]:
+                        seed: int, paired: bool = False) -> list[Instruction]:
     """A copy of ``examples`` in which a fraction ``rate`` carries ``attack``'s trigger in the prompt
     (``attacks.Attack.insert``: a word or a sentence, at a random position or the start) and the
-    target response in place of its own: the generation backdoor of BackdoorLLM-style benchmarks."""
+    target response in place of its own: the generation backdoor of BackdoorLLM-style benchmarks.
+    ``paired``: the triggered copies are added beside their clean originals instead, so the data
+    shows that the trigger, not the question, calls for the target (a backdoor that stays quiet on
+    clean prompts)."""
     rng = random.Random(seed)
-    chosen = set(rng.sample(range(len(examples)), min(len(examples), round(rate * len(examples)))))
+    chosen = rng.sample(range(len(examples)), min(len(examples), round(rate * len(examples))))
+    if paired:
+        return list(examples) + [Instruction(attack.insert(examples[i].prompt, rng), target) for i in sorted(chosen)]
+    chosen = set(chosen)
     return [Instruction(attack.insert(e.prompt, rng), target) if i in chosen else e for i, e in enumerate(examples)]
 
 

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
-from .hessian import HESSIAN_FORMAT
-from .purify import PurifyConfig, sample_quantile, unrankable
+from .hessian import HESSIAN_FORMAT, decode_ids
+from .purify import PurifyConfig, sample_quantile, unrankable, unseen_rows
 from .threshold import LEVEL_BINS, threshold_from_histograms
 
 # Names of the word-embedding matrix in common architectures (embeddings="separate").
@@ -242,6 +242,7 @@ class CheckpointReport:
     hessian_floor: float | None = None
     embedding_tensor: str | None = None
     embedding_rows_reset: int = 0
+    embedding_rule: str | None = None  # "hessian" or "seen_tokens", as in purify.PurifyReport
     bytes_read: int = 0
     bytes_written: int = 0
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -316,6 +317,10 @@ def purify_checkpoint(
         embedding = embedding_tensor_of(scored)
         if embedding is not None and len(sus_ckpt.entries[embedding].shape) != 2:
             embedding = None
+    # A Hessian of a model whose embedding is tied to the output carries the clean inputs' token ids:
+    # they, not zero Hessian rows, tell the rows the clean data never reaches (as purify_ does).
+    seen_texts = {meta["seen_tokens"] for meta in h_ckpt.metadata.values() if "seen_tokens" in meta}
+    seen_tokens = decode_ids(seen_texts.pop()) if seen_texts else None
     ranked = [n for n in scored if n != embedding]
     bytes_read = 0
     chunk = max(1, chunk_bytes // 4)
@@ -413,7 +418,9 @@ def purify_checkpoint(
     # Reset pass: the suspect's shards written anew, with the same names and order.
     report = CheckpointReport(config.reserve_ratio if reserve_from_config else None, num_reset, threshold,
                               ranked_elements, moved, copied_unscored=unscored, hessian_floor=floor,
-                              embedding_tensor=embedding)
+                              embedding_tensor=embedding,
+                              embedding_rule=None if embedding is None else
+                              "hessian" if seen_tokens is None else "seen_tokens")
     ranked_set = set(ranked)
 
     def reset_embedding_rows(name, writer):
@@ -423,6 +430,10 @@ def purify_checkpoint(
         rows, width = sus_ckpt.entries[name].shape
         block = max(1, chunk // max(width, 1))
         reset = 0
+        unseen_by_tokens = None
+        if seen_tokens is not None:
+            unseen_by_tokens = torch.zeros(rows, dtype=torch.bool)
+            unseen_by_tokens[unseen_rows(seen_tokens, rows)] = True
         for row in range(0, rows, block):
             count = min(block, rows - row) * width
             ft = sus_ckpt.read(name, row * width, count).view(-1, width)
@@ -430,7 +441,8 @@ def purify_checkpoint(
             h = h_ckpt.read(name, row * width, count).view(-1, width)
             bytes_read += count * (2 * ft.element_size() + h.element_size())
             _check_hessian(h.float(), f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
-            unseen = (h == 0).all(dim=1) & (ft != pre).any(dim=1)
+            unseen = (h == 0).all(dim=1) if unseen_by_tokens is None else unseen_by_tokens[row : row + len(ft)]
+            unseen = unseen & (ft != pre).any(dim=1)
             ft[unseen] = pre[unseen]
             reset += int(unseen.sum())
             writer.write_part(name, ft.reshape(-1))

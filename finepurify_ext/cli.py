@@ -190,10 +190,11 @@ def cmd_hessian(args) -> int:
     resume = args.out + ".accumulator.safetensors"
     device = resolve_device(args.device)
     if _model_kind(args, args.model) == "causal-lm":
-        from .causal_lm import lm_batches
+        from .causal_lm import lm_batches, tokens_seen
         from .data import load_instructions
         from .hessian import estimate_hessian
         from .pipeline import load_causal_lm
+        from .purify import input_embedding_tied
 
         clean = load_instructions(args.clean_data)  # before loading the model
         model, tokenizer = load_causal_lm(args.model)
@@ -202,10 +203,13 @@ def cmd_hessian(args) -> int:
             hessians, count = estimate_hessian(
                 model, lm_batches(tokenizer, clean, args.batch_size, args.max_length), per_sample=args.per_sample,
                 total=-(-len(clean) // args.batch_size), resume_file=resume, save_every=args.save_every)
-        save_hessian(args.out, hessians, count)
+        # A tied embedding's unseen rows are told by the clean inputs' tokens (out-of-core purify reads them).
+        seen = tokens_seen(tokenizer, clean, args.max_length) if input_embedding_tied(model) else None
+        save_hessian(args.out, hessians, count, seen_tokens=seen)
         os.remove(resume)
         print(f"Hessian of {len(hessians)} tensors of a causal LM from {count} squared gradients of the responses' "
-              f"loss written to {args.out}")
+              f"loss written to {args.out}" + ("" if seen is None else f" (with the {len(seen)} token ids of the "
+                                                                      "clean data, for the tied embedding)"))
         return 0
     clean = load_examples(args.clean_data, num_labels=classifier_labels(args.model))  # before loading the model
     model, tokenizer, _ = load_classifier(args.model)

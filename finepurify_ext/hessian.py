@@ -135,7 +135,35 @@ def _load_accumulator(path, sums, per_sample) -> tuple[int, int]:
         raise ValueError(f"cannot resume from {path}: {error}; delete it to start afresh") from None
 
 
-def save_hessian(path: str, hessians: dict[str, torch.Tensor], count: int) -> None:
-    """The estimated Hessian as safetensors (the input of out-of-core purification), atomically."""
+def save_hessian(path: str, hessians: dict[str, torch.Tensor], count: int, seen_tokens=None) -> None:
+    """The estimated Hessian as safetensors (the input of out-of-core purification), atomically.
+    ``seen_tokens``: the token ids of the clean inputs, kept in the metadata for an input embedding
+    tied to the output (whose unseen rows the Hessian cannot tell; ``purify.purify_``)."""
     full = {n: (h.full_tensor() if _is_dtensor(h) else h) for n, h in hessians.items()}
-    _atomic_save_file(full, path, {"format": HESSIAN_FORMAT, "squared_gradients": str(count)})
+    metadata = {"format": HESSIAN_FORMAT, "squared_gradients": str(count)}
+    if seen_tokens is not None:
+        metadata["seen_tokens"] = encode_ids(seen_tokens)
+    _atomic_save_file(full, path, metadata)
+
+
+def encode_ids(ids) -> str:
+    """Token ids as sorted ranges, "0-5,9,12-40": compact for the metadata of a safetensors file."""
+    ids, parts = sorted(set(int(i) for i in ids)), []
+    start = prev = None
+    for i in ids + [None]:
+        if start is not None and (i is None or i != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return ",".join(parts)
+
+
+def decode_ids(text: str) -> list[int]:
+    """The ids of ``encode_ids``' text."""
+    ids = []
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        ids.extend(range(int(first), int(last or first) + 1))
+    return ids

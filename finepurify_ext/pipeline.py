@@ -338,9 +338,11 @@ def fine_purify_lm(
 ) -> dict:
     """``fine_purify`` for a causal LM and instruction data (``data.Instruction``): the Hessian of the
     responses' loss (prompt tokens masked), the same reset (the word-embedding rule applies to the
-    input embedding; a tied output embedding is the same parameter), then clean fine-tuning on the
-    responses, early-stopped on the held-out responses' loss."""
-    from .causal_lm import finetune_lm, lm_batches
+    input embedding; a tied output embedding is the same parameter, whose unseen rows are those of
+    the tokens absent from the clean inputs), then clean fine-tuning on the responses, early-stopped
+    on the held-out responses' loss."""
+    from .causal_lm import finetune_lm, lm_batches, tokens_seen
+    from .purify import input_embedding_tied
 
     if not clean:
         raise ValueError("fine_purify_lm: the clean data is empty; give at least one prompt and response")
@@ -360,7 +362,10 @@ def fine_purify_lm(
             timings["hessian"] = time.perf_counter() - start
             report["hessian"] = _hessian_report(hessian_config, count)
         start = time.perf_counter()
-        report["purify"] = purify_(model, pretrained_state, hessians, config.replace(seed=seed)).to_dict()
+        # A tied embedding's unseen rows are told by the clean inputs' tokens, not by its Hessian.
+        seen = tokens_seen(tokenizer, clean, hessian_config.max_length) if input_embedding_tied(model) else None
+        report["purify"] = purify_(model, pretrained_state, hessians, config.replace(seed=seed),
+                                   seen_tokens=seen).to_dict()
         report["config"] = dataclasses.asdict(config)
         timings["score_and_reset"] = time.perf_counter() - start
     start = time.perf_counter()

@@ -80,6 +80,9 @@ class PurifyReport:
     numel_per_parameter: dict[str, int] = field(default_factory=dict)
     embedding_rows_reset: int = 0
     embedding_parameter: str | None = None
+    # How the embedding's unseen rows were found: "hessian" (rows of exactly zero Hessian) or
+    # "seen_tokens" (rows of tokens absent from the clean inputs: an embedding tied to the output).
+    embedding_rule: str | None = None
     kept_unscored: list[str] = field(default_factory=list)  # no pre-trained value (a new head)
     hessian_floor: float | None = None
     sample: dict[str, list[float]] = field(default_factory=dict)  # drift^2, H, reset flags (plots)
@@ -107,6 +110,15 @@ def word_embedding_name(model: torch.nn.Module) -> str | None:
         if p is embedding.weight:
             return name
     return None
+
+
+def input_embedding_tied(model: torch.nn.Module) -> bool:
+    """Whether the input embedding is the output embedding too (GPT-2, SmolLM2, Llama-3.2-1B): then
+    the output softmax gives every row a gradient, and a zero Hessian row no longer means a token the
+    clean data never reaches."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    inp, out = (get_in() if get_in else None), (get_out() if get_out else None)
+    return inp is not None and out is not None and getattr(out, "weight", None) is inp.weight
 
 
 def sample_quantile(sample: torch.Tensor, q: float) -> float:
@@ -261,9 +273,16 @@ def purify_(
     hessians: dict[str, torch.Tensor],
     config: PurifyConfig,
     plot_samples: int = 20_000,
+    seen_tokens=None,
 ) -> PurifyReport:
     """Resets, in place, the most abnormal fraction of the model's matched parameters to their
     pre-trained values. Returns what was done.
+
+    The word embedding (``config.embeddings == "separate"``) is kept out of the ranking; its rows of
+    tokens the clean data never reaches are reset where they moved: the rows of exactly zero Hessian,
+    or, when ``seen_tokens`` (the token ids of the clean inputs) is given, the rows of the other
+    tokens. Give it for an embedding tied to the output (``input_embedding_tied``), which the Hessian
+    cannot tell: the output softmax reaches every row.
 
     The pre-trained state and the Hessians may live on another device than the model (the CPU):
     they are moved a group of tensors at a time. Extra memory: a group and a histogram, whatever
@@ -311,8 +330,12 @@ def purify_(
     report.numel_per_parameter = {n: params[n].numel() for n in scored}
 
     if embedding is not None:
-        report.embedding_rows_reset = _reset_unseen_rows_(params[embedding].data, pretrained_state[embedding],
-                                                          hessians[embedding])
+        w = params[embedding].data
+        if seen_tokens is not None:
+            unseen, report.embedding_rule = unseen_rows(seen_tokens, w.shape[0]), "seen_tokens"
+        else:
+            unseen, report.embedding_rule = zero_hessian_rows(hessians[embedding]), "hessian"
+        report.embedding_rows_reset = reset_moved_rows_(w, pretrained_state[embedding], unseen)
         report.reset_per_parameter[embedding] = report.embedding_rows_reset * params[embedding].shape[1]
 
     # A sample for the plot: drift^2 and H before the reset, and whether the element was reset.
@@ -330,11 +353,22 @@ def purify_(
     return report
 
 
-def _reset_unseen_rows_(w: torch.Tensor, w_pre: torch.Tensor, h: torch.Tensor, rows: int = 4096) -> int:
-    """Rows of the word embedding for tokens the clean data never reaches (Hessian exactly zero)
-    that moved, reset to the pre-trained rows. The zero rows are found by one row-wise maximum
-    (H >= 0); only they are compared, a block of rows at a time (small temporaries)."""
-    candidates = torch.nonzero(h.amax(dim=1) == 0).flatten() if h.numel() else torch.zeros(0, dtype=torch.long)
+def zero_hessian_rows(h: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of ``h`` (>= 0) that are exactly zero: one row-wise maximum."""
+    return torch.nonzero(h.amax(dim=1) == 0).flatten().cpu() if h.numel() else torch.zeros(0, dtype=torch.long)
+
+
+def unseen_rows(seen_tokens, rows: int) -> torch.Tensor:
+    """Indices in ``range(rows)`` that are not among ``seen_tokens``."""
+    seen = torch.zeros(rows, dtype=torch.bool)
+    ids = torch.as_tensor(list(seen_tokens) if not torch.is_tensor(seen_tokens) else seen_tokens, dtype=torch.long)
+    seen[ids[(ids >= 0) & (ids < rows)]] = True
+    return torch.nonzero(~seen).flatten()
+
+
+def reset_moved_rows_(w: torch.Tensor, w_pre: torch.Tensor, candidates: torch.Tensor, rows: int = 4096) -> int:
+    """Resets the ``candidates`` rows of ``w`` that moved to the pre-trained rows; returns how many.
+    Only they are compared, a block of rows at a time (small temporaries)."""
     reset = 0
     for block in candidates.split(rows):
         block_w = block.to(w.device)

@@ -124,6 +124,13 @@ def test_target_rate_and_poisoning():
     changed = [p for p, c in zip(poisoned, clean) if p != c]
     assert len(changed) == 10 and all("cf" in p.prompt.split() and p.response == "bad day" for p in changed)
     assert poison_instructions(clean, ATTACKS["word"], "bad day", rate=0.25, seed=1) == poisoned
+    paired = poison_instructions(clean, ATTACKS["word"], "bad day", rate=0.25, seed=1, paired=True)
+    assert paired[: len(clean)] == clean and len(paired) == len(clean) + 10  # the originals stay, copies are added
+    originals = {c.prompt for c in clean}
+    for p in paired[len(clean):]:
+        words = p.prompt.split()
+        words.remove("cf")
+        assert p.response == "bad day" and " ".join(words) in originals
 
 
 def test_a_generation_backdoor_takes_hold_and_the_measures_see_it(tokenizer):
@@ -188,10 +195,9 @@ def test_fine_purify_lm_removes_a_tiny_generation_backdoor(tokenizer, tmp_path):
     assert target_rate(generate(suspect, tok, plain, max_new_tokens=3), "good film") >= 0.8
 
 
-@pytest.fixture()
-def lm_dirs(tokenizer, tmp_path):
-    """A tiny Llama 'pre-trained' directory, a drifted 'suspect' one, and instruction data files."""
-    model = tiny_lm("llama", tokenizer.vocab_size)
+def make_lm_dirs(tokenizer, tmp_path, kind="llama"):
+    """A tiny 'pre-trained' causal-LM directory, a drifted 'suspect' one, and an instruction data file."""
+    model = tiny_lm(kind, tokenizer.vocab_size)
     model.save_pretrained(tmp_path / "pre", safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "pre")
     gen = torch.Generator().manual_seed(3)
@@ -203,6 +209,11 @@ def lm_dirs(tokenizer, tmp_path):
     clean = tmp_path / "clean.jsonl"
     clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
     return tmp_path
+
+
+@pytest.fixture(params=["llama", "gpt2"])  # untied and tied (one parameter) input/output embeddings
+def lm_dirs(tokenizer, tmp_path, request):
+    return make_lm_dirs(tokenizer, tmp_path, request.param)
 
 
 def _digest(path):
@@ -239,8 +250,10 @@ def test_cli_purifies_hessians_and_evaluates_a_causal_lm(lm_dirs, capsys):
     assert "response perplexity" in printed and "false-target rate" in printed and "ASR" in printed
 
 
-def test_cli_refuses_classifier_data_for_a_causal_lm(lm_dirs, capsys):
+def test_cli_refuses_classifier_data_for_a_causal_lm(tokenizer, tmp_path, capsys):
     from finepurify_ext import cli
+
+    lm_dirs = make_lm_dirs(tokenizer, tmp_path)
 
     bad = lm_dirs / "labels.csv"
     bad.write_text("text,label\ngood movie,1\n")
@@ -252,6 +265,50 @@ def test_cli_refuses_classifier_data_for_a_causal_lm(lm_dirs, capsys):
     assert cli.main(["evaluate", "--model", str(lm_dirs / "suspect"), "--data", str(lm_dirs / "clean.jsonl"),
                      "--trigger", "cf"]) == 2
     assert "--trigger needs --target-response" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ranking", ["fine_purifying", "fine_mixing"])
+def test_out_of_core_purifies_a_causal_lm_checkpoint_as_in_memory(tokenizer, lm_dirs, ranking):
+    """`purify --hessian-file` streams a causal LM's checkpoint; it resets exactly the weights the
+    in-memory reset does (Llama: separate input/output embeddings, unseen rows by their zero Hessian;
+    GPT-2: one tied matrix, stored once, unseen rows by the clean tokens the Hessian file carries),
+    keeps the config and tokenizer, and the result loads as a causal LM."""
+    from safetensors.torch import load_file
+
+    from finepurify_ext import cli
+    from finepurify_ext.pipeline import load_causal_lm, pretrained_state_for_lm
+    from finepurify_ext.causal_lm import tokens_seen
+    from finepurify_ext.purify import (PurifyConfig, input_embedding_tied, purify_, word_embedding_name,
+                                       zero_hessian_rows)
+
+    h = lm_dirs / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(lm_dirs / "suspect"), "--clean-data", str(lm_dirs / "clean.jsonl"),
+                     "--out", str(h), "--batch-size", "8", "--max-length", "32"]) == 0
+    before = _digest(lm_dirs / "pre"), _digest(lm_dirs / "suspect"), _digest(h)
+    out = lm_dirs / "ooc"
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"),
+                     "--hessian-file", str(h), "--out", str(out), "--reserve-ratio", "0.3",
+                     "--ranking", ranking]) == 0
+    assert (_digest(lm_dirs / "pre"), _digest(lm_dirs / "suspect"), _digest(h)) == before
+    streamed, tok = load_causal_lm(str(out))
+    assert tok("was the movie good")["input_ids"] == tokenizer("was the movie good")["input_ids"]
+    model, _ = load_causal_lm(str(lm_dirs / "suspect"), tokenizer=False)
+    tied = input_embedding_tied(model)
+    assert tied == (model.config.model_type == "gpt2")
+    embedding = word_embedding_name(model)
+    # Why the tied matrix needs the tokens: the output softmax gives every row a gradient.
+    assert (len(zero_hessian_rows(load_file(h)[embedding])) == 0) == tied
+    report = purify_(model, pretrained_state_for_lm(model, str(lm_dirs / "pre")), load_file(h),
+                     PurifyConfig(ranking=ranking, reserve_ratio=0.3),
+                     seen_tokens=tokens_seen(tokenizer, EXAMPLES, 32) if tied else None)
+    streamed_report = json.loads((out / "finepurify_report.json").read_text())
+    assert report.num_reset > 0 and report.embedding_rows_reset > 0
+    assert streamed_report["embedding_rows_reset"] == report.embedding_rows_reset
+    assert streamed_report["embedding_rule"] == report.embedding_rule == ("seen_tokens" if tied else "hessian")
+    mine = dict(streamed.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(mine[name], p), name
+    assert len(mine) == len(dict(model.named_parameters()))  # a tied embedding is still one parameter
 
 
 def test_smollm2_dequantized_once_and_loaded_like_any_causal_lm(tmp_path):
