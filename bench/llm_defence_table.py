@@ -177,8 +177,12 @@ def plot(summary, args, out_dir) -> str | None:
                                   marker="o", capsize=3, label=DEFENCES[method])
             axes[1, col].errorbar(rhos, [r["perplexity"]["mean"] for r in rows], [r["perplexity"]["sd"] for r in rows],
                                   marker="o", capsize=3, label=DEFENCES[method])
+        clean_ft = [r for r in entry["runs"].values() if r["method"] == "clean_ft"]
         for row, measure, scale in ((0, "asr", 100), (1, "perplexity", 1)):
             ax = axes[row, col]
+            if clean_ft:  # no reset: rho 1
+                ax.errorbar([1.0], [scale * clean_ft[0][measure]["mean"]], [scale * clean_ft[0][measure]["sd"]],
+                            marker="s", color="k", linestyle="none", capsize=3, label=DEFENCES["clean_ft"])
             for role, style in (("backdoored", "r--"), ("clean_trained", "g:")):
                 ax.axhline(scale * entry["models"][role][measure]["mean"], color=style[0], linestyle=style[1:],
                            label=role.replace("_", "-"))
