@@ -27,7 +27,7 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import PurifyConfig, sample_quantile, unrankable, unseen_rows
+from .purify import PurifyConfig, sample_quantile, unrankable, unseen_mask
 from .threshold import LEVEL_BINS, threshold_from_histograms
 
 # Names of the word-embedding matrix in common architectures (embeddings="separate").
@@ -320,7 +320,11 @@ def purify_checkpoint(
     # A Hessian of a model whose embedding is tied to the output carries the clean inputs' token ids:
     # they, not zero Hessian rows, tell the rows the clean data never reaches (as purify_ does).
     seen_texts = {meta["seen_tokens"] for meta in h_ckpt.metadata.values() if "seen_tokens" in meta}
-    seen_tokens = decode_ids(seen_texts.pop()) if seen_texts else None
+    try:
+        seen_tokens = decode_ids(seen_texts.pop()) if seen_texts else None
+    except ValueError:
+        raise CheckpointError(f"{hessian}: its seen_tokens metadata is damaged; estimate the Hessian again with "
+                              "`finepurify hessian`") from None
     ranked = [n for n in scored if n != embedding]
     bytes_read = 0
     chunk = max(1, chunk_bytes // 4)
@@ -430,10 +434,7 @@ def purify_checkpoint(
         rows, width = sus_ckpt.entries[name].shape
         block = max(1, chunk // max(width, 1))
         reset = 0
-        unseen_by_tokens = None
-        if seen_tokens is not None:
-            unseen_by_tokens = torch.zeros(rows, dtype=torch.bool)
-            unseen_by_tokens[unseen_rows(seen_tokens, rows)] = True
+        unseen_by_tokens = None if seen_tokens is None else unseen_mask(seen_tokens, rows)
         for row in range(0, rows, block):
             count = min(block, rows - row) * width
             ft = sus_ckpt.read(name, row * width, count).view(-1, width)

@@ -332,7 +332,8 @@ def purify_(
     if embedding is not None:
         w = params[embedding].data
         if seen_tokens is not None:
-            unseen, report.embedding_rule = unseen_rows(seen_tokens, w.shape[0]), "seen_tokens"
+            unseen = torch.nonzero(unseen_mask(seen_tokens, w.shape[0])).flatten()
+            report.embedding_rule = "seen_tokens"
         else:
             unseen, report.embedding_rule = zero_hessian_rows(hessians[embedding]), "hessian"
         report.embedding_rows_reset = reset_moved_rows_(w, pretrained_state[embedding], unseen)
@@ -358,12 +359,12 @@ def zero_hessian_rows(h: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(h.amax(dim=1) == 0).flatten().cpu() if h.numel() else torch.zeros(0, dtype=torch.long)
 
 
-def unseen_rows(seen_tokens, rows: int) -> torch.Tensor:
-    """Indices in ``range(rows)`` that are not among ``seen_tokens``."""
-    seen = torch.zeros(rows, dtype=torch.bool)
-    ids = torch.as_tensor(list(seen_tokens) if not torch.is_tensor(seen_tokens) else seen_tokens, dtype=torch.long)
-    seen[ids[(ids >= 0) & (ids < rows)]] = True
-    return torch.nonzero(~seen).flatten()
+def unseen_mask(seen_tokens, rows: int) -> torch.Tensor:
+    """A boolean mask over ``range(rows)``: True where the row's token is not among ``seen_tokens``."""
+    unseen = torch.ones(rows, dtype=torch.bool)
+    ids = torch.as_tensor(seen_tokens if torch.is_tensor(seen_tokens) else list(seen_tokens), dtype=torch.long)
+    unseen[ids[(ids >= 0) & (ids < rows)]] = False
+    return unseen
 
 
 def reset_moved_rows_(w: torch.Tensor, w_pre: torch.Tensor, candidates: torch.Tensor, rows: int = 4096) -> int:

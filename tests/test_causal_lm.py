@@ -237,6 +237,9 @@ def test_cli_purifies_hessians_and_evaluates_a_causal_lm(lm_dirs, capsys):
     model, tok = load_causal_lm(str(out))  # loadable, with its tokenizer
     report = json.loads((out / "finepurify_report.json").read_text())
     assert report["model_kind"] == "causal-lm" and report["purify"]["num_reset"] > 0
+    tied = model.config.model_type == "gpt2"  # its unseen rows are told by the clean tokens, not the Hessian
+    assert report["purify"]["embedding_rule"] == ("seen_tokens" if tied else "hessian")
+    assert report["purify"]["embedding_rows_reset"] > 0
     assert (_digest(lm_dirs / "pre"), _digest(lm_dirs / "suspect"), _digest(lm_dirs / "clean.jsonl")) == before
     h = lm_dirs / "h.safetensors"
     assert cli.main(["hessian", "--model", str(out), "--clean-data", str(lm_dirs / "clean.jsonl"), "--out", str(h),
@@ -268,7 +271,7 @@ def test_cli_refuses_classifier_data_for_a_causal_lm(tokenizer, tmp_path, capsys
 
 
 @pytest.mark.parametrize("ranking", ["fine_purifying", "fine_mixing"])
-def test_out_of_core_purifies_a_causal_lm_checkpoint_as_in_memory(tokenizer, lm_dirs, ranking):
+def test_out_of_core_purifies_a_causal_lm_checkpoint_as_in_memory(tokenizer, lm_dirs, ranking, capsys):
     """`purify --hessian-file` streams a causal LM's checkpoint; it resets exactly the weights the
     in-memory reset does (Llama: separate input/output embeddings, unseen rows by their zero Hessian;
     GPT-2: one tied matrix, stored once, unseen rows by the clean tokens the Hessian file carries),
@@ -309,6 +312,16 @@ def test_out_of_core_purifies_a_causal_lm_checkpoint_as_in_memory(tokenizer, lm_
     for name, p in model.named_parameters():
         assert torch.equal(mine[name], p), name
     assert len(mine) == len(dict(model.named_parameters()))  # a tied embedding is still one parameter
+    if tied:  # a damaged token list in the Hessian's metadata is named, not a traceback
+        from safetensors.torch import save_file
+
+        from finepurify_ext.hessian import HESSIAN_FORMAT
+
+        bad = lm_dirs / "bad.safetensors"
+        save_file(load_file(h), str(bad), metadata={"format": HESSIAN_FORMAT, "seen_tokens": "0-x"})
+        assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"),
+                         "--hessian-file", str(bad), "--out", str(lm_dirs / "bad_out")]) == 2
+        assert f"{bad}: its seen_tokens metadata is damaged" in capsys.readouterr().err
 
 
 def test_smollm2_dequantized_once_and_loaded_like_any_causal_lm(tmp_path):
