@@ -102,12 +102,17 @@ def _model_kind(args, path: str) -> str:
     return "causal-lm" if is_causal_lm(path) else "classifier"
 
 
-def _purified_writer(model, tokenizer, report):
-    """Writes a purified model's directory: weights (safetensors), tokenizer, plots and the report."""
-    from .pipeline import write_json
+def _purified_writer(model, tokenizer, report, suspect: str):
+    """Writes a purified model's directory: weights (safetensors) in the dtype the suspect's are
+    stored in, tokenizer, plots and the report. ``model`` is not used after the write."""
+    from .pipeline import stored_dtype, write_json
     from .plots import plot_purification
 
+    dtype = stored_dtype(suspect)
+    report["saved_dtype"] = str(dtype).removeprefix("torch.")
+
     def write(tmp):
+        model.to(dtype)  # in place: a float32 copy beside it would double the memory
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]
@@ -145,7 +150,7 @@ def cmd_purify_causal_lm(args) -> int:
     report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
                         "clean_data": os.path.abspath(args.clean_data)}
 
-    save_atomically(args.out, _purified_writer(model, tokenizer, report), overwrite=args.overwrite)
+    save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
     p = report["purify"]
     print(f"purified causal LM written to {args.out} (reset {p['num_reset']} of {p['ranked_elements']} ranked weights "
           f"and {p['embedding_rows_reset']} embedding rows of unseen tokens; report finepurify_report.json)")
@@ -281,7 +286,7 @@ def cmd_purify(args) -> int:
                         "clean_data": os.path.abspath(args.clean_data),
                         "unlabelled_data": args.unlabelled_data and os.path.abspath(args.unlabelled_data)}
 
-    save_atomically(args.out, _purified_writer(model, tokenizer, report), overwrite=args.overwrite)
+    save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
     p = report.get("purify", {})
     embedding = p.get("embedding_parameter")
     ranked_reset = sum(c for n, c in p.get("reset_per_parameter", {}).items() if n != embedding)

@@ -425,6 +425,26 @@ def _weights(path: str) -> "Checkpoint":
                      "(convert a pickle checkpoint yourself, from a source you trust)")
 
 
+def stored_dtype(path: str) -> torch.dtype:
+    """The floating dtype most of a model directory's weights are stored in (by elements): the
+    dtype a purified copy is written back in, so that a bfloat16 model stays bfloat16."""
+    counts: dict[torch.dtype, int] = {}
+    for entry in _weights(path).entries.values():
+        if entry.dtype.is_floating_point:
+            counts[entry.dtype] = counts.get(entry.dtype, 0) + entry.nbytes // entry.dtype.itemsize
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _as_float32() -> dict:
+    """from_pretrained's argument that loads the weights as float32 whatever dtype they are stored in:
+    the reset, the Hessian and the clean fine-tuning work on float32 weights (a bfloat16 weight
+    rounds a small AdamW update away); transformers 5 would keep the stored dtype."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": torch.float32} if (major, minor) >= (4, 56) else {"torch_dtype": torch.float32}
+
+
 def _load_tokenizer(path: str, config: dict):
     from transformers import AutoTokenizer
 
@@ -486,7 +506,7 @@ def classifier_labels(path: str) -> int:
 
 def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = True):
     """(model, tokenizer, names of parameters the checkpoint did not hold) from a transformers
-    directory. Safetensors only, never remote code: the suspect model is untrusted. Everything is
+    directory, as float32 whatever the stored dtype (``stored_dtype``). Safetensors only, never remote code: the suspect model is untrusted. Everything is
     checked before the weights are read: config.json, the safetensors headers against the file
     sizes, the tokenizer (``tokenizer=False``: none loaded, None returned); then the weights must
     match the config's shapes and be finite. Raises ``ModelError`` naming the file and the fix.
@@ -508,7 +528,7 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
                 config.num_labels = num_labels
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
-                ignore_mismatched_sizes=True)  # reported below, by name
+                ignore_mismatched_sizes=True, **_as_float32())  # mismatches: reported below, by name
     except Exception as error:  # noqa: BLE001  (checked above; what is left is the directory's too)
         raise ModelError(f"{path}: transformers cannot load this model ({first_line(error)})") from error
     mismatched = list(info.get("mismatched_keys", ()))
@@ -547,8 +567,8 @@ def is_causal_lm(path: str) -> bool:
 
 
 def load_causal_lm(path: str, tokenizer: bool = True):
-    """(model, tokenizer) of a causal-LM directory, with ``load_classifier``'s checks: safetensors
-    only, never remote code, the weights checked against the config and for NaN/Inf."""
+    """(model, tokenizer) of a causal-LM directory, as float32, with ``load_classifier``'s checks:
+    safetensors only, never remote code, the weights checked against the config and for NaN/Inf."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_model_dir(path)
@@ -559,7 +579,8 @@ def load_causal_lm(path: str, tokenizer: bool = True):
         with _transformers_quiet():
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
             model, info = AutoModelForCausalLM.from_pretrained(
-                path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True)
+                path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
+                **_as_float32())
     except Exception as error:  # noqa: BLE001  (checked above; what is left is the directory's too)
         raise ModelError(f"{path}: transformers cannot load this causal LM ({first_line(error)})") from error
     missing = set(info.get("missing_keys", ())) | {name for name, *_ in info.get("mismatched_keys", ())}

@@ -360,3 +360,39 @@ def test_llm_demo_quick_runs_end_to_end(tmp_path, monkeypatch, capsys):
                                                           "magnitude |drift|", "indicator w/o Hessian", "Fine-purifying"]
     assert all(0 <= r["asr"] <= 1 and r["perplexity"] > 1 for r in report["rows"])
     assert "Fine-purifying" in capsys.readouterr().out
+
+
+def test_a_bfloat16_model_is_purified_in_float32_and_written_back_in_bfloat16(tokenizer, tmp_path):
+    """Most downloaded LLMs are stored in bfloat16: they are loaded as float32 (a bfloat16 weight
+    rounds small fine-tuning updates away) and the purified copy is written in bfloat16 again. With
+    no fine-tuning the output is exactly the reset: pre-trained values where reset, the suspect's
+    elsewhere (bfloat16 -> float32 -> bfloat16 is lossless)."""
+    from finepurify_ext import cli
+    from finepurify_ext.checkpoint import Checkpoint
+    from finepurify_ext.pipeline import load_causal_lm, load_classifier, stored_dtype
+
+    from tiny_models import tiny_model
+
+    dirs = make_lm_dirs(tokenizer, tmp_path, "llama")
+    for name in ("pre", "suspect"):
+        LlamaForCausalLM.from_pretrained(dirs / name, dtype=torch.bfloat16).save_pretrained(dirs / name)
+        assert stored_dtype(str(dirs / name)) == torch.bfloat16
+    model, _ = load_causal_lm(str(dirs / "suspect"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    tiny_model(tokenizer).to(torch.bfloat16).save_pretrained(tmp_path / "cls")
+    tokenizer.save_pretrained(tmp_path / "cls")
+    assert {p.dtype for p in load_classifier(str(tmp_path / "cls"))[0].parameters()} == {torch.float32}
+
+    out = dirs / "purified"
+    assert cli.main(["purify", "--pretrained", str(dirs / "pre"), "--suspect", str(dirs / "suspect"),
+                     "--clean-data", str(dirs / "clean.jsonl"), "--out", str(out), "--finetune-steps", "0",
+                     "--max-length", "32", "--device", "cpu"]) == 0
+    assert json.loads((out / "finepurify_report.json").read_text())["saved_dtype"] == "bfloat16"
+    written, pre, suspect = (Checkpoint(str(d / "model.safetensors")) for d in (out, dirs / "pre", dirs / "suspect"))
+    assert {e.dtype for e in written.entries.values()} == {torch.bfloat16}
+    reset = kept = 0
+    for name in written.entries:
+        w, p, s = written.read(name), pre.read(name), suspect.read(name)
+        assert torch.equal(w, torch.where(w == p, p, s))  # every element is the pre-trained or the suspect value
+        reset, kept = reset + int(((w == p) & (p != s)).sum()), kept + int(((w == s) & (p != s)).sum())
+    assert reset > 0 and kept > 0
