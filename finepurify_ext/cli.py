@@ -11,7 +11,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 
 from .demo import SUITE  # noqa: E402
-from .devices import DTYPES, compute_precision, default_device, describe, resolve_device  # noqa: E402
+from .devices import (DTYPES, compute_precision, default_device, describe, read_only_weights_dtype,  # noqa: E402
+                      resolve_device)
 from .pipeline import CollapseGuard  # noqa: E402
 from .purify import PurifyConfig  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
@@ -167,7 +168,7 @@ def cmd_evaluate_causal_lm(args) -> int:
         raise UserError("--trigger needs --target-response for a causal LM: the response the backdoor produces")
     data = load_instructions(args.data)
     device = resolve_device(args.device)
-    model, tokenizer = load_causal_lm(args.model)
+    model, tokenizer = load_causal_lm(args.model, dtype=read_only_weights_dtype(device))
     model.to(device)
     with compute_precision(device, args.dtype):
         loss = response_loss(model, tokenizer, data, max_length=args.max_length)
@@ -202,7 +203,7 @@ def cmd_hessian(args) -> int:
         from .purify import input_embedding_tied
 
         clean = load_instructions(args.clean_data)  # before loading the model
-        model, tokenizer = load_causal_lm(args.model)
+        model, tokenizer = load_causal_lm(args.model, dtype=read_only_weights_dtype(device))
         model.to(device)
         with compute_precision(device, args.dtype):
             hessians, count = estimate_hessian(
@@ -217,7 +218,7 @@ def cmd_hessian(args) -> int:
                                                                       "clean data, for the tied embedding)"))
         return 0
     clean = load_examples(args.clean_data, num_labels=classifier_labels(args.model))  # before loading the model
-    model, tokenizer, _ = load_classifier(args.model)
+    model, tokenizer, _ = load_classifier(args.model, dtype=read_only_weights_dtype(device))
     model.to(device)
     config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size)
     with compute_precision(device, args.dtype):
@@ -315,7 +316,7 @@ def cmd_evaluate(args) -> int:
         raise UserError(f"{args.data}: every example has label {args.target_label}; the attack success rate is "
                         "measured on examples of the other labels: add some, or choose another --target-label")
     device = resolve_device(args.device)
-    model, tokenizer, _ = load_classifier(args.model)
+    model, tokenizer, _ = load_classifier(args.model, dtype=read_only_weights_dtype(device))
     model.to(device)
     with compute_precision(device, args.dtype):
         print(f"CACC {100 * clean_accuracy(model, tokenizer, data):.1f} %")

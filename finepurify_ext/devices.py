@@ -40,6 +40,14 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
+def read_only_weights_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype a command that never updates the weights (``hessian``, ``evaluate``) loads them in:
+    as stored (None) on a GPU, where a 7B bfloat16 model's weights, gradients and float32 Hessian
+    fit one 80 GB card (56 GB; float32 weights would need 84); float32 on the CPU, whose bfloat16
+    matrix products are slow. ``purify`` fine-tunes, so it always loads float32."""
+    return None if device.type == "cuda" else torch.float32
+
+
 def compute_precision(device: torch.device, dtype: str = "float32"):
     """The context the passes run in: autocast to bfloat16 for ``dtype="bfloat16"``, else nothing."""
     if dtype == "float32":

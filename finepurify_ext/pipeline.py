@@ -435,14 +435,15 @@ def stored_dtype(path: str) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _as_float32() -> dict:
-    """from_pretrained's argument that loads the weights as float32 whatever dtype they are stored in:
-    the reset, the Hessian and the clean fine-tuning work on float32 weights (a bfloat16 weight
-    rounds a small AdamW update away); transformers 5 would keep the stored dtype."""
+def _load_dtype(dtype: torch.dtype | None) -> dict:
+    """from_pretrained's argument that loads the weights as ``dtype`` (None: as stored). Weights
+    that are fine-tuned are loaded as float32 whatever they are stored in, since a bfloat16 weight
+    rounds a small AdamW update away; transformers 5 would keep the stored dtype by default."""
     import transformers
 
+    value = "auto" if dtype is None else dtype
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return {"dtype": torch.float32} if (major, minor) >= (4, 56) else {"torch_dtype": torch.float32}
+    return {"dtype": value} if (major, minor) >= (4, 56) else {"torch_dtype": value}
 
 
 def _load_tokenizer(path: str, config: dict):
@@ -504,9 +505,10 @@ def classifier_labels(path: str) -> int:
     return num_labels
 
 
-def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = True):
+def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = True,
+                    dtype: torch.dtype | None = torch.float32):
     """(model, tokenizer, names of parameters the checkpoint did not hold) from a transformers
-    directory, as float32 whatever the stored dtype (``stored_dtype``). Safetensors only, never remote code: the suspect model is untrusted. Everything is
+    directory, as ``dtype`` whatever the stored dtype (``stored_dtype``; None keeps it). Safetensors only, never remote code: the suspect model is untrusted. Everything is
     checked before the weights are read: config.json, the safetensors headers against the file
     sizes, the tokenizer (``tokenizer=False``: none loaded, None returned); then the weights must
     match the config's shapes and be finite. Raises ``ModelError`` naming the file and the fix.
@@ -528,7 +530,7 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
                 config.num_labels = num_labels
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
-                ignore_mismatched_sizes=True, **_as_float32())  # mismatches: reported below, by name
+                ignore_mismatched_sizes=True, **_load_dtype(dtype))  # mismatches: reported below, by name
     except Exception as error:  # noqa: BLE001  (checked above; what is left is the directory's too)
         raise ModelError(f"{path}: transformers cannot load this model ({first_line(error)})") from error
     mismatched = list(info.get("mismatched_keys", ()))
@@ -566,8 +568,8 @@ def is_causal_lm(path: str) -> bool:
                                         "phi", "phi3", "gpt_neox", "falcon", "mixtral", "smollm3")
 
 
-def load_causal_lm(path: str, tokenizer: bool = True):
-    """(model, tokenizer) of a causal-LM directory, as float32, with ``load_classifier``'s checks:
+def load_causal_lm(path: str, tokenizer: bool = True, dtype: torch.dtype | None = torch.float32):
+    """(model, tokenizer) of a causal-LM directory, as ``dtype`` (None: as stored), with ``load_classifier``'s checks:
     safetensors only, never remote code, the weights checked against the config and for NaN/Inf."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -580,7 +582,7 @@ def load_causal_lm(path: str, tokenizer: bool = True):
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
             model, info = AutoModelForCausalLM.from_pretrained(
                 path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
-                **_as_float32())
+                **_load_dtype(dtype))
     except Exception as error:  # noqa: BLE001  (checked above; what is left is the directory's too)
         raise ModelError(f"{path}: transformers cannot load this causal LM ({first_line(error)})") from error
     missing = set(info.get("missing_keys", ())) | {name for name, *_ in info.get("mismatched_keys", ())}

@@ -396,3 +396,25 @@ def test_a_bfloat16_model_is_purified_in_float32_and_written_back_in_bfloat16(to
         assert torch.equal(w, torch.where(w == p, p, s))  # every element is the pre-trained or the suspect value
         reset, kept = reset + int(((w == p) & (p != s)).sum()), kept + int(((w == s) & (p != s)).sum())
     assert reset > 0 and kept > 0
+
+
+def test_read_only_commands_keep_the_stored_dtype_on_a_gpu_and_its_hessian_is_float32(tokenizer, tmp_path):
+    """`hessian` and `evaluate` never update the weights: on a GPU they keep a bfloat16 model in
+    bfloat16 (a 7B model's weights, gradients and Hessian then fit one card), on the CPU they load
+    float32. The Hessian of the bfloat16 weights is float32 and near the float32 weights' one."""
+    from finepurify_ext.devices import read_only_weights_dtype
+    from finepurify_ext.pipeline import load_causal_lm
+
+    assert read_only_weights_dtype(torch.device("cpu")) == torch.float32
+    assert read_only_weights_dtype(torch.device("cuda")) is None
+    dirs = make_lm_dirs(tokenizer, tmp_path, "llama")
+    LlamaForCausalLM.from_pretrained(dirs / "suspect", dtype=torch.bfloat16).save_pretrained(dirs / "suspect")
+    stored, _ = load_causal_lm(str(dirs / "suspect"), dtype=None)
+    wide, _ = load_causal_lm(str(dirs / "suspect"))
+    assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}
+    examples = data.load_instructions(str(dirs / "clean.jsonl"))
+    narrow_h, n1 = estimate_hessian(stored, lm_batches(tokenizer, examples, 8, 32), progress=False)
+    wide_h, n2 = estimate_hessian(wide, lm_batches(tokenizer, examples, 8, 32), progress=False)
+    assert n1 == n2 and {h.dtype for h in narrow_h.values()} == {torch.float32}
+    for name, h in wide_h.items():  # bfloat16 activations and gradients: a few per cent apart
+        assert (narrow_h[name] - h).norm() <= 0.05 * h.norm(), name  # at most 1.9 % on this model

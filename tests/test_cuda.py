@@ -434,3 +434,47 @@ def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, ranking):
     assert all(torch.equal(cpu[n], gpu[n]) for n in shapes)
     assert reports["cpu"].reset_per_tensor == reports["cuda"].reset_per_tensor
     assert reports["cuda"].embedding_rows_reset == 4
+
+
+def test_hessian_command_keeps_a_bfloat16_model_in_bfloat16_on_the_gpu(tmp_path, monkeypatch):
+    """`finepurify hessian --device cuda` on a bfloat16 causal LM: the weights stay bfloat16 on the
+    GPU (read_only_weights_dtype), the Hessian written is float32 and within a few per cent of the
+    CPU's (float32 weights)."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finepurify_ext import cli, pipeline
+    from tiny_models import make_tokenizer
+
+    loaded = []
+    load = pipeline.load_causal_lm
+
+    def recording_load(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        loaded.append(next(model.parameters()).dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(pipeline, "load_causal_lm", recording_load)
+    tok = make_tokenizer(tmp_path)
+    tok.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in
+                             [("was the movie good", "good film"), ("the day", "bad day very bad"),
+                              ("a film so", "fine")] * 8))
+    hessians = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / f"h_{device}.safetensors"
+        assert cli.main(["hessian", "--model", str(tmp_path / "lm"), "--clean-data", str(clean), "--out", str(out),
+                         "--device", device, "--batch-size", "8", "--max-length", "32"]) == 0
+        hessians[device] = load_file(out)
+    assert loaded == [torch.bfloat16, torch.float32]  # on the GPU as stored, on the CPU float32
+    assert {h.dtype for h in hessians["cuda"].values()} == {torch.float32}
+    for name, h in hessians["cpu"].items():
+        assert (hessians["cuda"][name] - h).norm() <= 0.05 * h.norm(), name
