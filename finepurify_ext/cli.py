@@ -129,8 +129,8 @@ def cmd_purify_causal_lm(args) -> int:
         if given:
             raise UserError(f"{option} is for classifiers; a causal LM is purified at a fixed --reserve-ratio")
     from .data import load_instructions
-    from .pipeline import (FinetuneConfig, HessianConfig, fine_purify_lm, load_causal_lm, pretrained_state_for_lm,
-                           save_atomically)
+    from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, fine_purify_lm, load_causal_lm,
+                           pretrained_state_for_lm, save_atomically)
 
     check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.clean_data))
     clean = load_instructions(args.clean_data)  # before loading the model
@@ -143,18 +143,27 @@ def cmd_purify_causal_lm(args) -> int:
                                      validation_fraction=args.validation_fraction, eval_every=args.eval_every,
                                      patience=args.patience)
     hessian_config = HessianConfig(per_sample=args.hessian == "per-sample", batch_size=8, max_length=args.max_length)
+    ratio = args.collapse_perplexity_ratio
+    guard = CollapseGuard(perplexity_ratio=ratio) if math.isfinite(ratio) else None
     with compute_precision(device, args.dtype):
         report = fine_purify_lm(model, pretrained_state, tokenizer, clean, _purify_config(args), finetune_config,
-                                hessian_config, seed=args.seed)
+                                hessian_config, seed=args.seed, guard=guard)
+    guarded = report.get("collapse_guard", {})
+    if guarded.get("triggered"):
+        tried = ", ".join(f"{a['reserve_ratio']:g}: {a['validation_perplexity']:.1f}" for a in guarded["attempts"])
+        print(f"collapse guard: held-out perplexity rose above {ratio:g} times the suspect's "
+              f"({guarded['suspect_validation_perplexity']:.1f}); reserve ratios tried: {tried}; "
+              f"kept {guarded['reserve_ratio_used']:g}")
     report["timings_s"]["total"] = time.perf_counter() - start
     report["device"] = describe(device, args.dtype)
     report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
                         "clean_data": os.path.abspath(args.clean_data)}
 
     save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
-    p = report["purify"]
-    print(f"purified causal LM written to {args.out} (reset {p['num_reset']} of {p['ranked_elements']} ranked weights "
-          f"and {p['embedding_rows_reset']} embedding rows of unseen tokens; report finepurify_report.json)")
+    p = report.get("purify")  # none when the guard fell back to clean fine-tuning alone
+    reset = ("no weight reset, clean fine-tuning only" if p is None else f"reset {p['num_reset']} of "
+             f"{p['ranked_elements']} ranked weights and {p['embedding_rows_reset']} embedding rows of unseen tokens")
+    print(f"purified causal LM written to {args.out} ({reset}; report finepurify_report.json)")
     return 0
 
 
@@ -406,6 +415,10 @@ def main(argv=None) -> int:
                    help="redo the purification with less reset (reserve ratio 0.5, 0.7, then clean fine-tuning "
                    "alone) when the held-out clean accuracy falls more than this below the suspect's (default "
                    f"{CollapseGuard.tolerance:g}; 1 turns the guard off; needs --validation-fraction > 0)")
+    p.add_argument("--collapse-perplexity-ratio", type=_number(1.0), default=CollapseGuard.perplexity_ratio,
+                   help="causal LMs: redo the purification with less reset when the held-out responses' perplexity "
+                   f"ends above this many times the suspect's (default {CollapseGuard.perplexity_ratio:g}; inf turns "
+                   "the guard off; needs --validation-fraction > 0)")
     p.add_argument("--cacc-tolerance", type=_number(0.0, 1.0), default=0.03,
                    help="validation accuracy the auto choice may give up against the suspect model")
     p.add_argument("--ranking", default="fine_purifying", choices=["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])

@@ -162,13 +162,46 @@ class CollapseGuard:
     the suspect with the next reserve ratio of ``fallback`` (less reset; 1 is clean fine-tuning
     alone), until one holds. The tolerance is far above the held-out noise (64 examples: about 6
     points): on the defence suite, purifications that kept the model lost at most 16 points and the
-    ones that destroyed it 41 to 45 (bench/results/defence_table.json). It never sees test data."""
+    ones that destroyed it 41 to 45 (bench/results/defence_table.json). It never sees test data.
+
+    A causal LM has no accuracy: its measure is the held-out responses' perplexity, which may be at
+    most ``perplexity_ratio`` times the suspect's. On the LLM defence table every purification kept
+    it at most 1.18 times the backdoored model's (bench/results/llm_defence_table.json); a model the
+    reset destroyed reads many times higher."""
     tolerance: float = 0.20
     fallback: tuple[float, ...] = (0.5, 0.7, 1.0)
+    perplexity_ratio: float = 2.0
 
     def __post_init__(self):
         if not 0.0 <= self.tolerance <= 1.0:
             raise ValueError(f"the collapse tolerance is a share of held-out accuracy, in [0, 1]; got {self.tolerance}")
+        if not self.perplexity_ratio >= 1.0:
+            raise ValueError(f"the collapse perplexity ratio is a factor over the suspect's, >= 1; got "
+                             f"{self.perplexity_ratio}")
+
+    def attempts(self, model, config: "PurifyConfig", purify, measure, holds, measure_name: str) -> dict:
+        """The guard's loop, for any model kind: ``purify(config or None)`` purifies ``model`` (None:
+        clean fine-tuning alone) and returns its report; ``measure()`` is the held-out measure of
+        ``model`` and ``holds(value, suspect_value)`` says whether a purification kept the model. The
+        suspect's weights are kept on the CPU while attempts run. Returns the last attempt's report
+        with ``collapse_guard`` listing every attempt."""
+        suspect_value = measure()
+        suspect = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
+        rhos = [config.reserve_ratio] + [r for r in self.fallback if r > config.reserve_ratio]
+        attempts = []
+        for i, rho in enumerate(rhos):
+            if i:
+                model.load_state_dict(suspect)
+            report = purify(None if rho >= 1.0 else config.replace(reserve_ratio=rho))
+            value = measure()
+            attempts.append({"reserve_ratio": rho, measure_name: value})
+            if holds(value, suspect_value):
+                break
+        report["collapse_guard"] = {"tolerance": self.tolerance, "perplexity_ratio": self.perplexity_ratio,
+                                    "fallback": list(self.fallback), f"suspect_{measure_name}": suspect_value,
+                                    "attempts": attempts, "triggered": len(attempts) > 1,
+                                    "reserve_ratio_used": attempts[-1]["reserve_ratio"]}
+        return report
 
 
 def held_out_accuracy(model, tokenizer, examples) -> float:
@@ -188,29 +221,17 @@ def _under_collapse_guard(guard: CollapseGuard, model, tokenizer, clean, config:
     validation = kw["validation"]
     if not validation:
         return fine_purify(model, tokenizer=tokenizer, clean=clean, config=config, **kw)
-    suspect_accuracy = held_out_accuracy(model, tokenizer, validation)
     hessian_report, hessian_time = None, None
     if kw["hessians"] is None:
         start = time.perf_counter()
         kw["hessians"], count = clean_hessian(model, tokenizer, clean, kw["hessian_config"], kw["progress"])
         hessian_time, hessian_report = time.perf_counter() - start, _hessian_report(kw["hessian_config"], count)
-    suspect = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
-    rhos = [config.reserve_ratio] + [r for r in guard.fallback if r > config.reserve_ratio]
-    attempts = []
-    for i, rho in enumerate(rhos):
-        if i:
-            model.load_state_dict(suspect)
-        report = fine_purify(model, tokenizer=tokenizer, clean=clean,
-                             config=None if rho >= 1.0 else config.replace(reserve_ratio=rho), **kw)
-        accuracy = held_out_accuracy(model, tokenizer, validation)
-        attempts.append({"reserve_ratio": rho, "validation_accuracy": accuracy})
-        if accuracy >= suspect_accuracy - guard.tolerance:
-            break
+    report = guard.attempts(
+        model, config, lambda c: fine_purify(model, tokenizer=tokenizer, clean=clean, config=c, **kw),
+        lambda: held_out_accuracy(model, tokenizer, validation),
+        lambda accuracy, suspect: accuracy >= suspect - guard.tolerance, "validation_accuracy")
     if hessian_report is not None:
         report["hessian"], report["timings_s"]["hessian"] = hessian_report, hessian_time
-    report["collapse_guard"] = {"tolerance": guard.tolerance, "fallback": list(guard.fallback),
-                                "suspect_validation_accuracy": suspect_accuracy, "attempts": attempts,
-                                "triggered": len(attempts) > 1, "reserve_ratio_used": attempts[-1]["reserve_ratio"]}
     return report
 
 
@@ -335,13 +356,17 @@ def fine_purify_lm(
     progress: bool = True,
     hessians: dict[str, torch.Tensor] | None = None,
     validation: Sequence | None = None,
+    guard: CollapseGuard | None = None,
 ) -> dict:
     """``fine_purify`` for a causal LM and instruction data (``data.Instruction``): the Hessian of the
     responses' loss (prompt tokens masked), the same reset (the word-embedding rule applies to the
     input embedding; a tied output embedding is the same parameter, whose unseen rows are those of
     the tokens absent from the clean inputs), then clean fine-tuning on the responses, early-stopped
-    on the held-out responses' loss."""
-    from .causal_lm import finetune_lm, lm_batches, tokens_seen
+    on the held-out responses' loss. Under a ``guard`` a purification whose held-out perplexity rose
+    above ``guard.perplexity_ratio`` times the suspect's is redone with less reset."""
+    import math
+
+    from .causal_lm import finetune_lm, lm_batches, response_loss, tokens_seen
     from .purify import input_embedding_tied
 
     if not clean:
@@ -352,15 +377,23 @@ def fine_purify_lm(
     if validation is not None:
         report["validation_examples"] = len(validation)
     timings = report.setdefault("timings_s", {})
+    if config is not None and hessians is None:
+        start = time.perf_counter()
+        hessians, count = estimate_hessian(
+            model, lm_batches(tokenizer, clean, hessian_config.batch_size, hessian_config.max_length),
+            per_sample=hessian_config.per_sample, progress=progress,
+            total=-(-len(clean) // hessian_config.batch_size))
+        timings["hessian"] = time.perf_counter() - start
+        report["hessian"] = _hessian_report(hessian_config, count)
+    if guard is not None and config is not None and validation:
+        guarded = guard.attempts(
+            model, config, lambda c: fine_purify_lm(model, pretrained_state, tokenizer, clean, c, finetune_config,
+                                                    hessian_config, seed, progress, hessians, validation),
+            lambda: math.exp(response_loss(model, tokenizer, validation, max_length=finetune_config.max_length)),
+            lambda perplexity, suspect: perplexity <= guard.perplexity_ratio * suspect, "validation_perplexity")
+        guarded["timings_s"].update(timings)  # the Hessian's, estimated once above
+        return {**guarded, **{k: v for k, v in report.items() if k != "timings_s"}}
     if config is not None:
-        if hessians is None:
-            start = time.perf_counter()
-            hessians, count = estimate_hessian(
-                model, lm_batches(tokenizer, clean, hessian_config.batch_size, hessian_config.max_length),
-                per_sample=hessian_config.per_sample, progress=progress,
-                total=-(-len(clean) // hessian_config.batch_size))
-            timings["hessian"] = time.perf_counter() - start
-            report["hessian"] = _hessian_report(hessian_config, count)
         start = time.perf_counter()
         # A tied embedding's unseen rows are told by the clean inputs' tokens, not by its Hessian.
         seen = tokens_seen(tokenizer, clean, hessian_config.max_length) if input_embedding_tied(model) else None

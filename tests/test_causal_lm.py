@@ -1,6 +1,7 @@
 """Causal LMs (issue 13's foundations): instruction data, batches whose loss is the responses' alone,
 and the Hessian of that loss, on tiny randomly initialised Llama and GPT-2 models."""
 import json
+import math
 
 import pytest
 import torch
@@ -418,3 +419,45 @@ def test_read_only_commands_keep_the_stored_dtype_on_a_gpu_and_its_hessian_is_fl
     assert n1 == n2 and {h.dtype for h in narrow_h.values()} == {torch.float32}
     for name, h in wide_h.items():  # bfloat16 activations and gradients: a few per cent apart
         assert (narrow_h[name] - h).norm() <= 0.05 * h.norm(), name  # at most 1.9 % on this model
+
+
+def test_collapse_guard_redoes_a_purification_that_destroyed_the_lm(tokenizer, tmp_path, capsys):
+    """A suspect fine-tuned far from a random 'pre-trained' model: resetting 90 % of its moved
+    weights with no fine-tuning after destroys it (held-out perplexity many times the suspect's), so
+    the guard redoes it with less reset until one keeps the perplexity within the ratio; with the
+    guard off (inf) the destroyed model is what is written."""
+    from finepurify_ext import cli
+    from finepurify_ext.causal_lm import response_loss
+
+    model = tiny_lm("llama", tokenizer.vocab_size)
+    model.save_pretrained(tmp_path / "pre", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "pre")
+    examples = [data.Instruction(e.prompt, e.response) for e in EXAMPLES] * 8
+    finetune_lm(model, tokenizer, examples, steps=40, lr=1e-2, batch_size=8, seed=0, progress=False)
+    model.save_pretrained(tmp_path / "suspect", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "suspect")
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in examples))
+    suspect_ppl = math.exp(response_loss(model, tokenizer, examples))
+
+    def purify(out, ratio):
+        assert cli.main(["purify", "--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"),
+                         "--clean-data", str(clean), "--out", str(tmp_path / out), "--reserve-ratio", "0.1",
+                         "--finetune-steps", "0", "--max-length", "32", "--device", "cpu",
+                         "--collapse-perplexity-ratio", ratio]) == 0
+        from finepurify_ext.pipeline import load_causal_lm
+
+        written, _ = load_causal_lm(str(tmp_path / out))
+        report = json.loads((tmp_path / out / "finepurify_report.json").read_text())
+        return math.exp(response_loss(written, tokenizer, examples)), report
+
+    destroyed, report = purify("unguarded", "inf")
+    assert "collapse_guard" not in report and destroyed > 4 * suspect_ppl
+    kept, report = purify("guarded", "2")
+    guard = report["collapse_guard"]
+    assert guard["triggered"] and "collapse guard: held-out perplexity rose above 2" in capsys.readouterr().out
+    rhos = [a["reserve_ratio"] for a in guard["attempts"]]
+    assert rhos == [0.1, 0.5, 0.7, 1.0][:len(rhos)] and guard["reserve_ratio_used"] == rhos[-1]
+    limit = 2 * guard["suspect_validation_perplexity"]
+    assert all(a["validation_perplexity"] > limit for a in guard["attempts"][:-1])
+    assert guard["attempts"][-1]["validation_perplexity"] <= limit and kept < destroyed / 2
