@@ -103,6 +103,13 @@ def _model_kind(args, path: str) -> str:
     return "causal-lm" if is_causal_lm(path) else "classifier"
 
 
+def _read_only_dtype(device, path: str):
+    """The dtype ``hessian`` and ``evaluate`` load the model in ``path`` in (devices.read_only_weights_dtype)."""
+    from .pipeline import stored_dtype
+
+    return read_only_weights_dtype(device, stored_dtype(path))
+
+
 def _purified_writer(model, tokenizer, report, suspect: str):
     """Writes a purified model's directory: weights (safetensors) in the dtype the suspect's are
     stored in, tokenizer, plots and the report. ``model`` is not used after the write."""
@@ -177,7 +184,7 @@ def cmd_evaluate_causal_lm(args) -> int:
         raise UserError("--trigger needs --target-response for a causal LM: the response the backdoor produces")
     data = load_instructions(args.data)
     device = resolve_device(args.device)
-    model, tokenizer = load_causal_lm(args.model, dtype=read_only_weights_dtype(device))
+    model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
     model.to(device)
     with compute_precision(device, args.dtype):
         loss = response_loss(model, tokenizer, data, max_length=args.max_length)
@@ -212,7 +219,7 @@ def cmd_hessian(args) -> int:
         from .purify import input_embedding_tied
 
         clean = load_instructions(args.clean_data)  # before loading the model
-        model, tokenizer = load_causal_lm(args.model, dtype=read_only_weights_dtype(device))
+        model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
         model.to(device)
         with compute_precision(device, args.dtype):
             hessians, count = estimate_hessian(
@@ -227,7 +234,7 @@ def cmd_hessian(args) -> int:
                                                                       "clean data, for the tied embedding)"))
         return 0
     clean = load_examples(args.clean_data, num_labels=classifier_labels(args.model))  # before loading the model
-    model, tokenizer, _ = load_classifier(args.model, dtype=read_only_weights_dtype(device))
+    model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
     model.to(device)
     config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size)
     with compute_precision(device, args.dtype):
@@ -325,7 +332,7 @@ def cmd_evaluate(args) -> int:
         raise UserError(f"{args.data}: every example has label {args.target_label}; the attack success rate is "
                         "measured on examples of the other labels: add some, or choose another --target-label")
     device = resolve_device(args.device)
-    model, tokenizer, _ = load_classifier(args.model, dtype=read_only_weights_dtype(device))
+    model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
     model.to(device)
     with compute_precision(device, args.dtype):
         print(f"CACC {100 * clean_accuracy(model, tokenizer, data):.1f} %")
@@ -412,8 +419,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=_integer(1), default=10, help="steps between held-out loss measurements")
     p.add_argument("--patience", type=_integer(1), default=3, help="measurements without improvement before stopping")
     p.add_argument("--collapse-tolerance", type=_number(0.0, 1.0), default=CollapseGuard.tolerance,
-                   help="redo the purification with less reset (reserve ratio 0.5, 0.7, then clean fine-tuning "
-                   "alone) when the held-out clean accuracy falls more than this below the suspect's (default "
+                   help="classifiers: redo the purification with less reset (reserve ratio 0.5, 0.7, then clean "
+                   "fine-tuning alone) when the held-out clean accuracy falls more than this below the suspect's (default "
                    f"{CollapseGuard.tolerance:g}; 1 turns the guard off; needs --validation-fraction > 0)")
     p.add_argument("--collapse-perplexity-ratio", type=_number(1.0), default=CollapseGuard.perplexity_ratio,
                    help="causal LMs: redo the purification with less reset when the held-out responses' perplexity "

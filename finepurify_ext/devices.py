@@ -40,12 +40,15 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
-def read_only_weights_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype a command that never updates the weights (``hessian``, ``evaluate``) loads them in:
-    as stored (None) on a GPU, where a 7B bfloat16 model's weights, gradients and float32 Hessian
-    fit one 80 GB card (56 GB; float32 weights would need 84); float32 on the CPU, whose bfloat16
-    matrix products are slow. ``purify`` fine-tunes, so it always loads float32."""
-    return None if device.type == "cuda" else torch.float32
+def read_only_weights_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype a command that never updates the weights (``hessian``, ``evaluate``) loads a model
+    stored in ``stored`` in: on a GPU as stored, where a 7B bfloat16 model's weights, gradients and
+    float32 Hessian fit one 80 GB card (56 GB; float32 weights would need 84), except float16, whose
+    gradients underflow without loss scaling: bfloat16 (the same memory); float32 on the CPU,
+    whose bfloat16 matrix products are slow. ``purify`` fine-tunes, so it always loads float32."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if stored == torch.float16 else stored
 
 
 def compute_precision(device: torch.device, dtype: str = "float32"):

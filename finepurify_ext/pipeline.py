@@ -179,12 +179,14 @@ class CollapseGuard:
             raise ValueError(f"the collapse perplexity ratio is a factor over the suspect's, >= 1; got "
                              f"{self.perplexity_ratio}")
 
-    def attempts(self, model, config: "PurifyConfig", purify, measure, holds, measure_name: str) -> dict:
+    def attempts(self, model, config: "PurifyConfig", purify, measure, holds, measure_name: str,
+                 threshold: dict) -> dict:
         """The guard's loop, for any model kind: ``purify(config or None)`` purifies ``model`` (None:
         clean fine-tuning alone) and returns its report; ``measure()`` is the held-out measure of
-        ``model`` and ``holds(value, suspect_value)`` says whether a purification kept the model. The
-        suspect's weights are kept on the CPU while attempts run. Returns the last attempt's report
-        with ``collapse_guard`` listing every attempt."""
+        ``model`` and ``holds(value, suspect_value)`` says whether a purification kept the model
+        (``threshold``: the setting it applies, for the report). The suspect's weights are kept on
+        the CPU while attempts run. Returns the last attempt's report with ``collapse_guard``
+        listing every attempt and its time."""
         suspect_value = measure()
         suspect = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
         rhos = [config.reserve_ratio] + [r for r in self.fallback if r > config.reserve_ratio]
@@ -192,15 +194,15 @@ class CollapseGuard:
         for i, rho in enumerate(rhos):
             if i:
                 model.load_state_dict(suspect)
+            start = time.perf_counter()
             report = purify(None if rho >= 1.0 else config.replace(reserve_ratio=rho))
             value = measure()
-            attempts.append({"reserve_ratio": rho, measure_name: value})
+            attempts.append({"reserve_ratio": rho, measure_name: value, "time_s": time.perf_counter() - start})
             if holds(value, suspect_value):
                 break
-        report["collapse_guard"] = {"tolerance": self.tolerance, "perplexity_ratio": self.perplexity_ratio,
-                                    "fallback": list(self.fallback), f"suspect_{measure_name}": suspect_value,
-                                    "attempts": attempts, "triggered": len(attempts) > 1,
-                                    "reserve_ratio_used": attempts[-1]["reserve_ratio"]}
+        report["collapse_guard"] = {**threshold, "fallback": list(self.fallback),
+                                    f"suspect_{measure_name}": suspect_value, "attempts": attempts,
+                                    "triggered": len(attempts) > 1, "reserve_ratio_used": attempts[-1]["reserve_ratio"]}
         return report
 
 
@@ -229,7 +231,8 @@ def _under_collapse_guard(guard: CollapseGuard, model, tokenizer, clean, config:
     report = guard.attempts(
         model, config, lambda c: fine_purify(model, tokenizer=tokenizer, clean=clean, config=c, **kw),
         lambda: held_out_accuracy(model, tokenizer, validation),
-        lambda accuracy, suspect: accuracy >= suspect - guard.tolerance, "validation_accuracy")
+        lambda accuracy, suspect: accuracy >= suspect - guard.tolerance, "validation_accuracy",
+        {"tolerance": guard.tolerance})
     if hessian_report is not None:
         report["hessian"], report["timings_s"]["hessian"] = hessian_report, hessian_time
     return report
@@ -389,8 +392,11 @@ def fine_purify_lm(
         guarded = guard.attempts(
             model, config, lambda c: fine_purify_lm(model, pretrained_state, tokenizer, clean, c, finetune_config,
                                                     hessian_config, seed, progress, hessians, validation),
-            lambda: math.exp(response_loss(model, tokenizer, validation, max_length=finetune_config.max_length)),
-            lambda perplexity, suspect: perplexity <= guard.perplexity_ratio * suspect, "validation_perplexity")
+            # capped: exp overflows past a loss of 709, which a destroyed model can reach
+            lambda: math.exp(min(700.0, response_loss(model, tokenizer, validation,
+                                                      max_length=finetune_config.max_length))),
+            lambda perplexity, suspect: perplexity <= guard.perplexity_ratio * suspect, "validation_perplexity",
+            {"perplexity_ratio": guard.perplexity_ratio})
         guarded["timings_s"].update(timings)  # the Hessian's, estimated once above
         return {**guarded, **{k: v for k, v in report.items() if k != "timings_s"}}
     if config is not None:

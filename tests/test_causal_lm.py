@@ -401,13 +401,15 @@ def test_a_bfloat16_model_is_purified_in_float32_and_written_back_in_bfloat16(to
 
 def test_read_only_commands_keep_the_stored_dtype_on_a_gpu_and_its_hessian_is_float32(tokenizer, tmp_path):
     """`hessian` and `evaluate` never update the weights: on a GPU they keep a bfloat16 model in
-    bfloat16 (a 7B model's weights, gradients and Hessian then fit one card), on the CPU they load
-    float32. The Hessian of the bfloat16 weights is float32 and near the float32 weights' one."""
+    bfloat16 (a 7B model's weights, gradients and Hessian then fit one card; float16 becomes
+    bfloat16), on the CPU they load float32. The Hessian of the bfloat16 weights is float32 and near the float32 weights' one."""
     from finepurify_ext.devices import read_only_weights_dtype
     from finepurify_ext.pipeline import load_causal_lm
 
-    assert read_only_weights_dtype(torch.device("cpu")) == torch.float32
-    assert read_only_weights_dtype(torch.device("cuda")) is None
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert {read_only_weights_dtype(cpu, d) for d in (torch.float32, torch.bfloat16, torch.float16)} == {torch.float32}
+    assert [read_only_weights_dtype(gpu, d) for d in (torch.float32, torch.bfloat16, torch.float16)] == [
+        torch.float32, torch.bfloat16, torch.bfloat16]  # float16 gradients underflow without loss scaling
     dirs = make_lm_dirs(tokenizer, tmp_path, "llama")
     LlamaForCausalLM.from_pretrained(dirs / "suspect", dtype=torch.bfloat16).save_pretrained(dirs / "suspect")
     stored, _ = load_causal_lm(str(dirs / "suspect"), dtype=None)
@@ -461,3 +463,4 @@ def test_collapse_guard_redoes_a_purification_that_destroyed_the_lm(tokenizer, t
     limit = 2 * guard["suspect_validation_perplexity"]
     assert all(a["validation_perplexity"] > limit for a in guard["attempts"][:-1])
     assert guard["attempts"][-1]["validation_perplexity"] <= limit and kept < destroyed / 2
+    assert "tolerance" not in guard and all(a["time_s"] > 0 for a in guard["attempts"])  # the LM's setting only

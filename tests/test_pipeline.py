@@ -552,7 +552,8 @@ def test_collapse_guard_keeps_a_purification_that_holds(tokenizer, monkeypatch):
     report = fine_purify(model, state, tokenizer, clean, PurifyConfig(reserve_ratio=0.3), finetune_config,
                          guard=pipeline.CollapseGuard(), progress=False)
     guard = report["collapse_guard"]
-    assert not guard["triggered"] and guard["attempts"] == [{"reserve_ratio": 0.3, "validation_accuracy": 0.75}]
+    assert not guard["triggered"] and [{k: a[k] for k in ("reserve_ratio", "validation_accuracy")}
+                                       for a in guard["attempts"]] == [{"reserve_ratio": 0.3, "validation_accuracy": 0.75}]
     assert report["purify"]["reserve_ratio"] == 0.3 and "hessian" in report
     with pytest.raises(ValueError, match="collapse tolerance"):
         pipeline.CollapseGuard(tolerance=1.5)
