@@ -28,3 +28,19 @@ def write_json_atomically(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def run_cells(args, results: dict, measure_cell):
+    """The defence tables' resumable loop: ``measure_cell(attack, seed, args, results, save)`` for
+    every seed and attack of ``args`` (none with ``args.summary_only``), seed-major so that a run cut
+    off still covers every attack; ``save()`` writes ``results`` to ``args.out`` atomically after
+    each run, and the next invocation skips what is there. Returns ``save``."""
+    def save():
+        write_json_atomically(args.out, results)
+
+    if not args.summary_only:
+        for seed in args.seeds:
+            for attack in args.attacks:
+                print(f"{attack}, seed {seed}", flush=True)
+                measure_cell(attack, seed, args, results, save)
+    return save

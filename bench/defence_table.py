@@ -42,7 +42,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
+from bench.common import HERE, git_commit, run_cells  # noqa: E402
 from finepurify_ext.demo import DEVELOPMENT, SUITE, suite_setting  # noqa: E402
 from finepurify_ext.pipeline import CollapseGuard, FinetuneConfig  # noqa: E402
 from finepurify_ext.purify import PurifyConfig  # noqa: E402
@@ -477,15 +477,8 @@ def main(argv=None):
         "default_rho": args.default_rho,
     })
 
-    def save():
-        write_json_atomically(args.out, results)
-
     start = time.perf_counter()
-    if not args.summary_only:
-        for seed in args.seeds:  # seed-major: a cut-off run still covers every attack
-            for attack in args.attacks:
-                print(f"{attack}, seed {seed}", flush=True)
-                measure_cell(attack, seed, args, results, save)
+    save = run_cells(args, results, measure_cell)
     results["summary"] = summarise(results, args)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     table_png = plot_table(results["summary"], out_dir)

@@ -34,7 +34,7 @@ from dataclasses import asdict
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
+from bench.common import HERE, git_commit, run_cells  # noqa: E402
 from finepurify_ext.demo_llm import DEFENCES, QUICK, LLMDemoSetting  # noqa: E402
 from finepurify_ext.purify import PurifyConfig  # noqa: E402
 
@@ -242,15 +242,8 @@ def main(argv=None):
                 "not on this model.",
     })
 
-    def save():
-        write_json_atomically(args.out, results)
-
     start = time.perf_counter()
-    if not args.summary_only:
-        for seed in args.seeds:  # seed-major: a cut-off run still covers both triggers
-            for attack in args.attacks:
-                print(f"{attack}, seed {seed}", flush=True)
-                measure_cell(attack, seed, args, results, save)
+    save = run_cells(args, results, measure_cell)
     results["summary"] = summarise(results, args)
     png = plot(results["summary"], args, os.path.dirname(os.path.abspath(args.out)))
     results["plots"] = [os.path.basename(png)] if png else []

@@ -547,10 +547,11 @@ def classifier_labels(path: str) -> int:
 def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = True,
                     dtype: torch.dtype | None = torch.float32):
     """(model, tokenizer, names of parameters the checkpoint did not hold) from a transformers
-    directory, as ``dtype`` whatever the stored dtype (``stored_dtype``; None keeps it). Safetensors only, never remote code: the suspect model is untrusted. Everything is
-    checked before the weights are read: config.json, the safetensors headers against the file
-    sizes, the tokenizer (``tokenizer=False``: none loaded, None returned); then the weights must
-    match the config's shapes and be finite. Raises ``ModelError`` naming the file and the fix.
+    directory, as ``dtype`` whatever the stored dtype (``stored_dtype``; None keeps it). Safetensors
+    only, never remote code: the suspect model is untrusted. Everything is checked before the
+    weights are read: config.json, the safetensors headers against the file sizes, the tokenizer
+    (``tokenizer=False``: none loaded, None returned); then the weights must match the config's
+    shapes and be finite. Raises ``ModelError`` naming the file and the fix.
 
     ``num_labels`` (loading a pre-trained model for a classifier of that many labels) accepts a
     checkpoint without a classifier head or with another head: those parameters are new and listed
@@ -608,8 +609,9 @@ def is_causal_lm(path: str) -> bool:
 
 
 def load_causal_lm(path: str, tokenizer: bool = True, dtype: torch.dtype | None = torch.float32):
-    """(model, tokenizer) of a causal-LM directory, as ``dtype`` (None: as stored), with ``load_classifier``'s checks:
-    safetensors only, never remote code, the weights checked against the config and for NaN/Inf."""
+    """(model, tokenizer) of a causal-LM directory, as ``dtype`` (None: as stored), with
+    ``load_classifier``'s checks: safetensors only, never remote code, the weights checked against
+    the config and for NaN/Inf."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _check_model_dir(path)

@@ -4,6 +4,7 @@ dependencies CI does not install, so the plumbing (splits, cached models, every 
 measures, the report) is checked here and the numbers by `make demo-llm`."""
 import hashlib
 import json
+import math
 import os
 import random
 
@@ -58,12 +59,15 @@ def test_the_llm_demo_runs_every_defence_and_reports_them(cache, tmp_path):
                                             *demo_llm.DEFENCES.values()]
     for r in rows:
         assert 0.0 <= r["asr"] <= 1.0 and 0.0 <= r["false_target"] <= 1.0
-        assert 1.0 < r["perplexity"] < 10 * len(WORDS) and r["validation_perplexity"] > 1.0
+        assert math.isfinite(r["perplexity"]) and math.isfinite(r["validation_perplexity"])
     reference, backdoored = rows[0], rows[1]  # the measures see the backdoor the attacker's data planted
     assert backdoored["asr"] >= 0.75 and reference["asr"] <= 0.25 and backdoored["false_target"] <= 0.25
-    resets = {r["method"]: r["num_reset"] for r in rows[2:]}
-    assert resets.pop("clean_ft") == 0 and all(n > 0 for n in resets.values())
+    # both trained models predict the answers better than a uniform guess over the vocabulary
+    assert max(reference["perplexity"], backdoored["perplexity"]) < len(WORDS) + 5
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "purify" not in report["defence_reports"]["clean fine-tuning"]  # no reset, fine-tuning alone
+    assert all(r["num_reset"] == report["defence_reports"][r["defence"]]["purify"]["num_reset"] > 0
+               for r in rows if r.get("method") not in (None, "clean_ft"))
     assert report["rows"] == json.loads(json.dumps(rows)) and report["setting"]["target"] == "bad day"
     # Fine-purifying's report says the tied embedding was reset by the seen-token rule
     assert report["defence_reports"]["Fine-purifying"]["purify"]["embedding_rule"] == "seen_tokens"
@@ -76,8 +80,8 @@ def test_the_llm_demo_runs_every_defence_and_reports_them(cache, tmp_path):
     assert len([p for p in os.listdir(cache) if p.startswith("llm-clean-trained")]) == 1
     assert len([p for p in os.listdir(cache) if p.startswith("llm-backdoored")]) == 2
     suspect = {n: p.clone() for n, p in sentence.suspect.state_dict().items()}
-    model, row, _ = sentence.defend("fine_purifying", 0.5)
-    assert row["reserve_ratio"] == 0.5 and row["num_reset"] > 0
+    model, row, sentence_report = sentence.defend("fine_purifying", 0.5)
+    assert sentence_report["config"]["reserve_ratio"] == 0.5 and row["num_reset"] > 0
     # defend works on a copy: the cell's suspect stays as it was for the next defence
     assert all(torch.equal(p, suspect[n]) for n, p in sentence.suspect.state_dict().items())
     assert not all(torch.equal(p, suspect[n]) for n, p in model.state_dict().items())
