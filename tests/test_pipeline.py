@@ -56,6 +56,34 @@ def test_estimate_hessian_is_the_mean_squared_gradient(tokenizer, per_sample):
     assert float(emb[tokenizer.convert_tokens_to_ids("good")].abs().sum()) > 0.0
 
 
+def test_hessian_squared_in_backward_hooks_equals_after_backward(tokenizer):
+    """The two accumulation paths (hooks as each gradient is ready; one pass after backward, as DDP
+    needs) give the same bits, on a tied-embedding LM and a parameter the loss never reaches; the
+    hooks are gone afterwards and a gradient the caller held is given back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.register_parameter("unreached", torch.nn.Parameter(torch.ones(3)))
+    held = torch.full((3,), 7.0)
+    model.unreached.grad = held
+    ids = torch.randint(0, tokenizer.vocab_size, (12, 9), generator=torch.Generator().manual_seed(1))
+    batch_list = [{"input_ids": ids[i:i + 4], "labels": ids[i:i + 4]} for i in range(0, 12, 4)]
+    hooked, n_hooked = estimate_hessian(model, batch_list, overlap=True, progress=False)
+    after, n_after = estimate_hessian(model, batch_list, overlap=False, progress=False)
+    assert n_hooked == n_after == 3
+    assert hooked.keys() == after.keys() and "lm_head.weight" not in hooked  # tied: one entry
+    for name in after:
+        assert torch.equal(hooked[name], after[name]), name
+    assert float(hooked["model.embed_tokens.weight"].sum()) > 0 and float(hooked["unreached"].abs().sum()) == 0
+    assert model.unreached.grad is held
+    model.zero_grad(set_to_none=True)
+    model(**batch_list[0]).loss.backward()  # no hook left: the gradients stay
+    assert model.model.embed_tokens.weight.grad is not None
+
+
 def test_estimate_hessian_empty_data(tokenizer):
     with pytest.raises(ValueError, match="no batches"):
         estimate_hessian(tiny_model(tokenizer), [], progress=False)
