@@ -1,8 +1,6 @@
 """Step 2 of the method: the diagonal Hessian of the clean loss at the suspect weights, estimated as
 the mean of squared gradients (the diagonal empirical Fisher), accumulated with the fused
-``accumulate_sq_grads_`` op: each gradient as soon as the backward pass has finished it (on a side
-stream on a GPU, overlapping the rest of the backward), or after the backward pass where DDP
-reduces the gradients or FSDP shards them."""
+``accumulate_sq_grads_`` op after each backward pass."""
 from __future__ import annotations
 
 import os
@@ -22,41 +20,6 @@ def _micro_batches(batch: dict[str, torch.Tensor]):
         yield {name: value[i : i + 1] for name, value in batch.items()}
 
 
-class _SquareWhenReady:
-    """Post-accumulate-grad hooks that add each parameter's squared gradient to its Hessian as soon
-    as the backward pass has finished that gradient, then drop it (the next backward writes a fresh
-    one instead of adding into it). On a GPU the pass runs on a side stream: it waits for the
-    gradient's producer, and the gradient's memory is held for it until it has run."""
-
-    def __init__(self, params: dict[str, torch.nn.Parameter], local: dict[str, torch.Tensor], device):
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook(local[name])) for name, p in params.items()]
-
-    def _hook(self, hessian):
-        def square(p):
-            grad = p.grad
-            if self.stream is None:
-                ops.accumulate_sq_grads_([hessian], [grad])
-            else:
-                self.stream.wait_stream(torch.cuda.current_stream(grad.device))
-                with torch.cuda.stream(self.stream):
-                    ops.accumulate_sq_grads_([hessian], [grad])
-                grad.record_stream(self.stream)
-            p.grad = None
-        return square
-
-    def join(self):
-        """Makes the default stream wait for the squares queued so far (before the Hessians are read
-        or saved; one wait per backward keeps at most one backward's gradients held)."""
-        if self.stream is not None:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-
-    def close(self):
-        self.join()
-        for handle in self.handles:
-            handle.remove()
-
-
 ACCUMULATOR_FORMAT = "finepurify-hessian-accumulator-v1"
 HESSIAN_FORMAT = "finepurify-hessian-v1"
 
@@ -70,7 +33,6 @@ def estimate_hessian(
     total: int | None = None,
     resume_file: str | None = None,
     save_every: int = 50,
-    overlap: bool | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Returns ({parameter name: float32 diagonal Hessian}, number of squared gradients averaged).
 
@@ -86,11 +48,6 @@ def estimate_hessian(
     Under DDP each rank squares the all-reduced gradient (the Fisher of the global batch; every rank
     holds the same result); under FSDP2 each rank accumulates the squared gradient of its own shard
     (the Hessians are DTensors sharded like the parameters).
-
-    ``overlap`` (default: wherever the model is neither DDP-wrapped nor sharded) squares each
-    gradient from a hook as soon as the backward pass has accumulated it; on a GPU on a side stream,
-    so the memory-bound pass runs under the compute-bound rest of the backward instead of after it.
-    Same bits either way. DDP needs it off: its gradients are reduced only at the end of backward.
     """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     hessians = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
@@ -103,10 +60,6 @@ def estimate_hessian(
     model.eval()
     model.zero_grad(set_to_none=True)
     device = next(iter(params.values())).device if params else torch.device("cpu")
-    if overlap is None:
-        overlap = not isinstance(model, torch.nn.parallel.DistributedDataParallel) and \
-            not any(_is_dtensor(p) for p in params.values())
-    squarer = _SquareWhenReady(params, local, device) if overlap else None
     try:
         bar = tqdm(batches, desc="hessian", total=total, disable=not progress, leave=False)
         for index, batch in enumerate(bar):
@@ -115,22 +68,17 @@ def estimate_hessian(
             for micro in (_micro_batches(batch) if per_sample else (batch,)):
                 loss = model(**{k: v.to(device) for k, v in micro.items()}).loss
                 loss.backward()
-                if squarer is None:
-                    reached = [name for name, p in params.items() if p.grad is not None]
-                    ops.accumulate_sq_grads_([local[n] for n in reached], [_local(params[n].grad) for n in reached])
-                    # Dropped rather than zeroed: the next backward then writes fresh gradients instead of
-                    # adding into old ones (no extra pass over them, as a training step's zero_grad).
-                    for n in reached:
-                        params[n].grad = None
-                else:
-                    squarer.join()
+                reached = [name for name, p in params.items() if p.grad is not None]
+                ops.accumulate_sq_grads_([local[n] for n in reached], [_local(params[n].grad) for n in reached])
+                # Dropped rather than zeroed: the next backward then writes fresh gradients instead of
+                # adding into old ones (no extra pass over them, as a training step's zero_grad).
+                for n in reached:
+                    params[n].grad = None
                 count += 1
             done = index + 1
             if resume_file is not None and done % save_every == 0:
                 _save_accumulator(resume_file, local, done, count, per_sample)
     finally:
-        if squarer is not None:
-            squarer.close()
         for name, p in params.items():
             p.grad = saved_grads[name]
         model.train(was_training)

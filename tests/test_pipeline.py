@@ -2,6 +2,7 @@
 scoring and reset, the baselines, a planted backdoor in a toy task, the CLI, and bad input."""
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -54,34 +55,6 @@ def test_estimate_hessian_is_the_mean_squared_gradient(tokenizer, per_sample):
     emb = hessians["bert.embeddings.word_embeddings.weight"]
     assert float(emb[tokenizer.convert_tokens_to_ids("unseen")].abs().sum()) == 0.0
     assert float(emb[tokenizer.convert_tokens_to_ids("good")].abs().sum()) > 0.0
-
-
-def test_hessian_squared_in_backward_hooks_equals_after_backward(tokenizer):
-    """The two accumulation paths (hooks as each gradient is ready; one pass after backward, as DDP
-    needs) give the same bits, on a tied-embedding LM and a parameter the loss never reaches; the
-    hooks are gone afterwards and a gradient the caller held is given back."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    model.register_parameter("unreached", torch.nn.Parameter(torch.ones(3)))
-    held = torch.full((3,), 7.0)
-    model.unreached.grad = held
-    ids = torch.randint(0, tokenizer.vocab_size, (12, 9), generator=torch.Generator().manual_seed(1))
-    batch_list = [{"input_ids": ids[i:i + 4], "labels": ids[i:i + 4]} for i in range(0, 12, 4)]
-    hooked, n_hooked = estimate_hessian(model, batch_list, overlap=True, progress=False)
-    after, n_after = estimate_hessian(model, batch_list, overlap=False, progress=False)
-    assert n_hooked == n_after == 3
-    assert hooked.keys() == after.keys() and "lm_head.weight" not in hooked  # tied: one entry
-    for name in after:
-        assert torch.equal(hooked[name], after[name]), name
-    assert float(hooked["model.embed_tokens.weight"].sum()) > 0 and float(hooked["unreached"].abs().sum()) == 0
-    assert model.unreached.grad is held
-    model.zero_grad(set_to_none=True)
-    model(**batch_list[0]).loss.backward()  # no hook left: the gradients stay
-    assert model.model.embed_tokens.weight.grad is not None
 
 
 def test_estimate_hessian_empty_data(tokenizer):
@@ -162,6 +135,21 @@ def test_saved_hessian_reads_back(tokenizer, tmp_path):
     save_hessian(str(tmp_path / "h.safetensors"), hessians, count)
     ckpt = Checkpoint(str(tmp_path / "h.safetensors"))
     assert all(torch.equal(ckpt.read(n), h) for n, h in hessians.items())
+
+
+def test_sample_quantile_is_torch_quantile_bit_for_bit():
+    """The Hessian floor's quantile by selection gives torch.quantile's bits: odd sizes, repeated
+    values (the next order statistic equal to the first), the ends, NaN; an empty sample is refused."""
+    from finepurify_ext.purify import sample_quantile
+
+    gen = torch.Generator().manual_seed(5)
+    for n in (1, 2, 3, 7, 1000, 65537):
+        for sample in (torch.rand(n, generator=gen) ** 3, torch.randint(0, 4, (n,), generator=gen).float()):
+            for q in (0.0, 0.01, 0.25, 0.5, 0.77, 0.999, 1.0):
+                assert sample_quantile(sample, q) == float(torch.quantile(sample, q)), (n, q)
+    assert math.isnan(sample_quantile(torch.tensor([1.0, float("nan"), 2.0]), 0.5))
+    with pytest.raises(ValueError, match="empty"):
+        sample_quantile(torch.zeros(0), 0.5)
 
 
 @pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
