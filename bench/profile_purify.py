@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -17,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_pipeline import MODELS, build_model, sync, timed  # noqa: E402
+from common import git_commit, write_json_atomically  # noqa: E402
 
 from finepurify_ext import ops  # noqa: E402
 from finepurify_ext.purify import RANKINGS, PurifyConfig, matched_parameters, purify_, scoring_for, word_embedding_name  # noqa: E402
@@ -77,11 +77,10 @@ def main():
         rows.append({"ranking": ranking, "op_s": op_s, "purify_s": purify_s, "ratio": round(purify_s / op_s, 2),
                      "tables": tables})
     report = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": os.environ.get("FINEPURIFY_COMMIT"), "torch": torch.__version__,
+              "commit": git_commit(), "torch": torch.__version__,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "model": args.model, "dtype": args.dtype, "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json_atomically(args.out, report)
 
 
 if __name__ == "__main__":
