@@ -398,15 +398,17 @@ def unseen_mask(seen_tokens, rows: int) -> torch.Tensor:
 
 def reset_moved_rows_(w: torch.Tensor, w_pre: torch.Tensor, candidates: torch.Tensor, rows: int = 4096) -> int:
     """Resets the ``candidates`` rows of ``w`` that moved to the pre-trained rows; returns how many.
-    Only they are compared, a block of rows at a time (small temporaries)."""
-    reset = 0
+    Only they are compared, a block of rows at a time (small temporaries). Every candidate row is
+    written back (an unmoved one with its own values), so no block waits on the host: one read of
+    the count at the end."""
+    reset = torch.zeros((), dtype=torch.int64, device=w.device)
     for block in candidates.split(rows):
         block_w = block.to(w.device)
         mine, theirs = w[block_w], w_pre[block.to(w_pre.device)].to(device=w.device, dtype=w.dtype)
         moved = (mine != theirs).any(dim=1)
-        w[block_w[moved]] = theirs[moved]
-        reset += int(moved.sum())
-    return reset
+        w[block_w] = torch.where(moved.unsqueeze(1), theirs, mine)
+        reset += moved.sum()
+    return int(reset)
 
 
 def _plot_sample(tensors, count: int, seed: int, max_tensors: int = 32):

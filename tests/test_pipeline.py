@@ -137,6 +137,22 @@ def test_saved_hessian_reads_back(tokenizer, tmp_path):
     assert all(torch.equal(ckpt.read(n), h) for n, h in hessians.items())
 
 
+def test_reset_moved_rows_resets_only_the_candidates_that_moved():
+    """The embedding rule's reset: candidate rows that moved take the pre-trained row, in blocks (the
+    unmoved candidates are written back unchanged), other rows stay; the count is the moved candidates."""
+    from finepurify_ext.purify import reset_moved_rows_
+
+    gen = torch.Generator().manual_seed(7)
+    pre = torch.randn(10, 3, generator=gen).bfloat16()
+    w = pre.clone()
+    w[[1, 2, 5, 8]] += 1  # moved rows; 2 and 8 are not candidates
+    expected = w.clone()
+    expected[[1, 5]] = pre[[1, 5]]
+    assert reset_moved_rows_(w, pre.float(), torch.tensor([0, 1, 3, 5, 9]), rows=2) == 2
+    assert torch.equal(w, expected)
+    assert reset_moved_rows_(w, pre.float(), torch.zeros(0, dtype=torch.long)) == 0
+
+
 def test_sample_quantile_is_torch_quantile_bit_for_bit():
     """The Hessian floor's quantile by selection gives torch.quantile's bits: odd sizes, repeated
     values (the next order statistic equal to the first), the ends, NaN; an empty sample is refused."""
