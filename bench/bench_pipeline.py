@@ -108,15 +108,20 @@ def hessian_steps(model, device, steps, batch, seq):
 
     plain(batches[:1])()  # warm-up
     t_plain = timed(device, plain(batches))[0] - timed(device, plain(batches[:steps]))[0]
-    estimate_hessian(model, batches[:1], progress=False)  # warm-up
-    t_short, _ = timed(device, lambda: estimate_hessian(model, batches[:steps], progress=False))
-    t_long, (hessians, _) = timed(device, lambda: estimate_hessian(model, batches, progress=False))
-    t_fused = t_long - t_short
+    def hessian_step(overlap):
+        estimate_hessian(model, batches[:1], progress=False, overlap=overlap)  # warm-up
+        t_short, _ = timed(device, lambda: estimate_hessian(model, batches[:steps], progress=False, overlap=overlap))
+        t_long, (hessians, _) = timed(device, lambda: estimate_hessian(model, batches, progress=False, overlap=overlap))
+        return hessians, t_long - t_short
+
+    t_overlap = hessian_step(True)[1]  # the experimental overlapped accumulation, beside the default
+    hessians, t_fused = hessian_step(False)
     return hessians, {
         "steps": steps, "batch": batch, "sequence_length": seq,
         "plain_step_s": t_plain / steps, "hessian_step_s": t_fused / steps,
         "added_by_accumulation": round(t_fused / t_plain - 1, 4),
         "tokens_per_s": round(steps * batch * seq / t_fused, 1),
+        "overlapped_step_s": t_overlap / steps, "added_by_overlapped_accumulation": round(t_overlap / t_plain - 1, 4),
     }
 
 

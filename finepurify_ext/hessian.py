@@ -20,6 +20,63 @@ def _micro_batches(batch: dict[str, torch.Tensor]):
         yield {name: value[i : i + 1] for name, value in batch.items()}
 
 
+OVERLAP_GROUP_BYTES = 64 << 20  # gradients per launch of the overlapped accumulation
+
+
+class _SquareInBackward:
+    """Adds squared gradients to the Hessians while the backward pass goes on. A hook only notes each
+    parameter's gradient as the backward finishes it (and drops it from the parameter, as the pass
+    after backward does); every ``group_bytes`` of noted gradients go in one launch, on a GPU on a
+    side stream that first waits for the backward's stream. A first version launched per parameter
+    from the hooks: its host time made a 1.3B step 103 % slower, against 20 % for the pass after
+    backward. The gradients are held until ``join`` has made the backward's stream wait for the side
+    stream, so their memory is reused only after the squares have read it."""
+
+    def __init__(self, params: dict, local: dict[str, torch.Tensor], device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.group_bytes = OVERLAP_GROUP_BYTES
+        self.pending, self.pending_bytes, self.held = [], 0, []
+        self.handles = [p.register_post_accumulate_grad_hook(self._noter(local[name])) for name, p in params.items()]
+
+    def _noter(self, hessian):
+        def note(p):
+            grad, p.grad = p.grad, None
+            self.pending.append((hessian, grad))
+            self.pending_bytes += grad.numel() * grad.element_size()
+            if self.pending_bytes >= self.group_bytes:
+                self._launch()
+        return note
+
+    def _launch(self):
+        if not self.pending:
+            return
+        hessians, grads = zip(*self.pending)
+        self.pending, self.pending_bytes = [], 0
+        if self.stream is None:
+            ops.accumulate_sq_grads_(hessians, grads)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            ops.accumulate_sq_grads_(hessians, grads)
+        self.held.extend(grads)
+
+    def join(self):
+        """The rest of the gradients squared, and the default stream made to wait for every square
+        (before the Hessians are read or saved, and before the held gradients may be reused)."""
+        self._launch()
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        self.held.clear()
+
+    def close(self):
+        """Hooks removed; a backward cut short leaves its noted gradients unsquared (its batch is not
+        counted)."""
+        self.pending, self.pending_bytes = [], 0
+        self.join()
+        for handle in self.handles:
+            handle.remove()
+
+
 ACCUMULATOR_FORMAT = "finepurify-hessian-accumulator-v1"
 HESSIAN_FORMAT = "finepurify-hessian-v1"
 
@@ -33,6 +90,7 @@ def estimate_hessian(
     total: int | None = None,
     resume_file: str | None = None,
     save_every: int = 50,
+    overlap: bool = False,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Returns ({parameter name: float32 diagonal Hessian}, number of squared gradients averaged).
 
@@ -48,6 +106,10 @@ def estimate_hessian(
     Under DDP each rank squares the all-reduced gradient (the Fisher of the global batch; every rank
     holds the same result); under FSDP2 each rank accumulates the squared gradient of its own shard
     (the Hessians are DTensors sharded like the parameters).
+
+    ``overlap`` (experimental, off until a GPU run shows it pays) adds the squares while the backward
+    pass goes on: on a GPU on a side stream, a group of finished gradients per launch
+    (``_SquareInBackward``). Same bits. Not under DDP, which reduces the gradients only at the end.
     """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     hessians = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
@@ -60,6 +122,11 @@ def estimate_hessian(
     model.eval()
     model.zero_grad(set_to_none=True)
     device = next(iter(params.values())).device if params else torch.device("cpu")
+    if overlap and (isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                    or any(_is_dtensor(p) for p in params.values())):
+        raise ValueError("estimate_hessian: overlap=True squares gradients before DDP reduces them or with "
+                         "sharded parameters; leave it off there")
+    squarer = _SquareInBackward(params, local, device) if overlap else None
     try:
         bar = tqdm(batches, desc="hessian", total=total, disable=not progress, leave=False)
         for index, batch in enumerate(bar):
@@ -68,17 +135,22 @@ def estimate_hessian(
             for micro in (_micro_batches(batch) if per_sample else (batch,)):
                 loss = model(**{k: v.to(device) for k, v in micro.items()}).loss
                 loss.backward()
-                reached = [name for name, p in params.items() if p.grad is not None]
-                ops.accumulate_sq_grads_([local[n] for n in reached], [_local(params[n].grad) for n in reached])
-                # Dropped rather than zeroed: the next backward then writes fresh gradients instead of
-                # adding into old ones (no extra pass over them, as a training step's zero_grad).
-                for n in reached:
-                    params[n].grad = None
+                if squarer is not None:
+                    squarer.join()
+                else:
+                    reached = [name for name, p in params.items() if p.grad is not None]
+                    ops.accumulate_sq_grads_([local[n] for n in reached], [_local(params[n].grad) for n in reached])
+                    # Dropped rather than zeroed: the next backward then writes fresh gradients instead of
+                    # adding into old ones (no extra pass over them, as a training step's zero_grad).
+                    for n in reached:
+                        params[n].grad = None
                 count += 1
             done = index + 1
             if resume_file is not None and done % save_every == 0:
                 _save_accumulator(resume_file, local, done, count, per_sample)
     finally:
+        if squarer is not None:
+            squarer.close()
         for name, p in params.items():
             p.grad = saved_grads[name]
         model.train(was_training)

@@ -57,6 +57,39 @@ def test_estimate_hessian_is_the_mean_squared_gradient(tokenizer, per_sample):
     assert float(emb[tokenizer.convert_tokens_to_ids("good")].abs().sum()) > 0.0
 
 
+@pytest.mark.parametrize("group_bytes", [1, 1 << 40])  # a launch per gradient; one per backward
+def test_hessian_squared_during_backward_equals_after_backward(tokenizer, monkeypatch, group_bytes):
+    """overlap=True (the squares added from backward hooks, a group of gradients per launch) gives the
+    bits of the pass after backward: a tied-embedding LM, a parameter the loss never reaches, per-batch
+    and per-sample; the hooks are gone afterwards and a gradient the caller held is given back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finepurify_ext import hessian as hessian_module
+
+    monkeypatch.setattr(hessian_module, "OVERLAP_GROUP_BYTES", group_bytes)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.register_parameter("unreached", torch.nn.Parameter(torch.ones(3)))
+    held = torch.full((3,), 7.0)
+    model.unreached.grad = held
+    ids = torch.randint(0, tokenizer.vocab_size, (12, 9), generator=torch.Generator().manual_seed(1))
+    batch_list = [{"input_ids": ids[i:i + 4], "labels": ids[i:i + 4]} for i in range(0, 12, 4)]
+    for per_sample in (False, True):
+        during, n_during = estimate_hessian(model, batch_list, per_sample=per_sample, overlap=True, progress=False)
+        after, n_after = estimate_hessian(model, batch_list, per_sample=per_sample, overlap=False, progress=False)
+        assert n_during == n_after == (12 if per_sample else 3)
+        assert during.keys() == after.keys() and "lm_head.weight" not in during  # tied: one entry
+        for name in after:
+            assert torch.equal(during[name], after[name]), name
+        assert float(during["model.embed_tokens.weight"].sum()) > 0 and float(during["unreached"].abs().sum()) == 0
+    assert model.unreached.grad is held
+    model.zero_grad(set_to_none=True)
+    model(**batch_list[0]).loss.backward()  # no hook left: the gradients stay
+    assert model.model.embed_tokens.weight.grad is not None
+
+
 def test_estimate_hessian_empty_data(tokenizer):
     with pytest.raises(ValueError, match="no batches"):
         estimate_hessian(tiny_model(tokenizer), [], progress=False)
