@@ -1,6 +1,6 @@
 """Step 2 of the method: the diagonal Hessian of the clean loss at the suspect weights, estimated as
 the mean of squared gradients (the diagonal empirical Fisher), accumulated with the fused
-``accumulate_sq_grads_`` op after each backward pass."""
+``accumulate_sq_grads_`` op after each backward pass (or, experimentally, during it)."""
 from __future__ import annotations
 
 import os
@@ -25,25 +25,27 @@ OVERLAP_GROUP_BYTES = 64 << 20  # gradients per launch of the overlapped accumul
 
 class _SquareInBackward:
     """Adds squared gradients to the Hessians while the backward pass goes on. A hook only notes each
-    parameter's gradient as the backward finishes it (and drops it from the parameter, as the pass
-    after backward does); every ``group_bytes`` of noted gradients go in one launch, on a GPU on a
-    side stream that first waits for the backward's stream. A first version launched per parameter
-    from the hooks: its host time made a 1.3B step 103 % slower, against 20 % for the pass after
-    backward. The gradients are held until ``join`` has made the backward's stream wait for the side
-    stream, so their memory is reused only after the squares have read it."""
+    gradient as the backward finishes it and drops it from its parameter; each ``OVERLAP_GROUP_BYTES``
+    of noted gradients go in one launch (a launch per parameter costs more host time than it hides),
+    on a GPU on a side stream that waits for the backward's stream. ``record_stream`` keeps a
+    gradient's memory from reuse until its square has read it."""
 
     def __init__(self, params: dict, local: dict[str, torch.Tensor], device):
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.group_bytes = OVERLAP_GROUP_BYTES
-        self.pending, self.pending_bytes, self.held = [], 0, []
-        self.handles = [p.register_post_accumulate_grad_hook(self._noter(local[name])) for name, p in params.items()]
+        self.pending, self.pending_bytes, self.noted = [], 0, set()
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook_for(name, local[name]))
+                        for name, p in params.items()]
 
-    def _noter(self, hessian):
+    def _hook_for(self, name, hessian):
         def note(p):
+            if name in self.noted:  # e.g. reentrant checkpointing: the square of a sum is not the sum of squares
+                raise ValueError(f"estimate_hessian(overlap=True): parameter {name!r} received two gradients in "
+                                 "one backward pass; use overlap=False")
+            self.noted.add(name)
             grad, p.grad = p.grad, None
             self.pending.append((hessian, grad))
             self.pending_bytes += grad.numel() * grad.element_size()
-            if self.pending_bytes >= self.group_bytes:
+            if self.pending_bytes >= OVERLAP_GROUP_BYTES:
                 self._launch()
         return note
 
@@ -58,23 +60,24 @@ class _SquareInBackward:
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
             ops.accumulate_sq_grads_(hessians, grads)
-        self.held.extend(grads)
+        for grad in grads:
+            grad.record_stream(self.stream)
 
     def join(self):
-        """The rest of the gradients squared, and the default stream made to wait for every square
-        (before the Hessians are read or saved, and before the held gradients may be reused)."""
+        """The rest of the noted gradients squared, and the default stream made to wait for every
+        square (before the Hessians are read or saved)."""
         self._launch()
+        self.noted.clear()
         if self.stream is not None:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-        self.held.clear()
 
     def close(self):
-        """Hooks removed; a backward cut short leaves its noted gradients unsquared (its batch is not
-        counted)."""
-        self.pending, self.pending_bytes = [], 0
-        self.join()
+        """Hooks removed first, whatever happens next. After a backward cut short the Hessians hold part
+        of its squares; the caller drops them (the batch is not counted, nothing is saved)."""
         for handle in self.handles:
             handle.remove()
+        self.pending, self.pending_bytes = [], 0
+        self.join()
 
 
 ACCUMULATOR_FORMAT = "finepurify-hessian-accumulator-v1"
@@ -149,11 +152,13 @@ def estimate_hessian(
             if resume_file is not None and done % save_every == 0:
                 _save_accumulator(resume_file, local, done, count, per_sample)
     finally:
-        if squarer is not None:
-            squarer.close()
-        for name, p in params.items():
-            p.grad = saved_grads[name]
-        model.train(was_training)
+        try:
+            if squarer is not None:
+                squarer.close()
+        finally:
+            for name, p in params.items():
+                p.grad = saved_grads[name]
+            model.train(was_training)
     if resume_file is not None:
         _save_accumulator(resume_file, local, done, count, per_sample)
     if count == 0:

@@ -122,12 +122,13 @@ def input_embedding_tied(model: torch.nn.Module) -> bool:
 
 
 def sample_quantile(sample: torch.Tensor, q: float) -> float:
-    """The q-quantile of a 1-D sample with linear interpolation, the bits ``torch.quantile`` gives,
-    without its sort on the CPU (a selection: 5x faster on a 1M sample, and no size limit); on a GPU
-    by a sort there (``torch.kthvalue``'s kernel took 4.7 ms for a 1M sample on an H200). The order
-    statistics are exact on any device and the interpolation is done on the CPU, so every path and
-    device gets the same bits. NaN where the sample holds one. Shared by the in-memory and
-    out-of-core paths."""
+    """The q-quantile of a 1-D sample with linear interpolation, the bits ``torch.quantile`` gives
+    (the sign of a zero aside), by a selection on the CPU and a sort on a GPU instead of a sort on
+    the CPU, where the sample lives: the order statistics are exact on any device and the
+    interpolation is done on the CPU, so every path and device gets the same bits. NaN where the
+    sample holds one. Shared by the in-memory and out-of-core paths."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"sample_quantile: q must be in [0, 1], got {q}")
     x = sample.reshape(-1).float()
     n = x.numel()
     if n == 0:
@@ -135,7 +136,7 @@ def sample_quantile(sample: torch.Tensor, q: float) -> float:
     if bool(torch.isnan(x).any()):
         return math.nan
     rank = torch.tensor(q, dtype=torch.float32) * (n - 1)  # in float32, as torch.quantile ranks
-    below = int(rank)
+    below = min(int(rank), n - 1)  # float32 can round n - 1 up past 2**24
     above = min(math.ceil(float(rank)), n - 1)
     if x.is_cuda:
         ordered = torch.sort(x).values
@@ -179,8 +180,12 @@ def _means(hessians) -> list[float]:
     sums = [None] * len(hessians)
     on_gpu = [i for i, h in enumerate(hessians) if h.device.type != "cpu" and h.numel()]
     if on_gpu:
-        pieces = [(i, piece.sum(dtype=torch.float64)) for i in on_gpu for piece in hessians[i].reshape(-1).split(1 << 22)]
-        for (i, _), v in zip(pieces, torch.stack([s for _, s in pieces]).tolist()):
+        owners, piece_sums = [], []
+        for i in on_gpu:
+            for piece in hessians[i].reshape(-1).split(1 << 22):
+                owners.append(i)
+                piece_sums.append(piece.sum(dtype=torch.float64))
+        for i, v in zip(owners, torch.stack(piece_sums).tolist()):
             sums[i] = v if sums[i] is None else sums[i] + v
     for i, h in enumerate(hessians):
         if sums[i] is None:
@@ -232,10 +237,11 @@ class Feed:
         in_place = all(p.device == f.device and p.dtype == f.dtype and h.device == f.device
                        for f, p, h in zip(ft, pre, scoring.hessians))
         self.groups = [list(range(len(ft)))] if in_place or not ft else self._split(group_bytes)
-        # In place the one group's lists are made once: every pass reuses them (a pass over a
-        # model of 400 tensors otherwise spends milliseconds of host time on no-op conversions).
-        self._resident = [(self.groups[0], list(ft), list(pre), list(scoring.hessians), scoring.ranking)] \
-            if in_place and ft else None
+        # In place the one group's lists are made once and every pass reuses them (a model of 400
+        # tensors otherwise spends milliseconds of host time per pass on no-op conversions).
+        self._resident = None
+        if in_place and ft:
+            self._resident = [(self.groups[0], list(ft), list(pre), list(scoring.hessians), scoring.ranking)]
 
     def _split(self, group_bytes):
         groups, current, size = [], [], 0
@@ -384,8 +390,8 @@ def purify_(
 
 
 def zero_hessian_rows(h: torch.Tensor) -> torch.Tensor:
-    """Indices of the rows of ``h`` (>= 0) that are exactly zero: one row-wise maximum."""
-    return torch.nonzero(h.amax(dim=1) == 0).flatten().cpu() if h.numel() else torch.zeros(0, dtype=torch.long)
+    """Indices (on ``h``'s device) of the rows of ``h`` (>= 0) that are exactly zero: one row-wise maximum."""
+    return torch.nonzero(h.amax(dim=1) == 0).flatten() if h.numel() else torch.zeros(0, dtype=torch.long)
 
 
 def unseen_mask(seen_tokens, rows: int) -> torch.Tensor:
@@ -399,12 +405,12 @@ def unseen_mask(seen_tokens, rows: int) -> torch.Tensor:
 def reset_moved_rows_(w: torch.Tensor, w_pre: torch.Tensor, candidates: torch.Tensor, rows: int = 4096) -> int:
     """Resets the ``candidates`` rows of ``w`` that moved to the pre-trained rows; returns how many.
     Only they are compared, a block of rows at a time (small temporaries). Every candidate row is
-    written back (an unmoved one with its own values), so no block waits on the host: one read of
-    the count at the end."""
+    written back (an unmoved one with its own values), so where ``w_pre`` is on ``w``'s device no
+    block waits on the host: the count is read once, at the end."""
     reset = torch.zeros((), dtype=torch.int64, device=w.device)
-    for block in candidates.split(rows):
-        block_w = block.to(w.device)
-        mine, theirs = w[block_w], w_pre[block.to(w_pre.device)].to(device=w.device, dtype=w.dtype)
+    on_w, on_pre = candidates.to(w.device), candidates.to(w_pre.device)
+    for block_w, block_pre in zip(on_w.split(rows), on_pre.split(rows)):
+        mine, theirs = w[block_w], w_pre[block_pre].to(device=w.device, dtype=w.dtype)
         moved = (mine != theirs).any(dim=1)
         w[block_w] = torch.where(moved.unsqueeze(1), theirs, mine)
         reset += moved.sum()

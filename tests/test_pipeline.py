@@ -90,6 +90,34 @@ def test_hessian_squared_during_backward_equals_after_backward(tokenizer, monkey
     assert model.model.embed_tokens.weight.grad is not None
 
 
+def test_hessian_during_backward_refuses_a_parameter_given_two_gradients():
+    """Under reentrant checkpointing a weight used inside and outside the checkpoint gets two
+    gradients in one backward; squared one by one they would not make the squared sum, so
+    overlap=True refuses, and leaves the model as it found it (no hook, the caller's gradients)."""
+    import types
+
+    from torch.utils.checkpoint import checkpoint
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x, labels):
+            h = checkpoint(self.linear, x, use_reentrant=True)
+            return types.SimpleNamespace(loss=((self.linear(h) - labels) ** 2).mean())
+
+    torch.manual_seed(0)
+    model = Twice()
+    batch = {"x": torch.randn(3, 4, requires_grad=True), "labels": torch.randn(3, 4)}
+    with pytest.raises(ValueError, match="two gradients"):
+        estimate_hessian(model, [batch], overlap=True, progress=False)
+    assert model.linear.weight.grad is None and model.training
+    estimate_hessian(model, [batch], overlap=False, progress=False)  # the pass after backward takes it
+    model(**batch).loss.backward()
+    assert model.linear.weight.grad is not None  # no hook left behind
+
+
 def test_estimate_hessian_empty_data(tokenizer):
     with pytest.raises(ValueError, match="no batches"):
         estimate_hessian(tiny_model(tokenizer), [], progress=False)
