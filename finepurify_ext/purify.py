@@ -241,7 +241,7 @@ class Feed:
         # tensors otherwise spends milliseconds of host time per pass on no-op conversions).
         self._resident = None
         if in_place and ft:
-            self._resident = [(self.groups[0], list(ft), list(pre), list(scoring.hessians), scoring.ranking)]
+            self._resident = (self.groups[0], list(ft), list(pre), list(scoring.hessians), scoring.ranking)
 
     def _split(self, group_bytes):
         groups, current, size = [], [], 0
@@ -254,28 +254,34 @@ class Feed:
             size += nbytes
         return groups + ([current] if current else [])
 
-    def __iter__(self):
-        """(indices, finetuned, pretrained, hessians, ranking) per group, on the model's device."""
+    def each(self, fn) -> list:
+        """``fn(indices, finetuned, pretrained, hessians, ranking)`` per group, on the model's device;
+        a group's moved copies are freed before the next group is moved."""
         if self._resident is not None:
-            yield from self._resident
-            return
-        for idx in self.groups:
-            ft = [self.ft[i] for i in idx]
-            pre = [self.pre[i].to(device=f.device, dtype=f.dtype) for i, f in zip(idx, ft)]
-            hs = [self.scoring.hessians[i].to(f.device) for i, f in zip(idx, ft)]
-            yield idx, ft, pre, hs, self.scoring.ranking.subset(idx)
+            return [fn(*self._resident)]
+        return [self._on_group(idx, fn) for idx in self.groups]
+
+    def _on_group(self, idx, fn):
+        ft = [self.ft[i] for i in idx]
+        pre = [self.pre[i].to(device=f.device, dtype=f.dtype) for i, f in zip(idx, ft)]
+        hs = [self.scoring.hessians[i].to(f.device) for i, f in zip(idx, ft)]
+        return fn(idx, ft, pre, hs, self.scoring.ranking.subset(idx))
 
     def histogram(self, level: int, prefix: int) -> torch.Tensor:
         counts = torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
-        for _, ft, pre, hs, ranking in self:
-            counts += ops.score_histogram(ft, pre, hs, self.scoring.eps, level, prefix, ranking).cpu()
+        for part in self.each(lambda _, ft, pre, hs, ranking:
+                              ops.score_histogram(ft, pre, hs, self.scoring.eps, level, prefix, ranking).cpu()):
+            counts += part
         return counts
 
     def masked_reset_(self, threshold: float) -> list[int]:
         counts = [0] * len(self.ft)
-        for idx, ft, pre, hs, ranking in self:
+
+        def reset(idx, ft, pre, hs, ranking):
             for i, c in zip(idx, ops.masked_reset_(ft, pre, hs, threshold, self.scoring.eps, ranking=ranking).tolist()):
                 counts[i] = c
+
+        self.each(reset)
         return counts
 
 

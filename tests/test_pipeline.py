@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the pipeline needs transformers (pip install transformers)")
 
-from finepurify_ext import cli, data  # noqa: E402
+from finepurify_ext import cli, data, ops  # noqa: E402
 from finepurify_ext.attacks import Attack, poison  # noqa: E402
 from finepurify_ext.hessian import estimate_hessian  # noqa: E402
 from finepurify_ext.pipeline import (FinetuneConfig, ModelError, SelectionConfig, fine_purify,  # noqa: E402
@@ -315,6 +315,44 @@ def test_purify_streams_a_pretrained_state_held_elsewhere(tokenizer, monkeypatch
     assert got.reset_per_parameter == expected.reset_per_parameter and got.threshold == expected.threshold
     for (n, a), b in zip(model.named_parameters(), expected_model.parameters()):
         assert torch.equal(a, b), n
+
+
+def test_streamed_groups_are_moved_one_at_a_time(tokenizer, monkeypatch):
+    """The extra memory of a streamed pre-trained state is one group: every copy the feed makes of a
+    group (watched at the dispatcher) is freed before the next group is copied."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from finepurify_ext import purify as purify_module
+
+    class LiveCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live, self.peak = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default:
+                self.live = [(ref, size) for ref, size in self.live if ref() is not None]
+                self.live.append((weakref.ref(out), out.numel() * out.element_size()))
+                self.peak = max(self.peak, sum(size for _, size in self.live))
+            return out
+
+    model, state = drifted_pair(tokenizer)
+    hessians = hessian_of(model, tokenizer)
+    model = model.to(torch.bfloat16)
+    group_bytes = 4096
+    monkeypatch.setattr(purify_module, "GROUP_BYTES", group_bytes)
+    params = dict(model.named_parameters())
+    names = [n for n in params if n in state]  # the head is new: not in the pre-trained state
+    feed = purify_module.Feed([params[n].data for n in names], [state[n].float() for n in names],
+                              purify_module.Scoring([hessians[n] for n in names], 1e-8, ops.PLAIN))
+    largest = max(p.numel() * p.element_size() for p in params.values())
+    assert len(feed.groups) > 3
+    with LiveCopies() as copies:
+        feed.histogram(0, 0)
+    assert 0 < copies.peak <= max(group_bytes, largest)
 
 
 def test_literal_mode_ranks_embeddings(tokenizer):
