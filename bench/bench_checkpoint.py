@@ -51,8 +51,9 @@ def generate(directory, size):
     """pre-trained, suspect (a sparse-ish drift) and hessian directories, sharded with indexes."""
     import torch
     from finepurify_ext.checkpoint import INDEX, ShardWriter
+    from finepurify_ext.hessian import HESSIAN_FORMAT
 
-    def write(name, tensor_of):
+    def write(name, tensor_of, file_format="pt"):
         d = os.path.join(directory, name)
         os.makedirs(d, exist_ok=True)
         groups, current, used = [], [], 0
@@ -67,7 +68,7 @@ def generate(directory, size):
         weight_map = {}
         for i, layout in enumerate(groups):
             file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-            writer = ShardWriter(os.path.join(d, file), layout, {"format": "pt"})
+            writer = ShardWriter(os.path.join(d, file), layout, {"format": file_format})
             for n, _, s in layout:
                 writer.write(n, tensor_of(n, s))
                 weight_map[n] = file
@@ -81,7 +82,7 @@ def generate(directory, size):
     write("pretrained", lambda n, s: torch.randn(s, generator=seeded(n, 0)) * 0.02)
     write("suspect", lambda n, s: torch.randn(s, generator=seeded(n, 0)) * 0.02
           + torch.randn(s, generator=seeded(n, 1)) * 1e-3 * (torch.rand(s, generator=seeded(n, 2)) < 0.5))
-    write("hessian", lambda n, s: torch.rand(s, generator=seeded(n, 3)) ** 4 * 1e-4)
+    write("hessian", lambda n, s: torch.rand(s, generator=seeded(n, 3)) ** 4 * 1e-4, HESSIAN_FORMAT)
 
 
 def rss_mb(field="VmHWM"):

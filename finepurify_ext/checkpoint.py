@@ -142,6 +142,7 @@ class Checkpoint:
         else:
             raise CheckpointError(f"{role} {path!r} does not exist")
         self.files = files
+        self._scratch = torch.empty(0, dtype=torch.uint8)
         self.entries: dict[str, TensorEntry] = {}
         self.file_order: dict[str, list[str]] = {}
         self.metadata: dict[str, dict] = {}
@@ -157,12 +158,20 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
-        """The tensor, or with ``count`` the flat elements [start, start + count), into a fresh buffer."""
+    def read(self, name: str, start: int = 0, count: int | None = None, reuse: bool = False) -> torch.Tensor:
+        """The tensor, or with ``count`` the flat elements [start, start + count), into a fresh buffer;
+        with ``reuse``, into this checkpoint's one scratch buffer: valid until its next ``reuse`` read.
+        A fresh buffer costs a page fault per 4 KB (reads ran at 1.6 GB/s into fresh buffers against
+        10 GB/s into a reused one here), so the passes over pieces reuse."""
         e = self.entries[name]
         item = e.dtype.itemsize
         nbytes = e.nbytes if count is None else count * item
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if reuse:
+            if self._scratch.numel() < nbytes:
+                self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+            buffer = self._scratch[:nbytes]
+        else:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
         with open(e.file, "rb") as f:
             f.seek(e.begin + start * item)
             if nbytes and f.readinto(memoryview(buffer.numpy())) != nbytes:
@@ -332,15 +341,15 @@ def purify_checkpoint(
     reads_hessian = config.ranking == "fine_purifying"
 
     def chunks(name, with_hessian=True):
-        """(start, finetuned, pretrained, float32 hessian or None) over flat pieces of ``chunk`` elements:
-        at most three pieces are alive at once (each loop drops its references before the next read)."""
+        """(start, finetuned, pretrained, float32 hessian or None) over flat pieces of ``chunk`` elements,
+        read into each checkpoint's scratch buffer: a piece is valid until the next one is read."""
         nonlocal bytes_read
         numel = sus_ckpt.numel(name)
         for start in range(0, numel, chunk):
             count = min(chunk, numel - start)
-            ft = sus_ckpt.read(name, start, count).to(device)
-            pre = pre_ckpt.read(pre_name[name], start, count).to(device)
-            h = h_ckpt.read(name, start, count).to(device).float() if with_hessian else None
+            ft = sus_ckpt.read(name, start, count, reuse=True).to(device)
+            pre = pre_ckpt.read(pre_name[name], start, count, reuse=True).to(device)
+            h = h_ckpt.read(name, start, count, reuse=True).to(device).float() if with_hessian else None
             bytes_read += count * (ft.element_size() + pre.element_size() +
                                    (h_ckpt.entries[name].dtype.itemsize if with_hessian else 0))
             yield start, ft, pre, h
@@ -357,7 +366,7 @@ def purify_checkpoint(
         for name in tqdm(ranked, desc="pre-pass", disable=not progress, leave=False):
             h_sum, numel = 0.0, h_ckpt.numel(name)
             for start in range(0, numel, chunk):
-                h = h_ckpt.read(name, start, min(chunk, numel - start)).float()
+                h = h_ckpt.read(name, start, min(chunk, numel - start), reuse=True).float()
                 bytes_read += h.numel() * h_ckpt.entries[name].dtype.itemsize
                 _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")  # before its floor
                 h_sum += float(h.sum(dtype=torch.float64))
@@ -437,9 +446,9 @@ def purify_checkpoint(
         unseen_by_tokens = None if seen_tokens is None else unseen_mask(seen_tokens, rows)
         for row in range(0, rows, block):
             count = min(block, rows - row) * width
-            ft = sus_ckpt.read(name, row * width, count).view(-1, width)
-            pre = pre_ckpt.read(pre_name[name], row * width, count).view(-1, width)
-            h = h_ckpt.read(name, row * width, count).view(-1, width)
+            ft = sus_ckpt.read(name, row * width, count, reuse=True).view(-1, width)
+            pre = pre_ckpt.read(pre_name[name], row * width, count, reuse=True).view(-1, width)
+            h = h_ckpt.read(name, row * width, count, reuse=True).view(-1, width)
             bytes_read += count * (2 * ft.element_size() + h.element_size())
             _check_hessian(h.float(), f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
             unseen = (h == 0).all(dim=1) if unseen_by_tokens is None else unseen_by_tokens[row : row + len(ft)]
@@ -475,7 +484,7 @@ def purify_checkpoint(
                         report.reset_per_tensor[name] = 0
                     numel = sus_ckpt.numel(name)
                     for offset in range(0, numel, chunk):
-                        piece = sus_ckpt.read(name, offset, min(chunk, numel - offset))
+                        piece = sus_ckpt.read(name, offset, min(chunk, numel - offset), reuse=True)
                         _check_finite(piece, sus_ckpt.entries[name].file, name)
                         writer.write_part(name, piece)
                         del piece
