@@ -143,6 +143,7 @@ class Checkpoint:
             raise CheckpointError(f"{role} {path!r} does not exist")
         self.files = files
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        self.pin_scratch = False
         self.entries: dict[str, TensorEntry] = {}
         self.file_order: dict[str, list[str]] = {}
         self.metadata: dict[str, dict] = {}
@@ -167,8 +168,8 @@ class Checkpoint:
         item = e.dtype.itemsize
         nbytes = e.nbytes if count is None else count * item
         if reuse:
-            if self._scratch.numel() < nbytes:
-                self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+            if self._scratch.numel() < nbytes:  # pinned for a GPU: copied to it without a staging copy
+                self._scratch = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_scratch)
             buffer = self._scratch[:nbytes]
         else:
             buffer = torch.empty(nbytes, dtype=torch.uint8)
@@ -295,6 +296,8 @@ def purify_checkpoint(
     start_all = time.perf_counter()
     pre_ckpt, sus_ckpt, h_ckpt = Checkpoint(pretrained, "pre-trained checkpoint"), \
         Checkpoint(suspect, "suspect checkpoint"), Checkpoint(hessian, "hessian")
+    for ckpt in (pre_ckpt, sus_ckpt, h_ckpt):
+        ckpt.pin_scratch = torch.device(device).type == "cuda"
     formats = {meta.get("format") for meta in h_ckpt.metadata.values()} - {None}
     if formats - {HESSIAN_FORMAT}:
         raise CheckpointError(f"{hessian} is not a Hessian saved by `finepurify hessian` (its format is "
