@@ -14,6 +14,7 @@ directory that looks complete. The inputs are opened read-only. Headers are JSON
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -27,7 +28,7 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import PurifyConfig, sample_quantile, unrankable, unseen_mask
+from .purify import PurifyConfig, sample_quantile, sum_float64, unrankable, unseen_mask
 from .threshold import LEVEL_BINS, threshold_from_histograms
 
 # Names of the word-embedding matrix in common architectures (embeddings="separate").
@@ -97,14 +98,26 @@ def _read_header(path: str) -> tuple[dict, int, dict]:
     return entries, start, meta
 
 
+def _value_range(t: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a floating tensor by one reduction (NaN propagates into both): no boolean
+    temporaries, which made ``isfinite(t).all()`` take 27 ms for a 32 MB piece here against 1 ms."""
+    if t.numel() == 0:
+        return 0.0, 0.0
+    low, high = torch.aminmax(t)
+    return float(low), float(high)
+
+
 def _check_finite(piece: torch.Tensor, file: str, name: str) -> None:
     """A floating piece of the suspect being written holds no NaN or Inf (the output would carry it)."""
-    if piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
+    if piece.is_floating_point() and not all(map(math.isfinite, _value_range(piece))):
         raise CheckpointError(f"{file}: tensor {name!r} holds NaN or Inf values; the checkpoint is damaged: "
                               "use an undamaged copy")
 
 
 def _check_hessian(h: torch.Tensor, what: str) -> None:
+    low, high = _value_range(h)
+    if low >= 0 and math.isfinite(high):  # NaN fails both; the slow scan below only names the fault
+        return
     error = unrankable([(what, h)])
     if error is not None:
         raise CheckpointError(str(error))
@@ -372,7 +385,7 @@ def purify_checkpoint(
                 h = h_ckpt.read(name, start, min(chunk, numel - start), reuse=True).float()
                 bytes_read += h.numel() * h_ckpt.entries[name].dtype.itemsize
                 _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")  # before its floor
-                h_sum += float(h.sum(dtype=torch.float64))
+                h_sum += sum_float64(h)
                 if wants_floor:
                     samples.append(h[(-start) % stride :: stride].clone())
                 del h

@@ -24,6 +24,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import ops
@@ -173,6 +174,15 @@ def _per_tensor_values(values, hessians) -> list:
     return out
 
 
+def sum_float64(t: torch.Tensor) -> float:
+    """The float64 sum of a CPU tensor's values, through numpy's buffered cast: torch's CPU sum to
+    float64 first converts the whole input (29 ms for 8M float32 values here against 6 ms)."""
+    flat = t.reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    return float(np.add.reduce(flat.numpy(), dtype=np.float64))
+
+
 def _means(hessians) -> list[float]:
     """Each Hessian's mean, summed in float64: on the GPU a reduction per piece of at most 4M
     elements (a CUDA sum to float64 converts its whole input first: pieces bound that copy to 32 MB)
@@ -189,7 +199,7 @@ def _means(hessians) -> list[float]:
             sums[i] = v if sums[i] is None else sums[i] + v
     for i, h in enumerate(hessians):
         if sums[i] is None:
-            sums[i] = sum(float(piece.sum(dtype=torch.float64)) for piece in h.reshape(-1).split(1 << 20))
+            sums[i] = sum(sum_float64(piece) for piece in h.reshape(-1).split(1 << 20))
     return [total / h.numel() if h.numel() else 0.0 for total, h in zip(sums, hessians)]
 
 

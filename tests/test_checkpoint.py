@@ -227,3 +227,27 @@ def test_bad_checkpoints_fail_clearly_and_leave_nothing(checkpoints, tmp_path):
     with pytest.raises(FileExistsError):
         purify_checkpoint(pre_dir, sus_dir, h_file, str(out), PurifyConfig.literal(), progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_value_checks_catch_every_bad_value():
+    """The one-reduction checks of the pieces (min and max) refuse NaN, +-Inf and, in a Hessian, a
+    negative value, in float32 and bfloat16, and let clean pieces, -0.0 and empty ones pass."""
+    from finepurify_ext.checkpoint import CheckpointError, _check_finite, _check_hessian
+
+    for dtype in (torch.float32, torch.bfloat16):
+        clean = torch.rand(1001, generator=torch.Generator().manual_seed(9)).to(dtype)
+        _check_finite(clean, "f", "t")
+        _check_hessian(clean, "the Hessian f: tensor 't'")
+        _check_hessian(torch.tensor([0.0, -0.0, 1.0], dtype=dtype), "h")
+        _check_hessian(torch.zeros(0, dtype=dtype), "h")
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            piece = clean.clone()
+            piece[500] = bad
+            with pytest.raises(CheckpointError, match="NaN or Inf"):
+                _check_finite(piece, "f", "t")
+            with pytest.raises(CheckpointError, match="the Hessian f"):
+                _check_hessian(piece, "the Hessian f: tensor 't'")
+        negative = clean.clone()
+        negative[3] = -1e-3
+        with pytest.raises(CheckpointError, match="negative"):
+            _check_hessian(negative, "the Hessian f: tensor 't'")

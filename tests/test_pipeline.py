@@ -214,6 +214,21 @@ def test_reset_moved_rows_resets_only_the_candidates_that_moved():
     assert reset_moved_rows_(w, pre.float(), torch.zeros(0, dtype=torch.long)) == 0
 
 
+def test_sum_float64_is_the_float64_sum():
+    """The Hessian means' sum (numpy's buffered cast) is the float64 sum, for float32 and bfloat16
+    pieces and empty ones."""
+    from finepurify_ext.purify import sum_float64
+
+    gen = torch.Generator().manual_seed(8)
+    for dtype in (torch.float32, torch.bfloat16):
+        t = (torch.rand(100_009, generator=gen) ** 4).to(dtype)  # 7 x 14287
+        exact = math.fsum(t.double().tolist())
+        assert sum_float64(t) == pytest.approx(exact, rel=1e-12)
+        assert sum_float64(t.reshape(7, -1)[:, ::3]) == pytest.approx(math.fsum(t.reshape(7, -1)[:, ::3].double()
+                                                                                  .flatten().tolist()), rel=1e-12)
+    assert sum_float64(torch.zeros(0)) == 0.0
+
+
 def test_sample_quantile_is_torch_quantile_bit_for_bit():
     """The Hessian floor's quantile by selection gives torch.quantile's bits: odd sizes, repeated
     values (the next order statistic equal to the first), the ends, NaN; an empty sample is refused."""
