@@ -8,6 +8,8 @@ ranking, against the fused op alone, on a randomly initialised decoder of a real
   PurifyConfig(ranking=...))`` for each ranking, the pre-trained state on the device and (for the
   default ranking) on the CPU, beside ``ops.reset_most_abnormal_`` over the same tensors (the op's
   own cost; the issue's target: purify_ <= 1.3x its time and <= 64 MB beyond its inputs).
+- ``--profile``: also where each ranking's ``purify_`` spends its time beyond the op, as the
+  torch.profiler tables (self CPU time and device time per operator) of one call.
 
     python bench/bench_pipeline.py --device cuda --model opt-1.3b      # bench/results/pipeline_cuda.json
     python bench/bench_pipeline.py --device cpu --model opt-125m --hessian-steps 1 --batch 1 --seq 128
@@ -80,6 +82,22 @@ def peak_extra(device, fn):
     return seconds, torch.cuda.max_memory_allocated(device) - before, out
 
 
+def profile_tables(device, fn, rows: int = 25) -> dict:
+    """torch.profiler's tables of one call of ``fn``: operators by self CPU time and, on CUDA, by
+    device time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    averages = prof.key_averages()
+    tables = {"self_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=rows)}
+    if device.type == "cuda":
+        tables["device"] = averages.table(sort_by="self_cuda_time_total", row_limit=rows)
+    return tables
+
+
 def build_model(name, dtype, device):
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -137,6 +155,8 @@ def main():
                         help="also time the Hessian steps at these batch sizes (the accumulation's share falls as "
                              "a step holds more tokens; the target is read at --batch)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="add the torch.profiler tables of one purify_ call per ranking to the JSON")
     parser.add_argument("--out", default=None, help="default: bench/results/pipeline_<device>.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -209,6 +229,9 @@ def main():
         row = measure(f"purify_ {ranking} (pre-trained on device)", lambda: purify_(model, pre_dev, hessians, config))
         row.update(ranking=ranking, what="purify_", pretrained_on="device",
                    ratio_to_op=round(row["median_s"] / op["median_s"], 2))
+        if args.profile:
+            restore()
+            row["profile"] = profile_tables(device, lambda: purify_(model, pre_dev, hessians, config))
         if device.type != "cpu" and ranking == "fine_purifying":
             row = measure("purify_ fine_purifying (pre-trained on CPU)",
                           lambda: purify_(model, pre_cpu, hessians, config))

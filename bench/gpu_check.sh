@@ -8,8 +8,8 @@
 #   bash bench/gpu_check.sh [OUT_DIR]      # OUT_DIR defaults to bench/results
 #
 # Writes OUT_DIR/gpu_check.json (device, torch, commit, each step's status and summary),
-# gpu_check.log, cuda_ops.json (bench/bench_cuda.py), pipeline_cuda.json (bench/bench_pipeline.py),
-# profile_purify_cuda.json (bench/profile_purify.py), gpu_e2e_llm.json (bench/gpu_e2e.py:
+# gpu_check.log, cuda_ops.json (bench/bench_cuda.py), pipeline_cuda.json (bench/bench_pipeline.py,
+# with purify_'s profiler tables), gpu_e2e_llm.json (bench/gpu_e2e.py:
 # `finepurify purify|hessian --device cuda` on a Llama-3.2-1B-shaped causal LM, in memory and out of
 # core) and, with FINEPURIFY_E2E_MODEL set, gpu_e2e.json (the same on that model).
 # Uses python3 (or $PYTHON) as it is: no downloads. CXX defaults to the system g++ (a toolchain that
@@ -50,9 +50,8 @@ step build 240 env CXX="${CXX_OVERRIDE:-g++}" CC="${CC_OVERRIDE:-gcc}" TORCH_CUD
   MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps -e .
 step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_torch_integration.py
 step bench_ops 170 "$PY" bench/bench_cuda.py --repeats 5 --out "$OUT_DIR/cuda_ops.json"
-step bench_pipeline 100 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --more-batches 16 \
+step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --more-batches 16 --profile \
   --out "$OUT_DIR/pipeline_cuda.json"
-step profile_purify 60 "$PY" bench/profile_purify.py --device cuda --model opt-1.3b --out "$OUT_DIR/profile_purify_cuda.json"
 step e2e_llm 200 "$PY" bench/gpu_e2e.py --model "${FINEPURIFY_E2E_LLM:-llama-1b}" --timeout 120 \
   --out "$OUT_DIR/gpu_e2e_llm.json"
 # memcheck slows every launch; it reports how far it came.

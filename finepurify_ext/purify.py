@@ -134,19 +134,19 @@ def sample_quantile(sample: torch.Tensor, q: float) -> float:
     n = x.numel()
     if n == 0:
         raise ValueError("sample_quantile: the sample is empty")
-    if bool(torch.isnan(x).any()):
-        return math.nan
     rank = torch.tensor(q, dtype=torch.float32) * (n - 1)  # in float32, as torch.quantile ranks
     below = min(int(rank), n - 1)  # float32 can round n - 1 up past 2**24
     above = min(math.ceil(float(rank)), n - 1)
-    if x.is_cuda:
+    if x.is_cuda:  # one read from the device: the two order statistics and the largest (NaN sorts last)
         ordered = torch.sort(x).values
-        low, high = ordered[below], ordered[above]
-    else:
-        low = high = x.kthvalue(below + 1).values
-        if above > below and int((x <= low).sum()) < below + 2:  # the next order statistic
-            high = x[x > low].min()
-    return float(torch.lerp(low.cpu(), high.cpu(), rank - below))
+        low, high, largest = torch.stack([ordered[below], ordered[above], ordered[-1]]).cpu()
+        return math.nan if math.isnan(largest) else float(torch.lerp(low, high, rank - below))
+    if bool(torch.isnan(x).any()):
+        return math.nan
+    low = high = x.kthvalue(below + 1).values
+    if above > below and int((x <= low).sum()) < below + 2:  # the next order statistic
+        high = x[x > low].min()
+    return float(torch.lerp(low, high, rank - below))
 
 
 def _quantile(tensors, q: float, max_samples: int = 1 << 20) -> float:

@@ -1,5 +1,7 @@
 """The CUDA kernels: every op against the CPU op (bitwise) and the pure-PyTorch reference, on CUDA
 tensors. Skipped, with the reason, where there is no GPU or the build holds no CUDA kernels."""
+import math
+
 import pytest
 import torch
 
@@ -437,7 +439,8 @@ def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, ranking):
 
 
 def test_sample_quantile_on_cuda_is_the_cpu_bits():
-    """The floor's quantile of a sample on the GPU (a sort there) gives the CPU's bits (a selection)."""
+    """The floor's quantile of a sample on the GPU (a sort there) gives the CPU's bits (a selection),
+    and NaN where the sample holds one."""
     from finepurify_ext.purify import sample_quantile
 
     gen = torch.Generator().manual_seed(6)
@@ -446,6 +449,7 @@ def test_sample_quantile_on_cuda_is_the_cpu_bits():
             for q in (0.0, 0.3, 0.5, 1.0):
                 assert sample_quantile(sample.to(CUDA), q) == sample_quantile(sample, q) == \
                     float(torch.quantile(sample, q)), (n, q)
+    assert math.isnan(sample_quantile(torch.tensor([1.0, float("nan"), 2.0], device=CUDA), 0.5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
