@@ -67,7 +67,8 @@ test-cpp: install
 	cd $(BUILD_DIR) && ctest --output-on-failure
 
 # Compile check of every CUDA source where nvcc exists (no GPU needed): each .cu with nvcc for
-# sm_80 and sm_90, and the CUDA binding against torch's headers (a CPU wheel lacks one generated
+# sm_80 and sm_90, a host run of the device code that runs on a host (tests/cpp/pack_test.cu),
+# and the CUDA binding against torch's headers (a CPU wheel lacks one generated
 # CUDA header; a stub under build/ stands in for it).
 check-cuda: install
 ifeq ($(NVCC),)
@@ -81,6 +82,10 @@ else
 	      -gencode arch=compute_$$arch,code=sm_$$arch -c $$f -o /dev/null; \
 	  done; \
 	done; \
+	echo "nvcc host test tests/cpp/pack_test.cu"; \
+	mkdir -p build; \
+	$(NVCC) -std=c++17 -O2 -Werror all-warnings tests/cpp/pack_test.cu -o build/pack_test; \
+	./build/pack_test; \
 	cuda_inc="$$(dirname $$(dirname $$(readlink -f $(NVCC))))/include"; \
 	mkdir -p build/stub/c10/cuda/impl; \
 	printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > build/stub/c10/cuda/impl/cuda_cmake_macros.h; \

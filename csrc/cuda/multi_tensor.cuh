@@ -159,7 +159,30 @@ struct Pack {
       default: w.w = bits; break;
     }
   }
-  __device__ __forceinline__ uint32_t word(int j) const {
+  // Element i taken from `other` where bit i of `lanes` is set (the raw bits, so every value is
+  // kept exactly). Host and device: tests/cpp/pack_test.cu runs it on the host.
+  __host__ __device__ __forceinline__ void blend(const Pack& other, uint32_t lanes) {
+#pragma unroll
+    for (int j = 0; j < kWords * 4; ++j) {
+      uint32_t mask;
+      if constexpr (sizeof(T) == 4) {
+        mask = 0u - ((lanes >> j) & 1u);
+      } else {
+        mask = (((lanes >> (2 * j)) & 1u) * 0x0000FFFFu) | (((lanes >> (2 * j + 1)) & 1u) * 0xFFFF0000u);
+      }
+      word_ref(j) = (word(j) & ~mask) | (other.word(j) & mask);
+    }
+  }
+  __host__ __device__ __forceinline__ uint32_t& word_ref(int j) {
+    uint4& w = words[j / 4];
+    switch (j % 4) {
+      case 0: return w.x;
+      case 1: return w.y;
+      case 2: return w.z;
+      default: return w.w;
+    }
+  }
+  __host__ __device__ __forceinline__ uint32_t word(int j) const {
     const uint4& w = words[j / 4];
     switch (j % 4) {
       case 0: return w.x;
@@ -208,7 +231,10 @@ void launch_multi_tensor(void (*kernel)(LaunchTable<NumLists>, KernelArgs...),
     if (table.num_tensors == 0) return;
     if (max_grid == 0) max_grid = resident_grid(kernel);
     const int64_t num_chunks = table.first_chunk[table.num_tensors];
-    const int grid = static_cast<int>(num_chunks < max_grid ? num_chunks : max_grid);
+    // The fewest rounds of the resident grid, then as few blocks as still take that many rounds:
+    // every block walks the same number of chunks (+-1), no last round with a few busy blocks.
+    const int64_t rounds = (num_chunks + max_grid - 1) / max_grid;
+    const int grid = static_cast<int>((num_chunks + rounds - 1) / rounds);
     // Kernels may count per block in 32 bits (the histograms' shared counters).
     if ((num_chunks + grid - 1) / grid * kChunkElems > int64_t{0xFFFFFFFF}) {
       throw std::runtime_error("finepurify: more than 2^32 elements per block; split the tensor");

@@ -24,10 +24,60 @@ using Count = std::integral_constant<int, N>;
 #endif
 constexpr int kPacksPerStep = FP_PACKS_PER_STEP;
 
-// Calls fn(i, Count<n>, f, p, h) over this block's share of [begin, end) of tensor t: f, p, h
-// hold the float32 values of elements i .. i+n-1 (n == kPack on the vector path, 1 otherwise;
-// a compile-time count, so callers unroll over registers). A broadcast hessian (one element for
-// the tensor) is read once.
+template <typename T, typename Fn>
+__device__ __forceinline__ void visit_one(const T* ft, const T* pre, float h, int64_t j, Fn&& fn) {
+  const float f[1] = {load_as_float(ft + j)}, p[1] = {load_as_float(pre + j)}, hv[1] = {h};
+  fn(j, Count<1>{}, f, p, hv, static_cast<const Pack<T>*>(nullptr), static_cast<const Pack<T>*>(nullptr));
+}
+
+// The vector path of visit_scores: every pointer 16-byte aligned.
+template <typename T, bool Broadcast, typename Fn>
+__device__ __forceinline__ void visit_packs(const T* ft, const T* pre, const float* h, int64_t begin,
+                                            int64_t end, Fn&& fn) {
+  const float h_all = Broadcast ? h[0] : 0.0f;
+  float f[kPack], p[kPack], hv[kPack];
+  auto visit_pack = [&](int64_t i, const Pack<T>& f_pack, const Pack<T>& p_pack, const Pack<float>& h_pack) {
+#pragma unroll
+    for (int j = 0; j < kPack; ++j) {
+      f[j] = f_pack.as_float(j);
+      p[j] = p_pack.as_float(j);
+      hv[j] = Broadcast ? h_all : h_pack.as_float(j);
+    }
+    fn(i, Count<kPack>{}, f, p, hv, &f_pack, &p_pack);
+  };
+  constexpr int64_t kStride = int64_t{kThreads} * kPack;  // one block step
+  int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kPack;
+  // kPacksPerStep packs per thread in flight: every load of the group issued before the first use.
+  for (; i + (kPacksPerStep - 1) * kStride + kPack <= end; i += kPacksPerStep * kStride) {
+    Pack<T> f_pack[kPacksPerStep], p_pack[kPacksPerStep];
+    Pack<float> h_pack[kPacksPerStep];
+#pragma unroll
+    for (int u = 0; u < kPacksPerStep; ++u) {
+      f_pack[u].load(ft + i + u * kStride);
+      p_pack[u].load(pre + i + u * kStride);
+      if (!Broadcast) h_pack[u].load(h + i + u * kStride);
+    }
+#pragma unroll
+    for (int u = 0; u < kPacksPerStep; ++u) visit_pack(i + u * kStride, f_pack[u], p_pack[u], h_pack[u]);
+  }
+  for (; kPacksPerStep > 1 && i + kPack <= end; i += kStride) {  // a chunk's last packs, one at a time
+    Pack<T> f_pack, p_pack;
+    Pack<float> h_pack;
+    f_pack.load(ft + i);
+    p_pack.load(pre + i);
+    if (!Broadcast) h_pack.load(h + i);
+    visit_pack(i, f_pack, p_pack, h_pack);
+  }
+  // Scalar tail: only the thread whose pack straddles `end` has work here.
+  for (int64_t j = i; j < end && j < i + kPack; ++j) visit_one<T>(ft, pre, Broadcast ? h_all : h[j], j, fn);
+}
+
+// Calls fn(i, Count<n>, f, p, h, f_raw, p_raw) over this block's share of [begin, end) of tensor
+// t: f, p, h hold the float32 values of elements i .. i+n-1 (n == kPack on the vector path, 1
+// otherwise; a compile-time count, so callers unroll over registers) and, on the vector path,
+// f_raw and p_raw the loaded packs of finetuned and pretrained (null otherwise). A broadcast
+// hessian (one element for the tensor) is read once, and its loop is compiled apart, so the
+// common loop carries no per-element select.
 template <typename T, int NumLists, typename Fn>
 __device__ __forceinline__ void visit_scores(const LaunchTable<NumLists>& table, int t,
                                              int64_t begin, int64_t end, Fn&& fn) {
@@ -35,56 +85,17 @@ __device__ __forceinline__ void visit_scores(const LaunchTable<NumLists>& table,
   const T* pre = static_cast<const T*>(table.data[kPretrained][t]);
   const float* h = static_cast<const float*>(table.data[kHessian][t]);
   const bool broadcast = (table.broadcast_mask >> t) & 1;
-  const float h_all = broadcast ? h[0] : 0.0f;
-  float f[kPack], p[kPack], hv[kPack];
-  auto visit_one = [&](int64_t j) {
-    f[0] = load_as_float(ft + j);
-    p[0] = load_as_float(pre + j);
-    hv[0] = broadcast ? h_all : h[j];
-    fn(j, Count<1>{}, f, p, hv);
-  };
   if ((table.aligned_mask >> t) & 1) {
-    constexpr int64_t kStride = int64_t{kThreads} * kPack;  // one block step
-    int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kPack;
-    // kPacksPerStep packs per thread in flight: every load of the group issued before the first use.
-    for (; i + (kPacksPerStep - 1) * kStride + kPack <= end; i += kPacksPerStep * kStride) {
-      Pack<T> f_pack[kPacksPerStep], p_pack[kPacksPerStep];
-      Pack<float> h_pack[kPacksPerStep];
-#pragma unroll
-      for (int u = 0; u < kPacksPerStep; ++u) {
-        f_pack[u].load(ft + i + u * kStride);
-        p_pack[u].load(pre + i + u * kStride);
-        if (!broadcast) h_pack[u].load(h + i + u * kStride);
-      }
-#pragma unroll
-      for (int u = 0; u < kPacksPerStep; ++u) {
-#pragma unroll
-        for (int j = 0; j < kPack; ++j) {
-          f[j] = f_pack[u].as_float(j);
-          p[j] = p_pack[u].as_float(j);
-          hv[j] = broadcast ? h_all : h_pack[u].as_float(j);
-        }
-        fn(i + u * kStride, Count<kPack>{}, f, p, hv);
-      }
+    if (broadcast) {
+      visit_packs<T, true>(ft, pre, h, begin, end, fn);
+    } else {
+      visit_packs<T, false>(ft, pre, h, begin, end, fn);
     }
-    for (; kPacksPerStep > 1 && i + kPack <= end; i += kStride) {  // a chunk's last packs, one at a time
-      Pack<T> f_pack, p_pack;
-      Pack<float> h_pack;
-      f_pack.load(ft + i);
-      p_pack.load(pre + i);
-      if (!broadcast) h_pack.load(h + i);
-#pragma unroll
-      for (int j = 0; j < kPack; ++j) {
-        f[j] = f_pack.as_float(j);
-        p[j] = p_pack.as_float(j);
-        hv[j] = broadcast ? h_all : h_pack.as_float(j);
-      }
-      fn(i, Count<kPack>{}, f, p, hv);
-    }
-    // Scalar tail: only the thread whose pack straddles `end` has work here.
-    for (int64_t j = i; j < end && j < i + kPack; ++j) visit_one(j);
   } else {
-    for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) visit_one(j);
+    const float h_all = broadcast ? h[0] : 0.0f;
+    for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
+      visit_one<T>(ft, pre, broadcast ? h_all : h[j], j, fn);
+    }
   }
 }
 
@@ -95,7 +106,7 @@ __global__ void __launch_bounds__(kThreads)
     float* out = static_cast<float*>(table.data[3][t]);
     const uint64_t stream = table.stream[t];
     visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
-                                              const float* p, const float* h) {
+                                              const float* p, const float* h, const auto*, const auto*) {
       constexpr int n = decltype(count)::value;
       if constexpr (n == kPack) {
         Pack<float> scores;
@@ -117,10 +128,11 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kHistogramBlocksPerSM = FP_HISTOGRAM_BLOCKS_PER_SM;
 
 // One block-private histogram in shared memory (32-bit counters), added to the global int64
-// counts once per block. Each thread merges runs of equal bins before its shared atomic: real
-// models hold long runs of identical scores (weights that never moved score 0), which would
-// otherwise send a whole warp to one bank. Weights that never moved are counted in a register.
-template <typename T, bool Random>
+// counts once per block. Each thread adds runs of equal bins (BinRun): real models hold long runs
+// of identical scores (weights that never moved score 0), which would otherwise send a whole warp
+// to one bank. Weights that never moved are counted in a register. TopLevel: level 0,
+// whose bin is one shift of the score's key (top_level_bin).
+template <typename T, bool Random, bool TopLevel>
 __global__ void __launch_bounds__(kThreads, kHistogramBlocksPerSM)
     score_histogram_kernel(LaunchTable<3> table, ScoreSpec spec, DigitSelector digit,
                            unsigned long long* counts) {
@@ -128,30 +140,23 @@ __global__ void __launch_bounds__(kThreads, kHistogramBlocksPerSM)
   const int num_bins = digit.unrankable_bin() + 1;
   for (int b = threadIdx.x; b < num_bins; b += kThreads) bins[b] = 0;
   __syncthreads();
-  int run_bin = 0;
-  unsigned int run_length = 0;
+  BinRun run;  // a thread's run of equal bins (score_math.h)
+  auto add_to_bin = [&](int bin, uint32_t count) { atomicAdd(&bins[bin], count); };
   unsigned int unmoved = 0;  // a block counts fewer than 2^32 elements (launch_multi_tensor)
   for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
     const uint64_t stream = table.stream[t];
     visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
-                                              const float* p, const float* h) {
+                                              const float* p, const float* h, const auto*, const auto*) {
 #pragma unroll
       for (int j = 0; j < decltype(count)::value; ++j) {
         unmoved += f[j] == p[j];
-        const int bin = digit.bin(spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j),
-                                  rankable_inputs(f[j], p[j], h[j]));
-        if (bin == DigitSelector::kNotCounted) continue;
-        if (bin == run_bin) {
-          ++run_length;
-        } else {
-          if (run_length != 0) atomicAdd(&bins[run_bin], run_length);
-          run_bin = bin;
-          run_length = 1;
-        }
+        const uint32_t key = score_key(spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j),
+                                       rankable_inputs(f[j], p[j], h[j]));
+        run.add(TopLevel ? top_level_bin(key) : digit.bin_of_key(key), add_to_bin);
       }
     });
   });
-  if (run_length != 0) atomicAdd(&bins[run_bin], run_length);
+  run.flush(add_to_bin);
   const unsigned long long unmoved_in_warp = warp_sum(unmoved);
   if (threadIdx.x % 32 == 0 && unmoved_in_warp != 0) atomicAdd(counts + num_bins, unmoved_in_warp);
   __syncthreads();
@@ -166,23 +171,33 @@ __global__ void __launch_bounds__(kThreads)
                         unsigned long long* counts) {
   for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
     T* ft = static_cast<T*>(table.data[kFinetuned][t]);
-    const T* pre = static_cast<const T*>(table.data[kPretrained][t]);
     const uint64_t stream = table.stream[t];
-    unsigned long long num_reset = 0;
+    unsigned int num_reset = 0;  // a chunk has kChunkElems elements
     visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
-                                              const float* p, const float* h) {
+                                              const float* p, const float* h,
+                                              const auto* f_raw, const auto* p_raw) {
+      constexpr int n = decltype(count)::value;
+      uint32_t lanes = 0;  // bit j: element i + j is reset
 #pragma unroll
-      for (int j = 0; j < decltype(count)::value; ++j) {
-        // Resets are sparse: the pre-trained value is re-read (an L1/L2 hit) only where needed.
-        if (spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j) >= threshold) {
-          ft[i + j] = pre[i + j];
-          ++num_reset;
-        }
+      for (int j = 0; j < n; ++j) {
+        const bool reset = spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j) >= threshold;
+        lanes |= (reset ? 1u : 0u) << j;
+      }
+      num_reset += __popc(lanes);
+      if (lanes == 0) return;
+      if constexpr (n == kPack) {
+        // The whole pack is written back, its kept elements with the bits just read: one
+        // 16-byte store per pack with a reset instead of a scattered store per element.
+        Pack<T> out = *f_raw;
+        out.blend(*p_raw, lanes);
+        out.store(ft + i);
+      } else {
+        ft[i] = static_cast<const T*>(table.data[kPretrained][t])[i];
       }
     });
     // The chunk lies in one tensor: one atomic per warp and chunk.
-    num_reset = warp_sum(num_reset);
-    if (threadIdx.x % 32 == 0 && num_reset != 0) atomicAdd(counts + table.list_index[t], num_reset);
+    const unsigned long long in_warp = warp_sum(static_cast<unsigned long long>(num_reset));
+    if (threadIdx.x % 32 == 0 && in_warp != 0) atomicAdd(counts + table.list_index[t], in_warp);
   });
 }
 
@@ -213,8 +228,12 @@ void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
   for (DType dtype : kAllDTypes) {
     dispatch_storage(dtype, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      launch_multi_tensor(spec.random ? score_histogram_kernel<T, true> : score_histogram_kernel<T, false>, lists, num_tensors, kFinetuned, dtype,
-                          extras, stream, spec, digit, out);
+      auto* kernel = spec.random ? (level == 0 ? score_histogram_kernel<T, true, true>
+                                               : score_histogram_kernel<T, true, false>)
+                                 : (level == 0 ? score_histogram_kernel<T, false, true>
+                                               : score_histogram_kernel<T, false, false>);
+      launch_multi_tensor(kernel, lists, num_tensors, kFinetuned, dtype, extras, stream, spec,
+                          digit, out);
     });
   }
 }

@@ -1,6 +1,7 @@
 // Element math shared by every backend: the drift score and the digits of its float bits that the
 // exact threshold search walks. Host/device inline, no torch headers.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -72,7 +73,8 @@ struct ScoreSpec {
       return finetuned != pretrained ? random_score(stream, index) : 0.0f;
     } else {
       // max(h, floor) written so that a NaN hessian stays out of the score's way: it is refused
-      // by rankable_inputs, which sees the raw value.
+      // by rankable_inputs, which sees the raw value. (Not fmax: the host's returns NaN for a
+      // signaling NaN.)
       const float h = hessian > hessian_floor ? hessian : hessian_floor;
       return element_score(finetuned, pretrained, h, eps);
     }
@@ -114,11 +116,25 @@ FP_HOST_DEVICE int level_shift(int level) { return level == 0 ? 20 : (level == 1
 FP_HOST_DEVICE int64_t level_bins(int level) { return int64_t{1} << level_bits(level); }
 
 // Whether the inputs of a score can be ranked: finite weights, finite non-negative hessian.
+// Written as |x| <= max (a NaN fails every comparison): one compare per weight on a GPU.
 FP_HOST_DEVICE bool rankable_inputs(float finetuned, float pretrained, float hessian) {
   constexpr float kMaxFinite = 3.402823466e+38f;
-  return (finetuned <= kMaxFinite && finetuned >= -kMaxFinite) &&
-         (pretrained <= kMaxFinite && pretrained >= -kMaxFinite) && hessian >= 0.0f &&
-         hessian <= kMaxFinite;
+#if defined(__CUDA_ARCH__)
+  const float abs_f = fabsf(finetuned), abs_p = fabsf(pretrained);
+#else
+  const float abs_f = std::fabs(finetuned), abs_p = std::fabs(pretrained);
+#endif
+  return abs_f <= kMaxFinite && abs_p <= kMaxFinite && hessian >= 0.0f && hessian <= kMaxFinite;
+}
+
+// The 32-bit key of one score in the threshold search: its float bits where the inputs are
+// rankable and the score is >= +0 and not NaN (such bits order like the values, up to +Inf's),
+// else kUnrankableKey, which is above every rankable key.
+constexpr uint32_t kUnrankableKey = 0x80000000u;
+
+FP_HOST_DEVICE uint32_t score_key(float score, bool rankable) {
+  const uint32_t key = float_bits(score);
+  return rankable && key <= kInfBits ? key : kUnrankableKey;
 }
 
 // Where one score goes in the histogram of digit `level` among the scores whose higher digits
@@ -140,11 +156,44 @@ struct DigitSelector {
   FP_HOST_DEVICE int unrankable_bin() const { return static_cast<int>(bin_mask) + 1; }
 
   FP_HOST_DEVICE int bin(float score, bool rankable) const {
-    const uint32_t key = float_bits(score);
-    if (!rankable || key > kInfBits) return unrankable_bin();
-    // prefix_shift is 31 at level 0: every rankable key has a zero sign bit, so all count.
-    if ((key >> prefix_shift) != prefix) return kNotCounted;
-    return static_cast<int>((key >> shift) & bin_mask);
+    return bin_of_key(score_key(score, rankable));
+  }
+
+  // Written as selects, no branches (a GPU kernel calls it per element). prefix_shift is 31 at
+  // level 0: every rankable key has a zero sign bit, so all count there (see top_level_bin).
+  FP_HOST_DEVICE int bin_of_key(uint32_t key) const {
+    const int digit = static_cast<int>((key >> shift) & bin_mask);
+    const int counted = (key >> prefix_shift) == prefix ? digit : kNotCounted;
+    return key == kUnrankableKey ? unrankable_bin() : counted;
+  }
+};
+
+// bin_of_key at level 0 in one shift: the top digit of a rankable key, and for kUnrankableKey
+// level_bins(0), the unrankable bin of that level.
+FP_HOST_DEVICE int top_level_bin(uint32_t key) { return static_cast<int>(key >> 20); }
+static_assert((kUnrankableKey >> 20) == kMaxBins && (kInfBits >> 20) < kMaxBins,
+              "level 0's digit is the top 11 bits; the unrankable key must land on the extra bin");
+
+// One thread's run of equal histogram bins, handed to add_to_bin(bin, length) when the bin changes
+// (the GPU histogram adds runs to shared memory with one atomic each). Branch-free but for that one
+// call: a warp's lanes see different bins, and branches per element cost more than they save.
+// bin == DigitSelector::kNotCounted is skipped. The empty first run may be handed over as
+// (0, 0), which adds nothing.
+struct BinRun {
+  int bin = 0;
+  uint32_t length = 0;  // a GPU block counts fewer than 2^32 elements
+
+  template <typename AddToBin>
+  FP_HOST_DEVICE void add(int next_bin, AddToBin&& add_to_bin) {
+    const bool counted = next_bin != DigitSelector::kNotCounted;
+    const bool change = counted && next_bin != bin;
+    if (change) add_to_bin(bin, length);
+    length = change ? 1u : length + (counted ? 1u : 0u);
+    bin = change ? next_bin : bin;
+  }
+  template <typename AddToBin>
+  FP_HOST_DEVICE void flush(AddToBin&& add_to_bin) const {
+    if (length != 0) add_to_bin(bin, length);
   }
 };
 
