@@ -57,6 +57,16 @@ step e2e_llm 200 "$PY" bench/gpu_e2e.py --model "${FINEPURIFY_E2E_LLM:-llama-1b}
 # memcheck slows every launch; it reports how far it came.
 step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 99 \
   "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
+# On request, a same-device baseline for kernel changes: FINEPURIFY_BASELINE_DIR holds an older
+# source tree (e.g. `git archive 38aaa5a | tar -x -C bench/baseline_src`, untracked so that it travels;
+# FINEPURIFY_BASELINE_COMMIT names it), built in place and benchmarked at 1.3B into cuda_ops_baseline.json.
+if [[ -n "${FINEPURIFY_BASELINE_DIR:-}" && -d "${FINEPURIFY_BASELINE_DIR}" ]]; then
+  BASE=$(cd "$FINEPURIFY_BASELINE_DIR" && pwd)
+  step baseline_build 120 bash -c "cd '$BASE' && CXX='${CXX_OVERRIDE:-g++}' CC='${CC_OVERRIDE:-gcc}' \
+    TORCH_CUDA_ARCH_LIST='$ARCH' MAX_JOBS=$(nproc) '$PY' setup.py build_ext --inplace"
+  step baseline_bench 90 env PYTHONPATH="$BASE" FINEPURIFY_COMMIT="${FINEPURIFY_BASELINE_COMMIT:-baseline}" "$PY" "$BASE/bench/bench_cuda.py" \
+    --sizes 1.3b --repeats 5 --baseline-budget-s 0.3 --out "$OUT_DIR/cuda_ops_baseline.json"
+fi
 # On request (FINEPURIFY_E2E_MODEL=opt-1.3b), with the time left: the classifier end to end (measured
 # at fdfe467 on an H200; the steps above leave it too little time to finish).
 if [[ -n "${FINEPURIFY_E2E_MODEL:-}" ]]; then

@@ -28,6 +28,15 @@ at::Tensor drift_score(const at::Tensor& finetuned, const at::Tensor& pretrained
   return handle.call(finetuned, pretrained, hessian, eps, hessian_floor, random_seed, random_key);
 }
 
+at::Tensor drift_scores(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
+                        double eps, const Ranking& r) {
+  static auto handle = op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, double,
+                                     int64_t, at::IntArrayRef, at::IntArrayRef)>(
+      "finepurify::drift_scores");
+  return handle.call(finetuned, pretrained, hessians, eps, r.hessian_floor, r.random_seed,
+                     r.random_keys, r.random_offsets);
+}
+
 double score_threshold(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
                        int64_t k, double eps, const Ranking& r) {
   static auto handle = op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t,

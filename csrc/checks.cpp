@@ -152,6 +152,19 @@ TensorArg tensor_arg(const at::Tensor& t) {
   return {t.data_ptr(), t.numel(), dtype};
 }
 
+std::vector<TensorArg> consecutive_args(const at::Tensor& flat, at::TensorList like) {
+  TORCH_INTERNAL_ASSERT(flat.is_contiguous() && flat.scalar_type() == at::kFloat &&
+                        flat.numel() == total_numel(like));
+  std::vector<TensorArg> out;
+  out.reserve(like.size());
+  float* data = flat.data_ptr<float>();
+  for (const auto& t : like) {
+    out.push_back({data, t.numel(), DType::kFloat32});
+    data += t.numel();
+  }
+  return out;
+}
+
 ContiguousList::ContiguousList(at::TensorList tensors) {
   originals_.reserve(tensors.size());
   contiguous_.reserve(tensors.size());

@@ -54,6 +54,10 @@ class ContiguousList {
 
 TensorArg tensor_arg(const at::Tensor& t);
 
+// The pieces of `flat` (float32, contiguous, total_numel(like) elements) that hold the tensors of
+// `like` one after another, in order: the outputs of a list op that returns one vector.
+std::vector<TensorArg> consecutive_args(const at::Tensor& flat, at::TensorList like);
+
 }  // namespace finepurify
 
 namespace finepurify {

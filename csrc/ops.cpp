@@ -140,6 +140,9 @@ TORCH_LIBRARY(finepurify, m) {
       "drift_score(Tensor finetuned, Tensor pretrained, Tensor hessian, float eps, "
       "float hessian_floor=0.0, int random_seed=-1, int random_key=0) -> Tensor");
   m.def(
+      "drift_scores(Tensor[] finetuned, Tensor[] pretrained, Tensor[] hessians, float eps, "
+      FP_RANKING_ARGS ") -> Tensor");
+  m.def(
       "score_histogram(Tensor[] finetuned, Tensor[] pretrained, Tensor[] hessians, float eps, "
       "int level, int prefix, " FP_RANKING_ARGS ") -> Tensor");
   m.def(

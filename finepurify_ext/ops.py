@@ -95,6 +95,24 @@ def drift_score(
                                     int(random_seed), int(random_key))
 
 
+def drift_scores(
+    finetuned: Sequence[torch.Tensor],
+    pretrained: Sequence[torch.Tensor],
+    hessians: Sequence[torch.Tensor],
+    eps: float,
+    *,
+    ranking: Ranking = PLAIN,
+) -> list[torch.Tensor]:
+    """``drift_score`` of every tensor in one pass (one launch per 64 tensors on a GPU, where a
+    call per tensor pays the host's cost per tensor). Returns one float32 tensor per input, each of
+    its tensor's shape: views into one vector of all the scores, which lives while any of them does."""
+    finetuned, pretrained, hessians = list(finetuned), list(pretrained), list(hessians)
+    if not (finetuned or pretrained or hessians):
+        return []
+    flat = _ops.drift_scores.default(finetuned, pretrained, hessians, float(eps), *ranking.args())
+    return [piece.view(f.shape) for piece, f in zip(flat.split([f.numel() for f in finetuned]), finetuned)]
+
+
 def score_histogram(finetuned, pretrained, hessians, eps: float, level: int, prefix: int,
                     ranking: Ranking = PLAIN) -> torch.Tensor:
     """int64 counts of one pass of the threshold search: ``_LEVEL_BINS[level]`` bins of the scores'
@@ -218,6 +236,12 @@ def _(hessians, grads, scale=1.0, zero_grads=False):
 def _(finetuned, pretrained, hessian, eps, hessian_floor=0.0, random_seed=-1, random_key=0):
     _fake_check_lists("drift_score", finetuned=[finetuned], pretrained=[pretrained], hessians=[hessian])
     return finetuned.new_empty(finetuned.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("finepurify::drift_scores")
+def _(finetuned, pretrained, hessians, eps, hessian_floor=0.0, random_seed=-1, random_keys=(), random_offsets=()):
+    device = _fake_check_lists("drift_scores", finetuned=finetuned, pretrained=pretrained, hessians=hessians)
+    return torch.empty(sum(f.numel() for f in finetuned), dtype=torch.float32, device=device)
 
 
 @torch.library.register_fake("finepurify::score_histogram")

@@ -95,6 +95,21 @@ def test_drift_score_misaligned():
     assert_bitwise([out], [ops.drift_score(ft[3:], pre[3:], h[3:], EPS)])
 
 
+def test_drift_scores_match_cpu_over_many_tensors(dtype):
+    """The list op on the GPU: more than one launch table (64 tensors), odd sizes (later outputs
+    misaligned in the one output vector: the scalar path), one-element hessians, every ranking."""
+    shapes = many_shapes(8, 150) + [(65_537,), (70_001,)]
+    gen = torch.Generator().manual_seed(8)
+    ft, pre, h = make_weights(8, shapes, dtype)
+    for i in range(0, len(h), 7):
+        h[i] = torch.rand(1, generator=gen)
+    for ranking in RANKINGS.values():
+        ranking = ops.Ranking(hessian_floor=ranking.hessian_floor, random_seed=ranking.random_seed)  # keys: positions
+        got = ops.drift_scores(to_cuda(ft), to_cuda(pre), to_cuda(h), EPS, ranking=ranking)
+        assert all(g.device.type == "cuda" for g in got)
+        assert_bitwise(got, ops.drift_scores(ft, pre, h, EPS, ranking=ranking))
+
+
 # -------------------------------------------------------------------------- score_threshold
 
 
@@ -274,6 +289,7 @@ def test_opcheck_on_cuda():
         total = sum(t.numel() for t in ft)
         threshold = ref.score_threshold(ft, pre, h, total // 2, EPS)
         torch.library.opcheck(OPS.drift_score.default, (ft[0], pre[0], h[0], EPS))
+        torch.library.opcheck(OPS.drift_scores.default, (ft, pre, h, EPS))
         torch.library.opcheck(OPS.score_histogram.default, (ft, pre, h, EPS, 0, 0))
         torch.library.opcheck(OPS.score_threshold.default, (ft, pre, h, total // 2, EPS))
         torch.library.opcheck(OPS.masked_reset_.default, (clones(ft), pre, h, threshold, EPS))

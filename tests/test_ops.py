@@ -87,6 +87,37 @@ def test_drift_score_non_contiguous():
     assert torch.equal(out, ref.drift_score(ft.t(), pre.t(), h.t(), 1e-3))
 
 
+@pytest.mark.parametrize("name", RANKINGS)
+def test_drift_scores_match_reference_per_tensor(dtype, name):
+    """The list op: each tensor's scores, of its shape, bitwise the reference's, over odd sizes, an
+    empty tensor, one-element hessians and every ranking (random streams keyed per tensor)."""
+    ranking = RANKINGS[name]
+    ft, pre, h = ranked_weights(dtype, seed=52)
+    got = ops.drift_scores(ft, pre, h, EPS, ranking=ranking)
+    kws = ref._per_tensor(ranking, len(ft))
+    assert_bitwise(got, [ref.drift_score(f, p, hh, EPS, **kw) for f, p, hh, kw in zip(ft, pre, h, kws)])
+    assert [g.shape for g in got] == [f.shape for f in ft]
+    assert torch.equal(torch.cat([g.flatten() for g in got]), ref.all_scores(ft, pre, h, EPS, ranking))
+    assert (torch.cat([g.flatten() for g in got]) > 0).any()
+
+
+def test_drift_scores_many_tensors_mixed_dtypes_and_strides():
+    shapes = many_shapes(3, 150)
+    gen = torch.Generator().manual_seed(3)
+    ft, pre, h = [], [], []
+    for i, s in enumerate(shapes):
+        dtype = DTYPES[i % 3]
+        p = torch.randn(s, generator=gen).to(dtype)
+        ft.append((p.float() + 0.1 * torch.randn(s, generator=gen)).to(dtype))
+        pre.append(p)
+        h.append(torch.rand(s, generator=gen) if i % 5 else torch.rand(1, generator=gen))
+    ft[6], pre[6], h[6] = ft[6].t(), pre[6].t(), h[6].t()  # strided views are read, not refused
+    assert not ft[6].is_contiguous()
+    got = ops.drift_scores(ft, pre, h, EPS)
+    assert_bitwise(got, [ref.drift_score(f, p, hh, EPS) for f, p, hh in zip(ft, pre, h)])
+    assert ops.drift_scores([], [], [], EPS) == []
+
+
 # -------------------------------------------------------------------------- score_threshold
 
 

@@ -44,6 +44,27 @@ at::Tensor drift_score_cuda(const at::Tensor& finetuned, const at::Tensor& pretr
   return scores;
 }
 
+// The scores of every tensor, one after another, as one float32 vector: one allocation and one
+// launch per 64 tensors, where a drift_score call per tensor pays the host's cost per tensor.
+at::Tensor drift_scores_cuda(at::TensorList finetuned, at::TensorList pretrained,
+                             at::TensorList hessians, double eps, double hessian_floor,
+                             int64_t random_seed, at::IntArrayRef random_keys,
+                             at::IntArrayRef random_offsets) {
+  check_weight_lists("drift_scores", finetuned, pretrained, hessians);
+  std::vector<uint64_t> streams;
+  const ScoreSpec spec = score_spec("drift_scores", eps, hessian_floor, random_seed, random_keys,
+                                    random_offsets, finetuned.size(), streams);
+  const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
+  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
+  at::Tensor scores =
+      at::empty({total_numel(finetuned)}, finetuned[0].options().dtype(at::kFloat));
+  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  const auto out_args = consecutive_args(scores, finetuned);
+  cuda::drift_score(ft_args.data(), pre_args.data(), h_args.data(), out_args.data(),
+                    static_cast<int64_t>(ft_args.size()), spec, streams.data(), current_stream());
+  return scores;
+}
+
 at::Tensor score_histogram_cuda(at::TensorList finetuned, at::TensorList pretrained,
                                 at::TensorList hessians, double eps, int64_t level,
                                 int64_t prefix, double hessian_floor, int64_t random_seed,
@@ -91,6 +112,7 @@ at::Tensor masked_reset_cuda(at::TensorList finetuned, at::TensorList pretrained
 TORCH_LIBRARY_IMPL(finepurify, CUDA, m) {
   m.impl("accumulate_sq_grads_", &accumulate_sq_grads_cuda);
   m.impl("drift_score", &drift_score_cuda);
+  m.impl("drift_scores", &drift_scores_cuda);
   m.impl("score_histogram", &score_histogram_cuda);
   m.impl("masked_reset_", &masked_reset_cuda);
 }

@@ -34,6 +34,11 @@ at::Tensor drift_score(const at::Tensor& finetuned, const at::Tensor& pretrained
                        const at::Tensor& hessian, double eps, double hessian_floor = 0.0,
                        int64_t random_seed = -1, int64_t random_key = 0);
 
+// float32 scores of every tensor, one after another, as one vector of all their elements (one pass
+// over all tensors; tensor i's scores start after the elements of tensors 0..i-1).
+at::Tensor drift_scores(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
+                        double eps, const Ranking& ranking = {});
+
 // The exact k-th largest score (k from 1) over every element of every tensor.
 double score_threshold(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
                        int64_t k, double eps, const Ranking& ranking = {});
