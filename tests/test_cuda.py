@@ -1,6 +1,7 @@
 """The CUDA kernels: every op against the CPU op (bitwise) and the pure-PyTorch reference, on CUDA
 tensors. Skipped, with the reason, where there is no GPU or the build holds no CUDA kernels."""
 import math
+import struct
 
 import pytest
 import torch
@@ -145,6 +146,33 @@ def test_score_histogram_matches_cpu():
         cpu = OPS.score_histogram(ft, pre, h, EPS, level, prefix)
         gpu = OPS.score_histogram(to_cuda(ft), to_cuda(pre), to_cuda(h), EPS, level, prefix)
         assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("offset", [0, 3])  # the 16-byte vector path, and the scalar path
+def test_every_level_with_one_element_hessians_and_unrankable_inputs(dtype, offset):
+    """The histogram at each level of a real search (the prefixes of the CPU threshold), with
+    one-element hessians beside full ones, runs of weights that never moved, and a NaN and an Inf
+    (the unrankable counter); then the masked reset at that threshold. GPU bits equal the CPU's."""
+    ft, pre, h = ranked_weights(dtype, seed=62)
+    view = lambda ts: [t.flatten()[offset:] if t.numel() > 1 else t for t in ts]  # noqa: E731
+    total = sum(f.numel() for f in view(ft))
+    threshold = ops.score_threshold(view(ft), view(pre), view(h), total // 4, EPS)
+    key = struct.unpack("<I", struct.pack("<f", threshold))[0]
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    damaged, damaged_g = clones(ft), clones(ft_g)
+    for f in (damaged, damaged_g):
+        f[0].view(-1)[offset + 5] = float("nan")
+        f[-1].view(-1)[offset + 7] = float("inf")
+    for level, prefix in ((0, 0), (1, key >> 20), (2, key >> 10)):
+        gpu = ops.score_histogram(view(damaged_g), view(pre_g), view(h_g), EPS, level, prefix).cpu()
+        cpu = ops.score_histogram(view(damaged), view(pre), view(h), EPS, level, prefix)
+        assert torch.equal(gpu, cpu)
+        bins = cpu.numel() - 2
+        assert int(cpu[bins]) == 2 and int(cpu[:bins].sum()) > 0 and int(cpu[bins + 1]) > 0
+    counted = [ops.masked_reset_(view(ft_g), view(pre_g), view(h_g), threshold, EPS),
+               ops.masked_reset_(view(ft), view(pre), view(h), threshold, EPS)]
+    assert torch.equal(counted[0].cpu(), counted[1]) and int(counted[1].sum()) >= total // 4
+    assert_bitwise(ft_g, ft)
 
 
 def test_score_threshold_ties_and_zero_drift():
