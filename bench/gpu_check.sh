@@ -60,7 +60,10 @@ step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 99 \
 # On request, a same-device baseline for kernel changes: FINEPURIFY_BASELINE_DIR holds an older
 # source tree (e.g. `git archive 38aaa5a | tar -x -C bench/baseline_src`, untracked so that it travels;
 # FINEPURIFY_BASELINE_COMMIT names it), built in place and benchmarked at 1.3B into cuda_ops_baseline.json.
-if [[ -n "${FINEPURIFY_BASELINE_DIR:-}" && -d "${FINEPURIFY_BASELINE_DIR}" ]]; then
+rm -f "$OUT_DIR/cuda_ops_baseline.json"
+if [[ -n "${FINEPURIFY_BASELINE_DIR:-}" && ! -d "${FINEPURIFY_BASELINE_DIR}" ]]; then
+  echo "baseline_build skipped 0 no-such-dir" >> "$STEPS"
+elif [[ -n "${FINEPURIFY_BASELINE_DIR:-}" ]]; then
   BASE=$(cd "$FINEPURIFY_BASELINE_DIR" && pwd)
   step baseline_build 120 bash -c "cd '$BASE' && CXX='${CXX_OVERRIDE:-g++}' CC='${CC_OVERRIDE:-gcc}' \
     TORCH_CUDA_ARCH_LIST='$ARCH' MAX_JOBS=$(nproc) '$PY' setup.py build_ext --inplace"

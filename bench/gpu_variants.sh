@@ -12,15 +12,18 @@
 # arguments (default: --sizes 1.3b --repeats 5 --baseline-budget-s 0.2). CXX defaults to g++.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if (( $# < 2 )); then
+  echo "usage: bash bench/gpu_variants.sh OUT_DIR NAME=FLAGS [NAME=FLAGS ...]  (e.g. default= packs2=-DFP_PACKS_PER_STEP=2)" >&2
+  exit 2
+fi
 OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd); shift
 PY=$(command -v "${PYTHON:-python3}")
 PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute (a venv's link kept): builds run in the copies
-WORK="${FINEPURIFY_VARIANTS_DIR:-/tmp/finepurify_variants}"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/finepurify_variants.XXXXXX")  # fresh, absolute: copies built and imported there
 BENCH_ARGS="${BENCH_ARGS:---sizes 1.3b --repeats 5 --baseline-budget-s 0.2}"
 export FINEPURIFY_COMMIT="${FINEPURIFY_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 ARCH=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "")
 JOBS=$(( $(nproc) / $# > 0 ? $(nproc) / $# : 1 ))
-rm -rf "$WORK"; mkdir -p "$WORK"
 
 names=()
 for spec in "$@"; do
@@ -61,7 +64,7 @@ for name in names:
     report = json.load(open(path))
     table[name] = {"flags": flags, "file": os.path.basename(path), "device": report["device"],
                    "fraction_of_copy_bandwidth": {f"{r['model']} {r['weight_dtype']} {r['case']}":
-                                                  r["fraction_of_copy_bandwidth"] for r in report["results"]}}
+                                                  r.get("fraction_of_copy_bandwidth") for r in report["results"]}}
 summary = {"command": "bash bench/gpu_variants.sh " + " ".join(f"{n}={table[n]['flags']}" for n in names),
            "commit": os.environ.get("FINEPURIFY_COMMIT"), "variants": table}
 with open(os.path.join(out_dir, "gpu_variants.json"), "w") as f:
@@ -69,6 +72,6 @@ with open(os.path.join(out_dir, "gpu_variants.json"), "w") as f:
 cases = sorted({c for v in table.values() for c in v.get("fraction_of_copy_bandwidth", {})})
 print(f"{'pass':44s}" + "".join(f"{n[:10]:>11s}" for n in names))
 for c in cases:
-    print(f"{c[:44]:44s}" + "".join(f"{table[n].get('fraction_of_copy_bandwidth', {}).get(c, float('nan')):11.3f}"
+    print(f"{c[:44]:44s}" + "".join(f"{table[n].get('fraction_of_copy_bandwidth', {}).get(c) or float('nan'):11.3f}"
                                      for n in names))
 PYEOF

@@ -103,8 +103,8 @@ def drift_scores(
     *,
     ranking: Ranking = PLAIN,
 ) -> list[torch.Tensor]:
-    """``drift_score`` of every tensor in one pass (one launch per 64 tensors on a GPU, where a
-    call per tensor pays the host's cost per tensor). Returns one float32 tensor per input, each of
+    """``drift_score`` of every tensor in one pass (on a GPU one launch per 64 tensors of a dtype,
+    where a call per tensor pays the host's cost per tensor). Returns one float32 tensor per input, each of
     its tensor's shape: views into one vector of all the scores, which lives while any of them does."""
     finetuned, pretrained, hessians = list(finetuned), list(pretrained), list(hessians)
     if not (finetuned or pretrained or hessians):

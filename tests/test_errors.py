@@ -19,6 +19,8 @@ def test_list_lengths_differ():
     ft, pre, h = weights()
     with pytest.raises(RuntimeError, match=r"got 3 finetuned, 2 pretrained and 3 hessians"):
         ops.masked_reset_(ft, pre[:2], h, 0.1, EPS)
+    with pytest.raises(RuntimeError, match=r"got 3 finetuned, 3 pretrained and 2 hessians"):
+        ops.drift_scores(ft, pre, h[:2], EPS)
     with pytest.raises(RuntimeError, match=r"got 2 hessians and 1 grads"):
         ops.accumulate_sq_grads_(h[:2], [torch.randn(10)])
 
@@ -86,6 +88,8 @@ def test_eps_must_be_positive(eps):
         ops.score_threshold(ft, pre, h, 1, eps)
     with pytest.raises(ValueError, match=r"eps must be a positive finite float32 number"):
         ops.drift_score(ft[0], pre[0], h[0], eps)
+    with pytest.raises(ValueError, match=r"finepurify.drift_scores: eps must be a positive finite float32 number"):
+        ops.drift_scores(ft, pre, h, eps)
 
 
 def test_num_reset_arguments():

@@ -44,7 +44,6 @@ at::Tensor drift_scores_cpu(at::TensorList finetuned, at::TensorList pretrained,
   std::vector<uint64_t> streams;
   const ScoreSpec spec = score_spec("drift_scores", eps, hessian_floor, random_seed, random_keys,
                                     random_offsets, finetuned.size(), streams);
-  if (finetuned.empty()) return at::empty({0}, at::kFloat);
   const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
   at::Tensor scores =
       at::empty({total_numel(finetuned)}, finetuned[0].options().dtype(at::kFloat));
