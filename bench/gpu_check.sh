@@ -58,8 +58,9 @@ step e2e_llm 200 "$PY" bench/gpu_e2e.py --model "${FINEPURIFY_E2E_LLM:-llama-1b}
 step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 99 \
   "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
 # On request, a same-device baseline for kernel changes: FINEPURIFY_BASELINE_DIR holds an older
-# source tree (e.g. `git archive 38aaa5a | tar -x -C bench/baseline_src`, untracked so that it travels;
-# FINEPURIFY_BASELINE_COMMIT names it), built in place and benchmarked at 1.3B into cuda_ops_baseline.json.
+# source tree (e.g. `mkdir -p bench/baseline_src && git archive 38aaa5a | tar -x -C bench/baseline_src`;
+# the folder is git-ignored: name it in the device tool's `carry`; FINEPURIFY_BASELINE_COMMIT names
+# the commit), built in place and benchmarked at 1.3B into cuda_ops_baseline.json.
 rm -f "$OUT_DIR/cuda_ops_baseline.json"
 if [[ -n "${FINEPURIFY_BASELINE_DIR:-}" && ! -d "${FINEPURIFY_BASELINE_DIR}" ]]; then
   echo "baseline_build skipped 0 no-such-dir" >> "$STEPS"
