@@ -141,7 +141,14 @@ __global__ void __launch_bounds__(kThreads, kHistogramBlocksPerSM)
   for (int b = threadIdx.x; b < num_bins; b += kThreads) bins[b] = 0;
   __syncthreads();
   BinRun run;  // a thread's run of equal bins (score_math.h)
-  auto add_to_bin = [&](int bin, uint32_t count) { atomicAdd(&bins[bin], count); };
+  // A predicated shared-memory add (red.shared): by static count of the sm_90 code, 4 fewer
+  // instructions per element than atomicAdd under `if` (the shared address is formed once).
+  // ptxas may still branch around it.
+  auto add_to_bin = [&](bool when, int bin, uint32_t count) {
+    const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(&bins[bin]));
+    asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %2, 0;\n\t@p red.shared.add.u32 [%0], %1;\n\t}"
+                 :: "r"(address), "r"(count), "r"(static_cast<uint32_t>(when)) : "memory");
+  };
   unsigned int unmoved = 0;  // a block counts fewer than 2^32 elements (launch_multi_tensor)
   for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
     const uint64_t stream = table.stream[t];

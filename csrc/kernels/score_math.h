@@ -174,26 +174,27 @@ FP_HOST_DEVICE int top_level_bin(uint32_t key) { return static_cast<int>(key >> 
 static_assert((kUnrankableKey >> 20) == kMaxBins && (kInfBits >> 20) < kMaxBins,
               "level 0's digit is the top 11 bits; the unrankable key must land on the extra bin");
 
-// One thread's run of equal histogram bins, handed to add_to_bin(bin, length) when the bin changes
-// (the GPU histogram adds runs to shared memory with one atomic each). Branch-free but for that one
-// call: a warp's lanes see different bins, and branches per element cost more than they save.
-// bin == DigitSelector::kNotCounted is skipped. The empty first run may be handed over as
-// (0, 0), which adds nothing.
+// One thread's run of equal histogram bins, handed over when the bin changes (the GPU histogram
+// adds runs to shared memory with one atomic each): add_if(when, bin, length) must add length to
+// bin where `when` holds. Branch-free: the callee may predicate its one store (a warp's lanes see
+// different bins, and a branch per element costs more than it saves). bin ==
+// DigitSelector::kNotCounted is skipped. The empty first run may be handed over as (0, 0), which
+// adds nothing.
 struct BinRun {
   int bin = 0;
   uint32_t length = 0;  // a GPU block counts fewer than 2^32 elements
 
-  template <typename AddToBin>
-  FP_HOST_DEVICE void add(int next_bin, AddToBin&& add_to_bin) {
+  template <typename AddIf>
+  FP_HOST_DEVICE void add(int next_bin, AddIf&& add_if) {
     const bool counted = next_bin != DigitSelector::kNotCounted;
     const bool change = counted && next_bin != bin;
-    if (change) add_to_bin(bin, length);
+    add_if(change, bin, length);
     length = change ? 1u : length + (counted ? 1u : 0u);
     bin = change ? next_bin : bin;
   }
-  template <typename AddToBin>
-  FP_HOST_DEVICE void flush(AddToBin&& add_to_bin) const {
-    if (length != 0) add_to_bin(bin, length);
+  template <typename AddIf>
+  FP_HOST_DEVICE void flush(AddIf&& add_if) const {
+    add_if(length != 0, bin, length);
   }
 };
 

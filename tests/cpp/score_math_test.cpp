@@ -111,9 +111,9 @@ int main() {
         ++expected[bin];
         previous = bin;
       }
-      run.add(bin, [&](int b, uint32_t count) { got[b] += count; });
+      run.add(bin, [&](bool when, int b, uint32_t count) { got[b] += when ? count : 0; });
     }
-    run.flush([&](int b, uint32_t count) { got[b] += count; });
+    run.flush([&](bool when, int b, uint32_t count) { got[b] += when ? count : 0; });
     expect(got == expected, "BinRun histogram");
   }
 
