@@ -39,6 +39,13 @@ constexpr int kPack = 8;
 // 64K elements per chunk: 32 block steps, enough to hide the chunk lookup.
 constexpr int64_t kChunkElems = int64_t{1} << 16;
 constexpr int kMaxTensorsPerLaunch = 64;  // aligned_mask has 64 bits
+// Packs each thread loads before computing on them, in every kernel (1: load, compute, load...;
+// 2: two packs in flight per thread, more memory-level parallelism for more registers). A
+// build-time choice (FINEPURIFY_NVCC_FLAGS=-DFP_PACKS_PER_STEP=2; bench/gpu_variants.sh).
+#ifndef FP_PACKS_PER_STEP
+#define FP_PACKS_PER_STEP 1
+#endif
+constexpr int kPacksPerStep = FP_PACKS_PER_STEP;
 
 // Up to kMaxTensorsPerLaunch tensors of NumLists parallel lists (e.g. finetuned, pretrained,
 // hessian), all of one storage dtype. Must fit the 4 KB kernel parameter limit.

@@ -16,14 +16,6 @@ constexpr int kFinetuned = 0, kPretrained = 1, kHessian = 2;
 template <int N>
 using Count = std::integral_constant<int, N>;
 
-// Packs each thread loads before computing on them (1: load, compute, load...; 2: two packs in
-// flight per thread, more memory-level parallelism for more registers). A build-time choice
-// (FINEPURIFY_NVCC_FLAGS=-DFP_PACKS_PER_STEP=2) so the GPU check can measure both.
-#ifndef FP_PACKS_PER_STEP
-#define FP_PACKS_PER_STEP 1
-#endif
-constexpr int kPacksPerStep = FP_PACKS_PER_STEP;
-
 template <typename T, typename Fn>
 __device__ __forceinline__ void visit_one(const T* ft, const T* pre, float h, int64_t j, Fn&& fn) {
   const float f[1] = {load_as_float(ft + j)}, p[1] = {load_as_float(pre + j)}, hv[1] = {h};

@@ -12,23 +12,39 @@ __global__ void __launch_bounds__(kThreads)
     float* hessian = static_cast<float*>(table.data[0][t]);
     G* grad = static_cast<G*>(table.data[1][t]);
     if ((table.aligned_mask >> t) & 1) {
+      // (scale * g) * g, the order of the CPU kernel and the PyTorch reference.
+      auto accumulate = [&](int64_t at, const Pack<G>& g, Pack<float>& h) {
+#pragma unroll
+        for (int j = 0; j < kPack; ++j) {
+          const float gj = g.as_float(j);
+          h.set_float(j, h.as_float(j) + (scale * gj) * gj);
+        }
+        h.store(hessian + at);
+        if (zero_grads) {
+          Pack<G> zero{};
+          zero.store(grad + at);
+        }
+      };
+      constexpr int64_t kStride = int64_t{kThreads} * kPack;  // one block step
       int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kPack;
-      for (; i + kPack <= end; i += kThreads * kPack) {
+      // kPacksPerStep packs per thread in flight: every load of the group before the first use.
+      for (; i + (kPacksPerStep - 1) * kStride + kPack <= end; i += kPacksPerStep * kStride) {
+        Pack<G> g[kPacksPerStep];
+        Pack<float> h[kPacksPerStep];
+#pragma unroll
+        for (int u = 0; u < kPacksPerStep; ++u) {
+          g[u].load(grad + i + u * kStride);
+          h[u].load(hessian + i + u * kStride);
+        }
+#pragma unroll
+        for (int u = 0; u < kPacksPerStep; ++u) accumulate(i + u * kStride, g[u], h[u]);
+      }
+      for (; kPacksPerStep > 1 && i + kPack <= end; i += kStride) {  // a chunk's last packs
         Pack<G> g;
         Pack<float> h;
         g.load(grad + i);
         h.load(hessian + i);
-#pragma unroll
-        for (int j = 0; j < kPack; ++j) {
-          const float gj = g.as_float(j);
-          // (scale * g) * g, the order of the CPU kernel and the PyTorch reference.
-          h.set_float(j, h.as_float(j) + (scale * gj) * gj);
-        }
-        h.store(hessian + i);
-        if (zero_grads) {
-          Pack<G> zero{};
-          zero.store(grad + i);
-        }
+        accumulate(i, g, h);
       }
       // Scalar tail: only the thread whose pack straddles `end` has work here.
       for (int64_t j = i; j < end && j < i + kPack; ++j) {
