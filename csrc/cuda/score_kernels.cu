@@ -151,7 +151,14 @@ __global__ void __launch_bounds__(kThreads, kHistogramBlocksPerSM)
         unmoved += f[j] == p[j];
         const uint32_t key = score_key(spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j),
                                        rankable_inputs(f[j], p[j], h[j]));
-        run.add(TopLevel ? top_level_bin(key) : digit.bin_of_key(key), add_to_bin);
+        if constexpr (TopLevel) {
+          run.add(top_level_bin(key), add_to_bin);
+        } else {
+          // Below level 0 few elements count (those under the chosen prefix): skip the run's
+          // bookkeeping for the others; a warp with none of them does not enter.
+          const int bin = digit.bin_of_key(key);
+          if (bin != DigitSelector::kNotCounted) run.add(bin, add_to_bin);
+        }
       }
     });
   });
