@@ -27,32 +27,14 @@ void accumulate_sq_grads_cuda(at::TensorList hessians, at::TensorList grads, dou
   if (zero_grads) g.write_back();
 }
 
-at::Tensor drift_score_cuda(const at::Tensor& finetuned, const at::Tensor& pretrained,
-                            const at::Tensor& hessian, double eps, double hessian_floor,
-                            int64_t random_seed, int64_t random_key) {
-  check_weight_lists("drift_score", {finetuned}, {pretrained}, {hessian});
+// The scores of every tensor, one after another, as one float32 vector (`op` names the op in
+// errors): one allocation and one pass over all tensors, one launch per 64 tensors of a dtype.
+at::Tensor scores_of(const char* op, at::TensorList finetuned, at::TensorList pretrained,
+                     at::TensorList hessians, double eps, double hessian_floor, int64_t random_seed,
+                     at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
+  check_weight_lists(op, finetuned, pretrained, hessians);
   std::vector<uint64_t> streams;
-  const ScoreSpec spec =
-      score_spec("drift_score", eps, hessian_floor, random_seed, {random_key}, {}, 1, streams);
-  const c10::cuda::CUDAGuard device_guard(finetuned.device());
-  const ContiguousList inputs({finetuned, pretrained, hessian});
-  at::Tensor scores = at::empty(finetuned.sizes(), finetuned.options().dtype(at::kFloat));
-  const auto args = inputs.args();
-  const TensorArg out = tensor_arg(scores);
-  cuda::drift_score(&args[0], &args[1], &args[2], &out, 1, spec, streams.data(),
-                    current_stream());
-  return scores;
-}
-
-// The scores of every tensor, one after another, as one float32 vector: one allocation and one
-// launch per 64 tensors, where a drift_score call per tensor pays the host's cost per tensor.
-at::Tensor drift_scores_cuda(at::TensorList finetuned, at::TensorList pretrained,
-                             at::TensorList hessians, double eps, double hessian_floor,
-                             int64_t random_seed, at::IntArrayRef random_keys,
-                             at::IntArrayRef random_offsets) {
-  check_weight_lists("drift_scores", finetuned, pretrained, hessians);
-  std::vector<uint64_t> streams;
-  const ScoreSpec spec = score_spec("drift_scores", eps, hessian_floor, random_seed, random_keys,
+  const ScoreSpec spec = score_spec(op, eps, hessian_floor, random_seed, random_keys,
                                     random_offsets, finetuned.size(), streams);
   const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
   const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
@@ -63,6 +45,22 @@ at::Tensor drift_scores_cuda(at::TensorList finetuned, at::TensorList pretrained
   cuda::drift_score(ft_args.data(), pre_args.data(), h_args.data(), out_args.data(),
                     static_cast<int64_t>(ft_args.size()), spec, streams.data(), current_stream());
   return scores;
+}
+
+at::Tensor drift_score_cuda(const at::Tensor& finetuned, const at::Tensor& pretrained,
+                            const at::Tensor& hessian, double eps, double hessian_floor,
+                            int64_t random_seed, int64_t random_key) {
+  return scores_of("drift_score", {finetuned}, {pretrained}, {hessian}, eps, hessian_floor,
+                   random_seed, {random_key}, {})
+      .view(finetuned.sizes());
+}
+
+at::Tensor drift_scores_cuda(at::TensorList finetuned, at::TensorList pretrained,
+                             at::TensorList hessians, double eps, double hessian_floor,
+                             int64_t random_seed, at::IntArrayRef random_keys,
+                             at::IntArrayRef random_offsets) {
+  return scores_of("drift_scores", finetuned, pretrained, hessians, eps, hessian_floor,
+                   random_seed, random_keys, random_offsets);
 }
 
 at::Tensor score_histogram_cuda(at::TensorList finetuned, at::TensorList pretrained,
