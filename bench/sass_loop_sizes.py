@@ -6,10 +6,10 @@ it with cuobjdump, and per kernel counts the instructions of its innermost loop 
 static count, not a timing: it says how much work an element costs the issue slots, which bounds
 the passes that are not memory-bound (the bfloat16 histograms).
 
-    python bench/sass_loop_sizes.py --cuobjdump PATH [--source DIR --label NAME ...] [--out JSON]
+    python bench/sass_loop_sizes.py --cuobjdump PATH [--commit REV ...] [--out JSON]
 
-cuobjdump comes with a CUDA toolkit, or from PyPI (nvidia-cuda-cuobjdump, its bin/ folder). Several
---source/--label pairs give one row per tree (e.g. an older commit from `git archive`).
+cuobjdump comes with a CUDA toolkit, or from PyPI (nvidia-cuda-cuobjdump, its bin/ folder). Each
+--commit adds a column for that commit's sources (`git archive`) beside the checkout's.
 """
 from __future__ import annotations
 
@@ -70,17 +70,20 @@ def measure(source: str, cuobjdump: str, arch: str) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cuobjdump", required=True, help="path of cuobjdump")
-    parser.add_argument("--source", action="append", help="source tree (default: this checkout)")
-    parser.add_argument("--label", action="append", help="a name per --source (default: its commit)")
+    parser.add_argument("--commit", action="append", default=[], help="an older commit to compare")
     parser.add_argument("--arch", default="90")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "sass_loop_sizes.json"))
     args = parser.parse_args()
-    sources = args.source or [os.path.dirname(HERE)]
-    labels = args.label or [git_commit()] * len(sources)
-    if len(labels) != len(sources):
-        parser.error("give one --label per --source")
     nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    trees = {label: measure(src, args.cuobjdump, args.arch) for label, src in zip(labels, sources)}
+    trees = {}
+    for rev in args.commit:
+        with tempfile.TemporaryDirectory() as tree:
+            archive = subprocess.run(["git", "-C", os.path.dirname(HERE), "archive", rev, "csrc"],
+                                     check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+            trees[rev] = measure(tree, args.cuobjdump, args.arch)
+    trees[git_commit()] = measure(os.path.dirname(HERE), args.cuobjdump, args.arch)
+    labels = list(trees)
     names = sorted({k for rows in trees.values() for k in rows})
     print(f"{'kernel':62s}" + "".join(f"{label[:12]:>14s}" for label in labels))
     for k in names:
