@@ -50,7 +50,8 @@ step build 240 env CXX="${CXX_OVERRIDE:-g++}" CC="${CC_OVERRIDE:-gcc}" TORCH_CUD
   MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps -e .
 step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_torch_integration.py
 step bench_ops 170 "$PY" bench/bench_cuda.py --repeats 5 --out "$OUT_DIR/cuda_ops.json"
-step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --more-batches 16 --profile \
+step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --batch 32 --seq 128 \
+  --hessian-steps 8 --more-batches 4 64 --profile \
   --out "$OUT_DIR/pipeline_cuda.json"
 step e2e_llm 200 "$PY" bench/gpu_e2e.py --model "${FINEPURIFY_E2E_LLM:-llama-1b}" --timeout 120 \
   --out "$OUT_DIR/gpu_e2e_llm.json"

@@ -155,8 +155,10 @@ def _quantile(tensors, q: float, max_samples: int = 1 << 20) -> float:
     total = sum(t.numel() for t in tensors)
     stride = max(1, total // max_samples)
     by_device = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t.reshape(-1)[::stride])
+    for t in tensors:  # t.reshape(-1)[::stride], in one view where t is contiguous
+        view = (t.as_strided((-(-t.numel() // stride),), (stride,)) if t.is_contiguous() and t.numel()
+                else t.reshape(-1)[::stride])
+        by_device.setdefault(t.device, []).append(view)
     parts = [torch.cat(views).float() for views in by_device.values()]
     sample = parts[0] if len(parts) == 1 else torch.cat([p.cpu() for p in parts])
     return sample_quantile(sample, q)
@@ -184,22 +186,22 @@ def sum_float64(t: torch.Tensor) -> float:
 
 
 def _means(hessians) -> list[float]:
-    """Each Hessian's mean, summed in float64: on the GPU a reduction per piece of at most 4M
-    elements (a CUDA sum to float64 converts its whole input first: pieces bound that copy to 32 MB)
-    and one host read; on the CPU a piece at a time, as the out-of-core path sums it."""
+    """Each Hessian's mean of |H| (its mean: a squared-gradient Hessian is >= 0), summed in float64:
+    on a GPU one multi-tensor L1 norm per device, which torch accumulates in float64 when asked for a
+    float64 result (a CUDA sum to float64 would first convert its whole input), and one host read; on
+    the CPU a piece at a time, as the out-of-core path sums it."""
     sums = [None] * len(hessians)
-    on_gpu = [i for i, h in enumerate(hessians) if h.device.type != "cpu" and h.numel()]
-    if on_gpu:
-        owners, piece_sums = [], []
-        for i in on_gpu:
-            for piece in hessians[i].reshape(-1).split(1 << 22):
-                owners.append(i)
-                piece_sums.append(piece.sum(dtype=torch.float64))
-        for i, v in zip(owners, torch.stack(piece_sums).tolist()):
-            sums[i] = v if sums[i] is None else sums[i] + v
+    by_device = {}
+    for i, h in enumerate(hessians):
+        if h.device.type != "cpu" and h.numel():  # _foreach_norm leaves an empty tensor's norm unset
+            by_device.setdefault(h.device, []).append(i)
+    for indices in by_device.values():
+        norms = torch._foreach_norm([hessians[i] for i in indices], 1, dtype=torch.float64)
+        for i, v in zip(indices, torch.stack(norms).tolist()):
+            sums[i] = v
     for i, h in enumerate(hessians):
         if sums[i] is None:
-            sums[i] = sum(sum_float64(piece) for piece in h.reshape(-1).split(1 << 20))
+            sums[i] = sum(sum_float64(piece.abs()) for piece in h.reshape(-1).split(1 << 20))
     return [total / h.numel() if h.numel() else 0.0 for total, h in zip(sums, hessians)]
 
 
@@ -277,22 +279,35 @@ class Feed:
         hs = [self.scoring.hessians[i].to(f.device) for i, f in zip(idx, ft)]
         return fn(idx, ft, pre, hs, self.scoring.ranking.subset(idx))
 
+    def histogram_on_device(self, level: int, prefix: int) -> torch.Tensor:
+        """The counts of one pass where the model lives, not read yet: on a GPU the host may queue
+        more work behind the pass before it reads them (``.cpu()``)."""
+        parts = self.each(lambda _, ft, pre, hs, ranking:
+                          ops.score_histogram(ft, pre, hs, self.scoring.eps, level, prefix, ranking))
+        if not parts:
+            return torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
+        return parts[0] if len(parts) == 1 else torch.stack([p.to(parts[0].device) for p in parts]).sum(0)
+
     def histogram(self, level: int, prefix: int) -> torch.Tensor:
-        counts = torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
-        for part in self.each(lambda _, ft, pre, hs, ranking:
-                              ops.score_histogram(ft, pre, hs, self.scoring.eps, level, prefix, ranking).cpu()):
-            counts += part
-        return counts
+        return self.histogram_on_device(level, prefix).cpu()
+
+    def start_masked_reset_(self, threshold: float):
+        """Launches the reset of every group; returns a function that reads the per-tensor counts
+        (the one wait for the reset), so the host can queue more work behind it first."""
+        parts = self.each(lambda idx, ft, pre, hs, ranking:
+                          (idx, ops.masked_reset_(ft, pre, hs, threshold, self.scoring.eps, ranking=ranking)))
+
+        def read() -> list[int]:
+            counts = [0] * len(self.ft)
+            if parts:
+                values = torch.cat([c.to(parts[0][1].device) for _, c in parts]).tolist()
+                for i, c in zip((i for idx, _ in parts for i in idx), values):
+                    counts[i] = c
+            return counts
+        return read
 
     def masked_reset_(self, threshold: float) -> list[int]:
-        counts = [0] * len(self.ft)
-
-        def reset(idx, ft, pre, hs, ranking):
-            for i, c in zip(idx, ops.masked_reset_(ft, pre, hs, threshold, self.scoring.eps, ranking=ranking).tolist()):
-                counts[i] = c
-
-        self.each(reset)
-        return counts
+        return self.start_masked_reset_(threshold)()
 
 
 def unrankable(inputs) -> UserError | None:
@@ -345,7 +360,7 @@ def purify_(
     for n in ranked:
         if n not in hessians:
             raise ValueError(f"purify: no Hessian for parameter {n!r}; estimate it on this model")
-    ft = [params[n].data for n in ranked]
+    ft = [params[n] for n in ranked]  # the parameters themselves: under no_grad, no .data view per tensor
     pre = [pretrained_state[n] for n in ranked]
 
     def named_error(op_error):
@@ -357,13 +372,24 @@ def purify_(
     feed = Feed(ft, pre, scoring)
     total = sum(f.numel() for f in ft)
 
-    sampled = _plot_sample(ft, plot_samples, config.seed)  # (tensor index, element indices there)
-    before = [ft[t].reshape(-1)[i].clone() for t, i in sampled]
+    device = ft[0].device if ft else torch.device("cpu")
+    sampled = _plot_sample(ft, plot_samples, config.seed)  # (tensor index, element indices on its device)
 
+    # On a GPU every pass runs while the host queues the work that does not depend on it (the
+    # plot's gathers, the embedding's rows): the host reads a pass's result only when it needs it.
     try:
-        level0 = feed.histogram(0, 0) if total else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
+        level0 = feed.histogram_on_device(0, 0) if total else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
     except RuntimeError as op_error:
         raise named_error(op_error) from op_error
+    before = _gather(ft, sampled, device)  # queued behind the pass, before any reset
+    unseen = None
+    if embedding is not None:
+        if seen_tokens is not None:
+            unseen = torch.nonzero(unseen_mask(seen_tokens, params[embedding].shape[0])).flatten()
+            report_rule = "seen_tokens"
+        else:
+            unseen, report_rule = zero_hessian_rows(hessians[embedding]), "hessian"
+    level0 = level0.cpu()
     if level0[LEVEL_BINS[0]] > 0:
         raise named_error(UserError("the scores cannot be ranked: they overflow float32; use a larger eps"))
     moved = total - int(level0[-1])
@@ -371,38 +397,44 @@ def purify_(
     num_reset = ops.num_reset_for(counted, config.reserve_ratio)
     report = PurifyReport(config.ranking, config.reserve_ratio, None, total, moved, num_reset,
                           kept_unscored=unscored, embedding_parameter=embedding, hessian_floor=scoring.floor)
+    read_counts = None
     if num_reset > 0:
         threshold = threshold_from_histograms(lambda level, prefix: level0 if level == 0 else feed.histogram(level, prefix),
                                               num_reset, total)
         report.threshold = threshold
-        report.reset_per_parameter = dict(zip(ranked, feed.masked_reset_(threshold)))
-    else:
-        report.reset_per_parameter = {n: 0 for n in ranked}
-    report.numel_per_parameter = {n: params[n].numel() for n in scored}
-
-    if embedding is not None:
-        w = params[embedding].data
-        if seen_tokens is not None:
-            unseen = torch.nonzero(unseen_mask(seen_tokens, w.shape[0])).flatten()
-            report.embedding_rule = "seen_tokens"
-        else:
-            unseen, report.embedding_rule = zero_hessian_rows(hessians[embedding]), "hessian"
-        report.embedding_rows_reset = reset_moved_rows_(w, pretrained_state[embedding], unseen)
-        report.reset_per_parameter[embedding] = report.embedding_rows_reset * params[embedding].shape[1]
+        read_counts = feed.start_masked_reset_(threshold)
+    embedding_reset = None
+    if embedding is not None:  # queued behind the reset (the embedding is not ranked: independent of it)
+        report.embedding_rule = report_rule
+        embedding_reset = reset_moved_rows_(params[embedding].data, pretrained_state[embedding], unseen, read=False)
 
     # A sample for the plot: drift^2 and H before the reset, and whether the element was reset.
-    d2, hv, flag = [], [], []
-    for (t, i), b in zip(sampled, before):
-        h, p = hessians[ranked[t]], pre[t]
-        d2.append((b.float() - p.reshape(-1)[i.to(p.device)].to(b.device).float()) ** 2)
-        hv.append(h.reshape(-1)[i.to(h.device)].to(b.device).float())
-        flag.append(ft[t].reshape(-1)[i] != b)
+    if sampled:
+        drift = before - _gather(pre, sampled, device)
+        values = torch.stack([drift * drift, _gather([hessians[n] for n in ranked], sampled, device)])
+        flags = _gather(ft, sampled, device) != before
+    report.reset_per_parameter = dict(zip(ranked, read_counts())) if read_counts else {n: 0 for n in ranked}
+    report.numel_per_parameter = {n: params[n].numel() for n in scored}
+    if embedding is not None:
+        report.embedding_rows_reset = int(embedding_reset)
+        report.reset_per_parameter[embedding] = report.embedding_rows_reset * params[embedding].shape[1]
     if sampled:  # one host read each
-        report.sample = {"drift_sq": torch.cat(d2).tolist(), "hessian": torch.cat(hv).tolist(),
-                         "reset": torch.cat(flag).tolist()}
+        drift_sq, hessian = values.tolist()
+        report.sample = {"drift_sq": drift_sq, "hessian": hessian, "reset": flags.tolist()}
     else:
         report.sample = {"drift_sq": [], "hessian": [], "reset": []}
     return report
+
+
+def _gather(tensors, sampled, device) -> torch.Tensor:
+    """The sampled elements of ``tensors`` (``_plot_sample``'s picks) as one float32 vector on
+    ``device``: a gather per picked tensor where it lives."""
+    parts = []
+    for t, on_host, on_device in sampled:
+        x = tensors[t]
+        index = on_device if on_device.device == x.device else on_host.to(x.device)
+        parts.append(x.reshape(-1)[index].to(device=device, dtype=torch.float32))
+    return torch.cat(parts)
 
 
 def zero_hessian_rows(h: torch.Tensor) -> torch.Tensor:
@@ -418,11 +450,13 @@ def unseen_mask(seen_tokens, rows: int) -> torch.Tensor:
     return unseen
 
 
-def reset_moved_rows_(w: torch.Tensor, w_pre: torch.Tensor, candidates: torch.Tensor, rows: int = 4096) -> int:
-    """Resets the ``candidates`` rows of ``w`` that moved to the pre-trained rows; returns how many.
-    Only they are compared, a block of rows at a time (small temporaries). Every candidate row is
-    written back (an unmoved one with its own values), so where ``w_pre`` is on ``w``'s device no
-    block waits on the host: the count is read once, at the end."""
+def reset_moved_rows_(w: torch.Tensor, w_pre: torch.Tensor, candidates: torch.Tensor, rows: int = 4096,
+                      read: bool = True):
+    """Resets the ``candidates`` rows of ``w`` that moved to the pre-trained rows; returns how many
+    (with ``read=False``, as a one-element tensor on ``w``'s device, not read yet). Only they are
+    compared, a block of rows at a time (small temporaries). Every candidate row is written back (an
+    unmoved one with its own values), so where ``w_pre`` is on ``w``'s device no block waits on the
+    host."""
     reset = torch.zeros((), dtype=torch.int64, device=w.device)
     on_w, on_pre = candidates.to(w.device), candidates.to(w_pre.device)
     for block_w, block_pre in zip(on_w.split(rows), on_pre.split(rows)):
@@ -430,13 +464,14 @@ def reset_moved_rows_(w: torch.Tensor, w_pre: torch.Tensor, candidates: torch.Te
         moved = (mine != theirs).any(dim=1)
         w[block_w] = torch.where(moved.unsqueeze(1), theirs, mine)
         reset += moved.sum()
-    return int(reset)
+    return int(reset) if read else reset
 
 
 def _plot_sample(tensors, count: int, seed: int, max_tensors: int = 32):
     """About ``count`` random elements for the plot, from at most ``max_tensors`` tensors spread
     evenly through the model (every depth is seen; a few gathers, not one per tensor): a list of
-    (tensor index, element indices on that tensor's device)."""
+    (tensor index, element indices on the CPU, the same on that tensor's device), drawn on the CPU
+    and moved in one copy per device."""
     candidates = [i for i, t in enumerate(tensors) if t.numel()]
     if not candidates or count <= 0:
         return []
@@ -444,8 +479,14 @@ def _plot_sample(tensors, count: int, seed: int, max_tensors: int = 32):
     picked = sorted({candidates[int(k * step)] for k in range(min(max_tensors, len(candidates)))})
     total = sum(tensors[i].numel() for i in picked)
     gen = torch.Generator().manual_seed(seed)
-    out = []
+    on_host = []
     for i in picked:
         n = min(tensors[i].numel(), max(1, round(count * tensors[i].numel() / total)))
-        out.append((i, torch.randint(0, tensors[i].numel(), (n,), generator=gen).to(tensors[i].device)))
-    return out
+        on_host.append(torch.randint(0, tensors[i].numel(), (n,), generator=gen))
+    on_device = list(on_host)
+    for device in {tensors[i].device for i in picked} - {torch.device("cpu")}:
+        ks = [k for k, i in enumerate(picked) if tensors[i].device == device]
+        moved = torch.cat([on_host[k] for k in ks]).to(device).split([on_host[k].numel() for k in ks])
+        for k, m in zip(ks, moved):
+            on_device[k] = m
+    return list(zip(picked, on_host, on_device))

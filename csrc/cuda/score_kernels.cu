@@ -91,6 +91,40 @@ __device__ __forceinline__ void visit_scores(const LaunchTable<NumLists>& table,
   }
 }
 
+#ifndef FP_SECTOR_STORES
+#define FP_SECTOR_STORES 1  // 0: each lane stores its own pack (bench/gpu_variants.sh compares)
+#endif
+constexpr bool kSectorStores = FP_SECTOR_STORES != 0;
+
+// Stores lane pairs' packs of 8 float32 scores as whole 32-byte sectors: written directly, each of
+// a pack's two 16-byte stores covers half of every sector the warp's store touches, and a score
+// buffer is not in L2 yet (unlike a reset's weights, just read), so every half-written sector may
+// cost the memory a read as well. Lanes 2s and 2s+1 swap a word, then the first store writes lane
+// 2s's pack and the second lane 2s+1's. `pair_in_range`: both lanes of the pair hold a pack
+// (the same value on both lanes); otherwise each lane stores its own.
+__device__ __forceinline__ void store_scores_by_sector(const Pack<float>& scores, float* out, int64_t i,
+                                                       bool pair_in_range) {
+  if (!pair_in_range) {
+    scores.store(out + i);
+    return;
+  }
+  const unsigned lane = threadIdx.x % 32;
+  const bool odd = lane & 1u;
+  const unsigned pair_mask = 3u << (lane & ~1u);
+  const uint4 give = odd ? scores.words[0] : scores.words[1];  // the word the partner writes
+  uint4 got;
+  got.x = __shfl_xor_sync(pair_mask, give.x, 1);
+  got.y = __shfl_xor_sync(pair_mask, give.y, 1);
+  got.z = __shfl_xor_sync(pair_mask, give.z, 1);
+  got.w = __shfl_xor_sync(pair_mask, give.w, 1);
+  // Even lane: its word 0, then the odd lane's word 0. Odd lane: the even lane's word 1, then its
+  // word 1. Packs are 8 elements apart.
+  uint4* first = reinterpret_cast<uint4*>(out + (odd ? i - kPack + 4 : i));
+  uint4* second = reinterpret_cast<uint4*>(out + (odd ? i + 4 : i + kPack));
+  *first = odd ? got : scores.words[0];
+  *second = odd ? scores.words[1] : got;
+}
+
 template <typename T, bool Random>
 __global__ void __launch_bounds__(kThreads)
     drift_score_kernel(LaunchTable<4> table, ScoreSpec spec) {
@@ -104,7 +138,10 @@ __global__ void __launch_bounds__(kThreads)
         Pack<float> scores;
 #pragma unroll
         for (int j = 0; j < kPack; ++j) scores.set_float(j, spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j));
-        scores.store(out + i);
+        // Packs of one step are kPack apart, lane by lane; the pair's first pack is at i & ~(2 kPack - 1)
+        // relative to the chunk's start (a multiple of 2 kPack).
+        const int64_t pair_first = i - ((i - begin) & (2 * kPack - 1));
+        store_scores_by_sector(scores, out, i, kSectorStores && kPacksPerStep == 1 && pair_first + 2 * kPack <= end);
       } else {
         out[i] = spec.template score_as<Random>(f[0], p[0], h[0], stream, i);
       }
