@@ -92,22 +92,24 @@ class PurifyReport:
         return dataclasses.asdict(self)
 
 
-def matched_parameters(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor]):
+def matched_parameters(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], params=None):
     """(scored names, unscored names): a parameter is scored when the pre-trained state holds a
-    tensor of the same name and shape; the others (a new classifier head) are kept as they are."""
+    tensor of the same name and shape; the others (a new classifier head) are kept as they are.
+    ``params``: the model's ``dict(named_parameters())`` where the caller has it (a walk over a large
+    model's modules costs milliseconds)."""
     scored, unscored = [], []
-    for name, p in model.named_parameters():
+    for name, p in (params if params is not None else dict(model.named_parameters())).items():
         pre = pretrained_state.get(name)
         (scored if pre is not None and pre.shape == p.shape else unscored).append(name)
     return scored, unscored
 
 
-def word_embedding_name(model: torch.nn.Module) -> str | None:
+def word_embedding_name(model: torch.nn.Module, params=None) -> str | None:
     get = getattr(model, "get_input_embeddings", None)
     embedding = get() if get is not None else None
     if embedding is None:
         return None
-    for name, p in model.named_parameters():
+    for name, p in (params if params is not None else dict(model.named_parameters())).items():
         if p is embedding.weight:
             return name
     return None
@@ -186,10 +188,12 @@ def sum_float64(t: torch.Tensor) -> float:
 
 
 def _means(hessians) -> list[float]:
-    """Each Hessian's mean of |H| (its mean: a squared-gradient Hessian is >= 0), summed in float64:
-    on a GPU one multi-tensor L1 norm per device, which torch accumulates in float64 when asked for a
-    float64 result (a CUDA sum to float64 would first convert its whole input), and one host read; on
-    the CPU a piece at a time, as the out-of-core path sums it."""
+    """Each Hessian's mean, summed in float64: on a GPU one multi-tensor L1 norm per device, which
+    torch accumulates in float64 when asked for a float64 result (a CUDA sum to float64 would first
+    convert its whole input), and one host read; on the CPU a piece at a time, as the out-of-core
+    path sums it. The L1 norm is the sum of a squared-gradient Hessian (>= 0); an invalid Hessian
+    with negative entries, which the out-of-core path refuses, would count them by their size on a
+    GPU."""
     sums = [None] * len(hessians)
     by_device = {}
     for i, h in enumerate(hessians):
@@ -201,7 +205,7 @@ def _means(hessians) -> list[float]:
             sums[i] = v
     for i, h in enumerate(hessians):
         if sums[i] is None:
-            sums[i] = sum(sum_float64(piece.abs()) for piece in h.reshape(-1).split(1 << 20))
+            sums[i] = sum(sum_float64(piece) for piece in h.reshape(-1).split(1 << 20))
     return [total / h.numel() if h.numel() else 0.0 for total, h in zip(sums, hessians)]
 
 
@@ -354,8 +358,8 @@ def purify_(
     they are moved a group of tensors at a time. Extra memory: a group and a histogram, whatever
     the ranking and the model's size."""
     params = dict(model.named_parameters())
-    scored, unscored = matched_parameters(model, pretrained_state)
-    embedding = word_embedding_name(model) if config.embeddings == "separate" else None
+    scored, unscored = matched_parameters(model, pretrained_state, params)
+    embedding = word_embedding_name(model, params) if config.embeddings == "separate" else None
     ranked = [n for n in scored if n != embedding]
     for n in ranked:
         if n not in hessians:
@@ -373,14 +377,14 @@ def purify_(
     total = sum(f.numel() for f in ft)
 
     device = ft[0].device if ft else torch.device("cpu")
-    sampled = _plot_sample(ft, plot_samples, config.seed)  # (tensor index, element indices on its device)
 
     # On a GPU every pass runs while the host queues the work that does not depend on it (the
-    # plot's gathers, the embedding's rows): the host reads a pass's result only when it needs it.
+    # plot's sample, the embedding's rows): the host reads a pass's result only when it needs it.
     try:
         level0 = feed.histogram_on_device(0, 0) if total else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
     except RuntimeError as op_error:
         raise named_error(op_error) from op_error
+    sampled = _plot_sample(ft, plot_samples, config.seed)  # (tensor index, element indices on its device)
     before = _gather(ft, sampled, device)  # queued behind the pass, before any reset
     unseen = None
     if embedding is not None:

@@ -225,10 +225,10 @@ int64_t resident_grid(Kernel kernel) {
 
 // The grid of a launch of num_chunks chunks. Default: the whole resident grid (the most warps in
 // flight; the last round may leave blocks idle). FP_BALANCED_GRID=1: the fewest rounds, then as few
-// blocks as still take that many, so every block walks the same number of chunks (+-1). Measured
-// at a2c1638 on an H200 (bench/results/cuda_ops.json beside cuda_ops_baseline.json), the balanced
-// grid came with the fp32 level-0 histogram falling from 94.9 to 84.2 % of copy bandwidth while its
-// instructions per element fell by 40 %: fewer resident blocks hide less memory latency.
+// blocks as still take that many, so every block walks the same number of chunks (+-1). Side by
+// side at 6219ec1 on an H200 (bench/results/gpu_variants.json) neither won: the balanced grid was
+// faster on 7 of the 12 passes at 1.3B, by up to 6 points of copy bandwidth, and slower on the
+// bfloat16 masked reset by 6, within what two runs of one build differ by.
 #ifndef FP_BALANCED_GRID
 #define FP_BALANCED_GRID 0
 #endif
