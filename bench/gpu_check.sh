@@ -12,6 +12,7 @@
 # with purify_'s profiler tables), gpu_e2e_llm.json (bench/gpu_e2e.py:
 # `finepurify purify|hessian --device cuda` on a Llama-3.2-1B-shaped causal LM, in memory and out of
 # core) and, with FINEPURIFY_E2E_MODEL set, gpu_e2e.json (the same on that model).
+# The device tool returns at most 8 files from $OUT: this writes at most 7.
 # Uses python3 (or $PYTHON) as it is: no downloads. CXX defaults to the system g++ (a toolchain that
 # links libstdc++ statically is refused by setup.py).
 set -u
@@ -29,9 +30,14 @@ export FINEPURIFY_COMMIT="${FINEPURIFY_COMMIT:-$(git rev-parse HEAD 2>/dev/null 
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
+# FINEPURIFY_GPU_STEPS="build cuda_tests ..." runs only the steps named (a short lease: e.g. a
+# follow-up after a full check); FINEPURIFY_CUDA_TESTS_K passes -k to the CUDA tests.
+wanted() { [[ -z "${FINEPURIFY_GPU_STEPS:-}" || " $FINEPURIFY_GPU_STEPS " == *" $1 "* ]]; }
+
 # step NAME LIMIT_S COMMAND...: runs with a time limit, logs, records rc and seconds.
 step() {
   local name=$1 limit=$2; shift 2
+  if ! wanted "$name"; then echo "$name skipped 0 not-asked" >> "$STEPS"; return; fi
   local remaining; remaining=$(left)
   if (( remaining < 10 )); then echo "$name skipped 0 no-time-left" >> "$STEPS"; return; fi
   (( limit > remaining )) && limit=$remaining
@@ -48,7 +54,8 @@ ARCH=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())
 
 step build 240 env CXX="${CXX_OVERRIDE:-g++}" CC="${CC_OVERRIDE:-gcc}" TORCH_CUDA_ARCH_LIST="$ARCH" \
   MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps -e .
-step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_torch_integration.py
+TEST_FILTER=(); [[ -n "${FINEPURIFY_CUDA_TESTS_K:-}" ]] && TEST_FILTER=(-k "$FINEPURIFY_CUDA_TESTS_K")
+step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_torch_integration.py "${TEST_FILTER[@]}"
 step bench_ops 170 "$PY" bench/bench_cuda.py --repeats 5 --out "$OUT_DIR/cuda_ops.json"
 step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --batch 32 --seq 128 \
   --hessian-steps 8 --more-batches 4 64 --profile \
@@ -88,7 +95,7 @@ for line in open(steps_file):
     name, rc, seconds, *limit = line.split()
     text = sections.get(name, "")
     summary = [l for l in text.splitlines() if re.search(r"passed|failed|error|ERROR SUMMARY|MISSED|met ", l)][-12:]
-    steps.append({"step": name, "rc": rc, "seconds": int(seconds), "limit_s": int(limit[0]) if limit else None,
+    steps.append({"step": name, "rc": rc, "seconds": int(seconds), "limit_s": int(limit[0]) if limit and limit[0].isdigit() else None,
                   "timed_out": rc in ("124", "137"), "summary": summary})
 try:
     import torch

@@ -7,6 +7,7 @@
 #   bash bench/gpu_variants.sh OUT_DIR NAME=FLAGS ...
 #   bash bench/gpu_variants.sh "$OUT" default= packs2=-DFP_PACKS_PER_STEP=2 hist6=-DFP_HISTOGRAM_BLOCKS_PER_SM=6
 #
+# (The device tool returns at most 8 files from $OUT: N variants write N + 1.)
 # Writes OUT_DIR/cuda_ops_variant_NAME.json per variant and OUT_DIR/gpu_variants.json (the flags,
 # each pass's fraction of copy bandwidth per variant, the commit). BENCH_ARGS replaces the benchmark's
 # arguments (default: --sizes 1.3b --repeats 5 --baseline-budget-s 0.2). CXX defaults to g++.

@@ -389,7 +389,8 @@ def purify_(
     unseen = None
     if embedding is not None:
         if seen_tokens is not None:
-            unseen = torch.nonzero(unseen_mask(seen_tokens, params[embedding].shape[0])).flatten()
+            unseen = _to_device_async(torch.nonzero(unseen_mask(seen_tokens, params[embedding].shape[0])).flatten(),
+                                      params[embedding].device)
             report_rule = "seen_tokens"
         else:
             unseen, report_rule = zero_hessian_rows(hessians[embedding]), "hessian"
@@ -471,11 +472,19 @@ def reset_moved_rows_(w: torch.Tensor, w_pre: torch.Tensor, candidates: torch.Te
     return int(reset) if read else reset
 
 
+def _to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor moved to ``device`` without the host waiting: a copy from pageable memory to
+    a GPU waits for everything queued before it (a pass under way), one from pinned memory does not."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _plot_sample(tensors, count: int, seed: int, max_tensors: int = 32):
     """About ``count`` random elements for the plot, from at most ``max_tensors`` tensors spread
     evenly through the model (every depth is seen; a few gathers, not one per tensor): a list of
     (tensor index, element indices on the CPU, the same on that tensor's device), drawn on the CPU
-    and moved in one copy per device."""
+    and moved in one copy per device that does not wait for the passes queued there."""
     candidates = [i for i, t in enumerate(tensors) if t.numel()]
     if not candidates or count <= 0:
         return []
@@ -490,7 +499,7 @@ def _plot_sample(tensors, count: int, seed: int, max_tensors: int = 32):
     on_device = list(on_host)
     for device in {tensors[i].device for i in picked} - {torch.device("cpu")}:
         ks = [k for k, i in enumerate(picked) if tensors[i].device == device]
-        moved = torch.cat([on_host[k] for k in ks]).to(device).split([on_host[k].numel() for k in ks])
+        moved = _to_device_async(torch.cat([on_host[k] for k in ks]), device).split([on_host[k].numel() for k in ks])
         for k, m in zip(ks, moved):
             on_device[k] = m
     return list(zip(picked, on_host, on_device))

@@ -419,6 +419,28 @@ def test_purify_cuda_model_with_pretrained_state_on_cpu(tmp_path, ranking):
     assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])
 
 
+def test_purify_cuda_with_seen_tokens_and_plot_sample_equals_cpu(tmp_path):
+    """The embedding rule from the clean inputs' token ids and the plot's sample, whose indices reach
+    the GPU by copies that do not wait for the passes: the CPU's resets and sample."""
+    from tiny_models import make_tokenizer, tiny_model
+    from finepurify_ext.purify import PurifyConfig, purify_
+
+    model_cpu = tiny_model(make_tokenizer(tmp_path), seed=5)
+    gen = torch.Generator().manual_seed(6)
+    pre = {n: p.detach() - 0.01 * torch.randn(p.shape, generator=gen) for n, p in model_cpu.named_parameters()}
+    hs = {n: torch.rand(p.shape, generator=gen) for n, p in model_cpu.named_parameters()}
+    model_gpu = tiny_model(make_tokenizer(tmp_path), seed=5).to(CUDA)
+    seen = list(range(0, 40, 3))
+    expected = purify_(model_cpu, pre, hs, PurifyConfig(), plot_samples=3000, seen_tokens=seen)
+    got = purify_(model_gpu, {n: t.to(CUDA) for n, t in pre.items()}, {n: h.to(CUDA) for n, h in hs.items()},
+                  PurifyConfig(), plot_samples=3000, seen_tokens=seen)
+    assert got.embedding_rule == expected.embedding_rule == "seen_tokens"
+    assert got.embedding_rows_reset == expected.embedding_rows_reset > 0
+    assert got.reset_per_parameter == expected.reset_per_parameter
+    assert got.sample == expected.sample and len(got.sample["reset"]) > 1000
+    assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])
+
+
 @pytest.mark.parametrize("name", RANKINGS)
 def test_rankings_match_cpu(dtype, name):
     """Every ranking of the one scoring spec, bit for bit the CPU op's: per-tensor hessians, the
