@@ -12,7 +12,7 @@
 # with purify_'s profiler tables), gpu_e2e_llm.json (bench/gpu_e2e.py:
 # `finepurify purify|hessian --device cuda` on a Llama-3.2-1B-shaped causal LM, in memory and out of
 # core) and, with FINEPURIFY_E2E_MODEL set, gpu_e2e.json (the same on that model).
-# The device tool returns at most 8 files from $OUT: this writes at most 7.
+# The device tool returns at most 8 files from $OUT: this writes at most 8.
 # Uses python3 (or $PYTHON) as it is: no downloads. CXX defaults to the system g++ (a toolchain that
 # links libstdc++ statically is refused by setup.py).
 set -u
@@ -60,6 +60,10 @@ step bench_ops 170 "$PY" bench/bench_cuda.py --repeats 5 --out "$OUT_DIR/cuda_op
 step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --batch 32 --seq 128 \
   --hessian-steps 8 --more-batches 4 64 --profile \
   --out "$OUT_DIR/pipeline_cuda.json"
+# Nsight Compute's view of every kernel (bench/ncu_kernels.py), only when FINEPURIFY_GPU_STEPS names it.
+if [[ " ${FINEPURIFY_GPU_STEPS:-} " == *" ncu "* ]]; then
+  step ncu 150 "$PY" bench/ncu_kernels.py --out "$OUT_DIR/ncu_kernels.json"
+fi
 step e2e_llm 200 "$PY" bench/gpu_e2e.py --model "${FINEPURIFY_E2E_LLM:-llama-1b}" --timeout 120 \
   --out "$OUT_DIR/gpu_e2e_llm.json"
 # memcheck slows every launch; it reports how far it came.

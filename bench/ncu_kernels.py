@@ -1,0 +1,117 @@
+"""Where the CUDA kernels spend their time, by Nsight Compute: for one launch of every kernel of every
+pass (level-0 and level-1 histograms, masked reset, drift scores, accumulation), in float32 and
+bfloat16 over a decoder-shaped list of tensors, the achieved DRAM throughput, issue-slot use,
+occupancy, registers and the warp stall reasons. The question it answers: is a pass bound by memory,
+by instructions, or by latency (and which)?
+
+    python bench/ncu_kernels.py --out bench/results/ncu_kernels.json [--size 125m] [--ncu PATH]
+
+Runs itself again under `ncu` (found on PATH or in /usr/local/cuda*/bin) with the SpeedOfLight,
+Occupancy, LaunchStats and WarpStateStats sections, then writes one JSON row per profiled launch.
+Exits 0 with a note when there is no GPU or no ncu. Kernels are replayed with their memory
+restored, so a 125M-parameter list (the default) keeps the run within a minute or two.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import glob
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import git_commit, write_json_atomically  # noqa: E402
+
+CHILD = "FINEPURIFY_NCU_CHILD"
+SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats")
+KERNELS = "regex:score_histogram|masked_reset|drift_score|accumulate_sq_grads"
+EPS = 1e-8
+
+
+def drive(size: str, device: str) -> None:
+    """One call of each pass per dtype (the profiled launches)."""
+    from bench_cuda import MODELS, decoder_shapes, make_model
+    from finepurify_ext import ops
+
+    shapes = decoder_shapes(**MODELS[size])
+    for dtype in (torch.float32, torch.bfloat16):
+        ft, pre, hess = make_model(shapes, dtype, torch.device(device))
+        level0 = ops.score_histogram(ft, pre, hess, EPS, 0, 0)
+        top = int(torch.nonzero(level0[:-2]).flatten()[-1])  # the highest populated bin: a real level-1 prefix
+        ops.score_histogram(ft, pre, hess, EPS, 1, top)
+        threshold = ops.score_threshold(ft, pre, hess, max(1, sum(f.numel() for f in ft) // 3), EPS)
+        ops.masked_reset_(ft, pre, hess, threshold, EPS)
+        ops.drift_scores(ft, pre, hess, EPS)
+        ops.accumulate_sq_grads_(hess, pre, 1.0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        del ft, pre, hess
+
+
+def find_ncu(given: str | None) -> str | None:
+    if given:
+        return given
+    return shutil.which("ncu") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/ncu"), reverse=True)), None)
+
+
+def parse(details_csv: str) -> list[dict]:
+    """ncu --csv --page details: one row per (launch, section, metric) -> one dict per launch."""
+    lines = [line for line in details_csv.splitlines() if line.startswith('"')]  # drops ==PROF== lines
+    launches: dict[str, dict] = {}
+    for row in csv.DictReader(io.StringIO("\n".join(lines))):
+        launch = launches.setdefault(row["ID"], {"kernel": row["Kernel Name"], "grid": row.get("Grid Size"),
+                                                 "block": row.get("Block Size"), "metrics": {}})
+        name = f'{row["Section Name"]}: {row["Metric Name"]}' + (f' ({row["Metric Unit"]})' if row.get("Metric Unit") else "")
+        launch["metrics"][name] = row["Metric Value"]
+    return [dict(id=int(k), **v) for k, v in sorted(launches.items(), key=lambda kv: int(kv[0]))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="125m", help="a model of bench_cuda.py (default 125m)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "ncu_kernels.json"))
+    parser.add_argument("--ncu", default=None, help="path of ncu (default: PATH, then /usr/local/cuda*/bin)")
+    parser.add_argument("--launches", type=int, default=40, help="launches to profile at most")
+    args = parser.parse_args()
+    if os.environ.get(CHILD):
+        drive(args.size, "cuda" if torch.cuda.is_available() else "cpu")
+        return
+    if not torch.cuda.is_available():
+        print("ncu_kernels: no GPU here; nothing profiled")
+        return
+    ncu = find_ncu(args.ncu)
+    if ncu is None:
+        print("ncu_kernels: no ncu found (PATH, /usr/local/cuda*/bin); give --ncu PATH")
+        return
+    command = [ncu, "--csv", "--page", "details", "--kernel-name", KERNELS, "--launch-count", str(args.launches)]
+    for section in SECTIONS:
+        command += ["--section", section]
+    command += [sys.executable, os.path.abspath(__file__), "--size", args.size]
+    result = subprocess.run(command, env={**os.environ, CHILD: "1"}, capture_output=True, text=True)
+    launches = parse(result.stdout)
+    if result.returncode != 0 or not launches:
+        sys.exit(f"ncu_kernels: ncu failed (rc {result.returncode}): {(result.stderr or result.stdout)[-2000:]}")
+    write_json_atomically(args.out, {
+        "command": "python bench/ncu_kernels.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "ncu": subprocess.run([ncu, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:],
+        "size": args.size, "sections": list(SECTIONS), "launches": launches})
+    for launch in launches:
+        m = launch["metrics"]
+        pick = {k.split(": ", 1)[1]: v for k, v in m.items()
+                if any(s in k for s in ("DRAM Throughput", "Duration", "Issue Slots Busy", "Achieved Occupancy",
+                                        "Registers Per Thread"))}
+        print(launch["kernel"][:70], pick)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The GPU profiling helper's parts that run without a GPU (bench/ncu_kernels.py): its driver over
+every pass, on the CPU, and the parsing of Nsight Compute's CSV details page."""
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "bench"))
+import ncu_kernels  # noqa: E402
+
+DETAILS = '''==PROF== Connected to process 123
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","123","python3","h","void finepurify::cuda::score_histogram_kernel<float, false, true>(...)","1","7","(256, 1, 1)","(528, 1, 1)","0","9.0","GPU Speed Of Light Throughput","DRAM Throughput","%","85.12"
+"0","123","python3","h","void finepurify::cuda::score_histogram_kernel<float, false, true>(...)","1","7","(256, 1, 1)","(528, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","412.35"
+"1","123","python3","h","void finepurify::cuda::masked_reset_kernel<float, false>(...)","1","7","(256, 1, 1)","(396, 1, 1)","0","9.0","Occupancy","Achieved Occupancy","%","48.2"
+==PROF== Disconnected from process 123
+'''
+
+
+def test_details_page_parsed_per_launch():
+    launches = ncu_kernels.parse(DETAILS)
+    assert [launch["id"] for launch in launches] == [0, 1]
+    first = launches[0]
+    assert "score_histogram_kernel" in first["kernel"] and first["grid"] == "(528, 1, 1)"
+    assert first["metrics"] == {"GPU Speed Of Light Throughput: DRAM Throughput (%)": "85.12",
+                                "GPU Speed Of Light Throughput: Duration (usecond)": "412.35"}
+    assert launches[1]["metrics"] == {"Occupancy: Achieved Occupancy (%)": "48.2"}
+
+
+def test_driver_runs_every_pass_on_the_cpu():
+    ncu_kernels.drive("tiny", "cpu")  # what ncu profiles on a GPU; raises if a pass cannot run
