@@ -18,7 +18,9 @@ ranking, against the fused op alone, on a randomly initialised decoder of a real
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import os
 import statistics
 import sys
@@ -82,19 +84,51 @@ def peak_extra(device, fn):
     return seconds, torch.cuda.max_memory_allocated(device) - before, out
 
 
+# purify_'s steps, each timed as a profiler range (host time from entry to return, waits for the
+# device included) by wrapping the module's helpers while profiling: where its time goes beside the op.
+PURIFY_STEPS = ("matched_parameters", "scoring_for", "_plot_sample", "_gather", "zero_hessian_rows",
+                "threshold_from_histograms", "reset_moved_rows_")
+FEED_STEPS = ("__init__", "histogram_on_device", "histogram", "start_masked_reset_")
+
+
+@contextlib.contextmanager
+def purify_steps_as_ranges():
+    import finepurify_ext.purify as module
+
+    def ranged(name, fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(f"purify.{name}"):
+                return fn(*args, **kwargs)
+        return call
+
+    saved = [(module, n, getattr(module, n)) for n in PURIFY_STEPS] + \
+            [(module.Feed, n, getattr(module.Feed, n)) for n in FEED_STEPS]
+    try:
+        for owner, name, fn in saved:
+            setattr(owner, name, ranged(name if owner is module else f"Feed.{name}", fn))
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
 def profile_tables(device, fn, rows: int = 25) -> dict:
-    """torch.profiler's tables of one call of ``fn``: operators by self CPU time and, on CUDA, by
-    device time."""
+    """torch.profiler's tables of one call of ``fn``: operators by self CPU time, on CUDA by device
+    time, and purify_'s steps (host time of each, its waits for the device included)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        fn()
-        sync(device)
+    with purify_steps_as_ranges(), torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.record_function("purify.total"):
+            fn()
+            sync(device)
     averages = prof.key_averages()
     tables = {"self_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=rows)}
     if device.type == "cuda":
         tables["device"] = averages.table(sort_by="self_cuda_time_total", row_limit=rows)
+    steps = sorted((e for e in averages if e.key.startswith("purify.")), key=lambda e: -e.cpu_time_total)
+    tables["purify_steps_ms"] = {e.key: {"calls": e.count, "host_ms": round(e.cpu_time_total / 1e3, 3)} for e in steps}
     return tables
 
 
