@@ -1,5 +1,6 @@
 #include "checks.h"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -64,6 +65,34 @@ void check_grad_lists(const char* op, at::TensorList hessians, at::TensorList gr
                 g.sizes(), " but hessians[", i, "] has shape ", h.sizes());
     check_same_device(op, "hessians", i, h, hessians[0]);
     check_same_device(op, "grads", i, g, hessians[0]);
+  }
+}
+
+void check_distinct_outputs(const char* op, const char* list, at::TensorList tensors) {
+  struct Span {
+    uintptr_t begin, end;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0 || !t.is_contiguous()) continue;
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    spans.push_back({begin, begin + static_cast<uintptr_t>(t.numel()) * t.element_size(), i});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  uintptr_t reach = 0;  // the furthest end so far, and whose it is
+  size_t reach_index = 0;
+  for (const Span& span : spans) {
+    TORCH_CHECK_VALUE(span.begin >= reach, "finepurify.", op, ": ", list, "[",
+                      std::min(reach_index, span.index), "] and ", list, "[",
+                      std::max(reach_index, span.index),
+                      "] share memory (the same tensor listed twice?); the op writes them in ",
+                      "place: pass each tensor once");
+    if (span.end > reach) {
+      reach = span.end;
+      reach_index = span.index;
+    }
   }
 }
 

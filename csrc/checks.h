@@ -20,6 +20,11 @@ void check_weight_lists(const char* op, at::TensorList finetuned, at::TensorList
 // hessians float32; grads float32, bfloat16 or float16; same shapes, one device.
 void check_grad_lists(const char* op, at::TensorList hessians, at::TensorList grads);
 
+// The tensors an in-place op writes directly (contiguous ones: others are written through copies)
+// share no memory: a GPU kernel writes whole 16-byte packs, so two listings of one tensor would
+// race and lose one listing's writes. Names both indices.
+void check_distinct_outputs(const char* op, const char* list, at::TensorList tensors);
+
 void check_eps(const char* op, double eps);
 
 // level in [0, kNumLevels); prefix holds only the digits above that level.

@@ -300,6 +300,15 @@ def test_mixed_devices_refused():
         ops.masked_reset_(to_cuda(ft), [pre[0].to(CUDA), pre[1]], to_cuda(h), 0.5, EPS)
 
 
+def test_in_place_outputs_listed_twice_refused_on_cuda():
+    """The GPU reset writes whole 16-byte packs: a tensor listed twice would race with itself."""
+    ft, pre, h = (to_cuda(t) for t in make_weights(53, [(1000,), (64,)], torch.bfloat16))
+    with pytest.raises(ValueError, match=r"finetuned\[0\] and finetuned\[2\] share memory"):
+        ops.masked_reset_([ft[0], ft[1], ft[0]], [pre[0], pre[1], pre[0]], [h[0], h[1], h[0]], 0.5, EPS)
+    with pytest.raises(ValueError, match=r"hessians\[0\] and hessians\[1\] share memory"):
+        ops.accumulate_sq_grads_([h[0], h[0]], [pre[0], pre[0]])
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 def test_second_device():
     dev = torch.device("cuda", 1)

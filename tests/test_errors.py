@@ -127,3 +127,26 @@ def test_nan_threshold():
     ft, pre, h = weights()
     with pytest.raises(ValueError, match="threshold is NaN"):
         ops.masked_reset_(ft, pre, h, math.nan, EPS)
+
+
+def test_in_place_outputs_listed_twice_are_refused():
+    """A tensor the op writes in place, listed twice (or two overlapping views): a GPU kernel writes
+    whole packs, so the listings would race. Disjoint views of one buffer are fine."""
+    ft, pre, h = weights()
+    with pytest.raises(ValueError, match=r"masked_reset_: finetuned\[0\] and finetuned\[2\] share memory"):
+        ops.masked_reset_([ft[0], ft[1], ft[0]], [pre[0], pre[1], pre[0]], [h[0], h[1], h[0]], 0.1, EPS)
+    with pytest.raises(ValueError, match=r"accumulate_sq_grads_: hessians\[0\] and hessians\[1\] share memory"):
+        ops.accumulate_sq_grads_([h[0], h[0]], [torch.randn(10), torch.randn(10)])
+    buffer = torch.rand(20)
+    with pytest.raises(ValueError, match=r"hessians\[0\] and hessians\[1\] share memory"):
+        ops.accumulate_sq_grads_([buffer[0:10], buffer[5:15]], [torch.randn(10), torch.randn(10)])
+    with pytest.raises(ValueError, match=r"grads\[0\] and grads\[1\] share memory"):
+        g = torch.randn(10)
+        ops.accumulate_sq_grads_([torch.zeros(10), torch.zeros(10)], [g, g], zero_grads=True)
+    ops.accumulate_sq_grads_([buffer[0:10], buffer[10:20]], [torch.randn(10), torch.randn(10)])  # disjoint
+    g = torch.randn(10)
+    ops.accumulate_sq_grads_([torch.zeros(10), torch.zeros(10)], [g, g])  # grads only read
+    flat = ft[0].clone()
+    pieces = [flat[0:5], flat[5:10]]
+    ops.masked_reset_(pieces, [pre[0][0:5], pre[0][5:10]], [h[0][0:5], h[0][5:10]], 0.0, EPS)
+    assert torch.equal(flat, pre[0])

@@ -12,6 +12,8 @@ namespace {
 void accumulate_sq_grads_cpu(at::TensorList hessians, at::TensorList grads, double scale,
                              bool zero_grads) {
   check_grad_lists("accumulate_sq_grads_", hessians, grads);
+  check_distinct_outputs("accumulate_sq_grads_", "hessians", hessians);
+  if (zero_grads) check_distinct_outputs("accumulate_sq_grads_", "grads", grads);
   const ContiguousList h(hessians), g(grads);
   const auto h_args = h.args(), g_args = g.args();
   cpu::accumulate_sq_grads(h_args.data(), g_args.data(), static_cast<int64_t>(h_args.size()),
@@ -79,6 +81,7 @@ at::Tensor masked_reset_cpu(at::TensorList finetuned, at::TensorList pretrained,
                             double hessian_floor, int64_t random_seed,
                             at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
   check_weight_lists("masked_reset_", finetuned, pretrained, hessians);
+  check_distinct_outputs("masked_reset_", "finetuned", finetuned);
   std::vector<uint64_t> streams;
   const ScoreSpec spec = score_spec("masked_reset_", eps, hessian_floor, random_seed, random_keys,
                                     random_offsets, finetuned.size(), streams);

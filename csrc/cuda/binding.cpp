@@ -17,6 +17,8 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 void accumulate_sq_grads_cuda(at::TensorList hessians, at::TensorList grads, double scale,
                               bool zero_grads) {
   check_grad_lists("accumulate_sq_grads_", hessians, grads);
+  check_distinct_outputs("accumulate_sq_grads_", "hessians", hessians);
+  if (zero_grads) check_distinct_outputs("accumulate_sq_grads_", "grads", grads);
   if (hessians.empty()) return;
   const c10::cuda::CUDAGuard device_guard(hessians[0].device());
   const ContiguousList h(hessians), g(grads);
@@ -89,6 +91,7 @@ at::Tensor masked_reset_cuda(at::TensorList finetuned, at::TensorList pretrained
                              double hessian_floor, int64_t random_seed,
                              at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
   check_weight_lists("masked_reset_", finetuned, pretrained, hessians);
+  check_distinct_outputs("masked_reset_", "finetuned", finetuned);
   std::vector<uint64_t> streams;
   const ScoreSpec spec = score_spec("masked_reset_", eps, hessian_floor, random_seed, random_keys,
                                     random_offsets, finetuned.size(), streams);
