@@ -162,8 +162,8 @@ def masked_reset_(
     ranking: Ranking = PLAIN,
 ) -> torch.Tensor:
     """In place: every element of ``finetuned`` whose score is ``>= threshold`` takes its
-    pre-trained value. Returns the int64 count of reset elements per tensor. Pass each tensor once
-    (a tensor listed twice with different hessians may keep either listing's result on a GPU)."""
+    pre-trained value. Returns the int64 count of reset elements per tensor. Tensors that share
+    memory (one listed twice, overlapping views) are refused: they would be written concurrently."""
     finetuned, pretrained, hessians = list(finetuned), list(pretrained), list(hessians)
     if not (finetuned or pretrained or hessians):
         return torch.zeros(0, dtype=torch.int64)
