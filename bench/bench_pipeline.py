@@ -3,13 +3,15 @@ ranking, against the fused op alone, on a randomly initialised decoder of a real
 
 - Hessian: tokens per second of ``estimate_hessian`` (forward, backward, fused accumulation that also
   zeroes the gradients) against a plain training step (forward, backward, ``zero_grad``): the
-  accumulation's added cost.
+  accumulation's added cost, by default and with ``overlap="backward"`` and ``overlap="forward"``
+  (the squares on a side stream during the backward, or beside the next step's forward).
 - purify_: time and peak extra memory (CUDA: the allocator's peak; CPU: the peak resident set) of ``purify_(model, pretrained_state, hessians,
   PurifyConfig(ranking=...))`` for each ranking, the pre-trained state on the device and (for the
   default ranking) on the CPU, beside ``ops.reset_most_abnormal_`` over the same tensors (the op's
   own cost; the issue's target: purify_ <= 1.3x its time and <= 64 MB beyond its inputs).
 - ``--profile``: also where each ranking's ``purify_`` spends its time beyond the op, as the
-  torch.profiler tables (self CPU time and device time per operator) of one call.
+  torch.profiler tables (self CPU time and device time per operator) of one call and the host time
+  of each of its steps.
 
     python bench/bench_pipeline.py --device cuda --model opt-1.3b      # bench/results/pipeline_cuda.json
     python bench/bench_pipeline.py --device cpu --model opt-125m --hessian-steps 1 --batch 1 --seq 128
@@ -166,7 +168,10 @@ def hessian_steps(model, device, steps, batch, seq):
         t_long, (hessians, _) = timed(device, lambda: estimate_hessian(model, batches, progress=False, overlap=overlap))
         return hessians, t_long - t_short
 
-    t_overlap = hessian_step(True)[1]  # the experimental overlapped accumulation, beside the default
+    # The experimental overlapped accumulations, beside the default: during the backward (hooks), and
+    # beside the next step's forward.
+    t_overlap = hessian_step("backward")[1]
+    t_forward = hessian_step("forward")[1]
     hessians, t_fused = hessian_step(False)
     return hessians, {
         "steps": steps, "batch": batch, "sequence_length": seq,
@@ -174,6 +179,8 @@ def hessian_steps(model, device, steps, batch, seq):
         "added_by_accumulation": round(t_fused / t_plain - 1, 4),
         "tokens_per_s": round(steps * batch * seq / t_fused, 1),
         "overlapped_step_s": t_overlap / steps, "added_by_overlapped_accumulation": round(t_overlap / t_plain - 1, 4),
+        "forward_overlapped_step_s": t_forward / steps,
+        "added_by_forward_overlapped_accumulation": round(t_forward / t_plain - 1, 4),
     }
 
 

@@ -80,6 +80,27 @@ class _SquareInBackward:
         self.join()
 
 
+def _square_after_backward(hessians, grads, side_stream) -> None:
+    """One step's squares, at once (side_stream None) or on ``side_stream`` once the backward that
+    made the gradients is done, so the next step's forward runs meanwhile; ``record_stream`` keeps each
+    gradient's memory from reuse until its square has read it."""
+    if side_stream is None:
+        ops.accumulate_sq_grads_(hessians, grads)
+        return
+    side_stream.wait_stream(torch.cuda.current_stream(side_stream.device))
+    with torch.cuda.stream(side_stream):
+        ops.accumulate_sq_grads_(hessians, grads)
+    for grad in grads:
+        grad.record_stream(side_stream)
+
+
+def _join(side_stream) -> None:
+    """The default stream made to wait for every square queued on ``side_stream`` (before the Hessians
+    are read, saved or scaled)."""
+    if side_stream is not None:
+        torch.cuda.current_stream(side_stream.device).wait_stream(side_stream)
+
+
 ACCUMULATOR_FORMAT = "finepurify-hessian-accumulator-v1"
 HESSIAN_FORMAT = "finepurify-hessian-v1"
 
@@ -93,7 +114,7 @@ def estimate_hessian(
     total: int | None = None,
     resume_file: str | None = None,
     save_every: int = 50,
-    overlap: bool = False,
+    overlap: bool | str = False,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Returns ({parameter name: float32 diagonal Hessian}, number of squared gradients averaged).
 
@@ -110,10 +131,16 @@ def estimate_hessian(
     holds the same result); under FSDP2 each rank accumulates the squared gradient of its own shard
     (the Hessians are DTensors sharded like the parameters).
 
-    ``overlap`` (experimental, off until a GPU run shows it pays) adds the squares while the backward
-    pass goes on: on a GPU on a side stream, a group of finished gradients per launch
-    (``_SquareInBackward``). Same bits. Not under DDP, which reduces the gradients only at the end.
+    ``overlap`` (experimental, off until a GPU run shows it pays), same bits either way:
+    ``"backward"`` (or True) adds the squares while the backward pass goes on: on a GPU on a side
+    stream, a group of finished gradients per launch (``_SquareInBackward``); not under DDP, which
+    reduces the gradients only at the end. ``"forward"`` adds each step's squares on a side stream
+    while the next step's forward runs (one launch per step, no hooks; the memory of one step's
+    gradients more; on the CPU the same as False).
     """
+    if overlap not in (False, True, "backward", "forward"):
+        raise ValueError(f"estimate_hessian: overlap must be False, 'backward' (or True) or 'forward', got {overlap!r}")
+    in_backward = overlap is True or overlap == "backward"
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     hessians = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     local = {name: _local(h) for name, h in hessians.items()}
@@ -125,11 +152,12 @@ def estimate_hessian(
     model.eval()
     model.zero_grad(set_to_none=True)
     device = next(iter(params.values())).device if params else torch.device("cpu")
-    if overlap and (isinstance(model, torch.nn.parallel.DistributedDataParallel)
-                    or any(_is_dtensor(p) for p in params.values())):
-        raise ValueError("estimate_hessian: overlap=True squares gradients before DDP reduces them or with "
-                         "sharded parameters; leave it off there")
-    squarer = _SquareInBackward(params, local, device) if overlap else None
+    if in_backward and (isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                        or any(_is_dtensor(p) for p in params.values())):
+        raise ValueError("estimate_hessian: overlap='backward' squares gradients before DDP reduces them or with "
+                         "sharded parameters; leave it off there or use overlap='forward'")
+    squarer = _SquareInBackward(params, local, device) if in_backward else None
+    beside_forward = torch.cuda.Stream(device) if overlap == "forward" and device.type == "cuda" else None
     try:
         bar = tqdm(batches, desc="hessian", total=total, disable=not progress, leave=False)
         for index, batch in enumerate(bar):
@@ -142,7 +170,8 @@ def estimate_hessian(
                     squarer.join()
                 else:
                     reached = [name for name, p in params.items() if p.grad is not None]
-                    ops.accumulate_sq_grads_([local[n] for n in reached], [_local(params[n].grad) for n in reached])
+                    _square_after_backward([local[n] for n in reached], [_local(params[n].grad) for n in reached],
+                                           beside_forward)
                     # Dropped rather than zeroed: the next backward then writes fresh gradients instead of
                     # adding into old ones (no extra pass over them, as a training step's zero_grad).
                     for n in reached:
@@ -150,9 +179,11 @@ def estimate_hessian(
                 count += 1
             done = index + 1
             if resume_file is not None and done % save_every == 0:
+                _join(beside_forward)
                 _save_accumulator(resume_file, local, done, count, per_sample)
     finally:
         try:
+            _join(beside_forward)
             if squarer is not None:
                 squarer.close()
         finally:

@@ -527,12 +527,14 @@ def test_sample_quantile_on_cuda_is_the_cpu_bits():
     assert math.isnan(sample_quantile(torch.tensor([1.0, float("nan"), 2.0], device=CUDA), 0.5))
 
 
+@pytest.mark.parametrize("overlap", ["backward", "forward"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hessian_squared_on_a_side_stream_during_backward(monkeypatch, dtype):
-    """overlap=True on the GPU: groups of gradients squared on a side stream while the backward goes
-    on give the Hessians of the pass after backward, over several batches. Each square is held back
-    on its stream (a sleep before it), so a gradient reused before its square read it, or a missing
-    wait, shows; the tolerance covers a CUDA backward that does not repeat its bits (bfloat16: 1 %)."""
+def test_hessian_squared_on_a_side_stream_during_backward(monkeypatch, dtype, overlap):
+    """overlap on the GPU: gradients squared on a side stream while the backward goes on (groups per
+    launch) or while the next step's forward runs give the Hessians of the pass after backward, over
+    several batches. Each square is held back on its stream (a sleep before it), so a gradient reused
+    before its square read it, or a missing wait, shows; the tolerance covers a CUDA backward that
+    does not repeat its bits (bfloat16: 1 %)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finepurify_ext import hessian as hessian_module
@@ -552,7 +554,7 @@ def test_hessian_squared_on_a_side_stream_during_backward(monkeypatch, dtype):
     model = LlamaForCausalLM(config).to(device=CUDA, dtype=dtype)
     ids = torch.randint(0, 300, (24, 33), generator=torch.Generator().manual_seed(1))
     batch_list = [{"input_ids": ids[i:i + 4], "labels": ids[i:i + 4]} for i in range(0, 24, 4)]
-    during, _ = hessian_module.estimate_hessian(model, batch_list, overlap=True, progress=False)
+    during, _ = hessian_module.estimate_hessian(model, batch_list, overlap=overlap, progress=False)
     after, _ = hessian_module.estimate_hessian(model, batch_list, overlap=False, progress=False)
     rtol = 1e-2 if dtype == torch.bfloat16 else 1e-4
     for name in after:

@@ -90,6 +90,20 @@ def test_hessian_squared_during_backward_equals_after_backward(tokenizer, monkey
     assert model.model.embed_tokens.weight.grad is not None
 
 
+def test_hessian_overlap_forward_on_the_cpu_and_bad_modes(tokenizer):
+    """overlap='forward' (each step's squares beside the next forward, on a GPU) is the plain pass on
+    the CPU; a mode that does not exist is refused, naming the choices."""
+    model, _ = drifted_pair(tokenizer)
+    batch_list = [{"input_ids": torch.randint(0, tokenizer.vocab_size, (4, 7), generator=torch.Generator().manual_seed(s)),
+                   "attention_mask": torch.ones(4, 7, dtype=torch.long), "labels": torch.tensor([0, 1, 0, 1])}
+                  for s in range(3)]
+    forward, n_forward = estimate_hessian(model, batch_list, overlap="forward", progress=False)
+    plain, n_plain = estimate_hessian(model, batch_list, overlap=False, progress=False)
+    assert n_forward == n_plain == 3 and all(torch.equal(forward[n], plain[n]) for n in plain)
+    with pytest.raises(ValueError, match="overlap must be False, 'backward' \\(or True\\) or 'forward'"):
+        estimate_hessian(model, batch_list, overlap="sideways", progress=False)
+
+
 def test_hessian_during_backward_refuses_a_parameter_given_two_gradients():
     """Under reentrant checkpointing a weight used inside and outside the checkpoint gets two
     gradients in one backward; squared one by one they would not make the squared sum, so
