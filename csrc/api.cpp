@@ -11,12 +11,19 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// No tensors, no device to dispatch on: the list ops answer empty lists here, as the Python
+// wrappers do (the dispatcher would refuse a call without tensor arguments).
+bool all_empty(at::TensorList a, at::TensorList b, at::TensorList c = {}) {
+  return a.empty() && b.empty() && c.empty();
+}
+
 }  // namespace
 
 void accumulate_sq_grads_(at::TensorList hessians, at::TensorList grads, double scale,
                           bool zero_grads) {
   static auto handle =
       op<void(at::TensorList, at::TensorList, double, bool)>("finepurify::accumulate_sq_grads_");
+  if (all_empty(hessians, grads)) return;
   handle.call(hessians, grads, scale, zero_grads);
 }
 
@@ -33,6 +40,7 @@ at::Tensor drift_scores(at::TensorList finetuned, at::TensorList pretrained, at:
   static auto handle = op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, double,
                                      int64_t, at::IntArrayRef, at::IntArrayRef)>(
       "finepurify::drift_scores");
+  if (all_empty(finetuned, pretrained, hessians)) return at::empty({0}, at::kFloat);
   return handle.call(finetuned, pretrained, hessians, eps, r.hessian_floor, r.random_seed,
                      r.random_keys, r.random_offsets);
 }
@@ -52,6 +60,7 @@ at::Tensor masked_reset_(at::TensorList finetuned, at::TensorList pretrained, at
   static auto handle = op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, double,
                                      double, int64_t, at::IntArrayRef, at::IntArrayRef)>(
       "finepurify::masked_reset_");
+  if (all_empty(finetuned, pretrained, hessians)) return at::empty({0}, at::kLong);
   return handle.call(finetuned, pretrained, hessians, threshold, eps, r.hessian_floor,
                      r.random_seed, r.random_keys, r.random_offsets);
 }

@@ -16,8 +16,14 @@ int main() {
   const at::Tensor counts = finepurify::masked_reset_({ft}, {pre}, {h}, threshold, eps);
   at::Tensor hessian = at::zeros({301, 7});
   finepurify::accumulate_sq_grads_({hessian}, {h}, 2.0);
+  // Empty lists, as from a model without matched parameters: nothing to do, empty results.
+  finepurify::accumulate_sq_grads_({}, {});
+  const bool empty_ok = finepurify::drift_scores({}, {}, {}, eps).numel() == 0 &&
+                        finepurify::masked_reset_({}, {}, {}, 0.5, eps).numel() == 0 &&
+                        finepurify::reset_most_abnormal_({}, {}, {}, 0.5, eps).numel() == 0;
   const bool ok = threshold == expected && counts.item<int64_t>() == k &&
-                  at::equal(ft.eq(pre), scores.ge(threshold)) && at::allclose(hessian, 2.0 * h * h);
+                  at::equal(ft.eq(pre), scores.ge(threshold)) && at::allclose(hessian, 2.0 * h * h) &&
+                  empty_ok;
   std::cout << (ok ? "PASS" : "FAIL") << " installed finepurify C++ API (threshold " << threshold
             << ", reset " << counts.item<int64_t>() << ")" << std::endl;
   return ok ? 0 : 1;
