@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "../kernels/tensor_arg.h"
 
@@ -199,6 +200,63 @@ struct Pack {
     }
   }
 };
+
+// Four consecutive elements as one access: 16 bytes of float32, 8 of 16-bit values (p aligned to
+// that). A warp's quads are contiguous, so each access covers whole 32-byte sectors (a Pack of
+// float32 takes two 16-byte accesses, each over half of every sector it touches).
+template <typename T>
+struct Quad {
+  using Bits = typename std::conditional<sizeof(T) == 4, uint4, uint2>::type;
+  Bits bits;
+
+  __device__ __forceinline__ void load(const T* p) { bits = *reinterpret_cast<const Bits*>(p); }
+  __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<Bits*>(p) = bits; }
+  __device__ __forceinline__ uint32_t word(int j) const {
+    if constexpr (sizeof(T) == 4) {
+      return j == 0 ? bits.x : (j == 1 ? bits.y : (j == 2 ? bits.z : bits.w));
+    } else {
+      return j == 0 ? bits.x : bits.y;
+    }
+  }
+  __device__ __forceinline__ float as_float(int i) const {
+    if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(word(i));
+    } else {
+      const uint32_t w = word(i / 2);
+      T value;
+      value.bits = static_cast<uint16_t>(i % 2 == 0 ? (w & 0xFFFFu) : (w >> 16));
+      return Storage<T>::to_float(value);
+    }
+  }
+  __device__ __forceinline__ void set_float(int i, float v) {
+    static_assert(sizeof(T) == 4, "set_float writes float32 quads");
+    const uint32_t b = __float_as_uint(v);
+    switch (i) {
+      case 0: bits.x = b; break;
+      case 1: bits.y = b; break;
+      case 2: bits.z = b; break;
+      default: bits.w = b; break;
+    }
+  }
+};
+
+constexpr int kQuad = 4;
+constexpr int64_t kQuadStride = int64_t{kThreads} * kQuad;  // one access of the whole block
+
+// The quads of [begin, end) for thread `thread` of a block: begin + 4 thread + kQuadStride k.
+// pair(i): the quads at i and i + kQuadStride, both in range (two in flight); one(i): the quad at
+// i; tail(i): the elements from i to end, fewer than kQuad. Host and device: tests/cpp/pack_test.cu
+// checks on the host that every element is visited once.
+// (Host callables in the host test, device lambdas in the kernels: no cross-space check.)
+#pragma nv_exec_check_disable
+template <typename Pair, typename One, typename Tail>
+__host__ __device__ __forceinline__ void walk_quads(int64_t begin, int64_t end, int thread, Pair&& pair,
+                                                    One&& one, Tail&& tail) {
+  int64_t i = begin + int64_t{thread} * kQuad;
+  for (; i + kQuadStride + kQuad <= end; i += 2 * kQuadStride) pair(i);
+  for (; i + kQuad <= end; i += kQuadStride) one(i);
+  if (i < end) tail(i);
+}
 
 // ------------------------------------------------------------------------------ host side
 

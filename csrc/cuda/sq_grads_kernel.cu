@@ -5,13 +5,67 @@
 namespace finepurify::cuda {
 namespace {
 
+// The vector path walks quads (four elements per access: whole sectors for the float32 Hessian;
+// multi_tensor.cuh), or with FP_ACCUMULATE_QUADS=0 packs of eight, as the score kernels do
+// (bench/gpu_variants.sh compares them).
+#ifndef FP_ACCUMULATE_QUADS
+#define FP_ACCUMULATE_QUADS 1
+#endif
+constexpr bool kAccumulateQuads = FP_ACCUMULATE_QUADS != 0;
+
+template <typename G>
+__device__ __forceinline__ void accumulate_quads(float* hessian, G* grad, int64_t begin, int64_t end,
+                                                 float scale, bool zero_grads) {
+  // (scale * g) * g, the order of the CPU kernel and the PyTorch reference.
+  auto accumulate = [&](int64_t at, const Quad<G>& g, Quad<float>& h) {
+#pragma unroll
+    for (int j = 0; j < kQuad; ++j) {
+      const float gj = g.as_float(j);
+      h.set_float(j, h.as_float(j) + (scale * gj) * gj);
+    }
+    h.store(hessian + at);
+    if (zero_grads) {
+      Quad<G> zero{};
+      zero.store(grad + at);
+    }
+  };
+  walk_quads(
+      begin, end, threadIdx.x,
+      [&](int64_t i) {  // every load of both quads before the first use
+        Quad<G> g0, g1;
+        Quad<float> h0, h1;
+        g0.load(grad + i);
+        g1.load(grad + i + kQuadStride);
+        h0.load(hessian + i);
+        h1.load(hessian + i + kQuadStride);
+        accumulate(i, g0, h0);
+        accumulate(i + kQuadStride, g1, h1);
+      },
+      [&](int64_t i) {
+        Quad<G> g;
+        Quad<float> h;
+        g.load(grad + i);
+        h.load(hessian + i);
+        accumulate(i, g, h);
+      },
+      [&](int64_t i) {
+        for (int64_t j = i; j < end; ++j) {
+          const float gj = load_as_float(grad + j);
+          hessian[j] = hessian[j] + (scale * gj) * gj;
+          if (zero_grads) grad[j] = G{};
+        }
+      });
+}
+
 template <typename G>
 __global__ void __launch_bounds__(kThreads)
     accumulate_sq_grads_kernel(LaunchTable<2> table, float scale, bool zero_grads) {
   for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
     float* hessian = static_cast<float*>(table.data[0][t]);
     G* grad = static_cast<G*>(table.data[1][t]);
-    if ((table.aligned_mask >> t) & 1) {
+    if (kAccumulateQuads && ((table.aligned_mask >> t) & 1)) {
+      accumulate_quads(hessian, grad, begin, end, scale, zero_grads);
+    } else if ((table.aligned_mask >> t) & 1) {
       // (scale * g) * g, the order of the CPU kernel and the PyTorch reference.
       auto accumulate = [&](int64_t at, const Pack<G>& g, Pack<float>& h) {
 #pragma unroll
