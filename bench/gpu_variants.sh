@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile-time kernel variants measured side by side on one GPU, to tune the build-time choices of
-# csrc/cuda (FP_PACKS_PER_STEP, FP_HISTOGRAM_BLOCKS_PER_SM, ...) in one call: each variant is a copy
+# csrc/cuda (FP_PACKS_PER_STEP, FP_HISTOGRAM_BLOCKS_PER_SM, FP_BALANCED_GRID, FP_SECTOR_STORES,
+# FP_ACCUMULATE_QUADS) in one call: each variant is a copy
 # of the sources built in place with its nvcc flags (the builds run in parallel), then
 # bench/bench_cuda.py runs on each in turn, in the same process conditions.
 #
