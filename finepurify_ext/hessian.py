@@ -138,9 +138,10 @@ def estimate_hessian(
     while the next step's forward runs (one launch per step, no hooks; the memory of one step's
     gradients more; on the CPU the same as False).
     """
-    if overlap not in (False, True, "backward", "forward"):
+    mode = overlap if isinstance(overlap, str) else ("backward" if overlap else None)  # True: as before
+    if mode not in (None, "backward", "forward"):
         raise ValueError(f"estimate_hessian: overlap must be False, 'backward' (or True) or 'forward', got {overlap!r}")
-    in_backward = overlap is True or overlap == "backward"
+    in_backward = mode == "backward"
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     hessians = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     local = {name: _local(h) for name, h in hessians.items()}
@@ -157,7 +158,7 @@ def estimate_hessian(
         raise ValueError("estimate_hessian: overlap='backward' squares gradients before DDP reduces them or with "
                          "sharded parameters; leave it off there or use overlap='forward'")
     squarer = _SquareInBackward(params, local, device) if in_backward else None
-    beside_forward = torch.cuda.Stream(device) if overlap == "forward" and device.type == "cuda" else None
+    beside_forward = torch.cuda.Stream(device) if mode == "forward" and device.type == "cuda" else None
     try:
         bar = tqdm(batches, desc="hessian", total=total, disable=not progress, leave=False)
         for index, batch in enumerate(bar):

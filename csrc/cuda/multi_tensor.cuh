@@ -128,6 +128,19 @@ __device__ __forceinline__ unsigned long long warp_sum(unsigned long long value)
   return value;
 }
 
+// Element i of consecutive T values as float32, from the 32-bit word that holds it (word
+// i * sizeof(T) / 4 of the run): the element unpacking of Pack and Quad.
+template <typename T>
+__device__ __forceinline__ float element_as_float(uint32_t word, int i) {
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(word);
+  } else {
+    T value;
+    value.bits = static_cast<uint16_t>(i % 2 == 0 ? (word & 0xFFFFu) : (word >> 16));
+    return Storage<T>::to_float(value);
+  }
+}
+
 // kPack consecutive elements as raw 16-byte words (p must be 16-byte aligned).
 template <typename T>
 struct Pack {
@@ -147,14 +160,7 @@ struct Pack {
   // Element i as float32 (i a compile-time constant after unrolling: registers are selected,
   // never spilled to local memory by a run-time index).
   __device__ __forceinline__ float as_float(int i) const {
-    if constexpr (sizeof(T) == 4) {
-      return __uint_as_float(word(i));
-    } else {
-      const uint32_t w = word(i / 2);
-      T value;
-      value.bits = static_cast<uint16_t>(i % 2 == 0 ? (w & 0xFFFFu) : (w >> 16));
-      return Storage<T>::to_float(value);
-    }
+    return element_as_float<T>(word(i * static_cast<int>(sizeof(T)) / 4), i);
   }
   __device__ __forceinline__ void set_float(int i, float v) {
     static_assert(sizeof(T) == 4, "set_float writes float32 packs");
@@ -219,14 +225,7 @@ struct Quad {
     }
   }
   __device__ __forceinline__ float as_float(int i) const {
-    if constexpr (sizeof(T) == 4) {
-      return __uint_as_float(word(i));
-    } else {
-      const uint32_t w = word(i / 2);
-      T value;
-      value.bits = static_cast<uint16_t>(i % 2 == 0 ? (w & 0xFFFFu) : (w >> 16));
-      return Storage<T>::to_float(value);
-    }
+    return element_as_float<T>(word(i * static_cast<int>(sizeof(T)) / 4), i);
   }
   __device__ __forceinline__ void set_float(int i, float v) {
     static_assert(sizeof(T) == 4, "set_float writes float32 quads");

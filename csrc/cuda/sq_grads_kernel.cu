@@ -13,21 +13,34 @@ namespace {
 #endif
 constexpr bool kAccumulateQuads = FP_ACCUMULATE_QUADS != 0;
 
+// (scale * g) * g, the order of the CPU kernel and the PyTorch reference.
+__device__ __forceinline__ float plus_square(float h, float g, float scale) { return h + (scale * g) * g; }
+
+template <typename G>
+__device__ __forceinline__ void accumulate_element(float* hessian, G* grad, int64_t j, float scale,
+                                                   bool zero_grads) {
+  hessian[j] = plus_square(hessian[j], load_as_float(grad + j), scale);
+  if (zero_grads) grad[j] = G{};
+}
+
+// n loaded elements (a Quad or a Pack of the grads, of the Hessian) added up and stored back.
+template <int n, typename GVector, typename HVector, typename G>
+__device__ __forceinline__ void accumulate_vector(float* hessian, G* grad, int64_t at, const GVector& g,
+                                                  HVector& h, float scale, bool zero_grads) {
+#pragma unroll
+  for (int j = 0; j < n; ++j) h.set_float(j, plus_square(h.as_float(j), g.as_float(j), scale));
+  h.store(hessian + at);
+  if (zero_grads) {
+    GVector zero{};
+    zero.store(grad + at);
+  }
+}
+
 template <typename G>
 __device__ __forceinline__ void accumulate_quads(float* hessian, G* grad, int64_t begin, int64_t end,
                                                  float scale, bool zero_grads) {
-  // (scale * g) * g, the order of the CPU kernel and the PyTorch reference.
   auto accumulate = [&](int64_t at, const Quad<G>& g, Quad<float>& h) {
-#pragma unroll
-    for (int j = 0; j < kQuad; ++j) {
-      const float gj = g.as_float(j);
-      h.set_float(j, h.as_float(j) + (scale * gj) * gj);
-    }
-    h.store(hessian + at);
-    if (zero_grads) {
-      Quad<G> zero{};
-      zero.store(grad + at);
-    }
+    accumulate_vector<kQuad>(hessian, grad, at, g, h, scale, zero_grads);
   };
   walk_quads(
       begin, end, threadIdx.x,
@@ -49,11 +62,7 @@ __device__ __forceinline__ void accumulate_quads(float* hessian, G* grad, int64_
         accumulate(i, g, h);
       },
       [&](int64_t i) {
-        for (int64_t j = i; j < end; ++j) {
-          const float gj = load_as_float(grad + j);
-          hessian[j] = hessian[j] + (scale * gj) * gj;
-          if (zero_grads) grad[j] = G{};
-        }
+        for (int64_t j = i; j < end; ++j) accumulate_element(hessian, grad, j, scale, zero_grads);
       });
 }
 
@@ -66,18 +75,8 @@ __global__ void __launch_bounds__(kThreads)
     if (kAccumulateQuads && ((table.aligned_mask >> t) & 1)) {
       accumulate_quads(hessian, grad, begin, end, scale, zero_grads);
     } else if ((table.aligned_mask >> t) & 1) {
-      // (scale * g) * g, the order of the CPU kernel and the PyTorch reference.
       auto accumulate = [&](int64_t at, const Pack<G>& g, Pack<float>& h) {
-#pragma unroll
-        for (int j = 0; j < kPack; ++j) {
-          const float gj = g.as_float(j);
-          h.set_float(j, h.as_float(j) + (scale * gj) * gj);
-        }
-        h.store(hessian + at);
-        if (zero_grads) {
-          Pack<G> zero{};
-          zero.store(grad + at);
-        }
+        accumulate_vector<kPack>(hessian, grad, at, g, h, scale, zero_grads);
       };
       constexpr int64_t kStride = int64_t{kThreads} * kPack;  // one block step
       int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kPack;
@@ -101,16 +100,10 @@ __global__ void __launch_bounds__(kThreads)
         accumulate(i, g, h);
       }
       // Scalar tail: only the thread whose pack straddles `end` has work here.
-      for (int64_t j = i; j < end && j < i + kPack; ++j) {
-        const float gj = load_as_float(grad + j);
-        hessian[j] = hessian[j] + (scale * gj) * gj;
-        if (zero_grads) grad[j] = G{};
-      }
+      for (int64_t j = i; j < end && j < i + kPack; ++j) accumulate_element(hessian, grad, j, scale, zero_grads);
     } else {
       for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
-        const float gj = load_as_float(grad + j);
-        hessian[j] = hessian[j] + (scale * gj) * gj;
-        if (zero_grads) grad[j] = G{};
+        accumulate_element(hessian, grad, j, scale, zero_grads);
       }
     }
   });
