@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,11 +144,12 @@ def sample_quantile(sample: torch.Tensor, q: float) -> float:
         ordered = torch.sort(x).values
         low, high, largest = torch.stack([ordered[below], ordered[above], ordered[-1]]).cpu()
         return math.nan if math.isnan(largest) else float(torch.lerp(low, high, rank - below))
-    if bool(torch.isnan(x).any()):
+    values = x.numpy()
+    if np.isnan(values).any():
         return math.nan
-    low = high = x.kthvalue(below + 1).values
-    if above > below and int((x <= low).sum()) < below + 2:  # the next order statistic
-        high = x[x > low].min()
+    # numpy's introselect gives both order statistics in one pass over a copy (torch.kthvalue plus
+    # a search for the next one took 12-16 ms on a 1M sample here; this 9 ms).
+    low, high = torch.from_numpy(np.partition(values, (below, above))[[below, above]])
     return float(torch.lerp(low, high, rank - below))
 
 
@@ -187,6 +189,24 @@ def sum_float64(t: torch.Tensor) -> float:
     return float(np.add.reduce(flat.numpy(), dtype=np.float64))
 
 
+def _sums_float64_on_cpu(tensors, piece: int = 1 << 20) -> list[float]:
+    """Each CPU tensor's float64 sum, a piece of ``piece`` values at a time, the pieces shared out
+    over torch's intra-op thread count (numpy's reduction releases the GIL: a one-thread pass read
+    the Hessians at half the machine's bandwidth). Each tensor's piece sums are added in piece
+    order, so the bits do not depend on the thread count."""
+    pieces = [(i, p) for i, t in enumerate(tensors) for p in t.reshape(-1).split(piece)]
+    workers = min(torch.get_num_threads(), len(pieces))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            values = list(pool.map(lambda job: sum_float64(job[1]), pieces))
+    else:
+        values = [sum_float64(p) for _, p in pieces]
+    sums = [0.0] * len(tensors)
+    for (i, _), v in zip(pieces, values):
+        sums[i] += v
+    return sums
+
+
 def _means(hessians) -> list[float]:
     """Each Hessian's mean, summed in float64: on a GPU one multi-tensor L1 norm per device, which
     torch accumulates in float64 when asked for a float64 result (a CUDA sum to float64 would first
@@ -203,9 +223,9 @@ def _means(hessians) -> list[float]:
         norms = torch._foreach_norm([hessians[i] for i in indices], 1, dtype=torch.float64)
         for i, v in zip(indices, torch.stack(norms).tolist()):
             sums[i] = v
-    for i, h in enumerate(hessians):
-        if sums[i] is None:
-            sums[i] = sum(sum_float64(piece) for piece in h.reshape(-1).split(1 << 20))
+    on_cpu = [i for i, v in enumerate(sums) if v is None]
+    for i, v in zip(on_cpu, _sums_float64_on_cpu([hessians[i] for i in on_cpu])):
+        sums[i] = v
     return [total / h.numel() if h.numel() else 0.0 for total, h in zip(sums, hessians)]
 
 

@@ -243,6 +243,27 @@ def test_sum_float64_is_the_float64_sum():
     assert sum_float64(torch.zeros(0)) == 0.0
 
 
+def test_cpu_sums_are_the_same_bits_on_any_thread_count():
+    """The no-Hessian means' CPU sums, shared out over threads a piece at a time, give each tensor's
+    piece sums added in order, whatever the thread count (odd sizes, an empty tensor, a bfloat16
+    one)."""
+    from finepurify_ext.purify import _sums_float64_on_cpu, sum_float64
+
+    gen = torch.Generator().manual_seed(9)
+    tensors = [torch.rand(n, generator=gen) ** 3 for n in (1001, 0, 77, 4096, 5)]
+    tensors.append(torch.rand(333, generator=gen).bfloat16())
+    expected = [sum(sum_float64(p) for p in t.split(64)) for t in tensors]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert _sums_float64_on_cpu(tensors, piece=64) == expected
+    finally:
+        torch.set_num_threads(threads)
+    assert expected[0] != sum_float64(tensors[0])  # the piece order matters: the test sees it
+    assert _sums_float64_on_cpu([]) == []
+
+
 def test_sample_quantile_is_torch_quantile_bit_for_bit():
     """The Hessian floor's quantile by selection gives torch.quantile's bits: odd sizes, repeated
     values (the next order statistic equal to the first), the ends, NaN; an empty sample is refused."""
