@@ -275,6 +275,9 @@ def main():
         if args.profile:
             restore()
             row["profile"] = profile_tables(device, lambda: purify_(model, pre_dev, hessians, config))
+            steps = row["profile"]["purify_steps_ms"]  # also in the log, which comes back where the JSON may not
+            print("    steps (host ms): " + ", ".join(f"{k.removeprefix('purify.')} {v['host_ms']:.2f}"
+                                                      for k, v in steps.items()), flush=True)
         if device.type != "cpu" and ranking == "fine_purifying":
             row = measure("purify_ fine_purifying (pre-trained on CPU)",
                           lambda: purify_(model, pre_cpu, hessians, config))

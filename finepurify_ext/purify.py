@@ -265,7 +265,9 @@ class Feed:
     Where the pre-trained values and Hessians already sit there in the model's dtype, one group holds
     every tensor (one launch per pass). Otherwise (a pre-trained state on the CPU, in float32 for a
     bfloat16 model) they are moved and converted a group of at most ``group_bytes`` at a time, so
-    the extra memory stays a group, never the model. Every pass walks the same groups."""
+    the extra memory stays a group, never the model; to a GPU through two pinned buffers
+    (``_Staging``), so the host packs one group while the last one crosses. Every pass walks the
+    same groups."""
 
     def __init__(self, ft, pre, scoring: Scoring, group_bytes: int | None = None):
         self.ft, self.pre, self.scoring = ft, pre, scoring
@@ -276,13 +278,19 @@ class Feed:
         # In place the one group's lists are made once and every pass reuses them (a model of 400
         # tensors otherwise spends milliseconds of host time per pass on no-op conversions).
         self._resident = None
+        self._staging = None
         if in_place and ft:
             self._resident = (self.groups[0], list(ft), list(pre), list(scoring.hessians), scoring.ranking)
+        elif ft and ft[0].device.type == "cuda":
+            largest = max(_Staging.nbytes(self._moved(idx)) for idx in self.groups)
+            self._staging = _Staging(largest) if largest else None
 
     def _split(self, group_bytes):
         groups, current, size = [], [], 0
         for i, (f, h) in enumerate(zip(self.ft, self.scoring.hessians)):
-            nbytes = f.numel() * f.element_size() + (h.numel() * 4 if h.device != f.device else 0)
+            # what is staged (aligned as _staged packs it): the pre-trained values, the Hessian if elsewhere
+            nbytes = _aligned(f.numel() * f.element_size()) + (_aligned(h.numel() * h.element_size())
+                                                               if h.device != f.device else 0)
             if current and size + nbytes > group_bytes:
                 groups.append(current)
                 current, size = [], 0
@@ -297,11 +305,15 @@ class Feed:
             return [fn(*self._resident)]
         return [self._on_group(idx, fn) for idx in self.groups]
 
+    def _moved(self, idx) -> list:
+        """A group's inputs as (tensor, dtype it needs) in the order [pre-trained..., Hessians...]."""
+        return ([(self.pre[i], self.ft[i].dtype) for i in idx]
+                + [(self.scoring.hessians[i], self.scoring.hessians[i].dtype) for i in idx])
+
     def _on_group(self, idx, fn):
         ft = [self.ft[i] for i in idx]
-        pre = [self.pre[i].to(device=f.device, dtype=f.dtype) for i, f in zip(idx, ft)]
-        hs = [self.scoring.hessians[i].to(f.device) for i, f in zip(idx, ft)]
-        return fn(idx, ft, pre, hs, self.scoring.ranking.subset(idx))
+        moved = _staged(self._moved(idx), ft[0].device, self._staging)
+        return fn(idx, ft, moved[:len(idx)], moved[len(idx):], self.scoring.ranking.subset(idx))
 
     def histogram_on_device(self, level: int, prefix: int) -> torch.Tensor:
         """The counts of one pass where the model lives, not read yet: on a GPU the host may queue
@@ -332,6 +344,81 @@ class Feed:
 
     def masked_reset_(self, threshold: float) -> list[int]:
         return self.start_masked_reset_(threshold)()
+
+
+_STAGE_ALIGN = 256  # bytes: each staged tensor starts where a fresh allocation would
+
+
+class _Staging:
+    """Two pinned host buffers taken in turn for the groups moved from the CPU to a GPU: the host
+    packs one group while the other's copy runs, and waits for a buffer's last copy before packing
+    into it again, so at most two groups are ever pinned."""
+
+    def __init__(self, nbytes: int):
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.copied = [None, None]  # the event after each buffer's last copy
+        self.turn = 0
+
+    @staticmethod
+    def nbytes(pairs) -> int:
+        """The bytes the CPU tensors of ``pairs`` ((tensor, dtype)) take packed, each aligned."""
+        return sum(_aligned(t.numel() * dtype.itemsize) for t, dtype in pairs if t.device.type == "cpu")
+
+    def take(self) -> tuple[int, torch.Tensor]:
+        k, self.turn = self.turn, self.turn ^ 1
+        if self.copied[k] is not None:
+            self.copied[k].synchronize()
+        return k, self.buffers[k]
+
+    def sent(self, k: int, device) -> None:
+        self.copied[k] = torch.cuda.Event()
+        self.copied[k].record(torch.cuda.current_stream(device))
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _STAGE_ALIGN) * _STAGE_ALIGN
+
+
+def _staged(pairs, device, staging: _Staging | None = None) -> list[torch.Tensor]:
+    """Each (tensor, dtype) of ``pairs`` on ``device`` in that dtype. The tensors already there pass
+    through; the CPU ones are packed (and converted) by the host into one flat buffer that crosses in
+    one copy: to a GPU from ``staging``'s pinned buffers, a copy the host does not wait for (a
+    pageable copy per tensor makes the host wait for each transfer). From another GPU, tensor by
+    tensor."""
+    device = torch.device(device)
+    out = [t for t, _ in pairs]
+    moving = [i for i, (t, dtype) in enumerate(pairs) if t.device != device or t.dtype != dtype]
+    from_cpu = [i for i in moving if pairs[i][0].device.type == "cpu"]
+    for i in set(moving) - set(from_cpu):
+        out[i] = pairs[i][0].to(device=device, dtype=pairs[i][1])
+    if not from_cpu:
+        return out
+    offsets, size = [], 0
+    for i in from_cpu:
+        offsets.append(size)
+        size += _aligned(pairs[i][0].numel() * pairs[i][1].itemsize)
+    # Pinned memory for a GPU: torch's host allocator hands a fresh pinned buffer out again only
+    # once the copy from it is done; the staging buffers are guarded by their own events.
+    pinned = device.type == "cuda"
+    if staging is not None and pinned and size <= staging.buffers[0].numel():
+        k, host = staging.take()
+    else:
+        k, host = None, torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+
+    def view(flat, i, offset):
+        t, dtype = pairs[i]
+        return flat[offset:offset + t.numel() * dtype.itemsize].view(dtype).view(t.shape)
+
+    for i, offset in zip(from_cpu, offsets):
+        view(host, i, offset).copy_(pairs[i][0])
+    flat = host
+    if device.type != "cpu":
+        flat = host[:size].to(device, non_blocking=pinned)
+        if k is not None:
+            staging.sent(k, device)
+    for i, offset in zip(from_cpu, offsets):
+        out[i] = view(flat, i, offset)
+    return out
 
 
 def unrankable(inputs) -> UserError | None:

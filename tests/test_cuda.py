@@ -428,6 +428,44 @@ def test_purify_cuda_model_with_pretrained_state_on_cpu(tmp_path, ranking):
     assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])
 
 
+def test_staged_groups_reach_the_gpu_intact_while_the_stream_is_busy():
+    """Groups packed by the host into the two pinned buffers and sent without waiting: with the
+    stream held up by a long kernel, the third group must wait for the first one's copy before it
+    reuses its buffer; every group arrives intact (a buffer repacked too early would show)."""
+    from finepurify_ext.purify import _staged, _Staging
+
+    gen = torch.Generator().manual_seed(13)
+    groups = [[(torch.rand(1000 + 17 * g, generator=gen), torch.bfloat16),
+               (torch.rand(3, 100 + g, generator=gen), torch.float32)] for g in range(6)]
+    staging = _Staging(max(_Staging.nbytes(g) for g in groups))
+    torch.cuda._sleep(200_000_000)  # about 0.1 s of device time ahead of every copy
+    got = [_staged(g, CUDA, staging) for g in groups]
+    torch.cuda.synchronize()
+    for group, moved in zip(groups, got):
+        for (src, dtype), t in zip(group, moved):
+            assert t.device.type == "cuda" and torch.equal(t.cpu(), src.to(dtype))
+
+
+@pytest.mark.parametrize("hessians_on", ["cpu", "cuda"])
+def test_purify_streams_many_groups_from_the_cpu_to_the_gpu(tmp_path, monkeypatch, hessians_on):
+    """A float32 pre-trained state (and Hessians) on the CPU beside a bfloat16 model on the GPU,
+    streamed in many small groups through the pinned buffers: the CPU's result bit for bit."""
+    from tiny_models import make_tokenizer, tiny_model
+    from finepurify_ext import purify as purify_module
+    from finepurify_ext.purify import PurifyConfig, purify_
+
+    model_cpu = tiny_model(make_tokenizer(tmp_path), seed=7).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(8)
+    pre = {n: p.detach().float() - 0.01 * torch.randn(p.shape, generator=gen) for n, p in model_cpu.named_parameters()}
+    hs = {n: torch.rand(p.shape, generator=gen) for n, p in model_cpu.named_parameters()}
+    model_gpu = tiny_model(make_tokenizer(tmp_path), seed=7).to(torch.bfloat16).to(CUDA)
+    monkeypatch.setattr(purify_module, "GROUP_BYTES", 4096)
+    expected = purify_(model_cpu, pre, hs, PurifyConfig(reserve_ratio=0.4))
+    got = purify_(model_gpu, pre, {n: h.to(hessians_on) for n, h in hs.items()}, PurifyConfig(reserve_ratio=0.4))
+    assert got.reset_per_parameter == expected.reset_per_parameter and got.threshold == expected.threshold
+    assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])
+
+
 def test_purify_cuda_with_seen_tokens_and_plot_sample_equals_cpu(tmp_path):
     """The embedding rule from the clean inputs' token ids and the plot's sample, whose indices reach
     the GPU by copies that do not wait for the passes: the CPU's resets and sample."""

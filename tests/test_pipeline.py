@@ -368,8 +368,8 @@ def test_purify_streams_a_pretrained_state_held_elsewhere(tokenizer, monkeypatch
 
 
 def test_streamed_groups_are_moved_one_at_a_time(tokenizer, monkeypatch):
-    """The extra memory of a streamed pre-trained state is one group: every copy the feed makes of a
-    group (watched at the dispatcher) is freed before the next group is copied."""
+    """The extra memory of a streamed pre-trained state is one group: every copy or staging buffer
+    the feed makes of a group (watched at the dispatcher) is freed before the next group is made."""
     import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -383,7 +383,7 @@ def test_streamed_groups_are_moved_one_at_a_time(tokenizer, monkeypatch):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func is torch.ops.aten._to_copy.default:
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.empty.memory_format):
                 self.live = [(ref, size) for ref, size in self.live if ref() is not None]
                 self.live.append((weakref.ref(out), out.numel() * out.element_size()))
                 self.peak = max(self.peak, sum(size for _, size in self.live))
@@ -403,6 +403,29 @@ def test_streamed_groups_are_moved_one_at_a_time(tokenizer, monkeypatch):
     with LiveCopies() as copies:
         feed.histogram(0, 0)
     assert 0 < copies.peak <= max(group_bytes, largest)
+
+
+def test_staged_tensors_are_converted_packed_and_aligned():
+    """_staged packs the tensors that must move or change dtype into one buffer: each view holds its
+    tensor's values in the dtype asked for and starts on an aligned byte; those already right pass
+    through as themselves (empty, 0-d and strided sources included)."""
+    from finepurify_ext.purify import _STAGE_ALIGN, _staged
+
+    gen = torch.Generator().manual_seed(12)
+    already = torch.rand(5, generator=gen)
+    sources = [torch.rand(7, 3, generator=gen), torch.zeros(0, 4), torch.tensor(2.5),
+               torch.rand(6, 5, generator=gen)[:, ::2], already, torch.rand(33, generator=gen).bfloat16()]
+    dtypes = [torch.bfloat16, torch.bfloat16, torch.float16, torch.bfloat16, torch.float32, torch.float32]
+    out = _staged(list(zip(sources, dtypes)), "cpu")
+    assert out[4] is already
+    base = out[0].untyped_storage().data_ptr()
+    for src, dtype, got in zip(sources, dtypes, out):
+        assert got.dtype == dtype and got.shape == src.shape
+        assert torch.equal(got, src.to(dtype))
+    staged = out[:4] + out[5:]
+    assert all(t.untyped_storage().data_ptr() == base for t in staged)  # one buffer
+    assert all((t.data_ptr() - base) % _STAGE_ALIGN == 0 for t in staged if t.numel())
+    assert _staged([], "cpu") == []
 
 
 def test_literal_mode_ranks_embeddings(tokenizer):
