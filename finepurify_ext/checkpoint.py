@@ -14,6 +14,7 @@ directory that looks complete. The inputs are opened read-only. Headers are JSON
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -308,8 +309,8 @@ def purify_checkpoint(
     ``num_reset``), eps, the Hessian floor, counting the ratio over moved weights, and the separate
     embedding budget (the word-embedding matrix, found by name, kept out of the ranking; its rows
     with a Hessian of exactly zero that moved are reset). Tensors are streamed in pieces of
-    ``chunk_bytes`` (float32): peak memory is about six pieces (the next piece of each of the three
-    files is read while one is used), whatever the largest tensor. On a CUDA ``device`` the pieces
+    ``chunk_bytes`` (float32): peak memory is about nine pieces (two sets of three read-ahead
+    buffers, and three for the tensors copied as they are), whatever the largest tensor. On a CUDA ``device`` the pieces
     are scored and reset there (the files are still read and written by the CPU)."""
     times = {}
     start_all = time.perf_counter()
@@ -507,39 +508,41 @@ def purify_checkpoint(
         start = time.perf_counter()
         bar = tqdm(total=sus_ckpt.nbytes, desc="reset pass", unit="B", unit_scale=True, disable=not progress,
                    leave=False)
-        # The ranked tensors' pieces, read ahead in the order the shards take them.
+        # The ranked tensors' pieces, read ahead in the order the shards take them; closed (its reads
+        # finished, its threads gone) however the loop ends.
         reset_pieces = pieces([n for names in sus_ckpt.file_order.values() for n in names
-                               if n in ranked_set and n != embedding], reads_hessian) if threshold is not None else None
-        for file, names in sus_ckpt.file_order.items():
-            layout = [(n, sus_ckpt.entries[n].dtype, sus_ckpt.entries[n].shape) for n in names]
-            writer = ShardWriter(os.path.join(tmp, os.path.basename(file)), layout, sus_ckpt.metadata[file])
-            for name in names:
-                if name == embedding:
-                    report.embedding_rows_reset = reset_embedding_rows(name, writer)
-                    report.reset_per_tensor[name] = report.embedding_rows_reset * sus_ckpt.entries[name].shape[1]
-                elif name in ranked_set and threshold is not None:
-                    resets = 0
-                    for _ in range(math.ceil(sus_ckpt.numel(name) / chunk)):
-                        piece_name, piece_start, ft, pre, h = next(reset_pieces)
-                        assert piece_name == name, (piece_name, name)
-                        hs, ranking = piece_inputs(name, piece_start, h)
-                        resets += int(ops.masked_reset_([ft], [pre], [hs], threshold, eps, ranking=ranking)[0])
-                        writer.write_part(name, ft.cpu())  # finite: the histogram passes refused NaN/Inf
-                        del ft, pre, h, hs
-                    report.reset_per_tensor[name] = resets
-                else:  # copied as it is (nothing to reset: no need to read pre-trained values and Hessian)
-                    if name in ranked_set:
-                        report.reset_per_tensor[name] = 0
-                    numel = sus_ckpt.numel(name)
-                    for offset in range(0, numel, chunk):
-                        piece = sus_ckpt.read(name, offset, min(chunk, numel - offset), reuse=True)
-                        _check_finite(piece, sus_ckpt.entries[name].file, name)
-                        writer.write_part(name, piece)
-                        del piece
-                    bytes_read += sus_ckpt.entries[name].nbytes
-                report.bytes_written += sus_ckpt.entries[name].nbytes
-                bar.update(sus_ckpt.entries[name].nbytes)
-            writer.close()
+                               if n in ranked_set and n != embedding and threshold is not None], reads_hessian)
+        with contextlib.closing(reset_pieces):
+            for file, names in sus_ckpt.file_order.items():
+                layout = [(n, sus_ckpt.entries[n].dtype, sus_ckpt.entries[n].shape) for n in names]
+                writer = ShardWriter(os.path.join(tmp, os.path.basename(file)), layout, sus_ckpt.metadata[file])
+                for name in names:
+                    if name == embedding:
+                        report.embedding_rows_reset = reset_embedding_rows(name, writer)
+                        report.reset_per_tensor[name] = report.embedding_rows_reset * sus_ckpt.entries[name].shape[1]
+                    elif name in ranked_set and threshold is not None:
+                        resets = 0
+                        for _ in range(math.ceil(sus_ckpt.numel(name) / chunk)):
+                            piece_name, piece_start, ft, pre, h = next(reset_pieces)
+                            assert piece_name == name, (piece_name, name)
+                            hs, ranking = piece_inputs(name, piece_start, h)
+                            resets += int(ops.masked_reset_([ft], [pre], [hs], threshold, eps, ranking=ranking)[0])
+                            writer.write_part(name, ft.cpu())  # finite: the histogram passes refused NaN/Inf
+                            del ft, pre, h, hs
+                        report.reset_per_tensor[name] = resets
+                    else:  # copied as it is (nothing to reset: no need to read pre-trained values and Hessian)
+                        if name in ranked_set:
+                            report.reset_per_tensor[name] = 0
+                        numel = sus_ckpt.numel(name)
+                        for offset in range(0, numel, chunk):
+                            piece = sus_ckpt.read(name, offset, min(chunk, numel - offset), reuse=True)
+                            _check_finite(piece, sus_ckpt.entries[name].file, name)
+                            writer.write_part(name, piece)
+                            del piece
+                        bytes_read += sus_ckpt.entries[name].nbytes
+                    report.bytes_written += sus_ckpt.entries[name].nbytes
+                    bar.update(sus_ckpt.entries[name].nbytes)
+                writer.close()
         bar.close()
         if os.path.isdir(suspect):  # the index, config and tokenizer files, as they are (never pickles)
             for extra in os.listdir(suspect):

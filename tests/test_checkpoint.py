@@ -120,6 +120,33 @@ def test_literal_equals_the_in_memory_op(checkpoints, tmp_path, chunk_bytes):
     assert json.load(open(tmp_path / "out" / "finepurify_report.json"))["num_reset"] == report.num_reset
 
 
+@pytest.mark.parametrize("failing", ["score_histogram", "masked_reset_"])
+def test_a_pass_that_fails_leaves_no_reader_thread_and_no_output(checkpoints, tmp_path, monkeypatch, failing):
+    """A pass that fails midway (here the op, on its third piece) stops the read-ahead: no reader
+    thread outlives the call, and no output directory is left."""
+    import threading
+
+    from finepurify_ext import checkpoint as checkpoint_module
+
+    _, _, _, pre_dir, sus_dir, h_file = checkpoints
+    calls, op = [0], getattr(ops, failing)
+
+    def fails_on_the_third_piece(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("the device went away")
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.ops, failing, fails_on_the_third_piece)
+    with pytest.raises(RuntimeError, match="went away") as raised:
+        purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), PurifyConfig.literal(reserve_ratio=0.6),
+                          progress=False, chunk_bytes=64)
+    assert calls[0] == 3
+    assert not [t for t in threading.enumerate() if t.name.startswith("finepurify-read")]
+    assert not os.path.exists(tmp_path / "out")
+    del raised  # kept until here: a traceback alive must not keep the readers alive either
+
+
 @pytest.mark.parametrize("embeddings", ["ranked", "separate"])
 @pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

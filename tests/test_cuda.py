@@ -428,19 +428,27 @@ def test_purify_cuda_model_with_pretrained_state_on_cpu(tmp_path, ranking):
     assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])
 
 
-def test_staged_groups_reach_the_gpu_intact_while_the_stream_is_busy():
+@pytest.mark.parametrize("staging_bytes", [64 << 20, 1024])  # whole groups; tensors crossing in slices
+@pytest.mark.parametrize("side_stream", [False, True])
+def test_staged_groups_reach_the_gpu_intact_while_the_stream_is_busy(monkeypatch, staging_bytes, side_stream):
     """Groups packed by the host into the two pinned buffers and sent without waiting: with the
-    stream held up by a long kernel, the third group must wait for the first one's copy before it
-    reuses its buffer; every group arrives intact (a buffer repacked too early would show)."""
+    stream held up by a long kernel, the third buffer's worth must wait for the first one's copy
+    before it reuses its buffer; every tensor arrives intact (a buffer repacked too early would
+    show), on the default stream or another current one."""
+    from finepurify_ext import purify as purify_module
     from finepurify_ext.purify import _staged, _Staging
 
+    monkeypatch.setattr(purify_module, "STAGING_BYTES", staging_bytes)
     gen = torch.Generator().manual_seed(13)
     groups = [[(torch.rand(1000 + 17 * g, generator=gen), torch.bfloat16),
                (torch.rand(3, 100 + g, generator=gen), torch.float32)] for g in range(6)]
-    staging = _Staging(max(_Staging.nbytes(g) for g in groups))
-    torch.cuda._sleep(200_000_000)  # about 0.1 s of device time ahead of every copy
-    got = [_staged(g, CUDA, staging) for g in groups]
+    staging = _Staging(max(_Staging.packed_bytes(g, CUDA) for g in groups), CUDA)
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of device time ahead of every copy
+        got = [_staged(g, CUDA, staging) for g in groups]
     torch.cuda.synchronize()
+    assert len(staging.buffers) == 2
     for group, moved in zip(groups, got):
         for (src, dtype), t in zip(group, moved):
             assert t.device.type == "cuda" and torch.equal(t.cpu(), src.to(dtype))
