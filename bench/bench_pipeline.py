@@ -7,7 +7,7 @@ ranking, against the fused op alone, on a randomly initialised decoder of a real
   (the squares on a side stream during the backward, or beside the next step's forward).
 - purify_: time and peak extra memory (CUDA: the allocator's peak; CPU: the peak resident set) of ``purify_(model, pretrained_state, hessians,
   PurifyConfig(ranking=...))`` for each ranking, the pre-trained state on the device and (for the
-  default ranking) on the CPU, beside ``ops.reset_most_abnormal_`` over the same tensors (the op's
+  default ranking) on the CPU (on a CPU run, in float32), beside ``ops.reset_most_abnormal_`` over the same tensors (the op's
   own cost; the issue's target: purify_ <= 1.3x its time and <= 64 MB beyond its inputs).
 - ``--profile``: also where each ranking's ``purify_`` spends its time beyond the op, as the
   torch.profiler tables (self CPU time and device time per operator) of one call and the host time
@@ -221,14 +221,15 @@ def main():
     print(f"hessian: {main_row}", flush=True)
 
     # A suspect that drifted from its "pre-trained" state; the state kept on the CPU as
-    # pretrained_state_for returns it, and a copy on the device.
+    # pretrained_state_for returns it (on a CPU run of a model that is not float32: in float32, as a
+    # float32 checkpoint beside it, so it is converted a group at a time), and a copy on the device.
     gen = torch.Generator(device=device).manual_seed(2)
     pre_cpu, pre_dev = {}, {}
     with torch.no_grad():
         for name, p in params.items():
             pre = p - (torch.randn(p.shape, generator=gen, device=device) * 1e-3).to(p.dtype)
             pre_dev[name] = pre
-            pre_cpu[name] = pre.cpu() if device.type != "cpu" else pre
+            pre_cpu[name] = pre.cpu() if device.type != "cpu" else pre.float()
     backup = {name: p.detach().clone() for name, p in params.items()}
 
     def restore():
@@ -278,10 +279,12 @@ def main():
             steps = row["profile"]["purify_steps_ms"]  # also in the log, which comes back where the JSON may not
             print("    steps (host ms): " + ", ".join(f"{k.removeprefix('purify.')} {v['host_ms']:.2f}"
                                                       for k, v in steps.items()), flush=True)
-        if device.type != "cpu" and ranking == "fine_purifying":
-            row = measure("purify_ fine_purifying (pre-trained on CPU)",
+        streamed = device.type != "cpu" or dtype != torch.float32
+        if streamed and ranking == "fine_purifying":
+            where = "on CPU" if device.type != "cpu" else "in float32"
+            row = measure(f"purify_ fine_purifying (pre-trained {where})",
                           lambda: purify_(model, pre_cpu, hessians, config))
-            row.update(ranking=ranking, what="purify_", pretrained_on="cpu",
+            row.update(ranking=ranking, what="purify_", pretrained_on="cpu" if device.type != "cpu" else "cpu, float32",
                        ratio_to_op=round(row["median_s"] / op["median_s"], 2))
 
     targets = []
