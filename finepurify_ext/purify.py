@@ -196,10 +196,17 @@ def _sums_float64_on_cpu(tensors, piece: int = 1 << 20) -> list[float]:
     order, so the bits do not depend on the thread count. A strided tensor is copied to be read, so
     those are summed one at a time (never all their copies at once)."""
     pieces = [(i, p) for i, t in enumerate(tensors) if t.is_contiguous() for p in t.reshape(-1).split(piece)]
-    workers = min(torch.get_num_threads(), len(pieces))
+    jobs, size = [[]], 0  # runs of consecutive pieces of about ``piece`` values: small tensors share a job
+    for i, p in pieces:
+        if size >= piece:
+            jobs.append([])
+            size = 0
+        jobs[-1].append(p)
+        size += p.numel()
+    workers = min(torch.get_num_threads(), len(jobs))
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
-            values = list(pool.map(lambda job: sum_float64(job[1]), pieces))
+            values = [v for run in pool.map(lambda run: [sum_float64(p) for p in run], jobs) for v in run]
     else:
         values = [sum_float64(p) for _, p in pieces]
     sums = [0.0] * len(tensors)
