@@ -32,6 +32,7 @@ from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
 from .purify import PurifyConfig, sample_quantile, sum_float64, unrankable, unseen_mask
+from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
 from .threshold import LEVEL_BINS, threshold_from_histograms
 
 # Names of the word-embedding matrix in common architectures (embeddings="separate").
@@ -39,10 +40,6 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weig
                       "tok_embeddings.weight")
 
 INDEX = "model.safetensors.index.json"
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
-CODES = {v: k for k, v in DTYPES.items()}
 SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEADER = 100 << 20
 
@@ -58,13 +55,6 @@ class TensorEntry:
     shape: tuple[int, ...]
     begin: int  # absolute byte offset in the file
     nbytes: int
-
-
-def _numel(shape) -> int:
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel
 
 
 def _read_header(path: str) -> tuple[dict, int, dict]:
@@ -207,54 +197,6 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
-
-
-class ShardWriter:
-    """Writes one safetensors file tensor by tensor, in a fixed order: the header first (all shapes
-    and dtypes are known in advance), then each tensor's bytes as it comes."""
-
-    def __init__(self, path: str, layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict):
-        header, offset = {}, 0
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        for name, dtype, shape in layout:
-            nbytes = _numel(shape) * dtype.itemsize
-            header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        self.f = open(path, "wb")
-        self.f.write(struct.pack("<Q", len(raw)) + raw)
-        self.layout = list(layout)
-        self.index, self.written = 0, 0  # the tensor being written and its elements written so far
-        self._advance()  # empty tensors have no bytes
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.write_part(name, tensor.reshape(-1))
-
-    def write_part(self, name: str, flat: torch.Tensor) -> None:
-        """The next elements of tensor ``name``, in layout order; it is done when all have come."""
-        if flat.numel() == 0:
-            return
-        expected, dtype, shape = self.layout[self.index] if self.index < len(self.layout) else (None, None, ())
-        if name != expected or flat.dtype != dtype:
-            raise AssertionError(f"shard written out of order: {name} ({flat.dtype}) where {expected} ({dtype}) was due")
-        self.f.write(memoryview(flat.contiguous().view(torch.uint8).numpy()))
-        self.written += flat.numel()
-        if self.written > _numel(shape):
-            raise AssertionError(f"{name}: more elements written than it holds")
-        self._advance()
-
-    def _advance(self) -> None:
-        while self.index < len(self.layout) and self.written == _numel(self.layout[self.index][2]):
-            self.index, self.written = self.index + 1, 0
-
-    def close(self) -> None:
-        if self.index < len(self.layout):
-            raise AssertionError(f"{len(self.layout) - self.index} tensors were never written completely")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
 
 
 # ------------------------------------------------------------------------------- purification

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
+from .safetensors_io import ShardWriter
 from .threshold import _is_dtensor, _local
 
 
@@ -199,22 +200,33 @@ def estimate_hessian(
     return hessians, count
 
 
-def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str],
+                      sync: bool = True) -> None:
+    """``tensors`` as one safetensors file, written under a temporary name and renamed (with ``sync``,
+    on the disk first). Streamed a tensor at a time: from a GPU, or gathered from shards (DTensors:
+    every rank takes part, in the same order), only one tensor is ever on the host or gathered,
+    never the whole Hessian."""
     tmp = f"{path}.partial-{os.getpid()}"
+    writer = None
     try:
-        save_file({n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp, metadata=metadata)
+        writer = ShardWriter(tmp, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata)
+        for name, t in tensors.items():
+            writer.write(name, (t.full_tensor() if _is_dtensor(t) else t).detach().cpu())
+        writer.close(sync=sync)
         os.replace(tmp, path)
     except BaseException:
+        if writer is not None:
+            writer.f.close()
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
 
 
 def _save_accumulator(path, sums, done, count, per_sample) -> None:
+    # Not synced to the disk: it is saved every few batches (a sync took 0.4 s per GB here), and a
+    # copy lost to a machine crash is refused on resume with the advice to start afresh.
     _atomic_save_file(sums, path, {"format": ACCUMULATOR_FORMAT, "batches_done": str(done),
-                                   "squared_gradients": str(count), "per_sample": str(bool(per_sample))})
+                                   "squared_gradients": str(count), "per_sample": str(bool(per_sample))}, sync=False)
 
 
 def _load_accumulator(path, sums, per_sample) -> tuple[int, int]:
@@ -248,11 +260,10 @@ def save_hessian(path: str, hessians: dict[str, torch.Tensor], count: int, seen_
     """The estimated Hessian as safetensors (the input of out-of-core purification), atomically.
     ``seen_tokens``: the token ids of the clean inputs, kept in the metadata for an input embedding
     tied to the output (whose unseen rows the Hessian cannot tell; ``purify.purify_``)."""
-    full = {n: (h.full_tensor() if _is_dtensor(h) else h) for n, h in hessians.items()}
     metadata = {"format": HESSIAN_FORMAT, "squared_gradients": str(count)}
     if seen_tokens is not None:
         metadata["seen_tokens"] = encode_ids(seen_tokens)
-    _atomic_save_file(full, path, metadata)
+    _atomic_save_file(hessians, path, metadata)
 
 
 def encode_ids(ids) -> str:

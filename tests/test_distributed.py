@@ -139,8 +139,10 @@ def single_process_hessian():
     return estimate_hessian(TinyClassifier(), global_batches(), progress=False)[0]
 
 
-def _ddp_hessian(rank, wrap):
-    from finepurify_ext.hessian import estimate_hessian
+def _ddp_hessian(rank, wrap, out_dir):
+    from safetensors.torch import load_file
+
+    from finepurify_ext.hessian import estimate_hessian, save_hessian
 
     expected = single_process_hessian()
     model = TinyClassifier()
@@ -163,8 +165,32 @@ def _ddp_hessian(rank, wrap):
             assert type(got).__name__ == "DTensor"
             got = got.full_tensor()
         torch.testing.assert_close(got, h, rtol=1e-5, atol=1e-9)
+    # Saved by every rank, a tensor gathered at a time: never two gathered Hessians alive at once.
+    if wrap == "fsdp2":
+        import weakref
+
+        from torch.distributed.tensor import DTensor
+
+        gathered, most_alive, full_tensor = [], [0], DTensor.full_tensor
+
+        def watched(self, *args, **kwargs):
+            out = full_tensor(self, *args, **kwargs)
+            gathered[:] = [ref for ref in gathered if ref() is not None] + [weakref.ref(out)]
+            most_alive[0] = max(most_alive[0], len(gathered))
+            return out
+
+        DTensor.full_tensor = watched
+        try:
+            save_hessian(os.path.join(out_dir, f"hessian{rank}.safetensors"), hessians, count)
+        finally:
+            DTensor.full_tensor = full_tensor
+        assert most_alive[0] == 1
+        saved = load_file(os.path.join(out_dir, f"hessian{rank}.safetensors"))
+        assert set(saved) == set(expected)
+        for name, h in expected.items():
+            torch.testing.assert_close(saved[name], h, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_hessian_under_ddp_and_fsdp2(tmp_path, wrap):
-    run(tmp_path, _ddp_hessian, wrap)
+    run(tmp_path, _ddp_hessian, wrap, str(tmp_path))

@@ -210,6 +210,16 @@ def test_saved_hessian_reads_back(tokenizer, tmp_path):
     save_hessian(str(tmp_path / "h.safetensors"), hessians, count)
     ckpt = Checkpoint(str(tmp_path / "h.safetensors"))
     assert all(torch.equal(ckpt.read(n), h) for n, h in hessians.items())
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "h.safetensors"), framework="pt") as f:  # what safetensors itself reads
+        assert f.metadata()["squared_gradients"] == str(count)
+        assert all(torch.equal(f.get_tensor(n), h) for n, h in hessians.items())
+    # A tensor that cannot reach the host midway (streamed a tensor at a time): no file, no partial one.
+    broken = dict(list(hessians.items())[:2] + [("lost", torch.empty(3, device="meta"))] + list(hessians.items())[2:])
+    with pytest.raises(Exception, match="meta"):
+        save_hessian(str(tmp_path / "broken.safetensors"), broken, count)
+    assert sorted(os.listdir(tmp_path)) == ["h.safetensors"]
 
 
 def test_reset_moved_rows_resets_only_the_candidates_that_moved():
