@@ -311,30 +311,31 @@ def purify_checkpoint(
                    for c, names in ((sus_ckpt, ranked), (pre_ckpt, [pre_name[n] for n in ranked]), (h_ckpt, ranked))]
     slots = []
 
-    def pieces(names, with_hessian=True):
-        """(name, start, finetuned, pretrained, float32 hessian or None) over the flat pieces of
-        ``chunk`` elements of ``names``, in order; a piece is valid until the next one is asked for."""
+    def pieces(names, with_hessian=True, with_weights=True, to=device):
+        """(name, start, finetuned, pretrained, float32 hessian) over the flat pieces of ``chunk``
+        elements of ``names``, in order, on ``to`` (None for what is not read); a piece is valid
+        until the next one is asked for."""
         nonlocal bytes_read
         if not slots:
             slots.extend([torch.empty(n, dtype=torch.uint8, pin_memory=pin) for n in piece_bytes] for _ in range(2))
         jobs = [(name, start, min(chunk, sus_ckpt.numel(name) - start))
                 for name in names for start in range(0, sus_ckpt.numel(name), chunk)]
-        with ThreadPoolExecutor(3, thread_name_prefix="finepurify-read") as readers:
+        files = ([0, 1] if with_weights else []) + ([2] if with_hessian else [])  # into slot buffers 0-2
+        with ThreadPoolExecutor(max(1, len(files)), thread_name_prefix="finepurify-read") as readers:
 
             def submit(k):
                 name, start, count = jobs[k]
-                reads = [(sus_ckpt, name), (pre_ckpt, pre_name[name])] + ([(h_ckpt, name)] if with_hessian else [])
-                return [readers.submit(ckpt.read, held, start, count, into=buffer)
-                        for (ckpt, held), buffer in zip(reads, slots[k % 2])]
+                reads = [(sus_ckpt, name), (pre_ckpt, pre_name[name]), (h_ckpt, name)]
+                return [readers.submit(reads[f][0].read, reads[f][1], start, count, into=slots[k % 2][f])
+                        for f in files]
 
             pending = submit(0) if jobs else []
             for k, (name, start, count) in enumerate(jobs):
-                got = [f.result() for f in pending]
+                got = dict(zip(files, (f.result() for f in pending)))
                 pending = submit(k + 1) if k + 1 < len(jobs) else []
-                ft, pre = got[0].to(device), got[1].to(device)
-                h = got[2].to(device).float() if with_hessian else None
-                bytes_read += count * (ft.element_size() + pre.element_size() +
-                                       (h_ckpt.entries[name].dtype.itemsize if with_hessian else 0))
+                ft, pre = (got[0].to(to), got[1].to(to)) if with_weights else (None, None)
+                h = got[2].to(to).float() if with_hessian else None
+                bytes_read += sum(t.numel() * t.element_size() for t in got.values())
                 yield name, start, ft, pre, h
                 del got, ft, pre, h
 
@@ -344,19 +345,19 @@ def purify_checkpoint(
     h_mean, floor = {}, None
     wants_floor = config.hessian_floor_quantile is not None and config.ranking in ("fine_purifying", "no_hessian")
     if wants_floor or config.ranking == "no_hessian":
-        samples = []
+        samples, h_sum = [], {name: 0.0 for name in ranked}
         stride = max(1, ranked_elements // (1 << 20))
-        for name in tqdm(ranked, desc="pre-pass", disable=not progress, leave=False):
-            h_sum, numel = 0.0, h_ckpt.numel(name)
-            for start in range(0, numel, chunk):
-                h = h_ckpt.read(name, start, min(chunk, numel - start), reuse=True).float()
-                bytes_read += h.numel() * h_ckpt.entries[name].dtype.itemsize
-                _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")  # before its floor
-                h_sum += sum_float64(h)
-                if wants_floor:
-                    samples.append(h[(-start) % stride :: stride].clone())
-                del h
-            h_mean[name] = h_sum / max(numel, 1)
+        bar = tqdm(total=ranked_elements, desc="pre-pass", unit=" weights", unit_scale=True, disable=not progress,
+                   leave=False)
+        for name, start, _, _, h in pieces(ranked, with_weights=False, to="cpu"):  # checked and summed on the CPU
+            _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")  # before its floor
+            h_sum[name] += sum_float64(h)
+            if wants_floor:
+                samples.append(h[(-start) % stride :: stride].clone())
+            bar.update(h.numel())
+            del h
+        bar.close()
+        h_mean = {name: total / max(h_ckpt.numel(name), 1) for name, total in h_sum.items()}
         if wants_floor:
             floor = sample_quantile(torch.cat(samples), config.hessian_floor_quantile)
         del samples
