@@ -169,13 +169,19 @@ def _quantile(tensors, q: float, max_samples: int = 1 << 20) -> float:
 
 
 def _per_tensor_values(values, hessians) -> list:
-    """One-element float32 tensors (views of one allocation per device) beside each Hessian."""
+    """One-element float32 tensors (views of one allocation per device) beside each Hessian; where
+    every value on a device is the same (magnitude, Fine-mixing: 0), the one tensor for all: the ops
+    only read it, and a view per tensor cost about 2 ms of host time at 400 tensors on a GPU, before
+    the first pass could start."""
     out, by_device = [None] * len(hessians), {}
     for i, h in enumerate(hessians):
         by_device.setdefault(h.device, []).append(i)
     for device, indices in by_device.items():
-        block = torch.tensor([values[i] for i in indices], dtype=torch.float32).to(device)
-        for i, view in zip(indices, block.split(1)):
+        distinct = sorted({values[i] for i in indices})
+        block = torch.tensor(distinct if len(distinct) == 1 else [values[i] for i in indices],
+                             dtype=torch.float32).to(device)
+        views = [block] * len(indices) if len(distinct) == 1 else block.split(1)
+        for i, view in zip(indices, views):
             out[i] = view
     return out
 
@@ -546,7 +552,10 @@ def purify_(
     except RuntimeError as op_error:
         raise named_error(op_error) from op_error
     sampled = _plot_sample(ft, plot_samples, config.seed)  # (tensor index, element indices on its device)
-    before = _gather(ft, sampled, device)  # queued behind the pass, before any reset
+    if sampled:  # the plot's drift^2 and H: queued behind the pass, before any reset; nothing here waits
+        before = _gather(ft, sampled, device)
+        drift = before - _gather(pre, sampled, device)
+        values = torch.stack([drift * drift, _gather([hessians[n] for n in ranked], sampled, device)])
     unseen = None
     if embedding is not None:
         if seen_tokens is not None:
@@ -574,10 +583,7 @@ def purify_(
         report.embedding_rule = report_rule
         embedding_reset = reset_moved_rows_(params[embedding].data, pretrained_state[embedding], unseen, read=False)
 
-    # A sample for the plot: drift^2 and H before the reset, and whether the element was reset.
-    if sampled:
-        drift = before - _gather(pre, sampled, device)
-        values = torch.stack([drift * drift, _gather([hessians[n] for n in ranked], sampled, device)])
+    if sampled:  # and whether each sampled element was reset
         flags = _gather(ft, sampled, device) != before
     report.reset_per_parameter = dict(zip(ranked, read_counts())) if read_counts else {n: 0 for n in ranked}
     report.numel_per_parameter = {n: params[n].numel() for n in scored}
@@ -594,13 +600,20 @@ def purify_(
 
 def _gather(tensors, sampled, device) -> torch.Tensor:
     """The sampled elements of ``tensors`` (``_plot_sample``'s picks) as one float32 vector on
-    ``device``: a gather per picked tensor where it lives."""
+    ``device``: a gather per picked tensor where it lives, then (where they all live on one device
+    in one dtype) one concatenation, one conversion and, from the CPU to a GPU, a copy that does not
+    wait for the passes queued there."""
     parts = []
     for t, on_host, on_device in sampled:
         x = tensors[t]
         index = on_device if on_device.device == x.device else on_host.to(x.device)
-        parts.append(x.reshape(-1)[index].to(device=device, dtype=torch.float32))
-    return torch.cat(parts)
+        parts.append(x.reshape(-1)[index])
+    if len({(p.device, p.dtype) for p in parts}) == 1:
+        flat = torch.cat(parts).float()
+        if flat.device.type == "cpu" and torch.device(device).type == "cuda":
+            return _to_device_async(flat, device)
+        return flat.to(device)
+    return torch.cat([p.to(device=device, dtype=torch.float32) for p in parts])
 
 
 def zero_hessian_rows(h: torch.Tensor) -> torch.Tensor:
