@@ -22,6 +22,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_digest() -> str:
+    """SHA-256 over the package's, kernels', benchmarks' and tests' source files (names and bytes):
+    what ran, even where a copy of the tree carries stale git metadata (as on a lent GPU); compare
+    with ``python bench/common.py`` in a checkout."""
+    import hashlib
+
+    root = os.path.dirname(HERE)
+    digest = hashlib.sha256()
+    for top in ("finepurify_ext", "csrc", "bench", "tests"):
+        for folder, dirs, files in sorted(os.walk(os.path.join(root, top))):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "baseline_src", "results"))
+            for name in sorted(files):
+                if name.endswith((".py", ".cpp", ".cu", ".cuh", ".h", ".sh")):
+                    path = os.path.join(folder, name)
+                    digest.update(os.path.relpath(path, root).encode() + b"\0")
+                    with open(path, "rb") as f:
+                        digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def write_json_atomically(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -44,3 +64,7 @@ def run_cells(args, results: dict, measure_cell):
                 print(f"{attack}, seed {seed}", flush=True)
                 measure_cell(attack, seed, args, results, save)
     return save
+
+
+if __name__ == "__main__":
+    print(git_commit(), source_digest())

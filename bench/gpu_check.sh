@@ -26,7 +26,13 @@ LOG="$OUT_DIR/gpu_check.log"
 STEPS="$OUT_DIR/.gpu_check_steps"
 : > "$LOG"; : > "$STEPS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-export FINEPURIFY_COMMIT="${FINEPURIFY_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+# The commit that ran, "+dirty" with uncommitted changes (pass FINEPURIFY_COMMIT where the copy's git
+# metadata may be stale, as on a lent GPU; gpu_check.json also records the sources' digest).
+if [[ -z "${FINEPURIFY_COMMIT:-}" ]]; then
+  FINEPURIFY_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+  [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]] && FINEPURIFY_COMMIT+="+dirty"
+fi
+export FINEPURIFY_COMMIT
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
@@ -91,6 +97,8 @@ fi
 
 "$PY" - "$OUT_DIR" "$STEPS" "$LOG" <<'PYEOF'
 import datetime, json, os, re, sys
+sys.path.insert(0, "bench")
+from common import source_digest
 out_dir, steps_file, log_file = sys.argv[1:]
 log = open(log_file, errors="replace").read()
 sections = {m.group(1): m.group(2) for m in re.finditer(r"=== (\w+) \(limit[^\n]*\n(.*?)(?==== \1:)", log, re.S)}
@@ -107,7 +115,8 @@ try:
 except Exception as error:
     device, version = f"unknown ({error})", None
 report = {"command": "bash bench/gpu_check.sh", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "commit": os.environ.get("FINEPURIFY_COMMIT"), "device": device, "torch": version, "steps": steps}
+          "commit": os.environ.get("FINEPURIFY_COMMIT"), "source_digest": source_digest(), "device": device,
+          "torch": version, "steps": steps}
 with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
     json.dump(report, f, indent=2)
 for s in steps:

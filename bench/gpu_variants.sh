@@ -23,7 +23,13 @@ PY=$(command -v "${PYTHON:-python3}")
 PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute (a venv's link kept): builds run in the copies
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/finepurify_variants.XXXXXX")  # fresh, absolute: copies built and imported there
 BENCH_ARGS="${BENCH_ARGS:---sizes 1.3b --repeats 5 --baseline-budget-s 0.2}"
-export FINEPURIFY_COMMIT="${FINEPURIFY_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+# The commit that ran, "+dirty" with uncommitted changes (pass FINEPURIFY_COMMIT where the copy's git
+# metadata may be stale, as on a lent GPU; gpu_check.json also records the sources' digest).
+if [[ -z "${FINEPURIFY_COMMIT:-}" ]]; then
+  FINEPURIFY_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+  [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]] && FINEPURIFY_COMMIT+="+dirty"
+fi
+export FINEPURIFY_COMMIT
 ARCH=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "")
 JOBS=$(( $(nproc) / $# > 0 ? $(nproc) / $# : 1 ))
 
