@@ -171,16 +171,15 @@ def _quantile(tensors, q: float, max_samples: int = 1 << 20) -> float:
 def _per_tensor_values(values, hessians) -> list:
     """One-element float32 tensors (views of one allocation per device) beside each Hessian; where
     every value on a device is the same (magnitude, Fine-mixing: 0), the one tensor for all: the ops
-    only read it, and a view per tensor cost about 2 ms of host time at 400 tensors on a GPU, before
-    the first pass could start."""
+    only read it, and a view per tensor is a host operation per tensor before the first pass."""
     out, by_device = [None] * len(hessians), {}
     for i, h in enumerate(hessians):
         by_device.setdefault(h.device, []).append(i)
     for device, indices in by_device.items():
-        distinct = sorted({values[i] for i in indices})
-        block = torch.tensor(distinct if len(distinct) == 1 else [values[i] for i in indices],
+        same = len({values[i] for i in indices}) == 1
+        block = torch.tensor([values[indices[0]]] if same else [values[i] for i in indices],
                              dtype=torch.float32).to(device)
-        views = [block] * len(indices) if len(distinct) == 1 else block.split(1)
+        views = [block] * len(indices) if same else block.split(1)
         for i, view in zip(indices, views):
             out[i] = view
     return out
@@ -203,7 +202,7 @@ def _sums_float64_on_cpu(tensors, piece: int = 1 << 20) -> list[float]:
     those are summed one at a time (never all their copies at once)."""
     pieces = [(i, p) for i, t in enumerate(tensors) if t.is_contiguous() for p in t.reshape(-1).split(piece)]
     jobs, size = [[]], 0  # runs of consecutive pieces of about ``piece`` values: small tensors share a job
-    for i, p in pieces:
+    for _, p in pieces:
         if size >= piece:
             jobs.append([])
             size = 0
@@ -416,14 +415,15 @@ def _staged(pairs, device, staging: _Staging | None = None) -> list[torch.Tensor
     through; the CPU ones are packed (and converted) by the host into ``staging``'s buffers, which
     hold them until the next call on the CPU and cross to a GPU in one copy per buffer that the
     host does not wait for (a pageable copy per tensor makes it wait for each transfer); a tensor
-    larger than a buffer crosses in slices. From another GPU, tensor by tensor."""
+    larger than a buffer crosses in slices. From another GPU, or to another kind of device, tensor
+    by tensor."""
     device = torch.device(device)
     out = [t for t, _ in pairs]
     moving = [i for i, (t, dtype) in enumerate(pairs) if t.device != device or t.dtype != dtype]
-    from_cpu = [i for i in moving if pairs[i][0].device.type == "cpu"]
-    for i in set(moving) - set(from_cpu):
+    staged = [i for i in moving if pairs[i][0].device.type == "cpu" and device.type in ("cpu", "cuda")]
+    for i in set(moving) - set(staged):
         out[i] = pairs[i][0].to(device=device, dtype=pairs[i][1])
-    if not from_cpu:
+    if not staged:
         return out
     if staging is None:
         staging = _Staging(_Staging.packed_bytes(pairs, device), device)
@@ -431,16 +431,16 @@ def _staged(pairs, device, staging: _Staging | None = None) -> list[torch.Tensor
     def nbytes(i):
         return pairs[i][0].numel() * pairs[i][1].itemsize
 
-    if not staging.pinned:  # on the CPU (or a device torch copies to synchronously): views of one buffer
-        if sum(_aligned(nbytes(i)) for i in from_cpu) > staging.capacity:
-            for i in from_cpu:
+    if not staging.pinned:  # on the CPU: views of the one buffer
+        if sum(_aligned(nbytes(i)) for i in staged) > staging.capacity:
+            for i in staged:
                 out[i] = pairs[i][0].to(device=device, dtype=pairs[i][1])
             return out
-        batches, large = [from_cpu], []
+        batches, large = [staged], []
     else:  # to a GPU: small tensors packed a buffer at a time, larger ones in slices
-        large = [i for i in from_cpu if _aligned(nbytes(i)) > staging.capacity]
+        large = [i for i in staged if _aligned(nbytes(i)) > staging.capacity]
         batches, size = [[]], 0
-        for i in (i for i in from_cpu if _aligned(nbytes(i)) <= staging.capacity):
+        for i in (i for i in staged if _aligned(nbytes(i)) <= staging.capacity):
             if size + _aligned(nbytes(i)) > staging.capacity:
                 batches.append([])
                 size = 0
@@ -457,13 +457,10 @@ def _staged(pairs, device, staging: _Staging | None = None) -> list[torch.Tensor
         for i, offset in zip(batch, offsets):
             view(host, i, offset).copy_(pairs[i][0])
         flat = host
-        if device.type != "cpu":
+        if staging.pinned:
             size = offsets[-1] + _aligned(nbytes(batch[-1]))
             flat = torch.empty(size, dtype=torch.uint8, device=device)
-            if staging.pinned:
-                staging.send(k, host[:size], flat)
-            else:
-                flat.copy_(host[:size])
+            staging.send(k, host[:size], flat)
         for i, offset in zip(batch, offsets):
             out[i] = view(flat, i, offset)
     for i in large:  # the whole tensor on the device, its bytes through the buffers a slice at a time
