@@ -11,8 +11,10 @@
 # gpu_check.log, cuda_ops.json (bench/bench_cuda.py), pipeline_cuda.json (bench/bench_pipeline.py,
 # with purify_'s profiler tables), gpu_e2e_llm.json (bench/gpu_e2e.py:
 # `finepurify purify|hessian --device cuda` on a Llama-3.2-1B-shaped causal LM, in memory and out of
-# core) and, with FINEPURIFY_E2E_MODEL set, gpu_e2e.json (the same on that model).
-# The device tool returns at most 8 files from $OUT: this writes at most 8.
+# core), host_overhead_cuda.json (bench/bench_host.py) and, with FINEPURIFY_E2E_MODEL set,
+# gpu_e2e.json (the same on that model).
+# The device tool returns at most 8 files from $OUT: a default run writes 6, and each of ncu, the
+# baseline and FINEPURIFY_E2E_MODEL one more (name at most two of them in one call).
 # Uses python3 (or $PYTHON) as it is: no downloads. CXX defaults to the system g++ (a toolchain that
 # links libstdc++ statically is refused by setup.py).
 set -u
@@ -66,6 +68,9 @@ step bench_ops 170 "$PY" bench/bench_cuda.py --repeats 5 --out "$OUT_DIR/cuda_op
 step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --batch 32 --seq 128 \
   --hessian-steps 8 --more-batches 4 64 --profile \
   --out "$OUT_DIR/pipeline_cuda.json"
+# purify_'s host cost beyond the op at OPT-1.3B's 388 tensors and tiny widths (bench/bench_host.py):
+# the part of the pipeline's gap that is the host's, without the passes' device time.
+step host_overhead 60 "$PY" bench/bench_host.py --device cuda --repeats 20 --out "$OUT_DIR/host_overhead_cuda.json"
 # Nsight Compute's view of every kernel (bench/ncu_kernels.py), only when FINEPURIFY_GPU_STEPS names it.
 if [[ " ${FINEPURIFY_GPU_STEPS:-} " == *" ncu "* ]]; then
   step ncu 150 "$PY" bench/ncu_kernels.py --out "$OUT_DIR/ncu_kernels.json"

@@ -28,3 +28,19 @@ def test_details_page_parsed_per_launch():
 
 def test_driver_runs_every_pass_on_the_cpu():
     ncu_kernels.drive("tiny", "cpu")  # what ncu profiles on a GPU; raises if a pass cannot run
+
+
+def test_host_overhead_bench_writes_a_row_per_label(tmp_path):
+    """bench/bench_host.py, as gpu_check.sh runs it on a GPU, on the CPU: a row per label, every
+    ranking with purify_'s and the op's times and its steps."""
+    import json
+    import subprocess
+
+    out = tmp_path / "host.json"
+    for label in ("a", "b"):
+        subprocess.run([sys.executable, os.path.join(HERE, "..", "bench", "bench_host.py"), "--layout", "opt-125m",
+                        "--repeats", "1", "--label", label, "--out", str(out)], check=True, capture_output=True)
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"a", "b"} and runs["a"]["tensors"] == 196
+    for row in runs["b"]["rankings"].values():
+        assert row["purify_ms"] > 0 and row["op_ms"] > 0 and "threshold_from_histograms" in row["steps_ms"]
