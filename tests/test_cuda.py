@@ -111,6 +111,49 @@ def test_drift_scores_match_cpu_over_many_tensors(dtype):
         assert_bitwise(got, ops.drift_scores(ft, pre, h, EPS, ranking=ranking))
 
 
+@pytest.mark.parametrize("offset", [0, 3])  # the 16-byte vector path, and the scalar path
+def test_unmoved_weights_score_zero_beside_moved_ones(dtype, offset):
+    """A weight that never moved scores +0 without the division (the GPU divides 1 instead and
+    drops the quotient): every such lane beside moved ones in a pack, over hessians of 0, tiny,
+    huge, +Inf and NaN (floored), at several floors; the scores, the histogram and the reset equal
+    the CPU's bits."""
+    gen = torch.Generator().manual_seed(63)
+    n = 70_001
+    pre = torch.randn(n, generator=gen)
+    drift = torch.randn(n, generator=gen) * 1e-3
+    drift[torch.rand(n, generator=gen) < 0.4] = 0.0  # 40 % never moved, spread through every pack
+    drift[:64] = 0.0  # whole packs of them
+    h = torch.rand(n, generator=gen) * 10.0 ** torch.randint(-12, 3, (n,), generator=gen)
+    h[::97] = 0.0
+    h[5::97] = float("inf")
+    h[7::97] = float("nan")
+    h[11::97] = 3e38
+    ft = [(pre + drift).to(dtype)[offset:]]
+    pres = [pre.to(dtype)[offset:]]
+    hs = [h[offset:]]
+    assert int((ft[0] == pres[0]).sum()) > n // 3
+    for floor in (0.0, 1e-30, 1e-6):
+        ranking = ops.Ranking(hessian_floor=floor)
+        got = ops.drift_scores(to_cuda(ft), to_cuda(pres), to_cuda(hs), EPS, ranking=ranking)
+        expected = ops.drift_scores(ft, pres, hs, EPS, ranking=ranking)
+        assert_bitwise(got, expected)
+        unmoved = ft[0] == pres[0]
+        assert int((expected[0][unmoved] == 0).sum()) == int(unmoved.sum())
+        assert not bool(torch.signbit(expected[0][unmoved]).any())
+    # NaN and +Inf hessians are unrankable for the histogram and the reset: finite ones only there
+    finite = [torch.nan_to_num(hs[0], nan=0.5, posinf=2.0)]
+    for level, prefix in ((0, 0), (1, 0x1F0)):
+        assert torch.equal(ops.score_histogram(to_cuda(ft), to_cuda(pres), to_cuda(finite), EPS, level, prefix).cpu(),
+                           ops.score_histogram(ft, pres, finite, EPS, level, prefix))
+    scores = sorted_scores_desc(ft, pres, finite)
+    for threshold in (scores[scores.numel() // 4].item(), 0.0):  # at 0 the unmoved weights count as reset too
+        work_g, work = clones(to_cuda(ft)), clones(ft)
+        counted = [ops.masked_reset_(work_g, to_cuda(pres), to_cuda(finite), threshold, EPS),
+                   ops.masked_reset_(work, pres, finite, threshold, EPS)]
+        assert torch.equal(counted[0].cpu(), counted[1])
+        assert_bitwise(work_g, work)
+
+
 # -------------------------------------------------------------------------- score_threshold
 
 
