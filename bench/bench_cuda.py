@@ -12,6 +12,7 @@ the error is kept; a baseline slower than --baseline-budget-s is timed once.
 
     python bench/bench_cuda.py                          # writes bench/results/cuda_ops.json
     python bench/bench_cuda.py --sizes 125m --repeats 3
+    python bench/bench_cuda.py --sizes 1.3b --unmoved 0.5 --out /tmp/unmoved.json  # half never moved
     python bench/bench_cuda.py --device cpu --sizes tiny --repeats 1 --out /tmp/x.json  # smoke run
 """
 from __future__ import annotations
@@ -68,12 +69,17 @@ DTYPES = {"tiny": ("float32", "bfloat16"), "125m": ("float32", "bfloat16"),
           "1.3b": ("float32", "bfloat16"), "7b": ("bfloat16",)}
 
 
-def make_model(shapes, dtype, device, seed=0):
+def make_model(shapes, dtype, device, seed=0, unmoved=0.0):
+    """Weights ~ N(0, 0.02), drifts ~ N(0, 1e-3) (in bfloat16 3.6 % round away: weights that never
+    moved), hessians ~ U(0, 1e-4); ``unmoved``: that fraction more keeps its pre-trained value, as
+    a bfloat16 fine-tune's small updates or frozen parts leave it."""
     gen = torch.Generator(device=device).manual_seed(seed)
     ft, pre, hess = [], [], []
     for shape in shapes:
         p = torch.randn(shape, generator=gen, device=device) * 0.02
         f = p + torch.randn(shape, generator=gen, device=device) * 1e-3
+        if unmoved > 0:
+            f = torch.where(torch.rand(shape, generator=gen, device=device) < unmoved, p, f)
         pre.append(p.to(dtype))
         ft.append(f.to(dtype))
         del p, f
@@ -267,10 +273,10 @@ def cases(ft, pre, hess, dtype):
     return out, ensure_backup, restore
 
 
-def run_size(dev, size, dtype_name, repeats, bandwidth, baseline_budget_s):
+def run_size(dev, size, dtype_name, repeats, bandwidth, baseline_budget_s, unmoved=0.0):
     shapes = decoder_shapes(**MODELS[size])
     dtype = getattr(torch, dtype_name)
-    ft, pre, hess = make_model(shapes, dtype, dev.device)
+    ft, pre, hess = make_model(shapes, dtype, dev.device, unmoved=unmoved)
     n = sum(t.numel() for t in ft)
     print(f"\n{size} {dtype_name}: {len(shapes)} tensors, {n / 1e9:.3f}B parameters")
     rows = []
@@ -353,8 +359,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--baseline-budget-s", type=float, default=2.0,
                         help="seconds of repeats per pure-PyTorch baseline (a slower one is timed once)")
+    parser.add_argument("--unmoved", type=float, default=0.0,
+                        help="the fraction of weights that never moved, beyond what rounding leaves (default 0)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "cuda_ops.json"))
     args = parser.parse_args()
+    if not 0.0 <= args.unmoved < 1.0:
+        parser.error(f"--unmoved must be in [0, 1), got {args.unmoved}")
     dev = Device(args.device)
     if dev.cuda and not torch.cuda.is_available():
         sys.exit("bench_cuda: no CUDA device; use --device cpu for a smoke run")
@@ -366,7 +376,7 @@ def main():
     rows = []
     for size in args.sizes:
         for dtype_name in DTYPES[size]:
-            rows += run_size(dev, size, dtype_name, args.repeats, bandwidth, args.baseline_budget_s)
+            rows += run_size(dev, size, dtype_name, args.repeats, bandwidth, args.baseline_budget_s, args.unmoved)
     checks = check_targets(rows)
     for c in checks:
         print(f"{'met ' if c['met'] else 'MISSED'}  {c['target']}: {c['measured']}")
@@ -379,7 +389,9 @@ def main():
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "finepurify_ext": finepurify_ext.__version__,
+        "finepurify_ext_from": os.path.dirname(os.path.abspath(finepurify_ext.__file__)),
         "reserve_ratio": RESERVE_RATIO,
+        "unmoved": args.unmoved,
         "copy_bandwidth_gbs": round(bandwidth, 1),
         "timing": ("CUDA events" if dev.cuda else "perf_counter") + ", median after 2 warm-up runs; baselines: one warm-up, then repeats within --baseline-budget-s",
         "results": rows,

@@ -14,7 +14,7 @@
 # core), host_overhead_cuda.json (bench/bench_host.py) and, with FINEPURIFY_E2E_MODEL set,
 # gpu_e2e.json (the same on that model).
 # The device tool returns at most 8 files from $OUT: a default run writes 6, and each of ncu, the
-# baseline and FINEPURIFY_E2E_MODEL one more (name at most two of them in one call).
+# baseline, FINEPURIFY_BENCH_UNMOVED and FINEPURIFY_E2E_MODEL one more (at most two in one call).
 # Uses python3 (or $PYTHON) as it is: no downloads. CXX defaults to the system g++ (a toolchain that
 # links libstdc++ statically is refused by setup.py).
 set -u
@@ -71,6 +71,13 @@ step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-
 # purify_'s host cost beyond the op at OPT-1.3B's 388 tensors and tiny widths (bench/bench_host.py):
 # the part of the pipeline's gap that is the host's, without the passes' device time.
 step host_overhead 60 "$PY" bench/bench_host.py --device cuda --repeats 20 --out "$OUT_DIR/host_overhead_cuda.json"
+# On request (FINEPURIFY_BENCH_UNMOVED=0.5): the ops at 1.3B where that fraction of the weights never
+# moved, as in a bfloat16 fine-tune, into cuda_ops_unmoved.json (and the baseline below likewise).
+UNMOVED_ARGS=(); [[ -n "${FINEPURIFY_BENCH_UNMOVED:-}" ]] && UNMOVED_ARGS=(--unmoved "$FINEPURIFY_BENCH_UNMOVED")
+if [[ -n "${FINEPURIFY_BENCH_UNMOVED:-}" ]]; then
+  step bench_unmoved 90 "$PY" bench/bench_cuda.py --sizes 1.3b --repeats 5 --baseline-budget-s 0.3 "${UNMOVED_ARGS[@]}" \
+    --out "$OUT_DIR/cuda_ops_unmoved.json"
+fi
 # Nsight Compute's view of every kernel (bench/ncu_kernels.py), only when FINEPURIFY_GPU_STEPS names it.
 if [[ " ${FINEPURIFY_GPU_STEPS:-} " == *" ncu "* ]]; then
   step ncu 150 "$PY" bench/ncu_kernels.py --out "$OUT_DIR/ncu_kernels.json"
@@ -91,8 +98,9 @@ elif [[ -n "${FINEPURIFY_BASELINE_DIR:-}" ]]; then
   BASE=$(cd "$FINEPURIFY_BASELINE_DIR" && pwd)
   step baseline_build 120 bash -c "cd '$BASE' && CXX='${CXX_OVERRIDE:-g++}' CC='${CC_OVERRIDE:-gcc}' \
     TORCH_CUDA_ARCH_LIST='$ARCH' MAX_JOBS=$(nproc) '$PY' setup.py build_ext --inplace"
-  step baseline_bench 90 env PYTHONPATH="$BASE" FINEPURIFY_COMMIT="${FINEPURIFY_BASELINE_COMMIT:-baseline}" "$PY" "$BASE/bench/bench_cuda.py" \
-    --sizes 1.3b --repeats 5 --baseline-budget-s 0.3 --out "$OUT_DIR/cuda_ops_baseline.json"
+  # This tree's benchmark over the baseline's built package (its options, e.g. --unmoved, apply).
+  step baseline_bench 90 env PYTHONPATH="$BASE" FINEPURIFY_COMMIT="${FINEPURIFY_BASELINE_COMMIT:-baseline}" "$PY" bench/bench_cuda.py \
+    --sizes 1.3b --repeats 5 --baseline-budget-s 0.3 "${UNMOVED_ARGS[@]}" --out "$OUT_DIR/cuda_ops_baseline.json"
 fi
 # On request (FINEPURIFY_E2E_MODEL=opt-1.3b), with the time left: the classifier end to end (measured
 # at fdfe467 on an H200; the steps above leave it too little time to finish).
