@@ -80,7 +80,7 @@ if [[ -n "${FINEPURIFY_BENCH_UNMOVED:-}" ]]; then
 fi
 # Nsight Compute's view of every kernel (bench/ncu_kernels.py), only when FINEPURIFY_GPU_STEPS names it.
 if [[ " ${FINEPURIFY_GPU_STEPS:-} " == *" ncu "* ]]; then
-  step ncu 150 "$PY" bench/ncu_kernels.py --out "$OUT_DIR/ncu_kernels.json"
+  step ncu 150 "$PY" bench/ncu_kernels.py "${UNMOVED_ARGS[@]}" --out "$OUT_DIR/ncu_kernels.json"
 fi
 step e2e_llm 200 "$PY" bench/gpu_e2e.py --model "${FINEPURIFY_E2E_LLM:-llama-1b}" --timeout 120 \
   --out "$OUT_DIR/gpu_e2e_llm.json"

@@ -4,10 +4,12 @@ bfloat16 over a decoder-shaped list of tensors, the achieved DRAM throughput, is
 occupancy, registers and the warp stall reasons. The question it answers: is a pass bound by memory,
 by instructions, or by latency (and which)?
 
-    python bench/ncu_kernels.py --out bench/results/ncu_kernels.json [--size 125m] [--ncu PATH]
+    python bench/ncu_kernels.py --out bench/results/ncu_kernels.json [--size 125m] [--ncu PATH] [--unmoved F]
 
 Runs itself again under `ncu` (found on PATH or in /usr/local/cuda*/bin) with the SpeedOfLight,
-Occupancy, LaunchStats and WarpStateStats sections, then writes one JSON row per profiled launch.
+Occupancy, LaunchStats, WarpStateStats and SourceCounters (branches, divergence) sections, then
+writes one JSON row per profiled launch. ``--unmoved``: the fraction of weights that never moved
+(bench_cuda.py's), where a bfloat16 fine-tune has many.
 Exits 0 with a note when there is no GPU or no ncu. Kernels are replayed with their memory
 restored, so a 125M-parameter list (the default) keeps the run within a minute or two.
 """
@@ -29,19 +31,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import git_commit, write_json_atomically  # noqa: E402
 
 CHILD = "FINEPURIFY_NCU_CHILD"
-SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats")
+SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SourceCounters")
 KERNELS = "regex:score_histogram|masked_reset|drift_score|accumulate_sq_grads"
 EPS = 1e-8
 
 
-def drive(size: str, device: str) -> None:
+def drive(size: str, device: str, unmoved: float = 0.0) -> None:
     """One call of each pass per dtype (the profiled launches)."""
     from bench_cuda import MODELS, decoder_shapes, make_model
     from finepurify_ext import ops
 
     shapes = decoder_shapes(**MODELS[size])
     for dtype in (torch.float32, torch.bfloat16):
-        ft, pre, hess = make_model(shapes, dtype, torch.device(device))
+        ft, pre, hess = make_model(shapes, dtype, torch.device(device), unmoved=unmoved)
         level0 = ops.score_histogram(ft, pre, hess, EPS, 0, 0)
         top = int(torch.nonzero(level0[:-2]).flatten()[-1])  # the highest populated bin: a real level-1 prefix
         ops.score_histogram(ft, pre, hess, EPS, 1, top)
@@ -79,9 +81,10 @@ def main() -> None:
                                                       "ncu_kernels.json"))
     parser.add_argument("--ncu", default=None, help="path of ncu (default: PATH, then /usr/local/cuda*/bin)")
     parser.add_argument("--launches", type=int, default=40, help="launches to profile at most")
+    parser.add_argument("--unmoved", type=float, default=0.0, help="the fraction of weights that never moved")
     args = parser.parse_args()
     if os.environ.get(CHILD):
-        drive(args.size, "cuda" if torch.cuda.is_available() else "cpu")
+        drive(args.size, "cuda" if torch.cuda.is_available() else "cpu", args.unmoved)
         return
     if not torch.cuda.is_available():
         print("ncu_kernels: no GPU here; nothing profiled")
@@ -93,7 +96,7 @@ def main() -> None:
     command = [ncu, "--csv", "--page", "details", "--kernel-name", KERNELS, "--launch-count", str(args.launches)]
     for section in SECTIONS:
         command += ["--section", section]
-    command += [sys.executable, os.path.abspath(__file__), "--size", args.size]
+    command += [sys.executable, os.path.abspath(__file__), "--size", args.size, "--unmoved", str(args.unmoved)]
     result = subprocess.run(command, env={**os.environ, CHILD: "1"}, capture_output=True, text=True)
     launches = parse(result.stdout)
     if result.returncode != 0 or not launches:
@@ -103,12 +106,12 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "ncu": subprocess.run([ncu, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:],
-        "size": args.size, "sections": list(SECTIONS), "launches": launches})
+        "size": args.size, "unmoved": args.unmoved, "sections": list(SECTIONS), "launches": launches})
     for launch in launches:
         m = launch["metrics"]
         pick = {k.split(": ", 1)[1]: v for k, v in m.items()
                 if any(s in k for s in ("DRAM Throughput", "Duration", "Issue Slots Busy", "Achieved Occupancy",
-                                        "Registers Per Thread"))}
+                                        "Registers Per Thread", "Active Threads Per Warp", "Branch Efficiency"))}
         print(launch["kernel"][:70], pick)
     print("wrote", args.out)
 

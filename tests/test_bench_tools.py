@@ -28,6 +28,7 @@ def test_details_page_parsed_per_launch():
 
 def test_driver_runs_every_pass_on_the_cpu():
     ncu_kernels.drive("tiny", "cpu")  # what ncu profiles on a GPU; raises if a pass cannot run
+    ncu_kernels.drive("tiny", "cpu", unmoved=0.5)
 
 
 def test_host_overhead_bench_writes_a_row_per_label(tmp_path):
