@@ -21,6 +21,7 @@ quantile of its values. ``PurifyConfig.literal()`` is the paper's plain form.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -452,15 +453,14 @@ def _staged(pairs, device, staging: _Staging | None = None) -> list[torch.Tensor
         return flat[offset:offset + nbytes(i)].view(dtype).view(t.shape)
 
     for batch in filter(None, batches):
-        offsets = [sum(_aligned(nbytes(j)) for j in batch[:n]) for n in range(len(batch))]
+        offsets = [0, *itertools.accumulate(_aligned(nbytes(i)) for i in batch)]  # and the end
         k, host = staging.take()
         for i, offset in zip(batch, offsets):
             view(host, i, offset).copy_(pairs[i][0])
         flat = host
         if staging.pinned:
-            size = offsets[-1] + _aligned(nbytes(batch[-1]))
-            flat = torch.empty(size, dtype=torch.uint8, device=device)
-            staging.send(k, host[:size], flat)
+            flat = torch.empty(offsets[-1], dtype=torch.uint8, device=device)
+            staging.send(k, host[:offsets[-1]], flat)
         for i, offset in zip(batch, offsets):
             out[i] = view(flat, i, offset)
     for i in large:  # the whole tensor on the device, its bytes through the buffers a slice at a time
