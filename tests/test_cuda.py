@@ -113,10 +113,9 @@ def test_drift_scores_match_cpu_over_many_tensors(dtype):
 
 @pytest.mark.parametrize("offset", [0, 3])  # the 16-byte vector path, and the scalar path
 def test_unmoved_weights_score_zero_beside_moved_ones(dtype, offset):
-    """A weight that never moved scores +0 without the division (the GPU divides 1 instead and
-    drops the quotient): every such lane beside moved ones in a pack, over hessians of 0, tiny,
-    huge, +Inf and NaN (floored), at several floors; the scores, the histogram and the reset equal
-    the CPU's bits."""
+    """A weight that never moved scores +0: every such lane beside moved ones in a pack (the mix a
+    bfloat16 fine-tune leaves), over hessians of 0, tiny, huge, +Inf and NaN (floored), at several
+    floors; the scores, the histogram and the reset equal the CPU's bits."""
     gen = torch.Generator().manual_seed(63)
     n = 70_001
     pre = torch.randn(n, generator=gen)

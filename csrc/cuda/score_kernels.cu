@@ -101,27 +101,22 @@ constexpr bool kSectorStores = FP_SECTOR_STORES != 0;
 // buffer is not in L2 yet (unlike a reset's weights, just read), so every half-written sector may
 // cost the memory a read as well. Lanes 2s and 2s+1 swap a word, then the first store writes lane
 // 2s's pack and the second lane 2s+1's. `pair_in_range`: both lanes of the pair hold a pack
-// (the same value on both lanes). The swap is done where the whole warp is here and every pair is
-// in range (every step of a whole chunk), with the whole warp's mask: with a mask per pair, the
-// compiler grouped the lanes by mask value (MATCH.ANY) and took its divergent path for every pack
-// (Nsight Compute: 19 of 32 threads active per instruction in the float32 score kernel). Otherwise
-// (a tensor's last step) each lane stores its own pack.
+// (the same value on both lanes); otherwise each lane stores its own.
 __device__ __forceinline__ void store_scores_by_sector(const Pack<float>& scores, float* out, int64_t i,
                                                        bool pair_in_range) {
-  constexpr unsigned kWarp = 0xffffffffu;
-  // __activemask() is the same for every lane that runs it together: all or none go on to the vote.
-  if (__activemask() != kWarp || !__all_sync(kWarp, pair_in_range)) {
+  if (!pair_in_range) {
     scores.store(out + i);
     return;
   }
   const unsigned lane = threadIdx.x % 32;
   const bool odd = lane & 1u;
+  const unsigned pair_mask = 3u << (lane & ~1u);
   const uint4 give = odd ? scores.words[0] : scores.words[1];  // the word the partner writes
   uint4 got;
-  got.x = __shfl_xor_sync(kWarp, give.x, 1);
-  got.y = __shfl_xor_sync(kWarp, give.y, 1);
-  got.z = __shfl_xor_sync(kWarp, give.z, 1);
-  got.w = __shfl_xor_sync(kWarp, give.w, 1);
+  got.x = __shfl_xor_sync(pair_mask, give.x, 1);
+  got.y = __shfl_xor_sync(pair_mask, give.y, 1);
+  got.z = __shfl_xor_sync(pair_mask, give.z, 1);
+  got.w = __shfl_xor_sync(pair_mask, give.w, 1);
   // Even lane: its word 0, then the odd lane's word 0. Odd lane: the even lane's word 1, then its
   // word 1. Packs are 8 elements apart.
   uint4* first = reinterpret_cast<uint4*>(out + (odd ? i - kPack + 4 : i));

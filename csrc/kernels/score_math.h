@@ -13,30 +13,11 @@
 
 namespace finepurify {
 
-// squared / denominator for a denominator in (0, +Inf], with a zero numerator answered +0 without
-// dividing (1 is divided instead, and dropped): the same bits. On a GPU the correctly rounded
-// division checks its operands per element (FCHK) and, by all signs, sends a zero numerator down
-// its slow path, a call the rest of the warp waits for: that path's SASS handles zero operands
-// first, and Nsight Compute saw 21 of 32 threads active per instruction in the bfloat16 histogram,
-// whose benchmark weights include 3.6 % that never moved (float32: 31.7, none). A bfloat16
-// fine-tune leaves many more in place. To be confirmed on a GPU.
-FP_HOST_DEVICE float divide_nonzero(float squared, float denominator) {
-  const bool zero = squared == 0.0f;
-  const float quotient = (zero ? 1.0f : squared) / denominator;
-  return zero ? 0.0f : quotient;
-}
-
 // r = (ft - pre)^2 / (h + eps), in float32 and in this order, so every backend and the PyTorch
-// reference produce the same bits (build with -ffp-contract=off: no fused multiply-add). h >= 0
-// here (score_as passes max(h, floor), floor >= 0) and eps > 0, so h + eps is in (0, +Inf]. A
-// host divides zero as fast as anything else.
+// reference produce the same bits (build with -ffp-contract=off: no fused multiply-add).
 FP_HOST_DEVICE float element_score(float finetuned, float pretrained, float hessian, float eps) {
   const float drift = finetuned - pretrained;
-#if defined(__CUDA_ARCH__)
-  return divide_nonzero(drift * drift, hessian + eps);
-#else
   return drift * drift / (hessian + eps);
-#endif
 }
 
 FP_HOST_DEVICE uint32_t float_bits(float value);
