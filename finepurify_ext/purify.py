@@ -225,26 +225,39 @@ def _sums_float64_on_cpu(tensors, piece: int = 1 << 20) -> list[float]:
     return sums
 
 
-def _means(hessians) -> list[float]:
-    """Each Hessian's mean, summed in float64: on a GPU one multi-tensor L1 norm per device, which
-    torch accumulates in float64 when asked for a float64 result (a CUDA sum to float64 would first
-    convert its whole input), and one host read; on the CPU a piece at a time, as the out-of-core
-    path sums it. The L1 norm is the sum of a squared-gradient Hessian (>= 0); an invalid Hessian
-    with negative entries, which the out-of-core path refuses, would count them by their size on a
-    GPU."""
-    sums = [None] * len(hessians)
+def _floored_means(sums: torch.Tensor, numels: list[int], floor: float) -> torch.Tensor:
+    """max(sum / numel, floor) per tensor, as float32, where ``sums`` (float64) lives: the bits of
+    the host's ``max(total / numel, floor)`` rounded to float32 (IEEE float64 division everywhere;
+    a NaN floor leaves the mean, as Python's max does)."""
+    means = sums / torch.tensor(numels, dtype=torch.float64).to(sums.device, non_blocking=True)
+    return means.masked_fill_(means < floor, floor).float()
+
+
+def _mean_hessians(hessians, floor: float) -> list:
+    """Each Hessian's mean, floored, as a one-element float32 tensor beside it, summed in float64.
+    On a GPU one multi-tensor L1 norm per device, which torch accumulates in float64 when asked for
+    a float64 result (a CUDA sum to float64 would first convert its whole input), and the means stay
+    there: the host queues the passes behind them instead of waiting for them. On the CPU a piece at
+    a time, as the out-of-core path sums it. The L1 norm is the sum of a squared-gradient Hessian
+    (>= 0); an invalid Hessian with negative entries, which the out-of-core path refuses, would count
+    them by their size on a GPU."""
+    out = [None] * len(hessians)
     by_device = {}
     for i, h in enumerate(hessians):
         if h.device.type != "cpu" and h.numel():  # _foreach_norm leaves an empty tensor's norm unset
             by_device.setdefault(h.device, []).append(i)
     for indices in by_device.values():
         norms = torch._foreach_norm([hessians[i] for i in indices], 1, dtype=torch.float64)
-        for i, v in zip(indices, torch.stack(norms).tolist()):
-            sums[i] = v
-    on_cpu = [i for i, v in enumerate(sums) if v is None]
-    for i, v in zip(on_cpu, _sums_float64_on_cpu([hessians[i] for i in on_cpu])):
-        sums[i] = v
-    return [total / h.numel() if h.numel() else 0.0 for total, h in zip(sums, hessians)]
+        block = _floored_means(torch.stack(norms), [hessians[i].numel() for i in indices], floor)
+        for i, view in zip(indices, block.split(1)):
+            out[i] = view
+    rest = [i for i, v in enumerate(out) if v is None]
+    sums = _sums_float64_on_cpu([hessians[i] for i in rest if hessians[i].numel()])
+    totals = iter(sums)
+    values = [max(next(totals) / hessians[i].numel() if hessians[i].numel() else 0.0, floor) for i in rest]
+    for i, view in zip(rest, _per_tensor_values(values, [hessians[i] for i in rest])):
+        out[i] = view
+    return out
 
 
 @dataclass
@@ -272,8 +285,7 @@ def scoring_for(config: PurifyConfig, names, hessians) -> Scoring:
     if config.ranking == "fine_purifying":
         return Scoring(hessians, config.eps, ops.Ranking(hessian_floor=floor or 0.0), floor)
     if config.ranking == "no_hessian":  # each tensor's mean curvature, floored
-        values = [max(m, floor or 0.0) for m in _means(hessians)]
-        return Scoring(_per_tensor_values(values, hessians), config.eps, ops.PLAIN, floor)
+        return Scoring(_mean_hessians(hessians, floor or 0.0), config.eps, ops.PLAIN, floor)
     raise AssertionError(config.ranking)
 
 

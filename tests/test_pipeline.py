@@ -274,6 +274,29 @@ def test_cpu_sums_are_the_same_bits_on_any_thread_count():
     assert _sums_float64_on_cpu([]) == []
 
 
+def test_floored_means_on_a_device_are_the_hosts_bits():
+    """The no-Hessian ranking's per-tensor means, computed where the Hessians' float64 sums are (on a
+    GPU, without a host read before the first pass), equal the host's max(total / numel, floor) in
+    float32: sums that round differently to float32, a mean equal to the floor, zero, NaN and +Inf
+    sums, a NaN floor (Python's max keeps the mean), sizes up to 2^40."""
+    import random
+
+    from finepurify_ext.purify import _floored_means
+
+    rng = random.Random(11)
+    sums = [rng.random() * 10.0 ** rng.randint(-30, 30) for _ in range(2000)]
+    sums += [0.0, 1.0, 3.0, float("nan"), float("inf"), 1e-300, 2.5]
+    numels = [rng.choice([1, 3, 7, 768, 4096 * 11008, 1 << 40, rng.randint(1, 1 << 31)]) for _ in sums]
+    numels[-1] = 1  # 2.5 / 1 == the floor below
+    for floor in (0.0, 1e-8, 2.5, float("nan")):
+        got = _floored_means(torch.tensor(sums, dtype=torch.float64), numels, floor)
+        expected = torch.tensor([max(t / n, floor) for t, n in zip(sums, numels)], dtype=torch.float32)
+        assert got.dtype == torch.float32
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32)), floor
+    floored = _floored_means(torch.tensor(sums, dtype=torch.float64), numels, 1e-8)
+    assert int((floored == 1e-8).sum()) > 100  # the floor is reached: the test sees it
+
+
 def test_sample_quantile_is_torch_quantile_bit_for_bit():
     """The Hessian floor's quantile by selection gives torch.quantile's bits: odd sizes, repeated
     values (the next order statistic equal to the first), the ends, NaN; an empty sample is refused."""
