@@ -80,7 +80,9 @@ if [[ -n "${FINEPURIFY_BENCH_UNMOVED:-}" ]]; then
 fi
 # Nsight Compute's view of every kernel (bench/ncu_kernels.py), only when FINEPURIFY_GPU_STEPS names it.
 if [[ " ${FINEPURIFY_GPU_STEPS:-} " == *" ncu "* ]]; then
-  step ncu 150 "$PY" bench/ncu_kernels.py "${UNMOVED_ARGS[@]}" --out "$OUT_DIR/ncu_kernels.json"
+  # and per SASS instruction, the level-0 histogram in both dtypes: where the bfloat16 one's lanes idle
+  step ncu 200 "$PY" bench/ncu_kernels.py "${UNMOVED_ARGS[@]}" --sass 'score_histogram_kernel<BFloat16Bits' \
+    --sass 'score_histogram_kernel<float' --out "$OUT_DIR/ncu_kernels.json"
 fi
 step e2e_llm 200 "$PY" bench/gpu_e2e.py --model "${FINEPURIFY_E2E_LLM:-llama-1b}" --timeout 120 \
   --out "$OUT_DIR/gpu_e2e_llm.json"
@@ -129,7 +131,10 @@ except Exception as error:
     device, version = f"unknown ({error})", None
 report = {"command": "bash bench/gpu_check.sh", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "commit": os.environ.get("FINEPURIFY_COMMIT"), "source_digest": source_digest(), "device": device,
-          "torch": version, "steps": steps}
+          "torch": version,
+          # what the run was asked for (steps, budget, baseline tree, unmoved fraction), to rerun it
+          "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FINEPURIFY_") or k.endswith("_OVERRIDE")},
+          "steps": steps}
 with open(os.path.join(out_dir, "gpu_check.json"), "w") as f:
     json.dump(report, f, indent=2)
 for s in steps:

@@ -1,7 +1,9 @@
 """The GPU profiling helper's parts that run without a GPU (bench/ncu_kernels.py): its driver over
-every pass, on the CPU, and the parsing of Nsight Compute's CSV details page."""
+every pass, on the CPU, and the parsing of Nsight Compute's CSV details and source pages."""
 import os
 import sys
+
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "bench"))
@@ -24,6 +26,31 @@ def test_details_page_parsed_per_launch():
     assert first["metrics"] == {"GPU Speed Of Light Throughput: DRAM Throughput (%)": "85.12",
                                 "GPU Speed Of Light Throughput: Duration (usecond)": "412.35"}
     assert launches[1]["metrics"] == {"Occupancy: Achieved Occupancy (%)": "48.2"}
+
+
+SOURCE = '''==PROF== Connected to process 123
+"Kernel Name","void finepurify::cuda::score_histogram_kernel<BFloat16Bits, 0, 1>(LaunchTable<3>, ScoreSpec)"
+"# Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","Thread Instructions Executed","Predicated-On Thread Instructions Executed","Divergent Branches"
+"00007f0000000100","LDG.E.128 R4, desc[UR4][R2.64]","1,200","1000","32000","32000","0"
+"00007f0000000110","@P0 BRA 0x7f0000000200","40","1000","32000","20000","300"
+"00007f0000000120","MUFU.RCP R9, R8","10","400","4000","4000","0"
+"00007f0000000130","EXIT","0","0","0","0","0"
+'''
+
+
+def test_source_page_parsed_per_instruction():
+    """Where a warp's lanes sit idle, instruction by instruction: the divergent path (400 warp
+    instructions of 10 threads) heads the list, unexecuted instructions are left out."""
+    sass = ncu_kernels.parse_source(SOURCE)
+    assert sass["kernel"].startswith("void finepurify::cuda::score_histogram_kernel<BFloat16Bits")
+    assert [r[0] for r in sass["instructions"]] == ["00007f0000000100", "00007f0000000110", "00007f0000000120"]
+    assert sass["instructions"][0][1:] == ["LDG.E.128 R4, desc[UR4][R2.64]", 1000, 32000, 32000, 0, 1200]
+    assert sass["instructions"][1][4:6] == [20000, 300]
+    assert sass["warp_instructions"] == 2400 and sass["thread_instructions"] == 68000
+    assert sass["active_threads_per_instruction"] == round(68000 / 2400, 2)
+    assert sass["most_idle_lanes"][0][1] == "MUFU.RCP R9, R8" and sass["most_idle_lanes"][0][-1] == 10.0
+    with pytest.raises(ValueError, match="no source table"):
+        ncu_kernels.parse_source(DETAILS)
 
 
 def test_driver_runs_every_pass_on_the_cpu():
