@@ -40,8 +40,8 @@ LAYOUTS = {  # OPT layers and tensor lists at tiny widths
     "opt-1.3b": dict(num_hidden_layers=24),
     "opt-125m": dict(num_hidden_layers=12),
 }
-STEPS = ["matched_parameters", "scoring_for", "Feed", "_plot_sample", "_gather", "zero_hessian_rows",
-         "threshold_from_histograms", "reset_moved_rows_"]
+STEPS = ["matched_parameters", "scoring_for", "Feed", "_candidate_pass", "_plot_sample", "_gather", "zero_hessian_rows",
+         "threshold_from_candidates", "threshold_from_histograms", "reset_moved_rows_"]
 
 
 def build(layout: str, device):

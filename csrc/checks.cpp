@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <sstream>
 
 #include "kernels/score_math.h"
@@ -101,6 +103,14 @@ void check_eps(const char* op, double eps) {
   const float eps_f = static_cast<float>(eps);
   TORCH_CHECK_VALUE(std::isfinite(eps_f) && eps_f > 0.0f, "finepurify.", op, ": eps must be a ",
                     "positive finite float32 number (it guards hessian == 0), got ", eps);
+}
+
+void check_candidate_range(const char* op, int64_t low_key, int64_t high_key, int64_t capacity) {
+  TORCH_CHECK_VALUE(0 <= low_key && low_key <= high_key && high_key <= kInfBits, "finepurify.", op,
+                    ": the key range must satisfy 0 <= low_key <= high_key <= ", kInfBits,
+                    " (the float bits of +Inf), got [", low_key, ", ", high_key, "]");
+  TORCH_CHECK_VALUE(capacity >= 0 && capacity <= std::numeric_limits<int32_t>::max(), "finepurify.",
+                    op, ": capacity must be in [0, 2^31), got ", capacity);
 }
 
 void check_histogram_level(const char* op, int64_t level, int64_t prefix) {

@@ -27,6 +27,9 @@ void check_distinct_outputs(const char* op, const char* list, at::TensorList ten
 
 void check_eps(const char* op, double eps);
 
+// 0 <= low_key <= high_key <= the key of +Inf; capacity in [0, 2^31).
+void check_candidate_range(const char* op, int64_t low_key, int64_t high_key, int64_t capacity);
+
 // level in [0, kNumLevels); prefix holds only the digits above that level.
 void check_histogram_level(const char* op, int64_t level, int64_t prefix);
 

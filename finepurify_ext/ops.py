@@ -122,6 +122,19 @@ def score_histogram(finetuned, pretrained, hessians, eps: float, level: int, pre
                                         int(level), int(prefix), *ranking.args())
 
 
+def score_candidates(finetuned, pretrained, hessians, eps: float, low_key: int, high_key: int, capacity: int,
+                     ranking: Ranking = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass that brackets the threshold between two score keys (a score's float32 bits, as the
+    histograms rank them). Returns int64 counts {keys above high_key, equal to high_key, strictly
+    between, equal to low_key (below high_key), unrankable scores, weights that never moved} and
+    ``capacity`` int32 keys: those strictly between, sorted descending, then -1 (all -1 when more
+    than ``capacity`` are between). Ties at the ends are counted, not kept (a Hessian floor ties
+    many scores). Where the k-th largest key falls in the range, it is read from these
+    (``threshold.threshold_from_candidates``): the threshold in one pass instead of three."""
+    return _ops.score_candidates.default(list(finetuned), list(pretrained), list(hessians), float(eps), int(low_key),
+                                         int(high_key), int(capacity), *ranking.args())
+
+
 def score_threshold(
     finetuned: Sequence[torch.Tensor],
     pretrained: Sequence[torch.Tensor],
@@ -252,6 +265,15 @@ def _(finetuned, pretrained, hessians, eps, level, prefix, hessian_floor=0.0, ra
         "score_histogram", finetuned=finetuned, pretrained=pretrained, hessians=hessians
     )
     return torch.empty(_LEVEL_BINS[level] + 2, dtype=torch.int64, device=device)
+
+
+@torch.library.register_fake("finepurify::score_candidates")
+def _(finetuned, pretrained, hessians, eps, low_key, high_key, capacity, hessian_floor=0.0, random_seed=-1,
+      random_keys=(), random_offsets=()):
+    device = _fake_check_lists(
+        "score_candidates", finetuned=finetuned, pretrained=pretrained, hessians=hessians
+    )
+    return (torch.empty(6, dtype=torch.int64, device=device), torch.empty(capacity, dtype=torch.int32, device=device))
 
 
 @torch.library.register_fake("finepurify::score_threshold")

@@ -31,7 +31,7 @@ import torch
 
 from . import ops
 from .errors import UserError
-from .threshold import LEVEL_BINS, threshold_from_histograms
+from .threshold import LEVEL_BINS, bracket_from_sample, threshold_from_candidates, threshold_from_histograms
 
 RANKINGS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
 # Largest group of tensors moved to the model's device at once when the pre-trained state or the
@@ -271,6 +271,70 @@ class Scoring:
     floor: float | None = None
 
 
+CANDIDATE_KEYS = 4 << 20  # the keys one candidates pass may keep (16 MB)
+# The devices whose score_candidates kernel has been run against the CPU's: the CUDA kernel is not
+# written yet, so a GPU keeps the three histogram passes.
+CANDIDATES_ON = ("cpu",)
+
+
+SAMPLE_RUN = 16  # elements per run of the candidates' sample: whole 64-byte lines of float32
+
+
+def _sample_scores(ft, pre, scoring: Scoring, max_samples: int) -> tuple[torch.Tensor, float]:
+    """The rankable score keys (int64, in no order) of an even sample of every tensor's elements,
+    about ``max_samples`` in runs of ``SAMPLE_RUN`` (a strided sample of single elements read a
+    whole cache line per element: 1M took 100 ms here), and the fraction of the sample that moved.
+    Scored by the same op as the passes; Fine-mixing's random scores are drawn per sample position,
+    which gives the same distribution."""
+    total = sum(f.numel() for f in ft)
+    stride = max(SAMPLE_RUN, SAMPLE_RUN * (total // max_samples))
+    picks = [i for i, f in enumerate(ft) if f.numel()]
+
+    def runs(t):  # a run of SAMPLE_RUN elements every `stride`, or a proportional head
+        flat = t.reshape(-1)
+        n = flat.numel()
+        if n >= stride:
+            return flat[:(n // stride) * stride].view(-1, stride)[:, :SAMPLE_RUN]
+        return flat[:max(1, n * SAMPLE_RUN // stride)]
+
+    sample_ft = [runs(ft[i]) for i in picks]
+    sample_pre = [runs(pre[i]).to(device=ft[i].device, dtype=ft[i].dtype) for i in picks]
+    sample_h = [(h if h.numel() == 1 else runs(h)).to(ft[i].device)
+                for i, h in zip(picks, (scoring.hessians[i] for i in picks))]
+    if not picks:
+        return torch.zeros(0, dtype=torch.int64), 1.0
+    scores = ops.drift_scores(sample_ft, sample_pre, sample_h, scoring.eps, ranking=scoring.ranking.subset(picks))
+    keys = torch.cat([s.reshape(-1) for s in scores]).view(torch.int32).to(torch.int64)
+    moved = torch.cat([(f != p).reshape(-1) for f, p in zip(sample_ft, sample_pre)])
+    keys = keys[(keys >= 0) & (keys <= 0x7F800000)]  # NaN scores: the pass finds and names them
+    return keys, float(moved.float().mean())
+
+
+def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", total: int):
+    """The threshold search's first pass, bracketed from a sample: ``ops.score_candidates``'s
+    counts, the keys inside (None where too many) and the range, or None where the sample says the
+    range would hold too many keys to keep (then the three histogram passes run as before)."""
+    sample, moved_fraction = _sample_scores(feed.ft, feed.pre, scoring, max(1 << 14, min(1 << 20, total // 64)))
+    if sample.numel() == 0:
+        return None
+    n = sample.numel()
+    by_moved = config.count_moved_only or config.ranking == "fine_mixing"
+    counted = total * moved_fraction if by_moved else total
+    rank_fraction = min(1.0, (1.0 - config.reserve_ratio) * counted / total)
+    # Where the element of that rank falls in the sample: a binomial spread, and with moved-only
+    # counting that of the moved fraction it was estimated from.
+    spread = math.sqrt(n * rank_fraction * (1.0 - rank_fraction))
+    if by_moved:
+        spread += (1.0 - config.reserve_ratio) * math.sqrt(n * moved_fraction * (1.0 - moved_fraction))
+    low, high, expected = bracket_from_sample(sample, rank_fraction, spread)
+    if expected * total > CANDIDATE_KEYS / 2:
+        return None
+    # Room for three times the keys expected (ties at the ends can add more: then the histogram
+    # passes run after all).
+    counts, keys = feed.candidates(low, high, min(CANDIDATE_KEYS, max(1 << 16, math.ceil(3 * expected * total))))
+    return counts, keys, low, high
+
+
 def scoring_for(config: PurifyConfig, names, hessians) -> Scoring:
     """The scoring spec of ``config.ranking`` for the named tensors and their Hessians."""
     hessians = list(hessians)
@@ -356,6 +420,23 @@ class Feed:
 
     def histogram(self, level: int, prefix: int) -> torch.Tensor:
         return self.histogram_on_device(level, prefix).cpu()
+
+    def candidates(self, low_key: int, high_key: int, capacity: int):
+        """One ``ops.score_candidates`` pass over every group: the counts summed, and the keys
+        strictly inside the range sorted descending (None where more than ``capacity``)."""
+        def group(_, ft, pre, hs, ranking):  # each group's buffer is dropped before the next is filled
+            counts, keys = ops.score_candidates(ft, pre, hs, self.scoring.eps, low_key, high_key, capacity, ranking)
+            counts = counts.cpu()
+            return counts, keys[:int(counts[2])].clone() if int(counts[2]) <= capacity else None
+
+        parts = self.each(group)
+        if not parts:
+            return torch.zeros(6, dtype=torch.int64), torch.zeros(0, dtype=torch.int32)
+        counts = torch.stack([c for c, _ in parts]).sum(0)
+        if int(counts[2]) > capacity:
+            return counts, None
+        keys = [k for _, k in parts]
+        return counts, keys[0] if len(keys) == 1 else torch.sort(torch.cat(keys), descending=True).values
 
     def start_masked_reset_(self, threshold: float):
         """Launches the reset of every group; returns a function that reads the per-tensor counts
@@ -556,8 +637,15 @@ def purify_(
 
     # On a GPU every pass runs while the host queues the work that does not depend on it (the
     # plot's sample, the embedding's rows): the host reads a pass's result only when it needs it.
+    # The first pass: where the candidates kernel runs, one that brackets the threshold from a
+    # sample and usually ends the search; else (or where the sample asks for too many keys) the
+    # level-0 histogram of the three-pass search.
+    level0 = candidates = None
     try:
-        level0 = feed.histogram_on_device(0, 0) if total else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
+        if total and device.type in CANDIDATES_ON:
+            candidates = _candidate_pass(feed, scoring, config, total)
+        if candidates is None:
+            level0 = feed.histogram_on_device(0, 0) if total else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
     except RuntimeError as op_error:
         raise named_error(op_error) from op_error
     sampled = _plot_sample(ft, plot_samples, config.seed)  # (tensor index, element indices on its device)
@@ -574,18 +662,27 @@ def purify_(
             report_rule = "seen_tokens"
         else:
             unseen, report_rule = zero_hessian_rows(hessians[embedding]), "hessian"
-    level0 = level0.cpu()
-    if level0[LEVEL_BINS[0]] > 0:
+    if candidates is not None:
+        num_unrankable, unmoved = int(candidates[0][4]), int(candidates[0][5])
+    else:
+        level0 = level0.cpu()
+        num_unrankable, unmoved = int(level0[LEVEL_BINS[0]]), int(level0[-1])
+    if num_unrankable > 0:
         raise named_error(UserError("the scores cannot be ranked: they overflow float32; use a larger eps"))
-    moved = total - int(level0[-1])
+    moved = total - unmoved
     counted = moved if config.count_moved_only or config.ranking == "fine_mixing" else total
     num_reset = ops.num_reset_for(counted, config.reserve_ratio)
     report = PurifyReport(config.ranking, config.reserve_ratio, None, total, moved, num_reset,
                           kept_unscored=unscored, embedding_parameter=embedding, hessian_floor=scoring.floor)
     read_counts = None
     if num_reset > 0:
-        threshold = threshold_from_histograms(lambda level, prefix: level0 if level == 0 else feed.histogram(level, prefix),
-                                              num_reset, total)
+        threshold = None
+        if candidates is not None:
+            threshold = threshold_from_candidates(*candidates, num_reset)
+        if threshold is None:  # no candidates pass, or its range missed: the histogram passes
+            threshold = threshold_from_histograms(
+                lambda level, prefix: level0 if level == 0 and level0 is not None else feed.histogram(level, prefix),
+                num_reset, total)
         report.threshold = threshold
         read_counts = feed.start_masked_reset_(threshold)
     embedding_reset = None

@@ -99,6 +99,31 @@ def score_threshold(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, 
     return torch.sort(scores, descending=True).values[k - 1].item()
 
 
+def score_candidates(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, eps, low_key: int, high_key: int,
+                     capacity: int, ranking=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.score_candidates by scoring every element: the keys are the scores' float32 bits where
+    the inputs are finite, the hessian in [0, max float] and the score not NaN; others are unrankable."""
+    keys, unrankable, unmoved = [], 0, 0
+    max_finite = torch.finfo(torch.float32).max
+    for f, p, h, kw in zip(finetuned, pretrained, hessians, _per_tensor(ranking, len(finetuned))):
+        f32, p32 = f.float().flatten(), p.float().flatten()
+        h32 = h.float().flatten().expand(f32.shape) if h.numel() == 1 else h.float().flatten()
+        key = drift_score(f, p, h, eps, **kw).flatten().view(torch.int32).long() & 0xFFFFFFFF
+        ok = (f32.abs() <= max_finite) & (p32.abs() <= max_finite) & (h32 >= 0) & (h32 <= max_finite) & (key <= 0x7F800000)
+        unrankable += int((~ok).sum())
+        unmoved += int((f32 == p32).sum())
+        keys.append(key[ok])
+    keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
+    between = keys[(keys > low_key) & (keys < high_key)]
+    at_low = int((keys == low_key).sum()) if low_key != high_key else 0
+    counts = torch.tensor([int((keys > high_key).sum()), int((keys == high_key).sum()), between.numel(), at_low,
+                           unrankable, unmoved], dtype=torch.int64)
+    out = torch.full((capacity,), -1, dtype=torch.int32)
+    if between.numel() <= capacity:
+        out[:between.numel()] = torch.sort(between, descending=True).values.to(torch.int32)
+    return counts, out
+
+
 def masked_reset_(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, threshold, eps,
                   ranking=None) -> torch.Tensor:
     counts = []

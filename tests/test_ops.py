@@ -338,6 +338,77 @@ def test_histogram_counts_unrankable_then_unmoved(dtype):
     assert int(ops.score_histogram(ft, pre, h, EPS, 0, 0)[:-2].sum()) == total
 
 
+# -------------------------------------------------------------------------- score_candidates
+
+
+@pytest.mark.parametrize("ranking_name", list(RANKINGS))
+def test_candidates_match_reference_and_give_the_threshold(dtype, ranking_name):
+    """Odd and chunk-straddling sizes, an empty tensor, per-tensor hessians, a third unmoved (tied
+    at 0): the counts and the sorted keys equal the reference's, and the k-th largest score read
+    from them is the exact threshold of the histogram search, for ranges around it of several
+    widths (0: both ends on it)."""
+    from finepurify_ext.threshold import key_of, threshold_from_candidates
+
+    ranking = RANKINGS[ranking_name]
+    ft, pre, h = ranked_weights(dtype, seed=53)
+    total = sum(f.numel() for f in ft)
+    unmoved = sum(int((f.float() == p.float()).sum()) for f, p in zip(ft, pre))
+    scores = torch.sort(ref.all_scores(ft, pre, h, EPS, ranking), descending=True).values
+    for k in (1, 2, total // 3, total // 2, total - 1, total):
+        threshold = ops.score_threshold(ft, pre, h, k, EPS, ranking=ranking)
+        for width in (0, 3, 400, total):  # the range: the scores `width` ranks above and below
+            high = key_of(scores[max(0, k - 1 - width)].item())
+            low = key_of(scores[min(total - 1, k - 1 + width)].item())
+            counts, keys = ops.score_candidates(ft, pre, h, EPS, low, high, 2 * width + 64, ranking=ranking)
+            expected = ref.score_candidates(ft, pre, h, EPS, low, high, 2 * width + 64, ranking=ranking)
+            assert torch.equal(counts, expected[0]) and torch.equal(keys, expected[1])
+            assert counts.tolist()[4:] == [0, unmoved] and int(counts[:4].sum()) <= total
+            between = int(counts[2])
+            got = threshold_from_candidates(counts, keys[:between] if between <= keys.numel() else None, low, high, k)
+            assert got == threshold or (got is None and between > keys.numel()), (k, width)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_candidates_over_sizes_and_capacity(dtype, size):
+    """Every size around the vector width and the chunk: above, at either end, between and below
+    all counted; one key fewer of capacity than between leaves no key; capacity 0 counts only."""
+    from finepurify_ext.threshold import key_of
+
+    ft, pre, h = make_weights(size + 7, [(size,), (3,)], dtype)
+    scores = sorted_scores_desc(ft, pre, h)
+    n = scores.numel()
+    low, high = key_of(scores[(2 * n) // 3].item()), key_of(scores[n // 5].item())
+    between = int(ref.score_candidates(ft, pre, h, EPS, low, high, n)[0][2])
+    assert between > 0 or n < 10
+    for capacity in sorted({n, between, max(between - 1, 0), 0}):
+        counts, keys = ops.score_candidates(ft, pre, h, EPS, low, high, capacity)
+        ref_counts, ref_keys = ref.score_candidates(ft, pre, h, EPS, low, high, capacity)
+        assert torch.equal(counts, ref_counts) and torch.equal(keys, ref_keys)
+        assert keys.numel() == capacity and (capacity >= between or bool((keys == -1).all()))
+        assert int(counts[:4].sum()) == n - int((scores < scores[(2 * n) // 3]).sum())  # all but those below
+
+
+def test_candidates_count_unrankable_scores():
+    """NaN and Inf weights and negative hessians count as unrankable, never in range; the whole
+    range [0, +Inf] then holds every other element."""
+    ft, pre, h = make_weights(54, [(1000,), (77,)], torch.float32)
+    ft[0][3] = float("nan")
+    pre[0][10] = float("inf")
+    h[1][5] = -1.0
+    counts, keys = ops.score_candidates(ft, pre, h, EPS, 0, 0x7F800000, 2000)
+    assert torch.equal(counts, ref.score_candidates(ft, pre, h, EPS, 0, 0x7F800000, 2000)[0])
+    assert counts.tolist()[0] == 0 and int(counts[:4].sum()) == 1074 and counts.tolist()[4] == 3
+    between = int(counts[2])
+    assert bool((keys[:between] > 0).all()) and bool((keys[between:] == -1).all())
+
+
+def test_candidates_refuse_a_bad_range():
+    ft, pre, h = make_weights(55, [(10,)], torch.float32)
+    for low, high, capacity in ((5, 4, 1), (-1, 4, 1), (0, 0x7F800001, 1), (0, 4, -1), (0, 4, 2**31)):
+        with pytest.raises(ValueError, match="score_candidates"):
+            ops.score_candidates(ft, pre, h, EPS, low, high, capacity)
+
+
 def test_random_pieces_draw_the_whole_tensor():
     """A tensor cut into pieces (as read out of core), each given its offset, ranks exactly as the
     whole tensor: same threshold, same reset."""

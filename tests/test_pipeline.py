@@ -353,6 +353,94 @@ def test_fine_purifying_resets_exactly_the_largest_indicators(tokenizer):
         assert torch.equal(params[n].detach(), torch.where(score >= threshold, state[n], before[n]))
 
 
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
+@pytest.mark.parametrize("count_moved_only", [True, False])
+def test_one_candidates_pass_purifies_as_the_histogram_passes(tokenizer, monkeypatch, ranking, count_moved_only):
+    """The threshold from one pass bracketed by a sample gives the same purified model and report
+    as the three histogram passes; so does a bracket that misses (the histogram passes take over),
+    and a sample that asks for more keys than a pass may keep (they run instead)."""
+    from finepurify_ext import purify as purify_module
+
+    model, state = drifted_pair(tokenizer)
+    hessians = hessian_of(model, tokenizer)
+    config = PurifyConfig(ranking=ranking, reserve_ratio=0.7, count_moved_only=count_moved_only)
+    calls = {"pass": 0, "threshold": 0}
+    candidate_pass, from_candidates = purify_module._candidate_pass, purify_module.threshold_from_candidates
+
+    def counted_pass(*args):
+        calls["pass"] += 1
+        return candidate_pass(*args)
+
+    def counted_threshold(*args):
+        found = from_candidates(*args)
+        calls["threshold"] += found is not None
+        return found
+
+    def purified(**patches):
+        for name, value in patches.items():
+            monkeypatch.setattr(purify_module, name, value)
+        m = copy.deepcopy(model)
+        report = purify_(m, state, hessians, config)
+        monkeypatch.undo()
+        return report, {n: p.detach().clone() for n, p in m.named_parameters()}
+
+    one_pass = purified(_candidate_pass=counted_pass, threshold_from_candidates=counted_threshold)
+    assert calls == {"pass": 1, "threshold": 1}  # the bracket held: no histogram pass
+    histograms = purified(CANDIDATES_ON=())
+    missed = purified(bracket_from_sample=lambda sample, *_: (1, 2, 0.0))  # holds no score but denormals
+    too_many = purified(CANDIDATE_KEYS=8)
+    overflow = purified(CANDIDATE_KEYS=8, bracket_from_sample=lambda *_: (0, 0x7F800000, 0.0))
+    for report, params in (histograms, missed, too_many, overflow):
+        assert report.threshold == one_pass[0].threshold and report.num_reset == one_pass[0].num_reset
+        assert report.reset_per_parameter == one_pass[0].reset_per_parameter
+        assert all(torch.equal(params[n], one_pass[1][n]) for n in params)
+
+
+@pytest.mark.parametrize("ranking", ["fine_purifying", "fine_mixing"])
+def test_a_strided_sample_brackets_the_threshold(ranking):
+    """Over 3M weights (a sample of every 64th), a third never moved, the one pass holds the
+    exact threshold of the histogram search, keeping a fraction of the keys (ties at the range's ends,
+    which the default Hessian floor makes many of, are counted, not kept)."""
+    from finepurify_ext import purify as purify_module
+    from finepurify_ext.purify import Feed, scoring_for
+    from finepurify_ext.threshold import threshold_from_candidates
+
+    gen = torch.Generator().manual_seed(61)
+    shapes = [(1024, 1536), (4099,), (384, 4000), (1,)]
+    pre = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+    ft = [(p.float() + 0.01 * torch.randn(s, generator=gen)).bfloat16() for p, s in zip(pre, shapes)]
+    for f, p in zip(ft, pre):
+        still = torch.rand(f.shape, generator=gen) < 0.33
+        f[still] = p[still]
+    hessians = [torch.rand(s, generator=gen) * 10.0 ** torch.randint(-6, 1, s, generator=gen) for s in shapes]
+    names = [f"t{i}" for i in range(len(shapes))]
+    config = PurifyConfig(ranking=ranking, reserve_ratio=0.7)
+    scoring = scoring_for(config, names, hessians)
+    total = sum(f.numel() for f in ft)
+    counts, keys, low, high = purify_module._candidate_pass(Feed(ft, pre, scoring), scoring, config, total)
+    moved = total - int(counts[5])
+    k = ops.num_reset_for(moved, config.reserve_ratio)
+    assert keys is not None and keys.numel() < total // 20
+    threshold = threshold_from_candidates(counts, keys, low, high, k)
+    assert threshold == ops.score_threshold(ft, pre, scoring.hessians, k, config.eps, ranking=scoring.ranking)
+
+
+def test_bracket_from_sample_holds_the_rank():
+    """The range around a rank holds the sample's key at that rank, clips at the ends, and its
+    expected share of elements grows with the spread."""
+    from finepurify_ext.threshold import INF_KEY, bracket_from_sample
+
+    keys = torch.arange(10_000, 0, -1, dtype=torch.int64) * 1000  # descending
+    low, high, share = bracket_from_sample(keys, 0.3, 10.0)
+    assert low <= int(keys[3000]) <= high and 0.012 < share < 0.013
+    ties = torch.cat([keys[:2900], torch.full((200,), int(keys[3000])), keys[3100:]])  # 200 equal keys
+    low, high, share = bracket_from_sample(ties[torch.randperm(ties.numel())], 0.3, 1.0)
+    assert low == high == int(keys[3000]) and share == 0.0  # all at the ends: counted, none kept
+    assert bracket_from_sample(keys, 0.0, 10.0)[1] == INF_KEY  # the top: no key above
+    assert bracket_from_sample(keys, 1.0, 10.0)[0] == 0  # the bottom: down to zero
+    assert bracket_from_sample(keys, 0.3, 100.0)[2] > share
+
+
 def test_rankings_differ_only_in_ranking(tokenizer):
     """Same budget and machinery; magnitude picks the largest |drift|; fine_mixing is seeded."""
     results = {}

@@ -76,6 +76,26 @@ at::Tensor score_histogram_cpu(at::TensorList finetuned, at::TensorList pretrain
   return counts;
 }
 
+std::tuple<at::Tensor, at::Tensor> score_candidates_cpu(
+    at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians, double eps,
+    int64_t low_key, int64_t high_key, int64_t capacity, double hessian_floor, int64_t random_seed,
+    at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
+  check_weight_lists("score_candidates", finetuned, pretrained, hessians);
+  std::vector<uint64_t> streams;
+  const ScoreSpec spec = score_spec("score_candidates", eps, hessian_floor, random_seed,
+                                    random_keys, random_offsets, finetuned.size(), streams);
+  check_candidate_range("score_candidates", low_key, high_key, capacity);
+  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
+  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  at::Tensor counts = at::empty({6}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor keys = at::empty({capacity}, at::TensorOptions().dtype(at::kInt));
+  cpu::score_candidates(ft_args.data(), pre_args.data(), h_args.data(),
+                        static_cast<int64_t>(ft_args.size()), spec, streams.data(),
+                        static_cast<uint32_t>(low_key), static_cast<uint32_t>(high_key), capacity,
+                        counts.data_ptr<int64_t>(), keys.data_ptr<int32_t>());
+  return {counts, keys};
+}
+
 at::Tensor masked_reset_cpu(at::TensorList finetuned, at::TensorList pretrained,
                             at::TensorList hessians, double threshold, double eps,
                             double hessian_floor, int64_t random_seed,
@@ -104,6 +124,7 @@ TORCH_LIBRARY_IMPL(finepurify, CPU, m) {
   m.impl("drift_score", &drift_score_cpu);
   m.impl("drift_scores", &drift_scores_cpu);
   m.impl("score_histogram", &score_histogram_cpu);
+  m.impl("score_candidates", &score_candidates_cpu);
   m.impl("masked_reset_", &masked_reset_cpu);
 }
 

@@ -51,6 +51,14 @@ void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
               prefix, counts);
 }
 
+void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
+                      const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                      const uint64_t* streams, uint32_t low_key, uint32_t high_key,
+                      int64_t capacity, int64_t* counts, int32_t* keys) {
+  FP_CPU_CALL(score_candidates, finetuned, pretrained, hessians, num_tensors, spec, streams,
+              low_key, high_key, capacity, counts, keys);
+}
+
 void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
                   const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
                   const uint64_t* streams, float threshold, int64_t* counts) {

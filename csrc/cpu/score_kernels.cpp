@@ -2,6 +2,8 @@
 // masked reset. Each reads finetuned, pretrained and hessian once and recomputes the score in
 // registers, so no score vector is ever materialised.
 #include <algorithm>
+#include <atomic>
+#include <functional>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -99,6 +101,78 @@ void histogram_range(const ChunkView<T>& c, const DigitSelector& digit, int64_t*
       });
 }
 
+// A thread's share of score_candidates: its counters and the keys it kept.
+struct CandidateCounts {
+  int64_t above = 0, at_high = 0, inside = 0, at_low = 0, unrankable = 0, unmoved = 0;
+  std::vector<int32_t> keys;
+  int64_t unpublished = 0;  // keys kept since it last added its count to the op's
+  bool full = false;        // the op holds more than `capacity`: keep no more
+};
+
+// Keys are kept until the threads together have found more than `capacity`: each adds its count
+// to the op's (`kept`) every kKeyBlock keys, not per key, which the threads would contend for.
+// So the op holds at most capacity + kKeyBlock keys per thread, and never stops short of all of
+// them where at most `capacity` are inside.
+constexpr int64_t kKeyBlock = 4096;
+
+inline void keep_candidate(uint32_t key, int64_t capacity, std::atomic<int64_t>& kept,
+                           CandidateCounts& out) {
+  ++out.inside;
+  if (out.full) return;
+  out.keys.push_back(static_cast<int32_t>(key));
+  if (++out.unpublished == kKeyBlock) {
+    out.full = kept.fetch_add(kKeyBlock, std::memory_order_relaxed) + kKeyBlock > capacity;
+    out.unpublished = 0;
+  }
+}
+
+inline void add_candidate(uint32_t key, uint32_t low_key, uint32_t high_key, int64_t capacity,
+                          std::atomic<int64_t>& kept, CandidateCounts& out) {
+  if (key == kUnrankableKey) {
+    ++out.unrankable;
+  } else if (key > high_key) {
+    ++out.above;
+  } else if (key == high_key) {
+    ++out.at_high;
+  } else if (key == low_key) {
+    ++out.at_low;
+  } else if (key > low_key) {
+    keep_candidate(key, capacity, kept, out);
+  }
+}
+
+template <typename T>
+void candidates_range(const ChunkView<T>& c, uint32_t low_key, uint32_t high_key, int64_t capacity,
+                      std::atomic<int64_t>& kept, CandidateCounts& out) {
+  alignas(64) float scores[Vec::size()];
+  // Rankable keys order as the scores' float values (>= +0, up to +Inf), so a vector compares
+  // its scores with the range's ends; only the lanes strictly inside (few) are looked at one by one.
+  const Vec low(float_from_bits(low_key)), high(float_from_bits(high_key));
+  visit_vectors(
+      c,
+      [&](int64_t, const Vec& f, const Vec& p, const Vec& hv, const Vec& score) {
+        const int unrankable = invalid_lanes(f, p, hv) | true_lanes(score != score);  // NaN score
+        const int rankable = ~unrankable;
+        const int at_high = true_lanes(score == high) & rankable;
+        const int at_low = true_lanes(score == low) & rankable & ~at_high;
+        const int inside = true_lanes(score > low) & true_lanes(score < high) & rankable;
+        out.unrankable += __builtin_popcount(static_cast<unsigned>(unrankable));
+        out.above += __builtin_popcount(static_cast<unsigned>(true_lanes(score > high) & rankable));
+        out.at_high += __builtin_popcount(static_cast<unsigned>(at_high));
+        out.at_low += __builtin_popcount(static_cast<unsigned>(at_low));
+        out.unmoved += __builtin_popcount(static_cast<unsigned>(true_lanes(f == p)));
+        if (inside == 0) return;
+        score.store(scores);
+        for (int lane = 0; lane < Vec::size(); ++lane) {
+          if ((inside >> lane) & 1) keep_candidate(float_bits(scores[lane]), capacity, kept, out);
+        }
+      },
+      [&](int64_t i) {
+        add_candidate(score_key(c.score(i), c.rankable(i)), low_key, high_key, capacity, kept, out);
+        out.unmoved += static_cast<float>(c.ft[i]) == static_cast<float>(c.pre[i]);
+      });
+}
+
 template <typename T>
 int64_t reset_range(const ChunkView<T>& c, float threshold) {
   const Vec threshold_vec(threshold);
@@ -181,6 +255,40 @@ void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
   for (size_t t = 0; t < per_thread.size() / num_counts; ++t) {
     for (int64_t b = 0; b < num_counts; ++b) counts[b] += per_thread[t * num_counts + b];
   }
+}
+
+void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
+                      const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                      const uint64_t* streams, uint32_t low_key, uint32_t high_key,
+                      int64_t capacity, int64_t* counts, int32_t* keys) {
+  const auto chunks = split_into_chunks(finetuned, num_tensors);
+  std::vector<CandidateCounts> per_thread(static_cast<size_t>(at::get_num_threads()));
+  std::atomic<int64_t> kept{0};
+  parallel_over_chunks(chunks, [&](const Chunk* first, const Chunk* last) {
+    CandidateCounts& out = per_thread[at::get_thread_num()];
+    for (const Chunk* c = first; c != last; ++c) {
+      visit_chunk(finetuned, pretrained, hessians, spec, streams, *c, [&](const auto& view) {
+        candidates_range(view, low_key, high_key, capacity, kept, out);
+      });
+    }
+  });
+  CandidateCounts total;
+  for (const CandidateCounts& t : per_thread) {
+    total.above += t.above;
+    total.at_high += t.at_high;
+    total.inside += t.inside;
+    total.at_low += t.at_low;
+    total.unrankable += t.unrankable;
+    total.unmoved += t.unmoved;
+  }
+  const int64_t values[] = {total.above,  total.at_high,    total.inside,
+                            total.at_low, total.unrankable, total.unmoved};
+  std::copy(values, values + 6, counts);
+  std::fill(keys, keys + capacity, -1);
+  if (total.inside > capacity) return;  // which keys were kept depends on the threads: none
+  int32_t* end = keys;
+  for (const CandidateCounts& t : per_thread) end = std::copy(t.keys.begin(), t.keys.end(), end);
+  std::sort(keys, end, std::greater<int32_t>());  // the same output whatever the thread count
 }
 
 void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
