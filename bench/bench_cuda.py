@@ -235,6 +235,22 @@ def cases(ft, pre, hess, dtype):
                 {"radix_bincount": threshold_radix, "chunked_topk": topk, "flat_kthvalue": kth},
                 None, 3 * triple))
 
+    # purify_'s one-pass search: an even sample brackets the threshold, one score_candidates pass
+    # counts and keeps the keys around it (the histogram passes only where the range misses).
+    from finepurify_ext.purify import Feed, PurifyConfig, Scoring, _candidate_pass
+    from finepurify_ext.threshold import threshold_from_candidates
+
+    one_pass_config = PurifyConfig(reserve_ratio=RESERVE_RATIO, count_moved_only=False)
+    scoring = Scoring(hess, EPS, ops.PLAIN)
+
+    def threshold_one_pass():
+        found = _candidate_pass(Feed(ft, pre, scoring), scoring, one_pass_config, n)
+        got = threshold_from_candidates(*found, k) if found is not None else None
+        if got != threshold:  # a miss falls back to the histograms in purify_; here it is reported
+            raise RuntimeError(f"the one-pass threshold {got} differs from score_threshold's {threshold}")
+
+    out.append(("score_threshold (sample + one pass)", threshold_one_pass, None, None, triple))
+
     def reset_pass():
         ops.masked_reset_(ft, pre, hess, threshold, EPS)
 

@@ -272,8 +272,9 @@ class Scoring:
 
 
 CANDIDATE_KEYS = 4 << 20  # the keys one candidates pass may keep (16 MB)
-# The devices whose score_candidates kernel has been run against the CPU's: the CUDA kernel is not
-# written yet, so a GPU keeps the three histogram passes.
+# The devices whose score_candidates kernel has been run against the CPU's. The CUDA kernel is
+# written and its tests are in tests/test_cuda.py, but it has not run on a GPU yet: until it has,
+# a GPU keeps the three histogram passes.
 CANDIDATES_ON = ("cpu",)
 
 

@@ -362,6 +362,53 @@ def test_second_device():
     assert_bitwise(ft_g, ft)
 
 
+# -------------------------------------------------------------------------- score_candidates
+
+
+def _candidate_ranges(ft, pre, h, ranking):
+    """Key ranges around several ranks: a point (both ends on one score), narrow, wide, all."""
+    from finepurify_ext.threshold import key_of
+
+    scores = torch.sort(ref.all_scores(to_cpu(ft), to_cpu(pre), to_cpu(h), EPS, ranking), descending=True).values
+    n = scores.numel()
+    for k in (1, n // 3, n // 2, n):
+        for width in (0, 5, 3000, n):
+            yield k, key_of(scores[max(0, k - 1 - width)].item()), key_of(scores[min(n - 1, k - 1 + width)].item())
+
+
+@pytest.mark.parametrize("ranking_name", list(RANKINGS))
+def test_score_candidates_match_cpu(dtype, ranking_name):
+    """Odd and chunk-straddling sizes, an empty tensor, per-tensor hessians, a third unmoved: the
+    counts and the sorted keys equal the CPU's, with room for all keys, for one too few and for
+    none (the keys the warps appended past the capacity are dropped)."""
+    ranking = RANKINGS[ranking_name]
+    ft, pre, h = ranked_weights(dtype, seed=57)
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    for _, high, low in _candidate_ranges(ft, pre, h, ranking):
+        expected = ops.score_candidates(ft, pre, h, EPS, low, high, 8192, ranking=ranking)
+        between = int(expected[0][2])
+        for capacity in sorted({8192, between, max(between - 1, 0), 0}):
+            counts, keys = ops.score_candidates(ft_g, pre_g, h_g, EPS, low, high, capacity, ranking=ranking)
+            cpu_counts, cpu_keys = ops.score_candidates(ft, pre, h, EPS, low, high, capacity, ranking=ranking)
+            assert counts.device.type == "cuda" and keys.device.type == "cuda"
+            assert torch.equal(counts.cpu(), cpu_counts) and torch.equal(keys.cpu(), cpu_keys), (low, high, capacity)
+
+
+@pytest.mark.parametrize("size", CUDA_SIZES)
+def test_score_candidates_over_sizes(size):
+    """Every size around the pack and the chunk, bfloat16 and float32 in one list (two launches
+    adding to the same counts and slots), against the CPU."""
+    ft, pre, h = make_weights(size + 11, [(size,), (size + 3,)], [torch.bfloat16, torch.float32])
+    scores = sorted_scores_desc(ft, pre, h)
+    n = scores.numel()
+    from finepurify_ext.threshold import key_of
+
+    low, high = key_of(scores[(3 * n) // 4].item()), key_of(scores[n // 4].item())
+    got = ops.score_candidates(to_cuda(ft), to_cuda(pre), to_cuda(h), EPS, low, high, n)
+    expected = ops.score_candidates(ft, pre, h, EPS, low, high, n)
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+
+
 def test_opcheck_on_cuda():
     for dtype in DTYPES:
         ft, pre, h = (to_cuda(ts) for ts in make_weights(70, [(37,), (5, 11), (1,)], dtype))
@@ -371,6 +418,8 @@ def test_opcheck_on_cuda():
         torch.library.opcheck(OPS.drift_scores.default, (ft, pre, h, EPS))
         torch.library.opcheck(OPS.score_histogram.default, (ft, pre, h, EPS, 0, 0))
         torch.library.opcheck(OPS.score_threshold.default, (ft, pre, h, total // 2, EPS))
+        key = int(torch.tensor(threshold, dtype=torch.float32).view(torch.int32))
+        torch.library.opcheck(OPS.score_candidates.default, (ft, pre, h, EPS, key // 2, key, total))
         torch.library.opcheck(OPS.masked_reset_.default, (clones(ft), pre, h, threshold, EPS))
         torch.library.opcheck(OPS.reset_most_abnormal_.default, (clones(ft), pre, h, 0.4, EPS))
         grads = [torch.randn_like(t, dtype=torch.float32).to(dtype) for t in h]

@@ -86,6 +86,30 @@ at::Tensor score_histogram_cuda(at::TensorList finetuned, at::TensorList pretrai
   return counts;
 }
 
+std::tuple<at::Tensor, at::Tensor> score_candidates_cuda(
+    at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians, double eps,
+    int64_t low_key, int64_t high_key, int64_t capacity, double hessian_floor, int64_t random_seed,
+    at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
+  check_weight_lists("score_candidates", finetuned, pretrained, hessians);
+  std::vector<uint64_t> streams;
+  const ScoreSpec spec = score_spec("score_candidates", eps, hessian_floor, random_seed,
+                                    random_keys, random_offsets, finetuned.size(), streams);
+  check_candidate_range("score_candidates", low_key, high_key, capacity);
+  const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
+  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
+  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  at::Tensor counts = at::zeros({6}, finetuned[0].options().dtype(at::kLong));
+  at::Tensor keys = at::full({capacity}, -1, finetuned[0].options().dtype(at::kInt));
+  cuda::score_candidates(ft_args.data(), pre_args.data(), h_args.data(),
+                         static_cast<int64_t>(ft_args.size()), spec, streams.data(),
+                         static_cast<uint32_t>(low_key), static_cast<uint32_t>(high_key), capacity,
+                         counts.data_ptr<int64_t>(), keys.data_ptr<int32_t>(), current_stream());
+  // As the CPU gives them, without reading the counts on the host: none where more than
+  // `capacity` fell between, else sorted descending (the -1 of the unused slots last).
+  keys.masked_fill_(counts.select(0, 2).gt(capacity), -1);
+  return {counts, std::get<0>(keys.sort(/*dim=*/0, /*descending=*/true))};
+}
+
 at::Tensor masked_reset_cuda(at::TensorList finetuned, at::TensorList pretrained,
                              at::TensorList hessians, double threshold, double eps,
                              double hessian_floor, int64_t random_seed,
@@ -115,6 +139,7 @@ TORCH_LIBRARY_IMPL(finepurify, CUDA, m) {
   m.impl("drift_score", &drift_score_cuda);
   m.impl("drift_scores", &drift_scores_cuda);
   m.impl("score_histogram", &score_histogram_cuda);
+  m.impl("score_candidates", &score_candidates_cuda);
   m.impl("masked_reset_", &masked_reset_cuda);
 }
 

@@ -31,6 +31,15 @@ void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
                      const uint64_t* streams, int level, uint32_t prefix, int64_t* counts,
                      cudaStream_t stream);
 
+// Adds to counts[0..5] (device memory, zeroed by the caller) the score keys above high_key,
+// equal to it, strictly between, equal to low_key (below high_key), the unrankable elements and
+// those that never moved; writes the keys strictly between to keys[0, min(between, capacity))
+// in no order (the caller sorts them).
+void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
+                      const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                      const uint64_t* streams, uint32_t low_key, uint32_t high_key, int64_t capacity,
+                      int64_t* counts, int32_t* keys, cudaStream_t stream);
+
 // finetuned[i] = pretrained[i] where score >= threshold; adds the number reset to counts[i]
 // (device memory, zeroed by the caller).
 void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,

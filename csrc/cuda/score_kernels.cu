@@ -208,6 +208,58 @@ __global__ void __launch_bounds__(kThreads, kHistogramBlocksPerSM)
   }
 }
 
+// score_candidates: the score keys above, at either end of, and strictly between [low_key,
+// high_key]; those between are appended to `keys` (at most `capacity`) at slots taken from
+// counts[2], one atomic per warp and element position that holds any (a warp-aggregated
+// append: few keys fall between). The other counts live in registers until the block ends.
+template <typename T, bool Random>
+__global__ void __launch_bounds__(kThreads)
+    score_candidates_kernel(LaunchTable<3> table, ScoreSpec spec, uint32_t low_key, uint32_t high_key,
+                            int64_t capacity, unsigned long long* counts, int32_t* keys) {
+  unsigned int above = 0, at_high = 0, at_low = 0, unrankable = 0, unmoved = 0;  // a block counts < 2^32
+  const unsigned lane = threadIdx.x % 32;
+  for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
+    const uint64_t stream = table.stream[t];
+    visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
+                                              const float* p, const float* h, const auto*, const auto*) {
+#pragma unroll
+      for (int j = 0; j < decltype(count)::value; ++j) {
+        unmoved += f[j] == p[j];
+        const uint32_t key = score_key(spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j),
+                                       rankable_inputs(f[j], p[j], h[j]));
+        const bool rankable = key != kUnrankableKey;  // above every rankable key: never between
+        unrankable += !rankable;
+        above += rankable && key > high_key;
+        at_high += key == high_key;
+        at_low += key == low_key && key != high_key;
+        const bool between = key > low_key && key < high_key;
+        // The lanes here now (all of them but in a tensor's last step) append together.
+        const unsigned active = __activemask();
+        const unsigned found = __ballot_sync(active, between);
+        if (found != 0) {
+          const int leader = __ffs(active) - 1;
+          unsigned long long base = 0;
+          if (lane == static_cast<unsigned>(leader)) base = atomicAdd(counts + 2, static_cast<unsigned long long>(__popc(found)));
+          base = __shfl_sync(active, base, leader);
+          if (between) {
+            const unsigned long long slot = base + __popc(found & ((1u << lane) - 1u));
+            if (slot < static_cast<unsigned long long>(capacity)) keys[slot] = static_cast<int32_t>(key);
+          }
+        }
+      }
+    });
+  });
+  const unsigned long long sums[5] = {warp_sum(above), warp_sum(at_high), warp_sum(at_low),
+                                      warp_sum(unrankable), warp_sum(unmoved)};
+  constexpr int kSlot[5] = {0, 1, 3, 4, 5};
+  if (lane == 0) {
+#pragma unroll
+    for (int c = 0; c < 5; ++c) {
+      if (sums[c] != 0) atomicAdd(counts + kSlot[c], sums[c]);
+    }
+  }
+}
+
 template <typename T, bool Random>
 __global__ void __launch_bounds__(kThreads)
     masked_reset_kernel(LaunchTable<3> table, ScoreSpec spec, float threshold,
@@ -277,6 +329,23 @@ void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
                                                : score_histogram_kernel<T, false, false>);
       launch_multi_tensor(kernel, lists, num_tensors, kFinetuned, dtype, extras, stream, spec,
                           digit, out);
+    });
+  }
+}
+
+void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
+                      const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                      const uint64_t* streams, uint32_t low_key, uint32_t high_key, int64_t capacity,
+                      int64_t* counts, int32_t* keys, cudaStream_t stream) {
+  const TensorArg* const lists[3] = {finetuned, pretrained, hessians};
+  const LaunchExtras extras{kHessian, streams};
+  auto* out = reinterpret_cast<unsigned long long*>(counts);
+  for (DType dtype : kAllDTypes) {
+    dispatch_storage(dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      launch_multi_tensor(spec.random ? score_candidates_kernel<T, true> : score_candidates_kernel<T, false>, lists,
+                          num_tensors, kFinetuned, dtype, extras, stream, spec, low_key, high_key, capacity, out,
+                          keys);
     });
   }
 }
