@@ -31,9 +31,9 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import PurifyConfig, sample_quantile, sum_float64, unrankable, unseen_mask
+from .purify import CANDIDATE_KEYS, CANDIDATES_ON, PurifyConfig, sample_quantile, sum_float64, unrankable, unseen_mask
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
-from .threshold import LEVEL_BINS, threshold_from_histograms
+from .threshold import LEVEL_BINS, bracket_from_sample, threshold_from_candidates, threshold_from_histograms
 
 # Names of the word-embedding matrix in common architectures (embeddings="separate").
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight",
@@ -340,22 +340,31 @@ def purify_checkpoint(
                 del got, ft, pre, h
 
     # Pre-pass over the Hessian alone: its check, the mean per tensor (no_hessian) and the floor's
-    # sample (the one purify_ takes: every stride-th element); only what the ranking needs.
+    # sample (the one purify_ takes: every stride-th element); only what the ranking needs. Where the
+    # one-pass threshold search can run (purify.CANDIDATES_ON), it reads the weights too and keeps
+    # the same elements' values: the sample that brackets the threshold, so that one pass replaces
+    # the three histogram passes after it.
     ranked_elements = sum(sus_ckpt.numel(n) for n in ranked)
     h_mean, floor = {}, None
     wants_floor = config.hessian_floor_quantile is not None and config.ranking in ("fine_purifying", "no_hessian")
-    if wants_floor or config.ranking == "no_hessian":
+    pre_pass = wants_floor or config.ranking == "no_hessian"
+    one_pass = pre_pass and torch.device(device).type in CANDIDATES_ON and ranked_elements > 0
+    score_sample = {}  # name: (finetuned, pretrained, hessian) at the sampled elements
+    if pre_pass:
         samples, h_sum = [], {name: 0.0 for name in ranked}
         stride = max(1, ranked_elements // (1 << 20))
         bar = tqdm(total=ranked_elements, desc="pre-pass", unit=" weights", unit_scale=True, disable=not progress,
                    leave=False)
-        for name, start, _, _, h in pieces(ranked, with_weights=False, to="cpu"):  # checked and summed on the CPU
+        for name, start, ft, pre, h in pieces(ranked, with_weights=one_pass, to="cpu"):  # checked and summed on the CPU
             _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")  # before its floor
             h_sum[name] += sum_float64(h)
+            picked = slice((-start) % stride, None, stride)
             if wants_floor:
-                samples.append(h[(-start) % stride :: stride].clone())
+                samples.append(h[picked].clone())
+            if one_pass:
+                score_sample.setdefault(name, []).append((ft[picked].clone(), pre[picked].clone(), h[picked].clone()))
             bar.update(h.numel())
-            del h
+            del h, ft, pre
         bar.close()
         h_mean = {name: total / max(h_ckpt.numel(name), 1) for name, total in h_sum.items()}
         if wants_floor:
@@ -399,20 +408,81 @@ def purify_checkpoint(
         bar.close()
         return counts
 
+    def candidates_pass(low, high, capacity):
+        """One score_candidates pass over every piece: the counts summed, and the keys strictly
+        inside the range sorted descending (None once more than ``capacity`` are)."""
+        counts, kept = torch.zeros(6, dtype=torch.int64), []
+        bar = tqdm(total=ranked_elements, desc="threshold pass (one)", unit=" weights", unit_scale=True,
+                   disable=not progress, leave=False)
+        for name, start, ft, pre, h in pieces(ranked, reads_hessian):
+            hs, ranking = piece_inputs(name, start, h)
+            room = max(0, capacity - int(counts[2])) if kept is not None else 0
+            piece, keys = ops.score_candidates([ft], [pre], [hs], eps, low, high, room, ranking)
+            piece = piece.cpu()
+            if piece[4] > 0:  # unrankable scores: name the tensor and its file, as the histogram passes do
+                raise unrankable([(f"{sus_ckpt.entries[name].file}: tensor {name!r}", ft),
+                                  (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre)]) \
+                    or CheckpointError(f"cannot rank {name!r}: its scores overflow float32; use a larger eps")
+            counts += piece
+            if kept is not None and int(piece[2]) <= room:
+                kept.append(keys[:int(piece[2])].cpu().clone())  # not a view that holds the whole buffer
+            else:
+                kept = None
+            bar.update(ft.numel())
+            del ft, pre, h, hs
+        bar.close()
+        return counts, (None if kept is None else torch.sort(torch.cat(kept), descending=True).values)
+
+    def one_pass_search():
+        """The sample's bracket and the pass over it (purify._candidate_pass out of core), or None
+        where the sample asks for more keys than a pass may keep."""
+        names = list(score_sample)
+        parts = [[torch.cat([s[i] for s in score_sample[n]]) for i in range(3)] for n in names]
+        inputs = [piece_inputs(n, 0, h) for n, (_, _, h) in zip(names, parts)]
+        ranking = ops.Ranking(hessian_floor=inputs[0][1].hessian_floor) if inputs else ops.PLAIN
+        scores = ops.drift_scores([f for f, _, _ in parts], [p for _, p, _ in parts], [hs for hs, _ in inputs], eps,
+                                  ranking=ranking)
+        keys = torch.cat([s.reshape(-1) for s in scores]).view(torch.int32).to(torch.int64)
+        keys = keys[(keys >= 0) & (keys <= 0x7F800000)]
+        moved_fraction = float(torch.cat([(f != p) for f, p, _ in parts]).float().mean())
+        if keys.numel() == 0:
+            return None
+        by_moved = config.count_moved_only
+        counted_estimate = ranked_elements * moved_fraction if by_moved else ranked_elements
+        fraction = min(1.0, (1.0 - config.reserve_ratio) * counted_estimate / ranked_elements) \
+            if num_reset is None else num_reset / ranked_elements
+        n = keys.numel()
+        spread = math.sqrt(n * fraction * (1.0 - fraction))
+        if by_moved and num_reset is None:
+            spread += (1.0 - config.reserve_ratio) * math.sqrt(n * moved_fraction * (1.0 - moved_fraction))
+        low, high, expected = bracket_from_sample(keys, fraction, spread)
+        if expected * ranked_elements > CANDIDATE_KEYS / 2:
+            return None
+        counts, kept = candidates_pass(low, high, min(CANDIDATE_KEYS, max(1 << 16, math.ceil(3 * expected * ranked_elements))))
+        return counts, kept, low, high
+
+    if num_reset is not None and not 0 <= num_reset <= ranked_elements:  # before any pass
+        raise CheckpointError(f"the reset count {num_reset} is out of range [0, {ranked_elements}]: the checkpoints "
+                              f"hold {ranked_elements} scored weights")
     start_threshold = time.perf_counter()
-    level0 = histogram_of(0, 0) if ranked_elements else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
-    moved = ranked_elements - int(level0[-1])
+    level0 = candidates = None
+    if one_pass:
+        candidates = one_pass_search()
+    score_sample.clear()
+    if candidates is None:
+        level0 = histogram_of(0, 0) if ranked_elements else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
+    moved = ranked_elements - int(level0[-1] if level0 is not None else candidates[0][5])
     counted = moved if config.count_moved_only or config.ranking == "fine_mixing" else ranked_elements
     reserve_from_config = num_reset is None
     if num_reset is None:
         num_reset = ops.num_reset_for(counted, config.reserve_ratio)
-    elif not 0 <= num_reset <= ranked_elements:
-        raise CheckpointError(f"the reset count {num_reset} is out of range [0, {ranked_elements}]: the checkpoints "
-                              f"hold {ranked_elements} scored weights")
     threshold = None
-    if num_reset > 0:
-        threshold = threshold_from_histograms(lambda level, prefix: level0 if level == 0 else histogram_of(level, prefix),
-                                              num_reset, ranked_elements)  # k is in range
+    if num_reset > 0 and candidates is not None:
+        threshold = threshold_from_candidates(*candidates, num_reset)
+    if num_reset > 0 and threshold is None:  # no one-pass search, or its range missed
+        threshold = threshold_from_histograms(
+            lambda level, prefix: level0 if level == 0 and level0 is not None else histogram_of(level, prefix),
+            num_reset, ranked_elements)  # k is in range
     times["threshold"] = time.perf_counter() - start_threshold
 
     # Reset pass: the suspect's shards written anew, with the same names and order.

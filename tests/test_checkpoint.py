@@ -174,6 +174,40 @@ def test_configs_equal_purify_in_memory(tmp_path, ranking, dtype, embeddings):
         assert report.embedding_rows_reset == expected.embedding_rows_reset == 6
 
 
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian"])
+def test_one_pass_out_of_core_equals_the_histogram_passes(tmp_path, monkeypatch, ranking):
+    """The rankings with a pre-pass take their sample there and find the threshold in one pass
+    (no histogram pass runs), with the purified shards and report of the histogram passes; a
+    range that misses falls back to them."""
+    from finepurify_ext import checkpoint as checkpoint_module
+
+    pre, suspect, hessian = make_states(torch.bfloat16, seed=3)
+    names = list(suspect)
+    sus_dir = save_sharded(suspect, tmp_path / "suspect", [names[::2], names[1::2]])
+    pre_dir = save_sharded(pre, tmp_path / "pre", [list(pre)])
+    h_file = str(tmp_path / "h.safetensors")
+    save_file(hessian, h_file)
+    config = PurifyConfig(ranking=ranking, reserve_ratio=0.3)
+
+    def run(out, **patches):
+        for name, value in patches.items():
+            monkeypatch.setattr(checkpoint_module, name, value)
+        report = purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / out), config, progress=False,
+                                   chunk_bytes=100)
+        monkeypatch.undo()
+        return report, read_dir(tmp_path / out)
+
+    def no_histograms(*_):
+        raise AssertionError("a histogram pass ran")
+
+    one_pass = run("one", threshold_from_histograms=no_histograms)
+    histograms = run("histograms", CANDIDATES_ON=())
+    missed = run("missed", bracket_from_sample=lambda *_: (1, 2, 0.0))
+    for report, got in (histograms, missed):
+        assert report.threshold == one_pass[0].threshold and report.reset_per_tensor == one_pass[0].reset_per_tensor
+        assert all(torch.equal(got[n], one_pass[1][n]) for n in got)
+
+
 def test_explicit_reset_count(checkpoints, tmp_path):
     _, _, _, pre_dir, sus_dir, h_file = checkpoints
     report = purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), PurifyConfig.literal(),
