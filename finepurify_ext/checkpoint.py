@@ -31,9 +31,10 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import CANDIDATE_KEYS, CANDIDATES_ON, PurifyConfig, sample_quantile, sum_float64, unrankable, unseen_mask
+from .purify import (CANDIDATES_ON, PurifyConfig, candidate_range, sample_quantile, sum_float64, unrankable,
+                     unseen_mask)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
-from .threshold import LEVEL_BINS, bracket_from_sample, threshold_from_candidates, threshold_from_histograms
+from .threshold import LEVEL_BINS, threshold_from_candidates, threshold_from_histograms
 
 # Names of the word-embedding matrix in common architectures (embeddings="separate").
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight",
@@ -445,20 +446,11 @@ def purify_checkpoint(
         keys = torch.cat([s.reshape(-1) for s in scores]).view(torch.int32).to(torch.int64)
         keys = keys[(keys >= 0) & (keys <= 0x7F800000)]
         moved_fraction = float(torch.cat([(f != p) for f, p, _ in parts]).float().mean())
-        if keys.numel() == 0:
+        planned = candidate_range(keys, moved_fraction, ranked_elements, config, num_reset)
+        if planned is None:
             return None
-        by_moved = config.count_moved_only
-        counted_estimate = ranked_elements * moved_fraction if by_moved else ranked_elements
-        fraction = min(1.0, (1.0 - config.reserve_ratio) * counted_estimate / ranked_elements) \
-            if num_reset is None else num_reset / ranked_elements
-        n = keys.numel()
-        spread = math.sqrt(n * fraction * (1.0 - fraction))
-        if by_moved and num_reset is None:
-            spread += (1.0 - config.reserve_ratio) * math.sqrt(n * moved_fraction * (1.0 - moved_fraction))
-        low, high, expected = bracket_from_sample(keys, fraction, spread)
-        if expected * ranked_elements > CANDIDATE_KEYS / 2:
-            return None
-        counts, kept = candidates_pass(low, high, min(CANDIDATE_KEYS, max(1 << 16, math.ceil(3 * expected * ranked_elements))))
+        low, high, capacity = planned
+        counts, kept = candidates_pass(low, high, capacity)
         return counts, kept, low, high
 
     if num_reset is not None and not 0 <= num_reset <= ranked_elements:  # before any pass

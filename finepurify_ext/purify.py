@@ -311,28 +311,43 @@ def _sample_scores(ft, pre, scoring: Scoring, max_samples: int) -> tuple[torch.T
     return keys, float(moved.float().mean())
 
 
-def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", total: int):
-    """The threshold search's first pass, bracketed from a sample: ``ops.score_candidates``'s
-    counts, the keys inside (None where too many) and the range, or None where the sample says the
-    range would hold too many keys to keep (then the three histogram passes run as before)."""
-    sample, moved_fraction = _sample_scores(feed.ft, feed.pre, scoring, max(1 << 14, min(1 << 20, total // 64)))
-    if sample.numel() == 0:
+def candidate_range(sample_keys: torch.Tensor, moved_fraction: float, total: int, config: "PurifyConfig",
+                    num_reset: int | None = None) -> tuple[int, int, int] | None:
+    """The key range a candidates pass over ``total`` weights takes, from the sample's rankable
+    keys and its moved fraction, and the keys it may keep; None where the sample says the range
+    would hold too many (then the histogram passes run instead). The rank is ``num_reset``'s, or
+    the reserve ratio's of the weights counted (moved ones estimated from the sample)."""
+    n = sample_keys.numel()
+    if n == 0 or total == 0:
         return None
-    n = sample.numel()
-    by_moved = config.count_moved_only or config.ranking == "fine_mixing"
-    counted = total * moved_fraction if by_moved else total
-    rank_fraction = min(1.0, (1.0 - config.reserve_ratio) * counted / total)
+    by_moved = num_reset is None and (config.count_moved_only or config.ranking == "fine_mixing")
+    if num_reset is not None:
+        rank_fraction = num_reset / total
+    else:
+        counted = total * moved_fraction if by_moved else total
+        rank_fraction = min(1.0, (1.0 - config.reserve_ratio) * counted / total)
     # Where the element of that rank falls in the sample: a binomial spread, and with moved-only
     # counting that of the moved fraction it was estimated from.
     spread = math.sqrt(n * rank_fraction * (1.0 - rank_fraction))
     if by_moved:
         spread += (1.0 - config.reserve_ratio) * math.sqrt(n * moved_fraction * (1.0 - moved_fraction))
-    low, high, expected = bracket_from_sample(sample, rank_fraction, spread)
+    low, high, expected = bracket_from_sample(sample_keys, rank_fraction, spread)
     if expected * total > CANDIDATE_KEYS / 2:
         return None
-    # Room for three times the keys expected (ties at the ends can add more: then the histogram
-    # passes run after all).
-    counts, keys = feed.candidates(low, high, min(CANDIDATE_KEYS, max(1 << 16, math.ceil(3 * expected * total))))
+    # Room for three times the keys expected (ties at the ends add none: they are counted, not kept).
+    return low, high, min(CANDIDATE_KEYS, max(1 << 16, math.ceil(3 * expected * total)))
+
+
+def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", total: int):
+    """The threshold search's first pass, bracketed from a sample: ``ops.score_candidates``'s
+    counts, the keys inside (None where too many) and the range, or None where the sample says the
+    range would hold too many keys to keep (then the three histogram passes run as before)."""
+    sample, moved_fraction = _sample_scores(feed.ft, feed.pre, scoring, max(1 << 14, min(1 << 20, total // 64)))
+    planned = candidate_range(sample, moved_fraction, total, config)
+    if planned is None:
+        return None
+    low, high, capacity = planned
+    counts, keys = feed.candidates(low, high, capacity)
     return counts, keys, low, high
 
 

@@ -180,6 +180,7 @@ def test_one_pass_out_of_core_equals_the_histogram_passes(tmp_path, monkeypatch,
     (no histogram pass runs), with the purified shards and report of the histogram passes; a
     range that misses falls back to them."""
     from finepurify_ext import checkpoint as checkpoint_module
+    from finepurify_ext import purify as purify_module
 
     pre, suspect, hessian = make_states(torch.bfloat16, seed=3)
     names = list(suspect)
@@ -191,7 +192,7 @@ def test_one_pass_out_of_core_equals_the_histogram_passes(tmp_path, monkeypatch,
 
     def run(out, **patches):
         for name, value in patches.items():
-            monkeypatch.setattr(checkpoint_module, name, value)
+            monkeypatch.setattr(purify_module if name == "bracket_from_sample" else checkpoint_module, name, value)
         report = purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / out), config, progress=False,
                                    chunk_bytes=100)
         monkeypatch.undo()
