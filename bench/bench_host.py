@@ -85,9 +85,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads (default 1: steadier)")
     parser.add_argument("--label", default=None, help="the row's label (default: the commit)")
+    parser.add_argument("--one-pass", action="store_true",
+                        help="the one-pass threshold search even at these tiny widths (purify.CANDIDATES_MIN_WEIGHTS "
+                             "set to 0): what its sample costs the host")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "host_overhead_cpu.json"),
                         help="added to this file's runs where it exists (one row per label)")
     args = parser.parse_args()
+    if args.one_pass:
+        purify_module.CANDIDATES_MIN_WEIGHTS = 0
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, params, pre, hessians = build(args.layout, device)

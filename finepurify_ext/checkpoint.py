@@ -31,8 +31,8 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import (CANDIDATES_ON, PurifyConfig, candidate_range, sample_quantile, sum_float64, unrankable,
-                     unseen_mask)
+from .purify import (CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, PurifyConfig, candidate_range, sample_quantile,
+                     sum_float64, unrankable, unseen_mask)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
 from .threshold import LEVEL_BINS, threshold_from_candidates, threshold_from_histograms
 
@@ -349,7 +349,7 @@ def purify_checkpoint(
     h_mean, floor = {}, None
     wants_floor = config.hessian_floor_quantile is not None and config.ranking in ("fine_purifying", "no_hessian")
     pre_pass = wants_floor or config.ranking == "no_hessian"
-    one_pass = pre_pass and torch.device(device).type in CANDIDATES_ON and ranked_elements > 0
+    one_pass = pre_pass and torch.device(device).type in CANDIDATES_ON and ranked_elements >= CANDIDATES_MIN_WEIGHTS
     score_sample = {}  # name: (finetuned, pretrained, hessian) at the sampled elements
     if pre_pass:
         samples, h_sum = [], {name: 0.0 for name in ranked}

@@ -276,6 +276,10 @@ CANDIDATE_KEYS = 4 << 20  # the keys one candidates pass may keep (16 MB)
 # written and its tests are in tests/test_cuda.py, but it has not run on a GPU yet: until it has,
 # a GPU keeps the three histogram passes.
 CANDIDATES_ON = ("cpu",)
+# The sample costs the host about 10 ms at 400 tensors (a view, a copy and a score per tensor):
+# below this many weights the two passes it saves cost less (a histogram pass over 8M weights took
+# about 6 ms here), so small models keep the histogram passes.
+CANDIDATES_MIN_WEIGHTS = 1 << 23
 
 
 SAMPLE_RUN = 16  # elements per run of the candidates' sample: whole 64-byte lines of float32
@@ -658,7 +662,7 @@ def purify_(
     # level-0 histogram of the three-pass search.
     level0 = candidates = None
     try:
-        if total and device.type in CANDIDATES_ON:
+        if total >= CANDIDATES_MIN_WEIGHTS and device.type in CANDIDATES_ON:
             candidates = _candidate_pass(feed, scoring, config, total)
         if candidates is None:
             level0 = feed.histogram_on_device(0, 0) if total else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)

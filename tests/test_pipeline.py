@@ -384,13 +384,15 @@ def test_one_candidates_pass_purifies_as_the_histogram_passes(tokenizer, monkeyp
         monkeypatch.undo()
         return report, {n: p.detach().clone() for n, p in m.named_parameters()}
 
-    one_pass = purified(_candidate_pass=counted_pass, threshold_from_candidates=counted_threshold)
+    small = {"CANDIDATES_MIN_WEIGHTS": 0}  # this tiny model would keep the histogram passes
+    one_pass = purified(_candidate_pass=counted_pass, threshold_from_candidates=counted_threshold, **small)
     assert calls == {"pass": 1, "threshold": 1}  # the bracket held: no histogram pass
-    histograms = purified(CANDIDATES_ON=())
-    missed = purified(bracket_from_sample=lambda sample, *_: (1, 2, 0.0))  # holds no score but denormals
-    too_many = purified(CANDIDATE_KEYS=8)
-    overflow = purified(CANDIDATE_KEYS=8, bracket_from_sample=lambda *_: (0, 0x7F800000, 0.0))
-    for report, params in (histograms, missed, too_many, overflow):
+    histograms = purified(CANDIDATES_ON=(), **small)
+    missed = purified(bracket_from_sample=lambda sample, *_: (1, 2, 0.0), **small)  # holds no score but denormals
+    too_many = purified(CANDIDATE_KEYS=8, **small)
+    overflow = purified(CANDIDATE_KEYS=8, bracket_from_sample=lambda *_: (0, 0x7F800000, 0.0), **small)
+    default = purified()  # below CANDIDATES_MIN_WEIGHTS: the histogram passes
+    for report, params in (histograms, missed, too_many, overflow, default):
         assert report.threshold == one_pass[0].threshold and report.num_reset == one_pass[0].num_reset
         assert report.reset_per_parameter == one_pass[0].reset_per_parameter
         assert all(torch.equal(params[n], one_pass[1][n]) for n in params)
