@@ -31,8 +31,8 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import (CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, PurifyConfig, candidate_range, sample_quantile,
-                     sum_float64, unrankable, unseen_mask)
+from .purify import (CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, PurifyConfig, candidate_range, sample_keys,
+                     sample_quantile, sum_float64, unrankable, unseen_mask)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
 from .threshold import LEVEL_BINS, threshold_from_candidates, threshold_from_histograms
 
@@ -390,6 +390,12 @@ def purify_checkpoint(
                                      random_offsets=(start,))
         return zero, ops.PLAIN  # magnitude
 
+    def refuse_unrankable(name, ft, pre):
+        """A pass found unrankable scores in a piece of ``name``: the tensor and its file named."""
+        raise unrankable([(f"{sus_ckpt.entries[name].file}: tensor {name!r}", ft),
+                          (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre)]) \
+            or CheckpointError(f"cannot rank {name!r}: its scores overflow float32; use a larger eps")
+
     def histogram_of(level, prefix):
         counts = torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
         bar = tqdm(total=ranked_elements, desc=f"histogram pass {level + 1}/3", unit=" weights", unit_scale=True,
@@ -399,10 +405,8 @@ def purify_checkpoint(
                 _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
             hs, ranking = piece_inputs(name, start, h)
             piece = ops.score_histogram([ft], [pre], [hs], eps, level, prefix, ranking).cpu()  # one read
-            if piece[LEVEL_BINS[level]] > 0:  # unrankable scores: name the tensor and its file
-                raise unrankable([(f"{sus_ckpt.entries[name].file}: tensor {name!r}", ft),
-                                  (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre)]) \
-                    or CheckpointError(f"cannot rank {name!r}: its scores overflow float32; use a larger eps")
+            if piece[LEVEL_BINS[level]] > 0:
+                refuse_unrankable(name, ft, pre)
             counts += piece
             bar.update(ft.numel())
             del ft, pre, h, hs
@@ -420,10 +424,8 @@ def purify_checkpoint(
             room = max(0, capacity - int(counts[2])) if kept is not None else 0
             piece, keys = ops.score_candidates([ft], [pre], [hs], eps, low, high, room, ranking)
             piece = piece.cpu()
-            if piece[4] > 0:  # unrankable scores: name the tensor and its file, as the histogram passes do
-                raise unrankable([(f"{sus_ckpt.entries[name].file}: tensor {name!r}", ft),
-                                  (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre)]) \
-                    or CheckpointError(f"cannot rank {name!r}: its scores overflow float32; use a larger eps")
+            if piece[4] > 0:
+                refuse_unrankable(name, ft, pre)
             counts += piece
             if kept is not None and int(piece[2]) <= room:
                 kept.append(keys[:int(piece[2])].cpu().clone())  # not a view that holds the whole buffer
@@ -440,13 +442,10 @@ def purify_checkpoint(
         names = list(score_sample)
         parts = [[torch.cat([s[i] for s in score_sample[n]]) for i in range(3)] for n in names]
         inputs = [piece_inputs(n, 0, h) for n, (_, _, h) in zip(names, parts)]
-        ranking = ops.Ranking(hessian_floor=inputs[0][1].hessian_floor) if inputs else ops.PLAIN
-        scores = ops.drift_scores([f for f, _, _ in parts], [p for _, p, _ in parts], [hs for hs, _ in inputs], eps,
-                                  ranking=ranking)
-        keys = torch.cat([s.reshape(-1) for s in scores]).view(torch.int32).to(torch.int64)
-        keys = keys[(keys >= 0) & (keys <= 0x7F800000)]
-        moved_fraction = float(torch.cat([(f != p) for f, p, _ in parts]).float().mean())
-        planned = candidate_range(keys, moved_fraction, ranked_elements, config, num_reset)
+        fts, pres = [f for f, _, _ in parts], [p for _, p, _ in parts]
+        # The rankings with a pre-pass pass one Ranking for every tensor (the floor, or none).
+        scores = ops.drift_scores(fts, pres, [hs for hs, _ in inputs], eps, ranking=inputs[0][1] if inputs else ops.PLAIN)
+        planned = candidate_range(*sample_keys(scores, fts, pres), ranked_elements, config, num_reset)
         if planned is None:
             return None
         low, high, capacity = planned

@@ -43,7 +43,7 @@ def threshold_from_histograms(histogram_of: Callable[[int, int], torch.Tensor], 
         if counts[b] < rank:
             raise AssertionError("the histograms lost elements: they do not sum to the same total every pass")
         prefix = (prefix << LEVEL_BITS[level]) | b
-    return struct.unpack("<f", struct.pack("<I", prefix))[0]
+    return score_of(prefix)
 
 
 # ----------------------------------------------------------------------------- one pass, from a sample
@@ -79,8 +79,8 @@ def bracket_from_sample(sample_keys: torch.Tensor, rank_fraction: float, spread:
         values = sample_keys.numpy()
         picked = np.partition(values, wanted)[wanted].tolist() if wanted else []
     at = dict(zip(wanted, picked))
-    high = INF_KEY if top < 0 else int(at[n - 1 - min(top, n - 1)]) if top < n else 0
-    low = 0 if bottom >= n else int(at[n - 1 - max(bottom, 0)])
+    high = INF_KEY if top < 0 else int(at[n - 1 - top]) if top < n else 0
+    low = 0 if bottom >= n else int(at[n - 1 - bottom])  # bottom > top: never negative
     # The share strictly inside: the pass keeps those keys; ties at the ends it only counts.
     inside = int(((sample_keys > low) & (sample_keys < high)).sum())
     return low, high, inside / max(n, 1)

@@ -149,6 +149,25 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// Calls fn(key) with the score key (score_key) of every element of this block's share of the
+// table, counting in `unmoved` those that never moved: the walk of the kernels that count keys.
+template <typename T, bool Random, typename Fn>
+__device__ __forceinline__ void for_each_key(const LaunchTable<3>& table, const ScoreSpec& spec,
+                                             unsigned int& unmoved, Fn&& fn) {
+  for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
+    const uint64_t stream = table.stream[t];
+    visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
+                                              const float* p, const float* h, const auto*, const auto*) {
+#pragma unroll
+      for (int j = 0; j < decltype(count)::value; ++j) {
+        unmoved += f[j] == p[j];
+        fn(score_key(spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j),
+                     rankable_inputs(f[j], p[j], h[j])));
+      }
+    });
+  });
+}
+
 // Resident blocks per SM the histogram kernel is compiled for: it is bound by latency more than by
 // bandwidth, so occupancy is worth a register cap (no spills at this bound; see ptxas -v).
 #ifndef FP_HISTOGRAM_BLOCKS_PER_SM
@@ -179,25 +198,15 @@ __global__ void __launch_bounds__(kThreads, kHistogramBlocksPerSM)
                  :: "r"(address), "r"(count), "r"(static_cast<uint32_t>(when)) : "memory");
   };
   unsigned int unmoved = 0;  // a block counts fewer than 2^32 elements (launch_multi_tensor)
-  for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
-    const uint64_t stream = table.stream[t];
-    visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
-                                              const float* p, const float* h, const auto*, const auto*) {
-#pragma unroll
-      for (int j = 0; j < decltype(count)::value; ++j) {
-        unmoved += f[j] == p[j];
-        const uint32_t key = score_key(spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j),
-                                       rankable_inputs(f[j], p[j], h[j]));
-        if constexpr (TopLevel) {
-          run.add(top_level_bin(key), add_to_bin);
-        } else {
-          // Below level 0 few elements count (those under the chosen prefix): skip the run's
-          // bookkeeping for the others; a warp with none of them does not enter.
-          const int bin = digit.bin_of_key(key);
-          if (bin != DigitSelector::kNotCounted) run.add(bin, add_to_bin);
-        }
-      }
-    });
+  for_each_key<T, Random>(table, spec, unmoved, [&](uint32_t key) {
+    if constexpr (TopLevel) {
+      run.add(top_level_bin(key), add_to_bin);
+    } else {
+      // Below level 0 few elements count (those under the chosen prefix): skip the run's
+      // bookkeeping for the others; a warp with none of them does not enter.
+      const int bin = digit.bin_of_key(key);
+      if (bin != DigitSelector::kNotCounted) run.add(bin, add_to_bin);
+    }
   });
   run.flush(add_to_bin);
   const unsigned long long unmoved_in_warp = warp_sum(unmoved);
@@ -218,36 +227,26 @@ __global__ void __launch_bounds__(kThreads)
                             int64_t capacity, unsigned long long* counts, int32_t* keys) {
   unsigned int above = 0, at_high = 0, at_low = 0, unrankable = 0, unmoved = 0;  // a block counts < 2^32
   const unsigned lane = threadIdx.x % 32;
-  for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
-    const uint64_t stream = table.stream[t];
-    visit_scores<T>(table, t, begin, end, [&](int64_t i, auto count, const float* f,
-                                              const float* p, const float* h, const auto*, const auto*) {
-#pragma unroll
-      for (int j = 0; j < decltype(count)::value; ++j) {
-        unmoved += f[j] == p[j];
-        const uint32_t key = score_key(spec.template score_as<Random>(f[j], p[j], h[j], stream, i + j),
-                                       rankable_inputs(f[j], p[j], h[j]));
-        const bool rankable = key != kUnrankableKey;  // above every rankable key: never between
-        unrankable += !rankable;
-        above += rankable && key > high_key;
-        at_high += key == high_key;
-        at_low += key == low_key && key != high_key;
-        const bool between = key > low_key && key < high_key;
-        // The lanes here now (all of them but in a tensor's last step) append together.
-        const unsigned active = __activemask();
-        const unsigned found = __ballot_sync(active, between);
-        if (found != 0) {
-          const int leader = __ffs(active) - 1;
-          unsigned long long base = 0;
-          if (lane == static_cast<unsigned>(leader)) base = atomicAdd(counts + 2, static_cast<unsigned long long>(__popc(found)));
-          base = __shfl_sync(active, base, leader);
-          if (between) {
-            const unsigned long long slot = base + __popc(found & ((1u << lane) - 1u));
-            if (slot < static_cast<unsigned long long>(capacity)) keys[slot] = static_cast<int32_t>(key);
-          }
-        }
+  for_each_key<T, Random>(table, spec, unmoved, [&](uint32_t key) {
+    const bool rankable = key != kUnrankableKey;  // above every rankable key: never between
+    unrankable += !rankable;
+    above += rankable && key > high_key;
+    at_high += key == high_key;
+    at_low += key == low_key && key != high_key;
+    const bool between = key > low_key && key < high_key;
+    // The lanes here now (all of them but in a tensor's last step) append together.
+    const unsigned active = __activemask();
+    const unsigned found = __ballot_sync(active, between);
+    if (found != 0) {
+      const int leader = __ffs(active) - 1;
+      unsigned long long base = 0;
+      if (lane == static_cast<unsigned>(leader)) base = atomicAdd(counts + 2, static_cast<unsigned long long>(__popc(found)));
+      base = __shfl_sync(active, base, leader);
+      if (between) {
+        const unsigned long long slot = base + __popc(found & ((1u << lane) - 1u));
+        if (slot < static_cast<unsigned long long>(capacity)) keys[slot] = static_cast<int32_t>(key);
       }
-    });
+    }
   });
   const unsigned long long sums[5] = {warp_sum(above), warp_sum(at_high), warp_sum(at_low),
                                       warp_sum(unrankable), warp_sum(unmoved)};
