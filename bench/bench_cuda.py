@@ -235,21 +235,31 @@ def cases(ft, pre, hess, dtype):
                 {"radix_bincount": threshold_radix, "chunked_topk": topk, "flat_kthvalue": kth},
                 None, 3 * triple))
 
-    # purify_'s one-pass search: an even sample brackets the threshold, one score_candidates pass
-    # counts and keeps the keys around it (the histogram passes only where the range misses).
-    from finepurify_ext.purify import Feed, PurifyConfig, Scoring, _candidate_pass
-    from finepurify_ext.threshold import threshold_from_candidates
+    # purify_'s search from a sample: an even sample brackets the threshold, one score_candidates
+    # pass counts and keeps the keys around it; where the range holds more keys than a pass may keep
+    # (billions of weights), a second keeps the bin of keys that holds it.
+    from finepurify_ext.purify import CANDIDATE_KEYS, Feed, PurifyConfig, Scoring, _candidate_pass
+    from finepurify_ext.threshold import search_ranges
 
     one_pass_config = PurifyConfig(reserve_ratio=RESERVE_RATIO, count_moved_only=False)
     scoring = Scoring(hess, EPS, ops.PLAIN)
 
-    def threshold_one_pass():
-        found = _candidate_pass(Feed(ft, pre, scoring), scoring, one_pass_config, n)
-        got = threshold_from_candidates(*found, k) if found is not None else None
-        if got != threshold:  # a miss falls back to the histograms in purify_; here it is reported
-            raise RuntimeError(f"the one-pass threshold {got} differs from score_threshold's {threshold}")
+    def threshold_sampled(passes=None):
+        feed = Feed(ft, pre, scoring)
 
-    out.append(("score_threshold (sample + one pass)", threshold_one_pass, None, None, triple))
+        def candidates_of(*args):
+            if passes is not None:
+                passes.append(args)
+            return feed.candidates(*args)
+        first = _candidate_pass(feed, scoring, one_pass_config, n)
+        got = search_ranges(first, candidates_of, k, n, CANDIDATE_KEYS) if first is not None else None
+        if got != threshold:
+            raise RuntimeError(f"the sampled search's threshold {got} differs from score_threshold's {threshold}")
+
+    narrowing = []
+    threshold_sampled(narrowing)  # how many passes it takes here: the bytes it moves
+    out.append((f"score_threshold (sample + {1 + len(narrowing)} pass{'es' if narrowing else ''})", threshold_sampled,
+                None, None, (1 + len(narrowing)) * triple))
 
     def reset_pass():
         ops.masked_reset_(ft, pre, hess, threshold, EPS)

@@ -41,7 +41,7 @@ LAYOUTS = {  # OPT layers and tensor lists at tiny widths
     "opt-125m": dict(num_hidden_layers=12),
 }
 STEPS = ["matched_parameters", "scoring_for", "Feed", "_candidate_pass", "_plot_sample", "_gather", "zero_hessian_rows",
-         "threshold_from_candidates", "threshold_from_histograms", "reset_moved_rows_"]
+         "search_ranges", "threshold_from_histograms", "reset_moved_rows_"]
 
 
 def build(layout: str, device):

@@ -89,7 +89,7 @@ def peak_extra(device, fn):
 # purify_'s steps, each timed as a profiler range (host time from entry to return, waits for the
 # device included) by wrapping the module's helpers while profiling: where its time goes beside the op.
 PURIFY_STEPS = ("matched_parameters", "scoring_for", "_candidate_pass", "_sample_scores", "_plot_sample", "_gather",
-                "zero_hessian_rows", "threshold_from_candidates", "threshold_from_histograms", "reset_moved_rows_")
+                "zero_hessian_rows", "search_ranges", "threshold_from_histograms", "reset_moved_rows_")
 FEED_STEPS = ("__init__", "candidates", "histogram_on_device", "histogram", "start_masked_reset_")
 
 

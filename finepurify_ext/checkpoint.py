@@ -31,10 +31,10 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import (CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, PurifyConfig, candidate_range, sample_keys,
+from .purify import (CANDIDATE_KEYS, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, PurifyConfig, candidate_range, sample_keys,
                      sample_quantile, sum_float64, unrankable, unseen_mask)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
-from .threshold import LEVEL_BINS, threshold_from_candidates, threshold_from_histograms
+from .threshold import BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, search_ranges, threshold_from_histograms
 
 # Names of the word-embedding matrix in common architectures (embeddings="separate").
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight",
@@ -416,8 +416,8 @@ def purify_checkpoint(
     def candidates_pass(low, high, capacity):
         """One score_candidates pass over every piece: the counts summed, and the keys strictly
         inside the range sorted descending (None once more than ``capacity`` are)."""
-        counts, kept = torch.zeros(6, dtype=torch.int64), []
-        bar = tqdm(total=ranked_elements, desc="threshold pass (one)", unit=" weights", unit_scale=True,
+        counts, kept = torch.zeros(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64), []
+        bar = tqdm(total=ranked_elements, desc="threshold pass", unit=" weights", unit_scale=True,
                    disable=not progress, leave=False)
         for name, start, ft, pre, h in pieces(ranked, reads_hessian):
             hs, ranking = piece_inputs(name, start, h)
@@ -438,7 +438,7 @@ def purify_checkpoint(
 
     def one_pass_search():
         """The sample's bracket and the pass over it (purify._candidate_pass out of core), or None
-        where the sample asks for more keys than a pass may keep."""
+        for an empty sample."""
         names = list(score_sample)
         parts = [[torch.cat([s[i] for s in score_sample[n]]) for i in range(3)] for n in names]
         inputs = [piece_inputs(n, 0, h) for n, (_, _, h) in zip(names, parts)]
@@ -468,9 +468,9 @@ def purify_checkpoint(
     if num_reset is None:
         num_reset = ops.num_reset_for(counted, config.reserve_ratio)
     threshold = None
-    if num_reset > 0 and candidates is not None:
-        threshold = threshold_from_candidates(*candidates, num_reset)
-    if num_reset > 0 and threshold is None:  # no one-pass search, or its range missed
+    if num_reset > 0 and candidates is not None:  # narrowed where it held too many keys or missed
+        threshold = search_ranges(candidates, candidates_pass, num_reset, ranked_elements, CANDIDATE_KEYS)
+    elif num_reset > 0:  # no one-pass search
         threshold = threshold_from_histograms(
             lambda level, prefix: level0 if level == 0 and level0 is not None else histogram_of(level, prefix),
             num_reset, ranked_elements)  # k is in range

@@ -28,6 +28,8 @@ _ops = torch.ops.finepurify
 # Bins per level of the threshold search (csrc/kernels/score_math.h: 11, 10, 10 bits). A histogram
 # holds these bins, then the unrankable count, then the count of weights that never moved.
 _LEVEL_BINS = (2048, 1024, 1024)
+# score_candidates' counts before its 2048 bins of the keys between (kCandidateCounts).
+_CANDIDATE_COUNTS = 6
 
 
 @dataclass(frozen=True)
@@ -126,11 +128,13 @@ def score_candidates(finetuned, pretrained, hessians, eps: float, low_key: int, 
                      ranking: Ranking = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass that brackets the threshold between two score keys (a score's float32 bits, as the
     histograms rank them). Returns int64 counts {keys above high_key, equal to high_key, strictly
-    between, equal to low_key (below high_key), unrankable scores, weights that never moved} and
-    ``capacity`` int32 keys: those strictly between, sorted descending, then -1 (all -1 when more
-    than ``capacity`` are between). Ties at the ends are counted, not kept (a Hessian floor ties
-    many scores). Where the k-th largest key falls in the range, it is read from these
-    (``threshold.threshold_from_candidates``): the threshold in one pass instead of three."""
+    between, equal to low_key (below high_key), unrankable scores, weights that never moved}
+    followed by the keys between counted in 2048 bins of 2^shift consecutive keys from low_key + 1
+    (``threshold.between_shift``), and ``capacity`` int32 keys: those strictly between, sorted
+    descending, then -1 (all -1 when more than ``capacity`` are between). Ties at the ends are
+    counted, not kept (a Hessian floor ties many scores). Where the k-th largest key falls in the
+    range, it is read from these: the threshold in one pass instead of three; where too many fell
+    between, the bins name the narrower range the next pass keeps (``threshold.search_ranges``)."""
     return _ops.score_candidates.default(list(finetuned), list(pretrained), list(hessians), float(eps), int(low_key),
                                          int(high_key), int(capacity), *ranking.args())
 
@@ -273,7 +277,8 @@ def _(finetuned, pretrained, hessians, eps, low_key, high_key, capacity, hessian
     device = _fake_check_lists(
         "score_candidates", finetuned=finetuned, pretrained=pretrained, hessians=hessians
     )
-    return (torch.empty(6, dtype=torch.int64, device=device), torch.empty(capacity, dtype=torch.int32, device=device))
+    return (torch.empty(_CANDIDATE_COUNTS + _LEVEL_BINS[0], dtype=torch.int64, device=device),
+            torch.empty(capacity, dtype=torch.int32, device=device))
 
 
 @torch.library.register_fake("finepurify::score_threshold")

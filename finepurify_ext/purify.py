@@ -31,7 +31,7 @@ import torch
 
 from . import ops
 from .errors import UserError
-from .threshold import (INF_KEY, LEVEL_BINS, bracket_from_sample, threshold_from_candidates,
+from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, INF_KEY, LEVEL_BINS, bracket_from_sample, search_ranges,
                         threshold_from_histograms)
 
 RANKINGS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
@@ -325,9 +325,10 @@ def sample_keys(scores, finetuned, pretrained) -> tuple[torch.Tensor, float]:
 def candidate_range(sample_keys: torch.Tensor, moved_fraction: float, total: int, config: "PurifyConfig",
                     num_reset: int | None = None) -> tuple[int, int, int] | None:
     """The key range a candidates pass over ``total`` weights takes, from the sample's rankable
-    keys and its moved fraction, and the keys it may keep; None where the sample says the range
-    would hold too many (then the histogram passes run instead). The rank is ``num_reset``'s, or
-    the reserve ratio's of the weights counted (moved ones estimated from the sample)."""
+    keys and its moved fraction, and the keys it may keep (0 where the sample says the range holds
+    too many: the pass then narrows it); None for an empty sample (then the histogram passes run).
+    The rank is ``num_reset``'s, or the reserve ratio's of the weights counted (moved ones
+    estimated from the sample)."""
     n = sample_keys.numel()
     if n == 0 or total == 0:
         return None
@@ -344,15 +345,16 @@ def candidate_range(sample_keys: torch.Tensor, moved_fraction: float, total: int
         spread += (1.0 - config.reserve_ratio) * math.sqrt(n * moved_fraction * (1.0 - moved_fraction))
     low, high, expected = bracket_from_sample(sample_keys, rank_fraction, spread)
     if expected * total > CANDIDATE_KEYS / 2:
-        return None
+        # Too many to keep (a model of billions): this pass only counts the keys between in its
+        # bins, and the next keeps the bin that holds the threshold (threshold.search_ranges).
+        return low, high, 0
     # Room for three times the keys expected (ties at the ends add none: they are counted, not kept).
     return low, high, min(CANDIDATE_KEYS, max(1 << 16, math.ceil(3 * expected * total)))
 
 
 def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", total: int):
     """The threshold search's first pass, bracketed from a sample: ``ops.score_candidates``'s
-    counts, the keys inside (None where too many) and the range, or None where the sample says the
-    range would hold too many keys to keep (then the three histogram passes run as before)."""
+    counts, the keys inside (None where too many) and the range; None for an empty sample."""
     sample, moved_fraction = _sample_scores(feed.ft, feed.pre, scoring, max(1 << 14, min(1 << 20, total // 64)))
     planned = candidate_range(sample, moved_fraction, total, config)
     if planned is None:
@@ -458,7 +460,7 @@ class Feed:
 
         parts = self.each(group)
         if not parts:
-            return torch.zeros(6, dtype=torch.int64), torch.zeros(0, dtype=torch.int32)
+            return torch.zeros(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64), torch.zeros(0, dtype=torch.int32)
         counts = torch.stack([c for c, _ in parts]).sum(0)
         if int(counts[2]) > capacity:
             return counts, None
@@ -665,8 +667,8 @@ def purify_(
     # On a GPU every pass runs while the host queues the work that does not depend on it (the
     # plot's sample, the embedding's rows): the host reads a pass's result only when it needs it.
     # The first pass: where the candidates kernel runs, one that brackets the threshold from a
-    # sample and usually ends the search; else (or where the sample asks for too many keys) the
-    # level-0 histogram of the three-pass search.
+    # sample and ends the search (on a model of billions, a second pass keeps the bin of keys that
+    # holds it); else the level-0 histogram of the three-pass search.
     level0 = candidates = None
     try:
         if total >= CANDIDATES_MIN_WEIGHTS and device.type in CANDIDATES_ON:
@@ -703,10 +705,9 @@ def purify_(
                           kept_unscored=unscored, embedding_parameter=embedding, hessian_floor=scoring.floor)
     read_counts = None
     if num_reset > 0:
-        threshold = None
-        if candidates is not None:
-            threshold = threshold_from_candidates(*candidates, num_reset)
-        if threshold is None:  # no candidates pass, or its range missed: the histogram passes
+        if candidates is not None:  # the sample's bracket, narrowed where it held too many or missed
+            threshold = search_ranges(candidates, feed.candidates, num_reset, total, CANDIDATE_KEYS)
+        else:
             threshold = threshold_from_histograms(
                 lambda level, prefix: level0 if level == 0 and level0 is not None else feed.histogram(level, prefix),
                 num_reset, total)

@@ -116,8 +116,13 @@ def score_candidates(finetuned: Tensors, pretrained: Tensors, hessians: Tensors,
     keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
     between = keys[(keys > low_key) & (keys < high_key)]
     at_low = int((keys == low_key).sum()) if low_key != high_key else 0
-    counts = torch.tensor([int((keys > high_key).sum()), int((keys == high_key).sum()), between.numel(), at_low,
-                           unrankable, unmoved], dtype=torch.int64)
+    # The keys between in 2048 bins of 2^shift keys from low_key + 1, the narrowest that cover them.
+    span, shift = max(high_key - low_key - 2, 0), 0
+    while span >> shift >= 2048:
+        shift += 1
+    bins = torch.bincount((between - (low_key + 1)) >> shift, minlength=2048)
+    counts = torch.cat([torch.tensor([int((keys > high_key).sum()), int((keys == high_key).sum()), between.numel(),
+                                      at_low, unrankable, unmoved], dtype=torch.int64), bins])
     out = torch.full((capacity,), -1, dtype=torch.int32)
     if between.numel() <= capacity:
         out[:between.numel()] = torch.sort(between, descending=True).values.to(torch.int32)

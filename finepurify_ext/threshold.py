@@ -104,6 +104,65 @@ def threshold_from_candidates(counts: torch.Tensor, keys: torch.Tensor | None, l
     return None
 
 
+CANDIDATE_COUNTS = 6  # score_candidates' counts before its bins of the keys between
+BETWEEN_BINS = 2048
+
+
+def between_shift(low_key: int, high_key: int) -> int:
+    """The width (2^shift consecutive keys from low_key + 1) of score_candidates' bins of the keys
+    strictly between low_key and high_key: the narrowest that cover them in ``BETWEEN_BINS``."""
+    return max(0, max(high_key - low_key - 2, 0).bit_length() - 11)
+
+
+def narrower_range(counts, low_key: int, high_key: int, k: int, total: int) -> float | tuple[int, int, int]:
+    """Where a ``score_candidates`` pass over [low_key, high_key] that did not give the k-th largest
+    score says it is: the score itself where a bin of single keys names it, else the next range
+    (low, high) and at most how many keys fall strictly between them. From the top: above the
+    range (high_key, +Inf]; in one bin of the keys between (its exact count); or below, [0, low_key)."""
+    above, at_high, between, at_low, unrankable = (int(c) for c in counts[:5])
+    if k <= above:
+        return high_key, INF_KEY, above
+    rank = k - above - at_high
+    if rank <= 0:
+        raise AssertionError("narrower_range: the k-th largest score is high_key itself")
+    if rank <= between:
+        shift = between_shift(low_key, high_key)
+        bins = counts[CANDIDATE_COUNTS:CANDIDATE_COUNTS + BETWEEN_BINS].tolist()
+        b = BETWEEN_BINS - 1
+        while bins[b] < rank:
+            rank -= bins[b]
+            b -= 1
+        first = low_key + 1 + (b << shift)
+        if shift == 0:  # a bin of one key: the k-th largest score is that key's
+            return score_of(first)
+        return first - 1, min(first + (1 << shift), high_key), bins[b]
+    below = total - unrankable - above - at_high - between - at_low
+    if low_key == 0 or not 0 < rank - between - at_low <= below:
+        raise AssertionError("the candidates passes lost elements: their counts do not sum to the total")
+    return 0, low_key, below
+
+
+def search_ranges(first, candidates_of: Callable[[int, int, int], tuple], k: int, total: int,
+                  max_keys: int, max_passes: int = 8) -> float:
+    """The exact k-th largest score (k from 1) of ``total`` elements from a first ``score_candidates``
+    pass ``first`` = (counts, keys or None, low_key, high_key) and, where that pass did not hold it,
+    more passes ``candidates_of(low_key, high_key, capacity) -> (counts, keys or None)`` over the
+    range its counts name (``narrower_range``), each keeping at most ``max_keys`` keys. A range
+    that held the k-th largest but too many keys shrinks 2048-fold a pass: from a sample's bracket,
+    two passes at any size; from a bracket that missed, at most three more."""
+    counts, keys, low_key, high_key = first
+    for _ in range(max_passes):
+        found = threshold_from_candidates(counts, keys, low_key, high_key, k)
+        if found is not None:
+            return found
+        step = narrower_range(counts, low_key, high_key, k, total)
+        if isinstance(step, float):
+            return step
+        low_key, high_key, bound = step
+        counts, keys = candidates_of(low_key, high_key, min(bound, max_keys))
+    raise AssertionError(f"search_ranges: no threshold after {max_passes} passes")
+
+
 # ----------------------------------------------------------------------------- torch.distributed
 
 

@@ -177,8 +177,9 @@ def test_configs_equal_purify_in_memory(tmp_path, ranking, dtype, embeddings):
 @pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian"])
 def test_one_pass_out_of_core_equals_the_histogram_passes(tmp_path, monkeypatch, ranking):
     """The rankings with a pre-pass take their sample there and find the threshold in one pass
-    (no histogram pass runs), with the purified shards and report of the histogram passes; a
-    range that misses falls back to them."""
+    (no histogram pass runs), with the purified shards and report of the histogram passes; so do
+    a range that misses and one that holds more keys than a pass may keep (more candidates passes
+    narrow them)."""
     from finepurify_ext import checkpoint as checkpoint_module
     from finepurify_ext import purify as purify_module
 
@@ -191,8 +192,13 @@ def test_one_pass_out_of_core_equals_the_histogram_passes(tmp_path, monkeypatch,
     config = PurifyConfig(ranking=ranking, reserve_ratio=0.3)
 
     def run(out, **patches):
-        for name, value in patches.items():
-            monkeypatch.setattr(purify_module if name == "bracket_from_sample" else checkpoint_module, name, value)
+        for name, value in patches.items():  # where each module reads it
+            for module in (purify_module, checkpoint_module):
+                if hasattr(module, name):
+                    monkeypatch.setattr(module, name, value)
+        if "CANDIDATES_ON" not in patches:
+            monkeypatch.setattr(checkpoint_module, "threshold_from_histograms", no_histograms)
+            monkeypatch.setattr(checkpoint_module, "search_ranges", counted_search)
         report = purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / out), config, progress=False,
                                    chunk_bytes=100)
         monkeypatch.undo()
@@ -201,11 +207,24 @@ def test_one_pass_out_of_core_equals_the_histogram_passes(tmp_path, monkeypatch,
     def no_histograms(*_):
         raise AssertionError("a histogram pass ran")
 
+    narrowing = []  # the passes after the first, per run
+    search_ranges = checkpoint_module.search_ranges
+
+    def counted_search(first, candidates_of, *args):
+        narrowing.append(0)
+
+        def counted(*range_args):
+            narrowing[-1] += 1
+            return candidates_of(*range_args)
+        return search_ranges(first, counted, *args)
+
     small = {"CANDIDATES_MIN_WEIGHTS": 0}  # these tiny checkpoints would keep the histogram passes
-    one_pass = run("one", threshold_from_histograms=no_histograms, **small)
+    one_pass = run("one", **small)
     histograms = run("histograms", CANDIDATES_ON=(), **small)
     missed = run("missed", bracket_from_sample=lambda *_: (1, 2, 0.0), **small)
-    for report, got in (histograms, missed):
+    too_many = run("too_many", CANDIDATE_KEYS=8, bracket_from_sample=lambda *_: (0, 0x7F800000, 0.0), **small)
+    assert narrowing[0] == 0 and narrowing[1] > 0 and narrowing[2] > 0, narrowing  # one, missed, too_many
+    for report, got in (histograms, missed, too_many):
         assert report.threshold == one_pass[0].threshold and report.reset_per_tensor == one_pass[0].reset_per_tensor
         assert all(torch.equal(got[n], one_pass[1][n]) for n in got)
 

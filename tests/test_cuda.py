@@ -519,6 +519,38 @@ def test_purify_cuda_model_with_pretrained_state_on_cpu(tmp_path, ranking):
     assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])
 
 
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
+@pytest.mark.parametrize("max_keys", [4 << 20, 8])
+@pytest.mark.parametrize("pre_on", ["cuda", "cpu"])
+def test_candidates_search_on_cuda_equals_the_cpu(tmp_path, monkeypatch, ranking, max_keys, pre_on):
+    """purify_'s threshold from a sample's bracket on the GPU (the sample sorted there, the
+    score_candidates kernel, with room for 8 keys further passes narrowing the range; the
+    pre-trained state on the GPU or streamed from the CPU in groups): the CPU's result from the
+    histogram passes, bit for bit. purify.CANDIDATES_ON leaves CUDA out until this has passed on a GPU."""
+    from tiny_models import make_tokenizer, tiny_model
+    from finepurify_ext import purify as purify_module
+    from finepurify_ext.purify import PurifyConfig, purify_
+
+    model_cpu = tiny_model(make_tokenizer(tmp_path), seed=5)
+    gen = torch.Generator().manual_seed(6)
+    pre = {n: p.detach() - 0.01 * torch.randn(p.shape, generator=gen) for n, p in model_cpu.named_parameters()}
+    hs = {n: torch.rand(p.shape, generator=gen) for n, p in model_cpu.named_parameters()}
+    model_gpu = tiny_model(make_tokenizer(tmp_path), seed=5).to(CUDA)
+    config = PurifyConfig(ranking=ranking)
+    expected = purify_(model_cpu, pre, hs, config)  # a tiny model: the histogram passes
+    monkeypatch.setattr(purify_module, "CANDIDATES_ON", ("cpu", "cuda"))
+    monkeypatch.setattr(purify_module, "CANDIDATES_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(purify_module, "CANDIDATE_KEYS", max_keys)
+    passes = []
+    candidates = purify_module.Feed.candidates
+    monkeypatch.setattr(purify_module.Feed, "candidates", lambda *a: passes.append(a[1:]) or candidates(*a))
+    got = purify_(model_gpu, pre if pre_on == "cpu" else {n: p.to(CUDA) for n, p in pre.items()},
+                  {n: h.to(CUDA) for n, h in hs.items()}, config)
+    assert passes and (len(passes) > 1) == (max_keys == 8), passes
+    assert got.threshold == expected.threshold and got.reset_per_parameter == expected.reset_per_parameter
+    assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])
+
+
 @pytest.mark.parametrize("staging_bytes", [64 << 20, 1024])  # whole groups; tensors crossing in slices
 @pytest.mark.parametrize("side_stream", [False, True])
 def test_staged_groups_reach_the_gpu_intact_while_the_stream_is_busy(monkeypatch, staging_bytes, side_stream):
@@ -622,11 +654,18 @@ def test_random_ranking_offsets_on_cuda():
 
 
 @pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
-def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, ranking):
-    """Out of core with --device cuda: pieces scored and reset on the GPU, the same files as on the CPU."""
+@pytest.mark.parametrize("one_pass_on_cuda", [False, True])
+def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, monkeypatch, ranking, one_pass_on_cuda):
+    """Out of core with --device cuda: pieces scored and reset on the GPU, the same files as on the
+    CPU; also with the sample's bracket and candidates passes on the GPU (room for 8 keys: narrowed)."""
     from safetensors.torch import load_file, save_file
+    from finepurify_ext import checkpoint as checkpoint_module
     from finepurify_ext.checkpoint import purify_checkpoint
     from finepurify_ext.purify import PurifyConfig
+
+    if one_pass_on_cuda:
+        for name, value in (("CANDIDATES_ON", ("cpu", "cuda")), ("CANDIDATES_MIN_WEIGHTS", 0), ("CANDIDATE_KEYS", 8)):
+            monkeypatch.setattr(checkpoint_module, name, value)
 
     gen = torch.Generator().manual_seed(62)
     shapes = {"model.embed_tokens.weight": (40, 8), "layer.weight": (33, 8), "layer.bias": (33,)}

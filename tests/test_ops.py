@@ -1,4 +1,5 @@
 """Every op against the pure-PyTorch reference (finepurify_ext.reference) on fresh random inputs."""
+import itertools
 import math
 
 import pytest
@@ -362,10 +363,64 @@ def test_candidates_match_reference_and_give_the_threshold(dtype, ranking_name):
             counts, keys = ops.score_candidates(ft, pre, h, EPS, low, high, 2 * width + 64, ranking=ranking)
             expected = ref.score_candidates(ft, pre, h, EPS, low, high, 2 * width + 64, ranking=ranking)
             assert torch.equal(counts, expected[0]) and torch.equal(keys, expected[1])
-            assert counts.tolist()[4:] == [0, unmoved] and int(counts[:4].sum()) <= total
+            assert counts.tolist()[4:6] == [0, unmoved] and int(counts[:4].sum()) <= total
             between = int(counts[2])
             got = threshold_from_candidates(counts, keys[:between] if between <= keys.numel() else None, low, high, k)
             assert got == threshold or (got is None and between > keys.numel()), (k, width)
+
+
+@pytest.mark.parametrize("ranking_name", list(RANKINGS))
+def test_search_ranges_finds_the_threshold_from_any_bracket(dtype, ranking_name):
+    """A bracket holding the k-th largest score, one wholly below it and one above it: the passes
+    search_ranges runs find the exact threshold of the histogram search, none keeping more than
+    max_keys keys; with room for every key a holding bracket needs its one pass, with room for 16
+    a second pass (keys in 2048 bins: the bin of the k-th holds few), and with none the bins
+    alone narrow it to one key (at most three more passes)."""
+    from finepurify_ext.threshold import key_of, search_ranges
+
+    ranking = RANKINGS[ranking_name]
+    ft, pre, h = ranked_weights(dtype, seed=57)
+    total = sum(f.numel() for f in ft)
+    scores = torch.sort(ref.all_scores(ft, pre, h, EPS, ranking), descending=True).values
+
+    def key_at(rank):  # the key of the score at this position from the top, clamped
+        return key_of(scores[min(max(rank, 0), total - 1)].item())
+
+    for k in (1, total // 3, total // 2, total - 5, total):
+        threshold = ops.score_threshold(ft, pre, h, k, EPS, ranking=ranking)
+        holding, below, above = ((k - 1 + 400, k - 1 - 400), (k - 1 + 900, k - 1 + 300), (k - 1 - 300, k - 1 - 900))
+        for (low_rank, high_rank), max_keys in itertools.product((holding, below, above), (total, 16, 0)):
+            low, high = key_at(low_rank), key_at(high_rank)
+            passes = []
+
+            def candidates_of(lo, hi, capacity):
+                assert capacity <= max_keys and lo <= hi
+                passes.append((lo, hi))
+                counts, keys = ops.score_candidates(ft, pre, h, EPS, lo, hi, capacity, ranking=ranking)
+                between = int(counts[2])
+                return counts, keys[:between] if between <= capacity else None
+
+            first = candidates_of(low, high, max_keys)
+            got = search_ranges((*first, low, high), candidates_of, k, total, max_keys)
+            assert got == threshold, (k, low_rank, high_rank, max_keys, passes)
+            if (low_rank, high_rank) == holding and k - 1 - 400 > 0 and k - 1 + 400 < total:
+                assert len(passes) <= {total: 1, 16: 2, 0: 4}[max_keys], passes
+            assert len(passes) <= 5, passes
+
+
+def test_between_shift_is_the_narrowest_cover():
+    """score_candidates' bins of the keys between: 2048 of 2^shift keys from low_key + 1, the
+    narrowest width whose bins cover the range; the op's bins sum to the keys between."""
+    from finepurify_ext.threshold import BETWEEN_BINS, CANDIDATE_COUNTS, between_shift
+
+    for low, high in ((0, 0), (5, 6), (5, 7), (0, 2049), (0, 2050), (0, 4097), (100, 0x7F800000), (0, 0x7F800000)):
+        shift = between_shift(low, high)
+        highest = max(high - low - 2, 0)  # the offset of the highest key between
+        assert highest >> shift < BETWEEN_BINS and (shift == 0 or highest >> (shift - 1) >= BETWEEN_BINS)
+    ft, pre, h = make_weights(58, [(5000,), (333,)], torch.float32)
+    counts, _ = ops.score_candidates(ft, pre, h, EPS, 0, 0x7F800000, 0)
+    assert counts.numel() == CANDIDATE_COUNTS + BETWEEN_BINS
+    assert int(counts[CANDIDATE_COUNTS:].sum()) == int(counts[2]) > 0
 
 
 @pytest.mark.parametrize("size", SIZES)

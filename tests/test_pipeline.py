@@ -357,42 +357,49 @@ def test_fine_purifying_resets_exactly_the_largest_indicators(tokenizer):
 @pytest.mark.parametrize("count_moved_only", [True, False])
 def test_one_candidates_pass_purifies_as_the_histogram_passes(tokenizer, monkeypatch, ranking, count_moved_only):
     """The threshold from one pass bracketed by a sample gives the same purified model and report
-    as the three histogram passes; so does a bracket that misses (the histogram passes take over),
-    and a sample that asks for more keys than a pass may keep (they run instead)."""
+    as the three histogram passes; so do a bracket that misses, a sample that asks for more keys
+    than a pass may keep, and a bracket of every score with room for 8 keys: further candidates
+    passes narrow the range, no histogram pass runs."""
     from finepurify_ext import purify as purify_module
 
     model, state = drifted_pair(tokenizer)
     hessians = hessian_of(model, tokenizer)
     config = PurifyConfig(ranking=ranking, reserve_ratio=0.7, count_moved_only=count_moved_only)
-    calls = {"pass": 0, "threshold": 0}
-    candidate_pass, from_candidates = purify_module._candidate_pass, purify_module.threshold_from_candidates
+    calls = {"candidates": 0, "histograms": 0}
+    candidates, from_histograms = purify_module.Feed.candidates, purify_module.threshold_from_histograms
 
-    def counted_pass(*args):
-        calls["pass"] += 1
-        return candidate_pass(*args)
+    def counted_candidates(*args):
+        calls["candidates"] += 1
+        return candidates(*args)
 
-    def counted_threshold(*args):
-        found = from_candidates(*args)
-        calls["threshold"] += found is not None
-        return found
+    def counted_histograms(*args):
+        calls["histograms"] += 1
+        return from_histograms(*args)
 
     def purified(**patches):
+        calls.update(candidates=0, histograms=0)
+        monkeypatch.setattr(purify_module.Feed, "candidates", counted_candidates)
+        monkeypatch.setattr(purify_module, "threshold_from_histograms", counted_histograms)
         for name, value in patches.items():
             monkeypatch.setattr(purify_module, name, value)
         m = copy.deepcopy(model)
         report = purify_(m, state, hessians, config)
         monkeypatch.undo()
-        return report, {n: p.detach().clone() for n, p in m.named_parameters()}
+        return report, {n: p.detach().clone() for n, p in m.named_parameters()}, dict(calls)
 
     small = {"CANDIDATES_MIN_WEIGHTS": 0}  # this tiny model would keep the histogram passes
-    one_pass = purified(_candidate_pass=counted_pass, threshold_from_candidates=counted_threshold, **small)
-    assert calls == {"pass": 1, "threshold": 1}  # the bracket held: no histogram pass
+    one_pass = purified(**small)
+    assert one_pass[2] == {"candidates": 1, "histograms": 0}  # the bracket held: one pass
     histograms = purified(CANDIDATES_ON=(), **small)
+    assert histograms[2] == {"candidates": 0, "histograms": 1}
     missed = purified(bracket_from_sample=lambda sample, *_: (1, 2, 0.0), **small)  # holds no score but denormals
     too_many = purified(CANDIDATE_KEYS=8, **small)
     overflow = purified(CANDIDATE_KEYS=8, bracket_from_sample=lambda *_: (0, 0x7F800000, 0.0), **small)
+    for narrowed in (missed, too_many, overflow):
+        assert narrowed[2]["histograms"] == 0 and 2 <= narrowed[2]["candidates"] <= 5, narrowed[2]
     default = purified()  # below CANDIDATES_MIN_WEIGHTS: the histogram passes
-    for report, params in (histograms, missed, too_many, overflow, default):
+    assert default[2] == {"candidates": 0, "histograms": 1}
+    for report, params, _ in (histograms, missed, too_many, overflow, default):
         assert report.threshold == one_pass[0].threshold and report.num_reset == one_pass[0].num_reset
         assert report.reset_per_parameter == one_pass[0].reset_per_parameter
         assert all(torch.equal(params[n], one_pass[1][n]) for n in params)

@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> score_candidates_cpu(
   check_candidate_range("score_candidates", low_key, high_key, capacity);
   const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
   const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
-  at::Tensor counts = at::empty({6}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor counts = at::empty({kCandidateCounts + kMaxBins}, at::TensorOptions().dtype(at::kLong));
   at::Tensor keys = at::empty({capacity}, at::TensorOptions().dtype(at::kInt));
   cpu::score_candidates(ft_args.data(), pre_args.data(), h_args.data(),
                         static_cast<int64_t>(ft_args.size()), spec, streams.data(),

@@ -29,8 +29,9 @@ namespace finepurify::cpu {
                        const uint64_t* streams, int level, uint32_t prefix, int64_t* counts);   \
   /* For a threshold search in one pass: counts = {rankable keys (score_key) above high_key, */  \
   /* equal to high_key, strictly between, equal to low_key (and not high_key), unrankable */      \
-  /* elements, elements that never moved}; keys[0, min(between, capacity)) = the keys strictly */ \
-  /* between, sorted descending, the rest -1 (all -1 when more than `capacity` are between). */   \
+  /* elements, elements that never moved}, then the keys between counted in kMaxBins bins */     \
+  /* (BetweenBins); keys[0, min(between, capacity)) = the keys strictly between, sorted */        \
+  /* descending, the rest -1 (all -1 when more than `capacity` are between). */                   \
   void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,                \
                         const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,  \
                         const uint64_t* streams, uint32_t low_key, uint32_t high_key,           \

@@ -104,6 +104,7 @@ void histogram_range(const ChunkView<T>& c, const DigitSelector& digit, int64_t*
 // A thread's share of score_candidates: its counters and the keys it kept.
 struct CandidateCounts {
   int64_t above = 0, at_high = 0, inside = 0, at_low = 0, unrankable = 0, unmoved = 0;
+  std::vector<int64_t> bins = std::vector<int64_t>(kMaxBins, 0);  // the keys inside, by BetweenBins
   std::vector<int32_t> keys;
   int64_t unpublished = 0;  // keys kept since it last added its count to the op's
   bool full = false;        // the op holds more than `capacity`: keep no more
@@ -115,9 +116,10 @@ struct CandidateCounts {
 // them where at most `capacity` are inside.
 constexpr int64_t kKeyBlock = 4096;
 
-inline void keep_candidate(uint32_t key, int64_t capacity, std::atomic<int64_t>& kept,
-                           CandidateCounts& out) {
+inline void keep_candidate(uint32_t key, const BetweenBins& between, int64_t capacity,
+                           std::atomic<int64_t>& kept, CandidateCounts& out) {
   ++out.inside;
+  ++out.bins[between.bin(key)];
   if (out.full) return;
   out.keys.push_back(static_cast<int32_t>(key));
   if (++out.unpublished == kKeyBlock) {
@@ -126,8 +128,8 @@ inline void keep_candidate(uint32_t key, int64_t capacity, std::atomic<int64_t>&
   }
 }
 
-inline void add_candidate(uint32_t key, uint32_t low_key, uint32_t high_key, int64_t capacity,
-                          std::atomic<int64_t>& kept, CandidateCounts& out) {
+inline void add_candidate(uint32_t key, uint32_t low_key, uint32_t high_key, const BetweenBins& between,
+                          int64_t capacity, std::atomic<int64_t>& kept, CandidateCounts& out) {
   if (key == kUnrankableKey) {
     ++out.unrankable;
   } else if (key > high_key) {
@@ -137,7 +139,7 @@ inline void add_candidate(uint32_t key, uint32_t low_key, uint32_t high_key, int
   } else if (key == low_key) {
     ++out.at_low;
   } else if (key > low_key) {
-    keep_candidate(key, capacity, kept, out);
+    keep_candidate(key, between, capacity, kept, out);
   }
 }
 
@@ -169,6 +171,7 @@ void candidates_range(const ChunkView<T>& c, uint32_t low_key, uint32_t high_key
   // Rankable keys order as the scores' float values (>= +0, up to +Inf), so a vector compares
   // its scores with the range's ends; only the lanes strictly inside (few) are looked at one by one.
   const Vec low(float_from_bits(low_key)), high(float_from_bits(high_key));
+  const BetweenBins between(low_key, high_key);
   visit_vectors(
       c,
       [&](int64_t, const Vec& f, const Vec& p, const Vec& hv, const Vec& score) {
@@ -185,11 +188,11 @@ void candidates_range(const ChunkView<T>& c, uint32_t low_key, uint32_t high_key
         if (inside == 0) return;
         score.store(scores);
         for (int lane = 0; lane < Vec::size(); ++lane) {
-          if ((inside >> lane) & 1) keep_candidate(float_bits(scores[lane]), capacity, kept, out);
+          if ((inside >> lane) & 1) keep_candidate(float_bits(scores[lane]), between, capacity, kept, out);
         }
       },
       [&](int64_t i) {
-        add_candidate(score_key(c.score(i), c.rankable(i)), low_key, high_key, capacity, kept, out);
+        add_candidate(score_key(c.score(i), c.rankable(i)), low_key, high_key, between, capacity, kept, out);
         out.unmoved += static_cast<float>(c.ft[i]) == static_cast<float>(c.pre[i]);
       });
 }
@@ -302,9 +305,13 @@ void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
     total.unrankable += t.unrankable;
     total.unmoved += t.unmoved;
   }
-  const int64_t values[] = {total.above,  total.at_high,    total.inside,
-                            total.at_low, total.unrankable, total.unmoved};
-  std::copy(values, values + 6, counts);
+  for (const CandidateCounts& t : per_thread) {
+    for (int64_t b = 0; b < kMaxBins; ++b) total.bins[b] += t.bins[b];
+  }
+  const int64_t values[kCandidateCounts] = {total.above,  total.at_high,    total.inside,
+                                            total.at_low, total.unrankable, total.unmoved};
+  std::copy(values, values + kCandidateCounts, counts);
+  std::copy(total.bins.begin(), total.bins.end(), counts + kCandidateCounts);
   std::fill(keys, keys + capacity, -1);
   if (total.inside > capacity) return;  // which keys were kept depends on the threads: none
   int32_t* end = keys;

@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> score_candidates_cuda(
   const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
   const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
   const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
-  at::Tensor counts = at::zeros({6}, finetuned[0].options().dtype(at::kLong));
+  at::Tensor counts = at::zeros({kCandidateCounts + kMaxBins}, finetuned[0].options().dtype(at::kLong));
   at::Tensor keys = at::full({capacity}, -1, finetuned[0].options().dtype(at::kInt));
   cuda::score_candidates(ft_args.data(), pre_args.data(), h_args.data(),
                          static_cast<int64_t>(ft_args.size()), spec, streams.data(),

@@ -33,8 +33,8 @@ void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
 
 // Adds to counts[0..5] (device memory, zeroed by the caller) the score keys above high_key,
 // equal to it, strictly between, equal to low_key (below high_key), the unrankable elements and
-// those that never moved; writes the keys strictly between to keys[0, min(between, capacity))
-// in no order (the caller sorts them).
+// those that never moved, and to counts[6, 6 + kMaxBins) the keys between by BetweenBins; writes
+// the keys strictly between to keys[0, min(between, capacity)) in no order (the caller sorts them).
 void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
                       const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
                       const uint64_t* streams, uint32_t low_key, uint32_t high_key, int64_t capacity,

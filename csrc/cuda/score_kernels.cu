@@ -218,13 +218,18 @@ __global__ void __launch_bounds__(kThreads, kHistogramBlocksPerSM)
 }
 
 // score_candidates: the score keys above, at either end of, and strictly between [low_key,
-// high_key]; those between are appended to `keys` (at most `capacity`) at slots taken from
-// counts[2], one atomic per warp and element position that holds any (a warp-aggregated
-// append: few keys fall between). The other counts live in registers until the block ends.
+// high_key]; those between are counted in a block-private histogram (BetweenBins, in shared
+// memory) and appended to `keys` (at most `capacity`) at slots taken from counts[2], one atomic
+// per warp and element position that holds any (a warp-aggregated append: few keys fall
+// between). The other counts live in registers until the block ends.
 template <typename T, bool Random>
 __global__ void __launch_bounds__(kThreads)
     score_candidates_kernel(LaunchTable<3> table, ScoreSpec spec, uint32_t low_key, uint32_t high_key,
                             int64_t capacity, unsigned long long* counts, int32_t* keys) {
+  __shared__ unsigned int bins[kMaxBins];
+  for (int b = threadIdx.x; b < kMaxBins; b += kThreads) bins[b] = 0;
+  __syncthreads();
+  const BetweenBins between_bins(low_key, high_key);
   unsigned int above = 0, at_high = 0, at_low = 0, unrankable = 0, unmoved = 0;  // a block counts < 2^32
   const unsigned lane = threadIdx.x % 32;
   for_each_key<T, Random>(table, spec, unmoved, [&](uint32_t key) {
@@ -243,6 +248,7 @@ __global__ void __launch_bounds__(kThreads)
       if (lane == static_cast<unsigned>(leader)) base = atomicAdd(counts + 2, static_cast<unsigned long long>(__popc(found)));
       base = __shfl_sync(active, base, leader);
       if (between) {
+        atomicAdd(&bins[between_bins.bin(key)], 1u);
         const unsigned long long slot = base + __popc(found & ((1u << lane) - 1u));
         if (slot < static_cast<unsigned long long>(capacity)) keys[slot] = static_cast<int32_t>(key);
       }
@@ -256,6 +262,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = 0; c < 5; ++c) {
       if (sums[c] != 0) atomicAdd(counts + kSlot[c], sums[c]);
     }
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < kMaxBins; b += kThreads) {
+    if (bins[b] != 0) atomicAdd(counts + kCandidateCounts + b, static_cast<unsigned long long>(bins[b]));
   }
 }
 

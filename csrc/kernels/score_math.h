@@ -174,6 +174,26 @@ FP_HOST_DEVICE int top_level_bin(uint32_t key) { return static_cast<int>(key >> 
 static_assert((kUnrankableKey >> 20) == kMaxBins && (kInfBits >> 20) < kMaxBins,
               "level 0's digit is the top 11 bits; the unrankable key must land on the extra bin");
 
+// score_candidates' counts: above, at_high, between, at_low, unrankable, unmoved, then the
+// histogram of the keys strictly between low_key and high_key (kMaxBins bins).
+constexpr int64_t kCandidateCounts = 6;
+
+// That histogram's bins: 2^shift consecutive keys each from low_key + 1, the narrowest that cover
+// the range. A pass that finds more keys between than it may keep still tells which 2^shift keys
+// hold the k-th largest; the next pass keeps just those (the range shrinks 2^11-fold a pass).
+struct BetweenBins {
+  uint32_t first;  // the lowest key between: low_key + 1
+  int shift;
+
+  FP_HOST_DEVICE BetweenBins(uint32_t low_key, uint32_t high_key) : first(low_key + 1u), shift(0) {
+    // The offset of the highest key between (high_key <= +Inf's bits: below 2^31, so shift <= 20).
+    const uint32_t span = high_key > low_key + 1u ? high_key - low_key - 2u : 0u;
+    while ((span >> shift) >= static_cast<uint32_t>(kMaxBins)) ++shift;
+  }
+  // For a key strictly between the ends only.
+  FP_HOST_DEVICE int bin(uint32_t key) const { return static_cast<int>((key - first) >> shift); }
+};
+
 // One thread's run of equal histogram bins, handed over when the bin changes (the GPU histogram
 // adds runs to shared memory with one atomic each): add_if(when, bin, length) must add length to
 // bin where `when` holds. Branch-free: the callee may predicate its one store (a warp's lanes see

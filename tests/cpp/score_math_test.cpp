@@ -15,6 +15,7 @@
 
 namespace {
 
+using finepurify::BetweenBins;
 using finepurify::BinRun;
 using finepurify::DigitSelector;
 
@@ -115,6 +116,27 @@ int main() {
     }
     run.flush([&](bool when, int b, uint32_t count) { got[b] += when ? count : 0; });
     expect(got == expected, "BinRun histogram");
+  }
+
+  // BetweenBins: every key strictly between the ends lands in one of kMaxBins bins, in order,
+  // the highest key in the last bin used, and the bins are the narrowest that do (shift minimal).
+  for (int trial = 0; trial < 2000; ++trial) {
+    const uint32_t inf = finepurify::kInfBits;
+    uint32_t low = static_cast<uint32_t>(rng()) % (inf + 1u), high = static_cast<uint32_t>(rng()) % (inf + 1u);
+    if (trial % 3 == 0) high = low + static_cast<uint32_t>(rng() % 5000u);  // narrow ranges
+    if (high > inf) high = inf;
+    if (low > high) std::swap(low, high);
+    const BetweenBins bins(low, high);
+    if (high - low < 2u) {
+      expect(bins.shift == 0, "BetweenBins: no key between");
+      continue;
+    }
+    const uint32_t span = high - low - 2u;
+    expect(bins.bin(low + 1u) == 0, "BetweenBins: the lowest key in bin 0");
+    expect(bins.bin(high - 1u) < finepurify::kMaxBins, "BetweenBins: the highest key in range");
+    expect(bins.shift == 0 || (span >> (bins.shift - 1)) >= finepurify::kMaxBins, "BetweenBins: narrowest");
+    const uint32_t key = low + 1u + static_cast<uint32_t>(rng() % (span + 1u));
+    expect(bins.bin(key) <= bins.bin(key == high - 1u ? key : key + 1u), "BetweenBins: in order");
   }
 
   std::cout << triples << " input triples, " << scores.size() << " scores: "
