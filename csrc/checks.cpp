@@ -113,6 +113,17 @@ void check_candidate_range(const char* op, int64_t low_key, int64_t high_key, in
                     op, ": capacity must be in [0, 2^31), got ", capacity);
 }
 
+void check_sample_stride(const char* op, int64_t stride) {
+  TORCH_CHECK_VALUE(stride >= kSampleRun, "finepurify.", op, ": stride must be at least ", kSampleRun,
+                    " (the elements of one sampled run), got ", stride);
+}
+
+int64_t sample_size_of(at::TensorList finetuned, int64_t stride) {
+  int64_t size = 0;
+  for (const at::Tensor& t : finetuned) size += sample_size(t.numel(), stride);
+  return size;
+}
+
 void check_histogram_level(const char* op, int64_t level, int64_t prefix) {
   TORCH_CHECK_VALUE(level >= 0 && level < kNumLevels, "finepurify.", op, ": level must be in [0, ",
                     kNumLevels, "), got ", level);

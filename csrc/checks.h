@@ -29,6 +29,9 @@ void check_eps(const char* op, double eps);
 
 // 0 <= low_key <= high_key <= the key of +Inf; capacity in [0, 2^31).
 void check_candidate_range(const char* op, int64_t low_key, int64_t high_key, int64_t capacity);
+void check_sample_stride(const char* op, int64_t stride);
+// The keys score_sample returns for these tensors (sample_size summed).
+int64_t sample_size_of(at::TensorList finetuned, int64_t stride);
 
 // level in [0, kNumLevels); prefix holds only the digits above that level.
 void check_histogram_level(const char* op, int64_t level, int64_t prefix);

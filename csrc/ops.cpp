@@ -152,6 +152,9 @@ TORCH_LIBRARY(finepurify, m) {
       "score_candidates(Tensor[] finetuned, Tensor[] pretrained, Tensor[] hessians, float eps, "
       "int low_key, int high_key, int capacity, " FP_RANKING_ARGS ") -> (Tensor, Tensor)");
   m.def(
+      "score_sample(Tensor[] finetuned, Tensor[] pretrained, Tensor[] hessians, float eps, "
+      "int stride, " FP_RANKING_ARGS ") -> (Tensor, Tensor)");
+  m.def(
       "masked_reset_(Tensor(a!)[] finetuned, Tensor[] pretrained, Tensor[] hessians, "
       "float threshold, float eps, " FP_RANKING_ARGS ") -> Tensor");
   m.def(

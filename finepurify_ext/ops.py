@@ -139,6 +139,30 @@ def score_candidates(finetuned, pretrained, hessians, eps: float, low_key: int, 
                                          int(high_key), int(capacity), *ranking.args())
 
 
+SAMPLE_RUN = 16  # score_sample's run of consecutive elements (kSampleRun): whole 64-byte lines of float32
+
+
+def sample_size(numel: int, stride: int) -> int:
+    """How many elements ``score_sample`` takes of a tensor of ``numel``: a run of ``SAMPLE_RUN``
+    at every multiple of ``stride`` that starts a whole stride, or a tensor's proportional head
+    (at least one element) where it is shorter than one stride."""
+    if numel <= 0:
+        return 0
+    return (numel // stride) * SAMPLE_RUN if numel >= stride else max(1, numel * SAMPLE_RUN // stride)
+
+
+def score_sample(finetuned, pretrained, hessians, eps: float, stride: int,
+                 ranking: Ranking = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score keys of an even sample of every tensor in one pass (``sample_size`` elements of
+    each, tensor after tensor): int32 keys (a score's float32 bits; unrankable ones negative) and
+    int64 counts {unrankable, unmoved} among them. What brackets the threshold for
+    ``score_candidates``, at the host cost of one op however many tensors."""
+    finetuned, pretrained, hessians = list(finetuned), list(pretrained), list(hessians)
+    if not (finetuned or pretrained or hessians):  # no tensor to dispatch on
+        return torch.zeros(0, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
+    return _ops.score_sample.default(finetuned, pretrained, hessians, float(eps), int(stride), *ranking.args())
+
+
 def score_threshold(
     finetuned: Sequence[torch.Tensor],
     pretrained: Sequence[torch.Tensor],
@@ -279,6 +303,14 @@ def _(finetuned, pretrained, hessians, eps, low_key, high_key, capacity, hessian
     )
     return (torch.empty(_CANDIDATE_COUNTS + _LEVEL_BINS[0], dtype=torch.int64, device=device),
             torch.empty(capacity, dtype=torch.int32, device=device))
+
+
+@torch.library.register_fake("finepurify::score_sample")
+def _(finetuned, pretrained, hessians, eps, stride, hessian_floor=0.0, random_seed=-1, random_keys=(),
+      random_offsets=()):
+    device = _fake_check_lists("score_sample", finetuned=finetuned, pretrained=pretrained, hessians=hessians)
+    size = sum(sample_size(f.numel(), stride) for f in finetuned)
+    return torch.empty(size, dtype=torch.int32, device=device), torch.empty(2, dtype=torch.int64, device=device)
 
 
 @torch.library.register_fake("finepurify::score_threshold")

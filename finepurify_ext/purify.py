@@ -277,40 +277,51 @@ CANDIDATE_KEYS = 4 << 20  # the keys one candidates pass may keep (16 MB)
 # written and its tests are in tests/test_cuda.py, but it has not run on a GPU yet: until it has,
 # a GPU keeps the three histogram passes.
 CANDIDATES_ON = ("cpu",)
-# The sample costs the host about 7 ms at 400 tensors (a view, a copy and a score per tensor):
-# below this many weights the two passes it saves cost less (a histogram pass over 8M weights took
-# about 6 ms here), so small models keep the histogram passes.
+# Below this many ranked weights the histogram passes run: the sample's host cost (one op, about
+# a millisecond) and its bracket's (a partial sort of up to a million keys on the CPU) exceed the
+# two passes it saves on a small model.
 CANDIDATES_MIN_WEIGHTS = 1 << 23
 
+SAMPLE_RUN = ops.SAMPLE_RUN  # elements per sampled run: whole 64-byte lines of float32
 
-SAMPLE_RUN = 16  # elements per run of the candidates' sample: whole 64-byte lines of float32
 
-
-def _sample_scores(ft, pre, scoring: Scoring, max_samples: int) -> tuple[torch.Tensor, float]:
-    """The rankable score keys (int64, in no order) of an even sample of every tensor's elements,
+def _sample_scores(feed: "Feed", max_samples: int) -> tuple[torch.Tensor, float]:
+    """The rankable score keys (int32, in no order) of an even sample of every ranked element,
     about ``max_samples`` in runs of ``SAMPLE_RUN`` (a strided sample of single elements read a
     whole cache line per element: 1M took 100 ms here), and the fraction of the sample that moved.
-    Scored by the same op as the passes; Fine-mixing's random scores are drawn per sample position,
-    which gives the same distribution."""
+    One ``ops.score_sample`` where the pre-trained values live beside the model; else the runs are
+    copied to the model's device first (the sample only, never the state), where Fine-mixing's
+    random scores are drawn per sample position, which gives the same distribution."""
+    ft, pre, scoring = feed.ft, feed.pre, feed.scoring
     total = sum(f.numel() for f in ft)
     stride = max(SAMPLE_RUN, SAMPLE_RUN * (total // max_samples))
-    picks = [i for i, f in enumerate(ft) if f.numel()]
+    if feed.resident is not None:
+        _, ft, pre, hessians, ranking = feed.resident
+        keys, counts = ops.score_sample(ft, pre, hessians, scoring.eps, stride, ranking)
+    else:
+        picks = [i for i, f in enumerate(ft) if f.numel()]
+        if not picks:
+            return torch.zeros(0, dtype=torch.int32), 1.0
 
-    def runs(t):  # a run of SAMPLE_RUN elements every `stride`, or a proportional head
-        flat = t.reshape(-1)
-        n = flat.numel()
-        if n >= stride:
-            return flat[:(n // stride) * stride].view(-1, stride)[:, :SAMPLE_RUN]
-        return flat[:max(1, n * SAMPLE_RUN // stride)]
+        def runs(t):  # the elements score_sample would take (a run every `stride`, or a head)
+            flat = t.reshape(-1)
+            n = flat.numel()
+            if n >= stride:
+                return flat[:(n // stride) * stride].view(-1, stride)[:, :SAMPLE_RUN]
+            return flat[:ops.sample_size(n, stride)]
 
-    sample_ft = [runs(ft[i]) for i in picks]
-    sample_pre = [runs(pre[i]).to(device=ft[i].device, dtype=ft[i].dtype) for i in picks]
-    sample_h = [(h if h.numel() == 1 else runs(h)).to(ft[i].device)
-                for i, h in zip(picks, (scoring.hessians[i] for i in picks))]
-    if not picks:
-        return torch.zeros(0, dtype=torch.int64), 1.0
-    scores = ops.drift_scores(sample_ft, sample_pre, sample_h, scoring.eps, ranking=scoring.ranking.subset(picks))
-    return sample_keys(scores, sample_ft, sample_pre)
+        sample_ft = [runs(ft[i]).contiguous() for i in picks]
+        sample_pre = [runs(pre[i]).to(device=ft[i].device, dtype=ft[i].dtype).contiguous() for i in picks]
+        sample_h = [(h if h.numel() == 1 else runs(h)).to(ft[i].device).contiguous()
+                    for i, h in zip(picks, (scoring.hessians[i] for i in picks))]
+        # Every element of these copies (runs of SAMPLE_RUN, or heads shorter than it).
+        keys, counts = ops.score_sample(sample_ft, sample_pre, sample_h, scoring.eps, SAMPLE_RUN,
+                                        scoring.ranking.subset(picks))
+    unrankable, unmoved = counts.tolist()
+    n = keys.numel()
+    if unrankable:  # NaN scores: the pass finds and names them
+        keys = keys[keys >= 0]
+    return keys, (1.0 - unmoved / n) if n else 1.0
 
 
 def sample_keys(scores, finetuned, pretrained) -> tuple[torch.Tensor, float]:
@@ -355,7 +366,7 @@ def candidate_range(sample_keys: torch.Tensor, moved_fraction: float, total: int
 def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", total: int):
     """The threshold search's first pass, bracketed from a sample: ``ops.score_candidates``'s
     counts, the keys inside (None where too many) and the range; None for an empty sample."""
-    sample, moved_fraction = _sample_scores(feed.ft, feed.pre, scoring, max(1 << 14, min(1 << 20, total // 64)))
+    sample, moved_fraction = _sample_scores(feed, max(1 << 14, min(1 << 20, total // 64)))
     planned = candidate_range(sample, moved_fraction, total, config)
     if planned is None:
         return None
@@ -400,10 +411,10 @@ class Feed:
         self.groups = [list(range(len(ft)))] if in_place or not ft else self._split(group_bytes)
         # In place the one group's lists are made once and every pass reuses them (a model of 400
         # tensors otherwise spends milliseconds of host time per pass on no-op conversions).
-        self._resident = None
+        self.resident = None
         self._staging = None
         if in_place and ft:
-            self._resident = (self.groups[0], list(ft), list(pre), list(scoring.hessians), scoring.ranking)
+            self.resident = (self.groups[0], list(ft), list(pre), list(scoring.hessians), scoring.ranking)
         elif ft and ft[0].device.type in ("cpu", "cuda"):
             largest = max(_Staging.packed_bytes(self._moved(idx), ft[0].device) for idx in self.groups)
             self._staging = _Staging(largest, ft[0].device) if largest else None
@@ -424,8 +435,8 @@ class Feed:
     def each(self, fn) -> list:
         """``fn(indices, finetuned, pretrained, hessians, ranking)`` per group, on the model's device;
         a group's moved copies are freed before the next group is moved."""
-        if self._resident is not None:
-            return [fn(*self._resident)]
+        if self.resident is not None:
+            return [fn(*self.resident)]
         return [self._on_group(idx, fn) for idx in self.groups]
 
     def _moved(self, idx) -> list:

@@ -129,6 +129,32 @@ def score_candidates(finetuned: Tensors, pretrained: Tensors, hessians: Tensors,
     return counts, out
 
 
+def score_sample(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, eps, stride: int,
+                 ranking=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.score_sample by scoring every element and picking the sampled positions: runs of 16 at
+    every multiple of ``stride`` that starts a whole stride, or a short tensor's head."""
+    keys, unrankable, unmoved = [], 0, 0
+    max_finite = torch.finfo(torch.float32).max
+    for f, p, h, kw in zip(finetuned, pretrained, hessians, _per_tensor(ranking, len(finetuned))):
+        n = f.numel()
+        if n == 0:
+            continue
+        if n >= stride:
+            picked = (torch.arange(n // stride)[:, None] * stride + torch.arange(16)[None, :]).flatten()
+        else:
+            picked = torch.arange(max(1, n * 16 // stride))
+        f32, p32 = f.float().flatten()[picked], p.float().flatten()[picked]
+        h32 = h.float().flatten().expand(n)[picked] if h.numel() == 1 else h.float().flatten()[picked]
+        key = drift_score(f, p, h, eps, **kw).flatten()[picked].view(torch.int32)
+        ok = ((f32.abs() <= max_finite) & (p32.abs() <= max_finite) & (h32 >= 0) & (h32 <= max_finite)
+              & (key >= 0) & (key <= 0x7F800000))
+        keys.append(torch.where(ok, key, torch.tensor(-2**31, dtype=torch.int32)))
+        unrankable += int((~ok).sum())
+        unmoved += int((f32 == p32).sum())
+    keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int32)
+    return keys, torch.tensor([unrankable, unmoved], dtype=torch.int64)
+
+
 def masked_reset_(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, threshold, eps,
                   ranking=None) -> torch.Tensor:
     counts = []

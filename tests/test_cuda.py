@@ -409,6 +409,20 @@ def test_score_candidates_over_sizes(size):
     assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
 
 
+@pytest.mark.parametrize("ranking_name", list(RANKINGS))
+def test_score_sample_matches_cpu(dtype, ranking_name):
+    """The sampled runs' keys and counts on the GPU are the CPU's, for strides from every run to
+    longer than any tensor (a chunk holding several runs, runs crossing into the next chunk, heads)."""
+    ranking = RANKINGS[ranking_name]
+    ft, pre, h = ranked_weights(dtype, seed=59)
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    for stride in (16, 17, 1000, 65_530, 70_001, 1 << 20):
+        keys, counts = ops.score_sample(ft_g, pre_g, h_g, EPS, stride, ranking=ranking)
+        cpu_keys, cpu_counts = ops.score_sample(ft, pre, h, EPS, stride, ranking=ranking)
+        assert keys.device.type == "cuda" and counts.device.type == "cuda"
+        assert torch.equal(keys.cpu(), cpu_keys) and torch.equal(counts.cpu(), cpu_counts), stride
+
+
 def test_opcheck_on_cuda():
     for dtype in DTYPES:
         ft, pre, h = (to_cuda(ts) for ts in make_weights(70, [(37,), (5, 11), (1,)], dtype))
@@ -420,6 +434,7 @@ def test_opcheck_on_cuda():
         torch.library.opcheck(OPS.score_threshold.default, (ft, pre, h, total // 2, EPS))
         key = int(torch.tensor(threshold, dtype=torch.float32).view(torch.int32))
         torch.library.opcheck(OPS.score_candidates.default, (ft, pre, h, EPS, key // 2, key, total))
+        torch.library.opcheck(OPS.score_sample.default, (ft, pre, h, EPS, 16))
         torch.library.opcheck(OPS.masked_reset_.default, (clones(ft), pre, h, threshold, EPS))
         torch.library.opcheck(OPS.reset_most_abnormal_.default, (clones(ft), pre, h, 0.4, EPS))
         grads = [torch.randn_like(t, dtype=torch.float32).to(dtype) for t in h]

@@ -457,6 +457,53 @@ def test_candidates_count_unrankable_scores():
     assert bool((keys[:between] > 0).all()) and bool((keys[between:] == -1).all())
 
 
+# -------------------------------------------------------------------------- score_sample
+
+
+@pytest.mark.parametrize("ranking_name", list(RANKINGS))
+def test_sample_matches_reference(dtype, ranking_name):
+    """Odd and chunk-straddling sizes, an empty tensor, one-element hessians, a third unmoved: the
+    keys of the sampled runs (and short tensors' heads) equal the reference's, tensor after tensor,
+    for strides from every run (16) to longer than any tensor; the unmoved count is theirs."""
+    ranking = RANKINGS[ranking_name]
+    ft, pre, h = ranked_weights(dtype, seed=59)
+    for stride in (16, 17, 64, 1000, 65536, 70_001, 1 << 20):
+        keys, counts = ops.score_sample(ft, pre, h, EPS, stride, ranking=ranking)
+        expected_keys, expected_counts = ref.score_sample(ft, pre, h, EPS, stride, ranking=ranking)
+        assert keys.dtype == torch.int32 and keys.numel() == sum(ops.sample_size(f.numel(), stride) for f in ft)
+        assert torch.equal(keys, expected_keys) and torch.equal(counts, expected_counts), stride
+        assert int(counts[0]) == 0 and 0 < int(counts[1]) < keys.numel()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_sample_over_sizes(dtype, size):
+    """Every size around the vector width and the chunk, beside a tensor of 3; a sample of every
+    element (stride 16) holds every run's keys; a stride longer than the tensor takes its head."""
+    ft, pre, h = make_weights(size + 13, [(size,), (3,)], dtype)
+    for stride in (16, 48, size + 1):
+        stride = max(stride, 16)
+        keys, counts = ops.score_sample(ft, pre, h, EPS, stride)
+        expected_keys, expected_counts = ref.score_sample(ft, pre, h, EPS, stride)
+        assert torch.equal(keys, expected_keys) and torch.equal(counts, expected_counts), stride
+    keys, _ = ops.score_sample(ft, pre, h, EPS, 16)
+    whole = ref.all_scores(ft[:1], pre[:1], h[:1], EPS).view(torch.int32)[:(size // 16) * 16]
+    assert torch.equal(keys[:whole.numel()], whole)
+
+
+def test_sample_counts_unrankable_scores_and_refuses_a_short_stride():
+    ft, pre, h = make_weights(60, [(1000,), (77,)], torch.float32)
+    ft[0][3] = float("nan")
+    h[1][5] = -1.0
+    keys, counts = ops.score_sample(ft, pre, h, EPS, 16)
+    assert counts.tolist()[0] == 2 and int((keys < 0).sum()) == 2
+    assert torch.equal(keys, ref.score_sample(ft, pre, h, EPS, 16)[0])
+    for stride in (15, 0, -16):
+        with pytest.raises(ValueError, match="score_sample: stride must be at least 16"):
+            ops.score_sample(ft, pre, h, EPS, stride)
+    empty = ops.score_sample([], [], [], EPS, 16)
+    assert empty[0].numel() == 0 and empty[1].tolist() == [0, 0]
+
+
 def test_candidates_refuse_a_bad_range():
     ft, pre, h = make_weights(55, [(10,)], torch.float32)
     for low, high, capacity in ((5, 4, 1), (-1, 4, 1), (0, 0x7F800001, 1), (0, 4, -1), (0, 4, 2**31)):

@@ -426,12 +426,16 @@ def test_a_strided_sample_brackets_the_threshold(ranking):
     config = PurifyConfig(ranking=ranking, reserve_ratio=0.7)
     scoring = scoring_for(config, names, hessians)
     total = sum(f.numel() for f in ft)
-    counts, keys, low, high = purify_module._candidate_pass(Feed(ft, pre, scoring), scoring, config, total)
-    moved = total - int(counts[5])
-    k = ops.num_reset_for(moved, config.reserve_ratio)
-    assert keys is not None and keys.numel() < total // 20
-    threshold = threshold_from_candidates(counts, keys, low, high, k)
-    assert threshold == ops.score_threshold(ft, pre, scoring.hessians, k, config.eps, ranking=scoring.ranking)
+    # The pre-trained state beside the model (one score_sample), and in float32 (its runs copied first).
+    for pre_state in (pre, [p.float() for p in pre]):
+        feed = Feed(ft, pre_state, scoring, group_bytes=4 << 20)
+        assert (feed.resident is not None) == (pre_state is pre)
+        counts, keys, low, high = purify_module._candidate_pass(feed, scoring, config, total)
+        moved = total - int(counts[5])
+        k = ops.num_reset_for(moved, config.reserve_ratio)
+        assert keys is not None and keys.numel() < total // 20
+        threshold = threshold_from_candidates(counts, keys, low, high, k)
+        assert threshold == ops.score_threshold(ft, pre, scoring.hessians, k, config.eps, ranking=scoring.ranking)
 
 
 def test_bracket_from_sample_holds_the_rank():

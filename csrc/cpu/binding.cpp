@@ -96,6 +96,24 @@ std::tuple<at::Tensor, at::Tensor> score_candidates_cpu(
   return {counts, keys};
 }
 
+std::tuple<at::Tensor, at::Tensor> score_sample_cpu(
+    at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians, double eps,
+    int64_t stride, double hessian_floor, int64_t random_seed, at::IntArrayRef random_keys,
+    at::IntArrayRef random_offsets) {
+  check_weight_lists("score_sample", finetuned, pretrained, hessians);
+  std::vector<uint64_t> streams;
+  const ScoreSpec spec = score_spec("score_sample", eps, hessian_floor, random_seed, random_keys,
+                                    random_offsets, finetuned.size(), streams);
+  check_sample_stride("score_sample", stride);
+  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
+  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  at::Tensor keys = at::empty({sample_size_of(finetuned, stride)}, at::TensorOptions().dtype(at::kInt));
+  at::Tensor counts = at::empty({2}, at::TensorOptions().dtype(at::kLong));
+  cpu::score_sample(ft_args.data(), pre_args.data(), h_args.data(), static_cast<int64_t>(ft_args.size()),
+                    spec, streams.data(), stride, keys.data_ptr<int32_t>(), counts.data_ptr<int64_t>());
+  return {keys, counts};
+}
+
 at::Tensor masked_reset_cpu(at::TensorList finetuned, at::TensorList pretrained,
                             at::TensorList hessians, double threshold, double eps,
                             double hessian_floor, int64_t random_seed,
@@ -125,6 +143,7 @@ TORCH_LIBRARY_IMPL(finepurify, CPU, m) {
   m.impl("drift_scores", &drift_scores_cpu);
   m.impl("score_histogram", &score_histogram_cpu);
   m.impl("score_candidates", &score_candidates_cpu);
+  m.impl("score_sample", &score_sample_cpu);
   m.impl("masked_reset_", &masked_reset_cpu);
 }
 

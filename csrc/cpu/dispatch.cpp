@@ -51,6 +51,13 @@ void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
               prefix, counts);
 }
 
+void score_sample(const TensorArg* finetuned, const TensorArg* pretrained,
+                  const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                  const uint64_t* streams, int64_t stride, int32_t* keys, int64_t* counts) {
+  FP_CPU_CALL(score_sample, finetuned, pretrained, hessians, num_tensors, spec, streams, stride, keys,
+              counts);
+}
+
 void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
                       const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
                       const uint64_t* streams, uint32_t low_key, uint32_t high_key,

@@ -36,6 +36,12 @@ namespace finepurify::cpu {
                         const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,  \
                         const uint64_t* streams, uint32_t low_key, uint32_t high_key,           \
                         int64_t capacity, int64_t* counts, int32_t* keys);                      \
+  /* keys = the score keys (score_key, as int32: unrankable ones negative) of an even sample */ \
+  /* of every tensor (sample_size, sample_position with `stride`), tensor after tensor; */       \
+  /* counts = {unrankable, unmoved} among them. */                                               \
+  void score_sample(const TensorArg* finetuned, const TensorArg* pretrained,                    \
+                    const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,      \
+                    const uint64_t* streams, int64_t stride, int32_t* keys, int64_t* counts);   \
   /* finetuned[i] = pretrained[i] where score >= threshold; counts[i] = elements reset. */      \
   void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,                    \
                     const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,      \

@@ -319,6 +319,44 @@ void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
   sort_keys_descending(keys, end);  // the same output whatever the thread count
 }
 
+void score_sample(const TensorArg* finetuned, const TensorArg* pretrained,
+                  const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                  const uint64_t* streams, int64_t stride, int32_t* keys, int64_t* counts) {
+  std::vector<int64_t> offsets(static_cast<size_t>(num_tensors) + 1, 0);  // each tensor's first key
+  for (int64_t t = 0; t < num_tensors; ++t) offsets[t + 1] = offsets[t] + sample_size(finetuned[t].numel, stride);
+  std::atomic<int64_t> unrankable{0}, unmoved{0};
+  // Scalar scores (the sampled runs are 16 elements): a few milliseconds for a million.
+  at::parallel_for(0, offsets.back(), int64_t{1} << 14, [&](int64_t begin, int64_t end) {
+    int64_t bad = 0, still = 0;
+    int64_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+    for (int64_t j = begin; j < end; ++t) {
+      const int64_t stop = std::min(end, offsets[t + 1]);  // empty tensors: stop == j
+      const int64_t n = finetuned[t].numel;
+      const float* h = static_cast<const float*>(hessians[t].data);
+      const bool scalar_h = hessians[t].numel == 1;
+      const uint64_t stream = streams != nullptr ? streams[t] : 0;
+      dispatch_storage(finetuned[t].dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        const T* ft = static_cast<const T*>(finetuned[t].data);
+        const T* pre = static_cast<const T*>(pretrained[t].data);
+        for (; j < stop; ++j) {
+          const int64_t i = sample_position(j - offsets[t], n, stride);
+          const float f = static_cast<float>(ft[i]), p = static_cast<float>(pre[i]);
+          const float hv = scalar_h ? h[0] : h[i];
+          const uint32_t key = score_key(spec.score(f, p, hv, stream, i), rankable_inputs(f, p, hv));
+          keys[j] = static_cast<int32_t>(key);
+          bad += key == kUnrankableKey;
+          still += f == p;
+        }
+      });
+    }
+    unrankable += bad;
+    unmoved += still;
+  });
+  counts[0] = unrankable.load();
+  counts[1] = unmoved.load();
+}
+
 void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
                   const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
                   const uint64_t* streams, float threshold, int64_t* counts) {

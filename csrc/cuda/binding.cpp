@@ -110,6 +110,26 @@ std::tuple<at::Tensor, at::Tensor> score_candidates_cuda(
   return {counts, std::get<0>(keys.sort(/*dim=*/0, /*descending=*/true))};
 }
 
+std::tuple<at::Tensor, at::Tensor> score_sample_cuda(
+    at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians, double eps,
+    int64_t stride, double hessian_floor, int64_t random_seed, at::IntArrayRef random_keys,
+    at::IntArrayRef random_offsets) {
+  check_weight_lists("score_sample", finetuned, pretrained, hessians);
+  std::vector<uint64_t> streams;
+  const ScoreSpec spec = score_spec("score_sample", eps, hessian_floor, random_seed, random_keys,
+                                    random_offsets, finetuned.size(), streams);
+  check_sample_stride("score_sample", stride);
+  const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
+  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
+  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  at::Tensor keys = at::empty({sample_size_of(finetuned, stride)}, finetuned[0].options().dtype(at::kInt));
+  at::Tensor counts = at::zeros({2}, finetuned[0].options().dtype(at::kLong));
+  cuda::score_sample(ft_args.data(), pre_args.data(), h_args.data(), static_cast<int64_t>(ft_args.size()),
+                     spec, streams.data(), stride, keys.data_ptr<int32_t>(), counts.data_ptr<int64_t>(),
+                     current_stream());
+  return {keys, counts};
+}
+
 at::Tensor masked_reset_cuda(at::TensorList finetuned, at::TensorList pretrained,
                              at::TensorList hessians, double threshold, double eps,
                              double hessian_floor, int64_t random_seed,
@@ -140,6 +160,7 @@ TORCH_LIBRARY_IMPL(finepurify, CUDA, m) {
   m.impl("drift_scores", &drift_scores_cuda);
   m.impl("score_histogram", &score_histogram_cuda);
   m.impl("score_candidates", &score_candidates_cuda);
+  m.impl("score_sample", &score_sample_cuda);
   m.impl("masked_reset_", &masked_reset_cuda);
 }
 

@@ -40,6 +40,14 @@ void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
                       const uint64_t* streams, uint32_t low_key, uint32_t high_key, int64_t capacity,
                       int64_t* counts, int32_t* keys, cudaStream_t stream);
 
+// keys = the score keys (score_key, as int32) of an even sample of every tensor (sample_size,
+// sample_position with `stride`), tensor after tensor; adds to counts[0..1] (device memory,
+// zeroed by the caller) the unrankable and the unmoved among them.
+void score_sample(const TensorArg* finetuned, const TensorArg* pretrained,
+                  const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                  const uint64_t* streams, int64_t stride, int32_t* keys, int64_t* counts,
+                  cudaStream_t stream);
+
 // finetuned[i] = pretrained[i] where score >= threshold; adds the number reset to counts[i]
 // (device memory, zeroed by the caller).
 void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,

@@ -2,6 +2,7 @@
 // and the masked reset. Each reads finetuned, pretrained and hessian once per pass and
 // recomputes the score in registers; no score vector is materialised.
 #include <type_traits>
+#include <vector>
 
 #include "../kernels/score_math.h"
 #include "kernels.h"
@@ -269,6 +270,45 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// score_sample: a thread per sampled element; each chunk scores the runs that start in it (a run
+// may end in the next chunk of its tensor), a tensor shorter than one stride its head in its
+// only chunk. table.data[3][t]: tensor t's first key in the output.
+template <typename T, bool Random>
+__global__ void __launch_bounds__(kThreads)
+    score_sample_kernel(LaunchTable<4> table, ScoreSpec spec, int64_t stride, unsigned long long* counts) {
+  unsigned int unrankable = 0, unmoved = 0;  // a block samples fewer than 2^32 elements
+  for_each_chunk(table, [&](int t, int64_t begin, int64_t end) {
+    const int64_t n = table.numel[t];
+    const T* ft = static_cast<const T*>(table.data[kFinetuned][t]);
+    const T* pre = static_cast<const T*>(table.data[kPretrained][t]);
+    const float* h = static_cast<const float*>(table.data[kHessian][t]);
+    const bool scalar_h = (table.broadcast_mask >> t) & 1u;
+    int32_t* out = static_cast<int32_t*>(table.data[3][t]);
+    int64_t first = 0, last = 0;  // the sample's elements of this chunk
+    if (n >= stride) {
+      const int64_t runs = n / stride;
+      first = min((begin + stride - 1) / stride, runs) * kSampleRun;
+      last = min((end + stride - 1) / stride, runs) * kSampleRun;
+    } else if (begin == 0) {
+      last = sample_size(n, stride);
+    }
+    for (int64_t j = first + threadIdx.x; j < last; j += kThreads) {
+      const int64_t i = sample_position(j, n, stride);
+      const float f = load_as_float(ft + i), p = load_as_float(pre + i), hv = h[scalar_h ? 0 : i];
+      const uint32_t key = score_key(spec.template score_as<Random>(f, p, hv, table.stream[t], i),
+                                     rankable_inputs(f, p, hv));
+      out[j] = static_cast<int32_t>(key);
+      unrankable += key == kUnrankableKey;
+      unmoved += f == p;
+    }
+  });
+  const unsigned long long sums[2] = {warp_sum(unrankable), warp_sum(unmoved)};
+  if (threadIdx.x % 32 == 0) {
+    if (sums[0] != 0) atomicAdd(counts, sums[0]);
+    if (sums[1] != 0) atomicAdd(counts + 1, sums[1]);
+  }
+}
+
 template <typename T, bool Random>
 __global__ void __launch_bounds__(kThreads)
     masked_reset_kernel(LaunchTable<3> table, ScoreSpec spec, float threshold,
@@ -355,6 +395,28 @@ void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
       launch_multi_tensor(spec.random ? score_candidates_kernel<T, true> : score_candidates_kernel<T, false>, lists,
                           num_tensors, kFinetuned, dtype, extras, stream, spec, low_key, high_key, capacity, out,
                           keys);
+    });
+  }
+}
+
+void score_sample(const TensorArg* finetuned, const TensorArg* pretrained,
+                  const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
+                  const uint64_t* streams, int64_t stride, int32_t* keys, int64_t* counts,
+                  cudaStream_t stream) {
+  std::vector<TensorArg> out(static_cast<size_t>(num_tensors));  // each tensor's first key
+  int64_t offset = 0;
+  for (int64_t t = 0; t < num_tensors; ++t) {
+    out[t] = TensorArg{keys + offset, sample_size(finetuned[t].numel, stride), DType::kFloat32};
+    offset += out[t].numel;
+  }
+  const TensorArg* const lists[4] = {finetuned, pretrained, hessians, out.data()};
+  const LaunchExtras extras{kHessian, streams};
+  auto* sums = reinterpret_cast<unsigned long long*>(counts);
+  for (DType dtype : kAllDTypes) {
+    dispatch_storage(dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      launch_multi_tensor(spec.random ? score_sample_kernel<T, true> : score_sample_kernel<T, false>, lists,
+                          num_tensors, kFinetuned, dtype, extras, stream, spec, stride, sums);
     });
   }
 }

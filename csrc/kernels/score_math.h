@@ -194,6 +194,24 @@ struct BetweenBins {
   FP_HOST_DEVICE int bin(uint32_t key) const { return static_cast<int>((key - first) >> shift); }
 };
 
+// score_sample's even sample of one tensor of n elements: runs of kSampleRun consecutive elements
+// (whole 64-byte lines of float32: a sample of single elements reads a line per element) at every
+// multiple of `stride` that starts a whole stride, or, in a tensor shorter than one stride, its
+// first n * kSampleRun / stride elements (at least one): about n * kSampleRun / stride in all.
+constexpr int64_t kSampleRun = 16;
+
+FP_HOST_DEVICE int64_t sample_size(int64_t n, int64_t stride) {
+  if (n <= 0) return 0;
+  if (n >= stride) return (n / stride) * kSampleRun;
+  const int64_t head = n * kSampleRun / stride;  // n < stride: no overflow
+  return head > 0 ? head : 1;
+}
+
+// The position in its tensor of the sample's j-th element (j < sample_size(n, stride)).
+FP_HOST_DEVICE int64_t sample_position(int64_t j, int64_t n, int64_t stride) {
+  return n >= stride ? (j / kSampleRun) * stride + j % kSampleRun : j;
+}
+
 // One thread's run of equal histogram bins, handed over when the bin changes (the GPU histogram
 // adds runs to shared memory with one atomic each): add_if(when, bin, length) must add length to
 // bin where `when` holds. Branch-free: the callee may predicate its one store (a warp's lanes see
