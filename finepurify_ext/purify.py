@@ -277,10 +277,10 @@ CANDIDATE_KEYS = 4 << 20  # the keys one candidates pass may keep (16 MB)
 # written and its tests are in tests/test_cuda.py, but it has not run on a GPU yet: until it has,
 # a GPU keeps the three histogram passes.
 CANDIDATES_ON = ("cpu",)
-# Below this many ranked weights the histogram passes run: the sample's host cost (one op, about
-# a millisecond) and its bracket's (a partial sort of up to a million keys on the CPU) exceed the
-# two passes it saves on a small model.
-CANDIDATES_MIN_WEIGHTS = 1 << 23
+# Below this many ranked weights the histogram passes run: the sample (one op, about a millisecond
+# of host time at 400 tensors) and its bracket cost about what the two passes they save do
+# (bench/bench_search.py on the CPU: even at 1M weights, 1.4x faster at 2M, 2x at 8M).
+CANDIDATES_MIN_WEIGHTS = 1 << 20
 
 SAMPLE_RUN = ops.SAMPLE_RUN  # elements per sampled run: whole 64-byte lines of float32
 

@@ -58,6 +58,21 @@ def test_driver_runs_every_pass_on_the_cpu():
     ncu_kernels.drive("tiny", "cpu", unmoved=0.5)
 
 
+def test_search_bench_compares_the_two_searches(tmp_path):
+    """bench/bench_search.py at two small sizes: both searches timed (it checks they agree), the
+    sample's search in one candidates pass."""
+    import json
+    import subprocess
+
+    out = tmp_path / "search.json"
+    subprocess.run([sys.executable, os.path.join(HERE, "..", "bench", "bench_search.py"), "--sizes", "40000", "200000",
+                    "--tensors", "7", "--repeats", "1", "--out", str(out)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["weights"] for r in rows] == [39998, 199997]
+    assert all(r["histogram_passes_ms"] > 0 and r["sample_and_candidates_ms"] > 0 for r in rows)
+    assert all(r["candidates_passes"] == 1 for r in rows)
+
+
 def test_host_overhead_bench_writes_a_row_per_label(tmp_path):
     """bench/bench_host.py, as gpu_check.sh runs it on a GPU, on the CPU: a row per label, every
     ranking with purify_'s and the op's times and its steps."""
