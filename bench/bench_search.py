@@ -27,13 +27,13 @@ from finepurify_ext.threshold import search_ranges, threshold_from_histograms  #
 
 def weights(total: int, tensors: int, device):
     """bfloat16 weights in equal tensors, drifted 0.01 (about a fifth stay unmoved in bfloat16),
-    float32 Hessians uniform in [0, 1)."""
-    gen = torch.Generator().manual_seed(total)
+    float32 Hessians uniform in [0, 1); drawn on the device."""
+    gen = torch.Generator(device=device).manual_seed(total)
     size = total // tensors
-    pre = [torch.randn(size, generator=gen).bfloat16() for _ in range(tensors)]
-    ft = [(p.float() + 0.01 * torch.randn(size, generator=gen)).bfloat16() for p in pre]
-    hessians = [torch.rand(size, generator=gen) for _ in range(tensors)]
-    return ([t.to(device) for t in ft], [t.to(device) for t in pre], [t.to(device) for t in hessians])
+    pre = [torch.randn(size, generator=gen, device=device).bfloat16() for _ in range(tensors)]
+    ft = [(p.float() + 0.01 * torch.randn(size, generator=gen, device=device)).bfloat16() for p in pre]
+    hessians = [torch.rand(size, generator=gen, device=device) for _ in range(tensors)]
+    return ft, pre, hessians
 
 
 def median_ms(fn, device, repeats: int) -> float:

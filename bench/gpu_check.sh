@@ -11,10 +11,11 @@
 # gpu_check.log, cuda_ops.json (bench/bench_cuda.py), pipeline_cuda.json (bench/bench_pipeline.py,
 # with purify_'s profiler tables), gpu_e2e_llm.json (bench/gpu_e2e.py:
 # `finepurify purify|hessian --device cuda` on a Llama-3.2-1B-shaped causal LM, in memory and out of
-# core), host_overhead_cuda.json (bench/bench_host.py) and, with FINEPURIFY_E2E_MODEL set,
-# gpu_e2e.json (the same on that model).
-# The device tool returns at most 8 files from $OUT: a default run writes 6, and each of ncu, the
-# baseline, FINEPURIFY_BENCH_UNMOVED and FINEPURIFY_E2E_MODEL one more (at most two in one call).
+# core), host_overhead_cuda.json (bench/bench_host.py), threshold_search_cuda.json
+# (bench/bench_search.py) and, with FINEPURIFY_E2E_MODEL set, gpu_e2e.json (the same on that model).
+# The device tool returns at most 8 files from $OUT: a default run writes 7, and each of ncu, the
+# baseline, FINEPURIFY_BENCH_UNMOVED and FINEPURIFY_E2E_MODEL one more (at most one in one call
+# unless FINEPURIFY_GPU_STEPS leaves steps out).
 # Uses python3 (or $PYTHON) as it is: no downloads. CXX defaults to the system g++ (a toolchain that
 # links libstdc++ statically is refused by setup.py).
 set -u
@@ -65,6 +66,11 @@ step build 240 env CXX="${CXX_OVERRIDE:-g++}" CC="${CC_OVERRIDE:-gcc}" TORCH_CUD
 TEST_FILTER=(); [[ -n "${FINEPURIFY_CUDA_TESTS_K:-}" ]] && TEST_FILTER=(-k "$FINEPURIFY_CUDA_TESTS_K")
 step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_torch_integration.py "${TEST_FILTER[@]}"
 step bench_ops 170 "$PY" bench/bench_cuda.py --repeats 5 --out "$OUT_DIR/cuda_ops.json"
+# The two exact threshold searches on this GPU (bench/bench_search.py): the histogram passes against
+# the sample's bracket and score_candidates passes, up to OPT-1.3B's size in bfloat16; what decides
+# whether purify_ on CUDA should search from a sample (purify.CANDIDATES_ON).
+step search 60 "$PY" bench/bench_search.py --device cuda --sizes 1048576 8388608 67108864 268435456 1342177280 \
+  --out "$OUT_DIR/threshold_search_cuda.json"
 step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --batch 32 --seq 128 \
   --hessian-steps 8 --more-batches 4 64 --profile \
   --out "$OUT_DIR/pipeline_cuda.json"
