@@ -1,12 +1,16 @@
 // The op schemas, defined once for every backend, and the composite ops built from them:
-// score_threshold (the exact k-th largest score, by three histogram passes) and
-// reset_most_abnormal_ (threshold + reset). Backends register kernels for the element-wise ops in
-// cpu/binding.cpp and cuda/binding.cpp.
+// score_threshold (the exact k-th largest score: from a sample's bracket and score_candidates
+// passes, or by three histogram passes) and reset_most_abnormal_ (threshold + reset). Backends
+// register kernels for the element-wise ops in cpu/binding.cpp and cuda/binding.cpp.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #include "checks.h"
 #include "kernels/score_math.h"
@@ -46,6 +50,159 @@ at::Tensor masked_reset_op(at::TensorList finetuned, at::TensorList pretrained,
                  r.random_seed, r.random_keys, r.random_offsets);
 }
 
+std::tuple<at::Tensor, at::Tensor> score_sample_op(at::TensorList finetuned, at::TensorList pretrained,
+                                                   at::TensorList hessians, const Ranking& r, int64_t stride) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("finepurify::score_sample", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::TensorList, at::TensorList,
+                                                                 double, int64_t, double, int64_t,
+                                                                 at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(finetuned, pretrained, hessians, r.eps, stride, r.hessian_floor, r.random_seed, r.random_keys,
+                 r.random_offsets);
+}
+
+std::tuple<at::Tensor, at::Tensor> score_candidates_op(at::TensorList finetuned, at::TensorList pretrained,
+                                                       at::TensorList hessians, const Ranking& r,
+                                                       uint32_t low_key, uint32_t high_key, int64_t capacity) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("finepurify::score_candidates", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::TensorList, at::TensorList,
+                                                                 double, int64_t, int64_t, int64_t, double,
+                                                                 int64_t, at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(finetuned, pretrained, hessians, r.eps, low_key, high_key, capacity, r.hessian_floor,
+                 r.random_seed, r.random_keys, r.random_offsets);
+}
+
+// ------------------------------------------------------------------ the search from a sample
+// The same search as purify_'s (finepurify_ext/threshold.py: bracket_from_sample, search_ranges),
+// with its constants: an even sample of about a million scores brackets the k-th largest by six
+// standard deviations; a score_candidates pass counts the keys above, at and below the bracket
+// and keeps those between (the threshold in one pass), or, where they are too many or the bracket
+// missed, names the narrower range the next pass keeps.
+
+constexpr int64_t kSampleSearchMinWeights = int64_t{1} << 20;  // purify.CANDIDATES_MIN_WEIGHTS
+constexpr int64_t kCandidateKeys = int64_t{4} << 20;           // purify.CANDIDATE_KEYS
+
+// Where the search from a sample runs: on the CPU, from kSampleSearchMinWeights weights. The
+// CUDA kernels of score_sample and score_candidates have not run on a GPU yet (purify.CANDIDATES_ON).
+bool searches_from_sample(at::Device device, int64_t total) {
+  return device.is_cpu() && total >= kSampleSearchMinWeights;
+}
+
+struct Sample {
+  std::vector<int32_t> keys;  // the rankable keys, in no order
+  double moved_fraction;
+};
+
+Sample take_sample(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
+                   const Ranking& r, int64_t total) {
+  const int64_t max_samples = std::max<int64_t>(int64_t{1} << 14, std::min<int64_t>(int64_t{1} << 20, total / 64));
+  const int64_t stride = std::max<int64_t>(kSampleRun, kSampleRun * (total / max_samples));
+  auto [keys, counts] = score_sample_op(finetuned, pretrained, hessians, r, stride);
+  keys = keys.cpu().contiguous();
+  counts = counts.cpu();
+  const int64_t n = keys.numel(), unmoved = counts.data_ptr<int64_t>()[1];
+  Sample sample{{}, n > 0 ? 1.0 - static_cast<double>(unmoved) / static_cast<double>(n) : 1.0};
+  const int32_t* k = keys.data_ptr<int32_t>();
+  sample.keys.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    if (k[i] >= 0) sample.keys.push_back(k[i]);  // NaN scores: the pass finds and names them
+  }
+  return sample;
+}
+
+struct KeyRange {
+  uint32_t low, high;
+  int64_t capacity;  // the keys the pass may keep
+};
+
+// The bracket of the element at rank_fraction from the top (threshold.bracket_from_sample), and
+// room for three times the keys the sample puts between (none where that is more than half of
+// kCandidateKeys: then the pass only counts them in its bins).
+KeyRange bracket(std::vector<int32_t> keys, double rank_fraction, double spread, int64_t total) {
+  const int64_t n = static_cast<int64_t>(keys.size());
+  const double centre = rank_fraction * static_cast<double>(n), margin = 6.0 * spread + 2.0;
+  const int64_t top = static_cast<int64_t>(std::floor(centre - margin));     // positions from the top
+  const int64_t bottom = static_cast<int64_t>(std::ceil(centre + margin));
+  auto at_position = [&](int64_t from_top) {  // the key there, by a partial sort of the copy
+    auto nth = keys.begin() + (n - 1 - from_top);
+    std::nth_element(keys.begin(), nth, keys.end());
+    return static_cast<uint32_t>(*nth);
+  };
+  const uint32_t high = top < 0 ? kInfBits : (top < n ? at_position(top) : 0u);
+  const uint32_t low = bottom >= n ? 0u : at_position(bottom);
+  int64_t inside = 0;
+  for (int32_t key : keys) inside += static_cast<uint32_t>(key) > low && static_cast<uint32_t>(key) < high;
+  const double expected = static_cast<double>(inside) / static_cast<double>(std::max<int64_t>(n, 1)) *
+                          static_cast<double>(total);
+  if (expected > static_cast<double>(kCandidateKeys) / 2) return {low, high, 0};
+  return {low, high, std::min<int64_t>(kCandidateKeys, std::max<int64_t>(int64_t{1} << 16,
+                                                                       static_cast<int64_t>(std::ceil(3 * expected))))};
+}
+
+// One score_candidates pass: its counts on the host (above, at_high, between, at_low, unrankable,
+// unmoved, then the bins of the keys between) and its keys where it kept them all.
+struct Pass {
+  at::Tensor counts;  // int64, on the CPU
+  at::Tensor keys;    // int32, sorted descending; undefined where more than the capacity fell between
+  KeyRange range;
+  const int64_t* c() const { return counts.data_ptr<int64_t>(); }
+};
+
+Pass candidates_pass(const char* op, at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
+                     const Ranking& r, const KeyRange& range) {
+  auto [counts, keys] = score_candidates_op(finetuned, pretrained, hessians, r, range.low, range.high, range.capacity);
+  Pass pass{counts.cpu(), at::Tensor(), range};
+  if (pass.c()[4] > 0) raise_unrankable(op, finetuned, pretrained, hessians, pass.c()[4]);
+  if (pass.c()[2] <= range.capacity) pass.keys = keys;
+  return pass;
+}
+
+// The exact k-th largest of `total` scores from a first pass and, where it did not hold it, the
+// passes over the ranges its counts name (threshold.search_ranges, narrower_range).
+float search_ranges(const char* op, at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
+                    const Ranking& r, Pass pass, int64_t k, int64_t total) {
+  for (int passes = 0; passes < 8; ++passes) {
+    const int64_t* c = pass.c();
+    const int64_t above = c[0], at_high = c[1], between = c[2], at_low = c[3], unrankable = c[4];
+    const KeyRange& range = pass.range;
+    if (k <= above) {  // above the range: (high, +Inf]
+      pass = candidates_pass(op, finetuned, pretrained, hessians, r,
+                             {range.high, kInfBits, std::min(above, kCandidateKeys)});
+      continue;
+    }
+    if (k <= above + at_high) return float_from_bits(range.high);
+    int64_t rank = k - above - at_high;  // among the keys between, from the top
+    if (rank <= between) {
+      if (pass.keys.defined()) return float_from_bits(static_cast<uint32_t>(pass.keys[rank - 1].item<int32_t>()));
+      const BetweenBins bins(range.low, range.high);
+      int64_t b = kMaxBins - 1;
+      for (; b > 0 && c[kCandidateCounts + b] < rank; --b) rank -= c[kCandidateCounts + b];
+      TORCH_INTERNAL_ASSERT(c[kCandidateCounts + b] >= rank, "candidates bins lost keys");
+      const uint32_t first = bins.first + (static_cast<uint32_t>(b) << bins.shift);
+      if (bins.shift == 0) return float_from_bits(first);  // a bin of one key
+      const uint32_t next = first + (1u << bins.shift);
+      pass = candidates_pass(op, finetuned, pretrained, hessians, r,
+                             {first - 1u, std::min(next, range.high),
+                              std::min(c[kCandidateCounts + b], kCandidateKeys)});
+      continue;
+    }
+    if (rank <= between + at_low) return float_from_bits(range.low);
+    const int64_t below = total - unrankable - above - at_high - between - at_low;
+    TORCH_INTERNAL_ASSERT(range.low > 0 && rank - between - at_low <= below, "candidates passes lost elements");
+    pass = candidates_pass(op, finetuned, pretrained, hessians, r, {0u, range.low, std::min(below, kCandidateKeys)});
+  }
+  TORCH_INTERNAL_ASSERT(false, "the search from a sample found no threshold in 8 passes");
+}
+
+// The spread (in sample positions) of where the element at rank_fraction falls in a sample of n,
+// and with moved-only counting that of the moved fraction the rank was estimated from.
+double sample_spread(int64_t n, double rank_fraction, double moved_fraction, double estimated_share) {
+  const double nd = static_cast<double>(n);
+  return std::sqrt(nd * rank_fraction * (1.0 - rank_fraction)) +
+         estimated_share * std::sqrt(nd * moved_fraction * (1.0 - moved_fraction));
+}
+
 // The exact k-th largest score (k from 1), given the level-0 histogram. Level by level, the bin
 // holding the k-th largest score fixes the next digit of its float bits; after kNumLevels passes
 // every bit is known. Extra memory: one histogram.
@@ -81,8 +238,18 @@ at::Tensor score_threshold(at::TensorList finetuned, at::TensorList pretrained,
                     " is out of range: the tensors hold ", total,
                     " elements, so k must be in [1, ", total, "]");
   const Ranking r{eps, hessian_floor, random_seed, random_keys, random_offsets};
-  const at::Tensor level0 = score_histogram_op(finetuned, pretrained, hessians, r, 0, 0).cpu();
-  const float threshold = threshold_search(kOp, finetuned, pretrained, hessians, r, k, level0);
+  float threshold;
+  if (searches_from_sample(finetuned[0].device(), total)) {
+    Sample sample = take_sample(finetuned, pretrained, hessians, r, total);
+    const double rank_fraction = static_cast<double>(k) / static_cast<double>(total);
+    const int64_t n = static_cast<int64_t>(sample.keys.size());
+    const KeyRange range = bracket(std::move(sample.keys), rank_fraction, sample_spread(n, rank_fraction, 0.0, 0.0), total);
+    const Pass first = candidates_pass(kOp, finetuned, pretrained, hessians, r, range);
+    threshold = search_ranges(kOp, finetuned, pretrained, hessians, r, first, k, total);
+  } else {
+    const at::Tensor level0 = score_histogram_op(finetuned, pretrained, hessians, r, 0, 0).cpu();
+    threshold = threshold_search(kOp, finetuned, pretrained, hessians, r, k, level0);
+  }
   return at::scalar_tensor(threshold,
                            at::TensorOptions().dtype(at::kFloat).device(finetuned[0].device()));
 }
@@ -111,14 +278,33 @@ at::Tensor reset_most_abnormal_(at::TensorList finetuned, at::TensorList pretrai
   int64_t total = total_numel(finetuned);
   if (total == 0) return no_reset();
   const Ranking r{eps, hessian_floor, random_seed, random_keys, random_offsets};
-  const at::Tensor level0 = score_histogram_op(finetuned, pretrained, hessians, r, 0, 0).cpu();
-  if (count_moved_only) total -= level0.data_ptr<int64_t>()[level_bins(0) + 1];
-  const int64_t num_keep =
-      static_cast<int64_t>(std::floor(reserve_ratio * static_cast<double>(total) + 0.5));
-  const int64_t num_reset = total - num_keep;
-  if (num_reset == 0) return no_reset();
-  const float threshold =
-      threshold_search(kOp, finetuned, pretrained, hessians, r, num_reset, level0);
+  const int64_t all = total;
+  const auto reset_count = [&](int64_t counted) {
+    return counted - static_cast<int64_t>(std::floor(reserve_ratio * static_cast<double>(counted) + 0.5));
+  };
+  float threshold;
+  if (searches_from_sample(device, total)) {
+    // The rank from the sample's moved fraction (the pass counts the moved weights exactly).
+    Sample sample = take_sample(finetuned, pretrained, hessians, r, total);
+    const double share = 1.0 - reserve_ratio;
+    const double rank_fraction = std::min(1.0, share * (count_moved_only ? sample.moved_fraction : 1.0));
+    const int64_t n = static_cast<int64_t>(sample.keys.size());
+    const KeyRange range = bracket(std::move(sample.keys), rank_fraction,
+                                   sample_spread(n, rank_fraction, sample.moved_fraction,
+                                                 count_moved_only ? share : 0.0),
+                                   total);
+    const Pass first = candidates_pass(kOp, finetuned, pretrained, hessians, r, range);
+    if (count_moved_only) total -= first.c()[5];
+    const int64_t num_reset = reset_count(total);
+    if (num_reset == 0) return no_reset();
+    threshold = search_ranges(kOp, finetuned, pretrained, hessians, r, first, num_reset, all);
+  } else {
+    const at::Tensor level0 = score_histogram_op(finetuned, pretrained, hessians, r, 0, 0).cpu();
+    if (count_moved_only) total -= level0.data_ptr<int64_t>()[level_bins(0) + 1];
+    const int64_t num_reset = reset_count(total);
+    if (num_reset == 0) return no_reset();
+    threshold = threshold_search(kOp, finetuned, pretrained, hessians, r, num_reset, level0);
+  }
   return masked_reset_op(finetuned, pretrained, hessians, threshold, r);
 }
 

@@ -504,6 +504,53 @@ def test_sample_counts_unrankable_scores_and_refuses_a_short_stride():
     assert empty[0].numel() == 0 and empty[1].tolist() == [0, 0]
 
 
+def _misleading_sample(case: str, n: int = 1_500_000):
+    """One float32 tensor of n weights (pre 0, H 1: the score is about ft^2) whose sampled runs (16
+    elements every stride, the stride the ops' search takes at this size) mislead it: "low" the
+    sampled scores are all below the rest (the bracket misses below the k-th largest); "tied" the
+    rest crowd into the middle of the sampled scores' range (far more keys fall in the bracket
+    than the sample foresaw); "unmoved" the sampled weights never moved (moved-only counting
+    estimates nothing moved)."""
+    stride = max(16, 16 * (n // max(1 << 14, min(1 << 20, n // 64))))
+    position = torch.arange(n)
+    sampled = (position % stride < 16) & (position < (n // stride) * stride)
+    gen = torch.Generator().manual_seed(71)
+    score = 1.0 + torch.rand(n, generator=gen)  # in [1, 2)
+    if case == "low":
+        score[sampled] *= 1e-3
+    elif case == "tied":
+        score[~sampled] = 1.5 + 1e-4 * torch.rand(int((~sampled).sum()), generator=gen)
+    ft = score.sqrt()
+    if case == "unmoved":
+        ft[sampled] = 0.0
+    return [ft], [torch.zeros(n)], [torch.ones(n)]
+
+
+@pytest.mark.parametrize("case", ["low", "tied", "unmoved"])
+def test_the_ops_search_from_a_misleading_sample(case):
+    """From 1M weights the ops search from a sample (on the CPU): where the sample misleads, the
+    passes over the ranges its counts name still give the exact threshold and reset, and the same
+    as purify_'s search (threshold.search_ranges) on the same weights. (A wrong narrowing costs
+    passes, not bits: the ops' pass count is not observable here; tests/test_pipeline.py counts
+    purify_'s.)"""
+    from finepurify_ext.purify import CANDIDATE_KEYS, Feed, PurifyConfig, Scoring, _candidate_pass
+    from finepurify_ext.threshold import search_ranges
+
+    ft, pre, h = _misleading_sample(case)
+    n = ft[0].numel()
+    for k in (1, n // 3, n // 2, n - 1):
+        expected = ref.score_threshold(ft, pre, h, k, EPS)
+        assert ops.score_threshold(ft, pre, h, k, EPS) == expected, k
+        scoring = Scoring(h, EPS, ops.PLAIN)
+        first = _candidate_pass(Feed(ft, pre, scoring), scoring, PurifyConfig(reserve_ratio=1 - k / n), n)
+        assert search_ranges(first, Feed(ft, pre, scoring).candidates, k, n, CANDIDATE_KEYS) == expected, k
+    for reserve_ratio, count_moved_only in ((0.3, True), (0.5, False), (0.9, True)):
+        got, want = clones(ft), clones(ft)
+        counts = ops.reset_most_abnormal_(got, pre, h, reserve_ratio, EPS, count_moved_only=count_moved_only)
+        expected = ref.reset_most_abnormal_(want, pre, h, reserve_ratio, EPS, count_moved_only=count_moved_only)
+        assert torch.equal(counts, expected) and torch.equal(got[0], want[0]), (reserve_ratio, count_moved_only)
+
+
 def test_candidates_refuse_a_bad_range():
     ft, pre, h = make_weights(55, [(10,)], torch.float32)
     for low, high, capacity in ((5, 4, 1), (-1, 4, 1), (0, 0x7F800001, 1), (0, 4, -1), (0, 4, 2**31)):
