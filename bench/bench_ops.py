@@ -72,6 +72,28 @@ def timed(fn, repeats, setup=None):
 # ------------------------------------------------------------------------------ the cases
 
 
+def threshold_passes(ft, pre, hess, k) -> int:
+    """The passes over (ft, pre, h) the ops' threshold search takes here: from 1M weights on the
+    CPU a sample's bracket and its score_candidates passes, counted by running purify_'s search (the
+    same sample, constants and narrowing) once; else three histogram passes."""
+    from finepurify_ext import purify as purify_module
+    from finepurify_ext.threshold import search_ranges
+
+    n = sum(t.numel() for t in ft)
+    if n < purify_module.CANDIDATES_MIN_WEIGHTS or ft[0].device.type != "cpu":
+        return 3
+    scoring = purify_module.Scoring(hess, EPS, ops.PLAIN)
+    feed = purify_module.Feed(ft, pre, scoring)
+    passes = [1]
+
+    def more(*args):
+        passes.append(1)
+        return feed.candidates(*args)
+    config = purify_module.PurifyConfig(reserve_ratio=1.0 - k / n, count_moved_only=False)
+    search_ranges(purify_module._candidate_pass(feed, scoring, config, n), more, k, n, purify_module.CANDIDATE_KEYS)
+    return len(passes)
+
+
 def case_fns(case, shapes, dtype):
     """Returns (ours, baseline, setup, bytes_moved) callables for one case."""
     ft, pre, hess = make_model(shapes, dtype)
@@ -89,8 +111,9 @@ def case_fns(case, shapes, dtype):
         def baseline():
             ref.fast_reset_most_abnormal_(ft, pre, hess, RESERVE_RATIO, EPS)
 
-        # 3 histogram passes + 1 reset pass reading (ft, pre, h); resets write 30% of ft.
-        moved = 4 * n * (2 * wbytes + 4) + (1 - RESERVE_RATIO) * n * wbytes
+        # the threshold's passes + 1 reset pass reading (ft, pre, h); resets write 30% of ft.
+        passes = threshold_passes(ft, pre, hess, ops.num_reset_for(n, RESERVE_RATIO))
+        moved = (passes + 1) * n * (2 * wbytes + 4) + (1 - RESERVE_RATIO) * n * wbytes
         return ours, baseline, restore, moved
     if case == "score_threshold":
         k = ops.num_reset_for(n, RESERVE_RATIO)
@@ -101,7 +124,7 @@ def case_fns(case, shapes, dtype):
         def baseline():
             ref.fast_score_threshold(ft, pre, hess, k, EPS)[0].item()
 
-        return ours, baseline, None, 3 * n * (2 * wbytes + 4)
+        return ours, baseline, None, threshold_passes(ft, pre, hess, k) * n * (2 * wbytes + 4)
     if case == "accumulate_sq_grads":
         grads = [t.to(dtype) for t in ft]
         hessians = hess
