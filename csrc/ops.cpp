@@ -322,6 +322,9 @@ TORCH_LIBRARY(finepurify, m) {
   m.def(
       "accumulate_sq_grads_(Tensor(a!)[] hessians, Tensor(b!)[] grads, float scale=1.0, "
       "bool zero_grads=False) -> ()");
+  // The float64 sum of each float32 CPU tensor (the no-Hessian ranking's means; on a GPU they
+  // come from torch's multi-tensor norm).
+  m.def("float64_sums(Tensor[] tensors) -> Tensor");
   m.def(
       "drift_score(Tensor finetuned, Tensor pretrained, Tensor hessian, float eps, "
       "float hessian_floor=0.0, int random_seed=-1, int random_key=0) -> Tensor");

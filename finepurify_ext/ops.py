@@ -139,6 +139,16 @@ def score_candidates(finetuned, pretrained, hessians, eps: float, low_key: int, 
                                          int(high_key), int(capacity), *ranking.args())
 
 
+def float64_sums(tensors) -> torch.Tensor:
+    """The float64 sum of each float32 CPU tensor, one multi-threaded pass at memory speed, in an
+    order fixed by each tensor's 64K-element chunks (the same bits whatever the thread count):
+    the no-Hessian ranking's means, in memory and out of core."""
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    return _ops.float64_sums.default(tensors)
+
+
 SAMPLE_RUN = 16  # score_sample's run of consecutive elements (kSampleRun): whole 64-byte lines of float32
 
 
@@ -303,6 +313,11 @@ def _(finetuned, pretrained, hessians, eps, low_key, high_key, capacity, hessian
     )
     return (torch.empty(_CANDIDATE_COUNTS + _LEVEL_BINS[0], dtype=torch.int64, device=device),
             torch.empty(capacity, dtype=torch.int32, device=device))
+
+
+@torch.library.register_fake("finepurify::float64_sums")
+def _(tensors):
+    return torch.empty(len(tensors), dtype=torch.float64)
 
 
 @torch.library.register_fake("finepurify::score_sample")

@@ -129,6 +129,23 @@ def score_candidates(finetuned: Tensors, pretrained: Tensors, hessians: Tensors,
     return counts, out
 
 
+def float64_sums(tensors: Tensors) -> torch.Tensor:
+    """ops.float64_sums in its order: per 64K-element chunk, eight lanes of sequential float64 sums
+    (lane j adds elements j, j + 8, ...) added pairwise, then the tail; the chunk sums added in order."""
+    sums = []
+    for t in tensors:
+        flat, total = t.reshape(-1).double(), 0.0
+        for chunk in flat.split(1 << 16):
+            body = chunk[:chunk.numel() // 8 * 8].view(-1, 8)
+            lanes = body.cumsum(0)[-1].tolist() if body.numel() else [0.0] * 8
+            part = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+            for value in chunk[body.numel():].tolist():
+                part += value
+            total += part
+        sums.append(total)
+    return torch.tensor(sums, dtype=torch.float64)
+
+
 def score_sample(finetuned: Tensors, pretrained: Tensors, hessians: Tensors, eps, stride: int,
                  ranking=None) -> tuple[torch.Tensor, torch.Tensor]:
     """ops.score_sample by scoring every element and picking the sampled positions: runs of 16 at

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("transformers", reason="the pipeline needs transformers (pip install transformers)")
 
 from finepurify_ext import cli, data, ops  # noqa: E402
+from finepurify_ext import reference as ref  # noqa: E402
 from finepurify_ext.attacks import Attack, poison  # noqa: E402
 from finepurify_ext.hessian import estimate_hessian  # noqa: E402
 from finepurify_ext.pipeline import (FinetuneConfig, ModelError, SelectionConfig, fine_purify,  # noqa: E402
@@ -239,8 +240,8 @@ def test_reset_moved_rows_resets_only_the_candidates_that_moved():
 
 
 def test_sum_float64_is_the_float64_sum():
-    """The Hessian means' sum (numpy's buffered cast) is the float64 sum, for float32 and bfloat16
-    pieces and empty ones."""
+    """The Hessian means' sum (ops.float64_sums) is the float64 sum, for float32 and bfloat16
+    tensors, strided ones and empty ones."""
     from finepurify_ext.purify import sum_float64
 
     gen = torch.Generator().manual_seed(8)
@@ -253,25 +254,30 @@ def test_sum_float64_is_the_float64_sum():
     assert sum_float64(torch.zeros(0)) == 0.0
 
 
-def test_cpu_sums_are_the_same_bits_on_any_thread_count():
-    """The no-Hessian means' CPU sums, shared out over threads a piece at a time, give each tensor's
-    piece sums added in order, whatever the thread count (odd sizes, an empty tensor, a bfloat16
-    one, a strided one)."""
+def test_float64_sums_are_the_same_bits_on_any_thread_count():
+    """ops.float64_sums adds in the reference's order (per 64K-element chunk eight lanes, then the
+    chunks in order) whatever the thread count: sizes around the lanes and chunks, an empty tensor,
+    values of many magnitudes (where the order shows in the bits); the no-Hessian means' sums take
+    it for contiguous float32 tensors and sum a bfloat16 or strided one alone, to the same value."""
     from finepurify_ext.purify import _sums_float64_on_cpu, sum_float64
 
     gen = torch.Generator().manual_seed(9)
-    tensors = [torch.rand(n, generator=gen) ** 3 for n in (1001, 0, 77, 4096, 5)]
-    tensors += [torch.rand(333, generator=gen).bfloat16(), torch.rand(40, 30, generator=gen)[:, ::2]]
-    expected = [sum(sum_float64(p) for p in t.reshape(-1).split(64)) for t in tensors]
+    sizes = (1001, 0, 7, 8, 77, 65_535, 65_536, 200_003)
+    tensors = [torch.rand(n, generator=gen) * 10.0 ** torch.randint(-8, 8, (n,), generator=gen) for n in sizes]
+    expected = ref.float64_sums(tensors)
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            assert _sums_float64_on_cpu(tensors, piece=64) == expected
+            assert torch.equal(ops.float64_sums(tensors), expected)
     finally:
         torch.set_num_threads(threads)
-    assert expected[0] != sum_float64(tensors[0])  # the piece order matters: the test sees it
+    assert expected[-1].item() != math.fsum(tensors[-1].double().tolist())  # the order shows: the test sees it
+    odd = [torch.rand(333, generator=gen).bfloat16(), torch.rand(40, 30, generator=gen)[:, ::2]]
+    assert _sums_float64_on_cpu(tensors + odd) == expected.tolist() + [sum_float64(t) for t in odd]
     assert _sums_float64_on_cpu([]) == []
+    with pytest.raises(ValueError, match="float64_sums: tensors\\[0\\] must be a float32 CPU tensor"):
+        ops.float64_sums([torch.zeros(3, dtype=torch.float64)])
 
 
 def test_floored_means_on_a_device_are_the_hosts_bits():

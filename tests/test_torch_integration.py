@@ -32,6 +32,7 @@ def test_opcheck_weight_ops(sample):
     key = int(torch.tensor(threshold, dtype=torch.float32).view(torch.int32))
     torch.library.opcheck(OPS.score_candidates.default, (ft, pre, h, EPS, key // 2, key, total))
     torch.library.opcheck(OPS.score_sample.default, (ft, pre, h, EPS, 16))
+    torch.library.opcheck(OPS.float64_sums.default, ([t.contiguous() for t in h],))
     torch.library.opcheck(OPS.masked_reset_.default, ([t.clone() for t in ft], pre, h, threshold, EPS))
     torch.library.opcheck(OPS.reset_most_abnormal_.default, ([t.clone() for t in ft], pre, h, 0.4, EPS))
 

@@ -22,6 +22,19 @@ void accumulate_sq_grads_cpu(at::TensorList hessians, at::TensorList grads, doub
   if (zero_grads) g.write_back();
 }
 
+at::Tensor float64_sums_cpu(at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK_VALUE(tensors[i].scalar_type() == at::kFloat && tensors[i].device().is_cpu(),
+                      "finepurify.float64_sums: tensors[", i, "] must be a float32 CPU tensor, got ",
+                      tensors[i].scalar_type(), " on ", tensors[i].device());
+  }
+  const ContiguousList t(tensors);
+  const auto args = t.args();
+  at::Tensor sums = at::empty({static_cast<int64_t>(tensors.size())}, at::TensorOptions().dtype(at::kDouble));
+  cpu::float64_sums(args.data(), static_cast<int64_t>(args.size()), sums.data_ptr<double>());
+  return sums;
+}
+
 // The scores of every tensor, one after another, as one float32 vector (`op` names the op in
 // errors): one allocation and one pass over all tensors.
 at::Tensor scores_of(const char* op, at::TensorList finetuned, at::TensorList pretrained,
@@ -139,6 +152,7 @@ at::Tensor masked_reset_cpu(at::TensorList finetuned, at::TensorList pretrained,
 
 TORCH_LIBRARY_IMPL(finepurify, CPU, m) {
   m.impl("accumulate_sq_grads_", &accumulate_sq_grads_cpu);
+  m.impl("float64_sums", &float64_sums_cpu);
   m.impl("drift_score", &drift_score_cpu);
   m.impl("drift_scores", &drift_scores_cpu);
   m.impl("score_histogram", &score_histogram_cpu);

@@ -38,6 +38,10 @@ void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads, int6
   FP_CPU_CALL(accumulate_sq_grads, hessians, grads, num_tensors, scale, zero_grads);
 }
 
+void float64_sums(const TensorArg* tensors, int64_t num_tensors, double* sums) {
+  FP_CPU_CALL(float64_sums, tensors, num_tensors, sums);
+}
+
 void drift_score(const TensorArg* finetuned, const TensorArg* pretrained,
                  const TensorArg* hessians, const TensorArg* scores, int64_t num_tensors,
                  const ScoreSpec& spec, const uint64_t* streams) {

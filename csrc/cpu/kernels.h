@@ -14,6 +14,9 @@ namespace finepurify::cpu {
   /* hessians[i] += scale * grads[i]^2; grads[i] zeroed in the same pass when zero_grads. */    \
   void accumulate_sq_grads(const TensorArg* hessians, const TensorArg* grads,                   \
                            int64_t num_tensors, float scale, bool zero_grads);                  \
+  /* sums[i] = the float64 sum of tensors[i]'s float32 values, in an order fixed by the */       \
+  /* tensor's chunks (the same bits whatever the thread count or capability). */                 \
+  void float64_sums(const TensorArg* tensors, int64_t num_tensors, double* sums);               \
   /* Score-family kernels: scores by `spec` (score_math.h); streams[i]: tensor i's random */    \
   /* stream (read only when spec.random); a hessian of one element holds for its tensor. */      \
   /* scores[i] = the scores of tensor i (float32). */                                           \
