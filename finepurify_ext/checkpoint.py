@@ -31,8 +31,8 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import (CANDIDATE_KEYS, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, PurifyConfig, candidate_range, sample_keys,
-                     sample_quantile, sum_float64, unrankable, unseen_mask)
+from .purify import (CANDIDATE_KEYS, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, SAMPLE_RUN, PurifyConfig, candidate_range,
+                     sample_keys, sample_quantile, sum_float64, unrankable, unseen_mask)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
 from .threshold import BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, search_ranges, threshold_from_histograms
 
@@ -443,9 +443,11 @@ def purify_checkpoint(
         parts = [[torch.cat([s[i] for s in score_sample[n]]) for i in range(3)] for n in names]
         inputs = [piece_inputs(n, 0, h) for n, (_, _, h) in zip(names, parts)]
         fts, pres = [f for f, _, _ in parts], [p for _, p, _ in parts]
-        # The rankings with a pre-pass pass one Ranking for every tensor (the floor, or none).
-        scores = ops.drift_scores(fts, pres, [hs for hs, _ in inputs], eps, ranking=inputs[0][1] if inputs else ops.PLAIN)
-        planned = candidate_range(*sample_keys(scores, fts, pres), ranked_elements, config, num_reset)
+        # Every element of the sample kept (a run of SAMPLE_RUN at every SAMPLE_RUN-th, but the last
+        # few of a tensor); the rankings with a pre-pass pass one Ranking for every tensor.
+        sampled = ops.score_sample(fts, pres, [hs for hs, _ in inputs], eps, SAMPLE_RUN,
+                                   inputs[0][1] if inputs else ops.PLAIN)
+        planned = candidate_range(*sample_keys(*sampled), ranked_elements, config, num_reset)
         if planned is None:
             return None
         low, high, capacity = planned

@@ -30,7 +30,7 @@ import torch
 
 from . import ops
 from .errors import UserError
-from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, INF_KEY, LEVEL_BINS, bracket_from_sample, search_ranges,
+from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, bracket_from_sample, search_ranges,
                         threshold_from_histograms)
 
 RANKINGS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
@@ -296,20 +296,17 @@ def _sample_scores(feed: "Feed", max_samples: int) -> tuple[torch.Tensor, float]
         # Every element of these copies (runs of SAMPLE_RUN, or heads shorter than it).
         keys, counts = ops.score_sample(sample_ft, sample_pre, sample_h, scoring.eps, SAMPLE_RUN,
                                         scoring.ranking.subset(picks))
+    return sample_keys(keys, counts)
+
+
+def sample_keys(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """An ``ops.score_sample``'s rankable keys (int32, in no order) and the fraction of its elements
+    that moved: what ``candidate_range`` takes, in memory and out of core."""
     unrankable, unmoved = counts.tolist()
     n = keys.numel()
     if unrankable:  # NaN scores: the pass finds and names them
         keys = keys[keys >= 0]
     return keys, (1.0 - unmoved / n) if n else 1.0
-
-
-def sample_keys(scores, finetuned, pretrained) -> tuple[torch.Tensor, float]:
-    """A sample's rankable score keys (int64, in no order) from its scores, and the fraction of its
-    elements that moved: what ``candidate_range`` takes, in memory and out of core."""
-    keys = torch.cat([s.reshape(-1) for s in scores]).view(torch.int32).to(torch.int64)
-    keys = keys[(keys >= 0) & (keys <= INF_KEY)]  # NaN scores: the pass finds and names them
-    moved = torch.cat([(f != p).reshape(-1) for f, p in zip(finetuned, pretrained)])
-    return keys, float(moved.float().mean())
 
 
 def candidate_range(sample_keys: torch.Tensor, moved_fraction: float, total: int, config: "PurifyConfig",
