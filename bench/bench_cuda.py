@@ -279,6 +279,13 @@ def cases(ft, pre, hess, dtype):
                 {"radix_bincount_where": detect_and_reset_radix,
                  "flat_kthvalue_where": detect_and_reset_torch if n <= SORT_BASELINE_MAX else kth},
                 "restore", 4 * triple + (n - k) * w))
+
+    def detect_and_reset_sampled():  # the op's own search from a sample ("auto" takes it on the CPU only)
+        ops.reset_most_abnormal_(ft, pre, hess, RESERVE_RATIO, EPS, search="sample").sum().item()
+
+    out.append((f"detect_and_reset (search='sample', {1 + len(narrowing)} candidates pass"
+                f"{'es' if narrowing else ''})", detect_and_reset_sampled,
+                None, "restore", (2 + len(narrowing)) * triple + (n - k) * w))  # baselines: the row above
     # Gradients in the weights' dtype: `pre` serves (not modified), so no extra memory. Runs
     # last, since it changes the hessians.
     grads = pre

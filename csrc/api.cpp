@@ -46,12 +46,12 @@ at::Tensor drift_scores(at::TensorList finetuned, at::TensorList pretrained, at:
 }
 
 double score_threshold(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
-                       int64_t k, double eps, const Ranking& r) {
+                       int64_t k, double eps, const Ranking& r, c10::string_view search) {
   static auto handle = op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t,
-                                     double, double, int64_t, at::IntArrayRef, at::IntArrayRef)>(
-      "finepurify::score_threshold");
+                                     double, double, int64_t, at::IntArrayRef, at::IntArrayRef,
+                                     c10::string_view)>("finepurify::score_threshold");
   return handle.call(finetuned, pretrained, hessians, k, eps, r.hessian_floor, r.random_seed,
-                     r.random_keys, r.random_offsets)
+                     r.random_keys, r.random_offsets, search)
       .item<double>();
 }
 
@@ -67,12 +67,12 @@ at::Tensor masked_reset_(at::TensorList finetuned, at::TensorList pretrained, at
 
 at::Tensor reset_most_abnormal_(at::TensorList finetuned, at::TensorList pretrained,
                                 at::TensorList hessians, double reserve_ratio, double eps,
-                                const Ranking& r, bool count_moved_only) {
+                                const Ranking& r, bool count_moved_only, c10::string_view search) {
   static auto handle = op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, double,
-                                     double, int64_t, at::IntArrayRef, at::IntArrayRef, bool)>(
-      "finepurify::reset_most_abnormal_");
+                                     double, int64_t, at::IntArrayRef, at::IntArrayRef, bool,
+                                     c10::string_view)>("finepurify::reset_most_abnormal_");
   return handle.call(finetuned, pretrained, hessians, reserve_ratio, eps, r.hessian_floor,
-                     r.random_seed, r.random_keys, r.random_offsets, count_moved_only);
+                     r.random_seed, r.random_keys, r.random_offsets, count_moved_only, search);
 }
 
 }  // namespace finepurify

@@ -83,10 +83,14 @@ std::tuple<at::Tensor, at::Tensor> score_candidates_op(at::TensorList finetuned,
 constexpr int64_t kSampleSearchMinWeights = int64_t{1} << 20;  // purify.CANDIDATES_MIN_WEIGHTS
 constexpr int64_t kCandidateKeys = int64_t{4} << 20;           // purify.CANDIDATE_KEYS
 
-// Where the search from a sample runs: on the CPU, from kSampleSearchMinWeights weights. The
-// CUDA kernels of score_sample and score_candidates have not run on a GPU yet (purify.CANDIDATES_ON).
-bool searches_from_sample(at::Device device, int64_t total) {
-  return device.is_cpu() && total >= kSampleSearchMinWeights;
+// Where the search from a sample runs: search="sample" always, "histograms" never, "auto" on the
+// CPU from kSampleSearchMinWeights weights (the CUDA kernels of score_sample and score_candidates
+// have not run on a GPU yet: purify.CANDIDATES_ON).
+bool searches_from_sample(const char* op, c10::string_view search, at::Device device, int64_t total) {
+  TORCH_CHECK_VALUE(search == "auto" || search == "sample" || search == "histograms", "finepurify.", op,
+                    ": search must be 'auto', 'sample' or 'histograms', got '", std::string(search), "'");
+  if (search == "auto") return device.is_cpu() && total >= kSampleSearchMinWeights;
+  return search == "sample";
 }
 
 struct Sample {
@@ -227,7 +231,7 @@ float threshold_search(const char* op, at::TensorList finetuned, at::TensorList 
 at::Tensor score_threshold(at::TensorList finetuned, at::TensorList pretrained,
                            at::TensorList hessians, int64_t k, double eps, double hessian_floor,
                            int64_t random_seed, at::IntArrayRef random_keys,
-                           at::IntArrayRef random_offsets) {
+                           at::IntArrayRef random_offsets, c10::string_view search) {
   constexpr const char* kOp = "score_threshold";
   check_weight_lists(kOp, finetuned, pretrained, hessians);
   std::vector<uint64_t> unused;
@@ -239,7 +243,7 @@ at::Tensor score_threshold(at::TensorList finetuned, at::TensorList pretrained,
                     " elements, so k must be in [1, ", total, "]");
   const Ranking r{eps, hessian_floor, random_seed, random_keys, random_offsets};
   float threshold;
-  if (searches_from_sample(finetuned[0].device(), total)) {
+  if (searches_from_sample(kOp, search, finetuned[0].device(), total)) {
     Sample sample = take_sample(finetuned, pretrained, hessians, r, total);
     const double rank_fraction = static_cast<double>(k) / static_cast<double>(total);
     const int64_t n = static_cast<int64_t>(sample.keys.size());
@@ -261,7 +265,7 @@ at::Tensor reset_most_abnormal_(at::TensorList finetuned, at::TensorList pretrai
                                 at::TensorList hessians, double reserve_ratio, double eps,
                                 double hessian_floor, int64_t random_seed,
                                 at::IntArrayRef random_keys, at::IntArrayRef random_offsets,
-                                bool count_moved_only) {
+                                bool count_moved_only, c10::string_view search) {
   constexpr const char* kOp = "reset_most_abnormal_";
   check_weight_lists(kOp, finetuned, pretrained, hessians);
   std::vector<uint64_t> unused;
@@ -276,6 +280,7 @@ at::Tensor reset_most_abnormal_(at::TensorList finetuned, at::TensorList pretrai
                      at::TensorOptions().dtype(at::kLong).device(device));
   };
   int64_t total = total_numel(finetuned);
+  const bool from_sample = searches_from_sample(kOp, search, device, total);  // checks `search` first
   if (total == 0) return no_reset();
   const Ranking r{eps, hessian_floor, random_seed, random_keys, random_offsets};
   const int64_t all = total;
@@ -283,7 +288,7 @@ at::Tensor reset_most_abnormal_(at::TensorList finetuned, at::TensorList pretrai
     return counted - static_cast<int64_t>(std::floor(reserve_ratio * static_cast<double>(counted) + 0.5));
   };
   float threshold;
-  if (searches_from_sample(device, total)) {
+  if (from_sample) {
     // The rank from the sample's moved fraction (the pass counts the moved weights exactly).
     Sample sample = take_sample(finetuned, pretrained, hessians, r, total);
     const double share = 1.0 - reserve_ratio;
@@ -336,7 +341,7 @@ TORCH_LIBRARY(finepurify, m) {
       "int level, int prefix, " FP_RANKING_ARGS ") -> Tensor");
   m.def(
       "score_threshold(Tensor[] finetuned, Tensor[] pretrained, Tensor[] hessians, int k, "
-      "float eps, " FP_RANKING_ARGS ") -> Tensor");
+      "float eps, " FP_RANKING_ARGS ", str search='auto') -> Tensor");
   m.def(
       "score_candidates(Tensor[] finetuned, Tensor[] pretrained, Tensor[] hessians, float eps, "
       "int low_key, int high_key, int capacity, " FP_RANKING_ARGS ") -> (Tensor, Tensor)");
@@ -348,7 +353,8 @@ TORCH_LIBRARY(finepurify, m) {
       "float threshold, float eps, " FP_RANKING_ARGS ") -> Tensor");
   m.def(
       "reset_most_abnormal_(Tensor(a!)[] finetuned, Tensor[] pretrained, Tensor[] hessians, "
-      "float reserve_ratio, float eps, " FP_RANKING_ARGS ", bool count_moved_only=False) -> Tensor");
+      "float reserve_ratio, float eps, " FP_RANKING_ARGS ", bool count_moved_only=False, "
+      "str search='auto') -> Tensor");
 }
 
 // Composite: valid on every backend that implements score_histogram and masked_reset_, and for

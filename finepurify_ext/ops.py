@@ -183,10 +183,13 @@ def score_threshold(
     ranking: Ranking = PLAIN,
     group=None,
     replicated: bool = False,
+    search: str = "auto",
 ) -> float:
     """The exact k-th largest score (k from 1) over all elements of all tensors.
 
-    Found with three histogram passes over the float bits of the scores; no score vector is
+    ``search="auto"``: on the CPU from 1M weights from a sample's bracket and ``score_candidates``
+    passes (usually one), else with three histogram passes over the float bits of the scores;
+    ``"sample"`` or ``"histograms"`` asks for one (the same bits either way). No score vector is
     materialised. Raises if any input holds NaN or Inf (or a hessian is negative), naming it.
     With a process ``group`` the elements of all its ranks count, their histograms summed with one
     ``all_reduce`` per pass (see ``threshold.distributed_score_threshold``; DTensors are read by
@@ -198,7 +201,7 @@ def score_threshold(
         return distributed_score_threshold(finetuned, pretrained, hessians, k, eps, group=group,
                                            replicated=replicated, ranking=ranking)
     threshold = _ops.score_threshold.default(
-        list(finetuned), list(pretrained), list(hessians), int(k), float(eps), *ranking.args()
+        list(finetuned), list(pretrained), list(hessians), int(k), float(eps), *ranking.args(), search=search
     )
     return threshold.item()
 
@@ -233,11 +236,13 @@ def reset_most_abnormal_(
     num_reset: int | None = None,
     ranking: Ranking = PLAIN,
     count_moved_only: bool = False,
+    search: str = "auto",
 ) -> torch.Tensor:
     """Keeps the ``round(reserve_ratio * N)`` smallest scores at their fine-tuned values and
     resets the rest to the pre-trained values (ties at the threshold are all reset); N counts every
     element or, with ``count_moved_only``, those that moved. Alternatively ``num_reset`` gives the
-    number to reset. Returns int64 per-tensor counts of reset elements."""
+    number to reset. ``search`` as ``score_threshold``'s. Returns int64 per-tensor counts of reset
+    elements."""
     finetuned, pretrained, hessians = list(finetuned), list(pretrained), list(hessians)
     if (reserve_ratio is None) == (num_reset is None):
         raise ValueError("reset_most_abnormal_: give exactly one of reserve_ratio and num_reset")
@@ -245,7 +250,7 @@ def reset_most_abnormal_(
         if num_reset is None:
             return _ops.reset_most_abnormal_.default(
                 finetuned, pretrained, hessians, float(reserve_ratio), float(eps), *ranking.args(),
-                bool(count_moved_only)
+                bool(count_moved_only), search=search
             )
         total = sum(t.numel() for t in finetuned)
         if not 0 <= num_reset <= total:
@@ -255,7 +260,7 @@ def reset_most_abnormal_(
         if num_reset == 0:
             device = finetuned[0].device if finetuned else "cpu"
             return torch.zeros(len(finetuned), dtype=torch.int64, device=device)
-        threshold = score_threshold(finetuned, pretrained, hessians, num_reset, eps, ranking=ranking)
+        threshold = score_threshold(finetuned, pretrained, hessians, num_reset, eps, ranking=ranking, search=search)
         return masked_reset_(finetuned, pretrained, hessians, threshold, eps, ranking=ranking)
 
 
@@ -329,7 +334,8 @@ def _(finetuned, pretrained, hessians, eps, stride, hessian_floor=0.0, random_se
 
 
 @torch.library.register_fake("finepurify::score_threshold")
-def _(finetuned, pretrained, hessians, k, eps, hessian_floor=0.0, random_seed=-1, random_keys=(), random_offsets=()):
+def _(finetuned, pretrained, hessians, k, eps, hessian_floor=0.0, random_seed=-1, random_keys=(), random_offsets=(),
+      search="auto"):
     device = _fake_check_lists(
         "score_threshold", finetuned=finetuned, pretrained=pretrained, hessians=hessians
     )
@@ -347,7 +353,7 @@ def _(finetuned, pretrained, hessians, threshold, eps, hessian_floor=0.0, random
 
 @torch.library.register_fake("finepurify::reset_most_abnormal_")
 def _(finetuned, pretrained, hessians, reserve_ratio, eps, hessian_floor=0.0, random_seed=-1, random_keys=(),
-      random_offsets=(), count_moved_only=False):
+      random_offsets=(), count_moved_only=False, search="auto"):
     device = _fake_check_lists(
         "reset_most_abnormal_", finetuned=finetuned, pretrained=pretrained, hessians=hessians
     )

@@ -423,6 +423,26 @@ def test_score_sample_matches_cpu(dtype, ranking_name):
         assert torch.equal(keys.cpu(), cpu_keys) and torch.equal(counts.cpu(), cpu_counts), stride
 
 
+@pytest.mark.parametrize("ranking_name", list(RANKINGS))
+def test_the_ops_search_from_a_sample_on_cuda(dtype, ranking_name):
+    """score_threshold and reset_most_abnormal_ with search="sample" on the GPU (score_sample and
+    score_candidates there, sorted keys read back): the CPU's threshold and reset, moved-only
+    counting included. "auto" keeps the histogram passes on CUDA until this has passed."""
+    ranking = RANKINGS[ranking_name]
+    ft, pre, h = ranked_weights(dtype, seed=73)
+    total = sum(f.numel() for f in ft)
+    for k in (1, total // 3, total - 2):
+        assert ops.score_threshold(to_cuda(ft), to_cuda(pre), to_cuda(h), k, EPS, ranking=ranking, search="sample") \
+            == ops.score_threshold(ft, pre, h, k, EPS, ranking=ranking), k
+    for count_moved_only in (False, True):
+        got, want = to_cuda(ft), clones(ft)
+        counts = ops.reset_most_abnormal_(got, to_cuda(pre), to_cuda(h), 0.3, EPS, ranking=ranking,
+                                          count_moved_only=count_moved_only, search="sample")
+        expected = ops.reset_most_abnormal_(want, pre, h, 0.3, EPS, ranking=ranking, count_moved_only=count_moved_only)
+        assert torch.equal(counts.cpu(), expected)
+        assert_bitwise([t.cpu() for t in got], want)
+
+
 def test_opcheck_on_cuda():
     for dtype in DTYPES:
         ft, pre, h = (to_cuda(ts) for ts in make_weights(70, [(37,), (5, 11), (1,)], dtype))

@@ -551,6 +551,33 @@ def test_the_ops_search_from_a_misleading_sample(case):
         assert torch.equal(counts, expected) and torch.equal(got[0], want[0]), (reserve_ratio, count_moved_only)
 
 
+@pytest.mark.parametrize("ranking_name", list(RANKINGS))
+def test_the_ops_searches_give_the_same_bits(dtype, ranking_name):
+    """score_threshold and reset_most_abnormal_ asked for the search from a sample (here below the
+    1M weights where "auto" takes it), for the histogram passes, or "auto": the same threshold and
+    the same reset, moved-only counting included; an unknown search is refused by name."""
+    ranking = RANKINGS[ranking_name]
+    ft, pre, h = ranked_weights(dtype, seed=73)
+    total = sum(f.numel() for f in ft)
+    for k in (1, total // 3, total - 2):
+        found = {s: ops.score_threshold(ft, pre, h, k, EPS, ranking=ranking, search=s)
+                 for s in ("auto", "sample", "histograms")}
+        assert len(set(found.values())) == 1 and found["auto"] == ref.score_threshold(ft, pre, h, k, EPS, ranking), k
+    for count_moved_only in (False, True):
+        results = []
+        for search in ("sample", "histograms"):
+            got = clones(ft)
+            counts = ops.reset_most_abnormal_(got, pre, h, 0.3, EPS, ranking=ranking, count_moved_only=count_moved_only,
+                                              search=search)
+            results.append((counts, got))
+        assert torch.equal(results[0][0], results[1][0])
+        assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    for op in (lambda: ops.score_threshold(ft, pre, h, 1, EPS, search="radix"),
+               lambda: ops.reset_most_abnormal_(clones(ft), pre, h, 0.5, EPS, search="radix")):
+        with pytest.raises(ValueError, match="search must be 'auto', 'sample' or 'histograms', got 'radix'"):
+            op()
+
+
 def test_candidates_refuse_a_bad_range():
     ft, pre, h = make_weights(55, [(10,)], torch.float32)
     for low, high, capacity in ((5, 4, 1), (-1, 4, 1), (0, 0x7F800001, 1), (0, 4, -1), (0, 4, 2**31)):

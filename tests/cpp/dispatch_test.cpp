@@ -36,9 +36,10 @@ int main() {
   auto reset = c10::Dispatcher::singleton()
                    .findSchemaOrThrow("finepurify::reset_most_abnormal_", "")
                    .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double,
-                                     double, double, int64_t, at::IntArrayRef, at::IntArrayRef, bool)>();
+                                     double, double, int64_t, at::IntArrayRef, at::IntArrayRef, bool,
+                                     c10::string_view)>();
   at::Tensor purified = ft.clone();
-  const at::Tensor counts = reset.call({purified}, {pre}, {h}, 0.75, eps, 0.0, -1, {}, {}, false);
+  const at::Tensor counts = reset.call({purified}, {pre}, {h}, 0.75, eps, 0.0, -1, {}, {}, false, "auto");
   const int64_t num_reset = counts.sum().item<int64_t>();
   expect(num_reset == 37000 / 4, "reset_most_abnormal_ resets a quarter");
   const at::Tensor was_reset = purified.eq(pre);
@@ -55,12 +56,12 @@ int main() {
                        .findSchemaOrThrow("finepurify::score_threshold", "")
                        .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, int64_t,
                                          double, double, int64_t, at::IntArrayRef,
-                                         at::IntArrayRef)>();
+                                         at::IntArrayRef, c10::string_view)>();
   at::Tensor bad = ft.clone();
   bad[3][5] = std::numeric_limits<float>::quiet_NaN();
   std::string message;
   try {
-    threshold.call({pre, bad}, {pre, pre}, {h, h}, 10, eps, 0.0, -1, {}, {});
+    threshold.call({pre, bad}, {pre, pre}, {h, h}, 10, eps, 0.0, -1, {}, {}, "auto");
   } catch (const c10::Error& error) {
     message = error.what_without_backtrace();
   }

@@ -39,9 +39,12 @@ at::Tensor drift_score(const at::Tensor& finetuned, const at::Tensor& pretrained
 at::Tensor drift_scores(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
                         double eps, const Ranking& ranking = {});
 
-// The exact k-th largest score (k from 1) over every element of every tensor.
+// The exact k-th largest score (k from 1) over every element of every tensor. search: "auto"
+// (from a sample's bracket on the CPU from 1M weights, else histogram passes), "sample" or
+// "histograms".
 double score_threshold(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
-                       int64_t k, double eps, const Ranking& ranking = {});
+                       int64_t k, double eps, const Ranking& ranking = {},
+                       c10::string_view search = "auto");
 
 // In place: elements whose score is >= threshold take their pre-trained value. Per-tensor counts.
 at::Tensor masked_reset_(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
@@ -51,6 +54,7 @@ at::Tensor masked_reset_(at::TensorList finetuned, at::TensorList pretrained, at
 // count_moved_only the elements that moved). Per-tensor counts.
 at::Tensor reset_most_abnormal_(at::TensorList finetuned, at::TensorList pretrained,
                                 at::TensorList hessians, double reserve_ratio, double eps,
-                                const Ranking& ranking = {}, bool count_moved_only = false);
+                                const Ranking& ranking = {}, bool count_moved_only = false,
+                                c10::string_view search = "auto");
 
 }  // namespace finepurify
