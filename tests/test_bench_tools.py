@@ -58,6 +58,25 @@ def test_driver_runs_every_pass_on_the_cpu():
     ncu_kernels.drive("tiny", "cpu", unmoved=0.5)
 
 
+def test_gpu_bench_runs_every_case_on_the_cpu(tmp_path):
+    """bench/bench_cuda.py at the tiny size on the CPU: every case a GPU check times runs (the
+    searches from a sample checked against score_threshold inside), so a lent GPU's minutes are
+    not lost to a script error."""
+    import json
+    import subprocess
+
+    out = tmp_path / "ops.json"
+    subprocess.run([sys.executable, os.path.join(HERE, "..", "bench", "bench_cuda.py"), "--device", "cpu", "--sizes",
+                    "tiny", "--repeats", "1", "--baseline-budget-s", "0.05", "--out", str(out)],
+                   check=True, capture_output=True)
+    cases = {(r["case"], r["weight_dtype"]) for r in json.loads(out.read_text())["results"]}
+    for dtype in ("float32", "bfloat16"):
+        names = {c for c, d in cases if d == dtype}
+        assert {"score_threshold", "detect_and_reset", "accumulate_sq_grads_"} <= names
+        assert any(c.startswith("score_threshold (sample + ") for c in names)
+        assert any(c.startswith("detect_and_reset (search='sample'") for c in names)
+
+
 def test_search_bench_compares_the_two_searches(tmp_path):
     """bench/bench_search.py at two small sizes: both searches timed (it checks they agree), the
     sample's search in one candidates pass."""
