@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from common import git_commit, write_json_atomically
+from common import git_commit, search_from_sample, write_json_atomically
 
 import finepurify_ext
 from finepurify_ext import ops
@@ -238,28 +238,20 @@ def cases(ft, pre, hess, dtype):
     # purify_'s search from a sample: an even sample brackets the threshold, one score_candidates
     # pass counts and keeps the keys around it; where the range holds more keys than a pass may keep
     # (billions of weights), a second keeps the bin of keys that holds it.
-    from finepurify_ext.purify import CANDIDATE_KEYS, Feed, PurifyConfig, Scoring, _candidate_pass
-    from finepurify_ext.threshold import search_ranges
+    from finepurify_ext.purify import Feed, PurifyConfig, Scoring
 
     one_pass_config = PurifyConfig(reserve_ratio=RESERVE_RATIO, count_moved_only=False)
     scoring = Scoring(hess, EPS, ops.PLAIN)
 
-    def threshold_sampled(passes=None):
-        feed = Feed(ft, pre, scoring)
-
-        def candidates_of(*args):
-            if passes is not None:
-                passes.append(args)
-            return feed.candidates(*args)
-        first = _candidate_pass(feed, scoring, one_pass_config, n)
-        got = search_ranges(first, candidates_of, k, n, CANDIDATE_KEYS) if first is not None else None
+    def threshold_sampled():
+        got, passes = search_from_sample(Feed(ft, pre, scoring), scoring, one_pass_config, n, k)
         if got != threshold:
             raise RuntimeError(f"the sampled search's threshold {got} differs from score_threshold's {threshold}")
+        return passes
 
-    narrowing = []
-    threshold_sampled(narrowing)  # how many passes it takes here: the bytes it moves
-    out.append((f"score_threshold (sample + {1 + len(narrowing)} pass{'es' if narrowing else ''})", threshold_sampled,
-                None, None, (1 + len(narrowing)) * triple))
+    passes = threshold_sampled()  # how many it takes here: the bytes it moves
+    out.append((f"score_threshold (sample + {passes} pass{'es' if passes > 1 else ''})", threshold_sampled,
+                None, None, passes * triple))
 
     def reset_pass():
         ops.masked_reset_(ft, pre, hess, threshold, EPS)
@@ -283,9 +275,8 @@ def cases(ft, pre, hess, dtype):
     def detect_and_reset_sampled():  # the op's own search from a sample ("auto" takes it on the CPU only)
         ops.reset_most_abnormal_(ft, pre, hess, RESERVE_RATIO, EPS, search="sample").sum().item()
 
-    out.append((f"detect_and_reset (search='sample', {1 + len(narrowing)} candidates pass"
-                f"{'es' if narrowing else ''})", detect_and_reset_sampled,
-                None, "restore", (2 + len(narrowing)) * triple + (n - k) * w))  # baselines: the row above
+    out.append((f"detect_and_reset (search='sample', {passes} candidates pass{'es' if passes > 1 else ''})",
+                detect_and_reset_sampled, None, "restore", (passes + 1) * triple + (n - k) * w))  # baselines: the row above
     # Gradients in the weights' dtype: `pre` serves (not modified), so no extra memory. Runs
     # last, since it changes the hessians.
     grads = pre

@@ -23,13 +23,12 @@ import datetime
 import functools
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
 
-from common import git_commit, source_digest, write_json_atomically
+from common import git_commit, median_ms, source_digest, write_json_atomically
 
 import finepurify_ext.purify as purify_module
 from finepurify_ext import ops
@@ -107,19 +106,8 @@ def main():
             for n, p in params.items():
                 p.copy_(backup[n])
 
-    def median_ms(fn, warmup: int = 5):
-        times = []
-        for r in range(warmup + args.repeats):
-            restore()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if r >= warmup:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+    def timed_ms(fn):
+        return median_ms(fn, device, args.repeats, warmup=5, setup=restore)
 
     rows = {}
     _timed_steps()
@@ -132,9 +120,9 @@ def main():
                 return ops.reset_most_abnormal_(ft_ranked, pre_ranked, scoring.hessians, config.reserve_ratio,
                                                 scoring.eps, ranking=scoring.ranking, count_moved_only=True).sum().item()
 
-        op_ms = median_ms(op)
+        op_ms = timed_ms(op)
         SPENT.clear()
-        purify_ms = median_ms(lambda: purify_(model, pre, hessians, config))
+        purify_ms = timed_ms(lambda: purify_(model, pre, hessians, config))
         calls = 5 + args.repeats
         steps = {k: round(v / calls * 1e3, 3) for k, v in sorted(SPENT.items(), key=lambda kv: -kv[1])}
         rows[ranking] = {"purify_ms": round(purify_ms, 3), "op_ms": round(op_ms, 3),

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import git_commit, write_json_atomically
+from common import git_commit, search_from_sample, write_json_atomically
 
 import finepurify_ext
 from finepurify_ext import ops
@@ -77,21 +77,13 @@ def threshold_passes(ft, pre, hess, k) -> int:
     CPU a sample's bracket and its score_candidates passes, counted by running purify_'s search (the
     same sample, constants and narrowing) once; else three histogram passes."""
     from finepurify_ext import purify as purify_module
-    from finepurify_ext.threshold import search_ranges
 
     n = sum(t.numel() for t in ft)
     if n < purify_module.CANDIDATES_MIN_WEIGHTS or ft[0].device.type != "cpu":
         return 3
     scoring = purify_module.Scoring(hess, EPS, ops.PLAIN)
-    feed = purify_module.Feed(ft, pre, scoring)
-    passes = [1]
-
-    def more(*args):
-        passes.append(1)
-        return feed.candidates(*args)
     config = purify_module.PurifyConfig(reserve_ratio=1.0 - k / n, count_moved_only=False)
-    search_ranges(purify_module._candidate_pass(feed, scoring, config, n), more, k, n, purify_module.CANDIDATE_KEYS)
-    return len(passes)
+    return search_from_sample(purify_module.Feed(ft, pre, scoring), scoring, config, n, k)[1]
 
 
 def case_fns(case, shapes, dtype):

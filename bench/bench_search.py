@@ -13,16 +13,15 @@ import datetime
 import os
 import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HERE, git_commit, write_json_atomically  # noqa: E402
+from common import HERE, git_commit, median_ms, search_from_sample, write_json_atomically  # noqa: E402
 
 from finepurify_ext import ops  # noqa: E402
 from finepurify_ext import purify as purify_module  # noqa: E402
-from finepurify_ext.threshold import search_ranges, threshold_from_histograms  # noqa: E402
+from finepurify_ext.threshold import threshold_from_histograms  # noqa: E402
 
 
 def weights(total: int, tensors: int, device):
@@ -34,19 +33,6 @@ def weights(total: int, tensors: int, device):
     ft = [(p.float() + 0.01 * torch.randn(size, generator=gen, device=device)).bfloat16() for p in pre]
     hessians = [torch.rand(size, generator=gen, device=device) for _ in range(tensors)]
     return ft, pre, hessians
-
-
-def median_ms(fn, device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times[2:])[repeats // 2] * 1e3
 
 
 def main():
@@ -67,23 +53,16 @@ def main():
         n = sum(f.numel() for f in ft)
         moved = n - int(feed.histogram(0, 0)[-1])
         k = ops.num_reset_for(moved, config.reserve_ratio)
-        passes = []
 
         def sampled():
-            first = purify_module._candidate_pass(feed, scoring, config, n)
-            passes.append(1)
-
-            def more(*range_args):
-                passes.append(1)
-                return feed.candidates(*range_args)
-            return search_ranges(first, more, k, n, purify_module.CANDIDATE_KEYS)
+            return search_from_sample(feed, scoring, config, n, k)
 
         def histograms():
             return threshold_from_histograms(feed.histogram, k, n)
 
-        if sampled() != histograms():
+        threshold, candidates_passes = sampled()
+        if threshold != histograms():
             raise RuntimeError(f"the two searches disagree at {n} weights")
-        candidates_passes = len(passes)
         row = {"weights": n, "tensors": len(ft), "histogram_passes_ms": median_ms(histograms, device, args.repeats),
                "sample_and_candidates_ms": median_ms(sampled, device, args.repeats),
                "candidates_passes": candidates_passes}

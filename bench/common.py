@@ -50,6 +50,49 @@ def write_json_atomically(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def median_ms(fn, device, repeats: int, warmup: int = 2, setup=None) -> float:
+    """The median wall time of ``fn()`` in ms over ``repeats`` runs after ``warmup`` more, with
+    ``setup()`` (untimed) before each; on a GPU the device is synchronised around each run."""
+    import statistics
+    import time
+
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = []
+    for r in range(warmup + repeats):
+        if setup is not None:
+            setup()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if r >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def search_from_sample(feed, scoring, config, total: int, k: int) -> tuple[float, int]:
+    """purify_'s exact threshold search from a sample over a ``purify.Feed`` of ``total`` weights
+    (``purify._candidate_pass``, then ``threshold.search_ranges``): the k-th largest score and the
+    score_candidates passes it took (the ops' own search takes the same ones)."""
+    from finepurify_ext import purify
+    from finepurify_ext.threshold import search_ranges
+
+    passes = 1
+
+    def more(*range_args):
+        nonlocal passes
+        passes += 1
+        return feed.candidates(*range_args)
+
+    first = purify._candidate_pass(feed, scoring, config, total)
+    return search_ranges(first, more, k, total, purify.CANDIDATE_KEYS), passes
+
+
 def run_cells(args, results: dict, measure_cell):
     """The defence tables' resumable loop: ``measure_cell(attack, seed, args, results, save)`` for
     every seed and attack of ``args`` (none with ``args.summary_only``), seed-major so that a run cut

@@ -237,6 +237,21 @@ void ContiguousList::write_back() const {
   }
 }
 
+CheckedScoring check_score_inputs(const char* op, at::TensorList finetuned, at::TensorList pretrained,
+                                  at::TensorList hessians, double eps, double hessian_floor,
+                                  int64_t random_seed, at::IntArrayRef random_keys,
+                                  at::IntArrayRef random_offsets) {
+  check_weight_lists(op, finetuned, pretrained, hessians);
+  CheckedScoring checked;
+  checked.spec = score_spec(op, eps, hessian_floor, random_seed, random_keys, random_offsets,
+                            finetuned.size(), checked.streams);
+  return checked;
+}
+
+WeightArgs::WeightArgs(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians)
+    : ft_(finetuned), pre_(pretrained), h_(hessians), ft_args_(ft_.args()), pre_args_(pre_.args()),
+      h_args_(h_.args()) {}
+
 }  // namespace finepurify
 
 namespace finepurify {

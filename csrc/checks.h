@@ -65,6 +65,33 @@ class ContiguousList {
 
 TensorArg tensor_arg(const at::Tensor& t);
 
+// A score op's entry: its three lists checked (check_weight_lists) and its ranking arguments
+// turned into the scoring spec and random streams (score_spec).
+struct CheckedScoring {
+  ScoreSpec spec;
+  std::vector<uint64_t> streams;
+};
+CheckedScoring check_score_inputs(const char* op, at::TensorList finetuned, at::TensorList pretrained,
+                                  at::TensorList hessians, double eps, double hessian_floor,
+                                  int64_t random_seed, at::IntArrayRef random_keys,
+                                  at::IntArrayRef random_offsets);
+
+// A score op's three lists made contiguous, as the kernels' TensorArgs.
+class WeightArgs {
+ public:
+  WeightArgs(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians);
+  const TensorArg* finetuned() const { return ft_args_.data(); }
+  const TensorArg* pretrained() const { return pre_args_.data(); }
+  const TensorArg* hessians() const { return h_args_.data(); }
+  int64_t size() const { return static_cast<int64_t>(ft_args_.size()); }
+  // For an op that writes the finetuned list in place: ContiguousList::write_back.
+  void write_back_finetuned() const { ft_.write_back(); }
+
+ private:
+  ContiguousList ft_, pre_, h_;
+  std::vector<TensorArg> ft_args_, pre_args_, h_args_;
+};
+
 // The pieces of `flat` (float32, contiguous, total_numel(like) elements) that hold the tensors of
 // `like` one after another, in order: the outputs of a list op that returns one vector.
 std::vector<TensorArg> consecutive_args(const at::Tensor& flat, at::TensorList like);

@@ -199,12 +199,21 @@ float search_ranges(const char* op, at::TensorList finetuned, at::TensorList pre
   TORCH_INTERNAL_ASSERT(false, "the search from a sample found no threshold in 8 passes");
 }
 
-// The spread (in sample positions) of where the element at rank_fraction falls in a sample of n,
-// and with moved-only counting that of the moved fraction the rank was estimated from.
-double sample_spread(int64_t n, double rank_fraction, double moved_fraction, double estimated_share) {
-  const double nd = static_cast<double>(n);
-  return std::sqrt(nd * rank_fraction * (1.0 - rank_fraction)) +
-         estimated_share * std::sqrt(nd * moved_fraction * (1.0 - moved_fraction));
+// The search's first pass (purify.candidate_range): a sample, its bracket of the element `share`
+// from the top of all weights or, by_moved, of those the sample says moved, and the
+// score_candidates pass over it. The bracket's spread in sample positions: binomial, plus with
+// by_moved that of the moved fraction the rank was estimated from.
+Pass first_pass_from_sample(const char* op, at::TensorList finetuned, at::TensorList pretrained,
+                            at::TensorList hessians, const Ranking& r, int64_t total, double share,
+                            bool by_moved) {
+  Sample sample = take_sample(finetuned, pretrained, hessians, r, total);
+  const double moved = sample.moved_fraction;
+  const double rank_fraction = std::min(1.0, share * (by_moved ? moved : 1.0));
+  const double n = static_cast<double>(sample.keys.size());
+  const double spread = std::sqrt(n * rank_fraction * (1.0 - rank_fraction)) +
+                        (by_moved ? share * std::sqrt(n * moved * (1.0 - moved)) : 0.0);
+  return candidates_pass(op, finetuned, pretrained, hessians, r,
+                         bracket(std::move(sample.keys), rank_fraction, spread, total));
 }
 
 // The exact k-th largest score (k from 1), given the level-0 histogram. Level by level, the bin
@@ -244,11 +253,8 @@ at::Tensor score_threshold(at::TensorList finetuned, at::TensorList pretrained,
   const Ranking r{eps, hessian_floor, random_seed, random_keys, random_offsets};
   float threshold;
   if (searches_from_sample(kOp, search, finetuned[0].device(), total)) {
-    Sample sample = take_sample(finetuned, pretrained, hessians, r, total);
-    const double rank_fraction = static_cast<double>(k) / static_cast<double>(total);
-    const int64_t n = static_cast<int64_t>(sample.keys.size());
-    const KeyRange range = bracket(std::move(sample.keys), rank_fraction, sample_spread(n, rank_fraction, 0.0, 0.0), total);
-    const Pass first = candidates_pass(kOp, finetuned, pretrained, hessians, r, range);
+    const Pass first = first_pass_from_sample(kOp, finetuned, pretrained, hessians, r, total,
+                                              static_cast<double>(k) / static_cast<double>(total), false);
     threshold = search_ranges(kOp, finetuned, pretrained, hessians, r, first, k, total);
   } else {
     const at::Tensor level0 = score_histogram_op(finetuned, pretrained, hessians, r, 0, 0).cpu();
@@ -290,15 +296,8 @@ at::Tensor reset_most_abnormal_(at::TensorList finetuned, at::TensorList pretrai
   float threshold;
   if (from_sample) {
     // The rank from the sample's moved fraction (the pass counts the moved weights exactly).
-    Sample sample = take_sample(finetuned, pretrained, hessians, r, total);
-    const double share = 1.0 - reserve_ratio;
-    const double rank_fraction = std::min(1.0, share * (count_moved_only ? sample.moved_fraction : 1.0));
-    const int64_t n = static_cast<int64_t>(sample.keys.size());
-    const KeyRange range = bracket(std::move(sample.keys), rank_fraction,
-                                   sample_spread(n, rank_fraction, sample.moved_fraction,
-                                                 count_moved_only ? share : 0.0),
-                                   total);
-    const Pass first = candidates_pass(kOp, finetuned, pretrained, hessians, r, range);
+    const Pass first = first_pass_from_sample(kOp, finetuned, pretrained, hessians, r, total,
+                                              1.0 - reserve_ratio, count_moved_only);
     if (count_moved_only) total -= first.c()[5];
     const int64_t num_reset = reset_count(total);
     if (num_reset == 0) return no_reset();

@@ -22,14 +22,9 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.finepurify)
 from .reference import num_reset_for  # noqa: F401  (the counting rule, shared with the oracle)
+from .threshold import BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS
 
 _ops = torch.ops.finepurify
-
-# Bins per level of the threshold search (csrc/kernels/score_math.h: 11, 10, 10 bits). A histogram
-# holds these bins, then the unrankable count, then the count of weights that never moved.
-_LEVEL_BINS = (2048, 1024, 1024)
-# score_candidates' counts before its 2048 bins of the keys between (kCandidateCounts).
-_CANDIDATE_COUNTS = 6
 
 
 @dataclass(frozen=True)
@@ -117,7 +112,7 @@ def drift_scores(
 
 def score_histogram(finetuned, pretrained, hessians, eps: float, level: int, prefix: int,
                     ranking: Ranking = PLAIN) -> torch.Tensor:
-    """int64 counts of one pass of the threshold search: ``_LEVEL_BINS[level]`` bins of the scores'
+    """int64 counts of one pass of the threshold search: ``LEVEL_BINS[level]`` bins of the scores'
     digit ``level`` among those whose higher digits equal ``prefix``, then the number of
     unrankable scores, then the number of weights that never moved."""
     return _ops.score_histogram.default(list(finetuned), list(pretrained), list(hessians), float(eps),
@@ -307,7 +302,7 @@ def _(finetuned, pretrained, hessians, eps, level, prefix, hessian_floor=0.0, ra
     device = _fake_check_lists(
         "score_histogram", finetuned=finetuned, pretrained=pretrained, hessians=hessians
     )
-    return torch.empty(_LEVEL_BINS[level] + 2, dtype=torch.int64, device=device)
+    return torch.empty(LEVEL_BINS[level] + 2, dtype=torch.int64, device=device)
 
 
 @torch.library.register_fake("finepurify::score_candidates")
@@ -316,7 +311,7 @@ def _(finetuned, pretrained, hessians, eps, low_key, high_key, capacity, hessian
     device = _fake_check_lists(
         "score_candidates", finetuned=finetuned, pretrained=pretrained, hessians=hessians
     )
-    return (torch.empty(_CANDIDATE_COUNTS + _LEVEL_BINS[0], dtype=torch.int64, device=device),
+    return (torch.empty(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64, device=device),
             torch.empty(capacity, dtype=torch.int32, device=device))
 
 

@@ -104,7 +104,8 @@ def threshold_from_candidates(counts: torch.Tensor, keys: torch.Tensor | None, l
     return None
 
 
-CANDIDATE_COUNTS = 6  # score_candidates' counts before its bins of the keys between
+# score_candidates' counts (kCandidateCounts) before its bins of the keys between (kMaxBins).
+CANDIDATE_COUNTS = 6
 BETWEEN_BINS = 2048
 
 

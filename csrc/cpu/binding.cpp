@@ -40,17 +40,14 @@ at::Tensor float64_sums_cpu(at::TensorList tensors) {
 at::Tensor scores_of(const char* op, at::TensorList finetuned, at::TensorList pretrained,
                      at::TensorList hessians, double eps, double hessian_floor, int64_t random_seed,
                      at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
-  check_weight_lists(op, finetuned, pretrained, hessians);
-  std::vector<uint64_t> streams;
-  const ScoreSpec spec = score_spec(op, eps, hessian_floor, random_seed, random_keys,
-                                    random_offsets, finetuned.size(), streams);
-  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
+  const CheckedScoring in = check_score_inputs(op, finetuned, pretrained, hessians, eps, hessian_floor,
+                                               random_seed, random_keys, random_offsets);
+  const WeightArgs args(finetuned, pretrained, hessians);
   at::Tensor scores =
       at::empty({total_numel(finetuned)}, finetuned[0].options().dtype(at::kFloat));
-  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
   const auto out_args = consecutive_args(scores, finetuned);
-  cpu::drift_score(ft_args.data(), pre_args.data(), h_args.data(), out_args.data(),
-                   static_cast<int64_t>(ft_args.size()), spec, streams.data());
+  cpu::drift_score(args.finetuned(), args.pretrained(), args.hessians(), out_args.data(), args.size(),
+                   in.spec, in.streams.data());
   return scores;
 }
 
@@ -74,17 +71,13 @@ at::Tensor score_histogram_cpu(at::TensorList finetuned, at::TensorList pretrain
                                at::TensorList hessians, double eps, int64_t level,
                                int64_t prefix, double hessian_floor, int64_t random_seed,
                                at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
-  check_weight_lists("score_histogram", finetuned, pretrained, hessians);
-  std::vector<uint64_t> streams;
-  const ScoreSpec spec = score_spec("score_histogram", eps, hessian_floor, random_seed,
-                                    random_keys, random_offsets, finetuned.size(), streams);
+  const CheckedScoring in = check_score_inputs("score_histogram", finetuned, pretrained, hessians, eps,
+                                               hessian_floor, random_seed, random_keys, random_offsets);
   check_histogram_level("score_histogram", level, prefix);
-  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
-  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  const WeightArgs args(finetuned, pretrained, hessians);
   at::Tensor counts = at::empty({level_bins(level) + 2}, at::TensorOptions().dtype(at::kLong));
-  cpu::score_histogram(ft_args.data(), pre_args.data(), h_args.data(),
-                       static_cast<int64_t>(ft_args.size()), spec, streams.data(),
-                       static_cast<int>(level), static_cast<uint32_t>(prefix),
+  cpu::score_histogram(args.finetuned(), args.pretrained(), args.hessians(), args.size(), in.spec,
+                       in.streams.data(), static_cast<int>(level), static_cast<uint32_t>(prefix),
                        counts.data_ptr<int64_t>());
   return counts;
 }
@@ -93,19 +86,15 @@ std::tuple<at::Tensor, at::Tensor> score_candidates_cpu(
     at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians, double eps,
     int64_t low_key, int64_t high_key, int64_t capacity, double hessian_floor, int64_t random_seed,
     at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
-  check_weight_lists("score_candidates", finetuned, pretrained, hessians);
-  std::vector<uint64_t> streams;
-  const ScoreSpec spec = score_spec("score_candidates", eps, hessian_floor, random_seed,
-                                    random_keys, random_offsets, finetuned.size(), streams);
+  const CheckedScoring in = check_score_inputs("score_candidates", finetuned, pretrained, hessians, eps,
+                                               hessian_floor, random_seed, random_keys, random_offsets);
   check_candidate_range("score_candidates", low_key, high_key, capacity);
-  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
-  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  const WeightArgs args(finetuned, pretrained, hessians);
   at::Tensor counts = at::empty({kCandidateCounts + kMaxBins}, at::TensorOptions().dtype(at::kLong));
   at::Tensor keys = at::empty({capacity}, at::TensorOptions().dtype(at::kInt));
-  cpu::score_candidates(ft_args.data(), pre_args.data(), h_args.data(),
-                        static_cast<int64_t>(ft_args.size()), spec, streams.data(),
-                        static_cast<uint32_t>(low_key), static_cast<uint32_t>(high_key), capacity,
-                        counts.data_ptr<int64_t>(), keys.data_ptr<int32_t>());
+  cpu::score_candidates(args.finetuned(), args.pretrained(), args.hessians(), args.size(), in.spec,
+                        in.streams.data(), static_cast<uint32_t>(low_key), static_cast<uint32_t>(high_key),
+                        capacity, counts.data_ptr<int64_t>(), keys.data_ptr<int32_t>());
   return {counts, keys};
 }
 
@@ -113,17 +102,14 @@ std::tuple<at::Tensor, at::Tensor> score_sample_cpu(
     at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians, double eps,
     int64_t stride, double hessian_floor, int64_t random_seed, at::IntArrayRef random_keys,
     at::IntArrayRef random_offsets) {
-  check_weight_lists("score_sample", finetuned, pretrained, hessians);
-  std::vector<uint64_t> streams;
-  const ScoreSpec spec = score_spec("score_sample", eps, hessian_floor, random_seed, random_keys,
-                                    random_offsets, finetuned.size(), streams);
+  const CheckedScoring in = check_score_inputs("score_sample", finetuned, pretrained, hessians, eps,
+                                               hessian_floor, random_seed, random_keys, random_offsets);
   check_sample_stride("score_sample", stride);
-  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
-  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  const WeightArgs args(finetuned, pretrained, hessians);
   at::Tensor keys = at::empty({sample_size_of(finetuned, stride)}, at::TensorOptions().dtype(at::kInt));
   at::Tensor counts = at::empty({2}, at::TensorOptions().dtype(at::kLong));
-  cpu::score_sample(ft_args.data(), pre_args.data(), h_args.data(), static_cast<int64_t>(ft_args.size()),
-                    spec, streams.data(), stride, keys.data_ptr<int32_t>(), counts.data_ptr<int64_t>());
+  cpu::score_sample(args.finetuned(), args.pretrained(), args.hessians(), args.size(), in.spec,
+                    in.streams.data(), stride, keys.data_ptr<int32_t>(), counts.data_ptr<int64_t>());
   return {keys, counts};
 }
 
@@ -137,14 +123,12 @@ at::Tensor masked_reset_cpu(at::TensorList finetuned, at::TensorList pretrained,
   const ScoreSpec spec = score_spec("masked_reset_", eps, hessian_floor, random_seed, random_keys,
                                     random_offsets, finetuned.size(), streams);
   const float threshold_f = threshold_as_float("masked_reset_", threshold);
-  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
-  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  const WeightArgs args(finetuned, pretrained, hessians);
   at::Tensor counts =
       at::empty({static_cast<int64_t>(finetuned.size())}, at::TensorOptions().dtype(at::kLong));
-  cpu::masked_reset(ft_args.data(), pre_args.data(), h_args.data(),
-                    static_cast<int64_t>(ft_args.size()), spec, streams.data(), threshold_f,
-                    counts.data_ptr<int64_t>());
-  ft.write_back();
+  cpu::masked_reset(args.finetuned(), args.pretrained(), args.hessians(), args.size(), spec,
+                    streams.data(), threshold_f, counts.data_ptr<int64_t>());
+  args.write_back_finetuned();
   return counts;
 }
 

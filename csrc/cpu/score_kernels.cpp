@@ -304,8 +304,6 @@ void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
     total.at_low += t.at_low;
     total.unrankable += t.unrankable;
     total.unmoved += t.unmoved;
-  }
-  for (const CandidateCounts& t : per_thread) {
     for (int64_t b = 0; b < kMaxBins; ++b) total.bins[b] += t.bins[b];
   }
   const int64_t values[kCandidateCounts] = {total.above,  total.at_high,    total.inside,
@@ -331,22 +329,15 @@ void score_sample(const TensorArg* finetuned, const TensorArg* pretrained,
     int64_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
     for (int64_t j = begin; j < end; ++t) {
       const int64_t stop = std::min(end, offsets[t + 1]);  // empty tensors: stop == j
-      const int64_t n = finetuned[t].numel;
-      const float* h = static_cast<const float*>(hessians[t].data);
-      const bool scalar_h = hessians[t].numel == 1;
-      const uint64_t stream = streams != nullptr ? streams[t] : 0;
-      dispatch_storage(finetuned[t].dtype, [&](auto* tag) {
-        using T = std::remove_pointer_t<decltype(tag)>;
-        const T* ft = static_cast<const T*>(finetuned[t].data);
-        const T* pre = static_cast<const T*>(pretrained[t].data);
+      // The whole tensor's view; only the sampled positions are read.
+      const Chunk whole{t, 0, finetuned[t].numel};
+      visit_chunk(finetuned, pretrained, hessians, spec, streams, whole, [&](const auto& c) {
         for (; j < stop; ++j) {
-          const int64_t i = sample_position(j - offsets[t], n, stride);
-          const float f = static_cast<float>(ft[i]), p = static_cast<float>(pre[i]);
-          const float hv = scalar_h ? h[0] : h[i];
-          const uint32_t key = score_key(spec.score(f, p, hv, stream, i), rankable_inputs(f, p, hv));
+          const int64_t i = sample_position(j - offsets[t], c.n, stride);
+          const uint32_t key = score_key(c.score(i), c.rankable(i));
           keys[j] = static_cast<int32_t>(key);
           bad += key == kUnrankableKey;
-          still += f == p;
+          still += static_cast<float>(c.ft[i]) == static_cast<float>(c.pre[i]);
         }
       });
     }

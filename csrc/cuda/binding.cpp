@@ -34,18 +34,15 @@ void accumulate_sq_grads_cuda(at::TensorList hessians, at::TensorList grads, dou
 at::Tensor scores_of(const char* op, at::TensorList finetuned, at::TensorList pretrained,
                      at::TensorList hessians, double eps, double hessian_floor, int64_t random_seed,
                      at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
-  check_weight_lists(op, finetuned, pretrained, hessians);
-  std::vector<uint64_t> streams;
-  const ScoreSpec spec = score_spec(op, eps, hessian_floor, random_seed, random_keys,
-                                    random_offsets, finetuned.size(), streams);
+  const CheckedScoring in = check_score_inputs(op, finetuned, pretrained, hessians, eps, hessian_floor,
+                                               random_seed, random_keys, random_offsets);
   const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
-  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
+  const WeightArgs args(finetuned, pretrained, hessians);
   at::Tensor scores =
       at::empty({total_numel(finetuned)}, finetuned[0].options().dtype(at::kFloat));
-  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
   const auto out_args = consecutive_args(scores, finetuned);
-  cuda::drift_score(ft_args.data(), pre_args.data(), h_args.data(), out_args.data(),
-                    static_cast<int64_t>(ft_args.size()), spec, streams.data(), current_stream());
+  cuda::drift_score(args.finetuned(), args.pretrained(), args.hessians(), out_args.data(), args.size(),
+                    in.spec, in.streams.data(), current_stream());
   return scores;
 }
 
@@ -69,19 +66,15 @@ at::Tensor score_histogram_cuda(at::TensorList finetuned, at::TensorList pretrai
                                 at::TensorList hessians, double eps, int64_t level,
                                 int64_t prefix, double hessian_floor, int64_t random_seed,
                                 at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
-  check_weight_lists("score_histogram", finetuned, pretrained, hessians);
-  std::vector<uint64_t> streams;
-  const ScoreSpec spec = score_spec("score_histogram", eps, hessian_floor, random_seed,
-                                    random_keys, random_offsets, finetuned.size(), streams);
+  const CheckedScoring in = check_score_inputs("score_histogram", finetuned, pretrained, hessians, eps,
+                                               hessian_floor, random_seed, random_keys, random_offsets);
   check_histogram_level("score_histogram", level, prefix);
   const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
-  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
-  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  const WeightArgs args(finetuned, pretrained, hessians);
   at::Tensor counts = at::zeros({level_bins(static_cast<int>(level)) + 2},
                                 finetuned[0].options().dtype(at::kLong));
-  cuda::score_histogram(ft_args.data(), pre_args.data(), h_args.data(),
-                        static_cast<int64_t>(ft_args.size()), spec, streams.data(),
-                        static_cast<int>(level), static_cast<uint32_t>(prefix),
+  cuda::score_histogram(args.finetuned(), args.pretrained(), args.hessians(), args.size(), in.spec,
+                        in.streams.data(), static_cast<int>(level), static_cast<uint32_t>(prefix),
                         counts.data_ptr<int64_t>(), current_stream());
   return counts;
 }
@@ -90,20 +83,16 @@ std::tuple<at::Tensor, at::Tensor> score_candidates_cuda(
     at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians, double eps,
     int64_t low_key, int64_t high_key, int64_t capacity, double hessian_floor, int64_t random_seed,
     at::IntArrayRef random_keys, at::IntArrayRef random_offsets) {
-  check_weight_lists("score_candidates", finetuned, pretrained, hessians);
-  std::vector<uint64_t> streams;
-  const ScoreSpec spec = score_spec("score_candidates", eps, hessian_floor, random_seed,
-                                    random_keys, random_offsets, finetuned.size(), streams);
+  const CheckedScoring in = check_score_inputs("score_candidates", finetuned, pretrained, hessians, eps,
+                                               hessian_floor, random_seed, random_keys, random_offsets);
   check_candidate_range("score_candidates", low_key, high_key, capacity);
   const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
-  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
-  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  const WeightArgs args(finetuned, pretrained, hessians);
   at::Tensor counts = at::zeros({kCandidateCounts + kMaxBins}, finetuned[0].options().dtype(at::kLong));
   at::Tensor keys = at::full({capacity}, -1, finetuned[0].options().dtype(at::kInt));
-  cuda::score_candidates(ft_args.data(), pre_args.data(), h_args.data(),
-                         static_cast<int64_t>(ft_args.size()), spec, streams.data(),
-                         static_cast<uint32_t>(low_key), static_cast<uint32_t>(high_key), capacity,
-                         counts.data_ptr<int64_t>(), keys.data_ptr<int32_t>(), current_stream());
+  cuda::score_candidates(args.finetuned(), args.pretrained(), args.hessians(), args.size(), in.spec,
+                         in.streams.data(), static_cast<uint32_t>(low_key), static_cast<uint32_t>(high_key),
+                         capacity, counts.data_ptr<int64_t>(), keys.data_ptr<int32_t>(), current_stream());
   // As the CPU gives them, without reading the counts on the host: none where more than
   // `capacity` fell between, else sorted descending (the -1 of the unused slots last).
   keys.masked_fill_(counts.select(0, 2).gt(capacity), -1);
@@ -114,18 +103,15 @@ std::tuple<at::Tensor, at::Tensor> score_sample_cuda(
     at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians, double eps,
     int64_t stride, double hessian_floor, int64_t random_seed, at::IntArrayRef random_keys,
     at::IntArrayRef random_offsets) {
-  check_weight_lists("score_sample", finetuned, pretrained, hessians);
-  std::vector<uint64_t> streams;
-  const ScoreSpec spec = score_spec("score_sample", eps, hessian_floor, random_seed, random_keys,
-                                    random_offsets, finetuned.size(), streams);
+  const CheckedScoring in = check_score_inputs("score_sample", finetuned, pretrained, hessians, eps,
+                                               hessian_floor, random_seed, random_keys, random_offsets);
   check_sample_stride("score_sample", stride);
   const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
-  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
-  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  const WeightArgs args(finetuned, pretrained, hessians);
   at::Tensor keys = at::empty({sample_size_of(finetuned, stride)}, finetuned[0].options().dtype(at::kInt));
   at::Tensor counts = at::zeros({2}, finetuned[0].options().dtype(at::kLong));
-  cuda::score_sample(ft_args.data(), pre_args.data(), h_args.data(), static_cast<int64_t>(ft_args.size()),
-                     spec, streams.data(), stride, keys.data_ptr<int32_t>(), counts.data_ptr<int64_t>(),
+  cuda::score_sample(args.finetuned(), args.pretrained(), args.hessians(), args.size(), in.spec,
+                     in.streams.data(), stride, keys.data_ptr<int32_t>(), counts.data_ptr<int64_t>(),
                      current_stream());
   return {keys, counts};
 }
@@ -141,14 +127,12 @@ at::Tensor masked_reset_cuda(at::TensorList finetuned, at::TensorList pretrained
                                     random_offsets, finetuned.size(), streams);
   const float threshold_f = threshold_as_float("masked_reset_", threshold);
   const c10::cuda::CUDAGuard device_guard(finetuned[0].device());
-  const ContiguousList ft(finetuned), pre(pretrained), h(hessians);
-  const auto ft_args = ft.args(), pre_args = pre.args(), h_args = h.args();
+  const WeightArgs args(finetuned, pretrained, hessians);
   at::Tensor counts = at::zeros({static_cast<int64_t>(finetuned.size())},
                                 finetuned[0].options().dtype(at::kLong));
-  cuda::masked_reset(ft_args.data(), pre_args.data(), h_args.data(),
-                     static_cast<int64_t>(ft_args.size()), spec, streams.data(), threshold_f,
-                     counts.data_ptr<int64_t>(), current_stream());
-  ft.write_back();
+  cuda::masked_reset(args.finetuned(), args.pretrained(), args.hessians(), args.size(), spec,
+                     streams.data(), threshold_f, counts.data_ptr<int64_t>(), current_stream());
+  args.write_back_finetuned();
   return counts;
 }
 

@@ -345,20 +345,30 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// Launches a score kernel over the lists, once per storage dtype of the weights:
+// kernel_for(tag) returns the instance for that dtype (tag: a null pointer of it), e.g. the drift
+// or the random ranking's. The hessians may hold one element for a whole tensor.
+template <int NumLists, typename KernelFor, typename... Args>
+void launch_per_dtype(const TensorArg* const (&lists)[NumLists], int64_t num_tensors, const uint64_t* streams,
+                      cudaStream_t stream, KernelFor&& kernel_for, Args... args) {
+  const LaunchExtras extras{kHessian, streams};
+  for (DType dtype : kAllDTypes) {
+    dispatch_storage(dtype, [&](auto* tag) {
+      launch_multi_tensor(kernel_for(tag), lists, num_tensors, kFinetuned, dtype, extras, stream, args...);
+    });
+  }
+}
+
 }  // namespace
 
 void drift_score(const TensorArg* finetuned, const TensorArg* pretrained,
                  const TensorArg* hessians, const TensorArg* scores, int64_t num_tensors,
                  const ScoreSpec& spec, const uint64_t* streams, cudaStream_t stream) {
   const TensorArg* const lists[4] = {finetuned, pretrained, hessians, scores};
-  const LaunchExtras extras{kHessian, streams};
-  for (DType dtype : kAllDTypes) {
-    dispatch_storage(dtype, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      launch_multi_tensor(spec.random ? drift_score_kernel<T, true> : drift_score_kernel<T, false>, lists, num_tensors, kFinetuned, dtype, extras,
-                          stream, spec);
-    });
-  }
+  launch_per_dtype(lists, num_tensors, streams, stream, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return spec.random ? drift_score_kernel<T, true> : drift_score_kernel<T, false>;
+  }, spec);
 }
 
 void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
@@ -366,20 +376,11 @@ void score_histogram(const TensorArg* finetuned, const TensorArg* pretrained,
                      const uint64_t* streams, int level, uint32_t prefix, int64_t* counts,
                      cudaStream_t stream) {
   const TensorArg* const lists[3] = {finetuned, pretrained, hessians};
-  const LaunchExtras extras{kHessian, streams};
-  const DigitSelector digit(level, prefix);
-  auto* out = reinterpret_cast<unsigned long long*>(counts);
-  for (DType dtype : kAllDTypes) {
-    dispatch_storage(dtype, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      auto* kernel = spec.random ? (level == 0 ? score_histogram_kernel<T, true, true>
-                                               : score_histogram_kernel<T, true, false>)
-                                 : (level == 0 ? score_histogram_kernel<T, false, true>
-                                               : score_histogram_kernel<T, false, false>);
-      launch_multi_tensor(kernel, lists, num_tensors, kFinetuned, dtype, extras, stream, spec,
-                          digit, out);
-    });
-  }
+  launch_per_dtype(lists, num_tensors, streams, stream, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return spec.random ? (level == 0 ? score_histogram_kernel<T, true, true> : score_histogram_kernel<T, true, false>)
+                       : (level == 0 ? score_histogram_kernel<T, false, true> : score_histogram_kernel<T, false, false>);
+  }, spec, DigitSelector(level, prefix), reinterpret_cast<unsigned long long*>(counts));
 }
 
 void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
@@ -387,16 +388,10 @@ void score_candidates(const TensorArg* finetuned, const TensorArg* pretrained,
                       const uint64_t* streams, uint32_t low_key, uint32_t high_key, int64_t capacity,
                       int64_t* counts, int32_t* keys, cudaStream_t stream) {
   const TensorArg* const lists[3] = {finetuned, pretrained, hessians};
-  const LaunchExtras extras{kHessian, streams};
-  auto* out = reinterpret_cast<unsigned long long*>(counts);
-  for (DType dtype : kAllDTypes) {
-    dispatch_storage(dtype, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      launch_multi_tensor(spec.random ? score_candidates_kernel<T, true> : score_candidates_kernel<T, false>, lists,
-                          num_tensors, kFinetuned, dtype, extras, stream, spec, low_key, high_key, capacity, out,
-                          keys);
-    });
-  }
+  launch_per_dtype(lists, num_tensors, streams, stream, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return spec.random ? score_candidates_kernel<T, true> : score_candidates_kernel<T, false>;
+  }, spec, low_key, high_key, capacity, reinterpret_cast<unsigned long long*>(counts), keys);
 }
 
 void score_sample(const TensorArg* finetuned, const TensorArg* pretrained,
@@ -410,30 +405,20 @@ void score_sample(const TensorArg* finetuned, const TensorArg* pretrained,
     offset += out[t].numel;
   }
   const TensorArg* const lists[4] = {finetuned, pretrained, hessians, out.data()};
-  const LaunchExtras extras{kHessian, streams};
-  auto* sums = reinterpret_cast<unsigned long long*>(counts);
-  for (DType dtype : kAllDTypes) {
-    dispatch_storage(dtype, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      launch_multi_tensor(spec.random ? score_sample_kernel<T, true> : score_sample_kernel<T, false>, lists,
-                          num_tensors, kFinetuned, dtype, extras, stream, spec, stride, sums);
-    });
-  }
+  launch_per_dtype(lists, num_tensors, streams, stream, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return spec.random ? score_sample_kernel<T, true> : score_sample_kernel<T, false>;
+  }, spec, stride, reinterpret_cast<unsigned long long*>(counts));
 }
 
 void masked_reset(const TensorArg* finetuned, const TensorArg* pretrained,
                   const TensorArg* hessians, int64_t num_tensors, const ScoreSpec& spec,
                   const uint64_t* streams, float threshold, int64_t* counts, cudaStream_t stream) {
   const TensorArg* const lists[3] = {finetuned, pretrained, hessians};
-  const LaunchExtras extras{kHessian, streams};
-  auto* out = reinterpret_cast<unsigned long long*>(counts);
-  for (DType dtype : kAllDTypes) {
-    dispatch_storage(dtype, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      launch_multi_tensor(spec.random ? masked_reset_kernel<T, true> : masked_reset_kernel<T, false>, lists, num_tensors, kFinetuned, dtype, extras,
-                          stream, spec, threshold, out);
-    });
-  }
+  launch_per_dtype(lists, num_tensors, streams, stream, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return spec.random ? masked_reset_kernel<T, true> : masked_reset_kernel<T, false>;
+  }, spec, threshold, reinterpret_cast<unsigned long long*>(counts));
 }
 
 }  // namespace finepurify::cuda
