@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import time
 
 import torch
 
-from common import git_commit, search_from_sample, write_json_atomically
+from common import cpu_name, git_commit, search_from_sample, write_json_atomically
 
 import finepurify_ext
 from finepurify_ext import ops
@@ -165,17 +164,6 @@ def copy_bandwidth_gbs(nbytes=1 << 30, repeats=5):
     dst = torch.empty_like(src)
     t = timed(lambda: dst.copy_(src), repeats)
     return 2 * nbytes / t["min_s"] / 1e9  # read + write
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 TARGETS = {

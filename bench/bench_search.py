@@ -5,11 +5,18 @@ same threshold (checked); the median times tell where the sample starts to pay, 
 purify.CANDIDATES_MIN_WEIGHTS sits.
 
     python bench/bench_search.py --device cpu --out bench/results/threshold_search_cpu.json
+
+With ``--ranks N`` the same weights are split over N gloo processes (a thread each) and the two
+searches are those of ``ops.score_threshold(group=...)`` (threshold.distributed_score_threshold):
+each pass's counts summed with an ``all_reduce``, the sample and the kept keys gathered.
+
+    python bench/bench_search.py --ranks 2 --out bench/results/threshold_search_distributed_cpu.json
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import sys
@@ -17,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HERE, git_commit, median_ms, search_from_sample, write_json_atomically  # noqa: E402
+from common import HERE, cpu_name, git_commit, median_ms, search_from_sample, write_json_atomically  # noqa: E402
 
 from finepurify_ext import ops  # noqa: E402
 from finepurify_ext import purify as purify_module  # noqa: E402
@@ -35,15 +42,74 @@ def weights(total: int, tensors: int, device):
     return ft, pre, hessians
 
 
+def distributed_rows(rank: int, world: int, rendezvous: str, sizes, tensors: int, repeats: int, out: str):
+    """One gloo rank of ``--ranks``: its share of each size's weights, both searches timed (the
+    collectives keep the ranks in step; rank 0's clock counts) and checked equal."""
+    import json
+
+    import torch.distributed as dist
+
+    from finepurify_ext.threshold import distributed_score_threshold
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    device, config, rows = torch.device("cpu"), purify_module.PurifyConfig(), []
+    for total in sizes:
+        ft, pre, hessians = weights(total, tensors, device)
+        mine = slice(rank * tensors // world, (rank + 1) * tensors // world)  # each rank its own tensors
+        ft, pre, hessians = ft[mine], pre[mine], hessians[mine]
+        scoring = purify_module.scoring_for(config, [f"t{i}" for i in range(len(ft))], hessians)
+        n = (total // tensors) * tensors
+        k = ops.num_reset_for(n, config.reserve_ratio)
+
+        def search(how):
+            return distributed_score_threshold(ft, pre, scoring.hessians, k, scoring.eps, ranking=scoring.ranking,
+                                               search=how)
+
+        if search("sample") != search("histograms"):
+            raise RuntimeError(f"the two searches disagree at {n} weights over {world} ranks")
+        row = {"weights": n, "tensors": tensors, "ranks": world}
+        for how in ("histograms", "sample"):
+            dist.barrier()
+            row[f"{how}_ms"] = median_ms(lambda: search(how), device, repeats)
+        row["speedup"] = round(row["histograms_ms"] / row["sample_ms"], 2)
+        rows.append(row)
+        if rank == 0:
+            print(f"{n:>11,} weights over {world} ranks: histograms {row['histograms_ms']:7.2f} ms, "
+                  f"sample {row['sample_ms']:7.2f} ms ({row['speedup']}x)", flush=True)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1 << 18, 1 << 20, 1 << 21, 1 << 22, 1 << 23, 1 << 25])
     parser.add_argument("--tensors", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--ranks", type=int, default=0,
+                        help="split the weights over this many gloo processes on the CPU (torch.distributed)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "threshold_search_cpu.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.ranks:
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as scratch:
+            rows_file = os.path.join(scratch, "rows.json")
+            mp.start_processes(distributed_rows, args=(args.ranks, os.path.join(scratch, "rendezvous"), args.sizes,
+                                                       args.tensors, args.repeats, rows_file),
+                               nprocs=args.ranks, start_method="spawn")
+            with open(rows_file) as f:
+                rows = json.load(f)
+        write_results(args, "cpu (gloo)", 1, rows)
+        return
+
     config = purify_module.PurifyConfig()  # the default: Hessian floor, moved weights counted, rho 0.3
     rows = []
     for total in args.sizes:
@@ -70,10 +136,14 @@ def main():
         rows.append(row)
         print(f"{n:>11,} weights: histograms {row['histogram_passes_ms']:7.2f} ms, sample + {candidates_passes} "
               f"pass(es) {row['sample_and_candidates_ms']:7.2f} ms ({row['speedup']}x)")
+    write_results(args, str(device), torch.get_num_threads(), rows)
+
+
+def write_results(args, device: str, threads: int, rows) -> None:
     results = {"command": "python bench/bench_search.py " + " ".join(sys.argv[1:]), "commit": git_commit(),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "device": str(device),
-               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_name()}", "device": device,
+               "torch": torch.__version__, "threads": threads,
                "candidates_min_weights": purify_module.CANDIDATES_MIN_WEIGHTS, "rows": rows}
     write_json_atomically(args.out, results)
     print(f"wrote {args.out}")

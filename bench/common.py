@@ -42,6 +42,20 @@ def source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for a result's machine."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def write_json_atomically(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"

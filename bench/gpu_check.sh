@@ -68,7 +68,7 @@ step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py te
 step bench_ops 170 "$PY" bench/bench_cuda.py --repeats 5 --out "$OUT_DIR/cuda_ops.json"
 # The two exact threshold searches on this GPU (bench/bench_search.py): the histogram passes against
 # the sample's bracket and score_candidates passes, up to OPT-1.3B's size in bfloat16; what decides
-# whether purify_ on CUDA should search from a sample (purify.CANDIDATES_ON).
+# whether purify_ (and the distributed search) on CUDA should search from a sample (threshold.CANDIDATES_ON).
 step search 60 "$PY" bench/bench_search.py --device cuda --sizes 1048576 8388608 67108864 268435456 1342177280 \
   --out "$OUT_DIR/threshold_search_cuda.json"
 step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --batch 32 --seq 128 \

@@ -80,12 +80,12 @@ std::tuple<at::Tensor, at::Tensor> score_candidates_op(at::TensorList finetuned,
 // and keeps those between (the threshold in one pass), or, where they are too many or the bracket
 // missed, names the narrower range the next pass keeps.
 
-constexpr int64_t kSampleSearchMinWeights = int64_t{1} << 20;  // purify.CANDIDATES_MIN_WEIGHTS
-constexpr int64_t kCandidateKeys = int64_t{4} << 20;           // purify.CANDIDATE_KEYS
+constexpr int64_t kSampleSearchMinWeights = int64_t{1} << 20;  // threshold.CANDIDATES_MIN_WEIGHTS
+constexpr int64_t kCandidateKeys = int64_t{4} << 20;           // threshold.CANDIDATE_KEYS
 
 // Where the search from a sample runs: search="sample" always, "histograms" never, "auto" on the
 // CPU from kSampleSearchMinWeights weights (the CUDA kernels of score_sample and score_candidates
-// have not run on a GPU yet: purify.CANDIDATES_ON).
+// have not run on a GPU yet: threshold.CANDIDATES_ON).
 bool searches_from_sample(const char* op, c10::string_view search, at::Device device, int64_t total) {
   TORCH_CHECK_VALUE(search == "auto" || search == "sample" || search == "histograms", "finepurify.", op,
                     ": search must be 'auto', 'sample' or 'histograms', got '", std::string(search), "'");

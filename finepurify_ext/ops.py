@@ -22,7 +22,8 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.finepurify)
 from .reference import num_reset_for  # noqa: F401  (the counting rule, shared with the oracle)
-from .threshold import BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS
+from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, SAMPLE_RUN,  # noqa: F401 (SAMPLE_RUN: part of this API)
+                        distributed_score_threshold)
 
 _ops = torch.ops.finepurify
 
@@ -144,7 +145,6 @@ def float64_sums(tensors) -> torch.Tensor:
     return _ops.float64_sums.default(tensors)
 
 
-SAMPLE_RUN = 16  # score_sample's run of consecutive elements (kSampleRun): whole 64-byte lines of float32
 
 
 def sample_size(numel: int, stride: int) -> int:
@@ -186,15 +186,13 @@ def score_threshold(
     passes (usually one), else with three histogram passes over the float bits of the scores;
     ``"sample"`` or ``"histograms"`` asks for one (the same bits either way). No score vector is
     materialised. Raises if any input holds NaN or Inf (or a hessian is negative), naming it.
-    With a process ``group`` the elements of all its ranks count, their histograms summed with one
-    ``all_reduce`` per pass (see ``threshold.distributed_score_threshold``; DTensors are read by
-    their placements, plain tensors are each rank's shard unless ``replicated``).
+    With a process ``group`` the elements of all its ranks count, by the same search, each pass's
+    counts summed with one ``all_reduce`` (see ``threshold.distributed_score_threshold``; DTensors
+    are read by their placements, plain tensors are each rank's shard unless ``replicated``).
     """
     if group is not None:
-        from .threshold import distributed_score_threshold
-
         return distributed_score_threshold(finetuned, pretrained, hessians, k, eps, group=group,
-                                           replicated=replicated, ranking=ranking)
+                                           replicated=replicated, ranking=ranking, search=search)
     threshold = _ops.score_threshold.default(
         list(finetuned), list(pretrained), list(hessians), int(k), float(eps), *ranking.args(), search=search
     )

@@ -30,8 +30,9 @@ import torch
 
 from . import ops
 from .errors import UserError
-from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, bracket_from_sample, search_ranges,
-                        threshold_from_histograms)
+from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, CANDIDATE_KEYS, CANDIDATES_MIN_WEIGHTS,  # noqa: F401
+                        CANDIDATES_ON, LEVEL_BINS, bracket_from_sample, keys_room, rank_spread, sample_budget,
+                        sample_stride, search_ranges, threshold_from_histograms)
 
 RANKINGS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
 # Largest group of tensors moved to the model's device at once when the pre-trained state or the
@@ -251,16 +252,6 @@ class Scoring:
     floor: float | None = None
 
 
-CANDIDATE_KEYS = 4 << 20  # the keys one candidates pass may keep (16 MB)
-# The devices whose score_candidates kernel has been run against the CPU's. The CUDA kernel is
-# written and its tests are in tests/test_cuda.py, but it has not run on a GPU yet: until it has,
-# a GPU keeps the three histogram passes.
-CANDIDATES_ON = ("cpu",)
-# Below this many ranked weights the histogram passes run: the sample (one op, about a millisecond
-# of host time at 400 tensors) and its bracket cost about what the two passes they save do
-# (bench/bench_search.py on the CPU: even at 1M weights, 1.4x faster at 2M, 2x at 8M).
-CANDIDATES_MIN_WEIGHTS = 1 << 20
-
 SAMPLE_RUN = ops.SAMPLE_RUN  # elements per sampled run: whole 64-byte lines of float32
 
 
@@ -273,7 +264,7 @@ def _sample_scores(feed: "Feed", max_samples: int) -> tuple[torch.Tensor, float]
     random scores are drawn per sample position, which gives the same distribution."""
     ft, pre, scoring = feed.ft, feed.pre, feed.scoring
     total = sum(f.numel() for f in ft)
-    stride = max(SAMPLE_RUN, SAMPLE_RUN * (total // max_samples))
+    stride = sample_stride(total, max_samples)
     if feed.resident is not None:
         _, ft, pre, hessians, ranking = feed.resident
         keys, counts = ops.score_sample(ft, pre, hessians, scoring.eps, stride, ranking)
@@ -327,22 +318,17 @@ def candidate_range(sample_keys: torch.Tensor, moved_fraction: float, total: int
         rank_fraction = min(1.0, (1.0 - config.reserve_ratio) * counted / total)
     # Where the element of that rank falls in the sample: a binomial spread, and with moved-only
     # counting that of the moved fraction it was estimated from.
-    spread = math.sqrt(n * rank_fraction * (1.0 - rank_fraction))
+    spread = rank_spread(n, rank_fraction)
     if by_moved:
-        spread += (1.0 - config.reserve_ratio) * math.sqrt(n * moved_fraction * (1.0 - moved_fraction))
-    low, high, expected = bracket_from_sample(sample_keys, rank_fraction, spread)
-    if expected * total > CANDIDATE_KEYS / 2:
-        # Too many to keep (a model of billions): this pass only counts the keys between in its
-        # bins, and the next keeps the bin that holds the threshold (threshold.search_ranges).
-        return low, high, 0
-    # Room for three times the keys expected (ties at the ends add none: they are counted, not kept).
-    return low, high, min(CANDIDATE_KEYS, max(1 << 16, math.ceil(3 * expected * total)))
+        spread += (1.0 - config.reserve_ratio) * rank_spread(n, moved_fraction)
+    low, high, inside = bracket_from_sample(sample_keys, rank_fraction, spread)
+    return low, high, keys_room(inside, total, CANDIDATE_KEYS)
 
 
 def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", total: int):
     """The threshold search's first pass, bracketed from a sample: ``ops.score_candidates``'s
     counts, the keys inside (None where too many) and the range; None for an empty sample."""
-    sample, moved_fraction = _sample_scores(feed, max(1 << 14, min(1 << 20, total // 64)))
+    sample, moved_fraction = _sample_scores(feed, sample_budget(total))
     planned = candidate_range(sample, moved_fraction, total, config)
     if planned is None:
         return None

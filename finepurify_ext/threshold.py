@@ -1,10 +1,13 @@
-"""The exact k-th largest score from summed histograms, whatever holds the elements.
+"""The exact k-th largest score from summed counts, whatever holds the elements.
 
-``ops.score_threshold`` runs the search inside one op over tensors in memory. The same search is
-written here over a callback that returns the level's histogram, so the elements can live in
-several places and their histograms be summed: shards of a checkpoint on disk (``checkpoint``), or
-the ranks of a process group (``distributed_score_threshold``, one ``all_reduce`` per pass).
-Every feeder gets the same threshold as the single in-memory op over all elements.
+``ops.score_threshold`` runs the search inside one op over tensors in memory. The same searches
+are written here over callbacks that return a pass's counts, so the elements can live in several
+places and their counts be summed: the groups of ``purify_``, shards of a checkpoint on disk
+(``checkpoint``), or the ranks of a process group (``distributed_score_threshold``, one
+``all_reduce`` per pass). Two searches: from a sample's bracket, one ``score_candidates`` pass
+(usually; ``search_ranges``), or three histogram passes over the float bits of the scores
+(``threshold_from_histograms``). Every feeder gets the same threshold as the single in-memory op
+over all elements.
 """
 from __future__ import annotations
 
@@ -49,6 +52,27 @@ def threshold_from_histograms(histogram_of: Callable[[int, int], torch.Tensor], 
 # ----------------------------------------------------------------------------- one pass, from a sample
 
 INF_KEY = 0x7F800000  # the key of +Inf, the largest rankable one
+SAMPLE_RUN = 16  # score_sample's run of consecutive elements (kSampleRun): whole 64-byte lines of float32
+CANDIDATE_KEYS = 4 << 20  # the keys one candidates pass may keep (16 MB; csrc/ops.cpp kCandidateKeys)
+# The devices whose score_candidates kernel has been run against the CPU's. The CUDA kernel is
+# written and its tests are in tests/test_cuda.py, but it has not run on a GPU yet: until it has,
+# a GPU keeps the three histogram passes.
+CANDIDATES_ON = ("cpu",)
+# Below this many ranked weights the histogram passes run: the sample (one op, about a millisecond
+# of host time at 400 tensors) and its bracket cost about what the two passes they save do
+# (bench/bench_search.py on the CPU: even at 1M weights, 1.4x faster at 2M, 2x at 8M;
+# csrc/ops.cpp kSampleSearchMinWeights).
+CANDIDATES_MIN_WEIGHTS = 1 << 20
+
+
+def sample_budget(total: int) -> int:
+    """About how many of ``total`` elements the sample that brackets the threshold takes."""
+    return max(1 << 14, min(1 << 20, total // 64))
+
+
+def sample_stride(total: int, max_samples: int) -> int:
+    """``score_sample``'s stride for about ``max_samples`` of ``total`` elements."""
+    return max(SAMPLE_RUN, SAMPLE_RUN * (total // max(max_samples, 1)))
 
 
 def key_of(score: float) -> int:
@@ -84,6 +108,24 @@ def bracket_from_sample(sample_keys: torch.Tensor, rank_fraction: float, spread:
     # The share strictly inside: the pass keeps those keys; ties at the ends it only counts.
     inside = int(((sample_keys > low) & (sample_keys < high)).sum())
     return low, high, inside / max(n, 1)
+
+
+def rank_spread(n: int, rank_fraction: float) -> float:
+    """The standard deviation, in positions of an even sample of ``n``, of where the element of
+    ``rank_fraction`` (from the top) falls: the binomial spread."""
+    return math.sqrt(n * rank_fraction * (1.0 - rank_fraction))
+
+
+def keys_room(inside: float, total: int, max_keys: int) -> int:
+    """The keys a candidates pass over ``total`` elements may keep, for a bracket that holds the
+    fraction ``inside`` of the sample: three times those expected (ties at the ends add none: they
+    are counted, not kept), or 0 where even the expected ones are too many (a model of billions:
+    that pass only counts the keys between in its bins, and the next keeps the bin that holds the
+    threshold, ``search_ranges``)."""
+    expected = inside * total
+    if expected > max_keys / 2:
+        return 0
+    return min(max_keys, max(1 << 16, math.ceil(3 * expected)))
 
 
 def threshold_from_candidates(counts: torch.Tensor, keys: torch.Tensor | None, low_key: int, high_key: int,
@@ -188,6 +230,87 @@ def _local(t) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+class _RankFeed:
+    """This rank's elements as a search's passes read them: each pass's counts summed over the ranks
+    of ``group`` with one ``all_reduce``, and the keys a pass keeps gathered from every rank."""
+
+    def __init__(self, ft, pre, hs, eps: float, ranking_args: tuple, device, group):
+        self.ft, self.pre, self.hs, self.eps, self.args = ft, pre, hs, float(eps), ranking_args
+        self.device, self.group = device, group
+
+    def _summed(self, counts: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        counts = counts.to(self.device)
+        dist.all_reduce(counts, group=self.group)
+        return counts.cpu()
+
+    def _refuse_unrankable(self, count: int):
+        """Some rank's scores are NaN or Inf: the op over this rank's elements names the culprit if
+        it is here; every rank raises."""
+        if self.ft:
+            _ops.score_threshold.default(self.ft, self.pre, self.hs, 1, self.eps, *self.args, search="histograms")
+        raise ValueError(f"{count} scores are NaN or Inf (or a hessian is negative); "
+                         "check the inputs for NaN/Inf and the hessians for negative values")
+
+    def histogram(self, level: int, prefix: int) -> torch.Tensor:
+        if self.ft:
+            counts = _ops.score_histogram.default(self.ft, self.pre, self.hs, self.eps, level, prefix, *self.args)
+        else:
+            counts = torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
+        counts = self._summed(counts)
+        if counts[LEVEL_BINS[level]] > 0:
+            self._refuse_unrankable(int(counts[LEVEL_BINS[level]]))
+        return counts
+
+    def sample(self, stride: int) -> torch.Tensor:
+        """The rankable keys of every rank's ``score_sample``, in rank order (the same on every rank)."""
+        if self.ft:
+            keys, _ = _ops.score_sample.default(self.ft, self.pre, self.hs, self.eps, int(stride), *self.args)
+        else:
+            keys = torch.zeros(0, dtype=torch.int32)
+        keys = self._gathered(keys)
+        return keys[keys >= 0]  # unrankable ones: the pass finds and names them
+
+    def candidates(self, low_key: int, high_key: int, capacity: int):
+        """One ``score_candidates`` pass over every rank: the counts summed, and every rank's keys
+        strictly inside, sorted descending (None where more than ``capacity`` are, over all ranks)."""
+        if self.ft:
+            counts, keys = _ops.score_candidates.default(self.ft, self.pre, self.hs, self.eps, int(low_key),
+                                                         int(high_key), int(capacity), *self.args)
+            mine = int(counts[2])
+        else:
+            counts = torch.zeros(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64)
+            keys, mine = torch.zeros(0, dtype=torch.int32), 0
+        counts = self._summed(counts)
+        if counts[4] > 0:
+            self._refuse_unrankable(int(counts[4]))
+        if int(counts[2]) > capacity:  # every rank sees the sum: none gathers
+            return counts, None
+        kept = self._gathered(keys[:mine])
+        return counts, torch.sort(kept, descending=True).values
+
+    def _gathered(self, keys: torch.Tensor) -> torch.Tensor:
+        """Every rank's int32 ``keys`` (lengths may differ), concatenated in rank order on the CPU."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size(self.group)
+        size = torch.tensor([keys.numel()], dtype=torch.int64, device=self.device)
+        sizes = [torch.empty_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=self.group)
+        sizes = [int(n) for n in sizes]
+        if max(sizes) == 0:
+            return torch.zeros(0, dtype=torch.int32)
+        padded = torch.full((max(sizes),), -1, dtype=torch.int32, device=self.device)
+        padded[:keys.numel()] = keys.to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([part[:n].cpu() for part, n in zip(parts, sizes)])
+
+
+SEARCHES = ("auto", "sample", "histograms")
+
+
 def distributed_score_threshold(
     finetuned: Sequence[torch.Tensor],
     pretrained: Sequence[torch.Tensor],
@@ -197,6 +320,7 @@ def distributed_score_threshold(
     group=None,
     replicated: bool = False,
     ranking=None,
+    search: str = "auto",
 ) -> float:
     """``ops.score_threshold`` over the elements of every rank of ``group`` (default: the world).
 
@@ -205,34 +329,44 @@ def distributed_score_threshold(
     tensor parallel) are read by their placements: a sharded dimension counts each rank's shard, a
     replicated one counts once, so replicated parameters are never counted twice. ``k`` counts over
     all ranks. Every rank gets the same threshold, the one a single process gets over all elements.
-    Costs one ``all_reduce`` of a 2049-bin histogram per pass (three passes) and one for the count."""
+
+    ``search`` as ``ops.score_threshold``'s, the same search as in one process: "auto" takes the
+    sample's from ``CANDIDATES_MIN_WEIGHTS`` elements over all ranks where every rank's tensors sit
+    on a device of ``CANDIDATES_ON``. From a sample: every rank's sample gathered (about 4 MB in
+    all), then one pass (usually) with one ``all_reduce`` of its 2054 counts and a gather of the
+    keys inside the bracket (at most ``CANDIDATE_KEYS``). Histograms: one ``all_reduce`` of a
+    histogram of at most 2050 bins per pass, three passes. Either way one more for the count."""
     import torch.distributed as dist
 
+    if search not in SEARCHES:
+        raise ValueError(f"search={search!r} is not one of {', '.join(SEARCHES)}")
     lists = [list(finetuned), list(pretrained), list(hessians)]
     first_rank = dist.get_rank(group) == 0
     keep = [i for i, t in enumerate(lists[0])
             if (_counts_here(t) if _is_dtensor(t) else (first_rank or not replicated))]
     ft, pre, hs = ([_local(ts[i]) for i in keep] for ts in lists)
     device = ft[0].device if ft else torch.device("cpu")
+    elsewhere = int(any(t.device.type not in CANDIDATES_ON for t in ft))
     if dist.get_backend(group) == "nccl" and device.type != "cuda":  # nccl reduces CUDA tensors only
         device = torch.device("cuda", torch.cuda.current_device())
-    total = torch.tensor([sum(t.numel() for t in ft)], dtype=torch.int64, device=device)
-    dist.all_reduce(total, group=group)
+    # The count of elements, and of ranks whose tensors the candidates kernel has not run on.
+    summed = torch.tensor([sum(t.numel() for t in ft), elsewhere], dtype=torch.int64, device=device)
+    dist.all_reduce(summed, group=group)
+    total, elsewhere = summed.tolist()
+    k = int(k)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} is out of range: the tensors hold {total} elements, so k must be in [1, {total}]")
 
     args = ranking.subset(keep).args() if ranking is not None else ()  # the tensors that count here
-
-    def histogram_of(level: int, prefix: int) -> torch.Tensor:
-        if ft:
-            counts = _ops.score_histogram.default(ft, pre, hs, float(eps), level, prefix, *args)
-        else:
-            counts = torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
-        counts = counts.to(device)
-        dist.all_reduce(counts, group=group)
-        if counts[LEVEL_BINS[level]] > 0 and ft:  # name the local culprit, if it is here
-            _ops.score_threshold.default(ft, pre, hs, 1, float(eps), *args)
-        return counts.cpu()
-
-    return threshold_from_histograms(histogram_of, int(k), int(total))
+    feed = _RankFeed(ft, pre, hs, eps, args, device, group)
+    if search == "sample" or (search == "auto" and total >= CANDIDATES_MIN_WEIGHTS and not elsewhere):
+        sample = feed.sample(sample_stride(total, sample_budget(total)))
+        if sample.numel():
+            rank_fraction = k / total
+            low, high, inside = bracket_from_sample(sample, rank_fraction, rank_spread(sample.numel(), rank_fraction))
+            counts, keys = feed.candidates(low, high, keys_room(inside, total, CANDIDATE_KEYS))
+            return search_ranges((counts, keys, low, high), feed.candidates, k, total, CANDIDATE_KEYS)
+    return threshold_from_histograms(feed.histogram, k, total)
 
 
 def distributed_masked_reset_(finetuned, pretrained, hessians, threshold: float, eps: float,

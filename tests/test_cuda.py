@@ -561,7 +561,7 @@ def test_candidates_search_on_cuda_equals_the_cpu(tmp_path, monkeypatch, ranking
     """purify_'s threshold from a sample's bracket on the GPU (the sample sorted there, the
     score_candidates kernel, with room for 8 keys further passes narrowing the range; the
     pre-trained state on the GPU or streamed from the CPU in groups): the CPU's result from the
-    histogram passes, bit for bit. purify.CANDIDATES_ON leaves CUDA out until this has passed on a GPU."""
+    histogram passes, bit for bit. threshold.CANDIDATES_ON leaves CUDA out until this has passed on a GPU."""
     from tiny_models import make_tokenizer, tiny_model
     from finepurify_ext import purify as purify_module
     from finepurify_ext.purify import PurifyConfig, purify_

@@ -49,30 +49,81 @@ def _entry(rank, rendezvous, fn, args):
 # ----------------------------------------------------------------------------------- threshold
 
 
-def _plain_sharded(rank, k, eps):
+FINE_MIXING = ops.Ranking(random_seed=5, random_keys=tuple(range(100, 100 + len(SHAPES))))
+
+
+def _plain_sharded(rank, k, eps, search, random):
     ft, pre, hs = full_state()
-    expected = ops.score_threshold(ft, pre, hs, k, eps)
+    ranking = FINE_MIXING if random else ops.PLAIN
+    expected = ops.score_threshold(ft, pre, hs, k, eps, ranking=ranking)
     ref = [t.clone() for t in ft]
-    ops.masked_reset_(ref, pre, hs, expected, eps)
+    ops.masked_reset_(ref, pre, hs, expected, eps, ranking=ranking)
     # Rank r holds every other tensor and one half of the rows of the largest: elements differ per rank.
     mine = [i for i in range(len(ft)) if i % WORLD == rank and i != 6]
     rows = slice(0, 25) if rank == 0 else slice(25, 50)
     local = [[t[i].clone() for i in mine] + [t[6][rows].clone()] for t in (ft, pre, hs)]
-    got = distributed_score_threshold(*local, k, eps)
+    # Fine-mixing's random scores follow each element: its tensor's key and its place in the whole tensor.
+    local_ranking = ops.Ranking(random_seed=5, random_keys=tuple(FINE_MIXING.random_keys[i] for i in mine + [6]),
+                                random_offsets=(0,) * len(mine) + (rows.start * 50,)) if random else None
+    got = distributed_score_threshold(*local, k, eps, ranking=local_ranking, search=search)
     assert got == expected, (got, expected)
-    distributed_masked_reset_(*local, got, eps)
+    distributed_masked_reset_(*local, got, eps, ranking=local_ranking)
     for j, i in enumerate(mine):
         assert torch.equal(local[0][j], ref[i]), i
     assert torch.equal(local[0][-1], ref[6][rows])
 
 
+@pytest.mark.parametrize("random", [False, True], ids=["fine_purifying", "fine_mixing"])
+@pytest.mark.parametrize("search", ["histograms", "sample"])
 @pytest.mark.parametrize("k", [1, 100, 2000, 3647])
-def test_sharded_plain_tensors_match_one_process(tmp_path, k):
+def test_sharded_plain_tensors_match_one_process(tmp_path, k, search, random):
+    """Either search, over two ranks' shards, gives one process's threshold and reset."""
     assert sum(torch.Size(s).numel() for s in SHAPES) == 3647
-    run(tmp_path, _plain_sharded, k, 1e-6)
+    run(tmp_path, _plain_sharded, k, 1e-6, search, random)
 
 
-def _dtensors(rank, k, eps):
+def _misled(rank, case):
+    import finepurify_ext.threshold as threshold_module
+
+    g = torch.Generator().manual_seed(11 + rank)  # each rank its own elements
+    n = (1 << 20) // WORLD + 333 * rank  # "auto" searches from a sample from 1M weights over all ranks
+    ft, pre, hs = [torch.randn(n, generator=g)], [torch.randn(n, generator=g)], [torch.rand(n, generator=g)]
+    everything = [[torch.cat(gathered(t[0]))] for t in (ft, pre, hs)]
+    passes = []
+    candidates = threshold_module._RankFeed.candidates
+
+    def counted(self, *args):
+        passes.append(args)
+        return candidates(self, *args)
+
+    threshold_module._RankFeed.candidates = counted
+    if case == "missed":  # a bracket that holds no score but denormals: the passes narrow over the ranks
+        threshold_module.bracket_from_sample = lambda *_: (1, 2, 0.0)
+    elif case == "too_many":  # room for 8 keys: a pass counts bins, the next keeps the bin that holds it
+        threshold_module.CANDIDATE_KEYS = 8
+    total = everything[0][0].numel()
+    for k in (1, total // 3, total - 1):
+        passes.clear()
+        expected = ops.score_threshold(*everything, k, 1e-6, search="histograms")
+        assert distributed_score_threshold(ft, pre, hs, k, 1e-6) == expected, (case, k)
+        assert (len(passes) == 1) == (case == "held"), (case, k, passes)
+
+
+def gathered(t):
+    parts = [torch.empty(0)] * WORLD
+    dist.all_gather_object(parts, t)
+    return parts
+
+
+@pytest.mark.parametrize("case", ["held", "missed", "too_many"])
+def test_the_search_from_a_sample_over_ranks(tmp_path, case):
+    """From 1M weights over all ranks "auto" brackets the threshold from every rank's sample: one
+    pass where the bracket holds it; where it missed or held too many keys, the ranks narrow it
+    together, pass by pass, to the threshold one process finds."""
+    run(tmp_path, _misled, case)
+
+
+def _dtensors(rank, k, eps, search):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -84,16 +135,33 @@ def _dtensors(rank, k, eps):
     # FSDP-style sharded tensors and replicated ones (counted once, not twice)
     placements = [[Shard(0)] if i % 2 == 0 else [Replicate()] for i in range(len(ft))]
     dts = [[distribute_tensor(t.clone(), mesh, p) for t, p in zip(ts, placements)] for ts in (ft, pre, hs)]
-    got = distributed_score_threshold(*dts, k, eps)
+    got = distributed_score_threshold(*dts, k, eps, search=search)
     assert got == expected, (got, expected)
     distributed_masked_reset_(*dts, got, eps)
     for i, t in enumerate(dts[0]):
         assert torch.equal(t.full_tensor(), ref[i]), i
 
 
+@pytest.mark.parametrize("search", ["histograms", "sample"])
 @pytest.mark.parametrize("k", [1, 777, 3647])
-def test_dtensors_sharded_and_replicated_match_one_process(tmp_path, k):
-    run(tmp_path, _dtensors, k, 1e-6)
+def test_dtensors_sharded_and_replicated_match_one_process(tmp_path, k, search):
+    run(tmp_path, _dtensors, k, 1e-6, search)
+
+
+def _one_rank_has_nan(rank, search):
+    ft, pre, hs = full_state(3)
+    mine = [t[rank::WORLD] for t in (ft, pre, hs)]
+    if rank == 1:
+        mine[0][1].view(-1)[5] = float("nan")
+    # Every rank raises (none waits on a pass the others left); the rank that holds it names the tensor.
+    expected = "finetuned\\[1\\] contains NaN" if rank == 1 else "1 scores are NaN or Inf"
+    with pytest.raises((RuntimeError, ValueError), match=expected):
+        distributed_score_threshold(*mine, 100, 1e-6, search=search)
+
+
+@pytest.mark.parametrize("search", ["histograms", "sample"])
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path, search):
+    run(tmp_path, _one_rank_has_nan, search)
 
 
 def _replicated_plain(rank, k, eps):
@@ -101,8 +169,11 @@ def _replicated_plain(rank, k, eps):
     expected = ops.score_threshold(ft, pre, hs, k, eps)
     assert distributed_score_threshold(ft, pre, hs, k, eps, replicated=True) == expected
     assert ops.score_threshold(ft, pre, hs, k, eps, group=dist.group.WORLD, replicated=True) == expected
+    assert distributed_score_threshold(ft, pre, hs, k, eps, replicated=True, search="sample") == expected
     with pytest.raises(ValueError, match="out of range"):  # counted twice without replicated=True
         distributed_score_threshold(ft, pre, hs, 2 * 3647 + 1, eps)
+    with pytest.raises(ValueError, match="search='fast' is not one of"):
+        distributed_score_threshold(ft, pre, hs, k, eps, search="fast")
 
 
 def test_replicated_plain_tensors_are_not_counted_twice(tmp_path):
