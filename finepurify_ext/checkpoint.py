@@ -414,8 +414,8 @@ def purify_checkpoint(
         return counts
 
     def candidates_pass(low, high, capacity):
-        """One score_candidates pass over every piece: the counts summed, and the keys strictly
-        inside the range sorted descending (None once more than ``capacity`` are)."""
+        """One score_candidates pass over every piece: the counts summed, and each piece's keys
+        strictly inside the range, sorted descending (None once more than ``capacity`` are)."""
         counts, kept = torch.zeros(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64), []
         bar = tqdm(total=ranked_elements, desc="threshold pass", unit=" weights", unit_scale=True,
                    disable=not progress, leave=False)
@@ -434,7 +434,7 @@ def purify_checkpoint(
             bar.update(ft.numel())
             del ft, pre, h, hs
         bar.close()
-        return counts, (None if kept is None else torch.sort(torch.cat(kept), descending=True).values)
+        return counts, kept
 
     def one_pass_search():
         """The sample's bracket and the pass over it (purify._candidate_pass out of core), or None

@@ -424,8 +424,8 @@ class Feed:
         return self.histogram_on_device(level, prefix).cpu()
 
     def candidates(self, low_key: int, high_key: int, capacity: int):
-        """One ``ops.score_candidates`` pass over every group: the counts summed, and the keys
-        strictly inside the range sorted descending (None where more than ``capacity``)."""
+        """One ``ops.score_candidates`` pass over every group: the counts summed, and each group's
+        keys strictly inside the range, sorted descending (None where more than ``capacity``)."""
         def group(_, ft, pre, hs, ranking):  # each group's buffer is dropped before the next is filled
             counts, keys = ops.score_candidates(ft, pre, hs, self.scoring.eps, low_key, high_key, capacity, ranking)
             counts = counts.cpu()
@@ -437,8 +437,7 @@ class Feed:
         counts = torch.stack([c for c, _ in parts]).sum(0)
         if int(counts[2]) > capacity:
             return counts, None
-        keys = [k for _, k in parts]
-        return counts, keys[0] if len(keys) == 1 else torch.sort(torch.cat(keys), descending=True).values
+        return counts, [k for _, k in parts]
 
     def start_masked_reset_(self, threshold: float):
         """Launches the reset of every group; returns a function that reads the per-tensor counts

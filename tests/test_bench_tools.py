@@ -92,6 +92,20 @@ def test_search_bench_compares_the_two_searches(tmp_path):
     assert all(r["candidates_passes"] == 1 for r in rows)
 
 
+def test_search_bench_over_ranks(tmp_path):
+    """bench/bench_search.py --ranks 2: both distributed searches timed over two gloo processes (it
+    checks they agree), a row per size."""
+    import json
+    import subprocess
+
+    out = tmp_path / "search.json"
+    subprocess.run([sys.executable, os.path.join(HERE, "..", "bench", "bench_search.py"), "--ranks", "2", "--sizes",
+                    "40000", "--tensors", "7", "--repeats", "1", "--out", str(out)], check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu (gloo)" and [(r["weights"], r["ranks"]) for r in result["rows"]] == [(39998, 2)]
+    assert all(r["histograms_ms"] > 0 and r["sample_ms"] > 0 for r in result["rows"])
+
+
 def test_host_overhead_bench_writes_a_row_per_label(tmp_path):
     """bench/bench_host.py, as gpu_check.sh runs it on a GPU, on the CPU: a row per label, every
     ranking with purify_'s and the op's times and its steps."""

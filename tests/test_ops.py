@@ -1,4 +1,5 @@
 """Every op against the pure-PyTorch reference (finepurify_ext.reference) on fresh random inputs."""
+import dataclasses
 import itertools
 import math
 
@@ -367,6 +368,28 @@ def test_candidates_match_reference_and_give_the_threshold(dtype, ranking_name):
             between = int(counts[2])
             got = threshold_from_candidates(counts, keys[:between] if between <= keys.numel() else None, low, high, k)
             assert got == threshold or (got is None and between > keys.numel()), (k, width)
+            if got is not None:  # the same from a pass per tensor, its keys as the list of each one's
+                alone = [ranking.subset([i]) if ranking.random_keys else dataclasses.replace(ranking, random_keys=(i,))
+                         for i in range(len(ft))]  # each tensor's own key (by default its place in the list)
+                parts = [ops.score_candidates([f], [p], [g], EPS, low, high, 2 * width + 64, ranking=alone[i])
+                         for i, (f, p, g) in enumerate(zip(ft, pre, h))]
+                summed = torch.stack([c for c, _ in parts]).sum(0)
+                kept = [part_keys[:int(c[2])] for c, part_keys in parts]
+                assert torch.equal(summed[:6], counts[:6]) and threshold_from_candidates(summed, kept, low, high, k) == got
+
+
+def test_kth_largest_key_of_sorted_parts():
+    """One descending tensor is read in place; a list of descending parts (some empty, of any
+    lengths) gives the r-th largest of them all, as a sort of their concatenation does."""
+    from finepurify_ext.threshold import kth_largest_key
+
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.sort(torch.randint(0, 1 << 20, (n,), generator=gen, dtype=torch.int32), descending=True).values
+             for n in (0, 5, 1, 300, 0, 77)]
+    everything = torch.sort(torch.cat(parts), descending=True).values
+    for r in (1, 2, 50, 191, everything.numel()):
+        assert kth_largest_key(parts, r) == int(everything[r - 1]) == kth_largest_key(everything, r)
+        assert kth_largest_key([everything], r) == int(everything[r - 1])
 
 
 @pytest.mark.parametrize("ranking_name", list(RANKINGS))
