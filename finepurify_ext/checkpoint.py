@@ -31,7 +31,7 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import (CANDIDATE_KEYS, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, SAMPLE_RUN, PurifyConfig, candidate_range,
+from .purify import (CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, SAMPLE_RUN, PurifyConfig, candidate_range,
                      sample_keys, sample_quantile, sum_float64, unrankable, unseen_mask)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
 from .threshold import BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, search_ranges, threshold_from_histograms
@@ -39,6 +39,12 @@ from .threshold import BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, search_ranges
 # Names of the word-embedding matrix in common architectures (embeddings="separate").
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight",
                       "tok_embeddings.weight")
+
+# The keys a threshold pass out of core may keep (64 MB; purify_ keeps 16 MB, CANDIDATE_KEYS): a pass
+# here reads every checkpoint again, seconds at a billion weights, and with this room one pass holds
+# the threshold of most checkpoints up to about a billion weights (a sample's bracket holds 0.3 to 1 %
+# of them, and the room is three times that).
+OUT_OF_CORE_KEYS = 16 << 20
 
 INDEX = "model.safetensors.index.json"
 SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -421,7 +427,8 @@ def purify_checkpoint(
                    disable=not progress, leave=False)
         for name, start, ft, pre, h in pieces(ranked, reads_hessian):
             hs, ranking = piece_inputs(name, start, h)
-            room = max(0, capacity - int(counts[2])) if kept is not None else 0
+            # No piece holds more keys than elements: room beyond that would only be filled with -1.
+            room = min(max(0, capacity - int(counts[2])), ft.numel()) if kept is not None else 0
             piece, keys = ops.score_candidates([ft], [pre], [hs], eps, low, high, room, ranking)
             piece = piece.cpu()
             if piece[4] > 0:
@@ -447,7 +454,7 @@ def purify_checkpoint(
         # few of a tensor); the rankings with a pre-pass pass one Ranking for every tensor.
         sampled = ops.score_sample(fts, pres, [hs for hs, _ in inputs], eps, SAMPLE_RUN,
                                    inputs[0][1] if inputs else ops.PLAIN)
-        planned = candidate_range(*sample_keys(*sampled), ranked_elements, config, num_reset)
+        planned = candidate_range(*sample_keys(*sampled), ranked_elements, config, num_reset, OUT_OF_CORE_KEYS)
         if planned is None:
             return None
         low, high, capacity = planned
@@ -471,7 +478,7 @@ def purify_checkpoint(
         num_reset = ops.num_reset_for(counted, config.reserve_ratio)
     threshold = None
     if num_reset > 0 and candidates is not None:  # narrowed where it held too many keys or missed
-        threshold = search_ranges(candidates, candidates_pass, num_reset, ranked_elements, CANDIDATE_KEYS)
+        threshold = search_ranges(candidates, candidates_pass, num_reset, ranked_elements, OUT_OF_CORE_KEYS)
     elif num_reset > 0:  # no one-pass search
         threshold = threshold_from_histograms(
             lambda level, prefix: level0 if level == 0 and level0 is not None else histogram_of(level, prefix),

@@ -301,7 +301,7 @@ def sample_keys(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def candidate_range(sample_keys: torch.Tensor, moved_fraction: float, total: int, config: "PurifyConfig",
-                    num_reset: int | None = None) -> tuple[int, int, int] | None:
+                    num_reset: int | None = None, max_keys: int | None = None) -> tuple[int, int, int] | None:
     """The key range a candidates pass over ``total`` weights takes, from the sample's rankable
     keys and its moved fraction, and the keys it may keep (0 where the sample says the range holds
     too many: the pass then narrows it); None for an empty sample (then the histogram passes run).
@@ -322,7 +322,7 @@ def candidate_range(sample_keys: torch.Tensor, moved_fraction: float, total: int
     if by_moved:
         spread += (1.0 - config.reserve_ratio) * rank_spread(n, moved_fraction)
     low, high, inside = bracket_from_sample(sample_keys, rank_fraction, spread)
-    return low, high, keys_room(inside, total, CANDIDATE_KEYS)
+    return low, high, keys_room(inside, total, CANDIDATE_KEYS if max_keys is None else max_keys)
 
 
 def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", total: int):

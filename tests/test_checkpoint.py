@@ -222,7 +222,7 @@ def test_one_pass_out_of_core_equals_the_histogram_passes(tmp_path, monkeypatch,
     one_pass = run("one", **small)
     histograms = run("histograms", CANDIDATES_ON=(), **small)
     missed = run("missed", bracket_from_sample=lambda *_: (1, 2, 0.0), **small)
-    too_many = run("too_many", CANDIDATE_KEYS=8, bracket_from_sample=lambda *_: (0, 0x7F800000, 0.0), **small)
+    too_many = run("too_many", OUT_OF_CORE_KEYS=8, bracket_from_sample=lambda *_: (0, 0x7F800000, 0.0), **small)
     assert narrowing[0] == 0 and narrowing[1] > 0 and narrowing[2] > 0, narrowing  # one, missed, too_many
     for report, got in (histograms, missed, too_many):
         assert report.threshold == one_pass[0].threshold and report.reset_per_tensor == one_pass[0].reset_per_tensor
