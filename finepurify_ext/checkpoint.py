@@ -423,21 +423,28 @@ def purify_checkpoint(
         """One score_candidates pass over every piece: the counts summed, and each piece's keys
         strictly inside the range, sorted descending (None once more than ``capacity`` are)."""
         counts, kept = torch.zeros(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64), []
+        # The kept keys go into one buffer: a small copy per piece left between the pieces' large
+        # outputs on the heap kept their freed pages resident (peak RSS up to 1.4 GB against 0.65).
+        store = torch.empty(capacity, dtype=torch.int32) if capacity else None
         bar = tqdm(total=ranked_elements, desc="threshold pass", unit=" weights", unit_scale=True,
                    disable=not progress, leave=False)
         for name, start, ft, pre, h in pieces(ranked, reads_hessian):
             hs, ranking = piece_inputs(name, start, h)
+            used = int(counts[2])
             # No piece holds more keys than elements: room beyond that would only be filled with -1.
-            room = min(max(0, capacity - int(counts[2])), ft.numel()) if kept is not None else 0
+            room = min(max(0, capacity - used), ft.numel()) if kept is not None else 0
             piece, keys = ops.score_candidates([ft], [pre], [hs], eps, low, high, room, ranking)
             piece = piece.cpu()
             if piece[4] > 0:
                 refuse_unrankable(name, ft, pre)
             counts += piece
-            if kept is not None and int(piece[2]) <= room:
-                kept.append(keys[:int(piece[2])].cpu().clone())  # not a view that holds the whole buffer
+            inside = int(piece[2])
+            if kept is not None and inside <= room:
+                store[used:used + inside] = keys[:inside]
+                kept.append(store[used:used + inside])  # each piece's keys, sorted descending
             else:
                 kept = None
+            del keys
             bar.update(ft.numel())
             del ft, pre, h, hs
         bar.close()
