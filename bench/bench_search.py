@@ -45,8 +45,9 @@ def weights(total: int, tensors: int, device):
 
 
 def distributed_rows(rank: int, world: int, rendezvous: str, sizes, tensors: int, repeats: int, out: str):
-    """One gloo rank of ``--ranks``: its share of each size's weights, both searches timed (the
-    collectives keep the ranks in step; rank 0's clock counts) and checked equal."""
+    """One gloo rank of ``--ranks``: its share of each size's weights, scored as one process scores
+    them all (one Hessian floor; moved weights counted), both searches timed (the collectives keep
+    the ranks in step; rank 0's clock counts) and checked equal."""
     import json
 
     import torch.distributed as dist
@@ -57,16 +58,17 @@ def distributed_rows(rank: int, world: int, rendezvous: str, sizes, tensors: int
     torch.set_num_threads(1)
     device, config, rows = torch.device("cpu"), purify_module.PurifyConfig(), []
     for total in sizes:
-        ft, pre, hessians = weights(total, tensors, device)
-        mine = slice(rank * tensors // world, (rank + 1) * tensors // world)  # each rank its own tensors
-        ft, pre, hessians = ft[mine], pre[mine], hessians[mine]
-        scoring = purify_module.scoring_for(config, [f"t{i}" for i in range(len(ft))], hessians)
-        n = (total // tensors) * tensors
-        k = ops.num_reset_for(n, config.reserve_ratio)
+        ft, pre, hessians = weights(total, tensors, device)  # every rank draws them all, and scores them as
+        scoring = purify_module.scoring_for(config, [f"t{i}" for i in range(len(ft))], hessians)  # one process
+        n = sum(f.numel() for f in ft)
+        moved = n - int(purify_module.Feed(ft, pre, scoring).histogram(0, 0)[-1])
+        k = ops.num_reset_for(moved, config.reserve_ratio)
+        mine = range(rank * tensors // world, (rank + 1) * tensors // world)  # each rank its own tensors
+        ft, pre, hessians = [ft[i] for i in mine], [pre[i] for i in mine], [scoring.hessians[i] for i in mine]
+        ranking = scoring.ranking.subset(list(mine))
 
         def search(how):
-            return distributed_score_threshold(ft, pre, scoring.hessians, k, scoring.eps, ranking=scoring.ranking,
-                                               search=how)
+            return distributed_score_threshold(ft, pre, hessians, k, scoring.eps, ranking=ranking, search=how)
 
         if search("sample") != search("histograms"):
             raise RuntimeError(f"the two searches disagree at {n} weights over {world} ranks")

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "finepurify/search.h"
 #include "kernels/score_math.h"
 
 namespace finepurify {
@@ -80,8 +81,7 @@ std::tuple<at::Tensor, at::Tensor> score_candidates_op(at::TensorList finetuned,
 // and keeps those between (the threshold in one pass), or, where they are too many or the bracket
 // missed, names the narrower range the next pass keeps.
 
-constexpr int64_t kSampleSearchMinWeights = int64_t{1} << 20;  // threshold.CANDIDATES_MIN_WEIGHTS
-constexpr int64_t kCandidateKeys = int64_t{4} << 20;           // threshold.CANDIDATE_KEYS
+// kSampleSearchMinWeights and kCandidateKeys: finepurify/search.h.
 
 // Where the search from a sample runs: search="sample" always, "histograms" never, "auto" on the
 // CPU from kSampleSearchMinWeights weights (the CUDA kernels of score_sample and score_candidates

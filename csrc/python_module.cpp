@@ -3,6 +3,8 @@
 #include <Python.h>
 
 #include "cpu/kernels.h"
+#include "finepurify/search.h"
+#include "kernels/score_math.h"
 
 namespace {
 
@@ -18,9 +20,22 @@ PyObject* built_with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+// The constants the Python side of the threshold search shares with the kernels and the ops'
+// own search (finepurify_ext/threshold.py checks its copies against these in the tests).
+PyObject* constants(PyObject*, PyObject*) {
+  using namespace finepurify;
+  return Py_BuildValue("{s:(iii),s:L,s:L,s:L,s:L,s:L,s:I}", "level_bits", level_bits(0), level_bits(1),
+                       level_bits(2), "between_bins", static_cast<long long>(kMaxBins), "candidate_counts",
+                       static_cast<long long>(kCandidateCounts), "sample_run", static_cast<long long>(kSampleRun),
+                       "candidate_keys", static_cast<long long>(kCandidateKeys), "sample_search_min_weights",
+                       static_cast<long long>(kSampleSearchMinWeights), "inf_key", kInfBits);
+}
+
 PyMethodDef methods[] = {
     {"built_with_cuda", built_with_cuda, METH_NOARGS,
      "Whether the CUDA kernels were compiled into this build."},
+    {"constants", constants, METH_NOARGS,
+     "The threshold search's constants as the C++ side has them: level bits, bins, counts, sample run, keys."},
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The CPU kernels in use: 'avx2' or 'baseline' (FINEPURIFY_CPU_CAPABILITY=baseline forces it)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -425,7 +425,7 @@ def purify_checkpoint(
         counts, kept = torch.zeros(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64), []
         # The kept keys go into one buffer: a small copy per piece left between the pieces' large
         # outputs on the heap kept their freed pages resident (peak RSS up to 1.4 GB against 0.65).
-        store = torch.empty(capacity, dtype=torch.int32) if capacity else None
+        store = torch.empty(capacity, dtype=torch.int32)
         bar = tqdm(total=ranked_elements, desc="threshold pass", unit=" weights", unit_scale=True,
                    disable=not progress, leave=False)
         for name, start, ft, pre, h in pieces(ranked, reads_hessian):

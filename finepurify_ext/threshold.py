@@ -53,7 +53,7 @@ def threshold_from_histograms(histogram_of: Callable[[int, int], torch.Tensor], 
 
 INF_KEY = 0x7F800000  # the key of +Inf, the largest rankable one
 SAMPLE_RUN = 16  # score_sample's run of consecutive elements (kSampleRun): whole 64-byte lines of float32
-CANDIDATE_KEYS = 4 << 20  # the keys one candidates pass may keep (16 MB; csrc/ops.cpp kCandidateKeys)
+CANDIDATE_KEYS = 4 << 20  # the keys one candidates pass may keep (16 MB; finepurify/search.h kCandidateKeys)
 # The devices whose score_candidates kernel has been run against the CPU's. The CUDA kernel is
 # written and its tests are in tests/test_cuda.py, but it has not run on a GPU yet: until it has,
 # a GPU keeps the three histogram passes.
@@ -61,7 +61,7 @@ CANDIDATES_ON = ("cpu",)
 # Below this many ranked weights the histogram passes run: the sample (one op, about a millisecond
 # of host time at 400 tensors) and its bracket cost about what the two passes they save do
 # (bench/bench_search.py on the CPU: even at 1M weights, 1.4x faster at 2M, 2x at 8M;
-# csrc/ops.cpp kSampleSearchMinWeights).
+# finepurify/search.h kSampleSearchMinWeights; the tests check these copies against _C.constants()).
 CANDIDATES_MIN_WEIGHTS = 1 << 20
 
 
@@ -245,11 +245,10 @@ def _local(t) -> torch.Tensor:
 
 
 class _RankFeed:
-    """This rank's elements as a search's passes read them, each pass one collective where it can:
-    a histogram's counts summed with an ``all_reduce``; a candidates pass's counts gathered (every
-    rank sums them and knows how many keys each keeps) and then its keys; the sample gathered in
-    one call, padded to a bound every rank knows (``sizes``: each rank's element and tensor counts,
-    from the first collective)."""
+    """This rank's elements as a search's passes read them: a histogram's counts summed with an
+    ``all_reduce``; a candidates pass's counts gathered (every rank sums them and knows how many
+    keys each keeps) and then its keys; the sample gathered, each rank's padded to a bound every
+    rank knows (``sizes``: each rank's element and tensor counts, from the first collective)."""
 
     def __init__(self, ft, pre, hs, eps: float, ranking_args: tuple, device, group, rank: int,
                  sizes: list[tuple[int, int]]):
@@ -259,7 +258,7 @@ class _RankFeed:
     def _refuse_unrankable(self, count: int):
         """Some rank's scores are NaN or Inf: the op over this rank's elements names the culprit if
         it is here; every rank raises."""
-        if self.ft:
+        if self.sizes[self.rank][0]:  # this rank holds elements (not only empty shards)
             _ops.score_threshold.default(self.ft, self.pre, self.hs, 1, self.eps, *self.args, search="histograms")
         raise ValueError(f"{count} scores are NaN or Inf (or a hessian is negative); "
                          "check the inputs for NaN/Inf and the hessians for negative values")
@@ -285,16 +284,17 @@ class _RankFeed:
         else:
             keys = torch.zeros(0, dtype=torch.int32)
         # At most a run per stride of each rank's elements and a head of each tensor shorter than one.
-        longest = max(numel * SAMPLE_RUN // stride + tensors for numel, tensors in self.sizes)
-        keys = torch.cat(self._gathered(keys, longest))
+        bounds = [numel * SAMPLE_RUN // stride + tensors for numel, tensors in self.sizes]
+        keys = torch.cat(self._gathered_parts(keys, bounds))
         return keys[keys >= 0]  # unrankable ones (and the padding): the pass finds and names them
 
     def candidates(self, low_key: int, high_key: int, capacity: int):
         """One ``score_candidates`` pass over every rank: the counts summed, and every rank's keys
         strictly inside, each sorted descending (None where more than ``capacity`` are, over all ranks)."""
-        if self.ft:
+        if self.ft:  # no rank keeps more keys than it holds elements (the op fills its room with -1)
+            room = min(int(capacity), self.sizes[self.rank][0])
             counts, keys = _ops.score_candidates.default(self.ft, self.pre, self.hs, self.eps, int(low_key),
-                                                         int(high_key), int(capacity), *self.args)
+                                                         int(high_key), room, *self.args)
         else:
             counts = torch.zeros(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64)
             keys = torch.zeros(0, dtype=torch.int32)
@@ -307,11 +307,29 @@ class _RankFeed:
         kept = [int(c[2]) for c in per_rank]  # every rank's keys inside, all kept (their sum fits)
         if max(kept) == 0:
             return counts, []
-        parts = self._gathered(keys[:kept[self.rank]], max(kept))
-        return counts, [part[:n] for part, n in zip(parts, kept)]
+        return counts, self._gathered_parts(keys[:kept[self.rank]], kept)
+
+    def _gathered_parts(self, values: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+        """Every rank's int32 ``values``, rank r's cut or padded with -1 to ``lengths[r]`` (known to
+        every rank), in rank order, on the CPU: one gather padded to the longest where that at most
+        doubles what is sent; else (a few ranks hold most: the padding would be world x theirs on
+        every rank) a broadcast from each rank that has any."""
+        import torch.distributed as dist
+
+        if len(lengths) * max(lengths) <= 2 * sum(lengths):
+            return [part[:n] for part, n in zip(self._gathered(values, max(lengths)), lengths)]
+        parts = []
+        for r, n in enumerate(lengths):
+            part = torch.full((n,), -1, dtype=torch.int32, device=self.device)
+            if r == self.rank:
+                part[:min(n, values.numel())] = values[:n].to(self.device)
+            if n:
+                dist.broadcast(part, group=self.group, group_src=r)
+            parts.append(part.cpu())
+        return parts
 
     def _gathered(self, values: torch.Tensor, length: int) -> list[torch.Tensor]:
-        """Every rank's ``values`` (at most ``length``, padded with -1), in rank order, on the CPU."""
+        """Every rank's ``values`` (cut or padded with -1 to ``length``), in rank order, on the CPU."""
         import torch.distributed as dist
 
         padded = torch.full((length,), -1, dtype=values.dtype, device=self.device)

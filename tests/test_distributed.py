@@ -31,12 +31,13 @@ def full_state(seed=0):
     return ft, pre, hs
 
 
-def run(tmp_path, fn, *args):
-    mp.start_processes(_entry, args=(str(tmp_path / "rendezvous"), fn, args), nprocs=WORLD, start_method="spawn")
+def run(tmp_path, fn, *args, world=WORLD):
+    mp.start_processes(_entry, args=(str(tmp_path / "rendezvous"), world, fn, args), nprocs=world,
+                       start_method="spawn")
 
 
-def _entry(rank, rendezvous, fn, args):
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+def _entry(rank, rendezvous, world, fn, args):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     fn(rank, *args)  # an assertion error here reaches the parent through torch.multiprocessing
     dist.barrier()
@@ -110,9 +111,42 @@ def _misled(rank, case):
 
 
 def gathered(t):
-    parts = [torch.empty(0)] * WORLD
+    parts = [torch.empty(0)] * dist.get_world_size()
     dist.all_gather_object(parts, t)
     return parts
+
+
+def _one_rank_holds_most(rank, search):
+    import finepurify_ext.threshold as threshold_module
+
+    g = torch.Generator().manual_seed(5 + rank)
+    n = 300_000 if rank == 1 else 40 * rank  # rank 0 holds nothing; rank 1 nearly all; rank 2 forty
+    ft, pre, hs = [torch.randn(n, generator=g)], [torch.randn(n, generator=g)], [torch.rand(n, generator=g)]
+    everything = [[torch.cat(gathered(t[0]))] for t in (ft, pre, hs)]
+    broadcasts = []
+    broadcast = dist.broadcast
+
+    def counted(tensor, *args, **kwargs):
+        broadcasts.append((kwargs.get("group_src"), tensor.numel()))
+        return broadcast(tensor, *args, **kwargs)
+
+    dist.broadcast = counted
+    total = everything[0][0].numel()
+    for k in (1, total // 4, total - 1):
+        expected = ops.score_threshold(*everything, k, 1e-6, search="histograms")
+        assert distributed_score_threshold(ft, pre, hs, k, 1e-6, search=search) == expected, k
+    # From a sample: the sample and the keys kept come by a broadcast from each rank, at its own
+    # length (rank 0's: the one padding slot of its empty tensor), not padded to rank 1's.
+    assert (search == "sample") == bool(broadcasts), broadcasts
+    assert all(size <= 1 for src, size in broadcasts if src == 0)
+    assert search == "histograms" or max(size for _, size in broadcasts) > 1000
+
+
+@pytest.mark.parametrize("search", ["histograms", "sample"])
+def test_one_rank_holding_most_elements(tmp_path, search):
+    """Three ranks, one holding nearly every element and one none: the same threshold as one
+    process; the gathers of the sample and the kept keys broadcast from the ranks that hold them."""
+    run(tmp_path, _one_rank_holds_most, search, world=3)
 
 
 @pytest.mark.parametrize("case", ["held", "missed", "too_many"])
@@ -148,20 +182,23 @@ def test_dtensors_sharded_and_replicated_match_one_process(tmp_path, k, search):
     run(tmp_path, _dtensors, k, 1e-6, search)
 
 
-def _one_rank_has_nan(rank, search):
+def _one_rank_has_nan(rank, search, empty):
     ft, pre, hs = full_state(3)
     mine = [t[rank::WORLD] for t in (ft, pre, hs)]
     if rank == 1:
         mine[0][1].view(-1)[5] = float("nan")
+    elif empty:  # rank 0 holds only empty shards
+        mine = [[x.view(-1)[:0] for x in ts] for ts in mine]
     # Every rank raises (none waits on a pass the others left); the rank that holds it names the tensor.
     expected = "finetuned\\[1\\] contains NaN" if rank == 1 else "1 scores are NaN or Inf"
     with pytest.raises((RuntimeError, ValueError), match=expected):
         distributed_score_threshold(*mine, 100, 1e-6, search=search)
 
 
+@pytest.mark.parametrize("empty", [False, True], ids=["", "other_rank_empty"])
 @pytest.mark.parametrize("search", ["histograms", "sample"])
-def test_a_nan_on_one_rank_stops_every_rank(tmp_path, search):
-    run(tmp_path, _one_rank_has_nan, search)
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path, search, empty):
+    run(tmp_path, _one_rank_has_nan, search, empty)
 
 
 def _replicated_plain(rank, k, eps):

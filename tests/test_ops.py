@@ -378,6 +378,21 @@ def test_candidates_match_reference_and_give_the_threshold(dtype, ranking_name):
                 assert torch.equal(summed[:6], counts[:6]) and threshold_from_candidates(summed, kept, low, high, k) == got
 
 
+def test_the_python_search_shares_the_kernels_constants():
+    """threshold.py's copies of the constants (what the searches over groups, pieces and ranks use)
+    are the C++ side's: the histogram levels, the candidates' counts and bins, the sample's run, and
+    the ops' own search's key room and the size from which "auto" takes it."""
+    from finepurify_ext import _C, threshold
+
+    built = _C.constants()
+    assert built == {"level_bits": threshold.LEVEL_BITS, "between_bins": threshold.BETWEEN_BINS,
+                     "candidate_counts": threshold.CANDIDATE_COUNTS, "sample_run": threshold.SAMPLE_RUN,
+                     "candidate_keys": threshold.CANDIDATE_KEYS,
+                     "sample_search_min_weights": threshold.CANDIDATES_MIN_WEIGHTS, "inf_key": threshold.INF_KEY}
+    assert threshold.LEVEL_BINS[0] + 2 == ops.score_histogram([torch.ones(3)], [torch.zeros(3)], [torch.ones(3)],
+                                                             1e-3, 0, 0).numel()
+
+
 def test_kth_largest_key_of_sorted_parts():
     """One descending tensor is read in place; a list of descending parts (some empty, of any
     lengths) gives the r-th largest of them all, as a sort of their concatenation does."""

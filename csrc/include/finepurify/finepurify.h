@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "finepurify/search.h"
+
 namespace finepurify {
 
 // hessians[i] += scale * grads[i]^2 in one multi-tensor pass; with zero_grads the grads are zeroed.
