@@ -699,7 +699,7 @@ def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, monkeypatch, ranking, on
     from finepurify_ext.purify import PurifyConfig
 
     if one_pass_on_cuda:
-        for name, value in (("CANDIDATES_ON", ("cpu", "cuda")), ("CANDIDATES_MIN_WEIGHTS", 0), ("CANDIDATE_KEYS", 8)):
+        for name, value in (("CANDIDATES_ON", ("cpu", "cuda")), ("CANDIDATES_MIN_WEIGHTS", 0), ("OUT_OF_CORE_KEYS", 8)):
             monkeypatch.setattr(checkpoint_module, name, value)
 
     gen = torch.Generator().manual_seed(62)
