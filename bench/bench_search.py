@@ -2,7 +2,7 @@
 passes (threshold.threshold_from_histograms over purify.Feed) against a sample's bracket and the
 score_candidates passes over it (purify._candidate_pass, threshold.search_ranges). Both give the
 same threshold (checked); the median times tell where the sample starts to pay, which is where
-purify.CANDIDATES_MIN_WEIGHTS sits.
+threshold.CANDIDATES_MIN_WEIGHTS sits.
 
     python bench/bench_search.py --device cpu --out bench/results/threshold_search_cpu.json
 
@@ -48,8 +48,6 @@ def distributed_rows(rank: int, world: int, rendezvous: str, sizes, tensors: int
     """One gloo rank of ``--ranks``: its share of each size's weights, scored as one process scores
     them all (one Hessian floor; moved weights counted), both searches timed (the collectives keep
     the ranks in step; rank 0's clock counts) and checked equal."""
-    import json
-
     import torch.distributed as dist
 
     from finepurify_ext.threshold import distributed_score_threshold

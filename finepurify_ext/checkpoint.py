@@ -444,9 +444,8 @@ def purify_checkpoint(
                 kept.append(store[used:used + inside])  # each piece's keys, sorted descending
             else:
                 kept = None
-            del keys
             bar.update(ft.numel())
-            del ft, pre, h, hs
+            del keys, ft, pre, h, hs
         bar.close()
         return counts, kept
 

@@ -145,8 +145,6 @@ def float64_sums(tensors) -> torch.Tensor:
     return _ops.float64_sums.default(tensors)
 
 
-
-
 def sample_size(numel: int, stride: int) -> int:
     """How many elements ``score_sample`` takes of a tensor of ``numel``: a run of ``SAMPLE_RUN``
     at every multiple of ``stride`` that starts a whole stride, or a tensor's proportional head

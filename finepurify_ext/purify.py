@@ -30,8 +30,8 @@ import torch
 
 from . import ops
 from .errors import UserError
-from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, CANDIDATE_KEYS, CANDIDATES_MIN_WEIGHTS,  # noqa: F401
-                        CANDIDATES_ON, LEVEL_BINS, bracket_from_sample, keys_room, rank_spread, sample_budget,
+from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, CANDIDATE_KEYS, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON,
+                        LEVEL_BINS, SAMPLE_RUN, bracket_from_sample, keys_room, rank_spread, sample_budget,
                         sample_stride, search_ranges, threshold_from_histograms)
 
 RANKINGS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
@@ -250,9 +250,6 @@ class Scoring:
     eps: float
     ranking: ops.Ranking
     floor: float | None = None
-
-
-SAMPLE_RUN = ops.SAMPLE_RUN  # elements per sampled run: whole 64-byte lines of float32
 
 
 def _sample_scores(feed: "Feed", max_samples: int) -> tuple[torch.Tensor, float]:
