@@ -31,7 +31,7 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import (CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, SAMPLE_RUN, PurifyConfig, candidate_range,
+from .purify import (CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, FLOOR_SAMPLES, SAMPLE_RUN, PurifyConfig, candidate_range,
                      sample_keys, sample_quantile, sum_float64, unrankable, unseen_mask)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
 from .threshold import BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, search_ranges, threshold_from_histograms
@@ -359,7 +359,7 @@ def purify_checkpoint(
     score_sample = {}  # name: (finetuned, pretrained, hessian) at the sampled elements
     if pre_pass:
         samples, h_sum = [], {name: 0.0 for name in ranked}
-        stride = max(1, ranked_elements // (1 << 20))
+        stride = max(1, ranked_elements // FLOOR_SAMPLES)
         bar = tqdm(total=ranked_elements, desc="pre-pass", unit=" weights", unit_scale=True, disable=not progress,
                    leave=False)
         for name, start, ft, pre, h in pieces(ranked, with_weights=one_pass, to="cpu"):  # checked and summed on the CPU

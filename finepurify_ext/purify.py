@@ -30,8 +30,9 @@ import torch
 
 from . import ops
 from .errors import UserError
+from .sharded import Shards
 from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, CANDIDATE_KEYS, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON,
-                        LEVEL_BINS, SAMPLE_RUN, bracket_from_sample, keys_room, rank_spread, sample_budget,
+                        LEVEL_BINS, SAMPLE_RUN, RankFeed, bracket_from_sample, keys_room, rank_spread, sample_budget,
                         sample_stride, search_ranges, threshold_from_histograms)
 
 RANKINGS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
@@ -155,18 +156,32 @@ def sample_quantile(sample: torch.Tensor, q: float) -> float:
     return float(torch.lerp(low, high, rank - below))
 
 
-def _quantile(tensors, q: float, max_samples: int = 1 << 20) -> float:
+# About how many Hessian values the floor's quantile is taken from (every stride-th of them).
+FLOOR_SAMPLES = 1 << 20
+
+
+def _quantile(tensors, q: float, max_samples: int | None = None, shards: Shards | None = None, names=()) -> float:
     """Approximate quantile over many tensors from an evenly strided sample (a few MB at most),
-    gathered where the tensors live by one concatenation per device, no per-tensor host copies."""
-    total = sum(t.numel() for t in tensors)
-    stride = max(1, total // max_samples)
+    gathered where the tensors live by one concatenation per device, no per-tensor host copies.
+    With ``shards``, ``tensors`` are this rank's shards of ``names``: each takes the elements of the
+    whole tensor's sample it holds, and the ranks' samples are gathered (the same sample, so the
+    same quantile, as one process's over the whole tensors)."""
+    total = sum(t.numel() for t in tensors) if shards is None else sum(shards.numel[n] for n in names)
+    stride = max(1, total // (FLOOR_SAMPLES if max_samples is None else max_samples))
     by_device = {}
-    for t in tensors:  # t.reshape(-1)[::stride], in one view where t is contiguous
+    for i, t in enumerate(tensors):  # t.reshape(-1)[::stride], in one view where t is contiguous
+        if shards is not None:  # the whole tensor's every stride-th element that falls in this shard
+            if shards.counts[names[i]]:
+                by_device.setdefault(t.device, []).append(t.reshape(-1)[(-shards.offset(names[i])) % stride::stride])
+            continue
         view = (t.as_strided((-(-t.numel() // stride),), (stride,)) if t.is_contiguous() and t.numel()
                 else t.reshape(-1)[::stride])
         by_device.setdefault(t.device, []).append(view)
     parts = [torch.cat(views).float() for views in by_device.values()]
-    sample = parts[0] if len(parts) == 1 else torch.cat([p.cpu() for p in parts])
+    sample = (parts[0] if len(parts) == 1 else torch.cat([p.cpu() for p in parts]) if parts
+              else torch.zeros(0, dtype=torch.float32))
+    if shards is not None:
+        sample = shards.gathered(sample.cpu())
     return sample_quantile(sample, q)
 
 
@@ -241,6 +256,21 @@ def _mean_hessians(hessians, floor: float) -> list:
     return out
 
 
+def _sharded_mean_hessians(hessians, floor: float, shards: Shards, names) -> list:
+    """``_mean_hessians`` of this rank's shards of ``names``: each whole tensor's float64 sum,
+    summed over the ranks (replicas counted once), divided by its whole size and floored."""
+    sums = torch.zeros(len(hessians), dtype=torch.float64)
+    counted = [i for i, n in enumerate(names) if shards.counts[n] and hessians[i].numel()]
+    on_cpu = [i for i in counted if hessians[i].device.type == "cpu"]
+    for i, value in zip(on_cpu, _sums_float64_on_cpu([hessians[i] for i in on_cpu])):
+        sums[i] = value
+    for i in set(counted) - set(on_cpu):  # a GPU sum to float64 would convert its whole input first
+        sums[i] = torch._foreach_norm([hessians[i]], 1, dtype=torch.float64)[0].cpu()
+    numels = [max(shards.numel[n], 1) for n in names]  # an empty tensor's value is never read
+    means = _floored_means(shards.summed(sums), numels, floor).tolist()
+    return _per_tensor_values(means, hessians)
+
+
 @dataclass
 class Scoring:
     """A ranking as the fused ops take it: per tensor the hessian passed (the Hessian itself, or one
@@ -251,24 +281,32 @@ class Scoring:
     ranking: ops.Ranking
     floor: float | None = None
 
+    def subset(self, indices) -> "Scoring":
+        """The spec of the tensors at ``indices`` passed alone."""
+        return Scoring([self.hessians[i] for i in indices], self.eps, self.ranking.subset(indices), self.floor)
 
-def _sample_scores(feed: "Feed", max_samples: int) -> tuple[torch.Tensor, float]:
-    """The rankable score keys (int32, in no order) of an even sample of every ranked element,
-    about ``max_samples`` in runs of ``SAMPLE_RUN`` (a strided sample of single elements read a
-    whole cache line per element: 1M took 100 ms here), and the fraction of the sample that moved.
-    One ``ops.score_sample`` where the pre-trained values live beside the model; else the runs are
-    copied to the model's device first (the sample only, never the state), where Fine-mixing's
-    random scores are drawn per sample position, which gives the same distribution."""
+
+def _sample_scores(feed, total: int) -> tuple[torch.Tensor, float]:
+    """The rankable score keys (int32, in no order) of an even sample of the ``total`` ranked
+    elements (``Feed.score_sample``, over every rank with a ``RankFeed``), about
+    ``sample_budget(total)`` of them, and the fraction of the sample that moved."""
+    return sample_keys(*feed.score_sample(sample_stride(total, sample_budget(total))))
+
+
+def _score_sample(feed: "Feed", stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ops.score_sample`` of the feed's tensors: a run of ``SAMPLE_RUN`` every ``stride`` elements
+    (a strided sample of single elements read a whole cache line per element: 1M took 100 ms
+    here). One op where the pre-trained values live beside the model; else the runs are copied to
+    the model's device first (the sample only, never the state), where Fine-mixing's random scores
+    are drawn per sample position, which gives the same distribution."""
     ft, pre, scoring = feed.ft, feed.pre, feed.scoring
-    total = sum(f.numel() for f in ft)
-    stride = sample_stride(total, max_samples)
     if feed.resident is not None:
         _, ft, pre, hessians, ranking = feed.resident
         keys, counts = ops.score_sample(ft, pre, hessians, scoring.eps, stride, ranking)
     else:
         picks = [i for i, f in enumerate(ft) if f.numel()]
         if not picks:
-            return torch.zeros(0, dtype=torch.int32), 1.0
+            return torch.zeros(0, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
 
         def runs(t):  # the elements score_sample would take (a run every `stride`, or a head)
             flat = t.reshape(-1)
@@ -284,7 +322,7 @@ def _sample_scores(feed: "Feed", max_samples: int) -> tuple[torch.Tensor, float]
         # Every element of these copies (runs of SAMPLE_RUN, or heads shorter than it).
         keys, counts = ops.score_sample(sample_ft, sample_pre, sample_h, scoring.eps, SAMPLE_RUN,
                                         scoring.ranking.subset(picks))
-    return sample_keys(keys, counts)
+    return keys, counts
 
 
 def sample_keys(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -325,7 +363,7 @@ def candidate_range(sample_keys: torch.Tensor, moved_fraction: float, total: int
 def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", total: int):
     """The threshold search's first pass, bracketed from a sample: ``ops.score_candidates``'s
     counts, the keys inside (None where too many) and the range; None for an empty sample."""
-    sample, moved_fraction = _sample_scores(feed, sample_budget(total))
+    sample, moved_fraction = _sample_scores(feed, total)
     planned = candidate_range(sample, moved_fraction, total, config)
     if planned is None:
         return None
@@ -334,21 +372,25 @@ def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", tota
     return counts, keys, low, high
 
 
-def scoring_for(config: PurifyConfig, names, hessians) -> Scoring:
-    """The scoring spec of ``config.ranking`` for the named tensors and their Hessians."""
-    hessians = list(hessians)
+def scoring_for(config: PurifyConfig, names, hessians, shards: Shards | None = None) -> Scoring:
+    """The scoring spec of ``config.ranking`` for the named tensors and their Hessians (with
+    ``shards``: this rank's shards of them, scored as one process scores the whole tensors)."""
+    hessians, names = list(hessians), list(names)
     if config.ranking == "magnitude":  # drift^2 / 1 ranks like |drift|
         return Scoring(_per_tensor_values([0.0] * len(hessians), hessians), 1.0, ops.PLAIN)
-    if config.ranking == "fine_mixing":
-        ranking = ops.Ranking(random_seed=config.seed, random_keys=tuple(ops.tensor_key(n) for n in names))
+    if config.ranking == "fine_mixing":  # a shard draws its elements' values: keyed by its place in the whole
+        ranking = ops.Ranking(random_seed=config.seed, random_keys=tuple(ops.tensor_key(n) for n in names),
+                              random_offsets=tuple(shards.offset(n) for n in names) if shards else ())
         return Scoring(_per_tensor_values([0.0] * len(hessians), hessians), config.eps, ranking)
     floor = None
     if config.hessian_floor_quantile is not None and hessians:
-        floor = _quantile(hessians, config.hessian_floor_quantile)
+        floor = _quantile(hessians, config.hessian_floor_quantile, shards=shards, names=names)
     if config.ranking == "fine_purifying":
         return Scoring(hessians, config.eps, ops.Ranking(hessian_floor=floor or 0.0), floor)
     if config.ranking == "no_hessian":  # each tensor's mean curvature, floored
-        return Scoring(_mean_hessians(hessians, floor or 0.0), config.eps, ops.PLAIN, floor)
+        means = (_mean_hessians(hessians, floor or 0.0) if shards is None
+                 else _sharded_mean_hessians(hessians, floor or 0.0, shards, names))
+        return Scoring(means, config.eps, ops.PLAIN, floor)
     raise AssertionError(config.ranking)
 
 
@@ -362,12 +404,13 @@ class Feed:
     (``_Staging``), so the host packs one group while the last one crosses. Every pass walks the
     same groups."""
 
-    def __init__(self, ft, pre, scoring: Scoring, group_bytes: int | None = None):
+    def __init__(self, ft, pre, scoring: Scoring, group_bytes: int | None = None, refuse_unrankable=None):
         self.ft, self.pre, self.scoring = ft, pre, scoring
+        self.refuse_unrankable = refuse_unrankable  # (count) -> raises; a RankFeed calls it on every rank
         group_bytes = GROUP_BYTES if group_bytes is None else group_bytes
         in_place = all(p.device == f.device and p.dtype == f.dtype and h.device == f.device
                        for f, p, h in zip(ft, pre, scoring.hessians))
-        self.groups = [list(range(len(ft)))] if in_place or not ft else self._split(group_bytes)
+        self.groups = [] if not ft else [list(range(len(ft)))] if in_place else self._split(group_bytes)
         # In place the one group's lists are made once and every pass reuses them (a model of 400
         # tensors otherwise spends milliseconds of host time per pass on no-op conversions).
         self.resident = None
@@ -419,6 +462,8 @@ class Feed:
 
     def histogram(self, level: int, prefix: int) -> torch.Tensor:
         return self.histogram_on_device(level, prefix).cpu()
+
+    score_sample = _score_sample
 
     def candidates(self, low_key: int, high_key: int, capacity: int):
         """One ``ops.score_candidates`` pass over every group: the counts summed, and each group's
@@ -599,6 +644,7 @@ def purify_(
     config: PurifyConfig,
     plot_samples: int = 20_000,
     seen_tokens=None,
+    group=None,
 ) -> PurifyReport:
     """Resets, in place, the most abnormal fraction of the model's matched parameters to their
     pre-trained values. Returns what was done.
@@ -611,7 +657,16 @@ def purify_(
 
     The pre-trained state and the Hessians may live on another device than the model (the CPU):
     they are moved a group of tensors at a time. Extra memory: a group and a histogram, whatever
-    the ranking and the model's size."""
+    the ranking and the model's size.
+
+    A sharded model (FSDP2's ``fully_shard``: DTensor parameters sharded on dim 0, replicated over
+    any other mesh dimension) is purified where it lies, every rank of ``group`` (default: the
+    world) calling ``purify_`` alike: each rank scores and resets its own shards, the ranks sum
+    their counts, and every rank resets exactly the elements one process resets over the whole
+    model and returns the same report (but the plot's sample, drawn per rank). The pre-trained
+    state and the Hessians may be whole tensors (each rank reads its rows) or DTensors sharded like
+    the parameters (``estimate_hessian``'s under FSDP2). Under DDP every rank holds the whole model:
+    call it without ``group`` and every rank purifies alike."""
     params = dict(model.named_parameters())
     scored, unscored = matched_parameters(model, pretrained_state, params)
     embedding = word_embedding_name(model, params) if config.embeddings == "separate" else None
@@ -619,19 +674,36 @@ def purify_(
     for n in ranked:
         if n not in hessians:
             raise ValueError(f"purify: no Hessian for parameter {n!r}; estimate it on this model")
-    ft = [params[n] for n in ranked]  # the parameters themselves: under no_grad, no .data view per tensor
-    pre = [pretrained_state[n] for n in ranked]
+    shards = Shards.of(params, scored + ([embedding] if embedding is not None and embedding not in scored else []),
+                       group)
+    mine = (lambda name, t, what: t) if shards is None else shards.local  # this rank's part
+    # The parameters themselves (under no_grad, no .data view per tensor), or their local shards.
+    ft = [mine(n, params[n], "parameter") for n in ranked]
+    pre = [mine(n, pretrained_state[n], "pre-trained tensor") for n in ranked]
+    hs = [mine(n, hessians[n], "Hessian") for n in ranked]
 
     def named_error(op_error):
-        return unrankable(_named_inputs(ranked, ft, pre, [hessians[n] for n in ranked])) or op_error
+        return unrankable(_named_inputs(ranked, ft, pre, hs)) or op_error
 
-    scoring = scoring_for(config, ranked, [hessians[n] for n in ranked])
+    def refuse_unrankable(_count):
+        raise named_error(UserError("the scores cannot be ranked: they overflow float32; use a larger eps"))
+
+    scoring = scoring_for(config, ranked, hs, shards)
     if scoring.floor is not None and not math.isfinite(scoring.floor):  # a NaN in some Hessian
         raise named_error(UserError("the Hessian holds NaN or Inf values; re-estimate it"))
-    feed = Feed(ft, pre, scoring)
-    total = sum(f.numel() for f in ft)
-
+    feed = Feed(ft, pre, scoring, refuse_unrankable=refuse_unrankable)
     device = ft[0].device if ft else torch.device("cpu")
+    # What the threshold search reads: this feed, or every rank's, each pass's counts summed over
+    # the ranks (a rank's replicas of a tensor another rank counts are reset, not counted).
+    if shards is None:
+        search, total, elsewhere = feed, sum(f.numel() for f in ft), device.type not in CANDIDATES_ON
+    else:
+        here = [i for i, n in enumerate(ranked) if shards.counts[n]]
+        counted = feed if len(here) == len(ranked) else Feed(
+            [ft[i] for i in here], [pre[i] for i in here], scoring.subset(here), refuse_unrankable=refuse_unrankable)
+        search, elsewhere = RankFeed.joined(counted, sum(ft[i].numel() for i in here), len(here),
+                                            device.type not in CANDIDATES_ON, device, shards.group)
+        total = search.total
 
     # On a GPU every pass runs while the host queues the work that does not depend on it (the
     # plot's sample, the embedding's rows): the host reads a pass's result only when it needs it.
@@ -640,26 +712,37 @@ def purify_(
     # holds it); else the level-0 histogram of the three-pass search.
     level0 = candidates = None
     try:
-        if total >= CANDIDATES_MIN_WEIGHTS and device.type in CANDIDATES_ON:
-            candidates = _candidate_pass(feed, scoring, config, total)
+        if total >= CANDIDATES_MIN_WEIGHTS and not elsewhere:
+            candidates = _candidate_pass(search, scoring, config, total)
         if candidates is None:
-            level0 = feed.histogram_on_device(0, 0) if total else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
+            level0 = search.histogram_on_device(0, 0) if total else torch.zeros(LEVEL_BINS[0] + 2, dtype=torch.int64)
     except RuntimeError as op_error:
         raise named_error(op_error) from op_error
-    sampled = _plot_sample(ft, plot_samples, config.seed)  # (tensor index, element indices on its device)
+    # The plot's sample (a rank's share of it from the tensors it counts).
+    if shards is None:
+        sampled = _plot_sample(ft, plot_samples, config.seed)  # (tensor index, element indices on its device)
+    else:
+        counts_here = set(here)
+        sampled = _plot_sample([f if i in counts_here else f.reshape(-1)[:0] for i, f in enumerate(ft)],
+                               round(plot_samples * sum(ft[i].numel() for i in here) / max(total, 1)),
+                               config.seed + shards.rank)
     if sampled:  # the plot's drift^2 and H: queued behind the pass, before any reset; nothing here waits
         before = _gather(ft, sampled, device)
         drift = before - _gather(pre, sampled, device)
-        values = torch.stack([drift * drift, _gather([hessians[n] for n in ranked], sampled, device)])
+        values = torch.stack([drift * drift, _gather(hs, sampled, device)])
         values_on_host = _to_host_async(values)
     unseen = None
     if embedding is not None:
+        rows = params[embedding].shape[0]
+        embedding_w = params[embedding].data if shards is None else mine(embedding, params[embedding], "parameter")
         if seen_tokens is not None:
-            unseen = _to_device_async(torch.nonzero(unseen_mask(seen_tokens, params[embedding].shape[0])).flatten(),
-                                      params[embedding].device)
+            mask = unseen_mask(seen_tokens, rows)
+            if shards is not None:  # this rank's rows
+                mask = mask[shards.first_row[embedding]:shards.first_row[embedding] + embedding_w.shape[0]]
+            unseen = _to_device_async(torch.nonzero(mask).flatten(), embedding_w.device)
             report_rule = "seen_tokens"
         else:
-            unseen, report_rule = zero_hessian_rows(hessians[embedding]), "hessian"
+            unseen, report_rule = zero_hessian_rows(mine(embedding, hessians[embedding], "Hessian")), "hessian"
     if candidates is not None:
         num_unrankable, unmoved = int(candidates[0][4]), int(candidates[0][5])
     else:
@@ -668,39 +751,48 @@ def purify_(
     if num_unrankable > 0:
         raise named_error(UserError("the scores cannot be ranked: they overflow float32; use a larger eps"))
     moved = total - unmoved
-    counted = moved if config.count_moved_only or config.ranking == "fine_mixing" else total
-    num_reset = ops.num_reset_for(counted, config.reserve_ratio)
+    counted_elements = moved if config.count_moved_only or config.ranking == "fine_mixing" else total
+    num_reset = ops.num_reset_for(counted_elements, config.reserve_ratio)
     report = PurifyReport(config.ranking, config.reserve_ratio, None, total, moved, num_reset,
                           kept_unscored=unscored, embedding_parameter=embedding, hessian_floor=scoring.floor)
     read_counts = None
     if num_reset > 0:
         if candidates is not None:  # the sample's bracket, narrowed where it held too many or missed
-            threshold = search_ranges(candidates, feed.candidates, num_reset, total, CANDIDATE_KEYS)
+            threshold = search_ranges(candidates, search.candidates, num_reset, total, CANDIDATE_KEYS)
         else:
             threshold = threshold_from_histograms(
-                lambda level, prefix: level0 if level == 0 and level0 is not None else feed.histogram(level, prefix),
+                lambda level, prefix: level0 if level == 0 and level0 is not None else search.histogram(level, prefix),
                 num_reset, total)
         report.threshold = threshold
         read_counts = feed.start_masked_reset_(threshold)
     embedding_reset = None
     if embedding is not None:  # queued behind the reset (the embedding is not ranked: independent of it)
         report.embedding_rule = report_rule
-        embedding_reset = reset_moved_rows_(params[embedding].data, pretrained_state[embedding], unseen, read=False)
+        with torch.no_grad():
+            embedding_reset = reset_moved_rows_(embedding_w, mine(embedding, pretrained_state[embedding],
+                                                                  "pre-trained tensor"), unseen, read=False)
 
     if sampled:  # and whether each sampled element was reset
         flags = _gather(ft, sampled, device) != before
         # The plot's values as Python floats while a GPU resets (40,000 of them take most of a
         # millisecond to convert).
         drift_sq, hessian = values_on_host().tolist()
-    report.reset_per_parameter = dict(zip(ranked, read_counts())) if read_counts else {n: 0 for n in ranked}
+    resets = read_counts() if read_counts else [0] * len(ranked)
+    embedding_rows = int(embedding_reset) if embedding is not None else 0
+    if shards is not None:  # every rank's counts summed, each tensor's from the ranks that count it
+        counts_here = [shards.counts[n] for n in ranked] + [embedding is not None and shards.counts[embedding]]
+        summed = shards.summed(torch.tensor([c if counts else 0 for c, counts in zip(resets + [embedding_rows],
+                                                                                      counts_here)])).tolist()
+        resets, embedding_rows = summed[:-1], summed[-1]
+    report.reset_per_parameter = dict(zip(ranked, resets))
     report.numel_per_parameter = {n: params[n].numel() for n in scored}
     if embedding is not None:
-        report.embedding_rows_reset = int(embedding_reset)
+        report.embedding_rows_reset = embedding_rows
         report.reset_per_parameter[embedding] = report.embedding_rows_reset * params[embedding].shape[1]
-    if sampled:
-        report.sample = {"drift_sq": drift_sq, "hessian": hessian, "reset": flags.tolist()}
-    else:
-        report.sample = {"drift_sq": [], "hessian": [], "reset": []}
+    sample = ([], [], []) if not sampled else (drift_sq, hessian, flags.tolist())
+    if shards is not None:  # every rank's share of the plot's sample
+        sample = tuple(sum((list(part[i]) for part in shards.gathered_objects(sample)), []) for i in range(3))
+    report.sample = {"drift_sq": sample[0], "hessian": sample[1], "reset": sample[2]}
     return report
 
 

@@ -244,70 +244,115 @@ def _local(t) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
-class _RankFeed:
-    """This rank's elements as a search's passes read them: a histogram's counts summed with an
-    ``all_reduce``; a candidates pass's counts gathered (every rank sums them and knows how many
-    keys each keeps) and then its keys; the sample gathered, each rank's padded to a bound every
-    rank knows (``sizes``: each rank's element and tensor counts, from the first collective)."""
+class OpLists:
+    """One rank's tensors as lists the ops take at once: the local passes ``RankFeed`` sums."""
 
-    def __init__(self, ft, pre, hs, eps: float, ranking_args: tuple, device, group, rank: int,
-                 sizes: list[tuple[int, int]]):
+    def __init__(self, ft, pre, hs, eps: float, ranking_args: tuple):
         self.ft, self.pre, self.hs, self.eps, self.args = ft, pre, hs, float(eps), ranking_args
-        self.device, self.group, self.rank, self.sizes = device, group, rank, sizes
 
-    def _refuse_unrankable(self, count: int):
+    def histogram(self, level: int, prefix: int) -> torch.Tensor:
+        if not self.ft:
+            return torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
+        return _ops.score_histogram.default(self.ft, self.pre, self.hs, self.eps, level, prefix, *self.args).cpu()
+
+    def score_sample(self, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.ft:
+            return torch.zeros(0, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)
+        return _ops.score_sample.default(self.ft, self.pre, self.hs, self.eps, int(stride), *self.args)
+
+    def candidates(self, low_key: int, high_key: int, capacity: int):
+        if not self.ft:
+            return torch.zeros(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64), torch.zeros(0, dtype=torch.int32)
+        counts, keys = _ops.score_candidates.default(self.ft, self.pre, self.hs, self.eps, int(low_key),
+                                                     int(high_key), int(capacity), *self.args)
+        counts = counts.cpu()
+        return counts, keys[:int(counts[2])] if int(counts[2]) <= capacity else None
+
+    def refuse_unrankable(self, count: int):
         """Some rank's scores are NaN or Inf: the op over this rank's elements names the culprit if
         it is here; every rank raises."""
-        if self.sizes[self.rank][0]:  # this rank holds elements (not only empty shards)
+        if sum(t.numel() for t in self.ft):  # this rank holds elements (not only empty shards)
             _ops.score_threshold.default(self.ft, self.pre, self.hs, 1, self.eps, *self.args, search="histograms")
         raise ValueError(f"{count} scores are NaN or Inf (or a hessian is negative); "
                          "check the inputs for NaN/Inf and the hessians for negative values")
 
+
+class RankFeed:
+    """The elements of every rank of ``group`` as a search's passes read them, each rank's from its
+    ``local`` feed (``OpLists``, or purify's ``Feed`` of groups): a histogram's counts summed with
+    an ``all_reduce``; a candidates pass's counts gathered (every rank sums them and knows how many
+    keys each keeps) and then its keys; the sample gathered, each rank's padded to a bound every
+    rank knows. ``joined`` makes one with the first collective: every rank's element and tensor
+    counts, and whether some rank's device lacks the candidates kernel. Every rank raises where
+    some rank's scores cannot be ranked (``local.refuse_unrankable``)."""
+
+    def __init__(self, local, device, group, rank: int, sizes: list[tuple[int, int]]):
+        self.local, self.device, self.group, self.rank, self.sizes = local, device, group, rank, sizes
+        self.total = sum(numel for numel, _ in sizes)
+
+    @classmethod
+    def joined(cls, local, numel: int, tensors: int, elsewhere: bool, device, group) -> tuple["RankFeed", bool]:
+        """(the feed, whether some rank's tensors sit on a device outside ``CANDIDATES_ON``, as this
+        rank's do where ``elsewhere``); ``device``: where this rank's tensors live."""
+        import torch.distributed as dist
+
+        if dist.get_backend(group) == "nccl" and device.type != "cuda":  # nccl reduces CUDA tensors only
+            device = torch.device("cuda", torch.cuda.current_device())
+        mine = torch.tensor([numel, tensors, int(elsewhere)], dtype=torch.int64, device=device)
+        ranks = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(ranks, mine, group=group)
+        ranks = [r.tolist() for r in ranks]
+        feed = cls(local, device, group, dist.get_rank(group), [(r[0], r[1]) for r in ranks])
+        return feed, any(r[2] for r in ranks)
+
     def histogram(self, level: int, prefix: int) -> torch.Tensor:
         import torch.distributed as dist
 
-        if self.ft:
-            counts = _ops.score_histogram.default(self.ft, self.pre, self.hs, self.eps, level, prefix, *self.args)
-        else:
-            counts = torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
-        counts = counts.to(self.device)
+        counts = self.local.histogram(level, prefix).to(self.device)
         dist.all_reduce(counts, group=self.group)
         counts = counts.cpu()
         if counts[LEVEL_BINS[level]] > 0:
-            self._refuse_unrankable(int(counts[LEVEL_BINS[level]]))
+            self.local.refuse_unrankable(int(counts[LEVEL_BINS[level]]))
         return counts
 
-    def sample(self, stride: int) -> torch.Tensor:
-        """The rankable keys of every rank's ``score_sample``, in rank order (the same on every rank)."""
-        if self.ft:
-            keys, _ = _ops.score_sample.default(self.ft, self.pre, self.hs, self.eps, int(stride), *self.args)
-        else:
-            keys = torch.zeros(0, dtype=torch.int32)
+    histogram_on_device = histogram  # purify_'s first pass: read at once (the ranks summed it)
+
+    def score_sample(self, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's ``score_sample`` keys, in rank order, and their counts {unrankable, unmoved}
+        summed (the same on every rank)."""
+        keys, counts = self.local.score_sample(stride)
         # At most a run per stride of each rank's elements and a head of each tensor shorter than one.
         bounds = [numel * SAMPLE_RUN // stride + tensors for numel, tensors in self.sizes]
-        keys = torch.cat(self._gathered_parts(keys, bounds))
-        return keys[keys >= 0]  # unrankable ones (and the padding): the pass finds and names them
+        kept = torch.tensor([min(keys.numel(), bounds[self.rank]), *counts.tolist()], device=self.device)
+        parts = self._gathered_parts(keys, bounds)
+        ranks = self._gathered(kept, 3)
+        counts = torch.stack(ranks)[:, 1:].sum(0)
+        return torch.cat([part[:int(r[0])] for part, r in zip(parts, ranks)]), counts
+
+    def sample(self, stride: int) -> torch.Tensor:
+        """The rankable keys of every rank's ``score_sample``."""
+        keys, _ = self.score_sample(stride)
+        return keys[keys >= 0]  # unrankable ones: the pass finds and names them
 
     def candidates(self, low_key: int, high_key: int, capacity: int):
         """One ``score_candidates`` pass over every rank: the counts summed, and every rank's keys
-        strictly inside, each sorted descending (None where more than ``capacity`` are, over all ranks)."""
-        if self.ft:  # no rank keeps more keys than it holds elements (the op fills its room with -1)
-            room = min(int(capacity), self.sizes[self.rank][0])
-            counts, keys = _ops.score_candidates.default(self.ft, self.pre, self.hs, self.eps, int(low_key),
-                                                         int(high_key), room, *self.args)
-        else:
-            counts = torch.zeros(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64)
-            keys = torch.zeros(0, dtype=torch.int32)
+        strictly inside (None where more than ``capacity`` are, over all ranks): each rank's sorted
+        descending where they came from one op, else in no order (``kth_largest_key`` takes both)."""
+        # No rank keeps more keys than it holds elements (the op fills its room with -1).
+        counts, keys = self.local.candidates(low_key, high_key, min(int(capacity), self.sizes[self.rank][0]))
         per_rank = self._gathered(counts, counts.numel())
         counts = torch.stack(per_rank).sum(0)
         if counts[4] > 0:
-            self._refuse_unrankable(int(counts[4]))
+            self.local.refuse_unrankable(int(counts[4]))
         if int(counts[2]) > capacity:  # every rank sees the sum: none gathers
             return counts, None
+        if len(self.sizes) == 1:  # one rank: its own parts (sorted) as they are
+            return counts, keys
         kept = [int(c[2]) for c in per_rank]  # every rank's keys inside, all kept (their sum fits)
         if max(kept) == 0:
             return counts, []
-        return counts, self._gathered_parts(keys[:kept[self.rank]], kept)
+        mine = keys if isinstance(keys, torch.Tensor) else torch.cat(list(keys)) if keys else torch.zeros(0, dtype=torch.int32)
+        return counts, self._gathered_parts(mine[:kept[self.rank]], kept)
 
     def _gathered_parts(self, values: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
         """Every rank's int32 ``values``, rank r's cut or padded with -1 to ``lengths[r]`` (known to
@@ -379,21 +424,13 @@ def distributed_score_threshold(
             if (_counts_here(t) if _is_dtensor(t) else (rank == 0 or not replicated))]
     ft, pre, hs = ([_local(ts[i]) for i in keep] for ts in lists)
     device = ft[0].device if ft else torch.device("cpu")
-    elsewhere = int(any(t.device.type not in CANDIDATES_ON for t in ft))
-    if dist.get_backend(group) == "nccl" and device.type != "cuda":  # nccl reduces CUDA tensors only
-        device = torch.device("cuda", torch.cuda.current_device())
-    # Every rank's count of elements and of tensors, and whether the candidates kernel has run on its device.
-    mine = torch.tensor([sum(t.numel() for t in ft), len(ft), elsewhere], dtype=torch.int64, device=device)
-    ranks = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(ranks, mine, group=group)
-    ranks = [r.tolist() for r in ranks]
-    total, elsewhere = sum(r[0] for r in ranks), any(r[2] for r in ranks)
-    k = int(k)
+    args = ranking.subset(keep).args() if ranking is not None else ()  # the tensors that count here
+    feed, elsewhere = RankFeed.joined(OpLists(ft, pre, hs, eps, args), sum(t.numel() for t in ft), len(ft),
+                                      any(t.device.type not in CANDIDATES_ON for t in ft), device, group)
+    total, k = feed.total, int(k)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} is out of range: the tensors hold {total} elements, so k must be in [1, {total}]")
 
-    args = ranking.subset(keep).args() if ranking is not None else ()  # the tensors that count here
-    feed = _RankFeed(ft, pre, hs, eps, args, device, group, rank, [(r[0], r[1]) for r in ranks])
     if search == "sample" or (search == "auto" and total >= CANDIDATES_MIN_WEIGHTS and not elsewhere):
         sample = feed.sample(sample_stride(total, sample_budget(total)))
         if sample.numel():

@@ -91,13 +91,13 @@ def _misled(rank, case):
     ft, pre, hs = [torch.randn(n, generator=g)], [torch.randn(n, generator=g)], [torch.rand(n, generator=g)]
     everything = [[torch.cat(gathered(t[0]))] for t in (ft, pre, hs)]
     passes = []
-    candidates = threshold_module._RankFeed.candidates
+    candidates = threshold_module.RankFeed.candidates
 
     def counted(self, *args):
         passes.append(args)
         return candidates(self, *args)
 
-    threshold_module._RankFeed.candidates = counted
+    threshold_module.RankFeed.candidates = counted
     if case == "missed":  # a bracket that holds no score but denormals: the passes narrow over the ranks
         threshold_module.bracket_from_sample = lambda *_: (1, 2, 0.0)
     elif case == "too_many":  # room for 8 keys: a pass counts bins, the next keeps the bin that holds it
@@ -302,3 +302,128 @@ def _ddp_hessian(rank, wrap, out_dir):
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_hessian_under_ddp_and_fsdp2(tmp_path, wrap):
     run(tmp_path, _ddp_hessian, wrap, str(tmp_path))
+
+
+# --------------------------------------------------------------------------- purify_ of a sharded model
+
+
+class ShardedToy(torch.nn.Module):
+    """Uneven rows for two ranks, a one-row layer (a rank holds an empty shard), a word embedding and
+    a new head the pre-trained state lacks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(23, 8)
+        self.body = torch.nn.Linear(8, 37)
+        self.mid = torch.nn.Linear(37, 11)
+        self.norm = torch.nn.LayerNorm(11)
+        self.tiny = torch.nn.Linear(11, 1)
+        self.head = torch.nn.Linear(1, 3)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def toy_state():
+    """(pre-trained state, Hessians): some weights unmoved, embedding rows of zero Hessian, ties."""
+    model, g = ShardedToy(), torch.Generator().manual_seed(7)
+    pre, hs = {}, {}
+    for name, p in model.named_parameters():
+        if name.startswith("head."):
+            continue
+        moved = torch.rand(p.shape, generator=g) < 0.8
+        pre[name] = torch.where(moved, p.detach() + 0.05 * torch.randn(p.shape, generator=g), p.detach())
+        hs[name] = torch.rand(p.shape, generator=g) ** 3
+    hs["embed.weight"][[2, 5, 11, 12, 20]] = 0  # rows the clean data never reaches
+    hs["mid.weight"].view(-1)[:40] = hs["mid.weight"].view(-1)[40]  # ties
+    return pre, hs
+
+
+def _sharded_purify(rank, variant):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import finepurify_ext.purify as purify_module
+    from finepurify_ext.purify import PurifyConfig, purify_
+
+    mesh = (init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard")) if variant == "hsdp"
+            else init_device_mesh("cpu", (WORLD,)))
+    configs = [PurifyConfig(ranking=r) for r in ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")]
+    configs += [PurifyConfig.literal(), PurifyConfig(hessian_floor_quantile=0.9, reserve_ratio=0.95, seed=3)]
+    purify_module.FLOOR_SAMPLES = 97  # the floor's sample every 9th or so Hessian value: where a shard starts counts
+    searches = {"histograms": dict(CANDIDATES_MIN_WEIGHTS=1 << 40),
+                "sample": dict(CANDIDATES_MIN_WEIGHTS=0),  # one candidates pass over the ranks
+                "narrowed": dict(CANDIDATES_MIN_WEIGHTS=0, CANDIDATE_KEYS=8)}  # narrowing passes over the ranks
+    for search, patches in searches.items():
+        for key, value in patches.items():
+            setattr(purify_module, key, value)
+        if variant == "groups":  # a Feed of many groups: the pre-trained state converted from float64
+            purify_module.GROUP_BYTES = 512
+        for config in configs:
+            for seen in (None, [0, 1, 3, 4, 9]):
+                pre, hs = toy_state()
+                if variant == "groups":
+                    pre = {n: t.double() for n, t in pre.items()}
+                one = ShardedToy()
+                expected = purify_(one, pre, hs, config, seen_tokens=seen)
+                model = ShardedToy()
+                fully_shard(model, mesh=mesh)
+                placements = next(model.parameters()).placements
+                if variant in ("dtensors", "hsdp"):  # the Hessians as estimate_hessian leaves them under FSDP2
+                    hs = {n: distribute_tensor(h, mesh, placements) for n, h in hs.items()}
+                if variant == "dtensors":
+                    pre = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in pre.items()}
+                got = purify_(model, pre, hs, config, seen_tokens=seen)
+                where = (variant, search, config, seen)
+                for name, p in one.named_parameters():
+                    assert torch.equal(dict(model.named_parameters())[name].full_tensor(), p.detach()), (where, name)
+                for field in ("threshold", "ranked_elements", "moved_elements", "num_reset", "reset_per_parameter",
+                              "numel_per_parameter", "embedding_rows_reset", "embedding_rule", "kept_unscored",
+                              "hessian_floor"):
+                    assert getattr(got, field) == getattr(expected, field), (where, field)
+                assert expected.num_reset > 0 and sum(expected.reset_per_parameter.values()) > 0, where
+                assert len(got.sample["reset"]) == len(got.sample["drift_sq"]) > 0, where
+                if config.embeddings == "separate":
+                    assert got.embedding_rows_reset > 0, where
+
+
+@pytest.mark.parametrize("variant", ["whole", "dtensors", "groups", "hsdp"])
+def test_purify_of_a_sharded_model_matches_one_process(tmp_path, variant):
+    """purify_ on an FSDP2 model, every rank its own shards: each ranking, both searches (and the
+    narrowing passes), the seen-token rule, the pre-trained state and Hessians whole, as DTensors,
+    or moved in groups, and HSDP's replicas (counted once): the same weights reset and the same
+    report as one process over the whole model."""
+    run(tmp_path, _sharded_purify, variant)
+
+
+def _sharded_refusals(rank):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from finepurify_ext.errors import UserError
+    from finepurify_ext.purify import PurifyConfig, purify_
+    from finepurify_ext.sharded import Shards
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    pre, hs = toy_state()
+    model = ShardedToy()
+    fully_shard(model, mesh=mesh)
+    if rank == 1:  # a NaN in rank 1's shard: every rank stops, rank 1 names the tensor
+        pre["body.weight"][-1, 0] = float("nan")
+    expected = "pre-trained model's parameter 'body.weight' holds 1 NaN" if rank == 1 else "cannot be ranked"
+    with pytest.raises((UserError, ValueError), match=expected):
+        purify_(model, pre, hs, PurifyConfig(hessian_floor_quantile=None))
+    pre, hs = toy_state()
+    hs["mid.weight"] = distribute_tensor(hs["mid.weight"], mesh, [Shard(1)])
+    with pytest.raises(ValueError, match="Hessian of 'mid.weight' is sharded unlike the parameter"):
+        purify_(model, pre, hs, PurifyConfig())
+    params = {"w": distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)])}
+    with pytest.raises(ValueError, match="'w' is placed as .*Shard\\(dim=1\\).*sharded on dim 0"):
+        Shards.of(params, ["w"])
+
+
+def test_purify_of_a_sharded_model_refuses_clearly(tmp_path):
+    run(tmp_path, _sharded_refusals)

@@ -1,0 +1,108 @@
+"""A model's parameters as this rank's shards, for ``purify_`` under torch.distributed.
+
+FSDP2 (``fully_shard``) makes each parameter a DTensor sharded on dim 0: a rank holds a run of whole
+rows, one contiguous stretch of the flat tensor. ``Shards`` knows where each stretch starts, cuts the
+same stretch from a full pre-trained tensor or Hessian (a view, nothing copied), tells which ranks
+count a tensor (a replicated mesh dimension counts once, on coordinate 0; a plain tensor on rank 0),
+and sums and gathers over the group what the scoring spec needs: with them every rank computes the
+scoring spec, threshold and reset one process computes over the whole model.
+"""
+from __future__ import annotations
+
+import torch
+
+from .threshold import _counts_here, _is_dtensor
+
+
+class Shards:
+    """Where each named parameter's local shard sits in the whole tensor, and the collectives of
+    ``group`` (every rank of it calls ``purify_``)."""
+
+    def __init__(self, params: dict, names, group):
+        import torch.distributed as dist
+
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.device = torch.device("cpu")  # where collectives run: nccl reduces CUDA tensors only
+        if dist.get_backend(group) == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.first_row, self.counts, self.numel, self.local_shape = {}, {}, {}, {}
+        for name in names:
+            p = params[name]
+            self.numel[name] = p.numel()
+            if not _is_dtensor(p):  # every rank holds it whole
+                self.first_row[name], self.counts[name], self.local_shape[name] = 0, self.rank == 0, p.shape
+                continue
+            from torch.distributed.tensor import Replicate, Shard
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            if not all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0) for pl in p.placements):
+                raise ValueError(f"purify_: parameter {name!r} is placed as {tuple(p.placements)}; purify_ takes "
+                                 "parameters sharded on dim 0 (FSDP2's fully_shard) or replicated")
+            if sum(isinstance(pl, Shard) for pl in p.placements) > 1:
+                raise ValueError(f"purify_: parameter {name!r} is sharded on dim 0 over several mesh dimensions "
+                                 f"{tuple(p.placements)}; shard it over one (fully_shard on a 1-D mesh, or HSDP)")
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            self.first_row[name] = offset[0] if p.dim() else 0
+            self.counts[name], self.local_shape[name] = _counts_here(p), torch.Size(shape)
+
+    @classmethod
+    def of(cls, params: dict, names, group=None) -> "Shards | None":
+        """The shards of ``names`` where some parameter is a DTensor or a ``group`` is given, else
+        None (one process, or DDP: every rank holds the whole model and purifies it alike)."""
+        if group is None and not any(_is_dtensor(params[n]) for n in names):
+            return None
+        import torch.distributed as dist
+
+        return cls(params, names, group if group is not None else dist.group.WORLD)
+
+    def offset(self, name: str) -> int:
+        """The index in the flat whole tensor of this rank's first element of ``name``."""
+        shape = self.local_shape[name]
+        return self.first_row[name] * (shape[1:].numel() if len(shape) else 1)
+
+    def local(self, name: str, t: torch.Tensor, what: str) -> torch.Tensor:
+        """This rank's part of ``t`` for parameter ``name``: a DTensor's local tensor (which must be
+        placed like the parameter), or the same rows of a full tensor (a view)."""
+        if _is_dtensor(t):
+            with torch.no_grad():  # the tensor itself, not a differentiable view: resets write into it
+                local = t.to_local()
+        elif t.dim() and tuple(t.shape) != tuple(self.local_shape[name]):
+            local = t[self.first_row[name]:self.first_row[name] + self.local_shape[name][0]]
+        else:
+            local = t
+        if local.shape != self.local_shape[name]:
+            raise ValueError(f"purify_: the {what} of {name!r} is sharded unlike the parameter (local shape "
+                             f"{list(local.shape)}, the parameter's {list(self.local_shape[name])}); pass it "
+                             "whole or sharded as the parameter is")
+        return local
+
+    def summed(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (int64 or float64, one per item) summed over the ranks, on the CPU."""
+        import torch.distributed as dist
+
+        values = values.to(self.device)
+        dist.all_reduce(values, group=self.group)
+        return values.cpu()
+
+    def gathered(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D ``values`` (lengths may differ) concatenated in rank order, on the CPU."""
+        import torch.distributed as dist
+
+        length = torch.tensor([values.numel()], dtype=torch.int64, device=self.device)
+        lengths = [torch.empty_like(length) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(lengths, length, group=self.group)
+        lengths = [int(n) for n in lengths]
+        padded = torch.zeros(max(lengths), dtype=values.dtype, device=self.device)
+        padded[:values.numel()] = values.to(self.device)
+        parts = [torch.empty_like(padded) for _ in lengths]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([part[:n].cpu() for part, n in zip(parts, lengths)])
+
+    def gathered_objects(self, value) -> list:
+        """Every rank's picklable ``value`` (small: the plot's sample), in rank order."""
+        import torch.distributed as dist
+
+        out = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(out, value, group=self.group)
+        return out
