@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from common import git_commit, write_json_atomically
+from common import git_commit, peak_extra, sync, timed, write_json_atomically
 
 import finepurify_ext
 from finepurify_ext import ops
@@ -43,47 +43,6 @@ MODELS = {  # OPT shapes
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12, vocab_size=50272),
     "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32, vocab_size=50272),
 }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(device, fn):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def peak_extra(device, fn):
-    """(seconds, peak memory above what was in use before, fn's result): on CUDA the allocator's
-    peak; on the CPU the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
-    if device.type != "cuda":
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            before = _status_kib("VmRSS")
-        except OSError:
-            before = None
-        seconds, out = timed(device, fn)
-        peak = _status_kib("VmHWM") if before is not None else None
-        return seconds, None if peak is None else (peak - before) * 1024, out
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    seconds, out = timed(device, fn)
-    return seconds, torch.cuda.max_memory_allocated(device) - before, out
 
 
 # purify_'s steps, each timed as a profiler range (host time from entry to return, waits for the

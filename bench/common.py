@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -125,3 +126,48 @@ def run_cells(args, results: dict, measure_cell):
 
 if __name__ == "__main__":
     print(git_commit(), source_digest())
+
+
+def sync(device):
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def timed(device, fn):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def peak_extra(device, fn):
+    """(seconds, peak memory above what was in use before, fn's result): on CUDA the allocator's
+    peak; on the CPU the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
+    if device.type != "cuda":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            before = _status_kib("VmRSS")
+        except OSError:
+            before = None
+        seconds, out = timed(device, fn)
+        peak = _status_kib("VmHWM") if before is not None else None
+        return seconds, None if peak is None else (peak - before) * 1024, out
+    import torch
+
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    seconds, out = timed(device, fn)
+    return seconds, torch.cuda.max_memory_allocated(device) - before, out

@@ -181,7 +181,7 @@ def _quantile(tensors, q: float, max_samples: int | None = None, shards: Shards 
     sample = (parts[0] if len(parts) == 1 else torch.cat([p.cpu() for p in parts]) if parts
               else torch.zeros(0, dtype=torch.float32))
     if shards is not None:
-        sample = shards.gathered(sample.cpu())
+        sample = torch.cat(shards.gathered(sample))
     return sample_quantile(sample, q)
 
 
@@ -790,8 +790,11 @@ def purify_(
         report.embedding_rows_reset = embedding_rows
         report.reset_per_parameter[embedding] = report.embedding_rows_reset * params[embedding].shape[1]
     sample = ([], [], []) if not sampled else (drift_sq, hessian, flags.tolist())
-    if shards is not None:  # every rank's share of the plot's sample
-        sample = tuple(sum((list(part[i]) for part in shards.gathered_objects(sample)), []) for i in range(3))
+    if shards is not None and plot_samples > 0:  # every rank's share of the plot's sample, in one gather
+        parts = shards.gathered(torch.tensor([x for values in sample for x in values], dtype=torch.float32))
+        parts = [part.view(3, -1).tolist() for part in parts]
+        sample = ([x for part in parts for x in part[0]], [x for part in parts for x in part[1]],
+                  [bool(x) for part in parts for x in part[2]])
     report.sample = {"drift_sq": sample[0], "hessian": sample[1], "reset": sample[2]}
     return report
 

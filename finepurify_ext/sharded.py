@@ -34,17 +34,23 @@ class Shards:
                 self.first_row[name], self.counts[name], self.local_shape[name] = 0, self.rank == 0, p.shape
                 continue
             from torch.distributed.tensor import Replicate, Shard
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-            if not all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0) for pl in p.placements):
+            if not all(isinstance(pl, Replicate) or (type(pl) is Shard and pl.dim == 0) for pl in p.placements):
                 raise ValueError(f"purify_: parameter {name!r} is placed as {tuple(p.placements)}; purify_ takes "
                                  "parameters sharded on dim 0 (FSDP2's fully_shard) or replicated")
-            if sum(isinstance(pl, Shard) for pl in p.placements) > 1:
+            sharded_over = [d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+            if len(sharded_over) > 1:
                 raise ValueError(f"purify_: parameter {name!r} is sharded on dim 0 over several mesh dimensions "
                                  f"{tuple(p.placements)}; shard it over one (fully_shard on a 1-D mesh, or HSDP)")
-            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            self.first_row[name] = offset[0] if p.dim() else 0
-            self.counts[name], self.local_shape[name] = _counts_here(p), torch.Size(shape)
+            with torch.no_grad():
+                shape = p.to_local().shape
+            first = 0
+            if sharded_over and p.dim():  # torch.chunk's rows, as DTensor and FSDP2 split them
+                mesh_dim = sharded_over[0]
+                step = -(-p.shape[0] // p.device_mesh.size(mesh_dim))
+                first = min(p.device_mesh.get_coordinate()[mesh_dim] * step, p.shape[0])
+            self.first_row[name] = first
+            self.counts[name], self.local_shape[name] = _counts_here(p), shape
 
     @classmethod
     def of(cls, params: dict, names, group=None) -> "Shards | None":
@@ -85,8 +91,8 @@ class Shards:
         dist.all_reduce(values, group=self.group)
         return values.cpu()
 
-    def gathered(self, values: torch.Tensor) -> torch.Tensor:
-        """Every rank's 1-D ``values`` (lengths may differ) concatenated in rank order, on the CPU."""
+    def gathered(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's 1-D ``values`` (lengths may differ), in rank order, on the CPU."""
         import torch.distributed as dist
 
         length = torch.tensor([values.numel()], dtype=torch.int64, device=self.device)
@@ -97,12 +103,4 @@ class Shards:
         padded[:values.numel()] = values.to(self.device)
         parts = [torch.empty_like(padded) for _ in lengths]
         dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([part[:n].cpu() for part, n in zip(parts, lengths)])
-
-    def gathered_objects(self, value) -> list:
-        """Every rank's picklable ``value`` (small: the plot's sample), in rank order."""
-        import torch.distributed as dist
-
-        out = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(out, value, group=self.group)
-        return out
+        return [part[:n].cpu() for part, n in zip(parts, lengths)]

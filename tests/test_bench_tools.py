@@ -106,6 +106,23 @@ def test_search_bench_over_ranks(tmp_path):
     assert all(r["histograms_ms"] > 0 and r["sample_ms"] > 0 for r in result["rows"])
 
 
+def test_sharded_purify_bench_over_ranks(tmp_path):
+    """bench/bench_sharded.py: purify_ of an FSDP2 model over two gloo processes against the op on
+    the same shards (it checks they reset the same weights), a row per ranking, with its targets."""
+    import json
+    import subprocess
+
+    from finepurify_ext.purify import RANKINGS
+
+    out = tmp_path / "sharded.json"
+    subprocess.run([sys.executable, os.path.join(HERE, "..", "bench", "bench_sharded.py"), "--ranks", "2", "--weights",
+                    "300000", "--layers", "3", "--repeats", "1", "--out", str(out)], check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert [r["ranking"] for r in result["rows"]] == list(RANKINGS)
+    assert all(r["ranks"] == 2 and r["op_ms"] > 0 and r["purify_ms"] > 0 and r["reset"] > 0 for r in result["rows"])
+    assert len(result["targets"]) == 2 * len(RANKINGS)
+
+
 def test_host_overhead_bench_writes_a_row_per_label(tmp_path):
     """bench/bench_host.py, as gpu_check.sh runs it on a GPU, on the CPU: a row per label, every
     ranking with purify_'s and the op's times and its steps."""

@@ -348,8 +348,9 @@ def _sharded_purify(rank, variant):
     import finepurify_ext.purify as purify_module
     from finepurify_ext.purify import PurifyConfig, purify_
 
-    mesh = (init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard")) if variant == "hsdp"
-            else init_device_mesh("cpu", (WORLD,)))
+    world = dist.get_world_size()
+    mesh = (init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard")) if variant == "hsdp"
+            else init_device_mesh("cpu", (world,)))
     configs = [PurifyConfig(ranking=r) for r in ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")]
     configs += [PurifyConfig.literal(), PurifyConfig(hessian_floor_quantile=0.9, reserve_ratio=0.95, seed=3)]
     purify_module.FLOOR_SAMPLES = 97  # the floor's sample every 9th or so Hessian value: where a shard starts counts
@@ -389,13 +390,14 @@ def _sharded_purify(rank, variant):
                     assert got.embedding_rows_reset > 0, where
 
 
-@pytest.mark.parametrize("variant", ["whole", "dtensors", "groups", "hsdp"])
-def test_purify_of_a_sharded_model_matches_one_process(tmp_path, variant):
+@pytest.mark.parametrize("variant,world", [("whole", 2), ("dtensors", 2), ("groups", 2), ("hsdp", 2), ("whole", 3)])
+def test_purify_of_a_sharded_model_matches_one_process(tmp_path, variant, world):
     """purify_ on an FSDP2 model, every rank its own shards: each ranking, both searches (and the
     narrowing passes), the seen-token rule, the pre-trained state and Hessians whole, as DTensors,
-    or moved in groups, and HSDP's replicas (counted once): the same weights reset and the same
-    report as one process over the whole model."""
-    run(tmp_path, _sharded_purify, variant)
+    or moved in groups, HSDP's replicas (counted once), and three ranks (torch.chunk's rows: the
+    one-row layer leaves two ranks empty): the same weights reset and the same report as one
+    process over the whole model."""
+    run(tmp_path, _sharded_purify, variant, world=world)
 
 
 def _sharded_refusals(rank):
