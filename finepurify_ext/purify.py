@@ -180,9 +180,7 @@ def _quantile(tensors, q: float, max_samples: int | None = None, shards: Shards 
     parts = [torch.cat(views).float() for views in by_device.values()]
     sample = (parts[0] if len(parts) == 1 else torch.cat([p.cpu() for p in parts]) if parts
               else torch.zeros(0, dtype=torch.float32))
-    if shards is not None:
-        sample = torch.cat(shards.gathered(sample))
-    return sample_quantile(sample, q)
+    return sample_quantile(sample, q) if shards is None else shards.quantile(sample, q)
 
 
 def _per_tensor_values(values, hessians) -> list:

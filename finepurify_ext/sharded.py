@@ -9,6 +9,8 @@ scoring spec, threshold and reset one process computes over the whole model.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .threshold import _counts_here, _is_dtensor
@@ -104,3 +106,34 @@ class Shards:
         parts = [torch.empty_like(padded) for _ in lengths]
         dist.all_gather(parts, padded, group=self.group)
         return [part[:n].cpu() for part, n in zip(parts, lengths)]
+
+    def quantile(self, sample: torch.Tensor, q: float) -> float:
+        """``purify.sample_quantile`` of every rank's float32 ``sample`` together (the same bits),
+        without gathering them: the two order statistics it interpolates are found by two rounds of
+        summed histograms of the values' order-preserving 32-bit keys, the high 16 bits, then the low
+        16 bits within the bins that hold them (each rank bins only its own values)."""
+        x = sample.reshape(-1).float().cpu()
+        n, nan = (int(v) for v in self.summed(torch.tensor([x.numel(), int(torch.isnan(x).any())])))
+        if n == 0:
+            raise ValueError("sample_quantile: the sample is empty")
+        if nan:
+            return math.nan
+        rank = torch.tensor(q, dtype=torch.float32) * (n - 1)  # as sample_quantile ranks
+        wanted = (min(int(rank), n - 1), min(math.ceil(float(rank)), n - 1))  # ascending positions
+        bits = x.view(torch.int32).long() & 0xFFFFFFFF
+        keys = torch.where(bits >= 1 << 31, 0xFFFFFFFF - bits, bits | (1 << 31))  # negatives flipped: order kept
+        high = keys >> 16
+        counts = self.summed(torch.bincount(high, minlength=1 << 16))
+        ends = torch.cumsum(counts, 0)
+        bins = [int(torch.searchsorted(ends, position, right=True)) for position in wanted]
+        below = [position - (int(ends[b - 1]) if b else 0) for position, b in zip(wanted, bins)]
+        low_counts = self.summed(torch.cat([torch.bincount(keys[high == b] & 0xFFFF, minlength=1 << 16) for b in bins]))
+        values = []
+        for i, (b, position) in enumerate(zip(bins, below)):
+            ends = torch.cumsum(low_counts[i << 16:(i + 1) << 16], 0)
+            key = (b << 16) | int(torch.searchsorted(ends, position, right=True))
+            bits = 0xFFFFFFFF - key if key < 1 << 31 else key & 0x7FFFFFFF
+            signed = bits - (1 << 32) if bits >= 1 << 31 else bits  # the same 32 bits as an int32
+            values.append(torch.tensor([signed], dtype=torch.int32).view(torch.float32))
+        low, high = values
+        return float(torch.lerp(low, high, rank - wanted[0]))

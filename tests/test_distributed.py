@@ -3,6 +3,7 @@
 The threshold over sharded plain tensors, over DTensors (sharded and replicated: no double counting)
 and over replicated plain tensors; the reset of the local parts; and the Hessian under DDP and FSDP2.
 """
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -429,3 +430,35 @@ def _sharded_refusals(rank):
 
 def test_purify_of_a_sharded_model_refuses_clearly(tmp_path):
     run(tmp_path, _sharded_refusals)
+
+
+def _sharded_quantile(rank):
+    from finepurify_ext.purify import sample_quantile
+    from finepurify_ext.sharded import Shards
+
+    shards = Shards({}, [], dist.group.WORLD)
+    g = torch.Generator().manual_seed(21)  # every rank draws every sample, and takes its own part
+    for n, kind in [(1, "plain"), (2, "plain"), (1001, "plain"), (4096, "ties"), (3000, "signed"), (777, "zeros"),
+                    (50, "nan")]:
+        whole = torch.rand(n, generator=g) ** 4
+        if kind == "ties":
+            whole = (whole * 5).floor()
+        elif kind == "signed":
+            whole = torch.randn(n, generator=g) * torch.exp(8 * torch.randn(n, generator=g))
+        elif kind == "zeros":
+            whole[: n * 2 // 3] = 0
+        elif kind == "nan":
+            whole[7] = float("nan")
+        mine = whole[(n * rank) // WORLD:(n * (rank + 1)) // WORLD]  # rank 0 of n == 1: an empty part
+        for q in (0.0, 0.1, 0.5, 0.731, 0.9, 1.0):
+            expected, got = sample_quantile(whole, q), shards.quantile(mine, q)
+            assert (math.isnan(expected) and math.isnan(got)) or got == expected, (n, kind, q, got, expected)
+    with pytest.raises(ValueError, match="empty"):
+        shards.quantile(torch.zeros(0), 0.5)
+
+
+def test_the_floor_quantile_over_ranks_is_one_process_quantile(tmp_path):
+    """The Hessian floor's quantile of every rank's part of a sample, by summed histograms of the
+    values' keys: the bits of one process's sample_quantile (ties, zeros, negative values, a NaN,
+    one element, a rank with none)."""
+    run(tmp_path, _sharded_quantile)
