@@ -164,8 +164,8 @@ def _quantile(tensors, q: float, max_samples: int | None = None, shards: Shards 
     """Approximate quantile over many tensors from an evenly strided sample (a few MB at most),
     gathered where the tensors live by one concatenation per device, no per-tensor host copies.
     With ``shards``, ``tensors`` are this rank's shards of ``names``: each takes the elements of the
-    whole tensor's sample it holds, and the ranks' samples are gathered (the same sample, so the
-    same quantile, as one process's over the whole tensors)."""
+    whole tensor's sample it holds, and the quantile of all ranks' parts is found over the ranks
+    (``Shards.quantile``): the same sample, so the same bits, as one process's over the whole tensors."""
     total = sum(t.numel() for t in tensors) if shards is None else sum(shards.numel[n] for n in names)
     stride = max(1, total // (FLOOR_SAMPLES if max_samples is None else max_samples))
     by_device = {}

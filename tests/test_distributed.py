@@ -462,3 +462,23 @@ def test_the_floor_quantile_over_ranks_is_one_process_quantile(tmp_path):
     values' keys: the bits of one process's sample_quantile (ties, zeros, negative values, a NaN,
     one element, a rank with none)."""
     run(tmp_path, _sharded_quantile)
+
+
+def _replicated_model_with_group(rank):
+    from finepurify_ext.purify import PurifyConfig, purify_
+
+    for config in (PurifyConfig(), PurifyConfig(ranking="no_hessian"), PurifyConfig(ranking="fine_mixing")):
+        pre, hs = toy_state()
+        one, every = ShardedToy(), ShardedToy()
+        expected = purify_(one, pre, hs, config)
+        got = purify_(every, pre, hs, config, group=dist.group.WORLD)  # every rank holds it whole: counted once
+        assert got.num_reset == expected.num_reset and got.threshold == expected.threshold, config
+        assert got.reset_per_parameter == expected.reset_per_parameter, config
+        for (name, p), q in zip(one.named_parameters(), every.parameters()):
+            assert torch.equal(p, q), (config, name)
+
+
+def test_purify_with_a_group_of_whole_replicas_counts_them_once(tmp_path):
+    """A group given with plain parameters (every rank holding the whole model, as under DDP): the
+    ranks count each tensor once and reset what one process resets."""
+    run(tmp_path, _replicated_model_with_group)
