@@ -262,8 +262,10 @@ def _sharded_mean_hessians(hessians, floor: float, shards: Shards, names) -> lis
     on_cpu = [i for i in counted if hessians[i].device.type == "cpu"]
     for i, value in zip(on_cpu, _sums_float64_on_cpu([hessians[i] for i in on_cpu])):
         sums[i] = value
-    for i in set(counted) - set(on_cpu):  # a GPU sum to float64 would convert its whole input first
-        sums[i] = torch._foreach_norm([hessians[i]], 1, dtype=torch.float64)[0].cpu()
+    elsewhere = [i for i in counted if hessians[i].device.type != "cpu"]
+    if elsewhere:  # one multi-tensor L1 norm and one read (a GPU sum to float64 would convert its input first)
+        norms = torch._foreach_norm([hessians[i] for i in elsewhere], 1, dtype=torch.float64)
+        sums[elsewhere] = torch.stack([n.to(norms[0].device) for n in norms]).cpu()
     numels = [max(shards.numel[n], 1) for n in names]  # an empty tensor's value is never read
     means = _floored_means(shards.summed(sums), numels, floor).tolist()
     return _per_tensor_values(means, hessians)
