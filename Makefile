@@ -8,7 +8,7 @@ BUILD_DIR  ?= build/cmake
 NVCC       ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_ARCHS ?= 80 90
 
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh csrc/*/*/*.h)
 
 .PHONY: all install demo demo-llm test test-python test-cpp check-cuda bench bench-cuda gpu-check clean
 

@@ -4,6 +4,8 @@ against loading both models (and the Hessian) fully into memory and doing the sa
     python bench/bench_checkpoint.py                 # a 4.2 GB float32 model in 500 MB shards
     python bench/bench_checkpoint.py --size medium   # 1.3 GB: small enough for the in-memory baseline here
     python bench/bench_checkpoint.py --size small    # 0.4 GB, a quick look
+    python bench/bench_checkpoint.py --size 3b --reserve 0.3 --modes out_of_core_default \
+        out_of_core_default_million                  # 3.4B bf16 weights: the pre-pass's sample size
 
 The checkpoint has LLaMA-like shapes (hidden 2048, MLP 5632, vocabulary 32000; largest tensor
 262 MB). Each mode runs in a fresh subprocess so that its peak RSS (VmHWM) is its own; the memory
@@ -26,7 +28,10 @@ import zlib
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
 
-SIZES = {"full": {"layers": 18, "hidden": 2048, "mlp": 5632, "vocab": 32000},
+# "3b": OpenLLaMA-3B's shapes with bfloat16 weights (3.4B weights; 6.9 GB a model, 13.7 GB of float32
+# Hessian): past the size whose threshold one pass holds with purify_'s million-weight sample.
+SIZES = {"3b": {"layers": 26, "hidden": 3200, "mlp": 8640, "vocab": 32000, "dtype": "bfloat16"},
+         "full": {"layers": 18, "hidden": 2048, "mlp": 5632, "vocab": 32000},
          "medium": {"layers": 4, "hidden": 2048, "mlp": 5632, "vocab": 32000},
          "small": {"layers": 2, "hidden": 1024, "mlp": 2816, "vocab": 32000}}
 SHARD_BYTES = 500 << 20
@@ -48,6 +53,11 @@ def shapes(size):
     return out
 
 
+def weight_bytes(size):
+    """The bytes of one weight of the size's models (the Hessian's are float32)."""
+    return 2 if SIZES[size].get("dtype") == "bfloat16" else 4
+
+
 def generate(directory, size):
     """pre-trained, suspect (a sparse-ish drift) and hessian directories, sharded with indexes."""
     import torch
@@ -57,13 +67,14 @@ def generate(directory, size):
     def write(name, tensor_of, file_format="pt"):
         d = os.path.join(directory, name)
         os.makedirs(d, exist_ok=True)
+        dtype = getattr(torch, SIZES[size].get("dtype", "float32")) if name != "hessian" else torch.float32
         groups, current, used = [], [], 0
         for n, s in shapes(size).items():
-            nbytes = 4 * (s[0] * (s[1] if len(s) > 1 else 1))
+            nbytes = dtype.itemsize * (s[0] * (s[1] if len(s) > 1 else 1))
             if current and used + nbytes > SHARD_BYTES:
                 groups.append(current)
                 current, used = [], 0
-            current.append((n, torch.float32, s))
+            current.append((n, dtype, s))
             used += nbytes
         groups.append(current)
         weight_map = {}
@@ -71,7 +82,7 @@ def generate(directory, size):
             file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
             writer = ShardWriter(os.path.join(d, file), layout, {"format": file_format})
             for n, _, s in layout:
-                writer.write(n, tensor_of(n, s))
+                writer.write(n, tensor_of(n, s).to(dtype))
                 weight_map[n] = file
             writer.close()
         with open(os.path.join(d, INDEX), "w") as f:
@@ -94,7 +105,7 @@ def rss_mb(field="VmHWM"):
     return float("nan")
 
 
-def child(mode, directory, out):
+def child(mode, directory, out, reserve):
     """One measured run; prints a JSON line."""
     import torch
     from finepurify_ext import reference
@@ -108,14 +119,19 @@ def child(mode, directory, out):
     if mode.startswith("out_of_core"):
         # out_of_core: the paper's literal setting (no pre-pass: three histogram passes). The default
         # configuration (Hessian floor, moved weights counted) has a pre-pass, which samples the
-        # scores: one threshold pass; "_histograms" turns that off, for the comparison.
-        config = (PurifyConfig.literal(reserve_ratio=RESERVE_RATIO) if mode == "out_of_core"
-                  else PurifyConfig(reserve_ratio=RESERVE_RATIO))
+        # scores: one threshold pass; "_histograms" turns that off, for the comparison, and
+        # "_million" brackets from purify_'s million-weight sample instead of the pre-pass's larger one.
+        from finepurify_ext import checkpoint as checkpoint_module
+        reserve = float(reserve)
+        config = (PurifyConfig.literal(reserve_ratio=reserve) if mode == "out_of_core"
+                  else PurifyConfig(reserve_ratio=reserve))
         if mode == "out_of_core_default_histograms":
-            from finepurify_ext import checkpoint as checkpoint_module
             checkpoint_module.CANDIDATES_ON = ()
+        if mode == "out_of_core_default_million":
+            checkpoint_module.OUT_OF_CORE_SAMPLES = checkpoint_module.FLOOR_SAMPLES
         report = purify_checkpoint(*paths, out, config, overwrite=True, progress=False)
         bytes_read, num_reset = report.bytes_read, sum(report.reset_per_tensor.values())
+        passes = {"threshold_passes": report.threshold_passes, "timings_s": report.timings_s}
     else:
         from safetensors.torch import load_file, save_file
 
@@ -125,10 +141,11 @@ def child(mode, directory, out):
         pre, suspect, hessian = (load_all(p) for p in paths)
         names = list(suspect)
         ft, pr, hs = [suspect[n] for n in names], [pre[n] for n in names], [hessian[n] for n in names]
+        reserve = float(reserve)
         if mode == "in_memory_pytorch":  # kthvalue: the fastest, but it copies all scores
-            counts = reference.fast_reset_most_abnormal_(ft, pr, hs, RESERVE_RATIO, 1e-8)
+            counts = reference.fast_reset_most_abnormal_(ft, pr, hs, reserve, 1e-8)
         else:  # topk of the k largest: leaner, for models whose scores cannot be copied
-            k = reference.num_reset_for(sum(t.numel() for t in ft), RESERVE_RATIO)
+            k = reference.num_reset_for(sum(t.numel() for t in ft), reserve)
             flat, views = reference.fast_scores(ft, pr, hs, 1e-8)
             threshold = torch.topk(flat, k, sorted=False).values.min()
             counts = []
@@ -136,14 +153,14 @@ def child(mode, directory, out):
                 reset = sc >= threshold
                 torch.where(reset, p, f, out=f)
                 counts.append(int(reset.sum()))
-        num_reset, bytes_read = int(sum(int(c) for c in counts)), read_bytes
+        num_reset, bytes_read, passes = int(sum(int(c) for c in counts)), read_bytes, {}
         os.makedirs(out, exist_ok=True)
         save_file(suspect, os.path.join(out, "model.safetensors"))
     elapsed = time.perf_counter() - start
     print(json.dumps({"mode": mode, "time_s": elapsed, "peak_rss_mb": rss_mb(), "rss_after_imports_mb": base_rss,
                       "checkpoint_bytes_read": bytes_read, "input_bytes": read_bytes, "num_reset": num_reset,
                       "read_gb_per_s": bytes_read / elapsed / 1e9, "input_gb_per_s": read_bytes / elapsed / 1e9,
-                      "torch": torch.__version__, "threads": torch.get_num_threads()}))
+                      "torch": torch.__version__, "threads": torch.get_num_threads(), **passes}))
 
 
 def mem_available_mb():
@@ -160,33 +177,35 @@ def main(argv=None):
     parser.add_argument("--dir", default=None, help="where to generate the checkpoints (default: a temporary dir)")
     parser.add_argument("--modes", nargs="+", default=["out_of_core", "in_memory_pytorch", "in_memory_pytorch_topk"],
                         choices=["out_of_core", "out_of_core_default", "out_of_core_default_histograms",
-                                 "in_memory_pytorch", "in_memory_pytorch_topk"])
+                                 "out_of_core_default_million", "in_memory_pytorch", "in_memory_pytorch_topk"])
+    parser.add_argument("--reserve", type=float, default=RESERVE_RATIO,
+                        help="the reserve ratio (the share of moved weights kept; the default config's is 0.3)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the modes this many times, in turn (the page cache favours whichever ran last); "
                              "each mode's time is then the median, all of them listed")
     parser.add_argument("--out", default=None, help="default: bench/results/checkpoint_ooc_<size>.json")
-    parser.add_argument("--child", nargs=3, metavar=("MODE", "DIR", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("MODE", "DIR", "OUT", "RESERVE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(*args.child)
     args.out = args.out or os.path.join(HERE, "results", f"checkpoint_ooc_{args.size}.json")
 
     sh = shapes(args.size)
-    largest = max(4 * s[0] * (s[1] if len(s) > 1 else 1) for s in sh.values())
-    model_bytes = sum(4 * s[0] * (s[1] if len(s) > 1 else 1) for s in sh.values())
+    largest = max(4 * s[0] * (s[1] if len(s) > 1 else 1) for s in sh.values())  # a float32 Hessian's
+    model_bytes = sum(weight_bytes(args.size) * s[0] * (s[1] if len(s) > 1 else 1) for s in sh.values())
     target_mb = 3 * largest / 2**20 + 200
     work = args.dir or tempfile.mkdtemp(prefix="fp_ckpt_")
     if not os.path.isdir(os.path.join(work, "hessian")):
         start = time.perf_counter()
         generate(work, args.size)
-        print(f"generated 3 x {model_bytes / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s under {work}")
+        print(f"generated 2 x {model_bytes / 1e9:.2f} GB and a Hessian in {time.perf_counter() - start:.0f} s under {work}")
     results = {"command": "python bench/bench_checkpoint.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "commit": git_commit(), "size": args.size, "model_bytes": model_bytes, "largest_tensor_bytes": largest,
-               "tensors": len(sh), "shard_bytes": SHARD_BYTES, "reserve_ratio": RESERVE_RATIO,
+               "tensors": len(sh), "shard_bytes": SHARD_BYTES, "reserve_ratio": args.reserve,
                "memory_target_mb": target_mb, "runs": {}}
     for mode in [m for _ in range(args.repeats) for m in args.modes]:
         # inputs + scores + kthvalue's copy of them, or topk's k values and indices
-        extra = model_bytes if mode == "in_memory_pytorch" else 3 * (1 - RESERVE_RATIO) * model_bytes
+        extra = model_bytes if mode == "in_memory_pytorch" else 3 * (1 - args.reserve) * model_bytes
         need_mb = (4 * model_bytes + extra) / 2**20 * 1.05
         if mode == "in_memory_pytorch" and mem_available_mb() < need_mb:
             results["runs"][mode] = {"skipped": f"needs about {need_mb / 1024:.2f} GiB free, "
@@ -194,7 +213,7 @@ def main(argv=None):
             print(f"{mode}: skipped ({results['runs'][mode]['skipped']})")
             continue
         out = os.path.join(work, f"out_{mode}")
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, work, out], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, work, out, str(args.reserve)], capture_output=True, text=True)
         if proc.returncode != 0:
             results["runs"][mode] = {"failed": proc.stderr[-2000:], "returncode": proc.returncode}
             print(f"{mode}: failed (rc {proc.returncode})\n{proc.stderr[-2000:]}")
@@ -207,7 +226,8 @@ def main(argv=None):
         run["read_gb_per_s"] = run["checkpoint_bytes_read"] / run["time_s"] / 1e9
         run["input_gb_per_s"] = run["input_bytes"] / run["time_s"] / 1e9
         results["runs"][mode] = run
-        print(f"{mode}: {run['times_s'][-1]:.1f} s (median so far {run['time_s']:.1f} s), peak RSS "
+        print(f"{mode}: {run['times_s'][-1]:.1f} s (median so far {run['time_s']:.1f} s, "
+              f"{run.get('threshold_passes', '-')} threshold passes), peak RSS "
               f"{run['peak_rss_mb']:.0f} MB, {run['input_gb_per_s']:.2f} GB/s of checkpoint input "
               f"({run['read_gb_per_s']:.2f} GB/s read in all)")
     ooc = results["runs"].get("out_of_core", {})

@@ -121,8 +121,7 @@ struct KeyRange {
 };
 
 // The bracket of the element at rank_fraction from the top (threshold.bracket_from_sample), and
-// room for three times the keys the sample puts between (none where that is more than half of
-// kCandidateKeys: then the pass only counts them in its bins).
+// the keys the pass may keep (keys_room, finepurify/search.h).
 KeyRange bracket(std::vector<int32_t> keys, double rank_fraction, double spread, int64_t total) {
   const int64_t n = static_cast<int64_t>(keys.size());
   const double centre = rank_fraction * static_cast<double>(n), margin = 6.0 * spread + 2.0;
@@ -137,11 +136,8 @@ KeyRange bracket(std::vector<int32_t> keys, double rank_fraction, double spread,
   const uint32_t low = bottom >= n ? 0u : at_position(bottom);
   int64_t inside = 0;
   for (int32_t key : keys) inside += static_cast<uint32_t>(key) > low && static_cast<uint32_t>(key) < high;
-  const double expected = static_cast<double>(inside) / static_cast<double>(std::max<int64_t>(n, 1)) *
-                          static_cast<double>(total);
-  if (expected > static_cast<double>(kCandidateKeys) / 2) return {low, high, 0};
-  return {low, high, std::min<int64_t>(kCandidateKeys, std::max<int64_t>(int64_t{1} << 16,
-                                                                       static_cast<int64_t>(std::ceil(3 * expected))))};
+  const double share = static_cast<double>(inside) / static_cast<double>(std::max<int64_t>(n, 1));
+  return {low, high, keys_room(share, n, total, kCandidateKeys)};
 }
 
 // One score_candidates pass: its counts on the host (above, at_high, between, at_low, unrankable,

@@ -31,11 +31,21 @@ PyObject* constants(PyObject*, PyObject*) {
                        static_cast<long long>(kSampleSearchMinWeights), "inf_key", kInfBits);
 }
 
+// finepurify::keys_room, for the tests that compare it with threshold.keys_room.
+PyObject* keys_room(PyObject*, PyObject* args) {
+  double inside;
+  long long samples, total, max_keys;
+  if (!PyArg_ParseTuple(args, "dLLL", &inside, &samples, &total, &max_keys)) return nullptr;
+  return PyLong_FromLongLong(finepurify::keys_room(inside, samples, total, max_keys));
+}
+
 PyMethodDef methods[] = {
     {"built_with_cuda", built_with_cuda, METH_NOARGS,
      "Whether the CUDA kernels were compiled into this build."},
     {"constants", constants, METH_NOARGS,
      "The threshold search's constants as the C++ side has them: level bits, bins, counts, sample run, keys."},
+    {"keys_room", keys_room, METH_VARARGS,
+     "keys_room(inside, samples, total, max_keys): the keys a candidates pass of the ops' search may keep."},
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The CPU kernels in use: 'avx2' or 'baseline' (FINEPURIFY_CPU_CAPABILITY=baseline forces it)."},
     {nullptr, nullptr, 0, nullptr}};

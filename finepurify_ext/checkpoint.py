@@ -41,10 +41,17 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weig
                       "tok_embeddings.weight")
 
 # The keys a threshold pass out of core may keep (64 MB; purify_ keeps 16 MB, CANDIDATE_KEYS): a pass
-# here reads every checkpoint again, seconds at a billion weights, and with this room one pass holds
-# the threshold of most checkpoints up to about a billion weights (a sample's bracket holds 0.3 to 1 %
-# of them, and the room is three times that).
+# here reads every checkpoint again, seconds at a billion weights, and with this room and the sample
+# below one pass holds the threshold of checkpoints up to about 8B weights at the default reserve
+# (the sample's bracket holds about 0.2 % of them).
 OUT_OF_CORE_KEYS = 16 << 20
+# The pre-pass reads every weight anyway, so the sample that brackets the threshold is larger here
+# than purify_'s (a bracket's share of the weights shrinks as the square root of the sample): one
+# weight of every OUT_OF_CORE_SAMPLE_EVERY, at least purify_'s million and at most 8M (96 MB of
+# float32 values). With the default reserve the room above then holds the bracket of about 8B
+# weights in one pass, against about 2.9B with purify_'s million (threshold.keys_room).
+OUT_OF_CORE_SAMPLES = 8 << 20
+OUT_OF_CORE_SAMPLE_EVERY = 256
 
 INDEX = "model.safetensors.index.json"
 SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -224,6 +231,7 @@ class CheckpointReport:
     embedding_rule: str | None = None  # "hessian" or "seen_tokens", as in purify.PurifyReport
     bytes_read: int = 0
     bytes_written: int = 0
+    threshold_passes: int = 0  # the reads of every ranked weight the threshold search took (not the pre-pass)
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -359,16 +367,18 @@ def purify_checkpoint(
     score_sample = {}  # name: (finetuned, pretrained, hessian) at the sampled elements
     if pre_pass:
         samples, h_sum = [], {name: 0.0 for name in ranked}
-        stride = max(1, ranked_elements // FLOOR_SAMPLES)
+        stride = max(1, ranked_elements // FLOOR_SAMPLES)  # the floor's sample: purify_'s
+        score_stride = max(1, ranked_elements // min(OUT_OF_CORE_SAMPLES,
+                                                     max(FLOOR_SAMPLES, ranked_elements // OUT_OF_CORE_SAMPLE_EVERY)))
         bar = tqdm(total=ranked_elements, desc="pre-pass", unit=" weights", unit_scale=True, disable=not progress,
                    leave=False)
         for name, start, ft, pre, h in pieces(ranked, with_weights=one_pass, to="cpu"):  # checked and summed on the CPU
             _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")  # before its floor
             h_sum[name] += sum_float64(h)
-            picked = slice((-start) % stride, None, stride)
             if wants_floor:
-                samples.append(h[picked].clone())
+                samples.append(h[(-start) % stride::stride].clone())
             if one_pass:
+                picked = slice((-start) % score_stride, None, score_stride)
                 score_sample.setdefault(name, []).append((ft[picked].clone(), pre[picked].clone(), h[picked].clone()))
             bar.update(h.numel())
             del h, ft, pre
@@ -402,7 +412,11 @@ def purify_checkpoint(
                           (f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r}", pre)]) \
             or CheckpointError(f"cannot rank {name!r}: its scores overflow float32; use a larger eps")
 
+    threshold_passes = 0
+
     def histogram_of(level, prefix):
+        nonlocal threshold_passes
+        threshold_passes += 1
         counts = torch.zeros(LEVEL_BINS[level] + 2, dtype=torch.int64)
         bar = tqdm(total=ranked_elements, desc=f"histogram pass {level + 1}/3", unit=" weights", unit_scale=True,
                    disable=not progress, leave=False)
@@ -422,6 +436,8 @@ def purify_checkpoint(
     def candidates_pass(low, high, capacity):
         """One score_candidates pass over every piece: the counts summed, and each piece's keys
         strictly inside the range, sorted descending (None once more than ``capacity`` are)."""
+        nonlocal threshold_passes
+        threshold_passes += 1
         counts, kept = torch.zeros(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64), []
         # The kept keys go into one buffer: a small copy per piece left between the pieces' large
         # outputs on the heap kept their freed pages resident (peak RSS up to 1.4 GB against 0.65).
@@ -452,8 +468,10 @@ def purify_checkpoint(
     def one_pass_search():
         """The sample's bracket and the pass over it (purify._candidate_pass out of core), or None
         for an empty sample."""
-        names = list(score_sample)
-        parts = [[torch.cat([s[i] for s in score_sample[n]]) for i in range(3)] for n in names]
+        names, parts = list(score_sample), []
+        for n in names:  # each tensor's pieces joined, and let go of, in turn: never two copies of the sample
+            parts.append([torch.cat([s[i] for s in score_sample[n]]) for i in range(3)])
+            del score_sample[n]
         inputs = [piece_inputs(n, 0, h) for n, (_, _, h) in zip(names, parts)]
         fts, pres = [f for f, _, _ in parts], [p for _, p, _ in parts]
         # Every element of the sample kept (a run of SAMPLE_RUN at every SAMPLE_RUN-th, but the last
@@ -494,7 +512,7 @@ def purify_checkpoint(
     # Reset pass: the suspect's shards written anew, with the same names and order.
     report = CheckpointReport(config.reserve_ratio if reserve_from_config else None, num_reset, threshold,
                               ranked_elements, moved, copied_unscored=unscored, hessian_floor=floor,
-                              embedding_tensor=embedding,
+                              embedding_tensor=embedding, threshold_passes=threshold_passes,
                               embedding_rule=None if embedding is None else
                               "hessian" if seen_tokens is None else "seen_tokens")
     ranked_set = set(ranked)

@@ -357,7 +357,7 @@ def candidate_range(sample_keys: torch.Tensor, moved_fraction: float, total: int
     if by_moved:
         spread += (1.0 - config.reserve_ratio) * rank_spread(n, moved_fraction)
     low, high, inside = bracket_from_sample(sample_keys, rank_fraction, spread)
-    return low, high, keys_room(inside, total, CANDIDATE_KEYS if max_keys is None else max_keys)
+    return low, high, keys_room(inside, n, total, CANDIDATE_KEYS if max_keys is None else max_keys)
 
 
 def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", total: int):

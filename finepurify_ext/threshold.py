@@ -116,16 +116,20 @@ def rank_spread(n: int, rank_fraction: float) -> float:
     return math.sqrt(n * rank_fraction * (1.0 - rank_fraction))
 
 
-def keys_room(inside: float, total: int, max_keys: int) -> int:
+def keys_room(inside: float, samples: int, total: int, max_keys: int) -> int:
     """The keys a candidates pass over ``total`` elements may keep, for a bracket that holds the
-    fraction ``inside`` of the sample: three times those expected (ties at the ends add none: they
-    are counted, not kept), or 0 where even the expected ones are too many (a model of billions:
-    that pass only counts the keys between in its bins, and the next keeps the bin that holds the
-    threshold, ``search_ranges``)."""
+    fraction ``inside`` of an even sample of ``samples``: three times those expected (ties at the
+    ends add none: they are counted, not kept), and at least the most it likely holds (the
+    sample's share plus six of its standard deviations, the bracket's own margin); 0 where even
+    that is more than ``max_keys`` (a model of billions: that pass only counts the keys between in
+    its bins, and the next keeps the bin that holds the threshold, ``search_ranges``).
+    finepurify/search.h keys_room does the same arithmetic (the tests compare them)."""
+    n = float(max(samples, 1))
     expected = inside * total
-    if expected > max_keys / 2:
+    likely = (inside + 6.0 * math.sqrt(max(inside, 1.0 / n) / n)) * total
+    if likely > max_keys:
         return 0
-    return min(max_keys, max(1 << 16, math.ceil(3 * expected)))
+    return min(max_keys, max(1 << 16, math.ceil(3 * expected), math.ceil(likely)))
 
 
 def kth_largest_key(keys, r: int) -> int:
@@ -436,7 +440,7 @@ def distributed_score_threshold(
         if sample.numel():
             rank_fraction = k / total
             low, high, inside = bracket_from_sample(sample, rank_fraction, rank_spread(sample.numel(), rank_fraction))
-            counts, keys = feed.candidates(low, high, keys_room(inside, total, CANDIDATE_KEYS))
+            counts, keys = feed.candidates(low, high, keys_room(inside, sample.numel(), total, CANDIDATE_KEYS))
             return search_ranges((counts, keys, low, high), feed.candidates, k, total, CANDIDATE_KEYS)
     return threshold_from_histograms(feed.histogram, k, total)
 

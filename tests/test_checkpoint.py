@@ -3,6 +3,7 @@ method exactly, shards need not line up, inputs stay untouched, bad input fails 
 nothing half-written is left behind."""
 import hashlib
 import json
+import math
 import os
 
 import pytest
@@ -227,9 +228,47 @@ def test_one_pass_out_of_core_equals_the_histogram_passes(tmp_path, monkeypatch,
     too_many = run("too_many", OUT_OF_CORE_KEYS=8, bracket_from_sample=lambda *_: (0, 0x7F800000, 0.0), **small)
     no_room = run("no_room", OUT_OF_CORE_KEYS=8, **small)  # the sample's bracket, expected to hold too many: room 0
     assert narrowing[0] == 0 and all(n > 0 for n in narrowing[1:]), narrowing  # one; missed, too_many, no_room
+    assert [r.threshold_passes for r, _ in (one_pass, missed, too_many, no_room)] == [1 + n for n in narrowing]
+    assert histograms[0].threshold_passes == 3
     for report, got in (histograms, missed, too_many, no_room):
         assert report.threshold == one_pass[0].threshold and report.reset_per_tensor == one_pass[0].reset_per_tensor
         assert all(torch.equal(got[n], one_pass[1][n]) for n in got)
+
+
+def test_the_pre_pass_brackets_from_a_denser_sample_than_the_floor(tmp_path, monkeypatch):
+    """Out of core the sample that brackets the threshold takes one weight of every
+    OUT_OF_CORE_SAMPLE_EVERY (the pre-pass reads them all), not the floor's sample: the floor, the
+    threshold and the purified weights stay purify_'s."""
+    from finepurify_ext import checkpoint as checkpoint_module
+    from finepurify_ext import purify as purify_module
+
+    pre, suspect, hessian = make_states(seed=4)
+    sus_dir = save_sharded(suspect, tmp_path / "suspect", [list(suspect)])
+    pre_dir = save_sharded(pre, tmp_path / "pre", [list(pre)])
+    h_file = str(tmp_path / "h.safetensors")
+    save_file(hessian, h_file)
+    for module in (purify_module, checkpoint_module):
+        monkeypatch.setattr(module, "FLOOR_SAMPLES", 16)  # the floor from every 104th Hessian value
+        monkeypatch.setattr(module, "CANDIDATES_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(checkpoint_module, "OUT_OF_CORE_SAMPLE_EVERY", 4)
+    sizes, score_sample = [], ops.score_sample
+
+    def spied(finetuned, *args):
+        sizes.append(sorted(t.numel() for t in finetuned))
+        return score_sample(finetuned, *args)
+
+    monkeypatch.setattr(ops, "score_sample", spied)
+    config = PurifyConfig(reserve_ratio=0.3)
+    report = purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), config, progress=False,
+                               chunk_bytes=64)
+    ranked = [math.prod(s) for n, s in SHAPES.items() if n != "embed_tokens.weight" and math.prod(s)]
+    stride = sum(ranked) // (sum(ranked) // 4)
+    assert sizes == [sorted(-(-n // stride) for n in ranked)]  # every 4th weight of each tensor
+    module = StateModule(suspect)
+    expected = purify_(module, {n: pre[n] for n in SHAPES}, {n: hessian[n] for n in SHAPES}, config)
+    assert report.hessian_floor == expected.hessian_floor and report.threshold == expected.threshold
+    got = read_dir(tmp_path / "out")
+    assert all(torch.equal(got[n], p.data) for n, p in module.named_parameters())
 
 
 def test_explicit_reset_count(checkpoints, tmp_path):

@@ -393,6 +393,28 @@ def test_the_python_search_shares_the_kernels_constants():
                                                              1e-3, 0, 0).numel()
 
 
+def test_the_ops_search_keeps_the_keys_room_purify_keeps():
+    """finepurify/search.h keys_room (the ops' own search) is threshold.keys_room: the same room over
+    shares, sample sizes and model sizes, from the expected keys (three times them) through the
+    most the bracket likely holds up to no room (a model of billions: the pass only counts)."""
+    from finepurify_ext import _C
+    from finepurify_ext.threshold import keys_room
+
+    rooms = set()
+    for inside in (0.0, 1e-7, 3e-6, 0.0012, 0.0054, 0.02, 0.3, 1.0):
+        for samples in (1, 97, 16384, 1 << 20, 8 << 20):
+            for total in (1, 5000, 1 << 20, 400_000_000, 700_000_000, 3_000_000_000, 70_000_000_000):
+                for max_keys in (8, 4 << 20, 16 << 20):
+                    room = keys_room(inside, samples, total, max_keys)
+                    assert _C.keys_room(inside, samples, total, max_keys) == room, (inside, samples, total, max_keys)
+                    rooms.add("none" if room == 0 else "full" if room == max_keys else "some")
+    assert rooms == {"none", "full", "some"}
+    # Where three times the expected keys fit, that is the room; the likely most decides only past it.
+    assert keys_room(0.005, 1 << 20, 200_000_000, 4 << 20) == 3_000_000
+    assert keys_room(0.0054, 1 << 20, 700_000_000, 4 << 20) == 4 << 20  # 3.8M expected, likely 3.94M
+    assert keys_room(0.0054, 1 << 20, 800_000_000, 4 << 20) == 0  # likely 4.5M
+
+
 def test_kth_largest_key_of_sorted_parts():
     """One descending tensor is read in place; a list of descending parts (some empty, of any
     lengths) gives the r-th largest of them all, as a sort of their concatenation does."""

@@ -3,6 +3,8 @@
 // programs that use the C++ API.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace finepurify {
@@ -14,5 +16,19 @@ constexpr int64_t kSampleSearchMinWeights = int64_t{1} << 20;
 // The keys one score_candidates pass of the search keeps at most (16 MB); where more fall in its
 // range it only counts them, in bins, and the next pass keeps the bin that holds the threshold.
 constexpr int64_t kCandidateKeys = int64_t{4} << 20;
+
+// The keys a score_candidates pass over `total` weights may keep, for a range that holds the
+// fraction `inside` of an even sample of `samples` (threshold.keys_room, the same arithmetic):
+// three times those expected, and at least the most it likely holds (the sample's share plus six
+// of its standard deviations, the bracket's own margin); 0 where even that is more than `max_keys`
+// (the pass then only counts them in its bins).
+inline int64_t keys_room(double inside, int64_t samples, int64_t total, int64_t max_keys) {
+  const double n = static_cast<double>(std::max<int64_t>(samples, 1)), weights = static_cast<double>(total);
+  const double expected = inside * weights;
+  const double likely = (inside + 6.0 * std::sqrt(std::max(inside, 1.0 / n) / n)) * weights;
+  if (likely > static_cast<double>(max_keys)) return 0;
+  return std::min<int64_t>(max_keys, std::max({int64_t{1} << 16, static_cast<int64_t>(std::ceil(3 * expected)),
+                                               static_cast<int64_t>(std::ceil(likely))}));
+}
 
 }  // namespace finepurify
