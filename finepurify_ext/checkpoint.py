@@ -238,6 +238,13 @@ class CheckpointReport:
         return asdict(self)
 
 
+def piece_room(capacity: int, piece: int, total: int) -> int:
+    """The keys a candidates pass over ``total`` weights with room for ``capacity`` first gives a
+    piece of ``piece`` weights: four times its share. The op fills all of its room, and room for
+    every weight of each 8M-weight piece (32 MB of page faults) made the pass take twice as long."""
+    return max(1 << 16, 4 * capacity * piece // max(total, 1))
+
+
 def embedding_tensor_of(names) -> str | None:
     """The word-embedding matrix among a checkpoint's tensor names (by the usual suffixes), or None."""
     found = [n for n in names if n.endswith(EMBEDDING_SUFFIXES)]
@@ -354,36 +361,42 @@ def purify_checkpoint(
                 yield name, start, ft, pre, h
                 del got, ft, pre, h
 
-    # Pre-pass over the Hessian alone: its check, the mean per tensor (no_hessian) and the floor's
-    # sample (the one purify_ takes: every stride-th element); only what the ranking needs. Where the
-    # one-pass threshold search can run (purify.CANDIDATES_ON), it reads the weights too and keeps
-    # the same elements' values: the sample that brackets the threshold, so that one pass replaces
-    # the three histogram passes after it.
+    # Pre-pass: what must be known before any threshold pass, and only what the ranking needs: the
+    # Hessian's check, its mean per tensor (no_hessian) and the floor's sample (the one purify_
+    # takes: every stride-th value). Where the one-pass threshold search can run
+    # (purify.CANDIDATES_ON), every ranking takes one: it reads the weights too and keeps a denser
+    # sample of their values, which brackets the threshold, so that the pre-pass and one pass replace
+    # the three histogram passes.
     ranked_elements = sum(sus_ckpt.numel(n) for n in ranked)
     h_mean, floor = {}, None
     wants_floor = config.hessian_floor_quantile is not None and config.ranking in ("fine_purifying", "no_hessian")
-    pre_pass = wants_floor or config.ranking == "no_hessian"
-    one_pass = pre_pass and torch.device(device).type in CANDIDATES_ON and ranked_elements >= CANDIDATES_MIN_WEIGHTS
-    score_sample = {}  # name: (finetuned, pretrained, hessian) at the sampled elements
-    if pre_pass:
+    one_pass = torch.device(device).type in CANDIDATES_ON and ranked_elements >= CANDIDATES_MIN_WEIGHTS
+    reads_hessian_first = wants_floor or config.ranking == "no_hessian" or (one_pass and reads_hessian)
+    score_sample = {}  # name: [(finetuned, pretrained, hessian or None) at the sampled elements of each piece]
+    if reads_hessian_first or one_pass:
         samples, h_sum = [], {name: 0.0 for name in ranked}
         stride = max(1, ranked_elements // FLOOR_SAMPLES)  # the floor's sample: purify_'s
         score_stride = max(1, ranked_elements // min(OUT_OF_CORE_SAMPLES,
                                                      max(FLOOR_SAMPLES, ranked_elements // OUT_OF_CORE_SAMPLE_EVERY)))
         bar = tqdm(total=ranked_elements, desc="pre-pass", unit=" weights", unit_scale=True, disable=not progress,
                    leave=False)
-        for name, start, ft, pre, h in pieces(ranked, with_weights=one_pass, to="cpu"):  # checked and summed on the CPU
-            _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")  # before its floor
-            h_sum[name] += sum_float64(h)
+        # Checked and summed on the CPU.
+        for name, start, ft, pre, h in pieces(ranked, reads_hessian_first, with_weights=one_pass, to="cpu"):
+            if h is not None:
+                _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")  # before its floor
+            if config.ranking == "no_hessian":
+                h_sum[name] += sum_float64(h)
             if wants_floor:
                 samples.append(h[(-start) % stride::stride].clone())
             if one_pass:
                 picked = slice((-start) % score_stride, None, score_stride)
-                score_sample.setdefault(name, []).append((ft[picked].clone(), pre[picked].clone(), h[picked].clone()))
-            bar.update(h.numel())
+                score_sample.setdefault(name, []).append(
+                    (ft[picked].clone(), pre[picked].clone(), h[picked].clone() if reads_hessian else None))
+            bar.update((h if h is not None else ft).numel())
             del h, ft, pre
         bar.close()
-        h_mean = {name: total / max(h_ckpt.numel(name), 1) for name, total in h_sum.items()}
+        if config.ranking == "no_hessian":
+            h_mean = {name: total / max(h_ckpt.numel(name), 1) for name, total in h_sum.items()}
         if wants_floor:
             floor = sample_quantile(torch.cat(samples), config.hessian_floor_quantile)
         del samples
@@ -421,7 +434,7 @@ def purify_checkpoint(
         bar = tqdm(total=ranked_elements, desc=f"histogram pass {level + 1}/3", unit=" weights", unit_scale=True,
                    disable=not progress, leave=False)
         for name, start, ft, pre, h in pieces(ranked, reads_hessian):
-            if level == 0 and reads_hessian and not wants_floor:  # not checked by a pre-pass
+            if level == 0 and reads_hessian and not reads_hessian_first:  # not checked by a pre-pass
                 _check_hessian(h, f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
             hs, ranking = piece_inputs(name, start, h)
             piece = ops.score_histogram([ft], [pre], [hs], eps, level, prefix, ranking).cpu()  # one read
@@ -447,14 +460,20 @@ def purify_checkpoint(
         for name, start, ft, pre, h in pieces(ranked, reads_hessian):
             hs, ranking = piece_inputs(name, start, h)
             used = int(counts[2])
-            # No piece holds more keys than elements: room beyond that would only be filled with -1.
-            room = min(max(0, capacity - used), ft.numel()) if kept is not None else 0
+            # Never more room than the piece's elements or what is left; a piece that holds more
+            # keys than piece_room gives it, and fits what is left, is scored again with room for
+            # exactly its keys.
+            left = min(max(0, capacity - used), ft.numel()) if kept is not None else 0
+            room = min(left, piece_room(capacity, ft.numel(), ranked_elements))
             piece, keys = ops.score_candidates([ft], [pre], [hs], eps, low, high, room, ranking)
+            inside = int(piece[2])
+            if room < inside <= left:
+                piece, keys = ops.score_candidates([ft], [pre], [hs], eps, low, high, inside, ranking)
+                room = inside
             piece = piece.cpu()
             if piece[4] > 0:
                 refuse_unrankable(name, ft, pre)
             counts += piece
-            inside = int(piece[2])
             if kept is not None and inside <= room:
                 store[used:used + inside] = keys[:inside]
                 kept.append(store[used:used + inside])  # each piece's keys, sorted descending
@@ -468,16 +487,19 @@ def purify_checkpoint(
     def one_pass_search():
         """The sample's bracket and the pass over it (purify._candidate_pass out of core), or None
         for an empty sample."""
-        names, parts = list(score_sample), []
+        names, fts, pres, hs = list(score_sample), [], [], []
         for n in names:  # each tensor's pieces joined, and let go of, in turn: never two copies of the sample
-            parts.append([torch.cat([s[i] for s in score_sample[n]]) for i in range(3)])
-            del score_sample[n]
-        inputs = [piece_inputs(n, 0, h) for n, (_, _, h) in zip(names, parts)]
-        fts, pres = [f for f, _, _ in parts], [p for _, p, _ in parts]
+            taken = score_sample.pop(n)
+            fts.append(torch.cat([ft for ft, _, _ in taken]))
+            pres.append(torch.cat([pre for _, pre, _ in taken]))
+            hs.append(piece_inputs(n, 0, torch.cat([h for _, _, h in taken]) if reads_hessian else None)[0])
+            del taken
         # Every element of the sample kept (a run of SAMPLE_RUN at every SAMPLE_RUN-th, but the last
-        # few of a tensor); the rankings with a pre-pass pass one Ranking for every tensor.
-        sampled = ops.score_sample(fts, pres, [hs for hs, _ in inputs], eps, SAMPLE_RUN,
-                                   inputs[0][1] if inputs else ops.PLAIN)
+        # few of a tensor), with one Ranking for every tensor: Fine-mixing's draws by list position
+        # (a sampled weight's draw is not its own, but the draws are as even, and the pass is exact).
+        ranking = (ops.Ranking(random_seed=config.seed) if config.ranking == "fine_mixing"
+                   else piece_inputs(names[0], 0, None)[1] if names else ops.PLAIN)
+        sampled = ops.score_sample(fts, pres, hs, eps, SAMPLE_RUN, ranking)
         planned = candidate_range(*sample_keys(*sampled), ranked_elements, config, num_reset, OUT_OF_CORE_KEYS)
         if planned is None:
             return None

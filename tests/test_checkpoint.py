@@ -175,12 +175,12 @@ def test_configs_equal_purify_in_memory(tmp_path, ranking, dtype, embeddings):
         assert report.embedding_rows_reset == expected.embedding_rows_reset == 6
 
 
-@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian"])
+@pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing", "literal"])
 def test_one_pass_out_of_core_equals_the_histogram_passes(tmp_path, monkeypatch, ranking):
-    """The rankings with a pre-pass take their sample there and find the threshold in one pass
-    (no histogram pass runs), with the purified shards and report of the histogram passes; so do
-    a range that misses and one that holds more keys than a pass may keep (more candidates passes
-    narrow them)."""
+    """Every ranking (the paper's literal setting too: no floor) takes its sample in a pre-pass and
+    finds the threshold in one pass (no histogram pass runs), with the purified shards and report
+    of the histogram passes and of purify_ in memory; so do a range that misses and one that holds
+    more keys than a pass may keep (more candidates passes narrow them)."""
     from finepurify_ext import checkpoint as checkpoint_module
     from finepurify_ext import purify as purify_module
 
@@ -192,7 +192,9 @@ def test_one_pass_out_of_core_equals_the_histogram_passes(tmp_path, monkeypatch,
     pre_dir = save_sharded(pre, tmp_path / "pre", [list(pre)])
     h_file = str(tmp_path / "h.safetensors")
     save_file(hessian, h_file)
-    config = PurifyConfig(ranking=ranking, reserve_ratio=0.3)
+    # literal counts the weights that never moved too: reserve 0.7 puts its threshold among the moved ones
+    config = (PurifyConfig.literal(reserve_ratio=0.7) if ranking == "literal"
+              else PurifyConfig(ranking=ranking, reserve_ratio=0.3))
 
     def run(out, **patches):
         for name, value in patches.items():  # where each module reads it
@@ -230,6 +232,27 @@ def test_one_pass_out_of_core_equals_the_histogram_passes(tmp_path, monkeypatch,
     assert narrowing[0] == 0 and all(n > 0 for n in narrowing[1:]), narrowing  # one; missed, too_many, no_room
     assert [r.threshold_passes for r, _ in (one_pass, missed, too_many, no_room)] == [1 + n for n in narrowing]
     assert histograms[0].threshold_passes == 3
+    # A piece holding more keys than piece_room gives it is scored again with room for them: still one pass.
+    score_candidates, rooms = ops.score_candidates, []
+
+    def spied(*args):
+        rooms.append(args[6])
+        return score_candidates(*args)
+
+    def run_spied(out, **patches):
+        rooms.clear()
+        monkeypatch.setattr(ops, "score_candidates", spied)  # run() undoes it
+        return run(out, **patches), list(rooms)
+
+    plain, plain_rooms = run_spied("plain", **small)
+    scored_again, again_rooms = run_spied("scored_again", piece_room=lambda *_: 1, **small)
+    assert len(again_rooms) > len(plain_rooms) and scored_again[0].threshold_passes == 1
+    assert scored_again[0].threshold == one_pass[0].threshold
+    assert all(torch.equal(got, one_pass[1][n]) for n, got in scored_again[1].items())
+    module = StateModule(suspect)
+    expected = purify_(module, {n: pre[n] for n in SHAPES}, {n: hessian[n] for n in SHAPES}, config)
+    assert one_pass[0].threshold == expected.threshold
+    assert all(torch.equal(one_pass[1][n], p.data) for n, p in module.named_parameters())
     for report, got in (histograms, missed, too_many, no_room):
         assert report.threshold == one_pass[0].threshold and report.reset_per_tensor == one_pass[0].reset_per_tensor
         assert all(torch.equal(got[n], one_pass[1][n]) for n in got)
