@@ -42,14 +42,14 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weig
 
 # The keys a threshold pass out of core may keep (64 MB; purify_ keeps 16 MB, CANDIDATE_KEYS): a pass
 # here reads every checkpoint again, seconds at a billion weights, and with this room and the sample
-# below one pass holds the threshold of checkpoints up to about 8B weights at the default reserve
-# (the sample's bracket holds about 0.2 % of them).
+# below one pass holds the threshold of checkpoints up to about 5B to 8B weights at the default
+# reserve, as more of them moved (the sample's bracket holds 0.2 to 0.35 % of them).
 OUT_OF_CORE_KEYS = 16 << 20
 # The pre-pass reads every weight anyway, so the sample that brackets the threshold is larger here
 # than purify_'s (a bracket's share of the weights shrinks as the square root of the sample): one
 # weight of every OUT_OF_CORE_SAMPLE_EVERY, at least purify_'s million and at most 8M (96 MB of
-# float32 values). With the default reserve the room above then holds the bracket of about 8B
-# weights in one pass, against about 2.9B with purify_'s million (threshold.keys_room).
+# float32 values). With the default reserve the room above then holds the bracket of about 5B to 8B
+# weights in one pass, against 1.6B to 2.9B with purify_'s million (threshold.keys_room).
 OUT_OF_CORE_SAMPLES = 8 << 20
 OUT_OF_CORE_SAMPLE_EVERY = 256
 
