@@ -100,8 +100,7 @@ struct Sample {
 
 Sample take_sample(at::TensorList finetuned, at::TensorList pretrained, at::TensorList hessians,
                    const Ranking& r, int64_t total) {
-  const int64_t max_samples = std::max<int64_t>(int64_t{1} << 14, std::min<int64_t>(int64_t{1} << 20, total / 64));
-  const int64_t stride = std::max<int64_t>(kSampleRun, kSampleRun * (total / max_samples));
+  const int64_t stride = std::max<int64_t>(kSampleRun, kSampleRun * (total / sample_budget(total)));
   auto [keys, counts] = score_sample_op(finetuned, pretrained, hessians, r, stride);
   keys = keys.cpu().contiguous();
   counts = counts.cpu();

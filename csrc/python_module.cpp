@@ -39,6 +39,13 @@ PyObject* keys_room(PyObject*, PyObject* args) {
   return PyLong_FromLongLong(finepurify::keys_room(inside, samples, total, max_keys));
 }
 
+// finepurify::sample_budget, for the tests that compare it with threshold.sample_budget.
+PyObject* sample_budget(PyObject*, PyObject* args) {
+  long long total;
+  if (!PyArg_ParseTuple(args, "L", &total)) return nullptr;
+  return PyLong_FromLongLong(finepurify::sample_budget(total));
+}
+
 PyMethodDef methods[] = {
     {"built_with_cuda", built_with_cuda, METH_NOARGS,
      "Whether the CUDA kernels were compiled into this build."},
@@ -46,6 +53,8 @@ PyMethodDef methods[] = {
      "The threshold search's constants as the C++ side has them: level bits, bins, counts, sample run, keys."},
     {"keys_room", keys_room, METH_VARARGS,
      "keys_room(inside, samples, total, max_keys): the keys a candidates pass of the ops' search may keep."},
+    {"sample_budget", sample_budget, METH_VARARGS,
+     "sample_budget(total): about how many weights the ops' search samples to bracket the threshold."},
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "The CPU kernels in use: 'avx2' or 'baseline' (FINEPURIFY_CPU_CAPABILITY=baseline forces it)."},
     {nullptr, nullptr, 0, nullptr}};

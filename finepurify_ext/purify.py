@@ -365,6 +365,7 @@ def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", tota
     counts, the keys inside (None where too many) and the range; None for an empty sample."""
     sample, moved_fraction = _sample_scores(feed, total)
     planned = candidate_range(sample, moved_fraction, total, config)
+    del sample  # up to 16 MB, let go of before the pass's room
     if planned is None:
         return None
     low, high, capacity = planned

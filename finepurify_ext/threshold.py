@@ -66,8 +66,11 @@ CANDIDATES_MIN_WEIGHTS = 1 << 20
 
 
 def sample_budget(total: int) -> int:
-    """About how many of ``total`` elements the sample that brackets the threshold takes."""
-    return max(1 << 14, min(1 << 20, total // 64))
+    """About how many of ``total`` elements the sample that brackets the threshold takes: one in 64
+    up to a million, then one in 256 up to 4M (16 MB of keys). A bracket's share shrinks as the
+    square root of the sample: one pass then holds the threshold of about 0.8B to 1.4B weights at
+    the default reserve, against 0.4B to 0.7B with a million (finepurify/search.h sample_budget)."""
+    return max(1 << 14, min(total // 64, 1 << 20), min(total // 256, 4 << 20))
 
 
 def sample_stride(total: int, max_samples: int) -> int:
@@ -413,7 +416,7 @@ def distributed_score_threshold(
 
     ``search`` as ``ops.score_threshold``'s, the same search as in one process: "auto" takes the
     sample's from ``CANDIDATES_MIN_WEIGHTS`` elements over all ranks where every rank's tensors sit
-    on a device of ``CANDIDATES_ON``. From a sample: every rank's sample gathered (about 4 MB in
+    on a device of ``CANDIDATES_ON``. From a sample: every rank's sample gathered (up to 16 MB in
     all), then one pass (usually) that gathers every rank's 2054 counts and then the keys inside
     the bracket (at most ``CANDIDATE_KEYS`` in all): three collectives. Histograms: one
     ``all_reduce`` of a histogram of at most 2050 bins per pass, three passes. Either way one

@@ -393,11 +393,12 @@ def test_the_python_search_shares_the_kernels_constants():
                                                              1e-3, 0, 0).numel()
 
 
-def test_the_ops_search_keeps_the_keys_room_purify_keeps():
-    """finepurify/search.h keys_room (the ops' own search) is threshold.keys_room: the same room over
-    shares, sample sizes and model sizes, from the expected keys (three times them) through the
-    most the bracket likely holds up to no room (a model of billions: the pass only counts)."""
-    from finepurify_ext import _C
+def test_the_ops_search_keeps_the_keys_room_and_sample_purify_keeps():
+    """finepurify/search.h keys_room and sample_budget (the ops' own search) are threshold's: the same
+    room over shares, sample sizes and model sizes, from the expected keys (three times them)
+    through the most the bracket likely holds up to no room (a model of billions: the pass only
+    counts), and the same sample size from 16K to 4M."""
+    from finepurify_ext import _C, threshold
     from finepurify_ext.threshold import keys_room
 
     rooms = set()
@@ -409,6 +410,9 @@ def test_the_ops_search_keeps_the_keys_room_purify_keeps():
                     assert _C.keys_room(inside, samples, total, max_keys) == room, (inside, samples, total, max_keys)
                     rooms.add("none" if room == 0 else "full" if room == max_keys else "some")
     assert rooms == {"none", "full", "some"}
+    for total in (0, 1, 1 << 20, 64 << 20, 100_000_000, 268_435_455, 1 << 28, 400_000_000, 1 << 30, 1 << 34):
+        assert _C.sample_budget(total) == threshold.sample_budget(total), total
+    assert [threshold.sample_budget(t) for t in (1 << 20, 1 << 28, 1 << 30, 1 << 34)] == [16384, 1 << 20, 4 << 20, 4 << 20]
     # Where three times the expected keys fit, that is the room; the likely most decides only past it.
     assert keys_room(0.005, 1 << 20, 200_000_000, 4 << 20) == 3_000_000
     assert keys_room(0.0054, 1 << 20, 700_000_000, 4 << 20) == 4 << 20  # 3.8M expected, likely 3.94M

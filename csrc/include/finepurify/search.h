@@ -13,6 +13,16 @@ namespace finepurify {
 // this many weights (below it, the three histogram passes cost about what the sample saves).
 constexpr int64_t kSampleSearchMinWeights = int64_t{1} << 20;
 
+// About how many of `total` weights the sample that brackets the threshold takes
+// (threshold.sample_budget): one in 64 up to a million, then one in 256 up to 4M (16 MB of keys).
+// A bracket's share of the weights shrinks as the square root of the sample, so that one pass holds
+// the threshold of about 0.8B to 1.4B weights at the default reserve, against 0.4B to 0.7B with a
+// million; the sample costs tens of milliseconds where a pass over 1B weights costs a second.
+inline int64_t sample_budget(int64_t total) {
+  return std::max({int64_t{1} << 14, std::min<int64_t>(total / 64, int64_t{1} << 20),
+                   std::min<int64_t>(total / 256, int64_t{4} << 20)});
+}
+
 // The keys one score_candidates pass of the search keeps at most (16 MB); where more fall in its
 // range it only counts them, in bins, and the next pass keeps the bin that holds the threshold.
 constexpr int64_t kCandidateKeys = int64_t{4} << 20;
