@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HERE, cpu_name, git_commit, median_ms, search_from_sample, write_json_atomically  # noqa: E402
+from common import HERE, cpu_name, git_commit, median_ms, peak_extra, search_from_sample, write_json_atomically  # noqa: E402
 
 from finepurify_ext import ops  # noqa: E402
 from finepurify_ext import purify as purify_module  # noqa: E402
@@ -103,6 +103,24 @@ def main():
     parser.add_argument("--out", default=os.path.join(HERE, "results", "threshold_search_cpu.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu" and len(args.sizes) > 1 and not args.ranks:
+        # Each size in a process of its own, with blocks of 128 KB and more mapped and unmapped by
+        # glibc rather than kept on its heap once freed: a call's peak resident set is then its own
+        # (after a smaller size in the same process, the sample's showed 1.0 MiB against 7.9 alone).
+        import subprocess
+        import tempfile
+
+        rows = []
+        with tempfile.TemporaryDirectory() as scratch:
+            for total in args.sizes:
+                out = os.path.join(scratch, f"{total}.json")
+                subprocess.run([sys.executable, __file__, "--device", args.device, "--sizes", str(total), "--tensors",
+                                str(args.tensors), "--repeats", str(args.repeats), "--out", out], check=True,
+                               env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)})
+                with open(out) as f:
+                    rows += json.load(f)["rows"]
+        write_results(args, str(device), torch.get_num_threads(), rows)
+        return
     if args.ranks:
         import tempfile
 
@@ -137,13 +155,17 @@ def main():
         threshold, candidates_passes = sampled()
         if threshold != histograms():
             raise RuntimeError(f"the two searches disagree at {n} weights")
+        extra = {how: peak_extra(device, fn)[1] for how, fn in (("histograms", histograms), ("sample", sampled))}
         row = {"weights": n, "tensors": len(ft), "histogram_passes_ms": median_ms(histograms, device, args.repeats),
                "sample_and_candidates_ms": median_ms(sampled, device, args.repeats),
-               "candidates_passes": candidates_passes}
+               "candidates_passes": candidates_passes,
+               # peak memory beyond the inputs (CPU: resident set; CUDA: the allocator's), one call each
+               **{f"{how}_extra_mib": None if b is None else round(b / 2**20, 1) for how, b in extra.items()}}
         row["speedup"] = round(row["histogram_passes_ms"] / row["sample_and_candidates_ms"], 2)
         rows.append(row)
         print(f"{n:>11,} weights: histograms {row['histogram_passes_ms']:7.2f} ms, sample + {candidates_passes} "
-              f"pass(es) {row['sample_and_candidates_ms']:7.2f} ms ({row['speedup']}x)")
+              f"pass(es) {row['sample_and_candidates_ms']:7.2f} ms ({row['speedup']}x); extra memory "
+              f"{row['histograms_extra_mib']} / {row['sample_extra_mib']} MiB")
     write_results(args, str(device), torch.get_num_threads(), rows)
 
 

@@ -90,6 +90,7 @@ def test_search_bench_compares_the_two_searches(tmp_path):
     assert [r["weights"] for r in rows] == [39998, 199997]
     assert all(r["histogram_passes_ms"] > 0 and r["sample_and_candidates_ms"] > 0 for r in rows)
     assert all(r["candidates_passes"] == 1 for r in rows)
+    assert all(r["sample_extra_mib"] is not None and r["histograms_extra_mib"] is not None for r in rows)
 
 
 def test_search_bench_over_ranks(tmp_path):
