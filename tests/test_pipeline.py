@@ -446,18 +446,37 @@ def test_a_strided_sample_brackets_the_threshold(ranking):
 
 def test_bracket_from_sample_holds_the_rank():
     """The range around a rank holds the sample's key at that rank, clips at the ends, and its
-    expected share of elements grows with the spread."""
+    expected share of elements grows with the spread. On the CPU the sample is reordered in place
+    and the share counted between the two positions only: the same range and share as sorting a
+    copy and counting every key, with ties at and across the ends and ranges clipped at either end."""
     from finepurify_ext.threshold import INF_KEY, bracket_from_sample
 
+    def bracket(keys, *args):
+        return bracket_from_sample(keys.clone(), *args)
+
     keys = torch.arange(10_000, 0, -1, dtype=torch.int64) * 1000  # descending
-    low, high, share = bracket_from_sample(keys, 0.3, 10.0)
+    low, high, share = bracket(keys, 0.3, 10.0)
     assert low <= int(keys[3000]) <= high and 0.012 < share < 0.013
     ties = torch.cat([keys[:2900], torch.full((200,), int(keys[3000])), keys[3100:]])  # 200 equal keys
-    low, high, share = bracket_from_sample(ties[torch.randperm(ties.numel())], 0.3, 1.0)
+    low, high, share = bracket(ties[torch.randperm(ties.numel())], 0.3, 1.0)
     assert low == high == int(keys[3000]) and share == 0.0  # all at the ends: counted, none kept
-    assert bracket_from_sample(keys, 0.0, 10.0)[1] == INF_KEY  # the top: no key above
-    assert bracket_from_sample(keys, 1.0, 10.0)[0] == 0  # the bottom: down to zero
-    assert bracket_from_sample(keys, 0.3, 100.0)[2] > share
+    assert bracket(keys, 0.0, 10.0)[1] == INF_KEY  # the top: no key above
+    assert bracket(keys, 1.0, 10.0)[0] == 0  # the bottom: down to zero
+    assert bracket(keys, 0.3, 100.0)[2] > share
+
+    gen = torch.Generator().manual_seed(7)
+    for n, distinct in ((1, 5), (7, 3), (500, 40), (5000, 100_000), (4096, 2)):
+        sample = torch.randint(0, distinct, (n,), generator=gen, dtype=torch.int32)
+        ordered = torch.sort(sample, descending=True).values
+        for rank_fraction, spread in ((0.0, 1.0), (0.01, 3.0), (0.3, 10.0), (0.7, 0.5), (1.0, 2.0), (0.5, 1e4)):
+            reordered = sample.clone()
+            low, high, share = bracket_from_sample(reordered, rank_fraction, spread)
+            assert sorted(reordered.tolist()) == sorted(sample.tolist())  # the same keys, in some order
+            centre, margin = rank_fraction * n, 6.0 * spread + 2.0
+            top, bottom = math.floor(centre - margin), math.ceil(centre + margin)
+            assert high == (INF_KEY if top < 0 else int(ordered[top]))
+            assert low == (0 if bottom >= n else int(ordered[bottom]))
+            assert share == int(((sample > low) & (sample < high)).sum()) / n, (n, rank_fraction, spread)
 
 
 def test_rankings_differ_only_in_ranking(tokenizer):
