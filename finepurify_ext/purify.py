@@ -90,6 +90,7 @@ class PurifyReport:
     embedding_rule: str | None = None
     kept_unscored: list[str] = field(default_factory=list)  # no pre-trained value (a new head)
     hessian_floor: float | None = None
+    threshold_passes: int = 0  # the passes over every ranked weight the threshold search took
     sample: dict[str, list[float]] = field(default_factory=dict)  # drift^2, H, reset flags (plots)
 
     def to_dict(self) -> dict:
@@ -755,14 +756,23 @@ def purify_(
     counted_elements = moved if config.count_moved_only or config.ranking == "fine_mixing" else total
     num_reset = ops.num_reset_for(counted_elements, config.reserve_ratio)
     report = PurifyReport(config.ranking, config.reserve_ratio, None, total, moved, num_reset,
-                          kept_unscored=unscored, embedding_parameter=embedding, hessian_floor=scoring.floor)
+                          kept_unscored=unscored, embedding_parameter=embedding, hessian_floor=scoring.floor,
+                          threshold_passes=int(total > 0))
     read_counts = None
     if num_reset > 0:
+
+        def another(pass_over):  # a pass after the first, counted
+            def counted(*args):
+                report.threshold_passes += 1
+                return pass_over(*args)
+            return counted
+
         if candidates is not None:  # the sample's bracket, narrowed where it held too many or missed
-            threshold = search_ranges(candidates, search.candidates, num_reset, total, CANDIDATE_KEYS)
+            threshold = search_ranges(candidates, another(search.candidates), num_reset, total, CANDIDATE_KEYS)
         else:
+            histogram = another(search.histogram)
             threshold = threshold_from_histograms(
-                lambda level, prefix: level0 if level == 0 and level0 is not None else search.histogram(level, prefix),
+                lambda level, prefix: level0 if level == 0 and level0 is not None else histogram(level, prefix),
                 num_reset, total)
         report.threshold = threshold
         read_counts = feed.start_masked_reset_(threshold)

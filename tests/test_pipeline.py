@@ -405,6 +405,8 @@ def test_one_candidates_pass_purifies_as_the_histogram_passes(tokenizer, monkeyp
         assert narrowed[2]["histograms"] == 0 and 2 <= narrowed[2]["candidates"] <= 5, narrowed[2]
     default = purified()  # below CANDIDATES_MIN_WEIGHTS: the histogram passes
     assert default[2] == {"candidates": 0, "histograms": 1}
+    assert [r.threshold_passes for r, _, _ in (one_pass, histograms, default)] == [1, 3, 3]
+    assert all(r.threshold_passes == c["candidates"] for r, _, c in (missed, too_many, overflow))
     for report, params, _ in (histograms, missed, too_many, overflow, default):
         assert report.threshold == one_pass[0].threshold and report.num_reset == one_pass[0].num_reset
         assert report.reset_per_parameter == one_pass[0].reset_per_parameter
