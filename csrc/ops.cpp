@@ -94,7 +94,8 @@ bool searches_from_sample(const char* op, c10::string_view search, at::Device de
 }
 
 struct Sample {
-  std::vector<int32_t> keys;  // the rankable keys, in no order
+  at::Tensor keys;  // int32 on the CPU: the rankable keys first, in no order
+  int64_t n;        // how many are rankable
   double moved_fraction;
 };
 
@@ -102,16 +103,15 @@ Sample take_sample(at::TensorList finetuned, at::TensorList pretrained, at::Tens
                    const Ranking& r, int64_t total) {
   const int64_t stride = std::max<int64_t>(kSampleRun, kSampleRun * (total / sample_budget(total)));
   auto [keys, counts] = score_sample_op(finetuned, pretrained, hessians, r, stride);
-  keys = keys.cpu().contiguous();
+  keys = keys.cpu().contiguous();  // the op's own output (or its copy): filtered in place, not copied
   counts = counts.cpu();
   const int64_t n = keys.numel(), unmoved = counts.data_ptr<int64_t>()[1];
-  Sample sample{{}, n > 0 ? 1.0 - static_cast<double>(unmoved) / static_cast<double>(n) : 1.0};
-  const int32_t* k = keys.data_ptr<int32_t>();
-  sample.keys.reserve(static_cast<size_t>(n));
+  int32_t* k = keys.data_ptr<int32_t>();
+  int64_t rankable = 0;
   for (int64_t i = 0; i < n; ++i) {
-    if (k[i] >= 0) sample.keys.push_back(k[i]);  // NaN scores: the pass finds and names them
+    if (k[i] >= 0) k[rankable++] = k[i];  // NaN scores: the pass finds and names them
   }
-  return sample;
+  return {keys, rankable, n > 0 ? 1.0 - static_cast<double>(unmoved) / static_cast<double>(n) : 1.0};
 }
 
 struct KeyRange {
@@ -120,21 +120,24 @@ struct KeyRange {
 };
 
 // The bracket of the element at rank_fraction from the top (threshold.bracket_from_sample), and
-// the keys the pass may keep (keys_room, finepurify/search.h).
-KeyRange bracket(std::vector<int32_t> keys, double rank_fraction, double spread, int64_t total) {
-  const int64_t n = static_cast<int64_t>(keys.size());
+// the keys the pass may keep (keys_room, finepurify/search.h). Reorders the sample's keys.
+KeyRange bracket(Sample& sample, double rank_fraction, double spread, int64_t total) {
+  const int64_t n = sample.n;
+  int32_t* keys = sample.keys.data_ptr<int32_t>();
   const double centre = rank_fraction * static_cast<double>(n), margin = 6.0 * spread + 2.0;
   const int64_t top = static_cast<int64_t>(std::floor(centre - margin));     // positions from the top
   const int64_t bottom = static_cast<int64_t>(std::ceil(centre + margin));
-  auto at_position = [&](int64_t from_top) {  // the key there, by a partial sort of the copy
-    auto nth = keys.begin() + (n - 1 - from_top);
-    std::nth_element(keys.begin(), nth, keys.end());
+  auto at_position = [&](int64_t from_top) {  // the key there, by a partial sort in place
+    int32_t* nth = keys + (n - 1 - from_top);
+    std::nth_element(keys, nth, keys + n);
     return static_cast<uint32_t>(*nth);
   };
   const uint32_t high = top < 0 ? kInfBits : (top < n ? at_position(top) : 0u);
   const uint32_t low = bottom >= n ? 0u : at_position(bottom);
   int64_t inside = 0;
-  for (int32_t key : keys) inside += static_cast<uint32_t>(key) > low && static_cast<uint32_t>(key) < high;
+  for (int64_t i = 0; i < n; ++i) {
+    inside += static_cast<uint32_t>(keys[i]) > low && static_cast<uint32_t>(keys[i]) < high;
+  }
   const double share = static_cast<double>(inside) / static_cast<double>(std::max<int64_t>(n, 1));
   return {low, high, keys_room(share, n, total, kCandidateKeys)};
 }
@@ -204,11 +207,12 @@ Pass first_pass_from_sample(const char* op, at::TensorList finetuned, at::Tensor
   Sample sample = take_sample(finetuned, pretrained, hessians, r, total);
   const double moved = sample.moved_fraction;
   const double rank_fraction = std::min(1.0, share * (by_moved ? moved : 1.0));
-  const double n = static_cast<double>(sample.keys.size());
+  const double n = static_cast<double>(sample.n);
   const double spread = std::sqrt(n * rank_fraction * (1.0 - rank_fraction)) +
                         (by_moved ? share * std::sqrt(n * moved * (1.0 - moved)) : 0.0);
-  return candidates_pass(op, finetuned, pretrained, hessians, r,
-                         bracket(std::move(sample.keys), rank_fraction, spread, total));
+  const KeyRange range = bracket(sample, rank_fraction, spread, total);
+  sample.keys.reset();  // up to 16 MB, let go of before the pass's room
+  return candidates_pass(op, finetuned, pretrained, hessians, r, range);
 }
 
 // The exact k-th largest score (k from 1), given the level-0 histogram. Level by level, the bin
