@@ -33,7 +33,8 @@ from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
 SIZES = {"3b": {"layers": 26, "hidden": 3200, "mlp": 8640, "vocab": 32000, "dtype": "bfloat16"},
          "full": {"layers": 18, "hidden": 2048, "mlp": 5632, "vocab": 32000},
          "medium": {"layers": 4, "hidden": 2048, "mlp": 5632, "vocab": 32000},
-         "small": {"layers": 2, "hidden": 1024, "mlp": 2816, "vocab": 32000}}
+         "small": {"layers": 2, "hidden": 1024, "mlp": 2816, "vocab": 32000},
+         "tiny": {"layers": 1, "hidden": 64, "mlp": 160, "vocab": 1000, "dtype": "bfloat16"}}  # the tests' smoke run
 SHARD_BYTES = 500 << 20
 RESERVE_RATIO = 0.9
 

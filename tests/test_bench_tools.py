@@ -124,6 +124,28 @@ def test_sharded_purify_bench_over_ranks(tmp_path):
     assert len(result["targets"]) == 2 * len(RANKINGS)
 
 
+def test_checkpoint_bench_runs_every_mode(tmp_path):
+    """bench/bench_checkpoint.py at its tiny size: every mode runs in its own process, the out-of-core
+    ones report their threshold passes, and each configuration's modes reset the same weights."""
+    import json
+    import subprocess
+
+    out = tmp_path / "ooc.json"
+    modes = ["out_of_core", "out_of_core_default", "out_of_core_default_million", "out_of_core_default_histograms",
+             "in_memory_pytorch", "in_memory_pytorch_topk"]
+    subprocess.run([sys.executable, os.path.join(HERE, "..", "bench", "bench_checkpoint.py"), "--size", "tiny",
+                    "--dir", str(tmp_path / "ckpt"), "--reserve", "0.3", "--modes", *modes, "--out", str(out)],
+                   check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert sorted(runs) == sorted(modes) and all(runs[m]["time_s"] > 0 for m in modes), runs
+    assert result["reserve_ratio"] == 0.3 and "memory_target_met" in result  # (not met by torch alone at this size)
+    assert all(runs[m]["threshold_passes"] >= 1 for m in modes if m.startswith("out_of_core"))
+    literal = {runs[m]["num_reset"] for m in ("out_of_core", "in_memory_pytorch", "in_memory_pytorch_topk")}
+    default = {runs[m]["num_reset"] for m in modes if m.startswith("out_of_core_default")}
+    assert len(literal) == 1 and len(default) == 1 and literal != {0}
+
+
 def test_host_overhead_bench_writes_a_row_per_label(tmp_path):
     """bench/bench_host.py, as gpu_check.sh runs it on a GPU, on the CPU: a row per label, every
     ranking with purify_'s and the op's times and its steps."""
