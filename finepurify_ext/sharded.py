@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .threshold import _counts_here, _is_dtensor
+from .threshold import _counts_here, _is_dtensor, gathered_padded
 
 
 class Shards:
@@ -95,17 +95,8 @@ class Shards:
 
     def gathered(self, values: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's 1-D ``values`` (lengths may differ), in rank order, on the CPU."""
-        import torch.distributed as dist
-
-        length = torch.tensor([values.numel()], dtype=torch.int64, device=self.device)
-        lengths = [torch.empty_like(length) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(lengths, length, group=self.group)
-        lengths = [int(n) for n in lengths]
-        padded = torch.zeros(max(lengths), dtype=values.dtype, device=self.device)
-        padded[:values.numel()] = values.to(self.device)
-        parts = [torch.empty_like(padded) for _ in lengths]
-        dist.all_gather(parts, padded, group=self.group)
-        return [part[:n].cpu() for part, n in zip(parts, lengths)]
+        lengths = [int(n) for n in gathered_padded(torch.tensor([values.numel()]), 1, self.device, self.group)]
+        return [part[:n] for part, n in zip(gathered_padded(values, max(lengths), self.device, self.group), lengths)]
 
     def quantile(self, sample: torch.Tensor, q: float) -> float:
         """``purify.sample_quantile`` of every rank's float32 ``sample`` together (the same bits),

@@ -386,14 +386,20 @@ class RankFeed:
 
     def _gathered(self, values: torch.Tensor, length: int) -> list[torch.Tensor]:
         """Every rank's ``values`` (cut or padded with -1 to ``length``), in rank order, on the CPU."""
-        import torch.distributed as dist
+        return gathered_padded(values, length, self.device, self.group, fill=-1)
 
-        padded = torch.full((length,), -1, dtype=values.dtype, device=self.device)
-        n = min(values.numel(), length)
-        padded[:n] = values[:n].to(self.device)
-        parts = [torch.empty_like(padded) for _ in self.sizes]
-        dist.all_gather(parts, padded, group=self.group)
-        return [part.cpu() for part in parts]
+
+def gathered_padded(values: torch.Tensor, length: int, device, group, fill=0) -> list[torch.Tensor]:
+    """Every rank of ``group``'s 1-D ``values``, each cut or padded with ``fill`` to ``length`` (one
+    ``all_gather`` on ``device``, whose backend takes it), in rank order, on the CPU."""
+    import torch.distributed as dist
+
+    padded = torch.full((length,), fill, dtype=values.dtype, device=device)
+    n = min(values.numel(), length)
+    padded[:n] = values[:n].to(device)
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, padded, group=group)
+    return [part.cpu() for part in parts]
 
 
 SEARCHES = ("auto", "sample", "histograms")

@@ -383,10 +383,12 @@ def _sharded_purify(rank, variant):
                     assert torch.equal(dict(model.named_parameters())[name].full_tensor(), p.detach()), (where, name)
                 for field in ("threshold", "ranked_elements", "moved_elements", "num_reset", "reset_per_parameter",
                               "numel_per_parameter", "embedding_rows_reset", "embedding_rule", "kept_unscored",
-                              "hessian_floor"):
+                              "hessian_floor", "threshold_passes"):
                     assert getattr(got, field) == getattr(expected, field), (where, field)
                 assert expected.num_reset > 0 and sum(expected.reset_per_parameter.values()) > 0, where
-                assert len(got.sample["reset"]) == len(got.sample["drift_sq"]) > 0, where
+                # The plot's sample: every rank's share of it, gathered (each share rounded).
+                assert len(got.sample["reset"]) == len(got.sample["drift_sq"]) == len(got.sample["hessian"]), where
+                assert abs(len(got.sample["drift_sq"]) - len(expected.sample["drift_sq"])) <= world, where
                 if config.embeddings == "separate":
                     assert got.embedding_rows_reset > 0, where
 
