@@ -69,22 +69,15 @@ def median_ms(fn, device, repeats: int, warmup: int = 2, setup=None) -> float:
     """The median wall time of ``fn()`` in ms over ``repeats`` runs after ``warmup`` more, with
     ``setup()`` (untimed) before each; on a GPU the device is synchronised around each run."""
     import statistics
-    import time
-
-    import torch
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     times = []
     for r in range(warmup + repeats):
         if setup is not None:
             setup()
-        sync()
+        sync(device)
         start = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         if r >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
@@ -122,10 +115,6 @@ def run_cells(args, results: dict, measure_cell):
                 print(f"{attack}, seed {seed}", flush=True)
                 measure_cell(attack, seed, args, results, save)
     return save
-
-
-if __name__ == "__main__":
-    print(git_commit(), source_digest())
 
 
 def sync(device):
@@ -171,3 +160,7 @@ def peak_extra(device, fn):
     before = torch.cuda.memory_allocated(device)
     seconds, out = timed(device, fn)
     return seconds, torch.cuda.max_memory_allocated(device) - before, out
+
+
+if __name__ == "__main__":
+    print(git_commit(), source_digest())

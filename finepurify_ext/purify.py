@@ -751,7 +751,7 @@ def purify_(
         level0 = level0.cpu()
         num_unrankable, unmoved = int(level0[LEVEL_BINS[0]]), int(level0[-1])
     if num_unrankable > 0:
-        raise named_error(UserError("the scores cannot be ranked: they overflow float32; use a larger eps"))
+        refuse_unrankable(num_unrankable)
     moved = total - unmoved
     counted_elements = moved if config.count_moved_only or config.ranking == "fine_mixing" else total
     num_reset = ops.num_reset_for(counted_elements, config.reserve_ratio)

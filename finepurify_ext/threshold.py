@@ -90,8 +90,9 @@ def bracket_from_sample(sample_keys: torch.Tensor, rank_fraction: float, spread:
     """The key range [low, high] that holds the element of ``rank_fraction`` (from the top, of all
     elements) unless the sample misleads by more than ``sigmas`` standard deviations, and the
     fraction of the sample strictly inside it. ``sample_keys``: the rankable keys of an even sample
-    (any order; on the CPU reordered in place); ``spread``: the standard deviation, in sample positions, of where that element
-    falls in the sample (the binomial spread, plus that of any estimate the rank came from). The
+    (any order; on the CPU reordered in place); ``spread``: the standard deviation, in sample
+    positions, of where that element falls in the sample (the binomial spread, plus that of any
+    estimate the rank came from). The
     pass that counts the keys above and in the range (``ops.score_candidates``) tells whether it
     holds; if not, nothing is lost but that pass."""
     n = sample_keys.numel()
@@ -309,10 +310,8 @@ class RankFeed:
 
         if dist.get_backend(group) == "nccl" and device.type != "cuda":  # nccl reduces CUDA tensors only
             device = torch.device("cuda", torch.cuda.current_device())
-        mine = torch.tensor([numel, tensors, int(elsewhere)], dtype=torch.int64, device=device)
-        ranks = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(ranks, mine, group=group)
-        ranks = [r.tolist() for r in ranks]
+        mine = torch.tensor([numel, tensors, int(elsewhere)], dtype=torch.int64)
+        ranks = [r.tolist() for r in gathered_padded(mine, 3, device, group)]
         feed = cls(local, device, group, dist.get_rank(group), [(r[0], r[1]) for r in ranks])
         return feed, any(r[2] for r in ranks)
 
