@@ -245,6 +245,18 @@ def piece_room(capacity: int, piece: int, total: int) -> int:
     return max(1 << 16, 4 * capacity * piece // max(total, 1))
 
 
+def search_device(device) -> torch.device | None:
+    """Where the threshold search from a sample scores the pieces of its passes, for a run on
+    ``device``: there where its candidates kernel has run against the CPU's (``CANDIDATES_ON``),
+    else on the CPU, whose scores are the device's to the bit (tests/test_cuda.py compares every
+    score op's), so the threshold resets the same weights there; None where the CPU's has not
+    either (the histogram passes run on ``device``)."""
+    device = torch.device(device)
+    if device.type in CANDIDATES_ON:
+        return device
+    return torch.device("cpu") if "cpu" in CANDIDATES_ON else None
+
+
 def embedding_tensor_of(names) -> str | None:
     """The word-embedding matrix among a checkpoint's tensor names (by the usual suffixes), or None."""
     found = [n for n in names if n.endswith(EMBEDDING_SUFFIXES)]
@@ -274,8 +286,9 @@ def purify_checkpoint(
     embedding budget (the word-embedding matrix, found by name, kept out of the ranking; its rows
     with a Hessian of exactly zero that moved are reset). Tensors are streamed in pieces of
     ``chunk_bytes`` (float32): peak memory is about nine pieces (two sets of three read-ahead
-    buffers, and three for the tensors copied as they are), whatever the largest tensor. On a CUDA ``device`` the pieces
-    are scored and reset there (the files are still read and written by the CPU)."""
+    buffers, and three for the tensors copied as they are), whatever the largest tensor. On a CUDA
+    ``device`` the pieces are reset there (the files are still read and written by the CPU), and
+    scored there for the threshold where ``search_device`` says so, else on the CPU."""
     times = {}
     start_all = time.perf_counter()
     pin = torch.device(device).type == "cuda"
@@ -370,7 +383,8 @@ def purify_checkpoint(
     ranked_elements = sum(sus_ckpt.numel(n) for n in ranked)
     h_mean, floor = {}, None
     wants_floor = config.hessian_floor_quantile is not None and config.ranking in ("fine_purifying", "no_hessian")
-    one_pass = torch.device(device).type in CANDIDATES_ON and ranked_elements >= CANDIDATES_MIN_WEIGHTS
+    reset_on, search_on = torch.device(device), search_device(device)
+    one_pass = search_on is not None and ranked_elements >= CANDIDATES_MIN_WEIGHTS
     reads_hessian_first = wants_floor or config.ranking == "no_hessian" or (one_pass and reads_hessian)
     score_sample = {}  # name: [(finetuned, pretrained, hessian or None) at the sampled elements of each piece]
     if reads_hessian_first or one_pass:
@@ -402,14 +416,17 @@ def purify_checkpoint(
         del samples
     times["pre_pass"] = time.perf_counter() - start_all
 
-    zero = torch.zeros(1, device=device)
     eps = 1.0 if config.ranking == "magnitude" else config.eps
-    # no_hessian: each tensor's floored mean as its one-element Hessian, made once, not per piece.
-    scalar_h = {name: torch.tensor([max(m, floor or 0.0)], dtype=torch.float32, device=device)
-                for name, m in h_mean.items()}
+    # The one-element Hessians (no_hessian: each tensor's floored mean), made once, not per piece,
+    # on each device that scores: the one that resets, the one that searches, and the CPU (the sample).
+    constants = {on: (torch.zeros(1, device=on),
+                      {name: torch.tensor([max(m, floor or 0.0)], dtype=torch.float32, device=on)
+                       for name, m in h_mean.items()})
+                 for on in {reset_on, search_on or reset_on, torch.device("cpu")}}
 
-    def piece_inputs(name, start, h):
-        """(hessian passed, ops.Ranking) of one piece: the scoring spec of purify.scoring_for."""
+    def piece_inputs(name, start, h, on=reset_on):
+        """(hessian passed, ops.Ranking) of one piece on ``on``: the scoring spec of purify.scoring_for."""
+        zero, scalar_h = constants[on]
         if config.ranking == "fine_purifying":
             return h, ops.Ranking(hessian_floor=floor or 0.0)
         if config.ranking == "no_hessian":
@@ -457,8 +474,8 @@ def purify_checkpoint(
         store = torch.empty(capacity, dtype=torch.int32)
         bar = tqdm(total=ranked_elements, desc="threshold pass", unit=" weights", unit_scale=True,
                    disable=not progress, leave=False)
-        for name, start, ft, pre, h in pieces(ranked, reads_hessian):
-            hs, ranking = piece_inputs(name, start, h)
+        for name, start, ft, pre, h in pieces(ranked, reads_hessian, to=search_on):
+            hs, ranking = piece_inputs(name, start, h, on=search_on)
             used = int(counts[2])
             # Never more room than the piece's elements or what is left; a piece that holds more
             # keys than piece_room gives it, and fits what is left, is scored again with room for
@@ -492,7 +509,8 @@ def purify_checkpoint(
             taken = score_sample.pop(n)
             fts.append(torch.cat([ft for ft, _, _ in taken]))
             pres.append(torch.cat([pre for _, pre, _ in taken]))
-            hs.append(piece_inputs(n, 0, torch.cat([h for _, _, h in taken]) if reads_hessian else None)[0])
+            hs.append(piece_inputs(n, 0, torch.cat([h for _, _, h in taken]) if reads_hessian else None,
+                                   on=torch.device("cpu"))[0])
             del taken
         # Every element of the sample kept (a run of SAMPLE_RUN at every SAMPLE_RUN-th, but the last
         # few of a tensor), with one Ranking for every tensor: Fine-mixing's draws by list position

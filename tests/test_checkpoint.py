@@ -398,3 +398,18 @@ def test_value_checks_catch_every_bad_value():
         negative[3] = -1e-3
         with pytest.raises(CheckpointError, match="negative"):
             _check_hessian(negative, "the Hessian f: tensor 't'")
+
+
+def test_the_search_scores_on_the_cpu_where_the_device_lacks_a_run_candidates_kernel(monkeypatch):
+    """Out of core on a device outside CANDIDATES_ON, the sample's one-pass search scores its
+    pieces on the CPU (tests/test_cuda.py runs it with --device cuda against the CPU's files); the
+    histogram passes on the device only where the CPU lacks it too."""
+    from finepurify_ext import checkpoint as checkpoint_module
+
+    search_device = checkpoint_module.search_device
+    monkeypatch.setattr(checkpoint_module, "CANDIDATES_ON", ("cpu",))
+    assert search_device("cuda") == search_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(checkpoint_module, "CANDIDATES_ON", ("cpu", "cuda"))
+    assert search_device("cuda:1") == torch.device("cuda:1") and search_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(checkpoint_module, "CANDIDATES_ON", ())
+    assert search_device("cuda") is None and search_device("cpu") is None

@@ -689,18 +689,25 @@ def test_random_ranking_offsets_on_cuda():
 
 
 @pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
-@pytest.mark.parametrize("one_pass_on_cuda", [False, True])
-def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, monkeypatch, ranking, one_pass_on_cuda):
-    """Out of core with --device cuda: pieces scored and reset on the GPU, the same files as on the
-    CPU; also with the sample's bracket and candidates passes on the GPU (room for 8 keys: narrowed)."""
+@pytest.mark.parametrize("search", ["histograms", "one_pass_on_cpu", "one_pass_on_cuda"])
+def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, monkeypatch, ranking, search):
+    """Out of core with --device cuda: pieces reset on the GPU, the same files as on the CPU, with
+    the histogram passes on the GPU, or the sample's bracket and candidates passes (room for 8
+    keys: narrowed) on the CPU (checkpoint.search_device while CUDA is not in CANDIDATES_ON) or on
+    the GPU."""
     from safetensors.torch import load_file, save_file
     from finepurify_ext import checkpoint as checkpoint_module
     from finepurify_ext.checkpoint import purify_checkpoint
     from finepurify_ext.purify import PurifyConfig
 
-    if one_pass_on_cuda:
-        for name, value in (("CANDIDATES_ON", ("cpu", "cuda")), ("CANDIDATES_MIN_WEIGHTS", 0), ("OUT_OF_CORE_KEYS", 8)):
+    if search != "histograms":
+        for name, value in (("CANDIDATES_ON", ("cpu", "cuda") if search == "one_pass_on_cuda" else ("cpu",)),
+                            ("CANDIDATES_MIN_WEIGHTS", 0), ("OUT_OF_CORE_KEYS", 8)):
             monkeypatch.setattr(checkpoint_module, name, value)
+
+        def no_histograms(*_):
+            raise AssertionError("a histogram pass ran")
+        monkeypatch.setattr(checkpoint_module, "threshold_from_histograms", no_histograms)
 
     gen = torch.Generator().manual_seed(62)
     shapes = {"model.embed_tokens.weight": (40, 8), "layer.weight": (33, 8), "layer.bias": (33,)}
@@ -721,6 +728,8 @@ def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, monkeypatch, ranking, on
     cpu, gpu = load_file(tmp_path / "cpu" / "sus.safetensors"), load_file(tmp_path / "cuda" / "sus.safetensors")
     assert all(torch.equal(cpu[n], gpu[n]) for n in shapes)
     assert reports["cpu"].reset_per_tensor == reports["cuda"].reset_per_tensor
+    assert reports["cpu"].threshold == reports["cuda"].threshold
+    assert reports["cpu"].threshold_passes == reports["cuda"].threshold_passes
     assert reports["cuda"].embedding_rows_reset == 4
 
 
