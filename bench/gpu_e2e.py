@@ -7,7 +7,8 @@ suspect checkpoint, then the commands a user runs, each timed:
    pre-trained state streamed from the CPU, mixed-precision clean fine-tuning, the purified model
    written;
 2. ``finepurify hessian --device cuda``, then ``finepurify purify --hessian-file ... --device cuda``
-   out of core (shards read piece by piece, scored and reset on the GPU).
+   out of core (shards read piece by piece and reset on the GPU; the threshold search scores them
+   where ``checkpoint.search_device`` says).
 
 Synthetic clean data (random words of a small word-level vocabulary; for the causal LM,
 prompt/response pairs in JSONL). Writes a JSON report with each command's wall time, exit code and
@@ -155,8 +156,8 @@ def main():
             "timings_s": in_memory.get("timings_s"), "device": in_memory.get("device"),
             "num_reset": in_memory["purify"]["num_reset"], "moved_elements": in_memory["purify"]["moved_elements"]},
         "out_of_core": None if out_of_core is None else {
-            k: out_of_core[k] for k in ("num_reset", "moved_elements", "bytes_read", "timings_s", "embedding_tensor",
-                                        "embedding_rows_reset")},
+            k: out_of_core.get(k) for k in ("num_reset", "moved_elements", "bytes_read", "threshold_passes",
+                                            "timings_s", "embedding_tensor", "embedding_rows_reset")},
     })
     print(f"wrote {args.out}")
     if any(s["rc"] != 0 for s in steps):

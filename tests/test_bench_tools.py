@@ -163,6 +163,21 @@ def test_host_overhead_bench_writes_a_row_per_label(tmp_path):
         assert row["purify_ms"] > 0 and row["op_ms"] > 0 and "threshold_from_histograms" in row["steps_ms"]
 
 
+def test_end_to_end_bench_runs_every_command_on_the_cpu(tmp_path):
+    """bench/gpu_e2e.py, the GPU check's end-to-end step, on a tiny causal LM on the CPU: every
+    command succeeds and the report holds both paths' results (a broken step costs a GPU lease)."""
+    import json
+    import subprocess
+
+    out = tmp_path / "e2e.json"
+    subprocess.run([sys.executable, os.path.join(HERE, "..", "bench", "gpu_e2e.py"), "--model", "llama-tiny",
+                    "--device", "cpu", "--timeout", "300", "--out", str(out)], check=True, capture_output=True)
+    report = json.loads(out.read_text())
+    assert [s["rc"] for s in report["steps"]] == [0, 0, 0]
+    assert report["in_memory"]["num_reset"] > 0 and report["out_of_core"]["num_reset"] > 0
+    assert report["out_of_core"]["threshold_passes"] >= 1 and report["device"] == "CPU"
+
+
 def test_the_cuda_tests_name_only_what_the_package_has():
     """tests/test_cuda.py runs only on a lent GPU: every attribute it reads from the package's modules
     and every name it monkeypatches there exists, so a rename here does not cost a GPU lease."""
