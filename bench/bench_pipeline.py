@@ -35,7 +35,8 @@ from common import git_commit, peak_extra, sync, timed, write_json_atomically
 import finepurify_ext
 from finepurify_ext import ops
 from finepurify_ext.hessian import estimate_hessian
-from finepurify_ext.purify import RANKINGS, PurifyConfig, matched_parameters, purify_, scoring_for, word_embedding_name
+from finepurify_ext.purify import (CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, RANKINGS, PurifyConfig, matched_parameters,
+                                   purify_, scoring_for, word_embedding_name)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {  # OPT shapes
@@ -208,6 +209,11 @@ def main():
     embedding = word_embedding_name(model)
     ranked = [n for n in scored if n != embedding]
     ft_ranked, pre_ranked = [params[n].data for n in ranked], [pre_dev[n] for n in ranked]
+    # The op searches as purify_ does here (threshold.CANDIDATES_ON, which FINEPURIFY_CANDIDATES_ON
+    # overrides; the op's own "auto" takes the sample on the CPU only).
+    ranked_weights = sum(params[n].numel() for n in ranked)
+    search = "sample" if device.type in CANDIDATES_ON and ranked_weights >= CANDIDATES_MIN_WEIGHTS else "histograms"
+    print(f"threshold search: {search} (CANDIDATES_ON {CANDIDATES_ON})", flush=True)
 
     def measure(label, fn):
         times, mem = [], None
@@ -228,7 +234,7 @@ def main():
 
         def run_op():
             return ops.reset_most_abnormal_(ft_ranked, pre_ranked, scoring.hessians, config.reserve_ratio, scoring.eps,
-                                            ranking=scoring.ranking, count_moved_only=True).sum().item()
+                                            ranking=scoring.ranking, count_moved_only=True, search=search).sum().item()
 
         restore()
         run_op()  # warm-up
@@ -273,6 +279,7 @@ def main():
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__,
         "model": args.model, "weight_dtype": args.dtype, "parameters": n,
+        "threshold_search": search, "candidates_on": list(CANDIDATES_ON),
         "hessian": hessian_row, "purify": rows, "targets": targets,
     })
     print(f"wrote {out}")

@@ -13,9 +13,10 @@
 # `finepurify purify|hessian --device cuda` on a Llama-3.2-1B-shaped causal LM, in memory and out of
 # core), host_overhead_cuda.json (bench/bench_host.py), threshold_search_cuda.json
 # (bench/bench_search.py) and, with FINEPURIFY_E2E_MODEL set, gpu_e2e.json (the same on that model).
-# The device tool returns at most 8 files from $OUT: a default run writes 7, and each of ncu, the
-# baseline, FINEPURIFY_BENCH_UNMOVED and FINEPURIFY_E2E_MODEL one more (at most one in one call
-# unless FINEPURIFY_GPU_STEPS leaves steps out).
+# The device tool returns at most 8 files from $OUT: a default run writes 8 (with
+# pipeline_cuda_sample_search.json, where the sample search's CUDA tests pass), and each of ncu, the
+# baseline, FINEPURIFY_BENCH_UNMOVED and FINEPURIFY_E2E_MODEL one more (FINEPURIFY_GPU_STEPS leaves
+# steps out to make room).
 # Uses python3 (or $PYTHON) as it is: no downloads. CXX defaults to the system g++ (a toolchain that
 # links libstdc++ statically is refused by setup.py).
 set -u
@@ -74,6 +75,19 @@ step search 60 "$PY" bench/bench_search.py --device cuda --sizes 1048576 8388608
 step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-1.3b --batch 32 --seq 128 \
   --hessian-steps 8 --more-batches 4 64 --profile \
   --out "$OUT_DIR/pipeline_cuda.json"
+# Whether purify_ on a GPU should search from a sample (threshold.CANDIDATES_ON leaves CUDA out until
+# its CUDA tests have passed on one): where cuda_tests above finished and none of the sample search's
+# tests (candidates, sample, search, checkpoint in their names) failed, the pipeline's purify_ and op
+# at OPT-1.3B with the sample's search on this GPU (FINEPURIFY_CANDIDATES_ON), into
+# pipeline_cuda_sample_search.json beside bench_pipeline's histogram passes: both in one lease.
+CUDA_TESTS_LOG=$(sed -n '/^=== cuda_tests (limit/,/^=== cuda_tests: rc/p' "$LOG")
+if grep -qE "[0-9]+ passed" <<<"$CUDA_TESTS_LOG" && ! grep -qE \
+    "^(FAILED|ERROR) tests/test_cuda.py::test_[a-z_]*(candidates|sample|search|checkpoint)" <<<"$CUDA_TESTS_LOG"; then
+  step pipeline_sample_search 60 env FINEPURIFY_CANDIDATES_ON=cpu,cuda "$PY" bench/bench_pipeline.py --device cuda \
+    --model opt-1.3b --batch 4 --seq 128 --hessian-steps 1 --out "$OUT_DIR/pipeline_cuda_sample_search.json"
+else
+  echo "pipeline_sample_search skipped 0 sample-search-cuda-tests-did-not-pass" >> "$STEPS"
+fi
 # purify_'s host cost beyond the op at OPT-1.3B's 388 tensors and tiny widths (bench/bench_host.py):
 # the part of the pipeline's gap that is the host's, without the passes' device time.
 step host_overhead 60 "$PY" bench/bench_host.py --device cuda --repeats 20 --out "$OUT_DIR/host_overhead_cuda.json"

@@ -12,7 +12,9 @@ over all elements.
 from __future__ import annotations
 
 import math
+import os
 import struct
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -53,10 +55,26 @@ def threshold_from_histograms(histogram_of: Callable[[int, int], torch.Tensor], 
 INF_KEY = 0x7F800000  # the key of +Inf, the largest rankable one
 SAMPLE_RUN = 16  # score_sample's run of consecutive elements (kSampleRun): whole 64-byte lines of float32
 CANDIDATE_KEYS = 4 << 20  # the keys one candidates pass may keep (16 MB; finepurify/search.h kCandidateKeys)
-# The devices whose score_candidates kernel has been run against the CPU's. The CUDA kernel is
-# written and its tests are in tests/test_cuda.py, but it has not run on a GPU yet: until it has,
-# a GPU keeps the three histogram passes.
-CANDIDATES_ON = ("cpu",)
+
+
+def _candidates_on() -> tuple[str, ...]:
+    """The device types whose score_candidates kernel has been run against the CPU's: the CPU. The
+    CUDA kernel is written and its tests are in tests/test_cuda.py, but it has not run on a GPU
+    yet: until it has, a GPU keeps the three histogram passes. FINEPURIFY_CANDIDATES_ON
+    (comma-separated device types, read at import) overrides it: the GPU check times purify_ with
+    the sample's search on a GPU that way, in the lease that runs those tests."""
+    raw = os.environ.get("FINEPURIFY_CANDIDATES_ON")
+    if raw is None:
+        return ("cpu",)
+    types = tuple(t.strip() for t in raw.split(",") if t.strip())
+    if not set(types) <= {"cpu", "cuda"}:  # a warning, not an error at import: every command still runs
+        warnings.warn(f"FINEPURIFY_CANDIDATES_ON={raw!r} is ignored: give device types among cpu and cuda, "
+                      "comma-separated (e.g. cpu,cuda)", stacklevel=2)
+        return ("cpu",)
+    return types
+
+
+CANDIDATES_ON = _candidates_on()
 # Below this many ranked weights the histogram passes run: the sample (one op, about a millisecond
 # of host time at 400 tensors) and its bracket cost about what the two passes they save do
 # (bench/bench_search.py on the CPU: even at 1M weights, 1.4x faster at 2M, 2x at 8M;

@@ -2,6 +2,7 @@
 import dataclasses
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -391,6 +392,25 @@ def test_the_python_search_shares_the_kernels_constants():
                      "sample_search_min_weights": threshold.CANDIDATES_MIN_WEIGHTS, "inf_key": threshold.INF_KEY}
     assert threshold.LEVEL_BINS[0] + 2 == ops.score_histogram([torch.ones(3)], [torch.zeros(3)], [torch.ones(3)],
                                                              1e-3, 0, 0).numel()
+
+
+def test_candidates_on_follows_the_environment_where_it_names_device_types():
+    """FINEPURIFY_CANDIDATES_ON (how the GPU check times the sample's search on a GPU) reaches every
+    module that decides where it runs; a value that names no device type is ignored with a warning."""
+    import subprocess
+    import sys
+
+    show = ("import warnings; warnings.simplefilter('always')\n"
+            "from finepurify_ext import checkpoint, purify, threshold\n"
+            "print(threshold.CANDIDATES_ON, purify.CANDIDATES_ON, checkpoint.CANDIDATES_ON)")
+    for value, expected, warned in ((None, ("cpu",), False), ("cpu,cuda", ("cpu", "cuda"), False),
+                                    (" cuda ", ("cuda",), False), ("gpu", ("cpu",), True)):
+        env = {k: v for k, v in os.environ.items() if k != "FINEPURIFY_CANDIDATES_ON"}
+        if value is not None:
+            env["FINEPURIFY_CANDIDATES_ON"] = value
+        run = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True)
+        assert run.stdout.strip() == " ".join([str(expected)] * 3), (value, run.stdout)
+        assert ("FINEPURIFY_CANDIDATES_ON='gpu' is ignored" in run.stderr) == warned, run.stderr
 
 
 def test_the_ops_search_keeps_the_keys_room_and_sample_purify_keeps():
