@@ -88,9 +88,6 @@ if grep -qE "[0-9]+ passed" <<<"$CUDA_TESTS_LOG" && ! grep -qE \
 else
   echo "pipeline_sample_search skipped 0 sample-search-cuda-tests-did-not-pass" >> "$STEPS"
 fi
-# purify_'s host cost beyond the op at OPT-1.3B's 388 tensors and tiny widths (bench/bench_host.py):
-# the part of the pipeline's gap that is the host's, without the passes' device time.
-step host_overhead 60 "$PY" bench/bench_host.py --device cuda --repeats 20 --out "$OUT_DIR/host_overhead_cuda.json"
 # On request (FINEPURIFY_BENCH_UNMOVED=0.5): the ops at 1.3B where that fraction of the weights never
 # moved, as in a bfloat16 fine-tune, into cuda_ops_unmoved.json (and the baseline below likewise).
 UNMOVED_ARGS=(); [[ -n "${FINEPURIFY_BENCH_UNMOVED:-}" ]] && UNMOVED_ARGS=(--unmoved "$FINEPURIFY_BENCH_UNMOVED")
@@ -109,6 +106,10 @@ step e2e_llm 200 "$PY" bench/gpu_e2e.py --model "${FINEPURIFY_E2E_LLM:-llama-1b}
 # memcheck slows every launch; it reports how far it came.
 step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 99 \
   "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
+# purify_'s host cost beyond the op at OPT-1.3B's 388 tensors and tiny widths (bench/bench_host.py):
+# the part of the pipeline's gap that is the host's, without the passes' device time. A diagnosis,
+# measured before (host_overhead_cuda.json): after memcheck, with the time left.
+step host_overhead 60 "$PY" bench/bench_host.py --device cuda --repeats 20 --out "$OUT_DIR/host_overhead_cuda.json"
 # On request, a same-device baseline for kernel changes: FINEPURIFY_BASELINE_DIR holds an older
 # source tree (e.g. `mkdir -p bench/baseline_src && git archive 38aaa5a | tar -x -C bench/baseline_src`;
 # the folder is git-ignored: name it in the device tool's `carry`; FINEPURIFY_BASELINE_COMMIT names
