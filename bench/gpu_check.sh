@@ -77,14 +77,16 @@ step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-
   --out "$OUT_DIR/pipeline_cuda.json"
 # Whether purify_ on a GPU should search from a sample (threshold.CANDIDATES_ON leaves CUDA out until
 # its CUDA tests have passed on one): where cuda_tests above finished and none of the sample search's
-# tests (candidates, sample, search, checkpoint in their names) failed, the pipeline's purify_ and op
-# at OPT-1.3B with the sample's search on this GPU (FINEPURIFY_CANDIDATES_ON), into
+# tests (candidates, sample, search, checkpoint or opcheck in their names) failed, the pipeline's
+# purify_ and op at OPT-1.3B with the sample's search on this GPU (FINEPURIFY_CANDIDATES_ON), into
 # pipeline_cuda_sample_search.json beside bench_pipeline's histogram passes: both in one lease.
 CUDA_TESTS_LOG=$(sed -n '/^=== cuda_tests (limit/,/^=== cuda_tests: rc/p' "$LOG")
-if grep -qE "[0-9]+ passed" <<<"$CUDA_TESTS_LOG" && ! grep -qE \
-    "^(FAILED|ERROR) tests/test_cuda.py::test_[a-z_]*(candidates|sample|search|checkpoint)" <<<"$CUDA_TESTS_LOG"; then
+if [[ -z "$CUDA_TESTS_LOG" ]]; then
+  echo "pipeline_sample_search skipped 0 cuda-tests-not-run" >> "$STEPS"
+elif grep -qE "[0-9]+ passed" <<<"$CUDA_TESTS_LOG" && ! grep -qE \
+    "^(FAILED|ERROR) tests/test_cuda.py::test_[a-z_]*(candidates|sample|search|checkpoint|opcheck)" <<<"$CUDA_TESTS_LOG"; then
   step pipeline_sample_search 60 env FINEPURIFY_CANDIDATES_ON=cpu,cuda "$PY" bench/bench_pipeline.py --device cuda \
-    --model opt-1.3b --batch 4 --seq 128 --hessian-steps 1 --out "$OUT_DIR/pipeline_cuda_sample_search.json"
+    --model opt-1.3b --batch 32 --seq 128 --hessian-steps 1 --out "$OUT_DIR/pipeline_cuda_sample_search.json"
 else
   echo "pipeline_sample_search skipped 0 sample-search-cuda-tests-did-not-pass" >> "$STEPS"
 fi

@@ -67,7 +67,7 @@ def _candidates_on() -> tuple[str, ...]:
     if raw is None:
         return ("cpu",)
     types = tuple(t.strip() for t in raw.split(",") if t.strip())
-    if not set(types) <= {"cpu", "cuda"}:  # a warning, not an error at import: every command still runs
+    if not types or not set(types) <= {"cpu", "cuda"}:  # a warning, not an error at import: commands still run
         warnings.warn(f"FINEPURIFY_CANDIDATES_ON={raw!r} is ignored: give device types among cpu and cuda, "
                       "comma-separated (e.g. cpu,cuda)", stacklevel=2)
         return ("cpu",)

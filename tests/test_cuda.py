@@ -708,6 +708,13 @@ def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, monkeypatch, ranking, se
         def no_histograms(*_):
             raise AssertionError("a histogram pass ran")
         monkeypatch.setattr(checkpoint_module, "threshold_from_histograms", no_histograms)
+    scored_on, score_candidates = set(), ops.score_candidates
+
+    def spied(finetuned, *args):  # where the candidates passes score
+        scored_on.add(finetuned[0].device.type)
+        return score_candidates(finetuned, *args)
+
+    monkeypatch.setattr(ops, "score_candidates", spied)
 
     gen = torch.Generator().manual_seed(62)
     shapes = {"model.embed_tokens.weight": (40, 8), "layer.weight": (33, 8), "layer.bias": (33,)}
@@ -723,8 +730,10 @@ def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, monkeypatch, ranking, se
     reports = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / device
+        scored_on.clear()
         reports[device] = purify_checkpoint(paths["pre"], paths["sus"], paths["h"], str(out), config,
                                             progress=False, chunk_bytes=64, device=device)
+    assert scored_on == {"histograms": set(), "one_pass_on_cpu": {"cpu"}, "one_pass_on_cuda": {"cuda"}}[search]
     cpu, gpu = load_file(tmp_path / "cpu" / "sus.safetensors"), load_file(tmp_path / "cuda" / "sus.safetensors")
     assert all(torch.equal(cpu[n], gpu[n]) for n in shapes)
     assert reports["cpu"].reset_per_tensor == reports["cuda"].reset_per_tensor

@@ -404,13 +404,13 @@ def test_candidates_on_follows_the_environment_where_it_names_device_types():
             "from finepurify_ext import checkpoint, purify, threshold\n"
             "print(threshold.CANDIDATES_ON, purify.CANDIDATES_ON, checkpoint.CANDIDATES_ON)")
     for value, expected, warned in ((None, ("cpu",), False), ("cpu,cuda", ("cpu", "cuda"), False),
-                                    (" cuda ", ("cuda",), False), ("gpu", ("cpu",), True)):
+                                    (" cuda ", ("cuda",), False), ("gpu", ("cpu",), True), ("", ("cpu",), True)):
         env = {k: v for k, v in os.environ.items() if k != "FINEPURIFY_CANDIDATES_ON"}
         if value is not None:
             env["FINEPURIFY_CANDIDATES_ON"] = value
         run = subprocess.run([sys.executable, "-c", show], env=env, capture_output=True, text=True, check=True)
         assert run.stdout.strip() == " ".join([str(expected)] * 3), (value, run.stdout)
-        assert ("FINEPURIFY_CANDIDATES_ON='gpu' is ignored" in run.stderr) == warned, run.stderr
+        assert (f"FINEPURIFY_CANDIDATES_ON={value!r} is ignored" in run.stderr) == warned, run.stderr
 
 
 def test_the_ops_search_keeps_the_keys_room_and_sample_purify_keeps():
