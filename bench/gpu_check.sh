@@ -105,9 +105,14 @@ if [[ " ${FINEPURIFY_GPU_STEPS:-} " == *" ncu "* ]]; then
 fi
 step e2e_llm 200 "$PY" bench/gpu_e2e.py --model "${FINEPURIFY_E2E_LLM:-llama-1b}" --timeout 120 \
   --out "$OUT_DIR/gpu_e2e_llm.json"
-# memcheck slows every launch; it reports how far it came.
+# memcheck slows every launch; it reports how far it came. By default only the CUDA tests of the
+# kernels and bindings changed since the last clean memcheck (a9d20aa, every CUDA test: 0 errors):
+# score_candidates and score_sample (never run yet), the histograms' shared key walk and the score
+# ops' bindings (opcheck). FINEPURIFY_MEMCHECK_K="" runs them all, as the budget allows.
+MEMCHECK_K=${FINEPURIFY_MEMCHECK_K-candidates or sample or search or histogram or opcheck}
+MEMCHECK_FILTER=(); [[ -n "$MEMCHECK_K" ]] && MEMCHECK_FILTER=(-k "$MEMCHECK_K")
 step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 99 \
-  "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
+  "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py "${MEMCHECK_FILTER[@]}"
 # purify_'s host cost beyond the op at OPT-1.3B's 388 tensors and tiny widths (bench/bench_host.py):
 # the part of the pipeline's gap that is the host's, without the passes' device time. A diagnosis,
 # measured before (host_overhead_cuda.json): after memcheck, with the time left.
