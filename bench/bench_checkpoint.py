@@ -26,7 +26,7 @@ import time
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
+from bench.common import HERE, git_commit, status_kib, write_json_atomically  # noqa: E402
 
 # "3b": OpenLLaMA-3B's shapes with bfloat16 weights (3.4B weights; 6.9 GB a model, 13.7 GB of float32
 # Hessian): past the size whose threshold one pass holds with purify_'s million-weight sample.
@@ -99,11 +99,8 @@ def generate(directory, size):
 
 
 def rss_mb(field="VmHWM"):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    kib = status_kib(field)
+    return float("nan") if kib is None else kib / 1024
 
 
 def child(mode, directory, out, reserve):

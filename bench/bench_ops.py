@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import cpu_name, git_commit, search_from_sample, write_json_atomically
+from common import cpu_name, git_commit, search_from_sample, status_kib, write_json_atomically
 
 import finepurify_ext
 from finepurify_ext import ops
@@ -141,22 +141,14 @@ def peak_extra_memory(case, impl, layers, dtype_name):
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _rss_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def memory_probe(case, impl, dtype_name, layers):
     ours, baseline, setup, _ = case_fns(case, bert_base_shapes(layers), getattr(torch, dtype_name))
     fn = ours if impl == "ours" else baseline
-    before = _rss_kib("VmRSS")
+    before = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak RSS, to the current RSS
     fn()
-    print((_rss_kib("VmHWM") - before) * 1024)
+    print((status_kib("VmHWM") - before) * 1024)
 
 
 def copy_bandwidth_gbs(nbytes=1 << 30, repeats=5):

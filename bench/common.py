@@ -132,7 +132,8 @@ def timed(device, fn):
     return time.perf_counter() - start, out
 
 
-def _status_kib(field):
+def status_kib(field):
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM: the resident set and its peak), or None."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -147,11 +148,11 @@ def peak_extra(device, fn):
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
-            before = _status_kib("VmRSS")
+            before = status_kib("VmRSS")
         except OSError:
             before = None
         seconds, out = timed(device, fn)
-        peak = _status_kib("VmHWM") if before is not None else None
+        peak = status_kib("VmHWM") if before is not None else None
         return seconds, None if peak is None else (peak - before) * 1024, out
     import torch
 
