@@ -26,7 +26,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import HERE, cpu_name, git_commit, median_ms, peak_extra, search_from_sample, write_json_atomically  # noqa: E402
+from common import (HERE, cpu_name, git_commit, median_ms, peak_extra, search_from_sample,  # noqa: E402
+                    write_json_atomically)
 
 from finepurify_ext import ops  # noqa: E402
 from finepurify_ext import purify as purify_module  # noqa: E402

@@ -110,9 +110,8 @@ def bracket_from_sample(sample_keys: torch.Tensor, rank_fraction: float, spread:
     fraction of the sample strictly inside it. ``sample_keys``: the rankable keys of an even sample
     (any order; on the CPU reordered in place); ``spread``: the standard deviation, in sample
     positions, of where that element falls in the sample (the binomial spread, plus that of any
-    estimate the rank came from). The
-    pass that counts the keys above and in the range (``ops.score_candidates``) tells whether it
-    holds; if not, nothing is lost but that pass."""
+    estimate the rank came from). The pass that counts the keys above and in the range
+    (``ops.score_candidates``) tells whether it holds; if not, nothing is lost but that pass."""
     n = sample_keys.numel()
     centre = rank_fraction * n
     margin = sigmas * spread + 2.0

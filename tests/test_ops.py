@@ -432,7 +432,8 @@ def test_the_ops_search_keeps_the_keys_room_and_sample_purify_keeps():
     assert rooms == {"none", "full", "some"}
     for total in (0, 1, 1 << 20, 64 << 20, 100_000_000, 268_435_455, 1 << 28, 400_000_000, 1 << 30, 1 << 34):
         assert _C.sample_budget(total) == threshold.sample_budget(total), total
-    assert [threshold.sample_budget(t) for t in (1 << 20, 1 << 28, 1 << 30, 1 << 34)] == [16384, 1 << 20, 4 << 20, 4 << 20]
+    assert [threshold.sample_budget(t) for t in (1 << 20, 1 << 28, 1 << 30, 1 << 34)] == \
+        [16384, 1 << 20, 4 << 20, 4 << 20]
     # Where three times the expected keys fit, that is the room; the likely most decides only past it.
     assert keys_room(0.005, 1 << 20, 200_000_000, 4 << 20) == 3_000_000
     assert keys_room(0.0054, 1 << 20, 700_000_000, 4 << 20) == 4 << 20  # 3.8M expected, likely 3.94M
