@@ -215,9 +215,12 @@ def narrower_range(counts, low_key: int, high_key: int, k: int, total: int) -> f
         shift = between_shift(low_key, high_key)
         bins = counts[CANDIDATE_COUNTS:CANDIDATE_COUNTS + BETWEEN_BINS].tolist()
         b = BETWEEN_BINS - 1
-        while bins[b] < rank:
+        while b > 0 and bins[b] < rank:
             rank -= bins[b]
             b -= 1
+        if bins[b] < rank:  # the bins hold fewer keys than the pass counted between: an op's bug
+            raise AssertionError(f"narrower_range: the bins of the keys between hold {sum(bins)} keys, the "
+                                 f"pass counted {between}")
         first = low_key + 1 + (b << shift)
         if shift == 0:  # a bin of one key: the k-th largest score is that key's
             return score_of(first)

@@ -83,3 +83,25 @@ def ranked_weights(dtype, seed=50):
         if i in (2, 4):
             h[i] = torch.rand(1, generator=gen)
     return ft, pre, h
+
+
+def misleading_sample(case: str, n: int = 1_500_000):
+    """One float32 tensor of n weights (pre 0, H 1: the score is about ft^2) whose sampled runs (16
+    elements every stride, the stride the ops' search takes at this size) mislead it: "low" the
+    sampled scores are all below the rest (the bracket misses below the k-th largest); "tied" the
+    rest crowd into the middle of the sampled scores' range (far more keys fall in the bracket
+    than the sample foresaw); "unmoved" the sampled weights never moved (moved-only counting
+    estimates nothing moved)."""
+    stride = max(16, 16 * (n // max(1 << 14, min(1 << 20, n // 64))))
+    position = torch.arange(n)
+    sampled = (position % stride < 16) & (position < (n // stride) * stride)
+    gen = torch.Generator().manual_seed(71)
+    score = 1.0 + torch.rand(n, generator=gen)  # in [1, 2)
+    if case == "low":
+        score[sampled] *= 1e-3
+    elif case == "tied":
+        score[~sampled] = 1.5 + 1e-4 * torch.rand(int((~sampled).sum()), generator=gen)
+    ft = score.sqrt()
+    if case == "unmoved":
+        ft[sampled] = 0.0
+    return [ft], [torch.zeros(n)], [torch.ones(n)]

@@ -10,8 +10,8 @@ import finepurify_ext
 from finepurify_ext import ops
 from finepurify_ext import reference as ref
 
-from conftest import (DTYPES, RANKINGS, SIZES, assert_bitwise, clones, make_weights, many_shapes, ranked_weights,
-                      sorted_scores_desc)
+from conftest import (DTYPES, RANKINGS, SIZES, assert_bitwise, clones, make_weights, many_shapes, misleading_sample,
+                      ranked_weights, sorted_scores_desc)
 
 if not torch.cuda.is_available():
     pytest.skip("no CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
@@ -423,6 +423,56 @@ def test_score_sample_matches_cpu(dtype, ranking_name):
         assert torch.equal(keys.cpu(), cpu_keys) and torch.equal(counts.cpu(), cpu_counts), stride
 
 
+def test_sample_and_candidates_count_unrankable_inputs_as_the_cpu(dtype):
+    """A NaN weight (one in a run that crosses a chunk's end), an Inf pre-trained value and a
+    negative Hessian beside rankable ones: the sample's keys and counts, and the candidates' counts
+    and keys over the whole range, on the GPU are the CPU's; the four are counted unrankable."""
+    from finepurify_ext.threshold import INF_KEY
+
+    ft, pre, h = make_weights(63, [(1000,), (77,), (70_001,)], dtype)
+    ft[0][3] = float("nan")
+    pre[0][10] = float("inf")
+    h[1][5] = -1.0
+    ft[2][65_540] = float("nan")
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    for stride in (16, 1000):
+        keys, counts = ops.score_sample(ft_g, pre_g, h_g, EPS, stride)
+        cpu_keys, cpu_counts = ops.score_sample(ft, pre, h, EPS, stride)
+        assert torch.equal(keys.cpu(), cpu_keys) and torch.equal(counts.cpu(), cpu_counts), stride
+    assert int(cpu_counts[0]) >= 1 and int(ops.score_sample(ft, pre, h, EPS, 16)[1][0]) == 4
+    total = sum(f.numel() for f in ft)
+    counts, keys = ops.score_candidates(ft_g, pre_g, h_g, EPS, 0, INF_KEY, total)
+    cpu_counts, cpu_keys = ops.score_candidates(ft, pre, h, EPS, 0, INF_KEY, total)
+    assert torch.equal(counts.cpu(), cpu_counts) and torch.equal(keys.cpu(), cpu_keys)
+    assert int(cpu_counts[4]) == 4
+
+
+@pytest.mark.parametrize("case", ["low", "tied", "unmoved"])
+def test_the_ops_search_from_a_misleading_sample_on_cuda(case):
+    """Where the sample misleads (its bracket misses, holds far more keys than foreseen, or sees
+    nothing moved), the ops' search on the GPU narrows over the ranges the counts name (the C++
+    search_ranges, reading score_candidates' GPU bins) and purify_'s (threshold.search_ranges over
+    a CUDA Feed) do too: the CPU's threshold and reset."""
+    from finepurify_ext.purify import CANDIDATE_KEYS, Feed, PurifyConfig, Scoring, _candidate_pass
+    from finepurify_ext.threshold import search_ranges
+
+    ft, pre, h = misleading_sample(case)
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    n = ft[0].numel()
+    for k in (1, n // 3, n // 2, n - 1):
+        expected = ops.score_threshold(ft, pre, h, k, EPS)
+        assert ops.score_threshold(ft_g, pre_g, h_g, k, EPS, search="sample") == expected, k
+        scoring = Scoring(h_g, EPS, ops.PLAIN)
+        first = _candidate_pass(Feed(ft_g, pre_g, scoring), scoring, PurifyConfig(reserve_ratio=1 - k / n), n)
+        assert search_ranges(first, Feed(ft_g, pre_g, scoring).candidates, k, n, CANDIDATE_KEYS) == expected, k
+    for reserve_ratio, count_moved_only in ((0.3, True), (0.5, False)):
+        got, want = to_cuda(ft), clones(ft)
+        counts = ops.reset_most_abnormal_(got, pre_g, h_g, reserve_ratio, EPS, count_moved_only=count_moved_only,
+                                          search="sample")
+        expected = ops.reset_most_abnormal_(want, pre, h, reserve_ratio, EPS, count_moved_only=count_moved_only)
+        assert torch.equal(counts.cpu(), expected) and torch.equal(got[0].cpu(), want[0]), reserve_ratio
+
+
 @pytest.mark.parametrize("ranking_name", list(RANKINGS))
 def test_the_ops_search_from_a_sample_on_cuda(dtype, ranking_name):
     """score_threshold and reset_most_abnormal_ with search="sample" on the GPU (score_sample and
@@ -505,6 +555,8 @@ def test_beyond_2_pow_31_elements():
     # The exact k-th largest t: fewer than k scores above it, at least k at or above it.
     k = total // 3
     t = ops.score_threshold(ft, pre, h, k, EPS)
+    # The search from a sample over the same 64-bit range (score_sample, score_candidates): the same bits.
+    assert ops.score_threshold(ft, pre, h, k, EPS, search="sample") == t
     above = sum(int((sc > t).sum()) for i in range(len(ft)) for _, _, sc in score_slices(i))
     at_or_above = [sum(int((sc >= t).sum()) for _, _, sc in score_slices(i)) for i in range(len(ft))]
     assert above < k <= sum(at_or_above)

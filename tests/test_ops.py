@@ -10,8 +10,8 @@ import torch
 from finepurify_ext import ops
 from finepurify_ext import reference as ref
 
-from conftest import (DTYPES, RANKINGS, SIZES, assert_bitwise, clones, make_weights, many_shapes, ranked_weights,
-                      sorted_scores_desc)
+from conftest import (DTYPES, RANKINGS, SIZES, assert_bitwise, clones, make_weights, many_shapes, misleading_sample,
+                      ranked_weights, sorted_scores_desc)
 
 EPS = 1e-8
 
@@ -508,6 +508,25 @@ def test_between_shift_is_the_narrowest_cover():
     assert int(counts[CANDIDATE_COUNTS:].sum()) == int(counts[2]) > 0
 
 
+def test_narrower_range_refuses_bins_that_lost_keys():
+    """The next range is read from the bins of the keys between, walked from the top. Bins that hold
+    fewer keys than the pass counted between (an op's bug, e.g. a kernel's lost count) stop the
+    search with an error instead of reading past the lowest bin."""
+    from finepurify_ext.threshold import BETWEEN_BINS, CANDIDATE_COUNTS, INF_KEY, narrower_range
+
+    low, high = 1000, 1000 + 2 + 4 * BETWEEN_BINS - 1  # bins of 4 keys
+    counts = torch.zeros(CANDIDATE_COUNTS + BETWEEN_BINS, dtype=torch.int64)
+    counts[:CANDIDATE_COUNTS] = torch.tensor([3, 1, 10, 0, 0, 0])  # above, at high, between, at low, ...
+    counts[CANDIDATE_COUNTS + 7] = 6
+    counts[CANDIDATE_COUNTS + 2] = 4
+    # The 3 + 1 + 8-th largest: the 8th key between, in the bin of 4 keys at index 2 (6 keys above it).
+    assert narrower_range(counts, low, high, 12, 100) == (low + 1 + 8 - 1, low + 1 + 8 + 4, 4)
+    assert narrower_range(counts, low, high, 3, 100) == (high, INF_KEY, 3)  # among the keys above
+    counts[CANDIDATE_COUNTS + 2] = 1  # 3 keys lost
+    with pytest.raises(AssertionError, match="hold 7 keys, the pass counted 10"):
+        narrower_range(counts, low, high, 12, 100)
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_candidates_over_sizes_and_capacity(dtype, size):
     """Every size around the vector width and the chunk: above, at either end, between and below
@@ -589,28 +608,6 @@ def test_sample_counts_unrankable_scores_and_refuses_a_short_stride():
     assert empty[0].numel() == 0 and empty[1].tolist() == [0, 0]
 
 
-def _misleading_sample(case: str, n: int = 1_500_000):
-    """One float32 tensor of n weights (pre 0, H 1: the score is about ft^2) whose sampled runs (16
-    elements every stride, the stride the ops' search takes at this size) mislead it: "low" the
-    sampled scores are all below the rest (the bracket misses below the k-th largest); "tied" the
-    rest crowd into the middle of the sampled scores' range (far more keys fall in the bracket
-    than the sample foresaw); "unmoved" the sampled weights never moved (moved-only counting
-    estimates nothing moved)."""
-    stride = max(16, 16 * (n // max(1 << 14, min(1 << 20, n // 64))))
-    position = torch.arange(n)
-    sampled = (position % stride < 16) & (position < (n // stride) * stride)
-    gen = torch.Generator().manual_seed(71)
-    score = 1.0 + torch.rand(n, generator=gen)  # in [1, 2)
-    if case == "low":
-        score[sampled] *= 1e-3
-    elif case == "tied":
-        score[~sampled] = 1.5 + 1e-4 * torch.rand(int((~sampled).sum()), generator=gen)
-    ft = score.sqrt()
-    if case == "unmoved":
-        ft[sampled] = 0.0
-    return [ft], [torch.zeros(n)], [torch.ones(n)]
-
-
 @pytest.mark.parametrize("case", ["low", "tied", "unmoved"])
 def test_the_ops_search_from_a_misleading_sample(case):
     """From 1M weights the ops search from a sample (on the CPU): where the sample misleads, the
@@ -621,7 +618,7 @@ def test_the_ops_search_from_a_misleading_sample(case):
     from finepurify_ext.purify import CANDIDATE_KEYS, Feed, PurifyConfig, Scoring, _candidate_pass
     from finepurify_ext.threshold import search_ranges
 
-    ft, pre, h = _misleading_sample(case)
+    ft, pre, h = misleading_sample(case)
     n = ft[0].numel()
     for k in (1, n // 3, n // 2, n - 1):
         expected = ref.score_threshold(ft, pre, h, k, EPS)
