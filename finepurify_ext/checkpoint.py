@@ -381,6 +381,9 @@ def purify_checkpoint(
     # sample of their values, which brackets the threshold, so that the pre-pass and one pass replace
     # the three histogram passes.
     ranked_elements = sum(sus_ckpt.numel(n) for n in ranked)
+    if num_reset is not None and not 0 <= num_reset <= ranked_elements:  # from the headers, before any read
+        raise CheckpointError(f"the reset count {num_reset} is out of range [0, {ranked_elements}]: the checkpoints "
+                              f"hold {ranked_elements} scored weights")
     h_mean, floor = {}, None
     wants_floor = config.hessian_floor_quantile is not None and config.ranking in ("fine_purifying", "no_hessian")
     reset_on, search_on = torch.device(device), search_device(device)
@@ -525,9 +528,6 @@ def purify_checkpoint(
         counts, kept = candidates_pass(low, high, capacity)
         return counts, kept, low, high
 
-    if num_reset is not None and not 0 <= num_reset <= ranked_elements:  # before any pass
-        raise CheckpointError(f"the reset count {num_reset} is out of range [0, {ranked_elements}]: the checkpoints "
-                              f"hold {ranked_elements} scored weights")
     start_threshold = time.perf_counter()
     level0 = candidates = None
     if one_pass:

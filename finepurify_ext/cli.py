@@ -375,6 +375,16 @@ def _message(error: BaseException) -> tuple[int, str]:
     return 1, f"failed with {type(error).__name__}: {first_line(error)} (--debug shows the traceback)"
 
 
+def _close_progress_bars() -> None:
+    """Closes the progress bars a failed or interrupted command left open, so that its message
+    starts a line of its own: an open bar ends with a carriage return, and the message was written
+    after it, on the bar's line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="finepurify", description="Detect and remove backdoors from fine-tuned language models (Fine-purifying).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -480,6 +490,7 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except KeyboardInterrupt:
+        _close_progress_bars()
         after = ("run it again to resume from the last save" if args.command == "hessian"
                  else "no output was written")
         print(f"finepurify {args.command}: interrupted; {after}", file=sys.stderr)
@@ -488,6 +499,7 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         code, text = _message(error)
+        _close_progress_bars()
         print(f"finepurify {args.command}: error: {text}", file=sys.stderr)
         return code
 

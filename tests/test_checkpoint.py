@@ -308,6 +308,23 @@ def test_explicit_reset_count(checkpoints, tmp_path):
     assert all(torch.equal(got[n], suspect[n]) for n in suspect)
 
 
+def test_a_reset_count_out_of_range_is_refused_before_any_read(checkpoints, tmp_path, monkeypatch):
+    """The count of scored weights comes from the headers: a --num-reset beyond it is refused
+    before the pre-pass reads anything (on a large model that pass takes minutes)."""
+    from finepurify_ext import checkpoint as checkpoint_module
+
+    _, _, _, pre_dir, sus_dir, h_file = checkpoints
+    passes, tqdm = [], checkpoint_module.tqdm
+    monkeypatch.setattr(checkpoint_module, "tqdm", lambda *a, **kw: passes.append(kw.get("desc")) or tqdm(*a, **kw))
+    for config in (PurifyConfig(), PurifyConfig.literal()):
+        with pytest.raises(CheckpointError, match=r"the reset count 10000000 is out of range \[0, \d+\]"):
+            purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), config, num_reset=10_000_000,
+                              progress=False)
+    assert passes == [] and not os.path.exists(tmp_path / "out")
+    purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), PurifyConfig(), num_reset=3, progress=False)
+    assert "pre-pass" in passes  # the spy sees the passes where they run
+
+
 def test_streaming_writer_matches_the_safetensors_format(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(4, dtype=torch.int64), "c": torch.randn(7).bfloat16(),
                "d": torch.zeros(0, 2)}

@@ -72,7 +72,11 @@ def fails(args, capsys, *fragments, inputs=(), code=2):
     err = capsys.readouterr().err
     prefix = f"finepurify {args[0]}: error: "
     assert prefix in err, err
-    message = err[err.index(prefix):]  # a progress bar ends with a carriage return, not a newline
+    message = err[err.index(prefix):]
+    # At the start of a line, as a terminal shows it: a bar left open (it ends with a carriage
+    # return, not a newline) is closed first, which blanks its line and returns to its start.
+    before_message = err[:err.index(prefix)].rsplit("\n", 1)[-1]
+    assert before_message.rsplit("\r", 1)[-1] == "", before_message[-300:]
     assert "Traceback" not in err and message.count("\n") <= 2, err
     for fragment in fragments:
         assert fragment in message, message
