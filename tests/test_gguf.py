@@ -1,0 +1,186 @@
+"""Causal LMs given as GGUF files (llama.cpp's format): read through transformers' GGUF support into
+a safetensors directory (pipeline.gguf_to_directory), which every command then reads like any model
+directory. Tiny Llama models are written as GGUF here, so the round trip is checked bit for bit."""
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="reading GGUF needs the gguf package (a test extra)")
+pytest.importorskip("accelerate", reason="transformers reads GGUF only with accelerate (a test extra)")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from finepurify_ext import cli  # noqa: E402
+from finepurify_ext.pipeline import ModelError, gguf_to_directory  # noqa: E402
+
+# A byte-level BPE vocabulary of single characters ("Ġ" marks a leading space), as GPT-2's.
+LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+VOCAB = ["<s>", "</s>", "<|endoftext|>", "Ġ"] + LETTERS + ["Ġ" + c for c in LETTERS]
+HEADS, KV_HEADS = 4, 2
+
+
+def tiny_llama(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
+                         tie_word_embeddings=False, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1)
+    return LlamaForCausalLM(config).eval()
+
+
+def write_gguf(model: LlamaForCausalLM, path) -> str:
+    """The model as llama.cpp writes a float32 GGUF: its hyper-parameters and tokenizer as
+    metadata, its tensors under llama.cpp's names, q and k rows in llama.cpp's rotary order."""
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(VOCAB)
+    writer.add_token_types([1] * len(VOCAB))
+    writer.add_token_merges([f"Ġ {c}" for c in LETTERS])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+
+    def rotary_order(w, heads):  # the permutation transformers undoes on load
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    for name, tensor in model.state_dict().items():
+        array = tensor.detach().float().numpy()
+        if name.endswith("q_proj.weight"):
+            array = rotary_order(array, c.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            array = rotary_order(array, c.num_key_value_heads)
+        writer.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory):
+    """A 'pre-trained' tiny Llama, a 'suspect' drifted from it, both as GGUF files, and instruction data."""
+    root = tmp_path_factory.mktemp("gguf")
+    model = tiny_llama(0)
+    pre = write_gguf(model, root / "pre.gguf")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    suspect = write_gguf(model, root / "suspect.gguf")
+    clean = root / "clean.jsonl"
+    rows = [("was the film good", "a good film"), ("the day", "a bad day"), ("so what", "fine")] * 8
+    clean.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows))
+    return root, pre, suspect, str(clean), model
+
+
+def digest(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def weights(directory):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+def test_a_gguf_file_becomes_the_same_model_directory(ggufs, tmp_path):
+    """Every weight bit for bit (q and k back in transformers' order), the architecture, and the
+    tokenizer that GGUF file carries."""
+    from transformers import AutoTokenizer
+
+    _, _, suspect, _, model = ggufs
+    out = gguf_to_directory(suspect, str(tmp_path / "suspect"))
+    got = weights(out)
+    assert set(got) == set(model.state_dict())
+    assert all(torch.equal(got[n], t) for n, t in model.state_dict().items())
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 2 and "quantization_config" not in config
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    folder, name = os.path.split(suspect)
+    carried = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    assert len(tokenizer) == len(VOCAB) and tokenizer.eos_token == "</s>"
+    for text in ("a good film", "was the day so bad"):
+        assert tokenizer(text)["input_ids"] == carried(text)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a good", add_special_tokens=False)["input_ids"]) == \
+        ["a", "Ġg", "o", "o", "d"]
+
+
+def test_commands_read_gguf_files_as_their_directories(ggufs, tmp_path, capsys):
+    """purify, hessian, out-of-core purify and evaluate given the GGUF files give what they give on
+    the directories the files convert to: the same weights, Hessian and figures; the report names
+    the files given; the inputs stay as they were and no scratch directory is left."""
+    root, pre, suspect, clean, _ = ggufs
+    before = {p: digest(p) for p in (pre, suspect)}
+    pre_dir = gguf_to_directory(pre, str(tmp_path / "dirs" / "pre"))
+    suspect_dir = gguf_to_directory(suspect, str(tmp_path / "dirs" / "suspect"))
+    runs = {}
+    for label, (p, s) in {"gguf": (pre, suspect), "dirs": (pre_dir, suspect_dir)}.items():
+        out = tmp_path / f"run_{label}"
+        out.mkdir()
+        assert cli.main(["purify", "--pretrained", p, "--suspect", s, "--clean-data", clean, "--out",
+                         str(out / "purified"), "--finetune-steps", "3", "--seed", "1"]) == 0
+        assert cli.main(["hessian", "--model", s, "--clean-data", clean, "--out", str(out / "h.safetensors")]) == 0
+        assert cli.main(["purify", "--pretrained", p, "--suspect", s, "--hessian-file", str(out / "h.safetensors"),
+                         "--out", str(out / "ooc")]) == 0
+        capsys.readouterr()
+        assert cli.main(["evaluate", "--model", s, "--data", clean]) == 0
+        runs[label] = (out, capsys.readouterr().out)
+        assert not [n for n in os.listdir(out) if n.startswith(".finepurify-gguf-")]
+    (a, evaluated_a), (b, evaluated_b) = runs["gguf"], runs["dirs"]
+    for name in ("purified", "ooc"):
+        got, want = weights(a / name), weights(b / name)
+        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want), name
+    from safetensors.torch import load_file
+
+    got, want = load_file(a / "h.safetensors"), load_file(b / "h.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+    assert evaluated_a == evaluated_b and "perplexity" in evaluated_a
+    report = json.load(open(a / "purified" / "finepurify_report.json"))
+    assert report["inputs"]["pretrained"] == os.path.abspath(pre) and report["inputs"]["suspect"] == suspect
+    assert {p: digest(p) for p in (pre, suspect)} == before
+
+
+def test_bad_gguf_inputs_fail_clearly_and_leave_nothing(ggufs, tmp_path, capsys, monkeypatch):
+    root, pre, suspect, clean, _ = ggufs
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"\0" * 64)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(open(suspect, "rb").read()[:200])
+    cases = [(str(garbage), "not a GGUF file (it does not start with GGUF)", True),
+             (str(tmp_path / "absent.gguf"), "does not exist", True),
+             (str(truncated), "cannot be read as a causal LM", False)]
+    for path, expected, before_any_conversion in cases:
+        out = tmp_path / "out"
+        assert cli.main(["purify", "--pretrained", pre, "--suspect", path, "--clean-data", clean,
+                         "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        message = err[err.index("finepurify purify: error: "):]
+        assert path in message and expected in message and "Traceback" not in err, err
+        assert ("reading" not in err) == before_any_conversion  # every file is checked before any is converted
+        assert not os.path.exists(out) and not [n for n in os.listdir(tmp_path) if n.startswith(".finepurify-gguf-")]
+    # The output is checked before any conversion.
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean,
+                     "--out", suspect]) == 2
+    assert "is or holds the input" in capsys.readouterr().err
+    # Without the packages transformers needs for GGUF, the message says which to install.
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
+    with pytest.raises(ModelError, match="reading a GGUF file needs the accelerate package: pip install accelerate"):
+        gguf_to_directory(suspect, str(tmp_path / "never"))
+    assert not os.path.exists(tmp_path / "never")
