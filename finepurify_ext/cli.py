@@ -90,11 +90,21 @@ def cmd_purify_checkpoint(args) -> int:
     ranked_reset = sum(c for n, c in report.reset_per_tensor.items() if n != report.embedding_tensor)
     rows = (f" and {report.embedding_rows_reset} rows of {report.embedding_tensor} (tokens the clean data never "
             "reaches)" if report.embedding_tensor else "")
-    print(f"purified checkpoint written to {args.out}: reset {ranked_reset} of "
-          f"{report.ranked_elements} ranked weights{rows}, read {report.bytes_read / 1e9:.2f} GB in "
+    summary = _reset_summary(ranked_reset, report.ranked_elements, report.moved_elements, report.threshold)
+    print(f"purified checkpoint written to {args.out}: {summary}{rows}, read {report.bytes_read / 1e9:.2f} GB in "
           f"{sum(report.timings_s.values()):.1f} s (report finepurify_report.json). Fine-tune it on clean "
           "data in your training stack.")
     return 0
+
+
+def _reset_summary(reset: int, ranked: int, moved: int, threshold) -> str:
+    """How many ranked weights a purification reset, as the command says it. At a threshold of 0
+    (a budget beyond the weights that moved) the weights that never moved are counted too (ties at
+    the threshold are reset), though resetting them changes nothing: say so."""
+    if threshold == 0 and reset > moved:
+        return (f"reset all {moved} ranked weights that moved, of {ranked} (the budget exceeds them: the "
+                f"{reset - moved} that never moved are counted too, unchanged)")
+    return f"reset {reset} of {ranked} ranked weights"
 
 
 def _model_kind(args, path: str) -> str:
@@ -171,8 +181,12 @@ def cmd_purify_causal_lm(args) -> int:
 
     save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
     p = report.get("purify")  # none when the guard fell back to clean fine-tuning alone
-    reset = ("no weight reset, clean fine-tuning only" if p is None else f"reset {p['num_reset']} of "
-             f"{p['ranked_elements']} ranked weights and {p['embedding_rows_reset']} embedding rows of unseen tokens")
+    if p is None:
+        reset = "no weight reset, clean fine-tuning only"
+    else:
+        ranked_reset = sum(c for n, c in p["reset_per_parameter"].items() if n != p["embedding_parameter"])
+        reset = (_reset_summary(ranked_reset, p["ranked_elements"], p["moved_elements"], p["threshold"])
+                 + f" and {p['embedding_rows_reset']} embedding rows of unseen tokens")
     print(f"purified causal LM written to {args.out} ({reset}; report finepurify_report.json)")
     return 0
 
@@ -311,8 +325,8 @@ def cmd_purify(args) -> int:
     embedding = p.get("embedding_parameter")
     ranked_reset = sum(c for n, c in p.get("reset_per_parameter", {}).items() if n != embedding)
     rows = f" and {p.get('embedding_rows_reset', 0)} embedding rows of unseen tokens" if embedding else ""
-    print(f"purified model written to {args.out} (reset {ranked_reset} of {p.get('ranked_elements', 0)} ranked "
-          f"weights{rows}; report finepurify_report.json)")
+    summary = _reset_summary(ranked_reset, p.get("ranked_elements", 0), p.get("moved_elements", 0), p.get("threshold"))
+    print(f"purified model written to {args.out} ({summary}{rows}; report finepurify_report.json)")
     return 0
 
 

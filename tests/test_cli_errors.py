@@ -634,3 +634,19 @@ def test_bfloat16_mixed_precision_on_cpu(models, tmp_path, capsys):
     assert report["device"] == {"device": "cpu", "dtype": "bfloat16", "name": "CPU"}
     assert all(t.dtype == torch.float32 for t in load_file(purified / "model.safetensors").values()
                if t.is_floating_point())
+
+
+def test_a_budget_beyond_the_moved_weights_is_reported_as_such(models, tmp_path, capsys):
+    """At a threshold of 0 every weight that never moved ties and is counted as reset, though nothing
+    changes: the command says how many moved (here none: the suspect given as its own pre-trained
+    model) instead of claiming the budget was reset."""
+    out = tmp_path / "out"
+    assert cli.main(["purify", "--pretrained", models.suspect, "--suspect", models.suspect, "--hessian-file",
+                     models.hessian, "--out", str(out), "--num-reset", "1000"]) == 0
+    said = capsys.readouterr().out
+    report = json.load(open(out / "finepurify_report.json"))
+    assert report["threshold"] == 0 and report["moved_elements"] == 0
+    assert (f"reset all 0 ranked weights that moved, of {report['ranked_elements']} (the budget exceeds them: the "
+            f"{report['ranked_elements']} that never moved are counted too, unchanged)") in said
+    assert cli._reset_summary(7, 10, 9, 0.5) == "reset 7 of 10 ranked weights"
+    assert cli._reset_summary(10, 10, 9, 0.0).startswith("reset all 9 ranked weights that moved, of 10")
