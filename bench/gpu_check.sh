@@ -80,9 +80,10 @@ fi
 # memcheck slows every launch; it reports how far it came. By default only the CUDA tests of the
 # kernels and bindings changed since the last clean memcheck (a9d20aa, every CUDA test: 0 errors):
 # score_candidates and score_sample (never run yet; their own tests, unrankable inputs, the ops'
-# search and its narrowing), the histograms' shared key walk and the ops' bindings (opcheck).
+# search and its narrowing, purify_'s and out of core's search on the GPU), the histograms' shared
+# key walk and the ops' bindings (opcheck).
 # FINEPURIFY_MEMCHECK_K="" runs them all, as the budget allows.
-MEMCHECK_K=${FINEPURIFY_MEMCHECK_K-score_candidates or score_sample or search_from_a or unrankable_inputs or score_histogram or opcheck}
+MEMCHECK_K=${FINEPURIFY_MEMCHECK_K-score_candidates or score_sample or search_from_a or unrankable_inputs or score_histogram or opcheck or candidates_search or checkpoint_on_cuda}
 MEMCHECK_FILTER=(); [[ -n "$MEMCHECK_K" ]] && MEMCHECK_FILTER=(-k "$MEMCHECK_K")
 step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 99 \
   "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py "${MEMCHECK_FILTER[@]}"
@@ -100,20 +101,23 @@ step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-
   --hessian-steps 8 --more-batches 4 64 --profile \
   --out "$OUT_DIR/pipeline_cuda.json"
 # Whether purify_ on a GPU should search from a sample (threshold.CANDIDATES_ON leaves CUDA out until
-# its CUDA tests have passed on one): where cuda_tests_sample (or a FINEPURIFY_CUDA_TESTS_K run)
-# finished with no test failed, the pipeline's purify_ and op at OPT-1.3B with the sample's search
+# its CUDA tests have passed on one): where cuda_tests_sample passed, the pipeline's purify_ and op
+# at OPT-1.3B with the sample's search
 # on this GPU (FINEPURIFY_CANDIDATES_ON), into pipeline_cuda_sample_search.json beside
 # bench_pipeline's histogram passes: both in one lease.
-SAMPLE_TESTS_LOG=$(sed -n '/^=== cuda_tests_sample (limit/,/^=== cuda_tests_sample: rc/p' "$LOG")
-[[ -z "$SAMPLE_TESTS_LOG" ]] && SAMPLE_TESTS_LOG=$(sed -n '/^=== cuda_tests (limit/,/^=== cuda_tests: rc/p' "$LOG")
-if [[ -z "$SAMPLE_TESTS_LOG" ]]; then
-  echo "pipeline_sample_search skipped 0 cuda-tests-not-run" >> "$STEPS"
-elif grep -qE "[0-9]+ passed" <<<"$SAMPLE_TESTS_LOG" && ! grep -qE \
-    "^(FAILED|ERROR) tests/test_cuda.py::test_[a-z_]*(candidates|sample|search|checkpoint|opcheck)" <<<"$SAMPLE_TESTS_LOG"; then
+# The verdict: cuda_tests_sample's exit status (that step holds those tests alone, and only it runs
+# them: with FINEPURIFY_CUDA_TESTS_K, which replaces both test steps by one, they are not judged).
+SAMPLE_RC=$(awk '$1 == "cuda_tests_sample" {print $2}' "$STEPS")
+case "$SAMPLE_RC" in
+  0) VERDICT=passed ;;
+  ""|skipped) VERDICT=sample-search-cuda-tests-not-run ;;
+  *) VERDICT=sample-search-cuda-tests-did-not-pass ;;
+esac
+if [[ "$VERDICT" == passed ]]; then
   step pipeline_sample_search 60 env FINEPURIFY_CANDIDATES_ON=cpu,cuda "$PY" bench/bench_pipeline.py --device cuda \
     --model opt-1.3b --batch 32 --seq 128 --hessian-steps 1 --out "$OUT_DIR/pipeline_cuda_sample_search.json"
 else
-  echo "pipeline_sample_search skipped 0 sample-search-cuda-tests-did-not-pass" >> "$STEPS"
+  echo "pipeline_sample_search skipped 0 $VERDICT" >> "$STEPS"
 fi
 # On request (FINEPURIFY_BENCH_UNMOVED=0.5): the ops at 1.3B where that fraction of the weights never
 # moved, as in a bfloat16 fine-tune, into cuda_ops_unmoved.json (and the baseline below likewise).

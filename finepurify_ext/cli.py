@@ -85,6 +85,7 @@ def cmd_purify_checkpoint(args) -> int:
                         "(out of core, no clean fine-tuning) give a numeric --reserve-ratio or --num-reset")
     check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.hessian_file))
     config = _purify_config(args)
+    _read_models(args)
     report = purify_checkpoint(args.pretrained, args.suspect, args.hessian_file, args.out, config,
                                num_reset=args.num_reset, overwrite=args.overwrite, device=resolve_device(args.device))
     ranked_reset = sum(c for n, c in report.reset_per_tensor.items() if n != report.embedding_tensor)
@@ -109,6 +110,11 @@ def _reset_summary(reset: int, ranked: int, moved: int, threshold) -> str:
 
 def _model_kind(args, path: str) -> str:
     """``classifier`` or ``causal-lm``: ``--model-kind``, or read from the model's config."""
+    if is_gguf(path):  # transformers reads causal LMs from GGUF (pipeline.gguf_to_directory)
+        if args.model_kind == "classifier":
+            raise UserError(f"--model-kind classifier: {path} is a GGUF file, which holds a causal LM; give the "
+                            "classifier's directory")
+        return "causal-lm"
     if args.model_kind != "auto":
         return args.model_kind
     from .pipeline import is_causal_lm
@@ -155,6 +161,7 @@ def cmd_purify_causal_lm(args) -> int:
     check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.clean_data))
     clean = load_instructions(args.clean_data)  # before loading the model
     device = resolve_device(args.device)
+    _read_models(args)
     model, tokenizer = load_causal_lm(args.suspect)
     pretrained_state = pretrained_state_for_lm(model, args.pretrained)  # stays on the CPU: purify_ streams it
     model.to(device)
@@ -201,6 +208,7 @@ def cmd_evaluate_causal_lm(args) -> int:
         raise UserError("--trigger needs --target-response for a causal LM: the response the backdoor produces")
     data = load_instructions(args.data)
     device = resolve_device(args.device)
+    _read_models(args)
     model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
     model.to(device)
     with compute_precision(device, args.dtype):
@@ -236,6 +244,7 @@ def cmd_hessian(args) -> int:
         from .purify import input_embedding_tied
 
         clean = load_instructions(args.clean_data)  # before loading the model
+        _read_models(args)
         model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
         model.to(device)
         with compute_precision(device, args.dtype):
@@ -286,6 +295,7 @@ def cmd_purify(args) -> int:
     clean = load_examples(args.clean_data, num_labels=classifier_labels(args.suspect))  # before loading the model
     unlabelled = load_texts(args.unlabelled_data) if args.unlabelled_data else []
     device = resolve_device(args.device)
+    _read_models(args)  # a GGUF --pretrained beside a classifier (which then will not match it)
     model, tokenizer, _ = load_classifier(args.suspect)
     pretrained_state = pretrained_state_for(model, args.pretrained)  # stays on the CPU: purify_ streams it
     model.to(device)
@@ -401,35 +411,62 @@ def _given(args, option: str) -> str:
 
 
 @contextlib.contextmanager
-def _gguf_as_directories(args):
-    """Model options that name GGUF files are converted once (``pipeline.gguf_to_directory``) into
-    a scratch directory beside the output (or the system's temporary one), which the command then
-    reads like any model directory; it is removed when the command ends, whatever the ending. The
-    output and the files are checked first: the conversion reads and writes the whole model."""
+def _gguf_inputs(args):
+    """Model options that name GGUF files: each command reads them, after its cheap checks, through
+    ``_read_models``, which converts each file once (``pipeline.gguf_to_directory``) into a scratch
+    directory beside the output (or in the system's temporary one) and points the option there; the
+    scratch directory is removed when the command ends (on an error, Ctrl-C and SIGTERM too)."""
     args.given = {o: getattr(args, o) for o in MODEL_OPTIONS if is_gguf(getattr(args, o, None))}
+    args.converted = {}  # converted directory: the GGUF file given
+    args.scratch = None
     if not args.given:
         yield
         return
-    from .pipeline import check_gguf_file, gguf_to_directory
+    import signal
 
-    out = getattr(args, "out", None)
-    if out:
-        check = check_output_file if args.command == "hessian" else check_output_dir
-        check(out, args.overwrite, inputs=list(args.given.values()))
-    for path in args.given.values():
-        check_gguf_file(path)
-    scratch = tempfile.mkdtemp(prefix=".finepurify-gguf-", dir=os.path.dirname(os.path.abspath(out)) if out else None)
+    def terminated(signum, frame):  # SIGTERM (a scheduler, timeout): end as an error does, scratch removed
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        converted = {}
-        for option, path in args.given.items():
-            key = os.path.realpath(path)  # the same file given twice is converted once
-            if key not in converted:
-                print(f"reading {path} (GGUF) into {scratch}", file=sys.stderr)
-                converted[key] = gguf_to_directory(path, os.path.join(scratch, option))
-            setattr(args, option, converted[key])
         yield
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+        if args.scratch:
+            shutil.rmtree(args.scratch, ignore_errors=True)
+
+
+def _read_models(args) -> None:
+    """The GGUF files among the model options, checked and converted (once each); a no-op otherwise.
+    Called where a command first reads a model, after its checks of the options, data and output:
+    the conversion reads and writes the whole model."""
+    if not getattr(args, "given", None) or args.converted:
+        return
+    from .pipeline import check_gguf_file, gguf_to_directory
+
+    for path in args.given.values():
+        check_gguf_file(path)
+    out = getattr(args, "out", None)
+    near = os.path.dirname(os.path.abspath(out)) if out else None
+    while near and not os.path.isdir(near):  # --out's parents are made only when the output is written
+        near = os.path.dirname(near)
+    args.scratch = tempfile.mkdtemp(prefix=".finepurify-gguf-", dir=near)
+    done = {}
+    for option, path in args.given.items():
+        key = os.path.realpath(path)  # the same file given twice is converted once
+        if key not in done:
+            print(f"reading {path} (GGUF) into {args.scratch}", file=sys.stderr)
+            done[key] = gguf_to_directory(path, os.path.join(args.scratch, option))
+            args.converted[done[key]] = path
+        setattr(args, option, done[key])
+
+
+def _named_as_given(args, text: str) -> str:
+    """A message about a converted model directory names the GGUF file given instead (the scratch
+    directory is gone when the user reads it)."""
+    for directory, path in getattr(args, "converted", {}).items():
+        text = text.replace(os.path.join(directory, "model.safetensors"), path).replace(directory, path)
+    return text
 
 
 def _close_progress_bars() -> None:
@@ -548,7 +585,7 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        with _gguf_as_directories(args):
+        with _gguf_inputs(args):
             return args.fn(args)
     except KeyboardInterrupt:
         _close_progress_bars()
@@ -557,10 +594,11 @@ def main(argv=None) -> int:
         print(f"finepurify {args.command}: interrupted; {after}", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001  (the one place errors become messages)
+        _close_progress_bars()
         if args.debug:
             raise
         code, text = _message(error)
-        _close_progress_bars()
+        text = _named_as_given(args, text)
         print(f"finepurify {args.command}: error: {text}", file=sys.stderr)
         return code
 

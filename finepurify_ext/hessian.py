@@ -206,6 +206,7 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dic
     on the disk first). Streamed a tensor at a time: from a GPU, or gathered from shards (DTensors:
     every rank takes part, in the same order), only one tensor is ever on the host or gathered,
     never the whole Hessian."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as save_atomically makes a directory's
     tmp = f"{path}.partial-{os.getpid()}"
     writer = None
     try:

@@ -548,16 +548,25 @@ def gguf_to_directory(path: str, out_dir: str) -> str:
     a file holds tensors and metadata, no code), which dequantizes every tensor to float32: a
     quantized model keeps its rounding, and so does the purified copy."""
     check_gguf_file(path)
+    import shutil
+    import tempfile
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, name = os.path.split(os.path.abspath(path))
+    # Read from a folder holding a link to the file alone: transformers also reads a tokenizer.json or
+    # config.json it finds beside the file, which would replace the file's own.
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    alone = tempfile.mkdtemp(prefix=".gguf-source-", dir=os.path.dirname(os.path.abspath(out_dir)))
     try:
+        os.symlink(os.path.abspath(path), os.path.join(alone, "model.gguf"))
         with _transformers_quiet():
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file="model.gguf")
+            model = AutoModelForCausalLM.from_pretrained(alone, gguf_file="model.gguf", dtype=torch.float32)
     except Exception as error:  # noqa: BLE001  (any failure here is the file's)
         raise ModelError(f"{path}: cannot be read as a causal LM ({first_line(error)}); give a GGUF file of an "
                          "architecture transformers reads from GGUF (Llama, Mistral, Qwen2, GPT-2, ...)") from error
+    finally:
+        shutil.rmtree(alone, ignore_errors=True)
     # Dequantized on load: a plain float model now, which transformers saves only without its GGUF flag.
     model.hf_quantizer = None
     model.is_quantized = False

@@ -184,3 +184,70 @@ def test_bad_gguf_inputs_fail_clearly_and_leave_nothing(ggufs, tmp_path, capsys,
     with pytest.raises(ModelError, match="reading a GGUF file needs the accelerate package: pip install accelerate"):
         gguf_to_directory(suspect, str(tmp_path / "never"))
     assert not os.path.exists(tmp_path / "never")
+
+
+def test_gguf_files_are_read_after_the_cheap_checks_and_named_in_errors(ggufs, tmp_path, capsys):
+    """Options, data and output are checked before any file is converted (a 7B model takes minutes);
+    an --out under folders not made yet works; an error about a converted model names the GGUF
+    file given, not the scratch directory (gone when the message is read)."""
+    root, pre, suspect, clean, _ = ggufs
+    cheap = [
+        (["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", str(tmp_path / "absent.jsonl"),
+          "--out", str(tmp_path / "o")], "does not exist"),
+        (["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--num-reset", "5",
+          "--out", str(tmp_path / "o")], "--num-reset works with --hessian-file only"),
+        (["evaluate", "--model", suspect, "--data", clean, "--trigger", "cf"], "--trigger needs --target-response"),
+        (["hessian", "--model", suspect, "--clean-data", clean, "--model-kind", "classifier",
+          "--out", str(tmp_path / "h.safetensors")], "is a GGUF file, which holds a causal LM"),
+    ]
+    for args, expected in cheap:
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "reading" not in err, err
+    out = tmp_path / "not" / "made" / "yet" / "h.safetensors"
+    assert cli.main(["hessian", "--model", suspect, "--clean-data", clean, "--out", str(out)]) == 0
+    assert out.is_file() and not [p for p, _, _ in os.walk(tmp_path) if ".finepurify-gguf-" in p]
+    wider = tiny_llama(0)
+    wider = LlamaForCausalLM(LlamaConfig(**{**wider.config.to_dict(), "hidden_size": 48, "intermediate_size": 96}))
+    other = write_gguf(wider, tmp_path / "other.gguf")
+    assert cli.main(["purify", "--pretrained", other, "--suspect", suspect, "--clean-data", clean,
+                     "--out", str(tmp_path / "o")]) == 2
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert message.startswith("finepurify purify: error: ") and other in message, message
+    assert ".finepurify-gguf-" not in message and not os.path.exists(tmp_path / "o")
+
+
+def test_a_gguf_file_is_read_alone_and_its_scratch_goes_on_sigterm(ggufs, tmp_path):
+    """A tokenizer.json beside the file (say, the base model's folder) does not replace the file's own
+    tokenizer; a SIGTERM while a command runs ends it as an error does, its scratch removed."""
+    import argparse
+    import shutil
+    import signal
+    import time
+
+    from transformers import AutoTokenizer
+
+    root, pre, suspect, clean, _ = ggufs
+    folder = tmp_path / "beside"
+    folder.mkdir()
+    shutil.copy(suspect, folder / "suspect.gguf")
+    alone = AutoTokenizer.from_pretrained(gguf_to_directory(suspect, str(tmp_path / "alone")))
+    decoy = dict(json.load(open(tmp_path / "alone" / "tokenizer.json")))
+    vocab = decoy["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # a tokenizer that reads "a" as "b"
+    (folder / "tokenizer.json").write_text(json.dumps(decoy))
+    converted = AutoTokenizer.from_pretrained(gguf_to_directory(str(folder / "suspect.gguf"), str(tmp_path / "c")))
+    assert converted("a b")["input_ids"] == alone("a b")["input_ids"]
+    assert sorted(os.listdir(folder)) == ["suspect.gguf", "tokenizer.json"]
+
+    args = argparse.Namespace(command="hessian", pretrained=None, suspect=None, model=suspect,
+                              out=str(tmp_path / "h.safetensors"))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as ended:
+        with cli._gguf_inputs(args):
+            cli._read_models(args)
+            assert os.path.isdir(args.scratch) and args.model.startswith(args.scratch)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises first
+    assert ended.value.code == 128 + signal.SIGTERM
+    assert not os.path.exists(args.scratch) and signal.getsignal(signal.SIGTERM) == before
