@@ -101,12 +101,10 @@ step bench_pipeline 120 "$PY" bench/bench_pipeline.py --device cuda --model opt-
   --hessian-steps 8 --more-batches 4 64 --profile \
   --out "$OUT_DIR/pipeline_cuda.json"
 # Whether purify_ on a GPU should search from a sample (threshold.CANDIDATES_ON leaves CUDA out until
-# its CUDA tests have passed on one): where cuda_tests_sample passed, the pipeline's purify_ and op
-# at OPT-1.3B with the sample's search
-# on this GPU (FINEPURIFY_CANDIDATES_ON), into pipeline_cuda_sample_search.json beside
-# bench_pipeline's histogram passes: both in one lease.
-# The verdict: cuda_tests_sample's exit status (that step holds those tests alone, and only it runs
-# them: with FINEPURIFY_CUDA_TESTS_K, which replaces both test steps by one, they are not judged).
+# its CUDA tests have passed on one): where cuda_tests_sample exited 0 (that step holds those tests
+# alone; FINEPURIFY_CUDA_TESTS_K, one step for both, leaves them unjudged), the pipeline's purify_
+# and op at OPT-1.3B with the sample's search on this GPU (FINEPURIFY_CANDIDATES_ON), into
+# pipeline_cuda_sample_search.json beside bench_pipeline's histogram passes: both in one lease.
 SAMPLE_RC=$(awk '$1 == "cuda_tests_sample" {print $2}' "$STEPS")
 case "$SAMPLE_RC" in
   0) VERDICT=passed ;;

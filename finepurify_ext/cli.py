@@ -88,20 +88,22 @@ def cmd_purify_checkpoint(args) -> int:
     _read_models(args)
     report = purify_checkpoint(args.pretrained, args.suspect, args.hessian_file, args.out, config,
                                num_reset=args.num_reset, overwrite=args.overwrite, device=resolve_device(args.device))
-    ranked_reset = sum(c for n, c in report.reset_per_tensor.items() if n != report.embedding_tensor)
     rows = (f" and {report.embedding_rows_reset} rows of {report.embedding_tensor} (tokens the clean data never "
             "reaches)" if report.embedding_tensor else "")
-    summary = _reset_summary(ranked_reset, report.ranked_elements, report.moved_elements, report.threshold)
+    summary = _reset_summary(report.reset_per_tensor, report.embedding_tensor, report.ranked_elements,
+                             report.moved_elements, report.threshold)
     print(f"purified checkpoint written to {args.out}: {summary}{rows}, read {report.bytes_read / 1e9:.2f} GB in "
           f"{sum(report.timings_s.values()):.1f} s (report finepurify_report.json). Fine-tune it on clean "
           "data in your training stack.")
     return 0
 
 
-def _reset_summary(reset: int, ranked: int, moved: int, threshold) -> str:
-    """How many ranked weights a purification reset, as the command says it. At a threshold of 0
-    (a budget beyond the weights that moved) the weights that never moved are counted too (ties at
-    the threshold are reset), though resetting them changes nothing: say so."""
+def _reset_summary(reset_per_tensor: dict, embedding, ranked: int, moved: int, threshold) -> str:
+    """How many ranked weights a purification reset (the per-tensor counts but the embedding's, which
+    has its own rule), as the command says it. At a threshold of 0 (a budget beyond the weights that
+    moved) the weights that never moved are counted too (ties at the threshold are reset), though
+    resetting them changes nothing: say so."""
+    reset = sum(c for n, c in reset_per_tensor.items() if n != embedding)
     if threshold == 0 and reset > moved:
         return (f"reset all {moved} ranked weights that moved, of {ranked} (the budget exceeds them: the "
                 f"{reset - moved} that never moved are counted too, unchanged)")
@@ -191,8 +193,8 @@ def cmd_purify_causal_lm(args) -> int:
     if p is None:
         reset = "no weight reset, clean fine-tuning only"
     else:
-        ranked_reset = sum(c for n, c in p["reset_per_parameter"].items() if n != p["embedding_parameter"])
-        reset = (_reset_summary(ranked_reset, p["ranked_elements"], p["moved_elements"], p["threshold"])
+        reset = (_reset_summary(p["reset_per_parameter"], p["embedding_parameter"], p["ranked_elements"],
+                                p["moved_elements"], p["threshold"])
                  + f" and {p['embedding_rows_reset']} embedding rows of unseen tokens")
     print(f"purified causal LM written to {args.out} ({reset}; report finepurify_report.json)")
     return 0
@@ -333,9 +335,9 @@ def cmd_purify(args) -> int:
     save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
     p = report.get("purify", {})
     embedding = p.get("embedding_parameter")
-    ranked_reset = sum(c for n, c in p.get("reset_per_parameter", {}).items() if n != embedding)
     rows = f" and {p.get('embedding_rows_reset', 0)} embedding rows of unseen tokens" if embedding else ""
-    summary = _reset_summary(ranked_reset, p.get("ranked_elements", 0), p.get("moved_elements", 0), p.get("threshold"))
+    summary = _reset_summary(p.get("reset_per_parameter", {}), embedding, p.get("ranked_elements", 0),
+                             p.get("moved_elements", 0), p.get("threshold"))
     print(f"purified model written to {args.out} ({summary}{rows}; report finepurify_report.json)")
     return 0
 
@@ -407,7 +409,7 @@ MODEL_OPTIONS = ("pretrained", "suspect", "model")  # the options that name a mo
 
 def _given(args, option: str) -> str:
     """The path the user gave for a model option (a GGUF file is read from a converted copy)."""
-    return os.path.abspath(getattr(args, "given", {}).get(option, getattr(args, option)))
+    return os.path.abspath(args.given.get(option, getattr(args, option)))
 
 
 @contextlib.contextmanager
@@ -440,7 +442,7 @@ def _read_models(args) -> None:
     """The GGUF files among the model options, checked and converted (once each); a no-op otherwise.
     Called where a command first reads a model, after its checks of the options, data and output:
     the conversion reads and writes the whole model."""
-    if not getattr(args, "given", None) or args.converted:
+    if not args.given or args.converted:
         return
     from .pipeline import check_gguf_file, gguf_to_directory
 

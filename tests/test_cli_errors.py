@@ -648,5 +648,5 @@ def test_a_budget_beyond_the_moved_weights_is_reported_as_such(models, tmp_path,
     assert report["threshold"] == 0 and report["moved_elements"] == 0
     assert (f"reset all 0 ranked weights that moved, of {report['ranked_elements']} (the budget exceeds them: the "
             f"{report['ranked_elements']} that never moved are counted too, unchanged)") in said
-    assert cli._reset_summary(7, 10, 9, 0.5) == "reset 7 of 10 ranked weights"
-    assert cli._reset_summary(10, 10, 9, 0.0).startswith("reset all 9 ranked weights that moved, of 10")
+    assert cli._reset_summary({"w": 7, "emb": 3}, "emb", 10, 9, 0.5) == "reset 7 of 10 ranked weights"
+    assert cli._reset_summary({"w": 10}, None, 10, 9, 0.0).startswith("reset all 9 ranked weights that moved, of 10")
