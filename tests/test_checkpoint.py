@@ -316,13 +316,22 @@ def test_a_reset_count_out_of_range_is_refused_before_any_read(checkpoints, tmp_
     _, _, _, pre_dir, sus_dir, h_file = checkpoints
     passes, tqdm = [], checkpoint_module.tqdm
     monkeypatch.setattr(checkpoint_module, "tqdm", lambda *a, **kw: passes.append(kw.get("desc")) or tqdm(*a, **kw))
-    for config in (PurifyConfig(), PurifyConfig.literal()):
+    reads, read = [], checkpoint_module.Checkpoint.read
+    monkeypatch.setattr(checkpoint_module.Checkpoint, "read",
+                        lambda self, name, *a, **kw: reads.append(name) or read(self, name, *a, **kw))
+    # The default config reads in a pre-pass, no-Hessian its per-tensor means first, the literal one
+    # in its histogram passes: none reads a tensor before the refusal.
+    configs = (PurifyConfig(), PurifyConfig(ranking="no_hessian"), PurifyConfig.literal())
+    for config in configs:
         with pytest.raises(CheckpointError, match=r"the reset count 10000000 is out of range \[0, \d+\]"):
             purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), config, num_reset=10_000_000,
                               progress=False)
-    assert passes == [] and not os.path.exists(tmp_path / "out")
-    purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), PurifyConfig(), num_reset=3, progress=False)
-    assert "pre-pass" in passes  # the spy sees the passes where they run
+    assert passes == [] and reads == [] and not os.path.exists(tmp_path / "out")
+    for config in configs:  # the spies see the passes and reads where they run
+        passes.clear(), reads.clear()
+        purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "out"), config, num_reset=3, progress=False,
+                          overwrite=True)
+        assert reads and passes
 
 
 def test_streaming_writer_matches_the_safetensors_format(tmp_path):
