@@ -19,7 +19,7 @@ from .devices import (DTYPES, compute_precision, default_device, describe, read_
 from .pipeline import CollapseGuard, is_gguf  # noqa: E402
 from .purify import PurifyConfig  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
-from .outputs import check_output_dir, check_output_file  # noqa: E402
+from .outputs import check_output_dir, check_output_file, held_temporary_dir, release  # noqa: E402
 
 
 def _purify_config(args):
@@ -417,25 +417,42 @@ def _gguf_inputs(args):
     """Model options that name GGUF files: each command reads them, after its cheap checks, through
     ``_read_models``, which converts each file once (``pipeline.gguf_to_directory``) into a scratch
     directory beside the output (or in the system's temporary one) and points the option there; the
-    scratch directory is removed when the command ends (on an error, Ctrl-C and SIGTERM too)."""
+    scratch directory is removed when the command ends (on an error, Ctrl-C and SIGTERM too; after a
+    SIGKILL, by the next command that converts a GGUF file in the same folder)."""
     args.given = {o: getattr(args, o) for o in MODEL_OPTIONS if is_gguf(getattr(args, o, None))}
     args.converted = {}  # converted directory: the GGUF file given
-    args.scratch = None
-    if not args.given:
+    args.scratch = args.scratch_lock = None
+    try:
         yield
-        return
+    finally:
+        if args.scratch:
+            shutil.rmtree(args.scratch, ignore_errors=True)
+            release(args.scratch_lock)
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a scheduler's time limit or preemption, ``timeout``, ``kill``): the command ends as
+    on Ctrl-C, its temporaries removed and a Hessian's running sums kept, instead of dying in place
+    and leaving a partial output of the model's size behind."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
     import signal
 
-    def terminated(signum, frame):  # SIGTERM (a scheduler, timeout): end as an error does, scratch removed
-        raise SystemExit(128 + signum)
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        raise Terminated
 
-    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # main() called outside the main thread: signals are not ours to take
+        yield
+        return
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if args.scratch:
-            shutil.rmtree(args.scratch, ignore_errors=True)
 
 
 def _read_models(args) -> None:
@@ -452,7 +469,7 @@ def _read_models(args) -> None:
     near = os.path.dirname(os.path.abspath(out)) if out else None
     while near and not os.path.isdir(near):  # --out's parents are made only when the output is written
         near = os.path.dirname(near)
-    args.scratch = tempfile.mkdtemp(prefix=".finepurify-gguf-", dir=near)
+    args.scratch, args.scratch_lock = held_temporary_dir(near or tempfile.gettempdir(), ".finepurify-gguf-")
     done = {}
     for option, path in args.given.items():
         key = os.path.realpath(path)  # the same file given twice is converted once
@@ -587,14 +604,15 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        with _gguf_inputs(args):
+        with _sigterm_interrupts(), _gguf_inputs(args):
             return args.fn(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         _close_progress_bars()
         after = ("run it again to resume from the last save" if args.command == "hessian"
                  else "no output was written")
-        print(f"finepurify {args.command}: interrupted; {after}", file=sys.stderr)
-        return 130
+        how, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+        print(f"finepurify {args.command}: {how}; {after}", file=sys.stderr)
+        return code
     except Exception as error:  # noqa: BLE001  (the one place errors become messages)
         _close_progress_bars()
         if args.debug:

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
+from .outputs import hold, release, remove_leftovers
 from .safetensors_io import ShardWriter
 from .threshold import _is_dtensor, _local
 
@@ -206,11 +207,14 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dic
     on the disk first). Streamed a tensor at a time: from a GPU, or gathered from shards (DTensors:
     every rank takes part, in the same order), only one tensor is ever on the host or gathered,
     never the whole Hessian."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as save_atomically makes a directory's
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)  # as save_atomically makes a directory's
+    remove_leftovers(folder, os.path.basename(path) + ".partial-")
     tmp = f"{path}.partial-{os.getpid()}"
-    writer = None
+    writer = lock = None
     try:
         writer = ShardWriter(tmp, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata)
+        lock = hold(tmp)
         for name, t in tensors.items():
             writer.write(name, (t.full_tensor() if _is_dtensor(t) else t).detach().cpu())
         writer.close(sync=sync)
@@ -221,6 +225,8 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dic
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    finally:
+        release(lock)
 
 
 def _save_accumulator(path, sums, done, count, per_sample) -> None:

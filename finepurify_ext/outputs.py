@@ -4,9 +4,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 
 from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: temporaries are not locked, and leftovers are not recognised
+    fcntl = None
+
+LEFTOVER_MIN_AGE_S = 60  # a temporary is locked right after it is made; younger ones are never judged
 
 
 def _existing_ancestor(path: str) -> str:
@@ -69,13 +78,86 @@ def check_output_file(path: str, overwrite: bool = False, option: str = "--out",
     _check_writable_parent(path, option)
 
 
+# ------------------------------------------------------------------------------- temporaries
+# An error, Ctrl-C or SIGTERM removes a command's temporaries; a SIGKILL (the OOM killer, a scheduler's
+# last word) cannot, and a partial copy of a large model is many GB. So each temporary is held under
+# an flock for as long as its process lives (the kernel drops the lock when the process dies, however
+# it dies), and a later run that makes a temporary of the same kind in the same folder removes the
+# ones nobody holds.
+
+
+def hold(path: str):
+    """An exclusive lock on ``path`` (a file or a directory) for as long as the returned descriptor
+    stays open (``release`` closes it); None where there is no flock."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def release(fd) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _size(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+               if not os.path.islink(os.path.join(root, f)))
+
+
+def remove_leftovers(folder: str, prefix: str) -> list[str]:
+    """Removes the entries of ``folder`` whose names start with ``prefix`` that no live process holds
+    (``hold``): temporaries of runs that were killed. Entries younger than a minute, or that cannot
+    be opened, are left. Says what it removed on stderr; returns their paths."""
+    if fcntl is None or not os.path.isdir(folder):
+        return []
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        try:
+            if not entry.startswith(prefix) or time.time() - os.lstat(path).st_mtime < LEFTOVER_MIN_AGE_S:
+                continue
+            fd = hold(path)
+        except OSError:  # held by a live run (or unreadable): not ours to remove
+            continue
+        try:
+            size = _size(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError:
+            continue
+        finally:
+            release(fd)
+        removed.append(path)
+        print(f"finepurify: removed {path} ({size / 1e9:.2f} GB), left by a run that was killed", file=sys.stderr)
+    return removed
+
+
+def held_temporary_dir(folder: str, prefix: str) -> tuple[str, object]:
+    """A new directory in ``folder`` named ``prefix``..., and the lock that marks it as this run's;
+    leftovers of the same prefix that no run holds are removed first."""
+    remove_leftovers(folder, prefix)
+    path = tempfile.mkdtemp(prefix=prefix, dir=folder)
+    return path, hold(path)
+
+
 def save_atomically(out_dir: str, write, overwrite: bool = False) -> None:
-    """Runs write(tmp_dir) and renames tmp_dir to out_dir: a crash leaves no half-written out_dir."""
+    """Runs write(tmp_dir) and renames tmp_dir to out_dir: a crash leaves no half-written out_dir
+    (and a kill leaves a partial directory that the next write of out_dir removes)."""
     out_dir = os.path.abspath(out_dir)
     check_output_dir(out_dir, overwrite, option="output directory")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".partial-", dir=parent)
+    tmp, lock = held_temporary_dir(parent, "." + os.path.basename(out_dir) + ".partial-")
     try:
         write(tmp)
         if os.path.exists(out_dir):
@@ -88,6 +170,8 @@ def save_atomically(out_dir: str, write, overwrite: bool = False) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        release(lock)
 
 
 def write_json(path: str, obj) -> None:

@@ -450,6 +450,42 @@ def test_interrupt_exits_130(models, tmp_path, capsys, monkeypatch):
     assert "interrupted; run it again to resume from the last save" in capsys.readouterr().err
 
 
+def test_sigterm_ends_a_command_as_ctrl_c_does(models, tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM while the purified model is being written: exit 143, one line, no partial
+    output left (the default action would have killed the process in place); a second SIGTERM during
+    the cleanup is ignored; the previous handler is back afterwards. On hessian, the running sums stay."""
+    import signal
+    import time
+
+    writer = cli._purified_writer
+
+    def terminated_while_writing(*args):
+        write = writer(*args)
+
+        def then_sigterm(tmp):
+            write(tmp)
+            assert os.listdir(tmp)  # the partial output is there
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises first
+        return then_sigterm
+
+    monkeypatch.setattr(cli, "_purified_writer", terminated_while_writing)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    assert cli.main(command("purify", models, str(out))) == 143
+    err = capsys.readouterr().err
+    assert err.endswith("finepurify purify: terminated (SIGTERM); no output was written\n") and "Traceback" not in err
+    assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) == before
+
+    def sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    monkeypatch.setattr(pipeline, "clean_hessian", sigterm)
+    assert cli.main(command("hessian", models, str(tmp_path / "h.safetensors"))) == 143
+    assert "terminated (SIGTERM); run it again to resume from the last save" in capsys.readouterr().err
+
+
 def test_installed_command_prints_no_traceback(models, tmp_path):
     """The real entry point in a fresh process (a NaN weight: once the worst case, a crash)."""
     suspect = copy_model(models, tmp_path, "suspect")

@@ -1,0 +1,88 @@
+"""Temporaries a killed run leaves behind: each is held under a lock while its run lives, and the
+next write of the same kind in the same folder removes the ones nobody holds, never a live run's."""
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import torch
+
+from finepurify_ext import outputs
+from finepurify_ext.hessian import save_hessian
+from finepurify_ext.outputs import hold, release, save_atomically
+
+
+def killed_run(folder, prefix):
+    """A temporary made by a process that a SIGKILL then ended (its lock went with it)."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from finepurify_ext.outputs import held_temporary_dir
+        path, _ = held_temporary_dir({str(folder)!r}, {prefix!r})
+        with open(os.path.join(path, "weights"), "wb") as f:
+            f.write(b"x" * 4096)
+        print(path, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == -9, run.stderr
+    return run.stdout.strip()
+
+
+def backdate(*paths):
+    old = time.time() - 2 * outputs.LEFTOVER_MIN_AGE_S
+    for path in paths:
+        os.utime(path, (old, old))
+
+
+def test_the_next_write_removes_a_killed_runs_partial_output_and_nothing_else(tmp_path, capsys):
+    out = tmp_path / "purified"
+    killed = killed_run(tmp_path, ".purified.partial-")
+    live, lock = outputs.held_temporary_dir(str(tmp_path), ".purified.partial-")  # a run still writing
+    young = tempfile.mkdtemp(prefix=".purified.partial-", dir=tmp_path)  # made, not yet locked
+    other = tempfile.mkdtemp(prefix=".other.partial-", dir=tmp_path)  # another output's
+    backdate(killed, live, other)
+    try:
+        assert os.path.isdir(killed) and os.listdir(killed) == ["weights"]
+        save_atomically(str(out), lambda tmp: open(os.path.join(tmp, "done"), "w").close())
+        assert os.listdir(out) == ["done"]
+        assert not os.path.exists(killed)
+        assert os.path.isdir(live) and os.path.isdir(young) and os.path.isdir(other)
+        assert f"finepurify: removed {killed} (0.00 GB), left by a run that was killed" in capsys.readouterr().err
+        backdate(young)  # older now, and still nobody's: the next write takes it
+        save_atomically(str(out), lambda tmp: None, overwrite=True)
+        assert not os.path.exists(young) and os.path.isdir(live)
+    finally:
+        release(lock)
+    # Nothing left of this test's own writes.
+    assert sorted(os.listdir(tmp_path)) == sorted(["purified", os.path.basename(live), os.path.basename(other)])
+
+
+def test_the_next_hessian_save_removes_a_killed_runs_partial_file(tmp_path, capsys):
+    path = str(tmp_path / "h.safetensors")
+    killed, live = path + ".partial-4000000", path + ".partial-4000001"
+    for partial in (killed, live):
+        with open(partial, "wb") as f:
+            f.write(b"x" * 100)
+    backdate(killed, live)
+    lock = hold(live)
+    try:
+        save_hessian(path, {"w": torch.rand(3, 5)}, 1)
+        assert not os.path.exists(killed) and os.path.exists(live) and os.path.exists(path)
+        assert f"removed {killed}" in capsys.readouterr().err
+    finally:
+        release(lock)
+
+
+def test_a_lock_is_held_while_the_output_is_written(tmp_path):
+    """The partial directory is locked while write() runs: a second run's cleaning cannot take it."""
+    seen = []
+
+    def write(tmp):
+        backdate(tmp)
+        seen.append(outputs.remove_leftovers(str(tmp_path), ".o.partial-"))
+        seen.append(os.path.isdir(tmp))
+
+    save_atomically(str(tmp_path / "o"), write)
+    assert seen == [[], True]
