@@ -96,6 +96,11 @@ def _square_after_backward(hessians, grads, side_stream) -> None:
         grad.record_stream(side_stream)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
 def _join(side_stream) -> None:
     """The default stream made to wait for every square queued on ``side_stream`` (before the Hessians
     are read, saved or scaled)."""
@@ -126,7 +131,8 @@ def estimate_hessian(
     Parameters the loss never reaches keep a Hessian of exactly zero.
 
     With ``resume_file`` the running sums and counts are saved there (safetensors, atomically) every
-    ``save_every`` batches and at the end; a later call with the same file and the same batches skips
+    ``save_every`` batches, at the end, and when a KeyboardInterrupt (Ctrl-C, or the command line's
+    SIGTERM) stops it between batches; a later call with the same file and the same batches skips
     the batches already done and gives exactly the uninterrupted result.
 
     Under DDP each rank squares the all-reduced gradient (the Fisher of the global batch; every rank
@@ -161,6 +167,8 @@ def estimate_hessian(
                          "sharded parameters; leave it off there or use overlap='forward'")
     squarer = _SquareInBackward(params, local, device) if in_backward else None
     beside_forward = torch.cuda.Stream(device) if mode == "forward" and device.type == "cuda" else None
+    saved = done
+    whole = True  # the sums hold exactly the squares of the ``done`` batches (none of the next one's)
     try:
         bar = tqdm(batches, desc="hessian", total=total, disable=not progress, leave=False)
         for index, batch in enumerate(bar):
@@ -168,7 +176,9 @@ def estimate_hessian(
                 continue
             for micro in (_micro_batches(batch) if per_sample else (batch,)):
                 loss = model(**{k: v.to(device) for k, v in micro.items()}).loss
+                whole = squarer is None and whole  # squares in the backward change the sums from here on
                 loss.backward()
+                whole = False
                 if squarer is not None:
                     squarer.join()
                 else:
@@ -180,10 +190,20 @@ def estimate_hessian(
                     for n in reached:
                         params[n].grad = None
                 count += 1
-            done = index + 1
+            done, whole = index + 1, True
             if resume_file is not None and done % save_every == 0:
                 _join(beside_forward)
                 _save_accumulator(resume_file, local, done, count, per_sample)
+                saved = done
+    except KeyboardInterrupt:
+        # Ctrl-C or a scheduler's SIGTERM (the command line's Terminated): the batches done since the
+        # last save are kept too, where the sums hold whole batches (an interruption between squares
+        # of one batch keeps the last save). One process only: a save of sharded sums is collective,
+        # and the other ranks were not interrupted with this one.
+        if resume_file is not None and whole and done > saved and not _distributed():
+            _join(beside_forward)
+            _save_accumulator(resume_file, local, done, count, per_sample)
+        raise
     finally:
         try:
             _join(beside_forward)

@@ -88,15 +88,20 @@ def check_output_file(path: str, overwrite: bool = False, option: str = "--out",
 
 def hold(path: str):
     """An exclusive lock on ``path`` (a file or a directory) for as long as the returned descriptor
-    stays open (``release`` closes it); None where there is no flock."""
+    stays open (``release`` closes it). Raises BlockingIOError where another process holds it; None
+    where the file system takes no locks (some network ones), where then nothing is ever judged a
+    leftover."""
     if fcntl is None:
         return None
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise
+    except OSError:  # ENOLCK, EOPNOTSUPP, ...: no locks here
+        os.close(fd)
+        return None
     return fd
 
 
@@ -126,6 +131,8 @@ def remove_leftovers(folder: str, prefix: str) -> list[str]:
                 continue
             fd = hold(path)
         except OSError:  # held by a live run (or unreadable): not ours to remove
+            continue
+        if fd is None:  # no locks on this file system: a live run's temporary looks the same
             continue
         try:
             size = _size(path)

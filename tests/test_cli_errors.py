@@ -478,12 +478,22 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(models, tmp_path, capsys, monkeyp
     assert err.endswith("finepurify purify: terminated (SIGTERM); no output was written\n") and "Traceback" not in err
     assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) == before
 
-    def sigterm(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
-    monkeypatch.setattr(pipeline, "clean_hessian", sigterm)
-    assert cli.main(command("hessian", models, str(tmp_path / "h.safetensors"))) == 143
+    batches = pipeline.batches
+
+    def sigterm_after_two(*args, **kwargs):  # the scheduler's SIGTERM as the third batch is read
+        for i, batch in enumerate(batches(*args, **kwargs)):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            yield batch
+    monkeypatch.setattr(pipeline, "batches", sigterm_after_two)
+    hessian = str(tmp_path / "h.safetensors")
+    assert cli.main(command("hessian", models, hessian) + ["--batch-size", "4"]) == 143
     assert "terminated (SIGTERM); run it again to resume from the last save" in capsys.readouterr().err
+    from safetensors import safe_open
+    with safe_open(hessian + ".accumulator.safetensors", framework="pt") as f:  # the two batches done are kept
+        assert f.metadata()["batches_done"] == "2"
+    assert sorted(os.listdir(tmp_path)) == ["h.safetensors.accumulator.safetensors"]
 
 
 def test_installed_command_prints_no_traceback(models, tmp_path):

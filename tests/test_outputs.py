@@ -86,3 +86,18 @@ def test_a_lock_is_held_while_the_output_is_written(tmp_path):
 
     save_atomically(str(tmp_path / "o"), write)
     assert seen == [[], True]
+
+
+def test_a_file_system_without_locks_writes_and_removes_nothing(tmp_path, monkeypatch):
+    """Where flock fails (some network file systems), outputs are still written, and no temporary is
+    removed: a live run's cannot be told from a killed one's."""
+    import errno
+
+    killed = killed_run(tmp_path, ".o.partial-")
+    backdate(killed)
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(outputs.fcntl, "flock", no_locks)
+    save_atomically(str(tmp_path / "o"), lambda tmp: open(os.path.join(tmp, "done"), "w").close())
+    assert os.listdir(tmp_path / "o") == ["done"] and os.path.isdir(killed)

@@ -202,6 +202,60 @@ def test_hessian_resumes_exactly(tokenizer, tmp_path, per_sample):
         estimate_hessian(model, data.batches(tokenizer, examples, 4), progress=False, resume_file=str(garbage))
 
 
+@pytest.mark.parametrize("per_sample,overlap", [(False, False), (True, False), (False, "backward"),
+                                               (False, "forward")])
+def test_an_interrupted_hessian_keeps_its_batches_done(tokenizer, tmp_path, monkeypatch, per_sample, overlap):
+    """Ctrl-C or SIGTERM (a KeyboardInterrupt) between batches saves the sums of every batch done, not
+    only those of the last periodic save; between the squares of one batch, the last save stays. Either
+    way the run started again gives the uninterrupted result exactly."""
+    from safetensors import safe_open
+
+    from finepurify_ext import hessian as hessian_module
+
+    model = tiny_model(tokenizer, seed=4)
+    examples = toy_examples(40, 6)
+
+    def run(batches, resume):
+        return estimate_hessian(model, batches, per_sample=per_sample, progress=False, resume_file=resume,
+                                save_every=3, overlap=overlap)
+
+    def batches_done(resume):
+        with safe_open(resume, framework="pt") as f:
+            return f.metadata()["batches_done"]
+
+    expected, expected_count = estimate_hessian(model, data.batches(tokenizer, examples, 4), per_sample=per_sample,
+                                                progress=False)
+
+    def ctrl_c_after(batches, n):
+        for i, batch in enumerate(batches):
+            if i == n:
+                raise KeyboardInterrupt
+            yield batch
+
+    between = str(tmp_path / "between.safetensors")
+    with pytest.raises(KeyboardInterrupt):  # saved after 3 and 6, then at the interruption
+        run(ctrl_c_after(data.batches(tokenizer, examples, 4), 7), between)
+    assert batches_done(between) == "7"
+
+    within = str(tmp_path / "within.safetensors")
+    squares, calls = hessian_module.ops.accumulate_sq_grads_, []
+
+    def interrupted_square(*args):  # the squares of batch 5 (index 4) go in, then the interruption
+        squares(*args)
+        calls.append(1)
+        if len(calls) == (4 * 4 + 2 if per_sample else 5):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(hessian_module.ops, "accumulate_sq_grads_", interrupted_square)
+    with pytest.raises(KeyboardInterrupt):
+        run(data.batches(tokenizer, examples, 4), within)
+    monkeypatch.setattr(hessian_module.ops, "accumulate_sq_grads_", squares)
+    assert batches_done(within) == "3"
+
+    for resume in (between, within):
+        got, count = run(data.batches(tokenizer, examples, 4), resume)
+        assert count == expected_count and all(torch.equal(got[n], expected[n]) for n in expected), resume
+
+
 def test_saved_hessian_reads_back(tokenizer, tmp_path):
     from finepurify_ext.checkpoint import Checkpoint
     from finepurify_ext.hessian import save_hessian
