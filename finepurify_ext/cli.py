@@ -239,9 +239,8 @@ def cmd_hessian(args) -> int:
     resume = args.out + ".accumulator.safetensors"
     device = resolve_device(args.device)
     if _model_kind(args, args.model) == "causal-lm":
-        from .causal_lm import lm_batches, tokens_seen
+        from .causal_lm import lm_hessian, tokens_seen
         from .data import load_instructions
-        from .hessian import estimate_hessian
         from .pipeline import load_causal_lm
         from .purify import input_embedding_tied
 
@@ -250,9 +249,8 @@ def cmd_hessian(args) -> int:
         model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
         model.to(device)
         with compute_precision(device, args.dtype):
-            hessians, count = estimate_hessian(
-                model, lm_batches(tokenizer, clean, args.batch_size, args.max_length), per_sample=args.per_sample,
-                total=-(-len(clean) // args.batch_size), resume_file=resume, save_every=args.save_every)
+            hessians, count = lm_hessian(model, tokenizer, clean, args.batch_size, args.max_length,
+                                         per_sample=args.per_sample, resume_file=resume, save_every=args.save_every)
         # A tied embedding's unseen rows are told by the clean inputs' tokens (out-of-core purify reads them).
         seen = tokens_seen(tokenizer, clean, args.max_length) if input_embedding_tied(model) else None
         save_hessian(args.out, hessians, count, seen_tokens=seen)

@@ -139,10 +139,9 @@ class LLMDefenceCell:
         of DEFENCES; clean fine-tuning ignores ``reserve_ratio``."""
         import math
 
-        from .causal_lm import lm_batches
+        from .causal_lm import lm_hessian
         from .data import smollm2_dir
         from .demo import cache_dir
-        from .hessian import estimate_hessian
         from .pipeline import FinetuneConfig, HessianConfig, fine_purify_lm, pretrained_state_for_lm
 
         s = self.setting
@@ -153,9 +152,8 @@ class LLMDefenceCell:
         if config is not None and self._hessians is None:
             start = time.perf_counter()
             self._pretrained_state = pretrained_state_for_lm(self.suspect, smollm2_dir(cache_dir()))
-            self._hessians, _ = estimate_hessian(
-                self.suspect, lm_batches(self.tokenizer, self.train, s.batch_size, s.max_length), progress=progress,
-                total=-(-len(self.train) // s.batch_size))
+            self._hessians, _ = lm_hessian(self.suspect, self.tokenizer, self.train, s.batch_size, s.max_length,
+                                           progress=progress)
             self.hessian_time_s = time.perf_counter() - start
         model = copy.deepcopy(self.suspect)
         start = time.perf_counter()

@@ -4,7 +4,7 @@ the mean of squared gradients (the diagonal empirical Fisher), accumulated with 
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -122,13 +122,15 @@ def estimate_hessian(
     resume_file: str | None = None,
     save_every: int = 50,
     overlap: bool | str = False,
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Returns ({parameter name: float32 diagonal Hessian}, number of squared gradients averaged).
 
     Per mini-batch by default (the squared gradient of each batch's mean loss); ``per_sample``
     squares each example's gradient instead (costlier, nearly the same ranking). Dropout is off
     (eval mode) while estimating; the model's mode and its gradients are restored afterwards.
-    Parameters the loss never reaches keep a Hessian of exactly zero.
+    Parameters the loss never reaches keep a Hessian of exactly zero. ``loss_fn(model, batch)`` is the
+    loss of a batch (default: ``model(**batch).loss``; a causal LM's: ``causal_lm.lm_loss``).
 
     With ``resume_file`` the running sums and counts are saved there (safetensors, atomically) every
     ``save_every`` batches, at the end, and when a KeyboardInterrupt (Ctrl-C, or the command line's
@@ -175,7 +177,8 @@ def estimate_hessian(
             if index < done:  # done before the interruption
                 continue
             for micro in (_micro_batches(batch) if per_sample else (batch,)):
-                loss = model(**{k: v.to(device) for k, v in micro.items()}).loss
+                micro = {k: v.to(device) for k, v in micro.items()}
+                loss = model(**micro).loss if loss_fn is None else loss_fn(model, micro)
                 whole = squarer is None and whole  # squares in the backward change the sums from here on
                 loss.backward()
                 whole = False

@@ -369,7 +369,7 @@ def fine_purify_lm(
     above ``guard.perplexity_ratio`` times the suspect's is redone with less reset."""
     import math
 
-    from .causal_lm import finetune_lm, lm_batches, response_loss, tokens_seen
+    from .causal_lm import finetune_lm, lm_hessian, response_loss, tokens_seen
     from .purify import input_embedding_tied
 
     if not clean:
@@ -382,10 +382,8 @@ def fine_purify_lm(
     timings = report.setdefault("timings_s", {})
     if config is not None and hessians is None:
         start = time.perf_counter()
-        hessians, count = estimate_hessian(
-            model, lm_batches(tokenizer, clean, hessian_config.batch_size, hessian_config.max_length),
-            per_sample=hessian_config.per_sample, progress=progress,
-            total=-(-len(clean) // hessian_config.batch_size))
+        hessians, count = lm_hessian(model, tokenizer, clean, hessian_config.batch_size, hessian_config.max_length,
+                                     per_sample=hessian_config.per_sample, progress=progress)
         timings["hessian"] = time.perf_counter() - start
         report["hessian"] = _hessian_report(hessian_config, count)
     if guard is not None and config is not None and validation:

@@ -77,10 +77,12 @@ def finetune(
     on_step: Callable[[int], bool] | None = None,
     teacher: Teacher | None = None,
     make_batches: Callable[[int], Iterable[dict]] | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
 ) -> torch.nn.Module:
     """``steps`` AdamW steps on shuffled mini-batches of ``examples`` (reshuffled every epoch).
     ``make_batches(epoch)`` replaces the classifier batches with any whose ``labels`` the model's
-    loss reads (a causal LM's: ``causal_lm.lm_batches``).
+    loss reads (a causal LM's: ``causal_lm.lm_batches``), and ``loss_fn(model, batch)`` the model's
+    own loss (a causal LM's: ``causal_lm.lm_loss``).
 
     ``parameters`` restricts training to some parameters; ``grad_hook`` runs after each backward
     (e.g. to mask gradients). ``group_by_length`` batches examples of similar length together
@@ -110,7 +112,8 @@ def finetune(
         for batch in epoch_batches:
             texts = batch.pop("texts", None)
             if teacher is None:
-                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
             else:
                 loss = teacher_loss(model, teacher, batch, texts, unlabelled, device)
             loss.backward()

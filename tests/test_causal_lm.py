@@ -8,8 +8,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from finepurify_ext import data
-from finepurify_ext.causal_lm import (IGNORE, finetune_lm, generate, lm_batches, poison_instructions, response_loss,
-                                     target_rate, tokenize_instruction)
+from finepurify_ext.causal_lm import (IGNORE, finetune_lm, generate, lm_batches, lm_hessian, lm_loss,
+                                     poison_instructions, response_loss, target_rate, tokenize_instruction)
 from finepurify_ext.hessian import estimate_hessian
 
 from tiny_models import make_tokenizer
@@ -104,6 +104,71 @@ def test_loss_is_the_responses_and_the_hessian_its_squared_gradients(tokenizer, 
         torch.testing.assert_close(h, expected[n] / count, rtol=1e-5, atol=1e-12)
     if kind == "gpt2":
         assert "lm_head.weight" not in hessians and "transformer.wte.weight" in hessians
+
+
+class ReshapesAfterTheHead(torch.nn.Module):
+    """A causal LM whose step after the output layer reads the positions (a view to [B, T, V]): the
+    response positions alone cannot go through it."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask):
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+        return type("Out", (), {"logits": logits.view(*input_ids.shape, -1) * 2})
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_loss_takes_logits_at_the_response_positions_alone(tokenizer, kind):
+    """lm_loss is the model's own loss of the responses, its gradients too, while the output layer sees
+    only the positions that predict a response token (not the prompt, not the padding); a model whose
+    output layer cannot be found, or whose next step needs every position, is read whole, same loss.
+    The Hessian and the clean fine-tuning of a causal LM take it."""
+    model = tiny_lm(kind, tokenizer.vocab_size)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    examples = EXAMPLES + [data.Instruction("the the movie was so very good " * 2, "a")]  # padding in every row
+    batch = next(lm_batches(tokenizer, examples, batch_size=4, max_length=48))
+    tokenizer.chat_template = None
+    responses = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert responses < batch["labels"].numel() / 2
+    seen = []
+    spy = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    loss = lm_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    assert seen == [(1, responses, 32)]
+    expected = model(**batch).loss
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-9)
+    model.zero_grad(set_to_none=True)
+
+    keep = batch["labels"][:, 1:] != IGNORE
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    seen.clear()
+    wrapped = ReshapesAfterTheHead(model)  # the hooked run fails at the view: read again, whole
+    torch.testing.assert_close(lm_loss(wrapped, batch), torch.nn.functional.cross_entropy(
+        2 * logits[:, :-1][keep], batch["labels"][:, 1:][keep]))
+    assert seen == [(1, responses, 32), (4, batch["labels"].shape[1], 32)]
+    model.get_output_embeddings = lambda: None  # no output layer found
+    seen.clear()
+    torch.testing.assert_close(lm_loss(model, batch), expected, rtol=1e-6, atol=0)
+    assert seen == [(4, batch["labels"].shape[1], 32)]
+    del model.get_output_embeddings
+    spy.remove()
+
+    batches = list(lm_batches(tokenizer, examples, batch_size=2, max_length=48))
+    reference, count = estimate_hessian(model, batches, progress=False)
+    hessians, same_count = lm_hessian(model, tokenizer, examples, batch_size=2, max_length=48, progress=False)
+    assert count == same_count == 2
+    for n, h in hessians.items():
+        torch.testing.assert_close(h, reference[n], rtol=1e-5, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
