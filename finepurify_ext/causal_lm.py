@@ -111,8 +111,8 @@ def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     """(logits [N, vocabulary], targets [N]) of the N positions that predict a response token. The
     output layer sees the hidden states of those positions alone (a forward pre-hook), so the prompt
     and the padding, most of a chat batch, never reach the logits, their softmax or their gradients:
-    on SmolLM2-135M's Hessian over 64 FAQ pairs (31 % of the positions are responses), a quarter less
-    time and 0.9 of 7.5 GB less peak memory (bench/results/lm_loss_memory.json). Elementwise steps after the layer (logit soft-capping,
+    on SmolLM2-135M's Hessian over 64 FAQ pairs (31 % of the positions are responses), 0.84x the time
+    and 1.2 of 7.7 GB less peak memory (bench/results/lm_loss_memory.json). Elementwise steps after the layer (logit soft-capping,
     scaling) apply as before. A model whose output layer is not called on every position's hidden
     states is run whole and its logits selected after."""
     labels = batch["labels"]
