@@ -155,14 +155,20 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
+def response_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The number of terms ``lm_loss`` averages over ``batch``: its response tokens."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def lm_hessian(model, tokenizer, examples: Sequence[Instruction], batch_size: int, max_length: int = 128,
                **kwargs) -> tuple[dict[str, torch.Tensor], int]:
     """Step 2 for a causal LM: ``hessian.estimate_hessian`` over ``lm_batches`` of ``examples`` with
-    the responses' loss (``lm_loss``); ``kwargs`` go to it (per_sample, progress, resume_file, ...)."""
+    the responses' loss (``lm_loss``, a mean over ``response_tokens``); ``kwargs`` go to it
+    (per_sample, micro_batch_size, progress, resume_file, ...)."""
     from .hessian import estimate_hessian
 
     return estimate_hessian(model, lm_batches(tokenizer, examples, batch_size, max_length), loss_fn=lm_loss,
-                            total=-(-len(examples) // batch_size), **kwargs)
+                            loss_terms=response_tokens, total=-(-len(examples) // batch_size), **kwargs)
 
 
 # ------------------------------------------------------------------------------- measures

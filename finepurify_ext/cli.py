@@ -250,7 +250,8 @@ def cmd_hessian(args) -> int:
         model.to(device)
         with compute_precision(device, args.dtype):
             hessians, count = lm_hessian(model, tokenizer, clean, args.batch_size, args.max_length,
-                                         per_sample=args.per_sample, resume_file=resume, save_every=args.save_every)
+                                         per_sample=args.per_sample, micro_batch_size=args.micro_batch_size,
+                                         resume_file=resume, save_every=args.save_every)
         # A tied embedding's unseen rows are told by the clean inputs' tokens (out-of-core purify reads them).
         seen = tokens_seen(tokenizer, clean, args.max_length) if input_embedding_tied(model) else None
         save_hessian(args.out, hessians, count, seen_tokens=seen)
@@ -262,7 +263,8 @@ def cmd_hessian(args) -> int:
     clean = load_examples(args.clean_data, num_labels=classifier_labels(args.model))  # before loading the model
     model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
     model.to(device)
-    config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size)
+    config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size,
+                           micro_batch_size=args.micro_batch_size)
     with compute_precision(device, args.dtype):
         hessians, count = clean_hessian(model, tokenizer, clean, config, resume_file=resume,
                                         save_every=args.save_every)
@@ -574,7 +576,11 @@ def main(argv=None) -> int:
     h.add_argument("--clean-data", required=True, help="CSV or JSONL with text and label columns")
     h.add_argument("--out", required=True, help="the .safetensors file to write")
     h.add_argument("--per-sample", action="store_true")
-    h.add_argument("--batch-size", type=_integer(1), default=32)
+    h.add_argument("--batch-size", type=_integer(1), default=32, help="examples per squared gradient (the "
+                   "estimator: the Hessian of a smaller batch is another estimate)")
+    h.add_argument("--micro-batch-size", type=_integer(1), default=None,
+                   help="rows per forward/backward pass; each batch's gradient is accumulated over them: the same "
+                   "estimate in less memory (default: the whole batch, halved on a GPU that runs out of memory)")
     h.add_argument("--save-every", type=_integer(1), default=50, help="batches between saves of the running sums; "
                    "an interrupted run started again resumes from the last save")
     h.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

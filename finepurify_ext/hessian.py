@@ -4,6 +4,7 @@ the mean of squared gradients (the diagonal empirical Fisher), accumulated with 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, Iterable
 
 import torch
@@ -96,6 +97,26 @@ def _square_after_backward(hessians, grads, side_stream) -> None:
         grad.record_stream(side_stream)
 
 
+def _accumulate_gradient(model, batch: dict, loss_fn, loss_terms, rows: int | None) -> None:
+    """The gradient of ``batch``'s loss added to the parameters' ``.grad``: in one backward pass, or
+    with ``rows`` over slices of that many rows, each slice's mean loss weighted by its share of the
+    batch's loss terms (a slice with none is skipped: its mean is 0/0)."""
+    def loss_of(part):
+        return model(**part).loss if loss_fn is None else loss_fn(model, part)
+
+    size = len(batch["labels"])
+    if rows is None or rows >= size:
+        loss_of(batch).backward()
+        return
+    terms = loss_terms or (lambda part: len(part["labels"]))
+    total = terms(batch)
+    for start in range(0, size, rows):
+        part = {k: v[start : start + rows] for k, v in batch.items()}
+        share = terms(part)
+        if share:
+            (loss_of(part) * (share / total)).backward()
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
@@ -123,6 +144,8 @@ def estimate_hessian(
     save_every: int = 50,
     overlap: bool | str = False,
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+    loss_terms: Callable[[dict], int] | None = None,
+    micro_batch_size: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Returns ({parameter name: float32 diagonal Hessian}, number of squared gradients averaged).
 
@@ -130,7 +153,16 @@ def estimate_hessian(
     squares each example's gradient instead (costlier, nearly the same ranking). Dropout is off
     (eval mode) while estimating; the model's mode and its gradients are restored afterwards.
     Parameters the loss never reaches keep a Hessian of exactly zero. ``loss_fn(model, batch)`` is the
-    loss of a batch (default: ``model(**batch).loss``; a causal LM's: ``causal_lm.lm_loss``).
+    loss of a batch (default: ``model(**batch).loss``; a causal LM's: ``causal_lm.lm_loss``), the
+    mean of ``loss_terms(batch)`` terms (default: its rows; a causal LM's: its response tokens).
+
+    ``micro_batch_size``: each batch's gradient is accumulated over slices of that many rows, each
+    slice's loss weighted by its share of the batch's terms: the gradient of the same batch mean
+    (up to float rounding), with the activations of a slice only. The estimate is still the one of
+    the batch size; a smaller batch would change it. Left None on a GPU, a batch that runs out of
+    memory is retried in halves (a message says so once) and later batches keep the smaller size.
+    Not with per-sample squares (slices of one already) or ``overlap="backward"`` (which squares
+    each backward's gradient).
 
     With ``resume_file`` the running sums and counts are saved there (safetensors, atomically) every
     ``save_every`` batches, at the end, and when a KeyboardInterrupt (Ctrl-C, or the command line's
@@ -167,6 +199,11 @@ def estimate_hessian(
                         or any(_is_dtensor(p) for p in params.values())):
         raise ValueError("estimate_hessian: overlap='backward' squares gradients before DDP reduces them or with "
                          "sharded parameters; leave it off there or use overlap='forward'")
+    if micro_batch_size is not None and (micro_batch_size < 1 or in_backward):
+        raise ValueError(f"estimate_hessian: micro_batch_size must be at least 1 and needs overlap other than "
+                         f"'backward', got {micro_batch_size} with overlap={overlap!r}")
+    rows = micro_batch_size  # None: whole batches, until one runs out of GPU memory
+    halve_on_oom = micro_batch_size is None and not per_sample and not in_backward
     squarer = _SquareInBackward(params, local, device) if in_backward else None
     beside_forward = torch.cuda.Stream(device) if mode == "forward" and device.type == "cuda" else None
     saved = done
@@ -178,9 +215,22 @@ def estimate_hessian(
                 continue
             for micro in (_micro_batches(batch) if per_sample else (batch,)):
                 micro = {k: v.to(device) for k, v in micro.items()}
-                loss = model(**micro).loss if loss_fn is None else loss_fn(model, micro)
                 whole = squarer is None and whole  # squares in the backward change the sums from here on
-                loss.backward()
+                while True:
+                    try:
+                        _accumulate_gradient(model, micro, loss_fn, loss_terms, None if per_sample else rows)
+                        break
+                    except torch.OutOfMemoryError:
+                        size = rows or len(micro["labels"])
+                        if not halve_on_oom or size <= 1:
+                            raise
+                    # Retried outside the handler, whose traceback holds the failed pass's activations.
+                    for p in params.values():
+                        p.grad = None
+                    torch.cuda.empty_cache()
+                    rows = -(-size // 2)
+                    tqdm.write(f"hessian: a batch of {size} did not fit in {device}'s memory; its gradient is "
+                               f"now accumulated over slices of {rows} (the same estimate)", file=sys.stderr)
                 whole = False
                 if squarer is not None:
                     squarer.join()

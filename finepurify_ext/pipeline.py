@@ -61,6 +61,7 @@ class HessianConfig:
     per_sample: bool = False
     batch_size: int = 32
     max_length: int = 64
+    micro_batch_size: int | None = None  # estimate_hessian's: the same estimate in slices of this many rows
 
 
 def fine_purify(
@@ -145,7 +146,8 @@ def clean_hessian(model, tokenizer, clean: Sequence[Example], config: HessianCon
     (``resume``: ``resume_file`` and ``save_every`` of ``estimate_hessian``)."""
     return estimate_hessian(
         model, batches(tokenizer, clean, config.batch_size, config.max_length),
-        per_sample=config.per_sample, progress=progress, total=-(-len(clean) // config.batch_size), **resume,
+        per_sample=config.per_sample, micro_batch_size=config.micro_batch_size, progress=progress,
+        total=-(-len(clean) // config.batch_size), **resume,
     )
 
 
@@ -383,7 +385,8 @@ def fine_purify_lm(
     if config is not None and hessians is None:
         start = time.perf_counter()
         hessians, count = lm_hessian(model, tokenizer, clean, hessian_config.batch_size, hessian_config.max_length,
-                                     per_sample=hessian_config.per_sample, progress=progress)
+                                     per_sample=hessian_config.per_sample,
+                                     micro_batch_size=hessian_config.micro_batch_size, progress=progress)
         timings["hessian"] = time.perf_counter() - start
         report["hessian"] = _hessian_report(hessian_config, count)
     if guard is not None and config is not None and validation:

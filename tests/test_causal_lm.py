@@ -171,6 +171,52 @@ def test_the_loss_takes_logits_at_the_response_positions_alone(tokenizer, kind):
         torch.testing.assert_close(h, reference[n], rtol=1e-5, atol=1e-12)
 
 
+def test_micro_batches_give_the_batch_estimate_in_less_memory(tokenizer, capsys):
+    """A batch's gradient accumulated over slices of rows, each slice's loss weighted by its response
+    tokens, is the batch's own: the same Hessian (equal weights per slice would not be); a batch that
+    runs out of GPU memory is retried in halves, said once, and later batches keep the smaller size;
+    where halving cannot help or was not asked for, the error stands."""
+    from finepurify_ext.causal_lm import response_tokens
+
+    model = tiny_lm("llama", tokenizer.vocab_size)
+    examples = [data.Instruction("the movie " * (i % 4 + 1), "good film " * (i % 3 + 1)) for i in range(11)]
+    whole, count = lm_hessian(model, tokenizer, examples, batch_size=8, max_length=48, progress=False)
+
+    def close(got):  # float rounding of another summation order: per tensor, the difference's norm
+        return all(float((got[n] - whole[n]).norm()) <= 1e-5 * float(whole[n].norm()) for n in whole)
+
+    for rows in (1, 3):
+        sliced, same = lm_hessian(model, tokenizer, examples, batch_size=8, max_length=48, micro_batch_size=rows,
+                                  progress=False)
+        assert same == count == 2 and close(sliced), rows
+    by_rows, _ = estimate_hessian(model, lm_batches(tokenizer, examples, 8, 48), loss_fn=lm_loss, micro_batch_size=3,
+                                  progress=False)  # slices weighted by rows: another estimate
+    assert not close(by_rows)
+
+    sizes = []
+
+    def small_gpu(model, batch):  # a device where three rows do not fit
+        sizes.append(len(batch["labels"]))
+        if len(batch["labels"]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return lm_loss(model, batch)
+
+    halved, _ = estimate_hessian(model, lm_batches(tokenizer, examples, 8, 48), loss_fn=small_gpu,
+                                 loss_terms=response_tokens, progress=False)
+    assert close(halved) and all(p.grad is None for p in model.parameters())
+    # batch 1 (8 rows): 8 and 4 fail, then slices of 2; batch 2 (3 rows) starts at slices of 2
+    assert sizes == [8, 4, 2, 2, 2, 2, 2, 1], sizes
+    err = capsys.readouterr().err
+    assert err.count("did not fit") == 2 and "a batch of 8 did not fit in cpu's memory" in err
+    assert "slices of 2 (the same estimate)" in err
+    for fixed in ({"micro_batch_size": 4}, {"overlap": "forward", "micro_batch_size": 3}):
+        with pytest.raises(torch.OutOfMemoryError):
+            estimate_hessian(model, lm_batches(tokenizer, examples, 8, 48), loss_fn=small_gpu,
+                             loss_terms=response_tokens, progress=False, **fixed)
+    with pytest.raises(ValueError, match="micro_batch_size must be at least 1 and needs overlap other than 'backward'"):
+        estimate_hessian(model, [], micro_batch_size=2, overlap="backward", progress=False)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_batched_generation_equals_one_prompt_at_a_time(tokenizer, kind):
     """Left padding must not change a greedy continuation."""

@@ -256,6 +256,33 @@ def test_an_interrupted_hessian_keeps_its_batches_done(tokenizer, tmp_path, monk
         assert count == expected_count and all(torch.equal(got[n], expected[n]) for n in expected), resume
 
 
+def test_a_classifier_hessian_in_micro_batches_and_from_the_command_line(tokenizer, tmp_path):
+    """Slices of rows, each weighted by its rows (the last slice and the last batch shorter), give the
+    batch's estimate; so does ``finepurify hessian --micro-batch-size``."""
+    from safetensors.torch import load_file
+
+    from finepurify_ext import cli
+    from finepurify_ext.pipeline import HessianConfig, clean_hessian
+
+    model = tiny_model(tokenizer, seed=3)
+    examples = toy_examples(21, 4)
+    whole, count = clean_hessian(model, tokenizer, examples, HessianConfig(batch_size=8), progress=False)
+    sliced, same = clean_hessian(model, tokenizer, examples, HessianConfig(batch_size=8, micro_batch_size=3),
+                                 progress=False)
+    assert count == same == 3
+    for n in whole:
+        assert float((sliced[n] - whole[n]).norm()) <= 1e-5 * float(whole[n].norm()), n
+    _, suspect, clean = make_model_dirs(tokenizer, tmp_path)
+    outs = [str(tmp_path / f"h{i}.safetensors") for i in range(2)]
+    for out, extra in zip(outs, ([], ["--micro-batch-size", "2"])):
+        assert cli.main(["hessian", "--model", suspect, "--clean-data", clean, "--out", out, "--batch-size", "8"]
+                        + extra) == 0
+    a, b = load_file(outs[0]), load_file(outs[1])
+    assert not all(torch.equal(a[n], b[n]) for n in a)  # another summation order...
+    for n in a:  # ...of the same estimate
+        assert float((a[n] - b[n]).norm()) <= 1e-5 * float(a[n].norm()), n
+
+
 def test_saved_hessian_reads_back(tokenizer, tmp_path):
     from finepurify_ext.checkpoint import Checkpoint
     from finepurify_ext.hessian import save_hessian
