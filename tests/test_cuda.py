@@ -844,6 +844,50 @@ def test_hessian_squared_on_a_side_stream_during_backward(monkeypatch, dtype, ov
     assert all(float(h.sum()) > 0 for h in during.values())
 
 
+def test_a_causal_lm_loss_at_the_response_positions_and_in_micro_batches_on_the_gpu():
+    """causal_lm.lm_loss on CUDA equals the model's own loss, the output layer seeing the response
+    positions alone; the Hessian in slices of 2 rows (and after a simulated out-of-memory, halved)
+    equals the batch's, in float32 and under bfloat16 autocast."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finepurify_ext.causal_lm import IGNORE, lm_loss, response_tokens
+    from finepurify_ext.devices import compute_precision
+    from finepurify_ext.hessian import estimate_hessian
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    model = LlamaForCausalLM(config).to(CUDA)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 300, (8, 21), generator=gen)
+    labels = ids.clone()
+    for row in range(8):
+        labels[row, : 3 + row] = IGNORE  # prompts of different lengths
+    batches = [{"input_ids": ids[i:i + 4].to(CUDA), "labels": labels[i:i + 4].to(CUDA)} for i in (0, 4)]
+    seen = []
+    spy = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(a[0].shape[:2]))
+    torch.testing.assert_close(lm_loss(model, batches[0]), model(**batches[0]).loss, rtol=1e-5, atol=0)
+    spy.remove()
+    assert seen[0] == (1, response_tokens(batches[0])) and seen[1] == (4, 21)
+
+    def oom_above_two(m, batch):
+        if len(batch["labels"]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return lm_loss(m, batch)
+
+    for dtype in ("float32", "bfloat16"):
+        with compute_precision(CUDA, dtype):
+            whole, _ = estimate_hessian(model, batches, loss_fn=lm_loss, progress=False)
+            sliced, _ = estimate_hessian(model, batches, loss_fn=lm_loss, loss_terms=response_tokens,
+                                         micro_batch_size=2, progress=False)
+            halved, _ = estimate_hessian(model, batches, loss_fn=oom_above_two, loss_terms=response_tokens,
+                                         progress=False)
+        tolerance = 1e-4 if dtype == "float32" else 2e-2
+        for got in (sliced, halved):
+            for n in whole:
+                assert float((got[n] - whole[n]).norm()) <= tolerance * float(whole[n].norm()), (dtype, n)
+
+
 def test_hessian_command_keeps_a_bfloat16_model_in_bfloat16_on_the_gpu(tmp_path, monkeypatch):
     """`finepurify hessian --device cuda` on a bfloat16 causal LM: the weights stay bfloat16 on the
     GPU (read_only_weights_dtype), the Hessian written is float32 and within a few per cent of the
