@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .data import Instruction
+from .devices import OUT_OF_MEMORY
 
 IGNORE = -100  # the label transformers' causal-LM loss skips
 
@@ -131,7 +132,7 @@ def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     handle = layer.register_forward_pre_hook(pick) if layer is not None else None
     try:
         logits = model(**inputs).logits
-    except torch.OutOfMemoryError:
+    except OUT_OF_MEMORY:
         raise  # the whole sequence would need more
     except RuntimeError:
         if not picked:

@@ -15,6 +15,7 @@ import torch
 from .errors import UserError
 
 DTYPES = ("float32", "bfloat16")
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch < 2.5: cuda's
 
 
 def default_device() -> str:

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
-from .outputs import hold, release, remove_leftovers
+from .devices import OUT_OF_MEMORY
+from .outputs import hold, host_tag, release, remove_leftovers
 from .safetensors_io import ShardWriter
 from .threshold import _is_dtensor, _local
 
@@ -199,11 +200,16 @@ def estimate_hessian(
                         or any(_is_dtensor(p) for p in params.values())):
         raise ValueError("estimate_hessian: overlap='backward' squares gradients before DDP reduces them or with "
                          "sharded parameters; leave it off there or use overlap='forward'")
-    if micro_batch_size is not None and (micro_batch_size < 1 or in_backward):
-        raise ValueError(f"estimate_hessian: micro_batch_size must be at least 1 and needs overlap other than "
-                         f"'backward', got {micro_batch_size} with overlap={overlap!r}")
+    # Each rank would choose its own number of backward passes, and so of gradient reductions.
+    ranks = (_distributed() or isinstance(model, torch.nn.parallel.DistributedDataParallel)
+             or any(_is_dtensor(p) for p in params.values()))
+    if micro_batch_size is not None and (micro_batch_size < 1 or in_backward or ranks):
+        raise ValueError(f"estimate_hessian: micro_batch_size must be at least 1, with overlap other than 'backward' "
+                         f"and in one process, got {micro_batch_size} with overlap={overlap!r}")
     rows = micro_batch_size  # None: whole batches, until one runs out of GPU memory
-    halve_on_oom = micro_batch_size is None and not per_sample and not in_backward
+    # Halving weighs slices by loss_terms: by rows unless told otherwise, right only for a loss that
+    # is a mean over rows (one label per row).
+    halve_on_oom = micro_batch_size is None and not per_sample and not in_backward and not ranks
     squarer = _SquareInBackward(params, local, device) if in_backward else None
     beside_forward = torch.cuda.Stream(device) if mode == "forward" and device.type == "cuda" else None
     saved = done
@@ -220,9 +226,9 @@ def estimate_hessian(
                     try:
                         _accumulate_gradient(model, micro, loss_fn, loss_terms, None if per_sample else rows)
                         break
-                    except torch.OutOfMemoryError:
+                    except OUT_OF_MEMORY:
                         size = rows or len(micro["labels"])
-                        if not halve_on_oom or size <= 1:
+                        if not halve_on_oom or size <= 1 or (loss_terms is None and micro["labels"].dim() != 1):
                             raise
                     # Retried outside the handler, whose traceback holds the failed pass's activations.
                     for p in params.values():
@@ -283,7 +289,7 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dic
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)  # as save_atomically makes a directory's
     remove_leftovers(folder, os.path.basename(path) + ".partial-")
-    tmp = f"{path}.partial-{os.getpid()}"
+    tmp = f"{path}.partial-{host_tag()}-{os.getpid()}"
     writer = lock = None
     try:
         writer = ShardWriter(tmp, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata)

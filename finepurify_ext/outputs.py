@@ -83,7 +83,16 @@ def check_output_file(path: str, overwrite: bool = False, option: str = "--out",
 # last word) cannot, and a partial copy of a large model is many GB. So each temporary is held under
 # an flock for as long as its process lives (the kernel drops the lock when the process dies, however
 # it dies), and a later run that makes a temporary of the same kind in the same folder removes the
-# ones nobody holds.
+# ones nobody holds. Names carry the host: a shared file system may keep flocks per node, so only
+# this host's temporaries are judged.
+
+
+def host_tag() -> str:
+    """This machine's name as a file name part (what a temporary's name carries)."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "host"
 
 
 def hold(path: str):
@@ -118,11 +127,12 @@ def _size(path: str) -> int:
 
 
 def remove_leftovers(folder: str, prefix: str) -> list[str]:
-    """Removes the entries of ``folder`` whose names start with ``prefix`` that no live process holds
-    (``hold``): temporaries of runs that were killed. Entries younger than a minute, or that cannot
-    be opened, are left. Says what it removed on stderr; returns their paths."""
+    """Removes the entries of ``folder`` whose names start with ``prefix`` and this host's tag that no
+    live process holds (``hold``): temporaries of runs that were killed. Entries younger than a
+    minute, or that cannot be opened, are left. Says what it removed on stderr; returns their paths."""
     if fcntl is None or not os.path.isdir(folder):
         return []
+    prefix += host_tag() + "-"
     removed = []
     for entry in sorted(os.listdir(folder)):
         path = os.path.join(folder, entry)
@@ -153,7 +163,7 @@ def held_temporary_dir(folder: str, prefix: str) -> tuple[str, object]:
     """A new directory in ``folder`` named ``prefix``..., and the lock that marks it as this run's;
     leftovers of the same prefix that no run holds are removed first."""
     remove_leftovers(folder, prefix)
-    path = tempfile.mkdtemp(prefix=prefix, dir=folder)
+    path = tempfile.mkdtemp(prefix=f"{prefix}{host_tag()}-", dir=folder)
     return path, hold(path)
 
 
@@ -165,19 +175,29 @@ def save_atomically(out_dir: str, write, overwrite: bool = False) -> None:
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp, lock = held_temporary_dir(parent, "." + os.path.basename(out_dir) + ".partial-")
+    old = old_lock = None
     try:
         write(tmp)
         if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".old-", dir=parent)
+            # The output replaced moves aside first (an interruption while it is deleted leaves it
+            # there, held like the partial one, for the next write to remove).
+            old, old_lock = held_temporary_dir(parent, "." + os.path.basename(out_dir) + ".old-")
             os.replace(out_dir, os.path.join(old, "x"))
-            os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(os.path.join(old, "x"), out_dir)  # the earlier output back in place
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.listdir(old):
+            os.rmdir(old)
         raise
     finally:
+        release(old_lock)
         release(lock)
 
 

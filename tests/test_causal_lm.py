@@ -171,7 +171,7 @@ def test_the_loss_takes_logits_at_the_response_positions_alone(tokenizer, kind):
         torch.testing.assert_close(h, reference[n], rtol=1e-5, atol=1e-12)
 
 
-def test_micro_batches_give_the_batch_estimate_in_less_memory(tokenizer, capsys):
+def test_micro_batches_give_the_batch_estimate_in_less_memory(tokenizer, capsys, monkeypatch):
     """A batch's gradient accumulated over slices of rows, each slice's loss weighted by its response
     tokens, is the batch's own: the same Hessian (equal weights per slice would not be); a batch that
     runs out of GPU memory is retried in halves, said once, and later batches keep the smaller size;
@@ -213,8 +213,21 @@ def test_micro_batches_give_the_batch_estimate_in_less_memory(tokenizer, capsys)
         with pytest.raises(torch.OutOfMemoryError):
             estimate_hessian(model, lm_batches(tokenizer, examples, 8, 48), loss_fn=small_gpu,
                              loss_terms=response_tokens, progress=False, **fixed)
-    with pytest.raises(ValueError, match="micro_batch_size must be at least 1 and needs overlap other than 'backward'"):
+    # Slices weighted by rows would be another estimate of a token-averaged loss: without loss_terms,
+    # a batch of token labels is not halved.
+    with pytest.raises(torch.OutOfMemoryError):
+        estimate_hessian(model, lm_batches(tokenizer, examples, 8, 48), loss_fn=small_gpu, progress=False)
+    with pytest.raises(ValueError, match="micro_batch_size must be at least 1, with overlap other than 'backward' "
+                                         "and in one process"):
         estimate_hessian(model, [], micro_batch_size=2, overlap="backward", progress=False)
+    # Over ranks each would choose its own number of backward passes (and of gradient reductions).
+    from finepurify_ext import hessian as hessian_module
+    monkeypatch.setattr(hessian_module, "_distributed", lambda: True)
+    with pytest.raises(ValueError, match="in one process"):
+        estimate_hessian(model, [], micro_batch_size=2, progress=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        estimate_hessian(model, lm_batches(tokenizer, examples, 8, 48), loss_fn=small_gpu,
+                         loss_terms=response_tokens, progress=False)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

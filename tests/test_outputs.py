@@ -40,15 +40,18 @@ def test_the_next_write_removes_a_killed_runs_partial_output_and_nothing_else(tm
     out = tmp_path / "purified"
     killed = killed_run(tmp_path, ".purified.partial-")
     live, lock = outputs.held_temporary_dir(str(tmp_path), ".purified.partial-")  # a run still writing
-    young = tempfile.mkdtemp(prefix=".purified.partial-", dir=tmp_path)  # made, not yet locked
-    other = tempfile.mkdtemp(prefix=".other.partial-", dir=tmp_path)  # another output's
-    backdate(killed, live, other)
+    tag = outputs.host_tag()
+    young = tempfile.mkdtemp(prefix=f".purified.partial-{tag}-", dir=tmp_path)  # made, not yet locked
+    other = tempfile.mkdtemp(prefix=f".other.partial-{tag}-", dir=tmp_path)  # another output's
+    # Another node's, on a file system whose flocks may be per node: never judged from here.
+    elsewhere = tempfile.mkdtemp(prefix=".purified.partial-othernode-", dir=tmp_path)
+    backdate(killed, live, other, elsewhere)
     try:
         assert os.path.isdir(killed) and os.listdir(killed) == ["weights"]
         save_atomically(str(out), lambda tmp: open(os.path.join(tmp, "done"), "w").close())
         assert os.listdir(out) == ["done"]
         assert not os.path.exists(killed)
-        assert os.path.isdir(live) and os.path.isdir(young) and os.path.isdir(other)
+        assert os.path.isdir(live) and os.path.isdir(young) and os.path.isdir(other) and os.path.isdir(elsewhere)
         assert f"finepurify: removed {killed} (0.00 GB), left by a run that was killed" in capsys.readouterr().err
         backdate(young)  # older now, and still nobody's: the next write takes it
         save_atomically(str(out), lambda tmp: None, overwrite=True)
@@ -56,12 +59,12 @@ def test_the_next_write_removes_a_killed_runs_partial_output_and_nothing_else(tm
     finally:
         release(lock)
     # Nothing left of this test's own writes.
-    assert sorted(os.listdir(tmp_path)) == sorted(["purified", os.path.basename(live), os.path.basename(other)])
+    assert sorted(os.listdir(tmp_path)) == sorted(["purified"] + [os.path.basename(p) for p in (live, other, elsewhere)])
 
 
 def test_the_next_hessian_save_removes_a_killed_runs_partial_file(tmp_path, capsys):
     path = str(tmp_path / "h.safetensors")
-    killed, live = path + ".partial-4000000", path + ".partial-4000001"
+    killed, live = (f"{path}.partial-{outputs.host_tag()}-{pid}" for pid in (4000000, 4000001))
     for partial in (killed, live):
         with open(partial, "wb") as f:
             f.write(b"x" * 100)
@@ -101,3 +104,27 @@ def test_a_file_system_without_locks_writes_and_removes_nothing(tmp_path, monkey
     monkeypatch.setattr(outputs.fcntl, "flock", no_locks)
     save_atomically(str(tmp_path / "o"), lambda tmp: open(os.path.join(tmp, "done"), "w").close())
     assert os.listdir(tmp_path / "o") == ["done"] and os.path.isdir(killed)
+
+
+def test_replacing_an_output_puts_the_old_one_back_if_the_new_cannot_move_in(tmp_path, monkeypatch):
+    """--overwrite: the earlier output moves aside (held, like the partial one) and is deleted once
+    the new one is in place; if the new one cannot move in, the earlier one is put back."""
+    out = str(tmp_path / "o")
+    save_atomically(out, lambda tmp: open(os.path.join(tmp, "first"), "w").close())
+    replace = os.replace
+
+    def fails_into_place(src, dst):
+        if dst == out and ".partial-" in src:
+            raise OSError(28, "No space left on device")
+        return replace(src, dst)
+    monkeypatch.setattr(outputs.os, "replace", fails_into_place)
+    try:
+        save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True)
+    except OSError as error:
+        assert error.errno == 28
+    else:
+        raise AssertionError("the failed rename was not raised")
+    monkeypatch.undo()
+    assert os.listdir(out) == ["first"] and os.listdir(tmp_path) == ["o"]
+    save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True)
+    assert os.listdir(out) == ["second"] and os.listdir(tmp_path) == ["o"]
