@@ -196,13 +196,14 @@ def estimate_hessian(
     model.eval()
     model.zero_grad(set_to_none=True)
     device = next(iter(params.values())).device if params else torch.device("cpu")
-    if in_backward and (isinstance(model, torch.nn.parallel.DistributedDataParallel)
-                        or any(_is_dtensor(p) for p in params.values())):
+    # Gradients reduced over ranks (DDP) or sharded (FSDP2).
+    over_ranks = (isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                  or any(_is_dtensor(p) for p in params.values()))
+    if in_backward and over_ranks:
         raise ValueError("estimate_hessian: overlap='backward' squares gradients before DDP reduces them or with "
                          "sharded parameters; leave it off there or use overlap='forward'")
     # Each rank would choose its own number of backward passes, and so of gradient reductions.
-    ranks = (_distributed() or isinstance(model, torch.nn.parallel.DistributedDataParallel)
-             or any(_is_dtensor(p) for p in params.values()))
+    ranks = over_ranks or _distributed()
     if micro_batch_size is not None and (micro_batch_size < 1 or in_backward or ranks):
         raise ValueError(f"estimate_hessian: micro_batch_size must be at least 1, with overlap other than 'backward' "
                          f"and in one process, got {micro_batch_size} with overlap={overlap!r}")
