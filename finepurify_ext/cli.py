@@ -612,8 +612,13 @@ def main(argv=None) -> int:
             return args.fn(args)
     except KeyboardInterrupt as stop:
         _close_progress_bars()
-        after = ("run it again to resume from the last save" if args.command == "hessian"
-                 else "no output was written")
+        written = getattr(stop, "output_written", None)  # stopped while the output replaced was deleted
+        if args.command == "hessian":
+            after = "run it again to resume from the last save"
+        elif written:
+            after = f"the output {written} is complete; what is left of the one it replaced goes at the next write"
+        else:
+            after = "no output was written"
         how, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
         print(f"finepurify {args.command}: {how}; {after}", file=sys.stderr)
         return code

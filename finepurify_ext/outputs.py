@@ -188,13 +188,20 @@ def save_atomically(out_dir: str, write, overwrite: bool = False) -> None:
             except BaseException:
                 os.replace(os.path.join(old, "x"), out_dir)  # the earlier output back in place
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                shutil.rmtree(old, ignore_errors=True)
+            except BaseException as stop:  # Ctrl-C, SIGTERM: the new output is complete all the same
+                stop.output_written = out_dir
+                raise
         else:
             os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not os.listdir(old):
-            os.rmdir(old)
+        try:
+            if old is not None and not os.listdir(old):
+                os.rmdir(old)
+        except OSError:  # removed whole before the interruption
+            pass
         raise
     finally:
         release(old_lock)

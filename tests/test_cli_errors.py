@@ -450,6 +450,28 @@ def test_interrupt_exits_130(models, tmp_path, capsys, monkeypatch):
     assert "interrupted; run it again to resume from the last save" in capsys.readouterr().err
 
 
+def test_an_interrupt_after_the_output_moved_in_names_it(models, tmp_path, capsys, monkeypatch):
+    """--overwrite, stopped while the output replaced is being deleted: the new output is complete and
+    the message says so (not "no output was written")."""
+    from finepurify_ext import outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier").write_text("x")
+    rmtree = outputs.shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        if ".old-" in str(path):
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(outputs.shutil, "rmtree", interrupted)
+    assert cli.main(command("purify", models, str(out)) + ["--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"finepurify purify: interrupted; the output {out} is complete; what is left of the one it "
+                        "replaced goes at the next write\n"), err
+    assert "model.safetensors" in os.listdir(out) and "earlier" not in os.listdir(out)
+
+
 def test_sigterm_ends_a_command_as_ctrl_c_does(models, tmp_path, capsys, monkeypatch):
     """A scheduler's SIGTERM while the purified model is being written: exit 143, one line, no partial
     output left (the default action would have killed the process in place); a second SIGTERM during

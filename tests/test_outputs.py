@@ -128,3 +128,29 @@ def test_replacing_an_output_puts_the_old_one_back_if_the_new_cannot_move_in(tmp
     assert os.listdir(out) == ["first"] and os.listdir(tmp_path) == ["o"]
     save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True)
     assert os.listdir(out) == ["second"] and os.listdir(tmp_path) == ["o"]
+
+
+def test_an_interrupt_while_the_replaced_output_is_deleted_says_the_new_one_is_complete(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM after the new output moved in, while the one it replaced is being deleted: the
+    interrupt goes on (the command stops) but names the complete output; the next write sweeps the rest."""
+    out = str(tmp_path / "o")
+    save_atomically(out, lambda tmp: open(os.path.join(tmp, "first"), "w").close())
+    rmtree = outputs.shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        if ".old-" in path:
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(outputs.shutil, "rmtree", interrupted)
+    try:
+        save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True)
+    except KeyboardInterrupt as stop:
+        assert stop.output_written == os.path.abspath(out)
+    else:
+        raise AssertionError("the interrupt was not raised")
+    monkeypatch.undo()
+    assert os.listdir(out) == ["second"]
+    (old,) = [e for e in os.listdir(tmp_path) if ".old-" in e]
+    backdate(tmp_path / old)
+    save_atomically(out, lambda tmp: open(os.path.join(tmp, "third"), "w").close(), overwrite=True)
+    assert os.listdir(out) == ["third"] and os.listdir(tmp_path) == ["o"]
