@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 from .demo import SUITE  # noqa: E402
 from .devices import (DTYPES, compute_precision, default_device, describe, read_only_weights_dtype,  # noqa: E402
                       resolve_device)
+from .adapters import is_adapter, merge_adapter, merge_classifier_adapter, read_adapter  # noqa: E402
 from .pipeline import CollapseGuard, is_gguf  # noqa: E402
 from .purify import PurifyConfig  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
@@ -110,8 +111,10 @@ def _reset_summary(reset_per_tensor: dict, embedding, ranked: int, moved: int, t
     return f"reset {reset} of {ranked} ranked weights"
 
 
-def _model_kind(args, path: str) -> str:
-    """``classifier`` or ``causal-lm``: ``--model-kind``, or read from the model's config."""
+def _model_kind(args, option: str) -> str:
+    """``classifier`` or ``causal-lm``: ``--model-kind``, or read from the config of the model that
+    ``option`` names (for a LoRA adapter, of --pretrained's)."""
+    path = _described_by(args, option)
     if is_gguf(path):  # transformers reads causal LMs from GGUF (pipeline.gguf_to_directory)
         if args.model_kind == "classifier":
             raise UserError(f"--model-kind classifier: {path} is a GGUF file, which holds a causal LM; give the "
@@ -186,7 +189,7 @@ def cmd_purify_causal_lm(args) -> int:
     report["timings_s"]["total"] = time.perf_counter() - start
     report["device"] = describe(device, args.dtype)
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
-                        "clean_data": os.path.abspath(args.clean_data)}
+                        "clean_data": os.path.abspath(args.clean_data), "suspect_adapter": args.merged.get("suspect")}
 
     save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
     p = report.get("purify")  # none when the guard fell back to clean fine-tuning alone
@@ -233,12 +236,12 @@ def cmd_evaluate_causal_lm(args) -> int:
 def cmd_hessian(args) -> int:
     from .data import load_examples
     from .hessian import save_hessian
-    from .pipeline import HessianConfig, classifier_labels, clean_hessian, load_classifier
+    from .pipeline import HessianConfig, clean_hessian, load_classifier
 
     check_output_file(args.out, args.overwrite, inputs=(args.model, args.clean_data))
     resume = args.out + ".accumulator.safetensors"
     device = resolve_device(args.device)
-    if _model_kind(args, args.model) == "causal-lm":
+    if _model_kind(args, "model") == "causal-lm":
         from .causal_lm import lm_hessian, tokens_seen
         from .data import load_instructions
         from .pipeline import load_causal_lm
@@ -260,7 +263,8 @@ def cmd_hessian(args) -> int:
               f"loss written to {args.out}" + ("" if seen is None else f" (with the {len(seen)} token ids of the "
                                                                       "clean data, for the tied embedding)"))
         return 0
-    clean = load_examples(args.clean_data, num_labels=classifier_labels(args.model))  # before loading the model
+    clean = load_examples(args.clean_data, num_labels=_num_labels(args, "model"))  # before loading the model
+    _read_models(args)  # a LoRA adapter merged
     model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
     model.to(device)
     config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size,
@@ -281,23 +285,23 @@ def cmd_purify(args) -> int:
         raise UserError("give --clean-data (or --hessian-file for out-of-core purification of a checkpoint)")
     if args.num_reset is not None:
         raise UserError("--num-reset works with --hessian-file only; in memory give --reserve-ratio")
-    if _model_kind(args, args.suspect) == "causal-lm":
+    if _model_kind(args, "suspect") == "causal-lm":
         return cmd_purify_causal_lm(args)
     if args.reserve_ratio == "auto" and args.validation_fraction <= 0:
         raise UserError("--reserve-ratio auto needs held-out clean data: give --validation-fraction > 0")
     if args.unlabelled_data and args.distill == 0:
         raise UserError("--unlabelled-data is read only for the teacher's soft targets: give --distill > 0")
     from .data import load_examples, load_texts
-    from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, SelectionConfig, classifier_labels,
+    from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, SelectionConfig,
                            fine_purify, fine_purify_auto, load_classifier, pretrained_state_for,
                            save_atomically)
 
     check_output_dir(args.out, args.overwrite,
                      inputs=(args.pretrained, args.suspect, args.clean_data, args.unlabelled_data))
-    clean = load_examples(args.clean_data, num_labels=classifier_labels(args.suspect))  # before loading the model
+    clean = load_examples(args.clean_data, num_labels=_num_labels(args, "suspect"))  # before loading the model
     unlabelled = load_texts(args.unlabelled_data) if args.unlabelled_data else []
     device = resolve_device(args.device)
-    _read_models(args)  # a GGUF --pretrained beside a classifier (which then will not match it)
+    _read_models(args)  # a LoRA adapter merged (or a GGUF --pretrained, which will not match a classifier)
     model, tokenizer, _ = load_classifier(args.suspect)
     pretrained_state = pretrained_state_for(model, args.pretrained)  # stays on the CPU: purify_ streams it
     model.to(device)
@@ -330,7 +334,8 @@ def cmd_purify(args) -> int:
     report["timings_s"]["total"] = time.perf_counter() - start
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
                         "clean_data": os.path.abspath(args.clean_data),
-                        "unlabelled_data": args.unlabelled_data and os.path.abspath(args.unlabelled_data)}
+                        "unlabelled_data": args.unlabelled_data and os.path.abspath(args.unlabelled_data),
+                        "suspect_adapter": args.merged.get("suspect")}
 
     save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
     p = report.get("purify", {})
@@ -345,15 +350,15 @@ def cmd_purify(args) -> int:
 def cmd_evaluate(args) -> int:
     from .attacks import Attack
     from .data import load_examples
-    from .pipeline import classifier_labels, load_classifier
+    from .pipeline import load_classifier
     from .training import attack_success_rate, clean_accuracy
 
-    if _model_kind(args, args.model) == "causal-lm":
+    if _model_kind(args, "model") == "causal-lm":
         return cmd_evaluate_causal_lm(args)
     if args.bias and not args.trigger:
         raise UserError("--bias measures the flip rate when --trigger (the biased attribute) is inserted; give "
                         "--trigger")
-    num_labels = classifier_labels(args.model)
+    num_labels = _num_labels(args, "model")
     if args.trigger and args.target_label >= num_labels:
         raise UserError(f"--target-label {args.target_label} is out of range for a model with {num_labels} labels")
     data = load_examples(args.data, num_labels=num_labels)
@@ -361,6 +366,7 @@ def cmd_evaluate(args) -> int:
         raise UserError(f"{args.data}: every example has label {args.target_label}; the attack success rate is "
                         "measured on examples of the other labels: add some, or choose another --target-label")
     device = resolve_device(args.device)
+    _read_models(args)  # a LoRA adapter merged
     model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
     model.to(device)
     with compute_precision(device, args.dtype):
@@ -405,22 +411,63 @@ def _message(error: BaseException) -> tuple[int, str]:
 
 
 MODEL_OPTIONS = ("pretrained", "suspect", "model")  # the options that name a model
+ADAPTER_OPTIONS = ("suspect", "model")  # the ones that may name a LoRA adapter (merged into --pretrained)
+ADAPTER_BASE_HELP = ("where --model is a LoRA adapter (PEFT's adapter_config.json and adapter_model.safetensors): "
+                     "the model it was trained on (a directory, or a GGUF file), into which it is merged")
 
 
 def _given(args, option: str) -> str:
-    """The path the user gave for a model option (a GGUF file is read from a converted copy)."""
-    return os.path.abspath(args.given.get(option, getattr(args, option)))
+    """The path the user gave for a model option (a GGUF file or an adapter is read from a converted
+    or merged copy)."""
+    return os.path.abspath({**args.given, **args.adapters}.get(option, getattr(args, option)))
+
+
+def _adapter(args, option: str):
+    """The LoRA adapter that ``option`` names, read and checked once (``adapters.read_adapter``)."""
+    _described_by(args, option)  # --pretrained given
+    if option not in args.read_adapters:
+        args.read_adapters[option] = read_adapter(args.adapters[option])
+    return args.read_adapters[option]
+
+
+def _num_labels(args, option: str) -> int:
+    """The labels of the classifier that ``option`` names: its config's, or a LoRA adapter's head's."""
+    from .pipeline import classifier_labels
+
+    return _adapter(args, option).num_labels if option in args.adapters else classifier_labels(getattr(args, option))
+
+
+def _described_by(args, option: str) -> str:
+    """The model directory whose config describes the model of ``option`` (a classifier's labels, the
+    model's kind): for a LoRA adapter, the --pretrained model it is merged into."""
+    path = getattr(args, option)
+    if option not in args.adapters:
+        return path
+    if not args.pretrained:
+        raise UserError(f"--{option} {path} is a LoRA adapter (adapter_config.json): give --pretrained, the model "
+                        "it was trained on, to merge it into")
+    return args.pretrained
 
 
 @contextlib.contextmanager
-def _gguf_inputs(args):
-    """Model options that name GGUF files: each command reads them, after its cheap checks, through
-    ``_read_models``, which converts each file once (``pipeline.gguf_to_directory``) into a scratch
-    directory beside the output (or in the system's temporary one) and points the option there; the
-    scratch directory is removed when the command ends (on an error, Ctrl-C and SIGTERM too; after a
-    SIGKILL, by the next command that converts a GGUF file in the same folder)."""
+def _model_inputs(args):
+    """Model options that name GGUF files or LoRA adapters: each command reads them, after its cheap
+    checks, through ``_read_models``, which converts each file once (``pipeline.gguf_to_directory``)
+    and merges an adapter into --pretrained (``adapters.merge_adapter``) in a scratch directory beside
+    the output (or in the system's temporary one) and points the option there; the scratch directory
+    is removed when the command ends (on an error, Ctrl-C and SIGTERM too; after a SIGKILL, by the
+    next command that converts or merges in the same folder)."""
     args.given = {o: getattr(args, o) for o in MODEL_OPTIONS if is_gguf(getattr(args, o, None))}
-    args.converted = {}  # converted directory: the GGUF file given
+    args.adapters = {o: getattr(args, o) for o in ADAPTER_OPTIONS if is_adapter(getattr(args, o, None))}
+    args.converted = {}  # converted or merged directory: the GGUF file or the adapter given
+    args.merged = {}  # option: what the merge of its adapter did (for the report)
+    args.read_adapters = {}  # option: its adapter, read (_adapter)
+    if is_adapter(getattr(args, "pretrained", None)):
+        raise UserError(f"--pretrained {args.pretrained} is a LoRA adapter (adapter_config.json); give the model it "
+                        "was trained on (the adapter goes in --suspect)")
+    if getattr(args, "model", None) and getattr(args, "pretrained", None) and not args.adapters:  # hessian, evaluate
+        raise UserError(f"--pretrained is read only where --model is a LoRA adapter; {args.model} is not one "
+                        "(no adapter_config.json): leave --pretrained out")
     args.scratch = args.scratch_lock = None
     try:
         yield
@@ -456,20 +503,22 @@ def _sigterm_interrupts():
 
 
 def _read_models(args) -> None:
-    """The GGUF files among the model options, checked and converted (once each); a no-op otherwise.
-    Called where a command first reads a model, after its checks of the options, data and output:
-    the conversion reads and writes the whole model."""
-    if not args.given or args.converted:
+    """The GGUF files among the model options, checked and converted (once each), then a LoRA
+    adapter merged into --pretrained; a no-op otherwise. Called where a command first reads a model,
+    after its checks of the options, data and output: the conversion and the merge read and write
+    the whole model."""
+    if not (args.given or args.adapters) or args.converted:
         return
     from .pipeline import check_gguf_file, gguf_to_directory
 
     for path in args.given.values():
         check_gguf_file(path)
+    adapters = {option: _adapter(args, option) for option in args.adapters}  # checked before any conversion
     out = getattr(args, "out", None)
     near = os.path.dirname(os.path.abspath(out)) if out else None
     while near and not os.path.isdir(near):  # --out's parents are made only when the output is written
         near = os.path.dirname(near)
-    args.scratch, args.scratch_lock = held_temporary_dir(near or tempfile.gettempdir(), ".finepurify-gguf-")
+    args.scratch, args.scratch_lock = held_temporary_dir(near or tempfile.gettempdir(), ".finepurify-inputs-")
     done = {}
     for option, path in args.given.items():
         key = os.path.realpath(path)  # the same file given twice is converted once
@@ -478,6 +527,16 @@ def _read_models(args) -> None:
             done[key] = gguf_to_directory(path, os.path.join(args.scratch, option))
             args.converted[done[key]] = path
         setattr(args, option, done[key])
+    for option, adapter in adapters.items():
+        merged = os.path.join(args.scratch, option)
+        # Streamed into the checkpoint's shards, but for a classifier's adapter in memory (its head is new).
+        streamed = getattr(args, "hessian_file", None) or _model_kind(args, option) == "causal-lm"
+        merge = merge_adapter if streamed else merge_classifier_adapter
+        args.merged[option] = merge(adapter, args.pretrained, merged, announce=lambda: print(
+            f"merging the LoRA adapter {adapter.path} into {_given(args, 'pretrained')} in {args.scratch}",
+            file=sys.stderr))
+        args.converted[merged] = adapter.path
+        setattr(args, option, merged)
 
 
 def _named_as_given(args, text: str) -> str:
@@ -522,7 +581,8 @@ def main(argv=None) -> int:
     p.add_argument("--pretrained", required=True,
                    help="clean pre-trained transformers directory (safetensors), or a causal LM's GGUF file")
     p.add_argument("--suspect", required=True,
-                   help="suspect fine-tuned model directory (safetensors), or a causal LM's GGUF file")
+                   help="suspect fine-tuned model directory (safetensors), a causal LM's GGUF file, or a LoRA "
+                   "adapter's directory (PEFT: adapter_config.json), merged into --pretrained")
     p.add_argument("--clean-data", help="CSV or JSONL with text and label columns")
     p.add_argument("--hessian-file", help="a saved Hessian (finepurify hessian): purify the checkpoints out of core, "
                    "shard by shard, without clean fine-tuning; --pretrained and --suspect may then be any "
@@ -572,8 +632,10 @@ def main(argv=None) -> int:
 
     h = sub.add_parser("hessian", parents=[common, placed, kinds], help="estimate the clean Hessian of a model and save it (resumable)")
     h.add_argument("--model", required=True,
-                   help="the suspect model directory (safetensors), or a causal LM's GGUF file")
+                   help="the suspect model directory (safetensors), a causal LM's GGUF file, or a LoRA adapter's "
+                   "directory (with --pretrained)")
     h.add_argument("--clean-data", required=True, help="CSV or JSONL with text and label columns")
+    h.add_argument("--pretrained", help=ADAPTER_BASE_HELP)
     h.add_argument("--out", required=True, help="the .safetensors file to write")
     h.add_argument("--per-sample", action="store_true")
     h.add_argument("--batch-size", type=_integer(1), default=32, help="examples per squared gradient (the "
@@ -587,8 +649,10 @@ def main(argv=None) -> int:
     h.set_defaults(fn=cmd_hessian)
 
     e = sub.add_parser("evaluate", parents=[common, placed, kinds], help="clean accuracy (and attack success rate) of a model")
-    e.add_argument("--model", required=True, help="a model directory (safetensors), or a causal LM's GGUF file")
+    e.add_argument("--model", required=True, help="a model directory (safetensors), a causal LM's GGUF file, or a "
+                   "LoRA adapter's directory (with --pretrained)")
     e.add_argument("--data", required=True, help="CSV or JSONL with text and label columns")
+    e.add_argument("--pretrained", help=ADAPTER_BASE_HELP)
     e.add_argument("--trigger", help="trigger to insert for the ASR")
     e.add_argument("--target-label", type=_integer(0), default=1)
     e.add_argument("--bias", action="store_true", help="report the flip rate (bias) instead")
@@ -608,7 +672,7 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        with _sigterm_interrupts(), _gguf_inputs(args):
+        with _sigterm_interrupts(), _model_inputs(args):
             return args.fn(args)
     except KeyboardInterrupt as stop:
         _close_progress_bars()

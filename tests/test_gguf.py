@@ -138,7 +138,7 @@ def test_commands_read_gguf_files_as_their_directories(ggufs, tmp_path, capsys):
         capsys.readouterr()
         assert cli.main(["evaluate", "--model", s, "--data", clean]) == 0
         runs[label] = (out, capsys.readouterr().out)
-        assert not [n for n in os.listdir(out) if n.startswith(".finepurify-gguf-")]
+        assert not [n for n in os.listdir(out) if n.startswith(".finepurify-inputs-")]
     (a, evaluated_a), (b, evaluated_b) = runs["gguf"], runs["dirs"]
     for name in ("purified", "ooc"):
         got, want = weights(a / name), weights(b / name)
@@ -170,7 +170,7 @@ def test_bad_gguf_inputs_fail_clearly_and_leave_nothing(ggufs, tmp_path, capsys,
         message = err[err.index("finepurify purify: error: "):]
         assert path in message and expected in message and "Traceback" not in err, err
         assert ("reading" not in err) == before_any_conversion  # every file is checked before any is converted
-        assert not os.path.exists(out) and not [n for n in os.listdir(tmp_path) if n.startswith(".finepurify-gguf-")]
+        assert not os.path.exists(out) and not [n for n in os.listdir(tmp_path) if n.startswith(".finepurify-inputs-")]
     # The output is checked before any conversion.
     assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean,
                      "--out", suspect]) == 2
@@ -206,7 +206,7 @@ def test_gguf_files_are_read_after_the_cheap_checks_and_named_in_errors(ggufs, t
         assert expected in err and "reading" not in err, err
     out = tmp_path / "not" / "made" / "yet" / "h.safetensors"
     assert cli.main(["hessian", "--model", suspect, "--clean-data", clean, "--out", str(out)]) == 0
-    assert out.is_file() and not [p for p, _, _ in os.walk(tmp_path) if ".finepurify-gguf-" in p]
+    assert out.is_file() and not [p for p, _, _ in os.walk(tmp_path) if ".finepurify-inputs-" in p]
     wider = tiny_llama(0)
     wider = LlamaForCausalLM(LlamaConfig(**{**wider.config.to_dict(), "hidden_size": 48, "intermediate_size": 96}))
     other = write_gguf(wider, tmp_path / "other.gguf")
@@ -214,7 +214,7 @@ def test_gguf_files_are_read_after_the_cheap_checks_and_named_in_errors(ggufs, t
                      "--out", str(tmp_path / "o")]) == 2
     message = capsys.readouterr().err.splitlines()[-1]
     assert message.startswith("finepurify purify: error: ") and other in message, message
-    assert ".finepurify-gguf-" not in message and not os.path.exists(tmp_path / "o")
+    assert ".finepurify-inputs-" not in message and not os.path.exists(tmp_path / "o")
 
 
 def test_a_gguf_file_is_read_alone_and_its_scratch_goes_on_sigterm(ggufs, tmp_path):
@@ -244,7 +244,7 @@ def test_a_gguf_file_is_read_alone_and_its_scratch_goes_on_sigterm(ggufs, tmp_pa
                               out=str(tmp_path / "h.safetensors"))
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(cli.Terminated):
-        with cli._sigterm_interrupts(), cli._gguf_inputs(args):
+        with cli._sigterm_interrupts(), cli._model_inputs(args):
             cli._read_models(args)
             assert os.path.isdir(args.scratch) and args.model.startswith(args.scratch)
             os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,292 @@
+"""LoRA adapters (PEFT's format) as suspect models.
+
+Many fine-tuned models are shared as a LoRA adapter: ``adapter_config.json`` and
+``adapter_model.safetensors`` holding, for each adapted weight ``W`` (a module of the pre-trained
+model), two low-rank factors with ``W_ft = W_pre + scaling * B @ A``, and whole copies of the few
+modules trained in full (``modules_to_save``: a head, a norm, resized embeddings). Fine-purifying
+needs the fine-tuned weights themselves, so the adapter is merged into the pre-trained checkpoint it
+was trained on, as PEFT's ``merge_and_unload`` would, into a model directory that every command
+then reads like any other. The merge streams the checkpoint tensor by tensor (peak memory: the
+adapter and one tensor), keeps the checkpoint's shards, dtypes and non-weight files, and takes the
+adapter's tokenizer where it ships one.
+
+The adapter is untrusted input: its config is JSON, its weights safetensors (a pickled
+``adapter_model.bin`` is refused); every tensor it names must be one of the checkpoint's, with the
+shape the merge needs. LoRA variants whose merge is not ``scaling * B @ A`` (DoRA, LoRA biases,
+trainable tokens, layer replication, ...) are refused, with PEFT's own merge as the way round.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import UserError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PEFT's saved names: the base model's module names under this prefix
+# Options whose merge is more than W + scaling * B @ A; any of them set refuses the adapter.
+UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "trainable_token_indices": "trainable tokens",
+               "layer_replication": "layer replication", "target_parameters": "adapted parameters (MoE experts)",
+               "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA", "alora_invocation_tokens": "aLoRA"}
+# Files of the fine-tuned model that an adapter may ship beside its weights (the tokenizer, its chat
+# template): they replace the pre-trained checkpoint's.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+# The pre-trained directory's files copied beside the merged weights (configs, tokenizer); never
+# weights, pickles or code.
+KEPT_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+MERGE_WAY = "merge it with PEFT (merge_and_unload, then save_pretrained) and give that directory"
+# A sequence classifier's last head layer, whose rows are its labels (BERT's, RoBERTa's, decoders').
+HEADS = ("classifier.out_proj.weight", "classifier.weight", "score.weight")
+
+
+class AdapterError(UserError):
+    """An adapter that cannot be merged here; the message names the file and the fix."""
+
+
+def is_adapter(path) -> bool:
+    """Whether a model option names a LoRA adapter's directory (PEFT's adapter_config.json)."""
+    return isinstance(path, str) and os.path.isfile(os.path.join(path, CONFIG))
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter read and checked: its scaling rule and its tensors by the base model's names."""
+
+    path: str
+    config: dict
+    factors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module: {"A", "B", "kind"}
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name: its fine-tuned value
+
+    def scaling(self, module: str, rank: int) -> float:
+        """PEFT's scaling of ``module``'s product: lora_alpha / r (or / sqrt(r), rsLoRA), with the
+        first key of rank_pattern and alpha_pattern that matches the module's name."""
+        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
+        return alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
+
+    def rank(self, module: str) -> int:
+        return int(_pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8)))
+
+    def delta(self, module: str) -> torch.Tensor:
+        """scaling * B @ A in float32, laid out as the module's weight."""
+        f = self.factors[module]
+        product = f["B"].float() @ f["A"].float()
+        if f["kind"] == "embedding" or self.config.get("fan_in_fan_out"):  # stored [in, out]: embeddings, Conv1D
+            product = product.T
+        return product * self.scaling(module, f["A"].shape[0])
+
+    @property
+    def num_labels(self) -> int:
+        """The labels of the classifier the adapter was trained for: the rows of the head it saved."""
+        for head in HEADS:
+            for name, tensor in self.replaced.items():
+                if (name == head or name.endswith("." + head)) and tensor.dim() == 2:
+                    return tensor.shape[0]
+        raise AdapterError(f"{self.path}: the adapter holds no classifier head ({' or '.join(HEADS)} in "
+                           "modules_to_save), which a classifier trained through LoRA saves; give the fine-tuned "
+                           "classifier's directory instead")
+
+    @property
+    def targets(self) -> list[str]:
+        """The checkpoint tensors the adapter changes."""
+        return sorted({m + ".weight" for m in self.factors} | set(self.replaced))
+
+    def merged(self, name: str, pretrained: torch.Tensor) -> torch.Tensor:
+        """Tensor ``name`` of the fine-tuned model, from the pre-trained one: the adapter's saved copy
+        where it has one (a module trained in full, resized embeddings), plus scaling * B @ A where
+        the module is adapted; in the pre-trained tensor's dtype."""
+        value = self.replaced.get(name, pretrained)
+        module = name.removesuffix(".weight")
+        if module in self.factors and name.endswith(".weight"):
+            value = value.float() + self.delta(module)
+        return value.to(pretrained.dtype)
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """PEFT's rule: the first pattern key that matches the end of the module's name at a dot."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter(path: str) -> Adapter:
+    """The adapter in directory ``path``, checked: LoRA, a merge this module does, safetensors
+    weights whose names and shapes are LoRA's. Raises AdapterError naming what is wrong."""
+    from safetensors import SafetensorError, safe_open
+
+    config_file = os.path.join(path, CONFIG)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AdapterError(f"{config_file}: not a readable JSON adapter config ({error}); restore it") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file}: not a JSON object; restore the adapter's config")
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise AdapterError(f"{config_file}: peft_type {kind!r}; only LoRA adapters are merged here: {MERGE_WAY}")
+    for option, what in UNSUPPORTED.items():
+        if config.get(option):
+            raise AdapterError(f"{config_file}: {option} is set ({what}), whose merge is not W + scaling * B @ A; "
+                               f"{MERGE_WAY}")
+    for option in ("lora_alpha", "r"):
+        value = config.get(option, 8)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise AdapterError(f"{config_file}: {option} is {value!r}; expected a positive number")
+    weights = os.path.join(path, WEIGHTS)
+    if not os.path.isfile(weights):
+        pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(path, f))]
+        raise AdapterError(f"{path}: no {WEIGHTS}" + (f" ({pickled[0]} is a pickle, which is never loaded: a "
+                           "pickle can run code; convert it yourself, from a source you trust)" if pickled else
+                           "; give the adapter's directory as PEFT saves it"))
+    adapter = Adapter(path, config)
+    try:
+        with safe_open(weights, framework="pt") as f:
+            names = list(f.keys())
+            tensors = {name: f.get_tensor(name) for name in names}
+    except (SafetensorError, OSError) as error:
+        raise AdapterError(f"{weights}: not a readable safetensors file ({error}); restore it") from None
+    for name, tensor in tensors.items():
+        if not name.startswith(PREFIX):
+            raise AdapterError(f"{weights}: tensor {name!r} is not under {PREFIX!r}, as PEFT names a LoRA "
+                               f"adapter's tensors; {MERGE_WAY}")
+        key = name[len(PREFIX):]
+        match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", key)
+        if match:
+            module, part = match.groups()
+            entry = adapter.factors.setdefault(module, {})
+            entry["A" if "_A" in part else "B"] = tensor
+            entry["kind"] = "embedding" if "embedding" in part else "linear"
+        elif "lora_" in key or "magnitude" in key:
+            raise AdapterError(f"{weights}: tensor {name!r} is not one of LoRA's factors; {MERGE_WAY}")
+        else:  # a module trained in full (modules_to_save), or an adapted module's own weights saved
+            adapter.replaced[key.replace(".base_layer.", ".")] = tensor
+    for module, f in adapter.factors.items():
+        if "A" not in f or "B" not in f:
+            has, lacks = ("A", "B") if "A" in f else ("B", "A")
+            raise AdapterError(f"{weights}: {module} has lora_{has} without lora_{lacks}; the file is damaged: "
+                               "restore it")
+        a, b = f["A"], f["B"]
+        if a.dim() != 2 or b.dim() != 2:
+            raise AdapterError(f"{weights}: {module}'s factors are {a.dim()}-D and {b.dim()}-D (a convolution's); "
+                               f"only linear and embedding layers are merged here: {MERGE_WAY}")
+        if a.shape[0] != b.shape[1] or a.shape[0] != adapter.rank(module):
+            raise AdapterError(f"{weights}: {module}'s factors {tuple(b.shape)} @ {tuple(a.shape)} do not have "
+                               f"the rank {adapter.rank(module)} its config gives; restore the adapter")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterError(f"{weights}: {module}'s factors are not floating point; restore the adapter")
+    if not adapter.factors and not adapter.replaced:
+        raise AdapterError(f"{weights}: holds no tensor; restore the adapter")
+    return adapter
+
+
+def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announce=None) -> dict:
+    """Writes into ``out_dir`` (new, or empty) the pre-trained checkpoint ``pretrained`` (a model
+    directory, or one safetensors file) with the adapter (``read_adapter``'s, or its directory)
+    merged: each adapted weight plus scaling * B @ A, each module the adapter trained in full
+    replaced, in the checkpoint's dtypes and shards; the directory's config and tokenizer files
+    beside, the adapter's tokenizer files over them. ``announce()`` is called once the adapter is
+    known to fit the checkpoint, before the writing. Returns a summary for the report."""
+    from .checkpoint import Checkpoint, CheckpointError
+    from .safetensors_io import ShardWriter
+
+    adapter = read_adapter(adapter) if isinstance(adapter, str) else adapter
+    adapter_dir = adapter.path
+    try:
+        base = Checkpoint(pretrained, role="--pretrained")
+    except CheckpointError as error:
+        raise AdapterError(f"{error} (the model the adapter {adapter_dir} was trained on)") from None
+    _check_fits(adapter, {name: e.shape for name, e in base.entries.items()}, f"--pretrained {pretrained}")
+    if announce is not None:
+        announce()
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.isdir(pretrained):
+        for entry in sorted(os.listdir(pretrained)):
+            source = os.path.join(pretrained, entry)
+            if entry.endswith(KEPT_SUFFIXES) and os.path.isfile(source):  # the index, configs, the tokenizer
+                shutil.copyfile(source, os.path.join(out_dir, entry))
+        _copy_tokenizer(adapter, out_dir)
+    changed = set(adapter.targets)
+    for file in base.files:
+        layout = [(n, base.entries[n].dtype, base.entries[n].shape) for n in base.file_order[file]]
+        name_out = os.path.basename(file) if os.path.isdir(pretrained) else "model.safetensors"
+        writer = ShardWriter(os.path.join(out_dir, name_out), layout, base.metadata[file])
+        try:
+            for name, _, _ in layout:
+                tensor = base.read(name)
+                writer.write(name, adapter.merged(name, tensor) if name in changed else tensor)
+        except BaseException:
+            writer.f.close()
+            raise
+        writer.close(sync=False)  # a scratch copy: the purified output is synced when written
+    return _summary(adapter)
+
+
+def _check_fits(adapter: Adapter, shapes: dict, where: str) -> None:
+    """Every tensor the adapter changes is one of ``shapes`` (by name), with the shape its saved copy
+    and its product have: an adapter of another model is refused before anything is written."""
+    missing = [name for name in adapter.targets if name not in shapes]
+    if missing:
+        tied = " (tied to the input embedding there: merge such an adapter with PEFT)" if any(
+            "lm_head" in n for n in missing) else ""
+        raise AdapterError(f"{adapter.path}: the adapter changes {missing[0]}, which {where} does not hold{tied}"
+                           + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
+                           + "; give the model the adapter was trained on")
+    for name in adapter.targets:
+        module = name.removesuffix(".weight")
+        given = ([tuple(adapter.replaced[name].shape)] if name in adapter.replaced else []) + (
+            [tuple(adapter.delta(module).shape)] if module in adapter.factors else [])
+        wrong = [shape for shape in given if shape != tuple(shapes[name])]
+        if wrong:
+            raise AdapterError(f"{adapter.path}: the adapter's {name} is {wrong[0]}, {where} holds "
+                               f"{tuple(shapes[name])}; give the model the adapter was trained on")
+
+
+def _copy_tokenizer(adapter: Adapter, out_dir: str) -> None:
+    """The tokenizer files the adapter ships (the fine-tuned model's), over the pre-trained model's."""
+    for entry in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(adapter.path, entry)):
+            shutil.copyfile(os.path.join(adapter.path, entry), os.path.join(out_dir, entry))
+
+
+def _summary(adapter: Adapter) -> dict:
+    """What a merge did, for the report."""
+    return {"adapter": os.path.abspath(adapter.path), "lora_modules": len(adapter.factors),
+            "replaced_tensors": sorted(adapter.replaced),
+            "ranks": sorted({f["A"].shape[0] for f in adapter.factors.values()}),
+            "base_model_name_or_path": adapter.config.get("base_model_name_or_path")}
+
+
+def merge_classifier_adapter(adapter: Adapter, pretrained: str, out_dir: str, announce=None) -> dict:
+    """``merge_adapter`` for a sequence classifier trained through LoRA (PEFT's SEQ_CLS): its names
+    are the classifier's and its head is new, so the merge is made on the classifier built from the
+    pre-trained model directory (``pipeline.load_classifier``, as stored) with the adapter's number
+    of labels, and saved as a classifier directory. In memory: classifiers are BERT-sized."""
+    from .pipeline import load_classifier
+
+    model, tokenizer, new = load_classifier(pretrained, num_labels=adapter.num_labels, dtype=None)
+    state = model.state_dict()
+    _check_fits(adapter, {name: tuple(t.shape) for name, t in state.items()},
+                f"the classifier built from --pretrained {pretrained}")
+    unset = sorted(n for n in new if n not in adapter.replaced)
+    if unset:
+        raise AdapterError(f"{adapter.path}: the adapter does not hold {unset[0]}, which --pretrained {pretrained} "
+                           "lacks too; give the fine-tuned classifier's directory instead")
+    if announce is not None:
+        announce()
+    with torch.no_grad():
+        for name in adapter.targets:
+            state[name].copy_(adapter.merged(name, state[name]))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _copy_tokenizer(adapter, out_dir)
+    return _summary(adapter)

@@ -1,0 +1,285 @@
+"""LoRA adapters (PEFT's format) as suspect models: merged into the pre-trained checkpoint exactly as
+PEFT's merge_and_unload merges them, then purified, scored and evaluated like any model directory."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from finepurify_ext import cli
+from finepurify_ext.adapters import merge_adapter
+
+from test_causal_lm import EXAMPLES, _digest
+from tiny_models import make_tokenizer
+
+peft = pytest.importorskip("peft", reason="peft (a test dependency: pip install -e .[test]) is the merge's oracle")
+
+
+def llama(tied=False, dtype=torch.float32):
+    config = LlamaConfig(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tied)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=24, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+# (base model, LoRA options): every rule of PEFT's merge that the merge here follows.
+CASES = {
+    "patterns": (llama, dict(target_modules=["q_proj", "v_proj", "gate_proj", "embed_tokens", "lm_head"],
+                             rank_pattern={"layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3},
+                             modules_to_save=["norm"])),  # and the embedding layers PEFT saves whole
+    "rslora": (llama, dict(target_modules=["q_proj", "down_proj"], use_rslora=True)),
+    "conv1d": (gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),  # GPT-2's [in, out] weights
+    "bfloat16": (lambda: llama(dtype=torch.bfloat16), dict(target_modules=["q_proj", "up_proj"])),
+}
+
+
+def lora_adapter(base, root, seed=0, **options):
+    """``base`` saved to root/pre (in two shards with an index), and a LoRA adapter trained on it
+    (every factor random: PEFT starts B, or an embedding's A, at zero) saved to root/adapter."""
+    torch.manual_seed(seed)
+    base.save_pretrained(root / "pre", safe_serialization=True, max_shard_size="20KB")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **options))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(root / "adapter")
+    return root / "pre", root / "adapter"
+
+
+def weights(directory):
+    """Every tensor of a checkpoint directory, whatever its shards."""
+    out = {}
+    for shard in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
+        out.update(load_file(os.path.join(directory, shard)))
+    return out
+
+
+def peft_merged(pre, adapter, cls, dtype):
+    base = cls.from_pretrained(pre, dtype=dtype)
+    return peft.PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_merge_is_peft_merge_and_unload_bit_for_bit(tmp_path, case):
+    make, options = CASES[case]
+    base = make()
+    cls, dtype = type(base), next(base.parameters()).dtype
+    pre, adapter = lora_adapter(base, tmp_path, **options)
+    before = _digest(pre), _digest(adapter)
+    summary = merge_adapter(str(adapter), str(pre), str(tmp_path / "merged"))
+    assert (_digest(pre), _digest(adapter)) == before
+    shards = sorted(f for f in os.listdir(pre) if f.endswith(".safetensors"))
+    assert len(shards) > 1 and sorted(f for f in os.listdir(tmp_path / "merged") if f.endswith(".safetensors")) == shards
+    for shard in shards:  # each tensor in the shard it was in, in its dtype
+        assert ({n: t.dtype for n, t in load_file(tmp_path / "merged" / shard).items()}
+                == {n: t.dtype for n, t in load_file(pre / shard).items()})
+    merged = weights(tmp_path / "merged")
+    expected = peft_merged(pre, adapter, cls, dtype)
+    stored = {n: t for n, t in expected.items() if n in merged}  # a tied lm_head is stored once
+    assert set(stored) == set(merged)
+    for name, tensor in stored.items():
+        assert torch.equal(merged[name], tensor), name
+    original = weights(pre)
+    changed = {n for n in merged if not torch.equal(merged[n], original[n])}
+    lora = {n for n in merged if any(n.endswith(f"{m}.weight") for m in options["target_modules"])}
+    assert lora <= changed and summary["lora_modules"] == len(lora) and summary["ranks"] in ([4], [2, 4])
+    assert set(summary["replaced_tensors"]) >= changed - lora  # what changed beyond the products was saved whole
+    for name in ("config.json", "model.safetensors.index.json"):
+        assert (tmp_path / "merged" / name).read_bytes() == (pre / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def lm_adapter(tmp_path_factory):
+    """A tiny Llama 'pre-trained' directory with its tokenizer, a LoRA adapter of it, the same adapter
+    merged by PEFT and saved as a model directory, and instruction data."""
+    root = tmp_path_factory.mktemp("lora")
+    tokenizer = make_tokenizer(root)
+    tokenizer.eos_token = "[SEP]"
+    pre, adapter = lora_adapter(llama(), root, target_modules=["q_proj", "v_proj", "down_proj"])
+    tokenizer.save_pretrained(pre)
+    tokenizer.save_pretrained(adapter)  # as PEFT users often ship it
+    merged = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(pre), adapter).merge_and_unload()
+    merged.save_pretrained(root / "merged", safe_serialization=True)
+    tokenizer.save_pretrained(root / "merged")
+    clean = root / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    return root
+
+
+def test_commands_take_an_adapter_as_the_model_peft_merges(lm_adapter, tmp_path, capsys):
+    """purify (in memory and out of core), hessian and evaluate given the adapter write and print what
+    they do given PEFT's merged model; the inputs stay as they were, no scratch copy is left, and the
+    report names the adapter."""
+    root = lm_adapter
+    before = _digest(root / "pre"), _digest(root / "adapter")
+    outputs = {}
+    for suspect in ("adapter", "merged"):
+        out = tmp_path / f"purified_{suspect}"
+        assert cli.main(["purify", "--pretrained", str(root / "pre"), "--suspect", str(root / suspect),
+                         "--clean-data", str(root / "clean.jsonl"), "--out", str(out), "--finetune-steps", "2",
+                         "--max-length", "32", "--device", "cpu"]) == 0
+        h = tmp_path / f"h_{suspect}.safetensors"
+        given = ["--pretrained", str(root / "pre")] if suspect == "adapter" else []
+        assert cli.main(["hessian", "--model", str(root / suspect), *given, "--clean-data", str(root / "clean.jsonl"),
+                         "--out", str(h), "--batch-size", "8", "--max-length", "32"]) == 0
+        ooc = tmp_path / f"ooc_{suspect}"
+        assert cli.main(["purify", "--pretrained", str(root / "pre"), "--suspect", str(root / suspect),
+                         "--hessian-file", str(h), "--out", str(ooc), "--reserve-ratio", "0.3"]) == 0
+        capsys.readouterr()
+        assert cli.main(["evaluate", "--model", str(root / suspect), *given, "--data", str(root / "clean.jsonl"),
+                         "--target-response", "bad day", "--max-length", "32"]) == 0
+        captured = capsys.readouterr()
+        outputs[suspect] = (weights(out), load_file(h), weights(ooc),
+                            captured.out, json.loads((out / "finepurify_report.json").read_text()))
+        if suspect == "adapter":
+            assert f"merging the LoRA adapter {root / 'adapter'} into {root / 'pre'}" in captured.err
+    for got, want in zip(outputs["adapter"][:3], outputs["merged"][:3]):
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+    assert outputs["adapter"][3] == outputs["merged"][3]  # perplexity and false-target rate
+    report = outputs["adapter"][4]
+    assert report["inputs"]["suspect"] == str(root / "adapter") and report["inputs"]["suspect_adapter"]["lora_modules"] == 6
+    assert report["purify"]["num_reset"] == outputs["merged"][4]["purify"]["num_reset"] > 0
+    assert (_digest(root / "pre"), _digest(root / "adapter")) == before
+    assert not [p for p, _, _ in os.walk(tmp_path) if ".finepurify-inputs-" in p]
+
+
+def write_adapter(root, config=None, tensors=None, bin_only=False):
+    """An adapter directory from a config's changes and tensors (by default a valid one of llama())."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    full = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "task_type": "CAUSAL_LM", **(config or {})}
+    (root / "adapter_config.json").write_text(json.dumps(full))
+    if tensors is None:
+        module = "base_model.model.model.layers.0.self_attn.q_proj"
+        tensors = {f"{module}.lora_A.weight": torch.randn(2, 32), f"{module}.lora_B.weight": torch.randn(32, 2)}
+    if bin_only:
+        (root / "adapter_model.bin").write_bytes(b"pickle")
+    else:
+        save_file(tensors, str(root / "adapter_model.safetensors"))
+    return str(root)
+
+
+def test_adapters_that_cannot_be_merged_here_are_refused_in_one_line(lm_adapter, tmp_path, capsys):
+    root = lm_adapter
+    pre, clean = str(root / "pre"), str(root / "clean.jsonl")
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    cases = [
+        (write_adapter(tmp_path / "dora", {"use_dora": True}), "use_dora is set (DoRA)"),
+        (write_adapter(tmp_path / "ia3", {"peft_type": "IA3"}), "peft_type 'IA3'; only LoRA adapters are merged"),
+        (write_adapter(tmp_path / "pickle", bin_only=True), "adapter_model.bin is a pickle, which is never loaded"),
+        (write_adapter(tmp_path / "wide", tensors={f"{q}.lora_A.weight": torch.randn(2, 48),
+                                                   f"{q}.lora_B.weight": torch.randn(32, 2)}),
+         "the adapter's model.layers.0.self_attn.q_proj.weight is (32, 48), --pretrained"),
+        (write_adapter(tmp_path / "elsewhere", tensors={"base_model.model.model.other.lora_A.weight": torch.randn(2, 4),
+                                                        "base_model.model.model.other.lora_B.weight": torch.randn(4, 2)}),
+         "the adapter changes model.other.weight, which --pretrained"),
+        (write_adapter(tmp_path / "half", tensors={f"{q}.lora_A.weight": torch.randn(2, 32)}),
+         "has lora_A without lora_B"),
+        (write_adapter(tmp_path / "rank", tensors={f"{q}.lora_A.weight": torch.randn(3, 32),
+                                                   f"{q}.lora_B.weight": torch.randn(32, 3)}),
+         "do not have the rank 2 its config gives"),
+    ]
+    for adapter, message in cases:
+        out = tmp_path / "out"
+        assert cli.main(["purify", "--pretrained", pre, "--suspect", adapter, "--clean-data", clean,
+                         "--out", str(out), "--max-length", "32"]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists() and not [p for p, _, _ in os.walk(tmp_path) if ".finepurify-inputs-" in p]
+    adapter = str(root / "adapter")
+    for argv, message in [
+        (["hessian", "--model", adapter, "--clean-data", clean, "--out", str(tmp_path / "h.safetensors")],
+         f"--model {adapter} is a LoRA adapter (adapter_config.json): give --pretrained"),
+        (["evaluate", "--model", str(root / "merged"), "--pretrained", pre, "--data", clean],
+         "--pretrained is read only where --model is a LoRA adapter"),
+        (["purify", "--pretrained", adapter, "--suspect", str(root / "merged"), "--clean-data", clean,
+          "--out", str(tmp_path / "o")], f"--pretrained {adapter} is a LoRA adapter"),
+    ]:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_a_classifiers_adapter_is_merged_onto_its_new_head_and_purified_as_peft_merges_it(tmp_path, capsys):
+    """A classifier trained through LoRA (PEFT's SEQ_CLS: the head saved whole, a base model without
+    one as --pretrained): the merge is PEFT's bit for bit, the labels are the head's, and purify,
+    hessian and evaluate given the adapter do what they do given PEFT's merged classifier."""
+    from transformers import BertForSequenceClassification
+
+    from finepurify_ext import data
+    from finepurify_ext.adapters import merge_classifier_adapter, read_adapter
+    from tiny_models import save_model, tiny_model, toy_examples
+
+    tokenizer = make_tokenizer(tmp_path)
+    pre = save_model(tiny_model(tokenizer).bert, tokenizer, tmp_path / "pre")  # no head
+    torch.manual_seed(1)
+    classifier = BertForSequenceClassification.from_pretrained(pre, num_labels=3)
+    model = peft.get_peft_model(classifier, peft.LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS",
+                                                             target_modules=["query", "value", "dense"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    reference = peft.PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(pre, num_labels=3),
+                                               tmp_path / "adapter").merge_and_unload()
+    save_model(reference, tokenizer, tmp_path / "merged")
+    adapter = read_adapter(str(tmp_path / "adapter"))
+    assert adapter.num_labels == 3
+    merge_classifier_adapter(adapter, pre, str(tmp_path / "ours"))
+    ours, expected = weights(tmp_path / "ours"), weights(tmp_path / "merged")
+    assert ours.keys() == expected.keys() and all(torch.equal(ours[n], expected[n]) for n in ours)
+
+    clean = tmp_path / "clean.jsonl"
+    data.save_examples(str(clean), toy_examples(32, 4))
+    results = {}
+    for suspect in ("adapter", "merged"):
+        given = ["--pretrained", pre] if suspect == "adapter" else []
+        out, h = tmp_path / f"purified_{suspect}", tmp_path / f"h_{suspect}.safetensors"
+        assert cli.main(["purify", "--pretrained", pre, "--suspect", str(tmp_path / suspect), "--clean-data",
+                         str(clean), "--out", str(out), "--finetune-steps", "2", "--device", "cpu"]) == 0
+        assert cli.main(["hessian", "--model", str(tmp_path / suspect), *given, "--clean-data", str(clean),
+                         "--out", str(h), "--batch-size", "8"]) == 0
+        capsys.readouterr()
+        assert cli.main(["evaluate", "--model", str(tmp_path / suspect), *given, "--data", str(clean),
+                         "--trigger", "cf", "--target-label", "2"]) == 0
+        results[suspect] = weights(out), load_file(h), capsys.readouterr().out
+    for got, want in zip(results["adapter"][:2], results["merged"][:2]):
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+    assert results["adapter"][2] == results["merged"][2] and "CACC" in results["adapter"][2]
+    bad = tmp_path / "labels.jsonl"
+    data.save_examples(str(bad), [data.Example("good movie", 3)])
+    assert cli.main(["hessian", "--model", str(tmp_path / "adapter"), "--pretrained", pre, "--clean-data", str(bad),
+                     "--out", str(tmp_path / "h.safetensors")]) == 2
+    assert "label 3, out of range for a model with 3 labels" in capsys.readouterr().err  # the head's, not the base's 2
+
+
+def test_out_of_core_merges_an_adapter_into_a_single_checkpoint_file(lm_adapter, tmp_path):
+    """--hessian-file with --pretrained a single safetensors file: the adapter is merged into a copy
+    of that file, and the output is what PEFT's merged checkpoint gives."""
+    import shutil
+
+    root = lm_adapter
+    single = tmp_path / "pre.safetensors"
+    from safetensors.torch import save_file
+    save_file(weights(root / "pre"), str(single))
+    h = tmp_path / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(root / "merged"), "--clean-data", str(root / "clean.jsonl"),
+                     "--out", str(h), "--batch-size", "8", "--max-length", "32"]) == 0
+    merged_file = tmp_path / "merged_only"
+    merged_file.mkdir()
+    shutil.copyfile(root / "merged" / "model.safetensors", merged_file / "model.safetensors")
+    for suspect, out in ((root / "adapter", tmp_path / "a"), (merged_file, tmp_path / "m")):
+        assert cli.main(["purify", "--pretrained", str(single), "--suspect", str(suspect), "--hessian-file", str(h),
+                         "--out", str(out), "--reserve-ratio", "0.3"]) == 0
+    got, want = weights(tmp_path / "a"), weights(tmp_path / "m")
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
