@@ -65,6 +65,9 @@ class Adapter:
     config: dict
     factors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module: {"A", "B", "kind"}
     replaced: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor name: its fine-tuned value
+    # module: whether its weight is stored [in, out] (transformers' Conv1D, as GPT-2's), by its type
+    # where the model is known (PEFT decides by type, whatever the config's fan_in_fan_out says)
+    transposed: dict[str, bool] = field(default_factory=dict)
 
     def scaling(self, module: str, rank: int) -> float:
         """PEFT's scaling of ``module``'s product: lora_alpha / r (or / sqrt(r), rsLoRA), with the
@@ -79,7 +82,7 @@ class Adapter:
         """scaling * B @ A in float32, laid out as the module's weight."""
         f = self.factors[module]
         product = f["B"].float() @ f["A"].float()
-        if f["kind"] == "embedding" or self.config.get("fan_in_fan_out"):  # stored [in, out]: embeddings, Conv1D
+        if f["kind"] == "embedding" or self.transposed.get(module, bool(self.config.get("fan_in_fan_out"))):
             product = product.T
         return product * self.scaling(module, f["A"].shape[0])
 
@@ -205,7 +208,9 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
         base = Checkpoint(pretrained, role="--pretrained")
     except CheckpointError as error:
         raise AdapterError(f"{error} (the model the adapter {adapter_dir} was trained on)") from None
-    _check_fits(adapter, {name: e.shape for name, e in base.entries.items()}, f"--pretrained {pretrained}")
+    shapes = {name: e.shape for name, e in base.entries.items()}
+    _choose_layouts(adapter, shapes, _conv1d_modules(pretrained) if os.path.isdir(pretrained) else None)
+    _check_fits(adapter, shapes, f"--pretrained {pretrained}")
     if announce is not None:
         announce()
     os.makedirs(out_dir, exist_ok=True)
@@ -229,6 +234,43 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
             raise
         writer.close(sync=False)  # a scratch copy: the purified output is synced when written
     return _summary(adapter)
+
+
+def _conv1d_modules(pretrained: str) -> set[str] | None:
+    """The modules of the causal LM in directory ``pretrained`` that are transformers' Conv1D (weights
+    stored [in, out]), from the model built on the meta device from its config (no weights read);
+    None where there is no config to build it from."""
+    if not os.path.isfile(os.path.join(pretrained, "config.json")):
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from .pipeline import _read_config, _transformers_quiet
+
+    try:
+        _read_config(pretrained)  # refused before transformers reads it where it names code to run
+        with _transformers_quiet(), torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained, trust_remote_code=False),
+                                                     trust_remote_code=False)
+    except Exception:  # noqa: BLE001  (not a causal LM transformers builds: the layouts come from the shapes)
+        return None
+    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
+def _choose_layouts(adapter: Adapter, shapes: dict, conv1d: set[str] | None) -> None:
+    """Sets ``adapter.transposed`` for each linear module: Conv1D or not where the model's module
+    types are known; else the orientation of the product that fits the weight's shape, and the
+    config's fan_in_fan_out for a square weight."""
+    for module, f in adapter.factors.items():
+        if f["kind"] != "linear":
+            continue
+        if conv1d is not None:
+            adapter.transposed[module] = module in conv1d
+            continue
+        product = (f["B"].shape[0], f["A"].shape[1])
+        shape = tuple(shapes.get(module + ".weight", ()))
+        if product != product[::-1] and shape in (product, product[::-1]):
+            adapter.transposed[module] = shape != product
 
 
 def _check_fits(adapter: Adapter, shapes: dict, where: str) -> None:
@@ -274,9 +316,12 @@ def merge_classifier_adapter(adapter: Adapter, pretrained: str, out_dir: str, an
     from .pipeline import load_classifier
 
     model, tokenizer, new = load_classifier(pretrained, num_labels=adapter.num_labels, dtype=None)
+    from transformers.pytorch_utils import Conv1D
+
     state = model.state_dict()
-    _check_fits(adapter, {name: tuple(t.shape) for name, t in state.items()},
-                f"the classifier built from --pretrained {pretrained}")
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    _choose_layouts(adapter, shapes, {name for name, m in model.named_modules() if isinstance(m, Conv1D)})
+    _check_fits(adapter, shapes, f"the classifier built from --pretrained {pretrained}")
     unset = sorted(n for n in new if n not in adapter.replaced)
     if unset:
         raise AdapterError(f"{adapter.path}: the adapter does not hold {unset[0]}, which --pretrained {pretrained} "

@@ -100,13 +100,18 @@ class LLMDefenceCell:
     ``defend`` runs one defence on a copy of the backdoored model. The demo and the LLM defence
     table (bench/llm_defence_table.py) both run their defences through it."""
 
-    def __init__(self, setting: LLMDemoSetting, seed: int, device: torch.device | str = "cpu"):
+    def __init__(self, setting: LLMDemoSetting, seed: int, device: torch.device | str = "cpu", suspect=None):
+        """``suspect``: (model, tokenizer) backdoored some other way (bench/lora_backdoor.py's LoRA
+        adapter, merged) instead of the cached full fine-tune."""
         from .attacks import ATTACKS
         from .pipeline import FinetuneConfig, split_validation
 
         self.setting, self.seed, self.device, self.attack = setting, seed, device, ATTACKS[setting.attack]
         attacker, defender, self.test = _splits(setting, seed)
-        self.suspect, self.tokenizer = _model(setting, seed, "backdoored", attacker, device)
+        if suspect is not None:
+            self.suspect, self.tokenizer = suspect[0].to(device), suspect[1]
+        else:
+            self.suspect, self.tokenizer = _model(setting, seed, "backdoored", attacker, device)
         self.reference, _ = _model(setting, seed, "clean-trained", attacker, device)
         self.train, self.validation = split_validation(defender, FinetuneConfig().validation_fraction, seed)
         self._pretrained_state = self._hessians = None

@@ -36,10 +36,13 @@ CASES = {
     "rslora": (llama, dict(target_modules=["q_proj", "down_proj"], use_rslora=True)),
     "conv1d": (gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),  # GPT-2's [in, out] weights
     "bfloat16": (lambda: llama(dtype=torch.bfloat16), dict(target_modules=["q_proj", "up_proj"])),
+    # A config whose fan_in_fan_out is wrong for the square attn.c_proj (as one adapting Conv1D and
+    # Linear layers has for some of them): PEFT goes by each layer's type, and so does the merge here.
+    "conv1d-flag": (gpt2, dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True), {"fan_in_fan_out": False}),
 }
 
 
-def lora_adapter(base, root, seed=0, **options):
+def lora_adapter(base, root, seed=0, edit=None, **options):
     """``base`` saved to root/pre (in two shards with an index), and a LoRA adapter trained on it
     (every factor random: PEFT starts B, or an embedding's A, at zero) saved to root/adapter."""
     torch.manual_seed(seed)
@@ -50,6 +53,9 @@ def lora_adapter(base, root, seed=0, **options):
             if "lora_" in name or "modules_to_save" in name:
                 p.normal_(0, 0.5)
     model.save_pretrained(root / "adapter")
+    if edit:
+        config = json.loads((root / "adapter" / "adapter_config.json").read_text())
+        (root / "adapter" / "adapter_config.json").write_text(json.dumps({**config, **edit}))
     return root / "pre", root / "adapter"
 
 
@@ -68,10 +74,10 @@ def peft_merged(pre, adapter, cls, dtype):
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_merge_is_peft_merge_and_unload_bit_for_bit(tmp_path, case):
-    make, options = CASES[case]
+    make, options, *edit = CASES[case]
     base = make()
     cls, dtype = type(base), next(base.parameters()).dtype
-    pre, adapter = lora_adapter(base, tmp_path, **options)
+    pre, adapter = lora_adapter(base, tmp_path, edit=edit[0] if edit else None, **options)
     before = _digest(pre), _digest(adapter)
     summary = merge_adapter(str(adapter), str(pre), str(tmp_path / "merged"))
     assert (_digest(pre), _digest(adapter)) == before
