@@ -376,13 +376,15 @@ def _candidate_ranges(ft, pre, h, ranking):
             yield k, key_of(scores[max(0, k - 1 - width)].item()), key_of(scores[min(n - 1, k - 1 + width)].item())
 
 
+@pytest.mark.parametrize("offset", [0, 3])  # the 16-byte vector path, and the scalar path
 @pytest.mark.parametrize("ranking_name", list(RANKINGS))
-def test_score_candidates_match_cpu(dtype, ranking_name):
+def test_score_candidates_match_cpu(dtype, ranking_name, offset):
     """Odd and chunk-straddling sizes, an empty tensor, per-tensor hessians, a third unmoved: the
     counts and the sorted keys equal the CPU's, with room for all keys, for one too few and for
-    none (the keys the warps appended past the capacity are dropped)."""
+    none (the keys the warps appended past the capacity are dropped; the warps count the rest)."""
     ranking = RANKINGS[ranking_name]
-    ft, pre, h = ranked_weights(dtype, seed=57)
+    view = lambda ts: [t.flatten()[offset:] if t.numel() > 1 else t for t in ts]  # noqa: E731
+    ft, pre, h = (view(ts) for ts in ranked_weights(dtype, seed=57))
     ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
     for _, high, low in _candidate_ranges(ft, pre, h, ranking):
         expected = ops.score_candidates(ft, pre, h, EPS, low, high, 8192, ranking=ranking)
@@ -423,8 +425,27 @@ def test_score_sample_matches_cpu(dtype, ranking_name):
         assert torch.equal(keys.cpu(), cpu_keys) and torch.equal(counts.cpu(), cpu_counts), stride
 
 
+def test_score_sample_and_candidates_over_many_tensors():
+    """More tensors than one launch table holds (64): the sample's per-tensor output offsets and the
+    candidates' counts and slots carry across tables."""
+    from finepurify_ext.threshold import key_of
+
+    ft, pre, h = make_weights(64, many_shapes(9, 150), torch.bfloat16)
+    ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
+    for stride in (16, 17):
+        keys, counts = ops.score_sample(ft_g, pre_g, h_g, EPS, stride)
+        cpu_keys, cpu_counts = ops.score_sample(ft, pre, h, EPS, stride)
+        assert torch.equal(keys.cpu(), cpu_keys) and torch.equal(counts.cpu(), cpu_counts), stride
+    scores = sorted_scores_desc(ft, pre, h)
+    n = scores.numel()
+    low, high = key_of(scores[(3 * n) // 4].item()), key_of(scores[n // 4].item())
+    got = ops.score_candidates(ft_g, pre_g, h_g, EPS, low, high, n)
+    expected = ops.score_candidates(ft, pre, h, EPS, low, high, n)
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
+
+
 def test_sample_and_candidates_count_unrankable_inputs_as_the_cpu(dtype):
-    """A NaN weight (one in a run that crosses a chunk's end), an Inf pre-trained value and a
+    """A NaN weight (at stride 17, one in a run that crosses a chunk's end), an Inf pre-trained value and a
     negative Hessian beside rankable ones: the sample's keys and counts, and the candidates' counts
     and keys over the whole range, on the GPU are the CPU's; the four are counted unrankable."""
     from finepurify_ext.threshold import INF_KEY
@@ -435,7 +456,7 @@ def test_sample_and_candidates_count_unrankable_inputs_as_the_cpu(dtype):
     h[1][5] = -1.0
     ft[2][65_540] = float("nan")
     ft_g, pre_g, h_g = to_cuda(ft), to_cuda(pre), to_cuda(h)
-    for stride in (16, 1000):
+    for stride in (16, 17, 1000):  # 17: the run from 65_535 crosses the chunk's end at 65_536
         keys, counts = ops.score_sample(ft_g, pre_g, h_g, EPS, stride)
         cpu_keys, cpu_counts = ops.score_sample(ft, pre, h, EPS, stride)
         assert torch.equal(keys.cpu(), cpu_keys) and torch.equal(counts.cpu(), cpu_counts), stride
@@ -851,7 +872,7 @@ def test_a_causal_lm_loss_at_the_response_positions_and_in_micro_batches_on_the_
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finepurify_ext.causal_lm import IGNORE, lm_loss, response_tokens
-    from finepurify_ext.devices import compute_precision
+    from finepurify_ext.devices import OUT_OF_MEMORY, compute_precision
     from finepurify_ext.hessian import estimate_hessian
 
     torch.manual_seed(0)
@@ -870,9 +891,12 @@ def test_a_causal_lm_loss_at_the_response_positions_and_in_micro_batches_on_the_
     spy.remove()
     assert seen[0] == (1, response_tokens(batches[0])) and seen[1] == (4, 21)
 
+    rows_run = []
+
     def oom_above_two(m, batch):
+        rows_run.append(len(batch["labels"]))
         if len(batch["labels"]) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise OUT_OF_MEMORY("CUDA out of memory (simulated)")
         return lm_loss(m, batch)
 
     for dtype in ("float32", "bfloat16"):
@@ -882,6 +906,8 @@ def test_a_causal_lm_loss_at_the_response_positions_and_in_micro_batches_on_the_
                                          micro_batch_size=2, progress=False)
             halved, _ = estimate_hessian(model, batches, loss_fn=oom_above_two, loss_terms=response_tokens,
                                          progress=False)
+        assert rows_run[0] == 4 and set(rows_run[1:]) == {2}  # halved once, then kept
+        rows_run.clear()
         tolerance = 1e-4 if dtype == "float32" else 2e-2
         for got in (sliced, halved):
             for n in whole:

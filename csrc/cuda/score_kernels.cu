@@ -222,7 +222,9 @@ __global__ void __launch_bounds__(kThreads, kHistogramBlocksPerSM)
 // high_key]; those between are counted in a block-private histogram (BetweenBins, in shared
 // memory) and appended to `keys` (at most `capacity`) at slots taken from counts[2], one atomic
 // per warp and element position that holds any (a warp-aggregated append: few keys fall
-// between). The other counts live in registers until the block ends.
+// between). Once a lane's warp has seen the slots run out (or with no room at all, a first pass
+// over a bracket too wide to keep: millions of keys, one same-address atomic each step), its
+// between keys are counted in a register instead, like the other counts until the block ends.
 template <typename T, bool Random>
 __global__ void __launch_bounds__(kThreads)
     score_candidates_kernel(LaunchTable<3> table, ScoreSpec spec, uint32_t low_key, uint32_t high_key,
@@ -232,6 +234,8 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const BetweenBins between_bins(low_key, high_key);
   unsigned int above = 0, at_high = 0, at_low = 0, unrankable = 0, unmoved = 0;  // a block counts < 2^32
+  unsigned int between_unkept = 0;  // counted here once no slot is left
+  bool slots_left = capacity > 0;
   const unsigned lane = threadIdx.x % 32;
   for_each_key<T, Random>(table, spec, unmoved, [&](uint32_t key) {
     const bool rankable = key != kUnrankableKey;  // above every rankable key: never between
@@ -240,7 +244,13 @@ __global__ void __launch_bounds__(kThreads)
     at_high += key == high_key;
     at_low += key == low_key && key != high_key;
     const bool between = key > low_key && key < high_key;
-    // The lanes here now (all of them but in a tensor's last step) append together.
+    if (between) atomicAdd(&bins[between_bins.bin(key)], 1u);
+    if (!slots_left) {
+      between_unkept += between;
+      return;
+    }
+    // The lanes here now (all of them but in a tensor's last step, or once some saw the slots run
+    // out) append together; all of them see the same base, so slots_left stays the same across them.
     const unsigned active = __activemask();
     const unsigned found = __ballot_sync(active, between);
     if (found != 0) {
@@ -249,18 +259,18 @@ __global__ void __launch_bounds__(kThreads)
       if (lane == static_cast<unsigned>(leader)) base = atomicAdd(counts + 2, static_cast<unsigned long long>(__popc(found)));
       base = __shfl_sync(active, base, leader);
       if (between) {
-        atomicAdd(&bins[between_bins.bin(key)], 1u);
         const unsigned long long slot = base + __popc(found & ((1u << lane) - 1u));
         if (slot < static_cast<unsigned long long>(capacity)) keys[slot] = static_cast<int32_t>(key);
       }
+      slots_left = base + __popc(found) < static_cast<unsigned long long>(capacity);
     }
   });
-  const unsigned long long sums[5] = {warp_sum(above), warp_sum(at_high), warp_sum(at_low),
-                                      warp_sum(unrankable), warp_sum(unmoved)};
-  constexpr int kSlot[5] = {0, 1, 3, 4, 5};
+  const unsigned long long sums[6] = {warp_sum(above), warp_sum(at_high), warp_sum(at_low),
+                                      warp_sum(unrankable), warp_sum(unmoved), warp_sum(between_unkept)};
+  constexpr int kSlot[6] = {0, 1, 3, 4, 5, 2};
   if (lane == 0) {
 #pragma unroll
-    for (int c = 0; c < 5; ++c) {
+    for (int c = 0; c < 6; ++c) {
       if (sums[c] != 0) atomicAdd(counts + kSlot[c], sums[c]);
     }
   }
