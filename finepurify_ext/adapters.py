@@ -34,7 +34,11 @@ PREFIX = "base_model.model."  # PEFT's saved names: the base model's module name
 # Options whose merge is more than W + scaling * B @ A; any of them set refuses the adapter.
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "trainable_token_indices": "trainable tokens",
                "layer_replication": "layer replication", "target_parameters": "adapted parameters (MoE experts)",
-               "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA", "alora_invocation_tokens": "aLoRA"}
+               "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA", "alora_invocation_tokens": "aLoRA",
+               "arrow_config": "Arrow routing"}
+# Initialisations after which the base weights are not the pre-trained ones (PEFT rewrites them as
+# W - scaling * B0 @ A0 when it loads the adapter): saved unconverted, the adapter is not W + its product.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # Files of the fine-tuned model that an adapter may ship beside its weights (the tokenizer, its chat
 # template): they replace the pre-trained checkpoint's.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -86,6 +90,13 @@ class Adapter:
             product = product.T
         return product * self.scaling(module, f["A"].shape[0])
 
+    def delta_shape(self, module: str) -> tuple[int, int]:
+        """The shape of ``delta(module)``, without computing it."""
+        f = self.factors[module]
+        out, into = f["B"].shape[0], f["A"].shape[1]
+        transposed = f["kind"] == "embedding" or self.transposed.get(module, bool(self.config.get("fan_in_fan_out")))
+        return (into, out) if transposed else (out, into)
+
     @property
     def num_labels(self) -> int:
         """The labels of the classifier the adapter was trained for: the rows of the head it saved."""
@@ -109,8 +120,15 @@ class Adapter:
         value = self.replaced.get(name, pretrained)
         module = name.removesuffix(".weight")
         if module in self.factors and name.endswith(".weight"):
-            value = value.float() + self.delta(module)
+            if self.factors[module]["kind"] == "embedding":  # PEFT rounds an embedding's product to its dtype first
+                value = value.to(pretrained.dtype) + self.delta(module).to(pretrained.dtype)
+            else:
+                value = value.float() + self.delta(module)
         return value.to(pretrained.dtype)
+
+
+def _positive(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
 
 
 def _pattern_value(pattern: dict, module: str, default):
@@ -141,10 +159,19 @@ def read_adapter(path: str) -> Adapter:
         if config.get(option):
             raise AdapterError(f"{config_file}: {option} is set ({what}), whose merge is not W + scaling * B @ A; "
                                f"{MERGE_WAY}")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterError(f"{config_file}: init_lora_weights is {init!r}, which changes the base weights as well; "
+                           "convert the adapter with PEFT (save_pretrained(..., path_initial_model_for_weight_"
+                           "conversion=...)) and give the converted one")
     for option in ("lora_alpha", "r"):
-        value = config.get(option, 8)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise AdapterError(f"{config_file}: {option} is {value!r}; expected a positive number")
+        if not _positive(config.get(option, 8)):
+            raise AdapterError(f"{config_file}: {option} is {config.get(option)!r}; expected a positive number")
+    for option in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(option) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and _positive(v) for k, v in pattern.items()):
+            raise AdapterError(f"{config_file}: {option} is {pattern!r}; expected module names mapped to positive "
+                               "numbers")
     weights = os.path.join(path, WEIGHTS)
     if not os.path.isfile(weights):
         pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(path, f))]
@@ -254,7 +281,10 @@ def _conv1d_modules(pretrained: str) -> set[str] | None:
                                                      trust_remote_code=False)
     except Exception:  # noqa: BLE001  (not a causal LM transformers builds: the layouts come from the shapes)
         return None
-    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    # Names with and without the LM's prefix (a checkpoint saved from the bare model has none).
+    prefix = model.base_model_prefix + "."
+    names = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    return names | {name.removeprefix(prefix) for name in names}
 
 
 def _choose_layouts(adapter: Adapter, shapes: dict, conv1d: set[str] | None) -> None:
@@ -286,7 +316,7 @@ def _check_fits(adapter: Adapter, shapes: dict, where: str) -> None:
     for name in adapter.targets:
         module = name.removesuffix(".weight")
         given = ([tuple(adapter.replaced[name].shape)] if name in adapter.replaced else []) + (
-            [tuple(adapter.delta(module).shape)] if module in adapter.factors else [])
+            [adapter.delta_shape(module)] if module in adapter.factors else [])
         wrong = [shape for shape in given if shape != tuple(shapes[name])]
         if wrong:
             raise AdapterError(f"{adapter.path}: the adapter's {name} is {wrong[0]}, {where} holds "

@@ -113,8 +113,11 @@ def _reset_summary(reset_per_tensor: dict, embedding, ranked: int, moved: int, t
 
 def _model_kind(args, option: str) -> str:
     """``classifier`` or ``causal-lm``: ``--model-kind``, or read from the config of the model that
-    ``option`` names (for a LoRA adapter, of --pretrained's)."""
+    ``option`` names (for a LoRA adapter, its task type, else --pretrained's config)."""
     path = _described_by(args, option)
+    task = _adapter(args, option).config.get("task_type") if option in args.adapters else None
+    if args.model_kind == "auto" and task in ("SEQ_CLS", "CAUSAL_LM"):  # a classifier head on an LLM, say
+        return "classifier" if task == "SEQ_CLS" else "causal-lm"
     if is_gguf(path):  # transformers reads causal LMs from GGUF (pipeline.gguf_to_directory)
         if args.model_kind == "classifier":
             raise UserError(f"--model-kind classifier: {path} is a GGUF file, which holds a causal LM; give the "
@@ -238,7 +241,7 @@ def cmd_hessian(args) -> int:
     from .hessian import save_hessian
     from .pipeline import HessianConfig, clean_hessian, load_classifier
 
-    check_output_file(args.out, args.overwrite, inputs=(args.model, args.clean_data))
+    check_output_file(args.out, args.overwrite, inputs=(args.model, args.pretrained, args.clean_data))
     resume = args.out + ".accumulator.safetensors"
     device = resolve_device(args.device)
     if _model_kind(args, "model") == "causal-lm":

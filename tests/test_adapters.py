@@ -35,10 +35,13 @@ CASES = {
                              modules_to_save=["norm"])),  # and the embedding layers PEFT saves whole
     "rslora": (llama, dict(target_modules=["q_proj", "down_proj"], use_rslora=True)),
     "conv1d": (gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),  # GPT-2's [in, out] weights
-    "bfloat16": (lambda: llama(dtype=torch.bfloat16), dict(target_modules=["q_proj", "up_proj"])),
+    # PEFT rounds an embedding's product to bfloat16 before adding it, a linear layer's after
+    "bfloat16": (lambda: llama(dtype=torch.bfloat16), dict(target_modules=["q_proj", "up_proj", "embed_tokens"])),
     # A config whose fan_in_fan_out is wrong for the square attn.c_proj (as one adapting Conv1D and
     # Linear layers has for some of them): PEFT goes by each layer's type, and so does the merge here.
     "conv1d-flag": (gpt2, dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True), {"fan_in_fan_out": False}),
+    # A checkpoint of the bare model (no "transformer." prefix): its square attn.c_proj is still a Conv1D.
+    "bare-gpt2": (lambda: gpt2().transformer, dict(target_modules=["attn.c_proj"], task_type=None)),
 }
 
 
@@ -47,7 +50,7 @@ def lora_adapter(base, root, seed=0, edit=None, **options):
     (every factor random: PEFT starts B, or an embedding's A, at zero) saved to root/adapter."""
     torch.manual_seed(seed)
     base.save_pretrained(root / "pre", safe_serialization=True, max_shard_size="20KB")
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **options))
+    model = peft.get_peft_model(base, peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "task_type": "CAUSAL_LM", **options}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name or "modules_to_save" in name:
@@ -95,7 +98,7 @@ def test_the_merge_is_peft_merge_and_unload_bit_for_bit(tmp_path, case):
     original = weights(pre)
     changed = {n for n in merged if not torch.equal(merged[n], original[n])}
     lora = {n for n in merged if any(n.endswith(f"{m}.weight") for m in options["target_modules"])}
-    assert lora <= changed and summary["lora_modules"] == len(lora) and summary["ranks"] in ([4], [2, 4])
+    assert lora and lora <= changed and summary["lora_modules"] == len(lora) and summary["ranks"] in ([4], [2, 4])
     assert set(summary["replaced_tensors"]) >= changed - lora  # what changed beyond the products was saved whole
     for name in ("config.json", "model.safetensors.index.json"):
         assert (tmp_path / "merged" / name).read_bytes() == (pre / name).read_bytes()
@@ -177,8 +180,16 @@ def test_adapters_that_cannot_be_merged_here_are_refused_in_one_line(lm_adapter,
     root = lm_adapter
     pre, clean = str(root / "pre"), str(root / "clean.jsonl")
     q = "base_model.model.model.layers.0.self_attn.q_proj"
-    cases = [
-        (write_adapter(tmp_path / "dora", {"use_dora": True}), "use_dora is set (DoRA)"),
+    from finepurify_ext.adapters import UNSUPPORTED
+
+    cases = [(write_adapter(tmp_path / option, {option: {"x": 1} if option.endswith("config") else True}),
+              f"{option} is set ({what})") for option, what in UNSUPPORTED.items()]
+    cases += [
+        (write_adapter(tmp_path / "pissa", {"init_lora_weights": "pissa_niter_4"}),
+         "init_lora_weights is 'pissa_niter_4', which changes the base weights as well"),
+        (write_adapter(tmp_path / "ranks", {"rank_pattern": ["q_proj"]}),
+         "rank_pattern is ['q_proj']; expected module names mapped to positive numbers"),
+        (write_adapter(tmp_path / "alphas", {"alpha_pattern": {"q_proj": "8"}}), "alpha_pattern is {'q_proj': '8'}"),
         (write_adapter(tmp_path / "ia3", {"peft_type": "IA3"}), "peft_type 'IA3'; only LoRA adapters are merged"),
         (write_adapter(tmp_path / "pickle", bin_only=True), "adapter_model.bin is a pickle, which is never loaded"),
         (write_adapter(tmp_path / "wide", tensors={f"{q}.lora_A.weight": torch.randn(2, 48),
@@ -289,3 +300,49 @@ def test_out_of_core_merges_an_adapter_into_a_single_checkpoint_file(lm_adapter,
                          "--out", str(out), "--reserve-ratio", "0.3"]) == 0
     got, want = weights(tmp_path / "a"), weights(tmp_path / "m")
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+
+
+def test_a_classifier_adapter_on_an_llm_is_a_classifier_and_no_input_is_overwritten(lm_adapter, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A LoRA classifier on a causal LM (PEFT's SEQ_CLS on Llama: its score head saved whole) is read
+    as a classifier by its task type, where --pretrained's config says causal LM; evaluate gives what
+    it gives on PEFT's merged classifier, and its scratch copy (in the temporary directory) goes. An
+    --out naming --pretrained is refused even with --overwrite."""
+    from transformers import LlamaForSequenceClassification
+
+    from finepurify_ext import data
+    from tiny_models import save_model, toy_examples
+
+    root = lm_adapter
+    tokenizer = make_tokenizer(tmp_path)
+    torch.manual_seed(2)
+    classifier = LlamaForSequenceClassification.from_pretrained(root / "pre", num_labels=2, pad_token_id=0)
+    model = peft.get_peft_model(classifier, peft.LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS",
+                                                             target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    pre = tmp_path / "pre"  # the Llama with a padding token, as a classifier batch needs
+    base = LlamaForCausalLM.from_pretrained(root / "pre")
+    base.config.pad_token_id = 0
+    save_model(base, tokenizer, pre)
+    reference = peft.PeftModel.from_pretrained(LlamaForSequenceClassification.from_pretrained(pre, num_labels=2),
+                                               tmp_path / "adapter").merge_and_unload()
+    save_model(reference, tokenizer, tmp_path / "merged")
+    labelled = tmp_path / "labelled.jsonl"
+    data.save_examples(str(labelled), toy_examples(24, 5))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    printed = []
+    for model_dir, given in ((tmp_path / "adapter", ["--pretrained", str(pre)]), (tmp_path / "merged", [])):
+        assert cli.main(["evaluate", "--model", str(model_dir), *given, "--data", str(labelled)]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and printed[0].startswith("CACC") and os.listdir(scratch) == []
+    before = _digest(pre)
+    assert cli.main(["hessian", "--model", str(tmp_path / "adapter"), "--pretrained", str(pre), "--clean-data",
+                     str(labelled), "--out", str(pre), "--overwrite"]) == 2
+    assert f"--out {pre} is or holds the input {pre}" in capsys.readouterr().err and _digest(pre) == before
