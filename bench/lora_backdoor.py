@@ -15,6 +15,7 @@ rate at most 2 %. Resumable: each finished run is saved at once, and a rerun ski
 
     python bench/lora_backdoor.py                          # word trigger, seed 0 (about 15 min on 2 cores)
     python bench/lora_backdoor.py --attacks word sentence --seeds 0 1 2
+    python bench/lora_backdoor.py --attacks word sentence --seeds 0 1 2 --summary-only
 
 Needs peft (a test dependency) and the LLM demo's packages (make demo-llm installs them). Writes
 bench/results/lora_backdoor_llm.json.
@@ -34,7 +35,7 @@ from dataclasses import asdict, replace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import HERE, git_commit, write_json_atomically  # noqa: E402
+from bench.common import HERE, git_commit, run_cells  # noqa: E402
 from finepurify_ext.adapters import merge_adapter  # noqa: E402
 from finepurify_ext.demo_llm import DEFENCES, LLMDemoSetting, LLMDefenceCell  # noqa: E402
 
@@ -152,24 +153,23 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--lr", type=float, default=1e-3, help="the attacker's LoRA learning rate")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "lora_backdoor_llm.json"))
+    parser.add_argument("--summary-only", action="store_true", help="the summary from the runs saved, no new run")
     args = parser.parse_args()
     os.environ.setdefault("FINEPURIFY_CACHE", os.path.join(os.path.dirname(HERE), ".cache", "finepurify"))
+    config = {"setting": asdict(LLMDemoSetting()), "lora": LORA, "attacker_lr": args.lr}
     results = {"runs": {}, "models": {}}
     if os.path.isfile(args.out):
         with open(args.out) as f:
-            results.update({k: v for k, v in json.load(f).items() if k in ("runs", "models")})
-
-    def save():
-        write_json_atomically(args.out, {
-            "command": "python bench/lora_backdoor.py " + " ".join(sys.argv[1:]), "commit": git_commit(),
-            "torch": torch.__version__, "device": "cpu",
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}",
-            "setting": asdict(LLMDemoSetting()), "lora": LORA, "attacker_lr": args.lr, "target": TARGET,
-            "summary": summarise(results, args), **results})
-
-    for attack in args.attacks:
-        for seed in args.seeds:
-            measure_cell(attack, seed, args, results, save)
+            previous = json.load(f)
+        if any(previous.get(k) != v for k, v in config.items()):
+            raise SystemExit(f"{args.out} was made with another setting, LoRA or --lr; give another --out")
+        results.update({k: previous[k] for k in ("runs", "models", "note") if k in previous})
+    results.update({"command": "python bench/lora_backdoor.py " + " ".join(sys.argv[1:]), "commit": git_commit(),
+                    "torch": torch.__version__, "device": "cpu",
+                    "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}",
+                    **config, "target": TARGET})
+    save = run_cells(args, results, measure_cell)
+    results["summary"] = summarise(results, args)
     save()
     for attack, entry in summarise(results, args).items():
         print(f"\n{attack} trigger, seeds {entry['seeds']}: LoRA-backdoored ASR {100 * entry['models']['lora_backdoored']['asr']:.1f} "

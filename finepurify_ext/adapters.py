@@ -7,7 +7,7 @@ modules trained in full (``modules_to_save``: a head, a norm, resized embeddings
 needs the fine-tuned weights themselves, so the adapter is merged into the pre-trained checkpoint it
 was trained on, as PEFT's ``merge_and_unload`` would, into a model directory that every command
 then reads like any other. The merge streams the checkpoint tensor by tensor (peak memory: the
-adapter and one tensor), keeps the checkpoint's shards, dtypes and non-weight files, and takes the
+adapter and a few float32 copies of one tensor), keeps the checkpoint's shards, dtypes and non-weight files, and takes the
 adapter's tokenizer where it ships one.
 
 The adapter is untrusted input: its config is JSON, its weights safetensors (a pickled
@@ -82,11 +82,16 @@ class Adapter:
     def rank(self, module: str) -> int:
         return int(_pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8)))
 
+    def _stored_transposed(self, module: str) -> bool:
+        """Whether the module's weight is B @ A's transpose: an embedding's, or a Conv1D's."""
+        f = self.factors[module]
+        return f["kind"] == "embedding" or self.transposed.get(module, bool(self.config.get("fan_in_fan_out")))
+
     def delta(self, module: str) -> torch.Tensor:
         """scaling * B @ A in float32, laid out as the module's weight."""
         f = self.factors[module]
         product = f["B"].float() @ f["A"].float()
-        if f["kind"] == "embedding" or self.transposed.get(module, bool(self.config.get("fan_in_fan_out"))):
+        if self._stored_transposed(module):
             product = product.T
         return product * self.scaling(module, f["A"].shape[0])
 
@@ -94,8 +99,7 @@ class Adapter:
         """The shape of ``delta(module)``, without computing it."""
         f = self.factors[module]
         out, into = f["B"].shape[0], f["A"].shape[1]
-        transposed = f["kind"] == "embedding" or self.transposed.get(module, bool(self.config.get("fan_in_fan_out")))
-        return (into, out) if transposed else (out, into)
+        return (into, out) if self._stored_transposed(module) else (out, into)
 
     @property
     def num_labels(self) -> int:
@@ -343,11 +347,11 @@ def merge_classifier_adapter(adapter: Adapter, pretrained: str, out_dir: str, an
     are the classifier's and its head is new, so the merge is made on the classifier built from the
     pre-trained model directory (``pipeline.load_classifier``, as stored) with the adapter's number
     of labels, and saved as a classifier directory. In memory: classifiers are BERT-sized."""
+    from transformers.pytorch_utils import Conv1D
+
     from .pipeline import load_classifier
 
     model, tokenizer, new = load_classifier(pretrained, num_labels=adapter.num_labels, dtype=None)
-    from transformers.pytorch_utils import Conv1D
-
     state = model.state_dict()
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     _choose_layouts(adapter, shapes, {name for name, m in model.named_modules() if isinstance(m, Conv1D)})

@@ -45,16 +45,22 @@ CASES = {
 }
 
 
+def randomise_training(model):
+    """Every LoRA factor and fully trained copy of a PEFT model drawn at random, as if trained (PEFT
+    starts B, or an embedding's A, at zero: a product of zero would hide a wrong merge)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.normal_(0, 0.5)
+
+
 def lora_adapter(base, root, seed=0, edit=None, **options):
     """``base`` saved to root/pre (in two shards with an index), and a LoRA adapter trained on it
     (every factor random: PEFT starts B, or an embedding's A, at zero) saved to root/adapter."""
     torch.manual_seed(seed)
     base.save_pretrained(root / "pre", safe_serialization=True, max_shard_size="20KB")
     model = peft.get_peft_model(base, peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "task_type": "CAUSAL_LM", **options}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.normal_(0, 0.5)
+    randomise_training(model)
     model.save_pretrained(root / "adapter")
     if edit:
         config = json.loads((root / "adapter" / "adapter_config.json").read_text())
@@ -241,10 +247,7 @@ def test_a_classifiers_adapter_is_merged_onto_its_new_head_and_purified_as_peft_
     classifier = BertForSequenceClassification.from_pretrained(pre, num_labels=3)
     model = peft.get_peft_model(classifier, peft.LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS",
                                                              target_modules=["query", "value", "dense"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.normal_(0, 0.5)
+    randomise_training(model)
     model.save_pretrained(tmp_path / "adapter")
     tokenizer.save_pretrained(tmp_path / "adapter")
     reference = peft.PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(pre, num_labels=3),
@@ -319,10 +322,7 @@ def test_a_classifier_adapter_on_an_llm_is_a_classifier_and_no_input_is_overwrit
     classifier = LlamaForSequenceClassification.from_pretrained(root / "pre", num_labels=2, pad_token_id=0)
     model = peft.get_peft_model(classifier, peft.LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS",
                                                              target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.normal_(0, 0.5)
+    randomise_training(model)
     model.save_pretrained(tmp_path / "adapter")
     tokenizer.save_pretrained(tmp_path / "adapter")
     pre = tmp_path / "pre"  # the Llama with a padding token, as a classifier batch needs
