@@ -194,12 +194,17 @@ def read_adapter(path: str) -> Adapter:
             raise AdapterError(f"{weights}: tensor {name!r} is not under {PREFIX!r}, as PEFT names a LoRA "
                                f"adapter's tensors; {MERGE_WAY}")
         key = name[len(PREFIX):]
-        match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", key)
+        # Older savers kept the adapter's name, "default", in the factors' names; PEFT loads those as well.
+        match = re.fullmatch(r"(.+)\.(?:lora_(A|B)(?:\.default)?\.weight|lora_embedding_(A|B)(?:\.default)?)", key)
         if match:
-            module, part = match.groups()
+            module, linear_part, embedding_part = match.groups()
             entry = adapter.factors.setdefault(module, {})
-            entry["A" if "_A" in part else "B"] = tensor
-            entry["kind"] = "embedding" if "embedding" in part else "linear"
+            part = linear_part or embedding_part
+            if part in entry:
+                raise AdapterError(f"{weights}: {module}'s lora_{part} is saved twice (with and without the "
+                                   "adapter's name); the file is damaged: restore it")
+            entry[part] = tensor
+            entry["kind"] = "embedding" if embedding_part else "linear"
         elif "lora_" in key or "magnitude" in key:
             raise AdapterError(f"{weights}: tensor {name!r} is not one of LoRA's factors; {MERGE_WAY}")
         else:  # a module trained in full (modules_to_save), or an adapted module's own weights saved
@@ -218,6 +223,10 @@ def read_adapter(path: str) -> Adapter:
                                f"the rank {adapter.rank(module)} its config gives; restore the adapter")
         if not (a.is_floating_point() and b.is_floating_point()):
             raise AdapterError(f"{weights}: {module}'s factors are not floating point; restore the adapter")
+    for name, tensor in tensors.items():  # a NaN would spread through the merged model (read once, small)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{weights}: tensor {name!r} holds NaN or Inf values; the adapter is damaged: "
+                               "restore it")
     if not adapter.factors and not adapter.replaced:
         raise AdapterError(f"{weights}: holds no tensor; restore the adapter")
     return adapter

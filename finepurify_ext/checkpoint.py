@@ -233,6 +233,7 @@ class CheckpointReport:
     bytes_written: int = 0
     threshold_passes: int = 0  # the reads of every ranked weight the threshold search took (not the pre-pass)
     timings_s: dict[str, float] = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)  # the paths read (as the caller names them) and what was merged
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -274,6 +275,7 @@ def purify_checkpoint(
     progress: bool = True,
     chunk_bytes: int = 32 << 20,
     device: torch.device | str = "cpu",
+    inputs: dict | None = None,
 ) -> CheckpointReport:
     """Purifies the suspect checkpoint against the pre-trained one with the Hessian, tensor by tensor,
     and writes the result (same shards and index as the suspect, plus a report) to ``out_dir``.
@@ -288,7 +290,8 @@ def purify_checkpoint(
     ``chunk_bytes`` (float32): peak memory is about nine pieces (two sets of three read-ahead
     buffers, and three for the tensors copied as they are), whatever the largest tensor. On a CUDA
     ``device`` the pieces are reset there (the files are still read and written by the CPU), and
-    scored there for the threshold where ``search_device`` says so, else on the CPU."""
+    scored there for the threshold where ``search_device`` says so, else on the CPU. The report
+    records ``inputs`` (by default the three paths read)."""
     times = {}
     start_all = time.perf_counter()
     pin = torch.device(device).type == "cuda"
@@ -554,7 +557,10 @@ def purify_checkpoint(
                               ranked_elements, moved, copied_unscored=unscored, hessian_floor=floor,
                               embedding_tensor=embedding, threshold_passes=threshold_passes,
                               embedding_rule=None if embedding is None else
-                              "hessian" if seen_tokens is None else "seen_tokens")
+                              "hessian" if seen_tokens is None else "seen_tokens",
+                              inputs=inputs or {"pretrained": os.path.abspath(pretrained),
+                                                "suspect": os.path.abspath(suspect),
+                                                "hessian": os.path.abspath(hessian)})
     ranked_set = set(ranked)
 
     def reset_embedding_rows(name, writer):

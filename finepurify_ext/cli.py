@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -20,7 +21,8 @@ from .adapters import is_adapter, merge_adapter, merge_classifier_adapter, read_
 from .pipeline import CollapseGuard, is_gguf  # noqa: E402
 from .purify import PurifyConfig  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
-from .outputs import check_output_dir, check_output_file, held_temporary_dir, release  # noqa: E402
+from .outputs import (check_output_dir, check_output_file, held_temporary_dir, release,  # noqa: E402
+                      remove_leftovers)
 
 
 def _purify_config(args):
@@ -87,8 +89,11 @@ def cmd_purify_checkpoint(args) -> int:
     check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.hessian_file))
     config = _purify_config(args)
     _read_models(args)
+    inputs = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
+              "hessian": os.path.abspath(args.hessian_file), "suspect_adapter": args.merged.get("suspect")}
     report = purify_checkpoint(args.pretrained, args.suspect, args.hessian_file, args.out, config,
-                               num_reset=args.num_reset, overwrite=args.overwrite, device=resolve_device(args.device))
+                               num_reset=args.num_reset, overwrite=args.overwrite, device=resolve_device(args.device),
+                               inputs=inputs)
     rows = (f" and {report.embedding_rows_reset} rows of {report.embedding_tensor} (tokens the clean data never "
             "reaches)" if report.embedding_tensor else "")
     summary = _reset_summary(report.reset_per_tensor, report.embedding_tensor, report.ranked_elements,
@@ -462,7 +467,7 @@ def _model_inputs(args):
     next command that converts or merges in the same folder)."""
     args.given = {o: getattr(args, o) for o in MODEL_OPTIONS if is_gguf(getattr(args, o, None))}
     args.adapters = {o: getattr(args, o) for o in ADAPTER_OPTIONS if is_adapter(getattr(args, o, None))}
-    args.converted = {}  # converted or merged directory: the GGUF file or the adapter given
+    args.converted = {}  # converted or merged directory: how messages name it (the GGUF file, the adapter given)
     args.merged = {}  # option: what the merge of its adapter did (for the report)
     args.read_adapters = {}  # option: its adapter, read (_adapter)
     if is_adapter(getattr(args, "pretrained", None)):
@@ -521,6 +526,7 @@ def _read_models(args) -> None:
     near = os.path.dirname(os.path.abspath(out)) if out else None
     while near and not os.path.isdir(near):  # --out's parents are made only when the output is written
         near = os.path.dirname(near)
+    remove_leftovers(near or tempfile.gettempdir(), ".finepurify-gguf-")  # killed runs' scratch, named so before
     args.scratch, args.scratch_lock = held_temporary_dir(near or tempfile.gettempdir(), ".finepurify-inputs-")
     done = {}
     for option, path in args.given.items():
@@ -538,15 +544,16 @@ def _read_models(args) -> None:
         args.merged[option] = merge(adapter, args.pretrained, merged, announce=lambda: print(
             f"merging the LoRA adapter {adapter.path} into {_given(args, 'pretrained')} in {args.scratch}",
             file=sys.stderr))
-        args.converted[merged] = adapter.path
+        args.converted[merged] = f"{adapter.path} (merged into {_given(args, 'pretrained')})"
         setattr(args, option, merged)
 
 
 def _named_as_given(args, text: str) -> str:
-    """A message about a converted model directory names the GGUF file given instead (the scratch
-    directory is gone when the user reads it)."""
+    """A message about a converted or merged model directory, or a file in it, names the GGUF file or
+    the adapter and the model it was merged into instead (the scratch directory is gone when the user
+    reads it, and a merged checkpoint's shards are --pretrained's with the adapter added)."""
     for directory, path in getattr(args, "converted", {}).items():
-        text = text.replace(os.path.join(directory, "model.safetensors"), path).replace(directory, path)
+        text = re.sub(re.escape(directory) + r"(?:/[^\s'\"/:,;()]+)?", lambda _: path, text)
     return text
 
 

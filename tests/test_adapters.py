@@ -2,6 +2,7 @@
 PEFT's merge_and_unload merges them, then purified, scored and evaluated like any model directory."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -160,9 +161,88 @@ def test_commands_take_an_adapter_as_the_model_peft_merges(lm_adapter, tmp_path,
     assert outputs["adapter"][3] == outputs["merged"][3]  # perplexity and false-target rate
     report = outputs["adapter"][4]
     assert report["inputs"]["suspect"] == str(root / "adapter") and report["inputs"]["suspect_adapter"]["lora_modules"] == 6
+    ooc_report = json.loads((tmp_path / "ooc_adapter" / "finepurify_report.json").read_text())["inputs"]
+    assert ooc_report == {"pretrained": str(root / "pre"), "suspect": str(root / "adapter"),
+                          "hessian": str(tmp_path / "h_adapter.safetensors"),
+                          "suspect_adapter": report["inputs"]["suspect_adapter"]}
+    assert json.loads((tmp_path / "ooc_merged" / "finepurify_report.json").read_text())["inputs"]["suspect_adapter"] is None
     assert report["purify"]["num_reset"] == outputs["merged"][4]["purify"]["num_reset"] > 0
     assert (_digest(root / "pre"), _digest(root / "adapter")) == before
     assert not [p for p, _, _ in os.walk(tmp_path) if ".finepurify-inputs-" in p]
+
+
+def test_factors_saved_with_the_adapters_name_merge_as_peft_loads_them(lm_adapter, tmp_path):
+    """Older savers kept the adapter's name in the factors' names (lora_A.default.weight,
+    lora_embedding_A.default); PEFT loads those, and the merge here gives the same weights. Another
+    adapter's name, which PEFT skips with a warning (merging nothing), is refused, as is a factor
+    saved under both names."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from finepurify_ext.adapters import AdapterError, read_adapter
+
+    root = lm_adapter
+    pre, adapter = lora_adapter(llama(), tmp_path / "embedding", target_modules=["q_proj", "embed_tokens"])
+    for source in (root / "adapter", adapter):
+        saved = load_file(source / "adapter_model.safetensors")
+        named = {}
+        for name, tensor in saved.items():
+            name = re.sub(r"\.lora_([AB])\.weight$", r".lora_\1.default.weight", name)
+            named[re.sub(r"(lora_embedding_[AB])$", r"\1.default", name)] = tensor
+        assert named.keys() != saved.keys()
+        renamed = tmp_path / f"{source.parent.name}_named"
+        shutil.copytree(source, renamed)
+        save_file(named, str(renamed / "adapter_model.safetensors"))
+        base = source.parent / "pre"
+        merge_adapter(str(renamed), str(base), str(tmp_path / f"{source.parent.name}_ours"))
+        ours = weights(tmp_path / f"{source.parent.name}_ours")
+        expected = peft_merged(base, renamed, LlamaForCausalLM, torch.float32)
+        assert expected.keys() >= ours.keys() and all(torch.equal(ours[n], expected[n]) for n in ours)
+        assert any(not torch.equal(ours[n], t) for n, t in weights(base).items())
+        both = {**named, **{n: t.clone() for n, t in saved.items()}}
+        save_file(both, str(renamed / "adapter_model.safetensors"))
+        with pytest.raises(AdapterError, match="saved twice .with and without the adapter's name.; the file is "
+                                               "damaged"):
+            read_adapter(str(renamed))
+    other = {n.replace(".lora_A.weight", ".lora_A.other.weight"): t
+             for n, t in load_file(root / "adapter" / "adapter_model.safetensors").items()}
+    shutil.copytree(root / "adapter", tmp_path / "other")
+    save_file(other, str(tmp_path / "other" / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="lora_A.other.weight' is not one of LoRA's factors"):
+        read_adapter(str(tmp_path / "other"))
+
+
+def test_late_errors_name_the_adapter_and_killed_runs_scratch_goes(lm_adapter, tmp_path, capsys):
+    """An error found in the merged model (here a NaN in --pretrained) names the adapter and the model
+    it was merged into, not the scratch copy's shard files, gone when the message is read. The
+    scratch a killed run left (under today's prefix or the one GGUF inputs had before) is removed by
+    the next command that merges or converts there."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from test_outputs import backdate, killed_run
+
+    root = lm_adapter
+    pre = tmp_path / "pre"
+    shutil.copytree(root / "pre", pre)
+    shard = sorted(pre.glob("*.safetensors"))[-1]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    killed = [killed_run(tmp_path, prefix) for prefix in (".finepurify-inputs-", ".finepurify-gguf-")]
+    backdate(*killed)
+    adapter = root / "adapter"
+    assert cli.main(["purify", "--pretrained", str(pre), "--suspect", str(adapter), "--clean-data",
+                     str(root / "clean.jsonl"), "--out", str(tmp_path / "out"), "--max-length", "32"]) == 2
+    err = capsys.readouterr().err
+    message = err.splitlines()[-1]
+    assert message.startswith(f"finepurify purify: error: {adapter} (merged into {pre}): parameter "), message
+    assert "holds 1 NaN or Inf value" in message and ".finepurify-inputs-" not in message and "model-0" not in message
+    assert all(f"removed {path}" in err for path in killed) and not any(os.path.exists(p) for p in killed)
+    assert sorted(os.listdir(tmp_path)) == ["pre"]
 
 
 def write_adapter(root, config=None, tensors=None, bin_only=False):
@@ -209,6 +289,9 @@ def test_adapters_that_cannot_be_merged_here_are_refused_in_one_line(lm_adapter,
         (write_adapter(tmp_path / "rank", tensors={f"{q}.lora_A.weight": torch.randn(3, 32),
                                                    f"{q}.lora_B.weight": torch.randn(32, 3)}),
          "do not have the rank 2 its config gives"),
+        (write_adapter(tmp_path / "nan", tensors={f"{q}.lora_A.weight": torch.randn(2, 32),
+                                                  f"{q}.lora_B.weight": torch.full((32, 2), float("inf"))}),
+         f"tensor '{q}.lora_B.weight' holds NaN or Inf values; the adapter is damaged"),
     ]
     for adapter, message in cases:
         out = tmp_path / "out"
