@@ -57,6 +57,37 @@ INDEX = "model.safetensors.index.json"
 SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEADER = 100 << 20
 
+# What only a quantized checkpoint holds: tensors in 8-, 6- or 4-bit float formats, and the packed
+# integers, scales and states of GPTQ/AWQ, bitsandbytes, FP8 and compressed-tensors checkpoints.
+# Such a checkpoint would be copied through with its quantized layers unscored: refused instead.
+QUANTIZED_CODES = ("F8_", "F6_", "F4", "E8M0")
+QUANTIZATION_TENSORS = (".qweight", ".qzeros", ".g_idx", ".weight_packed", ".weight_scale", ".weight_scale_inv",
+                        ".absmax", ".quant_map", ".SCB", ".weight_format")
+DEQUANTIZE = ("Fine-purifying compares float weights with their pre-trained values: give the model from before "
+              "quantization, or dequantize this one and save it")
+
+
+def check_not_quantized(config: dict, file: str) -> None:
+    """Refuses a model whose config (``file``, parsed) says it is quantized."""
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown method") if isinstance(quantization, dict) else "?"
+        raise CheckpointError(f"{file}: the model is quantized ({method}); {DEQUANTIZE}")
+
+
+def _check_config_not_quantized(path: str) -> None:
+    """A checkpoint directory's config.json, where it has one, does not describe a quantized model."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        return
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # not the weights: the loaders that read it say what is wrong with it
+    if isinstance(config, dict):
+        check_not_quantized(config, file)
+
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read; the message names the file and the fix."""
@@ -96,6 +127,10 @@ def _read_header(path: str) -> tuple[dict, int, dict]:
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
+            code = info.get("dtype") if isinstance(info, dict) else None
+            if isinstance(code, str) and code.startswith(QUANTIZED_CODES):
+                raise CheckpointError(f"{path}: tensor {name!r} is stored as {code}, a quantized format; "
+                                      f"{DEQUANTIZE}") from None
             raise CheckpointError(f"{path}: tensor {name!r} has an unreadable header entry {info!r}") from None
         nbytes = _numel(shape) * dtype.itemsize
         if end - begin != nbytes or begin < 0 or start + end > size:
@@ -175,6 +210,10 @@ class Checkpoint:
             self.entries.update(entries)
             self.file_order[file] = sorted(entries, key=lambda n: entries[n].begin)
             self.metadata[file] = meta
+        quantized = next((n for n in self.entries if n.endswith(QUANTIZATION_TENSORS) or ".quant_state." in n), None)
+        if quantized is not None:
+            raise CheckpointError(f"{self.entries[quantized].file}: tensor {quantized!r} belongs to a quantized "
+                                  f"checkpoint; {DEQUANTIZE}")
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -295,6 +334,9 @@ def purify_checkpoint(
     times = {}
     start_all = time.perf_counter()
     pin = torch.device(device).type == "cuda"
+    for path in (pretrained, suspect):
+        if os.path.isdir(path):
+            _check_config_not_quantized(path)
     pre_ckpt, sus_ckpt, h_ckpt = (Checkpoint(path, role, pin_scratch=pin) for path, role in (
         (pretrained, "pre-trained checkpoint"), (suspect, "suspect checkpoint"), (hessian, "hessian")))
     formats = {meta.get("format") for meta in h_ckpt.metadata.values()} - {None}

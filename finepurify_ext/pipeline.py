@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import INDEX, Checkpoint
+from .checkpoint import INDEX, Checkpoint, check_not_quantized
 from .data import Example, batches
 from .errors import UserError, first_line
 from .hessian import estimate_hessian
@@ -451,6 +451,7 @@ def _read_config(path: str) -> dict:
                              "finepurify never runs a model's own code: use an architecture transformers implements")
         raise ModelError(f"{file}: model_type {model_type!r} is not an architecture this transformers implements; "
                          "check the file, or upgrade transformers if the architecture is new")
+    check_not_quantized(config, file)  # before transformers asks for the quantizer's package
     return config
 
 

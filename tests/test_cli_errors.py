@@ -651,6 +651,34 @@ def test_out_of_core_never_writes_non_finite_weights(models, tmp_path, capsys, e
           path, f"tensor '{tensor}'", "NaN or Inf", inputs=[suspect])
 
 
+@pytest.mark.parametrize("name", MODEL_COMMANDS)
+def test_quantized_models_are_refused_not_copied_through(models, tmp_path, capsys, name):
+    """A quantized checkpoint (its config says so; or, without one, a tensor only quantized
+    checkpoints hold, or a float8 one) is refused before anything is read: out of core its packed
+    layers were copied through unscored, in memory transformers asked for the quantizer's package."""
+    config_flagged = copy_model(models, tmp_path, "gptq")
+    config = json.loads((config_flagged / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (config_flagged / "config.json").write_text(json.dumps(config))
+    packed, float8 = copy_model(models, tmp_path, "packed"), copy_model(models, tmp_path, "float8")
+    state = load_file(packed / "model.safetensors")
+    state[SCORED.replace(".weight", ".qweight")] = torch.randint(0, 1 << 30, (4, 32), dtype=torch.int32)
+    del state[SCORED]
+    save_file(state, packed / "model.safetensors", metadata={"format": "pt"})
+    state = load_file(float8 / "model.safetensors")
+    state[SCORED] = state[SCORED].to(torch.float8_e4m3fn)
+    save_file(state, float8 / "model.safetensors", metadata={"format": "pt"})
+    cases = [(config_flagged, f"{config_flagged / 'config.json'}: the model is quantized (gptq)"),
+             (packed, f"tensor '{SCORED.replace('.weight', '.qweight')}' belongs to a quantized checkpoint"),
+             (float8, f"tensor '{SCORED}' is stored as F8_E4M3, a quantized format")]
+    for suspect, fragment in cases:
+        fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys, fragment,
+              "give the model from before quantization", inputs=[suspect])
+        if name.startswith("purify"):  # a quantized pre-trained model is no reference either
+            fails(command(name, models, str(tmp_path / "out"), pretrained=str(suspect)), capsys, fragment,
+                  inputs=[suspect])
+
+
 def test_data_extensions_any_case_and_long_texts(models, tmp_path):
     upper = tmp_path / "clean.JSONL"
     shutil.copy(models.clean, upper)
