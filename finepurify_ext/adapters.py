@@ -239,7 +239,7 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
     replaced, in the checkpoint's dtypes and shards; the directory's config and tokenizer files
     beside, the adapter's tokenizer files over them. ``announce()`` is called once the adapter is
     known to fit the checkpoint, before the writing. Returns a summary for the report."""
-    from .checkpoint import Checkpoint, CheckpointError
+    from .checkpoint import INDEX, Checkpoint, CheckpointError
     from .safetensors_io import ShardWriter
 
     adapter = read_adapter(adapter) if isinstance(adapter, str) else adapter
@@ -257,6 +257,8 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
     if os.path.isdir(pretrained):
         for entry in sorted(os.listdir(pretrained)):
             source = os.path.join(pretrained, entry)
+            if entry == INDEX and base.index is None:  # beside a model.safetensors, which is what was read
+                continue
             if entry.endswith(KEPT_SUFFIXES) and os.path.isfile(source):  # the index, configs, the tokenizer
                 shutil.copyfile(source, os.path.join(out_dir, entry))
         _copy_tokenizer(adapter, out_dir)
@@ -285,14 +287,16 @@ def _conv1d_modules(pretrained: str) -> set[str] | None:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from .pipeline import _read_config, _transformers_quiet
+    from .pipeline import _read_config, _transformers_quiet, model_skeleton
 
     try:
         _read_config(pretrained)  # refused before transformers reads it where it names code to run
-        with _transformers_quiet(), torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrained, trust_remote_code=False),
-                                                     trust_remote_code=False)
+        with _transformers_quiet():
+            config = AutoConfig.from_pretrained(pretrained, trust_remote_code=False)
     except Exception:  # noqa: BLE001  (not a causal LM transformers builds: the layouts come from the shapes)
+        return None
+    model = model_skeleton(config, AutoModelForCausalLM)
+    if model is None:
         return None
     # Names with and without the LM's prefix (a checkpoint saved from the bare model has none).
     prefix = model.base_model_prefix + "."

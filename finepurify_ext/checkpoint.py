@@ -54,6 +54,7 @@ OUT_OF_CORE_SAMPLES = 8 << 20
 OUT_OF_CORE_SAMPLE_EVERY = 256
 
 INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 SCORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEADER = 100 << 20
 
@@ -113,12 +114,17 @@ def _read_header(path: str) -> tuple[dict, int, dict]:
             (n,) = struct.unpack("<Q", raw)
             if n > min(MAX_HEADER, size - 8):
                 raise CheckpointError(f"{path}: not a safetensors file (header length {n} is impossible)")
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path}: cannot read the safetensors header ({error})") from None
+    except _DuplicateKey as key:  # the last would win here, and another reader may take the first
+        raise CheckpointError(f"{path}: the safetensors header names {key} twice; the file is damaged") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointError(f"{path}: the safetensors header's __metadata__ is not a map of strings; the file "
+                              "is damaged")
     start = 8 + n
     entries = {}
     for name, info in header.items():
@@ -137,7 +143,23 @@ def _read_header(path: str) -> tuple[dict, int, dict]:
             raise CheckpointError(f"{path}: tensor {name!r} lies outside the file or has the wrong size; "
                                   "the file is truncated or corrupt")
         entries[name] = TensorEntry(path, dtype, shape, start + begin, nbytes)
+    end = start
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].nbytes)):
+        if e.begin < end:  # two tensors on the same bytes: writing one would change the other's input
+            raise CheckpointError(f"{path}: tensor {name!r} overlaps another in the file; the file is damaged")
+        end = e.begin + e.nbytes
     return entries, start, meta
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(repr(next(k for k in keys if keys.count(k) > 1)))
+    return dict(pairs)
 
 
 def _value_range(t: torch.Tensor) -> tuple[float, float]:
@@ -170,11 +192,15 @@ class Checkpoint:
 
     def __init__(self, path: str, role: str = "checkpoint", pin_scratch: bool = False):
         self.path = path
+        self.index = None  # the index the files were found by
         if os.path.isfile(path):
             files = [path]
         elif os.path.isdir(path):
             index = os.path.join(path, INDEX)
-            if os.path.isfile(index):
+            if os.path.isfile(os.path.join(path, SINGLE)):  # what transformers reads where both are there
+                files = [os.path.join(path, SINGLE)]
+            elif os.path.isfile(index):
+                self.index = index
                 try:
                     with open(index, encoding="utf-8") as f:
                         weight_map = json.load(f)["weight_map"]
@@ -202,8 +228,12 @@ class Checkpoint:
         self.entries: dict[str, TensorEntry] = {}
         self.file_order: dict[str, list[str]] = {}
         self.metadata: dict[str, dict] = {}
-        for file in files:
-            entries, _, meta = _read_header(file)
+        headers = {file: _read_header(file) for file in files}
+        hessians = [file for file, (_, _, meta) in headers.items() if meta.get("format") == HESSIAN_FORMAT]
+        if hessians and len(hessians) < len(files):  # a Hessian saved into a directory of shards
+            raise CheckpointError(f"{hessians[0]}: a Hessian (finepurify hessian's output) among the {role}'s "
+                                  "files, which would be read as its weights; move it out of the model's directory")
+        for file, (entries, _, meta) in headers.items():
             for name in entries:
                 if name in self.entries:
                     raise CheckpointError(f"tensor {name!r} is in both {self.entries[name].file} and {file}")
@@ -264,6 +294,7 @@ class CheckpointReport:
     moved_elements: int
     reset_per_tensor: dict[str, int] = field(default_factory=dict)
     copied_unscored: list[str] = field(default_factory=list)
+    copied_unscored_weights: int = 0  # their floating elements (a new head's, say): left as the suspect has them
     hessian_floor: float | None = None
     embedding_tensor: str | None = None
     embedding_rows_reset: int = 0
@@ -297,10 +328,61 @@ def search_device(device) -> torch.device | None:
     return torch.device("cpu") if "cpu" in CANDIDATES_ON else None
 
 
-def embedding_tensor_of(names) -> str | None:
-    """The word-embedding matrix among a checkpoint's tensor names (by the usual suffixes), or None."""
+def embedding_tensor_of(names, layout: "ModelLayout | None" = None) -> str | None:
+    """The word-embedding matrix among a checkpoint's tensor names: the model's input embedding where
+    its config tells it (BART's and T5's ``shared``, as in memory), else by the usual suffixes; or None."""
+    if layout is not None and layout.input_embedding is not None:
+        found = [n for n in names if n in layout.names_of(layout.input_embedding)]
+        if found:
+            return found[0]
     found = [n for n in names if n.endswith(EMBEDDING_SUFFIXES)]
     return min(found, key=len) if found else None
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What a checkpoint directory's config.json tells of its model (built on the meta device)."""
+    prefix: str  # the base model's, which a base checkpoint's names lack
+    input_embedding: str | None
+    parameters: frozenset[str]
+
+    def names_of(self, name: str) -> tuple[str, ...]:
+        return name, name.removeprefix(self.prefix), self.prefix + name
+
+    def is_parameter(self, name: str) -> bool:
+        return any(n in self.parameters for n in self.names_of(name))
+
+    def not_loaded(self, checkpoint: "Checkpoint") -> set[str]:
+        """The checkpoint's tensors the model does not load (old GPT-2 files' attention-mask buffers,
+        say): where every parameter of the model is in the checkpoint by its own name, the others
+        cannot be ones transformers renames into a parameter. Empty otherwise."""
+        if not all(any(n in checkpoint for n in self.names_of(p)) for p in self.parameters):
+            return set()
+        return {n for n in checkpoint.entries if not self.is_parameter(n)}
+
+
+def model_layout(directory: str) -> ModelLayout | None:
+    """The ``ModelLayout`` of the model in ``directory`` (a causal LM or a classifier), or None where
+    it has no config transformers can build a model from (the names alone are used then)."""
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from .pipeline import _read_config, _transformers_quiet, is_causal_lm, model_skeleton
+    from .purify import word_embedding_name
+
+    try:
+        _read_config(directory)  # refused before transformers reads it where it names code to run
+        with _transformers_quiet():
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        causal = is_causal_lm(directory)
+    except Exception:  # noqa: BLE001
+        return None
+    skeleton = model_skeleton(config, AutoModelForCausalLM if causal else AutoModelForSequenceClassification)
+    if skeleton is None:
+        return None
+    return ModelLayout(skeleton.base_model_prefix + ".", word_embedding_name(skeleton),
+                       frozenset(n for n, _ in skeleton.named_parameters()))
 
 
 def purify_checkpoint(
@@ -344,13 +426,24 @@ def purify_checkpoint(
         raise CheckpointError(f"{hessian} is not a Hessian saved by `finepurify hessian` (its format is "
                               f"{sorted(formats)[0]!r}); estimate one with `finepurify hessian`")
     check_output_dir(out_dir, overwrite, option="output directory")  # fail before the long passes
-    scored, unscored, pre_name = [], [], {}
+    scored, unscored, pre_name, not_weights = [], [], {}, set()
+    layout = model_layout(suspect) if os.path.isdir(suspect) else None
+    not_loaded = layout.not_loaded(sus_ckpt) if layout is not None else set()
     for name, e in sus_ckpt.entries.items():
         # A task model's names may carry its base model's prefix ("bert.", "model.") that a base
         # checkpoint lacks; the exact name wins.
         base = name if name in pre_ckpt else name.split(".", 1)[-1]
         p = pre_ckpt.entries.get(base)
         pre_name[name] = base
+        if name not in h_ckpt and name in not_loaded:
+            unscored.append(name)  # not a weight of the model (transformers does not load it): no Hessian
+            not_weights.add(name)
+            continue
+        if p is not None and p.shape == e.shape and e.dtype.is_floating_point and e.dtype not in SCORED_DTYPES:
+            # Copied through, a layer stored so would escape purification.
+            raise CheckpointError(f"{e.file}: tensor {name!r} is {e.dtype}; out of core scores float32, float16 "
+                                  "and bfloat16 tensors: purify in memory (which reads it as float32) or store it "
+                                  "in one of those")
         if p is not None and p.shape == e.shape and e.dtype in SCORED_DTYPES:
             if p.dtype != e.dtype:
                 raise CheckpointError(f"tensor {name!r} is {e.dtype} in {e.file} but {p.dtype} in {p.file}; "
@@ -367,7 +460,7 @@ def purify_checkpoint(
                               "mismatched architectures")
     embedding = None
     if config.embeddings == "separate":
-        embedding = embedding_tensor_of(scored)
+        embedding = embedding_tensor_of(scored, layout)
         if embedding is not None and len(sus_ckpt.entries[embedding].shape) != 2:
             embedding = None
     # A Hessian of a model whose embedding is tied to the output carries the clean inputs' token ids:
@@ -597,6 +690,8 @@ def purify_checkpoint(
     # Reset pass: the suspect's shards written anew, with the same names and order.
     report = CheckpointReport(config.reserve_ratio if reserve_from_config else None, num_reset, threshold,
                               ranked_elements, moved, copied_unscored=unscored, hessian_floor=floor,
+                              copied_unscored_weights=sum(sus_ckpt.numel(n) for n in unscored if n not in not_weights
+                                                          and sus_ckpt.entries[n].dtype.is_floating_point),
                               embedding_tensor=embedding, threshold_passes=threshold_passes,
                               embedding_rule=None if embedding is None else
                               "hessian" if seen_tokens is None else "seen_tokens",
@@ -672,6 +767,8 @@ def purify_checkpoint(
         if os.path.isdir(suspect):  # the index, config and tokenizer files, as they are (never pickles)
             for extra in os.listdir(suspect):
                 src = os.path.join(suspect, extra)
+                if extra == INDEX and sus_ckpt.index is None:  # beside a model.safetensors, which was read
+                    continue
                 if os.path.isfile(src) and not extra.endswith((".safetensors", ".bin", ".pt", ".pth", ".pkl")):
                     shutil.copyfile(src, os.path.join(tmp, extra))
         times["reset_pass"] = time.perf_counter() - start

@@ -98,6 +98,7 @@ def cmd_purify_checkpoint(args) -> int:
             "reaches)" if report.embedding_tensor else "")
     summary = _reset_summary(report.reset_per_tensor, report.embedding_tensor, report.ranked_elements,
                              report.moved_elements, report.threshold)
+    rows += _unranked(report.copied_unscored_weights, "copied unchanged", "copied_unscored")
     print(f"purified checkpoint written to {args.out}: {summary}{rows}, read {report.bytes_read / 1e9:.2f} GB in "
           f"{sum(report.timings_s.values()):.1f} s (report finepurify_report.json). Fine-tune it on clean "
           "data in your training stack.")
@@ -114,6 +115,19 @@ def _reset_summary(reset_per_tensor: dict, embedding, ranked: int, moved: int, t
         return (f"reset all {moved} ranked weights that moved, of {ranked} (the budget exceeds them: the "
                 f"{reset - moved} that never moved are counted too, unchanged)")
     return f"reset {reset} of {ranked} ranked weights"
+
+
+def _unranked(weights: int, fate: str, listed_in: str) -> str:
+    """What a purification's summary says of the suspect's weights that --pretrained has no value
+    for (a new head; or a layer a partial or other pre-trained model lacks): none of them was reset."""
+    if not weights:
+        return ""
+    return (f"; {weights} weights in tensors --pretrained lacks by name and shape were not ranked, {fate} "
+            f"(report: {listed_in})")
+
+
+def _weights_in(model, names) -> int:
+    return sum(model.get_parameter(n).numel() for n in names)
 
 
 def _model_kind(args, option: str) -> str:
@@ -206,7 +220,9 @@ def cmd_purify_causal_lm(args) -> int:
     else:
         reset = (_reset_summary(p["reset_per_parameter"], p["embedding_parameter"], p["ranked_elements"],
                                 p["moved_elements"], p["threshold"])
-                 + f" and {p['embedding_rows_reset']} embedding rows of unseen tokens")
+                 + f" and {p['embedding_rows_reset']} embedding rows of unseen tokens"
+                 + _unranked(_weights_in(model, p["kept_unscored"]), "left to the clean fine-tuning",
+                             "purify.kept_unscored"))
     print(f"purified causal LM written to {args.out} ({reset}; report finepurify_report.json)")
     return 0
 
@@ -351,6 +367,8 @@ def cmd_purify(args) -> int:
     rows = f" and {p.get('embedding_rows_reset', 0)} embedding rows of unseen tokens" if embedding else ""
     summary = _reset_summary(p.get("reset_per_parameter", {}), embedding, p.get("ranked_elements", 0),
                              p.get("moved_elements", 0), p.get("threshold"))
+    summary += _unranked(_weights_in(model, p.get("kept_unscored", [])), "left to the clean fine-tuning",
+                         "purify.kept_unscored")
     print(f"purified model written to {args.out} ({summary}{rows}; report finepurify_report.json)")
     return 0
 

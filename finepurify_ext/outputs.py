@@ -51,6 +51,11 @@ def _check_not_an_input(path: str, option: str, inputs) -> None:
             what = f"the input {kept}" if index else "the working directory"
             raise UserError(f"{option} {path} is or holds {what}, which the output would replace; "
                             "choose a new path")
+        # Inside an input directory, the output would change that input: a Hessian file in a
+        # model's directory, say, is read with its weights.
+        if index and os.path.isdir(kept_real) and target.startswith(kept_real.rstrip(os.sep) + os.sep):
+            raise UserError(f"{option} {path} is inside the input {kept}, which the output would change; "
+                            "choose a path outside it")
 
 
 def check_output_dir(path: str, overwrite: bool = False, option: str = "--out", inputs=()) -> None:

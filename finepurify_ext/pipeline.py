@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -466,6 +467,39 @@ def _weights(path: str) -> "Checkpoint":
                      "(convert a pickle checkpoint yourself, from a source you trust)")
 
 
+def model_skeleton(config, model_class) -> torch.nn.Module | None:
+    """The model ``config`` describes, built on the meta device: its parameters' names and shapes and
+    its input embedding, with no memory and no weights read; None where transformers cannot build it."""
+    try:
+        with _transformers_quiet(), torch.device("meta"):
+            return model_class.from_config(config, trust_remote_code=False)
+    except Exception:  # noqa: BLE001  (from_pretrained, later, names what is wrong)
+        return None
+
+
+def _check_config_fits(path: str, config, model_class, weights: "Checkpoint", new_head: bool = False) -> None:
+    """config.json against the checkpoint's headers, before transformers allocates the model it
+    describes: an untrusted config naming larger sizes than its weights would otherwise take many GB
+    of memory (and time) before the weights are found not to fit. A new head's shapes are not held."""
+    skeleton = model_skeleton(config, model_class)
+    if skeleton is None:
+        return
+    prefix = skeleton.base_model_prefix + "."
+    for name, p in skeleton.named_parameters():
+        held = next((n for n in (name, name.removeprefix(prefix), prefix + name) if n in weights), None)
+        if held is None or (new_head and not name.startswith(prefix)):
+            continue
+        if weights.entries[held].shape != tuple(p.shape):
+            raise ModelError(f"{path}: config.json does not match the weights: {held!r} is "
+                             f"{list(weights.entries[held].shape)} in the checkpoint but {list(p.shape)} by the "
+                             "config; restore the model's config.json")
+    described = sum(p.numel() for p in skeleton.parameters())
+    stored = sum(weights.numel(n) for n in weights.entries)
+    if described > 2 * stored + (1 << 20):  # room for a new head, not for layers the checkpoint lacks
+        raise ModelError(f"{path}: config.json describes a model of {described} weights, the checkpoint holds "
+                         f"{stored}; restore the model's config.json")
+
+
 def stored_dtype(path: str) -> torch.dtype:
     """The floating dtype most of a model directory's weights are stored in (by elements): the
     dtype a purified copy is written back in, so that a bfloat16 model stays bfloat16."""
@@ -623,11 +657,16 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
     weights = _weights(path)
     loaded_tokenizer = _load_tokenizer(path, config_dict) if tokenizer else None
     try:
-        with _transformers_quiet():  # its loading report is replaced by the checks below
+        with _transformers_quiet():
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-            new_head = num_labels is not None and num_labels != config.num_labels
-            if num_labels is not None:
-                config.num_labels = num_labels
+    except Exception as error:  # noqa: BLE001  (parsed above; what is left is its content)
+        raise ModelError(f"{path}/config.json: transformers cannot read it ({first_line(error)})") from error
+    new_head = num_labels is not None and num_labels != config.num_labels
+    if num_labels is not None:
+        config.num_labels = num_labels
+    _check_config_fits(path, config, AutoModelForSequenceClassification, weights, new_head=num_labels is not None)
+    try:
+        with _transformers_quiet():  # its loading report is replaced by the checks below
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
                 ignore_mismatched_sizes=True, **_load_dtype(dtype))  # mismatches: reported below, by name
@@ -681,11 +720,23 @@ def load_causal_lm(path: str, tokenizer: bool = True, dtype: torch.dtype | None 
     try:
         with _transformers_quiet():
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001  (parsed above; what is left is its content)
+        raise ModelError(f"{path}/config.json: transformers cannot read it ({first_line(error)})") from error
+    _check_config_fits(path, config, AutoModelForCausalLM, weights)
+    try:
+        with _transformers_quiet():
             model, info = AutoModelForCausalLM.from_pretrained(
                 path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
                 **_load_dtype(dtype))
     except Exception as error:  # noqa: BLE001  (checked above; what is left is the directory's too)
         raise ModelError(f"{path}: transformers cannot load this causal LM ({first_line(error)})") from error
+    # Weights of layers the config has no place for (a config with fewer layers, say): named as the
+    # model's parameters but for the layer number. Other unused tensors (old rotary buffers) are not weights.
+    layouts = {re.sub(r"\.\d+\.", ".#.", n) for n, _ in model.named_parameters()}
+    unused = sorted(k for k in info.get("unexpected_keys", ()) if re.sub(r"\.\d+\.", ".#.", k) in layouts)
+    if unused:
+        raise ModelError(f"{path}: config.json does not match the weights: the checkpoint holds {len(unused)} weights "
+                         f"the config's model has no place for (e.g. {unused[0]!r}); restore the model's config.json")
     missing = set(info.get("missing_keys", ())) | {name for name, *_ in info.get("mismatched_keys", ())}
     tied = {n for n, _ in model.named_parameters()}  # names a tied weight is reachable by are listed once
     missing &= tied

