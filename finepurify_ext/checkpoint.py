@@ -345,6 +345,8 @@ class ModelLayout:
     prefix: str  # the base model's, which a base checkpoint's names lack
     input_embedding: str | None
     parameters: frozenset[str]
+    output_embedding: str | None = None  # the output layer's weight where it is not the input embedding
+    tied: bool = False  # the output layer is the input embedding
 
     def names_of(self, name: str) -> tuple[str, ...]:
         return name, name.removeprefix(self.prefix), self.prefix + name
@@ -381,8 +383,11 @@ def model_layout(directory: str) -> ModelLayout | None:
     skeleton = model_skeleton(config, AutoModelForCausalLM if causal else AutoModelForSequenceClassification)
     if skeleton is None:
         return None
+    out, inp = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    tied = out is not None and inp is not None and out.weight is inp.weight
+    output = None if out is None or tied else next((n for n, p in skeleton.named_parameters() if p is out.weight), None)
     return ModelLayout(skeleton.base_model_prefix + ".", word_embedding_name(skeleton),
-                       frozenset(n for n, _ in skeleton.named_parameters()))
+                       frozenset(n for n, _ in skeleton.named_parameters()), output, tied)
 
 
 def purify_checkpoint(
@@ -429,10 +434,17 @@ def purify_checkpoint(
     scored, unscored, pre_name, not_weights = [], [], {}, set()
     layout = model_layout(suspect) if os.path.isdir(suspect) else None
     not_loaded = layout.not_loaded(sus_ckpt) if layout is not None else set()
+    # A suspect with its own output layer, from a model whose output layer is its input embedding:
+    # that embedding is the output layer's pre-trained value (as in memory).
+    pre_layout = model_layout(pretrained) if layout is not None and layout.output_embedding else None
+    tied_to = (next((n for n in pre_layout.names_of(pre_layout.input_embedding) if n in pre_ckpt), None)
+               if pre_layout is not None and pre_layout.tied and pre_layout.input_embedding else None)
     for name, e in sus_ckpt.entries.items():
         # A task model's names may carry its base model's prefix ("bert.", "model.") that a base
         # checkpoint lacks; the exact name wins.
         base = name if name in pre_ckpt else name.split(".", 1)[-1]
+        if base not in pre_ckpt and tied_to is not None and name in layout.names_of(layout.output_embedding):
+            base = tied_to
         p = pre_ckpt.entries.get(base)
         pre_name[name] = base
         if name not in h_ckpt and name in not_loaded:

