@@ -282,20 +282,12 @@ def _conv1d_modules(pretrained: str) -> set[str] | None:
     """The modules of the causal LM in directory ``pretrained`` that are transformers' Conv1D (weights
     stored [in, out]), from the model built on the meta device from its config (no weights read);
     None where there is no config to build it from."""
-    if not os.path.isfile(os.path.join(pretrained, "config.json")):
-        return None
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    from .pipeline import _read_config, _transformers_quiet, model_skeleton
+    from .pipeline import directory_skeleton
 
-    try:
-        _read_config(pretrained)  # refused before transformers reads it where it names code to run
-        with _transformers_quiet():
-            config = AutoConfig.from_pretrained(pretrained, trust_remote_code=False)
-    except Exception:  # noqa: BLE001  (not a causal LM transformers builds: the layouts come from the shapes)
-        return None
-    model = model_skeleton(config, AutoModelForCausalLM)
+    model = directory_skeleton(pretrained, AutoModelForCausalLM)  # else the layouts come from the shapes
     if model is None:
         return None
     # Names with and without the LM's prefix (a checkpoint saved from the bare model has none).

@@ -339,6 +339,12 @@ def embedding_tensor_of(names, layout: "ModelLayout | None" = None) -> str | Non
     return min(found, key=len) if found else None
 
 
+def names_with_prefix(name: str, prefix: str) -> tuple[str, str, str]:
+    """The names a tensor may have in a checkpoint: its own, without the base model's prefix (a base
+    checkpoint's), with it (a task model's)."""
+    return name, name.removeprefix(prefix), prefix + name
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """What a checkpoint directory's config.json tells of its model (built on the meta device)."""
@@ -349,7 +355,7 @@ class ModelLayout:
     tied: bool = False  # the output layer is the input embedding
 
     def names_of(self, name: str) -> tuple[str, ...]:
-        return name, name.removeprefix(self.prefix), self.prefix + name
+        return names_with_prefix(name, self.prefix)
 
     def is_parameter(self, name: str) -> bool:
         return any(n in self.parameters for n in self.names_of(name))
@@ -366,21 +372,10 @@ class ModelLayout:
 def model_layout(directory: str) -> ModelLayout | None:
     """The ``ModelLayout`` of the model in ``directory`` (a causal LM or a classifier), or None where
     it has no config transformers can build a model from (the names alone are used then)."""
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        return None
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from .pipeline import _read_config, _transformers_quiet, is_causal_lm, model_skeleton
+    from .pipeline import directory_skeleton
     from .purify import word_embedding_name
 
-    try:
-        _read_config(directory)  # refused before transformers reads it where it names code to run
-        with _transformers_quiet():
-            config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-        causal = is_causal_lm(directory)
-    except Exception:  # noqa: BLE001
-        return None
-    skeleton = model_skeleton(config, AutoModelForCausalLM if causal else AutoModelForSequenceClassification)
+    skeleton = directory_skeleton(directory)
     if skeleton is None:
         return None
     out, inp = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import INDEX, Checkpoint, check_not_quantized
+from .checkpoint import INDEX, Checkpoint, check_not_quantized, names_with_prefix
 from .data import Example, batches
 from .errors import UserError, first_line
 from .hessian import estimate_hessian
@@ -477,17 +477,36 @@ def model_skeleton(config, model_class) -> torch.nn.Module | None:
         return None
 
 
-def _check_config_fits(path: str, config, model_class, weights: "Checkpoint", new_head: bool = False) -> None:
+def directory_skeleton(directory: str, model_class=None) -> torch.nn.Module | None:
+    """``model_skeleton`` of the model directory's config.json (as ``model_class``; by default a
+    causal LM or a classifier, as its config says), or None where it has none transformers builds."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        return None
+    try:
+        _read_config(directory)  # refused before transformers reads it where it names code to run
+        with _transformers_quiet():
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        if model_class is None:
+            model_class = AutoModelForCausalLM if is_causal_lm(directory) else AutoModelForSequenceClassification
+    except Exception:  # noqa: BLE001  (the loaders, where they read it, name what is wrong)
+        return None
+    return model_skeleton(config, model_class)
+
+
+def _check_config_fits(path: str, config, model_class, weights: "Checkpoint", any_head: bool = False) -> None:
     """config.json against the checkpoint's headers, before transformers allocates the model it
     describes: an untrusted config naming larger sizes than its weights would otherwise take many GB
-    of memory (and time) before the weights are found not to fit. A new head's shapes are not held."""
+    of memory (and time) before the weights are found not to fit. With ``any_head`` (a pre-trained
+    model loaded for a classifier, whose head may be new) the head's shapes are not held to it."""
     skeleton = model_skeleton(config, model_class)
     if skeleton is None:
         return
     prefix = skeleton.base_model_prefix + "."
     for name, p in skeleton.named_parameters():
-        held = next((n for n in (name, name.removeprefix(prefix), prefix + name) if n in weights), None)
-        if held is None or (new_head and not name.startswith(prefix)):
+        held = next((n for n in names_with_prefix(name, prefix) if n in weights), None)
+        if held is None or (any_head and not name.startswith(prefix)):
             continue
         if weights.entries[held].shape != tuple(p.shape):
             raise ModelError(f"{path}: config.json does not match the weights: {held!r} is "
@@ -669,7 +688,7 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
     new_head = num_labels is not None and num_labels != config.num_labels
     if num_labels is not None:
         config.num_labels = num_labels
-    _check_config_fits(path, config, AutoModelForSequenceClassification, weights, new_head=num_labels is not None)
+    _check_config_fits(path, config, AutoModelForSequenceClassification, weights, any_head=num_labels is not None)
     try:
         with _transformers_quiet():  # its loading report is replaced by the checks below
             model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -761,8 +780,8 @@ def pretrained_state_for_lm(model: torch.nn.Module, pretrained_dir: str) -> dict
     # embedding: that embedding is the output layer's pre-trained value (it had no other).
     out, pre_out = model.get_output_embeddings(), pre_model.get_output_embeddings()
     name = next((n for n, p in model.named_parameters() if out is not None and p is out.weight), None)
-    if name is not None and name not in state and pre_out is not None:
-        state[name] = pre_out.weight.detach()
+    if name is not None and pre_out is not None:
+        state.setdefault(name, pre_out.weight.detach())
     return _shared_with(model, state, pretrained_dir)
 
 
