@@ -282,6 +282,50 @@ class Checkpoint:
         return sum(e.nbytes for e in self.entries.values())
 
 
+# ------------------------------------------------------------------------------- fingerprints
+
+# Windows of each tensor's bytes a fingerprint reads: a fine-tune moves nearly every tensor, and 8
+# windows of 64 bytes (32 bfloat16 weights each) spread over a tensor almost surely see a moved one.
+FINGERPRINT_WINDOWS, FINGERPRINT_BYTES = 8, 64
+
+
+def fingerprint(checkpoint: "str | Checkpoint") -> str:
+    """A digest that tells one model's weights from another's, read in a few hundred bytes per
+    tensor: each tensor's name, dtype, shape and ``FINGERPRINT_WINDOWS`` windows of its bytes, in
+    name order (the same however the checkpoint is sharded). It tells which model a Hessian was
+    estimated on; it is no proof that a file was not forged."""
+    import hashlib
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    digest = hashlib.blake2b(digest_size=16)
+    fds = {file: os.open(file, os.O_RDONLY) for file in ckpt.files}
+    try:
+        for name in sorted(ckpt.entries):
+            e = ckpt.entries[name]
+            digest.update(f"{name}\0{str(e.dtype)}\0{list(e.shape)}\0".encode())
+            if e.nbytes <= FINGERPRINT_WINDOWS * FINGERPRINT_BYTES:
+                digest.update(os.pread(fds[e.file], e.nbytes, e.begin))
+                continue
+            step = (e.nbytes - FINGERPRINT_BYTES) // (FINGERPRINT_WINDOWS - 1)
+            for k in range(FINGERPRINT_WINDOWS):
+                digest.update(os.pread(fds[e.file], FINGERPRINT_BYTES, e.begin + k * step))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return digest.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """The SHA-256 of a file (a clean data set's: what a Hessian was estimated from)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # ------------------------------------------------------------------------------- purification
 
 
@@ -304,9 +348,27 @@ class CheckpointReport:
     threshold_passes: int = 0  # the reads of every ranked weight the threshold search took (not the pre-pass)
     timings_s: dict[str, float] = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)  # the paths read (as the caller names them) and what was merged
+    # the model the Hessian was estimated on (checked to be the suspect) and its clean data's digest;
+    # None where the Hessian records none
+    hessian_of: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _hessian_of(hessian: str, h_ckpt: Checkpoint, suspect: str, sus_ckpt: Checkpoint) -> dict | None:
+    """The model the Hessian records it was estimated on, checked to be the suspect; None where it
+    records none (saved by the Python API without one, or before Hessians recorded it)."""
+    meta = next((m for m in h_ckpt.metadata.values() if "model_fingerprint" in m), None)
+    if meta is None:
+        return None
+    expected = fingerprint(sus_ckpt)
+    if meta["model_fingerprint"] != expected:
+        raise CheckpointError(f"{hessian} is the Hessian of another model: it was estimated on "
+                              f"{meta.get('model', 'a model it does not name')}, whose weights differ from the "
+                              f"suspect {suspect}'s; estimate the suspect's with `finepurify hessian`")
+    return {"model": meta.get("model"), "model_fingerprint": expected,
+            "clean_data_sha256": meta.get("clean_data_sha256")}
 
 
 def piece_room(capacity: int, piece: int, total: int) -> int:
@@ -412,7 +474,10 @@ def purify_checkpoint(
     buffers, and three for the tensors copied as they are), whatever the largest tensor. On a CUDA
     ``device`` the pieces are reset there (the files are still read and written by the CPU), and
     scored there for the threshold where ``search_device`` says so, else on the CPU. The report
-    records ``inputs`` (by default the three paths read)."""
+    records ``inputs`` (by default the three paths read).
+
+    A Hessian that records the model it was estimated on (``finepurify hessian`` does) must be the
+    suspect's: the suspect's ``fingerprint`` must be the one it records."""
     times = {}
     start_all = time.perf_counter()
     pin = torch.device(device).type == "cuda"
@@ -425,6 +490,7 @@ def purify_checkpoint(
     if formats - {HESSIAN_FORMAT}:
         raise CheckpointError(f"{hessian} is not a Hessian saved by `finepurify hessian` (its format is "
                               f"{sorted(formats)[0]!r}); estimate one with `finepurify hessian`")
+    hessian_of = _hessian_of(hessian, h_ckpt, suspect, sus_ckpt)
     check_output_dir(out_dir, overwrite, option="output directory")  # fail before the long passes
     scored, unscored, pre_name, not_weights = [], [], {}, set()
     layout = model_layout(suspect) if os.path.isdir(suspect) else None
@@ -704,7 +770,8 @@ def purify_checkpoint(
                               "hessian" if seen_tokens is None else "seen_tokens",
                               inputs=inputs or {"pretrained": os.path.abspath(pretrained),
                                                 "suspect": os.path.abspath(suspect),
-                                                "hessian": os.path.abspath(hessian)})
+                                                "hessian": os.path.abspath(hessian)},
+                              hessian_of=hessian_of)
     ranked_set = set(ranked)
 
     def reset_embedding_rows(name, writer):

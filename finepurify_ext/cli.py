@@ -94,6 +94,9 @@ def cmd_purify_checkpoint(args) -> int:
     report = purify_checkpoint(args.pretrained, args.suspect, args.hessian_file, args.out, config,
                                num_reset=args.num_reset, overwrite=args.overwrite, device=resolve_device(args.device),
                                inputs=inputs)
+    if report.hessian_of is None:
+        print(f"note: {args.hessian_file} does not record the model it was estimated on (an older "
+              "Hessian, or one saved by the Python API without provenance): not checked against --suspect", file=sys.stderr)
     rows = (f" and {report.embedding_rows_reset} rows of {report.embedding_tensor} (tokens the clean data never "
             "reaches)" if report.embedding_tensor else "")
     summary = _reset_summary(report.reset_per_tensor, report.embedding_tensor, report.ranked_elements,
@@ -278,15 +281,16 @@ def cmd_hessian(args) -> int:
 
         clean = load_instructions(args.clean_data)  # before loading the model
         _read_models(args)
+        provenance, key = _estimated_on(args, args.max_length)
         model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
         model.to(device)
         with compute_precision(device, args.dtype):
             hessians, count = lm_hessian(model, tokenizer, clean, args.batch_size, args.max_length,
                                          per_sample=args.per_sample, micro_batch_size=args.micro_batch_size,
-                                         resume_file=resume, save_every=args.save_every)
+                                         resume_file=resume, save_every=args.save_every, resume_key=key)
         # A tied embedding's unseen rows are told by the clean inputs' tokens (out-of-core purify reads them).
         seen = tokens_seen(tokenizer, clean, args.max_length) if input_embedding_tied(model) else None
-        save_hessian(args.out, hessians, count, seen_tokens=seen)
+        save_hessian(args.out, hessians, count, seen_tokens=seen, provenance=provenance)
         os.remove(resume)
         print(f"Hessian of {len(hessians)} tensors of a causal LM from {count} squared gradients of the responses' "
               f"loss written to {args.out}" + ("" if seen is None else f" (with the {len(seen)} token ids of the "
@@ -294,17 +298,32 @@ def cmd_hessian(args) -> int:
         return 0
     clean = load_examples(args.clean_data, num_labels=_num_labels(args, "model"))  # before loading the model
     _read_models(args)  # a LoRA adapter merged
-    model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
-    model.to(device)
     config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size,
                            micro_batch_size=args.micro_batch_size)
+    provenance, key = _estimated_on(args, config.max_length)
+    model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
+    model.to(device)
     with compute_precision(device, args.dtype):
         hessians, count = clean_hessian(model, tokenizer, clean, config, resume_file=resume,
-                                        save_every=args.save_every)
-    save_hessian(args.out, hessians, count)
+                                        save_every=args.save_every, resume_key=key)
+    save_hessian(args.out, hessians, count, provenance=provenance)
     os.remove(resume)
     print(f"Hessian of {len(hessians)} tensors from {count} squared gradients written to {args.out}")
     return 0
+
+
+def _estimated_on(args, max_length: int) -> tuple[dict, dict]:
+    """What ``hessian`` records of its inputs (the model as given, the fingerprint of the weights read,
+    after a GGUF file's conversion or an adapter's merge, and the clean data's digest: out-of-core
+    purify refuses the Hessian for another suspect), and the key an interrupted run's running sums
+    must match to be resumed (the same and the batch settings)."""
+    from .checkpoint import file_digest, fingerprint
+
+    model, data = fingerprint(args.model), file_digest(args.clean_data)
+    provenance = {"model": _given(args, "model"), "model_fingerprint": model, "clean_data_sha256": data}
+    key = {"model": model, "clean_data": data, "batch_size": args.batch_size, "max_length": max_length,
+           "model_kind": _model_kind(args, "model")}
+    return provenance, key
 
 
 def cmd_purify(args) -> int:

@@ -147,6 +147,7 @@ def estimate_hessian(
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
     loss_terms: Callable[[dict], int] | None = None,
     micro_batch_size: int | None = None,
+    resume_key: dict[str, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Returns ({parameter name: float32 diagonal Hessian}, number of squared gradients averaged).
 
@@ -168,7 +169,9 @@ def estimate_hessian(
     With ``resume_file`` the running sums and counts are saved there (safetensors, atomically) every
     ``save_every`` batches, at the end, and when a KeyboardInterrupt (Ctrl-C, or the command line's
     SIGTERM) stops it between batches; a later call with the same file and the same batches skips
-    the batches already done and gives exactly the uninterrupted result.
+    the batches already done and gives exactly the uninterrupted result. ``resume_key``: what must be
+    the same for that (the command line's: the model's fingerprint, the clean data's digest, the batch
+    size), saved with the sums; a file saved with another is refused, not resumed into.
 
     Under DDP each rank squares the all-reduced gradient (the Fisher of the global batch; every rank
     holds the same result); under FSDP2 each rank accumulates the squared gradient of its own shard
@@ -190,7 +193,7 @@ def estimate_hessian(
     local = {name: _local(h) for name, h in hessians.items()}
     done, count = 0, 0
     if resume_file is not None and os.path.exists(resume_file):
-        done, count = _load_accumulator(resume_file, local, per_sample)
+        done, count = _load_accumulator(resume_file, local, per_sample, resume_key or {})
     was_training = model.training
     saved_grads = {name: p.grad for name, p in params.items()}
     model.eval()
@@ -253,7 +256,7 @@ def estimate_hessian(
             done, whole = index + 1, True
             if resume_file is not None and done % save_every == 0:
                 _join(beside_forward)
-                _save_accumulator(resume_file, local, done, count, per_sample)
+                _save_accumulator(resume_file, local, done, count, per_sample, resume_key)
                 saved = done
     except KeyboardInterrupt:
         # Ctrl-C or a scheduler's SIGTERM (the command line's Terminated): the batches done since the
@@ -262,7 +265,7 @@ def estimate_hessian(
         # and the other ranks were not interrupted with this one.
         if resume_file is not None and whole and done > saved and not _distributed():
             _join(beside_forward)
-            _save_accumulator(resume_file, local, done, count, per_sample)
+            _save_accumulator(resume_file, local, done, count, per_sample, resume_key)
         raise
     finally:
         try:
@@ -274,7 +277,7 @@ def estimate_hessian(
                 p.grad = saved_grads[name]
             model.train(was_training)
     if resume_file is not None:
-        _save_accumulator(resume_file, local, done, count, per_sample)
+        _save_accumulator(resume_file, local, done, count, per_sample, resume_key)
     if count == 0:
         raise ValueError("estimate_hessian: the clean data gave no batches; it must hold at least one example")
     torch._foreach_mul_(list(local.values()), 1.0 / count)
@@ -309,14 +312,18 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dic
         release(lock)
 
 
-def _save_accumulator(path, sums, done, count, per_sample) -> None:
+RESUME_KEY = "resume."  # the metadata keys of estimate_hessian's resume_key
+
+
+def _save_accumulator(path, sums, done, count, per_sample, resume_key=None) -> None:
     # Not synced to the disk: it is saved every few batches (a sync took 0.4 s per GB here), and a
     # copy lost to a machine crash is refused on resume with the advice to start afresh.
     _atomic_save_file(sums, path, {"format": ACCUMULATOR_FORMAT, "batches_done": str(done),
-                                   "squared_gradients": str(count), "per_sample": str(bool(per_sample))}, sync=False)
+                                   "squared_gradients": str(count), "per_sample": str(bool(per_sample)),
+                                   **{RESUME_KEY + k: str(v) for k, v in (resume_key or {}).items()}}, sync=False)
 
 
-def _load_accumulator(path, sums, per_sample) -> tuple[int, int]:
+def _load_accumulator(path, sums, per_sample, resume_key) -> tuple[int, int]:
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -328,6 +335,12 @@ def _load_accumulator(path, sums, per_sample) -> tuple[int, int]:
             if meta.get("per_sample") != str(bool(per_sample)):
                 raise ValueError(f"{path} was saved with per_sample={meta.get('per_sample')}; resume with the "
                                  "same setting or give a new file")
+            saved_key = {k[len(RESUME_KEY):]: v for k, v in meta.items() if k.startswith(RESUME_KEY)}
+            for k in sorted(set(saved_key) | set(resume_key)):
+                if saved_key.get(k) != (None if resume_key.get(k) is None else str(resume_key[k])):
+                    raise ValueError(f"{path} holds the running sums of a run with another {k.replace('_', ' ')} "
+                                     f"({_short(saved_key.get(k))}, now {_short(resume_key.get(k))}); resume with "
+                                     "the same, or delete it to start afresh")
             names = set(f.keys())
             if names != set(sums):
                 raise ValueError(f"{path} holds other parameters than this model ({len(names ^ set(sums))} names "
@@ -343,11 +356,19 @@ def _load_accumulator(path, sums, per_sample) -> tuple[int, int]:
         raise ValueError(f"cannot resume from {path}: {error}; delete it to start afresh") from None
 
 
-def save_hessian(path: str, hessians: dict[str, torch.Tensor], count: int, seen_tokens=None) -> None:
+def _short(value) -> str:
+    return "none recorded" if value is None else str(value)[:16]
+
+
+def save_hessian(path: str, hessians: dict[str, torch.Tensor], count: int, seen_tokens=None,
+                 provenance: dict[str, str] | None = None) -> None:
     """The estimated Hessian as safetensors (the input of out-of-core purification), atomically.
     ``seen_tokens``: the token ids of the clean inputs, kept in the metadata for an input embedding
-    tied to the output (whose unseen rows the Hessian cannot tell; ``purify.purify_``)."""
-    metadata = {"format": HESSIAN_FORMAT, "squared_gradients": str(count)}
+    tied to the output (whose unseen rows the Hessian cannot tell; ``purify.purify_``).
+    ``provenance``: what it was estimated on, kept in the metadata: ``model`` (as named),
+    ``model_fingerprint`` (``checkpoint.fingerprint``: out-of-core purification refuses the Hessian
+    for another suspect) and ``clean_data_sha256``."""
+    metadata = {"format": HESSIAN_FORMAT, "squared_gradients": str(count), **(provenance or {})}
     if seen_tokens is not None:
         metadata["seen_tokens"] = encode_ids(seen_tokens)
     _atomic_save_file(hessians, path, metadata)

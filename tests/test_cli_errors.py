@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from finepurify_ext import cli, pipeline  # noqa: E402
 from finepurify_ext.errors import UserError  # noqa: E402
+from finepurify_ext.checkpoint import fingerprint  # noqa: E402
+from finepurify_ext.hessian import HESSIAN_FORMAT  # noqa: E402
 from finepurify_ext.purify import PurifyConfig, purify_  # noqa: E402
 from tiny_models import make_tokenizer, model_dirs  # noqa: E402
 
@@ -33,17 +35,23 @@ def models(tmp_path_factory):
     pre, suspect, clean = model_dirs(make_tokenizer(root), root)
     hessian = str(root / "hessian.safetensors")
     assert cli.main(["hessian", "--model", suspect, "--clean-data", clean, "--out", hessian, "--batch-size", "8"]) == 0
-    return SimpleNamespace(root=root, pre=pre, suspect=suspect, clean=clean, hessian=hessian)
+    # The same Hessian not naming its model (as the Python API saves it), for suspects changed here:
+    # the recorded one is refused for any other suspect before the change under test is seen.
+    unnamed = str(root / "unnamed_hessian.safetensors")
+    save_file(load_file(hessian), unnamed, metadata={"format": HESSIAN_FORMAT, "squared_gradients": "3"})
+    return SimpleNamespace(root=root, pre=pre, suspect=suspect, clean=clean, hessian=hessian, unnamed_hessian=unnamed)
 
 
 def command(name, models, out, suspect=None, pretrained=None, data=None):
-    """The arguments of one command on the given inputs (the module's good ones by default)."""
+    """The arguments of one command on the given inputs (the module's good ones by default; another
+    suspect purified out of core with the Hessian that names no model)."""
+    hessian = models.hessian if suspect is None else models.unnamed_hessian
     suspect, pretrained, data = suspect or models.suspect, pretrained or models.pre, data or models.clean
     return {
         "purify": ["purify", "--pretrained", pretrained, "--suspect", suspect, "--clean-data", data, "--out", out,
                    "--finetune-steps", "1"],
         "purify-out-of-core": ["purify", "--pretrained", pretrained, "--suspect", suspect,
-                               "--hessian-file", models.hessian, "--out", out],
+                               "--hessian-file", hessian, "--out", out],
         "hessian": ["hessian", "--model", suspect, "--clean-data", data, "--out", out],
         "evaluate": ["evaluate", "--model", suspect, "--data", data],
         "demo": ["demo", "--out", out, "--quick"],
@@ -221,6 +229,89 @@ def test_a_hessian_is_never_read_as_a_models_weights(models, tmp_path, capsys):
     fails(command("purify-out-of-core", models, str(tmp_path / "o2"), suspect=str(shards)), capsys,
           "model-hessian.safetensors: a Hessian (finepurify hessian's output) among the suspect checkpoint's files",
           inputs=[shards])
+
+
+def test_a_hessian_is_the_suspects_it_was_estimated_on(models, tmp_path, capsys):
+    """finepurify hessian records the model's fingerprint; out of core refuses the Hessian for a
+    suspect whose weights differ (a fine-tune's drift over a tensor, or one tensor in another
+    dtype), and takes it for the same weights sharded otherwise. A Hessian that records no model
+    (the Python API's) is taken, with a note."""
+    from finepurify_ext.checkpoint import file_digest
+
+    moved, cast = copy_model(models, tmp_path, "moved"), copy_model(models, tmp_path, "cast")
+    for directory, change in ((moved, lambda t: t + 1e-3), (cast, lambda t: t.to(torch.float16))):
+        state = load_file(directory / "model.safetensors")
+        state[SCORED] = change(state[SCORED])
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+        args = command("purify-out-of-core", models, str(tmp_path / "out"))
+        args[args.index("--suspect") + 1] = str(directory)
+        fails(args, capsys, f"{models.hessian} is the Hessian of another model: it was estimated on {models.suspect}, "
+              f"whose weights differ from the suspect {directory}'s; estimate the suspect's with `finepurify hessian`",
+              inputs=[directory, models.hessian])
+    reference = tmp_path / "reference"
+    assert cli.main(command("purify-out-of-core", models, str(reference))) == 0
+    assert "does not record the model" not in capsys.readouterr().err
+    assert json.loads((reference / "finepurify_report.json").read_text())["hessian_of"] == {
+        "model": models.suspect, "model_fingerprint": fingerprint(models.suspect),
+        "clean_data_sha256": file_digest(models.clean)}
+    sharded = tmp_path / "sharded"  # the same weights in two shards and an index
+    shutil.copytree(models.suspect, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
+    state = load_file(os.path.join(models.suspect, "model.safetensors"))
+    names = sorted(state)
+    weight_map = {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}
+    for shard in set(weight_map.values()):
+        save_file({n: state[n] for n in names if weight_map[n] == shard}, sharded / shard, metadata={"format": "pt"})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert fingerprint(str(sharded)) == fingerprint(models.suspect)
+    out = tmp_path / "from_shards"
+    args = command("purify-out-of-core", models, str(out))
+    args[args.index("--suspect") + 1] = str(sharded)
+    assert cli.main(args) == 0
+    got = {n: t for f in os.listdir(out) if f.endswith(".safetensors") for n, t in load_file(out / f).items()}
+    want = load_file(reference / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+    assert cli.main(command("purify-out-of-core", models, str(tmp_path / "unnamed"), suspect=models.suspect)) == 0
+    assert (f"note: {models.unnamed_hessian} does not record the model it was estimated on (an older Hessian, or one "
+            "saved by the Python API without provenance): not checked against --suspect") in capsys.readouterr().err
+    assert json.loads((tmp_path / "unnamed" / "finepurify_report.json").read_text())["hessian_of"] is None
+
+
+def test_an_interrupted_hessian_resumes_only_the_same_run(models, tmp_path, capsys, monkeypatch):
+    """The running sums an interrupted `finepurify hessian` kept are resumed only by the same model,
+    clean data and batch size: another's are refused, and kept, not overwritten."""
+    batches = pipeline.batches
+
+    def interrupted_after_two(*args, **kwargs):
+        for i, batch in enumerate(batches(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield batch
+    out = str(tmp_path / "h.safetensors")
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "batches", interrupted_after_two)
+        assert cli.main(command("hessian", models, out) + ["--batch-size", "4"]) == 130
+    accumulator = out + ".accumulator.safetensors"
+    kept = digest(accumulator)
+    other_data = tmp_path / ("other" + os.path.splitext(models.clean)[1])  # the same examples in another order
+    other_data.write_text("".join(reversed(open(models.clean).readlines())))
+    moved = copy_model(models, tmp_path, "moved")
+    state = load_file(moved / "model.safetensors")
+    state[SCORED] += 1e-3
+    save_file(state, moved / "model.safetensors", metadata={"format": "pt"})
+    for args, what in ((command("hessian", models, out, suspect=str(moved)) + ["--batch-size", "4"], "model"),
+                       (command("hessian", models, out, data=str(other_data)) + ["--batch-size", "4"], "clean data"),
+                       (command("hessian", models, out) + ["--batch-size", "8"], "batch size")):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert f"error: cannot resume from {accumulator}: " not in err  # refused as such, not as a damaged file
+        assert f"error: {accumulator} holds the running sums of a run with another {what} (" in err, err
+        assert "resume with the same, or delete it to start afresh" in err and digest(accumulator) == kept
+    assert cli.main(command("hessian", models, out) + ["--batch-size", "4"]) == 0
+    assert not os.path.exists(accumulator)
+    uninterrupted = str(tmp_path / "u.safetensors")
+    assert cli.main(command("hessian", models, uninterrupted) + ["--batch-size", "4"]) == 0
+    got, want = load_file(out), load_file(uninterrupted)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
 
 
 def test_out_of_core_refuses_float64_weights_it_would_copy_through(models, tmp_path, capsys):
