@@ -143,6 +143,51 @@ def _pattern_value(pattern: dict, module: str, default):
     return default
 
 
+MAX_PATTERN_REPEATS = 3
+
+
+def _pattern_risk(key: str) -> str | None:
+    """What makes a rank_pattern or alpha_pattern key unsafe to match, or None. PEFT matches the keys
+    as regular expressions, and the adapter is untrusted: a repetition inside a repetition or an
+    alternation inside one (``(a+)+``, ``(a|ab)*``) backtracks exponentially over a module's name,
+    and many repetitions in a row polynomially. Without those, a match takes at most about n^4
+    steps (n: the name's length; the match adds an optional prefix)."""
+    try:
+        from re import _constants as const, _parser as parser  # Python 3.11+
+    except ImportError:  # Python 3.10
+        import sre_constants as const
+        import sre_parse as parser
+    try:
+        tree = parser.parse(key)
+    except re.error as error:
+        return f"is not a regular expression ({error})"
+    repeats = {const.MAX_REPEAT, const.MIN_REPEAT, getattr(const, "POSSESSIVE_REPEAT", const.MAX_REPEAT)}
+    found = []
+
+    def walk(items, under_repeat):
+        for op, arg in items:
+            repeated = op in repeats and arg[1] > 1
+            if repeated:
+                if under_repeat:
+                    return "nests a repetition in a repetition"
+                found.append(op)
+            if op is const.BRANCH and under_repeat:
+                return "has an alternation inside a repetition"
+            for part in arg if isinstance(arg, (tuple, list)) else ():
+                subpatterns = part if isinstance(part, list) else [part]
+                for sub in subpatterns:
+                    if isinstance(sub, parser.SubPattern):
+                        risk = walk(sub, under_repeat or repeated)
+                        if risk:
+                            return risk
+        return None
+
+    risk = walk(tree, False)
+    if risk is None and len(found) > MAX_PATTERN_REPEATS:
+        risk = f"has {len(found)} repetitions (at most {MAX_PATTERN_REPEATS} are matched)"
+    return risk
+
+
 def read_adapter(path: str) -> Adapter:
     """The adapter in directory ``path``, checked: LoRA, a merge this module does, safetensors
     weights whose names and shapes are LoRA's. Raises AdapterError naming what is wrong."""
@@ -176,6 +221,11 @@ def read_adapter(path: str) -> Adapter:
         if not isinstance(pattern, dict) or not all(isinstance(k, str) and _positive(v) for k, v in pattern.items()):
             raise AdapterError(f"{config_file}: {option} is {pattern!r}; expected module names mapped to positive "
                                "numbers")
+        for key in pattern:
+            risk = _pattern_risk(key)
+            if risk is not None:
+                raise AdapterError(f"{config_file}: {option} key {key!r} {risk}; its keys are matched as regular "
+                                   "expressions against module names: give the names, or a simpler pattern")
     weights = os.path.join(path, WEIGHTS)
     if not os.path.isfile(weights):
         pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(path, f))]

@@ -95,8 +95,8 @@ def cmd_purify_checkpoint(args) -> int:
                                num_reset=args.num_reset, overwrite=args.overwrite, device=resolve_device(args.device),
                                inputs=inputs)
     if report.hessian_of is None:
-        print(f"note: {args.hessian_file} does not record the model it was estimated on (an older "
-              "Hessian, or one saved by the Python API without provenance): not checked against --suspect", file=sys.stderr)
+        print(f"note: {args.hessian_file} does not record the model it was estimated on (an older Hessian, or "
+              "one saved by the Python API without provenance): not checked against --suspect", file=sys.stderr)
     rows = (f" and {report.embedding_rows_reset} rows of {report.embedding_tensor} (tokens the clean data never "
             "reaches)" if report.embedding_tensor else "")
     summary = _reset_summary(report.reset_per_tensor, report.embedding_tensor, report.ranked_elements,

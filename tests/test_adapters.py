@@ -276,6 +276,12 @@ def test_adapters_that_cannot_be_merged_here_are_refused_in_one_line(lm_adapter,
         (write_adapter(tmp_path / "ranks", {"rank_pattern": ["q_proj"]}),
          "rank_pattern is ['q_proj']; expected module names mapped to positive numbers"),
         (write_adapter(tmp_path / "alphas", {"alpha_pattern": {"q_proj": "8"}}), "alpha_pattern is {'q_proj': '8'}"),
+        # Keys matched as regular expressions: one that could backtrack for hours, one that is none.
+        (write_adapter(tmp_path / "backtracks", {"rank_pattern": {"(q|q_)*x": 2}}),
+         "rank_pattern key '(q|q_)*x' has an alternation inside a repetition; its keys are matched as regular "
+         "expressions against module names: give the names, or a simpler pattern"),
+        (write_adapter(tmp_path / "unmatched", {"alpha_pattern": {"(q_proj": 2}}),
+         "alpha_pattern key '(q_proj' is not a regular expression (missing ), unterminated subpattern"),
         (write_adapter(tmp_path / "ia3", {"peft_type": "IA3"}), "peft_type 'IA3'; only LoRA adapters are merged"),
         (write_adapter(tmp_path / "pickle", bin_only=True), "adapter_model.bin is a pickle, which is never loaded"),
         (write_adapter(tmp_path / "wide", tensors={f"{q}.lora_A.weight": torch.randn(2, 48),
@@ -429,3 +435,19 @@ def test_a_classifier_adapter_on_an_llm_is_a_classifier_and_no_input_is_overwrit
     assert cli.main(["hessian", "--model", str(tmp_path / "adapter"), "--pretrained", str(pre), "--clean-data",
                      str(labelled), "--out", str(pre), "--overwrite"]) == 2
     assert f"--out {pre} is or holds the input {pre}" in capsys.readouterr().err and _digest(pre) == before
+
+
+@pytest.mark.parametrize("key, risk", [
+    ("model.layers.0.self_attn.q_proj", None), (r".*\.layers\.(0|1)\..*q_proj", None), ("[a-z]+_proj", None),
+    (r"^model\.layers\.\d+\.mlp", None), (r"layers\.(1[0-9]|2[0-3])\.", None), ("a{2,5}b", None),
+    ("(a+)+b", "nests a repetition in a repetition"), ("(.*a){20}", "nests a repetition in a repetition"),
+    ("(?:a(?:b+))*", "nests a repetition in a repetition"), ("(a|ab)*c", "has an alternation inside a repetition"),
+    (".*.*.*.*x", "has 4 repetitions (at most 3 are matched)"), ("q_proj)", "is not a regular expression"),
+])
+def test_pattern_keys_that_could_backtrack_without_end_are_told(key, risk):
+    """PEFT's rank_pattern and alpha_pattern keys as PEFT's own configs write them pass; the ones
+    whose match over a module's name backtracks exponentially or at a high power are named."""
+    from finepurify_ext.adapters import _pattern_risk
+
+    found = _pattern_risk(key)
+    assert found == risk if risk is None or not risk.startswith("is not") else found.startswith(risk), found
