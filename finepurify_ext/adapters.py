@@ -24,6 +24,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 
+import regex
 import torch
 
 from .errors import UserError
@@ -76,11 +77,13 @@ class Adapter:
     def scaling(self, module: str, rank: int) -> float:
         """PEFT's scaling of ``module``'s product: lora_alpha / r (or / sqrt(r), rsLoRA), with the
         first key of rank_pattern and alpha_pattern that matches the module's name."""
-        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
+        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8),
+                               f"{os.path.join(self.path, CONFIG)}: alpha_pattern")
         return alpha / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
 
     def rank(self, module: str) -> int:
-        return int(_pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8)))
+        return int(_pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8),
+                                  f"{os.path.join(self.path, CONFIG)}: rank_pattern"))
 
     def _stored_transposed(self, module: str) -> bool:
         """Whether the module's weight is B @ A's transpose: an embedding's, or a Conv1D's."""
@@ -135,57 +138,28 @@ def _positive(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
 
 
-def _pattern_value(pattern: dict, module: str, default):
-    """PEFT's rule: the first pattern key that matches the end of the module's name at a dot."""
+# PEFT matches rank_pattern and alpha_pattern keys as regular expressions, and the adapter is
+# untrusted: a key such as "(a+)+b" backtracks for hours over a module's name under Python's re. They
+# are matched with the regex package (transformers' dependency), which gives up after this long.
+PATTERN_TIMEOUT_S = 1.0
+
+
+def _peft_pattern(key: str) -> str:
+    """What PEFT matches a pattern key as: the end of a module's name, at a dot."""
+    return rf"(.*\.)?({key})$"
+
+
+def _pattern_value(pattern: dict, module: str, default, where: str):
+    """PEFT's rule: the first pattern key that matches the end of the module's name at a dot.
+    ``where`` names the config and option for the message of a key that takes too long."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if regex.match(_peft_pattern(key), module, timeout=PATTERN_TIMEOUT_S):
+                return value
+        except TimeoutError:
+            raise AdapterError(f"{where} key {key!r} took over {PATTERN_TIMEOUT_S:g} s to match the module name "
+                               f"{module!r}; give module names, or a simpler pattern") from None
     return default
-
-
-MAX_PATTERN_REPEATS = 3
-
-
-def _pattern_risk(key: str) -> str | None:
-    """What makes a rank_pattern or alpha_pattern key unsafe to match, or None. PEFT matches the keys
-    as regular expressions, and the adapter is untrusted: a repetition inside a repetition or an
-    alternation inside one (``(a+)+``, ``(a|ab)*``) backtracks exponentially over a module's name,
-    and many repetitions in a row polynomially. Without those, a match takes at most about n^4
-    steps (n: the name's length; the match adds an optional prefix)."""
-    try:
-        from re import _constants as const, _parser as parser  # Python 3.11+
-    except ImportError:  # Python 3.10
-        import sre_constants as const
-        import sre_parse as parser
-    try:
-        tree = parser.parse(key)
-    except re.error as error:
-        return f"is not a regular expression ({error})"
-    repeats = {const.MAX_REPEAT, const.MIN_REPEAT, getattr(const, "POSSESSIVE_REPEAT", const.MAX_REPEAT)}
-    found = []
-
-    def walk(items, under_repeat):
-        for op, arg in items:
-            repeated = op in repeats and arg[1] > 1
-            if repeated:
-                if under_repeat:
-                    return "nests a repetition in a repetition"
-                found.append(op)
-            if op is const.BRANCH and under_repeat:
-                return "has an alternation inside a repetition"
-            for part in arg if isinstance(arg, (tuple, list)) else ():
-                subpatterns = part if isinstance(part, list) else [part]
-                for sub in subpatterns:
-                    if isinstance(sub, parser.SubPattern):
-                        risk = walk(sub, under_repeat or repeated)
-                        if risk:
-                            return risk
-        return None
-
-    risk = walk(tree, False)
-    if risk is None and len(found) > MAX_PATTERN_REPEATS:
-        risk = f"has {len(found)} repetitions (at most {MAX_PATTERN_REPEATS} are matched)"
-    return risk
 
 
 def read_adapter(path: str) -> Adapter:
@@ -222,10 +196,11 @@ def read_adapter(path: str) -> Adapter:
             raise AdapterError(f"{config_file}: {option} is {pattern!r}; expected module names mapped to positive "
                                "numbers")
         for key in pattern:
-            risk = _pattern_risk(key)
-            if risk is not None:
-                raise AdapterError(f"{config_file}: {option} key {key!r} {risk}; its keys are matched as regular "
-                                   "expressions against module names: give the names, or a simpler pattern")
+            try:
+                re.compile(_peft_pattern(key))  # as PEFT compiles it
+            except re.error as error:
+                raise AdapterError(f"{config_file}: {option} key {key!r} is not a regular expression PEFT can match "
+                                   f"({error}); give module names") from None
     weights = os.path.join(path, WEIGHTS)
     if not os.path.isfile(weights):
         pickled = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(path, f))]

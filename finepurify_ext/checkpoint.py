@@ -289,19 +289,27 @@ class Checkpoint:
 FINGERPRINT_WINDOWS, FINGERPRINT_BYTES = 8, 64
 
 
-def fingerprint(checkpoint: "str | Checkpoint") -> str:
+def fingerprint(checkpoint: "str | Checkpoint", names=None, prefix: str = "") -> str:
     """A digest that tells one model's weights from another's, read in a few hundred bytes per
     tensor: each tensor's name, dtype, shape and ``FINGERPRINT_WINDOWS`` windows of its bytes, in
-    name order (the same however the checkpoint is sharded). It tells which model a Hessian was
-    estimated on; it is no proof that a file was not forged."""
+    name order (the same however the checkpoint is sharded). With ``names`` (a model's parameters,
+    or a Hessian's tensors), those tensors alone, each found with or without the base model's
+    ``prefix`` and digested under the name given: a checkpoint stored without the prefix, or with
+    buffers and tied copies another lacks, gives the same digest for the same weights. It tells
+    which model a Hessian was estimated on, as a fine-tune moves most of every tensor it trains; a
+    few weights changed by hand may go unseen, and it is no proof that a file was not forged."""
     import hashlib
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     digest = hashlib.blake2b(digest_size=16)
     fds = {file: os.open(file, os.O_RDONLY) for file in ckpt.files}
     try:
-        for name in sorted(ckpt.entries):
-            e = ckpt.entries[name]
+        for name in sorted(ckpt.entries if names is None else names):
+            stored = next((n for n in names_with_prefix(name, prefix) if n in ckpt), None)
+            if stored is None:
+                digest.update(f"{name}\0absent\0".encode())
+                continue
+            e = ckpt.entries[stored]
             digest.update(f"{name}\0{str(e.dtype)}\0{list(e.shape)}\0".encode())
             if e.nbytes <= FINGERPRINT_WINDOWS * FINGERPRINT_BYTES:
                 digest.update(os.pread(fds[e.file], e.nbytes, e.begin))
@@ -356,17 +364,18 @@ class CheckpointReport:
         return asdict(self)
 
 
-def _hessian_of(hessian: str, h_ckpt: Checkpoint, suspect: str, sus_ckpt: Checkpoint) -> dict | None:
-    """The model the Hessian records it was estimated on, checked to be the suspect; None where it
-    records none (saved by the Python API without one, or before Hessians recorded it)."""
+def _hessian_of(hessian: str, h_ckpt: Checkpoint, suspect: str, sus_ckpt: Checkpoint, prefix: str) -> dict | None:
+    """The model the Hessian records it was estimated on, checked to be the suspect (its weights
+    under the Hessian's names); None where it records none (saved by the Python API without one,
+    or before Hessians recorded it)."""
     meta = next((m for m in h_ckpt.metadata.values() if "model_fingerprint" in m), None)
     if meta is None:
         return None
-    expected = fingerprint(sus_ckpt)
+    expected = fingerprint(sus_ckpt, h_ckpt.entries, prefix)
     if meta["model_fingerprint"] != expected:
-        raise CheckpointError(f"{hessian} is the Hessian of another model: it was estimated on "
-                              f"{meta.get('model', 'a model it does not name')}, whose weights differ from the "
-                              f"suspect {suspect}'s; estimate the suspect's with `finepurify hessian`")
+        raise CheckpointError(f"{hessian} was estimated on {meta.get('model', 'a model it does not name')}, and the "
+                              f"weights of the suspect {suspect} are not those (another model, or changed since): "
+                              "estimate the suspect's Hessian with `finepurify hessian`")
     return {"model": meta.get("model"), "model_fingerprint": expected,
             "clean_data_sha256": meta.get("clean_data_sha256")}
 
@@ -490,11 +499,11 @@ def purify_checkpoint(
     if formats - {HESSIAN_FORMAT}:
         raise CheckpointError(f"{hessian} is not a Hessian saved by `finepurify hessian` (its format is "
                               f"{sorted(formats)[0]!r}); estimate one with `finepurify hessian`")
-    hessian_of = _hessian_of(hessian, h_ckpt, suspect, sus_ckpt)
     check_output_dir(out_dir, overwrite, option="output directory")  # fail before the long passes
     scored, unscored, pre_name, not_weights = [], [], {}, set()
     layout = model_layout(suspect) if os.path.isdir(suspect) else None
     not_loaded = layout.not_loaded(sus_ckpt) if layout is not None else set()
+    hessian_of = _hessian_of(hessian, h_ckpt, suspect, sus_ckpt, layout.prefix if layout is not None else "")
     # A suspect with its own output layer, from a model whose output layer is its input embedding:
     # that embedding is the output layer's pre-trained value (as in memory).
     pre_layout = model_layout(pretrained) if layout is not None and layout.output_embedding else None

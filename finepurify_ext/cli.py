@@ -88,6 +88,11 @@ def cmd_purify_checkpoint(args) -> int:
                         "(out of core, no clean fine-tuning) give a numeric --reserve-ratio or --num-reset")
     check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.hessian_file))
     config = _purify_config(args)
+    if "suspect" in args.adapters and _model_kind(args, "suspect") == "classifier":
+        # Out of core merges into --pretrained's own tensors; a classifier's head is new, and its
+        # names carry the classifier's prefix a base checkpoint lacks.
+        raise UserError(f"--suspect {args.suspect} is a classifier's LoRA adapter, merged only in memory onto the "
+                        "classifier built from --pretrained: purify it with --clean-data instead of --hessian-file")
     _read_models(args)
     inputs = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
               "hessian": os.path.abspath(args.hessian_file), "suspect_adapter": args.merged.get("suspect")}
@@ -281,9 +286,9 @@ def cmd_hessian(args) -> int:
 
         clean = load_instructions(args.clean_data)  # before loading the model
         _read_models(args)
-        provenance, key = _estimated_on(args, args.max_length)
         model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
         model.to(device)
+        provenance, key = _estimated_on(args, model, args.max_length)
         with compute_precision(device, args.dtype):
             hessians, count = lm_hessian(model, tokenizer, clean, args.batch_size, args.max_length,
                                          per_sample=args.per_sample, micro_batch_size=args.micro_batch_size,
@@ -300,9 +305,9 @@ def cmd_hessian(args) -> int:
     _read_models(args)  # a LoRA adapter merged
     config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size,
                            micro_batch_size=args.micro_batch_size)
-    provenance, key = _estimated_on(args, config.max_length)
     model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
     model.to(device)
+    provenance, key = _estimated_on(args, model, config.max_length)
     with compute_precision(device, args.dtype):
         hessians, count = clean_hessian(model, tokenizer, clean, config, resume_file=resume,
                                         save_every=args.save_every, resume_key=key)
@@ -312,17 +317,20 @@ def cmd_hessian(args) -> int:
     return 0
 
 
-def _estimated_on(args, max_length: int) -> tuple[dict, dict]:
-    """What ``hessian`` records of its inputs (the model as given, the fingerprint of the weights read,
-    after a GGUF file's conversion or an adapter's merge, and the clean data's digest: out-of-core
-    purify refuses the Hessian for another suspect), and the key an interrupted run's running sums
-    must match to be resumed (the same and the batch settings)."""
+def _estimated_on(args, model, max_length: int) -> tuple[dict, dict]:
+    """What ``hessian`` records of its inputs (the model as named, the fingerprint of the weights of
+    its parameters as read, after a GGUF file's conversion or an adapter's merge, and the clean data's
+    digest: out-of-core purify refuses the Hessian for another suspect), and the key an interrupted
+    run's running sums must match to be resumed (the same, the batch settings and the dtype)."""
     from .checkpoint import file_digest, fingerprint
 
-    model, data = fingerprint(args.model), file_digest(args.clean_data)
-    provenance = {"model": _given(args, "model"), "model_fingerprint": model, "clean_data_sha256": data}
-    key = {"model": model, "clean_data": data, "batch_size": args.batch_size, "max_length": max_length,
-           "model_kind": _model_kind(args, "model")}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the Hessian's
+    weights = fingerprint(args.model, names, model.base_model_prefix + ".")
+    data = file_digest(args.clean_data)
+    named = args.converted.get(args.model) or _given(args, "model")  # "ADAPTER (merged into PRE)"
+    provenance = {"model": named, "model_fingerprint": weights, "clean_data_sha256": data}
+    key = {"model": weights, "clean_data": data, "batch_size": args.batch_size, "max_length": max_length,
+           "model_kind": _model_kind(args, "model"), "dtype": args.dtype}
     return provenance, key
 
 

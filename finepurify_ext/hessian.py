@@ -336,6 +336,9 @@ def _load_accumulator(path, sums, per_sample, resume_key) -> tuple[int, int]:
                 raise ValueError(f"{path} was saved with per_sample={meta.get('per_sample')}; resume with the "
                                  "same setting or give a new file")
             saved_key = {k[len(RESUME_KEY):]: v for k, v in meta.items() if k.startswith(RESUME_KEY)}
+            if resume_key and not saved_key:
+                raise ValueError(f"{path} was saved by an earlier version that did not record which run it "
+                                 "belongs to; delete it to start afresh")
             for k in sorted(set(saved_key) | set(resume_key)):
                 if saved_key.get(k) != (None if resume_key.get(k) is None else str(resume_key[k])):
                     raise ValueError(f"{path} holds the running sums of a run with another {k.replace('_', ' ')} "

@@ -166,6 +166,8 @@ def test_commands_take_an_adapter_as_the_model_peft_merges(lm_adapter, tmp_path,
                           "hessian": str(tmp_path / "h_adapter.safetensors"),
                           "suspect_adapter": report["inputs"]["suspect_adapter"]}
     assert json.loads((tmp_path / "ooc_merged" / "finepurify_report.json").read_text())["inputs"]["suspect_adapter"] is None
+    hessian_of = json.loads((tmp_path / "ooc_adapter" / "finepurify_report.json").read_text())["hessian_of"]
+    assert hessian_of["model"] == f"{root / 'adapter'} (merged into {root / 'pre'})"  # as estimated
     assert report["purify"]["num_reset"] == outputs["merged"][4]["purify"]["num_reset"] > 0
     assert (_digest(root / "pre"), _digest(root / "adapter")) == before
     assert not [p for p, _, _ in os.walk(tmp_path) if ".finepurify-inputs-" in p]
@@ -276,12 +278,11 @@ def test_adapters_that_cannot_be_merged_here_are_refused_in_one_line(lm_adapter,
         (write_adapter(tmp_path / "ranks", {"rank_pattern": ["q_proj"]}),
          "rank_pattern is ['q_proj']; expected module names mapped to positive numbers"),
         (write_adapter(tmp_path / "alphas", {"alpha_pattern": {"q_proj": "8"}}), "alpha_pattern is {'q_proj': '8'}"),
-        # Keys matched as regular expressions: one that could backtrack for hours, one that is none.
-        (write_adapter(tmp_path / "backtracks", {"rank_pattern": {"(q|q_)*x": 2}}),
-         "rank_pattern key '(q|q_)*x' has an alternation inside a repetition; its keys are matched as regular "
-         "expressions against module names: give the names, or a simpler pattern"),
+        # Keys PEFT matches as regular expressions (inside its own): ones it could not compile.
         (write_adapter(tmp_path / "unmatched", {"alpha_pattern": {"(q_proj": 2}}),
-         "alpha_pattern key '(q_proj' is not a regular expression (missing ), unterminated subpattern"),
+         "alpha_pattern key '(q_proj' is not a regular expression PEFT can match (missing ), unterminated subpattern"),
+        (write_adapter(tmp_path / "flags", {"rank_pattern": {"(?i)q_proj": 2}}),
+         "rank_pattern key '(?i)q_proj' is not a regular expression PEFT can match (global flags not at the start"),
         (write_adapter(tmp_path / "ia3", {"peft_type": "IA3"}), "peft_type 'IA3'; only LoRA adapters are merged"),
         (write_adapter(tmp_path / "pickle", bin_only=True), "adapter_model.bin is a pickle, which is never loaded"),
         (write_adapter(tmp_path / "wide", tensors={f"{q}.lora_A.weight": torch.randn(2, 48),
@@ -435,19 +436,40 @@ def test_a_classifier_adapter_on_an_llm_is_a_classifier_and_no_input_is_overwrit
     assert cli.main(["hessian", "--model", str(tmp_path / "adapter"), "--pretrained", str(pre), "--clean-data",
                      str(labelled), "--out", str(pre), "--overwrite"]) == 2
     assert f"--out {pre} is or holds the input {pre}" in capsys.readouterr().err and _digest(pre) == before
+    # Out of core merges into --pretrained's own tensors, which hold no classifier head: refused up front.
+    h = tmp_path / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(tmp_path / "adapter"), "--pretrained", str(pre), "--clean-data",
+                     str(labelled), "--out", str(h), "--batch-size", "8"]) == 0
+    capsys.readouterr()
+    assert cli.main(["purify", "--pretrained", str(pre), "--suspect", str(tmp_path / "adapter"), "--hessian-file",
+                     str(h), "--out", str(tmp_path / "ooc"), "--reserve-ratio", "0.3"]) == 2
+    assert (f"error: --suspect {tmp_path / 'adapter'} is a classifier's LoRA adapter, merged only in memory onto the "
+            "classifier built from --pretrained: purify it with --clean-data instead of --hessian-file"
+            ) in capsys.readouterr().err and not (tmp_path / "ooc").exists()
 
 
-@pytest.mark.parametrize("key, risk", [
-    ("model.layers.0.self_attn.q_proj", None), (r".*\.layers\.(0|1)\..*q_proj", None), ("[a-z]+_proj", None),
-    (r"^model\.layers\.\d+\.mlp", None), (r"layers\.(1[0-9]|2[0-3])\.", None), ("a{2,5}b", None),
-    ("(a+)+b", "nests a repetition in a repetition"), ("(.*a){20}", "nests a repetition in a repetition"),
-    ("(?:a(?:b+))*", "nests a repetition in a repetition"), ("(a|ab)*c", "has an alternation inside a repetition"),
-    (".*.*.*.*x", "has 4 repetitions (at most 3 are matched)"), ("q_proj)", "is not a regular expression"),
-])
-def test_pattern_keys_that_could_backtrack_without_end_are_told(key, risk):
-    """PEFT's rank_pattern and alpha_pattern keys as PEFT's own configs write them pass; the ones
-    whose match over a module's name backtracks exponentially or at a high power are named."""
-    from finepurify_ext.adapters import _pattern_risk
+# Module names, and keys as PEFT's configs write them and as an attacker might.
+MODULES = ["base_model.model.model.layers.31.self_attn.q_proj", "model.layers.3.mlp.down_proj", "q_proj"]
+KEYS = ["model.layers.3.mlp.down_proj", r".*\.layers\.(0|3)\..*_proj", "[a-z]+_proj", r"layers\.\d+\.mlp\.\w+",
+        r".*\.layers\.\d+\..*\.\w+_proj", r"(\d{1,2}\.){2}", "q_proj", "layers.31.self_attn.q_proj"]
+# Each of these took from seconds to minutes per module name under Python's re.
+BACKTRACKING = ["(?:.?.?.?){12}X", "(.?){24}.{24}X", "(a+)+b", "(.*a){20}"]
 
-    found = _pattern_risk(key)
-    assert found == risk if risk is None or not risk.startswith("is not") else found.startswith(risk), found
+
+def test_pattern_keys_match_as_peft_matches_them_and_never_hang(monkeypatch):
+    """rank_pattern and alpha_pattern keys give what PEFT's re.match gives; keys that backtrack
+    without end under re give their answer at once; a key the matcher gives up on names the config
+    and the key."""
+    from finepurify_ext import adapters
+
+    for key in KEYS:
+        for module in MODULES:
+            want = 2 if re.match(rf"(.*\.)?({key})$", module) else 8
+            assert adapters._pattern_value({key: 2}, module, 8, "config") == want, (key, module)
+    for key in BACKTRACKING:
+        assert adapters._pattern_value({key: 2}, MODULES[0], 8, "config") == 8
+    monkeypatch.setattr(adapters, "PATTERN_TIMEOUT_S", 1e-9)
+    with pytest.raises(adapters.AdapterError) as error:
+        adapters._pattern_value({r"(.*)*(.*)*(.*)*\5X": 2}, MODULES[0], 8, "a/adapter_config.json: rank_pattern")
+    assert str(error.value) == ("a/adapter_config.json: rank_pattern key '(.*)*(.*)*(.*)*\\\\5X' took over 1e-09 s "
+                                f"to match the module name {MODULES[0]!r}; give module names, or a simpler pattern")

@@ -2,6 +2,8 @@
 and the Hessian of that loss, on tiny randomly initialised Llama and GPT-2 models."""
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -447,6 +449,47 @@ def test_out_of_core_purifies_a_causal_lm_checkpoint_as_in_memory(tokenizer, lm_
         assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"),
                          "--hessian-file", str(bad), "--out", str(lm_dirs / "bad_out")]) == 2
         assert f"{bad}: its seen_tokens metadata is damaged" in capsys.readouterr().err
+
+
+def test_a_hessian_is_the_same_weights_however_their_checkpoint_names_them(tokenizer, tmp_path, capsys):
+    """A GPT-2 stored as the Hub stores it (no "transformer." prefix, the attention-mask buffers kept)
+    and its save_pretrained copy hold the same weights: the Hessian estimated on one is the other's
+    out of core (its fingerprint is of the model's parameters, under their names); a copy with one
+    weight matrix moved is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from finepurify_ext import cli
+    from finepurify_ext.checkpoint import fingerprint
+
+    root = make_lm_dirs(tokenizer, tmp_path, "gpt2")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    state = load_file(root / "suspect" / "model.safetensors")
+    stored = {n.removeprefix("transformer."): t for n, t in state.items()}
+    stored.update({f"h.{i}.attn.bias": torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64) for i in range(2)})
+    save_file(stored, str(hub / "model.safetensors"), metadata={"format": "pt"})
+    for f in os.listdir(root / "suspect"):
+        if not f.endswith(".safetensors"):
+            shutil.copyfile(root / "suspect" / f, hub / f)
+    h = tmp_path / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(hub), "--clean-data", str(root / "clean.jsonl"), "--out", str(h),
+                     "--batch-size", "8", "--max-length", "32"]) == 0
+    names = list(load_file(h))
+    assert fingerprint(str(hub)) != fingerprint(str(root / "suspect"))  # all tensors as stored differ by name
+    assert fingerprint(str(hub), names, "transformer.") == fingerprint(str(root / "suspect"), names, "transformer.")
+    args = ["purify", "--pretrained", str(root / "pre"), "--suspect", str(root / "suspect"), "--hessian-file", str(h),
+            "--out", str(tmp_path / "out"), "--reserve-ratio", "0.3"]
+    assert cli.main(args) == 0
+    report = json.loads((tmp_path / "out" / "finepurify_report.json").read_text())
+    assert report["hessian_of"]["model"] == str(hub) and report["num_reset"] > 0
+    moved = shutil.copytree(root / "suspect", tmp_path / "moved")
+    state["transformer.h.1.mlp.c_fc.weight"] += 1e-3
+    save_file(state, str(moved / "model.safetensors"), metadata={"format": "pt"})
+    args[args.index("--suspect") + 1], args[args.index("--out") + 1] = str(moved), str(tmp_path / "out2")
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    assert (f"error: {h} was estimated on {hub}, and the weights of the suspect {moved} are not those (another "
+            "model, or changed since): estimate the suspect's Hessian with `finepurify hessian`") in capsys.readouterr().err
 
 
 def test_a_causal_lm_config_with_fewer_layers_than_the_weights_is_refused(lm_dirs, capsys):

@@ -245,14 +245,14 @@ def test_a_hessian_is_the_suspects_it_was_estimated_on(models, tmp_path, capsys)
         save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
         args = command("purify-out-of-core", models, str(tmp_path / "out"))
         args[args.index("--suspect") + 1] = str(directory)
-        fails(args, capsys, f"{models.hessian} is the Hessian of another model: it was estimated on {models.suspect}, "
-              f"whose weights differ from the suspect {directory}'s; estimate the suspect's with `finepurify hessian`",
-              inputs=[directory, models.hessian])
+        fails(args, capsys, f"{models.hessian} was estimated on {models.suspect}, and the weights of the suspect "
+              f"{directory} are not those (another model, or changed since): estimate the suspect's Hessian with "
+              "`finepurify hessian`", inputs=[directory, models.hessian])
     reference = tmp_path / "reference"
     assert cli.main(command("purify-out-of-core", models, str(reference))) == 0
     assert "does not record the model" not in capsys.readouterr().err
     assert json.loads((reference / "finepurify_report.json").read_text())["hessian_of"] == {
-        "model": models.suspect, "model_fingerprint": fingerprint(models.suspect),
+        "model": models.suspect, "model_fingerprint": fingerprint(models.suspect, load_file(models.hessian), "bert."),
         "clean_data_sha256": file_digest(models.clean)}
     sharded = tmp_path / "sharded"  # the same weights in two shards and an index
     shutil.copytree(models.suspect, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -262,7 +262,7 @@ def test_a_hessian_is_the_suspects_it_was_estimated_on(models, tmp_path, capsys)
     for shard in set(weight_map.values()):
         save_file({n: state[n] for n in names if weight_map[n] == shard}, sharded / shard, metadata={"format": "pt"})
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    assert fingerprint(str(sharded)) == fingerprint(models.suspect)
+    assert fingerprint(str(sharded)) == fingerprint(models.suspect) != fingerprint(str(cast))
     out = tmp_path / "from_shards"
     args = command("purify-out-of-core", models, str(out))
     args[args.index("--suspect") + 1] = str(sharded)
@@ -278,7 +278,10 @@ def test_a_hessian_is_the_suspects_it_was_estimated_on(models, tmp_path, capsys)
 
 def test_an_interrupted_hessian_resumes_only_the_same_run(models, tmp_path, capsys, monkeypatch):
     """The running sums an interrupted `finepurify hessian` kept are resumed only by the same model,
-    clean data and batch size: another's are refused, and kept, not overwritten."""
+    clean data, batch size and dtype: another's are refused, and kept, not overwritten; sums saved
+    before the run's keys were recorded are refused with the advice to start afresh."""
+    from safetensors import safe_open
+
     batches = pipeline.batches
 
     def interrupted_after_two(*args, **kwargs):
@@ -306,6 +309,17 @@ def test_an_interrupted_hessian_resumes_only_the_same_run(models, tmp_path, caps
         assert f"error: cannot resume from {accumulator}: " not in err  # refused as such, not as a damaged file
         assert f"error: {accumulator} holds the running sums of a run with another {what} (" in err, err
         assert "resume with the same, or delete it to start afresh" in err and digest(accumulator) == kept
+    older = tmp_path / "older.safetensors"  # saved before the runs' keys were recorded
+    shutil.copyfile(accumulator, older)
+    with safe_open(str(older), framework="pt") as f:
+        sums, meta = {n: f.get_tensor(n) for n in f.keys()}, f.metadata()
+    save_file(sums, str(older), metadata={k: v for k, v in meta.items() if not k.startswith("resume.")})
+    shutil.copyfile(older, str(tmp_path / "o.safetensors") + ".accumulator.safetensors")
+    assert cli.main(command("hessian", models, str(tmp_path / "o.safetensors")) + ["--batch-size", "4"]) == 2
+    assert (".accumulator.safetensors was saved by an earlier version that did not record which run it belongs to; "
+            "delete it to start afresh") in capsys.readouterr().err
+    assert cli.main(command("hessian", models, out) + ["--batch-size", "4", "--dtype", "bfloat16"]) == 2
+    assert "a run with another dtype (float32, now bfloat16)" in capsys.readouterr().err
     assert cli.main(command("hessian", models, out) + ["--batch-size", "4"]) == 0
     assert not os.path.exists(accumulator)
     uninterrupted = str(tmp_path / "u.safetensors")
