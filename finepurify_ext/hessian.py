@@ -192,8 +192,9 @@ def estimate_hessian(
     hessians = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     local = {name: _local(h) for name, h in hessians.items()}
     done, count = 0, 0
+    resume_key = {k: str(v) for k, v in (resume_key or {}).items()}  # as the file's metadata holds it
     if resume_file is not None and os.path.exists(resume_file):
-        done, count = _load_accumulator(resume_file, local, per_sample, resume_key or {})
+        done, count = _load_accumulator(resume_file, local, per_sample, resume_key)
     was_training = model.training
     saved_grads = {name: p.grad for name, p in params.items()}
     model.eval()
@@ -315,12 +316,12 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dic
 RESUME_KEY = "resume."  # the metadata keys of estimate_hessian's resume_key
 
 
-def _save_accumulator(path, sums, done, count, per_sample, resume_key=None) -> None:
+def _save_accumulator(path, sums, done, count, per_sample, resume_key) -> None:
     # Not synced to the disk: it is saved every few batches (a sync took 0.4 s per GB here), and a
     # copy lost to a machine crash is refused on resume with the advice to start afresh.
     _atomic_save_file(sums, path, {"format": ACCUMULATOR_FORMAT, "batches_done": str(done),
                                    "squared_gradients": str(count), "per_sample": str(bool(per_sample)),
-                                   **{RESUME_KEY + k: str(v) for k, v in (resume_key or {}).items()}}, sync=False)
+                                   **{RESUME_KEY + k: v for k, v in resume_key.items()}}, sync=False)
 
 
 def _load_accumulator(path, sums, per_sample, resume_key) -> tuple[int, int]:
@@ -340,7 +341,7 @@ def _load_accumulator(path, sums, per_sample, resume_key) -> tuple[int, int]:
                 raise ValueError(f"{path} was saved by an earlier version that did not record which run it "
                                  "belongs to; delete it to start afresh")
             for k in sorted(set(saved_key) | set(resume_key)):
-                if saved_key.get(k) != (None if resume_key.get(k) is None else str(resume_key[k])):
+                if saved_key.get(k) != resume_key.get(k):
                     raise ValueError(f"{path} holds the running sums of a run with another {k.replace('_', ' ')} "
                                      f"({_short(saved_key.get(k))}, now {_short(resume_key.get(k))}); resume with "
                                      "the same, or delete it to start afresh")
@@ -360,7 +361,7 @@ def _load_accumulator(path, sums, per_sample, resume_key) -> tuple[int, int]:
 
 
 def _short(value) -> str:
-    return "none recorded" if value is None else str(value)[:16]
+    return "none recorded" if value is None else value[:16]
 
 
 def save_hessian(path: str, hessians: dict[str, torch.Tensor], count: int, seen_tokens=None,
