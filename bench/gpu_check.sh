@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command, for whoever is lent a GPU: build for this GPU's architecture only;
 # the CUDA tests of the search from a sample, compute-sanitizer memcheck of the kernels changed since
-# its last clean run, the other CUDA tests; the benchmarks of the ops, the threshold searches and the
+# its last clean run (synccheck and racecheck of the candidates' kernel), the other CUDA tests; the benchmarks of the ops, the threshold searches and the
 # pipeline (with the sample's search on the GPU where its tests passed); purify_'s host cost; the
 # commands end to end with the time left. Sized to finish within FINEPURIFY_GPU_CHECK_S seconds
 # (default 470, under 8 minutes) on one H100/H200; every step has its own limit and a failed step
@@ -87,6 +87,13 @@ MEMCHECK_K=${FINEPURIFY_MEMCHECK_K-score_candidates or score_sample or search_fr
 MEMCHECK_FILTER=(); [[ -n "$MEMCHECK_K" ]] && MEMCHECK_FILTER=(-k "$MEMCHECK_K")
 step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 99 \
   "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py "${MEMCHECK_FILTER[@]}"
+# score_candidates appends its keys by warp votes inside a divergent branch (__activemask), and its
+# block histogram by shared atomics between barriers: synccheck and racecheck on its own tests
+# (seconds), which memcheck does not judge.
+step synccheck 40 compute-sanitizer --tool synccheck --error-exitcode 99 \
+  "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py -k "score_candidates_match_cpu or sample_and_candidates"
+step racecheck 40 compute-sanitizer --tool racecheck --error-exitcode 99 \
+  "$PY" -m pytest -q -p no:cacheprovider -x tests/test_cuda.py -k "score_candidates_match_cpu"
 if [[ -z "${FINEPURIFY_CUDA_TESTS_K:-}" ]]; then
   step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_torch_integration.py \
     -k "not ($SAMPLE_K) or torch_integration"

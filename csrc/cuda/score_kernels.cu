@@ -250,7 +250,8 @@ __global__ void __launch_bounds__(kThreads)
       return;
     }
     // The lanes here now (all of them but in a tensor's last step, or once some saw the slots run
-    // out) append together; all of them see the same base, so slots_left stays the same across them.
+    // out) append together: the group sees one base, so slots_left is the same across the group
+    // (lanes outside it may differ; the slot check and between_unkept count every key either way).
     const unsigned active = __activemask();
     const unsigned found = __ballot_sync(active, between);
     if (found != 0) {
