@@ -167,6 +167,7 @@ def _read_only_dtype(device, path: str):
 def _purified_writer(model, tokenizer, report, suspect: str):
     """Writes a purified model's directory: weights (safetensors) in the dtype the suspect's are
     stored in, tokenizer, plots and the report. ``model`` is not used after the write."""
+    from .checkpoint import names_with_prefix
     from .pipeline import stored_dtype, stored_dtypes, write_json
     from .plots import plot_purification
 
@@ -175,11 +176,21 @@ def _purified_writer(model, tokenizer, report, suspect: str):
     # A tensor stored in another dtype (float32 norms beside bfloat16 weights) keeps its own.
     own = {n: d for n, d in stored_dtypes(suspect).items() if d.is_floating_point and d != dtype}
 
+    prefix = getattr(model, "base_model_prefix", "") + "."
+
+    def stored_as(name):  # under the name the suspect stores it by (a Hub GPT-2's lack the prefix)
+        return next((own[n] for n in names_with_prefix(name, prefix) if n in own), dtype)
+
     def write(tmp):
-        model.to(dtype)  # in place: a float32 copy beside it would double the memory
+        # Each tensor cast once, to its own dtype, in place (a float32 copy of the model beside it would
+        # double the memory): cast to most's dtype first, a float32 norm would hold bfloat16's values.
         for name, p in model.named_parameters():
-            if name in own:
-                p.data = p.data.to(own[name])
+            if p.is_floating_point():
+                p.data = p.data.to(stored_as(name))
+        for module_name, module in model.named_modules():
+            for name, b in module.named_buffers(recurse=False):
+                if b.is_floating_point():
+                    setattr(module, name, b.to(stored_as(f"{module_name}.{name}".lstrip("."))))
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]
@@ -321,7 +332,8 @@ def _estimated_on(args, model, max_length: int) -> tuple[dict, dict]:
     """What ``hessian`` records of its inputs (the model as named, the fingerprint of the weights of
     its parameters as read, after a GGUF file's conversion or an adapter's merge, and the clean data's
     digest: out-of-core purify refuses the Hessian for another suspect), and the key an interrupted
-    run's running sums must match to be resumed (the same, the batch settings and the dtype)."""
+    run's running sums must match to be resumed (the same, the batch settings, the dtype and the
+    weights' dtype as loaded)."""
     from .checkpoint import file_digest, fingerprint
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]  # the Hessian's
@@ -330,7 +342,9 @@ def _estimated_on(args, model, max_length: int) -> tuple[dict, dict]:
     named = args.converted.get(args.model) or _given(args, "model")  # "ADAPTER (merged into PRE)"
     provenance = {"model": named, "model_fingerprint": weights, "clean_data_sha256": data}
     key = {"model": weights, "clean_data": data, "batch_size": args.batch_size, "max_length": max_length,
-           "model_kind": _model_kind(args, "model"), "dtype": args.dtype}
+           "model_kind": _model_kind(args, "model"), "dtype": args.dtype,
+           # the weights' dtype as loaded, which follows the device (a GPU keeps bfloat16 as stored)
+           "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     return provenance, key
 
 

@@ -399,7 +399,9 @@ class RankFeed:
             if r == self.rank:
                 part[:min(n, values.numel())] = values[:n].to(self.device)
             if n:
-                dist.broadcast(part, group=self.group, group_src=r)
+                # by global rank: group_src= is torch >= 2.6's, and pyproject allows 2.4
+                src = r if self.group is None else dist.get_global_rank(self.group, r)
+                dist.broadcast(part, src=src, group=self.group)
             parts.append(part.cpu())
         return parts
 

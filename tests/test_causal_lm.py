@@ -492,6 +492,34 @@ def test_a_hessian_is_the_same_weights_however_their_checkpoint_names_them(token
             "model, or changed since): estimate the suspect's Hessian with `finepurify hessian`") in capsys.readouterr().err
 
 
+def test_the_purified_copy_keeps_each_tensors_stored_dtype_under_the_suspects_names(tokenizer, tmp_path):
+    """A GPT-2 stored as the Hub stores it (no "transformer." prefix), bfloat16 weights beside float32
+    layer norms: the purified copy's norms are float32 with the model's values, not bfloat16's."""
+    from safetensors.torch import load_file, save_file
+
+    from finepurify_ext import cli
+
+    root = make_lm_dirs(tokenizer, tmp_path, "gpt2")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    stored = {n.removeprefix("transformer."): t.float() if ".ln_" in n or "ln_f" in n else t.bfloat16()
+              for n, t in load_file(root / "suspect" / "model.safetensors").items()}
+    save_file(stored, str(hub / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(root / "suspect" / "config.json", hub / "config.json")
+    model = GPT2LMHeadModel.from_pretrained(root / "suspect")
+    with torch.no_grad():
+        for n, p in model.named_parameters():  # float32 values, as a float32 fine-tune leaves them
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 1e-4)
+    expected = {n.removeprefix("transformer."): p.detach().clone() for n, p in model.named_parameters()}
+    cli._purified_writer(model, tokenizer, {}, str(hub))(str(tmp_path / "out"))
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    got = {n.removeprefix("transformer."): t for n, t in got.items()}
+    norms = [n for n, t in stored.items() if t.dtype == torch.float32]
+    assert len(norms) == 10 and all(got[n].dtype == torch.float32 and torch.equal(got[n], expected[n]) for n in norms)
+    assert got["h.0.mlp.c_fc.weight"].dtype == torch.bfloat16
+    assert torch.equal(got["h.0.mlp.c_fc.weight"], expected["h.0.mlp.c_fc.weight"].bfloat16())
+
+
 def test_a_causal_lm_config_with_fewer_layers_than_the_weights_is_refused(lm_dirs, capsys):
     """The weights of a layer the config has no place for were dropped from the purified model."""
     import shutil
@@ -531,6 +559,8 @@ def test_an_output_layer_untied_in_fine_tuning_is_ranked_against_the_tied_embedd
         model.to(torch.bfloat16)
         for norm in (m for n, m in model.named_modules() if n.endswith("norm")):
             norm.float()
+            with torch.no_grad():  # values a bfloat16 cannot hold, as a float32 fine-tune leaves them
+                norm.weight.add_(torch.randn(norm.weight.shape, generator=gen) * 1e-4)
         model.save_pretrained(tmp_path / name, safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "suspect")
     clean = tmp_path / "clean.jsonl"
@@ -550,10 +580,16 @@ def test_an_output_layer_untied_in_fine_tuning_is_ranked_against_the_tied_embedd
     assert mem["reset_per_parameter"]["lm_head.weight"] == ooc["reset_per_tensor"]["lm_head.weight"] > 0
     assert mem["kept_unscored"] == [] and ooc["copied_unscored"] == []
     suspect = load_file(tmp_path / "suspect" / "model.safetensors")
+    pre = load_file(tmp_path / "pre" / "model.safetensors")
     for out in ("mem", "ooc"):
         got = load_file(tmp_path / out / "model.safetensors")
         assert {n: t.dtype for n, t in got.items()} == {n: t.dtype for n, t in suspect.items()}, out
         assert got["model.norm.weight"].dtype == torch.float32 and got["lm_head.weight"].dtype == torch.bfloat16
+        # No fine-tuning: every float32 weight is the suspect's or the pre-trained value, not rounded
+        norms = [n for n, t in suspect.items() if t.dtype == torch.float32]
+        assert norms and all(got[n].bfloat16().float().ne(got[n]).any() for n in norms), out
+        for n in norms:
+            assert torch.where(got[n] == suspect[n], True, got[n] == pre[n]).all(), (out, n)
 
 
 def test_smollm2_dequantized_once_and_loaded_like_any_causal_lm(tmp_path):

@@ -278,7 +278,7 @@ def test_a_hessian_is_the_suspects_it_was_estimated_on(models, tmp_path, capsys)
 
 def test_an_interrupted_hessian_resumes_only_the_same_run(models, tmp_path, capsys, monkeypatch):
     """The running sums an interrupted `finepurify hessian` kept are resumed only by the same model,
-    clean data, batch size and dtype: another's are refused, and kept, not overwritten; sums saved
+    clean data, batch size, dtype and weights' dtype as loaded: another's are refused, and kept, not overwritten; sums saved
     before the run's keys were recorded are refused with the advice to start afresh."""
     from safetensors import safe_open
 
@@ -320,6 +320,10 @@ def test_an_interrupted_hessian_resumes_only_the_same_run(models, tmp_path, caps
             "delete it to start afresh") in capsys.readouterr().err
     assert cli.main(command("hessian", models, out) + ["--batch-size", "4", "--dtype", "bfloat16"]) == 2
     assert "a run with another dtype (float32, now bfloat16)" in capsys.readouterr().err
+    with monkeypatch.context() as patch:  # as a GPU loads a bfloat16 model: as stored (read_only_weights_dtype)
+        patch.setattr(cli, "_read_only_dtype", lambda device, path: torch.bfloat16)
+        assert cli.main(command("hessian", models, out) + ["--batch-size", "4"]) == 2
+    assert "a run with another weights dtype (float32, now bfloat16)" in capsys.readouterr().err
     assert cli.main(command("hessian", models, out) + ["--batch-size", "4"]) == 0
     assert not os.path.exists(accumulator)
     uninterrupted = str(tmp_path / "u.safetensors")

@@ -128,7 +128,7 @@ def _one_rank_holds_most(rank, search):
     broadcast = dist.broadcast
 
     def counted(tensor, *args, **kwargs):
-        broadcasts.append((kwargs.get("group_src"), tensor.numel()))
+        broadcasts.append((kwargs.get("src"), tensor.numel()))
         return broadcast(tensor, *args, **kwargs)
 
     dist.broadcast = counted
@@ -148,6 +148,38 @@ def test_one_rank_holding_most_elements(tmp_path, search):
     """Three ranks, one holding nearly every element and one none: the same threshold as one
     process; the gathers of the sample and the kept keys broadcast from the ranks that hold them."""
     run(tmp_path, _one_rank_holds_most, search, world=3)
+
+
+def _in_a_subgroup(rank, search):
+    sub = dist.new_group([1, 2, 3])  # every rank makes it; rank 0 is not in it
+
+    def held_by(r):  # rank 1 holds nothing, rank 2 nearly all, rank 3 eighty: the gathers are broadcasts
+        g = torch.Generator().manual_seed(5 + r)
+        n = 300_000 if r == 2 else 40 * (r - 1)
+        return [torch.randn(n, generator=g)], [torch.randn(n, generator=g)], [torch.rand(n, generator=g)]
+
+    if rank == 0:
+        return
+    sources, broadcast = [], dist.broadcast
+
+    def recorded(tensor, *args, **kwargs):
+        sources.append(kwargs.get("src"))
+        return broadcast(tensor, *args, **kwargs)
+
+    dist.broadcast = recorded
+    everything = [[torch.cat([held_by(r)[i][0] for r in (1, 2, 3)])] for i in range(3)]
+    total = everything[0][0].numel()
+    for k in (1, total // 4, total - 1):
+        expected = ops.score_threshold(*everything, k, 1e-6, search="histograms")
+        assert distributed_score_threshold(*held_by(rank), k, 1e-6, group=sub, search=search) == expected, k
+    assert (search == "sample") == bool(sources) and set(sources) <= {1, 2, 3}, sources
+
+
+@pytest.mark.parametrize("search", ["histograms", "sample"])
+def test_a_subgroup_whose_ranks_are_not_the_worlds(tmp_path, search):
+    """The search over a process group of ranks 1 to 3 (its ranks 0 to 2) on four: each broadcast
+    comes from the global rank that holds what it sends."""
+    run(tmp_path, _in_a_subgroup, search, world=4)
 
 
 @pytest.mark.parametrize("case", ["held", "missed", "too_many"])
