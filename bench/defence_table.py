@@ -246,7 +246,7 @@ def summarise(results, args):
     return summary
 
 
-def plot_table(summary, out_dir):
+def plot_table(summary, out_stem):
     """One panel pair per attack: ASR over the clean-trained model's and CACC drop against the backdoored
     model's, for every defence at the default rho, with the first target's lines."""
     from finepurify_ext.plots import _pyplot
@@ -276,13 +276,13 @@ def plot_table(summary, out_dir):
     rho = summary[attacks[0]]["default_configuration"]["fine_purifying"]["reserve_ratio"][0]
     fig.suptitle(f"Every defence at rho {rho:g} (the default), mean and sd over seeds", fontsize=9)
     fig.tight_layout()
-    path = os.path.join(out_dir, "defence_table.png")
+    path = out_stem + ".png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_curves(summary, out_dir):
+def plot_curves(summary, out_stem):
     from finepurify_ext.plots import _pyplot
 
     plt = _pyplot()
@@ -308,7 +308,9 @@ def plot_curves(summary, out_dir):
         ax.set_title(f"{attack} trigger: CACC/ASR over the reserve ratio, mean of {len(s['seeds'])} seeds", fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"defence_curves_{attack}.png")
+        # the default --out's names (defence_curves_word.png); another --out's stem before them
+        stem = os.path.basename(out_stem).replace("defence_table", "defence_curves", 1)
+        path = os.path.join(os.path.dirname(out_stem), f"{stem}_{attack}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -433,6 +435,8 @@ def main(argv=None):
         if same_config(previous):
             for k in results:
                 results[k] = previous.get(k, results[k])
+            for k, v in previous.items():  # and what a person added (a rerun's notes)
+                results.setdefault(k, v)
             adopt(results, args.out)
             print(f"resuming: {len(results['runs'])} runs already in {args.out}")
         else:
@@ -480,9 +484,10 @@ def main(argv=None):
     start = time.perf_counter()
     save = run_cells(args, results, measure_cell)
     results["summary"] = summarise(results, args)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    table_png = plot_table(results["summary"], out_dir)
-    results["plots"] = [os.path.basename(p) for p in [table_png, *plot_curves(results["summary"], out_dir)] if p]
+    # named after --out: a run into another file must not overwrite the table's plots
+    out_stem = os.path.splitext(os.path.abspath(args.out))[0]
+    table_png = plot_table(results["summary"], out_stem)
+    results["plots"] = [os.path.basename(p) for p in [table_png, *plot_curves(results["summary"], out_stem)] if p]
     results["wall_s_this_invocation"] = time.perf_counter() - start
     save()
     print_table(results["summary"])

@@ -156,7 +156,7 @@ def print_table(summary, args):
                   f"{100 * t['false_target']:.1f} % (<= 2 %: {'met' if t['false_target_met'] else 'MISSED'})")
 
 
-def plot(summary, args, out_dir) -> str | None:
+def plot(summary, args, out_stem) -> str | None:
     try:
         import matplotlib
 
@@ -192,7 +192,7 @@ def plot(summary, args, out_dir) -> str | None:
         axes[0, col].set_title(f"SmolLM2, {attack} trigger, seeds {entry['seeds']}")
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out_dir, "llm_defence_table.png")
+    path = out_stem + ".png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -224,6 +224,8 @@ def main(argv=None):
                              "give another --out")
         for k in results:
             results[k] = previous.get(k, results[k])
+        for k, v in previous.items():  # and what a person added (a rerun's notes)
+            results.setdefault(k, v)
         print(f"resuming: {len(results['runs'])} runs already in {args.out}")
     commit = git_commit()
     command = "python bench/llm_defence_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -245,7 +247,8 @@ def main(argv=None):
     start = time.perf_counter()
     save = run_cells(args, results, measure_cell)
     results["summary"] = summarise(results, args)
-    png = plot(results["summary"], args, os.path.dirname(os.path.abspath(args.out)))
+    # named after --out: a rerun into another file must not overwrite the table's plot
+    png = plot(results["summary"], args, os.path.splitext(os.path.abspath(args.out))[0])
     results["plots"] = [os.path.basename(png)] if png else []
     results["wall_s_this_invocation"] = time.perf_counter() - start
     save()

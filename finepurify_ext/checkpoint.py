@@ -34,7 +34,8 @@ from .hessian import HESSIAN_FORMAT, decode_ids
 from .purify import (CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, FLOOR_SAMPLES, SAMPLE_RUN, PurifyConfig, candidate_range,
                      sample_keys, sample_quantile, sum_float64, unrankable, unseen_mask)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
-from .threshold import BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, search_ranges, threshold_from_histograms
+from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, piece_room, search_ranges,
+                        threshold_from_histograms)
 
 # Names of the word-embedding matrix in common architectures (embeddings="separate").
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight",
@@ -378,13 +379,6 @@ def _hessian_of(hessian: str, h_ckpt: Checkpoint, suspect: str, sus_ckpt: Checkp
                               "estimate the suspect's Hessian with `finepurify hessian`")
     return {"model": meta.get("model"), "model_fingerprint": expected,
             "clean_data_sha256": meta.get("clean_data_sha256")}
-
-
-def piece_room(capacity: int, piece: int, total: int) -> int:
-    """The keys a candidates pass over ``total`` weights with room for ``capacity`` first gives a
-    piece of ``piece`` weights: four times its share. The op fills all of its room, and room for
-    every weight of each 8M-weight piece (32 MB of page faults) made the pass take twice as long."""
-    return max(1 << 16, 4 * capacity * piece // max(total, 1))
 
 
 def search_device(device) -> torch.device | None:

@@ -426,6 +426,14 @@ def gathered_padded(values: torch.Tensor, length: int, device, group, fill=0) ->
 SEARCHES = ("auto", "sample", "histograms")
 
 
+def piece_room(capacity: int, piece: int, total: int) -> int:
+    """The keys a candidates pass over ``total`` weights with room for ``capacity`` first gives a
+    piece (a checkpoint's, a Feed's group) of ``piece`` weights: four times its share. The op fills
+    all of its room (and on a GPU sorts it): room for every weight of each 8M-weight piece (32 MB of
+    page faults) made the pass take twice as long."""
+    return max(1 << 16, 4 * capacity * piece // max(total, 1))
+
+
 def distributed_score_threshold(
     finetuned: Sequence[torch.Tensor],
     pretrained: Sequence[torch.Tensor],

@@ -527,6 +527,57 @@ def test_a_strided_sample_brackets_the_threshold(ranking):
         assert threshold == ops.score_threshold(ft, pre, scoring.hessians, k, config.eps, ranking=scoring.ranking)
 
 
+def test_each_group_of_a_candidates_pass_gets_room_for_its_share(monkeypatch):
+    """A Feed that moves the pre-trained state a group at a time gives each group's candidates op
+    room for its share of the keys (piece_room), not the whole room, which the op fills (and on a
+    GPU sorts) for every group: the counts and keys of one op over every tensor with all the room.
+    A group holding more keys than its room (piece_room patched to 1) is scored again with room for
+    exactly them; a pass with too little room for all still counts every key."""
+    from finepurify_ext import purify as purify_module
+    from finepurify_ext.purify import Feed, Scoring
+
+    gen = torch.Generator().manual_seed(17)
+    shapes = [(300, 701)] * 6 + [(4099,), (1,), (0,)]
+    ft = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+    pre = [f.float() + 0.01 * torch.randn(s, generator=gen) for f, s in zip(ft, shapes)]  # float32: moved
+    hessians = [torch.rand(s, generator=gen) for s in shapes]
+    scoring, eps = Scoring(hessians, 1e-8, ops.PLAIN), 1e-8
+    scores = torch.cat([((f.float() - p.bfloat16().float()) ** 2 / (h + eps)).view(-1)
+                        for f, p, h in zip(ft, pre, hessians)])
+    ordered = torch.sort(scores, descending=True).values
+    total = scores.numel()
+    high, low = (int(ordered[int(total * q)].view(torch.int32)) for q in (0.05, 0.10))  # ~63K keys inside
+    capacity = 100_000
+    rooms, op = [], ops.score_candidates
+
+    def spied(ft, pre, hs, eps, low, high, room, ranking):
+        rooms.append((sum(f.numel() for f in ft), room))
+        return op(ft, pre, hs, eps, low, high, room, ranking)
+
+    monkeypatch.setattr(ops, "score_candidates", spied)
+    want_counts, want_keys = op(ft, [p.bfloat16() for p in pre], hessians, eps, low, high, capacity, ops.PLAIN)
+    inside = int(want_counts[2])
+    assert 50_000 < inside < capacity
+    for patched_room in (None, lambda *_: 1):
+        if patched_room is not None:
+            monkeypatch.setattr(purify_module, "piece_room", patched_room)
+        rooms.clear()
+        feed = Feed(ft, pre, scoring, group_bytes=1 << 19)
+        assert feed.resident is None and len(feed.groups) == 6
+        counts, keys = feed.candidates(low, high, capacity)
+        assert torch.equal(counts, want_counts)
+        got = torch.sort(torch.cat(keys), descending=True).values
+        assert torch.equal(got, want_keys[:inside])
+        groups = len(feed.groups)
+        if patched_room is None:  # one op per group, each with room for about four times its share
+            assert len(rooms) == groups and all(room <= max(1 << 16, 4 * capacity * n // total) and room <= n
+                                                and room < capacity for n, room in rooms), rooms
+        else:  # every group holding keys is scored again with room for them
+            assert groups < len(rooms) <= 2 * groups and [room for _, room in rooms].count(1) == groups
+    counts, keys = Feed(ft, pre, scoring, group_bytes=1 << 19).candidates(low, high, inside - 1)
+    assert keys is None and torch.equal(counts, want_counts)
+
+
 def test_bracket_from_sample_holds_the_rank():
     """The range around a rank holds the sample's key at that rank, clips at the ends, and its
     expected share of elements grows with the spread. On the CPU the sample is reordered in place
