@@ -338,6 +338,40 @@ def file_digest(path: str) -> str:
 # ------------------------------------------------------------------------------- purification
 
 
+# The files of a model directory a purified copy takes beside its weights: config and tokenizer.
+# Anything else the suspect holds (weights in another format, which were not purified; Python code
+# for trust_remote_code) is left out and listed in the report.
+SIDE_FILES = frozenset({"generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                        "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json"})
+CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipelines")  # a config's pointers to code beside it
+CONFIG_FILES = ("config.json", "tokenizer_config.json")  # where they may be
+
+
+def config_without_code(config: dict) -> tuple[dict, list[str]]:
+    """``config`` without the keys that make transformers run code shipped with a model (under
+    trust_remote_code): a purified copy is loaded as the built-in architecture it was read as."""
+    return {k: v for k, v in config.items() if k not in CODE_KEYS}, [k for k in CODE_KEYS if k in config]
+
+
+def copy_config_without_code(src: str, dst: str) -> list[str]:
+    """Copies config.json without its code keys (as it is where it has none); returns those removed."""
+    with open(src, "rb") as f:
+        raw = f.read()
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    if not isinstance(config, dict) or not any(k in config for k in CODE_KEYS):
+        with open(dst, "wb") as f:
+            f.write(raw)
+        return []
+    kept, removed = config_without_code(config)
+    with open(dst, "w") as f:
+        json.dump(kept, f, indent=2)
+    return removed
+
+
 @dataclass
 class CheckpointReport:
     reserve_ratio: float | None
@@ -360,6 +394,9 @@ class CheckpointReport:
     # the model the Hessian was estimated on (checked to be the suspect) and its clean data's digest;
     # None where the Hessian records none
     hessian_of: dict | None = None
+    # the suspect's files left out of the output: weights in other formats (not purified), code, others
+    not_copied: list[str] = field(default_factory=list)
+    config_keys_removed: list[str] = field(default_factory=list)  # "config.json: auto_map": pointers to code
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -841,13 +878,19 @@ def purify_checkpoint(
                     bar.update(sus_ckpt.entries[name].nbytes)
                 writer.close()
         bar.close()
-        if os.path.isdir(suspect):  # the index, config and tokenizer files, as they are (never pickles)
-            for extra in os.listdir(suspect):
+        if os.path.isdir(suspect):  # the index, config and tokenizer files; nothing else of the suspect's
+            for extra in sorted(os.listdir(suspect)):
                 src = os.path.join(suspect, extra)
-                if extra == INDEX and sus_ckpt.index is None:  # beside a model.safetensors, which was read
-                    continue
-                if os.path.isfile(src) and not extra.endswith((".safetensors", ".bin", ".pt", ".pth", ".pkl")):
+                if not os.path.isfile(src) or extra.endswith(".safetensors") or (extra == INDEX and
+                                                                                 sus_ckpt.index is None):
+                    continue  # the weights, written above (an index beside a model.safetensors was not read)
+                if extra in CONFIG_FILES:
+                    report.config_keys_removed += [f"{extra}: {k}" for k in
+                                                   copy_config_without_code(src, os.path.join(tmp, extra))]
+                elif extra in SIDE_FILES or extra == INDEX:
                     shutil.copyfile(src, os.path.join(tmp, extra))
+                else:  # other weights (unpurified: .h5, .onnx, .gguf, pickles), code, anything unknown
+                    report.not_copied.append(extra)
         times["reset_pass"] = time.perf_counter() - start
         report.timings_s = times
         report.bytes_read = bytes_read

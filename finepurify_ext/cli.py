@@ -102,6 +102,7 @@ def cmd_purify_checkpoint(args) -> int:
     if report.hessian_of is None:
         print(f"note: {args.hessian_file} does not record the model it was estimated on (an older Hessian, or "
               "one saved by the Python API without provenance): not checked against --suspect", file=sys.stderr)
+    _say_left_out(report.config_keys_removed, report.not_copied)
     rows = (f" and {report.embedding_rows_reset} rows of {report.embedding_tensor} (tokens the clean data never "
             "reaches)" if report.embedding_tensor else "")
     summary = _reset_summary(report.reset_per_tensor, report.embedding_tensor, report.ranked_elements,
@@ -111,6 +112,16 @@ def cmd_purify_checkpoint(args) -> int:
           f"{sum(report.timings_s.values()):.1f} s (report finepurify_report.json). Fine-tune it on clean "
           "data in your training stack.")
     return 0
+
+
+def _say_left_out(keys_removed: list[str], not_copied: list[str]) -> None:
+    """Notes of what the purified copy does not take from the suspect (the report lists them too)."""
+    if keys_removed:
+        print(f"note: removed from the purified copy's config: {', '.join(keys_removed)} (pointers to code shipped "
+              "with the suspect, which is never run nor passed on)", file=sys.stderr)
+    if not_copied:
+        print(f"note: not copied from the suspect: {', '.join(not_copied)} (weights in other formats were not "
+              "purified; code and unknown files are left out)", file=sys.stderr)
 
 
 def _reset_summary(reset_per_tensor: dict, embedding, ranked: int, moved: int, threshold) -> str:
@@ -167,7 +178,7 @@ def _read_only_dtype(device, path: str):
 def _purified_writer(model, tokenizer, report, suspect: str):
     """Writes a purified model's directory: weights (safetensors) in the dtype the suspect's are
     stored in, tokenizer, plots and the report. ``model`` is not used after the write."""
-    from .checkpoint import names_with_prefix
+    from .checkpoint import CONFIG_FILES, copy_config_without_code, names_with_prefix
     from .pipeline import stored_dtype, stored_dtypes, write_json
     from .plots import plot_purification
 
@@ -193,6 +204,11 @@ def _purified_writer(model, tokenizer, report, suspect: str):
                     setattr(module, name, b.to(stored_as(f"{module_name}.{name}".lstrip("."))))
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # the suspect's pointers to code (auto_map): the copy is the built-in architecture it was read as
+        written = [os.path.join(tmp, name) for name in CONFIG_FILES if os.path.isfile(os.path.join(tmp, name))]
+        report["config_keys_removed"] = [f"{os.path.basename(path)}: {key}" for path in written
+                                         for key in copy_config_without_code(path, path)]
+        _say_left_out(report["config_keys_removed"], [])
         report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]
         write_json(os.path.join(tmp, "finepurify_report.json"), report)
 
@@ -281,12 +297,24 @@ def cmd_evaluate_causal_lm(args) -> int:
     return 0
 
 
+def _is_hessian_file(path: str) -> bool:
+    """Whether ``path`` is a Hessian ``hessian`` wrote (its safetensors header says so)."""
+    from .checkpoint import CheckpointError, _read_header
+    from .hessian import HESSIAN_FORMAT
+
+    try:
+        return _read_header(path)[2].get("format") == HESSIAN_FORMAT
+    except CheckpointError:
+        return False
+
+
 def cmd_hessian(args) -> int:
     from .data import load_examples
     from .hessian import save_hessian
     from .pipeline import HessianConfig, clean_hessian, load_classifier
 
-    check_output_file(args.out, args.overwrite, inputs=(args.model, args.pretrained, args.clean_data))
+    check_output_file(args.out, args.overwrite, inputs=(args.model, args.pretrained, args.clean_data),
+                      ours=_is_hessian_file, what="Hessian")
     resume = args.out + ".accumulator.safetensors"
     device = resolve_device(args.device)
     if _model_kind(args, "model") == "causal-lm":
@@ -454,10 +482,7 @@ def cmd_demo(args) -> int:
 
     if args.out is None:
         args.out = "demo_llm_output" if args.llm else "demo_output"
-    check_output_dir(args.out, overwrite=True)
-    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.isfile(os.path.join(args.out, "report.json")):
-        raise UserError(f"--out {args.out} holds files that are not a demo report; the demo replaces its --out: "
-                        "choose another directory")
+    check_output_dir(args.out, overwrite=True, marker="report.json")  # the demo replaces its report
     device = resolve_device(args.device)
     with compute_precision(device, args.dtype):
         if args.llm:

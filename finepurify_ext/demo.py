@@ -90,7 +90,7 @@ def cached_model(key: dict, build, progress_label: str, load=None, base=None):
         with open(os.path.join(tmp, "finepurify_key.json"), "w") as f:
             json.dump(key, f, indent=2)
 
-    save_atomically(path, write, overwrite=True)
+    save_atomically(path, write, overwrite=True, marker="finepurify_key.json")
     print(f"  {progress_label}: built in {time.perf_counter() - start:.0f} s, cached at {path}")
     return model, tok
 
@@ -254,6 +254,6 @@ def run_demo(out_dir: str = "demo_output", seed: int = 0, quick: bool = False, s
             "command": "finepurify demo" + (" --quick" if quick else "") + (f" --attack {attack}" if attack != "word" else ""),
         })
 
-    save_atomically(out_dir, write, overwrite=True)
+    save_atomically(out_dir, write, overwrite=True, marker="report.json")
     print(f"report and plots written to {out_dir}/")
     return rows

@@ -214,6 +214,6 @@ def run_llm_demo(out_dir: str = "demo_llm_output", seed: int = 0, quick: bool = 
             "torch": torch.__version__, "device": str(device),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}"})
 
-    save_atomically(out_dir, write, overwrite=True)
+    save_atomically(out_dir, write, overwrite=True, marker="report.json")
     print(f"report written to {out_dir}/")
     return rows

@@ -40,46 +40,63 @@ def _check_writable_parent(path: str, option: str) -> None:
 
 
 def _check_not_an_input(path: str, option: str, inputs) -> None:
-    """The output replaces ``path`` as a whole: it must not be, or hold, an input or the working
-    directory."""
+    """The output replaces ``path`` as a whole: it must not be, or hold, an input, the working
+    directory or the home directory, nor lie inside an input directory."""
     if not path:
         raise UserError(f"{option} is empty; give the path of the output")
     target = os.path.realpath(path)
-    for index, kept in enumerate([os.getcwd(), *(i for i in inputs if i)]):
-        kept_real = os.path.realpath(kept)
-        if kept_real == target or kept_real.startswith(target.rstrip(os.sep) + os.sep):
-            what = f"the input {kept}" if index else "the working directory"
+    home = os.path.expanduser("~")
+    kept = [("the working directory", os.getcwd(), False)]
+    kept += [("your home directory", home, False)] if home != "~" else []
+    kept += [(f"the input {i}", i, True) for i in inputs if i]
+    for what, where, is_input in kept:
+        where_real = os.path.realpath(where)
+        if where_real == target or where_real.startswith(target.rstrip(os.sep) + os.sep):
             raise UserError(f"{option} {path} is or holds {what}, which the output would replace; "
                             "choose a new path")
         # Inside an input directory, the output would change that input: a Hessian file in a
         # model's directory, say, is read with its weights.
-        if index and os.path.isdir(kept_real) and target.startswith(kept_real.rstrip(os.sep) + os.sep):
-            raise UserError(f"{option} {path} is inside the input {kept}, which the output would change; "
+        if is_input and os.path.isdir(where_real) and target.startswith(where_real.rstrip(os.sep) + os.sep):
+            raise UserError(f"{option} {path} is inside {what}, which the output would change; "
                             "choose a path outside it")
 
 
-def check_output_dir(path: str, overwrite: bool = False, option: str = "--out", inputs=()) -> None:
+def check_output_dir(path: str, overwrite: bool = False, option: str = "--out", inputs=(),
+                     marker: str = "finepurify_report.json") -> None:
     """Raises ``UserError`` unless ``path`` can become the output directory: not empty, not one of
-    ``inputs`` nor above one (nor above the working directory), not a file, empty or absent (or
-    ``overwrite``), and its parent writable."""
+    ``inputs`` nor above one (nor above the working or home directory), not a file, empty or absent
+    (or, with ``overwrite``, an output this command wrote: it holds ``marker``), and its parent
+    writable."""
     _check_not_an_input(path, option, inputs)
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{option} {path} is an existing file; the output is a directory: give a new path")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"{option} {path} exists and is not empty; choose another {option} or pass --overwrite")
+    if os.path.isdir(path) and os.listdir(path):
+        if not overwrite:
+            raise FileExistsError(f"{option} {path} exists and is not empty; choose another {option} or pass "
+                                  "--overwrite")
+        # --overwrite deletes the directory whole: only one this command wrote, never a typo's victim
+        if os.path.ismount(path) or not os.path.isfile(os.path.join(path, marker)):
+            raise UserError(f"{option} {path} holds files finepurify did not write (it has no {marker}), "
+                            "which the output would replace: choose a new path, or empty it yourself")
     _check_writable_parent(path, option)
 
 
-def check_output_file(path: str, overwrite: bool = False, option: str = "--out", inputs=()) -> None:
+def check_output_file(path: str, overwrite: bool = False, option: str = "--out", inputs=(), ours=None,
+                      what: str = "output") -> None:
     """Raises ``UserError`` unless ``path`` can become the output file: not one of ``inputs``, not a
-    directory (nor a path ending in a separator), absent (or ``overwrite``), its directory writable."""
+    directory (nor a path ending in a separator), absent (or, with ``overwrite``, a file ``ours(path)``
+    says this command wrote: a ``what``), its directory writable."""
     _check_not_an_input(path, option, inputs)
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
         raise UserError(f"{option} {path} is a directory; the output is a file: give a file path such as "
                         f"{os.path.join(path, 'hessian.safetensors')}")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{option} {path} exists; choose another {option} or pass --overwrite")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(f"{option} {path} exists; choose another {option} or pass --overwrite")
+        if ours is not None and (os.path.islink(path) or not ours(path)):
+            raise UserError(f"{option} {path} is not a {what} finepurify wrote, and --overwrite replaces only "
+                            "those: choose a new path")
     _check_writable_parent(path, option)
 
 
@@ -172,11 +189,12 @@ def held_temporary_dir(folder: str, prefix: str) -> tuple[str, object]:
     return path, hold(path)
 
 
-def save_atomically(out_dir: str, write, overwrite: bool = False) -> None:
+def save_atomically(out_dir: str, write, overwrite: bool = False, marker: str = "finepurify_report.json") -> None:
     """Runs write(tmp_dir) and renames tmp_dir to out_dir: a crash leaves no half-written out_dir
-    (and a kill leaves a partial directory that the next write of out_dir removes)."""
+    (and a kill leaves a partial directory that the next write of out_dir removes). ``overwrite``
+    replaces an out_dir holding ``marker`` (one written the same way), never another."""
     out_dir = os.path.abspath(out_dir)
-    check_output_dir(out_dir, overwrite, option="output directory")
+    check_output_dir(out_dir, overwrite, option="output directory", marker=marker)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp, lock = held_temporary_dir(parent, "." + os.path.basename(out_dir) + ".partial-")

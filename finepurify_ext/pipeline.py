@@ -22,7 +22,7 @@ from .errors import UserError, first_line
 from .hessian import estimate_hessian
 from .outputs import save_atomically, write_json  # noqa: F401  (re-exported: the pipeline's writers)
 from .purify import PurifyConfig, purify_
-from .training import finetune, finetune_early_stopped, make_teacher
+from .training import finetune, finetune_early_stopped, host_state, make_teacher
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
 
@@ -191,7 +191,7 @@ class CollapseGuard:
         the CPU while attempts run. Returns the last attempt's report with ``collapse_guard``
         listing every attempt and its time."""
         suspect_value = measure()
-        suspect = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
+        suspect = host_state(model)
         rhos = [config.reserve_ratio] + [r for r in self.fallback if r > config.reserve_ratio]
         attempts = []
         for i, rho in enumerate(rhos):
@@ -315,7 +315,7 @@ def fine_purify_auto(
     start = time.perf_counter()
     hessians, count = clean_hessian(model, tokenizer, train, hessian_config, progress)
     hessian_time = time.perf_counter() - start
-    suspect = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    suspect = host_state(model)
     suspect_accuracy = clean_accuracy(model, tokenizer, validation)
     selection_report = {**dataclasses.asdict(selection), "train_examples": len(train),
                         "validation_examples": len(validation), "suspect_validation_accuracy": suspect_accuracy,
@@ -335,9 +335,9 @@ def fine_purify_auto(
         if on_candidate is not None:
             on_candidate(rho, model, report)
         pick = pick_reserve_ratio(accuracy, suspect_accuracy, selection.tolerance)
-        if pick != chosen:  # keep the current choice's weights (with the suspect's: two extra copies)
+        if pick != chosen:  # keep the current choice's weights (with the suspect's: two copies, on the CPU)
             chosen, best_report = pick, report
-            best_state = {n: p.detach().clone() for n, p in model.state_dict().items()}
+            best_state = host_state(model)
         if not exhaustive and _within(accuracy[rho], suspect_accuracy, selection.tolerance):
             break
     model.load_state_dict(best_state)

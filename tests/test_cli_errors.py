@@ -592,7 +592,8 @@ def test_existing_outputs_are_kept(models, tmp_path, capsys, nothing_expensive):
     (full / "keep.txt").write_text("mine")
     for name in ("purify", "purify-out-of-core"):
         fails(command(name, models, str(full)), capsys, "exists and is not empty", inputs=[full])
-    fails(command("demo", models, str(full)), capsys, "holds files that are not a demo report", inputs=[full])
+    fails(command("demo", models, str(full)), capsys, "holds files finepurify did not write (it has no report.json)",
+          inputs=[full])
 
 
 # ------------------------------------------------------------------------------ options
@@ -670,6 +671,7 @@ def test_an_interrupt_after_the_output_moved_in_names_it(models, tmp_path, capsy
     out = tmp_path / "out"
     out.mkdir()
     (out / "earlier").write_text("x")
+    (out / "finepurify_report.json").write_text("{}")  # an earlier run's output
     rmtree = outputs.shutil.rmtree
 
     def interrupted(path, *args, **kwargs):
@@ -765,6 +767,72 @@ def test_out_never_replaces_an_input_or_the_working_directory(models, tmp_path, 
               inputs=[models.suspect, models.pre, models.clean, models.hessian])
         fails(command(name, models, os.path.dirname(inputs)) + ["--overwrite"], capsys, "is or holds the input",
               inputs=[models.suspect, models.pre, models.clean, models.hessian])
+
+
+@pytest.mark.parametrize("name", OUT_COMMANDS)
+def test_overwrite_replaces_only_what_finepurify_wrote(models, tmp_path, capsys, monkeypatch, name):
+    """--overwrite deletes --out whole: a directory (or file) holding a person's files, their home
+    directory or above it is refused up front, and left as it was; an output of the command itself
+    is replaced."""
+    home = tmp_path / "home"
+    (home / "thesis").mkdir(parents=True)
+    (home / "thesis" / "chapter1.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    overwrite = ["--overwrite"] * (name != "demo")
+    fails(command(name, models, str(home)) + overwrite, capsys, f"is or holds your home directory, which the output "
+          "would replace", inputs=[home])
+    fails(command(name, models, str(tmp_path)) + overwrite, capsys, "is or holds your home directory")
+    if name == "hessian":
+        fails(command(name, models, str(home / "thesis" / "chapter1.txt")) + overwrite, capsys,
+              "chapter1.txt is not a Hessian finepurify wrote, and --overwrite replaces only those: choose a new path",
+              inputs=[home])
+        out = str(tmp_path / "h.safetensors")
+        assert cli.main(command(name, models, out)) == 0
+        assert cli.main(command(name, models, out) + overwrite) == 0  # its own output: replaced
+        return
+    marker = "report.json" if name == "demo" else "finepurify_report.json"
+    fails(command(name, models, str(home / "thesis")) + overwrite, capsys,
+          f"thesis holds files finepurify did not write (it has no {marker}), which the output would replace: "
+          "choose a new path, or empty it yourself", inputs=[home])
+    if name == "demo":
+        return
+    out = tmp_path / "out"
+    assert cli.main(command(name, models, str(out))) == 0
+    assert cli.main(command(name, models, str(out)) + overwrite) == 0  # its own output: replaced
+
+
+@pytest.mark.parametrize("name", ["purify", "purify-out-of-core"])
+def test_the_purified_copy_takes_no_code_nor_unpurified_weights_from_the_suspect(models, tmp_path, capsys, name):
+    """A suspect shipping code (modeling_*.py named by auto_map, trust_remote_code set) and weights in
+    other formats beside its safetensors: no code runs, and the purified copy holds only its weights,
+    config and tokenizer files, its configs without the pointers to code; the report and a note say
+    what was left out."""
+    suspect = copy_model(models, tmp_path, "shipping")
+    ran = tmp_path / "ran"
+    (suspect / "modeling_evil.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    for extra in ("tf_model.h5", "model.onnx", "model.gguf", "optimizer.pickle"):
+        (suspect / extra).write_bytes(b"not purified")
+    for config_file, auto_map in (("config.json", {"AutoModelForSequenceClassification": "modeling_evil.Evil"}),
+                                  ("tokenizer_config.json", {"AutoTokenizer": ["tokenization_evil.Evil", None]})):
+        config = json.loads((suspect / config_file).read_text())
+        config.update(auto_map=auto_map, trust_remote_code=True)
+        (suspect / config_file).write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert cli.main(command(name, models, str(out), suspect=str(suspect))) == 0
+    err = capsys.readouterr().err
+    assert not ran.exists()
+    assert not {"modeling_evil.py", "tf_model.h5", "model.onnx", "model.gguf", "optimizer.pickle"} & set(os.listdir(out))
+    for config_file in ("config.json", "tokenizer_config.json"):
+        config = json.loads((out / config_file).read_text())
+        assert "auto_map" not in config and "trust_remote_code" not in config, config_file
+    report = json.loads((out / "finepurify_report.json").read_text())
+    assert {"config.json: auto_map", "config.json: trust_remote_code",  # transformers' tokenizer drops the last
+            "tokenizer_config.json: auto_map"} <= set(report["config_keys_removed"])
+    assert "note: removed from the purified copy's config: config.json: auto_map" in err
+    if name == "purify-out-of-core":
+        assert report["not_copied"] == ["model.gguf", "model.onnx", "modeling_evil.py", "optimizer.pickle",
+                                        "tf_model.h5"]
+        assert "note: not copied from the suspect: model.gguf, model.onnx" in err
 
 
 def test_hessian_out_ending_in_a_separator(models, tmp_path, capsys, nothing_expensive):

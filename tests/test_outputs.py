@@ -54,7 +54,7 @@ def test_the_next_write_removes_a_killed_runs_partial_output_and_nothing_else(tm
         assert os.path.isdir(live) and os.path.isdir(young) and os.path.isdir(other) and os.path.isdir(elsewhere)
         assert f"finepurify: removed {killed} (0.00 GB), left by a run that was killed" in capsys.readouterr().err
         backdate(young)  # older now, and still nobody's: the next write takes it
-        save_atomically(str(out), lambda tmp: None, overwrite=True)
+        save_atomically(str(out), lambda tmp: None, overwrite=True, marker="done")
         assert not os.path.exists(young) and os.path.isdir(live)
     finally:
         release(lock)
@@ -119,14 +119,14 @@ def test_replacing_an_output_puts_the_old_one_back_if_the_new_cannot_move_in(tmp
         return replace(src, dst)
     monkeypatch.setattr(outputs.os, "replace", fails_into_place)
     try:
-        save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True)
+        save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True, marker="first")
     except OSError as error:
         assert error.errno == 28
     else:
         raise AssertionError("the failed rename was not raised")
     monkeypatch.undo()
     assert os.listdir(out) == ["first"] and os.listdir(tmp_path) == ["o"]
-    save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True)
+    save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True, marker="first")
     assert os.listdir(out) == ["second"] and os.listdir(tmp_path) == ["o"]
 
 
@@ -143,7 +143,7 @@ def test_an_interrupt_while_the_replaced_output_is_deleted_says_the_new_one_is_c
         return rmtree(path, *args, **kwargs)
     monkeypatch.setattr(outputs.shutil, "rmtree", interrupted)
     try:
-        save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True)
+        save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True, marker="first")
     except KeyboardInterrupt as stop:
         assert stop.output_written == os.path.abspath(out)
     else:
@@ -152,5 +152,5 @@ def test_an_interrupt_while_the_replaced_output_is_deleted_says_the_new_one_is_c
     assert os.listdir(out) == ["second"]
     (old,) = [e for e in os.listdir(tmp_path) if ".old-" in e]
     backdate(tmp_path / old)
-    save_atomically(out, lambda tmp: open(os.path.join(tmp, "third"), "w").close(), overwrite=True)
+    save_atomically(out, lambda tmp: open(os.path.join(tmp, "third"), "w").close(), overwrite=True, marker="second")
     assert os.listdir(out) == ["third"] and os.listdir(tmp_path) == ["o"]

@@ -771,6 +771,36 @@ def test_early_stopping_keeps_the_best_validation_point(tokenizer):
         finetune_early_stopped(model, tokenizer, train, [], steps=5)
 
 
+def test_states_kept_to_go_back_to_are_copies_on_the_host(tokenizer, monkeypatch):
+    """Early stopping's best point, the selection's suspect and choice and the collapse guard's
+    suspect are copies on the CPU (training.host_state): beside a model on a GPU each would take as
+    much memory as its weights. The copy shares no storage with the model."""
+    from finepurify_ext import pipeline as pipeline_module
+    from finepurify_ext import training as training_module
+
+    model = tiny_model(tokenizer, seed=1)
+    kept = training_module.host_state(model)
+    pointers = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert all(t.device.type == "cpu" and t.untyped_storage().data_ptr() not in pointers for t in kept.values())
+    assert kept.keys() == model.state_dict().keys()
+    calls, host_state = [], training_module.host_state
+
+    def recorded(model):
+        calls.append(model)
+        return host_state(model)
+
+    monkeypatch.setattr(training_module, "host_state", recorded)
+    monkeypatch.setattr(pipeline_module, "host_state", recorded)
+    finetune_early_stopped(model, tokenizer, toy_examples(24, 20), toy_examples(16, 21), steps=10, eval_every=5,
+                           patience=2, lr=1e-2, progress=False)
+    assert calls, "early stopping kept its best point otherwise"
+    calls.clear()
+    state = {n: p.detach().clone() for n, p in tiny_model(tokenizer, seed=0).named_parameters()}
+    fine_purify_auto(model, state, tokenizer, toy_examples(48, 5), PurifyConfig(), FinetuneConfig(steps=2, lr=1e-3),
+                     selection=SelectionConfig(grid=(0.5,), validation_fraction=0.25), progress=False)
+    assert len(calls) >= 2  # the suspect and the choice (and each early-stopped fine-tuning's best)
+
+
 def test_early_stopping_matches_plain_finetuning_up_to_its_step(tokenizer):
     """Measuring the validation loss does not change the training trajectory."""
     train, validation = toy_examples(24, 20), toy_examples(16, 21)
