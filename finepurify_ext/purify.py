@@ -60,6 +60,8 @@ class PurifyConfig:
             raise ValueError(f"reserve_ratio must be in [0, 1] (the fraction kept), got {self.reserve_ratio}")
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}")
+        if self.seed < 0:  # ops.Ranking takes a negative seed for no random ranking: Fine-mixing would not be
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         q = self.hessian_floor_quantile
         if q is not None and not 0.0 <= q <= 1.0:
             raise ValueError(f"hessian_floor_quantile must be in [0, 1] or None, got {q}")

@@ -520,6 +520,23 @@ def test_the_purified_copy_keeps_each_tensors_stored_dtype_under_the_suspects_na
     assert torch.equal(got["h.0.mlp.c_fc.weight"], expected["h.0.mlp.c_fc.weight"].bfloat16())
 
 
+def test_a_pretrained_model_of_another_type_is_refused_in_memory(tokenizer, tmp_path, capsys):
+    """A Llama given as the pre-trained model of a GPT-2: no weight is shared, though the Llama's
+    output layer, matched to the GPT-2's tied embedding by its role, had been taken as its
+    pre-trained value (nothing ranked, the embedding's rows reset to the Llama's). Refused, as out
+    of core."""
+    from finepurify_ext import cli
+
+    llama, gpt2 = make_lm_dirs(tokenizer, tmp_path / "llama"), make_lm_dirs(tokenizer, tmp_path / "gpt2", "gpt2")
+    assert cli.main(["purify", "--pretrained", str(llama / "pre"), "--suspect", str(gpt2 / "suspect"), "--clean-data",
+                     str(gpt2 / "clean.jsonl"), "--out", str(tmp_path / "out"), "--max-length", "32",
+                     "--finetune-steps", "0", "--validation-fraction", "0"]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: {llama / 'pre'} is a llama model and the suspect a gpt2: give the pre-trained model the "
+            "suspect was fine-tuned from") in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_causal_lm_config_with_fewer_layers_than_the_weights_is_refused(lm_dirs, capsys):
     """The weights of a layer the config has no place for were dropped from the purified model."""
     import shutil

@@ -606,6 +606,7 @@ def test_existing_outputs_are_kept(models, tmp_path, capsys, nothing_expensive):
     ("purify", "--finetune-steps", "-1", "must be at least 0"),
     ("purify", "--eval-every", "0", "must be at least 1"),
     ("purify", "--patience", "0", "must be at least 1"),
+    ("purify", "--seed", "-1", "must be at least 0"),  # a negative seed made Fine-mixing the magnitude ranking
     ("purify", "--lr", "0", "must be in (0, 1]"),
     ("purify", "--eps", "nan", "must be in (0, 3e+38]"),
     ("purify", "--eps", "-1e-8", "must be in (0, 3e+38]"),

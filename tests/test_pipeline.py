@@ -813,6 +813,19 @@ def test_early_stopping_matches_plain_finetuning_up_to_its_step(tokenizer):
         assert torch.equal(p, q), n
 
 
+def test_the_report_records_the_seed_the_purification_ran_with(tokenizer):
+    """Fine-mixing's mask is drawn with fine_purify's seed: the report's config says that seed, not
+    the config's default; a negative seed (no random ranking to ops.Ranking) is refused."""
+    pre = tiny_model(tokenizer, seed=0)
+    state = {n: p.detach().clone() for n, p in pre.named_parameters()}
+    report = fine_purify(tiny_model(tokenizer, seed=0), state, tokenizer, toy_examples(16, 5),
+                         PurifyConfig(reserve_ratio=0.5, ranking="fine_mixing"),
+                         FinetuneConfig(steps=0, validation_fraction=0.0), seed=3, progress=False)
+    assert report["seed"] == report["config"]["seed"] == 3
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+        PurifyConfig(ranking="fine_mixing", seed=-1)
+
+
 def test_fine_purify_holds_out_clean_data_for_the_budget(tokenizer):
     pre = tiny_model(tokenizer, seed=0)
     state = {n: p.detach().clone() for n, p in pre.named_parameters()}
