@@ -714,7 +714,8 @@ def main(argv=None) -> int:
                    help="validation accuracy the auto choice may give up against the suspect model")
     p.add_argument("--ranking", default="fine_purifying", choices=["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
     p.add_argument("--hessian", default="per-batch", choices=["per-batch", "per-sample"])
-    p.add_argument("--eps", type=_number(0.0, 3e38, low_open=True), default=1e-8,
+    # the smallest positive float32 (the kernels add eps in float32: a smaller one is 0 there)
+    p.add_argument("--eps", type=_number(1.4e-45, 3e38), default=1e-8,
                    help="added to the Hessian in the indicator (a positive float32 number)")
     p.add_argument("--literal", action="store_true", help="the paper's plain form (embeddings ranked, no floor)")
     p.add_argument("--finetune-steps", type=_integer(0), default=150,

@@ -58,8 +58,10 @@ class PurifyConfig:
             raise ValueError(f"embeddings must be 'separate' or 'ranked', got {self.embeddings!r}")
         if not 0.0 <= self.reserve_ratio <= 1.0:
             raise ValueError(f"reserve_ratio must be in [0, 1] (the fraction kept), got {self.reserve_ratio}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be positive, got {self.eps}")
+        with np.errstate(over="ignore"):
+            eps32 = np.float32(self.eps)  # what the kernels add: 1e-50 is 0 there, 1e39 inf
+        if not 0 < eps32 < np.inf:
+            raise ValueError(f"eps must be a positive finite float32 number, got {self.eps}")
         if self.seed < 0:  # ops.Ranking takes a negative seed for no random ranking: Fine-mixing would not be
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         q = self.hessian_floor_quantile

@@ -608,8 +608,9 @@ def test_existing_outputs_are_kept(models, tmp_path, capsys, nothing_expensive):
     ("purify", "--patience", "0", "must be at least 1"),
     ("purify", "--seed", "-1", "must be at least 0"),  # a negative seed made Fine-mixing the magnitude ranking
     ("purify", "--lr", "0", "must be in (0, 1]"),
-    ("purify", "--eps", "nan", "must be in (0, 3e+38]"),
-    ("purify", "--eps", "-1e-8", "must be in (0, 3e+38]"),
+    ("purify", "--eps", "nan", "must be in [1.4e-45, 3e+38]"),
+    ("purify", "--eps", "-1e-8", "must be in [1.4e-45, 3e+38]"),
+    ("purify", "--eps", "1e-50", "must be in [1.4e-45, 3e+38]"),  # 0 in float32: failed in the op, late
     ("purify", "--validation-fraction", "1", "must be in [0, 1)"),
     ("purify", "--cacc-tolerance", "-0.1", "must be in [0, 1]"),
     ("purify", "--reserve-ratio", "1.5", "the reserve ratio is the fraction kept, in [0, 1]; got 1.5"),

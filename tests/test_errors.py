@@ -90,6 +90,10 @@ def test_eps_must_be_positive(eps):
         ops.drift_score(ft[0], pre[0], h[0], eps)
     with pytest.raises(ValueError, match=r"finepurify.drift_scores: eps must be a positive finite float32 number"):
         ops.drift_scores(ft, pre, h, eps)
+    from finepurify_ext.purify import PurifyConfig  # refused where it is set, not at the first op
+
+    with pytest.raises(ValueError, match=r"^eps must be a positive finite float32 number"):
+        PurifyConfig(eps=eps)
 
 
 def test_num_reset_arguments():
