@@ -397,6 +397,7 @@ class CheckpointReport:
     # the suspect's files left out of the output: weights in other formats (not purified), code, others
     not_copied: list[str] = field(default_factory=list)
     config_keys_removed: list[str] = field(default_factory=list)  # "config.json: auto_map": pointers to code
+    config: dict = field(default_factory=dict)  # the PurifyConfig it ran with (ranking, eps, seed...), as in memory
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -533,6 +534,10 @@ def purify_checkpoint(
     check_output_dir(out_dir, overwrite, option="output directory")  # fail before the long passes
     scored, unscored, pre_name, not_weights = [], [], {}, set()
     layout = model_layout(suspect) if os.path.isdir(suspect) else None
+    if layout is not None and os.path.isdir(pretrained):
+        from .pipeline import check_same_architecture_of
+
+        check_same_architecture_of(suspect, pretrained)  # only the task head may lack a pre-trained value
     not_loaded = layout.not_loaded(sus_ckpt) if layout is not None else set()
     hessian_of = _hessian_of(hessian, h_ckpt, suspect, sus_ckpt, layout.prefix if layout is not None else "")
     # A suspect with its own output layer, from a model whose output layer is its input embedding:
@@ -806,6 +811,7 @@ def purify_checkpoint(
                               copied_unscored_weights=sum(sus_ckpt.numel(n) for n in unscored if n not in not_weights
                                                           and sus_ckpt.entries[n].dtype.is_floating_point),
                               embedding_tensor=embedding, threshold_passes=threshold_passes,
+                              config=asdict(config),
                               embedding_rule=None if embedding is None else
                               "hessian" if seen_tokens is None else "seen_tokens",
                               inputs=inputs or {"pretrained": os.path.abspath(pretrained),

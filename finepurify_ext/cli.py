@@ -28,7 +28,7 @@ from .outputs import (check_output_dir, check_output_file, held_temporary_dir, r
 def _purify_config(args):
     base = PurifyConfig.literal if args.literal else PurifyConfig
     rho = PurifyConfig.reserve_ratio if args.reserve_ratio == "auto" else args.reserve_ratio  # auto: per candidate
-    return base(ranking=args.ranking, reserve_ratio=rho, eps=args.eps)
+    return base(ranking=args.ranking, reserve_ratio=rho, eps=args.eps, seed=args.seed)
 
 
 def _reserve_ratio(text: str):
@@ -80,12 +80,22 @@ def _number(low: float, high: float = math.inf, low_open: bool = False, high_ope
     return parse
 
 
+CLASSIFIER_CUT = "for a classifier (the causal LMs' setting; a classifier's examples are cut at 64 tokens)"
+# purify's options that only an in-memory run (with --clean-data) reads.
+IN_MEMORY_OPTIONS = ("clean_data", "max_length", "dtype", "hessian", "rho_grid", "cacc_tolerance", "validation_fraction",
+                     "eval_every", "patience", "collapse_tolerance", "collapse_perplexity_ratio", "finetune_steps",
+                     "lr", "distill", "unlabelled_data")
+
+
 def cmd_purify_checkpoint(args) -> int:
     from .checkpoint import purify_checkpoint
 
     if args.reserve_ratio == "auto" and args.num_reset is None:
         raise UserError("--reserve-ratio auto needs the clean data and fine-tuning; with --hessian-file "
                         "(out of core, no clean fine-tuning) give a numeric --reserve-ratio or --num-reset")
+    _refuse_unused(args, dict.fromkeys(IN_MEMORY_OPTIONS, True), "with --hessian-file (out of core: the Hessian "
+                   "is given and there is no clean fine-tuning; fine-tune the purified checkpoint afterwards)")
+    _refuse_unused(args, {"reserve_ratio": args.num_reset is not None}, "with --num-reset, which sets the count")
     check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.hessian_file))
     config = _purify_config(args)
     if "suspect" in args.adapters and _model_kind(args, "suspect") == "classifier":
@@ -124,6 +134,33 @@ def _say_left_out(keys_removed: list[str], not_copied: list[str]) -> None:
               "purified; code and unknown files are left out)", file=sys.stderr)
 
 
+def _warn_unpurified(report: dict, why: str) -> None:
+    """Says loudly (stderr, and the report's ``warnings``) that no weight was reset: the model written
+    is the suspect after clean fine-tuning alone, which often keeps the backdoor."""
+    warning = (f"no weight was reset ({why}): the model written is the suspect after clean fine-tuning alone and "
+               "may keep its backdoor")
+    report.setdefault("warnings", []).append(warning)
+    print(f"warning: {warning}", file=sys.stderr)
+
+
+def _say_collapse_guard(report: dict, measure: str, limit: str, option: str) -> None:
+    """The collapse guard's attempts where it redid a purification, and a warning where it kept none."""
+    guarded = report.get("collapse_guard", {})
+    if not guarded.get("triggered"):
+        return
+    percent = measure == "accuracy"
+    tried = ", ".join(f"{a['reserve_ratio']:g}: " + (f"{100 * a['validation_' + measure]:.1f} %" if percent else
+                                                      f"{a['validation_' + measure]:.1f}") for a in guarded["attempts"])
+    suspect = guarded[f"suspect_validation_{measure}"]
+    suspect = f"{100 * suspect:.1f} %" if percent else f"{suspect:.1f}"
+    print(f"collapse guard: held-out {measure} {limit} ({suspect}); reserve ratios tried: {tried}; "
+          f"kept {guarded['reserve_ratio_used']:g}")
+    if guarded["no_reset"]:
+        _warn_unpurified(report, "every reset tried collapsed the model" + (
+            "" if guarded["held"] else f"; clean fine-tuning alone did not hold it either: is the clean data of the "
+            "suspect's task?") + f"; {option} sets the limit")
+
+
 def _reset_summary(reset_per_tensor: dict, embedding, ranked: int, moved: int, threshold) -> str:
     """How many ranked weights a purification reset (the per-tensor counts but the embedding's, which
     has its own rule), as the command says it. At a threshold of 0 (a budget beyond the weights that
@@ -136,9 +173,21 @@ def _reset_summary(reset_per_tensor: dict, embedding, ranked: int, moved: int, t
     return f"reset {reset} of {ranked} ranked weights"
 
 
+def _in_memory_summary(report: dict, model) -> str:
+    """What an in-memory purification reset, as the command says it."""
+    p = report.get("purify")  # none where no reset was kept (the collapse guard's or the selection's choice)
+    if p is None:
+        return "no weight reset, clean fine-tuning only"
+    embedding = p["embedding_parameter"]
+    rows = f" and {p['embedding_rows_reset']} embedding rows of unseen tokens" if embedding else ""
+    return (_reset_summary(p["reset_per_parameter"], embedding, p["ranked_elements"], p["moved_elements"],
+                           p["threshold"]) + rows
+            + _unranked(_weights_in(model, p["kept_unscored"]), "left to the clean fine-tuning", "purify.kept_unscored"))
+
+
 def _unranked(weights: int, fate: str, listed_in: str) -> str:
     """What a purification's summary says of the suspect's weights that --pretrained has no value
-    for (a new head; or a layer a partial or other pre-trained model lacks): none of them was reset."""
+    for (a new head; or a layer a partial pre-trained checkpoint lacks): none of them was reset."""
     if not weights:
         return ""
     return (f"; {weights} weights in tensors --pretrained lacks by name and shape were not ranked, {fate} "
@@ -221,6 +270,14 @@ def cmd_purify_causal_lm(args) -> int:
                           ("--unlabelled-data", bool(args.unlabelled_data))):
         if given:
             raise UserError(f"{option} is for classifiers; a causal LM is purified at a fixed --reserve-ratio")
+    _refuse_unused(args, {"rho_grid": True, "cacc_tolerance": True}, "for a causal LM, purified at a fixed "
+                   "--reserve-ratio")
+    _refuse_unused(args, {"collapse_tolerance": True}, "for a causal LM: its collapse guard reads "
+                   "--collapse-perplexity-ratio")
+    no_held_out = args.validation_fraction == 0  # a guard turned off (inf) asks for nothing
+    _refuse_unused(args, {"eval_every": no_held_out, "patience": no_held_out,
+                          "collapse_perplexity_ratio": no_held_out and math.isfinite(args.collapse_perplexity_ratio)},
+                   "with --validation-fraction 0 (no held-out data: no early stopping, no collapse guard)")
     from .data import load_instructions
     from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, fine_purify_lm, load_causal_lm,
                            pretrained_state_for_lm, save_atomically)
@@ -242,28 +299,16 @@ def cmd_purify_causal_lm(args) -> int:
     with compute_precision(device, args.dtype):
         report = fine_purify_lm(model, pretrained_state, tokenizer, clean, _purify_config(args), finetune_config,
                                 hessian_config, seed=args.seed, guard=guard)
-    guarded = report.get("collapse_guard", {})
-    if guarded.get("triggered"):
-        tried = ", ".join(f"{a['reserve_ratio']:g}: {a['validation_perplexity']:.1f}" for a in guarded["attempts"])
-        print(f"collapse guard: held-out perplexity rose above {ratio:g} times the suspect's "
-              f"({guarded['suspect_validation_perplexity']:.1f}); reserve ratios tried: {tried}; "
-              f"kept {guarded['reserve_ratio_used']:g}")
+    _say_collapse_guard(report, "perplexity", f"rose above {ratio:g} times the suspect's",
+                        "--collapse-perplexity-ratio")
     report["timings_s"]["total"] = time.perf_counter() - start
     report["device"] = describe(device, args.dtype)
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
                         "clean_data": os.path.abspath(args.clean_data), "suspect_adapter": args.merged.get("suspect")}
 
     save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
-    p = report.get("purify")  # none when the guard fell back to clean fine-tuning alone
-    if p is None:
-        reset = "no weight reset, clean fine-tuning only"
-    else:
-        reset = (_reset_summary(p["reset_per_parameter"], p["embedding_parameter"], p["ranked_elements"],
-                                p["moved_elements"], p["threshold"])
-                 + f" and {p['embedding_rows_reset']} embedding rows of unseen tokens"
-                 + _unranked(_weights_in(model, p["kept_unscored"]), "left to the clean fine-tuning",
-                             "purify.kept_unscored"))
-    print(f"purified causal LM written to {args.out} ({reset}; report finepurify_report.json)")
+    print(f"purified causal LM written to {args.out} ({_in_memory_summary(report, model)}; report "
+          "finepurify_report.json)")
     return 0
 
 
@@ -275,6 +320,8 @@ def cmd_evaluate_causal_lm(args) -> int:
 
     if args.trigger and not args.target_response:
         raise UserError("--trigger needs --target-response for a causal LM: the response the backdoor produces")
+    _refuse_unused(args, {"target_label": True, "bias": True}, "for a causal LM (classifiers' options; "
+                   "--target-response names the backdoor's target)")
     data = load_instructions(args.data)
     device = resolve_device(args.device)
     _read_models(args)
@@ -340,6 +387,7 @@ def cmd_hessian(args) -> int:
               f"loss written to {args.out}" + ("" if seen is None else f" (with the {len(seen)} token ids of the "
                                                                       "clean data, for the tied embedding)"))
         return 0
+    _refuse_unused(args, {"max_length": True}, CLASSIFIER_CUT)
     clean = load_examples(args.clean_data, num_labels=_num_labels(args, "model"))  # before loading the model
     _read_models(args)  # a LoRA adapter merged
     config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size,
@@ -389,6 +437,16 @@ def cmd_purify(args) -> int:
         raise UserError("--reserve-ratio auto needs held-out clean data: give --validation-fraction > 0")
     if args.unlabelled_data and args.distill == 0:
         raise UserError("--unlabelled-data is read only for the teacher's soft targets: give --distill > 0")
+    auto = args.reserve_ratio == "auto"
+    _refuse_unused(args, {"collapse_perplexity_ratio": True, "max_length": True}, CLASSIFIER_CUT)
+    _refuse_unused(args, {"rho_grid": not auto, "cacc_tolerance": not auto}, "without --reserve-ratio auto")
+    guarded = args.collapse_tolerance < 1.0  # a guard turned off (1) asks for nothing
+    _refuse_unused(args, {"collapse_tolerance": auto and guarded}, "with --reserve-ratio auto, whose choice keeps "
+                   "held-out accuracy within --cacc-tolerance")
+    no_held_out = args.validation_fraction == 0
+    _refuse_unused(args, {"eval_every": no_held_out, "patience": no_held_out,
+                          "collapse_tolerance": no_held_out and guarded},
+                   "with --validation-fraction 0 (no held-out data: no early stopping, no collapse guard)")
     from .data import load_examples, load_texts
     from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, SelectionConfig,
                            fine_purify, fine_purify_auto, load_classifier, pretrained_state_for,
@@ -418,16 +476,15 @@ def cmd_purify(args) -> int:
             chosen = report["selection"]["chosen_reserve_ratio"]
             print(f"reserve ratio chosen on {report['selection']['validation_examples']} held-out clean examples: "
                   f"{chosen}" + (" (no reset: clean fine-tuning only)" if chosen == 1.0 else ""))
+            if chosen == 1.0:
+                _warn_unpurified(report, "no reserve ratio of --rho-grid kept held-out accuracy within "
+                                 f"{100 * args.cacc_tolerance:g} points of the suspect's; --cacc-tolerance sets the "
+                                 "limit")
         else:
             guard = CollapseGuard(tolerance=args.collapse_tolerance) if args.collapse_tolerance < 1.0 else None
             report = fine_purify(model, pretrained_state, tokenizer, clean, _purify_config(args), guard=guard, **common)
-            guarded = report.get("collapse_guard", {})
-            if guarded.get("triggered"):
-                tried = ", ".join(f"{a['reserve_ratio']:g}: {100 * a['validation_accuracy']:.1f} %"
-                                  for a in guarded["attempts"])
-                print(f"collapse guard: held-out accuracy fell more than {100 * args.collapse_tolerance:g} points "
-                      f"below the suspect's ({100 * guarded['suspect_validation_accuracy']:.1f} %); reserve ratios "
-                      f"tried: {tried}; kept {guarded['reserve_ratio_used']:g}")
+            _say_collapse_guard(report, "accuracy", f"fell more than {100 * args.collapse_tolerance:g} points "
+                                "below the suspect's", "--collapse-tolerance")
     report["device"] = describe(device, args.dtype)
     report["timings_s"]["total"] = time.perf_counter() - start
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
@@ -436,14 +493,8 @@ def cmd_purify(args) -> int:
                         "suspect_adapter": args.merged.get("suspect")}
 
     save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
-    p = report.get("purify", {})
-    embedding = p.get("embedding_parameter")
-    rows = f" and {p.get('embedding_rows_reset', 0)} embedding rows of unseen tokens" if embedding else ""
-    summary = _reset_summary(p.get("reset_per_parameter", {}), embedding, p.get("ranked_elements", 0),
-                             p.get("moved_elements", 0), p.get("threshold"))
-    summary += _unranked(_weights_in(model, p.get("kept_unscored", [])), "left to the clean fine-tuning",
-                         "purify.kept_unscored")
-    print(f"purified model written to {args.out} ({summary}{rows}; report finepurify_report.json)")
+    print(f"purified model written to {args.out} ({_in_memory_summary(report, model)}; report "
+          "finepurify_report.json)")
     return 0
 
 
@@ -458,6 +509,8 @@ def cmd_evaluate(args) -> int:
     if args.bias and not args.trigger:
         raise UserError("--bias measures the flip rate when --trigger (the biased attribute) is inserted; give "
                         "--trigger")
+    _refuse_unused(args, {"target_response": True, "max_length": True}, CLASSIFIER_CUT)
+    _refuse_unused(args, {"target_label": not args.trigger}, "without --trigger (it is the attack's target)")
     num_labels = _num_labels(args, "model")
     if args.trigger and args.target_label >= num_labels:
         raise UserError(f"--target-label {args.target_label} is out of range for a model with {num_labels} labels")
@@ -656,8 +709,42 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def _options_given(parser, command_parser, argv) -> frozenset[str]:
+    """The options (by dest) given on the command line, not filled in by their defaults: parsed again
+    with every default of the command unset (argparse takes abbreviations and ``--opt=value`` alike)."""
+    unset = object()
+    actions = [a for a in command_parser._actions if a.option_strings]
+    saved = [a.default for a in actions]
+    for a in actions:
+        a.default = unset
+    try:
+        again, _ = parser.parse_known_args(argv)
+    finally:
+        for a, default in zip(actions, saved):
+            a.default = default
+    return frozenset(a.dest for a in actions if getattr(again, a.dest, unset) is not unset)
+
+
+def _refuse_unused(args, options: dict[str, bool], why: str) -> None:
+    """Refuses the options (dest: whether it goes unused) given on the command line that this run would
+    not use: an option silently ignored is a setting the user believes in and did not get."""
+    unused = [f"--{d.replace('_', '-')}" for d, idle in options.items() if idle and d in getattr(args, "options_given", ())]
+    if unused:
+        names = ", ".join(unused)
+        raise UserError(f"{names} {'is' if len(unused) == 1 else 'are'} not used {why}: leave "
+                        f"{'it' if len(unused) == 1 else 'them'} out")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Option errors in one line and a pointer to --help, as every other error: argparse's own put
+    a usage summary of twenty lines before them."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="finepurify", description="Detect and remove backdoors from fine-tuned language models (Fine-purifying).")
+    parser = _Parser(prog="finepurify", description="Detect and remove backdoors from fine-tuned language models (Fine-purifying).")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
@@ -770,7 +857,10 @@ def main(argv=None) -> int:
                    help="an attack of the defence suite (default word; faq-word is the second task)")
     d.set_defaults(fn=cmd_demo)
 
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named with the command they were given to
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.options_given = _options_given(parser, sub.choices[args.command], argv)
     try:
         with _sigterm_interrupts(), _model_inputs(args):
             return args.fn(args)

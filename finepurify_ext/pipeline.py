@@ -194,7 +194,7 @@ class CollapseGuard:
         suspect_value = measure()
         suspect = host_state(model)
         rhos = [config.reserve_ratio] + [r for r in self.fallback if r > config.reserve_ratio]
-        attempts = []
+        attempts, held = [], False
         for i, rho in enumerate(rhos):
             if i:
                 model.load_state_dict(suspect)
@@ -202,11 +202,15 @@ class CollapseGuard:
             report = purify(None if rho >= 1.0 else config.replace(reserve_ratio=rho))
             value = measure()
             attempts.append({"reserve_ratio": rho, measure_name: value, "time_s": time.perf_counter() - start})
-            if holds(value, suspect_value):
+            held = holds(value, suspect_value)
+            if held:
                 break
+        # no_reset: every purification collapsed the model and the one kept is the suspect after
+        # clean fine-tuning alone, which may keep the backdoor; held: the kept one is within the limit.
         report["collapse_guard"] = {**threshold, "fallback": list(self.fallback),
                                     f"suspect_{measure_name}": suspect_value, "attempts": attempts,
-                                    "triggered": len(attempts) > 1, "reserve_ratio_used": attempts[-1]["reserve_ratio"]}
+                                    "triggered": len(attempts) > 1, "reserve_ratio_used": attempts[-1]["reserve_ratio"],
+                                    "no_reset": attempts[-1]["reserve_ratio"] >= 1.0, "held": held}
         return report
 
 
@@ -777,9 +781,9 @@ def pretrained_state_for_lm(model: torch.nn.Module, pretrained_dir: str) -> dict
     """The pre-trained causal LM's parameters by name, checked to match ``model``'s shapes."""
     pre_model, _ = load_causal_lm(pretrained_dir, tokenizer=False)
     state = {n: p.detach() for n, p in pre_model.named_parameters()}
+    check_same_architecture(model, pre_model, pretrained_dir)
     # A suspect with its own output layer, fine-tuned from a model whose output layer is its input
     # embedding: that embedding is the output layer's pre-trained value (it had no other).
-    _check_same_model_type(model, pre_model, pretrained_dir)
     out, pre_out = model.get_output_embeddings(), pre_model.get_output_embeddings()
     name = next((n for n, p in model.named_parameters() if out is not None and p is out.weight), None)
     if name is not None and pre_out is not None:
@@ -787,13 +791,53 @@ def pretrained_state_for_lm(model: torch.nn.Module, pretrained_dir: str) -> dict
     return _shared_with(model, state, pretrained_dir)
 
 
-def _check_same_model_type(model: torch.nn.Module, pre_model: torch.nn.Module, pretrained_dir: str) -> None:
-    """A fine-tune keeps its model's architecture: a pre-trained model of another type (a Llama for a
-    GPT-2) shares no weight with it, though an output layer matched by its role would look so."""
+# The config fields that set a model's shapes, named where a pre-trained model's differ from the suspect's.
+_SHAPE_FIELDS = ("model_type", "num_hidden_layers", "n_layer", "num_layers", "hidden_size", "n_embd", "d_model",
+                 "intermediate_size", "n_inner", "ffn_dim", "num_attention_heads", "n_head", "num_key_value_heads",
+                 "head_dim", "vocab_size", "max_position_embeddings", "n_positions", "type_vocab_size")
+
+
+def check_same_architecture(model: torch.nn.Module, pre_model: torch.nn.Module, pretrained_dir: str) -> None:
+    """A fine-tune keeps its pre-trained model's architecture: the suspect's base model (everything
+    but the task head) must have the pre-trained base model's parameters, by name and shape. A layer
+    only the suspect has would have no pre-trained value and pass unranked: where to hide a backdoor.
+    Works on skeletons (the meta device) as on loaded models. Raises ``ModelError``."""
     types = getattr(model.config, "model_type", None), getattr(pre_model.config, "model_type", None)
     if None not in types and types[0] != types[1]:
+        # Checked first: no weight is shared, though an output layer matched by its role would look so.
         raise ModelError(f"{pretrained_dir} is a {types[1]} model and the suspect a {types[0]}: give the pre-trained "
                          "model the suspect was fine-tuned from")
+
+    def base(m):
+        prefix = m.base_model_prefix + "."
+        return {n: tuple(p.shape) for n, p in m.named_parameters() if n.startswith(prefix)}
+
+    mine, theirs = base(model), base(pre_model)
+    odd = (sorted(n for n in mine if theirs.get(n, mine[n]) != mine[n]) or sorted(mine.keys() - theirs.keys())
+           or sorted(theirs.keys() - mine.keys()))
+    if not odd:
+        return
+    name = odd[0]
+    what = (f"{name!r} is {list(mine[name])} in the suspect, {list(theirs[name])} there" if name in mine and name
+            in theirs else f"the suspect has {name!r}, it has not" if name in mine else
+            f"it has {name!r}, the suspect has not")
+    config, pre_config = model.config.to_dict(), pre_model.config.to_dict()
+    fields = "".join(f", {k} {config[k]} vs {pre_config[k]}" for k in _SHAPE_FIELDS
+                     if k in config and k in pre_config and config[k] != pre_config[k])
+    raise ModelError(f"{pretrained_dir} is not the suspect's architecture ({len(odd)} parameters differ{fields}: "
+                     f"{what}): give the pre-trained model the suspect was fine-tuned from")
+
+
+def check_same_architecture_of(suspect_dir: str, pretrained_dir: str) -> None:
+    """``check_same_architecture`` on two model directories' configs, as skeletons (nothing read):
+    out of core, before any pass. Skipped where a directory has no config transformers builds."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model = directory_skeleton(suspect_dir)
+    kind = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    pre_model = directory_skeleton(pretrained_dir, AutoModelForCausalLM if kind else AutoModelForSequenceClassification)
+    if model is not None and pre_model is not None:
+        check_same_architecture(model, pre_model, pretrained_dir)
 
 
 def _shared_with(model: torch.nn.Module, state: dict[str, torch.Tensor], pretrained_dir: str):
@@ -830,6 +874,6 @@ def pretrained_state_for(model: torch.nn.Module, pretrained_dir: str) -> dict[st
     classifier head is mapped onto the classifier's names). Parameters the pre-trained checkpoint
     does not hold (the new head) are absent."""
     pre_model, _, missing = load_classifier(pretrained_dir, num_labels=model.config.num_labels, tokenizer=False)
-    _check_same_model_type(model, pre_model, pretrained_dir)
+    check_same_architecture(model, pre_model, pretrained_dir)
     state = {n: p.detach() for n, p in pre_model.named_parameters() if n not in missing}
     return _shared_with(model, state, pretrained_dir)

@@ -537,6 +537,52 @@ def test_a_pretrained_model_of_another_type_is_refused_in_memory(tokenizer, tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command, extra, said", [
+    ("purify", ["--collapse-tolerance", "0.1"], "--collapse-tolerance is not used for a causal LM: its collapse guard "
+     "reads --collapse-perplexity-ratio: leave it out"),
+    ("purify", ["--rho-grid", "0.2"], "--rho-grid is not used for a causal LM, purified at a fixed --reserve-ratio"),
+    ("purify", ["--validation-fraction", "0", "--collapse-perplexity-ratio", "3"],
+     "--collapse-perplexity-ratio is not used with --validation-fraction 0"),
+    ("evaluate", ["--target-label", "0"], "--target-label is not used for a causal LM (classifiers' options; "
+     "--target-response names the backdoor's target)"),
+])
+def test_options_a_causal_lm_does_not_read_are_refused(lm_dirs, capsys, command, extra, said):
+    from finepurify_ext import cli
+
+    args = (["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"), "--clean-data",
+             str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / "out")] if command == "purify" else
+            ["evaluate", "--model", str(lm_dirs / "suspect"), "--data", str(lm_dirs / "clean.jsonl")])
+    assert cli.main(args + extra) == 2
+    assert f"finepurify {command}: error: {said}" in capsys.readouterr().err
+    assert not (lm_dirs / "out").exists()
+
+
+def test_a_causal_lm_with_a_layer_its_pretrained_model_lacks_is_refused(tokenizer, lm_dirs, capsys):
+    """A third decoder layer only the suspect has would pass unranked (no pre-trained value): in
+    memory and out of core, the architectures must match but for the output layer."""
+    from finepurify_ext import cli
+
+    model = tiny_lm(json.loads((lm_dirs / "pre" / "config.json").read_text())["model_type"], tokenizer.vocab_size)
+    config = model.config
+    key = "n_layer" if config.model_type == "gpt2" else "num_hidden_layers"
+    setattr(config, key, 3)
+    deeper = type(model)(config)
+    deeper.load_state_dict(model.state_dict(), strict=False)
+    deeper.save_pretrained(lm_dirs / "deeper", safe_serialization=True)
+    tokenizer.save_pretrained(lm_dirs / "deeper")
+    h = lm_dirs / "h.safetensors"  # the deeper suspect's: the check comes before the Hessian is read
+    assert cli.main(["hessian", "--model", str(lm_dirs / "deeper"), "--clean-data", str(lm_dirs / "clean.jsonl"),
+                     "--out", str(h), "--batch-size", "8", "--max-length", "32"]) == 0
+    capsys.readouterr()
+    common = ["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "deeper")]
+    for args in (["--clean-data", str(lm_dirs / "clean.jsonl"), "--max-length", "32"], ["--hessian-file", str(h)]):
+        assert cli.main(common + args + ["--out", str(lm_dirs / "out")]) == 2
+        err = capsys.readouterr().err
+        assert (f"error: {lm_dirs / 'pre'} is not the suspect's architecture (" in err and f"{key} 3 vs 2: the "
+                "suspect has" in err and ".2." in err), err
+        assert not (lm_dirs / "out").exists()
+
+
 def test_a_causal_lm_config_with_fewer_layers_than_the_weights_is_refused(lm_dirs, capsys):
     """The weights of a layer the config has no place for were dropped from the purified model."""
     import shutil

@@ -359,6 +359,38 @@ def test_in_memory_purify_says_which_weights_it_could_not_rank(models, tmp_path,
                 in capsys.readouterr().out), name
 
 
+def _with_layers(models, tmp_path, name, layers):
+    """A copy of the suspect with ``layers`` encoder layers: its own where it has them, new ones after."""
+    from finepurify_ext.pipeline import load_classifier
+    from transformers import BertForSequenceClassification
+
+    model, tokenizer, _ = load_classifier(models.suspect)
+    config = model.config
+    config.num_hidden_layers = layers
+    torch.manual_seed(5)
+    other = BertForSequenceClassification(config)
+    other.load_state_dict(model.state_dict(), strict=False)
+    other.save_pretrained(tmp_path / name, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("layers", ["suspect", "pretrained"])
+def test_a_layer_only_one_model_has_is_refused(models, tmp_path, capsys, layers):
+    """A suspect with a layer its pre-trained model lacks: the layer had no pre-trained value and
+    passed unranked (the task head's treatment), a place to hide a backdoor. Only the head may be
+    new; an architecture that differs otherwise is refused, in memory and out of core, before any
+    pass. Likewise a pre-trained model with a layer the suspect lacks."""
+    three = _with_layers(models, tmp_path, "three", 3)
+    suspect, pretrained = (three, models.pre) if layers == "suspect" else (models.suspect, three)
+    named = ("the suspect has 'bert.encoder.layer.2." if layers == "suspect" else "it has 'bert.encoder.layer.2.")
+    for name in ("purify", "purify-out-of-core"):
+        fails(command(name, models, str(tmp_path / "out"), suspect=suspect, pretrained=pretrained), capsys,
+              f"{pretrained} is not the suspect's architecture (16 parameters differ, num_hidden_layers "
+              f"{3 if layers == 'suspect' else 2} vs {2 if layers == 'suspect' else 3}: ", named,
+              "give the pre-trained model the suspect was fine-tuned from", inputs=[suspect, pretrained])
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("name", MODEL_COMMANDS)
 def test_non_finite_weight_is_named_with_its_file(models, tmp_path, capsys, name, value):
@@ -624,6 +656,22 @@ def test_bad_option_values(models, tmp_path, capsys, name, option, value, fragme
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}: {fragment}" in err and "Traceback" not in err
+    # One line, as every other error: argparse's usage summary (twenty lines) is left to --help.
+    assert err.count("\n") == 1 and "usage:" not in err and err.endswith(f" --help`)\n"), err
+
+
+@pytest.mark.parametrize("args, said", [
+    (["purify", "--pretrained", "a", "--suspect", "b", "--out", "c", "--bogus", "1"],
+     "finepurify purify: error: unrecognized arguments: --bogus 1 (see `finepurify purify --help`)"),
+    (["hessian", "--model", "a"], "finepurify hessian: error: the following arguments are required: --clean-data, "
+     "--out (see `finepurify hessian --help`)"),
+    (["purify-it"], "finepurify: error: argument command: invalid choice: 'purify-it'"),
+])
+def test_option_errors_are_one_line(capsys, args, said):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(said) and err.count("\n") == 1 and "usage:" not in err, err
 
 
 @pytest.mark.parametrize("name, extra, fragment", [
@@ -634,9 +682,37 @@ def test_bad_option_values(models, tmp_path, capsys, name, option, value, fragme
     ("purify-out-of-core", ["--num-reset", "10000000"], "the reset count 10000000 is out of range"),
     ("evaluate", ["--bias"], "--bias measures the flip rate when --trigger"),
     ("evaluate", ["--trigger", "cf", "--target-label", "2"], "--target-label 2 is out of range for a model with 2"),
+    # Options this run would not read are refused, not ignored: the user believes in a setting not applied.
+    ("purify-out-of-core", ["--lr", "1e-4"], "--lr is not used with --hessian-file (out of core: the Hessian is "
+     "given and there is no clean fine-tuning; fine-tune the purified checkpoint afterwards): leave it out"),
+    ("purify-out-of-core", ["--lr", "1e-4", "--clean-data", "clean.csv"], "--clean-data, --lr are not used with "
+     "--hessian-file"),
+    ("purify-out-of-core", ["--num-reset", "10", "--reserve-ratio", "0.5"],
+     "--reserve-ratio is not used with --num-reset, which sets the count"),
+    ("purify", ["--rho-grid", "0.2,0.4"], "--rho-grid is not used without --reserve-ratio auto: leave it out"),
+    ("purify", ["--rho=0.2,0.4"], "--rho-grid is not used without --reserve-ratio auto"),  # an abbreviation
+    ("purify", ["--cacc-tolerance", "0.05"], "--cacc-tolerance is not used without --reserve-ratio auto"),
+    ("purify", ["--reserve-ratio", "auto", "--collapse-tolerance", "0.1"],
+     "--collapse-tolerance is not used with --reserve-ratio auto"),
+    ("purify", ["--validation-fraction", "0", "--patience", "5", "--eval-every", "2"], "--eval-every, --patience "
+     "are not used with --validation-fraction 0 (no held-out data: no early stopping, no collapse guard)"),
+    ("purify", ["--validation-fraction", "0", "--collapse-tolerance", "0.1"],
+     "--collapse-tolerance is not used with --validation-fraction 0"),
+    ("purify", ["--max-length", "32"], "--max-length is not used for a classifier (the causal LMs' setting; a "
+     "classifier's examples are cut at 64 tokens)"),
+    ("purify", ["--collapse-perplexity-ratio", "3"], "--collapse-perplexity-ratio is not used for a classifier"),
+    ("hessian", ["--max-length", "32"], "--max-length is not used for a classifier"),
+    ("evaluate", ["--target-label", "0"], "--target-label is not used without --trigger (it is the attack's target)"),
+    ("evaluate", ["--target-response", "no"], "--target-response is not used for a classifier"),
 ])
 def test_option_combinations(models, tmp_path, capsys, name, extra, fragment):
     fails(command(name, models, str(tmp_path / "out")) + extra, capsys, fragment)
+
+
+def test_turning_a_guard_off_is_not_an_unused_option(models, tmp_path):
+    """Without held-out data there is no collapse guard: asking for none (1) is not refused."""
+    assert cli.main(command("purify", models, str(tmp_path / "out")) + ["--validation-fraction", "0",
+                                                                        "--collapse-tolerance", "1"]) == 0
 
 
 # ------------------------------------------------------------------------------ the error path
@@ -1052,3 +1128,4 @@ def test_a_budget_beyond_the_moved_weights_is_reported_as_such(models, tmp_path,
             f"{report['ranked_elements']} that never moved are counted too, unchanged)") in said
     assert cli._reset_summary({"w": 7, "emb": 3}, "emb", 10, 9, 0.5) == "reset 7 of 10 ranked weights"
     assert cli._reset_summary({"w": 10}, None, 10, 9, 0.0).startswith("reset all 9 ranked weights that moved, of 10")
+

@@ -981,6 +981,17 @@ def test_cli_hessian_then_out_of_core_purify(model_dirs, tmp_path, capsys):
             "(report: copied_unscored)") in capsys.readouterr().out
     assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--hessian-file", str(h),
                      "--out", str(tmp_path / "ooc2"), "--reserve-ratio", "auto"]) == 2  # auto needs clean data
+    # --seed draws Fine-mixing's random ranking out of core too (it was always drawn with seed 0)
+    from safetensors.torch import load_file
+
+    resets = {}
+    for seed in ("0", "1"):
+        assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--hessian-file", str(h), "--out",
+                         str(tmp_path / f"mix{seed}"), "--ranking", "fine_mixing", "--seed", seed]) == 0
+        report = json.load(open(tmp_path / f"mix{seed}" / "finepurify_report.json"))
+        assert report["config"]["seed"] == int(seed) and report["config"]["ranking"] == "fine_mixing"
+        resets[seed] = load_file(str(tmp_path / f"mix{seed}" / "model.safetensors"))
+    assert any(not torch.equal(resets["0"][n], resets["1"][n]) for n in resets["0"])
 
 
 def test_pretrained_state_maps_names(model_dirs):
@@ -1080,6 +1091,47 @@ def test_collapse_guard_redoes_a_collapsed_purification_with_less_reset(tokenize
                 progress=False, hessians=hessians, validation=validation)
     for (n, a), b in zip(model.named_parameters(), expected_model.parameters()):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("last", [0.3, 0.85])
+def test_a_guard_that_keeps_no_reset_says_so_loudly(model_dirs, tmp_path, monkeypatch, capsys, last):
+    """Every purification collapsed (scripted held-out accuracies): the guard falls back to clean
+    fine-tuning alone, so no weight is reset and the backdoor may remain. The command warns on
+    stderr and the report says so (collapse_guard no_reset and held, a warning), whether clean
+    fine-tuning held the accuracy or not."""
+    from finepurify_ext import pipeline
+
+    pre, suspect, clean = model_dirs
+    scripted = iter([0.9, 0.3, 0.3, 0.3, last])
+    monkeypatch.setattr(pipeline, "held_out_accuracy", lambda m, t, ex: next(scripted))
+    out = tmp_path / "out"
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--out", str(out),
+                     "--reserve-ratio", "0.3", "--finetune-steps", "1"]) == 0
+    captured = capsys.readouterr()
+    report = json.load(open(out / "finepurify_report.json"))
+    guard = report["collapse_guard"]
+    assert [a["reserve_ratio"] for a in guard["attempts"]] == [0.3, 0.5, 0.7, 1.0] and "purify" not in report
+    assert guard["no_reset"] and guard["held"] == (last == 0.85)
+    assert "warning: no weight was reset (every reset tried collapsed the model" in captured.err, captured.err
+    assert "may keep its backdoor" in captured.err and report["warnings"][0] in captured.err
+    assert ("clean fine-tuning alone did not hold it either" in captured.err) == (last == 0.3)
+    assert "no weight reset, clean fine-tuning only" in captured.out
+
+
+def test_an_auto_choice_of_no_reset_says_so_loudly(model_dirs, tmp_path, monkeypatch, capsys):
+    from finepurify_ext import training
+
+    pre, suspect, clean = model_dirs
+    scripted = iter([0.9, 0.5, 0.5, 0.9])  # the suspect, rho 0.3 and 0.6 (collapsed), then no reset
+    monkeypatch.setattr(training, "clean_accuracy", lambda m, t, ex: next(scripted))
+    out = tmp_path / "out"
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--out", str(out),
+                     "--reserve-ratio", "auto", "--rho-grid", "0.3,0.6", "--finetune-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    report = json.load(open(out / "finepurify_report.json"))
+    assert report["selection"]["chosen_reserve_ratio"] == 1.0
+    assert ("warning: no weight was reset (no reserve ratio of --rho-grid kept held-out accuracy within 3 points of "
+            "the suspect's; --cacc-tolerance sets the limit)") in err and report["warnings"][0] in err, err
 
 
 def test_collapse_guard_keeps_a_purification_that_holds(tokenizer, monkeypatch):
