@@ -9,7 +9,8 @@ the Hessian floored at its median (the default), at its 10 % quantile and withou
     python bench/reset_only_curves.py                   # 3 triggers, seed 0, about 25 min on 2 cores
     python bench/reset_only_curves.py --attacks word --seeds 0 1
 
-Writes bench/results/reset_only_curves.json and reset_only_curves_<trigger>.png. Uses the models cached
+Writes bench/results/reset_only_curves.json and reset_only_curves_<trigger>.png (another --out: its own
+names, OUT_<trigger>.png). Uses the models cached
 by bench/defence_table.py (or builds them) and the same 192 clean tweets for the Hessian.
 """
 from __future__ import annotations
@@ -112,7 +113,7 @@ def main(argv=None):
         }
     results["summary"] = summary
     results["wall_s"] = time.perf_counter() - start
-    results["plots"] = plot(summary, os.path.dirname(args.out))
+    results["plots"] = plot(summary, os.path.splitext(args.out)[0])
     write_json_atomically(args.out, results)
     for attack_name, s in summary.items():
         print(attack_name, "mean CACC - ASR over the grid (points):",
@@ -121,7 +122,9 @@ def main(argv=None):
               "; ".join(f"{v} {x:.1f} ({r:g})" for v, (x, r) in s["best_cacc_minus_asr_points"].items()))
 
 
-def plot(summary, out_dir):
+def plot(summary, out_stem):
+    """One PNG per attack, named after --out (OUT_word.png), so that another --out never replaces the
+    committed plots."""
     from finepurify_ext.plots import _pyplot
 
     plt = _pyplot()
@@ -139,7 +142,7 @@ def plot(summary, out_dir):
         ax.set_title(f"{attack_name} trigger: reset only, no clean fine-tuning (labels: reserve ratio)", fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"reset_only_curves_{attack_name}.png")
+        path = f"{out_stem}_{attack_name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(os.path.basename(path))

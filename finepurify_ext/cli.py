@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import random
@@ -362,6 +363,9 @@ def cmd_hessian(args) -> int:
 
     check_output_file(args.out, args.overwrite, inputs=(args.model, args.pretrained, args.clean_data),
                       ours=_is_hessian_file, what="Hessian")
+    if args.out.lower().endswith(PICKLE_NAMES):  # what a finder of the file would take it for
+        raise UserError(f"--out {args.out}: a Hessian is a safetensors file, not a pickle as that name says; give a "
+                        "name ending in .safetensors")
     resume = args.out + ".accumulator.safetensors"
     device = resolve_device(args.device)
     if _model_kind(args, "model") == "causal-lm":
@@ -547,8 +551,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _message(error: BaseException) -> tuple[int, str]:
-    """(exit code, one or two lines for the user) for an error that reached the command line."""
+def _message(error: BaseException, out: str | None = None) -> tuple[int, str]:
+    """(exit code, one or two lines for the user) for an error that reached the command line; a full
+    disk names --out (``out``), where nearly everything a command writes goes."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" ({error.filename})" if error.filename else ""
+        return 1, (f"{error.strerror}{where}: free space on the disk of --out {out} or choose an --out on another "
+                   "disk (nothing partial is left)" if out else f"{error.strerror}{where}: free space there")
     if isinstance(error, (ValueError, FileExistsError)):  # UserError, and the library's argument checks
         return 2, str(error)
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
@@ -560,6 +569,9 @@ def _message(error: BaseException) -> tuple[int, str]:
     return 1, f"failed with {type(error).__name__}: {first_line(error)} (--debug shows the traceback)"
 
 
+DATA_HELP = ("a classifier's: CSV/TSV or JSONL with text and label; a causal LM's: JSONL or CSV/TSV with prompt "
+             "and response, or JSONL chat messages")
+PICKLE_NAMES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.save's and pickle's usual names
 MODEL_OPTIONS = ("pretrained", "suspect", "model")  # the options that name a model
 ADAPTER_OPTIONS = ("suspect", "model")  # the ones that may name a LoRA adapter (merged into --pretrained)
 ADAPTER_BASE_HELP = ("where --model is a LoRA adapter (PEFT's adapter_config.json and adapter_model.safetensors): "
@@ -735,6 +747,14 @@ def _refuse_unused(args, options: dict[str, bool], why: str) -> None:
                         f"{'it' if len(unused) == 1 else 'them'} out")
 
 
+def _say_new_folder(out: str | None) -> None:
+    """A note where --out's folder does not exist: it is created, and a typo there is better seen."""
+    if out:
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.exists(parent):
+            print(f"note: {parent} does not exist; it will be created for --out", file=sys.stderr)
+
+
 class _Parser(argparse.ArgumentParser):
     """Option errors in one line and a pointer to --help, as every other error: argparse's own put
     a usage summary of twenty lines before them."""
@@ -769,7 +789,7 @@ def main(argv=None) -> int:
     p.add_argument("--suspect", required=True,
                    help="suspect fine-tuned model directory (safetensors), a causal LM's GGUF file, or a LoRA "
                    "adapter's directory (PEFT: adapter_config.json), merged into --pretrained")
-    p.add_argument("--clean-data", help="CSV or JSONL with text and label columns")
+    p.add_argument("--clean-data", help="clean data of the suspect's task, " + DATA_HELP)
     p.add_argument("--hessian-file", help="a saved Hessian (finepurify hessian): purify the checkpoints out of core, "
                    "shard by shard, without clean fine-tuning; --pretrained and --suspect may then be any "
                    "safetensors checkpoints (sharded with an index, or single files)")
@@ -821,7 +841,7 @@ def main(argv=None) -> int:
     h.add_argument("--model", required=True,
                    help="the suspect model directory (safetensors), a causal LM's GGUF file, or a LoRA adapter's "
                    "directory (with --pretrained)")
-    h.add_argument("--clean-data", required=True, help="CSV or JSONL with text and label columns")
+    h.add_argument("--clean-data", required=True, help="clean data of the model's task, " + DATA_HELP)
     h.add_argument("--pretrained", help=ADAPTER_BASE_HELP)
     h.add_argument("--out", required=True, help="the .safetensors file to write")
     h.add_argument("--per-sample", action="store_true")
@@ -838,7 +858,7 @@ def main(argv=None) -> int:
     e = sub.add_parser("evaluate", parents=[common, placed, kinds], help="clean accuracy (and attack success rate) of a model")
     e.add_argument("--model", required=True, help="a model directory (safetensors), a causal LM's GGUF file, or a "
                    "LoRA adapter's directory (with --pretrained)")
-    e.add_argument("--data", required=True, help="CSV or JSONL with text and label columns")
+    e.add_argument("--data", required=True, help="test data, " + DATA_HELP)
     e.add_argument("--pretrained", help=ADAPTER_BASE_HELP)
     e.add_argument("--trigger", help="trigger to insert for the ASR")
     e.add_argument("--target-label", type=_integer(0), default=1)
@@ -861,13 +881,18 @@ def main(argv=None) -> int:
     if unknown:  # named with the command they were given to
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     args.options_given = _options_given(parser, sub.choices[args.command], argv)
+    _say_new_folder(getattr(args, "out", None))
     try:
         with _sigterm_interrupts(), _model_inputs(args):
             return args.fn(args)
     except KeyboardInterrupt as stop:
         _close_progress_bars()
-        written = getattr(stop, "output_written", None)  # stopped while the output replaced was deleted
-        if args.command == "hessian":
+        written = getattr(stop, "output_written", None)  # stopped once the output had moved into place
+        if args.command == "hessian" and written == os.path.abspath(args.out):
+            with contextlib.suppress(OSError):  # the running sums it was made from are done with
+                os.remove(args.out + ".accumulator.safetensors")
+            after = f"the output {written} is complete"
+        elif args.command == "hessian":
             after = "run it again to resume from the last save"
         elif written:
             after = f"the output {written} is complete; what is left of the one it replaced goes at the next write"
@@ -880,7 +905,7 @@ def main(argv=None) -> int:
         _close_progress_bars()
         if args.debug:
             raise
-        code, text = _message(error)
+        code, text = _message(error, getattr(args, "out", None))
         text = _named_as_given(args, text)
         print(f"finepurify {args.command}: error: {text}", file=sys.stderr)
         return code

@@ -29,9 +29,9 @@ class DataError(UserError):
     """A data file that cannot be used; the message names the file and the fix."""
 
 
-def _rows(path: str, what: str, formats=(".jsonl", ".json", ".csv", ".tsv")):
+def _rows(path: str, what: str, formats=(".jsonl", ".json", ".csv", ".tsv"), columns=()):
     """(line number, row) of a UTF-8 CSV/TSV or JSONL file (or, where ``formats`` allows .txt, one
-    text per line), every error naming the file and the line."""
+    text per line), every error naming the file and the line; a CSV/TSV header must name ``columns``."""
     if not os.path.exists(path):
         raise DataError(f"{what} file {path!r} does not exist")
     if not os.path.isfile(path):
@@ -53,7 +53,7 @@ def _rows(path: str, what: str, formats=(".jsonl", ".json", ".csv", ".tsv")):
     if kind == ".txt":
         return [(n, {"text": line}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     f = io.StringIO(text, newline="")
-    return list(_json_lines(path, f) if kind in (".jsonl", ".json") else _csv_rows(path, f, kind))
+    return list(_json_lines(path, f) if kind in (".jsonl", ".json") else _csv_rows(path, f, kind, columns))
 
 
 def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
@@ -63,7 +63,7 @@ def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
     Labels must be integers (or integer strings) in ``[0, num_labels)`` when ``num_labels`` is given.
     Every error names the file and the line.
     """
-    rows = _rows(path, "clean data")
+    rows = _rows(path, "clean data", columns=("text", "label"))
     examples = []
     for line, row in rows:
         where = f"{path}:{line}"
@@ -97,7 +97,7 @@ def load_instructions(path: str) -> list[Instruction]:
     user turn before it the prompt), or CSV/TSV with ``prompt`` and ``response`` columns. UTF-8.
     Every error names the file and the line."""
     examples = []
-    for line, row in _rows(path, "instruction data"):
+    for line, row in _rows(path, "instruction data", columns=("prompt", "response")):
         where = f"{path}:{line}"
         if isinstance(row, dict) and "messages" in row:
             examples.append(_from_messages(row["messages"], where))
@@ -134,7 +134,7 @@ def _from_messages(messages, where: str) -> Instruction:
 def load_texts(path: str) -> list[str]:
     """Unlabelled texts: the ``text`` column of a CSV/TSV or JSONL file, or the lines of a .txt file."""
     texts = []
-    for line, row in _rows(path, "unlabelled data", (".txt", ".jsonl", ".json", ".csv", ".tsv")):
+    for line, row in _rows(path, "unlabelled data", (".txt", ".jsonl", ".json", ".csv", ".tsv"), ("text",)):
         text = row.get("text") if isinstance(row, dict) else None
         if not isinstance(text, str):
             raise DataError(f"{path}:{line}: no 'text' field holding a string; give one text per row")
@@ -154,10 +154,15 @@ def _json_lines(path, f):
                                 "line, such as {\"text\": \"...\", \"label\": 0}") from None
 
 
-def _csv_rows(path, f, kind):
+def _csv_rows(path, f, kind, columns=()):
     csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long texts are texts, not errors
     reader = csv.DictReader(f, delimiter="\t" if kind == ".tsv" else ",")
     try:
+        header = reader.fieldnames or []
+        missing = [c for c in columns if c not in header]
+        if header and missing:  # the header's fault, not the first row's
+            raise DataError(f"{path}:1: the header names no {' and no '.join(repr(c) for c in missing)} column (it "
+                            f"names {header}); the first line names the columns: {', '.join(columns)}")
         for row in reader:
             extra = row.pop(None, [])  # fields beyond the header's names
             fields = len(reader.fieldnames) + len(extra) - sum(v is None for v in row.values())

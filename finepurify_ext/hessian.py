@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .devices import OUT_OF_MEMORY
-from .outputs import hold, host_tag, release, remove_leftovers
+from .outputs import hold, host_tag, release, remove_leftovers, signals_deferred
 from .safetensors_io import ShardWriter
 from .threshold import _is_dtensor, _local
 
@@ -296,14 +296,20 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dic
     remove_leftovers(folder, os.path.basename(path) + ".partial-")
     tmp = f"{path}.partial-{host_tag()}-{os.getpid()}"
     writer = lock = None
+    written = False
     try:
         writer = ShardWriter(tmp, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata)
         lock = hold(tmp)
         for name, t in tensors.items():
             writer.write(name, (t.full_tensor() if _is_dtensor(t) else t).detach().cpu())
         writer.close(sync=sync)
-        os.replace(tmp, path)
-    except BaseException:
+        with signals_deferred():
+            os.replace(tmp, path)
+            written = True
+    except BaseException as stop:
+        if written:  # interrupted just after: the file is complete
+            stop.output_written = os.path.abspath(path)
+            raise
         if writer is not None:
             writer.f.close()
         if os.path.exists(tmp):

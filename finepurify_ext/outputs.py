@@ -1,9 +1,11 @@
 """Writing results: output paths checked before any work, directories and files written atomically."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -189,6 +191,55 @@ def held_temporary_dir(folder: str, prefix: str) -> tuple[str, object]:
     return path, hold(path)
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C and SIGTERM held back until the block is done, then delivered: an output moved into
+    place and recorded as written is one step, so an interruption never reports a complete output as
+    missing (nor the reverse). Outside the main thread, signals are not ours: a no-op."""
+    pending = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # its handler runs now, as if it had just come
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_says(folder: str) -> None:
+    """The modes a plain mkdir and open would have given: the temporary directory is private while
+    it is written (mkdtemp: 0700), and some writers make their files 0600."""
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for parent, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(parent, d), 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(parent, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask | os.stat(path).st_mode & 0o111 & ~mask)
+
+
 def save_atomically(out_dir: str, write, overwrite: bool = False, marker: str = "finepurify_report.json") -> None:
     """Runs write(tmp_dir) and renames tmp_dir to out_dir: a crash leaves no half-written out_dir
     (and a kill leaves a partial directory that the next write of out_dir removes). ``overwrite``
@@ -199,26 +250,32 @@ def save_atomically(out_dir: str, write, overwrite: bool = False, marker: str = 
     os.makedirs(parent, exist_ok=True)
     tmp, lock = held_temporary_dir(parent, "." + os.path.basename(out_dir) + ".partial-")
     old = old_lock = None
+    written = False
     try:
         write(tmp)
+        _as_umask_says(tmp)
         if os.path.exists(out_dir):
             # The output replaced moves aside first (an interruption while it is deleted leaves it
             # there, held like the partial one, for the next write to remove).
             old, old_lock = held_temporary_dir(parent, "." + os.path.basename(out_dir) + ".old-")
             os.replace(out_dir, os.path.join(old, "x"))
             try:
-                os.replace(tmp, out_dir)
+                with signals_deferred():
+                    os.replace(tmp, out_dir)
+                    written = True
             except BaseException:
-                os.replace(os.path.join(old, "x"), out_dir)  # the earlier output back in place
+                if not written:
+                    os.replace(os.path.join(old, "x"), out_dir)  # the earlier output back in place
                 raise
-            try:
-                shutil.rmtree(old, ignore_errors=True)
-            except BaseException as stop:  # Ctrl-C, SIGTERM: the new output is complete all the same
-                stop.output_written = out_dir
-                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out_dir)
-    except BaseException:
+            with signals_deferred():
+                os.replace(tmp, out_dir)
+                written = True
+    except BaseException as stop:
+        if written:  # Ctrl-C, SIGTERM after the move: the new output is complete all the same
+            stop.output_written = out_dir
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             if old is not None and not os.listdir(old):

@@ -550,9 +550,21 @@ def _load_dtype(dtype: torch.dtype | None) -> dict:
     return {"dtype": value} if (major, minor) >= (4, 56) else {"torch_dtype": value}
 
 
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
 def _load_tokenizer(path: str, config: dict):
     from transformers import AutoTokenizer
 
+    for name in TOKENIZER_JSON:  # named here: transformers' message names neither the file nor the fix
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, OSError) as error:
+                raise ModelError(f"{file}: not valid JSON ({first_line(error)}); restore the tokenizer files saved "
+                                 "with the model") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001  (any failure here is the directory's)

@@ -15,6 +15,16 @@ def _pyplot():
     return plt
 
 
+def drift_plot_text(purify_report: dict, kept: int, reset: int) -> tuple[str, str, str]:
+    """The drift plot's title and legend: its points are a sample, and its counts say so beside the
+    purification's own (a count of points read as the weights reset misleads by orders)."""
+    ranked, num_reset = purify_report.get("ranked_elements"), purify_report.get("num_reset")
+    title = f"{purify_report['ranking']}, reserve ratio {purify_report['reserve_ratio']}"
+    if ranked is not None and num_reset is not None:
+        title += f"\na sample of {kept + reset:,} of {ranked:,} ranked weights; {num_reset:,} reset in all"
+    return title, f"kept ({kept:,} in the sample)", f"reset ({reset:,} in the sample)"
+
+
 def plot_purification(purify_report: dict, out_dir: str, prefix: str = "") -> list[str]:
     plt = _pyplot()
     paths = []
@@ -26,13 +36,14 @@ def plot_purification(purify_report: dict, out_dir: str, prefix: str = "") -> li
         kept = [(x, y) for x, y, r in zip(xs, ys, sample["reset"]) if not r]
         reset = [(x, y) for x, y, r in zip(xs, ys, sample["reset"]) if r]
         fig, ax = plt.subplots(figsize=(6, 5))
+        title, kept_label, reset_label = drift_plot_text(purify_report, len(kept), len(reset))
         if kept:
-            ax.scatter(*zip(*kept), s=2, alpha=0.3, label=f"kept ({len(kept)})", color="tab:blue")
+            ax.scatter(*zip(*kept), s=2, alpha=0.3, label=kept_label, color="tab:blue")
         if reset:
-            ax.scatter(*zip(*reset), s=2, alpha=0.5, label=f"reset ({len(reset)})", color="tab:red")
+            ax.scatter(*zip(*reset), s=2, alpha=0.5, label=reset_label, color="tab:red")
         ax.set_xlabel("log10 Hessian (clean data)")
         ax.set_ylabel("log10 drift^2")
-        ax.set_title(f"{purify_report['ranking']}, reserve ratio {purify_report['reserve_ratio']}")
+        ax.set_title(title, fontsize=9)
         ax.legend(markerscale=5)
         path = os.path.join(out_dir, prefix + "drift_vs_hessian.png")
         fig.tight_layout()

@@ -207,3 +207,12 @@ def test_the_cuda_tests_name_only_what_the_package_has():
                     if not hasattr(checkpoint, item.elts[0].value):
                         missing.append(f"checkpoint_module.{item.elts[0].value}")
     assert patched >= 5 and not missing, (patched, missing)
+
+
+def test_reset_only_curves_plots_are_named_after_out(tmp_path):
+    """Another --out wrote its plots over the committed reset_only_curves_<trigger>.png."""
+    import reset_only_curves
+
+    curve = [{"reserve_ratio": r, "asr": 0.5 - r / 2, "cacc": 0.9} for r in (0.1, 0.5)]
+    names = reset_only_curves.plot({"word": {"curves": {"fine_purifying": curve}}}, str(tmp_path / "rerun"))
+    assert names == ["rerun_word.png"] and os.listdir(tmp_path) == ["rerun_word.png"]

@@ -390,7 +390,8 @@ def test_cli_refuses_classifier_data_for_a_causal_lm(tokenizer, tmp_path, capsys
     assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"),
                      "--clean-data", str(bad), "--out", str(lm_dirs / "out")]) == 2
     err = capsys.readouterr().err
-    assert f"{bad}:2: no 'prompt' and 'response' fields (got ['label', 'text'])" in err and "Traceback" not in err
+    assert (f"{bad}:1: the header names no 'prompt' and no 'response' column (it names ['text', 'label']); the first "
+            "line names the columns: prompt, response") in err and "Traceback" not in err
     assert not (lm_dirs / "out").exists()
     assert cli.main(["evaluate", "--model", str(lm_dirs / "suspect"), "--data", str(lm_dirs / "clean.jsonl"),
                      "--trigger", "cf"]) == 2

@@ -500,6 +500,14 @@ def test_missing_tokenizer_is_refused(models, tmp_path, capsys, name):
           "no tokenizer", inputs=[suspect])
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_damaged_tokenizer_file_is_named(models, tmp_path, capsys, name):
+    suspect = copy_model(models, tmp_path, "suspect")
+    (suspect / name).write_text('{"truncated": ')
+    fails(command("evaluate", models, "unused", suspect=str(suspect)), capsys,
+          f"{suspect / name}: not valid JSON (", "restore the tokenizer files saved with the model", inputs=[suspect])
+
+
 def test_pretrained_model_needs_no_tokenizer(models, tmp_path):
     pre = shutil.copytree(models.pre, tmp_path / "pre")
     for f in os.listdir(pre):
@@ -546,7 +554,9 @@ def test_data_jsonl_errors_name_the_line(models, tmp_path, capsys, content, frag
 
 @pytest.mark.parametrize("content, fragment", [
     ("text,label\ngood, fine movie,1\n", "clean.csv:2: 3 fields but the header has 2"),
-    ("text\ngood movie\n", "clean.csv:2: no 'text' and 'label' fields (got ['text'])"),
+    # the header's fault, on its line (it was put on the first row's)
+    ("text\ngood movie\n", "clean.csv:1: the header names no 'label' column (it names ['text']); the first line "
+     "names the columns: text, label"),
     ("text,label\ngood movie,one\n", "clean.csv:2: label 'one' is not an integer"),
     ("text,label\ngood movie\n", "clean.csv:2: 1 fields but the header has 2"),
     ("text,label\ngood movie,1_0\n", "label '1_0' is not an integer"),
@@ -612,6 +622,13 @@ def test_out_in_an_unwritable_directory(models, tmp_path, capsys, monkeypatch, n
 
 def test_hessian_out_is_a_directory(models, tmp_path, capsys, nothing_expensive):
     fails(command("hessian", models, str(tmp_path)), capsys, f"{tmp_path} is a directory; the output is a file")
+
+
+@pytest.mark.parametrize("name", ["h.bin", "h.pt", "H.PTH"])
+def test_a_hessian_is_not_named_as_a_pickle(models, tmp_path, capsys, name):
+    """A Hessian saved as h.bin reads as a pickle (pytorch_model.bin) to whoever finds it."""
+    fails(command("hessian", models, str(tmp_path / name)), capsys, f"--out {tmp_path / name}: a Hessian is a "
+          "safetensors file, not a pickle as that name says; give a name ending in .safetensors")
 
 
 def test_existing_outputs_are_kept(models, tmp_path, capsys, nothing_expensive):
@@ -1079,6 +1096,9 @@ def test_unlabelled_data_errors(models, tmp_path, capsys):
     rows = tmp_path / "texts.jsonl"
     rows.write_text('{"text": "good day"}\n{"label": 1}\n')
     fails(args + [str(rows)], capsys, f"{rows}:2: no 'text' field holding a string", inputs=[rows])
+    table = tmp_path / "texts.csv"
+    table.write_text("sentence\ngood day\n")
+    fails(args + [str(table)], capsys, f"{table}:1: the header names no 'text' column", inputs=[table])
 
 
 def test_attack_success_rate_needs_examples_of_other_labels(models, tmp_path, capsys):
@@ -1129,3 +1149,47 @@ def test_a_budget_beyond_the_moved_weights_is_reported_as_such(models, tmp_path,
     assert cli._reset_summary({"w": 7, "emb": 3}, "emb", 10, 9, 0.5) == "reset 7 of 10 ranked weights"
     assert cli._reset_summary({"w": 10}, None, 10, 9, 0.0).startswith("reset all 9 ranked weights that moved, of 10")
 
+
+def test_an_interrupt_right_after_the_hessian_moved_in_says_it_is_complete(models, tmp_path, capsys, monkeypatch):
+    """Ctrl-C the instant the Hessian file is in place: it is complete (not "run it again to resume":
+    that run would refuse the existing file) and its running sums are removed."""
+    import signal
+
+    from finepurify_ext import hessian
+
+    out = str(tmp_path / "h.safetensors")
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if dst == out:
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(hessian.os, "replace", replace)
+    assert cli.main(command("hessian", models, out)) == 130
+    assert capsys.readouterr().err.endswith(f"finepurify hessian: interrupted; the output {out} is complete\n")
+    assert os.listdir(tmp_path) == ["h.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["purify", "purify-out-of-core", "hessian"])
+def test_a_full_disk_names_out(models, tmp_path, capsys, monkeypatch, name):
+    """No space left: the message says where to make room, --out (it gave the errno's words alone)."""
+    import errno
+
+    from finepurify_ext import safetensors_io
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(safetensors_io.ShardWriter, "write", full)
+    monkeypatch.setattr(safetensors_io.ShardWriter, "write_part", full)
+    if name == "purify":  # transformers writes the in-memory model
+        monkeypatch.setattr(cli, "_purified_writer", lambda *a, **k: lambda tmp: full(None))
+    out = str(tmp_path / "out")
+    fails(command(name, models, out), capsys, f"No space left on device: free space on the disk of --out {out} or "
+          "choose an --out on another disk (nothing partial is left)", code=1)
+
+
+def test_a_new_folder_for_out_is_said(models, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "h.safetensors"
+    assert cli.main(command("hessian", models, str(out))) == 0
+    assert f"note: {out.parent} does not exist; it will be created for --out" in capsys.readouterr().err
+    assert out.is_file()

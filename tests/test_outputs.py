@@ -154,3 +154,66 @@ def test_an_interrupt_while_the_replaced_output_is_deleted_says_the_new_one_is_c
     backdate(tmp_path / old)
     save_atomically(out, lambda tmp: open(os.path.join(tmp, "third"), "w").close(), overwrite=True, marker="second")
     assert os.listdir(out) == ["third"] and os.listdir(tmp_path) == ["o"]
+
+
+def _interrupted_after(real_replace, moving):
+    """os.replace that moves the file, then takes a Ctrl-C at once (as if it came at that instant):
+    before the output could be recorded as written, without the signals held over the rename."""
+    import signal
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if moving(str(src), str(dst)):
+            signal.raise_signal(signal.SIGINT)
+    return replace
+
+
+def test_an_interrupt_right_after_the_output_moved_in_says_it_is_complete(tmp_path, monkeypatch):
+    """Ctrl-C the instant the new output is in place, first write and replacement alike: the output
+    is complete and the interrupt says so (it had said nothing was written, or put the old one back
+    over the complete new one)."""
+    out = str(tmp_path / "o")
+    real = os.replace
+    monkeypatch.setattr(outputs.os, "replace", _interrupted_after(real, lambda src, dst: ".partial-" in src))
+    for content, overwrite in (("first", False), ("second", True)):
+        try:
+            save_atomically(out, lambda tmp: open(os.path.join(tmp, content), "w").close(), overwrite=overwrite,
+                            marker="first")
+        except KeyboardInterrupt as stop:
+            assert stop.output_written == os.path.abspath(out)
+        else:
+            raise AssertionError("the interrupt was not raised")
+        assert os.listdir(out) == [content]
+    from finepurify_ext import hessian
+
+    path = str(tmp_path / "h.safetensors")
+    monkeypatch.setattr(hessian.os, "replace", _interrupted_after(real, lambda src, dst: dst == path))
+    try:
+        save_hessian(path, {"w": torch.rand(3)}, 1)
+    except KeyboardInterrupt as stop:
+        assert stop.output_written == path
+    else:
+        raise AssertionError("the interrupt was not raised")
+    assert os.path.isfile(path)
+
+
+def test_outputs_take_the_modes_the_umask_gives(tmp_path):
+    """The output directory was mkdtemp's 0700 and a model file 0600 (transformers writes it so),
+    whatever the umask: a shared group could not read a purified model."""
+    def write(tmp):
+        os.close(os.open(os.path.join(tmp, "model.safetensors"), os.O_CREAT | os.O_WRONLY, 0o600))
+        os.mkdir(os.path.join(tmp, "plots"), 0o700)
+        open(os.path.join(tmp, "plots", "a.png"), "w").close()
+
+    before = os.umask(0o022)
+    try:
+        for mask in (0o022, 0o077, 0o002):
+            os.umask(mask)
+            assert outputs.current_umask() == mask
+            out = tmp_path / f"o{mask:o}"
+            save_atomically(str(out), write)
+            modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+            assert modes == {".": 0o777 & ~mask, "plots": 0o777 & ~mask, "model.safetensors": 0o666 & ~mask,
+                             "plots/a.png": 0o666 & ~mask}, (oct(mask), modes)
+    finally:
+        os.umask(before)

@@ -1150,3 +1150,14 @@ def test_collapse_guard_keeps_a_purification_that_holds(tokenizer, monkeypatch):
     assert report["purify"]["reserve_ratio"] == 0.3 and "hessian" in report
     with pytest.raises(ValueError, match="collapse tolerance"):
         pipeline.CollapseGuard(tolerance=1.5)
+
+
+def test_the_drift_plot_says_its_counts_are_a_samples():
+    """Its legend said "reset (312)" of a sample of 20,000 points where 1.2 million weights were reset."""
+    from finepurify_ext.plots import drift_plot_text
+
+    title, kept, reset = drift_plot_text({"ranking": "fine_purifying", "reserve_ratio": 0.3,
+                                          "ranked_elements": 4_000_000, "num_reset": 1_200_000}, 19_688, 312)
+    assert title == ("fine_purifying, reserve ratio 0.3\na sample of 20,000 of 4,000,000 ranked weights; 1,200,000 "
+                     "reset in all")
+    assert (kept, reset) == ("kept (19,688 in the sample)", "reset (312 in the sample)")
