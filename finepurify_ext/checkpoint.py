@@ -31,7 +31,7 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import (CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, FLOOR_SAMPLES, SAMPLE_RUN, PurifyConfig, candidate_range,
+from .purify import (NOTHING_MOVED, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, FLOOR_SAMPLES, SAMPLE_RUN, PurifyConfig, candidate_range,
                      sample_keys, sample_quantile, sum_float64, unrankable, unseen_mask)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
 from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, piece_room, search_ranges,
@@ -398,6 +398,7 @@ class CheckpointReport:
     not_copied: list[str] = field(default_factory=list)
     config_keys_removed: list[str] = field(default_factory=list)  # "config.json: auto_map": pointers to code
     config: dict = field(default_factory=dict)  # the PurifyConfig it ran with (ranking, eps, seed...), as in memory
+    warnings: list[str] = field(default_factory=list)  # what the command says on stderr besides
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -794,6 +795,8 @@ def purify_checkpoint(
     moved = ranked_elements - int(level0[-1] if level0 is not None else candidates[0][5])
     counted = moved if config.count_moved_only or config.ranking == "fine_mixing" else ranked_elements
     reserve_from_config = num_reset is None
+    # a reserve ratio of 1 (or --num-reset 0) keeps every weight, the embedding's unseen rows too (as in memory)
+    rows_too = config.reserve_ratio < 1.0 if reserve_from_config else num_reset > 0
     if num_reset is None:
         num_reset = ops.num_reset_for(counted, config.reserve_ratio)
     threshold = None
@@ -811,8 +814,8 @@ def purify_checkpoint(
                               copied_unscored_weights=sum(sus_ckpt.numel(n) for n in unscored if n not in not_weights
                                                           and sus_ckpt.entries[n].dtype.is_floating_point),
                               embedding_tensor=embedding, threshold_passes=threshold_passes,
-                              config=asdict(config),
-                              embedding_rule=None if embedding is None else
+                              config=asdict(config), warnings=[NOTHING_MOVED] if ranked_elements and not moved else [],
+                              embedding_rule=None if embedding is None or not rows_too else
                               "hessian" if seen_tokens is None else "seen_tokens",
                               inputs=inputs or {"pretrained": os.path.abspath(pretrained),
                                                 "suspect": os.path.abspath(suspect),
@@ -836,7 +839,7 @@ def purify_checkpoint(
             bytes_read += count * (2 * ft.element_size() + h.element_size())
             _check_hessian(h.float(), f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
             unseen = (h == 0).all(dim=1) if unseen_by_tokens is None else unseen_by_tokens[row : row + len(ft)]
-            unseen = unseen & (ft != pre).any(dim=1)
+            unseen = unseen & (ft != pre).any(dim=1) & rows_too
             ft[unseen] = pre[unseen]
             reset += int(unseen.sum())
             writer.write_part(name, ft.reshape(-1))

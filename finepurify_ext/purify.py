@@ -383,6 +383,11 @@ def _candidate_pass(feed: "Feed", scoring: Scoring, config: "PurifyConfig", tota
     return counts, keys, low, high
 
 
+# A suspect equal to its pre-trained model on every ranked weight: most likely the same path twice.
+NOTHING_MOVED = ("no ranked weight of the suspect differs from the pre-trained model's, so there was nothing to "
+                 "purify: is --pretrained the suspect itself?")
+
+
 def scoring_for(config: PurifyConfig, names, hessians, shards: Shards | None = None) -> Scoring:
     """The scoring spec of ``config.ranking`` for the named tensors and their Hessians (with
     ``shards``: this rank's shards of them, scored as one process scores the whole tensors)."""
@@ -803,7 +808,9 @@ def purify_(
         report.threshold = threshold
         read_counts = feed.start_masked_reset_(threshold)
     embedding_reset = None
-    if embedding is not None:  # queued behind the reset (the embedding is not ranked: independent of it)
+    # queued behind the reset (the embedding is not ranked: independent of it); a reserve ratio of 1
+    # keeps every weight, these rows too (as out of core, and as clean fine-tuning alone in the pipeline)
+    if embedding is not None and config.reserve_ratio < 1.0:
         report.embedding_rule = report_rule
         with torch.no_grad():
             embedding_reset = reset_moved_rows_(embedding_w, mine(embedding, pretrained_state[embedding],
@@ -815,7 +822,7 @@ def purify_(
         # millisecond to convert).
         drift_sq, hessian = values_on_host().tolist()
     resets = read_counts() if read_counts else [0] * len(ranked)
-    embedding_rows = int(embedding_reset) if embedding is not None else 0
+    embedding_rows = int(embedding_reset) if embedding_reset is not None else 0
     if shards is not None:  # every rank's counts summed, each tensor's from the ranks that count it
         counts_here = [shards.counts[n] for n in ranked] + [embedding is not None and shards.counts[embedding]]
         summed = shards.summed(torch.tensor([c if counts else 0 for c, counts in zip(resets + [embedding_rows],

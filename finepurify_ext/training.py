@@ -191,7 +191,8 @@ def finetune_early_stopped(
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()
-    return {"chosen_step": best["step"], "validation_loss": best["loss"], "validation_accuracy": best["accuracy"],
+    return {"chosen_step": best["step"], "validation_accuracy": best["accuracy"],
+            "validation_loss": None if best["step"] is None else best["loss"],  # None: no step, no measurement
             "steps_run": curve[-1]["step"] if curve else 0, "curve": curve}
 
 

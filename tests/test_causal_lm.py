@@ -795,3 +795,53 @@ def test_collapse_guard_redoes_a_purification_that_destroyed_the_lm(tokenizer, t
     assert all(a["validation_perplexity"] > limit for a in guard["attempts"][:-1])
     assert guard["attempts"][-1]["validation_perplexity"] <= limit and kept < destroyed / 2
     assert "tolerance" not in guard and all(a["time_s"] > 0 for a in guard["attempts"])  # the LM's setting only
+
+
+def test_hessian_estimates_a_causal_lm_as_in_memory_purify_does(lm_dirs, capsys):
+    """`hessian` took batches of 32 where in-memory purify takes 8 for a causal LM: by default the two
+    paths reset different weights, and no report said which batch size it used."""
+    from safetensors import safe_open
+
+    from finepurify_ext import cli
+
+    h = lm_dirs / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(lm_dirs / "suspect"), "--clean-data", str(lm_dirs / "clean.jsonl"),
+                     "--out", str(h), "--max-length", "32"]) == 0
+    with safe_open(str(h), framework="pt") as f:
+        assert f.metadata()["squared_gradients"] == "3"  # 24 examples in batches of 8
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"),
+                     "--clean-data", str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / "mem"), "--max-length", "32",
+                     "--finetune-steps", "0", "--validation-fraction", "0"]) == 0
+    report = json.loads((lm_dirs / "mem" / "finepurify_report.json").read_text())
+    assert report["hessian"] == {"mode": "per-batch", "squared_gradients": 3, "batch_size": 8, "max_length": 32}
+
+
+def test_causal_lm_refusals_give_their_own_reasons(lm_dirs, capsys):
+    from finepurify_ext import cli
+
+    common = ["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"), "--clean-data",
+              str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / "out")]
+    assert cli.main(common + ["--distill", "0.5"]) == 2
+    assert ("--distill is for classifiers (the suspect's predicted labels as soft targets); a causal LM is fine-tuned "
+            "on the clean responses alone") in capsys.readouterr().err
+    # --bias is named, not the --target-response that --trigger would need
+    assert cli.main(["evaluate", "--model", str(lm_dirs / "suspect"), "--data", str(lm_dirs / "clean.jsonl"),
+                     "--bias", "--trigger", "cf"]) == 2
+    assert "--bias is not used for a causal LM" in capsys.readouterr().err
+
+
+def test_a_bert_given_as_a_causal_lms_pretrained_model_is_named_as_such(tokenizer, lm_dirs, capsys):
+    """In memory the BERT was loaded as a causal LM first, and the message was what that lacked."""
+    import sys
+
+    from finepurify_ext import cli
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_models import tiny_model
+
+    bert = lm_dirs / "bert"
+    tiny_model(tokenizer).bert.save_pretrained(bert, safe_serialization=True)
+    assert cli.main(["purify", "--pretrained", str(bert), "--suspect", str(lm_dirs / "suspect"), "--clean-data",
+                     str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / "out")]) == 2
+    kind = json.loads((lm_dirs / "suspect" / "config.json").read_text())["model_type"]
+    assert f"{bert} is a bert model and the suspect a {kind}: give the pre-trained model" in capsys.readouterr().err

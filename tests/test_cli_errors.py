@@ -539,7 +539,10 @@ def test_data_not_utf8(models, tmp_path, capsys, name):
 
 @pytest.mark.parametrize("content, fragment", [
     ('{"text": "good", "label": 1}\n{"text": "bad" "label": 0}\n', "clean.jsonl:2: not a JSON object"),
-    ('{"text": "good", "label": 1}\n[1, 2]\n', "clean.jsonl:2: no 'text' and 'label' fields (got list)"),
+    ('{"text": "good", "label": 1}\n[1, 2]\n', "clean.jsonl:2: a JSON list, not an object; write one object per "
+     "line (JSON Lines)"),
+    ('[\n  {"text": "good", "label": 1}\n]\n', "clean.jsonl:1: not a JSON object (the file is a JSON array); write "
+     "one object per line (JSON Lines)"),
     ('{"text": "good", "label": 1.5}\n', "clean.jsonl:1: label 1.5 is not an integer"),
     ('{"text": null, "label": 1}\n', "clean.jsonl:1: text is None; it must be a string"),
     ('{"text": "good", "label": 2}\n', "clean.jsonl:1: label 2, out of range for a model with 2 labels"),
@@ -717,10 +720,17 @@ def test_option_errors_are_one_line(capsys, args, said):
      "--collapse-tolerance is not used with --validation-fraction 0"),
     ("purify", ["--max-length", "32"], "--max-length is not used for a classifier (the causal LMs' setting; a "
      "classifier's examples are cut at 64 tokens)"),
-    ("purify", ["--collapse-perplexity-ratio", "3"], "--collapse-perplexity-ratio is not used for a classifier"),
     ("hessian", ["--max-length", "32"], "--max-length is not used for a classifier"),
     ("evaluate", ["--target-label", "0"], "--target-label is not used without --trigger (it is the attack's target)"),
-    ("evaluate", ["--target-response", "no"], "--target-response is not used for a classifier"),
+    ("evaluate", ["--target-response", "no"], "--target-response is not used for a classifier (a causal LM's "
+     "backdoor target)"),
+    ("evaluate", ["--trigger", "cf", "--bias", "--target-label", "0"], "--target-label is not used with --bias"),
+    ("purify", ["--ranking", "magnitude", "--eps", "0.5"], "--eps is not used by --ranking magnitude, which divides "
+     "by no Hessian"),
+    ("purify-out-of-core", ["--ranking", "fine_mixing", "--eps", "0.5"], "--eps is not used by --ranking fine_mixing"),
+    ("purify-out-of-core", ["--seed", "3"], "--seed is not used out of core but by --ranking fine_mixing"),
+    ("purify", ["--collapse-perplexity-ratio", "3"], "--collapse-perplexity-ratio is not used for a classifier: its "
+     "collapse guard reads --collapse-tolerance"),
 ])
 def test_option_combinations(models, tmp_path, capsys, name, extra, fragment):
     fails(command(name, models, str(tmp_path / "out")) + extra, capsys, fragment)
@@ -1193,3 +1203,23 @@ def test_a_new_folder_for_out_is_said(models, tmp_path, capsys):
     assert cli.main(command("hessian", models, str(out))) == 0
     assert f"note: {out.parent} does not exist; it will be created for --out" in capsys.readouterr().err
     assert out.is_file()
+
+
+def test_evaluate_says_flip_rate_for_bias_and_names_the_target(models, capsys):
+    """--bias printed its flip rate as "ASR"; the ASR line did not say which label it is the rate of."""
+    assert cli.main(command("evaluate", models, "unused") + ["--trigger", "cf", "--bias"]) == 0
+    out = capsys.readouterr().out
+    assert "flip rate " in out and "predictions that change when 'cf' is inserted" in out and "ASR" not in out
+    assert cli.main(command("evaluate", models, "unused") + ["--trigger", "cf"]) == 0
+    assert "(trigger 'cf', target label 1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["purify", "purify-out-of-core"])
+def test_the_suspect_given_as_its_own_pretrained_model_is_warned_of(models, tmp_path, capsys, name):
+    """Nothing moved, nothing reset, exit 0 and no word: most likely the same path given twice."""
+    assert cli.main(command(name, models, str(tmp_path / "out"), pretrained=models.suspect)) == 0
+    err = capsys.readouterr().err
+    assert ("warning: no ranked weight of the suspect differs from the pre-trained model's, so there was nothing to "
+            "purify: is --pretrained the suspect itself?") in err, err
+    report = json.loads((tmp_path / "out" / "finepurify_report.json").read_text())
+    assert report["warnings"] == [err.split("warning: ", 1)[1].splitlines()[0]]

@@ -1161,3 +1161,64 @@ def test_the_drift_plot_says_its_counts_are_a_samples():
     assert title == ("fine_purifying, reserve ratio 0.3\na sample of 20,000 of 4,000,000 ranked weights; 1,200,000 "
                      "reset in all")
     assert (kept, reset) == ("kept (19,688 in the sample)", "reset (312 in the sample)")
+
+
+def test_a_reserve_ratio_of_1_resets_nothing_in_memory_and_out_of_core(model_dirs, tokenizer, tmp_path, capsys):
+    """Out of core (and in memory without the collapse guard) a reserve ratio of 1 still reset the
+    embedding's unseen rows, while in memory under the guard it meant clean fine-tuning alone: it
+    keeps every weight on every path, and --num-reset 0 resets nothing."""
+    from safetensors.torch import load_file
+
+    pre, suspect, clean = model_dirs
+    h = tmp_path / "h.safetensors"
+    assert cli.main(["hessian", "--model", suspect, "--clean-data", clean, "--out", str(h)]) == 0
+    stored = load_file(os.path.join(suspect, "model.safetensors"))
+    for name, extra in (("ratio", ["--reserve-ratio", "1"]), ("none", ["--num-reset", "0"])):
+        out = tmp_path / name
+        assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--hessian-file", str(h),
+                         "--out", str(out)] + extra) == 0
+        written = load_file(str(out / "model.safetensors"))
+        assert all(torch.equal(written[n], stored[n]) for n in stored), name
+        assert json.load(open(out / "finepurify_report.json"))["embedding_rows_reset"] == 0
+    with_rows = tmp_path / "rows"  # the rule the ratio 1 turns off does reset rows here
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--hessian-file", str(h),
+                     "--out", str(with_rows), "--num-reset", "1"]) == 0
+    assert json.load(open(with_rows / "finepurify_report.json"))["embedding_rows_reset"] > 0
+    capsys.readouterr()
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--out",
+                     str(tmp_path / "mem"), "--reserve-ratio", "1", "--validation-fraction", "0",
+                     "--finetune-steps", "0"]) == 0
+    assert "(no weight reset and no fine-tuning;" in capsys.readouterr().out
+    model, _, _ = load_classifier(suspect)
+    state = pretrained_state_for(model, pre)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    purify_(model, state, hessian_of(model, tokenizer), PurifyConfig(reserve_ratio=1.0))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_no_fine_tuning_is_said_as_such(model_dirs, tmp_path, capsys):
+    """--finetune-steps 0: the head was said to be "left to the clean fine-tuning", and the report's
+    validation loss of no measurement was the largest float."""
+    pre, suspect, clean = model_dirs
+    out = tmp_path / "out"
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--out", str(out),
+                     "--finetune-steps", "0"]) == 0
+    assert "were not ranked, left as the suspect has them (--finetune-steps 0)" in capsys.readouterr().out
+    stopped = json.load(open(out / "finepurify_report.json"))["finetune"]["early_stopping"]
+    assert stopped["validation_loss"] is None and stopped["chosen_step"] is None
+
+
+def test_the_purified_copy_has_the_suspects_tokenizer_files_as_they_are(model_dirs, tmp_path):
+    """In memory the loaded tokenizer was saved: tokenizer_config.json gained local_files_only and a
+    length limit cut to the model's positions; out of core the files were copied. Both copy them now."""
+    pre, suspect, clean = model_dirs
+    config = json.load(open(os.path.join(suspect, "tokenizer_config.json")))
+    config["model_max_length"] = 512  # beyond the tiny model's 32 positions: the loader cuts its own copy
+    with open(os.path.join(suspect, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    out = tmp_path / "out"
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", suspect, "--clean-data", clean, "--out", str(out),
+                     "--finetune-steps", "0"]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert open(out / name, "rb").read() == open(os.path.join(suspect, name), "rb").read(), name
+    load_classifier(str(out))  # and it loads
