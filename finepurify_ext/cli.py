@@ -348,6 +348,8 @@ def cmd_evaluate_causal_lm(args) -> int:
 
     _refuse_unused(args, {"target_label": True, "bias": True}, "for a causal LM (classifiers' options; "
                    "--target-response names the backdoor's target)")
+    if args.target_response is not None and not args.target_response.strip():
+        raise UserError("--target-response is empty; give the response the backdoor produces")
     if args.trigger and not args.target_response:
         raise UserError("--trigger needs --target-response for a causal LM: the response the backdoor produces")
     data = load_instructions(args.data)
@@ -556,7 +558,7 @@ def cmd_evaluate(args) -> int:
     num_labels = _num_labels(args, "model")
     if args.trigger and args.target_label >= num_labels:
         raise UserError(f"--target-label {args.target_label} is out of range for a model with {num_labels} labels")
-    data = load_examples(args.data, num_labels=num_labels)
+    data = load_examples(args.data, num_labels=num_labels, what="test data")
     if args.trigger and not args.bias and all(e.label == args.target_label for e in data):
         raise UserError(f"{args.data}: every example has label {args.target_label}; the attack success rate is "
                         "measured on examples of the other labels: add some, or choose another --target-label")
@@ -939,7 +941,7 @@ def main(argv=None) -> int:
                 os.remove(args.out + ".accumulator.safetensors")
             after = f"the output {written} is complete"
         elif args.command == "hessian":
-            after = "run it again to resume from the last save"
+            after = f"run it again to resume from the last save ({args.out}.accumulator.safetensors)"
         elif written:
             after = f"the output {written} is complete; what is left of the one it replaced goes at the next write"
         else:

@@ -56,14 +56,14 @@ def _rows(path: str, what: str, formats=(".jsonl", ".json", ".csv", ".tsv"), col
     return list(_json_lines(path, f) if kind in (".jsonl", ".json") else _csv_rows(path, f, kind, columns))
 
 
-def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
+def load_examples(path: str, num_labels: int | None = None, what: str = "clean data") -> list[Example]:
     """Reads ``text`` and ``label`` columns from a CSV/TSV file or a JSONL file (one object per line),
     UTF-8 (a byte-order mark is allowed).
 
     Labels must be integers (or integer strings) in ``[0, num_labels)`` when ``num_labels`` is given.
     Every error names the file and the line.
     """
-    rows = _rows(path, "clean data", columns=("text", "label"))
+    rows = _rows(path, what, columns=("text", "label"))
     examples = []
     for line, row in rows:
         where = f"{path}:{line}"
@@ -80,7 +80,7 @@ def load_examples(path: str, num_labels: int | None = None) -> list[Example]:
                             f"(labels must be in [0, {num_labels}))")
         examples.append(Example(text, label))
     if not examples:
-        raise DataError(f"{path}: no examples; the clean data must hold at least one labelled text")
+        raise DataError(f"{path}: no examples; the {what} must hold at least one labelled text")
     return examples
 
 

@@ -195,6 +195,8 @@ def estimate_hessian(
     resume_key = {k: str(v) for k, v in (resume_key or {}).items()}  # as the file's metadata holds it
     if resume_file is not None and os.path.exists(resume_file):
         done, count = _load_accumulator(resume_file, local, per_sample, resume_key)
+        if progress and (not _distributed() or torch.distributed.get_rank() == 0):
+            print(f"resuming from {resume_file}: {done} batches done", file=sys.stderr)
     was_training = model.training
     saved_grads = {name: p.grad for name, p in params.items()}
     model.eval()

@@ -845,3 +845,12 @@ def test_a_bert_given_as_a_causal_lms_pretrained_model_is_named_as_such(tokenize
                      str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / "out")]) == 2
     kind = json.loads((lm_dirs / "suspect" / "config.json").read_text())["model_type"]
     assert f"{bert} is a bert model and the suspect a {kind}: give the pre-trained model" in capsys.readouterr().err
+
+
+def test_an_empty_target_response_is_refused(lm_dirs, capsys):
+    """It was taken as not given: no false-target rate, no ASR, no word."""
+    from finepurify_ext import cli
+
+    assert cli.main(["evaluate", "--model", str(lm_dirs / "suspect"), "--data", str(lm_dirs / "clean.jsonl"),
+                     "--target-response", " "]) == 2
+    assert "--target-response is empty; give the response the backdoor produces" in capsys.readouterr().err

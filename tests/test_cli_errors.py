@@ -294,6 +294,7 @@ def test_an_interrupted_hessian_resumes_only_the_same_run(models, tmp_path, caps
         patch.setattr(pipeline, "batches", interrupted_after_two)
         assert cli.main(command("hessian", models, out) + ["--batch-size", "4"]) == 130
     accumulator = out + ".accumulator.safetensors"
+    assert f"run it again to resume from the last save ({accumulator})" in capsys.readouterr().err  # named
     kept = digest(accumulator)
     other_data = tmp_path / ("other" + os.path.splitext(models.clean)[1])  # the same examples in another order
     other_data.write_text("".join(reversed(open(models.clean).readlines())))
@@ -325,6 +326,7 @@ def test_an_interrupted_hessian_resumes_only_the_same_run(models, tmp_path, caps
         assert cli.main(command("hessian", models, out) + ["--batch-size", "4"]) == 2
     assert "a run with another weights dtype (float32, now bfloat16)" in capsys.readouterr().err
     assert cli.main(command("hessian", models, out) + ["--batch-size", "4"]) == 0
+    assert f"resuming from {accumulator}: 2 batches done" in capsys.readouterr().err  # said
     assert not os.path.exists(accumulator)
     uninterrupted = str(tmp_path / "u.safetensors")
     assert cli.main(command("hessian", models, uninterrupted) + ["--batch-size", "4"]) == 0
@@ -1223,3 +1225,12 @@ def test_the_suspect_given_as_its_own_pretrained_model_is_warned_of(models, tmp_
             "purify: is --pretrained the suspect itself?") in err, err
     report = json.loads((tmp_path / "out" / "finepurify_report.json").read_text())
     assert report["warnings"] == [err.split("warning: ", 1)[1].splitlines()[0]]
+
+
+def test_evaluate_speaks_of_test_data(models, tmp_path, capsys):
+    empty = tmp_path / "test.jsonl"
+    empty.write_text("\n")
+    fails(command("evaluate", models, "unused", data=str(empty)), capsys,
+          f"{empty}: no examples; the test data must hold at least one labelled text", inputs=[empty])
+    fails(command("evaluate", models, "unused", data=str(tmp_path / "none.jsonl")), capsys,
+          "test data file", "none.jsonl' does not exist")
