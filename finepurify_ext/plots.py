@@ -41,20 +41,24 @@ def plot_purification(purify_report: dict, out_dir: str, prefix: str = "") -> li
             ax.scatter(*zip(*kept), s=2, alpha=0.3, label=kept_label, color="tab:blue")
         if reset:
             ax.scatter(*zip(*reset), s=2, alpha=0.5, label=reset_label, color="tab:red")
-        ax.set_xlabel("log10 Hessian (clean data)")
-        ax.set_ylabel("log10 drift^2")
+        floor_h = purify_report.get("hessian_floor")
+        if floor_h:  # below it every Hessian counts as the floor: the reset boundary bends there
+            ax.axvline(math.log10(floor_h + floor), color="grey", ls=":", lw=1, label="Hessian floor")
+        ax.set_xlabel("log10 Hessian (clean data; a zero is drawn at -30)")
+        ax.set_ylabel("log10 drift^2 (a zero is drawn at -30)")
         ax.set_title(title, fontsize=9)
         ax.legend(markerscale=5)
         path = os.path.join(out_dir, prefix + "drift_vs_hessian.png")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # every label whole, however long
         plt.close(fig)
         paths.append(path)
     counts, numel = purify_report.get("reset_per_parameter", {}), purify_report.get("numel_per_parameter", {})
     if counts:
         names = list(counts)
         fractions = [counts[n] / max(numel.get(n, 1), 1) for n in names]
-        fig, ax = plt.subplots(figsize=(7, max(3, 0.12 * len(names))))
+        # wide enough for the longest name at 5 pt (tight_layout would otherwise cut names on the left)
+        fig, ax = plt.subplots(figsize=(4 + 0.045 * max(map(len, names)), max(3, 0.12 * len(names))))
         ax.barh(range(len(names)), fractions, color="tab:red")
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names, fontsize=5)
@@ -62,7 +66,7 @@ def plot_purification(purify_report: dict, out_dir: str, prefix: str = "") -> li
         ax.set_xlabel("fraction reset to pre-trained")
         path = os.path.join(out_dir, prefix + "reset_per_layer.png")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # every label whole, however long
         plt.close(fig)
         paths.append(path)
     return paths
