@@ -271,12 +271,11 @@ def _purified_writer(model, tokenizer, report, suspect: str):
         # The suspect's tokenizer files as they are, as out of core (saving the loaded tokenizer wrote
         # its own settings: a length limit cut to the model's positions, local_files_only); a suspect
         # read from a GGUF file or an adapter has only the tokenizer.
-        held = [n for n in sorted(SIDE_FILES) if os.path.isdir(suspect) and os.path.isfile(os.path.join(suspect, n))]
-        if any(n != "generation_config.json" for n in held):
-            for name in held:
+        # Saved first: every file it needs, also those SIDE_FILES does not list (bpe.codes, spm.model).
+        tokenizer.save_pretrained(tmp)
+        for name in sorted(SIDE_FILES):
+            if os.path.isdir(suspect) and os.path.isfile(os.path.join(suspect, name)):
                 shutil.copyfile(os.path.join(suspect, name), os.path.join(tmp, name))
-        else:
-            tokenizer.save_pretrained(tmp)
         # the suspect's pointers to code (auto_map): the copy is the built-in architecture it was read as
         written = [os.path.join(tmp, name) for name in CONFIG_FILES if os.path.isfile(os.path.join(tmp, name))]
         report["config_keys_removed"] = [f"{os.path.basename(path)}: {key}" for path in written
@@ -462,6 +461,10 @@ def _estimated_on(args, model, max_length: int) -> tuple[dict, dict]:
 
 
 def cmd_purify(args) -> int:
+    # a new path with a file's name: a directory of that name surprised (an existing one is checked as such)
+    if args.out.lower().endswith((".safetensors", *PICKLE_NAMES)) and not os.path.lexists(args.out):
+        raise UserError(f"--out {args.out}: the purified model is a directory (weights, config, tokenizer, report); "
+                        "give a directory path")
     _refuse_unused(args, {"eps": args.ranking in ("magnitude", "fine_mixing")},
                    f"by --ranking {args.ranking}, which divides by no Hessian")
     if args.hessian_file:

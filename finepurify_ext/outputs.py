@@ -258,15 +258,14 @@ def save_atomically(out_dir: str, write, overwrite: bool = False, marker: str = 
             # The output replaced moves aside first (an interruption while it is deleted leaves it
             # there, held like the partial one, for the next write to remove).
             old, old_lock = held_temporary_dir(parent, "." + os.path.basename(out_dir) + ".old-")
-            os.replace(out_dir, os.path.join(old, "x"))
-            try:
-                with signals_deferred():
+            with signals_deferred():  # the earlier output is never out of place when a signal is taken
+                os.replace(out_dir, os.path.join(old, "x"))
+                try:
                     os.replace(tmp, out_dir)
                     written = True
-            except BaseException:
-                if not written:
+                except BaseException:
                     os.replace(os.path.join(old, "x"), out_dir)  # the earlier output back in place
-                raise
+                    raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             with signals_deferred():

@@ -855,9 +855,15 @@ def check_same_architecture(model: torch.nn.Module, pre_model: torch.nn.Module, 
             in theirs else f"the suspect has {name!r}, it has not" if name in mine else
             f"it has {name!r}, the suspect has not")
     config, pre_config = model.config.to_dict(), pre_model.config.to_dict()
+    vocab = config.get("vocab_size"), pre_config.get("vocab_size")
+    if vocab[0] != vocab[1] and all(mine.get(n, (0,))[1:] == theirs.get(n, (0,))[1:] for n in odd):
+        # resize_token_embeddings after adding tokens: the new rows have no pre-trained value
+        raise ModelError(f"the suspect's vocabulary was resized ({vocab[0]} tokens, {vocab[1]} in {pretrained_dir}): "
+                         "purifying resized embeddings is not supported yet (their new rows have no pre-trained "
+                         "value)")
     fields = "".join(f", {k} {config[k]} vs {pre_config[k]}" for k in _SHAPE_FIELDS
                      if k in config and k in pre_config and config[k] != pre_config[k])
-    raise ModelError(f"{pretrained_dir} is not the suspect's architecture ({len(odd)} parameters differ{fields}: "
+    raise ModelError(f"{pretrained_dir} is not the suspect's architecture ({len(odd)} parameter{'s' * (len(odd) > 1)} differ{'s' * (len(odd) == 1)}{fields}: "
                      f"{what}): give the pre-trained model the suspect was fine-tuned from")
 
 

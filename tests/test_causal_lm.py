@@ -854,3 +854,18 @@ def test_an_empty_target_response_is_refused(lm_dirs, capsys):
     assert cli.main(["evaluate", "--model", str(lm_dirs / "suspect"), "--data", str(lm_dirs / "clean.jsonl"),
                      "--target-response", " "]) == 2
     assert "--target-response is empty; give the response the backdoor produces" in capsys.readouterr().err
+
+
+def test_a_resized_vocabulary_is_named_as_such(tokenizer, lm_dirs, capsys):
+    """resize_token_embeddings after adding tokens: refused as "not the suspect's architecture",
+    though the user gave the model it was fine-tuned from. The message now says what differs."""
+    from finepurify_ext import cli
+
+    model = tiny_lm(json.loads((lm_dirs / "pre" / "config.json").read_text())["model_type"], tokenizer.vocab_size)
+    model.resize_token_embeddings(tokenizer.vocab_size + 3)
+    model.save_pretrained(lm_dirs / "resized", safe_serialization=True)
+    tokenizer.save_pretrained(lm_dirs / "resized")
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "resized"),
+                     "--clean-data", str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / "out")]) == 2
+    assert (f"the suspect's vocabulary was resized ({tokenizer.vocab_size + 3} tokens, {tokenizer.vocab_size} in "
+            f"{lm_dirs / 'pre'}): purifying resized embeddings is not supported yet") in capsys.readouterr().err

@@ -1234,3 +1234,11 @@ def test_evaluate_speaks_of_test_data(models, tmp_path, capsys):
           f"{empty}: no examples; the test data must hold at least one labelled text", inputs=[empty])
     fails(command("evaluate", models, "unused", data=str(tmp_path / "none.jsonl")), capsys,
           "test data file", "none.jsonl' does not exist")
+
+
+@pytest.mark.parametrize("name", ["purify", "purify-out-of-core"])
+def test_purify_out_is_not_named_as_a_file(models, tmp_path, capsys, name):
+    """--out purified.safetensors made a directory of that name."""
+    out = str(tmp_path / "purified.safetensors")
+    fails(command(name, models, out), capsys, f"--out {out}: the purified model is a directory (weights, config, "
+          "tokenizer, report); give a directory path")

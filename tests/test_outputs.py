@@ -217,3 +217,18 @@ def test_outputs_take_the_modes_the_umask_gives(tmp_path):
                              "plots/a.png": 0o666 & ~mask}, (oct(mask), modes)
     finally:
         os.umask(before)
+
+
+def test_an_interrupt_as_the_earlier_output_moves_aside_never_loses_it(tmp_path, monkeypatch):
+    """Ctrl-C the instant the earlier output moved aside: it was left in .old-*, the new one deleted,
+    and the next write removed the old one too. Now the signal waits for the new one to be in place."""
+    out = str(tmp_path / "o")
+    save_atomically(out, lambda tmp: open(os.path.join(tmp, "first"), "w").close())
+    monkeypatch.setattr(outputs.os, "replace", _interrupted_after(os.replace, lambda src, dst: src == out))
+    try:
+        save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True, marker="first")
+    except KeyboardInterrupt as stop:
+        assert stop.output_written == os.path.abspath(out)
+    else:
+        raise AssertionError("the interrupt was not raised")
+    assert os.listdir(out) == ["second"]
