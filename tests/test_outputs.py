@@ -130,6 +130,16 @@ def test_replacing_an_output_puts_the_old_one_back_if_the_new_cannot_move_in(tmp
     assert os.listdir(out) == ["second"] and os.listdir(tmp_path) == ["o"]
 
 
+def _second_write_interrupted_yet_written(out):
+    """Replaces ``out`` (holding "first") with "second"; the interrupt must come, naming the new output."""
+    try:
+        save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True, marker="first")
+    except KeyboardInterrupt as stop:
+        assert stop.output_written == os.path.abspath(out)
+    else:
+        raise AssertionError("the interrupt was not raised")
+
+
 def test_an_interrupt_while_the_replaced_output_is_deleted_says_the_new_one_is_complete(tmp_path, monkeypatch):
     """Ctrl-C or SIGTERM after the new output moved in, while the one it replaced is being deleted: the
     interrupt goes on (the command stops) but names the complete output; the next write sweeps the rest."""
@@ -142,12 +152,7 @@ def test_an_interrupt_while_the_replaced_output_is_deleted_says_the_new_one_is_c
             raise KeyboardInterrupt
         return rmtree(path, *args, **kwargs)
     monkeypatch.setattr(outputs.shutil, "rmtree", interrupted)
-    try:
-        save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True, marker="first")
-    except KeyboardInterrupt as stop:
-        assert stop.output_written == os.path.abspath(out)
-    else:
-        raise AssertionError("the interrupt was not raised")
+    _second_write_interrupted_yet_written(out)
     monkeypatch.undo()
     assert os.listdir(out) == ["second"]
     (old,) = [e for e in os.listdir(tmp_path) if ".old-" in e]
@@ -225,10 +230,5 @@ def test_an_interrupt_as_the_earlier_output_moves_aside_never_loses_it(tmp_path,
     out = str(tmp_path / "o")
     save_atomically(out, lambda tmp: open(os.path.join(tmp, "first"), "w").close())
     monkeypatch.setattr(outputs.os, "replace", _interrupted_after(os.replace, lambda src, dst: src == out))
-    try:
-        save_atomically(out, lambda tmp: open(os.path.join(tmp, "second"), "w").close(), overwrite=True, marker="first")
-    except KeyboardInterrupt as stop:
-        assert stop.output_written == os.path.abspath(out)
-    else:
-        raise AssertionError("the interrupt was not raised")
+    _second_write_interrupted_yet_written(out)
     assert os.listdir(out) == ["second"]
