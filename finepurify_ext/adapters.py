@@ -352,6 +352,12 @@ def _check_fits(adapter: Adapter, shapes: dict, where: str) -> None:
         given = ([tuple(adapter.replaced[name].shape)] if name in adapter.replaced else []) + (
             [adapter.delta_shape(module)] if module in adapter.factors else [])
         wrong = [shape for shape in given if shape != tuple(shapes[name])]
+        held = tuple(shapes[name])
+        if name in adapter.replaced and wrong and wrong[0][1:] == held[1:] and wrong[0][0] > held[0]:
+            raise AdapterError(f"{adapter.path}: the adapter's {name} has {wrong[0][0]} rows, {where} {held[0]}: "
+                               "the vocabulary was resized after tokens were added, which this merge does not "
+                               "do; merge it with PEFT (merge_and_unload, then save_pretrained) and purify the "
+                               "merged model (the added tokens' rows are kept)")
         if wrong:
             raise AdapterError(f"{adapter.path}: the adapter's {name} is {wrong[0]}, {where} holds "
                                f"{tuple(shapes[name])}; give the model the adapter was trained on")

@@ -32,7 +32,7 @@ from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
 from .purify import (NOTHING_MOVED, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, FLOOR_SAMPLES, SAMPLE_RUN, PurifyConfig, candidate_range,
-                     sample_keys, sample_quantile, sum_float64, unrankable, unseen_mask)
+                     added_rows as added_rows_of, sample_keys, sample_quantile, sum_float64, unrankable, unseen_mask)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
 from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, piece_room, search_ranges,
                         threshold_from_histograms)
@@ -397,6 +397,8 @@ class CheckpointReport:
     # the suspect's files left out of the output: weights in other formats (not purified), code, others
     not_copied: list[str] = field(default_factory=list)
     config_keys_removed: list[str] = field(default_factory=list)  # "config.json: auto_map": pointers to code
+    # tensors a resized vocabulary grew (purify.added_rows); the added rows are copied
+    added_rows: dict[str, dict[str, int]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # the PurifyConfig it ran with (ranking, eps, seed...), as in memory
     warnings: list[str] = field(default_factory=list)  # what the command says on stderr besides
 
@@ -546,10 +548,24 @@ def purify_checkpoint(
     pre_layout = model_layout(pretrained) if layout is not None and layout.output_embedding else None
     tied_to = (next((n for n in pre_layout.names_of(pre_layout.input_embedding) if n in pre_ckpt), None)
                if pre_layout is not None and pre_layout.tied and pre_layout.input_embedding else None)
+
+    def base_name(name):  # a task model's names may carry its base model's prefix ("bert.", "model.") that a
+        return name if name in pre_ckpt else name.split(".", 1)[-1]  # base checkpoint lacks; the exact name wins
+
+    # A resized vocabulary (resize_token_embeddings after tokens were added) grows the vocabulary's
+    # tensors by rows: their first rows are ranked against the pre-trained ones, the added tokens'
+    # copied (as purify.grown_rows in memory).
+    vocabulary = embedding_tensor_of(list(sus_ckpt.entries), layout)
+    vocab = ((sus_ckpt.entries[vocabulary].shape[0], pre_ckpt.entries[base_name(vocabulary)].shape[0])
+             if vocabulary is not None and base_name(vocabulary) in pre_ckpt else None)
+
+    def grown(e, p):
+        return (vocab is not None and vocab[0] > vocab[1] and len(e.shape) == len(p.shape) >= 1
+                and (e.shape[0], p.shape[0]) == vocab and e.shape[1:] == p.shape[1:])
+
+    added_rows = {}  # name: purify.added_rows
     for name, e in sus_ckpt.entries.items():
-        # A task model's names may carry its base model's prefix ("bert.", "model.") that a base
-        # checkpoint lacks; the exact name wins.
-        base = name if name in pre_ckpt else name.split(".", 1)[-1]
+        base = base_name(name)
         if base not in pre_ckpt and tied_to is not None and name in layout.names_of(layout.output_embedding):
             base = tied_to
         p = pre_ckpt.entries.get(base)
@@ -558,12 +574,13 @@ def purify_checkpoint(
             unscored.append(name)  # not a weight of the model (transformers does not load it): no Hessian
             not_weights.add(name)
             continue
-        if p is not None and p.shape == e.shape and e.dtype.is_floating_point and e.dtype not in SCORED_DTYPES:
+        matches = p is not None and (p.shape == e.shape or grown(e, p))
+        if matches and e.dtype.is_floating_point and e.dtype not in SCORED_DTYPES:
             # Copied through, a layer stored so would escape purification.
             raise CheckpointError(f"{e.file}: tensor {name!r} is {e.dtype}; out of core scores float32, float16 "
                                   "and bfloat16 tensors: purify in memory (which reads it as float32) or store it "
                                   "in one of those")
-        if p is not None and p.shape == e.shape and e.dtype in SCORED_DTYPES:
+        if matches and e.dtype in SCORED_DTYPES:
             if p.dtype != e.dtype:
                 raise CheckpointError(f"tensor {name!r} is {e.dtype} in {e.file} but {p.dtype} in {p.file}; "
                                       "the pre-trained and suspect checkpoints must share dtypes")
@@ -572,8 +589,12 @@ def purify_checkpoint(
                 raise CheckpointError(f"the hessian {hessian!r} has no tensor {name!r} of shape {list(e.shape)}; "
                                       "estimate it on this model (finepurify_ext.hessian) and save it")
             scored.append(name)
+            if p.shape != e.shape:
+                added_rows[name] = added_rows_of(e.shape, p.shape[0])
         else:
             unscored.append(name)
+    # The elements ranked of each scored tensor: all, or a grown one's first rows (the first elements).
+    scored_numel = {name: pre_ckpt.numel(pre_name[name]) for name in scored}
     if not scored:
         raise CheckpointError(f"no tensor of {suspect!r} matches {pretrained!r} by name and shape: "
                               "mismatched architectures")
@@ -610,8 +631,8 @@ def purify_checkpoint(
         nonlocal bytes_read
         if not slots:
             slots.extend([torch.empty(n, dtype=torch.uint8, pin_memory=pin) for n in piece_bytes] for _ in range(2))
-        jobs = [(name, start, min(chunk, sus_ckpt.numel(name) - start))
-                for name in names for start in range(0, sus_ckpt.numel(name), chunk)]
+        jobs = [(name, start, min(chunk, scored_numel[name] - start))
+                for name in names for start in range(0, scored_numel[name], chunk)]
         files = ([0, 1] if with_weights else []) + ([2] if with_hessian else [])  # into slot buffers 0-2
         with ThreadPoolExecutor(max(1, len(files)), thread_name_prefix="finepurify-read") as readers:
 
@@ -637,7 +658,7 @@ def purify_checkpoint(
     # (purify.CANDIDATES_ON), every ranking takes one: it reads the weights too and keeps a denser
     # sample of their values, which brackets the threshold, so that the pre-pass and one pass replace
     # the three histogram passes.
-    ranked_elements = sum(sus_ckpt.numel(n) for n in ranked)
+    ranked_elements = sum(scored_numel[n] for n in ranked)
     if num_reset is not None and not 0 <= num_reset <= ranked_elements:  # from the headers, before any read
         raise CheckpointError(f"the reset count {num_reset} is out of range [0, {ranked_elements}]: the checkpoints "
                               f"hold {ranked_elements} scored weights")
@@ -670,7 +691,7 @@ def purify_checkpoint(
             del h, ft, pre
         bar.close()
         if config.ranking == "no_hessian":
-            h_mean = {name: total / max(h_ckpt.numel(name), 1) for name, total in h_sum.items()}
+            h_mean = {name: total / max(scored_numel[name], 1) for name, total in h_sum.items()}
         if wants_floor:
             floor = sample_quantile(torch.cat(samples), config.hessian_floor_quantile)
         del samples
@@ -820,14 +841,26 @@ def purify_checkpoint(
                               inputs=inputs or {"pretrained": os.path.abspath(pretrained),
                                                 "suspect": os.path.abspath(suspect),
                                                 "hessian": os.path.abspath(hessian)},
-                              hessian_of=hessian_of)
+                              hessian_of=hessian_of, added_rows=added_rows)
     ranked_set = set(ranked)
+
+    def copy_as_is(name, writer, start=0):
+        """Elements ``start`` on of ``name``, copied unchanged (finite: checked)."""
+        nonlocal bytes_read
+        numel = sus_ckpt.numel(name)
+        for offset in range(start, numel, chunk):
+            piece = sus_ckpt.read(name, offset, min(chunk, numel - offset), reuse=True)
+            _check_finite(piece, sus_ckpt.entries[name].file, name)
+            writer.write_part(name, piece)
+            bytes_read += piece.numel() * piece.element_size()
+            del piece
 
     def reset_embedding_rows(name, writer):
         """The embedding's rows of tokens the clean data never reaches (Hessian row exactly zero) that
         moved take their pre-trained values; a block of rows at a time."""
         nonlocal bytes_read
-        rows, width = sus_ckpt.entries[name].shape
+        width = sus_ckpt.entries[name].shape[1]
+        rows = scored_numel[name] // max(width, 1)  # a grown one's added rows are copied after
         block = max(1, chunk // max(width, 1))
         reset = 0
         unseen_by_tokens = None if seen_tokens is None else unseen_mask(seen_tokens, rows)
@@ -844,6 +877,7 @@ def purify_checkpoint(
             reset += int(unseen.sum())
             writer.write_part(name, ft.reshape(-1))
             del ft, pre, h
+        copy_as_is(name, writer, rows * width)
         return reset
 
     def write(tmp):
@@ -865,7 +899,7 @@ def purify_checkpoint(
                         report.reset_per_tensor[name] = report.embedding_rows_reset * sus_ckpt.entries[name].shape[1]
                     elif name in ranked_set and threshold is not None:
                         resets = 0
-                        for _ in range(math.ceil(sus_ckpt.numel(name) / chunk)):
+                        for _ in range(math.ceil(scored_numel[name] / chunk)):
                             piece_name, piece_start, ft, pre, h = next(reset_pieces)
                             assert piece_name == name, (piece_name, name)
                             hs, ranking = piece_inputs(name, piece_start, h)
@@ -873,16 +907,11 @@ def purify_checkpoint(
                             writer.write_part(name, ft.cpu())  # finite: the histogram passes refused NaN/Inf
                             del ft, pre, h, hs
                         report.reset_per_tensor[name] = resets
+                        copy_as_is(name, writer, scored_numel[name])  # a grown tensor's added rows
                     else:  # copied as it is (nothing to reset: no need to read pre-trained values and Hessian)
                         if name in ranked_set:
                             report.reset_per_tensor[name] = 0
-                        numel = sus_ckpt.numel(name)
-                        for offset in range(0, numel, chunk):
-                            piece = sus_ckpt.read(name, offset, min(chunk, numel - offset), reuse=True)
-                            _check_finite(piece, sus_ckpt.entries[name].file, name)
-                            writer.write_part(name, piece)
-                            del piece
-                        bytes_read += sus_ckpt.entries[name].nbytes
+                        copy_as_is(name, writer)
                     report.bytes_written += sus_ckpt.entries[name].nbytes
                     bar.update(sus_ckpt.entries[name].nbytes)
                 writer.close()

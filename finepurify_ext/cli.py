@@ -123,6 +123,7 @@ def cmd_purify_checkpoint(args) -> int:
     summary = _reset_summary(report.reset_per_tensor, report.embedding_tensor, report.ranked_elements,
                              report.moved_elements, report.threshold)
     rows += _unranked(report.copied_unscored_weights, "copied unchanged", "copied_unscored")
+    rows += _added_rows(report.added_rows, "copied unchanged", "added_rows")
     print(f"purified checkpoint written to {args.out}: {summary}{rows}, read {report.bytes_read / 1e9:.2f} GB in "
           f"{sum(report.timings_s.values()):.1f} s (report finepurify_report.json). Fine-tune it on clean "
           "data in your training stack.")
@@ -198,7 +199,19 @@ def _in_memory_summary(report: dict, model) -> str:
     fate = "left to the clean fine-tuning" if tuned else "left as the suspect has them (--finetune-steps 0)"
     return (_reset_summary(p["reset_per_parameter"], embedding, p["ranked_elements"], p["moved_elements"],
                            p["threshold"]) + rows + _unranked(_weights_in(model, p["kept_unscored"]), fate,
-                                                                "purify.kept_unscored"))
+                                                                "purify.kept_unscored")
+            + _added_rows(p.get("added_rows", {}), fate, "purify.added_rows"))
+
+
+def _added_rows(added_rows: dict, fate: str, listed_in: str) -> str:
+    """What a purification's summary says of the rows a resized vocabulary added (tokens the
+    pre-trained model lacks): they have no pre-trained value, so none was ranked or reset."""
+    if not added_rows:
+        return ""
+    weights = sum(t["added_weights"] for t in added_rows.values())
+    tokens = max(t["rows"] - t["pretrained_rows"] for t in added_rows.values())
+    return (f"; the {weights} weights of the {tokens} token{'s' * (tokens > 1)} added to the vocabulary (no pre-trained "
+            f"value) were not ranked, {fate} (report: {listed_in})")
 
 
 def _unranked(weights: int, fate: str, listed_in: str) -> str:

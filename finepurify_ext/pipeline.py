@@ -21,7 +21,7 @@ from .data import Example, batches
 from .errors import UserError, first_line
 from .hessian import estimate_hessian
 from .outputs import save_atomically, write_json  # noqa: F401  (re-exported: the pipeline's writers)
-from .purify import PurifyConfig, purify_
+from .purify import PurifyConfig, grown_rows, purify_
 from .training import finetune, finetune_early_stopped, host_state, make_teacher
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
@@ -846,25 +846,33 @@ def check_same_architecture(model: torch.nn.Module, pre_model: torch.nn.Module, 
         return {n: tuple(p.shape) for n, p in m.named_parameters() if n.startswith(prefix)}
 
     mine, theirs = base(model), base(pre_model)
-    odd = (sorted(n for n in mine if theirs.get(n, mine[n]) != mine[n]) or sorted(mine.keys() - theirs.keys())
-           or sorted(theirs.keys() - mine.keys()))
-    if not odd:
+    # resize_token_embeddings after tokens were added grows the vocabulary's tensors by rows: the
+    # first rows are ranked against the pre-trained ones, the added tokens' kept (purify.grown_rows)
+    vocab = _vocabulary_rows(model), _vocabulary_rows(pre_model)
+    resized = {n for n in mine.keys() & theirs.keys() if mine[n] != theirs[n] and mine[n][1:] == theirs[n][1:]
+               and (mine[n][0], theirs[n][0]) == vocab}
+    odd = (sorted(n for n in mine if theirs.get(n, mine[n]) != mine[n] and n not in resized)
+           or sorted(mine.keys() - theirs.keys()) or sorted(theirs.keys() - mine.keys()))
+    if not odd and (not resized or vocab[0] > vocab[1]):
         return
+    if not odd:  # tokens removed: the suspect's rows are not the pre-trained vocabulary's
+        raise ModelError(f"the suspect's vocabulary is smaller than {pretrained_dir}'s ({vocab[0]} tokens against "
+                         f"{vocab[1]}): its rows are not the pre-trained ones; give the pre-trained model the suspect "
+                         "was fine-tuned from")
     name = odd[0]
     what = (f"{name!r} is {list(mine[name])} in the suspect, {list(theirs[name])} there" if name in mine and name
             in theirs else f"the suspect has {name!r}, it has not" if name in mine else
             f"it has {name!r}, the suspect has not")
     config, pre_config = model.config.to_dict(), pre_model.config.to_dict()
-    vocab = config.get("vocab_size"), pre_config.get("vocab_size")
-    if vocab[0] != vocab[1] and all(mine.get(n, (0,))[1:] == theirs.get(n, (0,))[1:] for n in odd):
-        # resize_token_embeddings after adding tokens: the new rows have no pre-trained value
-        raise ModelError(f"the suspect's vocabulary was resized ({vocab[0]} tokens, {vocab[1]} in {pretrained_dir}): "
-                         "purifying resized embeddings is not supported yet (their new rows have no pre-trained "
-                         "value)")
     fields = "".join(f", {k} {config[k]} vs {pre_config[k]}" for k in _SHAPE_FIELDS
                      if k in config and k in pre_config and config[k] != pre_config[k])
     raise ModelError(f"{pretrained_dir} is not the suspect's architecture ({len(odd)} parameter{'s' * (len(odd) > 1)} differ{'s' * (len(odd) == 1)}{fields}: "
                      f"{what}): give the pre-trained model the suspect was fine-tuned from")
+
+
+def _vocabulary_rows(model: torch.nn.Module) -> int | None:
+    embedding = model.get_input_embeddings()
+    return embedding.weight.shape[0] if embedding is not None else None
 
 
 def check_same_architecture_of(suspect_dir: str, pretrained_dir: str) -> None:
@@ -886,8 +894,9 @@ def _shared_with(model: torch.nn.Module, state: dict[str, torch.Tensor], pretrai
     if not shared:
         raise ModelError(f"{pretrained_dir}: no parameter matches the suspect model by name; "
                          "the pre-trained and suspect models must share an architecture")
+    grown = grown_rows(model, state, names)  # a resized vocabulary's tensors: their first rows
     for n in shared:
-        if state[n].shape != names[n].shape:
+        if state[n].shape != names[n].shape and n not in grown:
             raise ModelError(f"parameter {n!r} has shape {list(state[n].shape)} in {pretrained_dir} but "
                              f"{list(names[n].shape)} in the suspect model: mismatched architectures")
     return {n: state[n] for n in shared}

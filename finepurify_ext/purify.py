@@ -93,6 +93,8 @@ class PurifyReport:
     # "seen_tokens" (rows of tokens absent from the clean inputs: an embedding tied to the output).
     embedding_rule: str | None = None
     kept_unscored: list[str] = field(default_factory=list)  # no pre-trained value (a new head)
+    # tensors a resized vocabulary grew (``added_rows``); the added rows are kept
+    added_rows: dict[str, dict[str, int]] = field(default_factory=dict)
     hessian_floor: float | None = None
     threshold_passes: int = 0  # the passes over every ranked weight the threshold search took
     sample: dict[str, list[float]] = field(default_factory=dict)  # drift^2, H, reset flags (plots)
@@ -103,14 +105,45 @@ class PurifyReport:
 
 def matched_parameters(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], params=None):
     """(scored names, unscored names): a parameter is scored when the pre-trained state holds a
-    tensor of the same name and shape; the others (a new classifier head) are kept as they are.
+    tensor of the same name and shape, or of its first rows where a resized vocabulary grew it
+    (``grown_rows``); the others (a new classifier head) are kept as they are.
     ``params``: the model's ``dict(named_parameters())`` where the caller has it (a walk over a large
     model's modules costs milliseconds)."""
+    params = params if params is not None else dict(model.named_parameters())
+    grown = grown_rows(model, pretrained_state, params)
     scored, unscored = [], []
-    for name, p in (params if params is not None else dict(model.named_parameters())).items():
+    for name, p in params.items():
         pre = pretrained_state.get(name)
-        (scored if pre is not None and pre.shape == p.shape else unscored).append(name)
+        (scored if pre is not None and (pre.shape == p.shape or name in grown) else unscored).append(name)
     return scored, unscored
+
+
+def grown_rows(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], params=None) -> dict[str, int]:
+    """The parameters a resized vocabulary grew, each with how many of its first rows have a
+    pre-trained value. ``resize_token_embeddings`` after tokens were added appends rows to the input
+    embedding (and an untied output layer, and its bias): the first rows are the pre-trained
+    vocabulary's and are scored like any weight; the added tokens' rows have no pre-trained value and
+    are kept, as a new head is. A tensor is taken as grown only where it has the suspect's vocabulary
+    rows and the pre-trained tensor fewer, and every other dimension alike."""
+    params = params if params is not None else dict(model.named_parameters())
+    embedding = word_embedding_name(model, params)
+    if embedding is None:
+        return {}
+    vocabulary = params[embedding].shape[0]
+    grown = {}
+    for name, p in params.items():
+        pre = pretrained_state.get(name)
+        if (pre is not None and p.dim() and pre.dim() == p.dim() and p.shape[0] == vocabulary
+                and pre.shape[0] < vocabulary and pre.shape[1:] == p.shape[1:]):
+            grown[name] = pre.shape[0]
+    return grown
+
+
+def added_rows(shape, pretrained_rows: int) -> dict[str, int]:
+    """What a report says of a tensor a resized vocabulary grew to ``shape``: its rows, the first
+    ``pretrained_rows`` of which were ranked, and the weights of the others (kept as they are)."""
+    return {"rows": shape[0], "pretrained_rows": pretrained_rows,
+            "added_weights": (shape[0] - pretrained_rows) * math.prod(shape[1:])}
 
 
 def word_embedding_name(model: torch.nn.Module, params=None) -> str | None:
@@ -702,6 +735,7 @@ def purify_(
     call it without ``group`` and every rank purifies alike."""
     params = dict(model.named_parameters())
     scored, unscored = matched_parameters(model, pretrained_state, params)
+    grown = grown_rows(model, pretrained_state, params)
     embedding = word_embedding_name(model, params) if config.embeddings == "separate" else None
     ranked = [n for n in scored if n != embedding]
     for n in ranked:
@@ -709,7 +743,16 @@ def purify_(
             raise ValueError(f"purify: no Hessian for parameter {n!r}; estimate it on this model")
     shards = Shards.of(params, scored + ([embedding] if embedding is not None and embedding not in scored else []),
                        group)
-    mine = (lambda name, t, what: t) if shards is None else shards.local  # this rank's part
+    if shards is not None and grown:
+        raise ValueError(f"purify_: the vocabulary was resized ({sorted(grown)[0]!r} has "
+                         f"{params[sorted(grown)[0]].shape[0]} rows, {grown[sorted(grown)[0]]} pre-trained); a sharded "
+                         "model with a resized vocabulary is not supported: purify its checkpoint out of core")
+
+    def mine(name, t, what):  # this rank's part of the rows with a pre-trained value (a view)
+        if name in grown:
+            t = t.detach()[:grown[name]]  # a leading block of rows: contiguous, written in place
+        return t if shards is None else shards.local(name, t, what)
+
     # The parameters themselves (under no_grad, no .data view per tensor), or their local shards.
     ft = [mine(n, params[n], "parameter") for n in ranked]
     pre = [mine(n, pretrained_state[n], "pre-trained tensor") for n in ranked]
@@ -766,8 +809,8 @@ def purify_(
         values_on_host = _to_host_async(values)
     unseen = None
     if embedding is not None:
-        rows = params[embedding].shape[0]
-        embedding_w = params[embedding].data if shards is None else mine(embedding, params[embedding], "parameter")
+        embedding_w = mine(embedding, params[embedding].data if shards is None else params[embedding], "parameter")
+        rows = embedding_w.shape[0] if shards is None else params[embedding].shape[0]
         if seen_tokens is not None:
             mask = unseen_mask(seen_tokens, rows)
             if shards is not None:  # this rank's rows
@@ -788,7 +831,8 @@ def purify_(
     num_reset = ops.num_reset_for(counted_elements, config.reserve_ratio)
     report = PurifyReport(config.ranking, config.reserve_ratio, None, total, moved, num_reset,
                           kept_unscored=unscored, embedding_parameter=embedding, hessian_floor=scoring.floor,
-                          threshold_passes=int(total > 0))
+                          threshold_passes=int(total > 0),
+                          added_rows={n: added_rows(params[n].shape, r) for n, r in grown.items()})
     read_counts = None
     if num_reset > 0:
 

@@ -473,3 +473,20 @@ def test_pattern_keys_match_as_peft_matches_them_and_never_hang(monkeypatch):
         adapters._pattern_value({r"(.*)*(.*)*(.*)*\5X": 2}, MODULES[0], 8, "a/adapter_config.json: rank_pattern")
     assert str(error.value) == ("a/adapter_config.json: rank_pattern key '(.*)*(.*)*(.*)*\\\\5X' took over 1e-09 s "
                                 f"to match the module name {MODULES[0]!r}; give module names, or a simpler pattern")
+
+
+def test_an_adapter_of_a_resized_vocabulary_says_how_to_purify_it(tmp_path):
+    """Tokens added before LoRA training: the adapter saves the embedding whole, with more rows than
+    the checkpoint's. It was refused as an adapter of another model; the message now says what to do."""
+    from finepurify_ext.adapters import AdapterError
+
+    base = llama()
+    base.save_pretrained(tmp_path / "pre", safe_serialization=True)
+    base.resize_token_embeddings(27)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                                      task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(AdapterError, match=r"embed_tokens.weight has 27 rows, --pretrained .*pre 24: the vocabulary "
+                                           r"was resized .* merge it with PEFT"):
+        merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "pre"), str(tmp_path / "out"))
+

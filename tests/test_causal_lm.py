@@ -856,16 +856,101 @@ def test_an_empty_target_response_is_refused(lm_dirs, capsys):
     assert "--target-response is empty; give the response the backdoor produces" in capsys.readouterr().err
 
 
-def test_a_resized_vocabulary_is_named_as_such(tokenizer, lm_dirs, capsys):
-    """resize_token_embeddings after adding tokens: refused as "not the suspect's architecture",
-    though the user gave the model it was fine-tuned from. The message now says what differs."""
-    from finepurify_ext import cli
+def _resized_suspect(tokenizer, lm_dirs, added=3):
+    """The suspect with ``added`` tokens' rows appended by resize_token_embeddings (a pad token, chat
+    tokens), trained like the rest: the directory, and the model."""
+    from finepurify_ext.pipeline import load_causal_lm
 
-    model = tiny_lm(json.loads((lm_dirs / "pre" / "config.json").read_text())["model_type"], tokenizer.vocab_size)
-    model.resize_token_embeddings(tokenizer.vocab_size + 3)
+    model, _ = load_causal_lm(str(lm_dirs / "suspect"), tokenizer=False)
+    vocab = tokenizer.vocab_size
+    model.resize_token_embeddings(vocab + added)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.shape[0] == vocab + added:
+                p[vocab:] += torch.randn(p[vocab:].shape, generator=gen)
     model.save_pretrained(lm_dirs / "resized", safe_serialization=True)
     tokenizer.save_pretrained(lm_dirs / "resized")
-    assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "resized"),
-                     "--clean-data", str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / "out")]) == 2
-    assert (f"the suspect's vocabulary was resized ({tokenizer.vocab_size + 3} tokens, {tokenizer.vocab_size} in "
-            f"{lm_dirs / 'pre'}): purifying resized embeddings is not supported yet") in capsys.readouterr().err
+    return lm_dirs / "resized", model
+
+
+def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_dirs, capsys):
+    """resize_token_embeddings after tokens were added grows the embedding (and an untied output
+    layer) by rows that have no pre-trained value. They are kept and reported, as a new head is; the
+    first rows are purified exactly as the same model without the added rows is: in memory, from the
+    command line, and out of core (the same weights reset)."""
+    from safetensors.torch import load_file
+
+    from finepurify_ext import cli
+    from finepurify_ext.causal_lm import tokens_seen
+    from finepurify_ext.pipeline import load_causal_lm, pretrained_state_for_lm
+    from finepurify_ext.purify import PurifyConfig, input_embedding_tied, purify_
+
+    vocab, added = tokenizer.vocab_size, 3
+    resized_dir, resized = _resized_suspect(tokenizer, lm_dirs, added)
+    h = lm_dirs / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(resized_dir), "--clean-data", str(lm_dirs / "clean.jsonl"),
+                     "--out", str(h), "--batch-size", "8", "--max-length", "32"]) == 0
+    hessians = load_file(h)
+    grown = {n for n, p in resized.named_parameters() if p.shape[0] == vocab + added}
+    assert grown and all(hessians[n].shape[0] == vocab + added for n in grown)
+    tied = input_embedding_tied(resized)
+    seen = tokens_seen(tokenizer, EXAMPLES, 32) if tied else None
+    config = PurifyConfig(reserve_ratio=0.3)
+
+    # The same weights without the added rows, purified as any model: the reference.
+    cut, _ = load_causal_lm(str(lm_dirs / "suspect"), tokenizer=False)
+    with torch.no_grad():
+        for n, p in cut.named_parameters():
+            p.copy_(dict(resized.named_parameters())[n][:p.shape[0]])
+    cut_report = purify_(cut, pretrained_state_for_lm(cut, str(lm_dirs / "pre")),
+                         {n: t[:vocab] if n in grown else t for n, t in hessians.items()}, config, seen_tokens=seen)
+    before = {n: p.detach().clone() for n, p in resized.named_parameters()}
+    report = purify_(resized, pretrained_state_for_lm(resized, str(lm_dirs / "pre")), hessians, config,
+                     seen_tokens=seen)
+    assert report.num_reset == cut_report.num_reset > 0 and report.embedding_rows_reset > 0
+    assert report.embedding_rows_reset == cut_report.embedding_rows_reset
+    width = resized.config.hidden_size if hasattr(resized.config, "hidden_size") else resized.config.n_embd
+    assert report.added_rows == {n: {"rows": vocab + added, "pretrained_rows": vocab, "added_weights": added * width}
+                                 for n in grown}
+    mine = dict(cut.named_parameters())
+    for n, p in resized.named_parameters():
+        assert torch.equal(p[:mine[n].shape[0]], mine[n]), n  # the pre-trained vocabulary's rows: as without
+        if n in grown:
+            assert torch.equal(p[vocab:], before[n][vocab:]), n  # the added rows: kept
+
+    # Out of core: the same weights reset, the added rows copied, the report says so.
+    out = lm_dirs / "ooc"
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(resized_dir),
+                     "--hessian-file", str(h), "--out", str(out), "--reserve-ratio", "0.3"]) == 0
+    said = capsys.readouterr().out
+    streamed, _ = load_causal_lm(str(out), tokenizer=False)
+    for n, p in streamed.named_parameters():
+        assert torch.equal(p, dict(resized.named_parameters())[n]), n
+    ooc_report = json.loads((out / "finepurify_report.json").read_text())
+    assert ooc_report["added_rows"] == report.added_rows
+    assert f"the {added * width * len(grown)} weights of the {added} tokens added to the vocabulary" in said
+
+    # In memory from the command line: accepted, the added rows kept and said.
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(resized_dir),
+                     "--clean-data", str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / "mem"),
+                     "--finetune-steps", "0", "--max-length", "32", "--device", "cpu"]) == 0
+    assert f"the {added * width * len(grown)} weights of the {added} tokens added to the vocabulary" in \
+        capsys.readouterr().out
+    written, _ = load_causal_lm(str(lm_dirs / "mem"), tokenizer=False)
+    for n in grown:
+        assert torch.equal(written.get_parameter(n)[vocab:], before[n][vocab:]), n
+
+
+def test_a_vocabulary_smaller_than_the_pretrained_ones_is_refused(tokenizer, lm_dirs):
+    """Tokens removed: the suspect's rows are not the pre-trained vocabulary's first rows. (The
+    command refuses such a suspect earlier still: its tokenizer has more tokens than its rows.)"""
+    from finepurify_ext.errors import UserError
+    from finepurify_ext.pipeline import check_same_architecture, load_causal_lm
+
+    model, _ = load_causal_lm(str(lm_dirs / "suspect"), tokenizer=False)
+    pre_model, _ = load_causal_lm(str(lm_dirs / "pre"), tokenizer=False)
+    model.resize_token_embeddings(tokenizer.vocab_size - 2)
+    with pytest.raises(UserError, match=(f"the suspect's vocabulary is smaller than .*pre's \\({tokenizer.vocab_size - 2} "
+                                         f"tokens against {tokenizer.vocab_size}\\)")):
+        check_same_architecture(model, pre_model, str(lm_dirs / "pre"))

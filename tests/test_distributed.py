@@ -457,6 +457,10 @@ def _sharded_refusals(rank):
     hs["mid.weight"] = distribute_tensor(hs["mid.weight"], mesh, [Shard(1)])
     with pytest.raises(ValueError, match="Hessian of 'mid.weight' is sharded unlike the parameter"):
         purify_(model, pre, hs, PurifyConfig())
+    pre, hs = toy_state()
+    pre["embed.weight"] = pre["embed.weight"][:20]  # a vocabulary resized in fine-tuning: not sharded yet
+    with pytest.raises(ValueError, match="'embed.weight' has 23 rows, 20 pre-trained.*purify its checkpoint out of core"):
+        purify_(model, pre, hs, PurifyConfig())
     params = {"w": distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)])}
     with pytest.raises(ValueError, match="'w' is placed as .*Shard\\(dim=1\\).*sharded on dim 0"):
         Shards.of(params, ["w"])

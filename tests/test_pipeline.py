@@ -1222,3 +1222,37 @@ def test_the_purified_copy_has_the_suspects_tokenizer_files_as_they_are(model_di
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert open(out / name, "rb").read() == open(os.path.join(suspect, name), "rb").read(), name
     load_classifier(str(out))  # and it loads
+
+
+def test_a_classifier_with_a_resized_vocabulary_is_purified_its_added_rows_kept(model_dirs, tokenizer, tmp_path):
+    """A BERT classifier fine-tuned after tokens were added (resize_token_embeddings): the
+    pre-trained checkpoint is a base model (other names), and out of core resets the weights
+    ``purify_`` resets; the added rows are copied. It was refused as another architecture."""
+    from safetensors.torch import load_file
+
+    from tiny_models import save_model
+
+    pre, suspect, clean = model_dirs
+    model, _, _ = load_classifier(suspect)
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(vocab + 2)
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight[vocab:] += 1.0
+    resized = save_model(model, tokenizer, tmp_path / "resized")
+    h = tmp_path / "h.safetensors"
+    assert cli.main(["hessian", "--model", resized, "--clean-data", clean, "--out", str(h)]) == 0
+    out = tmp_path / "ooc"
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", resized, "--hessian-file", str(h), "--out", str(out),
+                     "--reserve-ratio", "0.5"]) == 0
+    name = "bert.embeddings.word_embeddings.weight"
+    assert json.load(open(out / "finepurify_report.json"))["added_rows"] == {
+        name: {"rows": vocab + 2, "pretrained_rows": vocab, "added_weights": 2 * model.config.hidden_size}}
+    before = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    report = purify_(model, pretrained_state_for(model, pre), load_file(str(h)), PurifyConfig(reserve_ratio=0.5))
+    assert report.num_reset > 0 and list(report.added_rows) == [name]
+    written = load_file(str(out / "model.safetensors"))
+    for n, p in model.named_parameters():
+        assert torch.equal(written[n], p), n
+    assert torch.equal(written[name][vocab:], before[vocab:])
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", resized, "--clean-data", clean, "--out",
+                     str(tmp_path / "mem"), "--finetune-steps", "0"]) == 0
