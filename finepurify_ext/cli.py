@@ -94,8 +94,9 @@ def cmd_purify_checkpoint(args) -> int:
     if args.reserve_ratio == "auto" and args.num_reset is None:
         raise UserError("--reserve-ratio auto needs the clean data and fine-tuning; with --hessian-file "
                         "(out of core, no clean fine-tuning) give a numeric --reserve-ratio or --num-reset")
-    _refuse_unused(args, dict.fromkeys(IN_MEMORY_OPTIONS, True), "with --hessian-file (out of core: the Hessian "
-                   "is given and there is no clean fine-tuning; fine-tune the purified checkpoint afterwards)")
+    _refuse_unused(args, {**dict.fromkeys(IN_MEMORY_OPTIONS, True), **_guard_given_on(args)}, "with --hessian-file "
+                   "(out of core: the Hessian is given and there is no clean fine-tuning; fine-tune the purified "
+                   "checkpoint afterwards)")
     _refuse_unused(args, {"reserve_ratio": args.num_reset is not None}, "with --num-reset, which sets the count")
     _refuse_unused(args, {"seed": args.ranking != "fine_mixing"}, "out of core but by --ranking fine_mixing (nothing "
                    "else is drawn at random there)")
@@ -112,6 +113,7 @@ def cmd_purify_checkpoint(args) -> int:
     report = purify_checkpoint(args.pretrained, args.suspect, args.hessian_file, args.out, config,
                                num_reset=args.num_reset, overwrite=args.overwrite, device=resolve_device(args.device),
                                inputs=inputs)
+    args.output_done = True
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.hessian_of is None:
@@ -310,12 +312,15 @@ def cmd_purify_causal_lm(args) -> int:
                             "LM is fine-tuned on the clean responses alone")
     _refuse_unused(args, {"rho_grid": True, "cacc_tolerance": True}, "for a causal LM, purified at a fixed "
                    "--reserve-ratio")
-    _refuse_unused(args, {"collapse_tolerance": True}, "for a causal LM: its collapse guard reads "
+    _refuse_unused(args, {"collapse_tolerance": _guard_given_on(args)["collapse_tolerance"]}, "for a causal LM: its "
+                   "collapse guard reads "
                    "--collapse-perplexity-ratio")
     no_held_out = args.validation_fraction == 0  # a guard turned off (inf) asks for nothing
     _refuse_unused(args, {"eval_every": no_held_out, "patience": no_held_out,
                           "collapse_perplexity_ratio": no_held_out and math.isfinite(args.collapse_perplexity_ratio)},
                    "with --validation-fraction 0 (no held-out data: no early stopping, no collapse guard)")
+    _refuse_unused(args, dict.fromkeys(("lr", "eval_every", "patience", "distill"), args.finetune_steps == 0),
+                   "with --finetune-steps 0 (no clean fine-tuning)")
     from .data import load_instructions
     from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, fine_purify_lm, load_causal_lm,
                            pretrained_state_for_lm, save_atomically)
@@ -347,6 +352,7 @@ def cmd_purify_causal_lm(args) -> int:
                         "clean_data": os.path.abspath(args.clean_data), "suspect_adapter": args.merged.get("suspect")}
 
     save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
+    args.output_done = True
     print(f"purified causal LM written to {args.out} ({_in_memory_summary(report, model)}; report "
           "finepurify_report.json)")
     return 0
@@ -431,6 +437,7 @@ def cmd_hessian(args) -> int:
         # A tied embedding's unseen rows are told by the clean inputs' tokens (out-of-core purify reads them).
         seen = tokens_seen(tokenizer, clean, args.max_length) if input_embedding_tied(model) else None
         save_hessian(args.out, hessians, count, seen_tokens=seen, provenance=provenance)
+        args.output_done = True
         os.remove(resume)
         print(f"Hessian of {len(hessians)} tensors of a causal LM from {count} squared gradients of the responses' "
               f"loss written to {args.out}" + ("" if seen is None else f" (with the {len(seen)} token ids of the "
@@ -448,6 +455,7 @@ def cmd_hessian(args) -> int:
         hessians, count = clean_hessian(model, tokenizer, clean, config, resume_file=resume,
                                         save_every=args.save_every, resume_key=key)
     save_hessian(args.out, hessians, count, provenance=provenance)
+    args.output_done = True
     os.remove(resume)
     print(f"Hessian of {len(hessians)} tensors from {count} squared gradients written to {args.out}")
     return 0
@@ -493,7 +501,8 @@ def cmd_purify(args) -> int:
     if args.unlabelled_data and args.distill == 0:
         raise UserError("--unlabelled-data is read only for the teacher's soft targets: give --distill > 0")
     auto = args.reserve_ratio == "auto"
-    _refuse_unused(args, {"collapse_perplexity_ratio": True}, "for a classifier: its collapse guard reads "
+    _refuse_unused(args, {"collapse_perplexity_ratio": _guard_given_on(args)["collapse_perplexity_ratio"]},
+                   "for a classifier: its collapse guard reads "
                    "--collapse-tolerance")
     _refuse_unused(args, {"max_length": True}, CLASSIFIER_CUT)
     _refuse_unused(args, {"rho_grid": not auto, "cacc_tolerance": not auto}, "without --reserve-ratio auto")
@@ -504,6 +513,8 @@ def cmd_purify(args) -> int:
     _refuse_unused(args, {"eval_every": no_held_out, "patience": no_held_out,
                           "collapse_tolerance": no_held_out and guarded},
                    "with --validation-fraction 0 (no held-out data: no early stopping, no collapse guard)")
+    _refuse_unused(args, dict.fromkeys(("lr", "eval_every", "patience", "distill"), args.finetune_steps == 0),
+                   "with --finetune-steps 0 (no clean fine-tuning)")
     from .data import load_examples, load_texts
     from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, SelectionConfig,
                            fine_purify, fine_purify_auto, load_classifier, pretrained_state_for,
@@ -551,6 +562,7 @@ def cmd_purify(args) -> int:
                         "suspect_adapter": args.merged.get("suspect")}
 
     save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
+    args.output_done = True
     print(f"purified model written to {args.out} ({_in_memory_summary(report, model)}; report "
           "finepurify_report.json)")
     return 0
@@ -614,10 +626,11 @@ def cmd_demo(args) -> int:
 def _message(error: BaseException, out: str | None = None) -> tuple[int, str]:
     """(exit code, one or two lines for the user) for an error that reached the command line; a full
     disk names --out (``out``), where nearly everything a command writes goes."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = f" ({error.filename})" if error.filename else ""
-        return 1, (f"{error.strerror}{where}: free space on the disk of --out {out} or choose an --out on another "
-                   "disk (nothing partial is left)" if out else f"{error.strerror}{where}: free space there")
+    full = _disk_full(error)
+    if full is not None:
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        return 1, (f"{full}{where}: free space on the disk of --out {out} or choose an --out on another "
+                   "disk (nothing partial is left)" if out else f"{full}{where}: free space there")
     if isinstance(error, (ValueError, FileExistsError)):  # UserError, and the library's argument checks
         return 2, str(error)
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
@@ -627,6 +640,16 @@ def _message(error: BaseException, out: str | None = None) -> tuple[int, str]:
     if isinstance(error, OSError):
         return 1, f"{error.strerror or first_line(error)}" + (f": {error.filename}" if error.filename else "")
     return 1, f"failed with {type(error).__name__}: {first_line(error)} (--debug shows the traceback)"
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """The system's words for a full disk or quota, from an OSError or from safetensors' error (which
+    transformers' save_pretrained raises, the OS error in its text); None for any other error."""
+    code = error.errno if isinstance(error, OSError) else None
+    if type(error).__name__ == "SafetensorError":
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        code = int(found.group(1)) if found else None
+    return os.strerror(code) if code in (errno.ENOSPC, errno.EDQUOT) else None
 
 
 DATA_HELP = ("a classifier's: CSV/TSV or JSONL with text and label; a causal LM's: JSONL or CSV/TSV with prompt "
@@ -798,6 +821,13 @@ def _options_given(parser, command_parser, argv) -> frozenset[str]:
     return frozenset(a.dest for a in actions if getattr(again, a.dest, unset) is not unset)
 
 
+def _guard_given_on(args) -> dict[str, bool]:
+    """Whether each collapse guard option asks for a guard: one turned off (a tolerance of 1, a ratio
+    of inf) asks for nothing, and is refused nowhere."""
+    return {"collapse_tolerance": args.collapse_tolerance < 1.0,
+            "collapse_perplexity_ratio": math.isfinite(args.collapse_perplexity_ratio)}
+
+
 def _refuse_unused(args, options: dict[str, bool], why: str) -> None:
     """Refuses the options (dest: whether it goes unused) given on the command line that this run would
     not use: an option silently ignored is a setting the user believes in and did not get."""
@@ -952,14 +982,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as stop:
         _close_progress_bars()
         written = getattr(stop, "output_written", None)  # stopped once the output had moved into place
-        if args.command == "hessian" and written == os.path.abspath(args.out):
+        finished = getattr(args, "output_done", False)  # stopped after the command wrote its output
+        if args.command == "hessian" and (finished or written == os.path.abspath(args.out)):
             with contextlib.suppress(OSError):  # the running sums it was made from are done with
                 os.remove(args.out + ".accumulator.safetensors")
-            after = f"the output {written} is complete"
+            after = f"the output {os.path.abspath(args.out)} is complete"
         elif args.command == "hessian":
             after = f"run it again to resume from the last save ({args.out}.accumulator.safetensors)"
         elif written:
             after = f"the output {written} is complete; what is left of the one it replaced goes at the next write"
+        elif finished:
+            after = f"the output {os.path.abspath(args.out)} is complete"
         else:
             after = "no output was written"
         how, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
@@ -970,6 +1003,8 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         code, text = _message(error, getattr(args, "out", None))
+        if args.command == "hessian" and _disk_full(error) and os.path.exists(args.out + ".accumulator.safetensors"):
+            text += f"; the batches done are kept: run it again to resume ({args.out}.accumulator.safetensors)"
         text = _named_as_given(args, text)
         print(f"finepurify {args.command}: error: {text}", file=sys.stderr)
         return code

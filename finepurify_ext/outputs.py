@@ -6,8 +6,10 @@ import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
+import threading
 import time
 
 from .errors import UserError
@@ -195,21 +197,21 @@ def held_temporary_dir(folder: str, prefix: str) -> tuple[str, object]:
 def signals_deferred():
     """Ctrl-C and SIGTERM held back until the block is done, then delivered: an output moved into
     place and recorded as written is one step, so an interruption never reports a complete output as
-    missing (nor the reverse). Outside the main thread, signals are not ours: a no-op."""
+    missing (nor the reverse). Outside the main thread, signals are not ours: a no-op; so where a
+    handler was installed outside Python (it could not be put back)."""
     pending = []
-    try:
-        previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:
+    ours = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(s) is None for s in ours):
         yield
         return
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in ours}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if pending:
-            signal.raise_signal(pending[0])  # its handler runs now, as if it had just come
+        if pending:  # its handler runs now, as if it had just come; a SIGTERM over a Ctrl-C (the stronger stop)
+            signal.raise_signal(signal.SIGTERM if signal.SIGTERM in pending else pending[0])
 
 
 def current_umask() -> int:
@@ -230,10 +232,14 @@ def _as_umask_says(folder: str) -> None:
     """The modes a plain mkdir and open would have given: the temporary directory is private while
     it is written (mkdtemp: 0700), and some writers make their files 0600."""
     mask = current_umask()
-    os.chmod(folder, 0o777 & ~mask)
+
+    def as_mkdir_says(d):  # a directory made in a setgid one is setgid (its files take its group): kept
+        os.chmod(d, 0o777 & ~mask | os.stat(d).st_mode & stat.S_ISGID)
+
+    as_mkdir_says(folder)
     for parent, dirs, files in os.walk(folder):
         for d in dirs:
-            os.chmod(os.path.join(parent, d), 0o777 & ~mask)
+            as_mkdir_says(os.path.join(parent, d))
         for f in files:
             path = os.path.join(parent, f)
             if not os.path.islink(path):

@@ -733,6 +733,8 @@ def test_option_errors_are_one_line(capsys, args, said):
     ("purify-out-of-core", ["--seed", "3"], "--seed is not used out of core but by --ranking fine_mixing"),
     ("purify", ["--collapse-perplexity-ratio", "3"], "--collapse-perplexity-ratio is not used for a classifier: its "
      "collapse guard reads --collapse-tolerance"),
+    ("purify", ["--finetune-steps", "0", "--lr", "1e-4", "--patience", "2"], "--lr, --patience are not used with "
+     "--finetune-steps 0 (no clean fine-tuning): leave them out"),
 ])
 def test_option_combinations(models, tmp_path, capsys, name, extra, fragment):
     fails(command(name, models, str(tmp_path / "out")) + extra, capsys, fragment)
@@ -742,6 +744,10 @@ def test_turning_a_guard_off_is_not_an_unused_option(models, tmp_path):
     """Without held-out data there is no collapse guard: asking for none (1) is not refused."""
     assert cli.main(command("purify", models, str(tmp_path / "out")) + ["--validation-fraction", "0",
                                                                         "--collapse-tolerance", "1"]) == 0
+    # nor out of core, nor the other model kind's guard turned off (a script that always turns both off)
+    off = ["--collapse-tolerance", "1", "--collapse-perplexity-ratio", "inf"]
+    assert cli.main(command("purify-out-of-core", models, str(tmp_path / "ooc")) + off) == 0
+    assert cli.main(command("purify", models, str(tmp_path / "mem")) + off + ["--finetune-steps", "0"]) == 0
 
 
 # ------------------------------------------------------------------------------ the error path
@@ -1198,6 +1204,65 @@ def test_a_full_disk_names_out(models, tmp_path, capsys, monkeypatch, name):
     out = str(tmp_path / "out")
     fails(command(name, models, out), capsys, f"No space left on device: free space on the disk of --out {out} or "
           "choose an --out on another disk (nothing partial is left)", code=1)
+
+
+def test_a_full_disk_in_safetensors_names_out(models, tmp_path, capsys, monkeypatch):
+    """transformers' save_pretrained raises safetensors' own error on a full disk, the OS error in its
+    text: it was "failed with SafetensorError" instead of where to make room."""
+    from safetensors import SafetensorError
+
+    def full(tmp):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(cli, "_purified_writer", lambda *a, **k: full)
+    out = str(tmp_path / "out")
+    fails(command("purify", models, out), capsys, f"No space left on device: free space on the disk of --out {out}",
+          code=1)
+    assert cli._disk_full(SafetensorError("Error while deserializing header: HeaderTooLarge")) is None
+
+
+def test_a_hessian_whose_output_found_the_disk_full_says_it_resumes(models, tmp_path, capsys, monkeypatch):
+    """The estimate is done and its running sums saved when the output's write finds the disk full:
+    run again, it resumes from them (the message said nothing of it)."""
+    import errno
+
+    from finepurify_ext import safetensors_io
+
+    out = str(tmp_path / "h.safetensors")
+    real = safetensors_io.ShardWriter.write
+
+    def full_for_out(self, *args, **kwargs):
+        if os.path.basename(self.f.name).startswith("h.safetensors.partial-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(safetensors_io.ShardWriter, "write", full_for_out)
+    assert cli.main(command("hessian", models, out)) == 1
+    assert (f"free space on the disk of --out {out} or choose an --out on another disk (nothing partial is left); "
+            f"the batches done are kept: run it again to resume ({out}.accumulator.safetensors)") in \
+        capsys.readouterr().err
+    monkeypatch.setattr(safetensors_io.ShardWriter, "write", real)
+    assert cli.main(command("hessian", models, out)) == 0
+    assert not os.path.exists(out + ".accumulator.safetensors")
+
+
+@pytest.mark.parametrize("name", ["purify", "purify-out-of-core", "hessian"])
+def test_an_interrupt_after_the_output_was_written_says_it_is_complete(models, tmp_path, capsys, monkeypatch, name):
+    """Ctrl-C once the output is written (while the summary is printed): it said "no output was
+    written", or for a Hessian "run it again to resume" (which would refuse the existing file)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    if name == "hessian":  # as the running sums are removed, once
+        real = os.remove
+
+        def remove(path):
+            monkeypatch.setattr(os, "remove", real)
+            interrupted()
+        monkeypatch.setattr(os, "remove", remove)
+    else:
+        monkeypatch.setattr(cli, "_reset_summary", interrupted)
+    out = str(tmp_path / ("h.safetensors" if name == "hessian" else "out"))
+    assert cli.main(command(name, models, out)) == 130
+    assert capsys.readouterr().err.endswith(f"interrupted; the output {out} is complete\n")
+    assert os.path.exists(out) and not os.path.exists(out + ".accumulator.safetensors")
 
 
 def test_a_new_folder_for_out_is_said(models, tmp_path, capsys):

@@ -7,6 +7,7 @@ import tempfile
 import textwrap
 import time
 
+import pytest
 import torch
 
 from finepurify_ext import outputs
@@ -224,6 +225,27 @@ def test_outputs_take_the_modes_the_umask_gives(tmp_path):
         os.umask(before)
 
 
+def test_an_output_in_a_setgid_folder_stays_setgid(tmp_path):
+    """A shared folder made setgid (chmod g+s: what is made in it takes its group): the modes the
+    umask gives cleared the bit on the output and its folders, as a plain mkdir keeps it."""
+    import stat
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    if not shared.stat().st_mode & stat.S_ISGID:
+        pytest.skip("this file system does not keep the setgid bit of a directory")
+
+    def write(tmp):
+        os.mkdir(os.path.join(tmp, "plots"))
+        open(os.path.join(tmp, "plots", "a.png"), "w").close()
+
+    save_atomically(str(shared / "out"), write)
+    for folder in (shared / "out", shared / "out" / "plots"):
+        assert folder.stat().st_mode & stat.S_ISGID, oct(folder.stat().st_mode)
+    assert not (shared / "out" / "plots" / "a.png").stat().st_mode & stat.S_ISGID
+
+
 def test_an_interrupt_as_the_earlier_output_moves_aside_never_loses_it(tmp_path, monkeypatch):
     """Ctrl-C the instant the earlier output moved aside: it was left in .old-*, the new one deleted,
     and the next write removed the old one too. Now the signal waits for the new one to be in place."""
@@ -232,3 +254,31 @@ def test_an_interrupt_as_the_earlier_output_moves_aside_never_loses_it(tmp_path,
     monkeypatch.setattr(outputs.os, "replace", _interrupted_after(os.replace, lambda src, dst: src == out))
     _second_write_interrupted_yet_written(out)
     assert os.listdir(out) == ["second"]
+
+
+def test_signals_held_back_are_delivered_the_strongest_first():
+    """A Ctrl-C and a SIGTERM both held back while an output moves into place: the SIGTERM (a
+    scheduler's stop, exit 143) was dropped for the Ctrl-C that came first."""
+    import signal
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(Stopped) as stopped:
+            with outputs.signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+                moved = True
+        assert moved and stopped.value.args == (signal.SIGTERM,)
+        with pytest.raises(Stopped) as stopped:
+            with outputs.signals_deferred():
+                signal.raise_signal(signal.SIGINT)
+        assert stopped.value.args == (signal.SIGINT,)
+        assert signal.getsignal(signal.SIGINT) is stop and signal.getsignal(signal.SIGTERM) is stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
