@@ -233,6 +233,11 @@ def read_adapter(path: str) -> Adapter:
         elif "lora_" in key or "magnitude" in key:
             raise AdapterError(f"{weights}: tensor {name!r} is not one of LoRA's factors; {MERGE_WAY}")
         else:  # a module trained in full (modules_to_save), or an adapted module's own weights saved
+            inner = re.fullmatch(r"(.+)\.(?:modules_to_save|original_module)(?:\.default)?\.(\w+)", key)
+            if inner and f"{PREFIX}{inner.group(1)}.{inner.group(2)}" in tensors:
+                # PEFT's wrapper of the module, saved with a resized embedding beside the module's own
+                # copy, which is what PEFT loads (tests/test_adapters.py checks it)
+                continue
             adapter.replaced[key.replace(".base_layer.", ".")] = tensor
     for module, f in adapter.factors.items():
         if "A" not in f or "B" not in f:
@@ -273,9 +278,13 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
         base = Checkpoint(pretrained, role="--pretrained")
     except CheckpointError as error:
         raise AdapterError(f"{error} (the model the adapter {adapter_dir} was trained on)") from None
-    shapes = {name: e.shape for name, e in base.entries.items()}
+    shapes = {name: tuple(e.shape) for name, e in base.entries.items()}
     _choose_layouts(adapter, shapes, _conv1d_modules(pretrained) if os.path.isdir(pretrained) else None)
+    config = os.path.join(pretrained, "config.json") if os.path.isdir(pretrained) else None
+    grown = _grown_vocabulary(adapter, shapes, config if config and os.path.isfile(config) else None)
+    shapes.update(grown)
     _check_fits(adapter, shapes, f"--pretrained {pretrained}")
+    _check_tie_kept(adapter, pretrained)
     if announce is not None:
         announce()
     os.makedirs(out_dir, exist_ok=True)
@@ -287,9 +296,15 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
             if entry.endswith(KEPT_SUFFIXES) and os.path.isfile(source):  # the index, configs, the tokenizer
                 shutil.copyfile(source, os.path.join(out_dir, entry))
         _copy_tokenizer(adapter, out_dir)
+        if grown and os.path.isfile(os.path.join(out_dir, "config.json")):  # the merged model's vocabulary
+            with open(os.path.join(out_dir, "config.json")) as f:
+                merged_config = json.load(f)
+            merged_config["vocab_size"] = next(iter(grown.values()))[0]
+            with open(os.path.join(out_dir, "config.json"), "w") as f:
+                json.dump(merged_config, f, indent=2)
     changed = set(adapter.targets)
     for file in base.files:
-        layout = [(n, base.entries[n].dtype, base.entries[n].shape) for n in base.file_order[file]]
+        layout = [(n, base.entries[n].dtype, shapes[n]) for n in base.file_order[file]]
         name_out = os.path.basename(file) if os.path.isdir(pretrained) else "model.safetensors"
         writer = ShardWriter(os.path.join(out_dir, name_out), layout, base.metadata[file])
         try:
@@ -300,7 +315,7 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
             writer.f.close()
             raise
         writer.close(sync=False)  # a scratch copy: the purified output is synced when written
-    return _summary(adapter)
+    return _summary(adapter, grown)
 
 
 def _conv1d_modules(pretrained: str) -> set[str] | None:
@@ -337,6 +352,49 @@ def _choose_layouts(adapter: Adapter, shapes: dict, conv1d: set[str] | None) -> 
             adapter.transposed[module] = shape != product
 
 
+def _grown_vocabulary(adapter: Adapter, shapes: dict, config: str | None) -> dict[str, tuple]:
+    """The tensors the adapter saved whole with more rows than ``shapes`` gives them, every other
+    dimension alike: a vocabulary resized after tokens were added (PEFT then saves the embedding and
+    output layer whole). By name, the shape they are merged in; the merged model is the resized one,
+    whose added rows Fine-purifying keeps. Only a vocabulary grows so: where ``config`` (the
+    checkpoint's config.json) names one, the rows grown from must be its size."""
+    grown = {name: tuple(t.shape) for name, t in adapter.replaced.items()
+             if name in shapes and name.removesuffix(".weight") not in adapter.factors and t.dim() >= 1
+             and len(shapes[name]) == t.dim() and tuple(t.shape[1:]) == tuple(shapes[name][1:])
+             and t.shape[0] > shapes[name][0]}
+    if not grown:
+        return {}
+    rows = {(shape[0], shapes[name][0]) for name, shape in grown.items()}
+    vocab = None
+    if config is not None:
+        try:
+            with open(config, encoding="utf-8") as f:
+                vocab = json.load(f).get("vocab_size")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            vocab = None  # a broken config.json is named where the merged model is read
+    if len(rows) > 1 or (vocab is not None and next(iter(rows))[1] != vocab):
+        return {}  # not a vocabulary: _check_fits names the tensor whose shape is not the checkpoint's
+    return grown
+
+
+def _check_tie_kept(adapter: Adapter, pretrained: str) -> None:
+    """An input embedding saved whole, of a model whose output layer is that embedding: PEFT's merge
+    unties them (the output layer keeps the pre-trained values) unless the adapter was trained with
+    ensure_weight_tying; the merge here keeps the checkpoint's layout, so it refuses the untying one."""
+    if not os.path.isdir(pretrained) or adapter.config.get("ensure_weight_tying"):
+        return
+    from .checkpoint import model_layout
+
+    layout = model_layout(pretrained)
+    if layout is None or not layout.tied or layout.input_embedding is None:
+        return
+    saved = [n for n in layout.names_of(layout.input_embedding) if n in adapter.replaced]
+    if saved:
+        raise AdapterError(f"{adapter.path}: the adapter saves {saved[0]} whole, which --pretrained {pretrained} ties "
+                           "to its output layer; PEFT's merge unties them (the output layer keeps the pre-trained "
+                           f"values: the adapter was not trained with ensure_weight_tying): {MERGE_WAY}")
+
+
 def _check_fits(adapter: Adapter, shapes: dict, where: str) -> None:
     """Every tensor the adapter changes is one of ``shapes`` (by name), with the shape its saved copy
     and its product have: an adapter of another model is refused before anything is written."""
@@ -352,12 +410,6 @@ def _check_fits(adapter: Adapter, shapes: dict, where: str) -> None:
         given = ([tuple(adapter.replaced[name].shape)] if name in adapter.replaced else []) + (
             [adapter.delta_shape(module)] if module in adapter.factors else [])
         wrong = [shape for shape in given if shape != tuple(shapes[name])]
-        held = tuple(shapes[name])
-        if name in adapter.replaced and wrong and wrong[0][1:] == held[1:] and wrong[0][0] > held[0]:
-            raise AdapterError(f"{adapter.path}: the adapter's {name} has {wrong[0][0]} rows, {where} {held[0]}: "
-                               "the vocabulary was resized after tokens were added, which this merge does not "
-                               "do; merge it with PEFT (merge_and_unload, then save_pretrained) and purify the "
-                               "merged model (the added tokens' rows are kept)")
         if wrong:
             raise AdapterError(f"{adapter.path}: the adapter's {name} is {wrong[0]}, {where} holds "
                                f"{tuple(shapes[name])}; give the model the adapter was trained on")
@@ -370,10 +422,10 @@ def _copy_tokenizer(adapter: Adapter, out_dir: str) -> None:
             shutil.copyfile(os.path.join(adapter.path, entry), os.path.join(out_dir, entry))
 
 
-def _summary(adapter: Adapter) -> dict:
+def _summary(adapter: Adapter, grown: dict | None = None) -> dict:
     """What a merge did, for the report."""
     return {"adapter": os.path.abspath(adapter.path), "lora_modules": len(adapter.factors),
-            "replaced_tensors": sorted(adapter.replaced),
+            "replaced_tensors": sorted(adapter.replaced), "grown_to_vocabulary": sorted(grown or ()),
             "ranks": sorted({f["A"].shape[0] for f in adapter.factors.values()}),
             "base_model_name_or_path": adapter.config.get("base_model_name_or_path")}
 
@@ -390,8 +442,15 @@ def merge_classifier_adapter(adapter: Adapter, pretrained: str, out_dir: str, an
     model, tokenizer, new = load_classifier(pretrained, num_labels=adapter.num_labels, dtype=None)
     state = model.state_dict()
     shapes = {name: tuple(t.shape) for name, t in state.items()}
+    where = f"the classifier built from --pretrained {pretrained}"
     _choose_layouts(adapter, shapes, {name for name, m in model.named_modules() if isinstance(m, Conv1D)})
-    _check_fits(adapter, shapes, f"the classifier built from --pretrained {pretrained}")
+    grown = _grown_vocabulary(adapter, shapes, None)
+    embedding = next((n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight), None)
+    if embedding in grown:
+        model.resize_token_embeddings(grown[embedding][0])  # the added rows: the adapter's copy, merged below
+        state = model.state_dict()
+        shapes = {name: tuple(t.shape) for name, t in state.items()}
+    _check_fits(adapter, shapes, where)
     unset = sorted(n for n in new if n not in adapter.replaced)
     if unset:
         raise AdapterError(f"{adapter.path}: the adapter does not hold {unset[0]}, which --pretrained {pretrained} "
@@ -404,4 +463,4 @@ def merge_classifier_adapter(adapter: Adapter, pretrained: str, out_dir: str, an
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     _copy_tokenizer(adapter, out_dir)
-    return _summary(adapter)
+    return _summary(adapter, grown)

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from finepurify_ext import cli
@@ -475,18 +475,102 @@ def test_pattern_keys_match_as_peft_matches_them_and_never_hang(monkeypatch):
                                 f"to match the module name {MODULES[0]!r}; give module names, or a simpler pattern")
 
 
-def test_an_adapter_of_a_resized_vocabulary_says_how_to_purify_it(tmp_path):
-    """Tokens added before LoRA training: the adapter saves the embedding whole, with more rows than
-    the checkpoint's. It was refused as an adapter of another model; the message now says what to do."""
+def test_an_adapter_of_a_resized_vocabulary_merges_as_peft_and_is_purified(tmp_path, capsys):
+    """Tokens added before LoRA training: the adapter saves the embedding (and an untied output layer)
+    whole, with more rows than the checkpoint's. The merge is PEFT's on the resized model, bit for
+    bit, with the config's vocabulary size; purify takes the adapter and keeps the added rows. It was
+    refused as an adapter of another model."""
+    from tiny_models import make_tokenizer
+
+    base = llama()  # (a tied one saves its output layer too: refused as before, to be merged with PEFT)
+    base.save_pretrained(tmp_path / "pre", safe_serialization=True)
+    tokenizer = make_tokenizer(tmp_path)
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.save_pretrained(tmp_path / "pre")
+    base.resize_token_embeddings(27)
+    saved = ["embed_tokens", "lm_head"]
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=saved,
+                                                      task_type="CAUSAL_LM"))
+    randomise_training(model)
+    model.save_pretrained(tmp_path / "adapter")
+    summary = merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "pre"), str(tmp_path / "merged"))
+    grown = ["lm_head.weight", "model.embed_tokens.weight"]
+    assert summary["grown_to_vocabulary"] == grown
+    resized = LlamaForCausalLM.from_pretrained(tmp_path / "pre")
+    resized.resize_token_embeddings(27)
+    expected = peft.PeftModel.from_pretrained(resized, tmp_path / "adapter").merge_and_unload().state_dict()
+    merged = weights(tmp_path / "merged")
+    assert all(torch.equal(merged[n], expected[n]) for n in merged) and {n: merged[n].shape[0] for n in grown} == \
+        dict.fromkeys(grown, 27)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == 27
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    out = tmp_path / "purified"
+    assert cli.main(["purify", "--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "adapter"),
+                     "--clean-data", str(clean), "--out", str(out), "--finetune-steps", "0", "--max-length", "32",
+                     "--device", "cpu"]) == 0
+    report = json.loads((out / "finepurify_report.json").read_text())
+    assert sorted(report["purify"]["added_rows"]) == sorted(grown) and report["purify"]["num_reset"] > 0
+    purified = weights(out)
+    assert all(torch.equal(purified[n][24:], merged[n][24:]) for n in grown)
+
+
+def test_an_adapter_untying_a_tied_embedding_is_refused(tmp_path):
+    """An input embedding saved whole (modules_to_save) of a model that ties it to its output layer,
+    trained without ensure_weight_tying: PEFT's merge unties them, the output layer keeping the
+    pre-trained values. The merge here kept them tied, the output layer taking the trained copy: not
+    the model the adapter describes."""
     from finepurify_ext.adapters import AdapterError
 
-    base = llama()
-    base.save_pretrained(tmp_path / "pre", safe_serialization=True)
-    base.resize_token_embeddings(27)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
-                                                      task_type="CAUSAL_LM"))
-    model.save_pretrained(tmp_path / "adapter")
-    with pytest.raises(AdapterError, match=r"embed_tokens.weight has 27 rows, --pretrained .*pre 24: the vocabulary "
-                                           r"was resized .* merge it with PEFT"):
-        merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "pre"), str(tmp_path / "out"))
+    pre, adapter = lora_adapter(llama(tied=True), tmp_path, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    with pytest.raises(AdapterError, match=r"saves model.embed_tokens.weight whole, which --pretrained .* ties to its "
+                                           r"output layer; PEFT's merge unties them"):
+        merge_adapter(str(adapter), str(pre), str(tmp_path / "merged"))
+    merged = peft_merged(pre, adapter, LlamaForCausalLM, torch.float32)
+    assert not torch.equal(merged["lm_head.weight"], merged["model.embed_tokens.weight"])  # why
 
+
+
+def test_a_classifiers_adapter_of_a_resized_vocabulary_merges_as_peft(tmp_path):
+    """A classifier trained through LoRA after tokens were added: its word embedding is saved whole,
+    with more rows. The merge resizes the classifier built from --pretrained first: PEFT's, bit for
+    bit; purify takes the adapter and keeps the added rows."""
+    from transformers import BertForSequenceClassification
+
+    from finepurify_ext import data
+    from finepurify_ext.adapters import merge_classifier_adapter, read_adapter
+    from tiny_models import save_model, tiny_model, toy_examples
+
+    tokenizer = make_tokenizer(tmp_path)
+    pre = save_model(tiny_model(tokenizer).bert, tokenizer, tmp_path / "pre")
+    vocab = tokenizer.vocab_size
+
+    def resized():
+        classifier = BertForSequenceClassification.from_pretrained(pre, num_labels=2)
+        classifier.resize_token_embeddings(vocab + 2)
+        return classifier
+    torch.manual_seed(1)
+    model = peft.get_peft_model(resized(), peft.LoraConfig(r=4, task_type="SEQ_CLS", target_modules=["query"],
+                                                           modules_to_save=["word_embeddings"]))
+    randomise_training(model)
+    model.save_pretrained(tmp_path / "adapter")
+    # PEFT saves a resized embedding with its wrapper's copies beside it (modules_to_save, original_module)
+    # and loads the embedding's own: made to differ here, so that the merge has to read that one.
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    inner = [n for n in saved if ".modules_to_save." in n or ".original_module." in n]
+    assert inner
+    save_file({n: t + 1 if n in inner else t for n, t in saved.items()},
+              str(tmp_path / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    expected = peft.PeftModel.from_pretrained(resized(), tmp_path / "adapter").merge_and_unload().state_dict()
+    summary = merge_classifier_adapter(read_adapter(str(tmp_path / "adapter")), pre, str(tmp_path / "ours"))
+    assert summary["grown_to_vocabulary"] == ["bert.embeddings.word_embeddings.weight"]
+    ours = weights(tmp_path / "ours")
+    assert all(torch.equal(ours[n], expected[n]) for n in ours) and ours[summary["grown_to_vocabulary"][0]].shape[0] \
+        == vocab + 2
+    clean = tmp_path / "clean.jsonl"
+    data.save_examples(str(clean), toy_examples(32, 4))
+    out = tmp_path / "purified"
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", str(tmp_path / "adapter"), "--clean-data", str(clean),
+                     "--out", str(out), "--finetune-steps", "0", "--device", "cpu"]) == 0
+    report = json.loads((out / "finepurify_report.json").read_text())
+    assert list(report["purify"]["added_rows"]) == ["bert.embeddings.word_embeddings.weight"]
