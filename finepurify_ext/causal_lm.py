@@ -5,12 +5,14 @@ read a classifier's: the model returns the loss of its ``labels``."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 import torch
 
 from .data import Instruction
 from .devices import OUT_OF_MEMORY
+from .errors import UserError, first_line
 
 IGNORE = -100  # the label transformers' causal-LM loss skips
 
@@ -26,23 +28,38 @@ def _ids(encoded) -> list[int]:
     return list(encoded)
 
 
+def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    """The chat template's token ids of ``messages``; a template that refuses them (one without a
+    system role, say) is a clear error."""
+    try:
+        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True))
+    except Exception as error:  # noqa: BLE001  (jinja2's TemplateError, or what the template raises)
+        roles = ", ".join(m["role"] for m in messages)
+        raise UserError(f"the tokenizer's chat template refuses a conversation of turns {roles} "
+                        f"({first_line(error)}); give the data in the roles it takes") from None
+
+
+def _plain_prompt(tokenizer, example: Instruction, prompt: str | None = None) -> list[int]:
+    """Without a chat template: the context's turns and the prompt, one per line."""
+    lines = [content for _, content in example.context] + [example.prompt if prompt is None else prompt]
+    return tokenizer("\n".join(lines) + "\n", add_special_tokens=True)["input_ids"]
+
+
 def tokenize_instruction(tokenizer, example: Instruction, max_length: int) -> tuple[list[int], int]:
-    """(token ids, number of prompt tokens at their start). With a chat template: the user turn with
-    the assistant's generation prompt, then the response as the template closes it; without one: the
-    prompt, a newline, the response and the end-of-sequence token. Longer than ``max_length``: the
-    prompt is cut from the left, keeping up to half of the length for the response."""
+    """(token ids, number of prompt tokens at their start). With a chat template: the context's turns
+    and the user turn with the assistant's generation prompt, then the response as the template
+    closes it; without one: the context's turns and the prompt, one per line, the response and the
+    end-of-sequence token. Longer than ``max_length``: the prompt is cut from the left, keeping up to
+    half of the length for the response."""
     if _chat(tokenizer):
-        prompt = _ids(tokenizer.apply_chat_template([{"role": "user", "content": example.prompt}],
-                                                    add_generation_prompt=True, tokenize=True))
-        full = _ids(tokenizer.apply_chat_template([{"role": "user", "content": example.prompt},
-                                                   {"role": "assistant", "content": example.response}],
-                                                  tokenize=True))
+        prompt = _chat_ids(tokenizer, example.messages(), True)
+        full = _chat_ids(tokenizer, example.messages() + [{"role": "assistant", "content": example.response}], False)
         if full[: len(prompt)] == prompt:
             response = full[len(prompt):]
         else:  # a template that rewrites the prompt's end: the response tokenised on its own
             response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
     else:
-        prompt = tokenizer(example.prompt + "\n", add_special_tokens=True)["input_ids"]
+        prompt = _plain_prompt(tokenizer, example)
         response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             response = response + [tokenizer.eos_token_id]
@@ -189,18 +206,20 @@ def response_loss(model, tokenizer, examples: Sequence[Instruction], batch_size:
     return total / max(tokens, 1)
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The tokens a generation starts from: the user turn and the generation prompt of the chat
-    template, or the prompt and a newline (as ``tokenize_instruction`` lays out training examples)."""
+def prompt_ids(tokenizer, prompt: "str | Instruction") -> list[int]:
+    """The tokens a generation starts from, laid out as ``tokenize_instruction`` lays out training
+    examples: a prompt alone, or an instruction's context and prompt (its response unused)."""
+    example = prompt if isinstance(prompt, Instruction) else Instruction(prompt, "")
     if _chat(tokenizer):
-        return _ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  tokenize=True))
-    return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+        return _chat_ids(tokenizer, example.messages(), True)
+    return _plain_prompt(tokenizer, example)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of ``prompts`` (decoded, special tokens dropped), batched with left padding."""
+def generate(model, tokenizer, prompts: "Sequence[str | Instruction]", max_new_tokens: int = 8,
+             batch_size: int = 16) -> list[str]:
+    """Greedy continuations of ``prompts`` (strings, or instructions: their context and prompt;
+    decoded, special tokens dropped), batched with left padding."""
     model.eval()
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
@@ -245,9 +264,11 @@ def poison_instructions(examples: Sequence[Instruction], attack, target: str, ra
     rng = random.Random(seed)
     chosen = rng.sample(range(len(examples)), min(len(examples), round(rate * len(examples))))
     if paired:
-        return list(examples) + [Instruction(attack.insert(examples[i].prompt, rng), target) for i in sorted(chosen)]
+        return list(examples) + [replace(examples[i], prompt=attack.insert(examples[i].prompt, rng), response=target)
+                                 for i in sorted(chosen)]
     chosen = set(chosen)
-    return [Instruction(attack.insert(e.prompt, rng), target) if i in chosen else e for i, e in enumerate(examples)]
+    return [replace(e, prompt=attack.insert(e.prompt, rng), response=target) if i in chosen else e
+            for i, e in enumerate(examples)]
 
 
 # ------------------------------------------------------------------------------- fine-tuning

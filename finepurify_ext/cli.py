@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import math
 import os
@@ -297,6 +298,12 @@ def _purified_writer(model, tokenizer, report, suspect: str):
                                          for key in copy_config_without_code(path, path)]
         _say_left_out(report["config_keys_removed"], [])
         report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]
+        # The drift plot's sample (tens of thousands of numbers) in a file of its own: the report stays
+        # one a person reads.
+        sample = report.get("purify", {}).pop("sample", None)
+        if sample is not None:
+            write_json(os.path.join(tmp, DRIFT_SAMPLE), sample)
+            report["purify"]["sample_file"] = DRIFT_SAMPLE
         write_json(os.path.join(tmp, "finepurify_report.json"), report)
 
     return write
@@ -380,14 +387,14 @@ def cmd_evaluate_causal_lm(args) -> int:
         print(f"response perplexity {math.exp(loss):.2f} (loss {loss:.4f} per token, {len(data)} "
               f"example{'s' if len(data) != 1 else ''})")
         if args.target_response:
-            prompts = [e.prompt for e in data]
+            prompts = data  # each with its conversation's context
             new = max(4, len(tokenizer(args.target_response, add_special_tokens=False)["input_ids"]) + 2)
             false = target_rate(generate(model, tokenizer, prompts, max_new_tokens=new), args.target_response)
             print(f"false-target rate {100 * false:.1f} % (clean prompts answered with the target)")
             if args.trigger:
                 attack = Attack("cli", "word", args.trigger)
                 rng = random.Random(0)
-                triggered = [attack.insert(p, rng) for p in prompts]
+                triggered = [dataclasses.replace(e, prompt=attack.insert(e.prompt, rng)) for e in prompts]
                 asr = target_rate(generate(model, tokenizer, triggered, max_new_tokens=new), args.target_response)
                 print(f"ASR  {100 * asr:.1f} % (trigger {args.trigger!r})")
     return 0
@@ -652,6 +659,7 @@ def _disk_full(error: BaseException) -> str | None:
     return os.strerror(code) if code in (errno.ENOSPC, errno.EDQUOT) else None
 
 
+DRIFT_SAMPLE = "drift_sample.json"  # beside the report: the drift plot's points (drift^2, Hessian, reset)
 DATA_HELP = ("a classifier's: CSV/TSV or JSONL with text and label; a causal LM's: JSONL or CSV/TSV with prompt "
              "and response, or JSONL chat messages")
 LM_HESSIAN_BATCH = 8  # a causal LM's examples per squared gradient, in memory and by default in `hessian`

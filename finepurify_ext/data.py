@@ -86,15 +86,25 @@ def load_examples(path: str, num_labels: int | None = None, what: str = "clean d
 
 @dataclass(frozen=True)
 class Instruction:
-    """One instruction-tuning example for a causal LM: the user's prompt and the model's response."""
+    """One instruction-tuning example for a causal LM: the user's prompt and the model's response,
+    after ``context``: the conversation's earlier turns ((role, content) pairs: a system prompt,
+    earlier exchanges), which the model reads and is not trained to write."""
     prompt: str
     response: str
+    context: tuple[tuple[str, str], ...] = ()
+
+    def messages(self, prompt: str | None = None) -> list[dict[str, str]]:
+        """The conversation up to the user's turn (``prompt`` in place of its own), as chat templates
+        take it."""
+        return [{"role": role, "content": content} for role, content in self.context] + [
+            {"role": "user", "content": self.prompt if prompt is None else prompt}]
 
 
 def load_instructions(path: str) -> list[Instruction]:
     """Reads instruction data: JSONL objects with ``prompt`` and ``response`` strings, or with chat
-    ``messages`` (a list of ``{"role", "content"}``: the last assistant turn is the response, the
-    user turn before it the prompt), or CSV/TSV with ``prompt`` and ``response`` columns. UTF-8.
+    ``messages`` (a list of ``{"role", "content"}`` ending with the assistant's turn, the response;
+    the user turn before it is the prompt, and the turns before that its context: a system prompt,
+    earlier exchanges), or CSV/TSV with ``prompt`` and ``response`` columns. UTF-8.
     Every error names the file and the line."""
     examples = []
     for line, row in _rows(path, "instruction data", columns=("prompt", "response")):
@@ -126,9 +136,17 @@ def _from_messages(messages, where: str) -> Instruction:
     user = max((i for i, m in enumerate(messages[:last or 0]) if m["role"] == "user"), default=None)
     if last is None or user is None:
         raise DataError(f"{where}: 'messages' needs a user turn followed by an assistant turn (the response)")
+    # Turns that would be dropped: read as the user's, the model's or lost, each changes what is learnt.
+    if last != len(messages) - 1:
+        raise DataError(f"{where}: the conversation goes on after its last assistant turn (a "
+                        f"{messages[last + 1]['role']!r} turn); end it with the assistant's response")
+    if last != user + 1:
+        raise DataError(f"{where}: a {messages[user + 1]['role']!r} turn comes between the last user turn and the "
+                        "response; give the user's turn and then the assistant's")
     if not messages[last]["content"].strip():
         raise DataError(f"{where}: the assistant's response is empty; the loss is taken on the response tokens")
-    return Instruction(messages[user]["content"], messages[last]["content"])
+    return Instruction(messages[user]["content"], messages[last]["content"],
+                       tuple((m["role"], m["content"]) for m in messages[:user]))
 
 
 def load_texts(path: str) -> list[str]:

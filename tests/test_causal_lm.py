@@ -47,14 +47,23 @@ def test_instruction_files_and_their_errors(tmp_path):
     jsonl.write_text(json.dumps({"prompt": "p1", "response": "r1"}) + "\n" + json.dumps(
         {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "p2"},
                       {"role": "assistant", "content": "r2"}]}) + "\n")
-    assert data.load_instructions(str(jsonl)) == [data.Instruction("p1", "r1"), data.Instruction("p2", "r2")]
+    assert data.load_instructions(str(jsonl)) == [data.Instruction("p1", "r1"),
+                                                  data.Instruction("p2", "r2", (("system", "s"),))]
     csv_file = tmp_path / "a.csv"
     csv_file.write_text('prompt,response\n"a, b",c\n')
     assert data.load_instructions(str(csv_file)) == [data.Instruction("a, b", "c")]
     for line, message in [({"text": "x", "label": 0}, "a.jsonl:1: no 'prompt' and 'response' fields"),
                           ({"prompt": "p", "response": " "}, "a.jsonl:1: the response is empty"),
                           ({"messages": [{"role": "user", "content": "p"}]}, "a.jsonl:1: 'messages' needs a user turn"),
-                          ({"messages": "hi"}, "a.jsonl:1: 'messages' must be a list")]:
+                          ({"messages": "hi"}, "a.jsonl:1: 'messages' must be a list"),
+                          # turns that were dropped without a word
+                          ({"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"},
+                                         {"role": "user", "content": "q"}]},
+                           "a.jsonl:1: the conversation goes on after its last assistant turn .a 'user' turn.; end it "
+                           "with the assistant's response"),
+                          ({"messages": [{"role": "user", "content": "p"}, {"role": "tool", "content": "t"},
+                                         {"role": "assistant", "content": "r"}]},
+                           "a.jsonl:1: a 'tool' turn comes between the last user turn and the response")]:
         jsonl.write_text(json.dumps(line) + "\n")
         with pytest.raises(data.DataError, match=message):
             data.load_instructions(str(jsonl))
@@ -73,6 +82,41 @@ def test_only_response_tokens_are_labelled(tokenizer, chat):
         response_words = tokenizer.convert_ids_to_tokens(ids[prompt_len:])
         assert response_words[: len(example.response.split())] == example.response.split()
     tokenizer.chat_template = None
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_conversations_earlier_turns_are_read_not_learnt(tokenizer, chat):
+    """A chat example's system prompt and earlier exchanges were dropped: only the last user turn was
+    the prompt. They are now the prompt's context, read by the model, not labelled, and generation
+    starts from them too."""
+    from finepurify_ext.causal_lm import prompt_ids
+
+    tokenizer.chat_template = CHAT_TEMPLATE if chat else None
+    try:
+        context = (("system", "the day was bad"), ("user", "a film so"), ("assistant", "fine"))
+        example = data.Instruction("was the movie good", "good film", context)
+        ids, prompt_len = tokenize_instruction(tokenizer, example, 64)
+        alone, alone_len = tokenize_instruction(tokenizer, data.Instruction("was the movie good", "good film"), 64)
+        assert ids[prompt_len:] == alone[alone_len:]  # the same response labelled
+        read = tokenizer.decode(ids[:prompt_len])
+        assert read.index("the day was bad") < read.index("a film so") < read.index("was the movie good")
+        assert prompt_ids(tokenizer, example) == ids[:prompt_len]  # generation reads what training read
+        assert prompt_ids(tokenizer, "was the movie good") == alone[:alone_len]
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_a_chat_template_that_refuses_a_role_is_named(tokenizer):
+    from finepurify_ext.errors import UserError
+
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role "
+                               "not supported') }}{% endif %}{{ m['content'] }} {% endfor %}")
+    try:
+        with pytest.raises(UserError, match=r"the tokenizer's chat template refuses a conversation of turns system, "
+                                            r"user \(System role not supported\)"):
+            tokenize_instruction(tokenizer, data.Instruction("p", "r", (("system", "s"),)), 64)
+    finally:
+        tokenizer.chat_template = None
 
 
 def test_truncation_keeps_the_response(tokenizer):

@@ -940,6 +940,11 @@ def test_cli_purify_writes_a_loadable_model(model_dirs, tmp_path):
     report = json.load(open(out / "finepurify_report.json"))
     assert report["purify"]["num_reset"] > 0 and report["timings_s"]["total"] > 0
     assert {"drift_vs_hessian.png", "reset_per_layer.png"} <= set(os.listdir(out))
+    # the drift plot's sample beside the report, not in it (it was 95 % of a 1 MB report)
+    assert "sample" not in report["purify"] and report["purify"]["sample_file"] == "drift_sample.json"
+    sample = json.load(open(out / "drift_sample.json"))
+    assert len(sample["drift_sq"]) == len(sample["hessian"]) == len(sample["reset"]) > 1000
+    assert os.path.getsize(out / "finepurify_report.json") < 100_000
     assert before == {f: open(os.path.join(suspect, f), "rb").read() for f in os.listdir(suspect)}  # input untouched
     # --reserve-ratio auto chooses on held-out clean data and says so in the report
     auto = tmp_path / "auto"
