@@ -616,6 +616,8 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _refuse_unused(args, {"attack": args.llm}, "with --llm (the LLM demo plants its own backdoor: a word trigger in "
+                   "the question)")
     if args.out is None:
         args.out = "demo_llm_output" if args.llm else "demo_output"
     check_output_dir(args.out, overwrite=True, marker="report.json")  # the demo replaces its report
@@ -846,12 +848,11 @@ def _refuse_unused(args, options: dict[str, bool], why: str) -> None:
                         f"{'it' if len(unused) == 1 else 'them'} out")
 
 
-def _say_new_folder(out: str | None) -> None:
-    """A note where --out's folder does not exist: it is created, and a typo there is better seen."""
-    if out:
-        parent = os.path.dirname(os.path.abspath(out))
-        if not os.path.exists(parent):
-            print(f"note: {parent} does not exist; it will be created for --out", file=sys.stderr)
+def _new_folder(out: str | None) -> str | None:
+    """--out's folder where it does not exist yet: the command creates it, and says so once it has (a
+    typo there is better seen; said before, it preceded refusals that created nothing)."""
+    parent = os.path.dirname(os.path.abspath(out)) if out else None
+    return parent if parent and not os.path.exists(parent) else None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -980,10 +981,13 @@ def main(argv=None) -> int:
     d.set_defaults(fn=cmd_demo)
 
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # named with the command they were given to
-        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # named with the command they were given to (or finepurify's, given before the command)
+        given = list(sys.argv[1:] if argv is None else argv)
+        before = given[:given.index(args.command)] if args.command in given else []
+        (parser if any(u in before for u in unknown) else sub.choices[args.command]).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     args.options_given = _options_given(parser, sub.choices[args.command], argv)
-    _say_new_folder(getattr(args, "out", None))
+    new_folder = _new_folder(getattr(args, "out", None))
     try:
         with _sigterm_interrupts(), _model_inputs(args):
             return args.fn(args)
@@ -1016,6 +1020,9 @@ def main(argv=None) -> int:
         text = _named_as_given(args, text)
         print(f"finepurify {args.command}: error: {text}", file=sys.stderr)
         return code
+    finally:
+        if new_folder and os.path.isdir(new_folder):
+            print(f"note: created {new_folder} for --out (it did not exist)", file=sys.stderr)
 
 
 if __name__ == "__main__":

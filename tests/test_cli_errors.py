@@ -688,6 +688,9 @@ def test_bad_option_values(models, tmp_path, capsys, name, option, value, fragme
     (["hessian", "--model", "a"], "finepurify hessian: error: the following arguments are required: --clean-data, "
      "--out (see `finepurify hessian --help`)"),
     (["purify-it"], "finepurify: error: argument command: invalid choice: 'purify-it'"),
+    # given before the command: finepurify's (it was said to be evaluate's)
+    (["--bogus", "evaluate", "--model", "a", "--data", "b"], "finepurify: error: unrecognized arguments: --bogus "
+     "(see `finepurify --help`)"),
 ])
 def test_option_errors_are_one_line(capsys, args, said):
     with pytest.raises(SystemExit) as exit_:
@@ -733,6 +736,8 @@ def test_option_errors_are_one_line(capsys, args, said):
     ("purify-out-of-core", ["--seed", "3"], "--seed is not used out of core but by --ranking fine_mixing"),
     ("purify", ["--collapse-perplexity-ratio", "3"], "--collapse-perplexity-ratio is not used for a classifier: its "
      "collapse guard reads --collapse-tolerance"),
+    ("demo", ["--llm", "--attack", "sentence"], "--attack is not used with --llm (the LLM demo plants its own "
+     "backdoor"),
     ("purify", ["--finetune-steps", "0", "--lr", "1e-4", "--patience", "2"], "--lr, --patience are not used with "
      "--finetune-steps 0 (no clean fine-tuning): leave them out"),
 ])
@@ -1268,7 +1273,11 @@ def test_an_interrupt_after_the_output_was_written_says_it_is_complete(models, t
 def test_a_new_folder_for_out_is_said(models, tmp_path, capsys):
     out = tmp_path / "new" / "deeper" / "h.safetensors"
     assert cli.main(command("hessian", models, str(out))) == 0
-    assert f"note: {out.parent} does not exist; it will be created for --out" in capsys.readouterr().err
+    assert f"note: created {out.parent} for --out (it did not exist)" in capsys.readouterr().err
+    # a refused command creates nothing and says nothing of it (it said "will be created")
+    refused = tmp_path / "other" / "h.safetensors"
+    assert cli.main(command("hessian", models, str(refused)) + ["--max-length", "32"]) == 2
+    assert "note:" not in capsys.readouterr().err and not refused.parent.exists()
     assert out.is_file()
 
 
