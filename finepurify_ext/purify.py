@@ -742,16 +742,12 @@ def purify_(
         if n not in hessians:
             raise ValueError(f"purify: no Hessian for parameter {n!r}; estimate it on this model")
     shards = Shards.of(params, scored + ([embedding] if embedding is not None and embedding not in scored else []),
-                       group)
-    if shards is not None and grown:
-        raise ValueError(f"purify_: the vocabulary was resized ({sorted(grown)[0]!r} has "
-                         f"{params[sorted(grown)[0]].shape[0]} rows, {grown[sorted(grown)[0]]} pre-trained); a sharded "
-                         "model with a resized vocabulary is not supported: purify its checkpoint out of core")
+                       group, rows=grown)
 
     def mine(name, t, what):  # this rank's part of the rows with a pre-trained value (a view)
-        if name in grown:
-            t = t.detach()[:grown[name]]  # a leading block of rows: contiguous, written in place
-        return t if shards is None else shards.local(name, t, what)
+        if shards is not None:
+            return shards.local(name, t, what)
+        return t.detach()[:grown[name]] if name in grown else t  # leading rows: contiguous, written in place
 
     # The parameters themselves (under no_grad, no .data view per tensor), or their local shards.
     ft = [mine(n, params[n], "parameter") for n in ranked]
@@ -810,7 +806,7 @@ def purify_(
     unseen = None
     if embedding is not None:
         embedding_w = mine(embedding, params[embedding].data if shards is None else params[embedding], "parameter")
-        rows = embedding_w.shape[0] if shards is None else params[embedding].shape[0]
+        rows = embedding_w.shape[0] if shards is None else grown.get(embedding, params[embedding].shape[0])
         if seen_tokens is not None:
             mask = unseen_mask(seen_tokens, rows)
             if shards is not None:  # this rank's rows

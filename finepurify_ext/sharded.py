@@ -18,9 +18,11 @@ from .threshold import _counts_here, _is_dtensor, gathered_padded
 
 class Shards:
     """Where each named parameter's local shard sits in the whole tensor, and the collectives of
-    ``group`` (every rank of it calls ``purify_``)."""
+    ``group`` (every rank of it calls ``purify_``). ``rows`` limits a parameter to its first rows (a
+    resized vocabulary's pre-trained rows, ``purify.grown_rows``): its shard is the part of them the
+    rank holds, maybe none."""
 
-    def __init__(self, params: dict, names, group):
+    def __init__(self, params: dict, names, group, rows: dict[str, int] | None = None):
         import torch.distributed as dist
 
         self.group = group
@@ -28,12 +30,15 @@ class Shards:
         self.device = torch.device("cpu")  # where collectives run: nccl reduces CUDA tensors only
         if dist.get_backend(group) == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.first_row, self.counts, self.numel, self.local_shape = {}, {}, {}, {}
+        self.first_row, self.counts, self.numel, self.local_shape, self.whole_shape = {}, {}, {}, {}, {}
+        rows = rows or {}
         for name in names:
             p = params[name]
-            self.numel[name] = p.numel()
+            self.whole_shape[name] = tuple(p.shape)
+            self.numel[name] = p.numel() if name not in rows else rows[name] * p.shape[1:].numel()
             if not _is_dtensor(p):  # every rank holds it whole
-                self.first_row[name], self.counts[name], self.local_shape[name] = 0, self.rank == 0, p.shape
+                shape = p.shape if name not in rows else torch.Size([rows[name], *p.shape[1:]])
+                self.first_row[name], self.counts[name], self.local_shape[name] = 0, self.rank == 0, shape
                 continue
             from torch.distributed.tensor import Replicate, Shard
 
@@ -51,18 +56,20 @@ class Shards:
                 mesh_dim = sharded_over[0]
                 step = -(-p.shape[0] // p.device_mesh.size(mesh_dim))
                 first = min(p.device_mesh.get_coordinate()[mesh_dim] * step, p.shape[0])
+            if name in rows:  # the rows of the first rows[name] this rank holds
+                shape = torch.Size([max(0, min(shape[0], rows[name] - first)), *shape[1:]])
             self.first_row[name] = first
             self.counts[name], self.local_shape[name] = _counts_here(p), shape
 
     @classmethod
-    def of(cls, params: dict, names, group=None) -> "Shards | None":
+    def of(cls, params: dict, names, group=None, rows: dict[str, int] | None = None) -> "Shards | None":
         """The shards of ``names`` where some parameter is a DTensor or a ``group`` is given, else
         None (one process, or DDP: every rank holds the whole model and purifies it alike)."""
         if group is None and not any(_is_dtensor(params[n]) for n in names):
             return None
         import torch.distributed as dist
 
-        return cls(params, names, group if group is not None else dist.group.WORLD)
+        return cls(params, names, group if group is not None else dist.group.WORLD, rows)
 
     def offset(self, name: str) -> int:
         """The index in the flat whole tensor of this rank's first element of ``name``."""
@@ -73,10 +80,16 @@ class Shards:
         """This rank's part of ``t`` for parameter ``name``: a DTensor's local tensor (which must be
         placed like the parameter), or the same rows of a full tensor (a view)."""
         if _is_dtensor(t):
+            if tuple(t.shape) != self.whole_shape[name]:  # split otherwise than the parameter
+                raise ValueError(f"purify_: the {what} of {name!r} is a DTensor of shape {list(t.shape)}, the "
+                                 f"parameter {list(self.whole_shape[name])}; pass it whole or sharded as the "
+                                 "parameter is")
             with torch.no_grad():  # the tensor itself, not a differentiable view: resets write into it
                 local = t.to_local()
+            if local.dim():  # where a limit to the first rows leaves the rank fewer
+                local = local[:self.local_shape[name][0]]
         elif t.dim() and tuple(t.shape) != tuple(self.local_shape[name]):
-            local = t[self.first_row[name]:self.first_row[name] + self.local_shape[name][0]]
+            local = t.detach()[self.first_row[name]:self.first_row[name] + self.local_shape[name][0]]
         else:
             local = t
         if local.shape != self.local_shape[name]:

@@ -435,6 +435,46 @@ def test_purify_of_a_sharded_model_matches_one_process(tmp_path, variant, world)
     run(tmp_path, _sharded_purify, variant, world=world)
 
 
+def _resized_vocabulary(rank, rows):
+    """The embedding grown by a resized vocabulary: the pre-trained state has its first ``rows``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from finepurify_ext.purify import PurifyConfig, purify_
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for config in (PurifyConfig(), PurifyConfig(ranking="fine_mixing"), PurifyConfig(embeddings="ranked")):
+        for seen in (None, [0, 1, 3, 4, 9, 21]):  # 21: an added token's
+            for hessians_as in ("whole", "dtensors"):
+                pre, hs = toy_state()
+                pre["embed.weight"] = pre["embed.weight"][:rows].clone()
+                one = ShardedToy()
+                expected = purify_(one, pre, hs, config, seen_tokens=seen)
+                model = ShardedToy()
+                fully_shard(model, mesh=mesh)
+                if hessians_as == "dtensors":
+                    placements = next(model.parameters()).placements
+                    hs = {n: distribute_tensor(h, mesh, placements) for n, h in hs.items()}
+                got = purify_(model, pre, hs, config, seen_tokens=seen)
+                where = (rows, config, seen, hessians_as)
+                for name, p in one.named_parameters():
+                    assert torch.equal(dict(model.named_parameters())[name].full_tensor(), p.detach()), (where, name)
+                for field in ("threshold", "ranked_elements", "num_reset", "reset_per_parameter", "embedding_rows_reset",
+                              "added_rows"):
+                    assert getattr(got, field) == getattr(expected, field), (where, field)
+                assert expected.added_rows == {"embed.weight": {"rows": 23, "pretrained_rows": rows,
+                                                                "added_weights": (23 - rows) * 8}}
+                assert torch.equal(one.embed.weight[rows:], ShardedToy().embed.weight[rows:]), where  # kept
+
+
+@pytest.mark.parametrize("rows", [20, 9])  # rank 1 holds some of the pre-trained rows, or none
+def test_a_resized_vocabulary_sharded_is_purified_as_one_process(tmp_path, rows):
+    """FSDP2 shards the grown embedding on its rows: each rank ranks the pre-trained rows it holds (maybe
+    none) and keeps the added ones, as one process does over the whole model."""
+    run(tmp_path, _resized_vocabulary, rows)
+
+
 def _sharded_refusals(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -458,8 +498,9 @@ def _sharded_refusals(rank):
     with pytest.raises(ValueError, match="Hessian of 'mid.weight' is sharded unlike the parameter"):
         purify_(model, pre, hs, PurifyConfig())
     pre, hs = toy_state()
-    pre["embed.weight"] = pre["embed.weight"][:20]  # a vocabulary resized in fine-tuning: not sharded yet
-    with pytest.raises(ValueError, match="'embed.weight' has 23 rows, 20 pre-trained.*purify its checkpoint out of core"):
+    pre["embed.weight"] = distribute_tensor(pre["embed.weight"][:20], mesh, [Shard(0)])  # split unlike the parameter
+    with pytest.raises(ValueError, match="pre-trained tensor of 'embed.weight' is a DTensor of shape \\[20, 8\\], the "
+                                         "parameter \\[23, 8\\]; pass it whole"):
         purify_(model, pre, hs, PurifyConfig())
     params = {"w": distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)])}
     with pytest.raises(ValueError, match="'w' is placed as .*Shard\\(dim=1\\).*sharded on dim 0"):
