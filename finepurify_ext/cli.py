@@ -152,6 +152,27 @@ def _warn_if_nothing_moved(report: dict) -> None:
         print(f"warning: {NOTHING_MOVED}", file=sys.stderr)
 
 
+FEW_HELD_OUT = 20  # held-out examples below which one example moves the measure more than the noise allows
+
+
+def _warn_few_held_out(examples: int, fraction: float, causal_lm: bool = False) -> str | None:
+    """A warning, said now (before the long run) and returned for the report, where the held-out
+    part of the clean data is too small to measure: early stopping, the collapse guard and the
+    reserve ratio's choice read it."""
+    from .pipeline import held_out_size
+
+    held_out = held_out_size(examples, fraction) if fraction > 0 and examples >= 2 else None
+    if held_out is None or held_out >= FEW_HELD_OUT:
+        return None
+    readers = ("early stopping and the collapse guard read their perplexity" if causal_lm else "early stopping, the "
+               f"collapse guard and --reserve-ratio auto read their accuracy, which one example moves "
+               f"{100 / held_out:.0f} points")
+    warning = (f"only {held_out} of the {examples} clean examples are held out (--validation-fraction {fraction:g}): "
+               f"{readers}; give more clean data (a few hundred examples)")
+    print(f"warning: {warning}", file=sys.stderr)
+    return warning
+
+
 def _warn_unpurified(report: dict, why: str) -> None:
     """Says loudly (stderr, and the report's ``warnings``) that no weight was reset: the model written
     is the suspect after clean fine-tuning alone, which often keeps the backdoor."""
@@ -347,9 +368,12 @@ def cmd_purify_causal_lm(args) -> int:
                                    max_length=args.max_length)
     ratio = args.collapse_perplexity_ratio
     guard = CollapseGuard(perplexity_ratio=ratio) if math.isfinite(ratio) else None
+    few = _warn_few_held_out(len(clean), args.validation_fraction, causal_lm=True)  # the checks passed: said now
     with compute_precision(device, args.dtype):
         report = fine_purify_lm(model, pretrained_state, tokenizer, clean, _purify_config(args), finetune_config,
                                 hessian_config, seed=args.seed, guard=guard)
+    if few:
+        report.setdefault("warnings", []).insert(0, few)  # in the order said
     _say_collapse_guard(report, "perplexity", f"rose above {ratio:g} times the suspect's",
                         "--collapse-perplexity-ratio")
     _warn_if_nothing_moved(report)
@@ -542,6 +566,7 @@ def cmd_purify(args) -> int:
     common = dict(finetune_config=finetune_config,
                   hessian_config=HessianConfig(per_sample=args.hessian == "per-sample"), seed=args.seed,
                   unlabelled=unlabelled)
+    few = _warn_few_held_out(len(clean), args.validation_fraction)  # the checks passed: said now
     with compute_precision(device, args.dtype):
         if args.reserve_ratio == "auto":
             selection = SelectionConfig(grid=args.rho_grid, validation_fraction=args.validation_fraction,
@@ -560,6 +585,8 @@ def cmd_purify(args) -> int:
             report = fine_purify(model, pretrained_state, tokenizer, clean, _purify_config(args), guard=guard, **common)
             _say_collapse_guard(report, "accuracy", f"fell more than {100 * args.collapse_tolerance:g} points "
                                 "below the suspect's", "--collapse-tolerance")
+    if few:
+        report.setdefault("warnings", []).insert(0, few)  # in the order said
     _warn_if_nothing_moved(report)
     report["device"] = describe(device, args.dtype)
     report["timings_s"]["total"] = time.perf_counter() - start

@@ -300,8 +300,14 @@ def split_validation(clean: Sequence[Example], fraction: float, seed: int) -> tu
                          "give more clean data, or --validation-fraction 0 with a numeric --reserve-ratio")
     order = list(range(len(clean)))
     random.Random(seed).shuffle(order)
-    n_val = min(len(clean) - 1, max(1, round(fraction * len(clean))))
+    n_val = held_out_size(len(clean), fraction)
     return [clean[i] for i in order[n_val:]], [clean[i] for i in order[:n_val]]
+
+
+def held_out_size(examples: int, fraction: float) -> int:
+    """How many of ``examples`` clean examples ``split_validation`` holds out (at least one, and one
+    fewer than all)."""
+    return min(examples - 1, max(1, round(fraction * examples)))
 
 
 def fine_purify_auto(

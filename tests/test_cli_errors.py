@@ -1270,6 +1270,19 @@ def test_an_interrupt_after_the_output_was_written_says_it_is_complete(models, t
     assert os.path.exists(out) and not os.path.exists(out + ".accumulator.safetensors")
 
 
+def test_a_held_out_set_too_small_to_measure_is_warned_of(models, tmp_path, capsys):
+    """32 clean examples hold out 8: one of them moves held-out accuracy 12 points, which early
+    stopping and the collapse guard (20 points) read; it went unsaid."""
+    out = tmp_path / "out"
+    assert cli.main(command("purify", models, str(out))) == 0
+    warning = ("only 8 of the 32 clean examples are held out (--validation-fraction 0.25): early stopping, the "
+               "collapse guard and --reserve-ratio auto read their accuracy, which one example moves 12 points; "
+               "give more clean data (a few hundred examples)")
+    assert f"warning: {warning}" in capsys.readouterr().err
+    assert warning in json.load(open(out / "finepurify_report.json"))["warnings"]
+    assert cli._warn_few_held_out(100, 0.25) is None and cli._warn_few_held_out(100, 0.0) is None
+
+
 def test_a_new_folder_for_out_is_said(models, tmp_path, capsys):
     out = tmp_path / "new" / "deeper" / "h.safetensors"
     assert cli.main(command("hessian", models, str(out))) == 0
@@ -1298,7 +1311,8 @@ def test_the_suspect_given_as_its_own_pretrained_model_is_warned_of(models, tmp_
     assert ("warning: no ranked weight of the suspect differs from the pre-trained model's, so there was nothing to "
             "purify: is --pretrained the suspect itself?") in err, err
     report = json.loads((tmp_path / "out" / "finepurify_report.json").read_text())
-    assert report["warnings"] == [err.split("warning: ", 1)[1].splitlines()[0]]
+    assert report["warnings"] == [line.removeprefix("warning: ") for line in err.splitlines()
+                                  if line.startswith("warning: ")]  # each said, in order
 
 
 def test_evaluate_speaks_of_test_data(models, tmp_path, capsys):
