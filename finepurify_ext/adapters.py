@@ -280,8 +280,7 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
         raise AdapterError(f"{error} (the model the adapter {adapter_dir} was trained on)") from None
     shapes = {name: tuple(e.shape) for name, e in base.entries.items()}
     _choose_layouts(adapter, shapes, _conv1d_modules(pretrained) if os.path.isdir(pretrained) else None)
-    config = os.path.join(pretrained, "config.json") if os.path.isdir(pretrained) else None
-    grown = _grown_vocabulary(adapter, shapes, config if config and os.path.isfile(config) else None)
+    grown = _grown_vocabulary(adapter, shapes, pretrained)
     shapes.update(grown)
     _check_fits(adapter, shapes, f"--pretrained {pretrained}")
     _check_tie_kept(adapter, pretrained)
@@ -352,28 +351,42 @@ def _choose_layouts(adapter: Adapter, shapes: dict, conv1d: set[str] | None) -> 
             adapter.transposed[module] = shape != product
 
 
-def _grown_vocabulary(adapter: Adapter, shapes: dict, config: str | None) -> dict[str, tuple]:
-    """The tensors the adapter saved whole with more rows than ``shapes`` gives them, every other
-    dimension alike: a vocabulary resized after tokens were added (PEFT then saves the embedding and
-    output layer whole). By name, the shape they are merged in; the merged model is the resized one,
-    whose added rows Fine-purifying keeps. Only a vocabulary grows so: where ``config`` (the
-    checkpoint's config.json) names one, the rows grown from must be its size."""
+def _grown_vocabulary(adapter: Adapter, shapes: dict, pretrained: str) -> dict[str, tuple]:
+    """The tensors the adapter holds with more rows than ``shapes`` gives them, every other dimension
+    alike (saved whole, or a LoRA-adapted embedding's own weight and factors): a vocabulary resized
+    after tokens were added. By name, the shape they are merged in; the merged model is the resized
+    one, whose added rows Fine-purifying keeps. Where the checkpoint's config tells its model, they
+    must be its vocabulary's tensors, every one of them (else the merged model would not load)."""
     grown = {name: tuple(t.shape) for name, t in adapter.replaced.items()
-             if name in shapes and name.removesuffix(".weight") not in adapter.factors and t.dim() >= 1
-             and len(shapes[name]) == t.dim() and tuple(t.shape[1:]) == tuple(shapes[name][1:])
-             and t.shape[0] > shapes[name][0]}
-    if not grown:
-        return {}
+             if name in shapes and t.dim() >= 1 and len(shapes[name]) == t.dim()
+             and tuple(t.shape[1:]) == tuple(shapes[name][1:]) and t.shape[0] > shapes[name][0]}
     rows = {(shape[0], shapes[name][0]) for name, shape in grown.items()}
-    vocab = None
-    if config is not None:
-        try:
-            with open(config, encoding="utf-8") as f:
-                vocab = json.load(f).get("vocab_size")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            vocab = None  # a broken config.json is named where the merged model is read
-    if len(rows) > 1 or (vocab is not None and next(iter(rows))[1] != vocab):
-        return {}  # not a vocabulary: _check_fits names the tensor whose shape is not the checkpoint's
+    if len(rows) != 1:
+        return {}  # none; or not one vocabulary: _check_fits names a tensor whose shape is not the checkpoint's
+    config_file = os.path.join(pretrained, "config.json") if os.path.isdir(pretrained) else None
+    if config_file is None or not os.path.isfile(config_file):
+        return grown
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}  # a broken config.json is named where the merged model is read
+    (new, old), = rows
+    first = sorted(grown)[0]
+    if not isinstance(config, dict) or config.get("vocab_size") != old:
+        raise AdapterError(f"{adapter.path}: the adapter's {first} has {new} rows, --pretrained {pretrained} {old}, and "
+                           "its config.json gives no vocab_size of that size (another tensor, or a model that keeps "
+                           f"it elsewhere): {MERGE_WAY}")
+    from .checkpoint import model_layout
+
+    layout = model_layout(pretrained)
+    vocabulary = [] if layout is None else [n for name in (layout.input_embedding, layout.output_embedding) if name
+                                            for n in layout.names_of(name) if n in shapes]
+    left = [n for n in vocabulary if n not in grown]
+    if left:
+        raise AdapterError(f"{adapter.path}: the adapter holds {first} with {new} rows (the vocabulary resized) but "
+                           f"not {left[0]}, which --pretrained {pretrained} holds with {old}: the merged model would "
+                           f"not load; {MERGE_WAY}")
     return grown
 
 
@@ -388,7 +401,9 @@ def _check_tie_kept(adapter: Adapter, pretrained: str) -> None:
     layout = model_layout(pretrained)
     if layout is None or not layout.tied or layout.input_embedding is None:
         return
-    saved = [n for n in layout.names_of(layout.input_embedding) if n in adapter.replaced]
+    # saved whole (modules_to_save); a LoRA-adapted embedding's own weight is merged into the tie, as PEFT does
+    saved = [n for n in layout.names_of(layout.input_embedding) if n in adapter.replaced
+             and n.removesuffix(".weight") not in adapter.factors]
     if saved:
         raise AdapterError(f"{adapter.path}: the adapter saves {saved[0]} whole, which --pretrained {pretrained} ties "
                            "to its output layer; PEFT's merge unties them (the output layer keeps the pre-trained "
@@ -444,7 +459,7 @@ def merge_classifier_adapter(adapter: Adapter, pretrained: str, out_dir: str, an
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     where = f"the classifier built from --pretrained {pretrained}"
     _choose_layouts(adapter, shapes, {name for name, m in model.named_modules() if isinstance(m, Conv1D)})
-    grown = _grown_vocabulary(adapter, shapes, None)
+    grown = _grown_vocabulary(adapter, shapes, "")  # the classifier's own names: no config to read
     embedding = next((n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight), None)
     if embedding in grown:
         model.resize_token_embeddings(grown[embedding][0])  # the added rows: the adapter's copy, merged below

@@ -206,26 +206,28 @@ def response_loss(model, tokenizer, examples: Sequence[Instruction], batch_size:
     return total / max(tokens, 1)
 
 
-def prompt_ids(tokenizer, prompt: "str | Instruction") -> list[int]:
+def prompt_ids(tokenizer, prompt: "str | Instruction", max_length: int | None = None) -> list[int]:
     """The tokens a generation starts from, laid out as ``tokenize_instruction`` lays out training
-    examples: a prompt alone, or an instruction's context and prompt (its response unused)."""
+    examples: a prompt alone, or an instruction's context and prompt (its response unused); longer
+    than ``max_length``, cut from the left as training cuts a prompt."""
     example = prompt if isinstance(prompt, Instruction) else Instruction(prompt, "")
-    if _chat(tokenizer):
-        return _chat_ids(tokenizer, example.messages(), True)
-    return _plain_prompt(tokenizer, example)
+    ids = _chat_ids(tokenizer, example.messages(), True) if _chat(tokenizer) else _plain_prompt(tokenizer, example)
+    return ids[len(ids) - max_length:] if max_length is not None and len(ids) > max_length else ids
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: "Sequence[str | Instruction]", max_new_tokens: int = 8,
-             batch_size: int = 16) -> list[str]:
+             batch_size: int = 16, max_length: int | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (strings, or instructions: their context and prompt;
-    decoded, special tokens dropped), batched with left padding."""
+    decoded, special tokens dropped), batched with left padding. With ``max_length``, a prompt and
+    its continuation fit it: the prompt is cut from the left (a long conversation's context)."""
+    room = None if max_length is None else max(1, max_length - max_new_tokens)
     model.eval()
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     out = []
     for start in range(0, len(prompts), batch_size):
-        rows = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        rows = [prompt_ids(tokenizer, p, room) for p in prompts[start : start + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -322,7 +322,7 @@ def _purified_writer(model, tokenizer, report, suspect: str):
         # The drift plot's sample (tens of thousands of numbers) in a file of its own: the report stays
         # one a person reads.
         sample = report.get("purify", {}).pop("sample", None)
-        if sample is not None:
+        if sample and sample.get("drift_sq"):  # none drawn where nothing was ranked
             write_json(os.path.join(tmp, DRIFT_SAMPLE), sample)
             report["purify"]["sample_file"] = DRIFT_SAMPLE
         write_json(os.path.join(tmp, "finepurify_report.json"), report)
@@ -413,13 +413,15 @@ def cmd_evaluate_causal_lm(args) -> int:
         if args.target_response:
             prompts = data  # each with its conversation's context
             new = max(4, len(tokenizer(args.target_response, add_special_tokens=False)["input_ids"]) + 2)
-            false = target_rate(generate(model, tokenizer, prompts, max_new_tokens=new), args.target_response)
+            false = target_rate(generate(model, tokenizer, prompts, max_new_tokens=new, max_length=args.max_length),
+                                args.target_response)
             print(f"false-target rate {100 * false:.1f} % (clean prompts answered with the target)")
             if args.trigger:
                 attack = Attack("cli", "word", args.trigger)
                 rng = random.Random(0)
                 triggered = [dataclasses.replace(e, prompt=attack.insert(e.prompt, rng)) for e in prompts]
-                asr = target_rate(generate(model, tokenizer, triggered, max_new_tokens=new), args.target_response)
+                asr = target_rate(generate(model, tokenizer, triggered, max_new_tokens=new, max_length=args.max_length),
+                                  args.target_response)
                 print(f"ASR  {100 * asr:.1f} % (trigger {args.trigger!r})")
     return 0
 
@@ -509,6 +511,8 @@ def _estimated_on(args, model, max_length: int) -> tuple[dict, dict]:
            "model_kind": _model_kind(args, "model"), "dtype": args.dtype,
            # the weights' dtype as loaded, which follows the device (a GPU keeps bfloat16 as stored)
            "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    if key["model_kind"] == "causal-lm":  # how examples are laid out: sums of another layout are not resumed
+        key["example_layout"] = LM_EXAMPLE_LAYOUT
     return provenance, key
 
 
@@ -659,14 +663,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _message(error: BaseException, out: str | None = None) -> tuple[int, str]:
+def _message(error: BaseException, out: str | None = None, kept: str | None = None) -> tuple[int, str]:
     """(exit code, one or two lines for the user) for an error that reached the command line; a full
-    disk names --out (``out``), where nearly everything a command writes goes."""
+    disk names --out (``out``), where nearly everything a command writes goes, and ``kept``, the
+    running sums a rerun resumes from."""
     full = _disk_full(error)
     if full is not None:
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        left = (f"no partial output is left; the batches done are kept: run it again to resume ({kept})" if kept
+                else "nothing partial is left")
         return 1, (f"{full}{where}: free space on the disk of --out {out} or choose an --out on another "
-                   "disk (nothing partial is left)" if out else f"{full}{where}: free space there")
+                   f"disk ({left})" if out else f"{full}{where}: free space there")
     if isinstance(error, (ValueError, FileExistsError)):  # UserError, and the library's argument checks
         return 2, str(error)
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
@@ -691,6 +698,8 @@ def _disk_full(error: BaseException) -> str | None:
 DRIFT_SAMPLE = "drift_sample.json"  # beside the report: the drift plot's points (drift^2, Hessian, reset)
 DATA_HELP = ("a classifier's: CSV/TSV or JSONL with text and label; a causal LM's: JSONL or CSV/TSV with prompt "
              "and response, or JSONL chat messages")
+# A causal LM's examples as tokenize_instruction lays them out; 2: a conversation's earlier turns read
+LM_EXAMPLE_LAYOUT = 2
 LM_HESSIAN_BATCH = 8  # a causal LM's examples per squared gradient, in memory and by default in `hessian`
 PICKLE_NAMES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.save's and pickle's usual names
 MODEL_OPTIONS = ("pretrained", "suspect", "model")  # the options that name a model
@@ -1041,15 +1050,15 @@ def main(argv=None) -> int:
         _close_progress_bars()
         if args.debug:
             raise
-        code, text = _message(error, getattr(args, "out", None))
-        if args.command == "hessian" and _disk_full(error) and os.path.exists(args.out + ".accumulator.safetensors"):
-            text += f"; the batches done are kept: run it again to resume ({args.out}.accumulator.safetensors)"
+        sums = f"{args.out}.accumulator.safetensors" if args.command == "hessian" else None
+        code, text = _message(error, getattr(args, "out", None), sums if sums and os.path.exists(sums) else None)
         text = _named_as_given(args, text)
         print(f"finepurify {args.command}: error: {text}", file=sys.stderr)
         return code
     finally:
         if new_folder and os.path.isdir(new_folder):
-            print(f"note: created {new_folder} for --out (it did not exist)", file=sys.stderr)
+            with contextlib.suppress(KeyboardInterrupt):  # the command is over: its exit code stands
+                print(f"note: created {new_folder} for --out (it did not exist)", file=sys.stderr)
 
 
 if __name__ == "__main__":

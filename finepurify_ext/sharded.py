@@ -31,7 +31,8 @@ class Shards:
         if dist.get_backend(group) == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.first_row, self.counts, self.numel, self.local_shape, self.whole_shape = {}, {}, {}, {}, {}
-        rows = rows or {}
+        self.placements = {}  # a DTensor parameter's, which a tensor limited to its first rows must share
+        rows = self.rows = rows or {}
         for name in names:
             p = params[name]
             self.whole_shape[name] = tuple(p.shape)
@@ -49,6 +50,7 @@ class Shards:
             if len(sharded_over) > 1:
                 raise ValueError(f"purify_: parameter {name!r} is sharded on dim 0 over several mesh dimensions "
                                  f"{tuple(p.placements)}; shard it over one (fully_shard on a 1-D mesh, or HSDP)")
+            self.placements[name] = tuple(p.placements)
             with torch.no_grad():
                 shape = p.to_local().shape
             first = 0
@@ -80,13 +82,13 @@ class Shards:
         """This rank's part of ``t`` for parameter ``name``: a DTensor's local tensor (which must be
         placed like the parameter), or the same rows of a full tensor (a view)."""
         if _is_dtensor(t):
-            if tuple(t.shape) != self.whole_shape[name]:  # split otherwise than the parameter
-                raise ValueError(f"purify_: the {what} of {name!r} is a DTensor of shape {list(t.shape)}, the "
-                                 f"parameter {list(self.whole_shape[name])}; pass it whole or sharded as the "
-                                 "parameter is")
             with torch.no_grad():  # the tensor itself, not a differentiable view: resets write into it
                 local = t.to_local()
-            if local.dim():  # where a limit to the first rows leaves the rank fewer
+            if name in self.rows:  # the rank's rows of the first ones, where t is split as the parameter is
+                if tuple(t.shape) != self.whole_shape[name] or tuple(t.placements) != self.placements.get(name):
+                    raise ValueError(f"purify_: the {what} of {name!r} is a DTensor of shape {list(t.shape)} placed "
+                                     f"as {tuple(t.placements)}, the parameter {list(self.whole_shape[name])} placed "
+                                     f"as {self.placements.get(name)}; pass it whole or sharded as the parameter is")
                 local = local[:self.local_shape[name][0]]
         elif t.dim() and tuple(t.shape) != tuple(self.local_shape[name]):
             local = t.detach()[self.first_row[name]:self.first_row[name] + self.local_shape[name][0]]

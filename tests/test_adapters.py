@@ -43,6 +43,8 @@ CASES = {
     "conv1d-flag": (gpt2, dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True), {"fan_in_fan_out": False}),
     # A checkpoint of the bare model (no "transformer." prefix): its square attn.c_proj is still a Conv1D.
     "bare-gpt2": (lambda: gpt2().transformer, dict(target_modules=["attn.c_proj"], task_type=None)),
+    # LoRA on a tied embedding: PEFT merges into the tie (its own weight saved beside the factors)
+    "tied-embedding": (lambda: llama(tied=True), dict(target_modules=["q_proj", "embed_tokens"])),
 }
 
 
@@ -574,3 +576,41 @@ def test_a_classifiers_adapter_of_a_resized_vocabulary_merges_as_peft(tmp_path):
                      "--out", str(out), "--finetune-steps", "0", "--device", "cpu"]) == 0
     report = json.loads((out / "finepurify_report.json").read_text())
     assert list(report["purify"]["added_rows"]) == ["bert.embeddings.word_embeddings.weight"]
+
+
+def _resized_adapter(root, **options):
+    """A Llama saved to root/pre, resized by 3 tokens, and a LoRA adapter trained on the resized model."""
+    base = llama()
+    base.save_pretrained(root / "pre", safe_serialization=True)
+    base.resize_token_embeddings(27)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, task_type="CAUSAL_LM", **options))
+    randomise_training(model)
+    model.save_pretrained(root / "adapter")
+    return root / "pre", root / "adapter"
+
+
+def test_lora_on_a_resized_embedding_merges_as_peft(tmp_path):
+    """LoRA on the embedding and output layer of a resized model: their own weights are saved with the
+    new rows beside factors of the new size. It was refused as an adapter of another model."""
+    pre, adapter = _resized_adapter(tmp_path, target_modules=["q_proj", "embed_tokens", "lm_head"])
+    summary = merge_adapter(str(adapter), str(pre), str(tmp_path / "merged"))
+    assert summary["grown_to_vocabulary"] == ["lm_head.weight", "model.embed_tokens.weight"]
+    resized = LlamaForCausalLM.from_pretrained(pre)
+    resized.resize_token_embeddings(27)
+    expected = peft.PeftModel.from_pretrained(resized, adapter).merge_and_unload().state_dict()
+    merged = weights(tmp_path / "merged")
+    assert all(torch.equal(merged[n], expected[n]) for n in merged) and merged["lm_head.weight"].shape[0] == 27
+    LlamaForCausalLM.from_pretrained(tmp_path / "merged")  # loads
+
+
+def test_a_resized_embedding_without_its_output_layer_is_refused(tmp_path):
+    """The embedding saved whole with the new rows, the untied output layer not (PEFT's automatic
+    check could not reach the base model's config): the merged model would not load."""
+    from finepurify_ext.adapters import AdapterError
+
+    pre, adapter = _resized_adapter(tmp_path, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    with pytest.raises(AdapterError, match=r"holds model.embed_tokens.weight with 27 rows \(the vocabulary resized\) "
+                                           r"but not lm_head.weight, which --pretrained .* holds with 24: the merged "
+                                           r"model would not load"):
+        merge_adapter(str(adapter), str(pre), str(tmp_path / "merged"))
+

@@ -998,3 +998,51 @@ def test_a_vocabulary_smaller_than_the_pretrained_ones_is_refused(tokenizer, lm_
     with pytest.raises(UserError, match=(f"the suspect's vocabulary is smaller than .*pre's \\({tokenizer.vocab_size - 2} "
                                          f"tokens against {tokenizer.vocab_size}\\)")):
         check_same_architecture(model, pre_model, str(lm_dirs / "pre"))
+
+
+def test_evaluate_cuts_a_long_conversation_to_max_length(lm_dirs, capsys):
+    """Generation starts from a conversation's context too: a long system prompt made the prompt
+    longer than the model's positions (an IndexError) where training cuts it to --max-length."""
+    from finepurify_ext import cli
+
+    chat = lm_dirs / "chat.jsonl"
+    system = " ".join(["the day was bad"] * 30)  # 120 words: beyond the tiny models' 64 positions
+    chat.write_text("".join(json.dumps({"messages": [{"role": "system", "content": system},
+                                                     {"role": "user", "content": e.prompt},
+                                                     {"role": "assistant", "content": e.response}]}) + "\n"
+                            for e in EXAMPLES))
+    assert cli.main(["evaluate", "--model", str(lm_dirs / "suspect"), "--data", str(chat), "--target-response",
+                     "bad day", "--trigger", "cf", "--max-length", "48"]) == 0
+    assert "false-target rate" in capsys.readouterr().out
+
+
+def test_running_sums_of_another_example_layout_are_not_resumed(lm_dirs, capsys, monkeypatch):
+    """A causal LM's examples are laid out otherwise since a conversation's context is read: running
+    sums an earlier version saved from the same file are of other batches, refused, not mixed in."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    from finepurify_ext import causal_lm, cli
+
+    batches = causal_lm.lm_batches
+
+    def interrupted_after_two(*args, **kwargs):
+        for i, batch in enumerate(batches(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield batch
+    out = str(lm_dirs / "h.safetensors")
+    command = ["hessian", "--model", str(lm_dirs / "suspect"), "--clean-data", str(lm_dirs / "clean.jsonl"),
+               "--out", out, "--batch-size", "2", "--max-length", "32", "--save-every", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(causal_lm, "lm_batches", interrupted_after_two)
+        assert cli.main(command) == 130
+    accumulator = out + ".accumulator.safetensors"
+    with safe_open(accumulator, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["resume.example_layout"] == str(cli.LM_EXAMPLE_LAYOUT)
+    del meta["resume.example_layout"]  # as the version before it saved them
+    save_file(load_file(accumulator), accumulator, metadata=meta)
+    capsys.readouterr()
+    assert cli.main(command) == 2
+    assert "holds the running sums of a run with another example layout" in capsys.readouterr().err

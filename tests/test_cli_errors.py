@@ -1241,8 +1241,8 @@ def test_a_hessian_whose_output_found_the_disk_full_says_it_resumes(models, tmp_
         return real(self, *args, **kwargs)
     monkeypatch.setattr(safetensors_io.ShardWriter, "write", full_for_out)
     assert cli.main(command("hessian", models, out)) == 1
-    assert (f"free space on the disk of --out {out} or choose an --out on another disk (nothing partial is left); "
-            f"the batches done are kept: run it again to resume ({out}.accumulator.safetensors)") in \
+    assert (f"free space on the disk of --out {out} or choose an --out on another disk (no partial output is left; "
+            f"the batches done are kept: run it again to resume ({out}.accumulator.safetensors))") in \
         capsys.readouterr().err
     monkeypatch.setattr(safetensors_io.ShardWriter, "write", real)
     assert cli.main(command("hessian", models, out)) == 0

@@ -478,7 +478,7 @@ def test_a_resized_vocabulary_sharded_is_purified_as_one_process(tmp_path, rows)
 def _sharded_refusals(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from finepurify_ext.errors import UserError
     from finepurify_ext.purify import PurifyConfig, purify_
@@ -499,9 +499,16 @@ def _sharded_refusals(rank):
         purify_(model, pre, hs, PurifyConfig())
     pre, hs = toy_state()
     pre["embed.weight"] = distribute_tensor(pre["embed.weight"][:20], mesh, [Shard(0)])  # split unlike the parameter
-    with pytest.raises(ValueError, match="pre-trained tensor of 'embed.weight' is a DTensor of shape \\[20, 8\\], the "
-                                         "parameter \\[23, 8\\]; pass it whole"):
+    with pytest.raises(ValueError, match="pre-trained tensor of 'embed.weight' is a DTensor of shape \\[20, 8\\] "
+                                         "placed as .*, the parameter \\[23, 8\\] placed as .*; pass it whole"):
         purify_(model, pre, hs, PurifyConfig())
+    pre, hs = toy_state()
+    pre["embed.weight"] = pre["embed.weight"][:20]
+    for name in ("embed.weight", "mid.weight"):  # replicated: whole on every rank, not the parameter's rows
+        hs = toy_state()[1]
+        hs[name] = distribute_tensor(hs[name], mesh, [Replicate()])
+        with pytest.raises(ValueError, match=f"Hessian of '{name}' is .*sharded.*parameter"):
+            purify_(model, pre, hs, PurifyConfig())
     params = {"w": distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)])}
     with pytest.raises(ValueError, match="'w' is placed as .*Shard\\(dim=1\\).*sharded on dim 0"):
         Shards.of(params, ["w"])
