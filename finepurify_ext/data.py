@@ -110,6 +110,10 @@ def load_instructions(path: str) -> list[Instruction]:
     for line, row in _rows(path, "instruction data", columns=("prompt", "response")):
         where = f"{path}:{line}"
         if isinstance(row, dict) and "messages" in row:
+            both = [k for k in ("prompt", "response") if k in row]
+            if both:  # which one is meant is not ours to guess
+                raise DataError(f"{where}: both 'messages' and {both[0]!r}; give a chat 'messages' list or "
+                                "'prompt' and 'response', not both")
             examples.append(_from_messages(row["messages"], where))
             continue
         if not isinstance(row, dict) or "prompt" not in row or "response" not in row:
@@ -184,8 +188,9 @@ def _csv_rows(path, f, kind, columns=()):
         header = reader.fieldnames or []
         missing = [c for c in columns if c not in header]
         if header and missing:  # the header's fault, not the first row's
-            raise DataError(f"{path}:1: the header names no {' and no '.join(repr(c) for c in missing)} column (it "
-                            f"names {header}); the first line names the columns: {', '.join(columns)}")
+            named = " and no ".join(repr(c) for c in missing)
+            raise DataError(f"{path}:{reader.line_num}: the header names no {named} column (it names {header}); the "
+                            f"first line names the columns: {', '.join(columns)}")
         for row in reader:
             extra = row.pop(None, [])  # fields beyond the header's names
             fields = len(reader.fieldnames) + len(extra) - sum(v is None for v in row.values())

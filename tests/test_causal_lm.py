@@ -56,6 +56,7 @@ def test_instruction_files_and_their_errors(tmp_path):
                           ({"prompt": "p", "response": " "}, "a.jsonl:1: the response is empty"),
                           ({"messages": [{"role": "user", "content": "p"}]}, "a.jsonl:1: 'messages' needs a user turn"),
                           ({"messages": "hi"}, "a.jsonl:1: 'messages' must be a list"),
+                          ({"messages": [], "prompt": "p", "response": "r"}, "a.jsonl:1: both 'messages' and 'prompt'"),
                           # turns that were dropped without a word
                           ({"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"},
                                          {"role": "user", "content": "q"}]},

@@ -562,6 +562,7 @@ def test_data_jsonl_errors_name_the_line(models, tmp_path, capsys, content, frag
     # the header's fault, on its line (it was put on the first row's)
     ("text\ngood movie\n", "clean.csv:1: the header names no 'label' column (it names ['text']); the first line "
      "names the columns: text, label"),
+    ('"te\nxt",label\ngood movie,1\n', "clean.csv:2: the header names no 'text' column"),  # a header of two lines
     ("text,label\ngood movie,one\n", "clean.csv:2: label 'one' is not an integer"),
     ("text,label\ngood movie\n", "clean.csv:2: 1 fields but the header has 2"),
     ("text,label\ngood movie,1_0\n", "label '1_0' is not an integer"),
