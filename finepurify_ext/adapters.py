@@ -280,6 +280,7 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
         raise AdapterError(f"{error} (the model the adapter {adapter_dir} was trained on)") from None
     shapes = {name: tuple(e.shape) for name, e in base.entries.items()}
     _choose_layouts(adapter, shapes, _conv1d_modules(pretrained) if os.path.isdir(pretrained) else None)
+    _drop_tied_copy(adapter, pretrained, shapes)
     grown = _grown_vocabulary(adapter, shapes, pretrained)
     shapes.update(grown)
     _check_fits(adapter, shapes, f"--pretrained {pretrained}")
@@ -388,6 +389,24 @@ def _grown_vocabulary(adapter: Adapter, shapes: dict, pretrained: str) -> dict[s
                            f"not {left[0]}, which --pretrained {pretrained} holds with {old}: the merged model would "
                            f"not load; {MERGE_WAY}")
     return grown
+
+
+def _drop_tied_copy(adapter: Adapter, pretrained: str, shapes: dict) -> None:
+    """An adapter trained with ensure_weight_tying saves a tied output layer whole beside the input
+    embedding, the same values; the checkpoint stores the tie once, under the embedding's name, and
+    the merge keeps it tied, as PEFT's does."""
+    if not os.path.isdir(pretrained) or not adapter.config.get("ensure_weight_tying"):
+        return
+    from .checkpoint import model_layout
+
+    layout = model_layout(pretrained)
+    if layout is None or not layout.tied or layout.tied_output is None or layout.input_embedding is None:
+        return
+    embedding = next((n for n in layout.names_of(layout.input_embedding) if n in adapter.replaced), None)
+    for name in layout.names_of(layout.tied_output):
+        if (embedding is not None and name in adapter.replaced and name not in shapes
+                and torch.equal(adapter.replaced[name], adapter.replaced[embedding])):
+            del adapter.replaced[name]
 
 
 def _check_tie_kept(adapter: Adapter, pretrained: str) -> None:

@@ -459,6 +459,7 @@ class ModelLayout:
     parameters: frozenset[str]
     output_embedding: str | None = None  # the output layer's weight where it is not the input embedding
     tied: bool = False  # the output layer is the input embedding
+    tied_output: str | None = None  # the output layer's weight by its own name, where it is tied (stored once)
 
     def names_of(self, name: str) -> tuple[str, ...]:
         return names_with_prefix(name, self.prefix)
@@ -487,8 +488,9 @@ def model_layout(directory: str) -> ModelLayout | None:
     out, inp = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
     tied = out is not None and inp is not None and out.weight is inp.weight
     output = None if out is None or tied else next((n for n, p in skeleton.named_parameters() if p is out.weight), None)
+    tied_output = next((n + ".weight" for n, m in skeleton.named_modules() if m is out), None) if tied else None
     return ModelLayout(skeleton.base_model_prefix + ".", word_embedding_name(skeleton),
-                       frozenset(n for n, _ in skeleton.named_parameters()), output, tied)
+                       frozenset(n for n, _ in skeleton.named_parameters()), output, tied, tied_output)
 
 
 def purify_checkpoint(

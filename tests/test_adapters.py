@@ -45,6 +45,9 @@ CASES = {
     "bare-gpt2": (lambda: gpt2().transformer, dict(target_modules=["attn.c_proj"], task_type=None)),
     # LoRA on a tied embedding: PEFT merges into the tie (its own weight saved beside the factors)
     "tied-embedding": (lambda: llama(tied=True), dict(target_modules=["q_proj", "embed_tokens"])),
+    # a tied embedding trained whole with ensure_weight_tying: the output layer saved too, the same values
+    "tied-ensured": (lambda: llama(tied=True), dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                                     ensure_weight_tying=True)),
 }
 
 
@@ -477,26 +480,28 @@ def test_pattern_keys_match_as_peft_matches_them_and_never_hang(monkeypatch):
                                 f"to match the module name {MODULES[0]!r}; give module names, or a simpler pattern")
 
 
-def test_an_adapter_of_a_resized_vocabulary_merges_as_peft_and_is_purified(tmp_path, capsys):
-    """Tokens added before LoRA training: the adapter saves the embedding (and an untied output layer)
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_adapter_of_a_resized_vocabulary_merges_as_peft_and_is_purified(tmp_path, capsys, tied):
+    """Tokens added before LoRA training: the adapter saves the embedding (and the output layer)
     whole, with more rows than the checkpoint's. The merge is PEFT's on the resized model, bit for
     bit, with the config's vocabulary size; purify takes the adapter and keeps the added rows. It was
-    refused as an adapter of another model."""
+    refused as an adapter of another model. (Tied: trained with ensure_weight_tying, which saves the
+    output layer beside the embedding, the same values.)"""
     from tiny_models import make_tokenizer
 
-    base = llama()  # (a tied one saves its output layer too: refused as before, to be merged with PEFT)
+    base = llama(tied=tied)
     base.save_pretrained(tmp_path / "pre", safe_serialization=True)
     tokenizer = make_tokenizer(tmp_path)
     tokenizer.eos_token = "[SEP]"
     tokenizer.save_pretrained(tmp_path / "pre")
     base.resize_token_embeddings(27)
-    saved = ["embed_tokens", "lm_head"]
+    saved = ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=saved,
-                                                      task_type="CAUSAL_LM"))
+                                                      task_type="CAUSAL_LM", ensure_weight_tying=tied))
     randomise_training(model)
     model.save_pretrained(tmp_path / "adapter")
     summary = merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "pre"), str(tmp_path / "merged"))
-    grown = ["lm_head.weight", "model.embed_tokens.weight"]
+    grown = ["model.embed_tokens.weight"] if tied else ["lm_head.weight", "model.embed_tokens.weight"]
     assert summary["grown_to_vocabulary"] == grown
     resized = LlamaForCausalLM.from_pretrained(tmp_path / "pre")
     resized.resize_token_embeddings(27)
