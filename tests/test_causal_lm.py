@@ -1024,19 +1024,13 @@ def test_running_sums_of_another_example_layout_are_not_resumed(lm_dirs, capsys,
     from safetensors import safe_open
 
     from finepurify_ext import causal_lm, cli
+    from tiny_models import ctrl_c_after
 
-    batches = causal_lm.lm_batches
-
-    def interrupted_after_two(*args, **kwargs):
-        for i, batch in enumerate(batches(*args, **kwargs)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield batch
     out = str(lm_dirs / "h.safetensors")
     command = ["hessian", "--model", str(lm_dirs / "suspect"), "--clean-data", str(lm_dirs / "clean.jsonl"),
                "--out", out, "--batch-size", "2", "--max-length", "32", "--save-every", "1"]
     with monkeypatch.context() as patch:
-        patch.setattr(causal_lm, "lm_batches", interrupted_after_two)
+        patch.setattr(causal_lm, "lm_batches", ctrl_c_after(causal_lm.lm_batches, 2))
         assert cli.main(command) == 130
     accumulator = out + ".accumulator.safetensors"
     with safe_open(accumulator, framework="pt") as f:

@@ -282,16 +282,11 @@ def test_an_interrupted_hessian_resumes_only_the_same_run(models, tmp_path, caps
     before the run's keys were recorded are refused with the advice to start afresh."""
     from safetensors import safe_open
 
-    batches = pipeline.batches
+    from tiny_models import ctrl_c_after
 
-    def interrupted_after_two(*args, **kwargs):
-        for i, batch in enumerate(batches(*args, **kwargs)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield batch
     out = str(tmp_path / "h.safetensors")
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "batches", interrupted_after_two)
+        patch.setattr(pipeline, "batches", ctrl_c_after(pipeline.batches, 2))
         assert cli.main(command("hessian", models, out) + ["--batch-size", "4"]) == 130
     accumulator = out + ".accumulator.safetensors"
     assert f"run it again to resume from the last save ({accumulator})" in capsys.readouterr().err  # named

@@ -57,3 +57,14 @@ def model_dirs(tokenizer, root):
     clean = root / "clean.jsonl"
     data.save_examples(str(clean), toy_examples(32, 4))
     return save_model(pre.bert, tokenizer, root / "pre"), save_model(suspect, tokenizer, root / "suspect"), str(clean)
+
+
+def ctrl_c_after(make_batches, n):
+    """A batches function like ``make_batches`` whose batches stop with a Ctrl-C after ``n`` of them:
+    a command interrupted mid-Hessian."""
+    def interrupted(*args, **kwargs):
+        for i, batch in enumerate(make_batches(*args, **kwargs)):
+            if i == n:
+                raise KeyboardInterrupt
+            yield batch
+    return interrupted
