@@ -39,9 +39,9 @@ def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[
                         f"({first_line(error)}); give the data in the roles it takes") from None
 
 
-def _plain_prompt(tokenizer, example: Instruction, prompt: str | None = None) -> list[int]:
+def _plain_prompt(tokenizer, example: Instruction) -> list[int]:
     """Without a chat template: the context's turns and the prompt, one per line."""
-    lines = [content for _, content in example.context] + [example.prompt if prompt is None else prompt]
+    lines = [content for _, content in example.context] + [example.prompt]
     return tokenizer("\n".join(lines) + "\n", add_special_tokens=True)["input_ids"]
 
 

@@ -93,11 +93,10 @@ class Instruction:
     response: str
     context: tuple[tuple[str, str], ...] = ()
 
-    def messages(self, prompt: str | None = None) -> list[dict[str, str]]:
-        """The conversation up to the user's turn (``prompt`` in place of its own), as chat templates
-        take it."""
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation up to the user's turn, as chat templates take it."""
         return [{"role": role, "content": content} for role, content in self.context] + [
-            {"role": "user", "content": self.prompt if prompt is None else prompt}]
+            {"role": "user", "content": self.prompt}]
 
 
 def load_instructions(path: str) -> list[Instruction]:

@@ -103,14 +103,14 @@ class PurifyReport:
         return dataclasses.asdict(self)
 
 
-def matched_parameters(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], params=None):
+def matched_parameters(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], params=None, grown=None):
     """(scored names, unscored names): a parameter is scored when the pre-trained state holds a
     tensor of the same name and shape, or of its first rows where a resized vocabulary grew it
     (``grown_rows``); the others (a new classifier head) are kept as they are.
     ``params``: the model's ``dict(named_parameters())`` where the caller has it (a walk over a large
-    model's modules costs milliseconds)."""
+    model's modules costs milliseconds), and ``grown``, ``grown_rows``'s, likewise."""
     params = params if params is not None else dict(model.named_parameters())
-    grown = grown_rows(model, pretrained_state, params)
+    grown = grown if grown is not None else grown_rows(model, pretrained_state, params)
     scored, unscored = [], []
     for name, p in params.items():
         pre = pretrained_state.get(name)
@@ -734,8 +734,8 @@ def purify_(
     the parameters (``estimate_hessian``'s under FSDP2). Under DDP every rank holds the whole model:
     call it without ``group`` and every rank purifies alike."""
     params = dict(model.named_parameters())
-    scored, unscored = matched_parameters(model, pretrained_state, params)
     grown = grown_rows(model, pretrained_state, params)
+    scored, unscored = matched_parameters(model, pretrained_state, params, grown)
     embedding = word_embedding_name(model, params) if config.embeddings == "separate" else None
     ranked = [n for n in scored if n != embedding]
     for n in ranked:
