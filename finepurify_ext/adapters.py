@@ -281,8 +281,8 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
     shapes = {name: tuple(e.shape) for name, e in base.entries.items()}
     _choose_layouts(adapter, shapes, _conv1d_modules(pretrained) if os.path.isdir(pretrained) else None)
     _drop_tied_copy(adapter, pretrained, shapes)
-    grown = _grown_vocabulary(adapter, shapes, pretrained)
-    shapes.update(grown)
+    resized = _resized_vocabulary(adapter, shapes, pretrained)
+    shapes.update(resized)
     _check_fits(adapter, shapes, f"--pretrained {pretrained}")
     _check_tie_kept(adapter, pretrained)
     if announce is not None:
@@ -296,10 +296,10 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
             if entry.endswith(KEPT_SUFFIXES) and os.path.isfile(source):  # the index, configs, the tokenizer
                 shutil.copyfile(source, os.path.join(out_dir, entry))
         _copy_tokenizer(adapter, out_dir)
-        if grown and os.path.isfile(os.path.join(out_dir, "config.json")):  # the merged model's vocabulary
+        if resized and os.path.isfile(os.path.join(out_dir, "config.json")):  # the merged model's vocabulary
             with open(os.path.join(out_dir, "config.json")) as f:
                 merged_config = json.load(f)
-            merged_config["vocab_size"] = next(iter(grown.values()))[0]
+            merged_config["vocab_size"] = next(iter(resized.values()))[0]
             with open(os.path.join(out_dir, "config.json"), "w") as f:
                 json.dump(merged_config, f, indent=2)
     changed = set(adapter.targets)
@@ -315,7 +315,7 @@ def merge_adapter(adapter: Adapter | str, pretrained: str, out_dir: str, announc
             writer.f.close()
             raise
         writer.close(sync=False)  # a scratch copy: the purified output is synced when written
-    return _summary(adapter, grown)
+    return _summary(adapter, resized)
 
 
 def _conv1d_modules(pretrained: str) -> set[str] | None:
@@ -352,28 +352,29 @@ def _choose_layouts(adapter: Adapter, shapes: dict, conv1d: set[str] | None) -> 
             adapter.transposed[module] = shape != product
 
 
-def _grown_vocabulary(adapter: Adapter, shapes: dict, pretrained: str) -> dict[str, tuple]:
-    """The tensors the adapter holds with more rows than ``shapes`` gives them, every other dimension
+def _resized_vocabulary(adapter: Adapter, shapes: dict, pretrained: str) -> dict[str, tuple]:
+    """The tensors the adapter holds with other rows than ``shapes`` gives them, every other dimension
     alike (saved whole, or a LoRA-adapted embedding's own weight and factors): a vocabulary resized
-    after tokens were added. By name, the shape they are merged in; the merged model is the resized
-    one, whose added rows Fine-purifying keeps. Where the checkpoint's config tells its model, they
-    must be its vocabulary's tensors, every one of them (else the merged model would not load)."""
-    grown = {name: tuple(t.shape) for name, t in adapter.replaced.items()
-             if name in shapes and t.dim() >= 1 and len(shapes[name]) == t.dim()
-             and tuple(t.shape[1:]) == tuple(shapes[name][1:]) and t.shape[0] > shapes[name][0]}
-    rows = {(shape[0], shapes[name][0]) for name, shape in grown.items()}
+    after tokens were added, or a padded one cut to its tokenizer's length. By name, the shape they
+    are merged in; the merged model is the resized one (``purify.resized_rows``). Where the
+    checkpoint's config tells its model, they must be its vocabulary's tensors, every one of them
+    (else the merged model would not load)."""
+    resized = {name: tuple(t.shape) for name, t in adapter.replaced.items()
+               if name in shapes and t.dim() >= 1 and len(shapes[name]) == t.dim()
+               and tuple(t.shape[1:]) == tuple(shapes[name][1:]) and t.shape[0] != shapes[name][0]}
+    rows = {(shape[0], shapes[name][0]) for name, shape in resized.items()}
     if len(rows) != 1:
         return {}  # none; or not one vocabulary: _check_fits names a tensor whose shape is not the checkpoint's
     config_file = os.path.join(pretrained, "config.json") if os.path.isdir(pretrained) else None
     if config_file is None or not os.path.isfile(config_file):
-        return grown
+        return resized
     try:
         with open(config_file, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError):
         return {}  # a broken config.json is named where the merged model is read
     (new, old), = rows
-    first = sorted(grown)[0]
+    first = sorted(resized)[0]
     if not isinstance(config, dict) or config.get("vocab_size") != old:
         raise AdapterError(f"{adapter.path}: the adapter's {first} has {new} rows, --pretrained {pretrained} {old}, and "
                            "its config.json gives no vocab_size of that size (another tensor, or a model that keeps "
@@ -383,12 +384,12 @@ def _grown_vocabulary(adapter: Adapter, shapes: dict, pretrained: str) -> dict[s
     layout = model_layout(pretrained)
     vocabulary = [] if layout is None else [n for name in (layout.input_embedding, layout.output_embedding) if name
                                             for n in layout.names_of(name) if n in shapes]
-    left = [n for n in vocabulary if n not in grown]
+    left = [n for n in vocabulary if n not in resized]
     if left:
         raise AdapterError(f"{adapter.path}: the adapter holds {first} with {new} rows (the vocabulary resized) but "
                            f"not {left[0]}, which --pretrained {pretrained} holds with {old}: the merged model would "
                            f"not load; {MERGE_WAY}")
-    return grown
+    return resized
 
 
 def _drop_tied_copy(adapter: Adapter, pretrained: str, shapes: dict) -> None:
@@ -456,10 +457,10 @@ def _copy_tokenizer(adapter: Adapter, out_dir: str) -> None:
             shutil.copyfile(os.path.join(adapter.path, entry), os.path.join(out_dir, entry))
 
 
-def _summary(adapter: Adapter, grown: dict | None = None) -> dict:
+def _summary(adapter: Adapter, resized: dict | None = None) -> dict:
     """What a merge did, for the report."""
     return {"adapter": os.path.abspath(adapter.path), "lora_modules": len(adapter.factors),
-            "replaced_tensors": sorted(adapter.replaced), "grown_to_vocabulary": sorted(grown or ()),
+            "replaced_tensors": sorted(adapter.replaced), "resized_to_vocabulary": sorted(resized or ()),
             "ranks": sorted({f["A"].shape[0] for f in adapter.factors.values()}),
             "base_model_name_or_path": adapter.config.get("base_model_name_or_path")}
 
@@ -478,10 +479,10 @@ def merge_classifier_adapter(adapter: Adapter, pretrained: str, out_dir: str, an
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     where = f"the classifier built from --pretrained {pretrained}"
     _choose_layouts(adapter, shapes, {name for name, m in model.named_modules() if isinstance(m, Conv1D)})
-    grown = _grown_vocabulary(adapter, shapes, "")  # the classifier's own names: no config to read
+    resized = _resized_vocabulary(adapter, shapes, "")  # the classifier's own names: no config to read
     embedding = next((n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight), None)
-    if embedding in grown:
-        model.resize_token_embeddings(grown[embedding][0])  # the added rows: the adapter's copy, merged below
+    if embedding in resized:
+        model.resize_token_embeddings(resized[embedding][0])  # the rows: the adapter's copy, merged below
         state = model.state_dict()
         shapes = {name: tuple(t.shape) for name, t in state.items()}
     _check_fits(adapter, shapes, where)
@@ -497,4 +498,4 @@ def merge_classifier_adapter(adapter: Adapter, pretrained: str, out_dir: str, an
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     _copy_tokenizer(adapter, out_dir)
-    return _summary(adapter, grown)
+    return _summary(adapter, resized)

@@ -32,7 +32,7 @@ from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
 from .purify import (NOTHING_MOVED, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, FLOOR_SAMPLES, SAMPLE_RUN, PurifyConfig, candidate_range,
-                     added_rows as added_rows_of, sample_keys, sample_quantile, sum_float64, unrankable, unseen_mask)
+                     sample_keys, vocabulary_resizes, sample_quantile, sum_float64, unrankable, unseen_mask)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
 from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, piece_room, search_ranges,
                         threshold_from_histograms)
@@ -399,6 +399,8 @@ class CheckpointReport:
     config_keys_removed: list[str] = field(default_factory=list)  # "config.json: auto_map": pointers to code
     # tensors a resized vocabulary grew (purify.added_rows); the added rows are copied
     added_rows: dict[str, dict[str, int]] = field(default_factory=dict)
+    # tensors a resized vocabulary cut (purify.removed_rows): ranked against the pre-trained first rows
+    removed_rows: dict[str, dict[str, int]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # the PurifyConfig it ran with (ranking, eps, seed...), as in memory
     warnings: list[str] = field(default_factory=list)  # what the command says on stderr besides
 
@@ -554,18 +556,18 @@ def purify_checkpoint(
     def base_name(name):  # a task model's names may carry its base model's prefix ("bert.", "model.") that a
         return name if name in pre_ckpt else name.split(".", 1)[-1]  # base checkpoint lacks; the exact name wins
 
-    # A resized vocabulary (resize_token_embeddings after tokens were added) grows the vocabulary's
-    # tensors by rows: their first rows are ranked against the pre-trained ones, the added tokens'
-    # copied (as purify.grown_rows in memory).
+    # A resized vocabulary (resize_token_embeddings: tokens added, or a padded vocabulary cut) changes
+    # the rows of the vocabulary's tensors: the rows both have are ranked, the added tokens' copied
+    # (as purify.resized_rows in memory).
     vocabulary = embedding_tensor_of(list(sus_ckpt.entries), layout)
     vocab = ((sus_ckpt.entries[vocabulary].shape[0], pre_ckpt.entries[base_name(vocabulary)].shape[0])
              if vocabulary is not None and base_name(vocabulary) in pre_ckpt else None)
 
-    def grown(e, p):
-        return (vocab is not None and vocab[0] > vocab[1] and len(e.shape) == len(p.shape) >= 1
+    def resized(e, p):
+        return (vocab is not None and len(e.shape) == len(p.shape) >= 1
                 and (e.shape[0], p.shape[0]) == vocab and e.shape[1:] == p.shape[1:])
 
-    added_rows = {}  # name: purify.added_rows
+    pretrained_rows = {}  # of the tensors a resized vocabulary changed, by name
     for name, e in sus_ckpt.entries.items():
         base = base_name(name)
         if base not in pre_ckpt and tied_to is not None and name in layout.names_of(layout.output_embedding):
@@ -576,7 +578,7 @@ def purify_checkpoint(
             unscored.append(name)  # not a weight of the model (transformers does not load it): no Hessian
             not_weights.add(name)
             continue
-        matches = p is not None and (p.shape == e.shape or grown(e, p))
+        matches = p is not None and (p.shape == e.shape or resized(e, p))
         if matches and e.dtype.is_floating_point and e.dtype not in SCORED_DTYPES:
             # Copied through, a layer stored so would escape purification.
             raise CheckpointError(f"{e.file}: tensor {name!r} is {e.dtype}; out of core scores float32, float16 "
@@ -592,11 +594,13 @@ def purify_checkpoint(
                                       "estimate it on this model (finepurify_ext.hessian) and save it")
             scored.append(name)
             if p.shape != e.shape:
-                added_rows[name] = added_rows_of(e.shape, p.shape[0])
+                pretrained_rows[name] = p.shape[0]
         else:
             unscored.append(name)
-    # The elements ranked of each scored tensor: all, or a grown one's first rows (the first elements).
-    scored_numel = {name: pre_ckpt.numel(pre_name[name]) for name in scored}
+    added_rows, removed_rows = vocabulary_resizes({n: tuple(sus_ckpt.entries[n].shape) for n in pretrained_rows},
+                                                  pretrained_rows)
+    # The elements ranked of each scored tensor: all, or a resized one's rows both have (the first elements).
+    scored_numel = {name: min(sus_ckpt.numel(name), pre_ckpt.numel(pre_name[name])) for name in scored}
     if not scored:
         raise CheckpointError(f"no tensor of {suspect!r} matches {pretrained!r} by name and shape: "
                               "mismatched architectures")
@@ -843,7 +847,7 @@ def purify_checkpoint(
                               inputs=inputs or {"pretrained": os.path.abspath(pretrained),
                                                 "suspect": os.path.abspath(suspect),
                                                 "hessian": os.path.abspath(hessian)},
-                              hessian_of=hessian_of, added_rows=added_rows)
+                              hessian_of=hessian_of, added_rows=added_rows, removed_rows=removed_rows)
     ranked_set = set(ranked)
 
     def copy_as_is(name, writer, start=0):

@@ -126,7 +126,7 @@ def cmd_purify_checkpoint(args) -> int:
     summary = _reset_summary(report.reset_per_tensor, report.embedding_tensor, report.ranked_elements,
                              report.moved_elements, report.threshold)
     rows += _unranked(report.copied_unscored_weights, "copied unchanged", "copied_unscored")
-    rows += _added_rows(report.added_rows, "copied unchanged", "added_rows")
+    rows += _resized_vocabulary(report.added_rows, report.removed_rows, "copied unchanged", "")
     print(f"purified checkpoint written to {args.out}: {summary}{rows}, read {report.bytes_read / 1e9:.2f} GB in "
           f"{sum(report.timings_s.values()):.1f} s (report finepurify_report.json). Fine-tune it on clean "
           "data in your training stack.")
@@ -224,18 +224,24 @@ def _in_memory_summary(report: dict, model) -> str:
     return (_reset_summary(p["reset_per_parameter"], embedding, p["ranked_elements"], p["moved_elements"],
                            p["threshold"]) + rows + _unranked(_weights_in(model, p["kept_unscored"]), fate,
                                                                 "purify.kept_unscored")
-            + _added_rows(p.get("added_rows", {}), fate, "purify.added_rows"))
+            + _resized_vocabulary(p.get("added_rows", {}), p.get("removed_rows", {}), fate, "purify."))
 
 
-def _added_rows(added_rows: dict, fate: str, listed_in: str) -> str:
-    """What a purification's summary says of the rows a resized vocabulary added (tokens the
-    pre-trained model lacks): they have no pre-trained value, so none was ranked or reset."""
-    if not added_rows:
-        return ""
-    weights = sum(t["added_weights"] for t in added_rows.values())
-    tokens = max(t["rows"] - t["pretrained_rows"] for t in added_rows.values())
-    return (f"; the {weights} weights of the {tokens} token{'s' * (tokens > 1)} added to the vocabulary (no pre-trained "
-            f"value) were not ranked, {fate} (report: {listed_in})")
+def _resized_vocabulary(added_rows: dict, removed_rows: dict, fate: str, report_prefix: str) -> str:
+    """What a purification's summary says of a vocabulary resize_token_embeddings resized: the rows
+    it added (tokens the pre-trained model lacks) have no pre-trained value, so none was ranked or
+    reset; where it cut a padded vocabulary, the rows left were ranked against the first pre-trained ones."""
+    said = ""
+    if added_rows:
+        weights = sum(t["added_weights"] for t in added_rows.values())
+        tokens = max(t["rows"] - t["pretrained_rows"] for t in added_rows.values())
+        said += (f"; the {weights} weights of the {tokens} token{'s' * (tokens > 1)} added to the vocabulary (no "
+                 f"pre-trained value) were not ranked, {fate} (report: {report_prefix}added_rows)")
+    if removed_rows:
+        rows, pretrained_rows = next((t["rows"], t["pretrained_rows"]) for t in removed_rows.values())
+        said += (f"; the suspect's vocabulary is cut to {rows} rows of --pretrained's {pretrained_rows}: ranked against "
+                 f"its first {rows} (report: {report_prefix}removed_rows)")
+    return said
 
 
 def _unranked(weights: int, fate: str, listed_in: str) -> str:

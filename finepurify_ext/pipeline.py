@@ -21,7 +21,7 @@ from .data import Example, batches
 from .errors import UserError, first_line
 from .hessian import estimate_hessian
 from .outputs import save_atomically, write_json  # noqa: F401  (re-exported: the pipeline's writers)
-from .purify import PurifyConfig, grown_rows, purify_
+from .purify import PurifyConfig, purify_, resized_rows
 from .training import finetune, finetune_early_stopped, host_state, make_teacher
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
@@ -852,19 +852,15 @@ def check_same_architecture(model: torch.nn.Module, pre_model: torch.nn.Module, 
         return {n: tuple(p.shape) for n, p in m.named_parameters() if n.startswith(prefix)}
 
     mine, theirs = base(model), base(pre_model)
-    # resize_token_embeddings after tokens were added grows the vocabulary's tensors by rows: the
-    # first rows are ranked against the pre-trained ones, the added tokens' kept (purify.grown_rows)
+    # resize_token_embeddings changes the rows of the vocabulary's tensors (tokens added, or a padded
+    # vocabulary cut): the rows both have are ranked, the added tokens' kept (purify.resized_rows)
     vocab = _vocabulary_rows(model), _vocabulary_rows(pre_model)
     resized = {n for n in mine.keys() & theirs.keys() if mine[n] != theirs[n] and mine[n][1:] == theirs[n][1:]
                and (mine[n][0], theirs[n][0]) == vocab}
     odd = (sorted(n for n in mine if theirs.get(n, mine[n]) != mine[n] and n not in resized)
            or sorted(mine.keys() - theirs.keys()) or sorted(theirs.keys() - mine.keys()))
-    if not odd and (not resized or vocab[0] > vocab[1]):
+    if not odd:
         return
-    if not odd:  # tokens removed: the suspect's rows are not the pre-trained vocabulary's
-        raise ModelError(f"the suspect's vocabulary is smaller than {pretrained_dir}'s ({vocab[0]} tokens against "
-                         f"{vocab[1]}): its rows are not the pre-trained ones; give the pre-trained model the suspect "
-                         "was fine-tuned from")
     name = odd[0]
     what = (f"{name!r} is {list(mine[name])} in the suspect, {list(theirs[name])} there" if name in mine and name
             in theirs else f"the suspect has {name!r}, it has not" if name in mine else
@@ -900,9 +896,9 @@ def _shared_with(model: torch.nn.Module, state: dict[str, torch.Tensor], pretrai
     if not shared:
         raise ModelError(f"{pretrained_dir}: no parameter matches the suspect model by name; "
                          "the pre-trained and suspect models must share an architecture")
-    grown = grown_rows(model, state, names)  # a resized vocabulary's tensors: their first rows
+    resized = resized_rows(model, state, names)  # a resized vocabulary's tensors: the rows both have
     for n in shared:
-        if state[n].shape != names[n].shape and n not in grown:
+        if state[n].shape != names[n].shape and n not in resized:
             raise ModelError(f"parameter {n!r} has shape {list(state[n].shape)} in {pretrained_dir} but "
                              f"{list(names[n].shape)} in the suspect model: mismatched architectures")
     return {n: state[n] for n in shared}

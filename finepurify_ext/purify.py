@@ -95,6 +95,8 @@ class PurifyReport:
     kept_unscored: list[str] = field(default_factory=list)  # no pre-trained value (a new head)
     # tensors a resized vocabulary grew (``added_rows``); the added rows are kept
     added_rows: dict[str, dict[str, int]] = field(default_factory=dict)
+    # tensors a resized vocabulary cut (``removed_rows``): ranked against the pre-trained first rows
+    removed_rows: dict[str, dict[str, int]] = field(default_factory=dict)
     hessian_floor: float | None = None
     threshold_passes: int = 0  # the passes over every ranked weight the threshold search took
     sample: dict[str, list[float]] = field(default_factory=dict)  # drift^2, H, reset flags (plots)
@@ -103,40 +105,45 @@ class PurifyReport:
         return dataclasses.asdict(self)
 
 
-def matched_parameters(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], params=None, grown=None):
+def matched_parameters(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], params=None, resized=None):
     """(scored names, unscored names): a parameter is scored when the pre-trained state holds a
-    tensor of the same name and shape, or of its first rows where a resized vocabulary grew it
-    (``grown_rows``); the others (a new classifier head) are kept as they are.
+    tensor of the same name and shape, or one whose first rows it shares where a resized vocabulary
+    changed its rows (``resized_rows``); the others (a new classifier head) are kept as they are.
     ``params``: the model's ``dict(named_parameters())`` where the caller has it (a walk over a large
-    model's modules costs milliseconds), and ``grown``, ``grown_rows``'s, likewise."""
+    model's modules costs milliseconds), and ``resized``, ``resized_rows``'s, likewise."""
     params = params if params is not None else dict(model.named_parameters())
-    grown = grown if grown is not None else grown_rows(model, pretrained_state, params)
+    resized = resized if resized is not None else resized_rows(model, pretrained_state, params)
     scored, unscored = [], []
     for name, p in params.items():
         pre = pretrained_state.get(name)
-        (scored if pre is not None and (pre.shape == p.shape or name in grown) else unscored).append(name)
+        (scored if pre is not None and (pre.shape == p.shape or name in resized) else unscored).append(name)
     return scored, unscored
 
 
-def grown_rows(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], params=None) -> dict[str, int]:
-    """The parameters a resized vocabulary grew, each with how many of its first rows have a
-    pre-trained value. ``resize_token_embeddings`` after tokens were added appends rows to the input
-    embedding (and an untied output layer, and its bias): the first rows are the pre-trained
-    vocabulary's and are scored like any weight; the added tokens' rows have no pre-trained value and
-    are kept, as a new head is. A tensor is taken as grown only where it has the suspect's vocabulary
-    rows and the pre-trained tensor fewer, and every other dimension alike."""
+def resized_rows(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], params=None) -> dict[str, int]:
+    """The parameters whose rows a resized vocabulary changed, each with how many first rows it
+    shares with its pre-trained tensor: those rows are scored like any weight.
+    ``resize_token_embeddings`` appends rows to the input embedding (and an untied output layer, and
+    its bias) after tokens were added: the added tokens' rows have no pre-trained value and are kept,
+    as a new head is (``added_rows``). It drops the last rows when cutting a padded vocabulary to its
+    tokenizer's length (Qwen2.5 and Phi-2 pad theirs): the suspect's rows are the pre-trained
+    tensor's first rows (``removed_rows``). A tensor is taken as resized only where it has the
+    suspect's vocabulary rows, the pre-trained tensor the pre-trained vocabulary's (another number),
+    and every other dimension alike (as out of core)."""
     params = params if params is not None else dict(model.named_parameters())
     embedding = word_embedding_name(model, params)
-    if embedding is None:
+    if embedding is None or embedding not in pretrained_state:
         return {}
-    vocabulary = params[embedding].shape[0]
-    grown = {}
+    vocabulary, pre_vocabulary = params[embedding].shape[0], pretrained_state[embedding].shape[0]
+    if vocabulary == pre_vocabulary:
+        return {}
+    resized = {}
     for name, p in params.items():
         pre = pretrained_state.get(name)
         if (pre is not None and p.dim() and pre.dim() == p.dim() and p.shape[0] == vocabulary
-                and pre.shape[0] < vocabulary and pre.shape[1:] == p.shape[1:]):
-            grown[name] = pre.shape[0]
-    return grown
+                and pre.shape[0] == pre_vocabulary and pre.shape[1:] == p.shape[1:]):
+            resized[name] = min(vocabulary, pre_vocabulary)
+    return resized
 
 
 def added_rows(shape, pretrained_rows: int) -> dict[str, int]:
@@ -144,6 +151,20 @@ def added_rows(shape, pretrained_rows: int) -> dict[str, int]:
     ``pretrained_rows`` of which were ranked, and the weights of the others (kept as they are)."""
     return {"rows": shape[0], "pretrained_rows": pretrained_rows,
             "added_weights": (shape[0] - pretrained_rows) * math.prod(shape[1:])}
+
+
+def removed_rows(rows: int, pretrained_rows: int) -> dict[str, int]:
+    """What a report says of a tensor a resized vocabulary cut to ``rows`` of the pre-trained
+    ``pretrained_rows``: all its rows were ranked, against the pre-trained tensor's first rows."""
+    return {"rows": rows, "pretrained_rows": pretrained_rows}
+
+
+def vocabulary_resizes(shapes: dict, pretrained_rows: dict) -> tuple[dict, dict]:
+    """(``added_rows``, ``removed_rows``) of the tensors a resized vocabulary changed: their shapes
+    in the suspect, and the pre-trained tensors' rows, by name."""
+    added = {n: added_rows(shapes[n], r) for n, r in pretrained_rows.items() if shapes[n][0] > r}
+    removed = {n: removed_rows(shapes[n][0], r) for n, r in pretrained_rows.items() if shapes[n][0] < r}
+    return added, removed
 
 
 def word_embedding_name(model: torch.nn.Module, params=None) -> str | None:
@@ -734,20 +755,20 @@ def purify_(
     the parameters (``estimate_hessian``'s under FSDP2). Under DDP every rank holds the whole model:
     call it without ``group`` and every rank purifies alike."""
     params = dict(model.named_parameters())
-    grown = grown_rows(model, pretrained_state, params)
-    scored, unscored = matched_parameters(model, pretrained_state, params, grown)
+    resized = resized_rows(model, pretrained_state, params)
+    scored, unscored = matched_parameters(model, pretrained_state, params, resized)
     embedding = word_embedding_name(model, params) if config.embeddings == "separate" else None
     ranked = [n for n in scored if n != embedding]
     for n in ranked:
         if n not in hessians:
             raise ValueError(f"purify: no Hessian for parameter {n!r}; estimate it on this model")
     shards = Shards.of(params, scored + ([embedding] if embedding is not None and embedding not in scored else []),
-                       group, rows=grown)
+                       group, rows=resized)
 
     def mine(name, t, what):  # this rank's part of the rows with a pre-trained value (a view)
         if shards is not None:
             return shards.local(name, t, what)
-        return t.detach()[:grown[name]] if name in grown else t  # leading rows: contiguous, written in place
+        return t.detach()[:resized[name]] if name in resized else t  # leading rows: contiguous, written in place
 
     # The parameters themselves (under no_grad, no .data view per tensor), or their local shards.
     ft = [mine(n, params[n], "parameter") for n in ranked]
@@ -806,7 +827,7 @@ def purify_(
     unseen = None
     if embedding is not None:
         embedding_w = mine(embedding, params[embedding].data if shards is None else params[embedding], "parameter")
-        rows = embedding_w.shape[0] if shards is None else grown.get(embedding, params[embedding].shape[0])
+        rows = embedding_w.shape[0] if shards is None else resized.get(embedding, params[embedding].shape[0])
         if seen_tokens is not None:
             mask = unseen_mask(seen_tokens, rows)
             if shards is not None:  # this rank's rows
@@ -825,10 +846,11 @@ def purify_(
     moved = total - unmoved
     counted_elements = moved if config.count_moved_only or config.ranking == "fine_mixing" else total
     num_reset = ops.num_reset_for(counted_elements, config.reserve_ratio)
+    added, removed = vocabulary_resizes({n: tuple(params[n].shape) for n in resized},
+                                        {n: pretrained_state[n].shape[0] for n in resized})
     report = PurifyReport(config.ranking, config.reserve_ratio, None, total, moved, num_reset,
                           kept_unscored=unscored, embedding_parameter=embedding, hessian_floor=scoring.floor,
-                          threshold_passes=int(total > 0),
-                          added_rows={n: added_rows(params[n].shape, r) for n, r in grown.items()})
+                          threshold_passes=int(total > 0), added_rows=added, removed_rows=removed)
     read_counts = None
     if num_reset > 0:
 
@@ -869,7 +891,9 @@ def purify_(
                                                                                       counts_here)])).tolist()
         resets, embedding_rows = summed[:-1], summed[-1]
     report.reset_per_parameter = dict(zip(ranked, resets))
-    report.numel_per_parameter = {n: params[n].numel() for n in scored}
+    # the weights ranked: a grown tensor's added rows are not
+    report.numel_per_parameter = {n: params[n].numel() if n not in resized else
+                                  resized[n] * math.prod(params[n].shape[1:]) for n in scored}
     if embedding is not None:
         report.embedding_rows_reset = embedding_rows
         report.reset_per_parameter[embedding] = report.embedding_rows_reset * params[embedding].shape[1]

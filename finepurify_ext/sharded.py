@@ -18,9 +18,9 @@ from .threshold import _counts_here, _is_dtensor, gathered_padded
 
 class Shards:
     """Where each named parameter's local shard sits in the whole tensor, and the collectives of
-    ``group`` (every rank of it calls ``purify_``). ``rows`` limits a parameter to its first rows (a
-    resized vocabulary's pre-trained rows, ``purify.grown_rows``): its shard is the part of them the
-    rank holds, maybe none."""
+    ``group`` (every rank of it calls ``purify_``). ``rows`` limits a parameter to its first rows (the
+    rows a resized vocabulary's tensor shares with its pre-trained one, ``purify.resized_rows``): its
+    shard is the part of them the rank holds, maybe none."""
 
     def __init__(self, params: dict, names, group, rows: dict[str, int] | None = None):
         import torch.distributed as dist

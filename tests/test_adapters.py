@@ -502,7 +502,7 @@ def test_an_adapter_of_a_resized_vocabulary_merges_as_peft_and_is_purified(tmp_p
     model.save_pretrained(tmp_path / "adapter")
     summary = merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "pre"), str(tmp_path / "merged"))
     grown = ["model.embed_tokens.weight"] if tied else ["lm_head.weight", "model.embed_tokens.weight"]
-    assert summary["grown_to_vocabulary"] == grown
+    assert summary["resized_to_vocabulary"] == grown
     resized = LlamaForCausalLM.from_pretrained(tmp_path / "pre")
     resized.resize_token_embeddings(27)
     expected = peft.PeftModel.from_pretrained(resized, tmp_path / "adapter").merge_and_unload().state_dict()
@@ -570,9 +570,9 @@ def test_a_classifiers_adapter_of_a_resized_vocabulary_merges_as_peft(tmp_path):
               str(tmp_path / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
     expected = peft.PeftModel.from_pretrained(resized(), tmp_path / "adapter").merge_and_unload().state_dict()
     summary = merge_classifier_adapter(read_adapter(str(tmp_path / "adapter")), pre, str(tmp_path / "ours"))
-    assert summary["grown_to_vocabulary"] == ["bert.embeddings.word_embeddings.weight"]
+    assert summary["resized_to_vocabulary"] == ["bert.embeddings.word_embeddings.weight"]
     ours = weights(tmp_path / "ours")
-    assert all(torch.equal(ours[n], expected[n]) for n in ours) and ours[summary["grown_to_vocabulary"][0]].shape[0] \
+    assert all(torch.equal(ours[n], expected[n]) for n in ours) and ours[summary["resized_to_vocabulary"][0]].shape[0] \
         == vocab + 2
     clean = tmp_path / "clean.jsonl"
     data.save_examples(str(clean), toy_examples(32, 4))
@@ -583,29 +583,31 @@ def test_a_classifiers_adapter_of_a_resized_vocabulary_merges_as_peft(tmp_path):
     assert list(report["purify"]["added_rows"]) == ["bert.embeddings.word_embeddings.weight"]
 
 
-def _resized_adapter(root, **options):
-    """A Llama saved to root/pre, resized by 3 tokens, and a LoRA adapter trained on the resized model."""
+def _resized_adapter(root, rows=27, **options):
+    """A Llama saved to root/pre, resized to ``rows`` (3 tokens added), and a LoRA adapter trained on
+    the resized model."""
     base = llama()
     base.save_pretrained(root / "pre", safe_serialization=True)
-    base.resize_token_embeddings(27)
+    base.resize_token_embeddings(rows)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, task_type="CAUSAL_LM", **options))
     randomise_training(model)
     model.save_pretrained(root / "adapter")
     return root / "pre", root / "adapter"
 
 
-def test_lora_on_a_resized_embedding_merges_as_peft(tmp_path):
+@pytest.mark.parametrize("rows", [27, 21])  # tokens added; a padded vocabulary cut
+def test_lora_on_a_resized_embedding_merges_as_peft(tmp_path, rows):
     """LoRA on the embedding and output layer of a resized model: their own weights are saved with the
     new rows beside factors of the new size. It was refused as an adapter of another model."""
-    pre, adapter = _resized_adapter(tmp_path, target_modules=["q_proj", "embed_tokens", "lm_head"])
+    pre, adapter = _resized_adapter(tmp_path, rows, target_modules=["q_proj", "embed_tokens", "lm_head"])
     summary = merge_adapter(str(adapter), str(pre), str(tmp_path / "merged"))
-    assert summary["grown_to_vocabulary"] == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert summary["resized_to_vocabulary"] == ["lm_head.weight", "model.embed_tokens.weight"]
     resized = LlamaForCausalLM.from_pretrained(pre)
-    resized.resize_token_embeddings(27)
+    resized.resize_token_embeddings(rows)
     expected = peft.PeftModel.from_pretrained(resized, adapter).merge_and_unload().state_dict()
     merged = weights(tmp_path / "merged")
-    assert all(torch.equal(merged[n], expected[n]) for n in merged) and merged["lm_head.weight"].shape[0] == 27
-    LlamaForCausalLM.from_pretrained(tmp_path / "merged")  # loads
+    assert all(torch.equal(merged[n], expected[n]) for n in merged) and merged["lm_head.weight"].shape[0] == rows
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "merged").config.vocab_size == rows  # loads
 
 
 def test_a_resized_embedding_without_its_output_layer_is_refused(tmp_path):

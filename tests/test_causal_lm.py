@@ -958,6 +958,8 @@ def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_
     width = resized.config.hidden_size if hasattr(resized.config, "hidden_size") else resized.config.n_embd
     assert report.added_rows == {n: {"rows": vocab + added, "pretrained_rows": vocab, "added_weights": added * width}
                                  for n in grown}
+    # the weights ranked, what reset_per_layer.png divides by: the added rows are not
+    assert report.numel_per_parameter == cut_report.numel_per_parameter
     mine = dict(cut.named_parameters())
     for n, p in resized.named_parameters():
         assert torch.equal(p[:mine[n].shape[0]], mine[n]), n  # the pre-trained vocabulary's rows: as without
@@ -987,18 +989,98 @@ def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_
         assert torch.equal(written.get_parameter(n)[vocab:], before[n][vocab:]), n
 
 
-def test_a_vocabulary_smaller_than_the_pretrained_ones_is_refused(tokenizer, lm_dirs):
-    """Tokens removed: the suspect's rows are not the pre-trained vocabulary's first rows. (The
-    command refuses such a suspect earlier still: its tokenizer has more tokens than its rows.)"""
+def test_a_padded_vocabulary_cut_to_its_tokenizer_is_purified_against_the_first_rows(tokenizer, lm_dirs, capsys):
+    """Qwen2.5 and Phi-2 pad their vocabulary beyond their tokenizer's; a fine-tune that calls
+    resize_token_embeddings(len(tokenizer)) cuts the padding rows, and the suspect's rows are the
+    pre-trained tensors' first rows. It was refused ("its rows are not the pre-trained ones"); it is
+    purified exactly as against the pre-trained model without its padding: in memory, from the
+    command line, and out of core, the report saying so."""
+    from safetensors.torch import load_file
+
+    from finepurify_ext import cli
+    from finepurify_ext.causal_lm import tokens_seen
+    from finepurify_ext.pipeline import load_causal_lm, pretrained_state_for_lm
+    from finepurify_ext.purify import PurifyConfig, input_embedding_tied, purify_
+
+    vocab, pad = tokenizer.vocab_size, 5
+    padded, _ = load_causal_lm(str(lm_dirs / "pre"), tokenizer=False)
+    padded.resize_token_embeddings(vocab + pad)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in padded.parameters():
+            if p.shape[0] == vocab + pad:
+                p[vocab:] = torch.randn(p[vocab:].shape, generator=gen)
+    padded.save_pretrained(lm_dirs / "padded", safe_serialization=True)
+    cut = {n for n, p in padded.named_parameters() if p.shape[0] == vocab + pad}
+    assert cut
+    h = lm_dirs / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(lm_dirs / "suspect"), "--clean-data", str(lm_dirs / "clean.jsonl"),
+                     "--out", str(h), "--batch-size", "8", "--max-length", "32"]) == 0
+    hessians = load_file(h)
+    config = PurifyConfig(reserve_ratio=0.3)
+
+    expected, _ = load_causal_lm(str(lm_dirs / "suspect"), tokenizer=False)
+    seen = tokens_seen(tokenizer, EXAMPLES, 32) if input_embedding_tied(expected) else None
+    expected_report = purify_(expected, pretrained_state_for_lm(expected, str(lm_dirs / "pre")), hessians, config,
+                              seen_tokens=seen)
+    model, _ = load_causal_lm(str(lm_dirs / "suspect"), tokenizer=False)
+    report = purify_(model, pretrained_state_for_lm(model, str(lm_dirs / "padded")), hessians, config,
+                     seen_tokens=seen)
+    assert report.num_reset == expected_report.num_reset > 0
+    assert report.embedding_rows_reset == expected_report.embedding_rows_reset
+    assert report.reset_per_parameter == expected_report.reset_per_parameter
+    assert report.removed_rows == {n: {"rows": vocab, "pretrained_rows": vocab + pad} for n in cut}
+    assert report.added_rows == {} and expected_report.removed_rows == {}
+    for n, p in model.named_parameters():
+        assert torch.equal(p, expected.get_parameter(n)), n
+
+    # Out of core: the same weights reset, the report and the command say the vocabulary was cut.
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "padded"), "--suspect", str(lm_dirs / "suspect"),
+                     "--hessian-file", str(h), "--out", str(lm_dirs / "ooc"), "--reserve-ratio", "0.3"]) == 0
+    said = capsys.readouterr().out
+    assert f"the suspect's vocabulary is cut to {vocab} rows of --pretrained's {vocab + pad}" in said
+    streamed, _ = load_causal_lm(str(lm_dirs / "ooc"), tokenizer=False)
+    for n, p in streamed.named_parameters():
+        assert torch.equal(p, expected.get_parameter(n)), n
+    assert json.loads((lm_dirs / "ooc" / "finepurify_report.json").read_text())["removed_rows"] == report.removed_rows
+    # Single files, no config to tell the model: the tensors' names and rows tell the vocabulary (it
+    # was copied unranked).
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "padded" / "model.safetensors"), "--suspect",
+                     str(lm_dirs / "suspect" / "model.safetensors"), "--hessian-file", str(h), "--out",
+                     str(lm_dirs / "ooc_file"), "--reserve-ratio", "0.3"]) == 0
+    from_files, from_dirs = load_file(lm_dirs / "ooc_file" / "model.safetensors"), load_file(lm_dirs / "ooc" / "model.safetensors")
+    assert from_files.keys() == from_dirs.keys() and all(torch.equal(from_files[n], from_dirs[n]) for n in from_dirs)
+
+    # In memory from the command line: as against the model without its padding, weight for weight.
+    for pre in ("pre", "padded"):
+        assert cli.main(["purify", "--pretrained", str(lm_dirs / pre), "--suspect", str(lm_dirs / "suspect"),
+                         "--clean-data", str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / f"mem_{pre}"),
+                         "--finetune-steps", "0", "--max-length", "32", "--device", "cpu"]) == 0
+    assert "report: purify.removed_rows" in capsys.readouterr().out
+    against_pre, _ = load_causal_lm(str(lm_dirs / "mem_pre"), tokenizer=False)
+    against_padded, _ = load_causal_lm(str(lm_dirs / "mem_padded"), tokenizer=False)
+    for n, p in against_padded.named_parameters():
+        assert torch.equal(p, against_pre.get_parameter(n)), n
+
+
+def test_a_vocabulary_resized_in_one_tensor_only_is_refused(tokenizer, lm_dirs):
+    """Only the vocabulary's tensors may differ in rows, and by the same rows: an output layer cut
+    alone is another architecture."""
     from finepurify_ext.errors import UserError
-    from finepurify_ext.pipeline import check_same_architecture, load_causal_lm
+    from finepurify_ext.pipeline import load_causal_lm, pretrained_state_for_lm
 
     model, _ = load_causal_lm(str(lm_dirs / "suspect"), tokenizer=False)
     pre_model, _ = load_causal_lm(str(lm_dirs / "pre"), tokenizer=False)
-    model.resize_token_embeddings(tokenizer.vocab_size - 2)
-    with pytest.raises(UserError, match=(f"the suspect's vocabulary is smaller than .*pre's \\({tokenizer.vocab_size - 2} "
-                                         f"tokens against {tokenizer.vocab_size}\\)")):
-        check_same_architecture(model, pre_model, str(lm_dirs / "pre"))
+    pre_model.resize_token_embeddings(tokenizer.vocab_size + 4)
+    pre_model.save_pretrained(lm_dirs / "padded", safe_serialization=True)
+    assert pretrained_state_for_lm(model, str(lm_dirs / "padded"))  # the vocabulary cut: accepted
+    out = model.get_output_embeddings()
+    if out.weight is model.get_input_embeddings().weight:
+        pytest.skip("the output layer is the input embedding in this architecture: it cannot be cut alone")
+    with torch.no_grad():
+        out.weight = torch.nn.Parameter(out.weight[:-1].clone())
+    with pytest.raises(UserError, match=f"'lm_head.weight' has shape \\[{tokenizer.vocab_size + 4}, .*mismatched"):
+        pretrained_state_for_lm(model, str(lm_dirs / "padded"))
 
 
 def test_evaluate_cuts_a_long_conversation_to_max_length(lm_dirs, capsys):

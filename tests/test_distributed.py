@@ -436,7 +436,8 @@ def test_purify_of_a_sharded_model_matches_one_process(tmp_path, variant, world)
 
 
 def _resized_vocabulary(rank, rows):
-    """The embedding grown by a resized vocabulary: the pre-trained state has its first ``rows``."""
+    """The embedding resized with the vocabulary: the pre-trained state has ``rows`` rows, fewer
+    (tokens added) or more (a padded vocabulary cut) than its 23."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
@@ -448,7 +449,8 @@ def _resized_vocabulary(rank, rows):
         for seen in (None, [0, 1, 3, 4, 9, 21]):  # 21: an added token's
             for hessians_as in ("whole", "dtensors"):
                 pre, hs = toy_state()
-                pre["embed.weight"] = pre["embed.weight"][:rows].clone()
+                padding = torch.randn(max(0, rows - 23), 8, generator=torch.Generator().manual_seed(3))
+                pre["embed.weight"] = torch.cat([pre["embed.weight"][:rows], padding])
                 one = ShardedToy()
                 expected = purify_(one, pre, hs, config, seen_tokens=seen)
                 model = ShardedToy()
@@ -461,17 +463,21 @@ def _resized_vocabulary(rank, rows):
                 for name, p in one.named_parameters():
                     assert torch.equal(dict(model.named_parameters())[name].full_tensor(), p.detach()), (where, name)
                 for field in ("threshold", "ranked_elements", "num_reset", "reset_per_parameter", "embedding_rows_reset",
-                              "added_rows"):
+                              "added_rows", "removed_rows"):
                     assert getattr(got, field) == getattr(expected, field), (where, field)
-                assert expected.added_rows == {"embed.weight": {"rows": 23, "pretrained_rows": rows,
-                                                                "added_weights": (23 - rows) * 8}}
-                assert torch.equal(one.embed.weight[rows:], ShardedToy().embed.weight[rows:]), where  # kept
+                if rows < 23:
+                    assert expected.added_rows == {"embed.weight": {"rows": 23, "pretrained_rows": rows,
+                                                                    "added_weights": (23 - rows) * 8}}
+                    assert torch.equal(one.embed.weight[rows:], ShardedToy().embed.weight[rows:]), where  # kept
+                else:
+                    assert expected.removed_rows == {"embed.weight": {"rows": 23, "pretrained_rows": rows}}
 
 
-@pytest.mark.parametrize("rows", [20, 9])  # rank 1 holds some of the pre-trained rows, or none
+@pytest.mark.parametrize("rows", [20, 9, 30])  # rank 1 holds some of the pre-trained rows, or none; a cut one
 def test_a_resized_vocabulary_sharded_is_purified_as_one_process(tmp_path, rows):
-    """FSDP2 shards the grown embedding on its rows: each rank ranks the pre-trained rows it holds (maybe
-    none) and keeps the added ones, as one process does over the whole model."""
+    """FSDP2 shards the resized embedding on its rows: each rank ranks the rows with a pre-trained
+    value it holds (maybe none) and keeps the added ones, as one process does over the whole model;
+    a cut vocabulary's rows are ranked against the pre-trained tensor's first rows."""
     run(tmp_path, _resized_vocabulary, rows)
 
 
