@@ -31,8 +31,9 @@ from . import ops
 from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
-from .purify import (NOTHING_MOVED, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, FLOOR_SAMPLES, SAMPLE_RUN, PurifyConfig, candidate_range,
-                     sample_keys, vocabulary_resizes, sample_quantile, sum_float64, unrankable, unseen_mask)
+from .purify import (NOTHING_MOVED, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, FLOOR_SAMPLES, SAMPLE_RUN, PurifyConfig,
+                     candidate_range, sample_keys, sample_quantile, sum_float64, unrankable, unseen_added_rows,
+                     unseen_added_warning, unseen_mask, vocabulary_resizes)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
 from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, piece_room, search_ranges,
                         threshold_from_histograms)
@@ -401,6 +402,8 @@ class CheckpointReport:
     added_rows: dict[str, dict[str, int]] = field(default_factory=dict)
     # tensors a resized vocabulary cut (purify.removed_rows): ranked against the pre-trained first rows
     removed_rows: dict[str, dict[str, int]] = field(default_factory=dict)
+    # the input embedding's added rows the clean data never reaches (purify.unseen_added_rows)
+    unseen_added_rows: list[int] = field(default_factory=list)
     config: dict = field(default_factory=dict)  # the PurifyConfig it ran with (ranking, eps, seed...), as in memory
     warnings: list[str] = field(default_factory=list)  # what the command says on stderr besides
 
@@ -619,6 +622,12 @@ def purify_checkpoint(
                               "`finepurify hessian`") from None
     ranked = [n for n in scored if n != embedding]
     bytes_read = 0
+    unseen_added = []  # purify.unseen_added_rows: the embedding's added rows the clean data never reaches
+    if vocabulary in added_rows and (seen_tokens is not None or vocabulary in h_ckpt):
+        rows, width = sus_ckpt.entries[vocabulary].shape[0], math.prod(sus_ckpt.entries[vocabulary].shape[1:])
+        start = pretrained_rows[vocabulary]
+        added_h = None if seen_tokens is not None else h_ckpt.read(vocabulary, start * width, (rows - start) * width)
+        unseen_added = unseen_added_rows(start, rows, seen_tokens, None if added_h is None else added_h.view(-1, width))
     chunk = max(1, chunk_bytes // 4)
     # The rankings that read no Hessian value per element never read the Hessian's pieces.
     reads_hessian = config.ranking == "fine_purifying"
@@ -841,13 +850,17 @@ def purify_checkpoint(
                               copied_unscored_weights=sum(sus_ckpt.numel(n) for n in unscored if n not in not_weights
                                                           and sus_ckpt.entries[n].dtype.is_floating_point),
                               embedding_tensor=embedding, threshold_passes=threshold_passes,
-                              config=asdict(config), warnings=[NOTHING_MOVED] if ranked_elements and not moved else [],
+                              config=asdict(config), warnings=([NOTHING_MOVED] if ranked_elements and not moved else [])
+                              + ([unseen_added_warning(unseen_added, added_rows[vocabulary]["rows"]
+                                                       - added_rows[vocabulary]["pretrained_rows"])]
+                                 if unseen_added else []),
                               embedding_rule=None if embedding is None or not rows_too else
                               "hessian" if seen_tokens is None else "seen_tokens",
                               inputs=inputs or {"pretrained": os.path.abspath(pretrained),
                                                 "suspect": os.path.abspath(suspect),
                                                 "hessian": os.path.abspath(hessian)},
-                              hessian_of=hessian_of, added_rows=added_rows, removed_rows=removed_rows)
+                              hessian_of=hessian_of, added_rows=added_rows, removed_rows=removed_rows,
+                              unseen_added_rows=unseen_added)
     ranked_set = set(ranked)
 
     def copy_as_is(name, writer, start=0):

@@ -152,6 +152,29 @@ def _warn_if_nothing_moved(report: dict) -> None:
         print(f"warning: {NOTHING_MOVED}", file=sys.stderr)
 
 
+def _warn_after_purify(report: dict, tokenizer) -> None:
+    """The warnings of an in-memory purification's result: nothing moved, added tokens unseen."""
+    _warn_if_nothing_moved(report)
+    p = report.get("purify")
+    if p is not None and p.get("unseen_added_rows"):
+        _warn_unseen_added_tokens(report.setdefault("warnings", []), p["unseen_added_rows"],
+                                  _added_tokens(p["added_rows"]), tokenizer)
+
+
+def _warn_unseen_added_tokens(warnings: list, unseen: list[int], added: int, tokenizer=None) -> None:
+    """Says (stderr, and the report's ``warnings``) which tokens added to the vocabulary the clean
+    data never uses (purify.unseen_added_rows)."""
+    from .purify import unseen_added_warning
+
+    if unseen:
+        warnings.append(unseen_added_warning(unseen, added, tokenizer))
+        print(f"warning: {warnings[-1]}", file=sys.stderr)
+
+
+def _added_tokens(added_rows: dict) -> int:
+    return max((t["rows"] - t["pretrained_rows"] for t in added_rows.values()), default=0)
+
+
 FEW_HELD_OUT = 20  # held-out examples below which one example moves the measure more than the noise allows
 
 
@@ -234,7 +257,7 @@ def _resized_vocabulary(added_rows: dict, removed_rows: dict, fate: str, report_
     said = ""
     if added_rows:
         weights = sum(t["added_weights"] for t in added_rows.values())
-        tokens = max(t["rows"] - t["pretrained_rows"] for t in added_rows.values())
+        tokens = _added_tokens(added_rows)
         said += (f"; the {weights} weights of the {tokens} token{'s' * (tokens > 1)} added to the vocabulary (no "
                  f"pre-trained value) were not ranked, {fate} (report: {report_prefix}added_rows)")
     if removed_rows:
@@ -382,7 +405,7 @@ def cmd_purify_causal_lm(args) -> int:
         report.setdefault("warnings", []).insert(0, few)  # in the order said
     _say_collapse_guard(report, "perplexity", f"rose above {ratio:g} times the suspect's",
                         "--collapse-perplexity-ratio")
-    _warn_if_nothing_moved(report)
+    _warn_after_purify(report, tokenizer)
     report["timings_s"]["total"] = time.perf_counter() - start
     report["device"] = describe(device, args.dtype)
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
@@ -597,7 +620,7 @@ def cmd_purify(args) -> int:
                                 "below the suspect's", "--collapse-tolerance")
     if few:
         report.setdefault("warnings", []).insert(0, few)  # in the order said
-    _warn_if_nothing_moved(report)
+    _warn_after_purify(report, tokenizer)
     report["device"] = describe(device, args.dtype)
     report["timings_s"]["total"] = time.perf_counter() - start
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),

@@ -32,8 +32,8 @@ from . import ops
 from .errors import UserError
 from .sharded import Shards
 from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, CANDIDATE_KEYS, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON,
-                        LEVEL_BINS, SAMPLE_RUN, RankFeed, bracket_from_sample, keys_room, piece_room, rank_spread,
-                        sample_budget, sample_stride, search_ranges, threshold_from_histograms)
+                        LEVEL_BINS, SAMPLE_RUN, RankFeed, _is_dtensor, bracket_from_sample, keys_room, piece_room,
+                        rank_spread, sample_budget, sample_stride, search_ranges, threshold_from_histograms)
 
 RANKINGS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
 # Largest group of tensors moved to the model's device at once when the pre-trained state or the
@@ -97,6 +97,8 @@ class PurifyReport:
     added_rows: dict[str, dict[str, int]] = field(default_factory=dict)
     # tensors a resized vocabulary cut (``removed_rows``): ranked against the pre-trained first rows
     removed_rows: dict[str, dict[str, int]] = field(default_factory=dict)
+    # the input embedding's added rows the clean data never reaches (``unseen_added_rows``)
+    unseen_added_rows: list[int] = field(default_factory=list)
     hessian_floor: float | None = None
     threshold_passes: int = 0  # the passes over every ranked weight the threshold search took
     sample: dict[str, list[float]] = field(default_factory=dict)  # drift^2, H, reset flags (plots)
@@ -869,6 +871,14 @@ def purify_(
                 num_reset, total)
         report.threshold = threshold
         read_counts = feed.start_masked_reset_(threshold)
+    vocabulary = embedding if embedding is not None else word_embedding_name(model, params)
+    if vocabulary in report.added_rows and (seen_tokens is not None or vocabulary in hessians):
+        first, rows = resized[vocabulary], params[vocabulary].shape[0]
+        if seen_tokens is None and shards is not None and _is_dtensor(hessians[vocabulary]):
+            report.unseen_added_rows = shards.zero_rows_from(vocabulary, hessians[vocabulary], first)
+        else:
+            report.unseen_added_rows = unseen_added_rows(
+                first, rows, seen_tokens, None if seen_tokens is not None else hessians[vocabulary][first:])
     embedding_reset = None
     # queued behind the reset (the embedding is not ranked: independent of it); a reserve ratio of 1
     # keeps every weight, these rows too (as out of core, and as clean fine-tuning alone in the pipeline)
@@ -928,6 +938,30 @@ def _gather(tensors, sampled, device) -> torch.Tensor:
 def zero_hessian_rows(h: torch.Tensor) -> torch.Tensor:
     """Indices (on ``h``'s device) of the rows of ``h`` (>= 0) that are exactly zero: one row-wise maximum."""
     return torch.nonzero(h.amax(dim=1) == 0).flatten() if h.numel() else torch.zeros(0, dtype=torch.long)
+
+
+def unseen_added_rows(pretrained_rows: int, rows: int, seen_tokens=None, added_hessian=None) -> list[int]:
+    """The rows of a grown input embedding (``rows`` of them, ``pretrained_rows`` with a pre-trained
+    value) of added tokens the clean data never reaches: not among ``seen_tokens`` where given (a
+    tied embedding), else of exactly zero Hessian (``added_hessian``: the Hessian's rows from
+    ``pretrained_rows`` on). They have no pre-trained value to reset to and clean fine-tuning leaves
+    them as they are: a trigger could be such a token, which the commands warn of."""
+    if rows <= pretrained_rows:
+        return []
+    if seen_tokens is not None:
+        return (torch.nonzero(unseen_mask(seen_tokens, rows)[pretrained_rows:]).flatten() + pretrained_rows).tolist()
+    return (zero_hessian_rows(added_hessian.detach()).cpu() + pretrained_rows).tolist()
+
+
+def unseen_added_warning(unseen: list[int], added: int, tokenizer=None) -> str:
+    """What the commands warn of ``unseen_added_rows``: the suspect's rows for those tokens are what
+    comes out, a trigger among them too. ``added``: the tokens added; ``tokenizer`` names them."""
+    named = [f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" if tokenizer is not None and i < len(tokenizer) else str(i)
+             for i in unseen[:8]]
+    return (f"the clean data never uses {len(unseen)} of the {added} token{'s' * (added > 1)} added to the vocabulary "
+            f"(ids {', '.join(named)}{', ...' if len(unseen) > 8 else ''}): their embedding rows have no pre-trained "
+            "value and are kept as the suspect trained them, and clean fine-tuning does not reach them; a trigger "
+            "could be such a token: give clean data that uses them, or keep them out of the model's inputs")
 
 
 def unseen_mask(seen_tokens, rows: int) -> torch.Tensor:

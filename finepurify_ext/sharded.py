@@ -100,6 +100,18 @@ class Shards:
                              "whole or sharded as the parameter is")
         return local
 
+    def zero_rows_from(self, name: str, t: torch.Tensor, first: int) -> list[int]:
+        """The rows of DTensor ``t`` (sharded as parameter ``name``) from row ``first`` on that are
+        exactly zero, over every rank (each rank looks at its own rows; a replica is looked at once)."""
+        with torch.no_grad():
+            local = t.to_local()
+        start = self.first_row[name]
+        skip = min(max(0, first - start), local.shape[0])  # this rank's rows before row ``first``
+        found = torch.zeros(0, dtype=torch.long)
+        if self.counts[name] and local.shape[0] > skip:
+            found = torch.nonzero(local[skip:].amax(dim=1) == 0).flatten().cpu() + start + skip
+        return sorted(set(torch.cat(self.gathered(found)).tolist()))
+
     def summed(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` (int64 or float64, one per item) summed over the ranks, on the CPU."""
         import torch.distributed as dist

@@ -960,6 +960,8 @@ def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_
                                  for n in grown}
     # the weights ranked, what reset_per_layer.png divides by: the added rows are not
     assert report.numel_per_parameter == cut_report.numel_per_parameter
+    # no token of the clean data (nor of the tokenizer) is an added one: the commands warn of them
+    assert report.unseen_added_rows == list(range(vocab, vocab + added))
     mine = dict(cut.named_parameters())
     for n, p in resized.named_parameters():
         assert torch.equal(p[:mine[n].shape[0]], mine[n]), n  # the pre-trained vocabulary's rows: as without
@@ -970,20 +972,27 @@ def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_
     out = lm_dirs / "ooc"
     assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(resized_dir),
                      "--hessian-file", str(h), "--out", str(out), "--reserve-ratio", "0.3"]) == 0
-    said = capsys.readouterr().out
+    captured = capsys.readouterr()
+    said = captured.out
     streamed, _ = load_causal_lm(str(out), tokenizer=False)
     for n, p in streamed.named_parameters():
         assert torch.equal(p, dict(resized.named_parameters())[n]), n
     ooc_report = json.loads((out / "finepurify_report.json").read_text())
     assert ooc_report["added_rows"] == report.added_rows
+    assert ooc_report["unseen_added_rows"] == report.unseen_added_rows
     assert f"the {added * width * len(grown)} weights of the {added} tokens added to the vocabulary" in said
+    warning = f"the clean data never uses {added} of the {added} tokens added to the vocabulary (ids {vocab}, "
+    assert warning in ooc_report["warnings"][0] and warning in captured.err
 
     # In memory from the command line: accepted, the added rows kept and said.
     assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(resized_dir),
                      "--clean-data", str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / "mem"),
                      "--finetune-steps", "0", "--max-length", "32", "--device", "cpu"]) == 0
-    assert f"the {added * width * len(grown)} weights of the {added} tokens added to the vocabulary" in \
-        capsys.readouterr().out
+    said = capsys.readouterr()
+    assert f"the {added * width * len(grown)} weights of the {added} tokens added to the vocabulary" in said.out
+    assert warning in said.err
+    assert json.loads((lm_dirs / "mem" / "finepurify_report.json").read_text())["purify"]["unseen_added_rows"] == \
+        report.unseen_added_rows
     written, _ = load_causal_lm(str(lm_dirs / "mem"), tokenizer=False)
     for n in grown:
         assert torch.equal(written.get_parameter(n)[vocab:], before[n][vocab:]), n

@@ -449,6 +449,8 @@ def _resized_vocabulary(rank, rows):
         for seen in (None, [0, 1, 3, 4, 9, 21]):  # 21: an added token's
             for hessians_as in ("whole", "dtensors"):
                 pre, hs = toy_state()
+                hs["embed.weight"][22] = 0  # a token the clean data never reaches
+                unreached = [i for i in range(rows, 23) if not hs["embed.weight"][i].any()]
                 padding = torch.randn(max(0, rows - 23), 8, generator=torch.Generator().manual_seed(3))
                 pre["embed.weight"] = torch.cat([pre["embed.weight"][:rows], padding])
                 one = ShardedToy()
@@ -463,12 +465,15 @@ def _resized_vocabulary(rank, rows):
                 for name, p in one.named_parameters():
                     assert torch.equal(dict(model.named_parameters())[name].full_tensor(), p.detach()), (where, name)
                 for field in ("threshold", "ranked_elements", "num_reset", "reset_per_parameter", "embedding_rows_reset",
-                              "added_rows", "removed_rows"):
+                              "added_rows", "removed_rows", "unseen_added_rows"):
                     assert getattr(got, field) == getattr(expected, field), (where, field)
                 if rows < 23:
                     assert expected.added_rows == {"embed.weight": {"rows": 23, "pretrained_rows": rows,
                                                                     "added_weights": (23 - rows) * 8}}
                     assert torch.equal(one.embed.weight[rows:], ShardedToy().embed.weight[rows:]), where  # kept
+                    assert expected.unseen_added_rows == (unreached if seen is None else
+                                                          [i for i in range(rows, 23) if i not in seen]), where
+                    assert 22 in expected.unseen_added_rows, where
                 else:
                     assert expected.removed_rows == {"embed.weight": {"rows": 23, "pretrained_rows": rows}}
 

@@ -1255,6 +1255,9 @@ def test_a_classifier_with_a_resized_vocabulary_is_purified_its_added_rows_kept(
     before = model.bert.embeddings.word_embeddings.weight.detach().clone()
     report = purify_(model, pretrained_state_for(model, pre), load_file(str(h)), PurifyConfig(reserve_ratio=0.5))
     assert report.num_reset > 0 and list(report.added_rows) == [name]
+    # BERT's embedding is not tied to an output: the Hessian tells the added tokens the clean data never uses
+    assert report.unseen_added_rows == [vocab, vocab + 1]
+    assert json.load(open(out / "finepurify_report.json"))["unseen_added_rows"] == [vocab, vocab + 1]
     written = load_file(str(out / "model.safetensors"))
     for n, p in model.named_parameters():
         assert torch.equal(written[n], p), n
