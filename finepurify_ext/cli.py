@@ -143,6 +143,16 @@ def _say_left_out(keys_removed: list[str], not_copied: list[str]) -> None:
               "purified; code and unknown files are left out)", file=sys.stderr)
 
 
+def _refuse_unused_training(args, guard_option: str, guarded: bool) -> None:
+    """Refuses the clean fine-tuning's options where nothing reads them: no held-out data (early
+    stopping and the collapse guard, ``guard_option``, ``guarded`` where given on), or no fine-tuning."""
+    no_held_out = args.validation_fraction == 0
+    _refuse_unused(args, {"eval_every": no_held_out, "patience": no_held_out, guard_option: no_held_out and guarded},
+                   "with --validation-fraction 0 (no held-out data: no early stopping, no collapse guard)")
+    _refuse_unused(args, dict.fromkeys(("lr", "eval_every", "patience", "distill"), args.finetune_steps == 0),
+                   "with --finetune-steps 0 (no clean fine-tuning)")
+
+
 def _warn_if_nothing_moved(report: dict) -> None:
     from .purify import NOTHING_MOVED
 
@@ -152,8 +162,11 @@ def _warn_if_nothing_moved(report: dict) -> None:
         print(f"warning: {NOTHING_MOVED}", file=sys.stderr)
 
 
-def _warn_after_purify(report: dict, tokenizer) -> None:
-    """The warnings of an in-memory purification's result: nothing moved, added tokens unseen."""
+def _warn_after_purify(report: dict, tokenizer, said_before: str | None) -> None:
+    """The report's warnings of an in-memory purification: ``said_before`` (a warning said before
+    the run), then of its result: nothing moved, added tokens unseen."""
+    if said_before:
+        report.setdefault("warnings", []).insert(0, said_before)  # in the order said
     _warn_if_nothing_moved(report)
     p = report.get("purify")
     if p is not None and p.get("unseen_added_rows"):
@@ -372,12 +385,8 @@ def cmd_purify_causal_lm(args) -> int:
     _refuse_unused(args, {"collapse_tolerance": _guard_given_on(args)["collapse_tolerance"]}, "for a causal LM: its "
                    "collapse guard reads "
                    "--collapse-perplexity-ratio")
-    no_held_out = args.validation_fraction == 0  # a guard turned off (inf) asks for nothing
-    _refuse_unused(args, {"eval_every": no_held_out, "patience": no_held_out,
-                          "collapse_perplexity_ratio": no_held_out and math.isfinite(args.collapse_perplexity_ratio)},
-                   "with --validation-fraction 0 (no held-out data: no early stopping, no collapse guard)")
-    _refuse_unused(args, dict.fromkeys(("lr", "eval_every", "patience", "distill"), args.finetune_steps == 0),
-                   "with --finetune-steps 0 (no clean fine-tuning)")
+    # a guard turned off (inf) asks for nothing
+    _refuse_unused_training(args, "collapse_perplexity_ratio", math.isfinite(args.collapse_perplexity_ratio))
     from .data import load_instructions
     from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, fine_purify_lm, load_causal_lm,
                            pretrained_state_for_lm, save_atomically)
@@ -401,11 +410,9 @@ def cmd_purify_causal_lm(args) -> int:
     with compute_precision(device, args.dtype):
         report = fine_purify_lm(model, pretrained_state, tokenizer, clean, _purify_config(args), finetune_config,
                                 hessian_config, seed=args.seed, guard=guard)
-    if few:
-        report.setdefault("warnings", []).insert(0, few)  # in the order said
     _say_collapse_guard(report, "perplexity", f"rose above {ratio:g} times the suspect's",
                         "--collapse-perplexity-ratio")
-    _warn_after_purify(report, tokenizer)
+    _warn_after_purify(report, tokenizer, few)
     report["timings_s"]["total"] = time.perf_counter() - start
     report["device"] = describe(device, args.dtype)
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
@@ -573,12 +580,7 @@ def cmd_purify(args) -> int:
     guarded = args.collapse_tolerance < 1.0  # a guard turned off (1) asks for nothing
     _refuse_unused(args, {"collapse_tolerance": auto and guarded}, "with --reserve-ratio auto, whose choice keeps "
                    "held-out accuracy within --cacc-tolerance")
-    no_held_out = args.validation_fraction == 0
-    _refuse_unused(args, {"eval_every": no_held_out, "patience": no_held_out,
-                          "collapse_tolerance": no_held_out and guarded},
-                   "with --validation-fraction 0 (no held-out data: no early stopping, no collapse guard)")
-    _refuse_unused(args, dict.fromkeys(("lr", "eval_every", "patience", "distill"), args.finetune_steps == 0),
-                   "with --finetune-steps 0 (no clean fine-tuning)")
+    _refuse_unused_training(args, "collapse_tolerance", guarded)
     from .data import load_examples, load_texts
     from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, SelectionConfig,
                            fine_purify, fine_purify_auto, load_classifier, pretrained_state_for,
@@ -618,9 +620,7 @@ def cmd_purify(args) -> int:
             report = fine_purify(model, pretrained_state, tokenizer, clean, _purify_config(args), guard=guard, **common)
             _say_collapse_guard(report, "accuracy", f"fell more than {100 * args.collapse_tolerance:g} points "
                                 "below the suspect's", "--collapse-tolerance")
-    if few:
-        report.setdefault("warnings", []).insert(0, few)  # in the order said
-    _warn_after_purify(report, tokenizer)
+    _warn_after_purify(report, tokenizer, few)
     report["device"] = describe(device, args.dtype)
     report["timings_s"]["total"] = time.perf_counter() - start
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
