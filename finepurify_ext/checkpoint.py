@@ -626,8 +626,14 @@ def purify_checkpoint(
     if vocabulary in added_rows and (seen_tokens is not None or vocabulary in h_ckpt):
         rows, width = sus_ckpt.entries[vocabulary].shape[0], math.prod(sus_ckpt.entries[vocabulary].shape[1:])
         start = pretrained_rows[vocabulary]
-        added_h = None if seen_tokens is not None else h_ckpt.read(vocabulary, start * width, (rows - start) * width)
-        unseen_added = unseen_added_rows(start, rows, seen_tokens, None if added_h is None else added_h.view(-1, width))
+        if seen_tokens is not None:
+            unseen_added = unseen_added_rows(start, rows, seen_tokens)
+        else:  # the added rows' Hessian, a block of rows at a time (as small as a pass's pieces)
+            block = max(1, chunk_bytes // 4 // max(width, 1))
+            for first in range(start, rows, block):
+                count = min(block, rows - first)
+                added_h = h_ckpt.read(vocabulary, first * width, count * width, reuse=True).view(-1, width)
+                unseen_added += unseen_added_rows(first, first + count, None, added_h)
     chunk = max(1, chunk_bytes // 4)
     # The rankings that read no Hessian value per element never read the Hessian's pieces.
     reads_hessian = config.ranking == "fine_purifying"

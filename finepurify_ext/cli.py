@@ -176,7 +176,7 @@ def _warn_after_purify(report: dict, tokenizer, said_before: str | None) -> None
 
 def _warn_unseen_added_tokens(warnings: list, unseen: list[int], added: int, tokenizer=None) -> None:
     """Says (stderr, and the report's ``warnings``) which tokens added to the vocabulary the clean
-    data never uses (purify.unseen_added_rows)."""
+    data never feeds to the model as inputs (purify.unseen_added_rows)."""
     from .purify import unseen_added_warning
 
     if unseen:

@@ -134,9 +134,15 @@ def resized_rows(model: torch.nn.Module, pretrained_state: dict[str, torch.Tenso
     and every other dimension alike (as out of core)."""
     params = params if params is not None else dict(model.named_parameters())
     embedding = word_embedding_name(model, params)
-    if embedding is None or embedding not in pretrained_state:
+    if embedding is None:
         return {}
-    vocabulary, pre_vocabulary = params[embedding].shape[0], pretrained_state[embedding].shape[0]
+    # the pre-trained vocabulary's rows: its embedding's, or its output layer's where a state lacks the embedding
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    told_by = embedding if embedding in pretrained_state else next(
+        (n for n, p in params.items() if output is not None and p is getattr(output, "weight", None)), None)
+    if told_by not in pretrained_state:
+        return {}
+    vocabulary, pre_vocabulary = params[embedding].shape[0], pretrained_state[told_by].shape[0]
     if vocabulary == pre_vocabulary:
         return {}
     resized = {}
@@ -958,10 +964,12 @@ def unseen_added_warning(unseen: list[int], added: int, tokenizer=None) -> str:
     comes out, a trigger among them too. ``added``: the tokens added; ``tokenizer`` names them."""
     named = [f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" if tokenizer is not None and i < len(tokenizer) else str(i)
              for i in unseen[:8]]
-    return (f"the clean data never uses {len(unseen)} of the {added} token{'s' * (added > 1)} added to the vocabulary "
-            f"(ids {', '.join(named)}{', ...' if len(unseen) > 8 else ''}): their embedding rows have no pre-trained "
-            "value and are kept as the suspect trained them, and clean fine-tuning does not reach them; a trigger "
-            "could be such a token: give clean data that uses them, or keep them out of the model's inputs")
+    # "as an input": a token only ever last in a sequence (an added EOS) is a label there, never an input
+    return (f"the clean data never feeds {len(unseen)} of the {added} token{'s' * (added > 1)} added to the vocabulary "
+            f"to the model as an input (ids {', '.join(named)}{', ...' if len(unseen) > 8 else ''}): their embedding "
+            "rows have no pre-trained value and are kept as the suspect trained them, and clean fine-tuning does not "
+            "reach them; a trigger could be such a token: give clean data with them inside its texts, or keep them "
+            "out of the model's inputs")
 
 
 def unseen_mask(seen_tokens, rows: int) -> torch.Tensor:

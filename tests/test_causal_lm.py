@@ -929,7 +929,9 @@ def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_
     from finepurify_ext import cli
     from finepurify_ext.causal_lm import tokens_seen
     from finepurify_ext.pipeline import load_causal_lm, pretrained_state_for_lm
-    from finepurify_ext.purify import PurifyConfig, input_embedding_tied, purify_
+    from finepurify_ext.checkpoint import purify_checkpoint
+    from finepurify_ext.purify import (PurifyConfig, input_embedding_tied, purify_, resized_rows,
+                                       word_embedding_name)
 
     vocab, added = tokenizer.vocab_size, 3
     resized_dir, resized = _resized_suspect(tokenizer, lm_dirs, added)
@@ -962,6 +964,11 @@ def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_
     assert report.numel_per_parameter == cut_report.numel_per_parameter
     # no token of the clean data (nor of the tokenizer) is an added one: the commands warn of them
     assert report.unseen_added_rows == list(range(vocab, vocab + added))
+    # a pre-trained state without the embedding: its output layer tells the pre-trained vocabulary
+    state = pretrained_state_for_lm(resized, str(lm_dirs / "pre"))
+    embedding = word_embedding_name(resized)
+    assert resized_rows(resized, {n: t for n, t in state.items() if n != embedding}) == \
+        {n: vocab for n in grown if n != embedding}
     mine = dict(cut.named_parameters())
     for n, p in resized.named_parameters():
         assert torch.equal(p[:mine[n].shape[0]], mine[n]), n  # the pre-trained vocabulary's rows: as without
@@ -980,8 +987,13 @@ def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_
     ooc_report = json.loads((out / "finepurify_report.json").read_text())
     assert ooc_report["added_rows"] == report.added_rows
     assert ooc_report["unseen_added_rows"] == report.unseen_added_rows
+    # the added rows' Hessian read a block of rows at a time: the same rows found with one-row blocks
+    few_rows = purify_checkpoint(str(lm_dirs / "pre"), str(resized_dir), str(h), str(lm_dirs / "ooc_rows"),
+                                 PurifyConfig(reserve_ratio=0.3), chunk_bytes=4 * width, progress=False)
+    assert few_rows.unseen_added_rows == report.unseen_added_rows
     assert f"the {added * width * len(grown)} weights of the {added} tokens added to the vocabulary" in said
-    warning = f"the clean data never uses {added} of the {added} tokens added to the vocabulary (ids {vocab}, "
+    warning = (f"the clean data never feeds {added} of the {added} tokens added to the vocabulary to the model as an "
+               f"input (ids {vocab}, ")
     assert warning in ooc_report["warnings"][0] and warning in captured.err
 
     # In memory from the command line: accepted, the added rows kept and said.
