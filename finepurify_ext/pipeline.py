@@ -839,11 +839,14 @@ def _check_model_type_first(model: torch.nn.Module, pretrained_dir: str) -> None
     _check_same_model_type(model, _read_config(pretrained_dir).get("model_type"), pretrained_dir)
 
 
-def check_same_architecture(model: torch.nn.Module, pre_model: torch.nn.Module, pretrained_dir: str) -> None:
+def check_same_architecture(model: torch.nn.Module, pre_model: torch.nn.Module, pretrained_dir: str,
+                            suspect_dir: str | None = None) -> None:
     """A fine-tune keeps its pre-trained model's architecture: the suspect's base model (everything
     but the task head) must have the pre-trained base model's parameters, by name and shape. A layer
     only the suspect has would have no pre-trained value and pass unranked: where to hide a backdoor.
-    Works on skeletons (the meta device) as on loaded models. Raises ``ModelError``."""
+    Works on skeletons (the meta device) as on loaded models. ``suspect_dir`` (default: the
+    directory the model was loaded from) is read for its tokenizer where the vocabulary was cut.
+    Raises ``ModelError``."""
     # Checked first: no weight is shared, though an output layer matched by its role would look so.
     _check_same_model_type(model, getattr(pre_model.config, "model_type", None), pretrained_dir)
 
@@ -860,6 +863,8 @@ def check_same_architecture(model: torch.nn.Module, pre_model: torch.nn.Module, 
     odd = (sorted(n for n in mine if theirs.get(n, mine[n]) != mine[n] and n not in resized)
            or sorted(mine.keys() - theirs.keys()) or sorted(theirs.keys() - mine.keys()))
     if not odd:
+        if resized and vocab[0] < vocab[1]:
+            _check_cut_vocabulary(suspect_dir or getattr(model, "name_or_path", None), pretrained_dir, vocab)
         return
     name = odd[0]
     what = (f"{name!r} is {list(mine[name])} in the suspect, {list(theirs[name])} there" if name in mine and name
@@ -870,6 +875,32 @@ def check_same_architecture(model: torch.nn.Module, pre_model: torch.nn.Module, 
                      if k in config and k in pre_config and config[k] != pre_config[k])
     raise ModelError(f"{pretrained_dir} is not the suspect's architecture ({len(odd)} parameter{'s' * (len(odd) > 1)} differ{'s' * (len(odd) == 1)}{fields}: "
                      f"{what}): give the pre-trained model the suspect was fine-tuned from")
+
+
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def _check_cut_vocabulary(suspect_dir: str | None, pretrained_dir: str, vocab: tuple[int, int]) -> None:
+    """A vocabulary cut by resize_token_embeddings keeps the pre-trained rows it has, numbered alike;
+    a pruned or renumbered one would be ranked against other tokens' rows. Where both directories
+    hold a tokenizer, each token of the suspect's below its rows must have its pre-trained id."""
+    from transformers import AutoTokenizer
+
+    dirs = (suspect_dir, pretrained_dir)
+    if not all(d and os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f)) for f in TOKENIZER_VOCABULARIES)
+               for d in dirs):
+        return
+    try:
+        mine, theirs = (AutoTokenizer.from_pretrained(d, trust_remote_code=False).get_vocab() for d in dirs)
+    except Exception:  # noqa: BLE001  (a broken tokenizer is named where the model's is loaded)
+        return
+    token, i = next(((t, i) for t, i in sorted(mine.items(), key=lambda item: item[1])
+                     if i < vocab[0] and theirs.get(t) != i), (None, None))
+    if token is not None:
+        raise ModelError(f"the suspect's vocabulary is cut to {vocab[0]} rows of {pretrained_dir}'s {vocab[1]} and its "
+                         f"tokenizer numbers tokens otherwise ({token!r} is {i} in it, {theirs.get(token)} there): a "
+                         "pruned or renumbered vocabulary has no pre-trained rows to rank against; give the "
+                         "pre-trained model the suspect was fine-tuned from")
 
 
 def _vocabulary_rows(model: torch.nn.Module) -> int | None:
@@ -886,7 +917,7 @@ def check_same_architecture_of(suspect_dir: str, pretrained_dir: str) -> None:
     kind = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
     pre_model = directory_skeleton(pretrained_dir, AutoModelForCausalLM if kind else AutoModelForSequenceClassification)
     if model is not None and pre_model is not None:
-        check_same_architecture(model, pre_model, pretrained_dir)
+        check_same_architecture(model, pre_model, pretrained_dir, suspect_dir)
 
 
 def _shared_with(model: torch.nn.Module, state: dict[str, torch.Tensor], pretrained_dir: str):

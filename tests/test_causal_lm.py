@@ -1032,6 +1032,7 @@ def test_a_padded_vocabulary_cut_to_its_tokenizer_is_purified_against_the_first_
             if p.shape[0] == vocab + pad:
                 p[vocab:] = torch.randn(p[vocab:].shape, generator=gen)
     padded.save_pretrained(lm_dirs / "padded", safe_serialization=True)
+    tokenizer.save_pretrained(lm_dirs / "padded")  # the same numbering: checked, accepted
     cut = {n for n, p in padded.named_parameters() if p.shape[0] == vocab + pad}
     assert cut
     h = lm_dirs / "h.safetensors"
@@ -1082,6 +1083,39 @@ def test_a_padded_vocabulary_cut_to_its_tokenizer_is_purified_against_the_first_
     against_padded, _ = load_causal_lm(str(lm_dirs / "mem_padded"), tokenizer=False)
     for n, p in against_padded.named_parameters():
         assert torch.equal(p, against_pre.get_parameter(n)), n
+
+
+def test_a_cut_vocabulary_numbered_otherwise_is_refused(tokenizer, lm_dirs, capsys):
+    """A vocabulary pruned or renumbered, not cut at its end: its rows are other tokens' than the
+    pre-trained rows of the same index, and were ranked against them. Both tokenizers tell it: in
+    memory and out of core."""
+    import shutil
+
+    from finepurify_ext import cli
+    from finepurify_ext.errors import UserError
+    from finepurify_ext.pipeline import load_causal_lm, pretrained_state_for_lm
+
+    padded, _ = load_causal_lm(str(lm_dirs / "pre"), tokenizer=False)
+    padded.resize_token_embeddings(tokenizer.vocab_size + 4)
+    padded.save_pretrained(lm_dirs / "padded", safe_serialization=True)
+    tokenizer.save_pretrained(lm_dirs / "padded")
+    shutil.copytree(lm_dirs / "suspect", lm_dirs / "renumbered")
+    saved = json.loads((lm_dirs / "renumbered" / "tokenizer.json").read_text())
+    numbers = saved["model"]["vocab"]
+    words = sorted(numbers, key=numbers.get)
+    numbers[words[6]], numbers[words[7]] = 7, 6  # two words swapped
+    (lm_dirs / "renumbered" / "tokenizer.json").write_text(json.dumps(saved))
+    refusal = f"the suspect's vocabulary is cut to {tokenizer.vocab_size} rows of .*padded's {tokenizer.vocab_size + 4}"
+    model, _ = load_causal_lm(str(lm_dirs / "renumbered"), tokenizer=False)
+    with pytest.raises(UserError, match=refusal + f" and its tokenizer numbers tokens otherwise \\('{words[7]}' is 6"):
+        pretrained_state_for_lm(model, str(lm_dirs / "padded"))
+    h = lm_dirs / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(lm_dirs / "renumbered"), "--clean-data", str(lm_dirs / "clean.jsonl"),
+                     "--out", str(h), "--batch-size", "8", "--max-length", "32"]) == 0
+    capsys.readouterr()
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "padded"), "--suspect", str(lm_dirs / "renumbered"),
+                     "--hessian-file", str(h), "--out", str(lm_dirs / "ooc")]) == 2
+    assert "numbers tokens otherwise" in capsys.readouterr().err and not (lm_dirs / "ooc").exists()
 
 
 def test_a_vocabulary_resized_in_one_tensor_only_is_refused(tokenizer, lm_dirs):
