@@ -857,9 +857,7 @@ def purify_checkpoint(
                                                           and sus_ckpt.entries[n].dtype.is_floating_point),
                               embedding_tensor=embedding, threshold_passes=threshold_passes,
                               config=asdict(config), warnings=([NOTHING_MOVED] if ranked_elements and not moved else [])
-                              + ([unseen_added_warning(unseen_added, added_rows[vocabulary]["rows"]
-                                                       - added_rows[vocabulary]["pretrained_rows"])]
-                                 if unseen_added else []),
+                              + ([unseen_added_warning(unseen_added, added_rows)] if unseen_added else []),
                               embedding_rule=None if embedding is None or not rows_too else
                               "hessian" if seen_tokens is None else "seen_tokens",
                               inputs=inputs or {"pretrained": os.path.abspath(pretrained),

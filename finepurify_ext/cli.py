@@ -169,23 +169,12 @@ def _warn_after_purify(report: dict, tokenizer, said_before: str | None) -> None
         report.setdefault("warnings", []).insert(0, said_before)  # in the order said
     _warn_if_nothing_moved(report)
     p = report.get("purify")
-    if p is not None and p.get("unseen_added_rows"):
-        _warn_unseen_added_tokens(report.setdefault("warnings", []), p["unseen_added_rows"],
-                                  _added_tokens(p["added_rows"]), tokenizer)
+    if p is not None and p.get("unseen_added_rows"):  # added tokens the clean data never feeds as inputs
+        from .purify import unseen_added_warning
 
-
-def _warn_unseen_added_tokens(warnings: list, unseen: list[int], added: int, tokenizer=None) -> None:
-    """Says (stderr, and the report's ``warnings``) which tokens added to the vocabulary the clean
-    data never feeds to the model as inputs (purify.unseen_added_rows)."""
-    from .purify import unseen_added_warning
-
-    if unseen:
-        warnings.append(unseen_added_warning(unseen, added, tokenizer))
-        print(f"warning: {warnings[-1]}", file=sys.stderr)
-
-
-def _added_tokens(added_rows: dict) -> int:
-    return max((t["rows"] - t["pretrained_rows"] for t in added_rows.values()), default=0)
+        warning = unseen_added_warning(p["unseen_added_rows"], p["added_rows"], tokenizer)
+        report.setdefault("warnings", []).append(warning)
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 FEW_HELD_OUT = 20  # held-out examples below which one example moves the measure more than the noise allows
@@ -267,10 +256,12 @@ def _resized_vocabulary(added_rows: dict, removed_rows: dict, fate: str, report_
     """What a purification's summary says of a vocabulary resize_token_embeddings resized: the rows
     it added (tokens the pre-trained model lacks) have no pre-trained value, so none was ranked or
     reset; where it cut a padded vocabulary, the rows left were ranked against the first pre-trained ones."""
+    from .purify import added_tokens
+
     said = ""
     if added_rows:
         weights = sum(t["added_weights"] for t in added_rows.values())
-        tokens = _added_tokens(added_rows)
+        tokens = added_tokens(added_rows)
         said += (f"; the {weights} weights of the {tokens} token{'s' * (tokens > 1)} added to the vocabulary (no "
                  f"pre-trained value) were not ranked, {fate} (report: {report_prefix}added_rows)")
     if removed_rows:

@@ -161,18 +161,18 @@ def added_rows(shape, pretrained_rows: int) -> dict[str, int]:
             "added_weights": (shape[0] - pretrained_rows) * math.prod(shape[1:])}
 
 
-def removed_rows(rows: int, pretrained_rows: int) -> dict[str, int]:
-    """What a report says of a tensor a resized vocabulary cut to ``rows`` of the pre-trained
-    ``pretrained_rows``: all its rows were ranked, against the pre-trained tensor's first rows."""
-    return {"rows": rows, "pretrained_rows": pretrained_rows}
-
-
 def vocabulary_resizes(shapes: dict, pretrained_rows: dict) -> tuple[dict, dict]:
     """(``added_rows``, ``removed_rows``) of the tensors a resized vocabulary changed: their shapes
-    in the suspect, and the pre-trained tensors' rows, by name."""
+    in the suspect, and the pre-trained tensors' rows, by name. A cut tensor's rows were all ranked,
+    against the pre-trained tensor's first rows."""
     added = {n: added_rows(shapes[n], r) for n, r in pretrained_rows.items() if shapes[n][0] > r}
-    removed = {n: removed_rows(shapes[n][0], r) for n, r in pretrained_rows.items() if shapes[n][0] < r}
+    removed = {n: {"rows": shapes[n][0], "pretrained_rows": r} for n, r in pretrained_rows.items() if shapes[n][0] < r}
     return added, removed
+
+
+def added_tokens(added_rows: dict) -> int:
+    """How many tokens a resized vocabulary added, from ``added_rows``'s report (0: none)."""
+    return max((t["rows"] - t["pretrained_rows"] for t in added_rows.values()), default=0)
 
 
 def word_embedding_name(model: torch.nn.Module, params=None) -> str | None:
@@ -881,7 +881,9 @@ def purify_(
     if vocabulary in report.added_rows and (seen_tokens is not None or vocabulary in hessians):
         first, rows = resized[vocabulary], params[vocabulary].shape[0]
         if seen_tokens is None and shards is not None and _is_dtensor(hessians[vocabulary]):
-            report.unseen_added_rows = shards.zero_rows_from(vocabulary, hessians[vocabulary], first)
+            local, start = shards.rows_from(vocabulary, hessians[vocabulary], first)  # every rank's, gathered
+            found = torch.tensor(unseen_added_rows(start, start + local.shape[0], None, local), dtype=torch.long)
+            report.unseen_added_rows = sorted(set(torch.cat(shards.gathered(found)).tolist()))
         else:
             report.unseen_added_rows = unseen_added_rows(
                 first, rows, seen_tokens, None if seen_tokens is not None else hessians[vocabulary][first:])
@@ -959,9 +961,10 @@ def unseen_added_rows(pretrained_rows: int, rows: int, seen_tokens=None, added_h
     return (zero_hessian_rows(added_hessian.detach()).cpu() + pretrained_rows).tolist()
 
 
-def unseen_added_warning(unseen: list[int], added: int, tokenizer=None) -> str:
+def unseen_added_warning(unseen: list[int], added_rows: dict, tokenizer=None) -> str:
     """What the commands warn of ``unseen_added_rows``: the suspect's rows for those tokens are what
-    comes out, a trigger among them too. ``added``: the tokens added; ``tokenizer`` names them."""
+    comes out, a trigger among them too. ``added_rows``: the report's; ``tokenizer`` names them."""
+    added = added_tokens(added_rows)
     named = [f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" if tokenizer is not None and i < len(tokenizer) else str(i)
              for i in unseen[:8]]
     # "as an input": a token only ever last in a sequence (an added EOS) is a label there, never an input

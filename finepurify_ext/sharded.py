@@ -100,17 +100,14 @@ class Shards:
                              "whole or sharded as the parameter is")
         return local
 
-    def zero_rows_from(self, name: str, t: torch.Tensor, first: int) -> list[int]:
-        """The rows of DTensor ``t`` (sharded as parameter ``name``) from row ``first`` on that are
-        exactly zero, over every rank (each rank looks at its own rows; a replica is looked at once)."""
+    def rows_from(self, name: str, t: torch.Tensor, first: int) -> tuple[torch.Tensor, int]:
+        """(this rank's rows of DTensor ``t``, sharded as parameter ``name``, from whole row ``first``
+        on, the whole index of the first of them): none on a rank whose rows are another's replica."""
         with torch.no_grad():
             local = t.to_local()
         start = self.first_row[name]
         skip = min(max(0, first - start), local.shape[0])  # this rank's rows before row ``first``
-        found = torch.zeros(0, dtype=torch.long)
-        if self.counts[name] and local.shape[0] > skip:
-            found = torch.nonzero(local[skip:].amax(dim=1) == 0).flatten().cpu() + start + skip
-        return sorted(set(torch.cat(self.gathered(found)).tolist()))
+        return (local[skip:] if self.counts[name] else local[:0]), start + skip
 
     def summed(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` (int64 or float64, one per item) summed over the ranks, on the CPU."""
