@@ -105,12 +105,15 @@ def lm_batches(
         yield {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def tokens_seen(tokenizer, examples: Sequence[Instruction], max_length: int = 128) -> list[int]:
+def tokens_seen(tokenizer, examples: Sequence[Instruction], max_length: int = 128, inputs_only: bool = False) -> list[int]:
     """The token ids the examples put into the model, laid out as ``lm_batches`` does (padding
-    excluded): the rows of the word embedding the clean data reaches."""
+    excluded): the rows of the word embedding the clean data reaches. ``inputs_only``: without each
+    sequence's last token, which only a label reads (an untied input embedding's row of a token only
+    ever last gets no gradient: a zero Hessian row)."""
     seen: set[int] = set()
     for e in examples:
-        seen.update(tokenize_instruction(tokenizer, e, max_length)[0])
+        ids = tokenize_instruction(tokenizer, e, max_length)[0]
+        seen.update(ids[:-1] if inputs_only else ids)
     return sorted(seen)
 
 

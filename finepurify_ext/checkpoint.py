@@ -498,6 +498,21 @@ def model_layout(directory: str) -> ModelLayout | None:
                        frozenset(n for n, _ in skeleton.named_parameters()), output, tied, tied_output)
 
 
+def _tokenizer_in(path: str):
+    """The tokenizer a model directory holds, to name tokens in a warning; None where it holds none
+    or it does not load (the warning then gives ids alone)."""
+    from .pipeline import TOKENIZER_VOCABULARIES
+
+    if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_VOCABULARIES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception:  # noqa: BLE001  (a name in a warning is not worth a refusal)
+        return None
+
+
 def purify_checkpoint(
     pretrained: str,
     suspect: str,
@@ -633,7 +648,8 @@ def purify_checkpoint(
             for first in range(start, rows, block):
                 count = min(block, rows - first)
                 added_h = h_ckpt.read(vocabulary, first * width, count * width, reuse=True).view(-1, width)
-                unseen_added += unseen_added_rows(first, first + count, None, added_h)
+                unseen_added += unseen_added_rows(first, first + count, None, added_h,
+                                                  f"the Hessian {h_ckpt.entries[vocabulary].file}: tensor {vocabulary!r}")
     chunk = max(1, chunk_bytes // 4)
     # The rankings that read no Hessian value per element never read the Hessian's pieces.
     reads_hessian = config.ranking == "fine_purifying"
@@ -857,7 +873,8 @@ def purify_checkpoint(
                                                           and sus_ckpt.entries[n].dtype.is_floating_point),
                               embedding_tensor=embedding, threshold_passes=threshold_passes,
                               config=asdict(config), warnings=([NOTHING_MOVED] if ranked_elements and not moved else [])
-                              + ([unseen_added_warning(unseen_added, added_rows)] if unseen_added else []),
+                              + ([unseen_added_warning(unseen_added, added_rows, _tokenizer_in(suspect))]
+                                 if unseen_added else []),
                               embedding_rule=None if embedding is None or not rows_too else
                               "hessian" if seen_tokens is None else "seen_tokens",
                               inputs=inputs or {"pretrained": os.path.abspath(pretrained),

@@ -168,8 +168,10 @@ def _warn_after_purify(report: dict, tokenizer, said_before: str | None) -> None
     if said_before:
         report.setdefault("warnings", []).insert(0, said_before)  # in the order said
     _warn_if_nothing_moved(report)
-    p = report.get("purify")
-    if p is not None and p.get("unseen_added_rows"):  # added tokens the clean data never feeds as inputs
+    # added tokens the clean data never feeds as inputs, told by the purification or, where no reset
+    # was kept, by the clean fine-tuning's inputs
+    p = report.get("purify") or report.get("added_tokens")
+    if p is not None and p.get("unseen_added_rows"):
         from .purify import unseen_added_warning
 
         warning = unseen_added_warning(p["unseen_added_rows"], p["added_rows"], tokenizer)
@@ -550,6 +552,10 @@ def cmd_purify(args) -> int:
                         "give a directory path")
     _refuse_unused(args, {"eps": args.ranking in ("magnitude", "fine_mixing")},
                    f"by --ranking {args.ranking}, which divides by no Hessian")
+    keeps_all = args.reserve_ratio == 1.0 and args.num_reset is None  # no ranking, no Hessian, nothing to guard
+    _refuse_unused(args, {**dict.fromkeys(("ranking", "eps", "literal", "hessian"), keeps_all),
+                          **{k: keeps_all and on for k, on in _guard_given_on(args).items()}},
+                   "with --reserve-ratio 1, which keeps every weight (no reset)")
     if args.hessian_file:
         return cmd_purify_checkpoint(args)
     if not args.clean_data:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import INDEX, Checkpoint, check_not_quantized, names_with_prefix
-from .data import Example, batches
+from .data import Example, batches, encode
 from .errors import UserError, first_line
 from .hessian import estimate_hessian
 from .outputs import save_atomically, write_json  # noqa: F401  (re-exported: the pipeline's writers)
@@ -136,7 +136,36 @@ def fine_purify(
             model, tokenizer, clean, validation, eval_every=finetune_config.eval_every,
             patience=finetune_config.patience, **common)
     timings["finetune"] = time.perf_counter() - start
+    if config is None and pretrained_state is not None:  # None: a plain fine-tuning baseline
+        _report_added_tokens(report, model, pretrained_state, lambda: classifier_tokens_seen(
+            tokenizer, clean, finetune_config.max_length))  # the fine-tuning part: what trains
     return report
+
+
+def classifier_tokens_seen(tokenizer, examples: Sequence[Example], max_length: int) -> list[int]:
+    """The token ids the examples' texts put into a classifier (every one is an input)."""
+    seen: set[int] = set()
+    for start in range(0, len(examples), 256):
+        for ids in encode(tokenizer, [e.text for e in examples[start:start + 256]], max_length)["input_ids"]:
+            seen.update(ids)
+    return sorted(seen)
+
+
+def _report_added_tokens(report: dict, model, pretrained_state, tokens_seen) -> None:
+    """Where no reset was done (clean fine-tuning alone), the report's ``added_tokens``: the tokens a
+    resized vocabulary added (``added_rows``, as a purification reports them) and those of them the
+    clean inputs never hold (``unseen_added_rows``; ``tokens_seen()`` gives the inputs' ids). Their
+    rows keep the suspect's values here as after a reset, and the commands warn of them alike."""
+    from .purify import unseen_added_rows, vocabulary_resizes, word_embedding_name
+
+    params = dict(model.named_parameters())
+    resized = resized_rows(model, pretrained_state, params)
+    added, _ = vocabulary_resizes({n: tuple(params[n].shape) for n in resized},
+                                  {n: pretrained_state[n].shape[0] for n in resized})
+    embedding = word_embedding_name(model, params)
+    if embedding in added:
+        report["added_tokens"] = {"added_rows": added, "unseen_added_rows": unseen_added_rows(
+            added[embedding]["pretrained_rows"], added[embedding]["rows"], tokens_seen())}
 
 
 def _hessian_report(config: HessianConfig, count: int) -> dict:
@@ -437,6 +466,11 @@ def fine_purify_lm(
         validation=validation, eval_every=finetune_config.eval_every, patience=finetune_config.patience,
         progress=progress, desc="clean fine-tune (causal LM)")
     timings["finetune"] = time.perf_counter() - start
+    if config is None and pretrained_state is not None:  # as purify_ tells them: a tied embedding's by the
+        # inputs, an untied one's by its Hessian
+        _report_added_tokens(report, model, pretrained_state, lambda: tokens_seen(
+            tokenizer, clean, finetune_config.max_length,
+            inputs_only=not input_embedding_tied(model)))
     return report
 
 
@@ -565,7 +599,8 @@ def _load_dtype(dtype: torch.dtype | None) -> dict:
     return {"dtype": value} if (major, minor) >= (4, 56) else {"torch_dtype": value}
 
 
-TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json", "chat_template.json")
 
 
 def _load_tokenizer(path: str, config: dict):

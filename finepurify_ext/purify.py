@@ -843,7 +843,9 @@ def purify_(
             unseen = _to_device_async(torch.nonzero(mask).flatten(), embedding_w.device)
             report_rule = "seen_tokens"
         else:
-            unseen, report_rule = zero_hessian_rows(mine(embedding, hessians[embedding], "Hessian")), "hessian"
+            unseen = zero_hessian_rows(mine(embedding, hessians[embedding], "Hessian"), f"the Hessian of {embedding!r}",
+                                       shards)
+            report_rule = "hessian"
     if candidates is not None:
         num_unrankable, unmoved = int(candidates[0][4]), int(candidates[0][5])
     else:
@@ -859,6 +861,19 @@ def purify_(
     report = PurifyReport(config.ranking, config.reserve_ratio, None, total, moved, num_reset,
                           kept_unscored=unscored, embedding_parameter=embedding, hessian_floor=scoring.floor,
                           threshold_passes=int(total > 0), added_rows=added, removed_rows=removed)
+    # before any reset: a damaged Hessian in the added rows is refused with the model as it came
+    vocabulary = embedding if embedding is not None else word_embedding_name(model, params)
+    if vocabulary in report.added_rows and (seen_tokens is not None or vocabulary in hessians):
+        first, rows = resized[vocabulary], params[vocabulary].shape[0]
+        if seen_tokens is None and shards is not None and _is_dtensor(hessians[vocabulary]):
+            local, start = shards.rows_from(vocabulary, hessians[vocabulary], first)  # every rank's, gathered
+            found = torch.tensor(unseen_added_rows(start, start + local.shape[0], None, local,
+                                                   f"the Hessian of {vocabulary!r}", shards), dtype=torch.long)
+            report.unseen_added_rows = sorted(set(torch.cat(shards.gathered(found)).tolist()))
+        else:
+            report.unseen_added_rows = unseen_added_rows(
+                first, rows, seen_tokens, None if seen_tokens is not None else hessians[vocabulary][first:],
+                f"the Hessian of {vocabulary!r}")
     read_counts = None
     if num_reset > 0:
 
@@ -877,16 +892,6 @@ def purify_(
                 num_reset, total)
         report.threshold = threshold
         read_counts = feed.start_masked_reset_(threshold)
-    vocabulary = embedding if embedding is not None else word_embedding_name(model, params)
-    if vocabulary in report.added_rows and (seen_tokens is not None or vocabulary in hessians):
-        first, rows = resized[vocabulary], params[vocabulary].shape[0]
-        if seen_tokens is None and shards is not None and _is_dtensor(hessians[vocabulary]):
-            local, start = shards.rows_from(vocabulary, hessians[vocabulary], first)  # every rank's, gathered
-            found = torch.tensor(unseen_added_rows(start, start + local.shape[0], None, local), dtype=torch.long)
-            report.unseen_added_rows = sorted(set(torch.cat(shards.gathered(found)).tolist()))
-        else:
-            report.unseen_added_rows = unseen_added_rows(
-                first, rows, seen_tokens, None if seen_tokens is not None else hessians[vocabulary][first:])
     embedding_reset = None
     # queued behind the reset (the embedding is not ranked: independent of it); a reserve ratio of 1
     # keeps every weight, these rows too (as out of core, and as clean fine-tuning alone in the pipeline)
@@ -943,22 +948,35 @@ def _gather(tensors, sampled, device) -> torch.Tensor:
     return torch.cat([p.to(device=device, dtype=torch.float32) for p in parts])
 
 
-def zero_hessian_rows(h: torch.Tensor) -> torch.Tensor:
-    """Indices (on ``h``'s device) of the rows of ``h`` (>= 0) that are exactly zero: one row-wise maximum."""
-    return torch.nonzero(h.amax(dim=1) == 0).flatten() if h.numel() else torch.zeros(0, dtype=torch.long)
+def zero_hessian_rows(h: torch.Tensor, what: str = "the Hessian", shards=None) -> torch.Tensor:
+    """Indices (on ``h``'s device) of the rows of ``h`` that are exactly zero: one row-wise reduction.
+    A NaN, an Inf or a negative value (a damaged Hessian, which the ops refuse where they rank) is
+    refused, naming ``what``; sharded (``shards``: ``h`` is this rank's rows), on every rank alike."""
+    if h.numel():
+        low, high = torch.aminmax(h.detach(), dim=1)
+        damaged = (~(low >= 0) | ~torch.isfinite(high)).any().to(torch.int64).view(1)  # NaN fails both tests
+        zero = torch.nonzero(high == 0).flatten()
+    else:
+        damaged, zero = torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.long, device=h.device)
+    if int(damaged[0] if shards is None else shards.summed(damaged)[0]):
+        raise UserError(f"{what} holds NaN, Inf or negative values; a squared-gradient Hessian is finite and >= 0: "
+                        "re-estimate it (did the clean loss diverge?)")
+    return zero
 
 
-def unseen_added_rows(pretrained_rows: int, rows: int, seen_tokens=None, added_hessian=None) -> list[int]:
+def unseen_added_rows(pretrained_rows: int, rows: int, seen_tokens=None, added_hessian=None,
+                      what: str = "the Hessian", shards=None) -> list[int]:
     """The rows of a grown input embedding (``rows`` of them, ``pretrained_rows`` with a pre-trained
     value) of added tokens the clean data never reaches: not among ``seen_tokens`` where given (a
     tied embedding), else of exactly zero Hessian (``added_hessian``: the Hessian's rows from
-    ``pretrained_rows`` on). They have no pre-trained value to reset to and clean fine-tuning leaves
-    them as they are: a trigger could be such a token, which the commands warn of."""
-    if rows <= pretrained_rows:
-        return []
+    ``pretrained_rows`` on; ``what`` and ``shards`` as ``zero_hessian_rows``'s). They have no
+    pre-trained value to reset to and clean fine-tuning leaves them as they are: a trigger could be
+    such a token, which the commands warn of."""
     if seen_tokens is not None:
+        if rows <= pretrained_rows:
+            return []
         return (torch.nonzero(unseen_mask(seen_tokens, rows)[pretrained_rows:]).flatten() + pretrained_rows).tolist()
-    return (zero_hessian_rows(added_hessian.detach()).cpu() + pretrained_rows).tolist()
+    return (zero_hessian_rows(added_hessian, what, shards).cpu() + pretrained_rows).tolist()
 
 
 def unseen_added_warning(unseen: list[int], added_rows: dict, tokenizer=None) -> str:

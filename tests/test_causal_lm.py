@@ -1,5 +1,6 @@
 """Causal LMs (issue 13's foundations): instruction data, batches whose loss is the responses' alone,
 and the Hessian of that loss, on tiny randomly initialised Llama and GPT-2 models."""
+import copy
 import json
 import math
 import os
@@ -453,9 +454,9 @@ def test_out_of_core_purifies_a_causal_lm_checkpoint_as_in_memory(tokenizer, lm_
 
     from finepurify_ext import cli
     from finepurify_ext.pipeline import load_causal_lm, pretrained_state_for_lm
-    from finepurify_ext.causal_lm import tokens_seen
-    from finepurify_ext.purify import (PurifyConfig, input_embedding_tied, purify_, word_embedding_name,
-                                       zero_hessian_rows)
+    from finepurify_ext.causal_lm import lm_hessian, tokens_seen
+    from finepurify_ext.purify import (PurifyConfig, input_embedding_tied, purify_, unseen_mask,
+                                       word_embedding_name, zero_hessian_rows)
 
     h = lm_dirs / "h.safetensors"
     assert cli.main(["hessian", "--model", str(lm_dirs / "suspect"), "--clean-data", str(lm_dirs / "clean.jsonl"),
@@ -474,6 +475,15 @@ def test_out_of_core_purifies_a_causal_lm_checkpoint_as_in_memory(tokenizer, lm_
     embedding = word_embedding_name(model)
     # Why the tied matrix needs the tokens: the output softmax gives every row a gradient.
     assert (len(zero_hessian_rows(load_file(h)[embedding])) == 0) == tied
+    if not tied:  # an untied one's zero rows are the tokens never an input: what a run without a Hessian reads
+        rows = model.get_input_embeddings().weight.shape[0]
+        for clean, length in ((EXAMPLES, 32), ([data.Instruction("the day", "fine film very")], 6)):
+            # cut to 6 tokens, the second ends "[SEP] fine film very": "very" only ever last, a label
+            inputs = tokens_seen(tokenizer, clean, length, inputs_only=True)
+            hessian = lm_hessian(load_causal_lm(str(lm_dirs / "suspect"), tokenizer=False)[0], tokenizer, clean, 8,
+                                 length, progress=False)[0][embedding]
+            assert zero_hessian_rows(hessian).tolist() == torch.nonzero(unseen_mask(inputs, rows)).flatten().tolist()
+        assert tokenizer.convert_tokens_to_ids("very") in set(tokens_seen(tokenizer, clean, length)) - set(inputs)
     report = purify_(model, pretrained_state_for_lm(model, str(lm_dirs / "pre")), load_file(h),
                      PurifyConfig(ranking=ranking, reserve_ratio=0.3),
                      seen_tokens=tokens_seen(tokenizer, EXAMPLES, 32) if tied else None)
@@ -915,7 +925,9 @@ def _resized_suspect(tokenizer, lm_dirs, added=3):
             if p.shape[0] == vocab + added:
                 p[vocab:] += torch.randn(p[vocab:].shape, generator=gen)
     model.save_pretrained(lm_dirs / "resized", safe_serialization=True)
-    tokenizer.save_pretrained(lm_dirs / "resized")
+    grown = copy.deepcopy(tokenizer)
+    assert grown.add_tokens([f"<new{i}>" for i in range(added)]) == added
+    grown.save_pretrained(lm_dirs / "resized")
     return lm_dirs / "resized", model
 
 
@@ -993,7 +1005,7 @@ def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_
     assert few_rows.unseen_added_rows == report.unseen_added_rows
     assert f"the {added * width * len(grown)} weights of the {added} tokens added to the vocabulary" in said
     warning = (f"the clean data never feeds {added} of the {added} tokens added to the vocabulary to the model as an "
-               f"input (ids {vocab}, ")
+               f"input (ids {vocab} '<new0>', {vocab + 1} '<new1>', ")  # named by the suspect's tokenizer
     assert warning in ooc_report["warnings"][0] and warning in captured.err
 
     # In memory from the command line: accepted, the added rows kept and said.
@@ -1008,6 +1020,16 @@ def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_
     written, _ = load_causal_lm(str(lm_dirs / "mem"), tokenizer=False)
     for n in grown:
         assert torch.equal(written.get_parameter(n)[vocab:], before[n][vocab:]), n
+
+    # No reset kept (--reserve-ratio 1; the collapse guard's last fallback alike): warned of all the same,
+    # told by the clean inputs' tokens (an untied embedding's without each sequence's last one).
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(resized_dir),
+                     "--clean-data", str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / "unreset"),
+                     "--reserve-ratio", "1", "--finetune-steps", "1", "--max-length", "32", "--device", "cpu"]) == 0
+    assert warning in capsys.readouterr().err
+    unreset = json.loads((lm_dirs / "unreset" / "finepurify_report.json").read_text())
+    assert "purify" not in unreset and unreset["added_tokens"] == {"added_rows": report.added_rows,
+                                                                   "unseen_added_rows": report.unseen_added_rows}
 
 
 def test_a_padded_vocabulary_cut_to_its_tokenizer_is_purified_against_the_first_rows(tokenizer, lm_dirs, capsys):

@@ -497,7 +497,7 @@ def test_missing_tokenizer_is_refused(models, tmp_path, capsys, name):
           "no tokenizer", inputs=[suspect])
 
 
-@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.json"])
 def test_a_damaged_tokenizer_file_is_named(models, tmp_path, capsys, name):
     suspect = copy_model(models, tmp_path, "suspect")
     (suspect / name).write_text('{"truncated": ')
@@ -736,6 +736,11 @@ def test_option_errors_are_one_line(capsys, args, said):
      "backdoor"),
     ("purify", ["--finetune-steps", "0", "--lr", "1e-4", "--patience", "2"], "--lr, --patience are not used with "
      "--finetune-steps 0 (no clean fine-tuning): leave them out"),
+    ("purify", ["--reserve-ratio", "1", "--ranking", "magnitude", "--hessian", "per-sample", "--collapse-tolerance",
+                "0.1"], "--ranking, --hessian, --collapse-tolerance are not used with --reserve-ratio 1, which keeps "
+     "every weight (no reset): leave them out"),
+    ("purify-out-of-core", ["--reserve-ratio", "1", "--eps", "1e-6"], "--eps is not used with --reserve-ratio 1"),
+    ("purify", ["--reserve-ratio", "1.0", "--literal"], "--literal is not used with --reserve-ratio 1"),
 ])
 def test_option_combinations(models, tmp_path, capsys, name, extra, fragment):
     fails(command(name, models, str(tmp_path / "out")) + extra, capsys, fragment)

@@ -520,6 +520,18 @@ def _sharded_refusals(rank):
         hs[name] = distribute_tensor(hs[name], mesh, [Replicate()])
         with pytest.raises(ValueError, match=f"Hessian of '{name}' is .*sharded.*parameter"):
             purify_(model, pre, hs, PurifyConfig())
+    # A NaN in the embedding's Hessian on one rank's rows (an added row, which no op ranks): every
+    # rank refuses it, under either embedding rule, the model as it came.
+    placements = next(model.parameters()).placements
+    for config in (PurifyConfig(), PurifyConfig(embeddings="ranked")):
+        pre, hs = toy_state()
+        pre["embed.weight"] = pre["embed.weight"][:20]
+        hs["embed.weight"][22, 3] = float("nan")  # rank 1's rows; rank 0 holds none of the added ones
+        hs = {n: distribute_tensor(h, mesh, placements) for n, h in hs.items()}
+        before = {n: p.full_tensor() for n, p in model.named_parameters()}
+        with pytest.raises(UserError, match="the Hessian of 'embed.weight' holds NaN, Inf or negative values"):
+            purify_(model, pre, hs, config)
+        assert all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters()), config
     params = {"w": distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)])}
     with pytest.raises(ValueError, match="'w' is placed as .*Shard\\(dim=1\\).*sharded on dim 0"):
         Shards.of(params, ["w"])

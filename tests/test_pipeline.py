@@ -10,9 +10,10 @@ import torch
 
 pytest.importorskip("transformers", reason="the pipeline needs transformers (pip install transformers)")
 
-from finepurify_ext import cli, data, ops  # noqa: E402
+from finepurify_ext import cli, data, ops, pipeline  # noqa: E402
 from finepurify_ext import reference as ref  # noqa: E402
 from finepurify_ext.attacks import Attack, poison  # noqa: E402
+from finepurify_ext.errors import UserError  # noqa: E402
 from finepurify_ext.hessian import estimate_hessian  # noqa: E402
 from finepurify_ext.pipeline import (FinetuneConfig, ModelError, SelectionConfig, fine_purify,  # noqa: E402
                                      fine_purify_auto, load_classifier, pick_reserve_ratio,
@@ -1229,7 +1230,8 @@ def test_the_purified_copy_has_the_suspects_tokenizer_files_as_they_are(model_di
     load_classifier(str(out))  # and it loads
 
 
-def test_a_classifier_with_a_resized_vocabulary_is_purified_its_added_rows_kept(model_dirs, tokenizer, tmp_path):
+def test_a_classifier_with_a_resized_vocabulary_is_purified_its_added_rows_kept(model_dirs, tokenizer, tmp_path,
+                                                                                 capsys):
     """A BERT classifier fine-tuned after tokens were added (resize_token_embeddings): the
     pre-trained checkpoint is a base model (other names), and out of core resets the weights
     ``purify_`` resets; the added rows are copied. It was refused as another architecture."""
@@ -1264,3 +1266,56 @@ def test_a_classifier_with_a_resized_vocabulary_is_purified_its_added_rows_kept(
     assert torch.equal(written[name][vocab:], before[vocab:])
     assert cli.main(["purify", "--pretrained", pre, "--suspect", resized, "--clean-data", clean, "--out",
                      str(tmp_path / "mem"), "--finetune-steps", "0"]) == 0
+    warning = "the clean data never feeds 2 of the 2 tokens added to the vocabulary to the model as an input"
+    assert warning in capsys.readouterr().err
+
+    # No reset kept (a reserve ratio of 1, or the guard's or the selection's fallback): the added rows
+    # are the suspect's all the same, and the warning is given alike, told by the clean inputs' tokens.
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", resized, "--clean-data", clean, "--out",
+                     str(tmp_path / "unreset"), "--reserve-ratio", "1", "--finetune-steps", "1"]) == 0
+    assert warning in capsys.readouterr().err
+    unreset = json.load(open(tmp_path / "unreset" / "finepurify_report.json"))
+    assert "purify" not in unreset and unreset["added_tokens"] == {
+        "added_rows": report.added_rows, "unseen_added_rows": [vocab, vocab + 1]}
+    added = {}
+    pipeline._report_added_tokens(added, model, pretrained_state_for(model, pre), lambda: [3, vocab])
+    assert added["added_tokens"]["unseen_added_rows"] == [vocab + 1]  # a token the inputs hold is seen
+
+    # A damaged Hessian in the added rows (not ranked: no op sees them) is refused before any reset,
+    # in memory with either embedding rule and out of core, as one in the ranked rows is.
+    from safetensors.torch import save_file
+
+    damaged = load_file(str(h))
+    damaged[name][vocab + 1, 3] = float("nan")
+    nan_h = tmp_path / "nan_h.safetensors"
+    save_file(damaged, str(nan_h))
+    for embeddings in ("separate", "ranked"):
+        model, _, _ = load_classifier(resized)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with pytest.raises(UserError, match=f"the Hessian of '{name}' holds NaN, Inf or negative values"):
+            purify_(model, pretrained_state_for(model, pre), damaged, PurifyConfig(reserve_ratio=0.5,
+                                                                                   embeddings=embeddings))
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), embeddings
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", resized, "--hessian-file", str(nan_h), "--out",
+                     str(tmp_path / "refused"), "--reserve-ratio", "0.5"]) == 2
+    assert f"nan_h.safetensors: tensor '{name}' holds NaN, Inf or negative values" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_zero_hessian_rows_refuses_a_damaged_hessian():
+    """The embedding rule's zero rows, by one row-wise reduction: a -0.0 row is zero; a NaN, +-Inf
+    or negative value anywhere is refused (float32 and bfloat16); empty Hessians pass."""
+    from finepurify_ext.purify import zero_hessian_rows
+
+    for dtype in (torch.float32, torch.bfloat16):
+        h = torch.rand(9, 5, generator=torch.Generator().manual_seed(4)).to(dtype)
+        h[[1, 6]] = 0
+        h[4] = -0.0
+        assert zero_hessian_rows(h).tolist() == [1, 4, 6]
+        for bad in (float("nan"), float("inf"), -float("inf"), -1e-3):
+            damaged = h.clone()
+            damaged[6, 2] = bad  # in a row that was zero too
+            with pytest.raises(UserError, match="the Hessian of 'w' holds NaN, Inf or negative values"):
+                zero_hessian_rows(damaged, "the Hessian of 'w'")
+        assert zero_hessian_rows(torch.zeros(0, 5, dtype=dtype)).tolist() == []
+        assert zero_hessian_rows(torch.zeros(3, 0, dtype=dtype)).tolist() == []
