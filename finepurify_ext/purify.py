@@ -953,8 +953,10 @@ def zero_hessian_rows(h: torch.Tensor, what: str = "the Hessian", shards=None) -
     A NaN, an Inf or a negative value (a damaged Hessian, which the ops refuse where they rank) is
     refused, naming ``what``; sharded (``shards``: ``h`` is this rank's rows), on every rank alike."""
     if h.numel():
-        low, high = torch.aminmax(h.detach(), dim=1)
-        damaged = (~(low >= 0) | ~torch.isfinite(high)).any().to(torch.int64).view(1)  # NaN fails both tests
+        # a row maximum (NaN and +Inf carry into it) and one minimum over all: a row-wise aminmax
+        # takes four times a row-wise amax on a CPU (38 against 9 ms for OPT-125m's embedding)
+        high = h.detach().amax(dim=1)
+        damaged = (~(h.detach().amin() >= 0) | ~torch.isfinite(high).all()).to(torch.int64).view(1)  # NaN fails both
         zero = torch.nonzero(high == 0).flatten()
     else:
         damaged, zero = torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.long, device=h.device)
