@@ -773,14 +773,14 @@ def purify_(
     shards = Shards.of(params, scored + ([embedding] if embedding is not None and embedding not in scored else []),
                        group, rows=resized)
 
-    def mine(name, t, what):  # this rank's part of the rows with a pre-trained value (a view)
+    def mine(name, t, what, other_rows=False):  # this rank's part of the rows with a pre-trained value (a view)
         if shards is not None:
-            return shards.local(name, t, what)
+            return shards.local(name, t, what, other_rows)
         return t.detach()[:resized[name]] if name in resized else t  # leading rows: contiguous, written in place
 
     # The parameters themselves (under no_grad, no .data view per tensor), or their local shards.
     ft = [mine(n, params[n], "parameter") for n in ranked]
-    pre = [mine(n, pretrained_state[n], "pre-trained tensor") for n in ranked]
+    pre = [mine(n, pretrained_state[n], "pre-trained tensor", True) for n in ranked]
     hs = [mine(n, hessians[n], "Hessian") for n in ranked]
 
     def named_error(op_error):
@@ -899,7 +899,7 @@ def purify_(
         report.embedding_rule = report_rule
         with torch.no_grad():
             embedding_reset = reset_moved_rows_(embedding_w, mine(embedding, pretrained_state[embedding],
-                                                                  "pre-trained tensor"), unseen, read=False)
+                                                                  "pre-trained tensor", True), unseen, read=False)
 
     if sampled:  # and whether each sampled element was reset
         flags = _gather(ft, sampled, device) != before

@@ -78,10 +78,18 @@ class Shards:
         shape = self.local_shape[name]
         return self.first_row[name] * (shape[1:].numel() if len(shape) else 1)
 
-    def local(self, name: str, t: torch.Tensor, what: str) -> torch.Tensor:
+    def local(self, name: str, t: torch.Tensor, what: str, other_rows: bool = False) -> torch.Tensor:
         """This rank's part of ``t`` for parameter ``name``: a DTensor's local tensor (which must be
-        placed like the parameter), or the same rows of a full tensor (a view)."""
-        if _is_dtensor(t):
+        placed like the parameter), or the same rows of a full tensor (a view). ``other_rows``: ``t``
+        may have other rows than a resized parameter (a pre-trained tensor), and a copy of its rows is
+        taken where it is a DTensor."""
+        if other_rows and _is_dtensor(t) and name in self.rows and tuple(t.shape) != self.whole_shape[name]:
+            # A pre-trained tensor of the other vocabulary (so split into other rows): gathered whole, on
+            # every rank at once (one tensor, the vocabulary's), and this rank's rows copied out of it.
+            first, count = self.first_row[name], self.local_shape[name][0]
+            with torch.no_grad():
+                local = t.full_tensor()[first:first + count].clone()
+        elif _is_dtensor(t):
             with torch.no_grad():  # the tensor itself, not a differentiable view: resets write into it
                 local = t.to_local()
             if name in self.rows:  # the rank's rows of the first ones, where t is split as the parameter is

@@ -440,14 +440,14 @@ def _resized_vocabulary(rank, rows):
     (tokens added) or more (a padded vocabulary cut) than its 23."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     from finepurify_ext.purify import PurifyConfig, purify_
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for config in (PurifyConfig(), PurifyConfig(ranking="fine_mixing"), PurifyConfig(embeddings="ranked")):
         for seen in (None, [0, 1, 3, 4, 9, 21]):  # 21: an added token's
-            for hessians_as in ("whole", "dtensors"):
+            for hessians_as, pre_as in (("whole", "whole"), ("dtensors", "whole"), ("dtensors", "dtensors")):
                 pre, hs = toy_state()
                 hs["embed.weight"][22] = 0  # a token the clean data never reaches
                 unreached = [i for i in range(rows, 23) if not hs["embed.weight"][i].any()]
@@ -460,8 +460,10 @@ def _resized_vocabulary(rank, rows):
                 if hessians_as == "dtensors":
                     placements = next(model.parameters()).placements
                     hs = {n: distribute_tensor(h, mesh, placements) for n, h in hs.items()}
+                if pre_as == "dtensors":  # as the pre-trained model's own FSDP2 shards: its rows split otherwise
+                    pre = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in pre.items()}
                 got = purify_(model, pre, hs, config, seen_tokens=seen)
-                where = (rows, config, seen, hessians_as)
+                where = (rows, config, seen, hessians_as, pre_as)
                 for name, p in one.named_parameters():
                     assert torch.equal(dict(model.named_parameters())[name].full_tensor(), p.detach()), (where, name)
                 for field in ("threshold", "ranked_elements", "num_reset", "reset_per_parameter", "embedding_rows_reset",
@@ -509,8 +511,9 @@ def _sharded_refusals(rank):
     with pytest.raises(ValueError, match="Hessian of 'mid.weight' is sharded unlike the parameter"):
         purify_(model, pre, hs, PurifyConfig())
     pre, hs = toy_state()
-    pre["embed.weight"] = distribute_tensor(pre["embed.weight"][:20], mesh, [Shard(0)])  # split unlike the parameter
-    with pytest.raises(ValueError, match="pre-trained tensor of 'embed.weight' is a DTensor of shape \\[20, 8\\] "
+    pre["embed.weight"] = pre["embed.weight"][:20]
+    hs["embed.weight"] = distribute_tensor(hs["embed.weight"][:20], mesh, [Shard(0)])  # the pre-trained model's rows
+    with pytest.raises(ValueError, match="Hessian of 'embed.weight' is a DTensor of shape \\[20, 8\\] "
                                          "placed as .*, the parameter \\[23, 8\\] placed as .*; pass it whole"):
         purify_(model, pre, hs, PurifyConfig())
     pre, hs = toy_state()
