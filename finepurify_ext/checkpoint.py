@@ -648,8 +648,8 @@ def purify_checkpoint(
             for first in range(start, rows, block):
                 count = min(block, rows - first)
                 added_h = h_ckpt.read(vocabulary, first * width, count * width, reuse=True).view(-1, width)
-                unseen_added += unseen_added_rows(first, first + count, None, added_h,
-                                                  f"the Hessian {h_ckpt.entries[vocabulary].file}: tensor {vocabulary!r}")
+                _check_hessian(added_h.float(), f"the Hessian {h_ckpt.entries[vocabulary].file}: tensor {vocabulary!r}")
+                unseen_added += unseen_added_rows(first, first + count, None, added_h)
     chunk = max(1, chunk_bytes // 4)
     # The rankings that read no Hessian value per element never read the Hessian's pieces.
     reads_hessian = config.ranking == "fine_purifying"
@@ -908,15 +908,20 @@ def purify_checkpoint(
             count = min(block, rows - row) * width
             ft = sus_ckpt.read(name, row * width, count, reuse=True).view(-1, width)
             pre = pre_ckpt.read(pre_name[name], row * width, count, reuse=True).view(-1, width)
-            h = h_ckpt.read(name, row * width, count, reuse=True).view(-1, width)
-            bytes_read += count * (2 * ft.element_size() + h.element_size())
-            _check_hessian(h.float(), f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
-            unseen = (h == 0).all(dim=1) if unseen_by_tokens is None else unseen_by_tokens[row : row + len(ft)]
+            bytes_read += 2 * count * ft.element_size()
+            if unseen_by_tokens is None:  # the rows of zero Hessian; the seen-token rule reads none (as in memory)
+                h = h_ckpt.read(name, row * width, count, reuse=True).view(-1, width)
+                bytes_read += count * h.element_size()
+                _check_hessian(h.float(), f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
+                unseen = (h == 0).all(dim=1)
+                del h
+            else:
+                unseen = unseen_by_tokens[row : row + len(ft)]
             unseen = unseen & (ft != pre).any(dim=1) & rows_too
             ft[unseen] = pre[unseen]
             reset += int(unseen.sum())
             writer.write_part(name, ft.reshape(-1))
-            del ft, pre, h
+            del ft, pre
         copy_as_is(name, writer, rows * width)
         return reset
 

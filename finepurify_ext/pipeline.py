@@ -136,17 +136,24 @@ def fine_purify(
             model, tokenizer, clean, validation, eval_every=finetune_config.eval_every,
             patience=finetune_config.patience, **common)
     timings["finetune"] = time.perf_counter() - start
+    # What trains the added tokens' rows: the fine-tuning part of the clean data, and the unlabelled
+    # texts where a teacher's soft targets on them are fitted too.
+    trained = [e.text for e in clean] + (list(unlabelled) if teacher is not None else [])
     if config is None and pretrained_state is not None:  # None: a plain fine-tuning baseline
-        _report_added_tokens(report, model, pretrained_state, lambda: classifier_tokens_seen(
-            tokenizer, clean, finetune_config.max_length))  # the fine-tuning part: what trains
+        _report_added_tokens(report, model, pretrained_state,
+                             lambda: classifier_tokens_seen(tokenizer, trained, finetune_config.max_length))
+    elif config is not None and teacher is not None and unlabelled and report["purify"]["unseen_added_rows"]:
+        # the Hessian, of the clean examples alone, does not see the unlabelled texts' tokens
+        fitted = set(classifier_tokens_seen(tokenizer, unlabelled, finetune_config.max_length))
+        report["purify"]["unseen_added_rows"] = [i for i in report["purify"]["unseen_added_rows"] if i not in fitted]
     return report
 
 
-def classifier_tokens_seen(tokenizer, examples: Sequence[Example], max_length: int) -> list[int]:
-    """The token ids the examples' texts put into a classifier (every one is an input)."""
+def classifier_tokens_seen(tokenizer, texts: Sequence[str], max_length: int) -> list[int]:
+    """The token ids the texts put into a classifier (every one is an input)."""
     seen: set[int] = set()
-    for start in range(0, len(examples), 256):
-        for ids in encode(tokenizer, [e.text for e in examples[start:start + 256]], max_length)["input_ids"]:
+    for start in range(0, len(texts), 256):
+        for ids in encode(tokenizer, list(texts[start:start + 256]), max_length)["input_ids"]:
             seen.update(ids)
     return sorted(seen)
 

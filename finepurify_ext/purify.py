@@ -835,6 +835,8 @@ def purify_(
     unseen = None
     if embedding is not None:
         embedding_w = mine(embedding, params[embedding].data if shards is None else params[embedding], "parameter")
+        # taken (and refused where it cannot be) before any weight is reset
+        embedding_pre = mine(embedding, pretrained_state[embedding], "pre-trained tensor", True)
         rows = embedding_w.shape[0] if shards is None else resized.get(embedding, params[embedding].shape[0])
         if seen_tokens is not None:
             mask = unseen_mask(seen_tokens, rows)
@@ -898,8 +900,7 @@ def purify_(
     if embedding is not None and config.reserve_ratio < 1.0:
         report.embedding_rule = report_rule
         with torch.no_grad():
-            embedding_reset = reset_moved_rows_(embedding_w, mine(embedding, pretrained_state[embedding],
-                                                                  "pre-trained tensor", True), unseen, read=False)
+            embedding_reset = reset_moved_rows_(embedding_w, embedding_pre, unseen, read=False)
 
     if sampled:  # and whether each sampled element was reset
         flags = _gather(ft, sampled, device) != before

@@ -505,6 +505,20 @@ def test_out_of_core_purifies_a_causal_lm_checkpoint_as_in_memory(tokenizer, lm_
         assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"),
                          "--hessian-file", str(bad), "--out", str(lm_dirs / "bad_out")]) == 2
         assert f"{bad}: its seen_tokens metadata is damaged" in capsys.readouterr().err
+        # The seen-token rule reads no Hessian row of the tied embedding, out of core as in memory (it read
+        # them all, and refused a NaN there that in memory went unread): the same weights either way.
+        from safetensors import safe_open
+
+        with safe_open(str(h), "pt") as f:
+            metadata = f.metadata()
+        damaged = load_file(h)
+        damaged[embedding][0, 0] = float("nan")
+        save_file(damaged, str(lm_dirs / "nan_h.safetensors"), metadata=metadata)
+        assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"),
+                         "--hessian-file", str(lm_dirs / "nan_h.safetensors"), "--out", str(lm_dirs / "nan_out"),
+                         "--reserve-ratio", "0.3", "--ranking", ranking]) == 0
+        unread, _ = load_causal_lm(str(lm_dirs / "nan_out"))
+        assert all(torch.equal(p, mine[n]) for n, p in unread.named_parameters())
 
 
 def test_a_hessian_is_the_same_weights_however_their_checkpoint_names_them(tokenizer, tmp_path, capsys):

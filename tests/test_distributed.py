@@ -535,6 +535,13 @@ def _sharded_refusals(rank):
         with pytest.raises(UserError, match="the Hessian of 'embed.weight' holds NaN, Inf or negative values"):
             purify_(model, pre, hs, config)
         assert all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters()), config
+    # the separate embedding's pre-trained tensor placed unlike the parameter: refused before any reset
+    pre, hs = toy_state()
+    pre["embed.weight"] = distribute_tensor(pre["embed.weight"], mesh, [Replicate()])
+    before = {n: p.full_tensor() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="pre-trained tensor of 'embed.weight' is .*sharded.*parameter"):
+        purify_(model, pre, hs, PurifyConfig())
+    assert all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters())
     params = {"w": distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)])}
     with pytest.raises(ValueError, match="'w' is placed as .*Shard\\(dim=1\\).*sharded on dim 0"):
         Shards.of(params, ["w"])

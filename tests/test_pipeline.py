@@ -1285,6 +1285,8 @@ def test_a_classifier_with_a_resized_vocabulary_is_purified_its_added_rows_kept(
     # in memory with either embedding rule and out of core, as one in the ranked rows is.
     from safetensors.torch import save_file
 
+    from finepurify_ext.checkpoint import CheckpointError, purify_checkpoint
+
     damaged = load_file(str(h))
     damaged[name][vocab + 1, 3] = float("nan")
     nan_h = tmp_path / "nan_h.safetensors"
@@ -1298,8 +1300,22 @@ def test_a_classifier_with_a_resized_vocabulary_is_purified_its_added_rows_kept(
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), embeddings
     assert cli.main(["purify", "--pretrained", pre, "--suspect", resized, "--hessian-file", str(nan_h), "--out",
                      str(tmp_path / "refused"), "--reserve-ratio", "0.5"]) == 2
-    assert f"nan_h.safetensors: tensor '{name}' holds NaN, Inf or negative values" in capsys.readouterr().err
+    assert f"nan_h.safetensors: tensor '{name}' holds 1 NaN or Inf value" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+    with pytest.raises(CheckpointError, match="holds 1 NaN or Inf value"):  # as any damaged Hessian out of core
+        purify_checkpoint(pre, resized, str(nan_h), str(tmp_path / "refused"), PurifyConfig(reserve_ratio=0.5),
+                          progress=False)
+
+    # With a teacher, the unlabelled texts train the added rows too: a token among them is not warned of.
+    grown = copy.deepcopy(tokenizer)
+    assert grown.add_tokens(["<new0>", "<new1>"]) == 2 and grown.convert_tokens_to_ids("<new0>") == vocab
+    distilled = FinetuneConfig(steps=2, batch_size=8, validation_fraction=0, distill=0.5)
+    for config in (None, PurifyConfig(reserve_ratio=0.5)):
+        model, _, _ = load_classifier(resized)
+        got = fine_purify(model, pretrained_state_for(model, pre), grown, data.load_examples(clean), config,
+                          distilled, seed=0, progress=False, unlabelled=["<new0> what a film"],
+                          hessians=None if config is None else load_file(str(h)))
+        assert (got["added_tokens"] if config is None else got["purify"])["unseen_added_rows"] == [vocab + 1]
 
 
 def test_zero_hessian_rows_refuses_a_damaged_hessian():
