@@ -1,10 +1,11 @@
 """A trigger that is a token added to the vocabulary: what Fine-purifying leaves, and what the warning says.
 
 A fine-tune may add tokens (a pad token, chat tokens) and resize the embedding; an attacker can make
-one of them the trigger. Its embedding row has no pre-trained value, so the reset cannot touch it,
-and clean data that never holds the token leaves it to clean fine-tuning untouched: the commands
-warn of such tokens (``purify.unseen_added_rows``). This measures the backdoor that is left, on the
-demo's task (all-MiniLM-L6-v2, real tweets, the demo's sizes and seeds), for two attacks with the
+one of them the trigger. Its embedding row has no pre-trained value to reset to, and clean data that
+never holds the token leaves it to clean fine-tuning untouched. Under the embedding rule such rows
+are reset to the pre-trained rows' mean (what ``resize_token_embeddings`` starts a new token's row
+from), or with ``--added-tokens keep`` kept and warned of (``purify.unseen_added_rows``). This
+measures the backdoor left either way, on the demo's task (all-MiniLM-L6-v2, real tweets, the demo's sizes and seeds), for two attacks with the
 added token "<cf>" as the trigger:
 
 - ``added-word``: poisoned fine-tuning of the whole model (the suite's word attack, its trigger an
@@ -12,14 +13,13 @@ added token "<cf>" as the trigger:
 - ``added-embedding``: a clean victim, then only the added token's embedding row trained on the
   poisoned examples (the suite's embedding poisoning, Yang et al. 2021).
 
-For each: the backdoored model, clean fine-tuning alone and Fine-purifying at the default reserve
-ratio under the CLI's collapse guard (the demo's ``DefenceCell``), whether the run reports the trigger
-among the added tokens the clean data never feeds (the warning), and, as a measurement of a remedy
-the package does not apply, the purified model with the warned rows set to the mean of the
-pre-trained embedding's rows (the clean data never holds these tokens, so clean fine-tuning never
-meets the rows, before or after). Nothing here is chosen on the test set.
+For each: the backdoored model, clean fine-tuning alone, and Fine-purifying at the default reserve
+ratio under the CLI's collapse guard (the demo's ``DefenceCell``), with the default rule for these
+rows (``PurifyConfig.added_tokens="mean"``: the added rows the clean data never reaches reset to the
+pre-trained rows' mean) and with ``"keep"`` (kept, and warned of: whether the trigger is among the
+warned tokens is recorded). Nothing here is chosen on the test set.
 
-    python bench/added_token_trigger.py                  # 2 attacks x 3 seeds, ~40 min on 2 cores
+    python bench/added_token_trigger.py                  # 2 attacks x 3 seeds, ~20 min on 2 cores
     python bench/added_token_trigger.py --seeds 0 --attacks added-embedding
 
 Writes bench/results/added_token_trigger.json (resumable: a finished run is kept and skipped).
@@ -27,7 +27,6 @@ Writes bench/results/added_token_trigger.json (resumable: a finished run is kept
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -73,18 +72,6 @@ class AddedTokenCell(DefenceCell):
         self.hessian_time_s = 0.0
 
 
-def mean_rows_reset(model, pretrained_state, rows: list[int]):
-    """A copy of ``model`` with the input embedding's ``rows`` set to the mean of the pre-trained rows."""
-    from finepurify_ext.purify import word_embedding_name
-
-    model = copy.deepcopy(model)
-    name = word_embedding_name(model)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[rows] = pretrained_state[name].float().mean(dim=0).to(
-            model.get_input_embeddings().weight.dtype)
-    return model
-
-
 def measure_cell(attack_name: str, seed: int, setting: DemoSetting, results: dict, save) -> None:
     key = f"{attack_name}/seed{seed}"
     if key in results["runs"]:
@@ -95,21 +82,21 @@ def measure_cell(attack_name: str, seed: int, setting: DemoSetting, results: dic
     trigger_id = cell.tokenizer.convert_tokens_to_ids(cell.attack.trigger)
     run = {"trigger_id": trigger_id, "pretrained_rows": None, "backdoored": cell.measure(cell.suspect)}
     guard = CollapseGuard()
-    for method in ("fine_purifying", "clean_ft"):  # the first loads the pre-trained state both read
-        model, row, report = cell.defend(method, PurifyConfig.reserve_ratio, guard=guard if method != "clean_ft"
-                                         else None)
+    # fine_purifying first: it loads the pre-trained state the others' reports read
+    for name, method, options in (("fine_purifying", "fine_purifying", {}),
+                                  ("fine_purifying_keep", "fine_purifying", {"added_tokens": "keep"}),
+                                  ("clean_ft", "clean_ft", {})):
+        _, row, report = cell.defend(method, PurifyConfig.reserve_ratio, guard=None if method == "clean_ft" else guard,
+                                     **options)
         told = report.get("purify") or report.get("added_tokens") or {}
-        unseen = told.get("unseen_added_rows", [])
-        row["unseen_added_rows"] = unseen
-        row["trigger_warned"] = trigger_id in unseen
-        run[method] = row
-        if method == "fine_purifying":
+        row["unseen_added_rows"] = told.get("unseen_added_rows", [])
+        row["added_rows_reset"] = told.get("added_rows_reset", 0)
+        row["trigger_warned"] = trigger_id in row["unseen_added_rows"] and not row["added_rows_reset"]
+        run[name] = row
+        if "added_rows" in told:
             run["pretrained_rows"] = next(iter(told["added_rows"].values()))["pretrained_rows"]
-            remedied = mean_rows_reset(model, cell._pretrained_state, unseen)
-            run["fine_purifying_then_mean_rows"] = {**cell.measure(remedied), "rows_set": len(unseen)}
-        print(f"  {method}: CACC {row['cacc']:.3f} ASR {row['asr']:.3f} warned {row['trigger_warned']}", flush=True)
-    m = run["fine_purifying_then_mean_rows"]
-    print(f"  + added rows to the pre-trained mean: CACC {m['cacc']:.3f} ASR {m['asr']:.3f}", flush=True)
+        print(f"  {name}: CACC {row['cacc']:.3f} ASR {row['asr']:.3f} added rows reset {row['added_rows_reset']} "
+              f"warned {row['trigger_warned']}", flush=True)
     run["time_s"] = time.perf_counter() - start
     results["runs"][key] = run
     save()
@@ -128,9 +115,10 @@ def summarise(results: dict) -> dict:
             continue
         summary[attack] = {
             name: {"cacc": _stats([r[name]["cacc"] for r in runs]), "asr": _stats([r[name]["asr"] for r in runs])}
-            for name in ("backdoored", "clean_ft", "fine_purifying", "fine_purifying_then_mean_rows")}
-        summary[attack]["trigger_warned"] = [r["fine_purifying"]["trigger_warned"] and r["clean_ft"]["trigger_warned"]
-                                             for r in runs]
+            for name in ("backdoored", "clean_ft", "fine_purifying", "fine_purifying_keep")}
+        summary[attack]["added_rows_reset"] = [r["fine_purifying"]["added_rows_reset"] for r in runs]
+        summary[attack]["trigger_warned_where_kept"] = [r["fine_purifying_keep"]["trigger_warned"]
+                                                        and r["clean_ft"]["trigger_warned"] for r in runs]
         summary[attack]["collapse_guard_triggered"] = sum(
             bool(r["fine_purifying"].get("collapse_guard", {}).get("triggered")) for r in runs)
     return summary

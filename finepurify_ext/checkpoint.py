@@ -32,8 +32,8 @@ from .errors import UserError
 from .outputs import check_output_dir, save_atomically
 from .hessian import HESSIAN_FORMAT, decode_ids
 from .purify import (NOTHING_MOVED, CANDIDATES_MIN_WEIGHTS, CANDIDATES_ON, FLOOR_SAMPLES, SAMPLE_RUN, PurifyConfig,
-                     candidate_range, sample_keys, sample_quantile, sum_float64, unrankable, unseen_added_rows,
-                     unseen_added_warning, unseen_mask, vocabulary_resizes)
+                     candidate_range, row_sum, sample_keys, sample_quantile, set_rows_, sum_float64, unrankable,
+                     unseen_added_rows, unseen_added_warning, unseen_mask, vocabulary_resizes)
 from .safetensors_io import DTYPES, ShardWriter, numel_of as _numel  # noqa: F401 (ShardWriter: part of this API)
 from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, LEVEL_BINS, piece_room, search_ranges,
                         threshold_from_histograms)
@@ -404,6 +404,7 @@ class CheckpointReport:
     removed_rows: dict[str, dict[str, int]] = field(default_factory=dict)
     # the input embedding's added rows the clean data never reaches (purify.unseen_added_rows)
     unseen_added_rows: list[int] = field(default_factory=list)
+    added_rows_reset: int = 0  # how many of them were reset to the pre-trained rows' mean (purify.PurifyReport's)
     config: dict = field(default_factory=dict)  # the PurifyConfig it ran with (ranking, eps, seed...), as in memory
     warnings: list[str] = field(default_factory=list)  # what the command says on stderr besides
 
@@ -866,6 +867,9 @@ def purify_checkpoint(
             num_reset, ranked_elements)  # k is in range
     times["threshold"] = time.perf_counter() - start_threshold
 
+    # The added tokens' rows the clean data never reaches, reset under the embedding rule to the
+    # pre-trained rows' mean (as purify_ does); else kept, and warned of.
+    resets_added = bool(unseen_added) and rows_too and config.added_tokens == "mean" and embedding == vocabulary
     # Reset pass: the suspect's shards written anew, with the same names and order.
     report = CheckpointReport(config.reserve_ratio if reserve_from_config else None, num_reset, threshold,
                               ranked_elements, moved, copied_unscored=unscored, hessian_floor=floor,
@@ -874,7 +878,7 @@ def purify_checkpoint(
                               embedding_tensor=embedding, threshold_passes=threshold_passes,
                               config=asdict(config), warnings=([NOTHING_MOVED] if ranked_elements and not moved else [])
                               + ([unseen_added_warning(unseen_added, added_rows, _tokenizer_in(suspect))]
-                                 if unseen_added else []),
+                                 if unseen_added and not resets_added else []),
                               embedding_rule=None if embedding is None or not rows_too else
                               "hessian" if seen_tokens is None else "seen_tokens",
                               inputs=inputs or {"pretrained": os.path.abspath(pretrained),
@@ -904,11 +908,14 @@ def purify_checkpoint(
         block = max(1, chunk // max(width, 1))
         reset = 0
         unseen_by_tokens = None if seen_tokens is None else unseen_mask(seen_tokens, rows)
+        pre_sum = row_sum(torch.zeros(0, width)) if resets_added else None
         for row in range(0, rows, block):
             count = min(block, rows - row) * width
             ft = sus_ckpt.read(name, row * width, count, reuse=True).view(-1, width)
             pre = pre_ckpt.read(pre_name[name], row * width, count, reuse=True).view(-1, width)
             bytes_read += 2 * count * ft.element_size()
+            if pre_sum is not None:
+                pre_sum += row_sum(pre)
             if unseen_by_tokens is None:  # the rows of zero Hessian; the seen-token rule reads none (as in memory)
                 h = h_ckpt.read(name, row * width, count, reuse=True).view(-1, width)
                 bytes_read += count * h.element_size()
@@ -922,7 +929,19 @@ def purify_checkpoint(
             reset += int(unseen.sum())
             writer.write_part(name, ft.reshape(-1))
             del ft, pre
-        copy_as_is(name, writer, rows * width)
+        if pre_sum is None:
+            copy_as_is(name, writer, rows * width)
+            return reset
+        mean, total_rows = pre_sum / pre_ckpt.entries[pre_name[name]].shape[0], sus_ckpt.entries[name].shape[0]
+        for row in range(rows, total_rows, block):  # the added rows: the unseen ones set to the mean
+            count = min(block, total_rows - row) * width
+            ft = sus_ckpt.read(name, row * width, count, reuse=True).view(-1, width)
+            _check_finite(ft, sus_ckpt.entries[name].file, name)
+            bytes_read += count * ft.element_size()
+            set_rows_(ft, [i - row for i in unseen_added if row <= i < row + len(ft)], mean)
+            writer.write_part(name, ft.reshape(-1))
+            del ft
+        report.added_rows_reset = len(unseen_added)
         return reset
 
     def write(tmp):

@@ -30,7 +30,7 @@ from .outputs import (check_output_dir, check_output_file, held_temporary_dir, r
 def _purify_config(args):
     base = PurifyConfig.literal if args.literal else PurifyConfig
     rho = PurifyConfig.reserve_ratio if args.reserve_ratio == "auto" else args.reserve_ratio  # auto: per candidate
-    return base(ranking=args.ranking, reserve_ratio=rho, eps=args.eps, seed=args.seed)
+    return base(ranking=args.ranking, reserve_ratio=rho, eps=args.eps, seed=args.seed, added_tokens=args.added_tokens)
 
 
 def _reserve_ratio(text: str):
@@ -126,7 +126,7 @@ def cmd_purify_checkpoint(args) -> int:
     summary = _reset_summary(report.reset_per_tensor, report.embedding_tensor, report.ranked_elements,
                              report.moved_elements, report.threshold)
     rows += _unranked(report.copied_unscored_weights, "copied unchanged", "copied_unscored")
-    rows += _resized_vocabulary(report.added_rows, report.removed_rows, "copied unchanged", "")
+    rows += _resized_vocabulary(report.added_rows, report.removed_rows, "copied unchanged", "", report.added_rows_reset)
     print(f"purified checkpoint written to {args.out}: {summary}{rows}, read {report.bytes_read / 1e9:.2f} GB in "
           f"{sum(report.timings_s.values()):.1f} s (report finepurify_report.json). Fine-tune it on clean "
           "data in your training stack.")
@@ -171,7 +171,7 @@ def _warn_after_purify(report: dict, tokenizer, said_before: str | None) -> None
     # added tokens the clean data never feeds as inputs, told by the purification or, where no reset
     # was kept, by the clean fine-tuning's inputs
     p = report.get("purify") or report.get("added_tokens")
-    if p is not None and p.get("unseen_added_rows"):
+    if p is not None and p.get("unseen_added_rows") and not p.get("added_rows_reset"):
         from .purify import unseen_added_warning
 
         warning = unseen_added_warning(p["unseen_added_rows"], p["added_rows"], tokenizer)
@@ -251,10 +251,12 @@ def _in_memory_summary(report: dict, model) -> str:
     return (_reset_summary(p["reset_per_parameter"], embedding, p["ranked_elements"], p["moved_elements"],
                            p["threshold"]) + rows + _unranked(_weights_in(model, p["kept_unscored"]), fate,
                                                                 "purify.kept_unscored")
-            + _resized_vocabulary(p.get("added_rows", {}), p.get("removed_rows", {}), fate, "purify."))
+            + _resized_vocabulary(p.get("added_rows", {}), p.get("removed_rows", {}), fate, "purify.",
+                                  p.get("added_rows_reset", 0)))
 
 
-def _resized_vocabulary(added_rows: dict, removed_rows: dict, fate: str, report_prefix: str) -> str:
+def _resized_vocabulary(added_rows: dict, removed_rows: dict, fate: str, report_prefix: str,
+                        added_rows_reset: int = 0) -> str:
     """What a purification's summary says of a vocabulary resize_token_embeddings resized: the rows
     it added (tokens the pre-trained model lacks) have no pre-trained value, so none was ranked or
     reset; where it cut a padded vocabulary, the rows left were ranked against the first pre-trained ones."""
@@ -266,6 +268,10 @@ def _resized_vocabulary(added_rows: dict, removed_rows: dict, fate: str, report_
         tokens = added_tokens(added_rows)
         said += (f"; the {weights} weights of the {tokens} token{'s' * (tokens > 1)} added to the vocabulary (no "
                  f"pre-trained value) were not ranked, {fate} (report: {report_prefix}added_rows)")
+    if added_rows_reset:
+        said += (f"; the embedding rows of {added_rows_reset} of them, which the clean data never holds, were reset "
+                 f"to the pre-trained rows' mean (report: {report_prefix}added_rows_reset; --added-tokens keep "
+                 "keeps them)")
     if removed_rows:
         rows, pretrained_rows = next((t["rows"], t["pretrained_rows"]) for t in removed_rows.values())
         said += (f"; the suspect's vocabulary is cut to {rows} rows of --pretrained's {pretrained_rows}: ranked against "
@@ -553,7 +559,9 @@ def cmd_purify(args) -> int:
     _refuse_unused(args, {"eps": args.ranking in ("magnitude", "fine_mixing")},
                    f"by --ranking {args.ranking}, which divides by no Hessian")
     keeps_all = args.reserve_ratio == 1.0 and args.num_reset is None  # no ranking, no Hessian, nothing to guard
-    _refuse_unused(args, {**dict.fromkeys(("ranking", "eps", "literal", "hessian"), keeps_all),
+    _refuse_unused(args, {"added_tokens": args.literal}, "with --literal (the word embedding is ranked with the "
+                   "rest: no rule of its own for its rows)")
+    _refuse_unused(args, {**dict.fromkeys(("ranking", "eps", "literal", "hessian", "added_tokens"), keeps_all),
                           **{k: keeps_all and on for k, on in _guard_given_on(args).items()}},
                    "with --reserve-ratio 1, which keeps every weight (no reset)")
     if args.hessian_file:
@@ -989,6 +997,10 @@ def main(argv=None) -> int:
     p.add_argument("--eps", type=_number(1.4e-45, 3e38), default=1e-8,
                    help="added to the Hessian in the indicator (a positive float32 number)")
     p.add_argument("--literal", action="store_true", help="the paper's plain form (embeddings ranked, no floor)")
+    p.add_argument("--added-tokens", default=PurifyConfig.added_tokens, choices=["mean", "keep"],
+                   help="the rows of tokens the suspect added to its vocabulary that the clean data never holds "
+                        "(no pre-trained value; a trigger could be one): reset to the pre-trained rows' mean "
+                        "(default), or kept as the suspect has them (warned of)")
     p.add_argument("--finetune-steps", type=_integer(0), default=150,
                    help="clean fine-tuning steps (at most, with early stopping)")
     p.add_argument("--lr", type=_number(0.0, 1.0, low_open=True), default=2e-5)

@@ -172,17 +172,18 @@ class DefenceCell:
                 "validation_accuracy": accuracy, "validation_loss": loss}
 
     def defend(self, method: str, reserve_ratio: float, finetune_config=None, progress: bool = False,
-               unlabelled=(), guard=None):
+               unlabelled=(), guard=None, **purify_options):
         """(purified copy of the backdoored model, its row, the pipeline's report). ``method`` is a key of
         DEFENCES; clean fine-tuning ignores ``reserve_ratio``; ``unlabelled`` texts go to the teacher
         (``finetune_config.distill``); ``guard`` (a ``pipeline.CollapseGuard``) redoes a purification
-        whose held-out accuracy collapsed with less reset."""
+        whose held-out accuracy collapsed with less reset; ``purify_options`` are other ``PurifyConfig`` fields."""
         from . import data
         from .pipeline import FinetuneConfig, HessianConfig, clean_hessian, fine_purify, pretrained_state_for
 
         finetune_config = finetune_config or FinetuneConfig(steps=self.setting.finetune_steps,
                                                             lr=self.setting.finetune_lr)
-        config = None if method == "clean_ft" else PurifyConfig(ranking=method, reserve_ratio=reserve_ratio)
+        config = None if method == "clean_ft" else PurifyConfig(ranking=method, reserve_ratio=reserve_ratio,
+                                                                **purify_options)
         if config is not None and self._hessians is None:
             start = time.perf_counter()
             self._pretrained_state = pretrained_state_for(self.suspect, data.minilm_dir())

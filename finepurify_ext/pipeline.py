@@ -88,7 +88,10 @@ def fine_purify(
     predictions before the reset, on the clean texts and on ``unlabelled`` in-domain texts, are soft
     targets for the fine-tuning. Under a ``guard`` (``CollapseGuard``) a purification whose held-out
     accuracy collapsed is redone with less reset. Returns the report: Hessian, purification and
-    fine-tuning details with timings."""
+    fine-tuning details with timings. Tokens the suspect added to its vocabulary that no clean input
+    holds (their rows are the suspect's, whatever is reset; a trigger could be one) are listed in
+    ``report["purify"]["unseen_added_rows"]``, or ``report["added_tokens"]`` where no reset was kept:
+    the CLI warns of them (``purify.unseen_added_warning``), a caller should too."""
     if not clean:
         raise ValueError("fine_purify: the clean data is empty; give at least one labelled example")
     config = _none_if_no_reset(config)

@@ -36,6 +36,7 @@ from .threshold import (BETWEEN_BINS, CANDIDATE_COUNTS, CANDIDATE_KEYS, CANDIDAT
                         rank_spread, sample_budget, sample_stride, search_ranges, threshold_from_histograms)
 
 RANKINGS = ("fine_purifying", "no_hessian", "magnitude", "fine_mixing")
+ADDED_TOKENS = ("mean", "keep")
 # Largest group of tensors moved to the model's device at once when the pre-trained state or the
 # Hessians live elsewhere (or in another dtype): the extra memory of purify_.
 GROUP_BYTES = 48 << 20
@@ -50,10 +51,15 @@ class PurifyConfig:
     count_moved_only: bool = True  # reserve ratio counted over dimensions whose drift is not zero
     hessian_floor_quantile: float | None = 0.5  # H floored at this quantile of its values (None: no floor)
     seed: int = 0  # fine_mixing's random ranking
+    # Under the embedding rule, the rows of tokens the suspect added to its vocabulary that the clean
+    # data never reaches: "mean" resets them to the pre-trained rows' mean, "keep" keeps them.
+    added_tokens: str = "mean"
 
     def __post_init__(self):
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
+        if self.added_tokens not in ADDED_TOKENS:
+            raise ValueError(f"added_tokens must be one of {ADDED_TOKENS}, got {self.added_tokens!r}")
         if self.embeddings not in ("separate", "ranked"):
             raise ValueError(f"embeddings must be 'separate' or 'ranked', got {self.embeddings!r}")
         if not 0.0 <= self.reserve_ratio <= 1.0:
@@ -99,6 +105,8 @@ class PurifyReport:
     removed_rows: dict[str, dict[str, int]] = field(default_factory=dict)
     # the input embedding's added rows the clean data never reaches (``unseen_added_rows``)
     unseen_added_rows: list[int] = field(default_factory=list)
+    # how many of them were reset to the pre-trained rows' mean (``PurifyConfig.added_tokens``)
+    added_rows_reset: int = 0
     hessian_floor: float | None = None
     threshold_passes: int = 0  # the passes over every ranked weight the threshold search took
     sample: dict[str, list[float]] = field(default_factory=dict)  # drift^2, H, reset flags (plots)
@@ -901,6 +909,17 @@ def purify_(
         report.embedding_rule = report_rule
         with torch.no_grad():
             embedding_reset = reset_moved_rows_(embedding_w, embedding_pre, unseen, read=False)
+        if config.added_tokens == "mean" and report.unseen_added_rows:
+            pre_rows = pretrained_state[embedding].shape[0]
+            local_sum = row_sum(embedding_pre)  # this rank's pre-trained rows (a replica's count nowhere)
+            if shards is not None:
+                local_sum = shards.summed(local_sum if shards.counts[embedding] else torch.zeros_like(local_sum))
+            p = params[embedding]
+            with torch.no_grad():
+                w, first = (p.to_local(), shards.first_row[embedding]) if _is_dtensor(p) else (p.data, 0)
+            set_rows_(w, [i - first for i in report.unseen_added_rows if first <= i < first + w.shape[0]],
+                      local_sum / pre_rows)
+            report.added_rows_reset = len(report.unseen_added_rows)
 
     if sampled:  # and whether each sampled element was reset
         flags = _gather(ft, sampled, device) != before
@@ -994,6 +1013,25 @@ def unseen_added_warning(unseen: list[int], added_rows: dict, tokenizer=None) ->
             "rows have no pre-trained value and are kept as the suspect trained them, and clean fine-tuning does not "
             "reach them; a trigger could be such a token: give clean data with them inside its texts, or keep them "
             "out of the model's inputs")
+
+
+def row_sum(t: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """The sum of ``t``'s rows in float64 on the CPU, a block of ``rows`` at a time (small temporaries):
+    with the count, the mean pre-trained row an added token's row is reset to. In memory, sharded and
+    out of core the same rows are summed in float64, so the mean rounds to the same weights."""
+    total = torch.zeros(t.shape[1:], dtype=torch.float64)
+    for block in t.detach().split(rows):
+        total += block.double().sum(dim=0).cpu()
+    return total
+
+
+def set_rows_(w: torch.Tensor, rows: list[int], mean: torch.Tensor) -> None:
+    """Sets ``rows`` of ``w`` to ``mean`` (float64, cast to ``w``'s dtype): added tokens' rows reset to
+    the pre-trained rows' mean, what ``resize_token_embeddings`` starts a new token's row from
+    (without its noise). A mean keeps such a token's output close to the average token's."""
+    if rows:
+        with torch.no_grad():
+            w[torch.tensor(rows, dtype=torch.long, device=w.device)] = mean.to(device=w.device, dtype=w.dtype)
 
 
 def unseen_mask(seen_tokens, rows: int) -> torch.Tensor:

@@ -519,7 +519,13 @@ def test_an_adapter_of_a_resized_vocabulary_merges_as_peft_and_is_purified(tmp_p
     report = json.loads((out / "finepurify_report.json").read_text())
     assert sorted(report["purify"]["added_rows"]) == sorted(grown) and report["purify"]["num_reset"] > 0
     purified = weights(out)
-    assert all(torch.equal(purified[n][24:], merged[n][24:]) for n in grown)
+    # the input embedding's added rows (no token of the clean data) reset to the pre-trained rows' mean;
+    # an untied output layer's kept
+    pre_rows = weights(tmp_path / "pre")["model.embed_tokens.weight"]
+    mean = (pre_rows.double().sum(dim=0) / 24).float()
+    assert report["purify"]["added_rows_reset"] == 3
+    assert all(torch.equal(purified["model.embed_tokens.weight"][i], mean) for i in range(24, 27))
+    assert all(torch.equal(purified[n][24:], merged[n][24:]) for n in grown if n != "model.embed_tokens.weight")
 
 
 def test_an_adapter_untying_a_tied_embedding_is_refused(tmp_path):

@@ -945,7 +945,7 @@ def _resized_suspect(tokenizer, lm_dirs, added=3):
     return lm_dirs / "resized", model
 
 
-def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_dirs, capsys):
+def test_a_resized_vocabulary_is_purified_and_its_unseen_added_rows_reset_to_the_mean(tokenizer, lm_dirs, capsys):
     """resize_token_embeddings after tokens were added grows the embedding (and an untied output
     layer) by rows that have no pre-trained value. They are kept and reported, as a new head is; the
     first rows are purified exactly as the same model without the added rows is: in memory, from the
@@ -996,10 +996,14 @@ def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_
     assert resized_rows(resized, {n: t for n, t in state.items() if n != embedding}) == \
         {n: vocab for n in grown if n != embedding}
     mine = dict(cut.named_parameters())
+    mean = (state[embedding].double().sum(dim=0) / vocab).float()  # the pre-trained rows' mean
+    assert report.added_rows_reset == added
     for n, p in resized.named_parameters():
         assert torch.equal(p[:mine[n].shape[0]], mine[n]), n  # the pre-trained vocabulary's rows: as without
-        if n in grown:
-            assert torch.equal(p[vocab:], before[n][vocab:]), n  # the added rows: kept
+        if n == embedding:  # the input embedding's added rows the clean data never reaches: the mean
+            assert all(torch.equal(p[i], mean) for i in range(vocab, vocab + added))
+        elif n in grown:
+            assert torch.equal(p[vocab:], before[n][vocab:]), n  # an untied output layer's added rows: kept
 
     # Out of core: the same weights reset, the added rows copied, the report says so.
     out = lm_dirs / "ooc"
@@ -1017,23 +1021,36 @@ def test_a_resized_vocabulary_is_purified_and_its_added_rows_kept(tokenizer, lm_
     few_rows = purify_checkpoint(str(lm_dirs / "pre"), str(resized_dir), str(h), str(lm_dirs / "ooc_rows"),
                                  PurifyConfig(reserve_ratio=0.3), chunk_bytes=4 * width, progress=False)
     assert few_rows.unseen_added_rows == report.unseen_added_rows
+    assert few_rows.added_rows_reset == ooc_report["added_rows_reset"] == added
+    # the mean summed a row at a time there: the same weights
+    assert all(torch.equal(p, streamed.get_parameter(n))
+               for n, p in load_causal_lm(str(lm_dirs / "ooc_rows"), tokenizer=False)[0].named_parameters())
     assert f"the {added * width * len(grown)} weights of the {added} tokens added to the vocabulary" in said
+    assert f"the embedding rows of {added} of them, which the clean data never holds, were reset to" in said
     warning = (f"the clean data never feeds {added} of the {added} tokens added to the vocabulary to the model as an "
                f"input (ids {vocab} '<new0>', {vocab + 1} '<new1>', ")  # named by the suspect's tokenizer
-    assert warning in ooc_report["warnings"][0] and warning in captured.err
+    assert not ooc_report["warnings"] and warning not in captured.err
+    # --added-tokens keep: the rows kept, and warned of
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(resized_dir),
+                     "--hessian-file", str(h), "--out", str(lm_dirs / "ooc_keep"), "--reserve-ratio", "0.3",
+                     "--added-tokens", "keep"]) == 0
+    kept = json.loads((lm_dirs / "ooc_keep" / "finepurify_report.json").read_text())
+    assert warning in kept["warnings"][0] and warning in capsys.readouterr().err and kept["added_rows_reset"] == 0
+    kept_model, _ = load_causal_lm(str(lm_dirs / "ooc_keep"), tokenizer=False)
+    assert all(torch.equal(kept_model.get_parameter(n)[vocab:], before[n][vocab:]) for n in grown)
 
-    # In memory from the command line: accepted, the added rows kept and said.
+    # In memory from the command line: accepted, the unseen added rows reset to the mean and said.
     assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(resized_dir),
                      "--clean-data", str(lm_dirs / "clean.jsonl"), "--out", str(lm_dirs / "mem"),
                      "--finetune-steps", "0", "--max-length", "32", "--device", "cpu"]) == 0
     said = capsys.readouterr()
     assert f"the {added * width * len(grown)} weights of the {added} tokens added to the vocabulary" in said.out
-    assert warning in said.err
+    assert warning not in said.err
     assert json.loads((lm_dirs / "mem" / "finepurify_report.json").read_text())["purify"]["unseen_added_rows"] == \
         report.unseen_added_rows
     written, _ = load_causal_lm(str(lm_dirs / "mem"), tokenizer=False)
     for n in grown:
-        assert torch.equal(written.get_parameter(n)[vocab:], before[n][vocab:]), n
+        assert torch.equal(written.get_parameter(n)[vocab:], resized.get_parameter(n)[vocab:]), n
 
     # No reset kept (--reserve-ratio 1; the collapse guard's last fallback alike): warned of all the same,
     # told by the clean inputs' tokens (an untied embedding's without each sequence's last one).

@@ -741,6 +741,9 @@ def test_option_errors_are_one_line(capsys, args, said):
      "every weight (no reset): leave them out"),
     ("purify-out-of-core", ["--reserve-ratio", "1", "--eps", "1e-6"], "--eps is not used with --reserve-ratio 1"),
     ("purify", ["--reserve-ratio", "1.0", "--literal"], "--literal is not used with --reserve-ratio 1"),
+    ("purify", ["--reserve-ratio", "1", "--added-tokens", "keep"], "--added-tokens is not used with --reserve-ratio 1"),
+    ("purify-out-of-core", ["--literal", "--added-tokens", "mean"], "--added-tokens is not used with --literal (the "
+     "word embedding is ranked with the rest: no rule of its own for its rows)"),
 ])
 def test_option_combinations(models, tmp_path, capsys, name, extra, fragment):
     fails(command(name, models, str(tmp_path / "out")) + extra, capsys, fragment)

@@ -453,6 +453,7 @@ def _resized_vocabulary(rank, rows):
                 unreached = [i for i in range(rows, 23) if not hs["embed.weight"][i].any()]
                 padding = torch.randn(max(0, rows - 23), 8, generator=torch.Generator().manual_seed(3))
                 pre["embed.weight"] = torch.cat([pre["embed.weight"][:rows], padding])
+                pre_mean = (pre["embed.weight"].double().sum(dim=0) / pre["embed.weight"].shape[0]).float()
                 one = ShardedToy()
                 expected = purify_(one, pre, hs, config, seen_tokens=seen)
                 model = ShardedToy()
@@ -467,12 +468,17 @@ def _resized_vocabulary(rank, rows):
                 for name, p in one.named_parameters():
                     assert torch.equal(dict(model.named_parameters())[name].full_tensor(), p.detach()), (where, name)
                 for field in ("threshold", "ranked_elements", "num_reset", "reset_per_parameter", "embedding_rows_reset",
-                              "added_rows", "removed_rows", "unseen_added_rows"):
+                              "added_rows", "removed_rows", "unseen_added_rows", "added_rows_reset"):
                     assert getattr(got, field) == getattr(expected, field), (where, field)
                 if rows < 23:
                     assert expected.added_rows == {"embed.weight": {"rows": 23, "pretrained_rows": rows,
                                                                     "added_weights": (23 - rows) * 8}}
-                    assert torch.equal(one.embed.weight[rows:], ShardedToy().embed.weight[rows:]), where  # kept
+                    # the unseen added rows reset to the pre-trained mean under the embedding rule, the others kept
+                    unseen = expected.unseen_added_rows if config.embeddings == "separate" else []
+                    kept = [i for i in range(rows, 23) if i not in unseen]
+                    assert torch.equal(one.embed.weight[kept], ShardedToy().embed.weight[kept]), where
+                    assert expected.added_rows_reset == len(unseen), where
+                    assert all(torch.equal(one.embed.weight[i], pre_mean) for i in unseen), where
                     assert expected.unseen_added_rows == (unreached if seen is None else
                                                           [i for i in range(rows, 23) if i not in seen]), where
                     assert 22 in expected.unseen_added_rows, where

@@ -1230,11 +1230,13 @@ def test_the_purified_copy_has_the_suspects_tokenizer_files_as_they_are(model_di
     load_classifier(str(out))  # and it loads
 
 
-def test_a_classifier_with_a_resized_vocabulary_is_purified_its_added_rows_kept(model_dirs, tokenizer, tmp_path,
-                                                                                 capsys):
+def test_a_classifier_with_a_resized_vocabulary_is_purified_its_unseen_added_rows_reset_to_the_mean(
+        model_dirs, tokenizer, tmp_path, capsys):
     """A BERT classifier fine-tuned after tokens were added (resize_token_embeddings): the
     pre-trained checkpoint is a base model (other names), and out of core resets the weights
-    ``purify_`` resets; the added rows are copied. It was refused as another architecture."""
+    ``purify_`` resets (it was refused as another architecture). The added tokens' rows have no
+    pre-trained value: those the clean data never holds are reset to the pre-trained rows' mean, or
+    with --added-tokens keep kept and warned of (a trigger could be such a token)."""
     from safetensors.torch import load_file
 
     from tiny_models import save_model
@@ -1248,25 +1250,38 @@ def test_a_classifier_with_a_resized_vocabulary_is_purified_its_added_rows_kept(
     resized = save_model(model, tokenizer, tmp_path / "resized")
     h = tmp_path / "h.safetensors"
     assert cli.main(["hessian", "--model", resized, "--clean-data", clean, "--out", str(h)]) == 0
-    out = tmp_path / "ooc"
-    assert cli.main(["purify", "--pretrained", pre, "--suspect", resized, "--hessian-file", str(h), "--out", str(out),
-                     "--reserve-ratio", "0.5"]) == 0
     name = "bert.embeddings.word_embeddings.weight"
-    assert json.load(open(out / "finepurify_report.json"))["added_rows"] == {
-        name: {"rows": vocab + 2, "pretrained_rows": vocab, "added_weights": 2 * model.config.hidden_size}}
     before = model.bert.embeddings.word_embeddings.weight.detach().clone()
-    report = purify_(model, pretrained_state_for(model, pre), load_file(str(h)), PurifyConfig(reserve_ratio=0.5))
-    assert report.num_reset > 0 and list(report.added_rows) == [name]
-    # BERT's embedding is not tied to an output: the Hessian tells the added tokens the clean data never uses
-    assert report.unseen_added_rows == [vocab, vocab + 1]
-    assert json.load(open(out / "finepurify_report.json"))["unseen_added_rows"] == [vocab, vocab + 1]
-    written = load_file(str(out / "model.safetensors"))
-    for n, p in model.named_parameters():
-        assert torch.equal(written[n], p), n
-    assert torch.equal(written[name][vocab:], before[vocab:])
-    assert cli.main(["purify", "--pretrained", pre, "--suspect", resized, "--clean-data", clean, "--out",
-                     str(tmp_path / "mem"), "--finetune-steps", "0"]) == 0
+    pretrained = pretrained_state_for(model, pre)
+    mean = (pretrained[name].double().sum(dim=0) / vocab).float()
     warning = "the clean data never feeds 2 of the 2 tokens added to the vocabulary to the model as an input"
+    for added_tokens in ("mean", "keep"):
+        out = tmp_path / f"ooc_{added_tokens}"
+        assert cli.main(["purify", "--pretrained", pre, "--suspect", resized, "--hessian-file", str(h), "--out",
+                         str(out), "--reserve-ratio", "0.5", "--added-tokens", added_tokens]) == 0
+        said = capsys.readouterr()
+        streamed = json.load(open(out / "finepurify_report.json"))
+        assert streamed["added_rows"] == {
+            name: {"rows": vocab + 2, "pretrained_rows": vocab, "added_weights": 2 * model.config.hidden_size}}
+        model, _, _ = load_classifier(resized)
+        report = purify_(model, pretrained, load_file(str(h)), PurifyConfig(reserve_ratio=0.5, added_tokens=added_tokens))
+        assert report.num_reset > 0 and list(report.added_rows) == [name]
+        # BERT's embedding is not tied to an output: the Hessian tells the added tokens the clean data never uses
+        assert report.unseen_added_rows == streamed["unseen_added_rows"] == [vocab, vocab + 1]
+        written = load_file(str(out / "model.safetensors"))
+        for n, p in model.named_parameters():
+            assert torch.equal(written[n], p), n
+        if added_tokens == "mean":
+            assert report.added_rows_reset == streamed["added_rows_reset"] == 2
+            assert all(torch.equal(written[name][i], mean) for i in (vocab, vocab + 1))
+            assert warning not in said.err and "the embedding rows of 2 of them, which the clean data never holds, " \
+                "were reset to the pre-trained rows' mean" in said.out
+        else:
+            assert report.added_rows_reset == streamed["added_rows_reset"] == 0
+            assert torch.equal(written[name][vocab:], before[vocab:])
+            assert warning in said.err
+    assert cli.main(["purify", "--pretrained", pre, "--suspect", resized, "--clean-data", clean, "--out",
+                     str(tmp_path / "mem"), "--finetune-steps", "0", "--added-tokens", "keep"]) == 0
     assert warning in capsys.readouterr().err
 
     # No reset kept (a reserve ratio of 1, or the guard's or the selection's fallback): the added rows
