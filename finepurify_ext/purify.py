@@ -1016,13 +1016,13 @@ def unseen_added_warning(unseen: list[int], added_rows: dict, tokenizer=None) ->
 
 
 def row_sum(t: torch.Tensor, rows: int = 1024) -> torch.Tensor:
-    """The sum of ``t``'s rows in float64 on the CPU, a block of ``rows`` at a time (small temporaries):
+    """The sum of ``t``'s rows in float64, on the CPU, a block of ``rows`` at a time (small temporaries):
     with the count, the mean pre-trained row an added token's row is reset to. In memory, sharded and
     out of core the same rows are summed in float64, so the mean rounds to the same weights."""
-    total = torch.zeros(t.shape[1:], dtype=torch.float64)
+    total = torch.zeros(t.shape[1:], dtype=torch.float64, device=t.device)
     for block in t.detach().split(rows):
-        total += block.double().sum(dim=0).cpu()
-    return total
+        total += block.double().sum(dim=0)
+    return total.cpu()  # one wait for a GPU's sums
 
 
 def set_rows_(w: torch.Tensor, rows: list[int], mean: torch.Tensor) -> None:
