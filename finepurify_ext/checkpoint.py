@@ -933,6 +933,10 @@ def purify_checkpoint(
             copy_as_is(name, writer, rows * width)
             return reset
         mean, total_rows = pre_sum / pre_ckpt.entries[pre_name[name]].shape[0], sus_ckpt.entries[name].shape[0]
+        if not bool(torch.isfinite(mean).all()):
+            raise CheckpointError(f"{pre_ckpt.entries[pre_name[name]].file}: tensor {pre_name[name]!r} holds NaN or Inf "
+                                  "values (its rows' mean, which added tokens' rows are reset to, is not finite); the "
+                                  "checkpoint is damaged: use an undamaged copy")
         for row in range(rows, total_rows, block):  # the added rows: the unseen ones set to the mean
             count = min(block, total_rows - row) * width
             ft = sus_ckpt.read(name, row * width, count, reuse=True).view(-1, width)

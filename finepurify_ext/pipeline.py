@@ -145,7 +145,8 @@ def fine_purify(
     if config is None and pretrained_state is not None:  # None: a plain fine-tuning baseline
         _report_added_tokens(report, model, pretrained_state,
                              lambda: classifier_tokens_seen(tokenizer, trained, finetune_config.max_length))
-    elif config is not None and teacher is not None and unlabelled and report["purify"]["unseen_added_rows"]:
+    elif (config is not None and teacher is not None and unlabelled and report["purify"]["unseen_added_rows"]
+          and not report["purify"]["added_rows_reset"]):  # kept rows: the warning's list
         # the Hessian, of the clean examples alone, does not see the unlabelled texts' tokens
         fitted = set(classifier_tokens_seen(tokenizer, unlabelled, finetune_config.max_length))
         report["purify"]["unseen_added_rows"] = [i for i in report["purify"]["unseen_added_rows"] if i not in fitted]

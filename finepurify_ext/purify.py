@@ -774,8 +774,9 @@ def purify_(
     resized = resized_rows(model, pretrained_state, params)
     scored, unscored = matched_parameters(model, pretrained_state, params, resized)
     embedding = word_embedding_name(model, params) if config.embeddings == "separate" else None
+    embedding = embedding if embedding in scored else None  # no pre-trained tensor: kept, as out of core
     ranked = [n for n in scored if n != embedding]
-    for n in ranked:
+    for n in ranked + ([embedding] if embedding is not None and seen_tokens is None else []):
         if n not in hessians:
             raise ValueError(f"purify: no Hessian for parameter {n!r}; estimate it on this model")
     shards = Shards.of(params, scored + ([embedding] if embedding is not None and embedding not in scored else []),
@@ -845,6 +846,17 @@ def purify_(
         embedding_w = mine(embedding, params[embedding].data if shards is None else params[embedding], "parameter")
         # taken (and refused where it cannot be) before any weight is reset
         embedding_pre = mine(embedding, pretrained_state[embedding], "pre-trained tensor", True)
+        added_mean = None  # the pre-trained rows' mean, for the added tokens' rows (PurifyConfig.added_tokens)
+        grown = embedding in resized and params[embedding].shape[0] > pretrained_state[embedding].shape[0]
+        if config.added_tokens == "mean" and config.reserve_ratio < 1.0 and grown:
+            # decided by shapes alone, so every rank sums (the rows each resets may differ)
+            pre_sum = row_sum(embedding_pre)  # this rank's pre-trained rows (a replica's count nowhere)
+            if shards is not None:
+                pre_sum = shards.summed(pre_sum if shards.counts[embedding] else torch.zeros_like(pre_sum))
+            added_mean = pre_sum / pretrained_state[embedding].shape[0]
+            if not bool(torch.isfinite(added_mean).all()):
+                raise UserError(f"the pre-trained model's parameter {embedding!r} holds NaN or Inf values (its rows' "
+                                "mean, which added tokens' rows are reset to, is not finite): use an undamaged copy")
         rows = embedding_w.shape[0] if shards is None else resized.get(embedding, params[embedding].shape[0])
         if seen_tokens is not None:
             mask = unseen_mask(seen_tokens, rows)
@@ -909,16 +921,11 @@ def purify_(
         report.embedding_rule = report_rule
         with torch.no_grad():
             embedding_reset = reset_moved_rows_(embedding_w, embedding_pre, unseen, read=False)
-        if config.added_tokens == "mean" and report.unseen_added_rows:
-            pre_rows = pretrained_state[embedding].shape[0]
-            local_sum = row_sum(embedding_pre)  # this rank's pre-trained rows (a replica's count nowhere)
-            if shards is not None:
-                local_sum = shards.summed(local_sum if shards.counts[embedding] else torch.zeros_like(local_sum))
+        if added_mean is not None and report.unseen_added_rows:
             p = params[embedding]
             with torch.no_grad():
                 w, first = (p.to_local(), shards.first_row[embedding]) if _is_dtensor(p) else (p.data, 0)
-            set_rows_(w, [i - first for i in report.unseen_added_rows if first <= i < first + w.shape[0]],
-                      local_sum / pre_rows)
+            set_rows_(w, [i - first for i in report.unseen_added_rows if first <= i < first + w.shape[0]], added_mean)
             report.added_rows_reset = len(report.unseen_added_rows)
 
     if sampled:  # and whether each sampled element was reset

@@ -551,6 +551,12 @@ def _sharded_refusals(rank):
     params = {"w": distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)])}
     with pytest.raises(ValueError, match="'w' is placed as .*Shard\\(dim=1\\).*sharded on dim 0"):
         Shards.of(params, ["w"])
+    # The added rows' mean is summed over every rank, whatever rows each resets (here each rank was given
+    # its own clean data's tokens): none waits on a sum another skipped.
+    pre, hs = toy_state()
+    pre["embed.weight"] = pre["embed.weight"][:20]
+    got = purify_(model, pre, hs, PurifyConfig(), seen_tokens=[0, 1, 3, 20, 21, 22] if rank == 0 else [0, 1, 3])
+    assert got.added_rows_reset == (0 if rank == 0 else 3)
 
 
 def test_purify_of_a_sharded_model_refuses_clearly(tmp_path):

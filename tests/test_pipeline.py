@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -1325,12 +1326,39 @@ def test_a_classifier_with_a_resized_vocabulary_is_purified_its_unseen_added_row
     grown = copy.deepcopy(tokenizer)
     assert grown.add_tokens(["<new0>", "<new1>"]) == 2 and grown.convert_tokens_to_ids("<new0>") == vocab
     distilled = FinetuneConfig(steps=2, batch_size=8, validation_fraction=0, distill=0.5)
-    for config in (None, PurifyConfig(reserve_ratio=0.5)):
+    for config in (None, PurifyConfig(reserve_ratio=0.5, added_tokens="keep"), PurifyConfig(reserve_ratio=0.5)):
         model, _, _ = load_classifier(resized)
         got = fine_purify(model, pretrained_state_for(model, pre), grown, data.load_examples(clean), config,
                           distilled, seed=0, progress=False, unlabelled=["<new0> what a film"],
                           hessians=None if config is None else load_file(str(h)))
-        assert (got["added_tokens"] if config is None else got["purify"])["unseen_added_rows"] == [vocab + 1]
+        told = got["added_tokens"] if config is None else got["purify"]
+        if config is None or config.added_tokens == "keep":
+            assert told["unseen_added_rows"] == [vocab + 1]
+        else:  # both reset to the mean before the fine-tuning (which then trains the first): the report says both
+            assert told["unseen_added_rows"] == [vocab, vocab + 1] and told["added_rows_reset"] == 2
+
+    # A pre-trained embedding whose rows' mean is not finite is refused before any reset, in memory and
+    # out of core; a pre-trained state without the embedding keeps it (no rule), as out of core.
+    damaged_pre = tmp_path / "damaged_pre"
+    shutil.copytree(pre, damaged_pre)
+    pre_weights = load_file(str(damaged_pre / "model.safetensors"))
+    pre_name = next(n for n in pre_weights if n.endswith("word_embeddings.weight"))
+    pre_weights[pre_name][3, 2] = float("inf")
+    save_file(pre_weights, str(damaged_pre / "model.safetensors"), metadata={"format": "pt"})
+    model, _, _ = load_classifier(resized)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    damaged_state = {n: t.clone() for n, t in pretrained_state_for(model, pre).items()}  # (loading refuses the file)
+    damaged_state[name][3, 2] = float("inf")
+    with pytest.raises(UserError, match=f"parameter '{name}' holds NaN or Inf values \\(its rows' mean"):
+        purify_(model, damaged_state, load_file(str(h)), PurifyConfig(reserve_ratio=0.5))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(CheckpointError, match=f"tensor '{pre_name}' holds NaN or Inf values \\(its rows' mean"):
+        purify_checkpoint(str(damaged_pre), resized, str(h), str(tmp_path / "refused"), PurifyConfig(reserve_ratio=0.5),
+                          progress=False)
+    assert not (tmp_path / "refused").exists()
+    state = {n: t for n, t in pretrained_state_for(model, pre).items() if n != name}
+    report = purify_(model, state, load_file(str(h)), PurifyConfig(reserve_ratio=0.5))
+    assert report.embedding_parameter is None and name in report.kept_unscored and report.num_reset > 0
 
 
 def test_zero_hessian_rows_refuses_a_damaged_hessian():
