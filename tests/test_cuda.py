@@ -727,6 +727,40 @@ def test_purify_cuda_with_seen_tokens_and_plot_sample_equals_cpu(tmp_path):
     assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])
 
 
+def test_purify_cuda_resets_added_tokens_rows_to_the_mean_as_cpu(tmp_path):
+    """A vocabulary resized after tokens were added, the pre-trained state on the CPU: the added rows
+    the clean data never reaches (zero Hessian rows) are reset to the pre-trained rows' mean summed in
+    float64 on the GPU: the CPU's weights and report."""
+    from tiny_models import make_tokenizer, tiny_model
+    from finepurify_ext.purify import PurifyConfig, purify_
+
+    def resized(device):
+        model = tiny_model(make_tokenizer(tmp_path), seed=8)
+        vocab = model.config.vocab_size
+        model.resize_token_embeddings(vocab + 3, mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[vocab:] = torch.randn(3, model.config.hidden_size,
+                                                                      generator=torch.Generator().manual_seed(9))
+        return model.to(device), vocab
+
+    model_cpu, vocab = resized("cpu")
+    model_gpu, _ = resized(CUDA)
+    gen = torch.Generator().manual_seed(10)
+    pre = {n: (p.detach() - 0.01 * torch.randn(p.shape, generator=gen))[:vocab if p.shape[0] == vocab + 3 else None]
+           for n, p in model_cpu.named_parameters()}
+    hs = {n: torch.rand(p.shape, generator=gen) for n, p in model_cpu.named_parameters()}
+    embedding = next(n for n, p in model_cpu.named_parameters() if p is model_cpu.get_input_embeddings().weight)
+    hs[embedding][vocab + 1:] = 0  # two added tokens the clean data never reaches
+    expected = purify_(model_cpu, pre, hs, PurifyConfig())
+    got = purify_(model_gpu, pre, {n: h.to(CUDA) for n, h in hs.items()}, PurifyConfig())
+    assert got.unseen_added_rows == expected.unseen_added_rows == [vocab + 1, vocab + 2]
+    assert got.added_rows_reset == expected.added_rows_reset == 2
+    assert got.reset_per_parameter == expected.reset_per_parameter
+    mean = (pre[embedding].double().sum(dim=0) / vocab).float()
+    assert torch.equal(model_cpu.get_input_embeddings().weight[vocab + 2].detach(), mean)
+    assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])
+
+
 @pytest.mark.parametrize("name", RANKINGS)
 def test_rankings_match_cpu(dtype, name):
     """Every ranking of the one scoring spec, bit for bit the CPU op's: per-tensor hessians, the
