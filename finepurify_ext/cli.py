@@ -269,8 +269,8 @@ def _resized_vocabulary(added_rows: dict, removed_rows: dict, fate: str, report_
         said += (f"; the {weights} weights of the {tokens} token{'s' * (tokens > 1)} added to the vocabulary (no "
                  f"pre-trained value) were not ranked, {fate} (report: {report_prefix}added_rows)")
     if added_rows_reset:
-        said += (f"; the embedding rows of {added_rows_reset} of them, which the clean data never holds, were reset "
-                 f"to the pre-trained rows' mean (report: {report_prefix}added_rows_reset; --added-tokens keep "
+        said += (f"; but the embedding rows of {added_rows_reset} of them, which the clean data never holds, were "
+                 f"reset to the pre-trained rows' mean (report: {report_prefix}added_rows_reset; --added-tokens keep "
                  "keeps them)")
     if removed_rows:
         rows, pretrained_rows = next((t["rows"], t["pretrained_rows"]) for t in removed_rows.values())
