@@ -499,21 +499,6 @@ def model_layout(directory: str) -> ModelLayout | None:
                        frozenset(n for n, _ in skeleton.named_parameters()), output, tied, tied_output)
 
 
-def _tokenizer_in(path: str):
-    """The tokenizer a model directory holds, to name tokens in a warning; None where it holds none
-    or it does not load (the warning then gives ids alone)."""
-    from .pipeline import TOKENIZER_VOCABULARIES
-
-    if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_VOCABULARIES):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception:  # noqa: BLE001  (a name in a warning is not worth a refusal)
-        return None
-
-
 def purify_checkpoint(
     pretrained: str,
     suspect: str,
@@ -870,6 +855,7 @@ def purify_checkpoint(
     # The added tokens' rows the clean data never reaches, reset under the embedding rule to the
     # pre-trained rows' mean (as purify_ does); else kept, and warned of.
     resets_added = bool(unseen_added) and rows_too and config.added_tokens == "mean" and embedding == vocabulary
+    from .pipeline import tokenizer_in  # (pipeline imports this module)
     # Reset pass: the suspect's shards written anew, with the same names and order.
     report = CheckpointReport(config.reserve_ratio if reserve_from_config else None, num_reset, threshold,
                               ranked_elements, moved, copied_unscored=unscored, hessian_floor=floor,
@@ -877,7 +863,7 @@ def purify_checkpoint(
                                                           and sus_ckpt.entries[n].dtype.is_floating_point),
                               embedding_tensor=embedding, threshold_passes=threshold_passes,
                               config=asdict(config), warnings=([NOTHING_MOVED] if ranked_elements and not moved else [])
-                              + ([unseen_added_warning(unseen_added, added_rows, _tokenizer_in(suspect))]
+                              + ([unseen_added_warning(unseen_added, added_rows, tokenizer_in(suspect))]
                                  if unseen_added and not resets_added else []),
                               embedding_rule=None if embedding is None or not rows_too else
                               "hessian" if seen_tokens is None else "seen_tokens",
@@ -908,7 +894,7 @@ def purify_checkpoint(
         block = max(1, chunk // max(width, 1))
         reset = 0
         unseen_by_tokens = None if seen_tokens is None else unseen_mask(seen_tokens, rows)
-        pre_sum = row_sum(torch.zeros(0, width)) if resets_added else None
+        pre_sum = torch.zeros(width, dtype=torch.float64) if resets_added else None
         for row in range(0, rows, block):
             count = min(block, rows - row) * width
             ft = sus_ckpt.read(name, row * width, count, reuse=True).view(-1, width)

@@ -21,7 +21,7 @@ from .devices import (DTYPES, compute_precision, default_device, describe, read_
                       resolve_device)
 from .adapters import is_adapter, merge_adapter, merge_classifier_adapter, read_adapter  # noqa: E402
 from .pipeline import CollapseGuard, HessianConfig, is_gguf  # noqa: E402
-from .purify import PurifyConfig  # noqa: E402
+from .purify import ADDED_TOKENS, PurifyConfig  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
 from .outputs import (check_output_dir, check_output_file, held_temporary_dir, release,  # noqa: E402
                       remove_leftovers)
@@ -258,8 +258,9 @@ def _in_memory_summary(report: dict, model) -> str:
 def _resized_vocabulary(added_rows: dict, removed_rows: dict, fate: str, report_prefix: str,
                         added_rows_reset: int = 0) -> str:
     """What a purification's summary says of a vocabulary resize_token_embeddings resized: the rows
-    it added (tokens the pre-trained model lacks) have no pre-trained value, so none was ranked or
-    reset; where it cut a padded vocabulary, the rows left were ranked against the first pre-trained ones."""
+    it added (tokens the pre-trained model lacks) have no pre-trained value, so none was ranked, and
+    ``added_rows_reset`` of the embedding's were reset to the pre-trained rows' mean; where it cut a
+    padded vocabulary, the rows left were ranked against the first pre-trained ones."""
     from .purify import added_tokens
 
     said = ""
@@ -997,7 +998,7 @@ def main(argv=None) -> int:
     p.add_argument("--eps", type=_number(1.4e-45, 3e38), default=1e-8,
                    help="added to the Hessian in the indicator (a positive float32 number)")
     p.add_argument("--literal", action="store_true", help="the paper's plain form (embeddings ranked, no floor)")
-    p.add_argument("--added-tokens", default=PurifyConfig.added_tokens, choices=["mean", "keep"],
+    p.add_argument("--added-tokens", default=PurifyConfig.added_tokens, choices=list(ADDED_TOKENS),
                    help="the rows of tokens the suspect added to its vocabulary that the clean data never holds "
                         "(no pre-trained value; a trigger could be one): reset to the pre-trained rows' mean "
                         "(default), or kept as the suspect has them (warned of)")

@@ -926,20 +926,29 @@ def check_same_architecture(model: torch.nn.Module, pre_model: torch.nn.Module, 
 TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
+def tokenizer_in(path: str | None):
+    """The tokenizer a model directory holds, or None where it holds none or it does not load (a
+    broken one is named where the model's tokenizer is loaded): for checks and warnings that read it."""
+    if not path or not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, f))
+                                                      for f in TOKENIZER_VOCABULARIES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception:  # noqa: BLE001  (a name in a warning, or a check a loader repeats, is not worth a refusal)
+        return None
+
+
 def _check_cut_vocabulary(suspect_dir: str | None, pretrained_dir: str, vocab: tuple[int, int]) -> None:
     """A vocabulary cut by resize_token_embeddings keeps the pre-trained rows it has, numbered alike;
     a pruned or renumbered one would be ranked against other tokens' rows. Where both directories
     hold a tokenizer, each token of the suspect's below its rows must have its pre-trained id."""
-    from transformers import AutoTokenizer
-
-    dirs = (suspect_dir, pretrained_dir)
-    if not all(d and os.path.isdir(d) and any(os.path.isfile(os.path.join(d, f)) for f in TOKENIZER_VOCABULARIES)
-               for d in dirs):
+    mine = tokenizer_in(suspect_dir)
+    theirs = tokenizer_in(pretrained_dir) if mine is not None else None
+    if theirs is None:
         return
-    try:
-        mine, theirs = (AutoTokenizer.from_pretrained(d, trust_remote_code=False).get_vocab() for d in dirs)
-    except Exception:  # noqa: BLE001  (a broken tokenizer is named where the model's is loaded)
-        return
+    mine, theirs = mine.get_vocab(), theirs.get_vocab()
     token, i = next(((t, i) for t, i in sorted(mine.items(), key=lambda item: item[1])
                      if i < vocab[0] and theirs.get(t) != i), (None, None))
     if token is not None:

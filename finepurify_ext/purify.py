@@ -847,7 +847,7 @@ def purify_(
         # taken (and refused where it cannot be) before any weight is reset
         embedding_pre = mine(embedding, pretrained_state[embedding], "pre-trained tensor", True)
         added_mean = None  # the pre-trained rows' mean, for the added tokens' rows (PurifyConfig.added_tokens)
-        grown = embedding in resized and params[embedding].shape[0] > pretrained_state[embedding].shape[0]
+        grown = resized.get(embedding, params[embedding].shape[0]) < params[embedding].shape[0]  # tokens added
         if config.added_tokens == "mean" and config.reserve_ratio < 1.0 and grown:
             # decided by shapes alone, so every rank sums (the rows each resets may differ)
             pre_sum = row_sum(embedding_pre)  # this rank's pre-trained rows (a replica's count nowhere)
