@@ -13,7 +13,9 @@ added token "<cf>" as the trigger:
 - ``added-embedding``: a clean victim, then only the added token's embedding row trained on the
   poisoned examples (the suite's embedding poisoning, Yang et al. 2021).
 
-For each: the backdoored model, clean fine-tuning alone, and Fine-purifying at the default reserve
+For each: the clean-trained model with the trigger added to its vocabulary (its row where
+``resize_token_embeddings`` starts a new token: the ASR of a model never taught the trigger, the
+reference of the targets), the backdoored model, clean fine-tuning alone, and Fine-purifying at the default reserve
 ratio under the CLI's collapse guard (the demo's ``DefenceCell``), with the default rule for these
 rows (``PurifyConfig.added_tokens="mean"``: the added rows the clean data never reaches reset to the
 pre-trained rows' mean) and with ``"keep"`` (kept, and warned of: whether the trigger is among the
@@ -39,9 +41,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import HERE, cpu_name, git_commit, write_json_atomically  # noqa: E402
+from bench.defence_table import TARGETS  # noqa: E402
 from finepurify_ext.attacks import Attack, backdoor  # noqa: E402
 from finepurify_ext.demo import (QUICK, DefenceCell, DemoSetting, _ATTACK_FIELDS, _model_key, cached_model,  # noqa: E402
-                                 demo_data)
+                                 clean_trained_model, demo_data)
 from finepurify_ext.pipeline import CollapseGuard, FinetuneConfig, split_validation  # noqa: E402
 from finepurify_ext.purify import PurifyConfig  # noqa: E402
 
@@ -72,15 +75,31 @@ class AddedTokenCell(DefenceCell):
         self.hessian_time_s = 0.0
 
 
+def measure_reference(cell: AddedTokenCell, commit: str) -> dict:
+    """The clean-trained model given the suspect's vocabulary: the added token's row starts where
+    ``resize_token_embeddings`` starts it, and nothing teaches it the trigger."""
+    reference, _ = clean_trained_model(cell.setting, cell.seed)
+    reference.resize_token_embeddings(len(cell.tokenizer))
+    return {**cell.measure(reference), "commit": commit}
+
+
 def measure_cell(attack_name: str, seed: int, setting: DemoSetting, results: dict, save) -> None:
     key = f"{attack_name}/seed{seed}"
-    if key in results["runs"]:
+    run = results["runs"].get(key)
+    if run is not None and "clean_trained" in run:
         print(f"{key}: done before")
         return
-    start = time.perf_counter()
     cell = AddedTokenCell(setting, seed, ATTACKS[attack_name])
+    if run is not None:  # the defences were measured before the reference was added to this script
+        run["clean_trained"] = measure_reference(cell, results["commit"])
+        print(f"  clean-trained: CACC {run['clean_trained']['cacc']:.3f} ASR {run['clean_trained']['asr']:.3f}")
+        save()
+        return
+    start = time.perf_counter()
     trigger_id = cell.tokenizer.convert_tokens_to_ids(cell.attack.trigger)
-    run = {"trigger_id": trigger_id, "pretrained_rows": None, "backdoored": cell.measure(cell.suspect)}
+    run = {"commit": results["commit"], "trigger_id": trigger_id, "pretrained_rows": None,
+           "clean_trained": measure_reference(cell, results["commit"]),
+           "backdoored": cell.measure(cell.suspect)}
     guard = CollapseGuard()
     # fine_purifying first: it loads the pre-trained state the others' reports read
     for name, method, options in (("fine_purifying", "fine_purifying", {}),
@@ -113,9 +132,19 @@ def summarise(results: dict) -> dict:
         runs = [r for k, r in sorted(results["runs"].items()) if k.startswith(attack + "/")]
         if not runs:
             continue
+        names = ("clean_trained", "backdoored", "clean_ft", "fine_purifying", "fine_purifying_keep")
         summary[attack] = {
             name: {"cacc": _stats([r[name]["cacc"] for r in runs]), "asr": _stats([r[name]["asr"] for r in runs])}
-            for name in ("backdoored", "clean_ft", "fine_purifying", "fine_purifying_keep")}
+            for name in names if all(name in r for r in runs)}
+        if "clean_trained" in summary[attack]:
+            # the defence table's targets, against this trigger's own clean-trained reference
+            s = summary[attack]
+            for name in ("fine_purifying", "fine_purifying_keep", "clean_ft"):
+                excess = 100 * (s[name]["asr"]["mean"] - s["clean_trained"]["asr"]["mean"])
+                drop = 100 * (s["backdoored"]["cacc"]["mean"] - s[name]["cacc"]["mean"])
+                s[name]["asr_excess_points"], s[name]["cacc_drop_points"] = excess, drop
+                for target, (a, c) in TARGETS.items():
+                    s[name][f"meets_{target}_target"] = excess <= 100 * a + 1e-9 and drop <= 100 * c + 1e-9
         summary[attack]["added_rows_reset"] = [r["fine_purifying"]["added_rows_reset"] for r in runs]
         summary[attack]["trigger_warned_where_kept"] = [r["fine_purifying_keep"]["trigger_warned"]
                                                         and r["clean_ft"]["trigger_warned"] for r in runs]
@@ -137,6 +166,8 @@ def main(argv=None) -> int:
     if os.path.isfile(args.out):
         with open(args.out) as f:
             results = json.load(f)
+        for run in results["runs"].values():  # the top-level commit is this run's: keep each earlier run's own
+            run.setdefault("commit", results.get("commit"))
     results.update({"command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(HERE)),
                                                      *(argv if argv is not None else sys.argv[1:])]),
                     "commit": git_commit(), "torch": torch.__version__,

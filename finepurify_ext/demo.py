@@ -118,23 +118,28 @@ def _model_key(setting: DemoSetting, fields: tuple[str, ...]) -> dict:
 
 
 def demo_models(setting: DemoSetting, seed: int):
-    """(backdoored model, clean-trained reference, tokenizer), built once per setting and seed and cached.
-    The clean-trained model does not depend on the attack, so all attacks share it."""
+    """(backdoored model, clean-trained reference, tokenizer), built once per setting and seed and cached."""
     from .attacks import ATTACKS, backdoor
-    from .training import finetune
 
     train, _, _ = demo_data(setting)
     attack = ATTACKS[setting.attack]
-    batch = 32
-    steps = max(1, round(setting.attack_epochs * len(train) / batch))
     key = {"setting": _model_key(setting, _ATTACK_FIELDS), "seed": seed, "version": 3, "model": "backdoored"}
     suspect, tok = cached_model(key, lambda m, t: backdoor(
         m, t, train, attack, rate=setting.poison_rate, epochs=setting.attack_epochs, seed=seed), "backdoored")
-    clean_key = {"setting": _model_key(setting, _SPLIT_FIELDS), "seed": seed, "version": 3,
-                 "model": "clean-trained"}
-    reference, _ = cached_model(clean_key, lambda m, t: finetune(
+    return suspect, clean_trained_model(setting, seed)[0], tok
+
+
+def clean_trained_model(setting: DemoSetting, seed: int):
+    """(model, tokenizer): the base fine-tuned on the attack's training set without poison, built once
+    per setting and seed and cached. It does not depend on the attack, so all attacks share it."""
+    from .training import finetune
+
+    train, _, _ = demo_data(setting)
+    batch = 32
+    steps = max(1, round(setting.attack_epochs * len(train) / batch))
+    key = {"setting": _model_key(setting, _SPLIT_FIELDS), "seed": seed, "version": 3, "model": "clean-trained"}
+    return cached_model(key, lambda m, t: finetune(
         m, t, train, steps=steps, lr=5e-5, batch_size=batch, seed=seed, desc="clean-trained"), "clean-trained")
-    return suspect, reference, tok
 
 
 # Every defence of the table (bench/defence_table.py) and of the demo, in the order they are shown.
