@@ -139,9 +139,11 @@ class LLMDefenceCell:
                                                                        max_length=setting.max_length))
         return measures
 
-    def defend(self, method: str, reserve_ratio: float, finetune_config=None, progress: bool = False):
+    def defend(self, method: str, reserve_ratio: float, finetune_config=None, progress: bool = False,
+               **purify_options):
         """(purified copy of the backdoored model, its row, the pipeline's report); ``method`` is a key
-        of DEFENCES; clean fine-tuning ignores ``reserve_ratio``."""
+        of DEFENCES; clean fine-tuning ignores ``reserve_ratio``; ``purify_options`` are other
+        ``PurifyConfig`` fields."""
         import math
 
         from .causal_lm import lm_hessian
@@ -153,7 +155,8 @@ class LLMDefenceCell:
         finetune_config = finetune_config or FinetuneConfig(
             steps=s.finetune_steps, lr=s.finetune_lr, batch_size=s.batch_size, max_length=s.max_length,
             eval_every=s.eval_every)
-        config = None if method == "clean_ft" else PurifyConfig(ranking=method, reserve_ratio=reserve_ratio)
+        config = None if method == "clean_ft" else PurifyConfig(ranking=method, reserve_ratio=reserve_ratio,
+                                                                **purify_options)
         if config is not None and self._hessians is None:
             start = time.perf_counter()
             self._pretrained_state = pretrained_state_for_lm(self.suspect, smollm2_dir(cache_dir()))
