@@ -616,6 +616,36 @@ def test_lora_on_a_resized_embedding_merges_as_peft(tmp_path, rows):
     assert LlamaForCausalLM.from_pretrained(tmp_path / "merged").config.vocab_size == rows  # loads
 
 
+def test_lora_on_a_resized_embedding_is_ranked_out_of_core_against_a_single_checkpoint_file(tmp_path):
+    """LoRA on the embedding and output layer of a resized model, --pretrained a single safetensors
+    file (no config to tell the vocabulary): the merged tensors are ranked on the rows both have, as
+    against the directory, and the added rows reset alike; none is copied unranked."""
+    pre, adapter = _resized_adapter(tmp_path, target_modules=["q_proj", "embed_tokens", "lm_head"])
+    single = tmp_path / "pre.safetensors"
+    save_file(weights(pre), str(single))
+    merge_adapter(str(adapter), str(pre), str(tmp_path / "merged"))
+    tokenizer = make_tokenizer(tmp_path)
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.add_tokens(["<new0>", "<new1>", "<new2>"])
+    tokenizer.save_pretrained(tmp_path / "merged")
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    h = tmp_path / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(tmp_path / "merged"), "--clean-data", str(clean), "--out", str(h),
+                     "--batch-size", "8", "--max-length", "32"]) == 0
+    reports = {}
+    for name, pretrained in (("directory", pre), ("file", single)):
+        assert cli.main(["purify", "--pretrained", str(pretrained), "--suspect", str(adapter), "--hessian-file", str(h),
+                         "--out", str(tmp_path / name), "--reserve-ratio", "0.3"]) == 0
+        reports[name] = json.loads((tmp_path / name / "finepurify_report.json").read_text())
+    for report in reports.values():
+        assert report["copied_unscored"] == [] and report["added_rows_reset"] == 3
+        assert sorted(report["added_rows"]) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert reports["directory"]["num_reset"] == reports["file"]["num_reset"] > 0
+    got, want = weights(tmp_path / "file"), weights(tmp_path / "directory")
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+
+
 def test_a_resized_embedding_without_its_output_layer_is_refused(tmp_path):
     """The embedding saved whole with the new rows, the untied output layer not (PEFT's automatic
     check could not reach the base model's config): the merged model would not load."""
