@@ -405,6 +405,8 @@ class CheckpointReport:
     # the input embedding's added rows the clean data never reaches (purify.unseen_added_rows)
     unseen_added_rows: list[int] = field(default_factory=list)
     added_rows_reset: int = 0  # how many of them were reset to the pre-trained rows' mean (purify.PurifyReport's)
+    # a tied output layer stored beside its embedding, the same values: written as the purified embedding
+    tied_copies: dict[str, str] = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # the PurifyConfig it ran with (ranking, eps, seed...), as in memory
     warnings: list[str] = field(default_factory=list)  # what the command says on stderr besides
 
@@ -499,6 +501,31 @@ def model_layout(directory: str) -> ModelLayout | None:
                        frozenset(n for n, _ in skeleton.named_parameters()), output, tied, tied_output)
 
 
+def stored_tied_output(layout: ModelLayout | None, checkpoint: "Checkpoint", chunk: int) -> tuple:
+    """A model whose output layer is its input embedding, with the output layer stored under its own
+    name too (some exporters write both): transformers ties them where the values are equal and
+    loads the stored output layer untied where they differ. (the layout as transformers loads the
+    checkpoint, {the stored copy's name: the embedding's} where it is tied, else {})."""
+    if layout is None or not layout.tied or layout.tied_output is None or layout.input_embedding is None:
+        return layout, {}
+    output = next((n for n in layout.names_of(layout.tied_output) if n in checkpoint), None)
+    embedding = next((n for n in layout.names_of(layout.input_embedding) if n in checkpoint), None)
+    if output is None or embedding is None:
+        return layout, {}
+    a, b = checkpoint.entries[output], checkpoint.entries[embedding]
+    equal = a.dtype == b.dtype and a.shape == b.shape
+    for start in range(0, checkpoint.numel(output) if equal else 0, chunk):
+        count = min(chunk, checkpoint.numel(output) - start)
+        if not torch.equal(checkpoint.read(output, start, count), checkpoint.read(embedding, start, count, reuse=True)):
+            equal = False
+            break
+    parameters = layout.parameters | {layout.tied_output}
+    if equal:  # a copy of the tied embedding: written as the purified embedding, so that it stays tied
+        return (ModelLayout(layout.prefix, layout.input_embedding, parameters, None, True, layout.tied_output),
+                {output: embedding})
+    return ModelLayout(layout.prefix, layout.input_embedding, parameters, layout.tied_output, False, None), {}
+
+
 def purify_checkpoint(
     pretrained: str,
     suspect: str,
@@ -545,6 +572,7 @@ def purify_checkpoint(
     check_output_dir(out_dir, overwrite, option="output directory")  # fail before the long passes
     scored, unscored, pre_name, not_weights = [], [], {}, set()
     layout = model_layout(suspect) if os.path.isdir(suspect) else None
+    layout, tied_copies = stored_tied_output(layout, sus_ckpt, max(1, chunk_bytes // 4))
     if layout is not None and os.path.isdir(pretrained):
         from .pipeline import check_same_architecture_of
 
@@ -573,6 +601,8 @@ def purify_checkpoint(
 
     pretrained_rows = {}  # of the tensors a resized vocabulary changed, by name
     for name, e in sus_ckpt.entries.items():
+        if name in tied_copies:
+            continue  # written as its embedding is (below)
         base = base_name(name)
         if base not in pre_ckpt and tied_to is not None and name in layout.names_of(layout.output_embedding):
             base = tied_to
@@ -637,6 +667,12 @@ def purify_checkpoint(
                 _check_hessian(added_h.float(), f"the Hessian {h_ckpt.entries[vocabulary].file}: tensor {vocabulary!r}")
                 unseen_added += unseen_added_rows(first, first + count, None, added_h)
     chunk = max(1, chunk_bytes // 4)
+    # A tied output layer's stored copy is written as its embedding: read with the embedding's
+    # pre-trained value and Hessian, it takes the same resets (it is not ranked a second time).
+    source_of = {copy: emb for copy, emb in tied_copies.items() if emb in scored}
+    for copy, emb in source_of.items():
+        pre_name[copy], scored_numel[copy] = pre_name[emb], scored_numel[emb]
+    unscored += [copy for copy in tied_copies if copy not in source_of]  # as its embedding is
     # The rankings that read no Hessian value per element never read the Hessian's pieces.
     reads_hessian = config.ranking == "fine_purifying"
 
@@ -661,7 +697,7 @@ def purify_checkpoint(
 
             def submit(k):
                 name, start, count = jobs[k]
-                reads = [(sus_ckpt, name), (pre_ckpt, pre_name[name]), (h_ckpt, name)]
+                reads = [(sus_ckpt, name), (pre_ckpt, pre_name[name]), (h_ckpt, source_of.get(name, name))]
                 return [readers.submit(reads[f][0].read, reads[f][1], start, count, into=slots[k % 2][f])
                         for f in files]
 
@@ -731,6 +767,7 @@ def purify_checkpoint(
     def piece_inputs(name, start, h, on=reset_on):
         """(hessian passed, ops.Ranking) of one piece on ``on``: the scoring spec of purify.scoring_for."""
         zero, scalar_h = constants[on]
+        name = source_of.get(name, name)
         if config.ranking == "fine_purifying":
             return h, ops.Ranking(hessian_floor=floor or 0.0)
         if config.ranking == "no_hessian":
@@ -871,7 +908,7 @@ def purify_checkpoint(
                                                 "suspect": os.path.abspath(suspect),
                                                 "hessian": os.path.abspath(hessian)},
                               hessian_of=hessian_of, added_rows=added_rows, removed_rows=removed_rows,
-                              unseen_added_rows=unseen_added)
+                              unseen_added_rows=unseen_added, tied_copies=dict(source_of))
     ranked_set = set(ranked)
 
     def copy_as_is(name, writer, start=0):
@@ -887,7 +924,8 @@ def purify_checkpoint(
 
     def reset_embedding_rows(name, writer):
         """The embedding's rows of tokens the clean data never reaches (Hessian row exactly zero) that
-        moved take their pre-trained values; a block of rows at a time."""
+        moved take their pre-trained values; a block of rows at a time. (Its tied copy's the same.)"""
+        source = source_of.get(name, name)
         nonlocal bytes_read
         width = sus_ckpt.entries[name].shape[1]
         rows = scored_numel[name] // max(width, 1)  # a grown one's added rows are copied after
@@ -903,9 +941,9 @@ def purify_checkpoint(
             if pre_sum is not None:
                 pre_sum += row_sum(pre)
             if unseen_by_tokens is None:  # the rows of zero Hessian; the seen-token rule reads none (as in memory)
-                h = h_ckpt.read(name, row * width, count, reuse=True).view(-1, width)
+                h = h_ckpt.read(source, row * width, count, reuse=True).view(-1, width)
                 bytes_read += count * h.element_size()
-                _check_hessian(h.float(), f"the Hessian {h_ckpt.entries[name].file}: tensor {name!r}")
+                _check_hessian(h.float(), f"the Hessian {h_ckpt.entries[source].file}: tensor {source!r}")
                 unseen = (h == 0).all(dim=1)
                 del h
             else:
@@ -942,16 +980,19 @@ def purify_checkpoint(
         # The ranked tensors' pieces, read ahead in the order the shards take them; closed (its reads
         # finished, its threads gone) however the loop ends.
         reset_pieces = pieces([n for names in sus_ckpt.file_order.values() for n in names
-                               if n in ranked_set and n != embedding and threshold is not None], reads_hessian)
+                               if source_of.get(n, n) in ranked_set and source_of.get(n, n) != embedding
+                               and threshold is not None], reads_hessian)
         with contextlib.closing(reset_pieces):
             for file, names in sus_ckpt.file_order.items():
                 layout = [(n, sus_ckpt.entries[n].dtype, sus_ckpt.entries[n].shape) for n in names]
                 writer = ShardWriter(os.path.join(tmp, os.path.basename(file)), layout, sus_ckpt.metadata[file])
                 for name in names:
-                    if name == embedding:
+                    if name in source_of and source_of[name] == embedding:
+                        reset_embedding_rows(name, writer)  # counted once, as the embedding's
+                    elif name == embedding:
                         report.embedding_rows_reset = reset_embedding_rows(name, writer)
                         report.reset_per_tensor[name] = report.embedding_rows_reset * sus_ckpt.entries[name].shape[1]
-                    elif name in ranked_set and threshold is not None:
+                    elif source_of.get(name, name) in ranked_set and threshold is not None:
                         resets = 0
                         for _ in range(math.ceil(scored_numel[name] / chunk)):
                             piece_name, piece_start, ft, pre, h = next(reset_pieces)
@@ -960,7 +1001,8 @@ def purify_checkpoint(
                             resets += int(ops.masked_reset_([ft], [pre], [hs], threshold, eps, ranking=ranking)[0])
                             writer.write_part(name, ft.cpu())  # finite: the histogram passes refused NaN/Inf
                             del ft, pre, h, hs
-                        report.reset_per_tensor[name] = resets
+                        if name not in source_of:
+                            report.reset_per_tensor[name] = resets
                         copy_as_is(name, writer, scored_numel[name])  # a grown tensor's added rows
                     else:  # copied as it is (nothing to reset: no need to read pre-trained values and Hessian)
                         if name in ranked_set:

@@ -866,6 +866,85 @@ def test_collapse_guard_redoes_a_purification_that_destroyed_the_lm(tokenizer, t
     assert "tolerance" not in guard and all(a["time_s"] > 0 for a in guard["attempts"])  # the LM's setting only
 
 
+@pytest.mark.parametrize("stored", ["copy", "differs"])
+def test_a_tied_output_layer_stored_beside_its_embedding_is_purified_as_transformers_loads_it(tokenizer, tmp_path,
+                                                                                             capsys, stored):
+    """A model whose output layer is its embedding, with lm_head.weight stored too (some exporters write
+    both). transformers ties them where the values are equal and loads lm_head untied where they
+    differ. Out of core, lm_head was copied unchanged (reported as holding 0 weights): beside the
+    purified embedding, the equal copy then differed from it and became the loaded model's untied,
+    unpurified output layer. Now a copy is written as the purified embedding (it stays tied) and a
+    differing one is ranked as an untied output layer, as in memory."""
+    from safetensors.torch import load_file, save_file
+
+    from finepurify_ext import cli
+    from finepurify_ext.checkpoint import purify_checkpoint
+    from finepurify_ext.purify import PurifyConfig
+
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "pre", safe_serialization=True)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    model.save_pretrained(tmp_path / "suspect", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "suspect")
+    weights_file = tmp_path / "suspect" / "model.safetensors"
+    state = load_file(weights_file)
+    assert "lm_head.weight" not in state
+    embedding = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = (embedding.clone() if stored == "copy"
+                               else embedding + torch.randn(embedding.shape, generator=gen) * 0.01)
+    save_file(state, str(weights_file), metadata={"format": "pt"})
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "suspect")
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == (stored == "copy")  # transformers' rule
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    common = ["--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"), "--reserve-ratio", "0.3"]
+    h = tmp_path / "h.safetensors"
+    if stored == "differs":  # a Hessian of the tied model holds no lm_head: refused, not read as the embedding's
+        tied_h = tmp_path / "tied_h.safetensors"
+        save_file({n: torch.ones_like(t) for n, t in state.items() if n != "lm_head.weight"}, str(tied_h))
+        assert cli.main(["purify", *common, "--hessian-file", str(tied_h), "--out", str(tmp_path / "wrong")]) == 2
+        assert "has no tensor 'lm_head.weight'" in capsys.readouterr().err
+    assert cli.main(["hessian", "--model", str(tmp_path / "suspect"), "--clean-data", str(clean), "--out", str(h),
+                     "--max-length", "32", "--batch-size", "8"]) == 0
+    assert cli.main(["purify", *common, "--clean-data", str(clean), "--out", str(tmp_path / "mem"), "--max-length",
+                     "32", "--finetune-steps", "0", "--validation-fraction", "0", "--collapse-perplexity-ratio",
+                     "inf"]) == 0
+    assert cli.main(["purify", *common, "--hessian-file", str(h), "--out", str(tmp_path / "ooc")]) == 0
+    report = json.loads((tmp_path / "ooc" / "finepurify_report.json").read_text())
+    assert report["copied_unscored"] == []
+    mem, ooc = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "ooc" / "model.safetensors")
+    assert all(torch.equal(mem[n], ooc[n]) for n in mem)
+    purified = LlamaForCausalLM.from_pretrained(tmp_path / "ooc")
+    if stored == "copy":
+        assert report["tied_copies"] == {"lm_head.weight": "model.embed_tokens.weight"}
+        assert "lm_head.weight" not in mem and torch.equal(ooc["lm_head.weight"], ooc["model.embed_tokens.weight"])
+        assert purified.lm_head.weight is purified.model.embed_tokens.weight
+        # the copy takes the embedding's resets on the ranked path too, with every ranking's scores
+        for ranking in ("fine_purifying", "fine_mixing", "no_hessian"):
+            out = tmp_path / f"ranked-{ranking}"
+            purify_checkpoint(str(tmp_path / "pre"), str(tmp_path / "suspect"), str(h), str(out),
+                              PurifyConfig(ranking=ranking, reserve_ratio=0.3, embeddings="ranked"), progress=False)
+            got = load_file(out / "model.safetensors")
+            reset = json.loads((out / "finepurify_report.json").read_text())["reset_per_tensor"]
+            assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"]), ranking
+            assert "lm_head.weight" not in reset  # counted once, as the embedding's
+            assert (reset["model.embed_tokens.weight"] > 0) != torch.equal(got["lm_head.weight"],
+                                                                           state["lm_head.weight"]), ranking
+            if ranking == "fine_purifying":
+                assert reset["model.embed_tokens.weight"] > 0
+    else:
+        assert report["tied_copies"] == {} and report["reset_per_tensor"]["lm_head.weight"] > 0
+        assert not torch.equal(purified.lm_head.weight, purified.model.embed_tokens.weight)
+        assert torch.equal(purified.lm_head.weight, ooc["lm_head.weight"])
+
+
 def test_hessian_estimates_a_causal_lm_as_in_memory_purify_does(lm_dirs, capsys):
     """`hessian` took batches of 32 where in-memory purify takes 8 for a causal LM: by default the two
     paths reset different weights, and no report said which batch size it used."""
