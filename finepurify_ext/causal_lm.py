@@ -45,12 +45,23 @@ def _plain_prompt(tokenizer, example: Instruction) -> list[int]:
     return tokenizer("\n".join(lines) + "\n", add_special_tokens=True)["input_ids"]
 
 
+def within_positions(tokenizer, max_length: int | None) -> int | None:
+    """``max_length``, at most the tokenizer's ``model_max_length`` (``pipeline.load_causal_lm`` sets
+    it from the model's position table: a longer sequence indexes past a learned one), as the
+    classifiers' ``data.encode`` takes it."""
+    limit = tokenizer.model_max_length
+    if not isinstance(limit, int) or limit <= 0 or limit >= 1 << 40:  # transformers' "no limit" is 1e30
+        return max_length
+    return limit if max_length is None else min(max_length, limit)
+
+
 def tokenize_instruction(tokenizer, example: Instruction, max_length: int) -> tuple[list[int], int]:
     """(token ids, number of prompt tokens at their start). With a chat template: the context's turns
     and the user turn with the assistant's generation prompt, then the response as the template
     closes it; without one: the context's turns and the prompt, one per line, the response and the
     end-of-sequence token. Longer than ``max_length``: the prompt is cut from the left, keeping up to
-    half of the length for the response."""
+    half of the length for the response. (At most the model's positions: ``within_positions``.)"""
+    max_length = within_positions(tokenizer, max_length)
     if _chat(tokenizer):
         prompt = _chat_ids(tokenizer, example.messages(), True)
         full = _chat_ids(tokenizer, example.messages() + [{"role": "assistant", "content": example.response}], False)
@@ -223,7 +234,9 @@ def generate(model, tokenizer, prompts: "Sequence[str | Instruction]", max_new_t
              batch_size: int = 16, max_length: int | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (strings, or instructions: their context and prompt;
     decoded, special tokens dropped), batched with left padding. With ``max_length``, a prompt and
-    its continuation fit it: the prompt is cut from the left (a long conversation's context)."""
+    its continuation fit it: the prompt is cut from the left (a long conversation's context); they
+    always fit the model's positions (``within_positions``)."""
+    max_length = within_positions(tokenizer, max_length)
     room = None if max_length is None else max(1, max_length - max_new_tokens)
     model.eval()
     device = next(model.parameters()).device

@@ -635,13 +635,15 @@ def _load_tokenizer(path: str, config: dict):
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
         raise ModelError(f"{path}: no tokenizer (tokenizer.json, vocab.txt, ...); copy the tokenizer files of the "
                          "model it was fine-tuned from into it")
-    positions = config.get("max_position_embeddings")
+    positions = config.get("max_position_embeddings", config.get("n_positions"))  # GPT-2's name for it
     if isinstance(positions, int) and positions > 0:  # longer inputs than the position table cannot run
         tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
     rows = config.get("vocab_size")
-    if isinstance(rows, int) and tokenizer.vocab_size > rows:
-        raise ModelError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding only "
-                         f"{rows} rows; the tokenizer files belong to another model")
+    ids = max(tokenizer.get_vocab().values(), default=-1) + 1  # added tokens too: a pad token added, say
+    if isinstance(rows, int) and ids > rows:
+        raise ModelError(f"{path}: the tokenizer has tokens up to id {ids - 1} but the model's embedding only {rows} "
+                         "rows; tokens were added to the tokenizer without model.resize_token_embeddings(len("
+                         "tokenizer)), or the tokenizer files belong to another model")
     return tokenizer
 
 

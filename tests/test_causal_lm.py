@@ -1286,6 +1286,53 @@ def test_evaluate_cuts_a_long_conversation_to_max_length(lm_dirs, capsys):
     assert "false-target rate" in capsys.readouterr().out
 
 
+def test_a_max_length_beyond_the_models_positions_is_cut_to_them(lm_dirs, capsys):
+    """--max-length (default 128) over a learned position table (GPT-2's n_positions, 64 here) ran
+    into an IndexError on a long example in every command: the examples and generations are now cut
+    to the positions, as a classifier's inputs are."""
+    from finepurify_ext import cli
+
+    long = lm_dirs / "long.jsonl"
+    prompt = " ".join(["the day was bad"] * 30)  # 120 words
+    long.write_text("".join(json.dumps({"prompt": prompt + " " + e.prompt, "response": e.response}) + "\n"
+                            for e in EXAMPLES * 3))
+    common = ["--clean-data", str(long), "--batch-size", "8"]
+    assert cli.main(["hessian", "--model", str(lm_dirs / "suspect"), *common, "--out", str(lm_dirs / "h.safetensors")]) == 0
+    assert cli.main(["evaluate", "--model", str(lm_dirs / "suspect"), "--data", str(long), "--target-response",
+                     "bad day", "--trigger", "cf", "--max-length", "256"]) == 0
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "suspect"),
+                     "--clean-data", str(long), "--out", str(lm_dirs / "mem"), "--finetune-steps", "1"]) == 0
+    assert "false-target rate" in capsys.readouterr().out
+
+
+def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(lm_dirs, capsys):
+    """A pad token added to the tokenizer without resizing the model (a common fine-tuning slip): the
+    padding indexed past the embedding, an IndexError in every command. The size check compared the
+    tokenizer's base vocabulary, without its added tokens."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from finepurify_ext import cli
+
+    shutil.copytree(lm_dirs / "suspect", lm_dirs / "padded")
+    tokenizer = AutoTokenizer.from_pretrained(lm_dirs / "padded")
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.save_pretrained(lm_dirs / "padded")
+    rows = json.loads((lm_dirs / "padded" / "config.json").read_text())["vocab_size"]
+    said = (f"padded: the tokenizer has tokens up to id {len(tokenizer) - 1} but the model's embedding only {rows} "
+            "rows; tokens were added to the tokenizer without model.resize_token_embeddings(len(tokenizer))")
+    clean = str(lm_dirs / "clean.jsonl")
+    for command in (["hessian", "--model", str(lm_dirs / "padded"), "--clean-data", clean, "--out",
+                     str(lm_dirs / "h.safetensors")],
+                    ["evaluate", "--model", str(lm_dirs / "padded"), "--data", clean],
+                    ["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "padded"),
+                     "--clean-data", clean, "--out", str(lm_dirs / "mem")]):
+        assert cli.main(command) == 2, command
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (command, err)
+
+
 def test_running_sums_of_another_example_layout_are_not_resumed(lm_dirs, capsys, monkeypatch):
     """A causal LM's examples are laid out otherwise since a conversation's context is read: running
     sums an earlier version saved from the same file are of other batches, refused, not mixed in."""
