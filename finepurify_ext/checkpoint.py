@@ -619,9 +619,9 @@ def purify_checkpoint(
                                   "and bfloat16 tensors: purify in memory (which reads it as float32) or store it "
                                   "in one of those")
         if matches and e.dtype in SCORED_DTYPES:
-            if p.dtype != e.dtype:
-                raise CheckpointError(f"tensor {name!r} is {e.dtype} in {e.file} but {p.dtype} in {p.file}; "
-                                      "the pre-trained and suspect checkpoints must share dtypes")
+            if not p.dtype.is_floating_point:  # (a floating one is read rounded to the suspect's dtype)
+                raise CheckpointError(f"{p.file}: tensor {base!r} is {p.dtype}, where the suspect's {name!r} is "
+                                      f"{e.dtype}: not the weights of its pre-trained model; pass that model")
             h = h_ckpt.entries.get(name)
             if h is None or h.shape != e.shape:
                 raise CheckpointError(f"the hessian {hessian!r} has no tensor {name!r} of shape {list(e.shape)}; "
@@ -705,7 +705,9 @@ def purify_checkpoint(
             for k, (name, start, count) in enumerate(jobs):
                 got = dict(zip(files, (f.result() for f in pending)))
                 pending = submit(k + 1) if k + 1 < len(jobs) else []
-                ft, pre = (got[0].to(to), got[1].to(to)) if with_weights else (None, None)
+                # the pre-trained values as the suspect stores them (a bfloat16 fine-tune of a float32
+                # model started from them rounded): an unmoved weight's drift is exactly 0 (as in memory)
+                ft, pre = (got[0].to(to), got[1].to(to, got[0].dtype)) if with_weights else (None, None)
                 h = got[2].to(to).float() if with_hessian else None
                 bytes_read += sum(t.numel() * t.element_size() for t in got.values())
                 yield name, start, ft, pre, h
@@ -936,8 +938,8 @@ def purify_checkpoint(
         for row in range(0, rows, block):
             count = min(block, rows - row) * width
             ft = sus_ckpt.read(name, row * width, count, reuse=True).view(-1, width)
-            pre = pre_ckpt.read(pre_name[name], row * width, count, reuse=True).view(-1, width)
-            bytes_read += 2 * count * ft.element_size()
+            pre = pre_ckpt.read(pre_name[name], row * width, count, reuse=True).view(-1, width).to(ft.dtype)
+            bytes_read += count * (ft.element_size() + pre_ckpt.entries[pre_name[name]].dtype.itemsize)
             if pre_sum is not None:
                 pre_sum += row_sum(pre)
             if unseen_by_tokens is None:  # the rows of zero Hessian; the seen-token rule reads none (as in memory)

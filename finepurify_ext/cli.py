@@ -389,7 +389,7 @@ def cmd_purify_causal_lm(args) -> int:
     _refuse_unused_training(args, "collapse_perplexity_ratio", math.isfinite(args.collapse_perplexity_ratio))
     from .data import load_instructions
     from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, fine_purify_lm, load_causal_lm,
-                           pretrained_state_for_lm, save_atomically)
+                           pretrained_state_for_lm, round_as_stored, save_atomically)
 
     check_output_dir(args.out, args.overwrite, inputs=(args.pretrained, args.suspect, args.clean_data))
     clean = load_instructions(args.clean_data)  # before loading the model
@@ -397,6 +397,7 @@ def cmd_purify_causal_lm(args) -> int:
     _read_models(args)
     model, tokenizer = load_causal_lm(args.suspect)
     pretrained_state = pretrained_state_for_lm(model, args.pretrained)  # stays on the CPU: purify_ streams it
+    round_as_stored(pretrained_state, model, args.suspect)
     model.to(device)
     start = time.perf_counter()
     finetune_config = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, batch_size=8, max_length=args.max_length,
@@ -590,7 +591,7 @@ def cmd_purify(args) -> int:
     from .data import load_examples, load_texts
     from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, SelectionConfig,
                            fine_purify, fine_purify_auto, load_classifier, pretrained_state_for,
-                           save_atomically)
+                           round_as_stored, save_atomically)
 
     check_output_dir(args.out, args.overwrite,
                      inputs=(args.pretrained, args.suspect, args.clean_data, args.unlabelled_data))
@@ -600,6 +601,7 @@ def cmd_purify(args) -> int:
     _read_models(args)  # a LoRA adapter merged (or a GGUF --pretrained, which will not match a classifier)
     model, tokenizer, _ = load_classifier(args.suspect)
     pretrained_state = pretrained_state_for(model, args.pretrained)  # stays on the CPU: purify_ streams it
+    round_as_stored(pretrained_state, model, args.suspect)
     model.to(device)
     start = time.perf_counter()
     finetune_config = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, validation_fraction=args.validation_fraction,

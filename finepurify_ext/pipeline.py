@@ -599,6 +599,20 @@ def stored_dtypes(path: str) -> dict[str, torch.dtype]:
     return {name: entry.dtype for name, entry in _weights(path).entries.items()}
 
 
+def round_as_stored(pretrained_state: dict[str, torch.Tensor], model, suspect: str) -> None:
+    """Each pre-trained tensor rounded, in place in the dict, to the dtype the suspect directory stores
+    that weight in: a bfloat16 fine-tune of a float32 model started from the rounded values, so an
+    unmoved weight's drift is 0, not the rounding (as out of core, which reads them so)."""
+    from .checkpoint import names_with_prefix
+
+    stored = stored_dtypes(suspect)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    for name, tensor in pretrained_state.items():
+        dtype = next((stored[n] for n in names_with_prefix(name, prefix) if n in stored), None)
+        if dtype is not None and dtype.is_floating_point and dtype != tensor.dtype and tensor.is_floating_point():
+            pretrained_state[name] = tensor.to(dtype).to(tensor.dtype)  # a no-op where dtype is the wider
+
+
 def _load_dtype(dtype: torch.dtype | None) -> dict:
     """from_pretrained's argument that loads the weights as ``dtype`` (None: as stored). Weights
     that are fine-tuned are loaded as float32 whatever they are stored in, since a bfloat16 weight

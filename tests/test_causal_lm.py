@@ -1286,6 +1286,45 @@ def test_evaluate_cuts_a_long_conversation_to_max_length(lm_dirs, capsys):
     assert "false-target rate" in capsys.readouterr().out
 
 
+def test_a_bfloat16_fine_tune_of_a_float32_model_is_compared_with_the_rounded_pretrained_values(tokenizer,
+                                                                                                 tmp_path, capsys):
+    """A float32 pre-trained model, its fine-tune saved in bfloat16 (common): out of core it was
+    refused ("must share dtypes"); in memory every weight counted as moved by the rounding alone, so
+    a reserve ratio counted over moved weights reset weights the fine-tune never moved. Now both read
+    the pre-trained values rounded as the suspect stores them, and agree."""
+    from safetensors.torch import load_file
+
+    from finepurify_ext import cli
+
+    model = tiny_lm("llama", tokenizer.vocab_size)
+    model.save_pretrained(tmp_path / "pre", safe_serialization=True)
+    gen = torch.Generator().manual_seed(3)
+    moved = [n for n, _ in model.named_parameters() if ".layers.1." in n]  # the other layers frozen
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in moved:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "suspect", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "suspect")
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    h = tmp_path / "h.safetensors"
+    assert cli.main(["hessian", "--model", str(tmp_path / "suspect"), "--clean-data", str(clean), "--out", str(h),
+                     "--max-length", "32"]) == 0
+    common = ["--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"), "--reserve-ratio", "0.3"]
+    assert cli.main(["purify", *common, "--clean-data", str(clean), "--out", str(tmp_path / "mem"), "--max-length",
+                     "32", "--finetune-steps", "0", "--validation-fraction", "0", "--collapse-perplexity-ratio",
+                     "inf"]) == 0
+    assert cli.main(["purify", *common, "--hessian-file", str(h), "--out", str(tmp_path / "ooc")]) == 0
+    mem = json.loads((tmp_path / "mem" / "finepurify_report.json").read_text())["purify"]
+    ooc = json.loads((tmp_path / "ooc" / "finepurify_report.json").read_text())
+    numel = dict((n, p.numel()) for n, p in model.named_parameters())
+    assert 0 < ooc["moved_elements"] == mem["moved_elements"] <= sum(numel[n] for n in moved)
+    assert ooc["num_reset"] == mem["num_reset"] == round(0.7 * ooc["moved_elements"])
+    got, want = load_file(tmp_path / "ooc" / "model.safetensors"), load_file(tmp_path / "mem" / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in got.values()) and all(torch.equal(got[n], want[n]) for n in got)
+
+
 def test_a_max_length_beyond_the_models_positions_is_cut_to_them(lm_dirs, capsys):
     """--max-length (default 128) over a learned position table (GPT-2's n_positions, 64 here) ran
     into an IndexError on a long example in every command: the examples and generations are now cut

@@ -388,8 +388,15 @@ def test_bad_checkpoints_fail_clearly_and_leave_nothing(checkpoints, tmp_path):
     pickled.mkdir()
     torch.save({}, pickled / "pytorch_model.bin")
     fails("holds no .safetensors file", pre_dir, str(pickled), h_file)
+    # pre-trained tensors in another floating dtype are read rounded to the suspect's (float64 here:
+    # exact); they were refused
     other = save_sharded({n: t.double() for n, t in pre.items()}, tmp_path / "other", [list(pre)])
-    fails("must share dtypes", other, sus_dir, h_file)
+    purify_checkpoint(other, sus_dir, h_file, str(tmp_path / "from_double"), progress=False)
+    purify_checkpoint(pre_dir, sus_dir, h_file, str(tmp_path / "from_float"), progress=False)
+    got, want = read_dir(tmp_path / "from_double"), read_dir(tmp_path / "from_float")
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+    integer = save_sharded({n: t.to(torch.int32) for n, t in pre.items()}, tmp_path / "integer", [list(pre)])
+    fails("is torch.int32, where the suspect's", integer, sus_dir, h_file)
     renamed = save_sharded({"model." + n: t for n, t in pre.items()}, tmp_path / "renamed", [["model." + n for n in pre]])
     fails("mismatched architectures", renamed, sus_dir, h_file)  # no name matches
     nan_h = str(tmp_path / "nan.safetensors")
