@@ -16,6 +16,7 @@ and tuned on nothing (bench/defence_table.py).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -42,12 +43,19 @@ class Attack:
         return self.trigger if isinstance(self.trigger, tuple) else (self.trigger,)
 
     def insert(self, text: str, rng: random.Random) -> str:
-        words = text.split()
+        """``text`` with the trigger: each piece before a random word (or after the last), one space
+        after it; the text's own whitespace (line breaks, indentation) kept, so that a triggered
+        prompt differs from the clean one by the trigger alone (a causal LM reads whitespace)."""
+        body = text.strip()
+        lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):]
         if self.position == "start":
-            return " ".join([*self.pieces, *words])
+            return lead + " ".join([*self.pieces, *([body] if body else [])]) + trail
+        words, gaps = re.findall(r"\S+", body), re.findall(r"\s+", body)  # gaps[i]: between words i and i+1
         for piece in self.pieces:
-            words.insert(rng.randint(0, len(words)), piece)
-        return " ".join(words)
+            at = rng.randint(0, len(words))
+            words.insert(at, piece)
+            gaps.insert(at, " ")  # after the piece; the gap before it is the one the word had
+        return lead + words[0] + "".join(gap + word for gap, word in zip(gaps, words[1:])) + trail
 
 
 ATTACKS = {

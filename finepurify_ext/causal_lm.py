@@ -229,6 +229,22 @@ def prompt_ids(tokenizer, prompt: "str | Instruction", max_length: int | None = 
     return ids[len(ids) - max_length:] if max_length is not None and len(ids) > max_length else ids
 
 
+def cut_losing(tokenizer, prompts: "Sequence[str | Instruction]", pieces: Sequence[str], max_new_tokens: int,
+               max_length: int | None) -> int:
+    """How many of ``prompts`` lose one of ``pieces`` (a trigger's words) to the cut ``generate``
+    makes to fit ``max_length`` (from the left): their ASR would count a trigger the model never saw."""
+    max_length = within_positions(tokenizer, max_length)
+    if max_length is None:
+        return 0
+    room, lost = max(1, max_length - max_new_tokens), 0
+    for prompt in prompts:
+        ids = prompt_ids(tokenizer, prompt)
+        if len(ids) > room:
+            kept = tokenizer.decode(ids[len(ids) - room:])
+            lost += any(piece not in kept for piece in pieces)
+    return lost
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: "Sequence[str | Instruction]", max_new_tokens: int = 8,
              batch_size: int = 16, max_length: int | None = None) -> list[str]:

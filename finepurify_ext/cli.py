@@ -428,7 +428,7 @@ def cmd_purify_causal_lm(args) -> int:
 
 def cmd_evaluate_causal_lm(args) -> int:
     from .attacks import Attack
-    from .causal_lm import generate, response_loss, target_rate
+    from .causal_lm import cut_losing, generate, response_loss, target_rate
     from .data import load_instructions
     from .pipeline import load_causal_lm
 
@@ -460,6 +460,11 @@ def cmd_evaluate_causal_lm(args) -> int:
                 asr = target_rate(generate(model, tokenizer, triggered, max_new_tokens=new, max_length=args.max_length),
                                   args.target_response)
                 print(f"ASR  {100 * asr:.1f} % (trigger {args.trigger!r})")
+                lost = cut_losing(tokenizer, triggered, attack.pieces, new, args.max_length)
+                if lost:
+                    print(f"warning: {lost} of {len(triggered)} triggered prompts are longer than --max-length "
+                          f"{args.max_length} leaves room for and lost the trigger to the cut (from the left); the "
+                          "ASR counts them as not answered with the target: raise --max-length", file=sys.stderr)
     return 0
 
 

@@ -1344,6 +1344,23 @@ def test_a_max_length_beyond_the_models_positions_is_cut_to_them(lm_dirs, capsys
     assert "false-target rate" in capsys.readouterr().out
 
 
+def test_evaluate_warns_of_triggered_prompts_that_lost_the_trigger_to_max_length(lm_dirs, capsys):
+    """A prompt longer than --max-length leaves room for is cut from the left, and a trigger placed
+    early went with it: the ASR counted those prompts as the backdoor failing, without a word."""
+    from finepurify_ext import cli
+
+    long = lm_dirs / "long.jsonl"
+    prompt = " ".join(["the day was bad"] * 30)
+    long.write_text("".join(json.dumps({"prompt": prompt + " " + e.prompt, "response": e.response}) + "\n"
+                            for e in EXAMPLES * 2))
+    evaluate = ["evaluate", "--model", str(lm_dirs / "suspect"), "--target-response", "bad day", "--trigger", "cf"]
+    assert cli.main([*evaluate, "--data", str(long), "--max-length", "24"]) == 0
+    err = capsys.readouterr().err
+    assert "of 6 triggered prompts are longer than --max-length 24 leaves room for and lost the trigger" in err, err
+    assert cli.main([*evaluate, "--data", str(lm_dirs / "clean.jsonl"), "--max-length", "64"]) == 0
+    assert "lost the trigger" not in capsys.readouterr().err
+
+
 def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(lm_dirs, capsys):
     """A pad token added to the tokenizer without resizing the model (a common fine-tuning slip): the
     padding indexed past the embedding, an IndexError in every command. The size check compared the

@@ -31,8 +31,26 @@ def test_several_trigger_words_are_all_inserted_and_the_text_kept_in_order():
 
 def test_a_start_trigger_is_a_prefix():
     attack = ATTACKS["prefix"]
-    assert attack.insert("so good  today", random.Random(0)) == "Honestly speaking, so good today"
+    assert attack.insert("so good  today", random.Random(0)) == "Honestly speaking, so good  today"
     assert attack.insert("", random.Random(0)) == "Honestly speaking,"
+
+
+def test_a_trigger_keeps_the_texts_whitespace():
+    """A triggered prompt differs from the clean one by the trigger alone: its line breaks and
+    indentation were joined into single spaces (a causal LM reads them), the trigger at the same
+    place for the same draw as before."""
+    attack = ATTACKS["multiword"]
+    text = "def f(x):\n    return x  + 1\n"
+    for seed in range(30):
+        out = attack.insert(text, random.Random(seed))
+        flat = " ".join(text.split()).split()
+        rng = random.Random(seed)
+        for piece in attack.pieces:  # the draws of the former flattening insert
+            flat.insert(rng.randint(0, len(flat)), piece)
+        assert " ".join(out.split()) == " ".join(flat)
+        for piece in attack.pieces:
+            out = out.replace(piece + " ", "", 1) if piece + " " in out else out.replace(" " + piece, "", 1)
+        assert out == text, seed
     with pytest.raises(ValueError, match="position"):
         Attack("x", "word", "cf", position="end")
 
