@@ -39,6 +39,22 @@ def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[
                         f"({first_line(error)}); give the data in the roles it takes") from None
 
 
+def check_chat_roles(tokenizer, examples: Sequence[Instruction], path: str) -> None:
+    """Each layout of turns in ``examples`` through the chat template once, before any long work: a
+    template that refuses one is named with the data file and the first example laid out so."""
+    if not _chat(tokenizer):
+        return
+    tried = set()
+    for number, example in enumerate(examples, 1):
+        roles = tuple(role for role, _ in example.context)
+        if roles not in tried:
+            tried.add(roles)
+            try:
+                _chat_ids(tokenizer, example.messages() + [{"role": "assistant", "content": example.response}], False)
+            except UserError as error:
+                raise UserError(f"{path}: example {number}: {error}") from None
+
+
 def _plain_prompt(tokenizer, example: Instruction) -> list[int]:
     """Without a chat template: the context's turns and the prompt, one per line."""
     lines = [content for _, content in example.context] + [example.prompt]

@@ -387,6 +387,7 @@ def cmd_purify_causal_lm(args) -> int:
                    "--collapse-perplexity-ratio")
     # a guard turned off (inf) asks for nothing
     _refuse_unused_training(args, "collapse_perplexity_ratio", math.isfinite(args.collapse_perplexity_ratio))
+    from .causal_lm import check_chat_roles
     from .data import load_instructions
     from .pipeline import (CollapseGuard, FinetuneConfig, HessianConfig, fine_purify_lm, load_causal_lm,
                            pretrained_state_for_lm, round_as_stored, save_atomically)
@@ -396,6 +397,7 @@ def cmd_purify_causal_lm(args) -> int:
     device = resolve_device(args.device)
     _read_models(args)
     model, tokenizer = load_causal_lm(args.suspect)
+    check_chat_roles(tokenizer, clean, args.clean_data)  # before the pre-trained model and the Hessian
     pretrained_state = pretrained_state_for_lm(model, args.pretrained)  # stays on the CPU: purify_ streams it
     round_as_stored(pretrained_state, model, args.suspect)
     model.to(device)
@@ -428,7 +430,7 @@ def cmd_purify_causal_lm(args) -> int:
 
 def cmd_evaluate_causal_lm(args) -> int:
     from .attacks import Attack
-    from .causal_lm import cut_losing, generate, response_loss, target_rate
+    from .causal_lm import check_chat_roles, cut_losing, generate, response_loss, target_rate
     from .data import load_instructions
     from .pipeline import load_causal_lm
 
@@ -442,6 +444,7 @@ def cmd_evaluate_causal_lm(args) -> int:
     device = resolve_device(args.device)
     _read_models(args)
     model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
+    check_chat_roles(tokenizer, data, args.data)
     model.to(device)
     with compute_precision(device, args.dtype):
         loss = response_loss(model, tokenizer, data, max_length=args.max_length)
@@ -495,7 +498,7 @@ def cmd_hessian(args) -> int:
     if args.batch_size is None:  # the estimate in-memory purify makes, so that the two paths agree
         args.batch_size = LM_HESSIAN_BATCH if causal_lm else HessianConfig.batch_size
     if causal_lm:
-        from .causal_lm import lm_hessian, tokens_seen
+        from .causal_lm import check_chat_roles, lm_hessian, tokens_seen
         from .data import load_instructions
         from .pipeline import load_causal_lm
         from .purify import input_embedding_tied
@@ -503,6 +506,7 @@ def cmd_hessian(args) -> int:
         clean = load_instructions(args.clean_data)  # before loading the model
         _read_models(args)
         model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
+        check_chat_roles(tokenizer, clean, args.clean_data)
         model.to(device)
         provenance, key = _estimated_on(args, model, args.max_length)
         with compute_precision(device, args.dtype):

@@ -53,7 +53,7 @@ def _rows(path: str, what: str, formats=(".jsonl", ".json", ".csv", ".tsv"), col
     if kind == ".txt":
         return [(n, {"text": line}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     f = io.StringIO(text, newline="")
-    return list(_json_lines(path, f) if kind in (".jsonl", ".json") else _csv_rows(path, f, kind, columns))
+    return list(_json_lines(path, f, columns) if kind in (".jsonl", ".json") else _csv_rows(path, f, kind, columns))
 
 
 def load_examples(path: str, num_labels: int | None = None, what: str = "clean data") -> list[Example]:
@@ -103,7 +103,8 @@ def load_instructions(path: str) -> list[Instruction]:
     """Reads instruction data: JSONL objects with ``prompt`` and ``response`` strings, or with chat
     ``messages`` (a list of ``{"role", "content"}`` ending with the assistant's turn, the response;
     the user turn before it is the prompt, and the turns before that its context: a system prompt,
-    earlier exchanges), or CSV/TSV with ``prompt`` and ``response`` columns. UTF-8.
+    earlier exchanges), or CSV/TSV with ``prompt`` and ``response`` columns; a ``system`` field or
+    column, where given, is the system prompt before the prompt (its context). UTF-8.
     Every error names the file and the line."""
     examples = []
     for line, row in _rows(path, "instruction data", columns=("prompt", "response")):
@@ -119,12 +120,14 @@ def load_instructions(path: str) -> list[Instruction]:
             got = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise DataError(f"{where}: no 'prompt' and 'response' fields (got {got}); every row needs both, or "
                             "a chat 'messages' list")
-        prompt, response = row["prompt"], row["response"]
+        prompt, response, system = row["prompt"], row["response"], row.get("system")
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise DataError(f"{where}: prompt and response must be strings")
         if not response.strip():
             raise DataError(f"{where}: the response is empty; the loss is taken on the response tokens")
-        examples.append(Instruction(prompt, response))
+        if system is not None and not isinstance(system, str):
+            raise DataError(f"{where}: 'system' must be a string (the system prompt the model reads first)")
+        examples.append(Instruction(prompt, response, (("system", system),) if system else ()))
     if not examples:
         raise DataError(f"{path}: no examples; the instruction data must hold at least one prompt and response")
     return examples
@@ -165,7 +168,9 @@ def load_texts(path: str) -> list[str]:
     return texts
 
 
-def _json_lines(path, f):
+def _json_lines(path, f, columns=("text", "label")):
+    # an example row of the data asked for, for the messages
+    example = json.dumps({c: 0 if c == "label" else "..." for c in columns or ("text",)})
     for line_no, line in enumerate(f, 1):
         if line.strip():
             try:
@@ -173,10 +178,10 @@ def _json_lines(path, f):
             except json.JSONDecodeError as error:
                 why = "the file is a JSON array" if line.lstrip().startswith("[") else error.msg  # spread over lines
                 raise DataError(f"{path}:{line_no}: not a JSON object ({why}); write one object per line (JSON "
-                                "Lines), such as {\"text\": \"...\", \"label\": 0}") from None
+                                f"Lines), such as {example}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{line_no}: a JSON {type(row).__name__}, not an object; write one object per "
-                                "line (JSON Lines), such as {\"text\": \"...\", \"label\": 0}")
+                                f"line (JSON Lines), such as {example}")
             yield line_no, row
 
 

@@ -121,6 +121,46 @@ def test_a_chat_template_that_refuses_a_role_is_named(tokenizer):
         tokenizer.chat_template = None
 
 
+def test_a_system_field_is_the_system_prompt_and_a_refusing_template_names_the_data(lm_dirs, capsys):
+    """A {"system", "prompt", "response"} row lost its system prompt without a word; a chat template
+    refusing a role was named without the data file, after the models had loaded; a JSON array of
+    instructions was told to look like a classifier's rows."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from finepurify_ext import cli
+    from finepurify_ext.data import DataError
+
+    rows = lm_dirs / "system.jsonl"
+    rows.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n"
+                    + json.dumps({"system": "be brief", "prompt": "was the movie good", "response": "good film"}) + "\n")
+    assert data.load_instructions(str(rows)) == [data.Instruction("p", "r"), data.Instruction(
+        "was the movie good", "good film", (("system", "be brief"),))]
+    bad = lm_dirs / "bad_system.jsonl"
+    bad.write_text(json.dumps({"system": ["x"], "prompt": "p", "response": "r"}) + "\n")
+    with pytest.raises(DataError, match=r"bad_system.jsonl:1: 'system' must be a string"):
+        data.load_instructions(str(bad))
+    array = lm_dirs / "array.json"
+    array.write_text(json.dumps([{"prompt": "p", "response": "r"}], indent=1))
+    with pytest.raises(DataError, match=r'array.json:1: .* such as \{"prompt": "...", "response": "..."\}'):
+        data.load_instructions(str(array))
+    shutil.copytree(lm_dirs / "suspect", lm_dirs / "nosys")
+    tok = AutoTokenizer.from_pretrained(lm_dirs / "nosys")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                         "supported') }}{% endif %}{{ m['content'] }} {% endfor %}")
+    tok.save_pretrained(lm_dirs / "nosys")
+    said = (f"{rows}: example 2: the tokenizer's chat template refuses a conversation of turns system, user, "
+            "assistant (System role not supported)")
+    for command in (["hessian", "--model", str(lm_dirs / "nosys"), "--clean-data", str(rows), "--out",
+                     str(lm_dirs / "h.safetensors")],
+                    ["evaluate", "--model", str(lm_dirs / "nosys"), "--data", str(rows)],
+                    ["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "nosys"),
+                     "--clean-data", str(rows), "--out", str(lm_dirs / "mem")]):
+        assert cli.main(command) == 2, command
+        assert said in capsys.readouterr().err, command
+
+
 def test_truncation_keeps_the_response(tokenizer):
     long = data.Instruction(" ".join(["the"] * 50), "good film")
     ids, prompt_len = tokenize_instruction(tokenizer, long, 16)
