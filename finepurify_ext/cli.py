@@ -743,9 +743,10 @@ def _disk_full(error: BaseException) -> str | None:
 
 DRIFT_SAMPLE = "drift_sample.json"  # beside the report: the drift plot's points (drift^2, Hessian, reset)
 DATA_HELP = ("a classifier's: CSV/TSV or JSONL with text and label; a causal LM's: JSONL or CSV/TSV with prompt "
-             "and response, or JSONL chat messages")
-# A causal LM's examples as tokenize_instruction lays them out; 2: a conversation's earlier turns read
-LM_EXAMPLE_LAYOUT = 2
+             "and response (and optionally system), or JSONL chat messages")
+# A causal LM's examples as tokenize_instruction lays them out; 2: a conversation's earlier turns read;
+# 3: a row's system field read, and examples cut to a learned position table
+LM_EXAMPLE_LAYOUT = 3
 LM_HESSIAN_BATCH = 8  # a causal LM's examples per squared gradient, in memory and by default in `hessian`
 PICKLE_NAMES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.save's and pickle's usual names
 MODEL_OPTIONS = ("pretrained", "suspect", "model")  # the options that name a model
