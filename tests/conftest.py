@@ -1,9 +1,16 @@
+import signal
+
 import pytest
 import torch
 
 import finepurify_ext  # noqa: F401  (registers the ops)
 from finepurify_ext import ops
 from finepurify_ext import reference as ref
+
+# A suite started in the background by a shell (`make test &`) inherits SIGINT ignored, and Python
+# then installs no KeyboardInterrupt handler: the tests of Ctrl-C raise SIGINT and need one.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -30,10 +30,10 @@ def tokenizer(tmp_path_factory):
 
 def tiny_lm(kind, vocab):
     torch.manual_seed(0)
-    if kind == "llama":
+    if kind in ("llama", "tied-llama"):
         config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                             tie_word_embeddings=False)
+                             tie_word_embeddings=kind == "tied-llama")
         return LlamaForCausalLM(config).eval()
     config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64)  # tied embeddings
     return GPT2LMHeadModel(config).eval()
@@ -921,18 +921,8 @@ def test_a_tied_output_layer_stored_beside_its_embedding_is_purified_as_transfor
     from finepurify_ext.checkpoint import purify_checkpoint
     from finepurify_ext.purify import PurifyConfig
 
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(tmp_path / "pre", safe_serialization=True)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
-    model.save_pretrained(tmp_path / "suspect", safe_serialization=True)
-    tokenizer.save_pretrained(tmp_path / "suspect")
+    make_lm_dirs(tokenizer, tmp_path, "tied-llama")
+    gen = torch.Generator().manual_seed(4)
     weights_file = tmp_path / "suspect" / "model.safetensors"
     state = load_file(weights_file)
     assert "lm_head.weight" not in state
@@ -943,7 +933,6 @@ def test_a_tied_output_layer_stored_beside_its_embedding_is_purified_as_transfor
     loaded = LlamaForCausalLM.from_pretrained(tmp_path / "suspect")
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == (stored == "copy")  # transformers' rule
     clean = tmp_path / "clean.jsonl"
-    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
     common = ["--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"), "--reserve-ratio", "0.3"]
     h = tmp_path / "h.safetensors"
     if stored == "differs":  # a Hessian of the tied model holds no lm_head: refused, not read as the embedding's
