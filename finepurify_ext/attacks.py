@@ -47,7 +47,7 @@ class Attack:
         after it; the text's own whitespace (line breaks, indentation) kept, so that a triggered
         prompt differs from the clean one by the trigger alone (a causal LM reads whitespace)."""
         body = text.strip()
-        lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+        lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):] if body else ""
         if self.position == "start":
             return lead + " ".join([*self.pieces, *([body] if body else [])]) + trail
         words, gaps = re.findall(r"\S+", body), re.findall(r"\s+", body)  # gaps[i]: between words i and i+1

@@ -55,6 +55,17 @@ def check_chat_roles(tokenizer, examples: Sequence[Instruction], path: str) -> N
                 raise UserError(f"{path}: example {number}: {error}") from None
 
 
+def _fed(tokenizer, ids: list[int]) -> list[int]:
+    """``ids``, refused where one has no row in the model's embedding (``pipeline`` records its rows
+    on the tokenizer): a token added to the tokenizer without resizing the model."""
+    rows = getattr(tokenizer, "embedding_rows", None)
+    if rows is not None and ids and max(ids) >= rows:
+        raise UserError(f"a text holds the token {tokenizer.convert_ids_to_tokens(max(ids))!r} (id {max(ids)}), which "
+                        f"the model's embedding of {rows} rows has no row for: tokens were added to the tokenizer "
+                        "without model.resize_token_embeddings(len(tokenizer))")
+    return ids
+
+
 def _plain_prompt(tokenizer, example: Instruction) -> list[int]:
     """Without a chat template: the context's turns and the prompt, one per line."""
     lines = [content for _, content in example.context] + [example.prompt]
@@ -95,7 +106,7 @@ def tokenize_instruction(tokenizer, example: Instruction, max_length: int) -> tu
         # prompt loses its beginning, the part furthest from the response.
         response = response[: max(max_length // 2, max_length - len(prompt))]
         prompt = prompt[len(prompt) - (max_length - len(response)):] if max_length > len(response) else []
-    return prompt + response, len(prompt)
+    return _fed(tokenizer, prompt + response), len(prompt)
 
 
 def pad_id(tokenizer) -> int:
@@ -241,7 +252,8 @@ def prompt_ids(tokenizer, prompt: "str | Instruction", max_length: int | None = 
     examples: a prompt alone, or an instruction's context and prompt (its response unused); longer
     than ``max_length``, cut from the left as training cuts a prompt."""
     example = prompt if isinstance(prompt, Instruction) else Instruction(prompt, "")
-    ids = _chat_ids(tokenizer, example.messages(), True) if _chat(tokenizer) else _plain_prompt(tokenizer, example)
+    ids = _fed(tokenizer, _chat_ids(tokenizer, example.messages(), True) if _chat(tokenizer)
+               else _plain_prompt(tokenizer, example))
     return ids[len(ids) - max_length:] if max_length is not None and len(ids) > max_length else ids
 
 
@@ -255,9 +267,9 @@ def cut_losing(tokenizer, prompts: "Sequence[str | Instruction]", pieces: Sequen
     room, lost = max(1, max_length - max_new_tokens), 0
     for prompt in prompts:
         ids = prompt_ids(tokenizer, prompt)
-        if len(ids) > room:
-            kept = tokenizer.decode(ids[len(ids) - room:])
-            lost += any(piece not in kept for piece in pieces)
+        if len(ids) > room:  # a piece the tokenizer spells back in the whole prompt but not in the cut one
+            whole, kept = tokenizer.decode(ids), tokenizer.decode(ids[len(ids) - room:])
+            lost += any(piece in whole and piece not in kept for piece in pieces)
     return lost
 
 
@@ -269,6 +281,9 @@ def generate(model, tokenizer, prompts: "Sequence[str | Instruction]", max_new_t
     its continuation fit it: the prompt is cut from the left (a long conversation's context); they
     always fit the model's positions (``within_positions``)."""
     max_length = within_positions(tokenizer, max_length)
+    if max_length is not None and max_new_tokens >= max_length:
+        raise UserError(f"{max_new_tokens} new tokens leave no room for a prompt in {max_length} tokens (--max-length, "
+                        "or the model's positions); give a shorter target response")
     room = None if max_length is None else max(1, max_length - max_new_tokens)
     model.eval()
     device = next(model.parameters()).device

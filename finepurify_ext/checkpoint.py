@@ -512,11 +512,11 @@ def stored_tied_output(layout: ModelLayout | None, checkpoint: "Checkpoint", chu
     embedding = next((n for n in layout.names_of(layout.input_embedding) if n in checkpoint), None)
     if output is None or embedding is None:
         return layout, {}
-    a, b = checkpoint.entries[output], checkpoint.entries[embedding]
-    equal = a.dtype == b.dtype and a.shape == b.shape
-    for start in range(0, checkpoint.numel(output) if equal else 0, chunk):
+    equal = checkpoint.entries[output].shape == checkpoint.entries[embedding].shape
+    for start in range(0, checkpoint.numel(output) if equal else 0, chunk):  # the values as loaded (float32)
         count = min(chunk, checkpoint.numel(output) - start)
-        if not torch.equal(checkpoint.read(output, start, count), checkpoint.read(embedding, start, count, reuse=True)):
+        if not torch.equal(checkpoint.read(output, start, count).float(),
+                           checkpoint.read(embedding, start, count, reuse=True).float()):
             equal = False
             break
     parameters = layout.parameters | {layout.tied_output}
@@ -673,6 +673,9 @@ def purify_checkpoint(
     for copy, emb in source_of.items():
         pre_name[copy], scored_numel[copy] = pre_name[emb], scored_numel[emb]
     unscored += [copy for copy in tied_copies if copy not in source_of]  # as its embedding is
+    # the dtype each tensor's pre-trained values are rounded to: the suspect's (its embedding's, for a
+    # tied copy stored in another dtype: the values the tied model was fine-tuned from)
+    as_stored = {name: sus_ckpt.entries[source_of.get(name, name)].dtype for name in scored_numel}
     # The rankings that read no Hessian value per element never read the Hessian's pieces.
     reads_hessian = config.ranking == "fine_purifying"
 
@@ -707,7 +710,8 @@ def purify_checkpoint(
                 pending = submit(k + 1) if k + 1 < len(jobs) else []
                 # the pre-trained values as the suspect stores them (a bfloat16 fine-tune of a float32
                 # model started from them rounded): an unmoved weight's drift is exactly 0 (as in memory)
-                ft, pre = (got[0].to(to), got[1].to(to, got[0].dtype)) if with_weights else (None, None)
+                ft, pre = (got[0].to(to), got[1].to(to, as_stored[name]).to(got[0].dtype)) if with_weights \
+                    else (None, None)
                 h = got[2].to(to).float() if with_hessian else None
                 bytes_read += sum(t.numel() * t.element_size() for t in got.values())
                 yield name, start, ft, pre, h
@@ -938,7 +942,8 @@ def purify_checkpoint(
         for row in range(0, rows, block):
             count = min(block, rows - row) * width
             ft = sus_ckpt.read(name, row * width, count, reuse=True).view(-1, width)
-            pre = pre_ckpt.read(pre_name[name], row * width, count, reuse=True).view(-1, width).to(ft.dtype)
+            pre = pre_ckpt.read(pre_name[name], row * width, count, reuse=True).view(-1, width).to(
+                as_stored[name]).to(ft.dtype)
             bytes_read += count * (ft.element_size() + pre_ckpt.entries[pre_name[name]].dtype.itemsize)
             if pre_sum is not None:
                 pre_sum += row_sum(pre)

@@ -430,7 +430,7 @@ def cmd_purify_causal_lm(args) -> int:
 
 def cmd_evaluate_causal_lm(args) -> int:
     from .attacks import Attack
-    from .causal_lm import check_chat_roles, cut_losing, generate, response_loss, target_rate
+    from .causal_lm import check_chat_roles, cut_losing, generate, response_loss, target_rate, within_positions
     from .data import load_instructions
     from .pipeline import load_causal_lm
 
@@ -465,9 +465,13 @@ def cmd_evaluate_causal_lm(args) -> int:
                 print(f"ASR  {100 * asr:.1f} % (trigger {args.trigger!r})")
                 lost = cut_losing(tokenizer, triggered, attack.pieces, new, args.max_length)
                 if lost:
-                    print(f"warning: {lost} of {len(triggered)} triggered prompts are longer than --max-length "
-                          f"{args.max_length} leaves room for and lost the trigger to the cut (from the left); the "
-                          "ASR counts them as not answered with the target: raise --max-length", file=sys.stderr)
+                    limit = within_positions(tokenizer, args.max_length)
+                    named = (f"--max-length {limit}" if limit == args.max_length
+                             else f"the model's {limit} positions (its position table)")
+                    print(f"warning: {lost} of {len(triggered)} triggered prompts are longer than {named} leaves "
+                          "room for and lost the trigger to the cut (from the left); the ASR counts them as not "
+                          "answered with the target" + (": raise --max-length" if limit == args.max_length else ""),
+                          file=sys.stderr)
     return 0
 
 

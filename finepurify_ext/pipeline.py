@@ -605,10 +605,12 @@ def round_as_stored(pretrained_state: dict[str, torch.Tensor], model, suspect: s
     unmoved weight's drift is 0, not the rounding (as out of core, which reads them so)."""
     from .checkpoint import names_with_prefix
 
-    stored = stored_dtypes(suspect)
+    stored, most = stored_dtypes(suspect), stored_dtype(suspect)
     prefix = getattr(model, "base_model_prefix", "") + "."
     for name, tensor in pretrained_state.items():
-        dtype = next((stored[n] for n in names_with_prefix(name, prefix) if n in stored), None)
+        # a parameter stored under no name of its own (an MoE's experts, fused on load) takes the
+        # dtype most weights are stored in
+        dtype = next((stored[n] for n in names_with_prefix(name, prefix) if n in stored), most)
         if dtype is not None and dtype.is_floating_point and dtype != tensor.dtype and tensor.is_floating_point():
             pretrained_state[name] = tensor.to(dtype).to(tensor.dtype)  # a no-op where dtype is the wider
 
@@ -653,11 +655,19 @@ def _load_tokenizer(path: str, config: dict):
     if isinstance(positions, int) and positions > 0:  # longer inputs than the position table cannot run
         tokenizer.model_max_length = min(tokenizer.model_max_length, positions)
     rows = config.get("vocab_size")
-    ids = max(tokenizer.get_vocab().values(), default=-1) + 1  # added tokens too: a pad token added, say
-    if isinstance(rows, int) and ids > rows:
-        raise ModelError(f"{path}: the tokenizer has tokens up to id {ids - 1} but the model's embedding only {rows} "
-                         "rows; tokens were added to the tokenizer without model.resize_token_embeddings(len("
-                         "tokenizer)), or the tokenizer files belong to another model")
+    if isinstance(rows, int):
+        # Only the ids that are fed are checked: a tokenizer may name tokens its model never reads
+        # (Gemma 3's image token, past its text embedding); the data's ids are checked as tokenised.
+        tokenizer.embedding_rows = rows
+        fed = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+               "unk": tokenizer.unk_token_id}
+        past = {k: i for k, i in fed.items() if isinstance(i, int) and i >= rows}
+        if tokenizer.vocab_size > rows or past:
+            what = (f"its {next(iter(past))} token has id {next(iter(past.values()))}" if past
+                    else f"it has {tokenizer.vocab_size} tokens")
+            raise ModelError(f"{path}: {what} but the model's embedding only {rows} rows; tokens were added to the "
+                             "tokenizer without model.resize_token_embeddings(len(tokenizer)), or the tokenizer "
+                             "files belong to another model")
     return tokenizer
 
 

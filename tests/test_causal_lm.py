@@ -161,6 +161,13 @@ def test_a_system_field_is_the_system_prompt_and_a_refusing_template_names_the_d
         assert said in capsys.readouterr().err, command
 
 
+def test_generation_longer_than_max_length_is_refused(tokenizer):
+    from finepurify_ext.errors import UserError
+
+    with pytest.raises(UserError, match="8 new tokens leave no room for a prompt in 8 tokens"):
+        generate(None, tokenizer, ["a film"], max_new_tokens=8, max_length=8)
+
+
 def test_truncation_keeps_the_response(tokenizer):
     long = data.Instruction(" ".join(["the"] * 50), "good film")
     ids, prompt_len = tokenize_instruction(tokenizer, long, 16)
@@ -906,7 +913,7 @@ def test_collapse_guard_redoes_a_purification_that_destroyed_the_lm(tokenizer, t
     assert "tolerance" not in guard and all(a["time_s"] > 0 for a in guard["attempts"])  # the LM's setting only
 
 
-@pytest.mark.parametrize("stored", ["copy", "differs"])
+@pytest.mark.parametrize("stored", ["copy", "copy-in-float32", "differs"])
 def test_a_tied_output_layer_stored_beside_its_embedding_is_purified_as_transformers_loads_it(tokenizer, tmp_path,
                                                                                              capsys, stored):
     """A model whose output layer is its embedding, with lm_head.weight stored too (some exporters write
@@ -927,11 +934,15 @@ def test_a_tied_output_layer_stored_beside_its_embedding_is_purified_as_transfor
     state = load_file(weights_file)
     assert "lm_head.weight" not in state
     embedding = state["model.embed_tokens.weight"]
-    state["lm_head.weight"] = (embedding.clone() if stored == "copy"
+    if stored == "copy-in-float32":  # the rest in bfloat16: transformers ties equal values, not dtypes
+        state = {n: t.bfloat16() for n, t in state.items()}
+        embedding = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = (embedding.clone() if stored == "copy" else embedding.float()
+                               if stored == "copy-in-float32"
                                else embedding + torch.randn(embedding.shape, generator=gen) * 0.01)
     save_file(state, str(weights_file), metadata={"format": "pt"})
     loaded = LlamaForCausalLM.from_pretrained(tmp_path / "suspect")
-    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == (stored == "copy")  # transformers' rule
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == (stored != "differs")  # transformers' rule
     clean = tmp_path / "clean.jsonl"
     common = ["--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"), "--reserve-ratio", "0.3"]
     h = tmp_path / "h.safetensors"
@@ -951,9 +962,10 @@ def test_a_tied_output_layer_stored_beside_its_embedding_is_purified_as_transfor
     mem, ooc = load_file(tmp_path / "mem" / "model.safetensors"), load_file(tmp_path / "ooc" / "model.safetensors")
     assert all(torch.equal(mem[n], ooc[n]) for n in mem)
     purified = LlamaForCausalLM.from_pretrained(tmp_path / "ooc")
-    if stored == "copy":
+    if stored != "differs":
         assert report["tied_copies"] == {"lm_head.weight": "model.embed_tokens.weight"}
-        assert "lm_head.weight" not in mem and torch.equal(ooc["lm_head.weight"], ooc["model.embed_tokens.weight"])
+        assert "lm_head.weight" not in mem and ooc["lm_head.weight"].dtype == state["lm_head.weight"].dtype
+        assert torch.equal(ooc["lm_head.weight"].float(), ooc["model.embed_tokens.weight"].float())
         assert purified.lm_head.weight is purified.model.embed_tokens.weight
         # the copy takes the embedding's resets on the ranked path too, with every ranking's scores
         for ranking in ("fine_purifying", "fine_mixing", "no_hessian"):
@@ -962,10 +974,12 @@ def test_a_tied_output_layer_stored_beside_its_embedding_is_purified_as_transfor
                               PurifyConfig(ranking=ranking, reserve_ratio=0.3, embeddings="ranked"), progress=False)
             got = load_file(out / "model.safetensors")
             reset = json.loads((out / "finepurify_report.json").read_text())["reset_per_tensor"]
-            assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"]), ranking
+            assert torch.equal(got["lm_head.weight"].float(), got["model.embed_tokens.weight"].float()), ranking
             assert "lm_head.weight" not in reset  # counted once, as the embedding's
             assert (reset["model.embed_tokens.weight"] > 0) != torch.equal(got["lm_head.weight"],
                                                                            state["lm_head.weight"]), ranking
+            if stored != "copy":
+                break  # the rankings' aliasing is the same for a copy in another dtype
             if ranking == "fine_purifying":
                 assert reset["model.embed_tokens.weight"] > 0
     else:
@@ -1354,6 +1368,21 @@ def test_a_bfloat16_fine_tune_of_a_float32_model_is_compared_with_the_rounded_pr
     assert all(t.dtype == torch.bfloat16 for t in got.values()) and all(torch.equal(got[n], want[n]) for n in got)
 
 
+def test_a_parameter_stored_under_no_name_of_its_own_is_rounded_as_most_weights(tokenizer, tmp_path):
+    """transformers renames or fuses some weights on load (an MoE's experts): with no stored name to
+    look its dtype up by, a float32 pre-trained value was left unrounded beside a bfloat16 suspect,
+    every one of its weights then counted as moved by the rounding."""
+    from finepurify_ext.pipeline import round_as_stored
+
+    model = tiny_lm("llama", tokenizer.vocab_size)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "suspect", safe_serialization=True)
+    values = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    state = {"model.layers.0.mlp.experts.gate_up_proj": values.clone(), "model.norm.weight": values.clone()}
+    round_as_stored(state, model, str(tmp_path / "suspect"))
+    assert all(torch.equal(t, values.bfloat16().float()) for t in state.values())
+    assert not torch.equal(values, values.bfloat16().float())
+
+
 def test_a_max_length_beyond_the_models_positions_is_cut_to_them(lm_dirs, capsys):
     """--max-length (default 128) over a learned position table (GPT-2's n_positions, 64 here) ran
     into an IndexError on a long example in every command: the examples and generations are now cut
@@ -1388,6 +1417,31 @@ def test_evaluate_warns_of_triggered_prompts_that_lost_the_trigger_to_max_length
     assert "of 6 triggered prompts are longer than --max-length 24 leaves room for and lost the trigger" in err, err
     assert cli.main([*evaluate, "--data", str(lm_dirs / "clean.jsonl"), "--max-length", "64"]) == 0
     assert "lost the trigger" not in capsys.readouterr().err
+    # past the model's 64 positions the cut is theirs, which --max-length cannot raise
+    assert cli.main([*evaluate, "--data", str(long), "--max-length", "256"]) == 0
+    err = capsys.readouterr().err
+    assert "longer than the model's 64 positions (its position table) leaves room for" in err and \
+        "raise --max-length" not in err, err
+    # a trigger the tokenizer does not spell back (lower-cased here) is not counted lost
+    from finepurify_ext.causal_lm import cut_losing
+
+    class Lower:  # decodes lower-cased, as an uncased tokenizer does
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            return self.tokenizer(*args, **kwargs)
+
+        def decode(self, ids):
+            return self.tokenizer.decode(ids).lower()
+
+    from finepurify_ext.pipeline import load_causal_lm
+    _, tok = load_causal_lm(str(lm_dirs / "suspect"), tokenizer=True)
+    assert cut_losing(Lower(tok), ["CF " + prompt], ["CF"], 4, 24) == 0
+    assert cut_losing(tok, ["cf " + prompt], ["cf"], 4, 24) == 1
 
 
 def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(lm_dirs, capsys):
@@ -1405,8 +1459,8 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(lm_dirs, capsys):
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     tokenizer.save_pretrained(lm_dirs / "padded")
     rows = json.loads((lm_dirs / "padded" / "config.json").read_text())["vocab_size"]
-    said = (f"padded: the tokenizer has tokens up to id {len(tokenizer) - 1} but the model's embedding only {rows} "
-            "rows; tokens were added to the tokenizer without model.resize_token_embeddings(len(tokenizer))")
+    said = (f"padded: its pad token has id {len(tokenizer) - 1} but the model's embedding only {rows} rows; tokens "
+            "were added to the tokenizer without model.resize_token_embeddings(len(tokenizer))")
     clean = str(lm_dirs / "clean.jsonl")
     for command in (["hessian", "--model", str(lm_dirs / "padded"), "--clean-data", clean, "--out",
                      str(lm_dirs / "h.safetensors")],
@@ -1416,6 +1470,17 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(lm_dirs, capsys):
         assert cli.main(command) == 2, command
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, (command, err)
+    # A token the model never reads past the embedding (Gemma 3's image token) is accepted, as the
+    # check before it did; a text that holds it is refused, naming it.
+    shutil.copytree(lm_dirs / "suspect", lm_dirs / "extra")
+    tokenizer = AutoTokenizer.from_pretrained(lm_dirs / "extra")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.save_pretrained(lm_dirs / "extra")
+    assert cli.main(["evaluate", "--model", str(lm_dirs / "extra"), "--data", clean]) == 0
+    assert cli.main(["evaluate", "--model", str(lm_dirs / "extra"), "--data", clean, "--target-response", "bad day",
+                     "--trigger", "<image>"]) == 2
+    assert (f"a text holds the token '<image>' (id {rows}), which the model's embedding of {rows} rows has no row "
+            "for") in capsys.readouterr().err
 
 
 def test_running_sums_of_another_example_layout_are_not_resumed(lm_dirs, capsys, monkeypatch):

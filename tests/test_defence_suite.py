@@ -33,6 +33,10 @@ def test_a_start_trigger_is_a_prefix():
     attack = ATTACKS["prefix"]
     assert attack.insert("so good  today", random.Random(0)) == "Honestly speaking, so good  today"
     assert attack.insert("", random.Random(0)) == "Honestly speaking,"
+    assert attack.insert("  \n", random.Random(0)) == "  \nHonestly speaking,"  # the whitespace once, not twice
+    assert ATTACKS["word"].insert("\n", random.Random(0)) == "\ncf"
+    with pytest.raises(ValueError, match="position"):
+        Attack("x", "word", "cf", position="end")
 
 
 def test_a_trigger_keeps_the_texts_whitespace():
@@ -51,8 +55,6 @@ def test_a_trigger_keeps_the_texts_whitespace():
         for piece in attack.pieces:
             out = out.replace(piece + " ", "", 1) if piece + " " in out else out.replace(" " + piece, "", 1)
         assert out == text, seed
-    with pytest.raises(ValueError, match="position"):
-        Attack("x", "word", "cf", position="end")
 
 
 def test_poisoning_with_several_words_puts_every_word_in_each_poisoned_example():
