@@ -122,13 +122,10 @@ class AddedTokenLLMCell(LLMDefenceCell):
 def measure_reference(cell, commit: str) -> dict:
     """The clean-trained model given the suspect's vocabulary: the added token's row starts where
     ``resize_token_embeddings`` starts it, and nothing teaches it the trigger."""
-    if isinstance(cell, LLMDefenceCell):
-        reference = cell.reference
-        reference.resize_token_embeddings(len(cell.tokenizer))
-        return {**cell.measure(reference, held_out=True), "commit": commit}
-    reference, _ = clean_trained_model(cell.setting, cell.seed)
+    llm = isinstance(cell, LLMDefenceCell)
+    reference = cell.reference if llm else clean_trained_model(cell.setting, cell.seed)[0]
     reference.resize_token_embeddings(len(cell.tokenizer))
-    return {**cell.measure(reference), "commit": commit}
+    return {**(cell.measure(reference, held_out=True) if llm else cell.measure(reference)), "commit": commit}
 
 
 def measure_cell(attack_name: str, seed: int, setting, results: dict, save) -> None:

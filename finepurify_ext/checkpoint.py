@@ -994,11 +994,11 @@ def purify_checkpoint(
                 layout = [(n, sus_ckpt.entries[n].dtype, sus_ckpt.entries[n].shape) for n in names]
                 writer = ShardWriter(os.path.join(tmp, os.path.basename(file)), layout, sus_ckpt.metadata[file])
                 for name in names:
-                    if name in source_of and source_of[name] == embedding:
-                        reset_embedding_rows(name, writer)  # counted once, as the embedding's
-                    elif name == embedding:
-                        report.embedding_rows_reset = reset_embedding_rows(name, writer)
-                        report.reset_per_tensor[name] = report.embedding_rows_reset * sus_ckpt.entries[name].shape[1]
+                    if embedding is not None and source_of.get(name, name) == embedding:
+                        rows_reset = reset_embedding_rows(name, writer)
+                        if name == embedding:  # a tied copy's are the embedding's, counted once
+                            report.embedding_rows_reset = rows_reset
+                            report.reset_per_tensor[name] = rows_reset * sus_ckpt.entries[name].shape[1]
                     elif source_of.get(name, name) in ranked_set and threshold is not None:
                         resets = 0
                         for _ in range(math.ceil(scored_numel[name] / chunk)):

@@ -168,7 +168,7 @@ def load_texts(path: str) -> list[str]:
     return texts
 
 
-def _json_lines(path, f, columns=("text", "label")):
+def _json_lines(path, f, columns):
     # an example row of the data asked for, for the messages
     example = json.dumps({c: 0 if c == "label" else "..." for c in columns or ("text",)})
     for line_no, line in enumerate(f, 1):

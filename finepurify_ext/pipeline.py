@@ -611,7 +611,7 @@ def round_as_stored(pretrained_state: dict[str, torch.Tensor], model, suspect: s
         # a parameter stored under no name of its own (an MoE's experts, fused on load) takes the
         # dtype most weights are stored in
         dtype = next((stored[n] for n in names_with_prefix(name, prefix) if n in stored), most)
-        if dtype is not None and dtype.is_floating_point and dtype != tensor.dtype and tensor.is_floating_point():
+        if dtype.is_floating_point and dtype != tensor.dtype and tensor.is_floating_point():
             pretrained_state[name] = tensor.to(dtype).to(tensor.dtype)  # a no-op where dtype is the wider
 
 
