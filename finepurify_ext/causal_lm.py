@@ -17,6 +17,11 @@ from .errors import UserError, first_line
 IGNORE = -100  # the label transformers' causal-LM loss skips
 
 
+# Texts are tokenised whole and cut to the model's positions afterwards (``tokenize_instruction``,
+# ``prompt_ids``): transformers' warning that a sequence is longer than the model takes is not ours.
+QUIET = {"verbose": False}
+
+
 def _chat(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -32,7 +37,8 @@ def _chat_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[
     """The chat template's token ids of ``messages``; a template that refuses them (one without a
     system role, say) is a clear error."""
     try:
-        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True))
+        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                                  tokenizer_kwargs=QUIET))
     except Exception as error:  # noqa: BLE001  (jinja2's TemplateError, or what the template raises)
         roles = ", ".join(m["role"] for m in messages)
         raise UserError(f"the tokenizer's chat template refuses a conversation of turns {roles} "
@@ -69,7 +75,7 @@ def _fed(tokenizer, ids: list[int]) -> list[int]:
 def _plain_prompt(tokenizer, example: Instruction) -> list[int]:
     """Without a chat template: the context's turns and the prompt, one per line."""
     lines = [content for _, content in example.context] + [example.prompt]
-    return tokenizer("\n".join(lines) + "\n", add_special_tokens=True)["input_ids"]
+    return tokenizer("\n".join(lines) + "\n", add_special_tokens=True, **QUIET)["input_ids"]
 
 
 def within_positions(tokenizer, max_length: int | None) -> int | None:
@@ -95,10 +101,10 @@ def tokenize_instruction(tokenizer, example: Instruction, max_length: int) -> tu
         if full[: len(prompt)] == prompt:
             response = full[len(prompt):]
         else:  # a template that rewrites the prompt's end: the response tokenised on its own
-            response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+            response = tokenizer(example.response, add_special_tokens=False, **QUIET)["input_ids"]
     else:
         prompt = _plain_prompt(tokenizer, example)
-        response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+        response = tokenizer(example.response, add_special_tokens=False, **QUIET)["input_ids"]
         if tokenizer.eos_token_id is not None:
             response = response + [tokenizer.eos_token_id]
     if len(prompt) + len(response) > max_length:

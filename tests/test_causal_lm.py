@@ -174,6 +174,23 @@ def test_truncation_keeps_the_response(tokenizer):
     assert len(ids) == 16 and tokenizer.convert_ids_to_tokens(ids[prompt_len:]) == ["good", "film", "[SEP]"]
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_tokenizers_shorter_limit_cuts_quietly(tokenizer, chat):
+    """A tokenizer_config's model_max_length below --max-length is the limit (as a classifier's
+    inputs take it), and the texts, tokenised whole before the cut, no longer make transformers warn
+    that a sequence is longer than the model takes (it printed on every long data set)."""
+    from finepurify_ext.causal_lm import prompt_ids
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHAT_TEMPLATE if chat else None
+    tok.model_max_length, tok.deprecation_warnings = 12, {}
+    long = data.Instruction(" ".join(["the"] * 50), "good film")
+    ids, prompt_len = tokenize_instruction(tok, long, 64)
+    assert len(ids) == 12 and tok.convert_ids_to_tokens(ids[prompt_len:])[:2] == ["good", "film"]
+    assert len(prompt_ids(tok, long, 8)) == 8
+    assert not tok.deprecation_warnings  # transformers marks its too-long warning as given there
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_loss_is_the_responses_and_the_hessian_its_squared_gradients(tokenizer, kind):
     model = tiny_lm(kind, tokenizer.vocab_size)
