@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .data import Instruction
+from .data import Instruction, refuse_rowless
 from .devices import OUT_OF_MEMORY
 from .errors import UserError, first_line
 
@@ -62,13 +62,9 @@ def check_chat_roles(tokenizer, examples: Sequence[Instruction], path: str) -> N
 
 
 def _fed(tokenizer, ids: list[int]) -> list[int]:
-    """``ids``, refused where one has no row in the model's embedding (``pipeline`` records its rows
-    on the tokenizer): a token added to the tokenizer without resizing the model."""
-    rows = getattr(tokenizer, "embedding_rows", None)
-    if rows is not None and ids and max(ids) >= rows:
-        raise UserError(f"a text holds the token {tokenizer.convert_ids_to_tokens(max(ids))!r} (id {max(ids)}), which "
-                        f"the model's embedding of {rows} rows has no row for: tokens were added to the tokenizer "
-                        "without model.resize_token_embeddings(len(tokenizer))")
+    """``ids``, refused where one has no row in the model's embedding (``data.refuse_rowless``)."""
+    if ids:
+        refuse_rowless(tokenizer, max(ids))
     return ids
 
 

@@ -342,10 +342,28 @@ def split(examples: Sequence[Example], sizes: Sequence[int], seed: int) -> list[
     return out
 
 
+def refuse_rowless(tokenizer, largest_id: int) -> None:
+    """Refuses a token id with no row in the model's embedding (``pipeline`` records its rows on the
+    tokenizer as ``embedding_rows``): a token added to the tokenizer without resizing the model. On a
+    GPU the embedding would fail with a device-side assert, which leaves the process's CUDA unusable."""
+    rows = getattr(tokenizer, "embedding_rows", None)
+    if rows is not None and largest_id >= rows:
+        raise UserError(f"a text holds the token {tokenizer.convert_ids_to_tokens(largest_id)!r} (id {largest_id}), "
+                        f"which the model's embedding of {rows} rows has no row for: tokens were added to the "
+                        "tokenizer without model.resize_token_embeddings(len(tokenizer))")
+
+
 def encode(tokenizer, texts: Sequence[str], max_length: int, **kw):
     """The tokenizer on ``texts``, truncated to ``max_length`` tokens or the model's own limit (the
-    tokenizer's ``model_max_length``, which ``pipeline.load_classifier`` sets from the position table)."""
-    return tokenizer(list(texts), truncation=True, max_length=min(max_length, tokenizer.model_max_length), **kw)
+    tokenizer's ``model_max_length``, which ``pipeline.load_classifier`` sets from the position table);
+    a token with no embedding row is refused (``refuse_rowless``)."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=min(max_length, tokenizer.model_max_length), **kw)
+    ids = encoded["input_ids"]
+    if torch.is_tensor(ids):
+        refuse_rowless(tokenizer, int(ids.max()) if ids.numel() else -1)
+    else:
+        refuse_rowless(tokenizer, max((max(row) for row in ids if row), default=-1))
+    return encoded
 
 
 def batches(

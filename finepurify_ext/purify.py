@@ -1044,7 +1044,7 @@ def set_rows_(w: torch.Tensor, rows: list[int], mean: torch.Tensor) -> None:
 def unseen_mask(seen_tokens, rows: int) -> torch.Tensor:
     """A boolean mask over ``range(rows)``: True where the row's token is not among ``seen_tokens``."""
     unseen = torch.ones(rows, dtype=torch.bool)
-    ids = torch.as_tensor(seen_tokens if torch.is_tensor(seen_tokens) else list(seen_tokens), dtype=torch.long)
+    ids = torch.as_tensor(seen_tokens if torch.is_tensor(seen_tokens) else list(seen_tokens), dtype=torch.long).cpu()
     unseen[ids[(ids >= 0) & (ids < rows)]] = False
     return unseen
 

@@ -961,7 +961,10 @@ def test_a_tied_output_layer_stored_beside_its_embedding_is_purified_as_transfor
     loaded = LlamaForCausalLM.from_pretrained(tmp_path / "suspect")
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == (stored != "differs")  # transformers' rule
     clean = tmp_path / "clean.jsonl"
-    common = ["--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"), "--reserve-ratio", "0.3"]
+    # On the CPU: on a GPU, hessian keeps the bfloat16 weights as stored (in-memory purify loads float32),
+    # so the two paths' Hessians, and weights, differ there by design.
+    common = ["--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"), "--reserve-ratio", "0.3",
+              "--device", "cpu"]
     h = tmp_path / "h.safetensors"
     if stored == "differs":  # a Hessian of the tied model holds no lm_head: refused, not read as the embedding's
         tied_h = tmp_path / "tied_h.safetensors"
@@ -969,7 +972,7 @@ def test_a_tied_output_layer_stored_beside_its_embedding_is_purified_as_transfor
         assert cli.main(["purify", *common, "--hessian-file", str(tied_h), "--out", str(tmp_path / "wrong")]) == 2
         assert "has no tensor 'lm_head.weight'" in capsys.readouterr().err
     assert cli.main(["hessian", "--model", str(tmp_path / "suspect"), "--clean-data", str(clean), "--out", str(h),
-                     "--max-length", "32", "--batch-size", "8"]) == 0
+                     "--max-length", "32", "--batch-size", "8", "--device", "cpu"]) == 0
     assert cli.main(["purify", *common, "--clean-data", str(clean), "--out", str(tmp_path / "mem"), "--max-length",
                      "32", "--finetune-steps", "0", "--validation-fraction", "0", "--collapse-perplexity-ratio",
                      "inf"]) == 0
@@ -1369,9 +1372,11 @@ def test_a_bfloat16_fine_tune_of_a_float32_model_is_compared_with_the_rounded_pr
     clean = tmp_path / "clean.jsonl"
     clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
     h = tmp_path / "h.safetensors"
+    # On the CPU: on a GPU, hessian keeps the bfloat16 weights as stored (in-memory purify loads float32).
     assert cli.main(["hessian", "--model", str(tmp_path / "suspect"), "--clean-data", str(clean), "--out", str(h),
-                     "--max-length", "32"]) == 0
-    common = ["--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"), "--reserve-ratio", "0.3"]
+                     "--max-length", "32", "--device", "cpu"]) == 0
+    common = ["--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"), "--reserve-ratio", "0.3",
+              "--device", "cpu"]
     assert cli.main(["purify", *common, "--clean-data", str(clean), "--out", str(tmp_path / "mem"), "--max-length",
                      "32", "--finetune-steps", "0", "--validation-fraction", "0", "--collapse-perplexity-ratio",
                      "inf"]) == 0

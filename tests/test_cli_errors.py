@@ -505,6 +505,25 @@ def test_a_damaged_tokenizer_file_is_named(models, tmp_path, capsys, name):
           f"{suspect / name}: not valid JSON (", "restore the tokenizer files saved with the model", inputs=[suspect])
 
 
+@pytest.mark.parametrize("name", ["purify", "hessian", "evaluate"])
+def test_a_classifiers_text_holding_a_token_without_an_embedding_row_is_refused(models, tmp_path, capsys, name):
+    """A token added to a classifier's tokenizer without resizing its model passes the load check
+    (no fed special token is past the embedding); a text holding it reached the embedding: an
+    IndexError on the CPU, a device-side assert that leaves CUDA unusable on a GPU. Now refused."""
+    from transformers import AutoTokenizer
+
+    suspect = copy_model(models, tmp_path, "suspect")
+    tokenizer = AutoTokenizer.from_pretrained(suspect)
+    tokenizer.add_tokens(["<cf>"])
+    tokenizer.save_pretrained(suspect)
+    data = tmp_path / "clean.jsonl"
+    data.write_text(Path(models.clean).read_text() + json.dumps({"text": "good movie <cf>", "label": 1}) + "\n")
+    rows = json.loads((suspect / "config.json").read_text())["vocab_size"]
+    fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect), data=str(data)), capsys,
+          f"a text holds the token '<cf>' (id {rows}), which the model's embedding of {rows} rows has no row for",
+          "model.resize_token_embeddings(len(tokenizer))", inputs=[suspect, data])
+
+
 def test_pretrained_model_needs_no_tokenizer(models, tmp_path):
     pre = shutil.copytree(models.pre, tmp_path / "pre")
     for f in os.listdir(pre):

@@ -706,7 +706,7 @@ def test_purify_streams_many_groups_from_the_cpu_to_the_gpu(tmp_path, monkeypatc
 
 
 def test_purify_cuda_with_seen_tokens_and_plot_sample_equals_cpu(tmp_path):
-    """The embedding rule from the clean inputs' token ids and the plot's sample, whose indices reach
+    """The embedding rule from the clean inputs' token ids (a CUDA tensor) and the plot's sample, whose indices reach
     the GPU by copies that do not wait for the passes: the CPU's resets and sample."""
     from tiny_models import make_tokenizer, tiny_model
     from finepurify_ext.purify import PurifyConfig, purify_
@@ -718,8 +718,9 @@ def test_purify_cuda_with_seen_tokens_and_plot_sample_equals_cpu(tmp_path):
     model_gpu = tiny_model(make_tokenizer(tmp_path), seed=5).to(CUDA)
     seen = list(range(0, 40, 3))
     expected = purify_(model_cpu, pre, hs, PurifyConfig(), plot_samples=3000, seen_tokens=seen)
+    # the ids as a caller holding GPU batches has them (input_ids.unique()): they indexed a CPU mask
     got = purify_(model_gpu, {n: t.to(CUDA) for n, t in pre.items()}, {n: h.to(CUDA) for n, h in hs.items()},
-                  PurifyConfig(), plot_samples=3000, seen_tokens=seen)
+                  PurifyConfig(), plot_samples=3000, seen_tokens=torch.tensor(seen, device=CUDA))
     assert got.embedding_rule == expected.embedding_rule == "seen_tokens"
     assert got.embedding_rows_reset == expected.embedding_rows_reset > 0
     assert got.reset_per_parameter == expected.reset_per_parameter
