@@ -219,6 +219,9 @@ class Checkpoint:
                     raise CheckpointError(f"{index} names shards that are missing: {missing[:3]}")
             else:
                 files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files and role == "hessian":
+                raise CheckpointError(f"hessian {path!r} is a directory without a .safetensors file; give the file "
+                                      "`finepurify hessian --out` wrote")
             if not files:
                 raise CheckpointError(f"{role} {path!r} holds no .safetensors file; only safetensors checkpoints "
                                       "are read (convert a pickle checkpoint yourself, from a source you trust)")

@@ -322,7 +322,7 @@ def _read_only_dtype(device, path: str):
 def _purified_writer(model, tokenizer, report, suspect: str):
     """Writes a purified model's directory: weights (safetensors) in the dtype the suspect's are
     stored in, tokenizer, plots and the report. ``model`` is not used after the write."""
-    from .checkpoint import CONFIG_FILES, SIDE_FILES, copy_config_without_code, names_with_prefix
+    from .checkpoint import CONFIG_FILES, INDEX, SIDE_FILES, copy_config_without_code, names_with_prefix
     from .pipeline import stored_dtype, stored_dtypes, write_json
     from .plots import plot_purification
 
@@ -359,7 +359,13 @@ def _purified_writer(model, tokenizer, report, suspect: str):
         written = [os.path.join(tmp, name) for name in CONFIG_FILES if os.path.isfile(os.path.join(tmp, name))]
         report["config_keys_removed"] = [f"{os.path.basename(path)}: {key}" for path in written
                                          for key in copy_config_without_code(path, path)]
-        _say_left_out(report["config_keys_removed"], [])
+        # What else the suspect's directory holds (weights in other formats, code, anything unknown) is
+        # left out and listed, as out of core (checkpoint.CheckpointReport.not_copied).
+        report["not_copied"] = sorted(
+            f for f in (os.listdir(suspect) if os.path.isdir(suspect) else ())
+            if os.path.isfile(os.path.join(suspect, f)) and not f.endswith(".safetensors") and f != INDEX
+            and not os.path.exists(os.path.join(tmp, f)))
+        _say_left_out(report["config_keys_removed"], report["not_copied"])
         report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]
         # The drift plot's sample (tens of thousands of numbers) in a file of its own: the report stays
         # one a person reads.

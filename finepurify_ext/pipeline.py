@@ -639,7 +639,10 @@ def _load_tokenizer(path: str, config: dict):
             try:
                 with open(file, encoding="utf-8") as f:
                     json.load(f)
-            except (ValueError, OSError) as error:
+            except OSError as error:  # unreadable (permissions, an I/O error): not the file's contents
+                raise ModelError(f"{file}: cannot be read ({error.strerror or first_line(error)}); check its "
+                                 "permissions") from None
+            except ValueError as error:
                 raise ModelError(f"{file}: not valid JSON ({first_line(error)}); restore the tokenizer files saved "
                                  "with the model") from None
     try:
@@ -688,9 +691,9 @@ def is_gguf(path) -> bool:
     return isinstance(path, str) and path.lower().endswith(".gguf")
 
 
-def check_gguf_file(path: str) -> None:
-    """Raises ``ModelError`` unless ``path`` is a GGUF file this installation can read: cheap, before
-    any conversion."""
+def check_gguf_file(path: str, parse: bool = True) -> None:
+    """Raises ``ModelError`` unless ``path`` is a GGUF file this installation can read, before any
+    conversion; ``parse``: its header and tensors' extents too (seconds for a large vocabulary)."""
     import importlib.util
 
     if not os.path.isfile(path):
@@ -703,6 +706,15 @@ def check_gguf_file(path: str) -> None:
     if missing:
         raise ModelError(f"{path}: reading a GGUF file needs the {' and '.join(missing)} package"
                          f"{'s' if len(missing) > 1 else ''}: pip install {' '.join(missing)}")
+    if not parse:
+        return
+    from gguf import GGUFReader
+
+    try:  # maps the file and every tensor's bytes (nothing read): a cut or damaged file fails here
+        GGUFReader(path)
+    except Exception as error:  # noqa: BLE001  (whatever the parser meets is the file's)
+        raise ModelError(f"{path}: a truncated or damaged GGUF file ({first_line(error)}); copy or download it "
+                         "again") from None
 
 
 def gguf_to_directory(path: str, out_dir: str) -> str:
@@ -711,7 +723,7 @@ def gguf_to_directory(path: str, out_dir: str) -> str:
     directory. Read through transformers' GGUF support (the ``gguf`` and ``accelerate`` packages;
     a file holds tensors and metadata, no code), which dequantizes every tensor to float32: a
     quantized model keeps its rounding, and so does the purified copy."""
-    check_gguf_file(path)
+    check_gguf_file(path, parse=False)  # the commands parse it before any conversion (_read_models)
     import shutil
     import tempfile
 
@@ -967,21 +979,32 @@ def tokenizer_in(path: str | None):
 
 
 def _check_cut_vocabulary(suspect_dir: str | None, pretrained_dir: str, vocab: tuple[int, int]) -> None:
-    """A vocabulary cut by resize_token_embeddings keeps the pre-trained rows it has, numbered alike;
-    a pruned or renumbered one would be ranked against other tokens' rows. Where both directories
-    hold a tokenizer, each token of the suspect's below its rows must have its pre-trained id."""
-    mine = tokenizer_in(suspect_dir)
-    theirs = tokenizer_in(pretrained_dir) if mine is not None else None
+    """A vocabulary cut by resize_token_embeddings keeps the pre-trained rows it has, numbered alike,
+    and loses padding: rows no token of the pre-trained tokenizer names (Qwen2.5 and Phi-2 pad theirs).
+    A pruned or renumbered one would be ranked against other tokens' rows, and a cut of named tokens
+    is most often the two models given the wrong way round (a fine-tune that added a token given as
+    --pretrained). Where both directories hold a tokenizer, each token of the suspect's below its rows
+    must have its pre-trained id; where the pre-trained one does, it must name no cut row."""
+    theirs = tokenizer_in(pretrained_dir)
     if theirs is None:
         return
-    mine, theirs = mine.get_vocab(), theirs.get_vocab()
-    token, i = next(((t, i) for t, i in sorted(mine.items(), key=lambda item: item[1])
-                     if i < vocab[0] and theirs.get(t) != i), (None, None))
+    theirs = theirs.get_vocab()
+    mine = tokenizer_in(suspect_dir)
+    if mine is not None:
+        mine = mine.get_vocab()
+        token, i = next(((t, i) for t, i in sorted(mine.items(), key=lambda item: item[1])
+                         if i < vocab[0] and theirs.get(t) != i), (None, None))
+        if token is not None:
+            raise ModelError(f"the suspect's vocabulary is cut to {vocab[0]} rows of {pretrained_dir}'s {vocab[1]} and "
+                             f"its tokenizer numbers tokens otherwise ({token!r} is {i} in it, {theirs.get(token)} "
+                             "there): a pruned or renumbered vocabulary has no pre-trained rows to rank against; give "
+                             "the pre-trained model the suspect was fine-tuned from")
+    i, token = min(((i, t) for t, i in theirs.items() if vocab[0] <= i < vocab[1]), default=(None, None))
     if token is not None:
-        raise ModelError(f"the suspect's vocabulary is cut to {vocab[0]} rows of {pretrained_dir}'s {vocab[1]} and its "
-                         f"tokenizer numbers tokens otherwise ({token!r} is {i} in it, {theirs.get(token)} there): a "
-                         "pruned or renumbered vocabulary has no pre-trained rows to rank against; give the "
-                         "pre-trained model the suspect was fine-tuned from")
+        raise ModelError(f"the suspect's vocabulary is cut to {vocab[0]} rows of {pretrained_dir}'s {vocab[1]}, whose "
+                         f"tokenizer names tokens in the rows cut ({token!r} is {i}): a fine-tune cuts padding, not "
+                         "tokens; are --pretrained and --suspect swapped? Give the model the suspect was fine-tuned "
+                         "from as --pretrained")
 
 
 def _vocabulary_rows(model: torch.nn.Module) -> int | None:

@@ -1313,6 +1313,34 @@ def test_a_cut_vocabulary_numbered_otherwise_is_refused(tokenizer, lm_dirs, caps
     assert "numbers tokens otherwise" in capsys.readouterr().err and not (lm_dirs / "ooc").exists()
 
 
+def test_models_given_the_wrong_way_round_are_refused(tokenizer, lm_dirs, capsys):
+    """A fine-tune that added a token, given as --pretrained, and its pre-trained model as --suspect
+    read as a padded vocabulary cut to the pre-trained rows: accepted, it reset the clean model's
+    weights to the fine-tune's (found walking through SmolLM2 with a trigger token). A cut of rows
+    the pre-trained tokenizer names is refused, in memory and out of core."""
+    from finepurify_ext import cli
+    from finepurify_ext.pipeline import load_causal_lm
+
+    added_tokenizer = copy.deepcopy(tokenizer)
+    added_tokenizer.add_tokens(["<cf>"])
+    model, _ = load_causal_lm(str(lm_dirs / "suspect"), tokenizer=False)
+    model.resize_token_embeddings(len(added_tokenizer), mean_resizing=False)
+    model.save_pretrained(lm_dirs / "added", safe_serialization=True)
+    added_tokenizer.save_pretrained(lm_dirs / "added")
+    h, rows = lm_dirs / "h.safetensors", tokenizer.vocab_size
+    assert cli.main(["hessian", "--model", str(lm_dirs / "pre"), "--clean-data", str(lm_dirs / "clean.jsonl"),
+                     "--out", str(h), "--batch-size", "8", "--max-length", "32", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    said = (f"the suspect's vocabulary is cut to {rows} rows of {lm_dirs / 'added'}'s {rows + 1}, whose tokenizer "
+            f"names tokens in the rows cut ('<cf>' is {rows}): a fine-tune cuts padding, not tokens; are --pretrained "
+            "and --suspect swapped?")
+    for how, extra in (("mem", ["--clean-data", str(lm_dirs / "clean.jsonl"), "--finetune-steps", "0"]),
+                       ("ooc", ["--hessian-file", str(h)])):
+        assert cli.main(["purify", "--pretrained", str(lm_dirs / "added"), "--suspect", str(lm_dirs / "pre"), *extra,
+                         "--out", str(lm_dirs / how), "--device", "cpu"]) == 2, how
+        assert said in capsys.readouterr().err and not (lm_dirs / how).exists(), how
+
+
 def test_a_vocabulary_resized_in_one_tensor_only_is_refused(tokenizer, lm_dirs):
     """Only the vocabulary's tensors may differ in rows, and by the same rows: an output layer cut
     alone is another architecture."""

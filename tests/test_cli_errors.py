@@ -524,6 +524,22 @@ def test_a_classifiers_text_holding_a_token_without_an_embedding_row_is_refused(
           "model.resize_token_embeddings(len(tokenizer))", inputs=[suspect, data])
 
 
+def test_an_unreadable_tokenizer_file_is_not_called_invalid(models, tmp_path, capsys, monkeypatch):
+    """A tokenizer file that cannot be opened (permissions: root reads any file, so the refusal is
+    made here) was reported as not valid JSON."""
+    suspect = copy_model(models, tmp_path, "suspect")
+    unreadable = str(suspect / "tokenizer_config.json")
+
+    def refusing(file, *args, **kwargs):
+        if str(file) == unreadable:
+            raise PermissionError(13, "Permission denied", file)
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "open", refusing, raising=False)
+    fails(command("evaluate", models, "unused", suspect=str(suspect)), capsys,
+          f"{unreadable}: cannot be read (Permission denied); check its permissions", inputs=[suspect])
+
+
 def test_pretrained_model_needs_no_tokenizer(models, tmp_path):
     pre = shutil.copytree(models.pre, tmp_path / "pre")
     for f in os.listdir(pre):
@@ -540,6 +556,13 @@ def test_missing_paths(models, tmp_path, capsys):
           "is a file; give the model's directory")
     for name in ("purify", "hessian", "evaluate"):
         fails(command(name, models, str(tmp_path / "out"), data=missing + ".csv"), capsys, "nope.csv' does not exist")
+    # a folder given as --hessian-file: the file `hessian` writes is asked for (not a pickle's conversion)
+    folder = tmp_path / "h.safetensors"
+    folder.mkdir()
+    args = command("purify-out-of-core", models, str(tmp_path / "out"))
+    args[args.index("--hessian-file") + 1] = str(folder)
+    fails(args, capsys, f"hessian '{folder}' is a directory without a .safetensors file; give the file "
+          "`finepurify hessian --out` wrote")
 
 
 # ------------------------------------------------------------------------------ data files
@@ -947,7 +970,7 @@ def test_the_purified_copy_takes_no_code_nor_unpurified_weights_from_the_suspect
     """A suspect shipping code (modeling_*.py named by auto_map, trust_remote_code set) and weights in
     other formats beside its safetensors: no code runs, and the purified copy holds only its weights,
     config and tokenizer files, its configs without the pointers to code; the report and a note say
-    what was left out."""
+    what was left out, in memory as out of core."""
     suspect = copy_model(models, tmp_path, "shipping")
     ran = tmp_path / "ran"
     (suspect / "modeling_evil.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
@@ -970,10 +993,9 @@ def test_the_purified_copy_takes_no_code_nor_unpurified_weights_from_the_suspect
     assert {"config.json: auto_map", "config.json: trust_remote_code",  # transformers' tokenizer drops the last
             "tokenizer_config.json: auto_map"} <= set(report["config_keys_removed"])
     assert "note: removed from the purified copy's config: config.json: auto_map" in err
-    if name == "purify-out-of-core":
-        assert report["not_copied"] == ["model.gguf", "model.onnx", "modeling_evil.py", "optimizer.pickle",
-                                        "tf_model.h5"]
-        assert "note: not copied from the suspect: model.gguf, model.onnx" in err
+    # in memory too (it was silent there): the same list and note
+    assert report["not_copied"] == ["model.gguf", "model.onnx", "modeling_evil.py", "optimizer.pickle", "tf_model.h5"]
+    assert "note: not copied from the suspect: model.gguf, model.onnx" in err
 
 
 def test_hessian_out_ending_in_a_separator(models, tmp_path, capsys, nothing_expensive):

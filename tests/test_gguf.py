@@ -157,11 +157,13 @@ def test_bad_gguf_inputs_fail_clearly_and_leave_nothing(ggufs, tmp_path, capsys,
     root, pre, suspect, clean, _ = ggufs
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"\0" * 64)
-    truncated = tmp_path / "truncated.gguf"
+    truncated, cut_tensors = tmp_path / "truncated.gguf", tmp_path / "cut_tensors.gguf"
     truncated.write_bytes(open(suspect, "rb").read()[:200])
+    cut_tensors.write_bytes(open(suspect, "rb").read()[:-100])  # the header whole, the last tensor short
     cases = [(str(garbage), "not a GGUF file (it does not start with GGUF)", True),
              (str(tmp_path / "absent.gguf"), "does not exist", True),
-             (str(truncated), "cannot be read as a causal LM", False)]
+             (str(truncated), "a truncated or damaged GGUF file", True),
+             (str(cut_tensors), "a truncated or damaged GGUF file", True)]
     for path, expected, before_any_conversion in cases:
         out = tmp_path / "out"
         assert cli.main(["purify", "--pretrained", pre, "--suspect", path, "--clean-data", clean,
