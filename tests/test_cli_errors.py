@@ -1205,16 +1205,18 @@ def test_bfloat16_mixed_precision_on_cpu(models, tmp_path, capsys):
 def test_a_budget_beyond_the_moved_weights_is_reported_as_such(models, tmp_path, capsys):
     """At a threshold of 0 every weight that never moved ties and is counted as reset, though nothing
     changes: the command says how many moved (here none: the suspect given as its own pre-trained
-    model) instead of claiming the budget was reset."""
+    model, a copy: the same path is refused) instead of claiming the budget was reset."""
     out = tmp_path / "out"
-    assert cli.main(["purify", "--pretrained", models.suspect, "--suspect", models.suspect, "--hessian-file",
+    copy = str(shutil.copytree(models.suspect, tmp_path / "copy"))
+    assert cli.main(["purify", "--pretrained", copy, "--suspect", models.suspect, "--hessian-file",
                      models.hessian, "--out", str(out), "--num-reset", "1000"]) == 0
     said = capsys.readouterr().out
     report = json.load(open(out / "finepurify_report.json"))
     assert report["threshold"] == 0 and report["moved_elements"] == 0
     assert (f"reset all 0 ranked weights that moved, of {report['ranked_elements']} (the budget exceeds them: the "
             f"{report['ranked_elements']} that never moved are counted too, unchanged)") in said
-    assert cli._reset_summary({"w": 7, "emb": 3}, "emb", 10, 9, 0.5) == "reset 7 of 10 ranked weights"
+    assert cli._reset_summary({"w": 7, "emb": 3}, "emb", 10, 9, 0.5) == "reset 7 of 10 ranked weights (9 moved)"
+    assert cli._reset_summary({"w": 7, "emb": 3}, "emb", 10, 10, 0.5) == "reset 7 of 10 ranked weights"
     assert cli._reset_summary({"w": 10}, None, 10, 9, 0.0).startswith("reset all 9 ranked weights that moved, of 10")
 
 
@@ -1320,11 +1322,14 @@ def test_a_held_out_set_too_small_to_measure_is_warned_of(models, tmp_path, caps
     stopping and the collapse guard (20 points) read; it went unsaid."""
     out = tmp_path / "out"
     assert cli.main(command("purify", models, str(out))) == 0
-    warning = ("only 8 of the 32 clean examples are held out (--validation-fraction 0.25): early stopping, the "
-               "collapse guard and --reserve-ratio auto read their accuracy, which one example moves 12 points; "
-               "give more clean data (a few hundred examples)")
+    warning = ("only 8 of the 32 clean examples are held out (--validation-fraction 0.25): early stopping and the "
+               "collapse guard read their accuracy, which one example moves 12 points; give more clean data (a few "
+               "hundred examples)")
     assert f"warning: {warning}" in capsys.readouterr().err
     assert warning in json.load(open(out / "finepurify_report.json"))["warnings"]
+    # --reserve-ratio auto is named where it runs (it was, where it did not)
+    assert cli.main(command("purify", models, str(tmp_path / "auto")) + ["--reserve-ratio", "auto"]) == 0
+    assert "early stopping, the collapse guard and --reserve-ratio auto read their accuracy" in capsys.readouterr().err
     assert cli._warn_few_held_out(100, 0.25) is None and cli._warn_few_held_out(100, 0.0) is None
 
 
@@ -1350,8 +1355,14 @@ def test_evaluate_says_flip_rate_for_bias_and_names_the_target(models, capsys):
 
 @pytest.mark.parametrize("name", ["purify", "purify-out-of-core"])
 def test_the_suspect_given_as_its_own_pretrained_model_is_warned_of(models, tmp_path, capsys, name):
-    """Nothing moved, nothing reset, exit 0 and no word: most likely the same path given twice."""
-    assert cli.main(command(name, models, str(tmp_path / "out"), pretrained=models.suspect)) == 0
+    """Nothing moved, nothing reset, exit 0 and no word: most likely the same model given twice. The
+    same path is refused before any work (it ran the Hessian and the fine-tuning to warn); a copy of
+    the suspect is warned of."""
+    fails(command(name, models, str(tmp_path / "out"), pretrained=models.suspect), capsys,
+          f"--pretrained and --suspect are the same path ({models.suspect}): give as --pretrained the model the "
+          "suspect was fine-tuned from")
+    copy = shutil.copytree(models.suspect, tmp_path / "copy")
+    assert cli.main(command(name, models, str(tmp_path / "out"), pretrained=str(copy))) == 0
     err = capsys.readouterr().err
     assert ("warning: no ranked weight of the suspect differs from the pre-trained model's, so there was nothing to "
             "purify: is --pretrained the suspect itself?") in err, err
