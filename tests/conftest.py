@@ -112,3 +112,26 @@ def misleading_sample(case: str, n: int = 1_500_000):
     if case == "unmoved":
         ft[sampled] = 0.0
     return [ft], [torch.zeros(n)], [torch.ones(n)]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--emulated-cuda", action="store_true",
+                     help="run the whole session on an emulated GPU (tests/emulated_cuda.py): the CUDA tests' "
+                     "device placement checked without a GPU, e.g. -k purify_cuda before a GPU run (the kernels "
+                     "run are the CPU's, so their comparisons with the CPU show nothing)")
+
+
+_EMULATION = []
+
+
+def pytest_configure(config):
+    if config.getoption("--emulated-cuda"):
+        from emulated_cuda import emulated_cuda
+
+        _EMULATION.append(emulated_cuda())
+        _EMULATION[0].__enter__()
+
+
+def pytest_unconfigure(config):
+    if _EMULATION:
+        _EMULATION.pop().__exit__(None, None, None)

@@ -796,6 +796,80 @@ def test_random_ranking_offsets_on_cuda():
         ops.score_threshold(ft, pre, zeros, 777, EPS, ranking=ranking)
 
 
+@pytest.mark.parametrize("rows", [-4, 3])
+def test_purify_cuda_on_a_cut_or_grown_vocabulary_equals_cpu(tmp_path, rows):
+    """A vocabulary cut to its tokenizer (ranked against the pre-trained first rows) or grown by
+    tokens the clean inputs never hold (found by the seen-token rule, reset to the pre-trained mean),
+    the pre-trained state on the CPU: the CPU's weights and report."""
+    from tiny_models import make_tokenizer, tiny_model
+    from finepurify_ext.purify import PurifyConfig, purify_
+
+    tokenizer = make_tokenizer(tmp_path)
+    base = tiny_model(tokenizer, seed=11)
+    vocab = base.config.vocab_size
+    gen = torch.Generator().manual_seed(12)
+    pre = {n: p.detach() - 0.01 * torch.randn(p.shape, generator=gen) for n, p in base.named_parameters()}
+
+    def resized(device):
+        model = tiny_model(tokenizer, seed=11)
+        model.resize_token_embeddings(vocab + rows, mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[vocab:] = torch.randn(max(rows, 0), model.config.hidden_size,
+                                                                      generator=torch.Generator().manual_seed(13))
+        return model.to(device)
+
+    model_cpu, model_gpu = resized("cpu"), resized(CUDA)
+    hs = {n: torch.rand(p.shape, generator=gen) for n, p in model_cpu.named_parameters()}
+    seen = list(range(0, vocab, 2))
+    expected = purify_(model_cpu, pre, hs, PurifyConfig(), seen_tokens=seen)
+    got = purify_(model_gpu, pre, {n: h.to(CUDA) for n, h in hs.items()}, PurifyConfig(), seen_tokens=seen)
+    assert got.removed_rows == expected.removed_rows and bool(got.removed_rows) == (rows < 0)
+    assert got.added_rows == expected.added_rows and got.added_rows_reset == expected.added_rows_reset == max(rows, 0)
+    assert got.reset_per_parameter == expected.reset_per_parameter and got.threshold == expected.threshold
+    assert_bitwise([p.detach() for p in model_gpu.parameters()], [p.detach() for p in model_cpu.parameters()])
+
+
+def test_purify_checkpoint_on_cuda_rounds_the_pretrained_values_and_writes_the_tied_copy_as_cpu(tmp_path):
+    """Out of core with --device cuda on a bfloat16 fine-tune of a float32 tied Llama (the pre-trained
+    pieces rounded as the suspect stores them, on their way to the GPU) whose vocabulary grew by two
+    tokens the clean data never reaches and whose tied output layer is stored beside the embedding:
+    the CPU's files and report."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from finepurify_ext.checkpoint import purify_checkpoint
+    from finepurify_ext.purify import PurifyConfig
+
+    torch.manual_seed(63)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                         tie_word_embeddings=True))
+    model.save_pretrained(tmp_path / "pre", safe_serialization=True)
+    model.resize_token_embeddings(42, mean_resizing=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape))
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "sus", safe_serialization=True)
+    weights = tmp_path / "sus" / "model.safetensors"
+    state = load_file(weights)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(weights), metadata={"format": "pt"})
+    hess = {n: torch.rand(t.shape) for n, t in state.items() if n != "lm_head.weight"}
+    hess["model.embed_tokens.weight"][40:] = 0  # the added tokens: the clean data never reaches them
+    save_file(hess, str(tmp_path / "h.safetensors"), metadata={"format": "finepurify-hessian-v1"})
+    reports = {device: purify_checkpoint(str(tmp_path / "pre"), str(tmp_path / "sus"), str(tmp_path / "h.safetensors"),
+                                         str(tmp_path / device), PurifyConfig(), progress=False, chunk_bytes=256,
+                                         device=device)
+               for device in ("cpu", "cuda")}
+    cpu, gpu = load_file(tmp_path / "cpu" / "model.safetensors"), load_file(tmp_path / "cuda" / "model.safetensors")
+    assert cpu.keys() == gpu.keys() == state.keys() and all(torch.equal(cpu[n], gpu[n]) for n in cpu)
+    assert all(t.dtype == torch.bfloat16 for t in gpu.values())
+    assert torch.equal(gpu["lm_head.weight"], gpu["model.embed_tokens.weight"])
+    for key in ("reset_per_tensor", "threshold", "moved_elements", "tied_copies", "added_rows_reset"):
+        assert getattr(reports["cpu"], key) == getattr(reports["cuda"], key), key
+    assert reports["cuda"].tied_copies == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert reports["cuda"].added_rows_reset == 2 and reports["cuda"].moved_elements > 0
+
+
 @pytest.mark.parametrize("ranking", ["fine_purifying", "no_hessian", "magnitude", "fine_mixing"])
 @pytest.mark.parametrize("search", ["histograms", "one_pass_on_cpu", "one_pass_on_cuda"])
 def test_purify_checkpoint_on_cuda_equals_cpu(tmp_path, monkeypatch, ranking, search):
