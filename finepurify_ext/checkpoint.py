@@ -220,8 +220,8 @@ class Checkpoint:
             else:
                 files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
             if not files and role == "hessian":
-                raise CheckpointError(f"hessian {path!r} is a directory without a .safetensors file; give the file "
-                                      "`finepurify hessian --out` wrote")
+                raise CheckpointError(f"--hessian-file {path!r} is a directory without a .safetensors file; give the "
+                                      "file `finepurify hessian --out` wrote")
             if not files:
                 raise CheckpointError(f"{role} {path!r} holds no .safetensors file; only safetensors checkpoints "
                                       "are read (convert a pickle checkpoint yourself, from a source you trust)")
@@ -504,6 +504,19 @@ def model_layout(directory: str) -> ModelLayout | None:
                        frozenset(n for n, _ in skeleton.named_parameters()), output, tied, tied_output)
 
 
+def not_copied_from(given: str, written: str) -> list[str]:
+    """The files of the suspect's directory as given (``given``; a LoRA adapter's, not those of the
+    model it was merged into) that the purified copy in ``written`` lacks: weights in other formats,
+    code, anything unknown. The weights the copy replaces, and an adapter's own files, are not listed."""
+    from .adapters import CONFIG as ADAPTER_CONFIG, WEIGHTS as ADAPTER_WEIGHTS
+
+    if not os.path.isdir(given):  # a GGUF file: nothing beside it was read
+        return []
+    replaced = {INDEX, ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+    return sorted(f for f in os.listdir(given) if os.path.isfile(os.path.join(given, f))
+                  and not f.endswith(".safetensors") and f not in replaced and not os.path.exists(os.path.join(written, f)))
+
+
 def stored_tied_output(layout: ModelLayout | None, checkpoint: "Checkpoint", chunk: int) -> tuple:
     """A model whose output layer is its input embedding, with the output layer stored under its own
     name too (some exporters write both): transformers ties them where the values are equal and
@@ -541,6 +554,7 @@ def purify_checkpoint(
     chunk_bytes: int = 32 << 20,
     device: torch.device | str = "cpu",
     inputs: dict | None = None,
+    given_suspect: str | None = None,
 ) -> CheckpointReport:
     """Purifies the suspect checkpoint against the pre-trained one with the Hessian, tensor by tensor,
     and writes the result (same shards and index as the suspect, plus a report) to ``out_dir``.
@@ -556,7 +570,9 @@ def purify_checkpoint(
     buffers, and three for the tensors copied as they are), whatever the largest tensor. On a CUDA
     ``device`` the pieces are reset there (the files are still read and written by the CPU), and
     scored there for the threshold where ``search_device`` says so, else on the CPU. The report
-    records ``inputs`` (by default the three paths read).
+    records ``inputs`` (by default the three paths read), and what the suspect's directory holds
+    that the copy lacks (``not_copied``; from ``given_suspect``, where ``suspect`` is its merge or
+    conversion: ``not_copied_from``).
 
     A Hessian that records the model it was estimated on (``finepurify hessian`` does) must be the
     suspect's: the suspect's ``fingerprint`` must be the one it records."""
@@ -1035,6 +1051,8 @@ def purify_checkpoint(
                     shutil.copyfile(src, os.path.join(tmp, extra))
                 else:  # other weights (unpurified: .h5, .onnx, .gguf, pickles), code, anything unknown
                     report.not_copied.append(extra)
+        if given_suspect is not None and os.path.realpath(given_suspect) != os.path.realpath(suspect):
+            report.not_copied = not_copied_from(given_suspect, tmp)  # not the merged model's own files
         times["reset_pass"] = time.perf_counter() - start
         report.timings_s = times
         report.bytes_read = bytes_read

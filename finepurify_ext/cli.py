@@ -113,7 +113,7 @@ def cmd_purify_checkpoint(args) -> int:
               "hessian": os.path.abspath(args.hessian_file), "suspect_adapter": args.merged.get("suspect")}
     report = purify_checkpoint(args.pretrained, args.suspect, args.hessian_file, args.out, config,
                                num_reset=args.num_reset, overwrite=args.overwrite, device=resolve_device(args.device),
-                               inputs=inputs)
+                               inputs=inputs, given_suspect=inputs["suspect"])
     args.output_done = True
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -320,10 +320,11 @@ def _read_only_dtype(device, path: str):
     return read_only_weights_dtype(device, stored_dtype(path))
 
 
-def _purified_writer(model, tokenizer, report, suspect: str):
+def _purified_writer(model, tokenizer, report, suspect: str, given: str | None = None):
     """Writes a purified model's directory: weights (safetensors) in the dtype the suspect's are
-    stored in, tokenizer, plots and the report. ``model`` is not used after the write."""
-    from .checkpoint import CONFIG_FILES, INDEX, SIDE_FILES, copy_config_without_code, names_with_prefix
+    stored in, tokenizer, plots and the report. ``model`` is not used after the write. ``given``: the
+    suspect as the user named it (an adapter, a GGUF file), where ``suspect`` is its merge or conversion."""
+    from .checkpoint import CONFIG_FILES, SIDE_FILES, copy_config_without_code, names_with_prefix, not_copied_from
     from .pipeline import stored_dtype, stored_dtypes, write_json
     from .plots import plot_purification
 
@@ -362,10 +363,7 @@ def _purified_writer(model, tokenizer, report, suspect: str):
                                          for key in copy_config_without_code(path, path)]
         # What else the suspect's directory holds (weights in other formats, code, anything unknown) is
         # left out and listed, as out of core (checkpoint.CheckpointReport.not_copied).
-        report["not_copied"] = sorted(
-            f for f in (os.listdir(suspect) if os.path.isdir(suspect) else ())
-            if os.path.isfile(os.path.join(suspect, f)) and not f.endswith(".safetensors") and f != INDEX
-            and not os.path.exists(os.path.join(tmp, f)))
+        report["not_copied"] = not_copied_from(given or suspect, tmp)
         _say_left_out(report["config_keys_removed"], report["not_copied"])
         report["plots"] = [os.path.basename(p) for p in plot_purification(report.get("purify", {}), tmp)]
         # The drift plot's sample (tens of thousands of numbers) in a file of its own: the report stays
@@ -428,7 +426,7 @@ def cmd_purify_causal_lm(args) -> int:
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
                         "clean_data": os.path.abspath(args.clean_data), "suspect_adapter": args.merged.get("suspect")}
 
-    save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
+    save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect, _given(args, "suspect")), overwrite=args.overwrite)
     args.output_done = True
     print(f"purified causal LM written to {args.out} ({_in_memory_summary(report, model)}; report "
           "finepurify_report.json)")
@@ -659,7 +657,7 @@ def cmd_purify(args) -> int:
                         "unlabelled_data": args.unlabelled_data and os.path.abspath(args.unlabelled_data),
                         "suspect_adapter": args.merged.get("suspect")}
 
-    save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect), overwrite=args.overwrite)
+    save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect, _given(args, "suspect")), overwrite=args.overwrite)
     args.output_done = True
     print(f"purified model written to {args.out} ({_in_memory_summary(report, model)}; report "
           "finepurify_report.json)")

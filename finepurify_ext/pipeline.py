@@ -691,9 +691,9 @@ def is_gguf(path) -> bool:
     return isinstance(path, str) and path.lower().endswith(".gguf")
 
 
-def check_gguf_file(path: str, parse: bool = True) -> None:
-    """Raises ``ModelError`` unless ``path`` is a GGUF file this installation can read, before any
-    conversion; ``parse``: its header and tensors' extents too (seconds for a large vocabulary)."""
+def check_gguf_file(path: str) -> None:
+    """Raises ``ModelError`` unless ``path`` is a GGUF file this installation can read: cheap, before
+    any conversion."""
     import importlib.util
 
     if not os.path.isfile(path):
@@ -706,15 +706,20 @@ def check_gguf_file(path: str, parse: bool = True) -> None:
     if missing:
         raise ModelError(f"{path}: reading a GGUF file needs the {' and '.join(missing)} package"
                          f"{'s' if len(missing) > 1 else ''}: pip install {' '.join(missing)}")
-    if not parse:
-        return
+
+
+def _gguf_fault(path: str) -> str | None:
+    """Why a GGUF file transformers could not read is not a GGUF file the installed ``gguf`` parses
+    (its header and every tensor's extent, mapped), or None where it is one. Asked only after a
+    failure: the parse takes seconds and memory for a large vocabulary."""
     from gguf import GGUFReader
 
-    try:  # maps the file and every tensor's bytes (nothing read): a cut or damaged file fails here
+    try:
         GGUFReader(path)
-    except Exception as error:  # noqa: BLE001  (whatever the parser meets is the file's)
-        raise ModelError(f"{path}: a truncated or damaged GGUF file ({first_line(error)}); copy or download it "
-                         "again") from None
+    except Exception as error:  # noqa: BLE001  (whatever the parser meets is the file's, or its version's)
+        return (f"{path}: cannot be parsed as GGUF ({first_line(error)}): a truncated or damaged file (copy or "
+                "download it again), or a newer GGUF than the installed gguf package reads (pip install -U gguf)")
+    return None
 
 
 def gguf_to_directory(path: str, out_dir: str) -> str:
@@ -723,7 +728,7 @@ def gguf_to_directory(path: str, out_dir: str) -> str:
     directory. Read through transformers' GGUF support (the ``gguf`` and ``accelerate`` packages;
     a file holds tensors and metadata, no code), which dequantizes every tensor to float32: a
     quantized model keeps its rounding, and so does the purified copy."""
-    check_gguf_file(path, parse=False)  # the commands parse it before any conversion (_read_models)
+    check_gguf_file(path)
     import shutil
     import tempfile
 
@@ -739,8 +744,9 @@ def gguf_to_directory(path: str, out_dir: str) -> str:
             tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file="model.gguf")
             model = AutoModelForCausalLM.from_pretrained(alone, gguf_file="model.gguf", dtype=torch.float32)
     except Exception as error:  # noqa: BLE001  (any failure here is the file's)
-        raise ModelError(f"{path}: cannot be read as a causal LM ({first_line(error)}); give a GGUF file of an "
-                         "architecture transformers reads from GGUF (Llama, Mistral, Qwen2, GPT-2, ...)") from error
+        raise ModelError(_gguf_fault(path) or f"{path}: cannot be read as a causal LM ({first_line(error)}); give a "
+                         "GGUF file of an architecture transformers reads from GGUF (Llama, Mistral, Qwen2, GPT-2, "
+                         "...)") from error
     finally:
         shutil.rmtree(alone, ignore_errors=True)
     # Dequantized on load: a plain float model now, which transformers saves only without its GGUF flag.
@@ -978,6 +984,11 @@ def tokenizer_in(path: str | None):
         return None
 
 
+# The names converters give padding rows (llama.cpp's GGUF: "[PAD151665]"; GPT-J: "<|extratoken_1|>"):
+# a tokenizer read from such a file names its padding, which a cut may remove.
+PADDING_NAME = re.compile(r"\[PAD\d+\]|<\|extratoken_\d+\|>")
+
+
 def _check_cut_vocabulary(suspect_dir: str | None, pretrained_dir: str, vocab: tuple[int, int]) -> None:
     """A vocabulary cut by resize_token_embeddings keeps the pre-trained rows it has, numbered alike,
     and loses padding: rows no token of the pre-trained tokenizer names (Qwen2.5 and Phi-2 pad theirs).
@@ -999,7 +1010,8 @@ def _check_cut_vocabulary(suspect_dir: str | None, pretrained_dir: str, vocab: t
                              f"its tokenizer numbers tokens otherwise ({token!r} is {i} in it, {theirs.get(token)} "
                              "there): a pruned or renumbered vocabulary has no pre-trained rows to rank against; give "
                              "the pre-trained model the suspect was fine-tuned from")
-    i, token = min(((i, t) for t, i in theirs.items() if vocab[0] <= i < vocab[1]), default=(None, None))
+    i, token = min(((i, t) for t, i in theirs.items() if vocab[0] <= i < vocab[1] and not PADDING_NAME.fullmatch(t)),
+                   default=(None, None))
     if token is not None:
         raise ModelError(f"the suspect's vocabulary is cut to {vocab[0]} rows of {pretrained_dir}'s {vocab[1]}, whose "
                          f"tokenizer names tokens in the rows cut ({token!r} is {i}): a fine-tune cuts padding, not "

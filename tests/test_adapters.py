@@ -137,8 +137,10 @@ def lm_adapter(tmp_path_factory):
 def test_commands_take_an_adapter_as_the_model_peft_merges(lm_adapter, tmp_path, capsys):
     """purify (in memory and out of core), hessian and evaluate given the adapter write and print what
     they do given PEFT's merged model; the inputs stay as they were, no scratch copy is left, and the
-    report names the adapter."""
+    report names the adapter, and the adapter's own files not copied (not --pretrained's)."""
     root = lm_adapter
+    (root / "pre" / "LICENSE.txt").write_text("the pre-trained model's")  # copied from --pretrained by the merge
+    (root / "adapter" / "README.md").write_text("the adapter's card")
     before = _digest(root / "pre"), _digest(root / "adapter")
     outputs = {}
     for suspect in ("adapter", "merged"):
@@ -171,6 +173,9 @@ def test_commands_take_an_adapter_as_the_model_peft_merges(lm_adapter, tmp_path,
                           "hessian": str(tmp_path / "h_adapter.safetensors"),
                           "suspect_adapter": report["inputs"]["suspect_adapter"]}
     assert json.loads((tmp_path / "ooc_merged" / "finepurify_report.json").read_text())["inputs"]["suspect_adapter"] is None
+    # listed: the adapter's card; not --pretrained's files, which the merged scratch copy held
+    assert report["not_copied"] == ["README.md"]
+    assert json.loads((tmp_path / "ooc_adapter" / "finepurify_report.json").read_text())["not_copied"] == ["README.md"]
     hessian_of = json.loads((tmp_path / "ooc_adapter" / "finepurify_report.json").read_text())["hessian_of"]
     assert hessian_of["model"] == f"{root / 'adapter'} (merged into {root / 'pre'})"  # as estimated
     assert report["purify"]["num_reset"] == outputs["merged"][4]["purify"]["num_reset"] > 0

@@ -1339,6 +1339,12 @@ def test_models_given_the_wrong_way_round_are_refused(tokenizer, lm_dirs, capsys
         assert cli.main(["purify", "--pretrained", str(lm_dirs / "added"), "--suspect", str(lm_dirs / "pre"), *extra,
                          "--out", str(lm_dirs / how), "--device", "cpu"]) == 2, how
         assert said in capsys.readouterr().err and not (lm_dirs / how).exists(), how
+    # Padding rows a converter named (llama.cpp's GGUF names them "[PAD<id>]") are padding still: cut, accepted.
+    named_padding = copy.deepcopy(tokenizer)
+    named_padding.add_tokens([f"[PAD{rows}]"])
+    named_padding.save_pretrained(lm_dirs / "added")
+    assert cli.main(["purify", "--pretrained", str(lm_dirs / "added"), "--suspect", str(lm_dirs / "pre"),
+                     "--hessian-file", str(h), "--out", str(lm_dirs / "padded_named"), "--device", "cpu"]) == 0
 
 
 def test_a_vocabulary_resized_in_one_tensor_only_is_refused(tokenizer, lm_dirs):

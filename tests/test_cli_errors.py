@@ -561,7 +561,7 @@ def test_missing_paths(models, tmp_path, capsys):
     folder.mkdir()
     args = command("purify-out-of-core", models, str(tmp_path / "out"))
     args[args.index("--hessian-file") + 1] = str(folder)
-    fails(args, capsys, f"hessian '{folder}' is a directory without a .safetensors file; give the file "
+    fails(args, capsys, f"--hessian-file '{folder}' is a directory without a .safetensors file; give the file "
           "`finepurify hessian --out` wrote")
 
 

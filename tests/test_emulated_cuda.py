@@ -55,6 +55,7 @@ def test_the_emulated_gpu_refuses_what_cuda_refuses():
     of a CUDA tensor are refused; moves, factories and pinned copies answer as on a GPU."""
     from emulated_cuda import DeviceMismatch
 
+    available = torch.cuda.is_available()  # True on a GPU machine, or in a session under --emulated-cuda
     with emulated_cuda() as found:
         x = torch.ones(3, device="cuda")
         assert x.is_cuda and x.device == torch.device("cuda", 0) and (x * 2).is_cuda and not x.cpu().is_cuda
@@ -65,7 +66,7 @@ def test_the_emulated_gpu_refuses_what_cuda_refuses():
             with pytest.raises(DeviceMismatch):
                 refused()
         assert len(found) == 4
-    assert not torch.ones(1).is_cuda and not torch.cuda.is_available()
+    assert not torch.ones(1).is_cuda and torch.cuda.is_available() == available  # restored
 
 
 def test_a_classifiers_commands_on_the_gpu(tmp_path, capsys):
