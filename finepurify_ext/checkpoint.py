@@ -1049,10 +1049,9 @@ def purify_checkpoint(
                                                    copy_config_without_code(src, os.path.join(tmp, extra))]
                 elif extra in SIDE_FILES or extra == INDEX:
                     shutil.copyfile(src, os.path.join(tmp, extra))
-                else:  # other weights (unpurified: .h5, .onnx, .gguf, pickles), code, anything unknown
-                    report.not_copied.append(extra)
-        if given_suspect is not None and os.path.realpath(given_suspect) != os.path.realpath(suspect):
-            report.not_copied = not_copied_from(given_suspect, tmp)  # not the merged model's own files
+        # other weights (unpurified: .h5, .onnx, .gguf, pickles), code, anything unknown: listed from
+        # the suspect as given (an adapter's own files, not those of the model it was merged into)
+        report.not_copied = not_copied_from(given_suspect or suspect, tmp)
         times["reset_pass"] = time.perf_counter() - start
         report.timings_s = times
         report.bytes_read = bytes_read

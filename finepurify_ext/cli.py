@@ -426,7 +426,8 @@ def cmd_purify_causal_lm(args) -> int:
     report["inputs"] = {"pretrained": _given(args, "pretrained"), "suspect": _given(args, "suspect"),
                         "clean_data": os.path.abspath(args.clean_data), "suspect_adapter": args.merged.get("suspect")}
 
-    save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect, _given(args, "suspect")), overwrite=args.overwrite)
+    save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect, _given(args, "suspect")),
+                    overwrite=args.overwrite)
     args.output_done = True
     print(f"purified causal LM written to {args.out} ({_in_memory_summary(report, model)}; report "
           "finepurify_report.json)")
@@ -657,7 +658,8 @@ def cmd_purify(args) -> int:
                         "unlabelled_data": args.unlabelled_data and os.path.abspath(args.unlabelled_data),
                         "suspect_adapter": args.merged.get("suspect")}
 
-    save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect, _given(args, "suspect")), overwrite=args.overwrite)
+    save_atomically(args.out, _purified_writer(model, tokenizer, report, args.suspect, _given(args, "suspect")),
+                    overwrite=args.overwrite)
     args.output_done = True
     print(f"purified model written to {args.out} ({_in_memory_summary(report, model)}; report "
           "finepurify_report.json)")

@@ -1,3 +1,4 @@
+import contextlib
 import signal
 
 import pytest
@@ -121,17 +122,15 @@ def pytest_addoption(parser):
                      "run are the CPU's, so their comparisons with the CPU show nothing)")
 
 
-_EMULATION = []
+_EMULATION = contextlib.ExitStack()
 
 
 def pytest_configure(config):
     if config.getoption("--emulated-cuda"):
         from emulated_cuda import emulated_cuda
 
-        _EMULATION.append(emulated_cuda())
-        _EMULATION[0].__enter__()
+        _EMULATION.enter_context(emulated_cuda())
 
 
 def pytest_unconfigure(config):
-    if _EMULATION:
-        _EMULATION.pop().__exit__(None, None, None)
+    _EMULATION.close()

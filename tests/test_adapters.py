@@ -13,7 +13,7 @@ from finepurify_ext import cli
 from finepurify_ext.adapters import merge_adapter
 
 from test_causal_lm import EXAMPLES, _digest
-from tiny_models import make_tokenizer
+from tiny_models import make_tokenizer, write_instructions
 
 peft = pytest.importorskip("peft", reason="peft (a test dependency: pip install -e .[test]) is the merge's oracle")
 
@@ -130,7 +130,7 @@ def lm_adapter(tmp_path_factory):
     merged.save_pretrained(root / "merged", safe_serialization=True)
     tokenizer.save_pretrained(root / "merged")
     clean = root / "clean.jsonl"
-    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    write_instructions(clean, EXAMPLES * 8)
     return root
 
 
@@ -516,7 +516,7 @@ def test_an_adapter_of_a_resized_vocabulary_merges_as_peft_and_is_purified(tmp_p
         dict.fromkeys(grown, 27)
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == 27
     clean = tmp_path / "clean.jsonl"
-    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    write_instructions(clean, EXAMPLES * 8)
     out = tmp_path / "purified"
     assert cli.main(["purify", "--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "adapter"),
                      "--clean-data", str(clean), "--out", str(out), "--finetune-steps", "0", "--max-length", "32",
@@ -634,7 +634,7 @@ def test_lora_on_a_resized_embedding_is_ranked_out_of_core_against_a_single_chec
     tokenizer.add_tokens(["<new0>", "<new1>", "<new2>"])
     tokenizer.save_pretrained(tmp_path / "merged")
     clean = tmp_path / "clean.jsonl"
-    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    write_instructions(clean, EXAMPLES * 8)
     h = tmp_path / "h.safetensors"
     assert cli.main(["hessian", "--model", str(tmp_path / "merged"), "--clean-data", str(clean), "--out", str(h),
                      "--batch-size", "8", "--max-length", "32"]) == 0

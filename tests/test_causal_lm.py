@@ -15,7 +15,7 @@ from finepurify_ext.causal_lm import (IGNORE, finetune_lm, generate, lm_batches,
                                      poison_instructions, response_loss, target_rate, tokenize_instruction)
 from finepurify_ext.hessian import estimate_hessian
 
-from tiny_models import make_tokenizer
+from tiny_models import make_tokenizer, write_instructions
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
                  "{% if add_generation_prompt %}<assistant> {% endif %}")
@@ -444,7 +444,7 @@ def make_lm_dirs(tokenizer, tmp_path, kind="llama"):
     model.save_pretrained(tmp_path / "suspect", safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "suspect")
     clean = tmp_path / "clean.jsonl"
-    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    write_instructions(clean, EXAMPLES * 8)
     return tmp_path
 
 
@@ -761,7 +761,7 @@ def test_an_output_layer_untied_in_fine_tuning_is_ranked_against_the_tied_embedd
         model.save_pretrained(tmp_path / name, safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "suspect")
     clean = tmp_path / "clean.jsonl"
-    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    write_instructions(clean, EXAMPLES * 8)
     h = tmp_path / "h.safetensors"
     assert cli.main(["hessian", "--model", str(tmp_path / "suspect"), "--clean-data", str(clean), "--out", str(h),
                      "--max-length", "32", "--batch-size", "8"]) == 0  # as purify estimates it in memory
@@ -903,7 +903,7 @@ def test_collapse_guard_redoes_a_purification_that_destroyed_the_lm(tokenizer, t
     model.save_pretrained(tmp_path / "suspect", safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "suspect")
     clean = tmp_path / "clean.jsonl"
-    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in examples))
+    write_instructions(clean, examples)
     suspect_ppl = math.exp(response_loss(model, tokenizer, examples))
 
     def purify(out, ratio):
@@ -1404,7 +1404,7 @@ def test_a_bfloat16_fine_tune_of_a_float32_model_is_compared_with_the_rounded_pr
     model.to(torch.bfloat16).save_pretrained(tmp_path / "suspect", safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "suspect")
     clean = tmp_path / "clean.jsonl"
-    clean.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in EXAMPLES * 8))
+    write_instructions(clean, EXAMPLES * 8)
     h = tmp_path / "h.safetensors"
     # On the CPU: on a GPU, hessian keeps the bfloat16 weights as stored (in-memory purify loads float32).
     assert cli.main(["hessian", "--model", str(tmp_path / "suspect"), "--clean-data", str(clean), "--out", str(h),

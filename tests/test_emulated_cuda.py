@@ -2,16 +2,17 @@
 Python layer leaves on the wrong device is refused as CUDA refuses it, on any machine. The results
 equal the CPU's, since the emulated GPU computes on the CPU. The CUDA kernels and numerics are
 tests/test_cuda.py's, on a real GPU."""
+import contextlib
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from emulated_cuda import emulated_cuda
 from finepurify_ext import cli, data
-from tiny_models import make_tokenizer, model_dirs
+from test_causal_lm import EXAMPLES, tiny_lm
+from tiny_models import make_tokenizer, model_dirs, write_instructions
 
 
 def run_both(capsys, commands):
@@ -20,7 +21,7 @@ def run_both(capsys, commands):
     printed = {}
     for device in ("cpu", "cuda"):
         printed[device] = []
-        with emulated_cuda() if device == "cuda" else _nothing() as found:
+        with emulated_cuda() if device == "cuda" else contextlib.nullcontext([]) as found:
             for command in commands:
                 args = command(device)
                 assert cli.main([*args, "--device", device]) == 0, (device, args, capsys.readouterr().err)
@@ -29,25 +30,11 @@ def run_both(capsys, commands):
     return printed
 
 
-class _nothing:
-    def __enter__(self):
-        return []
-
-    def __exit__(self, *exc):
-        return False
-
-
 def same_weights(a, b):
     got, want = load_file(a), load_file(b)
     assert got.keys() == want.keys()
     for name in got:
         assert torch.equal(got[name], want[name]), name
-
-
-def same_report(a, b, *keys):
-    got, want = json.loads(a.read_text()), json.loads(b.read_text())
-    for key in keys:
-        assert got["purify"][key] == want["purify"][key] if "purify" in got else got[key] == want[key], key
 
 
 def test_the_emulated_gpu_refuses_what_cuda_refuses():
@@ -88,8 +75,8 @@ def test_a_classifiers_commands_on_the_gpu(tmp_path, capsys):
     same_weights(tmp_path / "h-cuda.safetensors", tmp_path / "h-cpu.safetensors")
     for run in ("mem", "ooc"):
         same_weights(tmp_path / f"{run}-cuda" / "model.safetensors", tmp_path / f"{run}-cpu" / "model.safetensors")
-    same_report(tmp_path / "ooc-cuda" / "finepurify_report.json", tmp_path / "ooc-cpu" / "finepurify_report.json",
-                "threshold", "reset_per_tensor")
+    ooc = {d: json.loads((tmp_path / f"ooc-{d}" / "finepurify_report.json").read_text()) for d in ("cpu", "cuda")}
+    assert all(ooc["cuda"][key] == ooc["cpu"][key] for key in ("threshold", "reset_per_tensor"))
     assert printed["cuda"][-1] == printed["cpu"][-1]  # evaluate's measures
 
 
@@ -99,11 +86,7 @@ def test_a_tied_causal_lm_with_added_tokens_on_the_gpu(tmp_path, capsys):
     float32 pre-trained model (the pre-trained values rounded as stored): every command on the GPU."""
     tokenizer = make_tokenizer(tmp_path)
     tokenizer.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_lm("tied-llama", tokenizer.vocab_size)
     model.save_pretrained(tmp_path / "pre", safe_serialization=True)
     tokenizer.add_tokens(["<x1>", "<x2>"])
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -113,9 +96,7 @@ def test_a_tied_causal_lm_with_added_tokens_on_the_gpu(tmp_path, capsys):
             p.add_(torch.randn(p.shape, generator=gen) * 0.01)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "suspect", safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "suspect")
-    clean = tmp_path / "clean.jsonl"
-    pairs = [("was the movie good", "good film"), ("the day", "bad day very bad"), ("a film so", "fine")] * 8
-    clean.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    clean = write_instructions(tmp_path / "clean.jsonl", EXAMPLES * 8)
     common = ["--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect")]
     printed = run_both(capsys, [
         lambda d: ["hessian", "--model", str(tmp_path / "suspect"), "--clean-data", str(clean), "--out",

@@ -1,5 +1,6 @@
 """Tiny randomly initialised BERT classifiers, a word-level tokenizer and a toy sentiment task, shared
 by the pipeline and command-line tests."""
+import json
 import random
 
 import torch
@@ -68,3 +69,9 @@ def ctrl_c_after(make_batches, n):
                 raise KeyboardInterrupt
             yield batch
     return interrupted
+
+
+def write_instructions(path, examples):
+    """Instruction data (prompt/response JSONL) of ``examples`` at ``path``."""
+    path.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n" for e in examples))
+    return path
