@@ -11,7 +11,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
@@ -24,7 +23,7 @@ from .pipeline import CollapseGuard, HessianConfig, is_gguf  # noqa: E402
 from .purify import ADDED_TOKENS, PurifyConfig  # noqa: E402
 from .errors import UserError, first_line  # noqa: E402
 from .outputs import (check_output_dir, check_output_file, held_temporary_dir, release,  # noqa: E402
-                      remove_leftovers)
+                      remove_leftovers, scratch_root)
 
 
 def _purify_config(args):
@@ -403,6 +402,7 @@ def cmd_purify_causal_lm(args) -> int:
     _read_models(args)
     model, tokenizer = load_causal_lm(args.suspect)
     check_chat_roles(tokenizer, clean, args.clean_data)  # before the pre-trained model and the Hessian
+    _refuse_rowless_inputs(tokenizer, {args.clean_data: clean}, args.max_length)
     pretrained_state = pretrained_state_for_lm(model, args.pretrained)  # stays on the CPU: purify_ streams it
     round_as_stored(pretrained_state, model, args.suspect)
     model.to(device)
@@ -451,6 +451,7 @@ def cmd_evaluate_causal_lm(args) -> int:
     _read_models(args)
     model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
     check_chat_roles(tokenizer, data, args.data)
+    _refuse_rowless_inputs(tokenizer, {args.data: data}, args.max_length, args.trigger)
     model.to(device)
     with compute_precision(device, args.dtype):
         loss = response_loss(model, tokenizer, data, max_length=args.max_length)
@@ -517,6 +518,7 @@ def cmd_hessian(args) -> int:
         _read_models(args)
         model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
         check_chat_roles(tokenizer, clean, args.clean_data)
+        _refuse_rowless_inputs(tokenizer, {args.clean_data: clean}, args.max_length)
         model.to(device)
         provenance, key = _estimated_on(args, model, args.max_length)
         with compute_precision(device, args.dtype):
@@ -538,6 +540,7 @@ def cmd_hessian(args) -> int:
     config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size,
                            micro_batch_size=args.micro_batch_size)
     model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
+    _refuse_rowless_inputs(tokenizer, {args.clean_data: clean})
     model.to(device)
     provenance, key = _estimated_on(args, model, config.max_length)
     with compute_precision(device, args.dtype):
@@ -622,6 +625,7 @@ def cmd_purify(args) -> int:
     device = resolve_device(args.device)
     _read_models(args)  # a LoRA adapter merged (or a GGUF --pretrained, which will not match a classifier)
     model, tokenizer, _ = load_classifier(args.suspect)
+    _refuse_rowless_inputs(tokenizer, {args.clean_data: clean, args.unlabelled_data: unlabelled})
     pretrained_state = pretrained_state_for(model, args.pretrained)  # stays on the CPU: purify_ streams it
     round_as_stored(pretrained_state, model, args.suspect)
     model.to(device)
@@ -691,6 +695,7 @@ def cmd_evaluate(args) -> int:
     device = resolve_device(args.device)
     _read_models(args)  # a LoRA adapter merged
     model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
+    _refuse_rowless_inputs(tokenizer, {args.data: data}, trigger=args.trigger)
     model.to(device)
     with compute_precision(device, args.dtype):
         print(f"CACC {100 * clean_accuracy(model, tokenizer, data):.1f} %")
@@ -737,7 +742,8 @@ def _message(error: BaseException, out: str | None = None, kept: str | None = No
     if isinstance(error, (ValueError, FileExistsError)):  # UserError, and the library's argument checks
         return 2, str(error)
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return 2, f"{error.strerror}: {error.filename}"
+        return 2, f"{error.strerror}: {error.filename}" + ("; check its permissions" if isinstance(error, PermissionError)
+                                                          else "")
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
         return 1, f"out of memory ({first_line(error)}); free memory, or run on a machine with more"
     if isinstance(error, OSError):
@@ -855,6 +861,28 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _refuse_rowless_inputs(tokenizer, data: dict, max_length: int | None = None, trigger: str | None = None) -> None:
+    """Before any work: the data (path: examples, instructions or texts) and the trigger refused where
+    they hold a token with no row in the model's embedding (``data.refuse_rowless_data``). Classifiers
+    cut their examples at ``FinetuneConfig.max_length``; causal LMs' at ``max_length``."""
+    from .causal_lm import tokenize_instruction
+    from .data import Instruction, encode, refuse_rowless, refuse_rowless_data
+    from .pipeline import FinetuneConfig
+
+    def ids_of(item):
+        if isinstance(item, Instruction):
+            return tokenize_instruction(tokenizer, item, max_length)
+        return encode(tokenizer, [getattr(item, "text", item)], FinetuneConfig.max_length)
+
+    for path, items in data.items():
+        if path:
+            refuse_rowless_data(tokenizer, items, ids_of, path, "text" if items and isinstance(items[0], str)
+                                else "example")
+    if trigger:
+        refuse_rowless(tokenizer, max(tokenizer(trigger, add_special_tokens=False)["input_ids"], default=-1),
+                       f"--trigger {trigger!r}")
+
+
 def _read_models(args) -> None:
     """The GGUF files among the model options, checked and converted (once each), then a LoRA
     adapter merged into --pretrained; a no-op otherwise. Called where a command first reads a model,
@@ -871,8 +899,9 @@ def _read_models(args) -> None:
     near = os.path.dirname(os.path.abspath(out)) if out else None
     while near and not os.path.isdir(near):  # --out's parents are made only when the output is written
         near = os.path.dirname(near)
-    remove_leftovers(near or tempfile.gettempdir(), ".finepurify-gguf-")  # killed runs' scratch, named so before
-    args.scratch, args.scratch_lock = held_temporary_dir(near or tempfile.gettempdir(), ".finepurify-inputs-")
+    near = near or scratch_root()
+    remove_leftovers(near, ".finepurify-gguf-")  # killed runs' scratch, named so before
+    args.scratch, args.scratch_lock = held_temporary_dir(near, ".finepurify-inputs-")
     done = {}
     for option, path in args.given.items():
         key = os.path.realpath(path)  # the same file given twice is converted once

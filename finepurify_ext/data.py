@@ -342,15 +342,39 @@ def split(examples: Sequence[Example], sizes: Sequence[int], seed: int) -> list[
     return out
 
 
-def refuse_rowless(tokenizer, largest_id: int) -> None:
+class RowlessToken(UserError):
+    """A token id with no row in the model's embedding (``refuse_rowless``)."""
+
+    def __init__(self, tokenizer, token_id: int, holder: str = "a text"):
+        self.token_id = token_id
+        super().__init__(f"{holder} holds the token {tokenizer.convert_ids_to_tokens(token_id)!r} (id {token_id}), "
+                         f"which the model's embedding of {tokenizer.embedding_rows} rows has no row for: tokens "
+                         "were added to the tokenizer without model.resize_token_embeddings(len(tokenizer))")
+
+
+def refuse_rowless(tokenizer, largest_id: int, holder: str = "a text") -> None:
     """Refuses a token id with no row in the model's embedding (``pipeline`` records its rows on the
     tokenizer as ``embedding_rows``): a token added to the tokenizer without resizing the model. On a
     GPU the embedding would fail with a device-side assert, which leaves the process's CUDA unusable."""
     rows = getattr(tokenizer, "embedding_rows", None)
     if rows is not None and largest_id >= rows:
-        raise UserError(f"a text holds the token {tokenizer.convert_ids_to_tokens(largest_id)!r} (id {largest_id}), "
-                        f"which the model's embedding of {rows} rows has no row for: tokens were added to the "
-                        "tokenizer without model.resize_token_embeddings(len(tokenizer))")
+        raise RowlessToken(tokenizer, largest_id, holder)
+
+
+def refuse_rowless_data(tokenizer, items: Sequence, ids_of, path: str, what: str = "example") -> None:
+    """Before any work, the first of ``items`` (read from ``path``) that holds a token with no row in
+    the model's embedding, named by its number: met in its batch, the refusal would come in the middle
+    of a Hessian pass or of fine-tuning, naming neither file nor example. ``ids_of(item)`` tokenises
+    one as it is fed (and refuses it, ``refuse_rowless``). Where every id of the tokenizer has a row
+    (the common case) nothing is tokenised."""
+    rows = getattr(tokenizer, "embedding_rows", None)
+    if rows is None or len(tokenizer) <= rows:
+        return
+    for number, item in enumerate(items, 1):
+        try:
+            ids_of(item)
+        except RowlessToken as error:
+            raise RowlessToken(tokenizer, error.token_id, f"{path}: {what} {number}") from None
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int, **kw):

@@ -185,6 +185,24 @@ def remove_leftovers(folder: str, prefix: str) -> list[str]:
     return removed
 
 
+def scratch_root() -> str:
+    """The system's temporary directory, for scratch copies where a command has no --out. A TMPDIR
+    that cannot take them is refused: Python would fall back to /tmp or the working directory without
+    a word, and what TMPDIR was set to keep off a small disk goes there (a 7B model's copy is 28 GB)."""
+    wanted = os.environ.get("TMPDIR")
+    if not wanted:
+        return tempfile.gettempdir()
+    if not os.path.isdir(wanted):
+        raise UserError(f"TMPDIR {wanted}: not a directory; set TMPDIR to a directory with room for the "
+                        "model's copy, or unset it")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".finepurify-write-test-", dir=wanted))
+    except OSError as error:
+        raise UserError(f"TMPDIR {wanted}: cannot write there ({error.strerror}); set TMPDIR to a directory "
+                        "where you can write, with room for the model's copy") from None
+    return wanted
+
+
 def held_temporary_dir(folder: str, prefix: str) -> tuple[str, object]:
     """A new directory in ``folder`` named ``prefix``..., and the lock that marks it as this run's;
     leftovers of the same prefix that no run holds are removed first."""

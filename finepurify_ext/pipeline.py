@@ -232,16 +232,19 @@ class CollapseGuard:
         ``model`` and ``holds(value, suspect_value)`` says whether a purification kept the model
         (``threshold``: the setting it applies, for the report). The suspect's weights are kept on
         the CPU while attempts run. Returns the last attempt's report with ``collapse_guard``
-        listing every attempt and its time."""
+        listing every attempt and its time, and ``timings_s`` summed over the attempts (what the
+        run spent, not the kept attempt's share)."""
         suspect_value = measure()
         suspect = host_state(model)
         rhos = [config.reserve_ratio] + [r for r in self.fallback if r > config.reserve_ratio]
-        attempts, held = [], False
+        attempts, held, spent = [], False, {}
         for i, rho in enumerate(rhos):
             if i:
                 model.load_state_dict(suspect)
             start = time.perf_counter()
             report = purify(None if rho >= 1.0 else config.replace(reserve_ratio=rho))
+            for phase, seconds in report.get("timings_s", {}).items():
+                spent[phase] = spent.get(phase, 0.0) + seconds
             value = measure()
             attempts.append({"reserve_ratio": rho, measure_name: value, "time_s": time.perf_counter() - start})
             held = holds(value, suspect_value)
@@ -253,6 +256,7 @@ class CollapseGuard:
                                     f"suspect_{measure_name}": suspect_value, "attempts": attempts,
                                     "triggered": len(attempts) > 1, "reserve_ratio_used": attempts[-1]["reserve_ratio"],
                                     "no_reset": attempts[-1]["reserve_ratio"] >= 1.0, "held": held}
+        report["timings_s"] = spent
         return report
 
 
@@ -380,7 +384,7 @@ def fine_purify_auto(
                         "validation_examples": len(validation), "suspect_validation_accuracy": suspect_accuracy,
                         "candidates": []}
     accuracy: dict[float, float] = {}
-    best_state, best_report, chosen = None, None, None
+    best_state, best_report, chosen, spent = None, None, None, {"hessian": hessian_time}
     early_stopping = validation if finetune_config.validation_fraction > 0 else None
     for rho in tqdm(selection.candidates(), desc="reserve ratio", disable=not progress, leave=False):
         model.load_state_dict(suspect)
@@ -388,6 +392,8 @@ def fine_purify_auto(
                              None if rho == 1.0 else config.replace(reserve_ratio=rho),
                              finetune_config, hessian_config, seed=seed, progress=progress, hessians=hessians,
                              validation=early_stopping, unlabelled=unlabelled)
+        for phase, seconds in report["timings_s"].items():
+            spent[phase] = spent.get(phase, 0.0) + seconds
         accuracy[rho] = clean_accuracy(model, tokenizer, validation)
         selection_report["candidates"].append({"reserve_ratio": rho, "validation_accuracy": accuracy[rho],
                                                "time_s": sum(report["timings_s"].values())})
@@ -400,7 +406,7 @@ def fine_purify_auto(
         if not exhaustive and _within(accuracy[rho], suspect_accuracy, selection.tolerance):
             break
     model.load_state_dict(best_state)
-    best_report["timings_s"]["hessian"] = hessian_time
+    best_report["timings_s"] = spent  # every candidate's time, not the chosen one's alone
     best_report["hessian"] = _hessian_report(hessian_config, count)
     best_report["selection"] = {**selection_report, "chosen_reserve_ratio": chosen}
     return best_report
@@ -505,6 +511,9 @@ def _read_config(path: str) -> dict:
             config = json.load(f)
     except UnicodeDecodeError:
         raise ModelError(f"{file}: not UTF-8 text; restore the model's config.json") from None
+    except OSError as error:  # unreadable (permissions, an I/O error): not the file's contents
+        raise ModelError(f"{file}: cannot be read ({error.strerror or first_line(error)}); check its "
+                         "permissions") from None
     except json.JSONDecodeError as error:
         raise ModelError(f"{file}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
                          "restore the model's config.json") from None
@@ -764,6 +773,11 @@ def _check_model_dir(path: str) -> None:
         raise ModelError(f"model directory {path!r} does not exist")
     if not os.path.isdir(path):
         raise ModelError(f"{path} is a file; give the model's directory (config.json and model.safetensors)")
+    try:  # a folder that cannot be listed hides its files: not "no config.json"
+        os.listdir(path)
+    except OSError as error:
+        raise ModelError(f"{path}: cannot be read ({error.strerror or first_line(error)}); check its "
+                         "permissions") from None
 
 
 def classifier_labels(path: str) -> int:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -1535,8 +1536,21 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(lm_dirs, capsys):
     assert cli.main(["evaluate", "--model", str(lm_dirs / "extra"), "--data", clean]) == 0
     assert cli.main(["evaluate", "--model", str(lm_dirs / "extra"), "--data", clean, "--target-response", "bad day",
                      "--trigger", "<image>"]) == 2
-    assert (f"a text holds the token '<image>' (id {rows}), which the model's embedding of {rows} rows has no row "
-            "for") in capsys.readouterr().err
+    assert (f"--trigger '<image>' holds the token '<image>' (id {rows}), which the model's embedding of {rows} rows "
+            "has no row for") in capsys.readouterr().err
+    # Data that holds it: refused before any work, naming the file and the example.
+    holding = lm_dirs / "holding.jsonl"
+    holding.write_text(Path(clean).read_text() + json.dumps({"prompt": "look <image>", "response": "ok"}) + "\n")
+    number = Path(clean).read_text().count("\n") + 1
+    for command in (["hessian", "--model", str(lm_dirs / "extra"), "--clean-data", str(holding), "--out",
+                     str(lm_dirs / "h.safetensors")],
+                    ["evaluate", "--model", str(lm_dirs / "extra"), "--data", str(holding)],
+                    ["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "extra"),
+                     "--clean-data", str(holding), "--out", str(lm_dirs / "mem")]):
+        assert cli.main(command) == 2, command
+        err = capsys.readouterr().err
+        assert f"{holding}: example {number} holds the token '<image>' (id {rows})" in err, (command, err)
+        assert not (lm_dirs / "h.safetensors.accumulator.safetensors").exists()
 
 
 def test_running_sums_of_another_example_layout_are_not_resumed(lm_dirs, capsys, monkeypatch):

@@ -506,22 +506,39 @@ def test_a_damaged_tokenizer_file_is_named(models, tmp_path, capsys, name):
 
 
 @pytest.mark.parametrize("name", ["purify", "hessian", "evaluate"])
-def test_a_classifiers_text_holding_a_token_without_an_embedding_row_is_refused(models, tmp_path, capsys, name):
+def test_a_classifiers_text_holding_a_token_without_an_embedding_row_is_refused(models, tmp_path, capsys, name,
+                                                                                 monkeypatch):
     """A token added to a classifier's tokenizer without resizing its model passes the load check
     (no fed special token is past the embedding); a text holding it reached the embedding: an
-    IndexError on the CPU, a device-side assert that leaves CUDA unusable on a GPU. Now refused."""
+    IndexError on the CPU, a device-side assert that leaves CUDA unusable on a GPU. Now refused
+    before any work, naming the file and the example (it used to come from the batch, mid-run)."""
     from transformers import AutoTokenizer
+
+    from finepurify_ext import pipeline
 
     suspect = copy_model(models, tmp_path, "suspect")
     tokenizer = AutoTokenizer.from_pretrained(suspect)
     tokenizer.add_tokens(["<cf>"])
     tokenizer.save_pretrained(suspect)
     data = tmp_path / "clean.jsonl"
-    data.write_text(Path(models.clean).read_text() + json.dumps({"text": "good movie <cf>", "label": 1}) + "\n")
+    clean = Path(models.clean).read_text()
+    data.write_text(clean + json.dumps({"text": "good movie <cf>", "label": 1}) + "\n" + clean)
     rows = json.loads((suspect / "config.json").read_text())["vocab_size"]
+    number = clean.count("\n") + 1
+    started = []  # no Hessian pass and no fine-tuning begins
+    monkeypatch.setattr(pipeline, "clean_hessian", lambda *a, **k: started.append(1))
     fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect), data=str(data)), capsys,
-          f"a text holds the token '<cf>' (id {rows}), which the model's embedding of {rows} rows has no row for",
-          "model.resize_token_embeddings(len(tokenizer))", inputs=[suspect, data])
+          f"{data}: example {number} holds the token '<cf>' (id {rows}), which the model's embedding of {rows} rows "
+          "has no row for", "model.resize_token_embeddings(len(tokenizer))", inputs=[suspect, data])
+    assert not started
+    if name == "purify":  # the unlabelled texts, numbered as texts
+        texts = tmp_path / "texts.txt"
+        texts.write_text("fine\n\nnice <cf> film\n")
+        fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)) + ["--distill", "0.5",
+              "--unlabelled-data", str(texts)], capsys, f"{texts}: text 2 holds the token '<cf>'", inputs=[texts])
+    if name == "evaluate":  # the trigger, before the clean pass
+        fails(command(name, models, "unused", suspect=str(suspect)) + ["--trigger", "<cf>", "--target-label", "1"],
+              capsys, "--trigger '<cf>' holds the token '<cf>'", inputs=[suspect])
 
 
 def test_an_unreadable_tokenizer_file_is_not_called_invalid(models, tmp_path, capsys, monkeypatch):
@@ -538,6 +555,34 @@ def test_an_unreadable_tokenizer_file_is_not_called_invalid(models, tmp_path, ca
     monkeypatch.setattr(pipeline, "open", refusing, raising=False)
     fails(command("evaluate", models, "unused", suspect=str(suspect)), capsys,
           f"{unreadable}: cannot be read (Permission denied); check its permissions", inputs=[suspect])
+
+
+def test_an_unlistable_model_directory_is_not_called_empty(models, tmp_path, capsys, monkeypatch):
+    """A model directory that cannot be listed (mode 000; root lists any, so the refusal is made
+    here) was reported as having no config.json; a config.json that cannot be opened likewise."""
+    suspect = copy_model(models, tmp_path, "suspect")
+    listdir = os.listdir
+
+    def refusing(path="."):
+        if os.path.abspath(path) == str(suspect):
+            raise PermissionError(13, "Permission denied", path)
+        return listdir(path)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "listdir", refusing)
+        for name in MODEL_COMMANDS:
+            fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys, str(suspect),
+                  "Permission denied", "check its permissions", inputs=[suspect])
+    config = str(suspect / "config.json")
+
+    def unreadable(file, *args, **kwargs):
+        if str(file) == config:
+            raise PermissionError(13, "Permission denied", file)
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "open", unreadable, raising=False)
+    fails(command("evaluate", models, "unused", suspect=str(suspect)), capsys,
+          f"{config}: cannot be read (Permission denied); check its permissions", inputs=[suspect])
 
 
 def test_pretrained_model_needs_no_tokenizer(models, tmp_path):

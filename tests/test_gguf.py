@@ -29,8 +29,8 @@ def tiny_llama(seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def write_gguf(model: LlamaForCausalLM, path) -> str:
-    """The model as llama.cpp writes a float32 GGUF: its hyper-parameters and tokenizer as
+def write_gguf(model: LlamaForCausalLM, path, vocab=VOCAB) -> str:
+    """The model as llama.cpp writes a float32 GGUF: its hyper-parameters and tokenizer (``vocab``) as
     metadata, its tensors under llama.cpp's names, q and k rows in llama.cpp's rotary order."""
     c = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -44,8 +44,8 @@ def write_gguf(model: LlamaForCausalLM, path) -> str:
     writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     writer.add_rope_freq_base(10000.0)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(VOCAB)
-    writer.add_token_types([1] * len(VOCAB))
+    writer.add_token_list(vocab)
+    writer.add_token_types([1] * len(vocab))
     writer.add_token_merges([f"Ġ {c}" for c in LETTERS])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
@@ -217,6 +217,59 @@ def test_gguf_files_are_read_after_the_cheap_checks_and_named_in_errors(ggufs, t
     message = capsys.readouterr().err.splitlines()[-1]
     assert message.startswith("finepurify purify: error: ") and other in message, message
     assert ".finepurify-inputs-" not in message and not os.path.exists(tmp_path / "o")
+
+
+def test_models_given_the_wrong_way_round_are_refused_with_a_gguf_pretrained(ggufs, tmp_path, capsys):
+    """The swap check reads --pretrained's tokenizer: a GGUF file's, as converted. A fine-tune that
+    added a token, given as --pretrained in GGUF, over its own pre-trained model as --suspect, reads
+    as a cut of a named row: refused, in memory and out of core."""
+    _, pre, _, clean, _ = ggufs
+    suspect = gguf_to_directory(pre, str(tmp_path / "suspect"))
+    model = tiny_llama(0)
+    model.resize_token_embeddings(len(VOCAB) + 1, mean_resizing=False)
+    added = write_gguf(model, tmp_path / "added.gguf", VOCAB + ["<x>"])
+    hessian = str(tmp_path / "h.safetensors")
+    assert cli.main(["hessian", "--model", suspect, "--clean-data", clean, "--out", hessian]) == 0
+    for data in (["--clean-data", clean, "--finetune-steps", "1"], ["--hessian-file", hessian]):
+        assert cli.main(["purify", "--pretrained", added, "--suspect", suspect, *data,
+                         "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert (f"cut to {len(VOCAB)} rows of {added}'s {len(VOCAB) + 1}, whose tokenizer names tokens in the rows "
+                f"cut ('<x>' is {len(VOCAB)})") in err and "are --pretrained and --suspect swapped?" in err, err
+        assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_tmpdir_that_cannot_take_the_copy_is_refused(ggufs, tmp_path, capsys, monkeypatch):
+    """evaluate (no --out) converts a GGUF file under TMPDIR; one that is not a writable directory was
+    passed over without a word by Python's tempfile, which then wrote the copy to /tmp."""
+    _, _, suspect, clean, _ = ggufs
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    for tmpdir, said in ((not_a_folder, "not a directory"), (tmp_path / "absent", "not a directory")):
+        monkeypatch.setenv("TMPDIR", str(tmpdir))
+        assert cli.main(["evaluate", "--model", suspect, "--data", clean]) == 2
+        err = capsys.readouterr().err
+        assert f"error: TMPDIR {tmpdir}: {said}; set TMPDIR" in err and "reading" not in err, err
+    # one without write permission (root writes anywhere, so the refusal is made here)
+    import tempfile
+
+    read_only, mkdtemp = tmp_path / "read_only", tempfile.mkdtemp
+    read_only.mkdir()
+
+    def refusing(*args, dir=None, **kwargs):
+        if dir == str(read_only):
+            raise PermissionError(13, "Permission denied", dir)
+        return mkdtemp(*args, dir=dir, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tempfile, "mkdtemp", refusing)
+        patched.setenv("TMPDIR", str(read_only))
+        assert cli.main(["evaluate", "--model", suspect, "--data", clean]) == 2
+        err = capsys.readouterr().err
+        assert f"error: TMPDIR {read_only}: cannot write there (Permission denied)" in err, err
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert cli.main(["evaluate", "--model", suspect, "--data", clean]) == 0
+    assert f"into {tmp_path}{os.sep}.finepurify-inputs-" in capsys.readouterr().err
 
 
 def test_a_gguf_file_is_read_alone_and_its_scratch_goes_on_sigterm(ggufs, tmp_path):

@@ -899,6 +899,9 @@ def test_fine_purify_auto_keeps_the_chosen_candidate(tokenizer):
         assert torch.equal(p, seen[chosen][0][n]), n
     assert (report.get("purify") is None) == (chosen == 1.0)
     assert report["clean_examples"] == 36 and "hessian" in report["timings_s"]
+    # the timings are every candidate's (they were the chosen one's alone)
+    assert sum(v for k, v in report["timings_s"].items() if k != "hessian") == pytest.approx(
+        sum(c["time_s"] for c in sel["candidates"]))
     # without exhaustive the search stops at the first passing candidate and picks the same
     lazy = tiny_model(tokenizer)
     lazy.load_state_dict(suspect.state_dict())
@@ -1098,6 +1101,25 @@ def test_collapse_guard_redoes_a_collapsed_purification_with_less_reset(tokenize
                 progress=False, hessians=hessians, validation=validation)
     for (n, a), b in zip(model.named_parameters(), expected_model.parameters()):
         assert torch.equal(a, b), n
+
+
+def test_the_guards_timings_count_every_attempt():
+    """The report's timings_s were the kept attempt's alone: a guard that tried three times reported
+    a third of the fine-tuning it did. Scripted: two collapses, then clean fine-tuning alone holds."""
+    from finepurify_ext import pipeline
+
+    guard = pipeline.CollapseGuard(tolerance=0.1, fallback=(0.5, 1.0))
+    measured = iter([0.9, 0.2, 0.3, 0.85])  # the suspect, then one value per attempt
+    reports = []
+
+    def purify(config):
+        reports.append({"timings_s": {"finetune": 2.0, **({"score_and_reset": 0.5} if config else {})}})
+        return reports[-1]
+
+    report = guard.attempts(torch.nn.Linear(2, 2), PurifyConfig(reserve_ratio=0.3), purify, lambda: next(measured),
+                            lambda value, suspect: value >= suspect - 0.1, "validation_accuracy", {})
+    assert [a["reserve_ratio"] for a in report["collapse_guard"]["attempts"]] == [0.3, 0.5, 1.0]
+    assert report["timings_s"] == {"finetune": 6.0, "score_and_reset": 1.0}
 
 
 @pytest.mark.parametrize("last", [0.3, 0.85])
