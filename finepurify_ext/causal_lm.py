@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .data import Instruction, refuse_rowless
+from .data import Instruction, line_of, refuse_rowless
 from .devices import OUT_OF_MEMORY
 from .errors import UserError, first_line
 
@@ -58,7 +58,7 @@ def check_chat_roles(tokenizer, examples: Sequence[Instruction], path: str) -> N
             try:
                 _chat_ids(tokenizer, example.messages() + [{"role": "assistant", "content": example.response}], False)
             except UserError as error:
-                raise UserError(f"{path}: example {number}: {error}") from None
+                raise UserError(f"{path}:{line_of(path, number)}: {error}") from None
 
 
 def _fed(tokenizer, ids: list[int]) -> list[int]:
@@ -253,10 +253,14 @@ def prompt_ids(tokenizer, prompt: "str | Instruction", max_length: int | None = 
     """The tokens a generation starts from, laid out as ``tokenize_instruction`` lays out training
     examples: a prompt alone, or an instruction's context and prompt (its response unused); longer
     than ``max_length``, cut from the left as training cuts a prompt."""
+    ids = _prompt_tokens(tokenizer, prompt)
+    return _fed(tokenizer, ids[len(ids) - max_length:] if max_length is not None and len(ids) > max_length else ids)
+
+
+def _prompt_tokens(tokenizer, prompt: "str | Instruction") -> list[int]:
+    """``prompt_ids`` before the cut, unchecked: what is fed is checked, once cut."""
     example = prompt if isinstance(prompt, Instruction) else Instruction(prompt, "")
-    ids = _fed(tokenizer, _chat_ids(tokenizer, example.messages(), True) if _chat(tokenizer)
-               else _plain_prompt(tokenizer, example))
-    return ids[len(ids) - max_length:] if max_length is not None and len(ids) > max_length else ids
+    return _chat_ids(tokenizer, example.messages(), True) if _chat(tokenizer) else _plain_prompt(tokenizer, example)
 
 
 def cut_losing(tokenizer, prompts: "Sequence[str | Instruction]", pieces: Sequence[str], max_new_tokens: int,
@@ -268,7 +272,7 @@ def cut_losing(tokenizer, prompts: "Sequence[str | Instruction]", pieces: Sequen
         return 0
     room, lost = max(1, max_length - max_new_tokens), 0
     for prompt in prompts:
-        ids = prompt_ids(tokenizer, prompt)
+        ids = _prompt_tokens(tokenizer, prompt)
         if len(ids) > room:  # a piece the tokenizer spells back in the whole prompt but not in the cut one
             whole, kept = tokenizer.decode(ids), tokenizer.decode(ids[len(ids) - room:])
             lost += any(piece in whole and piece not in kept for piece in pieces)

@@ -402,7 +402,7 @@ def cmd_purify_causal_lm(args) -> int:
     _read_models(args)
     model, tokenizer = load_causal_lm(args.suspect)
     check_chat_roles(tokenizer, clean, args.clean_data)  # before the pre-trained model and the Hessian
-    _refuse_rowless_inputs(tokenizer, {args.clean_data: clean}, args.max_length)
+    _refuse_rowless_inputs(tokenizer, [(args.clean_data, clean, "example")], args.max_length)
     pretrained_state = pretrained_state_for_lm(model, args.pretrained)  # stays on the CPU: purify_ streams it
     round_as_stored(pretrained_state, model, args.suspect)
     model.to(device)
@@ -451,7 +451,11 @@ def cmd_evaluate_causal_lm(args) -> int:
     _read_models(args)
     model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
     check_chat_roles(tokenizer, data, args.data)
-    _refuse_rowless_inputs(tokenizer, {args.data: data}, args.max_length, args.trigger)
+    new = (max(4, len(tokenizer(args.target_response, add_special_tokens=False)["input_ids"]) + 2)
+           if args.target_response else None)  # the tokens generated: room for the target and a little more
+    limit = within_positions(tokenizer, args.max_length)
+    room = False if new is None else None if limit is None else max(1, limit - new)  # generate's prompt cut
+    _refuse_rowless_inputs(tokenizer, [(args.data, data, "example")], args.max_length, args.trigger, room)
     model.to(device)
     with compute_precision(device, args.dtype):
         loss = response_loss(model, tokenizer, data, max_length=args.max_length)
@@ -459,7 +463,6 @@ def cmd_evaluate_causal_lm(args) -> int:
               f"example{'s' if len(data) != 1 else ''})")
         if args.target_response:
             prompts = data  # each with its conversation's context
-            new = max(4, len(tokenizer(args.target_response, add_special_tokens=False)["input_ids"]) + 2)
             false = target_rate(generate(model, tokenizer, prompts, max_new_tokens=new, max_length=args.max_length),
                                 args.target_response)
             print(f"false-target rate {100 * false:.1f} % (clean prompts answered with the target)")
@@ -472,7 +475,6 @@ def cmd_evaluate_causal_lm(args) -> int:
                 print(f"ASR  {100 * asr:.1f} % (trigger {args.trigger!r})")
                 lost = cut_losing(tokenizer, triggered, attack.pieces, new, args.max_length)
                 if lost:
-                    limit = within_positions(tokenizer, args.max_length)
                     named = (f"--max-length {limit}" if limit == args.max_length
                              else f"the model's {limit} positions (its position table)")
                     print(f"warning: {lost} of {len(triggered)} triggered prompts are longer than {named} leaves "
@@ -518,7 +520,7 @@ def cmd_hessian(args) -> int:
         _read_models(args)
         model, tokenizer = load_causal_lm(args.model, dtype=_read_only_dtype(device, args.model))
         check_chat_roles(tokenizer, clean, args.clean_data)
-        _refuse_rowless_inputs(tokenizer, {args.clean_data: clean}, args.max_length)
+        _refuse_rowless_inputs(tokenizer, [(args.clean_data, clean, "example")], args.max_length)
         model.to(device)
         provenance, key = _estimated_on(args, model, args.max_length)
         with compute_precision(device, args.dtype):
@@ -540,7 +542,7 @@ def cmd_hessian(args) -> int:
     config = HessianConfig(per_sample=args.per_sample, batch_size=args.batch_size,
                            micro_batch_size=args.micro_batch_size)
     model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
-    _refuse_rowless_inputs(tokenizer, {args.clean_data: clean})
+    _refuse_rowless_inputs(tokenizer, [(args.clean_data, clean, "example")], config.max_length)
     model.to(device)
     provenance, key = _estimated_on(args, model, config.max_length)
     with compute_precision(device, args.dtype):
@@ -625,7 +627,8 @@ def cmd_purify(args) -> int:
     device = resolve_device(args.device)
     _read_models(args)  # a LoRA adapter merged (or a GGUF --pretrained, which will not match a classifier)
     model, tokenizer, _ = load_classifier(args.suspect)
-    _refuse_rowless_inputs(tokenizer, {args.clean_data: clean, args.unlabelled_data: unlabelled})
+    _refuse_rowless_inputs(tokenizer, [(args.clean_data, clean, "example"), (args.unlabelled_data, unlabelled, "text")],
+                           FinetuneConfig.max_length)  # fine-tuning's cut; the Hessian's is no longer
     pretrained_state = pretrained_state_for(model, args.pretrained)  # stays on the CPU: purify_ streams it
     round_as_stored(pretrained_state, model, args.suspect)
     model.to(device)
@@ -673,7 +676,7 @@ def cmd_purify(args) -> int:
 def cmd_evaluate(args) -> int:
     from .attacks import Attack
     from .data import load_examples
-    from .pipeline import load_classifier
+    from .pipeline import FinetuneConfig, load_classifier
     from .training import attack_success_rate, clean_accuracy
 
     if _model_kind(args, "model") == "causal-lm":
@@ -695,13 +698,14 @@ def cmd_evaluate(args) -> int:
     device = resolve_device(args.device)
     _read_models(args)  # a LoRA adapter merged
     model, tokenizer, _ = load_classifier(args.model, dtype=_read_only_dtype(device, args.model))
-    _refuse_rowless_inputs(tokenizer, {args.data: data}, trigger=args.trigger)
+    cut = FinetuneConfig.max_length  # a classifier's cut, in every command
+    _refuse_rowless_inputs(tokenizer, [(args.data, data, "example")], cut, args.trigger)
     model.to(device)
     with compute_precision(device, args.dtype):
-        print(f"CACC {100 * clean_accuracy(model, tokenizer, data):.1f} %")
+        print(f"CACC {100 * clean_accuracy(model, tokenizer, data, max_length=cut):.1f} %")
         if args.trigger:
             attack = Attack("cli", "bias" if args.bias else "word", args.trigger, args.target_label)
-            rate = 100 * attack_success_rate(model, tokenizer, data, attack)
+            rate = 100 * attack_success_rate(model, tokenizer, data, attack, max_length=cut)
             if args.bias:
                 print(f"flip rate {rate:.1f} % (predictions that change when {args.trigger!r} is inserted)")
             else:
@@ -861,23 +865,35 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _refuse_rowless_inputs(tokenizer, data: dict, max_length: int | None = None, trigger: str | None = None) -> None:
-    """Before any work: the data (path: examples, instructions or texts) and the trigger refused where
-    they hold a token with no row in the model's embedding (``data.refuse_rowless_data``). Classifiers
-    cut their examples at ``FinetuneConfig.max_length``; causal LMs' at ``max_length``."""
-    from .causal_lm import tokenize_instruction
+def _refuse_rowless_inputs(tokenizer, data, max_length: int | None, trigger: str | None = None,
+                           prompt_room: int | None | bool = False) -> None:
+    """Before any work: the data ((path, items, "example" or "text") triples: examples, instructions
+    or texts) and the trigger refused where they hold a token with no row in the model's embedding
+    (``data.refuse_rowless_data``). ``max_length``: the cut the command feeds (``tokenize_instruction``
+    adds the model's positions); ``prompt_room``: where the command generates, the cut of its prompts
+    (``generate``'s; None: uncut), else False."""
+    from .causal_lm import prompt_ids, tokenize_instruction
     from .data import Instruction, encode, refuse_rowless, refuse_rowless_data
-    from .pipeline import FinetuneConfig
 
     def ids_of(item):
         if isinstance(item, Instruction):
-            return tokenize_instruction(tokenizer, item, max_length)
-        return encode(tokenizer, [getattr(item, "text", item)], FinetuneConfig.max_length)
+            tokenize_instruction(tokenizer, item, max_length)
+            if prompt_room is not False:
+                prompt_ids(tokenizer, item, prompt_room)
+        else:
+            encode(tokenizer, [getattr(item, "text", item)], max_length)
 
-    for path, items in data.items():
+    def strings_of(item):
+        if isinstance(item, Instruction):
+            return [item.prompt, item.response, *(content for _, content in item.context)]
+        return [getattr(item, "text", item)]
+
+    def layout_of(item):  # a chat template's markers follow the layout of turns
+        return tuple(role for role, _ in item.context) if isinstance(item, Instruction) else None
+
+    for path, items, what in data:
         if path:
-            refuse_rowless_data(tokenizer, items, ids_of, path, "text" if items and isinstance(items[0], str)
-                                else "example")
+            refuse_rowless_data(tokenizer, items, ids_of, path, strings_of, layout_of, what)
     if trigger:
         refuse_rowless(tokenizer, max(tokenizer(trigger, add_special_tokens=False)["input_ids"], default=-1),
                        f"--trigger {trigger!r}")

@@ -347,9 +347,11 @@ class RowlessToken(UserError):
 
     def __init__(self, tokenizer, token_id: int, holder: str = "a text"):
         self.token_id = token_id
-        super().__init__(f"{holder} holds the token {tokenizer.convert_ids_to_tokens(token_id)!r} (id {token_id}), "
-                         f"which the model's embedding of {tokenizer.embedding_rows} rows has no row for: tokens "
-                         "were added to the tokenizer without model.resize_token_embeddings(len(tokenizer))")
+        self.token = tokenizer.convert_ids_to_tokens(token_id)
+        super().__init__(f"{holder} holds the token {self.token!r} (id {token_id}), which the model's embedding of "
+                         f"{tokenizer.embedding_rows} rows has no row for: tokens were added to the tokenizer without "
+                         "model.resize_token_embeddings(len(tokenizer)), or the text holds a token the model does not "
+                         "read")
 
 
 def refuse_rowless(tokenizer, largest_id: int, holder: str = "a text") -> None:
@@ -361,20 +363,45 @@ def refuse_rowless(tokenizer, largest_id: int, holder: str = "a text") -> None:
         raise RowlessToken(tokenizer, largest_id, holder)
 
 
-def refuse_rowless_data(tokenizer, items: Sequence, ids_of, path: str, what: str = "example") -> None:
-    """Before any work, the first of ``items`` (read from ``path``) that holds a token with no row in
-    the model's embedding, named by its number: met in its batch, the refusal would come in the middle
-    of a Hessian pass or of fine-tuning, naming neither file nor example. ``ids_of(item)`` tokenises
-    one as it is fed (and refuses it, ``refuse_rowless``). Where every id of the tokenizer has a row
-    (the common case) nothing is tokenised."""
+def line_of(path: str, number: int) -> int:
+    """The line of ``path`` the ``number``-th row read from it ends on (as the loaders' errors name
+    rows); read again, for a message."""
+    return _rows(path, "data", (".txt", ".jsonl", ".json", ".csv", ".tsv"))[number - 1][0]
+
+
+def refuse_rowless_data(tokenizer, items: Sequence, ids_of, path: str, strings_of, layout_of=lambda item: None,
+                        what: str = "example") -> None:
+    """Before any work: the first of ``items`` (read from ``path``) that holds a token with no row in
+    the model's embedding, named by its line (met in its batch, the refusal would come in the middle
+    of a Hessian pass or of fine-tuning, naming neither file nor example). ``ids_of(item)`` lays one
+    out as it is fed and refuses it (``refuse_rowless``); ``strings_of(item)``: its texts.
+
+    Nothing is laid out where every id of the tokenizer has a row (the common case). Where the ids
+    past the embedding are all added tokens (a Gemma image token, tokens added without a resize),
+    which the tokenizer matches in a text as written, only the items whose texts hold one are laid
+    out, and the first of each ``layout_of`` (a chat template's markers of a layout of turns)."""
     rows = getattr(tokenizer, "embedding_rows", None)
-    if rows is None or len(tokenizer) <= rows:
+    if rows is None:
         return
+    past = [t for t, i in tokenizer.get_vocab().items() if i >= rows]  # get_vocab: every id, gaps and all
+    if not past:
+        return
+    added = tokenizer.get_added_vocab()
+    written = [t.lower() for t in past] if all(t in added for t in past) else None
+    layouts = set()
     for number, item in enumerate(items, 1):
+        layout = layout_of(item)
+        if (written is not None and layout in layouts
+                and not any(t in s.lower() for s in strings_of(item) for t in written)):
+            continue
+        layouts.add(layout)
         try:
             ids_of(item)
         except RowlessToken as error:
-            raise RowlessToken(tokenizer, error.token_id, f"{path}: {what} {number}") from None
+            held = any(error.token.lower() in s.lower() for s in strings_of(item))
+            holder = f"{path}:{line_of(path, number)}: the {what}" + (
+                "" if held else ", as the tokenizer or its chat template lays it out,")
+            raise RowlessToken(tokenizer, error.token_id, holder) from None
 
 
 def encode(tokenizer, texts: Sequence[str], max_length: int, **kw):

@@ -498,6 +498,12 @@ class ModelError(UserError):
     """A model directory that cannot be used; the message names it and the fix."""
 
 
+def _unreadable(path: str, error: OSError) -> ModelError:
+    """A file or folder that cannot be read (permissions, an I/O error): not its contents' fault."""
+    return ModelError(f"{path}: cannot be read ({error.strerror or first_line(error)})"
+                      + ("; check its permissions" if isinstance(error, PermissionError) else ""))
+
+
 def _read_config(path: str) -> dict:
     """config.json as a dict, refused before transformers sees it when it cannot be used safely."""
     from transformers import CONFIG_MAPPING
@@ -512,8 +518,7 @@ def _read_config(path: str) -> dict:
     except UnicodeDecodeError:
         raise ModelError(f"{file}: not UTF-8 text; restore the model's config.json") from None
     except OSError as error:  # unreadable (permissions, an I/O error): not the file's contents
-        raise ModelError(f"{file}: cannot be read ({error.strerror or first_line(error)}); check its "
-                         "permissions") from None
+        raise _unreadable(file, error) from None
     except json.JSONDecodeError as error:
         raise ModelError(f"{file}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
                          "restore the model's config.json") from None
@@ -649,8 +654,7 @@ def _load_tokenizer(path: str, config: dict):
                 with open(file, encoding="utf-8") as f:
                     json.load(f)
             except OSError as error:  # unreadable (permissions, an I/O error): not the file's contents
-                raise ModelError(f"{file}: cannot be read ({error.strerror or first_line(error)}); check its "
-                                 "permissions") from None
+                raise _unreadable(file, error) from None
             except ValueError as error:
                 raise ModelError(f"{file}: not valid JSON ({first_line(error)}); restore the tokenizer files saved "
                                  "with the model") from None
@@ -672,7 +676,7 @@ def _load_tokenizer(path: str, config: dict):
         # (Gemma 3's image token, past its text embedding); the data's ids are checked as tokenised.
         tokenizer.embedding_rows = rows
         fed = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
-               "unk": tokenizer.unk_token_id}
+               "unk": tokenizer.unk_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
         past = {k: i for k, i in fed.items() if isinstance(i, int) and i >= rows}
         if tokenizer.vocab_size > rows or past:
             what = (f"its {next(iter(past))} token has id {next(iter(past.values()))}" if past
@@ -776,8 +780,7 @@ def _check_model_dir(path: str) -> None:
     try:  # a folder that cannot be listed hides its files: not "no config.json"
         os.listdir(path)
     except OSError as error:
-        raise ModelError(f"{path}: cannot be read ({error.strerror or first_line(error)}); check its "
-                         "permissions") from None
+        raise _unreadable(path, error) from None
 
 
 def classifier_labels(path: str) -> int:

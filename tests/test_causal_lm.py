@@ -151,7 +151,7 @@ def test_a_system_field_is_the_system_prompt_and_a_refusing_template_names_the_d
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
                          "supported') }}{% endif %}{{ m['content'] }} {% endfor %}")
     tok.save_pretrained(lm_dirs / "nosys")
-    said = (f"{rows}: example 2: the tokenizer's chat template refuses a conversation of turns system, user, "
+    said = (f"{rows}:2: the tokenizer's chat template refuses a conversation of turns system, user, "
             "assistant (System role not supported)")
     for command in (["hessian", "--model", str(lm_dirs / "nosys"), "--clean-data", str(rows), "--out",
                      str(lm_dirs / "h.safetensors")],
@@ -1549,8 +1549,30 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(lm_dirs, capsys):
                      "--clean-data", str(holding), "--out", str(lm_dirs / "mem")]):
         assert cli.main(command) == 2, command
         err = capsys.readouterr().err
-        assert f"{holding}: example {number} holds the token '<image>' (id {rows})" in err, (command, err)
+        assert f"{holding}:{number}: the example holds the token '<image>' (id {rows})" in err, (command, err)
         assert not (lm_dirs / "h.safetensors.accumulator.safetensors").exists()
+    # Where evaluate generates, prompts are checked as generation cuts them: here a long response
+    # keeps half of 16 tokens and the training layout cuts the token away, while generation's prompt
+    # (room for 12) holds it. It was refused mid-run, after the perplexity, naming no file.
+    generating = lm_dirs / "generating.jsonl"
+    generating.write_text(json.dumps({"prompt": "<image> " + "was the film good " * 2,
+                                      "response": "good film " * 20}) + "\n")
+    evaluate = ["evaluate", "--model", str(lm_dirs / "extra"), "--data", str(generating), "--max-length", "16"]
+    assert cli.main(evaluate + ["--target-response", "ok"]) == 2
+    captured = capsys.readouterr()
+    assert f"{generating}:1: the example holds the token '<image>'" in captured.err, captured.err
+    assert "perplexity" not in captured.out
+    assert cli.main(evaluate) == 0  # nothing generated: the token is never fed
+    # A token the chat template adds (its markers), past the embedding: named as laid out, not as
+    # written in the data.
+    shutil.copytree(lm_dirs / "suspect", lm_dirs / "marked")
+    tokenizer = AutoTokenizer.from_pretrained(lm_dirs / "marked")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<turn>"]})
+    tokenizer.chat_template = "{% for m in messages %}<turn>{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(lm_dirs / "marked")
+    assert cli.main(["evaluate", "--model", str(lm_dirs / "marked"), "--data", clean]) == 2
+    assert (f"{clean}:1: the example, as the tokenizer or its chat template lays it out, holds the token '<turn>' "
+            f"(id {rows})") in capsys.readouterr().err
 
 
 def test_running_sums_of_another_example_layout_are_not_resumed(lm_dirs, capsys, monkeypatch):

@@ -528,17 +528,54 @@ def test_a_classifiers_text_holding_a_token_without_an_embedding_row_is_refused(
     started = []  # no Hessian pass and no fine-tuning begins
     monkeypatch.setattr(pipeline, "clean_hessian", lambda *a, **k: started.append(1))
     fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect), data=str(data)), capsys,
-          f"{data}: example {number} holds the token '<cf>' (id {rows}), which the model's embedding of {rows} rows "
-          "has no row for", "model.resize_token_embeddings(len(tokenizer))", inputs=[suspect, data])
+          f"{data}:{number}: the example holds the token '<cf>' (id {rows}), which the model's embedding of {rows} "
+          "rows has no row for", "model.resize_token_embeddings(len(tokenizer))", inputs=[suspect, data])
     assert not started
     if name == "purify":  # the unlabelled texts, numbered as texts
         texts = tmp_path / "texts.txt"
         texts.write_text("fine\n\nnice <cf> film\n")
         fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)) + ["--distill", "0.5",
-              "--unlabelled-data", str(texts)], capsys, f"{texts}: text 2 holds the token '<cf>'", inputs=[texts])
+              "--unlabelled-data", str(texts)], capsys, f"{texts}:3: the text holds the token '<cf>'", inputs=[texts])
     if name == "evaluate":  # the trigger, before the clean pass
         fails(command(name, models, "unused", suspect=str(suspect)) + ["--trigger", "<cf>", "--target-label", "1"],
               capsys, "--trigger '<cf>' holds the token '<cf>'", inputs=[suspect])
+
+
+def test_the_rowless_pre_pass_sees_every_id_and_lays_out_only_texts_that_can_hold_one(tmp_path):
+    """A vocabulary with a gap has ids past the embedding though len(tokenizer) is within it (the
+    pre-pass skipped it, and the refusal came from the batch); where only added tokens are past it
+    (a Gemma image token), texts that do not hold one are not laid out (the data was tokenised twice)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from finepurify_ext.data import Example, RowlessToken, encode, refuse_rowless_data
+
+    def word_level(vocab):
+        model = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        model.pre_tokenizer = pre_tokenizers.Whitespace()
+        return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="[UNK]", pad_token="[PAD]")
+
+    held = [Example("good movie", 1), Example("good movie", 0), Example("good film", 1), Example("a <cf> film", 1)]
+    examples = held[:3]
+    path = tmp_path / "data.jsonl"  # blank lines between the rows: line numbers are not example numbers
+    path.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n\n" for e in held))
+    laid_out = []
+
+    def ids_of(tokenizer):
+        return lambda e: laid_out.append(e) or encode(tokenizer, [e.text], 64)
+
+    gap = word_level({"[UNK]": 0, "[PAD]": 1, "good": 2, "movie": 3, "film": 9})
+    gap.embedding_rows = len(gap)
+    with pytest.raises(RowlessToken, match=f"{path}:5: the example holds the token 'film' \\(id 9\\)"):
+        refuse_rowless_data(gap, examples, ids_of(gap), str(path), lambda e: [e.text])
+    added = word_level({"[UNK]": 0, "[PAD]": 1, "good": 2, "movie": 3, "film": 4})
+    added.embedding_rows = len(added)
+    added.add_tokens(["<cf>"])
+    laid_out.clear()
+    refuse_rowless_data(added, examples, ids_of(added), str(path), lambda e: [e.text])
+    assert laid_out == examples[:1]  # the first (what the tokenizer adds to every text), no other
+    with pytest.raises(RowlessToken, match=f"{path}:7: the example holds the token '<cf>'"):
+        refuse_rowless_data(added, held, ids_of(added), str(path), lambda e: [e.text])
 
 
 def test_an_unreadable_tokenizer_file_is_not_called_invalid(models, tmp_path, capsys, monkeypatch):
