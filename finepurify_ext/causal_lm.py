@@ -13,6 +13,7 @@ import torch
 from .data import Instruction, line_of, refuse_rowless
 from .devices import OUT_OF_MEMORY
 from .errors import UserError, first_line
+from .training import in_eval_mode
 
 IGNORE = -100  # the label transformers' causal-LM loss skips
 
@@ -226,20 +227,21 @@ def lm_hessian(model, tokenizer, examples: Sequence[Instruction], batch_size: in
     """Step 2 for a causal LM: ``hessian.estimate_hessian`` over ``lm_batches`` of ``examples`` with
     the responses' loss (``lm_loss``, a mean over ``response_tokens``); ``kwargs`` go to it
     (per_sample, micro_batch_size, progress, resume_file, ...)."""
-    from .hessian import estimate_hessian
+    from .hessian import estimate_hessian, every_parameter_estimated
 
-    return estimate_hessian(model, lm_batches(tokenizer, examples, batch_size, max_length), loss_fn=lm_loss,
-                            loss_terms=response_tokens, total=-(-len(examples) // batch_size), **kwargs)
+    with every_parameter_estimated(model):
+        return estimate_hessian(model, lm_batches(tokenizer, examples, batch_size, max_length), loss_fn=lm_loss,
+                                loss_terms=response_tokens, total=-(-len(examples) // batch_size), **kwargs)
 
 
 # ------------------------------------------------------------------------------- measures
 
 
+@in_eval_mode
 @torch.no_grad()
 def response_loss(model, tokenizer, examples: Sequence[Instruction], batch_size: int = 16,
                   max_length: int = 128) -> float:
     """Mean cross-entropy per response token over ``examples`` (exp of it: the responses' perplexity)."""
-    model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for batch in lm_batches(tokenizer, examples, batch_size, max_length):
@@ -279,6 +281,7 @@ def cut_losing(tokenizer, prompts: "Sequence[str | Instruction]", pieces: Sequen
     return lost
 
 
+@in_eval_mode
 @torch.no_grad()
 def generate(model, tokenizer, prompts: "Sequence[str | Instruction]", max_new_tokens: int = 8,
              batch_size: int = 16, max_length: int | None = None) -> list[str]:
@@ -288,10 +291,9 @@ def generate(model, tokenizer, prompts: "Sequence[str | Instruction]", max_new_t
     always fit the model's positions (``within_positions``)."""
     max_length = within_positions(tokenizer, max_length)
     if max_length is not None and max_new_tokens >= max_length:
-        raise UserError(f"{max_new_tokens} new tokens leave no room for a prompt in {max_length} tokens (--max-length, "
-                        "or the model's positions); give a shorter target response")
+        raise UserError(f"{max_new_tokens} new tokens leave no room for a prompt in {max_length} tokens (max_length, "
+                        "the command's --max-length, or the model's positions); give a shorter target response")
     room = None if max_length is None else max(1, max_length - max_new_tokens)
-    model.eval()
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     out = []

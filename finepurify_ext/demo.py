@@ -18,8 +18,6 @@ import torch
 
 from .purify import PurifyConfig
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 @dataclass(frozen=True)
 class DemoSetting:

@@ -3,6 +3,7 @@ the mean of squared gradients (the diagonal empirical Fisher), accumulated with 
 ``accumulate_sq_grads_`` op after each backward pass (or, experimentally, during it)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable, Iterable
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .devices import OUT_OF_MEMORY
 from .outputs import hold, host_tag, release, remove_leftovers, signals_deferred
+from .purify import unwrapped
 from .safetensors_io import ShardWriter
 from .threshold import _is_dtensor, _local
 
@@ -98,6 +100,7 @@ def _square_after_backward(hessians, grads, side_stream) -> None:
         grad.record_stream(side_stream)
 
 
+@torch.enable_grad()  # a caller under torch.no_grad() (an evaluation loop's) still gets gradients
 def _accumulate_gradient(model, batch: dict, loss_fn, loss_terms, rows: int | None) -> None:
     """The gradient of ``batch``'s loss added to the parameters' ``.grad``: in one backward pass, or
     with ``rows`` over slices of that many rows, each slice's mean loss weighted by its share of the
@@ -132,6 +135,23 @@ def _join(side_stream) -> None:
 
 ACCUMULATOR_FORMAT = "finepurify-hessian-accumulator-v1"
 HESSIAN_FORMAT = "finepurify-hessian-v1"
+
+
+@contextlib.contextmanager
+def every_parameter_estimated(model: torch.nn.Module):
+    """Every floating parameter of ``model`` with requires_grad for the block (``estimate_hessian``
+    leaves frozen ones out), as it was after: a parameter frozen in the caller's training stack may
+    still have drifted from its pre-trained value, and ``purify_`` ranks it. One process only: a
+    DDP replica's reducer knows only the parameters that required gradients when it was built."""
+    frozen = [] if _distributed() else [p for p in model.parameters()
+                                         if not p.requires_grad and p.is_floating_point()]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def estimate_hessian(
@@ -188,7 +208,13 @@ def estimate_hessian(
     if mode not in (None, "backward", "forward"):
         raise ValueError(f"estimate_hessian: overlap must be False, 'backward' (or True) or 'forward', got {overlap!r}")
     in_backward = mode == "backward"
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if torch.is_inference_mode_enabled():
+        raise ValueError("estimate_hessian: called under torch.inference_mode(), where no gradient can be taken; "
+                         "call it outside that block")
+    # Named as the module's parameters, as purify_ names them: a DDP replica's or a compiled model's
+    # wrapper adds a prefix ("module.", "_orig_mod.") that no pre-trained state has.
+    named = {id(p): n for n, p in unwrapped(model).named_parameters()}
+    params = {named.get(id(p), name): p for name, p in model.named_parameters() if p.requires_grad}
     hessians = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     local = {name: _local(h) for name, h in hessians.items()}
     done, count = 0, 0
@@ -197,7 +223,7 @@ def estimate_hessian(
         done, count = _load_accumulator(resume_file, local, per_sample, resume_key)
         if progress and (not _distributed() or torch.distributed.get_rank() == 0):
             print(f"resuming from {resume_file}: {done} batches done", file=sys.stderr)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's, given back (training.in_mode)
     saved_grads = {name: p.grad for name, p in params.items()}
     model.eval()
     model.zero_grad(set_to_none=True)
@@ -278,7 +304,8 @@ def estimate_hessian(
         finally:
             for name, p in params.items():
                 p.grad = saved_grads[name]
-            model.train(was_training)
+            for m, mode in modes:
+                m.training = mode
     if resume_file is not None:
         _save_accumulator(resume_file, local, done, count, per_sample, resume_key)
     if count == 0:

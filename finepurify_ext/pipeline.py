@@ -19,13 +19,10 @@ from tqdm.auto import tqdm
 from .checkpoint import INDEX, Checkpoint, check_not_quantized, names_with_prefix
 from .data import Example, batches, encode
 from .errors import UserError, first_line
-from .hessian import estimate_hessian
+from .hessian import estimate_hessian, every_parameter_estimated
 from .outputs import save_atomically, write_json  # noqa: F401  (re-exported: the pipeline's writers)
-from .purify import PurifyConfig, purify_, resized_rows
+from .purify import PurifyConfig, purify_, resized_rows, unwrapped
 from .training import finetune, finetune_early_stopped, host_state, make_teacher
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at run time
-
 
 @dataclass
 class FinetuneConfig:
@@ -91,9 +88,14 @@ def fine_purify(
     fine-tuning details with timings. Tokens the suspect added to its vocabulary that no clean input
     holds (their rows are the suspect's, whatever is reset; a trigger could be one) are listed in
     ``report["purify"]["unseen_added_rows"]``, or ``report["added_tokens"]`` where no reset was kept:
-    the CLI warns of them (``purify.unseen_added_warning``), a caller should too."""
+    the CLI warns of them (``purify.unseen_added_warning``), a caller should too.
+
+    A ``torch.compile``d or DDP-wrapped model is purified and fine-tuned as its module
+    (``purify.unwrapped``: its parameters' names are the pre-trained state's). The caller's random
+    generators, the model's train/eval modes and its gradients are as they were after the call."""
     if not clean:
         raise ValueError("fine_purify: the clean data is empty; give at least one labelled example")
+    model = unwrapped(model)
     config = _none_if_no_reset(config)
     if guard is not None and config is not None:
         return _under_collapse_guard(guard, model, tokenizer, clean, config, dict(
@@ -187,12 +189,14 @@ def _hessian_report(config: HessianConfig, count: int) -> dict:
 def clean_hessian(model, tokenizer, clean: Sequence[Example], config: HessianConfig = HessianConfig(),
                   progress: bool = True, **resume) -> tuple[dict[str, torch.Tensor], int]:
     """Step 2 on a list of examples: the diagonal Hessian of the clean loss at the model's weights
-    (``resume``: ``resume_file`` and ``save_every`` of ``estimate_hessian``)."""
-    return estimate_hessian(
-        model, batches(tokenizer, clean, config.batch_size, config.max_length),
-        per_sample=config.per_sample, micro_batch_size=config.micro_batch_size, progress=progress,
-        total=-(-len(clean) // config.batch_size), **resume,
-    )
+    (``resume``: ``resume_file`` and ``save_every`` of ``estimate_hessian``), for every parameter
+    (``every_parameter_estimated``)."""
+    with every_parameter_estimated(model):
+        return estimate_hessian(
+            model, batches(tokenizer, clean, config.batch_size, config.max_length),
+            per_sample=config.per_sample, micro_batch_size=config.micro_batch_size, progress=progress,
+            total=-(-len(clean) // config.batch_size), **resume,
+        )
 
 
 # ------------------------------------------------------------------ undoing a reset that destroyed the model
@@ -340,8 +344,9 @@ def pick_reserve_ratio(validation_accuracy: dict[float, float], suspect_accuracy
 def split_validation(clean: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(fine-tuning part, validation part) of the clean data, seeded; both non-empty."""
     if len(clean) < 2:
-        raise ValueError(f"holding out validation data needs at least 2 clean examples (got {len(clean)}); "
-                         "give more clean data, or --validation-fraction 0 with a numeric --reserve-ratio")
+        raise ValueError(f"holding out validation data needs at least 2 clean examples (got {len(clean)}); give "
+                         "more clean data, or hold none out (FinetuneConfig.validation_fraction 0, the command's "
+                         "--validation-fraction 0) at a fixed reserve ratio")
     order = list(range(len(clean)))
     random.Random(seed).shuffle(order)
     n_val = held_out_size(len(clean), fraction)
@@ -374,6 +379,7 @@ def fine_purify_auto(
     first that passes, unless ``exhaustive``. ``on_candidate(rho, model, report)`` sees every candidate."""
     from .training import clean_accuracy
 
+    model = unwrapped(model)
     train, validation = split_validation(clean, selection.validation_fraction, seed)
     start = time.perf_counter()
     hessians, count = clean_hessian(model, tokenizer, train, hessian_config, progress)
@@ -442,6 +448,7 @@ def fine_purify_lm(
 
     if not clean:
         raise ValueError("fine_purify_lm: the clean data is empty; give at least one prompt and response")
+    model = unwrapped(model)
     config = _none_if_no_reset(config)
     report: dict = {"seed": seed, "clean_examples": len(clean), "model_kind": "causal-lm"}
     if validation is None and finetune_config.validation_fraction > 0:
@@ -566,7 +573,7 @@ def directory_skeleton(directory: str, model_class=None) -> torch.nn.Module | No
     try:
         _read_config(directory)  # refused before transformers reads it where it names code to run
         with _transformers_quiet():
-            config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
         if model_class is None:
             model_class = AutoModelForCausalLM if is_causal_lm(directory) else AutoModelForSequenceClassification
     except Exception:  # noqa: BLE001  (the loaders, where they read it, name what is wrong)
@@ -659,7 +666,7 @@ def _load_tokenizer(path: str, config: dict):
                 raise ModelError(f"{file}: not valid JSON ({first_line(error)}); restore the tokenizer files saved "
                                  "with the model") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception as error:  # noqa: BLE001  (any failure here is the directory's)
         raise ModelError(f"{path}: cannot load the tokenizer ({first_line(error)}); restore the tokenizer files "
                          "saved with the model") from error
@@ -754,8 +761,9 @@ def gguf_to_directory(path: str, out_dir: str) -> str:
     try:
         os.symlink(os.path.abspath(path), os.path.join(alone, "model.gguf"))
         with _transformers_quiet():
-            tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file="model.gguf")
-            model = AutoModelForCausalLM.from_pretrained(alone, gguf_file="model.gguf", dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file="model.gguf", local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(alone, gguf_file="model.gguf", dtype=torch.float32,
+                                                         local_files_only=True)
     except Exception as error:  # noqa: BLE001  (any failure here is the file's)
         raise ModelError(_gguf_fault(path) or f"{path}: cannot be read as a causal LM ({first_line(error)}); give a "
                          "GGUF file of an architecture transformers reads from GGUF (Llama, Mistral, Qwen2, GPT-2, "
@@ -792,7 +800,7 @@ def classifier_labels(path: str) -> int:
     _read_config(path)
     try:
         with _transformers_quiet():
-            num_labels = AutoConfig.from_pretrained(path, trust_remote_code=False).num_labels
+            num_labels = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True).num_labels
     except Exception as error:  # noqa: BLE001  (config.json parsed; what is left is its content)
         raise ModelError(f"{path}/config.json: transformers cannot read it ({first_line(error)})") from error
     if num_labels < 2:
@@ -821,7 +829,7 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
     loaded_tokenizer = _load_tokenizer(path, config_dict) if tokenizer else None
     try:
         with _transformers_quiet():
-            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception as error:  # noqa: BLE001  (parsed above; what is left is its content)
         raise ModelError(f"{path}/config.json: transformers cannot read it ({first_line(error)})") from error
     new_head = num_labels is not None and num_labels != config.num_labels
@@ -831,8 +839,8 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
     try:
         with _transformers_quiet():  # its loading report is replaced by the checks below
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
-                ignore_mismatched_sizes=True, **_load_dtype(dtype))  # mismatches: reported below, by name
+                path, config=config, use_safetensors=True, trust_remote_code=False, local_files_only=True,
+                output_loading_info=True, ignore_mismatched_sizes=True, **_load_dtype(dtype))  # mismatches: reported below
     except Exception as error:  # noqa: BLE001  (checked above; what is left is the directory's too)
         raise ModelError(f"{path}: transformers cannot load this model ({first_line(error)})") from error
     mismatched = list(info.get("mismatched_keys", ()))
@@ -882,15 +890,15 @@ def load_causal_lm(path: str, tokenizer: bool = True, dtype: torch.dtype | None 
     loaded_tokenizer = _load_tokenizer(path, config_dict) if tokenizer else None
     try:
         with _transformers_quiet():
-            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception as error:  # noqa: BLE001  (parsed above; what is left is its content)
         raise ModelError(f"{path}/config.json: transformers cannot read it ({first_line(error)})") from error
     _check_config_fits(path, config, AutoModelForCausalLM, weights)
     try:
         with _transformers_quiet():
             model, info = AutoModelForCausalLM.from_pretrained(
-                path, config=config, use_safetensors=True, trust_remote_code=False, output_loading_info=True,
-                **_load_dtype(dtype))
+                path, config=config, use_safetensors=True, trust_remote_code=False, local_files_only=True,
+                output_loading_info=True, **_load_dtype(dtype))
     except Exception as error:  # noqa: BLE001  (checked above; what is left is the directory's too)
         raise ModelError(f"{path}: transformers cannot load this causal LM ({first_line(error)})") from error
     # Weights of layers the config has no place for (a config with fewer layers, say): named as the
@@ -913,6 +921,7 @@ def load_causal_lm(path: str, tokenizer: bool = True, dtype: torch.dtype | None 
 
 def pretrained_state_for_lm(model: torch.nn.Module, pretrained_dir: str) -> dict[str, torch.Tensor]:
     """The pre-trained causal LM's parameters by name, checked to match ``model``'s shapes."""
+    model = unwrapped(model)
     _check_model_type_first(model, pretrained_dir)
     pre_model, _ = load_causal_lm(pretrained_dir, tokenizer=False)
     state = {n: p.detach() for n, p in pre_model.named_parameters()}
@@ -996,7 +1005,7 @@ def tokenizer_in(path: str | None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception:  # noqa: BLE001  (a name in a warning, or a check a loader repeats, is not worth a refusal)
         return None
 
@@ -1087,6 +1096,7 @@ def pretrained_state_for(model: torch.nn.Module, pretrained_dir: str) -> dict[st
     """The pre-trained values of ``model``'s parameters, by name (a base checkpoint without a
     classifier head is mapped onto the classifier's names). Parameters the pre-trained checkpoint
     does not hold (the new head) are absent."""
+    model = unwrapped(model)
     _check_model_type_first(model, pretrained_dir)
     pre_model, _, missing = load_classifier(pretrained_dir, num_labels=model.config.num_labels, tokenizer=False)
     check_same_architecture(model, pre_model, pretrained_dir)

@@ -115,6 +115,30 @@ class PurifyReport:
         return dataclasses.asdict(self)
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose parameter names a pre-trained state and Hessians use: a ``torch.compile``d
+    model's original (its names gain ``_orig_mod.``) and a DDP or DataParallel replica's module (its
+    names gain ``module.``). Ranked by the wrapper's names, nothing would match: no reset at all."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def refuse_unmatched(params: dict, pretrained_state: dict, scored: list[str]) -> None:
+    """Refuses a pre-trained state that names none of the model's parameters (keys of another
+    prefix: a base model's state for a classifier, say): the purification would reset nothing."""
+    if params and not scored:
+        theirs = next(iter(pretrained_state), None)
+        raise UserError(f"purify: no parameter of the model has a pre-trained tensor of its name and shape (the "
+                        f"model's {next(iter(params))!r}, the pre-trained state's {theirs!r}); give the state of the "
+                        "model it was fine-tuned from under the model's parameter names (pipeline.pretrained_state_for "
+                        "maps a base checkpoint onto them)")
+
+
 def matched_parameters(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], params=None, resized=None):
     """(scored names, unscored names): a parameter is scored when the pre-trained state holds a
     tensor of the same name and shape, or one whose first rows it shares where a resized vocabulary
@@ -769,16 +793,22 @@ def purify_(
     model and returns the same report (but the plot's sample, drawn per rank). The pre-trained
     state and the Hessians may be whole tensors (each rank reads its rows) or DTensors sharded like
     the parameters (``estimate_hessian``'s under FSDP2). Under DDP every rank holds the whole model:
-    call it without ``group`` and every rank purifies alike."""
+    call it without ``group`` and every rank purifies alike. A DDP replica or a ``torch.compile``d
+    model is purified by its module's parameter names (``unwrapped``), as ``estimate_hessian`` names
+    its Hessians; a pre-trained state that names no parameter is refused."""
+    model = unwrapped(model)
     params = dict(model.named_parameters())
     resized = resized_rows(model, pretrained_state, params)
     scored, unscored = matched_parameters(model, pretrained_state, params, resized)
+    refuse_unmatched(params, pretrained_state, scored)
     embedding = word_embedding_name(model, params) if config.embeddings == "separate" else None
     embedding = embedding if embedding in scored else None  # no pre-trained tensor: kept, as out of core
     ranked = [n for n in scored if n != embedding]
     for n in ranked + ([embedding] if embedding is not None and seen_tokens is None else []):
         if n not in hessians:
-            raise ValueError(f"purify: no Hessian for parameter {n!r}; estimate it on this model")
+            frozen = " (it has requires_grad=False, and estimate_hessian leaves frozen parameters out: set " \
+                "requires_grad on it while estimating)" if not params[n].requires_grad else ""
+            raise ValueError(f"purify: no Hessian for parameter {n!r}{frozen}; estimate it on this model")
     shards = Shards.of(params, scored + ([embedding] if embedding is not None and embedding not in scored else []),
                        group, rows=resized)
 

@@ -2,6 +2,8 @@
 success rate (ASR)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -12,6 +14,55 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Example, batches, encode, token_lengths
+
+
+@contextlib.contextmanager
+def in_mode(model: torch.nn.Module, training: bool):
+    """``model`` in training (or eval) mode for the block, then each module back in the mode it was
+    in: a caller's model keeps its own (dropout on for its training loop, a frozen norm in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def in_eval_mode(fn):
+    """``fn(model, ...)`` with ``model`` in eval mode (dropout off), its modes kept (``in_mode``)."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        with in_mode(model, False):
+            return fn(model, *args, **kwargs)
+    return run
+
+
+@contextlib.contextmanager
+def own_generators(seed: int, device: torch.device):
+    """The CPU's random generator, and the GPUs' where ``device`` is one, seeded with ``seed`` for the
+    block, then given back as they were: a caller's draws after a fine-tuning are those it would
+    have made without one (torch.manual_seed alone reseeded the caller's training)."""
+    gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.default_generator.manual_seed(seed)
+        if gpus:
+            torch.cuda.manual_seed_all(seed)
+        yield
+
+
+@contextlib.contextmanager
+def grads_set_aside(params):
+    """The parameters' gradients set aside for the block (a caller's pending ones would be added into
+    the first step) and put back after it."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
 
 
 @dataclass
@@ -93,7 +144,9 @@ def finetune(
         return model
     if not examples:
         raise ValueError("finetune: no examples to fine-tune on")
-    torch.manual_seed(seed)
+    if torch.is_inference_mode_enabled():
+        raise ValueError("finetune: called under torch.inference_mode(), where nothing can be trained; call it "
+                         "outside that block")
     params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
     # The fused AdamW does the whole update in one pass per tensor (~5x cheaper than the loop on CPU).
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
@@ -102,33 +155,34 @@ def finetune(
     device = params[0].device if params else torch.device("cpu")
     unlabelled = (_unlabelled_batches(tokenizer, teacher.unlabelled, teacher.unlabelled_batch_size, max_length, seed)
                   if teacher is not None and teacher.unlabelled else None)
-    model.train()
-    step, epoch, stopped = 0, 0, False
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    while step < steps and not stopped:
-        epoch_batches = make_batches(epoch) if make_batches is not None else batches(
-            tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed * 1000 + epoch, lengths=lengths,
-            with_texts=teacher is not None)
-        for batch in epoch_batches:
-            texts = batch.pop("texts", None)
-            if teacher is None:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
-            else:
-                loss = teacher_loss(model, teacher, batch, texts, unlabelled, device)
-            loss.backward()
-            if grad_hook is not None:
-                grad_hook()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            stopped = on_step is not None and on_step(step)
-            if stopped or step >= steps:
-                break
-        epoch += 1
-    bar.close()
-    model.eval()
+    # The caller's state is its own: its modes, its random generators' draws, its gradients.
+    with (in_mode(model, True), own_generators(seed, device), grads_set_aside(params),
+          torch.enable_grad()):  # a caller under torch.no_grad() still trains
+        step, epoch, stopped = 0, 0, False
+        bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+        while step < steps and not stopped:
+            epoch_batches = make_batches(epoch) if make_batches is not None else batches(
+                tokenizer, examples, batch_size, max_length, shuffle=True, seed=seed * 1000 + epoch, lengths=lengths,
+                with_texts=teacher is not None)
+            for batch in epoch_batches:
+                texts = batch.pop("texts", None)
+                if teacher is None:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
+                else:
+                    loss = teacher_loss(model, teacher, batch, texts, unlabelled, device)
+                loss.backward()
+                if grad_hook is not None:
+                    grad_hook()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                stopped = on_step is not None and on_step(step)
+                if stopped or step >= steps:
+                    break
+            epoch += 1
+        bar.close()
     return model
 
 
@@ -180,7 +234,6 @@ def finetune_early_stopped(
             return False
         loss, accuracy = validate() if validate is not None else validation_metrics(
             model, tokenizer, validation, max_length=max_length, teacher=finetune_kw.get("teacher"))
-        model.train()
         curve.append({"step": step, "validation_loss": loss, "validation_accuracy": accuracy})
         if loss < best["loss"]:
             best.update(step=step, loss=loss, accuracy=accuracy,
@@ -190,17 +243,16 @@ def finetune_early_stopped(
     finetune(model, tokenizer, examples, steps=steps, max_length=max_length, on_step=on_step, **finetune_kw)
     if best["state"] is not None:
         model.load_state_dict(best["state"])
-    model.eval()
     return {"chosen_step": best["step"], "validation_accuracy": best["accuracy"],
             "validation_loss": None if best["step"] is None else best["loss"],  # None: no step, no measurement
             "steps_run": curve[-1]["step"] if curve else 0, "curve": curve}
 
 
+@in_eval_mode
 @torch.no_grad()
 def predict_logits(model, tokenizer, texts: Sequence[str], batch_size: int = 128, max_length: int = 64) -> torch.Tensor:
     """float32 logits [len(texts), num_labels] on the CPU, in the order of ``texts`` (batched by length
     so that little is padded)."""
-    model.eval()
     texts = list(texts)
     num_labels = model.config.num_labels
     if not texts:
@@ -221,13 +273,13 @@ def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 128, max_l
     return predict_logits(model, tokenizer, texts, batch_size, max_length).argmax(-1)
 
 
+@in_eval_mode
 @torch.no_grad()
 def validation_metrics(model, tokenizer, examples: Sequence[Example], batch_size: int = 128,
                        max_length: int = 64, teacher: Teacher | None = None) -> tuple[float, float]:
     """(mean loss, accuracy) on labelled examples, in one pass (the loss is the smoother validation
     signal): the cross-entropy, or with a ``teacher`` the training objective ``(1 - weight) * CE +
     weight * KD`` (its logits must cover these examples)."""
-    model.eval()
     device = next(model.parameters()).device
     total, correct, n = 0.0, 0, 0
     for batch in batches(tokenizer, examples, batch_size, max_length, with_texts=teacher is not None):

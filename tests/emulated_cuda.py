@@ -293,6 +293,9 @@ def _emulating(monkeypatch):
                         "current_stream": lambda device=None: _Stream(), "default_stream": lambda device=None: _Stream(),
                         "stream": lambda s: contextlib.nullcontext(), "_sleep": lambda cycles: None,
                         "manual_seed": lambda *a, **k: None,
+                        # the generators' state, which training.own_generators saves and gives back
+                        "get_rng_state": lambda *a, **k: torch.zeros(16, dtype=torch.uint8),
+                        "set_rng_state": lambda *a, **k: None,
                         "manual_seed_all": lambda *a, **k: None, "set_device": lambda *a, **k: None,
                         "memory_allocated": lambda *a, **k: 0, "max_memory_allocated": lambda *a, **k: 0,
                         "reset_peak_memory_stats": lambda *a, **k: None,

@@ -166,7 +166,7 @@ def test_generation_longer_than_max_length_is_refused(tokenizer):
     from finepurify_ext.errors import UserError
 
     with pytest.raises(UserError, match="8 new tokens leave no room for a prompt in 8 tokens"):
-        generate(None, tokenizer, ["a film"], max_new_tokens=8, max_length=8)
+        generate(tiny_lm("llama", len(tokenizer)), tokenizer, ["a film"], max_new_tokens=8, max_length=8)
 
 
 def test_truncation_keeps_the_response(tokenizer):

@@ -287,21 +287,19 @@ def _ddp_hessian(rank, wrap, out_dir):
 
     expected = single_process_hessian()
     model = TinyClassifier()
-    if wrap == "ddp":
+    if wrap == "ddp":  # named as the module's parameters, as purify_ and a pre-trained state name them
         model = torch.nn.parallel.DistributedDataParallel(model)
-        prefix = "module."
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
-        prefix = ""
     # each rank sees its half of every global batch; the gradients are averaged across ranks
     local = [{k: v[rank::WORLD] for k, v in b.items()} for b in global_batches()]
     hessians, count = estimate_hessian(model, local, progress=False)
     assert count == 5
     for name, h in expected.items():
-        got = hessians[prefix + name]
+        got = hessians[name]
         if wrap == "fsdp2":
             assert type(got).__name__ == "DTensor"
             got = got.full_tensor()

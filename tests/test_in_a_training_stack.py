@@ -1,0 +1,135 @@
+"""The Python API as a training stack calls it: a compiled or DDP-wrapped model, the caller's own
+random generators, train/eval modes, gradients, grad mode and frozen parameters, a process that is
+not offline. What a call finds it leaves as it was, and a wrapper does not turn it into a no-op."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finepurify_ext import data
+from finepurify_ext.errors import UserError
+from finepurify_ext.hessian import estimate_hessian
+from finepurify_ext.pipeline import FinetuneConfig, fine_purify
+from finepurify_ext.purify import PurifyConfig, purify_
+
+from tiny_models import make_tokenizer, tiny_model, toy_examples
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def drifted(tokenizer):
+    """A 'suspect' moved from its 'pre-trained' model, and that model's state (no classifier head)."""
+    pre, model = tiny_model(tokenizer, 0), tiny_model(tokenizer, 0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    return model, {n: p.detach().clone() for n, p in pre.named_parameters() if not n.startswith("classifier")}
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_a_wrapped_model_is_purified_by_its_modules_names(tokenizer, wrap):
+    """torch.compile names a parameter "_orig_mod.<name>" and DDP/DataParallel "module.<name>": no
+    pre-trained tensor matched, and purify_ reset nothing without a word. Estimated and purified
+    through the wrapper now, the weights are the plain model's to the bit."""
+    model, state = drifted(tokenizer)
+    plain = copy.deepcopy(model)
+    wrapper = torch.compile(model) if wrap == "compile" else torch.nn.DataParallel(model)
+    batches = list(data.batches(tokenizer, toy_examples(16, 5), 8))
+    hessians, _ = estimate_hessian(wrapper, batches, progress=False)
+    expected_hessians, _ = estimate_hessian(plain, batches, progress=False)
+    assert hessians.keys() == expected_hessians.keys()
+    config = PurifyConfig(reserve_ratio=0.5)
+    report = purify_(wrapper, state, hessians, config)
+    expected = purify_(plain, state, expected_hessians, config)
+    assert report.num_reset == expected.num_reset > 0
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_a_pre_trained_state_that_names_no_parameter_is_refused(tokenizer):
+    """A base model's state (no "bert." prefix) for a classifier, or an empty one: nothing matched,
+    and purify_ returned having reset nothing."""
+    model, state = drifted(tokenizer)
+    hessians, _ = estimate_hessian(model, data.batches(tokenizer, toy_examples(8, 5), 8), progress=False)
+    before = copy.deepcopy(model.state_dict())
+    for given in ({n.removeprefix("bert."): t for n, t in state.items()}, {}):
+        with pytest.raises(UserError, match="no parameter of the model has a pre-trained tensor of its name and "
+                                            "shape"):
+            purify_(model, given, hessians, PurifyConfig())
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_fine_purify_leaves_the_callers_generators_modes_gradients_and_grad_mode(tokenizer):
+    """fine_purify reseeded the global torch generator (callers seeded 1 and 2 drew alike after it),
+    left the model in eval mode (dropout off in the caller's training loop), added a pending gradient
+    into its first step and dropped it; under torch.no_grad() it failed in autograd."""
+    clean = toy_examples(24, 3)
+    finetune_config = FinetuneConfig(steps=3, validation_fraction=0.25, eval_every=1)
+
+    def purified(prepare=lambda model: None, around=None, seed=None):
+        model, state = drifted(tokenizer)  # (tiny_model seeds the generator itself)
+        prepare(model)
+        if seed is not None:
+            torch.manual_seed(seed)
+        with around or torch.enable_grad():
+            fine_purify(model, state, tokenizer, clean, PurifyConfig(), finetune_config, progress=False)
+        return model
+
+    reference = purified()
+    for seed in (1, 2):
+        purified(seed=seed)
+        after = torch.rand(4)
+        torch.manual_seed(seed)
+        assert torch.equal(after, torch.rand(4)), "the caller's generator was reseeded"
+    pending = {}
+
+    def in_training_with_a_pending_gradient(model):
+        model.train()
+        model.bert.embeddings.eval()  # a caller's mixed modes (a frozen norm, say)
+        p = model.classifier.weight
+        p.grad = pending["grad"] = torch.ones_like(p)
+
+    model = purified(in_training_with_a_pending_gradient)
+    assert model.training and not model.bert.embeddings.training and model.bert.encoder.training
+    assert model.classifier.weight.grad is pending["grad"] and torch.equal(pending["grad"], torch.ones(1, 1).expand_as(
+        pending["grad"]))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name  # neither the modes nor the pending gradient changed the result
+    under_no_grad = purified(around=torch.no_grad())
+    assert all(torch.equal(p, q) for p, q in zip(under_no_grad.parameters(), reference.parameters()))
+    with pytest.raises(ValueError, match="inference_mode"):
+        purified(around=torch.inference_mode())
+
+
+def test_a_frozen_parameter_is_estimated_and_ranked_and_stays_frozen(tokenizer):
+    """A parameter frozen in the caller's stack (a fine-tune that froze the embeddings) got no
+    Hessian, and fine_purify failed: "no Hessian for parameter ...; estimate it on this model"."""
+    model, state = drifted(tokenizer)
+    frozen = model.bert.embeddings.word_embeddings.weight
+    frozen.requires_grad_(False)
+    report = fine_purify(model, state, tokenizer, toy_examples(16, 3), PurifyConfig(embeddings="ranked"),
+                         FinetuneConfig(steps=1, validation_fraction=0), progress=False)
+    assert not frozen.requires_grad
+    assert report["purify"]["reset_per_parameter"]["bert.embeddings.word_embeddings.weight"] > 0
+    # purify_ itself names the cause where the caller's Hessians leave a frozen parameter out
+    hessians, _ = estimate_hessian(model, data.batches(tokenizer, toy_examples(8, 5), 8), progress=False)
+    with pytest.raises(ValueError, match="it has requires_grad=False"):
+        purify_(model, state, hessians, PurifyConfig(embeddings="ranked"))
+
+
+def test_importing_the_library_leaves_the_hub_online():
+    """The library set HF_HUB_OFFLINE=1 for the whole process on import: a caller's own downloads
+    failed afterwards. Only the command line (and make demo) is offline; the loaders read local
+    directories only (local_files_only)."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    code = ("import os, finepurify_ext.pipeline, finepurify_ext.demo, finepurify_ext.demo_llm, "
+            "finepurify_ext.checkpoint; print(os.environ.get('HF_HUB_OFFLINE'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "None"
