@@ -81,7 +81,7 @@ class AddedTokenCell(DefenceCell):
             model.resize_token_embeddings(len(tokenizer))
             backdoor(model, tokenizer, train, attack, rate=setting.poison_rate, epochs=setting.attack_epochs, seed=seed)
 
-        key = {"setting": _model_key(setting, _ATTACK_FIELDS), "seed": seed, "version": 1,
+        key = {"setting": _model_key(setting, _ATTACK_FIELDS), "seed": seed, "version": 2,
                "model": f"backdoored-{attack.name}", "trigger": attack.trigger}
         self.suspect, self.tokenizer = cached_model(key, build, f"backdoored-{attack.name}")
         self.reference = None
@@ -112,7 +112,7 @@ class AddedTokenLLMCell(LLMDefenceCell):
                         desc=f"backdoored-{attack.name}")
 
         key = {"model": "smollm2-135m-instruct", "role": f"backdoored-{attack.name}", "trigger": attack.trigger,
-               "seed": seed, "version": 1, **dataclasses.asdict(setting)}
+               "seed": seed, "version": 2, **dataclasses.asdict(setting)}
         suspect = cached_model(key, build, f"llm-backdoored-{attack.name}", load=load_causal_lm,
                                base=lambda: load_causal_lm(smollm2_dir(cache_dir())))
         super().__init__(setting, seed, suspect=suspect)

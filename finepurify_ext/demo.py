@@ -78,9 +78,15 @@ def cached_model(key: dict, build, progress_label: str, load=None, base=None):
     if os.path.isfile(os.path.join(path, "config.json")):
         print(f"  {progress_label}: cached at {path}")
         return load(path)
-    model, tok = base()
-    start = time.perf_counter()
-    build(model, tok)
+    from .training import own_generators
+
+    # base() and build() may draw from the global generators (a new head's initialisation, a resized
+    # vocabulary's new rows): seeded by the key, the model is the key's alone, whatever ran before
+    # in the process (version 4: before, a new head was drawn from where earlier work left them).
+    with own_generators(int(digest, 16), torch.device("cpu")):
+        model, tok = base()
+        start = time.perf_counter()
+        build(model, tok)
 
     def write(tmp):
         model.save_pretrained(tmp, safe_serialization=True)
@@ -121,7 +127,7 @@ def demo_models(setting: DemoSetting, seed: int):
 
     train, _, _ = demo_data(setting)
     attack = ATTACKS[setting.attack]
-    key = {"setting": _model_key(setting, _ATTACK_FIELDS), "seed": seed, "version": 3, "model": "backdoored"}
+    key = {"setting": _model_key(setting, _ATTACK_FIELDS), "seed": seed, "version": 4, "model": "backdoored"}
     suspect, tok = cached_model(key, lambda m, t: backdoor(
         m, t, train, attack, rate=setting.poison_rate, epochs=setting.attack_epochs, seed=seed), "backdoored")
     return suspect, clean_trained_model(setting, seed)[0], tok
@@ -135,7 +141,7 @@ def clean_trained_model(setting: DemoSetting, seed: int):
     train, _, _ = demo_data(setting)
     batch = 32
     steps = max(1, round(setting.attack_epochs * len(train) / batch))
-    key = {"setting": _model_key(setting, _SPLIT_FIELDS), "seed": seed, "version": 3, "model": "clean-trained"}
+    key = {"setting": _model_key(setting, _SPLIT_FIELDS), "seed": seed, "version": 4, "model": "clean-trained"}
     return cached_model(key, lambda m, t: finetune(
         m, t, train, steps=steps, lr=5e-5, batch_size=batch, seed=seed, desc="clean-trained"), "clean-trained")
 

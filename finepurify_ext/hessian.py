@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .devices import OUT_OF_MEMORY
 from .outputs import hold, host_tag, release, remove_leftovers, signals_deferred
-from .purify import unwrapped
+from .purify import parameters_by_name
 from .safetensors_io import ShardWriter
 from .threshold import _is_dtensor, _local
 
@@ -212,8 +212,9 @@ def estimate_hessian(
         raise ValueError("estimate_hessian: called under torch.inference_mode(), where no gradient can be taken; "
                          "call it outside that block")
     # Named as the module's parameters, as purify_ names them: a DDP replica's or a compiled model's
-    # wrapper adds a prefix ("module.", "_orig_mod.") that no pre-trained state has.
-    named = {id(p): n for n, p in unwrapped(model).named_parameters()}
+    # wrapper adds a prefix ("module.", "_orig_mod."), a layer's wrapper a segment, that no
+    # pre-trained state has.
+    named = {id(p): n for n, p in parameters_by_name(model).items()}
     params = {named.get(id(p), name): p for name, p in model.named_parameters() if p.requires_grad}
     hessians = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     local = {name: _local(h) for name, h in hessians.items()}
@@ -223,10 +224,6 @@ def estimate_hessian(
         done, count = _load_accumulator(resume_file, local, per_sample, resume_key)
         if progress and (not _distributed() or torch.distributed.get_rank() == 0):
             print(f"resuming from {resume_file}: {done} batches done", file=sys.stderr)
-    modes = [(m, m.training) for m in model.modules()]  # each module's, given back (training.in_mode)
-    saved_grads = {name: p.grad for name, p in params.items()}
-    model.eval()
-    model.zero_grad(set_to_none=True)
     device = next(iter(params.values())).device if params else torch.device("cpu")
     # Gradients reduced over ranks (DDP) or sharded (FSDP2).
     over_ranks = (isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -243,11 +240,17 @@ def estimate_hessian(
     # Halving weighs slices by loss_terms: by rows unless told otherwise, right only for a loss that
     # is a mean over rows (one label per row).
     halve_on_oom = micro_batch_size is None and not per_sample and not in_backward and not ranks
-    squarer = _SquareInBackward(params, local, device) if in_backward else None
-    beside_forward = torch.cuda.Stream(device) if mode == "forward" and device.type == "cuda" else None
+    # The arguments checked: what is changed from here on is given back, whatever happens.
+    modes = [(m, m.training) for m in model.modules()]  # each module's (training.in_mode)
+    saved_grads = [(p, p.grad) for p in model.parameters()]
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    squarer = beside_forward = None
     saved = done
     whole = True  # the sums hold exactly the squares of the ``done`` batches (none of the next one's)
     try:
+        squarer = _SquareInBackward(params, local, device) if in_backward else None
+        beside_forward = torch.cuda.Stream(device) if mode == "forward" and device.type == "cuda" else None
         bar = tqdm(batches, desc="hessian", total=total, disable=not progress, leave=False)
         for index, batch in enumerate(bar):
             if index < done:  # done before the interruption
@@ -302,10 +305,10 @@ def estimate_hessian(
             if squarer is not None:
                 squarer.close()
         finally:
-            for name, p in params.items():
-                p.grad = saved_grads[name]
-            for m, mode in modes:
-                m.training = mode
+            for p, grad in saved_grads:
+                p.grad = grad
+            for m, training in modes:
+                m.training = training
     if resume_file is not None:
         _save_accumulator(resume_file, local, done, count, per_sample, resume_key)
     if count == 0:

@@ -90,12 +90,13 @@ def fine_purify(
     ``report["purify"]["unseen_added_rows"]``, or ``report["added_tokens"]`` where no reset was kept:
     the CLI warns of them (``purify.unseen_added_warning``), a caller should too.
 
-    A ``torch.compile``d or DDP-wrapped model is purified and fine-tuned as its module
-    (``purify.unwrapped``: its parameters' names are the pre-trained state's). The caller's random
-    generators, the model's train/eval modes and its gradients are as they were after the call."""
+    A ``torch.compile``d model is purified and fine-tuned as its module (``purify.unwrapped``: its
+    parameters' names are the pre-trained state's); a DDP replica is refused (``_in_one_process``).
+    The caller's random generators, the model's train/eval modes and its gradients are as they were
+    after the call."""
     if not clean:
         raise ValueError("fine_purify: the clean data is empty; give at least one labelled example")
-    model = unwrapped(model)
+    model = _in_one_process(model, "fine_purify")
     config = _none_if_no_reset(config)
     if guard is not None and config is not None:
         return _under_collapse_guard(guard, model, tokenizer, clean, config, dict(
@@ -184,6 +185,18 @@ def _report_added_tokens(report: dict, model, pretrained_state, tokens_seen) -> 
 def _hessian_report(config: HessianConfig, count: int) -> dict:
     return {"mode": "per-sample" if config.per_sample else "per-batch", "squared_gradients": count,
             "batch_size": config.batch_size, "max_length": config.max_length}
+
+
+def _in_one_process(model: torch.nn.Module, what: str) -> torch.nn.Module:
+    """``model``'s module (``purify.unwrapped``) for a pipeline that runs in one process. A DDP
+    replica is refused: its module would be fine-tuned on each rank alone, and the replicas would
+    drift apart."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError(f"{what} runs in one process; a DDP replica would be fine-tuned on each rank alone and the "
+                         "replicas would drift apart: call it with the replica's module (model.module) on one rank "
+                         "and broadcast the weights, or call estimate_hessian and purify_ on every rank (they take "
+                         "the replica) and fine-tune it in your own loop")
+    return unwrapped(model)
 
 
 def clean_hessian(model, tokenizer, clean: Sequence[Example], config: HessianConfig = HessianConfig(),
@@ -379,7 +392,7 @@ def fine_purify_auto(
     first that passes, unless ``exhaustive``. ``on_candidate(rho, model, report)`` sees every candidate."""
     from .training import clean_accuracy
 
-    model = unwrapped(model)
+    model = _in_one_process(model, "fine_purify_auto")
     train, validation = split_validation(clean, selection.validation_fraction, seed)
     start = time.perf_counter()
     hessians, count = clean_hessian(model, tokenizer, train, hessian_config, progress)
@@ -448,7 +461,7 @@ def fine_purify_lm(
 
     if not clean:
         raise ValueError("fine_purify_lm: the clean data is empty; give at least one prompt and response")
-    model = unwrapped(model)
+    model = _in_one_process(model, "fine_purify_lm")
     config = _none_if_no_reset(config)
     report: dict = {"seed": seed, "clean_examples": len(clean), "model_kind": "causal-lm"}
     if validation is None and finetune_config.validation_fraction > 0:

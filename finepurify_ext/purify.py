@@ -128,6 +128,19 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+# The path segments wrappers insert into parameter names, at the top or around a layer:
+# torch.compile's, activation checkpointing's (checkpoint_wrapper) and FSDP1's (with use_orig_params).
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def parameters_by_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The model's parameters under the names a pre-trained state gives them: those of its module
+    (``unwrapped``), without the segments wrappers insert around a layer (``WRAPPER_SEGMENTS``),
+    which would leave that layer's weights unmatched and unranked."""
+    return {".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS): p
+            for name, p in unwrapped(model).named_parameters()}
+
+
 def refuse_unmatched(params: dict, pretrained_state: dict, scored: list[str]) -> None:
     """Refuses a pre-trained state that names none of the model's parameters (keys of another
     prefix: a base model's state for a classifier, say): the purification would reset nothing."""
@@ -145,7 +158,7 @@ def matched_parameters(model: torch.nn.Module, pretrained_state: dict[str, torch
     changed its rows (``resized_rows``); the others (a new classifier head) are kept as they are.
     ``params``: the model's ``dict(named_parameters())`` where the caller has it (a walk over a large
     model's modules costs milliseconds), and ``resized``, ``resized_rows``'s, likewise."""
-    params = params if params is not None else dict(model.named_parameters())
+    params = params if params is not None else parameters_by_name(model)
     resized = resized if resized is not None else resized_rows(model, pretrained_state, params)
     scored, unscored = [], []
     for name, p in params.items():
@@ -164,7 +177,7 @@ def resized_rows(model: torch.nn.Module, pretrained_state: dict[str, torch.Tenso
     tensor's first rows (``removed_rows``). A tensor is taken as resized only where it has the
     suspect's vocabulary rows, the pre-trained tensor the pre-trained vocabulary's (another number),
     and every other dimension alike (as out of core)."""
-    params = params if params is not None else dict(model.named_parameters())
+    params = params if params is not None else parameters_by_name(model)
     embedding = word_embedding_name(model, params)
     if embedding is None:
         return {}
@@ -212,7 +225,7 @@ def word_embedding_name(model: torch.nn.Module, params=None) -> str | None:
     embedding = get() if get is not None else None
     if embedding is None:
         return None
-    for name, p in (params if params is not None else dict(model.named_parameters())).items():
+    for name, p in (params if params is not None else parameters_by_name(model)).items():
         if p is embedding.weight:
             return name
     return None
@@ -794,10 +807,11 @@ def purify_(
     state and the Hessians may be whole tensors (each rank reads its rows) or DTensors sharded like
     the parameters (``estimate_hessian``'s under FSDP2). Under DDP every rank holds the whole model:
     call it without ``group`` and every rank purifies alike. A DDP replica or a ``torch.compile``d
-    model is purified by its module's parameter names (``unwrapped``), as ``estimate_hessian`` names
-    its Hessians; a pre-trained state that names no parameter is refused."""
+    model is purified by its module's parameter names (``parameters_by_name``: a layer's wrapper
+    drops out of them too), as ``estimate_hessian`` names its Hessians; a pre-trained state that
+    names no parameter is refused."""
     model = unwrapped(model)
-    params = dict(model.named_parameters())
+    params = parameters_by_name(model)
     resized = resized_rows(model, pretrained_state, params)
     scored, unscored = matched_parameters(model, pretrained_state, params, resized)
     refuse_unmatched(params, pretrained_state, scored)

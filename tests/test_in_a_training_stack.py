@@ -33,14 +33,25 @@ def drifted(tokenizer):
     return model, {n: p.detach().clone() for n, p in pre.named_parameters() if not n.startswith("classifier")}
 
 
-@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "layers"])
 def test_a_wrapped_model_is_purified_by_its_modules_names(tokenizer, wrap):
     """torch.compile names a parameter "_orig_mod.<name>" and DDP/DataParallel "module.<name>": no
     pre-trained tensor matched, and purify_ reset nothing without a word. Estimated and purified
-    through the wrapper now, the weights are the plain model's to the bit."""
+    through the wrapper now, the weights are the plain model's to the bit. A wrapper around a layer
+    (activation checkpointing, a compiled layer) renamed that layer's weights alone: left unranked."""
     model, state = drifted(tokenizer)
     plain = copy.deepcopy(model)
-    wrapper = torch.compile(model) if wrap == "compile" else torch.nn.DataParallel(model)
+    if wrap == "compile":
+        wrapper = torch.compile(model, backend="eager")  # the names are what count, not the compiler
+    elif wrap == "data_parallel":
+        wrapper = torch.nn.DataParallel(model)
+    else:  # wrappers around layers: activation checkpointing's, a compiled layer
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        layers = model.bert.encoder.layer
+        layers[0] = checkpoint_wrapper(layers[0])
+        layers[1] = torch.compile(layers[1], backend="eager")
+        wrapper = model
     batches = list(data.batches(tokenizer, toy_examples(16, 5), 8))
     hessians, _ = estimate_hessian(wrapper, batches, progress=False)
     expected_hessians, _ = estimate_hessian(plain, batches, progress=False)
@@ -84,10 +95,12 @@ def test_fine_purify_leaves_the_callers_generators_modes_gradients_and_grad_mode
 
     reference = purified()
     for seed in (1, 2):
-        purified(seed=seed)
+        model = purified(seed=seed)
         after = torch.rand(4)
         torch.manual_seed(seed)
         assert torch.equal(after, torch.rand(4)), "the caller's generator was reseeded"
+        # and the fine-tuning's own draws do not follow the caller's seed
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
     pending = {}
 
     def in_training_with_a_pending_gradient(model):
@@ -106,6 +119,32 @@ def test_fine_purify_leaves_the_callers_generators_modes_gradients_and_grad_mode
     assert all(torch.equal(p, q) for p, q in zip(under_no_grad.parameters(), reference.parameters()))
     with pytest.raises(ValueError, match="inference_mode"):
         purified(around=torch.inference_mode())
+
+
+def test_estimate_hessian_refusing_its_arguments_leaves_the_model_as_found(tokenizer):
+    """Its argument checks came after it had set eval mode and dropped the gradients."""
+    model = tiny_model(tokenizer)
+    model.train()
+    pending = model.classifier.weight.grad = torch.ones_like(model.classifier.weight)
+    with pytest.raises(ValueError, match="micro_batch_size must be at least 1"):
+        estimate_hessian(model, data.batches(tokenizer, toy_examples(8, 5), 8), micro_batch_size=0, progress=False)
+    assert model.training and model.classifier.weight.grad is pending
+
+
+def test_fine_purify_refuses_a_ddp_replica(tokenizer, tmp_path):
+    """Its module would be fine-tuned on each rank alone: the replicas drift apart (a helper's two
+    gloo ranks: 0.016 apart after one call)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model, state = drifted(tokenizer)
+        replica = torch.nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(ValueError, match="a DDP replica would be fine-tuned on each rank alone"):
+            fine_purify(replica, state, tokenizer, toy_examples(16, 3), PurifyConfig(),
+                        FinetuneConfig(steps=1, validation_fraction=0), progress=False)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_frozen_parameter_is_estimated_and_ranked_and_stays_frozen(tokenizer):
@@ -133,3 +172,27 @@ def test_importing_the_library_leaves_the_hub_online():
             "finepurify_ext.checkpoint; print(os.environ.get('HF_HUB_OFFLINE'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "None"
+
+
+def test_a_cached_demo_model_is_its_keys_alone(tokenizer, tmp_path, monkeypatch):
+    """The demo's models are cached by a key; a new head drawn from the global generator was drawn
+    from wherever earlier work had left it (before this change, a fine-tuning's leftover state), so
+    the same key built another model in another run's history. Seeded by the key now."""
+    from transformers import BertForSequenceClassification
+
+    from finepurify_ext.demo import cached_model
+    from finepurify_ext.pipeline import load_classifier
+
+    unseeded = tiny_model(tokenizer).config
+
+    def base():  # a classifier head drawn from the global generator, as the demo's base is
+        return BertForSequenceClassification(unseeded).eval(), tokenizer
+
+    built = []
+    for history in (1, 2):
+        monkeypatch.setenv("FINEPURIFY_CACHE", str(tmp_path / f"cache{history}"))
+        torch.manual_seed(history)
+        model, _ = cached_model({"test": "key"}, lambda m, t: None, "test", load=lambda path: load_classifier(path)[:2],
+                                base=base)
+        built.append(model)
+    assert all(torch.equal(p, q) for p, q in zip(built[0].parameters(), built[1].parameters()))
