@@ -37,10 +37,15 @@ def _check_writable_parent(path: str, option: str) -> None:
         raise UserError(f"{option} {path}: {ancestor} is a file, so nothing can be written below it; "
                         "choose another path")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".finepurify-write-test-", dir=ancestor))
+        _try_writing(ancestor)
     except OSError as error:
         raise UserError(f"{option} {path}: cannot write in {ancestor} ({error.strerror}); "
                         "choose a path where you can write") from None
+
+
+def _try_writing(folder: str) -> None:
+    """Makes and removes an entry in ``folder``; raises the OSError that refuses it."""
+    os.rmdir(tempfile.mkdtemp(prefix=".finepurify-write-test-", dir=folder))
 
 
 def _check_not_an_input(path: str, option: str, inputs) -> None:
@@ -192,11 +197,12 @@ def scratch_root() -> str:
     wanted = os.environ.get("TMPDIR")
     if not wanted:
         return tempfile.gettempdir()
+    wanted = os.path.abspath(wanted)  # the messages name where the copy goes
     if not os.path.isdir(wanted):
         raise UserError(f"TMPDIR {wanted}: not a directory; set TMPDIR to a directory with room for the "
                         "model's copy, or unset it")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".finepurify-write-test-", dir=wanted))
+        _try_writing(wanted)
     except OSError as error:
         raise UserError(f"TMPDIR {wanted}: cannot write there ({error.strerror}); set TMPDIR to a directory "
                         "where you can write, with room for the model's copy") from None

@@ -122,6 +122,15 @@ def test_a_chat_template_that_refuses_a_role_is_named(tokenizer):
         tokenizer.chat_template = None
 
 
+def reading_commands(lm_dirs, model: str, data) -> list[list[str]]:
+    """hessian, evaluate and purify (in memory) of the model ``lm_dirs / model`` on ``data``."""
+    model, data = str(lm_dirs / model), str(data)
+    return [["hessian", "--model", model, "--clean-data", data, "--out", str(lm_dirs / "h.safetensors")],
+            ["evaluate", "--model", model, "--data", data],
+            ["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", model, "--clean-data", data,
+             "--out", str(lm_dirs / "mem")]]
+
+
 def test_a_system_field_is_the_system_prompt_and_a_refusing_template_names_the_data(lm_dirs, capsys):
     """A {"system", "prompt", "response"} row lost its system prompt without a word; a chat template
     refusing a role was named without the data file, after the models had loaded; a JSON array of
@@ -153,11 +162,7 @@ def test_a_system_field_is_the_system_prompt_and_a_refusing_template_names_the_d
     tok.save_pretrained(lm_dirs / "nosys")
     said = (f"{rows}:2: the tokenizer's chat template refuses a conversation of turns system, user, "
             "assistant (System role not supported)")
-    for command in (["hessian", "--model", str(lm_dirs / "nosys"), "--clean-data", str(rows), "--out",
-                     str(lm_dirs / "h.safetensors")],
-                    ["evaluate", "--model", str(lm_dirs / "nosys"), "--data", str(rows)],
-                    ["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "nosys"),
-                     "--clean-data", str(rows), "--out", str(lm_dirs / "mem")]):
+    for command in reading_commands(lm_dirs, "nosys", str(rows)):
         assert cli.main(command) == 2, command
         assert said in capsys.readouterr().err, command
 
@@ -1519,11 +1524,7 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(lm_dirs, capsys):
     said = (f"padded: its pad token has id {len(tokenizer) - 1} but the model's embedding only {rows} rows; tokens "
             "were added to the tokenizer without model.resize_token_embeddings(len(tokenizer))")
     clean = str(lm_dirs / "clean.jsonl")
-    for command in (["hessian", "--model", str(lm_dirs / "padded"), "--clean-data", clean, "--out",
-                     str(lm_dirs / "h.safetensors")],
-                    ["evaluate", "--model", str(lm_dirs / "padded"), "--data", clean],
-                    ["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "padded"),
-                     "--clean-data", clean, "--out", str(lm_dirs / "mem")]):
+    for command in reading_commands(lm_dirs, "padded", clean):
         assert cli.main(command) == 2, command
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, (command, err)
@@ -1542,11 +1543,7 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(lm_dirs, capsys):
     holding = lm_dirs / "holding.jsonl"
     holding.write_text(Path(clean).read_text() + json.dumps({"prompt": "look <image>", "response": "ok"}) + "\n")
     number = Path(clean).read_text().count("\n") + 1
-    for command in (["hessian", "--model", str(lm_dirs / "extra"), "--clean-data", str(holding), "--out",
-                     str(lm_dirs / "h.safetensors")],
-                    ["evaluate", "--model", str(lm_dirs / "extra"), "--data", str(holding)],
-                    ["purify", "--pretrained", str(lm_dirs / "pre"), "--suspect", str(lm_dirs / "extra"),
-                     "--clean-data", str(holding), "--out", str(lm_dirs / "mem")]):
+    for command in reading_commands(lm_dirs, "extra", str(holding)):
         assert cli.main(command) == 2, command
         err = capsys.readouterr().err
         assert f"{holding}:{number}: the example holds the token '<image>' (id {rows})" in err, (command, err)

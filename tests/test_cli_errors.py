@@ -578,18 +578,23 @@ def test_the_rowless_pre_pass_sees_every_id_and_lays_out_only_texts_that_can_hol
         refuse_rowless_data(added, held, ids_of(added), str(path), lambda e: [e.text])
 
 
+def refuse_opening(monkeypatch, file: str) -> None:
+    """The pipeline's open() refuses ``file`` as a permission would (root reads any file, so the
+    refusal is made here)."""
+    def refusing(name, *args, **kwargs):
+        if str(name) == file:
+            raise PermissionError(13, "Permission denied", name)
+        return open(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "open", refusing, raising=False)
+
+
 def test_an_unreadable_tokenizer_file_is_not_called_invalid(models, tmp_path, capsys, monkeypatch):
     """A tokenizer file that cannot be opened (permissions: root reads any file, so the refusal is
     made here) was reported as not valid JSON."""
     suspect = copy_model(models, tmp_path, "suspect")
     unreadable = str(suspect / "tokenizer_config.json")
-
-    def refusing(file, *args, **kwargs):
-        if str(file) == unreadable:
-            raise PermissionError(13, "Permission denied", file)
-        return open(file, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "open", refusing, raising=False)
+    refuse_opening(monkeypatch, unreadable)
     fails(command("evaluate", models, "unused", suspect=str(suspect)), capsys,
           f"{unreadable}: cannot be read (Permission denied); check its permissions", inputs=[suspect])
 
@@ -611,13 +616,7 @@ def test_an_unlistable_model_directory_is_not_called_empty(models, tmp_path, cap
             fails(command(name, models, str(tmp_path / "out"), suspect=str(suspect)), capsys, str(suspect),
                   "Permission denied", "check its permissions", inputs=[suspect])
     config = str(suspect / "config.json")
-
-    def unreadable(file, *args, **kwargs):
-        if str(file) == config:
-            raise PermissionError(13, "Permission denied", file)
-        return open(file, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "open", unreadable, raising=False)
+    refuse_opening(monkeypatch, config)
     fails(command("evaluate", models, "unused", suspect=str(suspect)), capsys,
           f"{config}: cannot be read (Permission denied); check its permissions", inputs=[suspect])
 

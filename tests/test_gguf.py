@@ -267,7 +267,8 @@ def test_a_tmpdir_that_cannot_take_the_copy_is_refused(ggufs, tmp_path, capsys, 
         assert cli.main(["evaluate", "--model", suspect, "--data", clean]) == 2
         err = capsys.readouterr().err
         assert f"error: TMPDIR {read_only}: cannot write there (Permission denied)" in err, err
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)
+    monkeypatch.setenv("TMPDIR", tmp_path.name)  # relative: named as the absolute path it is
     assert cli.main(["evaluate", "--model", suspect, "--data", clean]) == 0
     assert f"into {tmp_path}{os.sep}.finepurify-inputs-" in capsys.readouterr().err
 
