@@ -17,6 +17,7 @@ from .outputs import hold, host_tag, release, remove_leftovers, signals_deferred
 from .purify import parameters_by_name
 from .safetensors_io import ShardWriter
 from .threshold import _is_dtensor, _local
+from .training import grads_set_aside, in_mode
 
 
 def _micro_batches(batch: dict[str, torch.Tensor]):
@@ -241,10 +242,9 @@ def estimate_hessian(
     # is a mean over rows (one label per row).
     halve_on_oom = micro_batch_size is None and not per_sample and not in_backward and not ranks
     # The arguments checked: what is changed from here on is given back, whatever happens.
-    modes = [(m, m.training) for m in model.modules()]  # each module's (training.in_mode)
-    saved_grads = [(p, p.grad) for p in model.parameters()]
-    model.eval()
-    model.zero_grad(set_to_none=True)
+    kept = contextlib.ExitStack()  # each module's mode and the caller's gradients, given back in the end
+    kept.enter_context(in_mode(model, False))
+    kept.enter_context(grads_set_aside(list(model.parameters())))
     squarer = beside_forward = None
     saved = done
     whole = True  # the sums hold exactly the squares of the ``done`` batches (none of the next one's)
@@ -305,10 +305,7 @@ def estimate_hessian(
             if squarer is not None:
                 squarer.close()
         finally:
-            for p, grad in saved_grads:
-                p.grad = grad
-            for m, training in modes:
-                m.training = training
+            kept.close()
     if resume_file is not None:
         _save_accumulator(resume_file, local, done, count, per_sample, resume_key)
     if count == 0:

@@ -24,6 +24,7 @@ from .outputs import save_atomically, write_json  # noqa: F401  (re-exported: th
 from .purify import PurifyConfig, purify_, resized_rows, unwrapped
 from .training import finetune, finetune_early_stopped, host_state, make_teacher
 
+
 @dataclass
 class FinetuneConfig:
     """Step 5: clean fine-tuning after the reset.
@@ -260,8 +261,7 @@ class CollapseGuard:
                 model.load_state_dict(suspect)
             start = time.perf_counter()
             report = purify(None if rho >= 1.0 else config.replace(reserve_ratio=rho))
-            for phase, seconds in report.get("timings_s", {}).items():
-                spent[phase] = spent.get(phase, 0.0) + seconds
+            _add_times(spent, report.get("timings_s", {}))
             value = measure()
             attempts.append({"reserve_ratio": rho, measure_name: value, "time_s": time.perf_counter() - start})
             held = holds(value, suspect_value)
@@ -275,6 +275,12 @@ class CollapseGuard:
                                     "no_reset": attempts[-1]["reserve_ratio"] >= 1.0, "held": held}
         report["timings_s"] = spent
         return report
+
+
+def _add_times(spent: dict[str, float], timings: dict[str, float]) -> None:
+    """Adds a run's ``timings_s`` into ``spent``, phase by phase (every attempt's, every candidate's)."""
+    for phase, seconds in timings.items():
+        spent[phase] = spent.get(phase, 0.0) + seconds
 
 
 def _none_if_no_reset(config: PurifyConfig | None) -> PurifyConfig | None:
@@ -411,8 +417,7 @@ def fine_purify_auto(
                              None if rho == 1.0 else config.replace(reserve_ratio=rho),
                              finetune_config, hessian_config, seed=seed, progress=progress, hessians=hessians,
                              validation=early_stopping, unlabelled=unlabelled)
-        for phase, seconds in report["timings_s"].items():
-            spent[phase] = spent.get(phase, 0.0) + seconds
+        _add_times(spent, report["timings_s"])
         accuracy[rho] = clean_accuracy(model, tokenizer, validation)
         selection_report["candidates"].append({"reserve_ratio": rho, "validation_accuracy": accuracy[rho],
                                                "time_s": sum(report["timings_s"].values())})
@@ -853,7 +858,8 @@ def load_classifier(path: str, num_labels: int | None = None, tokenizer: bool = 
         with _transformers_quiet():  # its loading report is replaced by the checks below
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, config=config, use_safetensors=True, trust_remote_code=False, local_files_only=True,
-                output_loading_info=True, ignore_mismatched_sizes=True, **_load_dtype(dtype))  # mismatches: reported below
+                output_loading_info=True, ignore_mismatched_sizes=True,  # mismatches: reported below, by name
+                **_load_dtype(dtype))
     except Exception as error:  # noqa: BLE001  (checked above; what is left is the directory's too)
         raise ModelError(f"{path}: transformers cannot load this model ({first_line(error)})") from error
     mismatched = list(info.get("mismatched_keys", ()))

@@ -820,8 +820,8 @@ def purify_(
     ranked = [n for n in scored if n != embedding]
     for n in ranked + ([embedding] if embedding is not None and seen_tokens is None else []):
         if n not in hessians:
-            frozen = " (it has requires_grad=False, and estimate_hessian leaves frozen parameters out: set " \
-                "requires_grad on it while estimating)" if not params[n].requires_grad else ""
+            frozen = (" (it has requires_grad=False, and estimate_hessian leaves frozen parameters out: set "
+                      "requires_grad on it while estimating)") if not params[n].requires_grad else ""
             raise ValueError(f"purify: no Hessian for parameter {n!r}{frozen}; estimate it on this model")
     shards = Shards.of(params, scored + ([embedding] if embedding is not None and embedding not in scored else []),
                        group, rows=resized)
