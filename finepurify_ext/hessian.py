@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .devices import OUT_OF_MEMORY
 from .outputs import hold, host_tag, release, remove_leftovers, signals_deferred
-from .purify import parameters_by_name
+from .purify import parameters_by_name, sharded_by_fsdp1
 from .safetensors_io import ShardWriter
 from .threshold import _is_dtensor, _local
 from .training import grads_set_aside, in_mode
@@ -212,11 +212,19 @@ def estimate_hessian(
     if torch.is_inference_mode_enabled():
         raise ValueError("estimate_hessian: called under torch.inference_mode(), where no gradient can be taken; "
                          "call it outside that block")
+    if sharded_by_fsdp1(model):
+        raise ValueError("estimate_hessian: an FSDP1 model (FullyShardedDataParallel) gives each rank flat shards of "
+                         "the gradients, which cannot be told by parameter; estimate it under FSDP2's fully_shard or "
+                         "DDP, or in one process")
     # Named as the module's parameters, as purify_ names them: a DDP replica's or a compiled model's
     # wrapper adds a prefix ("module.", "_orig_mod."), a layer's wrapper a segment, that no
     # pre-trained state has.
     named = {id(p): n for n, p in parameters_by_name(model).items()}
     params = {named.get(id(p), name): p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("estimate_hessian: no parameter of the model requires grad (a PEFT model's base weights "
+                         "are frozen, and stay so after merge_and_unload): set requires_grad on those to estimate, "
+                         "or run it under hessian.every_parameter_estimated(model)")
     hessians = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     local = {name: _local(h) for name, h in hessians.items()}
     done, count = 0, 0

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -712,16 +713,31 @@ def _load_tokenizer(path: str, config: dict):
     return tokenizer
 
 
+# transformers' verbosity is global: loads in several threads (or nested) share one saved value,
+# restored by the last to leave, so no load leaves the caller's verbosity at "error".
+_quiet_lock = threading.Lock()
+_quiet_loads = 0
+_quiet_saved_verbosity = None
+
+
 @contextlib.contextmanager
 def _transformers_quiet():
+    """transformers' loading reports silenced (errors still show): every load checks what they tell."""
+    global _quiet_loads, _quiet_saved_verbosity
     from transformers.utils import logging as transformers_logging
 
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
+    with _quiet_lock:
+        if _quiet_loads == 0:
+            _quiet_saved_verbosity = transformers_logging.get_verbosity()
+            transformers_logging.set_verbosity_error()
+        _quiet_loads += 1
     try:
         yield
     finally:
-        transformers_logging.set_verbosity(verbosity)
+        with _quiet_lock:
+            _quiet_loads -= 1
+            if _quiet_loads == 0:
+                transformers_logging.set_verbosity(_quiet_saved_verbosity)
 
 
 def is_gguf(path) -> bool:

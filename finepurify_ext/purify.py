@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,8 +130,24 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # The path segments wrappers insert into parameter names, at the top or around a layer:
-# torch.compile's, activation checkpointing's (checkpoint_wrapper) and FSDP1's (with use_orig_params).
+# torch.compile's, activation checkpointing's (checkpoint_wrapper) and FSDP1's (whose whole
+# parameters, inside summon_full_params, are named without it already).
 WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def sharded_by_fsdp1(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP1 units (``FullyShardedDataParallel``) outside
+    ``summon_full_params``: each rank's parameters are then its slices of flat buffers (1-D, or one
+    ``_flat_param``), which no pre-trained tensor matches by name and shape."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no FSDP1 unit exists (and no import's cost)
+    return fsdp is not None and any(isinstance(m, fsdp.FullyShardedDataParallel)
+                                    and getattr(m.training_state, "name", "") != "SUMMON_FULL_PARAMS"
+                                    for m in model.modules())
+
+
+FSDP1_WHOLE = ("call it on every rank inside FullyShardedDataParallel.summon_full_params(model, writeback=True) "
+               "(each rank then holds the whole model, as under DDP), or shard the model with FSDP2's fully_shard, "
+               "which is purified where it lies")
 
 
 def parameters_by_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -147,9 +164,17 @@ def refuse_unmatched(params: dict, pretrained_state: dict, scored: list[str]) ->
     if params and not scored:
         theirs = next(iter(pretrained_state), None)
         raise UserError(f"purify: no parameter of the model has a pre-trained tensor of its name and shape (the "
-                        f"model's {next(iter(params))!r}, the pre-trained state's {theirs!r}); give the state of the "
-                        "model it was fine-tuned from under the model's parameter names (pipeline.pretrained_state_for "
-                        "maps a base checkpoint onto them)")
+                        f"model's {next(iter(params))!r}, the pre-trained state's {theirs!r}); "
+                        + (_unnameable(params) or "give the state of the model it was fine-tuned from under the "
+                           "model's parameter names (pipeline.pretrained_state_for maps a base checkpoint onto them)"))
+
+
+def _unnameable(params: dict) -> str | None:
+    """The fix where the model's wrapping hides its layers' names, which no pre-trained state can match."""
+    if any("lora_A" in parts or "base_layer" in parts for parts in (name.split(".") for name in params)):
+        return ("a PEFT model holds its base weights and adapters apart: merge them first (model = "
+                "model.merge_and_unload()), or give the adapter directory to finepurify purify --suspect")
+    return None
 
 
 def matched_parameters(model: torch.nn.Module, pretrained_state: dict[str, torch.Tensor], params=None, resized=None):
@@ -809,8 +834,12 @@ def purify_(
     call it without ``group`` and every rank purifies alike. A DDP replica or a ``torch.compile``d
     model is purified by its module's parameter names (``parameters_by_name``: a layer's wrapper
     drops out of them too), as ``estimate_hessian`` names its Hessians; a pre-trained state that
-    names no parameter is refused."""
+    names no parameter is refused. An FSDP1 model is purified inside its ``summon_full_params``
+    (``FSDP1_WHOLE``) and refused outside."""
     model = unwrapped(model)
+    if sharded_by_fsdp1(model):
+        raise ValueError(f"purify_: an FSDP1 model's parameters are flat shards, which no pre-trained tensor matches; "
+                         f"{FSDP1_WHOLE}")
     params = parameters_by_name(model)
     resized = resized_rows(model, pretrained_state, params)
     scored, unscored = matched_parameters(model, pretrained_state, params, resized)

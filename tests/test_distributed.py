@@ -555,6 +555,35 @@ def _sharded_refusals(rank):
     pre["embed.weight"] = pre["embed.weight"][:20]
     got = purify_(model, pre, hs, PurifyConfig(), seen_tokens=[0, 1, 3, 20, 21, 22] if rank == 0 else [0, 1, 3])
     assert got.added_rows_reset == (0 if rank == 0 else 3)
+    _fsdp1(rank)
+
+
+def _fsdp1(rank):
+    """FSDP1's parameters are each rank's slices of flat buffers: with use_orig_params=True rank 0
+    refused (nothing matched) while rank 1 reset the few 1-D slices that matched a shape, without a
+    word; estimate_hessian read flat gradient shards. Both are refused now, and purify_ inside
+    summon_full_params(writeback=True) resets what one process resets."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from finepurify_ext.hessian import estimate_hessian
+    from finepurify_ext.purify import PurifyConfig, purify_
+
+    pre, hs = toy_state()
+    config = PurifyConfig(reserve_ratio=0.5)
+    plain = ShardedToy()
+    expected = purify_(plain, pre, hs, config)
+    for use_orig_params in (True, False):
+        model = FSDP(ShardedToy(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+        with pytest.raises(ValueError, match="purify_: an FSDP1 model's parameters are flat shards.*"
+                                             r"summon_full_params\(model, writeback=True\)"):
+            purify_(model, pre, hs, config)
+        with pytest.raises(ValueError, match="estimate_hessian: an FSDP1 model .* under FSDP2's fully_shard or DDP"):
+            estimate_hessian(model, [{"x": torch.ones(2, 3)}], progress=False)
+        with FSDP.summon_full_params(model, writeback=True):
+            got = purify_(model, pre, hs, config)
+        assert got.num_reset == expected.num_reset > 0
+        with FSDP.summon_full_params(model):
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters())), use_orig_params
 
 
 def test_purify_of_a_sharded_model_refuses_clearly(tmp_path):

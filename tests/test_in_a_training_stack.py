@@ -11,7 +11,7 @@ import torch
 
 from finepurify_ext import data
 from finepurify_ext.errors import UserError
-from finepurify_ext.hessian import estimate_hessian
+from finepurify_ext.hessian import estimate_hessian, every_parameter_estimated
 from finepurify_ext.pipeline import FinetuneConfig, fine_purify
 from finepurify_ext.purify import PurifyConfig, purify_
 
@@ -196,3 +196,62 @@ def test_a_cached_demo_model_is_its_keys_alone(tokenizer, tmp_path, monkeypatch)
                                 base=base)
         built.append(model)
     assert all(torch.equal(p, q) for p, q in zip(built[0].parameters(), built[1].parameters()))
+
+
+def test_loads_in_two_threads_leave_the_callers_transformers_verbosity():
+    """Loads silence transformers' reports through its global verbosity. Two loads that overlap
+    (threads), the first to end before the second: the caller's verbosity comes back, not "error"
+    (each saving and restoring its own copy left it at "error")."""
+    import threading
+
+    from transformers.utils import logging as transformers_logging
+
+    from finepurify_ext.pipeline import _transformers_quiet
+
+    before = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()
+    try:
+        first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def first():
+            with _transformers_quiet():
+                first_in.set()
+                second_in.wait(10)
+            first_out.set()
+
+        def second():
+            first_in.wait(10)
+            with _transformers_quiet():
+                second_in.set()
+                first_out.wait(10)
+                seen["inside, the first out"] = transformers_logging.get_verbosity()
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert seen == {"inside, the first out": transformers_logging.ERROR}  # still quiet for the second
+        assert transformers_logging.get_verbosity() == transformers_logging.WARNING
+    finally:
+        transformers_logging.set_verbosity(before)
+
+
+def test_a_peft_model_is_refused_with_the_merge_named(tokenizer):
+    """A PEFT model names its base weights "base_model.model.<name>.base_layer.weight", beside its
+    adapters: no pre-trained tensor matches, and the refusal pointed to pretrained_state_for, which
+    cannot help. It names the merge now."""
+    peft = pytest.importorskip("peft", reason="peft (a test extra) is not installed")
+    model, state = drifted(tokenizer)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query", "value"]))
+    hessians, _ = estimate_hessian(wrapped, data.batches(tokenizer, toy_examples(8, 5), 8), progress=False)
+    with pytest.raises(UserError, match=r"a PEFT model .* merge them first \(model = model.merge_and_unload\(\)\)"):
+        purify_(wrapped, state, hessians, PurifyConfig())
+    merged = wrapped.merge_and_unload()  # then purified by its own names; PEFT left its weights frozen
+    batches = list(data.batches(tokenizer, toy_examples(8, 5), 8))
+    with pytest.raises(ValueError, match="estimate_hessian: no parameter of the model requires grad"):
+        estimate_hessian(merged, batches, progress=False)  # was autograd's "element 0 of tensors does not ..."
+    with every_parameter_estimated(merged):
+        hessians, _ = estimate_hessian(merged, batches, progress=False)
+    assert purify_(merged, state, hessians, PurifyConfig(reserve_ratio=0.5)).num_reset > 0
