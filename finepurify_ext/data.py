@@ -354,11 +354,21 @@ class RowlessToken(UserError):
                          "read")
 
 
-def refuse_rowless(tokenizer, largest_id: int, holder: str = "a text") -> None:
-    """Refuses a token id with no row in the model's embedding (``pipeline`` records its rows on the
-    tokenizer as ``embedding_rows``): a token added to the tokenizer without resizing the model. On a
-    GPU the embedding would fail with a device-side assert, which leaves the process's CUDA unusable."""
+def recorded_rows(tokenizer) -> int | None:
+    """The rows of the model's embedding as ``pipeline``'s loaders record them on its tokenizer
+    (``embedding_rows``, read from the model's files), or None. A caller who changed the
+    vocabulary since (``add_tokens``, and most likely ``resize_token_embeddings``) has a model the
+    record no longer describes: None then, and the checks stand aside."""
     rows = getattr(tokenizer, "embedding_rows", None)
+    loaded = getattr(tokenizer, "loaded_vocabulary", None)
+    return rows if loaded is None or len(tokenizer) == loaded else None
+
+
+def refuse_rowless(tokenizer, largest_id: int, holder: str = "a text") -> None:
+    """Refuses a token id with no row in the model's embedding (``recorded_rows``): a token added to
+    the tokenizer without resizing the model. On a GPU the embedding would fail with a device-side
+    assert, which leaves the process's CUDA unusable."""
+    rows = recorded_rows(tokenizer)
     if rows is not None and largest_id >= rows:
         raise RowlessToken(tokenizer, largest_id, holder)
 
@@ -380,7 +390,7 @@ def refuse_rowless_data(tokenizer, items: Sequence, ids_of, path: str, strings_o
     past the embedding are all added tokens (a Gemma image token, tokens added without a resize),
     which the tokenizer matches in a text as written, only the items whose texts hold one are laid
     out, and the first of each ``layout_of`` (a chat template's markers of a layout of turns)."""
-    rows = getattr(tokenizer, "embedding_rows", None)
+    rows = recorded_rows(tokenizer)
     if rows is None:
         return
     past = [t for t, i in tokenizer.get_vocab().items() if i >= rows]  # get_vocab: every id, gaps and all

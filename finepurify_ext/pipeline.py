@@ -701,6 +701,7 @@ def _load_tokenizer(path: str, config: dict):
         # Only the ids that are fed are checked: a tokenizer may name tokens its model never reads
         # (Gemma 3's image token, past its text embedding); the data's ids are checked as tokenised.
         tokenizer.embedding_rows = rows
+        tokenizer.loaded_vocabulary = len(tokenizer)  # the files' (data.recorded_rows)
         fed = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
                "unk": tokenizer.unk_token_id, "cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id}
         past = {k: i for k, i in fed.items() if isinstance(i, int) and i >= rows}

@@ -578,6 +578,26 @@ def test_the_rowless_pre_pass_sees_every_id_and_lays_out_only_texts_that_can_hol
         refuse_rowless_data(added, held, ids_of(added), str(path), lambda e: [e.text])
 
 
+def test_a_vocabulary_grown_and_resized_after_loading_is_fed(models):
+    """The loaders record the embedding's rows on the tokenizer, from the files. A caller who then
+    added a token and resized the model (an attack, a chat token) had every text holding it refused
+    as rowless by that stale record (bench/added_token_trigger.py stopped on it). The record
+    stands aside once the vocabulary changed; as loaded, it still refuses."""
+    from finepurify_ext.data import Example, RowlessToken, batches
+
+    model, tokenizer, _ = pipeline.load_classifier(models.suspect)
+    texts = [Example("good <cf> movie", 1)]
+    tokenizer.embedding_rows = tokenizer.convert_tokens_to_ids("movie")  # as if the files' model had fewer
+    with pytest.raises(RowlessToken, match="which the model's embedding of [0-9]+ rows has no row for"):
+        next(batches(tokenizer, texts, 8))
+    model, tokenizer, _ = pipeline.load_classifier(models.suspect)
+    assert tokenizer.add_tokens(["<cf>"]) == 1
+    model.resize_token_embeddings(len(tokenizer))
+    batch = next(batches(tokenizer, texts, 8))
+    assert len(tokenizer) - 1 in batch["input_ids"][0].tolist()
+    model(**{k: v for k, v in batch.items() if k != "labels"})  # the grown row is read
+
+
 def refuse_opening(monkeypatch, file: str) -> None:
     """The pipeline's open() refuses ``file`` as a permission would (root reads any file, so the
     refusal is made here)."""
