@@ -233,7 +233,7 @@ def estimate_hessian(
         done, count = _load_accumulator(resume_file, local, per_sample, resume_key)
         if progress and (not _distributed() or torch.distributed.get_rank() == 0):
             print(f"resuming from {resume_file}: {done} batches done", file=sys.stderr)
-    device = next(iter(params.values())).device if params else torch.device("cpu")
+    device = next(iter(params.values())).device
     # Gradients reduced over ranks (DDP) or sharded (FSDP2).
     over_ranks = (isinstance(model, torch.nn.parallel.DistributedDataParallel)
                   or any(_is_dtensor(p) for p in params.values()))

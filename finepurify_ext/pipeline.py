@@ -22,7 +22,7 @@ from .data import Example, batches, encode
 from .errors import UserError, first_line
 from .hessian import estimate_hessian, every_parameter_estimated
 from .outputs import save_atomically, write_json  # noqa: F401  (re-exported: the pipeline's writers)
-from .purify import PurifyConfig, purify_, resized_rows, unwrapped
+from .purify import PurifyConfig, purify_, resized_rows, sharded_by_fsdp1, unwrapped
 from .training import finetune, finetune_early_stopped, host_state, make_teacher
 
 
@@ -192,7 +192,12 @@ def _hessian_report(config: HessianConfig, count: int) -> dict:
 def _in_one_process(model: torch.nn.Module, what: str) -> torch.nn.Module:
     """``model``'s module (``purify.unwrapped``) for a pipeline that runs in one process. A DDP
     replica is refused: its module would be fine-tuned on each rank alone, and the replicas would
-    drift apart."""
+    drift apart; an FSDP1 model too (each rank holds slices of it)."""
+    if sharded_by_fsdp1(model):
+        raise ValueError(f"{what} runs in one process; an FSDP1 model is sharded over the ranks: call it with an "
+                         "unsharded copy of the model on one rank, or call purify_ on every rank inside "
+                         "FullyShardedDataParallel.summon_full_params(model, writeback=True) with Hessians estimated "
+                         "elsewhere")
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         raise ValueError(f"{what} runs in one process; a DDP replica would be fine-tuned on each rank alone and the "
                          "replicas would drift apart: call it with the replica's module (model.module) on one rank "

@@ -145,11 +145,6 @@ def sharded_by_fsdp1(model: torch.nn.Module) -> bool:
                                     for m in model.modules())
 
 
-FSDP1_WHOLE = ("call it on every rank inside FullyShardedDataParallel.summon_full_params(model, writeback=True) "
-               "(each rank then holds the whole model, as under DDP), or shard the model with FSDP2's fully_shard, "
-               "which is purified where it lies")
-
-
 def parameters_by_name(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The model's parameters under the names a pre-trained state gives them: those of its module
     (``unwrapped``), without the segments wrappers insert around a layer (``WRAPPER_SEGMENTS``),
@@ -835,11 +830,13 @@ def purify_(
     model is purified by its module's parameter names (``parameters_by_name``: a layer's wrapper
     drops out of them too), as ``estimate_hessian`` names its Hessians; a pre-trained state that
     names no parameter is refused. An FSDP1 model is purified inside its ``summon_full_params``
-    (``FSDP1_WHOLE``) and refused outside."""
+    and refused outside (``sharded_by_fsdp1``)."""
     model = unwrapped(model)
     if sharded_by_fsdp1(model):
-        raise ValueError(f"purify_: an FSDP1 model's parameters are flat shards, which no pre-trained tensor matches; "
-                         f"{FSDP1_WHOLE}")
+        raise ValueError("purify_: an FSDP1 model's parameters are flat shards, which no pre-trained tensor matches; "
+                         "call it on every rank inside FullyShardedDataParallel.summon_full_params(model, "
+                         "writeback=True) (each rank then holds the whole model, as under DDP), or shard the model "
+                         "with FSDP2's fully_shard, which is purified where it lies")
     params = parameters_by_name(model)
     resized = resized_rows(model, pretrained_state, params)
     scored, unscored = matched_parameters(model, pretrained_state, params, resized)

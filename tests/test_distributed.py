@@ -561,11 +561,14 @@ def _sharded_refusals(rank):
 def _fsdp1(rank):
     """FSDP1's parameters are each rank's slices of flat buffers: with use_orig_params=True rank 0
     refused (nothing matched) while rank 1 reset the few 1-D slices that matched a shape, without a
-    word; estimate_hessian read flat gradient shards. Both are refused now, and purify_ inside
-    summon_full_params(writeback=True) resets what one process resets."""
+    word; estimate_hessian read flat gradient shards. Both are refused now (and fine_purify, which
+    runs in one process), and purify_ inside summon_full_params(writeback=True) resets what one
+    process resets."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    from finepurify_ext.data import Example
     from finepurify_ext.hessian import estimate_hessian
+    from finepurify_ext.pipeline import fine_purify
     from finepurify_ext.purify import PurifyConfig, purify_
 
     pre, hs = toy_state()
@@ -579,6 +582,8 @@ def _fsdp1(rank):
             purify_(model, pre, hs, config)
         with pytest.raises(ValueError, match="estimate_hessian: an FSDP1 model .* under FSDP2's fully_shard or DDP"):
             estimate_hessian(model, [{"x": torch.ones(2, 3)}], progress=False)
+        with pytest.raises(ValueError, match="fine_purify runs in one process; an FSDP1 model is sharded"):
+            fine_purify(model, pre, None, [Example("a text", 0)], config)
         with FSDP.summon_full_params(model, writeback=True):
             got = purify_(model, pre, hs, config)
         assert got.num_reset == expected.num_reset > 0
